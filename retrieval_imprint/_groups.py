@@ -1,0 +1,119 @@
+"""Training data grouped by class, and per-class randomness that does not depend on class order.
+
+Every generator sees the same view: rows sorted by class, ``offsets`` marking where each class
+starts, and one 64-bit ``key`` per class derived from its label. Random draws are a pure function
+of ``(random_state, key, step)`` (a vectorised splitmix64 hash), so a class gets the same proxies
+whether it is fitted alone or among a million others: the property incremental adds rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def label_key(label: object) -> int:
+    """A stable 64-bit key for a class label (same across processes, Python and numpy scalars)."""
+    if isinstance(label, (str, np.str_)):
+        raw = b"s" + str(label).encode("utf-8")
+    elif isinstance(label, (bool, np.bool_)):
+        raw = b"b" + str(bool(label)).encode()
+    elif isinstance(label, (int, np.integer)):
+        raw = b"i" + str(int(label)).encode()
+    elif isinstance(label, (float, np.floating)) and float(label).is_integer():
+        raw = b"i" + str(int(label)).encode()
+    else:
+        raw = b"r" + repr(label).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+def label_keys(labels: Sequence[object]) -> np.ndarray:
+    """:func:`label_key` of every label, as a uint64 array."""
+    return np.fromiter((label_key(lab) for lab in labels), dtype=np.uint64, count=len(labels))
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(keys: np.ndarray, seed: int, stream: int, counter: np.ndarray | int = 0) -> np.ndarray:
+    """Uniform draws in [0, 1), elementwise over broadcast ``keys`` and ``counter``.
+
+    One independent stream per ``(seed, stream, key)``; ``counter`` indexes draws within it.
+    """
+    with np.errstate(over="ignore"):
+        base = _mix(np.asarray([seed % 2**64], np.uint64) * _GOLDEN + np.uint64(stream))
+        z = _mix(np.asarray(keys, np.uint64) ^ base)
+        z = _mix(z + (np.asarray(counter, np.uint64) + np.uint64(1)) * _GOLDEN)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """Rows of ``X`` sorted by class: class ``c`` owns ``X[offsets[c]:offsets[c + 1]]``."""
+
+    X: np.ndarray  # (n, d) float32
+    offsets: np.ndarray  # (C + 1,) int64
+    keys: np.ndarray  # (C,) uint64
+
+    @classmethod
+    def from_codes(cls, X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> "Grouped":
+        """Group ``X`` by integer class codes ``0..C-1`` (every code must occur)."""
+        order = np.argsort(codes, kind="stable")
+        counts = np.bincount(codes, minlength=len(keys))
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(np.ascontiguousarray(X[order]), offsets, np.asarray(keys, np.uint64))
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.keys)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def owner(self) -> np.ndarray:
+        """Class index of every row."""
+        return np.repeat(np.arange(self.n_classes), self.sizes)
+
+    def take(self, classes: np.ndarray) -> "Grouped":
+        """The sub-group of the given class indices, in that order."""
+        sizes = self.sizes[classes]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return Grouped(self.X[self.rows(classes)], offsets, self.keys[classes])
+
+    def rows(self, classes: np.ndarray) -> np.ndarray:
+        """Row indices of the given classes, class after class (no Python loop over classes)."""
+        sizes = self.sizes[classes]
+        shift = self.offsets[classes] - np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        return np.repeat(shift, sizes) + np.arange(int(sizes.sum()))
+
+    def padded(self, max_bytes: int = 64 << 20) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(classes, P, mask)`` chunks: ``P`` is ``(B, n_pad, d)`` zero-padded class blocks.
+
+        Classes are visited by size so that padding stays small; each chunk holds at most
+        ``max_bytes`` of padded data (at least one class). Batched algorithms (k-means, FPS,
+        k-medoids) run one BLAS call per chunk instead of one Python call per class.
+        """
+        sizes, d = self.sizes, self.X.shape[1]
+        order = np.argsort(sizes, kind="stable")
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while stop < len(order) and (stop + 1 - start) * sizes[order[stop]] * d * 4 <= max_bytes:
+                stop += 1
+            classes = order[start:stop]
+            n_pad = int(sizes[classes].max())
+            mask = np.arange(n_pad)[None, :] < sizes[classes][:, None]
+            P = np.zeros((len(classes), n_pad, d), np.float32)
+            P[mask] = self.X[self.rows(classes)]
+            yield classes, P, mask
+            start = stop

@@ -1,0 +1,212 @@
+"""GEN: turn each class's (pre-normalised) samples into proxies.
+
+Every generator is one function ``fn(groups, k, seed, **options) -> (W, owner)`` registered under
+its paper name: ``W`` is ``(P, d)`` float32, ``owner`` the class index of each row. Generators
+registered with ``shared_k_rule=True`` only ever see classes with more than ``k`` samples: the
+shared rule (GEN ``all``, ``k = -1`` or ``n_c <= k`` keeps every sample) is applied once, here.
+All randomness is per class (``_groups.uniforms``), so adding a class never changes another's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ._checks import check_choice
+from ._groups import Grouped, uniforms
+from .kmeans import _sq_dists, batched_kmeans, kmeans_pp
+
+GeneratorFn = Callable[..., "tuple[np.ndarray, np.ndarray]"]
+
+# Random streams (see _groups.uniforms); k-means++ seeding uses streams 0..k-1.
+_RANDOM_STREAM = 1 << 32
+_FPS_STREAM = (1 << 32) + 1
+
+
+@dataclass(frozen=True)
+class Generator:
+    fn: GeneratorFn
+    shared_k_rule: bool  # classes with n_c <= k keep all their samples
+    per_class: bool  # False: a class's proxies depend on the other classes (ls, kls)
+
+
+GENERATORS: dict[str, Generator] = {}
+
+
+def register(name: str, *, shared_k_rule: bool = True, per_class: bool = True):
+    """Register ``fn(groups, k, seed, **options) -> (W, owner)`` as generator ``name``."""
+
+    def deco(fn: GeneratorFn) -> GeneratorFn:
+        GENERATORS[name] = Generator(fn, shared_k_rule, per_class)
+        return fn
+
+    return deco
+
+
+def check_k(k: object) -> int:
+    """Validate ``k``: a positive int, or -1 for "every sample"."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not (k >= 1 or k == -1):
+        raise ValueError(f"k={k!r} is not valid; expected a positive integer, or -1 for every sample")
+    return int(k)
+
+
+def check_generator(name: object) -> Generator:
+    return GENERATORS[check_choice("generator", name, tuple(GENERATORS))]
+
+
+def generate(name: str, groups: Grouped, k: int, seed: int, **options) -> tuple[np.ndarray, np.ndarray]:
+    """Proxies ``(W, owner)`` of every class in ``groups`` with generator ``name``; rows by class."""
+    gen = check_generator(name)
+    k = check_k(k)
+    if not gen.shared_k_rule:
+        return gen.fn(groups, k, seed, **options)
+    sizes = groups.sizes
+    small = sizes <= k if k != -1 else np.ones(len(sizes), bool)
+    W = [groups.X[groups.rows(np.flatnonzero(small))]]
+    owner = [np.repeat(np.flatnonzero(small), sizes[small])]
+    big = np.flatnonzero(~small)
+    if len(big):
+        Wb, ob = gen.fn(groups.take(big), k, seed, **options)
+        W.append(Wb)
+        owner.append(big[ob])
+    W_all, owner_all = np.concatenate(W), np.concatenate(owner)
+    order = np.argsort(owner_all, kind="stable")
+    return np.ascontiguousarray(W_all[order], np.float32), owner_all[order]
+
+
+def _each_class(n_per_class: int, n_classes: int) -> np.ndarray:
+    return np.repeat(np.arange(n_classes), n_per_class)
+
+
+@register("all", shared_k_rule=False)
+def all_samples(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
+    """Every sample is a proxy (max aggregation is then 1-NN over the training data)."""
+    return groups.X.copy(), groups.owner
+
+
+def class_means(groups: Grouped) -> np.ndarray:
+    """``(C, d)`` class means, accumulated in float64."""
+    sums = np.add.reduceat(groups.X, groups.offsets[:-1], axis=0, dtype=np.float64)
+    return sums / groups.sizes[:, None]
+
+
+@register("mean", shared_k_rule=False)
+def mean(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
+    """One proxy per class, its mean (k is 1 whatever is passed)."""
+    return class_means(groups).astype(np.float32), np.arange(groups.n_classes)
+
+
+@register("kmeans")
+def kmeans(groups: Grouped, k: int, seed: int, *, max_iter: int = 300, tol: float = 1e-4,
+           **_) -> tuple[np.ndarray, np.ndarray]:
+    """k centroids per class: batched Lloyd with greedy k-means++ seeding (``kmeans.py``)."""
+    centers = batched_kmeans(groups, k, seed, max_iter=max_iter, tol=tol)
+    return centers.reshape(-1, groups.X.shape[1]), _each_class(k, groups.n_classes)
+
+
+@register("kmedoids")
+def kmedoids(groups: Grouped, k: int, seed: int, *, max_iter: int = 300,
+             **_) -> tuple[np.ndarray, np.ndarray]:
+    """k medoids per class (Euclidean): k-means++ seeding, then the "alternate" (Voronoi) method.
+
+    Each round assigns points to the nearest medoid and moves every medoid to the member with the
+    smallest summed distance to its cluster; it stops when no medoid moves.
+    """
+    out = np.empty((groups.n_classes, k, groups.X.shape[1]), np.float32)
+    for classes, P, mask in groups.padded():
+        rows = np.arange(len(classes))[:, None]
+        med = kmeans_pp(P, mask, k, groups.keys[classes], seed)
+        sq = np.einsum("bnd,bnd->bn", P, P)
+        D = np.sqrt(_sq_dists(P, sq, P))  # (B, n_pad, n_pad), symmetric
+        D *= mask[:, None, :]
+        clusters = np.arange(k)[None, :, None]
+        for _ in range(max_iter):
+            labels = np.argmin(D[rows, med], axis=1)  # (B, n_pad)
+            cost = np.matmul(D, ((labels[:, :, None] == clusters.transpose(0, 2, 1)) & mask[:, :, None])
+                             .astype(np.float32))  # (B, n_pad, k): point i's summed distance to cluster j
+            own = np.take_along_axis(cost, labels[:, :, None], 2)[:, :, 0]
+            member = (labels[:, None, :] == clusters) & mask[:, None, :]
+            new = np.argmin(np.where(member, own[:, None, :], np.inf), axis=2)
+            new = np.where(member.any(2), new, med)
+            if np.array_equal(new, med):
+                break
+            med = new
+        out[classes] = P[rows, med]
+    return out.reshape(-1, groups.X.shape[1]), _each_class(k, groups.n_classes)
+
+
+def _first_k_per_class(groups: Grouped, score: np.ndarray, k: int) -> np.ndarray:
+    """Row indices of the k lowest-``score`` rows of each class (ties: earlier row), class by class."""
+    owner = groups.owner
+    order = np.lexsort((np.arange(len(owner)), score, owner))
+    rank = np.arange(len(owner)) - groups.offsets[owner[order]]
+    return order[rank < k]
+
+
+@register("random")
+def random(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
+    """k samples per class drawn without replacement (seeded per class)."""
+    position = np.arange(len(groups.X)) - groups.offsets[groups.owner]
+    draw = uniforms(groups.keys[groups.owner], seed, _RANDOM_STREAM, position)
+    return groups.X[_first_k_per_class(groups, draw, k)], _each_class(k, groups.n_classes)
+
+
+@register("fps")
+def fps(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
+    """Farthest-point sampling: a random first sample, then the sample farthest from those chosen."""
+    out = np.empty((groups.n_classes, k, groups.X.shape[1]), np.float32)
+    for classes, P, mask in groups.padded():
+        rows = np.arange(len(classes))
+        n = mask.sum(1)
+        sq = np.einsum("bnd,bnd->bn", P, P)
+        chosen = np.empty((len(classes), k), np.int64)
+        chosen[:, 0] = np.minimum((uniforms(groups.keys[classes], seed, _FPS_STREAM) * n).astype(np.int64), n - 1)
+        D = np.full(mask.shape, np.inf, np.float32)
+        for t in range(k):
+            if t:
+                chosen[:, t] = np.argmax(D, axis=1)
+            D = np.minimum(D, _sq_dists(P, sq, P[rows, chosen[:, t]][:, None, :])[:, 0])
+            D[~mask] = -1.0
+        out[classes] = P[rows[:, None], chosen]
+    return out.reshape(-1, groups.X.shape[1]), _each_class(k, groups.n_classes)
+
+
+@register("cov_max")
+def cov_max(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
+    """The k samples with the largest column sums of the class's n_c x n_c sample covariance.
+
+    Column j of ``np.cov(X_c)`` sums to ``z_j . sum_i z_i / (d - 1)`` with ``z`` the rows centred
+    over features, so the n_c x n_c matrix is never formed.
+    """
+    X = groups.X.astype(np.float64)
+    Z = X - X.mean(1, keepdims=True)
+    S = np.add.reduceat(Z, groups.offsets[:-1], axis=0)
+    colsum = np.einsum("nd,nd->n", Z, S[groups.owner]) / max(X.shape[1] - 1, 1)
+    return groups.X[_first_k_per_class(groups, -colsum, k)], _each_class(k, groups.n_classes)
+
+
+def ls_head(X: np.ndarray, means: np.ndarray, reg: float) -> np.ndarray:
+    """Least-squares head ``W = (1/C) M^T (Sigma_T + mu_G mu_G^T + reg I)^-1``, one row per mean.
+
+    ``X`` ``(n, d)`` are all training samples, ``means`` ``(C, d)`` the (pseudo-)class means.
+    """
+    X = X.astype(np.float64)
+    mu = X.mean(0)
+    sigma_t = np.cov(X, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1])
+    A = sigma_t + np.outer(mu, mu) + reg * np.eye(X.shape[1])
+    return (np.linalg.solve(A, means.T).T / len(means)).astype(np.float32)
+
+
+@register("ls", shared_k_rule=False, per_class=False)
+def ls(groups: Grouped, k: int, seed: int, *, ls_reg: float = 1e-3, **_) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle least-squares head over all classes at once (not imprinting: needs every class)."""
+    return ls_head(groups.X, class_means(groups), ls_reg), np.arange(groups.n_classes)
+
+
+@register("kls", shared_k_rule=False, per_class=False)
+def kls(groups: Grouped, k: int, seed: int, *, ls_reg: float = 1e-3, **options) -> tuple[np.ndarray, np.ndarray]:
+    """k-means per class, each cluster a pseudo-class, then ``ls`` over all pseudo-classes."""
+    centers, owner = generate("kmeans", groups, k, seed, **options)
+    return ls_head(groups.X, centers.astype(np.float64), ls_reg), owner

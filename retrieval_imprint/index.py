@@ -1,0 +1,84 @@
+"""The proxy index: proxies in a FAISS index, searched under any of the AGG metrics.
+
+Max aggregation is a top-1 search of this index; m-NN is a top-m search. FAISS metrics cover inner
+product (``ip``; ``cosine`` L2-normalises both sides first), ``euclidean`` (L2), ``manhattan``
+(L1) and ``chebyshev`` (Linf). ``mahalanobis`` is Euclidean search after the linear map
+``x -> x L`` with ``L L^T = VI = (cov(W) + 1e-6 I)^-1``. Searches return similarities (higher is
+closer: the inner product, or minus the distance) and distances (``1 - ip`` for the inner-product
+metrics, used by distance-weighted votes).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from ._checks import check_choice
+from .normalize import l2_normalize
+
+METRICS = ("ip", "cosine", "euclidean", "manhattan", "chebyshev", "mahalanobis")
+_FAISS_METRIC = {
+    "ip": faiss.METRIC_INNER_PRODUCT,
+    "cosine": faiss.METRIC_INNER_PRODUCT,
+    "euclidean": faiss.METRIC_L2,
+    "manhattan": faiss.METRIC_L1,
+    "chebyshev": faiss.METRIC_Linf,
+    "mahalanobis": faiss.METRIC_L2,
+}
+MAHALANOBIS_RIDGE = 1e-6
+
+
+def mahalanobis_map(W: np.ndarray) -> np.ndarray:
+    """``L`` ``(d, d)`` with ``L L^T = (cov(W) + 1e-6 I)^-1``, so ``|(x - y) L|`` is the Mahalanobis distance."""
+    if len(W) < 2:
+        raise ValueError("metric='mahalanobis' needs at least 2 proxies to estimate their covariance; "
+                         "got 1 proxy (one class with one proxy, or 1 sample)")
+    cov = np.cov(W.astype(np.float64), rowvar=False) + MAHALANOBIS_RIDGE * np.eye(W.shape[1])
+    return np.linalg.cholesky(np.linalg.inv(cov)).astype(np.float32)
+
+
+class ProxyIndex:
+    """An exact FAISS index over proxies ``W`` ``(P, d)``; row ``i`` has id ``i``."""
+
+    def __init__(self, W: np.ndarray, metric: str = "ip") -> None:
+        self.metric = check_choice("metric", metric, METRICS)
+        self.transform = mahalanobis_map(W) if metric == "mahalanobis" else None
+        self.index = faiss.IndexFlat(W.shape[1], _FAISS_METRIC[metric])
+        self.index.add(self._prepare(W, "proxies"))
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def _prepare(self, X: np.ndarray, what: str) -> np.ndarray:
+        if self.metric == "cosine":
+            X = l2_normalize(X, what)
+        elif self.transform is not None:
+            X = X @ self.transform
+        return np.ascontiguousarray(X, dtype=np.float32)
+
+    def search(self, Q: np.ndarray, m: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ``m`` closest proxies of each query: ``(similarity, distance, ids)``, each ``(n_q, m)``."""
+        m = min(m, self.ntotal)
+        D, ids = self.index.search(self._prepare(Q, "query"), m)
+        if self.metric in ("ip", "cosine"):
+            return D, np.maximum(1.0 - D, 0.0), ids
+        if self.metric in ("euclidean", "mahalanobis"):
+            D = np.sqrt(np.maximum(D, 0.0))
+        return -D, D, ids
+
+    def similarity(self, Q: np.ndarray) -> np.ndarray:
+        """Similarity of every query to every proxy, ``(n_q, P)`` in id order."""
+        sim, _, ids = self.search(Q, self.ntotal)
+        out = np.empty_like(sim)
+        np.put_along_axis(out, ids, sim, axis=1)
+        return out
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["index"] = faiss.serialize_index(self.index)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["index"] = faiss.deserialize_index(state["index"])
+        self.__dict__.update(state)

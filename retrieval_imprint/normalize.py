@@ -1,0 +1,52 @@
+"""NORM: L2 and quantile normalisation of samples (pre), proxies (post) and queries (inference).
+
+Quantile post-norm (Hosoda et al.) maps each proxy's r-th smallest entry to a fixed target value
+``y_r``, the ``(r + 1/2)/d`` quantile of a reference set R of proxies. The reference code uses "all
+proxies already in the head" as R, so the first class is never normalised and results depend on
+insertion order. Here R is every proxy the *first fit* generates (before post-norm): the targets
+are computed once from all of them, stored, and reused for every later add. A fit is therefore
+independent of class order, and incremental adds never move existing proxies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PRE_NORMS = ("none", "l2")
+POST_NORMS = ("none", "l2", "quantile")
+INF_NORMS = ("none", "l2")
+
+
+def l2_normalize(X: np.ndarray, what: str = "X") -> np.ndarray:
+    """Rows of ``X`` ``(n, d)`` scaled to unit L2 norm; a zero row is an error, never a NaN."""
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    if len(zero):
+        raise ValueError(f"cannot L2-normalise {what}: row {zero[0]} is a zero vector "
+                         f"({len(zero)} zero row(s) in all)")
+    return (X / norms).astype(np.float32, copy=False)
+
+
+def quantile_targets(R: np.ndarray) -> np.ndarray:
+    """Target values ``y_i`` ``(d,)``: quantile of flattened reference proxies ``R`` at ``(i + 1/2)/d``."""
+    d = R.shape[1]
+    return np.quantile(R.astype(np.float64).ravel(), (np.arange(d) + 0.5) / d).astype(np.float32)
+
+
+def quantile_normalize(W: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each row keeps its rank order; its r-th smallest entry becomes ``targets[r]`` (ties: by position)."""
+    order = np.argsort(W, axis=1, kind="stable")
+    out = np.empty(W.shape, np.float32)
+    np.put_along_axis(out, order, np.broadcast_to(targets.astype(np.float32), W.shape), axis=1)
+    return out
+
+
+def normalize(X: np.ndarray, method: str, *, targets: np.ndarray | None = None, what: str = "X") -> np.ndarray:
+    """Apply ``method`` (``none``, ``l2`` or ``quantile`` with its ``targets``) to the rows of ``X``."""
+    if method == "l2":
+        return l2_normalize(X, what)
+    if method == "quantile":
+        if targets is None:
+            raise ValueError("quantile normalisation needs reference targets (see quantile_targets)")
+        return quantile_normalize(X, targets)
+    return X

@@ -1,0 +1,102 @@
+"""Brute-force numpy references, written independently of the library: loops per class and per
+query, scipy's cdist for distances, explicit formulas from DESIGN §1. Slow and obvious on purpose."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial.distance import cdist
+
+
+def l2(X):
+    X = np.asarray(X, np.float64)
+    return X / np.sqrt((X**2).sum(1, keepdims=True))
+
+
+def quantile_norm(W, R):
+    """Row r-th smallest entry -> quantile of flattened R at (r + 1/2)/d."""
+    d = W.shape[1]
+    y = [np.quantile(np.asarray(R, np.float64).ravel(), (i + 0.5) / d) for i in range(d)]
+    out = np.empty(W.shape)
+    for row in range(len(W)):
+        for rank, col in enumerate(np.argsort(W[row], kind="stable")):
+            out[row, col] = y[rank]
+    return out
+
+
+def class_mean(Xc):
+    return np.asarray(Xc, np.float64).mean(0)
+
+
+def cov_max(Xc, k):
+    """The k samples with the largest column sums of the n_c x n_c covariance (np.cov)."""
+    s = np.cov(np.asarray(Xc, np.float64)).sum(0)
+    best = sorted(range(len(Xc)), key=lambda i: (-s[i], i))[:k]
+    return Xc[best]
+
+
+def fps(Xc, k, first):
+    chosen = [first]
+    for _ in range(k - 1):
+        d = np.min(cdist(Xc, Xc[chosen]), axis=1)
+        chosen.append(int(np.argmax(d)))
+    return Xc[chosen]
+
+
+def ls(X, y, reg, classes=None):
+    """W = (1/C) M^T (Sigma_T + mu mu^T + reg I)^-1 with M the d x C matrix of class means."""
+    X = np.asarray(X, np.float64)
+    classes = np.unique(y) if classes is None else classes
+    M = np.stack([X[y == c].mean(0) for c in classes], axis=1)
+    mu = X.mean(0)
+    sigma_t = sum(np.outer(x - mu, x - mu) for x in X) / len(X)
+    return (M.T @ np.linalg.inv(sigma_t + np.outer(mu, mu) + reg * np.eye(X.shape[1]))) / len(classes)
+
+
+def distances(Q, W, metric):
+    """Distance used for ranking/voting, and similarity (higher = closer), each (n_q, P)."""
+    Q, W = np.asarray(Q, np.float64), np.asarray(W, np.float64)
+    if metric in ("ip", "cosine"):
+        sim = Q @ W.T if metric == "ip" else 1.0 - cdist(Q, W, "cosine")
+        return np.maximum(1.0 - sim, 0.0), sim
+    if metric == "mahalanobis":
+        VI = np.linalg.inv(np.cov(W.T) + 1e-6 * np.eye(W.shape[1]))
+        dist = cdist(Q, W, "mahalanobis", VI=VI)
+    else:
+        dist = cdist(Q, W, {"euclidean": "euclidean", "manhattan": "cityblock",
+                            "chebyshev": "chebyshev"}[metric])
+    return dist, -dist
+
+
+def scores(Q, W, proxy_class, n_classes, metric="ip", aggregation="max", m=1, vote="uniform"):
+    """Per-class aggregated scores (n_q, C) and predicted class index, query by query."""
+    dist, sim = distances(Q, W, metric)
+    out = np.zeros((len(Q), n_classes))
+    pred = np.zeros(len(Q), int)
+    for q in range(len(Q)):
+        if aggregation == "max":
+            for c in range(n_classes):
+                out[q, c] = sim[q, proxy_class == c].max()
+        else:
+            near = np.argsort(-sim[q], kind="stable")[:m]
+            w = np.ones(len(near)) if vote == "uniform" else 1.0 / (dist[q, near] + 1e-10)
+            for j, p in enumerate(near):
+                out[q, proxy_class[p]] += w[j]
+            out[q] /= w.sum()
+        pred[q] = int(np.argmax(out[q]))  # first maximum: ties go to the lowest class
+    return out, pred
+
+
+def nc1(X, y, paper_compatible=False):
+    """NC1 with explicit per-class sums over L2-normalised X."""
+    X = l2(X)
+    classes = np.unique(y)
+    C, d = len(classes), X.shape[1]
+    mu_g = X.mean(0)
+    sigma_b, sigma_w = np.zeros((d, d)), np.zeros((d, d))
+    for c in classes:
+        Xc = X[y == c]
+        mu_c = Xc.mean(0)
+        sigma_b += np.outer(mu_c - mu_g, mu_c - mu_g) / C
+        centre = mu_c - mu_g if paper_compatible else mu_c
+        sigma_w += sum(np.outer(x - centre, x - centre) for x in Xc) / len(Xc) / C
+    return float(np.trace(sigma_w @ np.linalg.pinv(sigma_b)) / C)
