@@ -37,6 +37,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_params(params: dict[str, Any]) -> None:
+    """Validate GEN/NORM/AGG parameters (those of ``ImprintClassifier``); a ``ValueError`` names the
+    first bad argument and its allowed values. Shared by the estimator and ``Collection``."""
+    check_generator(params["generator"])
+    check_k(params["k"])
+    check_choice("pre_norm", params["pre_norm"], PRE_NORMS)
+    check_choice("post_norm", params["post_norm"], POST_NORMS)
+    check_choice("inf_norm", params["inf_norm"], INF_NORMS)
+    check_choice("aggregation", params["aggregation"], AGGREGATIONS)
+    check_int("m", params["m"], 1)
+    if params["aggregation"] == "max" and params["m"] != 1:
+        raise ValueError(f"m={params['m']!r} is only used with aggregation='mnn'; max uses the top-1 proxy")
+    check_choice("metric", params["metric"], METRICS)
+    check_choice("vote", params["vote"], VOTES)
+    reg = params["ls_reg"]
+    if not isinstance(reg, (int, float)) or not np.isfinite(reg) or reg < 0:
+        raise ValueError(f"ls_reg={reg!r} is not valid; expected a finite number >= 0")
+
+
 class ImprintClassifier(ClassifierMixin, BaseEstimator):
     """A classifier head imprinted from frozen embeddings: no gradient step, one pass over the data.
 
@@ -91,21 +110,6 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         """A classifier set up as a published method: ``qi``, ``hosoda``, ``janson`` or ``imprint``."""
         return cls(**{**PRESETS[check_choice("preset", name, tuple(PRESETS))], **overrides})
 
-    def _check_params(self) -> None:
-        check_generator(self.generator)
-        check_k(self.k)
-        check_choice("pre_norm", self.pre_norm, PRE_NORMS)
-        check_choice("post_norm", self.post_norm, POST_NORMS)
-        check_choice("inf_norm", self.inf_norm, INF_NORMS)
-        check_choice("aggregation", self.aggregation, AGGREGATIONS)
-        check_int("m", self.m, 1)
-        if self.aggregation == "max" and self.m != 1:
-            raise ValueError(f"m={self.m!r} is only used with aggregation='mnn'; max uses the top-1 proxy")
-        check_choice("metric", self.metric, METRICS)
-        check_choice("vote", self.vote, VOTES)
-        if not isinstance(self.ls_reg, (int, float)) or not np.isfinite(self.ls_reg) or self.ls_reg < 0:
-            raise ValueError(f"ls_reg={self.ls_reg!r} is not valid; expected a finite number >= 0")
-
     def _seed(self) -> int:
         if isinstance(self.random_state, (int, np.integer)) and not isinstance(self.random_state, bool):
             return int(self.random_state)
@@ -113,7 +117,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any) -> "ImprintClassifier":
         """Imprint one set of proxies per class from embeddings ``X`` ``(n, d)`` and labels ``y``."""
-        self._check_params()
+        check_params(self.get_params())
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -124,7 +128,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         self.proxies_ = normalize(W, self.post_norm, targets=self.quantile_targets_, what="proxies")
         self.proxy_labels_ = self.classes_[owner]
         self.proxy_class_index_ = owner
-        self.index_ = ProxyIndex(self.proxies_, self.metric)
+        self.index_ = ProxyIndex.build(self.proxies_, self.metric)
         return self
 
     def _queries(self, X: Any) -> np.ndarray:
@@ -140,7 +144,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
             starts = np.searchsorted(self.proxy_class_index_, np.arange(len(self.classes_)))
             scores = max_scores(self.index_.similarity(Q), starts)
         else:
-            _, dist, ids = self.index_.search(Q, self.m)
+            _, dist, ids = self.index_.search(Q, min(self.m, self.index_.ntotal))
             owner = self.proxy_class_index_[ids]
             scores = vote_scores(owner, vote_weights(dist, self.vote), len(self.classes_))
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
@@ -148,7 +152,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """The class of the top-1 proxy (``max``) or the winner of the m-NN vote (``mnn``)."""
         Q = self._queries(X)
-        _, dist, ids = self.index_.search(Q, 1 if self.aggregation == "max" else self.m)
+        _, dist, ids = self.index_.search(Q, 1 if self.aggregation == "max" else min(self.m, self.index_.ntotal))
         owner = self.proxy_class_index_[ids]
         if self.aggregation == "max":
             return self.classes_[owner[:, 0]]

@@ -6,6 +6,9 @@ product (``ip``; ``cosine`` L2-normalises both sides first), ``euclidean`` (L2),
 ``x -> x L`` with ``L L^T = VI = (cov(W) + 1e-6 I)^-1``. Searches return similarities (higher is
 closer: the inner product, or minus the distance) and distances (``1 - ip`` for the inner-product
 metrics, used by distance-weighted votes).
+
+Without ids, row ``i`` has id ``i`` (the estimator); with ids (``IndexIDMap2``), ids are the
+caller's 64-bit numbers and can be removed by range (collections).
 """
 
 from __future__ import annotations
@@ -38,29 +41,68 @@ def mahalanobis_map(W: np.ndarray) -> np.ndarray:
 
 
 class ProxyIndex:
-    """An exact FAISS index over proxies ``W`` ``(P, d)``; row ``i`` has id ``i``."""
+    """An exact FAISS index of dimension ``d`` under ``metric`` (``transform``: the Mahalanobis map)."""
 
-    def __init__(self, W: np.ndarray, metric: str = "ip") -> None:
+    def __init__(self, d: int, metric: str = "ip", transform: np.ndarray | None = None, *,
+                 with_ids: bool = False, index: faiss.Index | None = None) -> None:
         self.metric = check_choice("metric", metric, METRICS)
-        self.transform = mahalanobis_map(W) if metric == "mahalanobis" else None
-        self.index = faiss.IndexFlat(W.shape[1], _FAISS_METRIC[metric])
-        self.index.add(self._prepare(W, "proxies"))
+        if metric == "mahalanobis" and transform is None:
+            raise ValueError("metric='mahalanobis' needs its linear map (see mahalanobis_map)")
+        self.transform = transform
+        if index is None:
+            index = faiss.IndexFlat(d, _FAISS_METRIC[metric])
+            if with_ids:
+                index = faiss.IndexIDMap2(index)
+        self.index = index
+
+    @classmethod
+    def build(cls, W: np.ndarray, metric: str = "ip") -> "ProxyIndex":
+        """Index of proxies ``W`` ``(P, d)``, row ``i`` with id ``i`` (Mahalanobis map fitted on ``W``)."""
+        out = cls(W.shape[1], metric, mahalanobis_map(W) if metric == "mahalanobis" else None)
+        out.add(W)
+        return out
 
     @property
     def ntotal(self) -> int:
         return self.index.ntotal
 
-    def _prepare(self, X: np.ndarray, what: str) -> np.ndarray:
+    @property
+    def ids(self) -> np.ndarray:
+        """Ids of the stored vectors, in storage order (an ``IndexIDMap2`` only)."""
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+
+    def prepare(self, X: np.ndarray, what: str = "query") -> np.ndarray:
+        """``X`` as the index stores and searches it (cosine: L2-normalised; Mahalanobis: mapped)."""
         if self.metric == "cosine":
             X = l2_normalize(X, what)
         elif self.transform is not None:
             X = X @ self.transform
         return np.ascontiguousarray(X, dtype=np.float32)
 
+    def add(self, W: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """Add proxies ``W`` ``(P, d)`` (with 64-bit ``ids`` when the index has them)."""
+        W = self.prepare(W, "proxies")
+        if ids is None:
+            self.index.add(W)
+        else:
+            self.index.add_with_ids(W, np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove_range(self, lo: int, hi: int) -> int:
+        """Remove every id in ``[lo, hi)``; returns how many were removed."""
+        return int(self.index.remove_ids(faiss.IDSelectorRange(lo, hi)))
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of ``ids`` ``(n, d)`` (as stored: after ``prepare``)."""
+        if not len(ids):
+            return np.zeros((0, self.index.d), np.float32)
+        return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+
     def search(self, Q: np.ndarray, m: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The ``m`` closest proxies of each query: ``(similarity, distance, ids)``, each ``(n_q, m)``."""
-        m = min(m, self.ntotal)
-        D, ids = self.index.search(self._prepare(Q, "query"), m)
+        """The ``m`` closest proxies of each query: ``(similarity, distance, ids)``, each ``(n_q, m)``.
+
+        Fewer than ``m`` stored proxies: the missing columns have id -1.
+        """
+        D, ids = self.index.search(self.prepare(Q), m)
         if self.metric in ("ip", "cosine"):
             return D, np.maximum(1.0 - D, 0.0), ids
         if self.metric in ("euclidean", "mahalanobis"):
@@ -68,7 +110,7 @@ class ProxyIndex:
         return -D, D, ids
 
     def similarity(self, Q: np.ndarray) -> np.ndarray:
-        """Similarity of every query to every proxy, ``(n_q, P)`` in id order."""
+        """Similarity of every query to every proxy, ``(n_q, P)`` in id order (index without ids)."""
         sim, _, ids = self.search(Q, self.ntotal)
         out = np.empty_like(sim)
         np.put_along_axis(out, ids, sim, axis=1)
