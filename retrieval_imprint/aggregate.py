@@ -35,11 +35,42 @@ def _class_totals(owner: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return total
 
 
-def vote_winner(owner: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Winning class ``(n_q,)`` of neighbours' classes ``owner`` ``(n_q, m)``; ties: lowest class."""
-    total = _class_totals(owner, weights)
-    best = total.max(axis=1, keepdims=True)
-    return np.where(total == best, owner, np.iinfo(owner.dtype).max).min(axis=1)
+def rank_classes(owner: np.ndarray, values: np.ndarray, top: int, *, vote: bool = False,
+                 ties: str = "lowest") -> tuple[np.ndarray, np.ndarray]:
+    """The ``top`` best distinct classes ``(n_q, top)`` and their scores from ranked neighbours.
+
+    ``owner`` ``(n_q, r)``: class of each neighbour, best first (-1: no neighbour). Without
+    ``vote`` (max aggregation), ``values`` are similarities and a class scores its best neighbour's.
+    With ``vote``, ``values`` are vote weights, a class scores its share of the total weight, and
+    classes rank by share; equal shares go to the lowest class (``ties="lowest"``, the estimator,
+    whose classes are sorted labels) or to the class with the nearer neighbour (``ties="nearest"``,
+    collections, whose class numbers follow insertion order). Missing ranks are class -1, NaN score.
+    """
+    n_q, r = owner.shape
+    valid = owner >= 0
+    if vote:
+        weights = np.where(valid, values, 0.0)
+        score = _class_totals(owner, weights) / weights.sum(axis=1, keepdims=True)
+        tie = owner if ties == "lowest" else np.argmax(owner[:, :, None] == owner[:, None, :], axis=2)
+        order = np.lexsort((tie, -score, ~valid), axis=-1)
+        owner, score, valid = (np.take_along_axis(a, order, 1) for a in (owner, score, valid))
+    else:
+        score = values
+    by_class = np.lexsort((np.broadcast_to(np.arange(r), owner.shape), owner), axis=-1)
+    grouped = np.take_along_axis(owner, by_class, 1)
+    first = np.ones(owner.shape, bool)
+    first[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+    is_first = np.empty_like(first)
+    np.put_along_axis(is_first, by_class, first, 1)
+    keep = is_first & valid
+    rank = np.cumsum(keep, axis=1) - 1
+    keep &= rank < top
+    classes = np.full((n_q, top), -1, np.int64)
+    scores = np.full((n_q, top), np.nan)
+    rows = np.broadcast_to(np.arange(n_q)[:, None], owner.shape)
+    classes[rows[keep], rank[keep]] = owner[keep]
+    scores[rows[keep], rank[keep]] = score[keep]
+    return classes, scores
 
 
 def vote_scores(owner: np.ndarray, weights: np.ndarray, n_classes: int) -> np.ndarray:

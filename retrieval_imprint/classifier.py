@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._checks import check_choice, check_int
 from ._groups import Grouped, label_keys
-from .aggregate import AGGREGATIONS, VOTES, max_scores, vote_scores, vote_weights, vote_winner
+from .aggregate import AGGREGATIONS, VOTES, max_scores, rank_classes, vote_scores, vote_weights
 from .generate import check_generator, check_k, generate
 from .index import METRICS, ProxyIndex
 from .normalize import INF_NORMS, POST_NORMS, PRE_NORMS, normalize, quantile_targets
@@ -156,4 +156,4 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         owner = self.proxy_class_index_[ids]
         if self.aggregation == "max":
             return self.classes_[owner[:, 0]]
-        return self.classes_[vote_winner(owner, vote_weights(dist, self.vote))]
+        return self.classes_[rank_classes(owner, vote_weights(dist, self.vote), 1, vote=True)[0][:, 0]]

@@ -40,6 +40,15 @@ def mahalanobis_map(W: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(np.linalg.inv(cov)).astype(np.float32)
 
 
+def _flat(d: int, metric: int) -> faiss.Index:
+    """A flat index of the same class ``faiss.read_index`` returns, so segments can be merged."""
+    if metric == faiss.METRIC_INNER_PRODUCT:
+        return faiss.IndexFlatIP(d)
+    if metric == faiss.METRIC_L2:
+        return faiss.IndexFlatL2(d)
+    return faiss.IndexFlat(d, metric)
+
+
 class ProxyIndex:
     """An exact FAISS index of dimension ``d`` under ``metric`` (``transform``: the Mahalanobis map)."""
 
@@ -50,7 +59,7 @@ class ProxyIndex:
             raise ValueError("metric='mahalanobis' needs its linear map (see mahalanobis_map)")
         self.transform = transform
         if index is None:
-            index = faiss.IndexFlat(d, _FAISS_METRIC[metric])
+            index = _flat(d, _FAISS_METRIC[metric])
             if with_ids:
                 index = faiss.IndexIDMap2(index)
         self.index = index

@@ -1,0 +1,1 @@
+"""Alembic migrations of a collection's database (installed as ``retrieval_imprint.migrations``)."""

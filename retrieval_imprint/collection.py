@@ -1,0 +1,738 @@
+"""Collections: an imprinted head on disk that grows and shrinks one class at a time.
+
+A collection is a directory::
+
+    imprint.db              SQLite label map (``store.py``): config, embedder, classes, segments, ids
+    proxies-00000007.faiss  immutable FAISS segments (IndexIDMap2 over a flat index) ...
+    samples-00000007.faiss  ... of proxies and, with ``keep_samples``, of the pre-normalised samples
+    writer.lock             held (flock) by the one process writing; holds its pid
+
+**Ids.** A vector's 64-bit id is ``class_id << 24 | j``: the class is ``id >> 24``, so mapping search
+results to labels is arithmetic on arrays, never SQL. Class ids are never reused; a class's live
+proxies are ``j`` in ``[proxy_lo, proxy_hi)`` (regenerating a class moves the range forward).
+
+**Writes are atomic.** A write only ever *adds* files: the new vectors go to a fresh segment file
+(written to ``.tmp``, fsynced, renamed, directory fsynced), then one SQLite transaction records the
+segment, the id rows and the new version. A crash before the commit leaves the previous state (the
+orphan file is deleted by the next writer); after it, the new one. Removed and regenerated vectors
+stay in their segments until ``compact()`` (automatic past ``COMPACT_SEGMENTS`` segments) rewrites
+the live ones into one file; loading skips dead ids by their class ranges.
+
+**Concurrency.** Readers never lock: they read the database (WAL) and the immutable segments, and
+pick up new versions on ``refresh()`` or reopen. One writer at a time holds ``writer.lock``; a
+second gets ``CollectionLockedError`` naming the holder's pid.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import faiss
+import numpy as np
+from sqlalchemy import delete, insert, select, tuple_, update
+
+from . import store
+from ._groups import Grouped, label_keys
+from .aggregate import rank_classes, vote_weights
+from .classifier import check_params
+from .embed import DEFAULT_MODEL, Embedder, resolve_model
+from .generate import GENERATORS, generate
+from .index import ProxyIndex, mahalanobis_map
+from .normalize import normalize, quantile_targets
+
+DB_NAME = "imprint.db"
+LOCK_NAME = "writer.lock"
+CLASS_SHIFT = 24
+MAX_PER_CLASS = 1 << CLASS_SHIFT
+COMPACT_SEGMENTS = 16
+INDEX_TYPES = ("Flat",)
+_SQL_CHUNK = 400
+
+
+class CollectionLockedError(RuntimeError):
+    """Another process is writing to the collection."""
+
+
+class SchemaVersionError(RuntimeError):
+    """The database schema is older (upgrade it) or newer (upgrade the package) than this code."""
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Per query, the ``top`` best classes, best first: ``labels`` ``(n_q, top)`` (None where there
+    is no further class or its score is below the threshold) and ``scores`` ``(n_q, top)`` (NaN there).
+    Scores are the aggregated class scores: best-proxy similarity (``max``) or vote share (``mnn``)."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    ok: bool
+    problems: list[str]
+
+
+def _label_entry(label: object, row: int) -> tuple[str, str]:
+    """``(kind, text)`` stored for a label: kind ``str`` or ``int``."""
+    if isinstance(label, (str, np.str_)):
+        if not label.strip():
+            raise ValueError(f"label at row {row} is blank")
+        return "str", str(label)
+    if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
+        return "int", str(int(label))
+    raise ValueError(f"label at row {row} is {type(label).__name__} {label!r}: labels must be str or int")
+
+
+def _label_value(kind: str, text: str) -> object:
+    return int(text) if kind == "int" else text
+
+
+def _check_vectors(X: object, what: str, dimension: int | None) -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D array (n, d); got shape {X.shape}")
+    if not len(X):
+        raise ValueError(f"{what} is empty: nothing to {'add' if what == 'X' else 'query'}")
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+        raise ValueError(f"{what} must hold real numbers; got dtype {X.dtype}")
+    X = X.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(X).all(1))
+    if len(bad):
+        raise ValueError(f"{what} row {bad[0]} holds NaN or infinity ({len(bad)} such rows)")
+    if dimension is not None and X.shape[1] != dimension:
+        raise ValueError(f"{what} has dimension {X.shape[1]}, but this collection holds {dimension}-d vectors")
+    return X
+
+
+def _model_revision(path: str) -> str | None:
+    """A short hash of a local model's configuration files (None for hub names)."""
+    digest = hashlib.sha256()
+    found = False
+    for name in ("config.json", "modules.json", "config_sentence_transformers.json"):
+        file = Path(path) / name
+        if file.is_file():
+            digest.update(file.read_bytes())
+            found = True
+    return digest.hexdigest()[:16] if found else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _class_ranges(class_ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which ``ids`` are live: their class exists and ``j`` lies in that class's ``[lo, hi)``."""
+    cls, j = ids >> CLASS_SHIFT, ids & (MAX_PER_CLASS - 1)
+    pos = np.minimum(np.searchsorted(class_ids, cls), max(len(class_ids) - 1, 0))
+    if not len(class_ids):
+        return np.zeros(len(ids), bool)
+    return (class_ids[pos] == cls) & (lo[pos] <= j) & (j < hi[pos])
+
+
+class Collection:
+    """An imprinted head stored in a directory; see the module docstring for the layout."""
+
+    def __init__(self, path: Path, engine) -> None:  # use create() or open()
+        self.path = path
+        self._engine = engine
+        self._samples: ProxyIndex | None = None
+        self._embedder: Embedder | None = None
+        self._load()
+
+    # ----------------------------------------------------------------- create, open, load
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        model: str | None = DEFAULT_MODEL,
+        generator: str = "kmeans",
+        k: int = 20,
+        pre_norm: str = "l2",
+        post_norm: str = "l2",
+        inf_norm: str = "l2",
+        aggregation: str = "max",
+        m: int = 1,
+        metric: str = "ip",
+        vote: str = "uniform",
+        random_state: int = 0,
+        index: str = "Flat",
+        keep_samples: bool = True,
+        dimension: int | None = None,
+    ) -> "Collection":
+        """Create an empty collection at ``path`` (a new or empty directory).
+
+        GEN/NORM/AGG arguments are ``ImprintClassifier``'s and fixed for every later add. ``model``
+        is the embedder recorded for ``add_texts``/``query_texts`` and identity checks (None: the
+        collection holds precomputed vectors of unknown origin). ``keep_samples`` stores the samples
+        so a class that receives new samples can be re-imprinted from all of them.
+        """
+        params = dict(generator=generator, k=k, pre_norm=pre_norm, post_norm=post_norm, inf_norm=inf_norm,
+                      aggregation=aggregation, m=m, metric=metric, vote=vote, ls_reg=0.0)
+        check_params(params)
+        del params["ls_reg"]
+        if not GENERATORS[generator].per_class:
+            raise ValueError(f"generator={generator!r} needs every class at once (it is not imprinting), so "
+                             "it cannot grow a collection one class at a time; use ImprintClassifier for it")
+        if index not in INDEX_TYPES:
+            raise ValueError(f"index={index!r} is not valid; expected one of {', '.join(map(repr, INDEX_TYPES))}")
+        if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
+            raise ValueError(f"random_state={random_state!r} is not valid; a collection needs an int seed")
+        if dimension is not None and (not isinstance(dimension, int) or dimension < 1):
+            raise ValueError(f"dimension={dimension!r} is not valid; expected a positive integer")
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"{path} already exists and is not an empty directory")
+        staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        engine = store.connect(staging / DB_NAME)
+        try:
+            store.migrate(engine)
+            with store.writing(engine) as conn:
+                conn.execute(insert(store.collection).values(
+                    id=1, **params, random_state=int(random_state), index_factory=index,
+                    keep_samples=bool(keep_samples), dimension=dimension, version=0, next_class_id=0))
+                if model is not None:
+                    conn.execute(insert(store.embedder).values(
+                        id=1, name=model, path=resolve_model(model), dimension=dimension,
+                        revision=_model_revision(resolve_model(model))))
+        finally:
+            engine.dispose()
+        os.replace(staging, path)  # the collection appears whole or not at all
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, upgrade: bool = False) -> "Collection":
+        """Open an existing collection; ``upgrade=True`` migrates an older schema first."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no collection at {path}")
+        if not (path / DB_NAME).is_file():
+            raise ValueError(f"{path} is not a collection (no {DB_NAME} in it)")
+        engine = store.connect(path / DB_NAME)
+        with engine.connect() as conn:
+            current, head, known = store.schema_revision(conn)
+        if not known:
+            raise SchemaVersionError(f"{path} has schema revision {current}, newer than this retrieval-imprint "
+                                     f"knows (up to {head}): upgrade the package to open it")
+        if current != head:
+            if not upgrade:
+                raise SchemaVersionError(f"{path} has schema revision {current}, older than {head}: run "
+                                         f"`imprint db upgrade {path}` (or Collection.open(path, upgrade=True))")
+            store.migrate(engine)
+        return cls(path, engine)
+
+    def _load(self, attempts: int = 3) -> None:
+        """Read the database and the proxy segments it names (retrying if a writer compacts meanwhile)."""
+        for attempt in range(attempts):
+            with self._engine.connect() as conn, conn.begin():
+                cfg = dict(conn.execute(select(store.collection)).mappings().one())
+                emb = conn.execute(select(store.embedder)).mappings().first()
+                rows = conn.execute(select(store.classes.c.id, store.classes.c.label, store.classes.c.label_kind,
+                                           store.classes.c.n_samples, store.classes.c.proxy_lo,
+                                           store.classes.c.proxy_hi, store.classes.c.sample_hi)
+                                    .order_by(store.classes.c.id)).all()
+                segs = conn.execute(select(store.segments.c.kind, store.segments.c.file)
+                                    .order_by(store.segments.c.id)).all()
+            try:
+                self._set_state(cfg, emb, rows, segs)
+                return
+            except FileNotFoundError:
+                if attempt == attempts - 1:
+                    raise
+
+    def _set_state(self, cfg: dict, emb: Any, rows: list, segs: list) -> None:
+        d = cfg["dimension"]
+        self._config = cfg
+        self._embedder_row = dict(emb) if emb is not None else None
+        self._class_ids = np.array([r[0] for r in rows], np.int64)
+        self._labels = np.empty(len(rows), object)
+        self._labels[:] = [_label_value(r[2], r[1]) for r in rows]
+        n_samples, lo, hi, s_hi = (np.array([r[i] for r in rows], np.int64) for i in range(3, 7))
+        self._n_samples, self._proxy_lo, self._proxy_hi, self._sample_hi = n_samples, lo, hi, s_hi
+        self._segment_files = {kind: [f for k_, f in segs if k_ == kind] for kind in ("proxies", "samples")}
+        self._targets = (np.frombuffer(cfg["quantile_targets"], np.float32).copy()
+                         if cfg["quantile_targets"] is not None else None)
+        self._transform = (np.frombuffer(cfg["metric_transform"], np.float32).reshape(d, d).copy()
+                           if cfg["metric_transform"] is not None else None)
+        ready = d is not None and (cfg["metric"] != "mahalanobis" or self._transform is not None)
+        self._proxies = self._read_segments("proxies", cfg["metric"], self._transform) if ready else None
+        self._samples = None  # loaded on first need (re-imprinting a class, check)
+
+    def _read_segments(self, kind: str, metric: str, transform: np.ndarray | None) -> ProxyIndex:
+        """The live vectors of every ``kind`` segment, merged into one in-memory index."""
+        d = self._config["dimension"]
+        merged = ProxyIndex(d, metric, transform, with_ids=True)
+        for name in self._segment_files[kind]:
+            file = self.path / name
+            if not file.is_file():
+                raise FileNotFoundError(f"collection {self.path}: index file {name} is missing")
+            try:
+                part = faiss.read_index(str(file))
+            except RuntimeError as exc:
+                raise ValueError(f"collection {self.path}: index file {name} is unreadable or truncated "
+                                 f"({str(exc).strip().splitlines()[0]})") from None
+            if part.d != d:
+                raise ValueError(f"collection {self.path}: index file {name} holds {part.d}-d vectors, expected {d}")
+            merged.index.merge_from(part)
+        hi = self._proxy_hi if kind == "proxies" else self._sample_hi
+        lo = self._proxy_lo if kind == "proxies" else np.zeros_like(hi)
+        ids = merged.ids
+        dead = ids[~_class_ranges(self._class_ids, lo, hi, ids)]
+        if len(dead):
+            merged.index.remove_ids(faiss.IDSelectorBatch(dead))
+        return merged
+
+    def _samples_index(self) -> ProxyIndex:
+        if self._samples is None:
+            self._samples = self._read_segments("samples", "euclidean", None)
+        return self._samples
+
+    def refresh(self) -> bool:
+        """Pick up another process's writes; True if the collection changed."""
+        with self._engine.connect() as conn:
+            version = conn.execute(select(store.collection.c.version)).scalar_one()
+        if version == self._config["version"]:
+            return False
+        self._load()
+        return True
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> "Collection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def classes(self) -> list:
+        """Labels, in the order their classes were added."""
+        return self._labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self._class_ids)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        keys = ("generator", "k", "pre_norm", "post_norm", "inf_norm", "aggregation", "m", "metric", "vote",
+                "random_state", "index_factory", "keep_samples", "dimension", "threshold")
+        return {key: self._config[key] for key in keys}
+
+    @property
+    def model(self) -> str | None:
+        """The recorded embedder's name (None for a collection of vectors of unknown origin)."""
+        return self._embedder_row["name"] if self._embedder_row else None
+
+    def info(self) -> dict[str, Any]:
+        """Config, sizes and files, as plain data."""
+        files = [f for kind in self._segment_files.values() for f in kind]
+        return {
+            "path": str(self.path),
+            "classes": len(self),
+            "proxies": int((self._proxy_hi - self._proxy_lo).sum()),
+            "samples": int(self._n_samples.sum()),
+            "version": self._config["version"],
+            "config": self.config,
+            "embedder": dict(self._embedder_row) if self._embedder_row else None,
+            "segments": files,
+            "bytes_on_disk": sum((self.path / f).stat().st_size for f in files + [DB_NAME]),
+        }
+
+    def _check_model(self, model: str | None, action: str) -> None:
+        if model is not None and self.model is not None and model != self.model:
+            raise ValueError(f"{action} vectors embedded with {model!r}, but this collection uses {self.model!r}")
+
+    def query(self, Q: Any, top: int = 1, *, threshold: float | None = None,
+              model: str | None = None) -> QueryResult:
+        """The ``top`` best classes for each query vector (rows of ``Q``), best first.
+
+        ``threshold`` (default: the stored one, if any) turns classes scoring below it into "no
+        class" (None). ``model``, if given, must be the collection's embedder.
+        """
+        if not len(self):
+            raise ValueError(f"collection {self.path} has no classes yet")
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+            raise ValueError(f"top={top!r} is not valid; expected an integer >= 1")
+        self._check_model(model, "query")
+        Q = normalize(_check_vectors(Q, "Q", self._config["dimension"]), self._config["inf_norm"], what="Q")
+        cfg, ntotal = self._config, self._proxies.ntotal
+        if cfg["aggregation"] == "max":
+            depth = top if top == 1 else min(ntotal, top * (cfg["k"] if cfg["k"] > 0 else 4))
+            while True:
+                sim, _, ids = self._proxies.search(Q, depth)
+                owner, scores = rank_classes(ids >> CLASS_SHIFT, sim.astype(np.float64), top)
+                if depth >= ntotal or (owner >= 0).all():
+                    break
+                depth = min(ntotal, depth * 4)
+        else:
+            _, dist, ids = self._proxies.search(Q, min(cfg["m"], ntotal))
+            owner, scores = rank_classes(ids >> CLASS_SHIFT, vote_weights(dist, cfg["vote"]), top, vote=True,
+                                         ties="nearest")
+        threshold = cfg["threshold"] if threshold is None else threshold
+        if threshold is not None:
+            owner = np.where(scores >= threshold, owner, -1)
+        labels = np.full(owner.shape, None, object)
+        found = owner >= 0
+        labels[found] = self._labels[np.searchsorted(self._class_ids, owner[found])]
+        return QueryResult(labels, np.where(found, scores, np.nan).astype(np.float32))
+
+    def predict(self, Q: Any, *, threshold: float | None = None, model: str | None = None) -> np.ndarray:
+        """The best class of each query (None where rejected by the threshold)."""
+        return self.query(Q, 1, threshold=threshold, model=model).labels[:, 0]
+
+    def _text_embedder(self) -> Embedder:
+        if self._embedder_row is None:
+            raise ValueError(f"collection {self.path} records no embedding model; add and query vectors instead")
+        if self._embedder is None:
+            self._embedder = Embedder(self._embedder_row["path"])
+        return self._embedder
+
+    def query_texts(self, texts: Sequence[str], top: int = 1, *, threshold: float | None = None) -> QueryResult:
+        """``query`` on texts embedded with the collection's model."""
+        return self.query(self._text_embedder().encode(texts), top, threshold=threshold, model=self.model)
+
+    # ----------------------------------------------------------------- writing
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the writer lock, start from the latest committed state, and on any failure drop the
+        in-memory changes by reloading what is on disk."""
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise CollectionLockedError(f"collection {self.path} is locked by pid {holder} "
+                                            "(another process is writing to it)") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self.refresh()
+            self._delete_orphans()
+            try:
+                yield
+            except BaseException:
+                self._load()
+                raise
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _delete_orphans(self) -> None:
+        """Remove segment files no committed version names (left by a crashed or compacting writer)."""
+        keep = {f for files in self._segment_files.values() for f in files}
+        for file in self.path.iterdir():
+            if file.suffix in (".faiss", ".tmp") and file.name not in keep:
+                file.unlink(missing_ok=True)
+
+    def _write_segment(self, kind: str, version: int, index: ProxyIndex) -> str:
+        """Durably write ``index`` as a new segment file; returns its name."""
+        name = f"{kind}-{version:08d}.faiss"
+        tmp = self.path / f"{name}.tmp"
+        faiss.write_index(index.index, str(tmp))
+        _fsync(tmp)
+        os.replace(tmp, self.path / name)
+        _fsync(self.path)
+        return name
+
+    def _find_classes(self, conn, entries: list[tuple[str, str]]) -> dict[tuple[str, str], tuple]:
+        """Existing class rows for ``(kind, text)`` label entries, keyed by entry."""
+        c = store.classes.c
+        found = {}
+        for i in range(0, len(entries), _SQL_CHUNK):
+            chunk = entries[i : i + _SQL_CHUNK]
+            for row in conn.execute(select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_hi, c.sample_hi)
+                                    .where(tuple_(c.label_kind, c.label).in_(chunk))):
+                found[(row.label_kind, row.label)] = row
+        return found
+
+    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None) -> "Collection":
+        """Imprint samples ``X`` ``(n, d)`` with their ``labels``: new labels become new classes; an
+        existing class is re-imprinted from its kept samples plus the new ones. Atomic."""
+        X = _check_vectors(X, "X", self._config["dimension"])
+        labels = list(labels) if not isinstance(labels, np.ndarray) else labels.tolist()
+        if len(labels) != len(X):
+            raise ValueError(f"X has {len(X)} rows but labels has {len(labels)}")
+        self._check_model(model, "add")
+        entries = [_label_entry(label, row) for row, label in enumerate(labels)]
+        with self._writing():
+            self._add(X, entries)
+        return self
+
+    def _add(self, X: np.ndarray, entries: list[tuple[str, str]]) -> None:
+        cfg = dict(self._config)
+        X = normalize(X, cfg["pre_norm"], what="X")
+        order: dict[tuple[str, str], int] = {}
+        codes = np.fromiter((order.setdefault(e, len(order)) for e in entries), np.int64, len(entries))
+        uniq = list(order)
+        with self._engine.connect() as conn:
+            existing = self._find_classes(conn, uniq)
+        if existing and not cfg["keep_samples"]:
+            label = next(iter(existing))[1]
+            raise ValueError(f"class {label!r} already exists and this collection keeps no samples, so it cannot be "
+                             "re-imprinted from old and new samples together; remove it and add all its samples, "
+                             "or create the collection with keep_samples=True")
+        d = X.shape[1]
+        if cfg["dimension"] is None:
+            emb_dim = self._embedder_row["dimension"] if self._embedder_row else None
+            if emb_dim is not None and emb_dim != d:
+                raise ValueError(f"X has dimension {d}, but the collection's model gives {emb_dim}-d vectors")
+            cfg["dimension"] = d
+            self._config["dimension"] = d
+
+        # per class: old kept samples first, then the new ones (the order a one-go build sees)
+        next_id = cfg["next_class_id"]
+        class_id = np.empty(len(uniq), np.int64)
+        old_samples, old_hi, old_proxy_hi = [], np.zeros(len(uniq), np.int64), np.zeros(len(uniq), np.int64)
+        for i, entry in enumerate(uniq):
+            row = existing.get(entry)
+            if row is None:
+                class_id[i], next_id = next_id, next_id + 1
+                old_samples.append(np.zeros((0, d), np.float32))
+            else:
+                class_id[i], old_hi[i], old_proxy_hi[i] = row.id, row.sample_hi, row.proxy_hi
+                ids = (row.id << CLASS_SHIFT) + np.arange(row.sample_hi, dtype=np.int64)
+                old_samples.append(self._samples_index().reconstruct(ids))
+        new_rows = np.argsort(codes, kind="stable")
+        new_counts = np.bincount(codes, minlength=len(uniq))
+        new_starts = np.concatenate([[0], np.cumsum(new_counts)])
+        parts = []
+        for i in range(len(uniq)):
+            parts.append(old_samples[i])
+            parts.append(X[new_rows[new_starts[i] : new_starts[i + 1]]])
+        sizes = np.array([len(o) for o in old_samples]) + new_counts
+        values = [_label_value(*e) for e in uniq]
+        groups = Grouped(np.concatenate(parts), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                         label_keys(values))
+        W, owner = generate(cfg["generator"], groups, cfg["k"], cfg["random_state"])
+
+        if cfg["post_norm"] == "quantile" and self._targets is None:
+            self._targets = quantile_targets(W)
+        W = normalize(W, cfg["post_norm"], targets=self._targets, what="proxies")
+        if cfg["metric"] == "mahalanobis" and self._transform is None:
+            self._transform = mahalanobis_map(W)
+        if self._proxies is None:
+            self._proxies = ProxyIndex(d, cfg["metric"], self._transform, with_ids=True)
+
+        n_proxies = np.bincount(owner, minlength=len(uniq))
+        if (n_proxies + old_proxy_hi).max() >= MAX_PER_CLASS or (sizes.max() >= MAX_PER_CLASS):
+            raise ValueError(f"a class may hold at most {MAX_PER_CLASS - 1} proxies and samples")
+        proxy_lo = old_proxy_hi
+        proxy_hi = proxy_lo + n_proxies
+        j = np.arange(len(W)) - np.concatenate([[0], np.cumsum(n_proxies)])[owner]
+        proxy_ids = (class_id[owner] << CLASS_SHIFT) + proxy_lo[owner] + j
+        version = cfg["version"] + 1
+
+        segment = ProxyIndex(d, cfg["metric"], self._transform, with_ids=True)
+        segment.add(W, proxy_ids)
+        files = {"proxies": (self._write_segment("proxies", version, segment), proxy_ids, class_id[owner])}
+        if cfg["keep_samples"]:
+            s_owner = np.repeat(np.arange(len(uniq)), new_counts)
+            s_ids = (class_id[s_owner] << CLASS_SHIFT) + old_hi[s_owner] + (
+                np.arange(len(X)) - new_starts[s_owner])
+            s_index = ProxyIndex(d, "euclidean", None, with_ids=True)
+            s_index.add(X[new_rows], s_ids)
+            files["samples"] = (self._write_segment("samples", version, s_index), s_ids, class_id[s_owner])
+
+        regenerated = class_id[[i for i, e in enumerate(uniq) if e in existing]]
+        c = store.classes.c
+        with store.writing(self._engine) as conn:
+            for i in range(0, len(regenerated), _SQL_CHUNK):
+                chunk = regenerated[i : i + _SQL_CHUNK].tolist()
+                conn.execute(delete(store.proxies).where(store.proxies.c.class_id.in_(chunk)))
+            new = [dict(id=int(class_id[i]), label=e[1], label_kind=e[0], n_samples=int(sizes[i]),
+                        proxy_lo=int(proxy_lo[i]), proxy_hi=int(proxy_hi[i]), sample_hi=int(sizes[i]))
+                   for i, e in enumerate(uniq) if e not in existing]
+            if new:
+                conn.execute(insert(store.classes), new)
+            for i, e in enumerate(uniq):
+                if e in existing:
+                    conn.execute(update(store.classes).where(c.id == int(class_id[i])).values(
+                        n_samples=int(sizes[i]), proxy_lo=int(proxy_lo[i]), proxy_hi=int(proxy_hi[i]),
+                        sample_hi=int(sizes[i])))
+            for kind, (name, ids, owners) in files.items():
+                self._insert_segment(conn, kind, name, ids, owners)
+            conn.execute(update(store.collection).values(
+                version=version, next_class_id=next_id, dimension=d,
+                quantile_targets=None if self._targets is None else self._targets.tobytes(),
+                metric_transform=None if self._transform is None else self._transform.tobytes()))
+
+        # the same change in memory, without rereading the segments
+        if len(regenerated):
+            self._proxies.index.remove_ids(faiss.IDSelectorBatch(self._range_ids(
+                regenerated, self._proxy_lo[np.searchsorted(self._class_ids, regenerated)],
+                self._proxy_hi[np.searchsorted(self._class_ids, regenerated)])))
+        self._proxies.index.add_with_ids(segment.prepare(W, "proxies"), proxy_ids)
+        if self._samples is not None and "samples" in files:
+            self._samples.add(X[new_rows], files["samples"][1])
+        for kind, (name, _, _) in files.items():
+            self._segment_files[kind].append(name)
+        is_new = np.array([e not in existing for e in uniq], bool)
+        pos = np.searchsorted(self._class_ids, class_id[~is_new])
+        for array, value in ((self._n_samples, sizes), (self._proxy_lo, proxy_lo), (self._proxy_hi, proxy_hi),
+                             (self._sample_hi, sizes)):
+            array[pos] = value[~is_new]
+        added = np.empty(int(is_new.sum()), object)
+        added[:] = [v for v, n in zip(values, is_new) if n]
+        self._labels = np.concatenate([self._labels, added])
+        self._class_ids = np.concatenate([self._class_ids, class_id[is_new]])
+        self._n_samples = np.concatenate([self._n_samples, sizes[is_new]])
+        self._proxy_lo = np.concatenate([self._proxy_lo, proxy_lo[is_new]])
+        self._proxy_hi = np.concatenate([self._proxy_hi, proxy_hi[is_new]])
+        self._sample_hi = np.concatenate([self._sample_hi, sizes[is_new]])
+        self._config.update(version=version, next_class_id=next_id, dimension=d,
+                            quantile_targets=None if self._targets is None else self._targets.tobytes(),
+                            metric_transform=None if self._transform is None else self._transform.tobytes())
+        if len(self._segment_files["proxies"]) > COMPACT_SEGMENTS:
+            self._compact()
+
+    @staticmethod
+    def _range_ids(class_ids: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Every id ``class << 24 | j`` with ``lo <= j < hi``, class by class."""
+        counts = hi - lo
+        base = np.repeat((class_ids << CLASS_SHIFT) + lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        return base + np.arange(int(counts.sum()), dtype=np.int64)
+
+    def _insert_segment(self, conn, kind: str, name: str, ids: np.ndarray, owners: np.ndarray) -> None:
+        seg_id = conn.execute(insert(store.segments).values(kind=kind, file=name, n_vectors=len(ids))
+                              ).inserted_primary_key[0]
+        table = store.proxies if kind == "proxies" else store.samples
+        if len(ids):
+            conn.execute(insert(table), [{"id": a, "class_id": b, "segment_id": seg_id}
+                                         for a, b in zip(ids.tolist(), owners.tolist())])
+
+    def add_texts(self, texts: Sequence[str], labels: Sequence[object]) -> "Collection":
+        """``add`` on texts embedded with the collection's model."""
+        texts = list(texts)
+        if len(texts) != len(labels):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+        return self.add(self._text_embedder().encode(texts), labels, model=self.model)
+
+    def remove(self, labels: Sequence[object]) -> "Collection":
+        """Remove the classes with these labels (all must exist; otherwise nothing is removed)."""
+        entries = list(dict.fromkeys(_label_entry(label, row) for row, label in enumerate(labels)))
+        if not entries:
+            raise ValueError("no labels given: nothing to remove")
+        with self._writing():
+            with self._engine.connect() as conn:
+                found = self._find_classes(conn, entries)
+            missing = [e[1] for e in entries if e not in found]
+            if missing:
+                raise ValueError(f"no class {missing[0]!r} in collection {self.path} "
+                                 f"({len(missing)} unknown label(s)); nothing was removed")
+            ids = np.array(sorted(found[e].id for e in entries), np.int64)
+            with store.writing(self._engine) as conn:
+                for i in range(0, len(ids), _SQL_CHUNK):
+                    chunk = ids[i : i + _SQL_CHUNK].tolist()
+                    for table in (store.proxies, store.samples):
+                        conn.execute(delete(table).where(table.c.class_id.in_(chunk)))
+                    conn.execute(delete(store.classes).where(store.classes.c.id.in_(chunk)))
+                conn.execute(update(store.collection).values(version=self._config["version"] + 1))
+            pos = np.searchsorted(self._class_ids, ids)
+            self._proxies.index.remove_ids(faiss.IDSelectorBatch(
+                self._range_ids(ids, self._proxy_lo[pos], self._proxy_hi[pos])))
+            if self._samples is not None:
+                self._samples.index.remove_ids(faiss.IDSelectorBatch(
+                    self._range_ids(ids, np.zeros_like(pos), self._sample_hi[pos])))
+            keep = np.ones(len(self._class_ids), bool)
+            keep[pos] = False
+            for name in ("_class_ids", "_labels", "_n_samples", "_proxy_lo", "_proxy_hi", "_sample_hi"):
+                setattr(self, name, getattr(self, name)[keep])
+            self._config["version"] += 1
+        return self
+
+    def set_threshold(self, threshold: float | None) -> "Collection":
+        """Store the open-set rejection threshold used by ``query`` (None: never reject)."""
+        if threshold is not None and not np.isfinite(threshold):
+            raise ValueError(f"threshold={threshold!r} is not valid; expected a finite number or None")
+        with self._writing():
+            with store.writing(self._engine) as conn:
+                conn.execute(update(store.collection).values(threshold=threshold,
+                                                             version=self._config["version"] + 1))
+            self._config.update(threshold=threshold, version=self._config["version"] + 1)
+        return self
+
+    def compact(self) -> "Collection":
+        """Rewrite the live vectors into one segment per kind and delete the old files."""
+        with self._writing():
+            self._compact()
+        return self
+
+    def _compact(self) -> None:
+        version = self._config["version"] + 1
+        indexes = {"proxies": self._proxies}
+        if self._config["keep_samples"]:
+            indexes["samples"] = self._samples_index()
+        old = {f for files in self._segment_files.values() for f in files}
+        written = {kind: self._write_segment(kind, version, index) for kind, index in indexes.items()}
+        with store.writing(self._engine) as conn:
+            for kind, name in written.items():
+                seg_id = conn.execute(insert(store.segments).values(
+                    kind=kind, file=name, n_vectors=indexes[kind].ntotal)).inserted_primary_key[0]
+                table = store.proxies if kind == "proxies" else store.samples
+                conn.execute(update(table).values(segment_id=seg_id))
+            conn.execute(delete(store.segments).where(store.segments.c.file.not_in(list(written.values()))))
+            conn.execute(update(store.collection).values(version=version))
+        self._config["version"] = version
+        self._segment_files = {kind: [name] for kind, name in written.items()}
+        self._segment_files.setdefault("samples", [])
+        for name in old - set(written.values()):
+            (self.path / name).unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- integrity
+    def check(self) -> CheckReport:
+        """Verify, from disk, that the database and the index files agree: every named file exists
+        and loads with the right dimension, and the live vector ids equal the database's id rows."""
+        problems: list[str] = []
+        with self._engine.connect() as conn:
+            current, head, _ = store.schema_revision(conn)
+            if current != head:
+                problems.append(f"schema revision {current} is not the head {head}")
+            db_ids = {kind: np.array(conn.execute(select(table.c.id, table.c.class_id)).all(), np.int64
+                                     ).reshape(-1, 2)
+                      for kind, table in (("proxies", store.proxies), ("samples", store.samples))}
+            seg_names = conn.execute(select(store.segments.c.file)).scalars().all()
+            orphan_rows = conn.execute(select(store.proxies.c.id).where(
+                store.proxies.c.segment_id.not_in(select(store.segments.c.id)))).first()
+        if orphan_rows is not None:
+            problems.append("proxy rows name a segment that does not exist")
+        try:
+            fresh = Collection(self.path, self._engine)
+            loaded = {"proxies": fresh._proxies.ids if fresh._proxies is not None else np.zeros(0, np.int64)}
+            if fresh._config["keep_samples"] and fresh._config["dimension"]:
+                loaded["samples"] = fresh._samples_index().ids
+        except (FileNotFoundError, ValueError) as exc:
+            return CheckReport(False, problems + [str(exc)])
+        for kind, ids in loaded.items():
+            rows = db_ids[kind]
+            if len(ids) != len(np.unique(ids)):
+                problems.append(f"{kind}: duplicate ids in the index files")
+            if not np.array_equal(np.sort(ids), np.sort(rows[:, 0])):
+                problems.append(f"{kind}: the index files hold {len(ids)} live vectors, the database {len(rows)} rows"
+                                " with other ids" if len(ids) == len(rows) else
+                                f"{kind}: the index files hold {len(ids)} live vectors, the database {len(rows)} rows")
+            if (rows[:, 0] >> CLASS_SHIFT != rows[:, 1]).any():
+                problems.append(f"{kind}: an id row names another class than its id encodes")
+        expected = int((fresh._proxy_hi - fresh._proxy_lo).sum())
+        if expected != len(loaded["proxies"]):
+            problems.append(f"proxies: the class ranges count {expected}, the index holds {len(loaded['proxies'])}")
+        missing = [f for f in seg_names if not (self.path / f).is_file()]
+        problems += [f"segment file {f} is missing" for f in missing]
+        return CheckReport(not problems, problems)

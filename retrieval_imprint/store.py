@@ -1,0 +1,151 @@
+"""The label map: a collection's SQLite database (SQLAlchemy Core), and its Alembic migrations.
+
+Tables: ``collection`` (one row: the GEN/NORM/AGG config, dimension, current version, fixed
+quantile targets and Mahalanobis map, rejection threshold), ``embedder`` (model identity),
+``classes`` (label and id ranges), ``segments`` (the FAISS files that hold proxies and samples),
+``proxies`` and ``samples`` (one row per stored vector: id, class, segment).
+
+Schema changes happen only through Alembic revisions in ``migrations/`` (installed as
+``retrieval_imprint.migrations``); ``metadata`` below must equal the head revision's schema, which
+a test checks with Alembic's autogenerate comparison. Connections run SQLite in WAL mode with a
+busy timeout; writers open ``BEGIN IMMEDIATE`` transactions (``writing``), readers plain ones.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (Boolean, Column, Connection, Engine, Float, ForeignKey, Index, Integer,
+                        LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, event)
+
+BUSY_TIMEOUT_MS = 10_000
+
+metadata = MetaData()
+
+collection = Table(
+    "collection", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("generator", String, nullable=False),
+    Column("k", Integer, nullable=False),
+    Column("pre_norm", String, nullable=False),
+    Column("post_norm", String, nullable=False),
+    Column("inf_norm", String, nullable=False),
+    Column("aggregation", String, nullable=False),
+    Column("m", Integer, nullable=False),
+    Column("metric", String, nullable=False),
+    Column("vote", String, nullable=False),
+    Column("random_state", Integer, nullable=False),
+    Column("index_factory", String, nullable=False),
+    Column("keep_samples", Boolean, nullable=False),
+    Column("dimension", Integer),
+    Column("version", Integer, nullable=False),
+    Column("next_class_id", Integer, nullable=False),
+    Column("quantile_targets", LargeBinary),
+    Column("metric_transform", LargeBinary),
+    Column("threshold", Float),
+)
+
+embedder = Table(
+    "embedder", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String, nullable=False),
+    Column("path", String, nullable=False),
+    Column("dimension", Integer),
+    Column("revision", String),
+)
+
+classes = Table(
+    "classes", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("label", String, nullable=False),
+    Column("label_kind", String, nullable=False),
+    Column("n_samples", Integer, nullable=False),
+    Column("proxy_lo", Integer, nullable=False),
+    Column("proxy_hi", Integer, nullable=False),
+    Column("sample_hi", Integer, nullable=False),
+    UniqueConstraint("label_kind", "label", name="uq_classes_label"),
+)
+
+segments = Table(
+    "segments", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String, nullable=False),
+    Column("file", String, nullable=False, unique=True),
+    Column("n_vectors", Integer, nullable=False),
+)
+
+
+def _vectors_table(name: str) -> Table:
+    return Table(
+        name, metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("class_id", Integer, ForeignKey("classes.id"), nullable=False),
+        Column("segment_id", Integer, ForeignKey("segments.id"), nullable=False),
+        Index(f"ix_{name}_class_id", "class_id"),
+        Index(f"ix_{name}_segment_id", "segment_id"),
+    )
+
+
+proxies = _vectors_table("proxies")
+samples = _vectors_table("samples")
+
+
+def connect(db_path: Path) -> Engine:
+    """An engine on ``db_path`` with WAL, a busy timeout, foreign keys, and explicit BEGINs."""
+    engine = create_engine(f"sqlite:///{db_path}")
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy, not pysqlite, emits BEGIN
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
+
+    return engine
+
+
+@contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """A write transaction that takes SQLite's write lock up front (``BEGIN IMMEDIATE``)."""
+    with engine.connect() as conn:
+        conn.execution_options(immediate=True)
+        with conn.begin():
+            yield conn
+
+
+def alembic_config(conn: Connection) -> Config:
+    """Alembic configuration running the packaged migrations on ``conn``."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("retrieval_imprint.migrations")))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
+def schema_revision(conn: Connection) -> tuple[str | None, str, bool]:
+    """``(current, head, known)``: the database's revision, the code's head, and whether the code
+    knows the database's revision (False: the database is newer than this code)."""
+    script = ScriptDirectory.from_config(alembic_config(conn))
+    current = MigrationContext.configure(conn).get_current_revision()
+    known = current is None or any(rev.revision == current for rev in script.walk_revisions())
+    return current, script.get_current_head(), known
+
+
+def migrate(engine: Engine, revision: str = "head", *, down: bool = False) -> None:
+    """Upgrade (or downgrade) the database to ``revision`` with the packaged Alembic scripts."""
+    with writing(engine) as conn:
+        cfg = alembic_config(conn)
+        (command.downgrade if down else command.upgrade)(cfg, revision)
