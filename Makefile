@@ -16,8 +16,13 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# The main job: index the demo intents (written for this project), query them, evaluate.
+DEMO := retrieval_imprint/data
 demo: $(STAMP)
-	$(BIN)/imprint demo
+	rm -rf .demo-collection
+	$(BIN)/imprint index .demo-collection $(DEMO)/demo_train.csv --k 4 --quiet
+	$(BIN)/imprint query .demo-collection "my card never showed up" "put on some Queen" --top 2
+	$(BIN)/imprint eval .demo-collection $(DEMO)/demo_test.csv
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,36 +1,503 @@
-"""The ``imprint`` command line (click): a thin layer over the ``retrieval_imprint`` Python API.
+"""The ``imprint`` command line: a thin click layer over the ``retrieval_imprint`` Python API.
 
-Installed as ``retrieval_imprint.cli`` (``setup.cfg`` maps this top-level folder there).
+Installed as ``retrieval_imprint.cli`` (``setup.cfg`` maps this top-level folder there). Every
+command has ``--help`` with an example; commands that print results take ``--json``. A user
+error (bad file, column, label, dimension, locked collection...) exits with code 2 and one line
+on stderr, and leaves the collection as it was.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
+import numpy as np
 
 from retrieval_imprint import __version__
+from retrieval_imprint.collection import Collection, CollectionLockedError, SchemaVersionError
+from retrieval_imprint.generate import GENERATORS
+from retrieval_imprint.index import METRICS
+from retrieval_imprint.normalize import INF_NORMS, POST_NORMS, PRE_NORMS
+from retrieval_imprint.readers import FORMATS, DataError, Dataset, read
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class UserError(click.ClickException):
+    """A problem with the user's input: exit code 2, one line on stderr."""
+
+    exit_code = 2
+
+
+class ImprintGroup(click.Group):
+    """Turns the library's input errors into ``UserError``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (DataError, ValueError, FileNotFoundError, FileExistsError, CollectionLockedError,
+                SchemaVersionError) as exc:
+            raise UserError(" ".join(str(exc).split())) from exc
+
+
+def emit(data: Any) -> None:
+    """Print ``data`` as JSON (NaN as null, numpy scalars as numbers)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple, np.ndarray)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            v = v.item()
+        return None if isinstance(v, float) and not np.isfinite(v) else v
+
+    click.echo(json.dumps(clean(data), ensure_ascii=False, indent=2))
+
+
+def quiet_option(fn):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(fn)
+
+
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+
+
+def data_options(fn):
+    for option in reversed([
+        click.option("--text-column", help="Column holding the texts (default: text, sentence, utterance, query)."),
+        click.option("--label-column", help="Column holding the labels (default: label, category, intent, class)."),
+        click.option("--vector-column", help="Column holding precomputed vectors (lists of numbers)."),
+        click.option("--split", help="NPZ files: read the arrays SPLIT_X and SPLIT_y."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def embedder(model: str | None, quiet: bool):
+    from retrieval_imprint.embed import Embedder, EmbeddingCache
+
+    return Embedder(model, cache=EmbeddingCache.default(), progress=not quiet and sys.stderr.isatty())
+
+
+def load(paths: tuple[str, ...], options: dict[str, Any], *, need_labels: bool = True) -> list[Dataset]:
+    return [read(p, need_labels=need_labels, **options) for p in paths]
+
+
+def vectors_of(datasets: list[Dataset], model: str | None, quiet: bool) -> np.ndarray:
+    """All rows of the datasets as vectors: texts are embedded (cached), vectors taken as they are."""
+    texts = [t for ds in datasets if ds.texts is not None for t in ds.texts]
+    embedded = iter(embedder(model, quiet).encode(texts)) if texts else iter(())
+    parts = [np.stack([next(embedded) for _ in ds.texts]) if ds.texts is not None else ds.vectors
+             for ds in datasets]
+    dims = {p.shape[1] for p in parts}
+    if len(dims) > 1:
+        raise DataError(f"the data files hold vectors of different dimensions: {sorted(dims)}")
+    return np.concatenate(parts)
+
+
+@click.group(cls=ImprintGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="imprint")
 def main() -> None:
-    """Few-shot classifiers imprinted from a frozen embedding model (IMPRINT, arXiv 2503.14572)."""
+    """Few-shot classifiers imprinted from a frozen embedding model (IMPRINT, arXiv 2503.14572).
+
+    \b
+    imprint index intents/ train.csv     # embed, imprint, store
+    imprint query intents/ "where is my card"
+    imprint eval intents/ test.csv
+    """
+
+
+GEN_DEFAULTS = dict(generator="kmeans", k=20, pre_norm="l2", post_norm="l2", inf_norm="l2", aggregation="max",
+                    m=1, metric="ip", vote="uniform", random_state=0)
 
 
 @main.command()
-def demo() -> None:
-    """Embed the packaged demo intents and compare the published imprinting methods.
+@click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("data", nargs=-1, required=True)
+@click.option("--generator", type=click.Choice(list(GENERATORS)), help="GEN (new collections; default kmeans).")
+@click.option("--k", type=int, help="Proxies per class; -1 keeps every sample (default 20).")
+@click.option("--pre-norm", type=click.Choice(PRE_NORMS), help="NORMpre (default l2).")
+@click.option("--post-norm", type=click.Choice(POST_NORMS), help="NORMpost (default l2).")
+@click.option("--inf-norm", type=click.Choice(INF_NORMS), help="NORMinf (default l2).")
+@click.option("--aggregation", type=click.Choice(["max", "mnn"]), help="AGG (default max).")
+@click.option("--m", type=int, help="Neighbours that vote with --aggregation mnn (default 1).")
+@click.option("--metric", type=click.Choice(METRICS), help="Similarity metric (default ip).")
+@click.option("--vote", type=click.Choice(["uniform", "distance"]), help="m-NN vote weights (default uniform).")
+@click.option("--random-state", type=int, help="Seed of the per-class draws (default 0).")
+@click.option("--model", help="Embedding model name or path (new collections; default the packaged "
+                              "all-MiniLM-L6-v2). Use 'none' for a collection of precomputed vectors.")
+@click.option("--keep-samples/--no-keep-samples", default=True, show_default=True,
+              help="Keep samples so a class can be re-imprinted when it gets more (new collections).")
+@data_options
+@quiet_option
+@json_option
+def index(collection: Path, data: tuple[str, ...], model: str | None, keep_samples: bool, text_column, label_column,
+          vector_column, split, quiet: bool, as_json: bool, **gen: Any) -> None:
+    """Create COLLECTION or extend it with the labelled rows of DATA files.
+
+    DATA: CSV/TSV, JSONL, Parquet (text and label columns, or a vector column) or NPZ (--split NAME
+    reads NAME_X and NAME_y). All files are read and embedded before anything is written, and the
+    whole batch is added in one atomic write. GEN/NORM/AGG options apply when the collection is
+    created; given for an existing one, they must match it.
 
     \b
     Example:
-        imprint demo
+        imprint index intents/ train.csv --generator kmeans --k 5
     """
-    from retrieval_imprint.demo import run_demo
+    given = {key: value for key, value in gen.items() if value is not None}
+    existing = Collection.open(collection) if (collection / "imprint.db").exists() else None
+    if existing is not None:
+        config = existing.config
+        clash = [f"--{k.replace('_', '-')} {v} (collection: {config[k]})" for k, v in given.items() if config[k] != v]
+        if model is not None and model != (existing.model or "none"):
+            clash.append(f"--model {model} (collection: {existing.model or 'none'})")
+        if clash:
+            raise UserError(f"{collection} already exists with other settings: {'; '.join(clash)}")
+    datasets = load(data, dict(text_column=text_column, label_column=label_column, vector_column=vector_column,
+                               split=split))
+    recorded = existing.model if existing is not None else (None if model == "none" else model or "all-MiniLM-L6-v2")
+    if any(ds.texts is not None for ds in datasets) and recorded is None:
+        raise UserError(f"{collection} holds precomputed vectors (no model recorded); index vectors, not texts")
+    X = vectors_of(datasets, recorded, quiet)
+    labels = [label for ds in datasets for label in ds.labels]  # type: ignore[union-attr]
+    col = existing or Collection.create(collection, model=recorded, keep_samples=keep_samples,
+                                        **{**GEN_DEFAULTS, **given})
+    before = set(map(str, col.classes))
+    col.add(X, labels)
+    info = col.info()
+    new = len({str(label) for label in labels} - before)
+    result = {"collection": str(collection), "rows": len(X), "new_classes": new,
+              "classes": info["classes"], "proxies": info["proxies"]}
+    if as_json:
+        emit(result)
+    else:
+        click.echo(f"indexed {len(X)} rows into {collection}: {new} new classes; "
+                   f"{info['classes']} classes, {info['proxies']} proxies in all")
 
-    rows = run_demo()
-    w1, w2 = max(len(r.method) for r in rows), max(len(r.setting) for r in rows)
-    click.echo(f"{'method':<{w1}}  {'NORMpre/GEN/NORMpost/NORMinf/AGG':<{w2}}  proxies  accuracy  macro-F1")
+
+@main.command()
+@click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("text", nargs=-1)
+@click.option("--file", "file_", help="Queries from a file: one per line, or a CSV/JSONL/Parquet text column.")
+@click.option("--vectors", help="Query vectors from an .npy or .npz file (--split for NPZ).")
+@click.option("--top", type=int, default=1, show_default=True, help="Classes to show per query.")
+@click.option("--threshold", type=float, help="Below this score the answer is 'no class' (default: stored).")
+@data_options
+@quiet_option
+@json_option
+def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: str | None, top: int,
+          threshold: float | None, text_column, label_column, vector_column, split, quiet: bool,
+          as_json: bool) -> None:
+    """Classify TEXT arguments (or --file, or --vectors) against COLLECTION.
+
+    \b
+    Example:
+        imprint query intents/ "where is my card" "play some jazz" --top 3
+    """
+    col = Collection.open(collection)
+    options = dict(text_column=text_column, label_column=label_column, vector_column=vector_column, split=split)
+    if vectors is not None:
+        ds = read(vectors, need_labels=False, **options)
+        names: list[Any] = list(range(len(ds)))
+        Q = ds.vectors if ds.vectors is not None else vectors_of([ds], col.model, quiet)
+    else:
+        queries = list(text)
+        if file_ is not None:
+            if Path(file_).suffix.lower() in FORMATS:
+                queries += read(file_, need_labels=False, **options).texts or []
+            else:
+                if not Path(file_).is_file():
+                    raise UserError(f"{file_}: no such file")
+                queries += [line.strip() for line in Path(file_).read_text(encoding="utf-8").splitlines()
+                            if line.strip()]
+        if not queries:
+            raise UserError("nothing to query: give TEXT arguments, --file or --vectors")
+        if col.model is None:
+            raise UserError(f"{collection} records no embedding model: query it with --vectors")
+        names, Q = queries, vectors_of([Dataset("args", texts=queries)], col.model, quiet)
+    result = col.query(Q, top, threshold=threshold, model=None)
+    rows = [{"query": name, "labels": labels.tolist(), "scores": scores.tolist()}
+            for name, labels, scores in zip(names, result.labels, result.scores)]
+    if as_json:
+        emit(rows)
+        return
+    for row in rows:
+        click.echo(str(row["query"]))
+        if row["labels"][0] is None:
+            click.echo("  (no class)")
+        for label, score in zip(row["labels"], row["scores"]):
+            if label is not None:
+                click.echo(f"  {score:7.4f}  {label}")
+
+
+@main.command("eval")
+@click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("data")
+@click.option("--threshold", type=float, help="Score threshold for 'no class' (default: stored).")
+@click.option("--confusions", type=int, default=10, show_default=True, help="Confusion pairs to list.")
+@data_options
+@quiet_option
+@json_option
+def evaluate_cmd(collection: Path, data: str, threshold: float | None, confusions: int, text_column, label_column,
+                 vector_column, split, quiet: bool, as_json: bool) -> None:
+    """Accuracy and macro-F1 of COLLECTION on the labelled rows of DATA.
+
+    \b
+    Example:
+        imprint eval intents/ test.csv --json
+    """
+    from retrieval_imprint.evaluate import evaluate
+
+    col = Collection.open(collection)
+    ds = read(data, text_column=text_column, label_column=label_column, vector_column=vector_column, split=split)
+    if ds.texts is not None and col.model is None:
+        raise UserError(f"{collection} records no embedding model: evaluate it on vectors")
+    X = vectors_of([ds], col.model, quiet)
+    result = evaluate(ds.labels, col.predict(X, threshold=threshold).tolist(),  # type: ignore[arg-type]
+                      max_confusions=confusions)
+    if as_json:
+        emit(result.as_dict())
+        return
+    click.echo(f"accuracy  {result.accuracy:.4f}  ({round(result.accuracy * result.n)}/{result.n})")
+    click.echo(f"macro-F1  {result.macro_f1:.4f}  ({len(result.per_class)} classes)")
+    width = max(len(str(r["label"])) for r in result.per_class)
+    click.echo(f"\n{'class':<{width}}  precision  recall     f1  support")
+    for r in result.per_class:
+        click.echo(f"{str(r['label']):<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  "
+                   f"{r['support']:7d}")
+    if result.confusions:
+        click.echo("\nmost confused (true -> predicted: count)")
+        for c in result.confusions:
+            click.echo(f"  {c['true']} -> {c['predicted'] if c['predicted'] is not None else '(no class)'}: "
+                       f"{c['count']}")
+
+
+@main.command()
+@click.argument("data")
+@click.option("--model", help="Embedding model for text data (default the packaged all-MiniLM-L6-v2).")
+@click.option("--paper-compatible", is_flag=True, help="Centre on mu_c - mu_G as the paper's code does.")
+@click.option("--classes", "n_show", type=int, default=5, show_default=True,
+              help="Most and least spread classes to list.")
+@data_options
+@quiet_option
+@json_option
+def diagnose(data: str, model: str | None, paper_compatible: bool, n_show: int, text_column, label_column,
+             vector_column, split, quiet: bool, as_json: bool) -> None:
+    """Neural collapse (NC1) of labelled DATA and the k it suggests for kmeans proxies.
+
+    \b
+    Example:
+        imprint diagnose train.csv
+    """
+    from retrieval_imprint.collapse import neural_collapse
+
+    ds = read(data, text_column=text_column, label_column=label_column, vector_column=vector_column, split=split)
+    X = vectors_of([ds], model, quiet)
+    labels = np.array([str(v) for v in ds.labels])  # type: ignore[union-attr]
+    report = neural_collapse(X, labels, paper_compatible=paper_compatible)
+    per_class = sorted(({"label": c, "nc1": float(v), "spread": float(s), "samples": int(n)} for c, v, s, n in
+                        zip(report.classes, report.per_class_nc1, report.per_class_spread, report.class_sizes)),
+                       key=lambda r: -r["nc1"])
+    if as_json:
+        emit({"nc1": report.nc1, "paper_compatible": paper_compatible, "classes": len(report.classes),
+              "recommended_k": report.recommended_k, "reason": report.reason, "per_class": per_class})
+        return
+    click.echo(f"NC1 {report.nc1:.4f} ({'paper-compatible' if paper_compatible else 'correct'} formula, "
+               f"{len(report.classes)} classes, median {int(np.median(report.class_sizes))} samples per class)")
+    click.echo(f"recommended k: {report.recommended_k} ({report.reason})")
+    shown = per_class[:n_show] + per_class[-n_show:] if len(per_class) > 2 * n_show else per_class
+    width = max(len(r["label"]) for r in shown)
+    click.echo(f"\n{'class':<{width}}  NC1 share  spread  samples")
+    for r in shown:
+        click.echo(f"{r['label']:<{width}}  {r['nc1']:9.4f}  {r['spread']:6.3f}  {r['samples']:7d}")
+
+
+@main.command()
+@click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
+@json_option
+def info(collection: Path, as_json: bool) -> None:
+    """Settings, sizes and files of COLLECTION.
+
+    \b
+    Example:
+        imprint info intents/
+    """
+    data = Collection.open(collection).info()
+    if as_json:
+        emit(data)
+        return
+    for key, value in data.items():
+        if isinstance(value, dict):
+            click.echo(f"{key}:")
+            for k, v in value.items():
+                click.echo(f"  {k}: {v}")
+        else:
+            click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+
+
+@main.command()
+@click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
+@json_option
+def classes(collection: Path, as_json: bool) -> None:
+    """The classes of COLLECTION with their sample and proxy counts.
+
+    \b
+    Example:
+        imprint classes intents/
+    """
+    rows = Collection.open(collection).class_table()
+    if as_json:
+        emit(rows)
+        return
+    width = max([len(str(r["label"])) for r in rows] + [5])
+    click.echo(f"{'class':<{width}}  samples  proxies")
     for r in rows:
-        click.echo(f"{r.method:<{w1}}  {r.setting:<{w2}}  {r.n_proxies:>7}  {r.evaluation.accuracy:>8.3f}"
-                   f"  {r.evaluation.macro_f1:>8.3f}")
-    click.echo(f"({rows[0].evaluation.n} test utterances; imprint k=20 keeps every sample of these "
-               "12-shot classes, so it equals 1-NN here)")
+        click.echo(f"{str(r['label']):<{width}}  {r['samples']:7d}  {r['proxies']:7d}")
+
+
+@main.command()
+@click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("labels", nargs=-1, required=True)
+def remove(collection: Path, labels: tuple[str, ...]) -> None:
+    """Remove the classes LABELS from COLLECTION (all or nothing).
+
+    \b
+    Example:
+        imprint remove intents/ lost_card order_food
+    """
+    col = Collection.open(collection)
+    by_text = {str(c): c for c in col.classes}
+    col.remove([by_text.get(label, label) for label in labels])
+    click.echo(f"removed {len(set(labels))} classes; {len(col)} remain")
+
+
+@main.command()
+@click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
+def check(collection: Path) -> None:
+    """Verify that COLLECTION's database and index files agree (exit 1 if not).
+
+    \b
+    Example:
+        imprint check intents/
+    """
+    report = Collection.open(collection).check()
+    if report.ok:
+        click.echo(f"ok: {collection}")
+        return
+    for problem in report.problems:
+        click.echo(problem, err=True)
+    sys.exit(1)
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command()
+@click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
+def upgrade(collection: Path) -> None:
+    """Migrate COLLECTION's database to this version's schema.
+
+    \b
+    Example:
+        imprint db upgrade intents/
+    """
+    from retrieval_imprint import store
+
+    engine = store.connect(collection / "imprint.db") if (collection / "imprint.db").is_file() else None
+    if engine is None:
+        raise UserError(f"{collection} is not a collection (no imprint.db in it)")
+    with engine.connect() as conn:
+        before, head, known = store.schema_revision(conn)
+    if not known:
+        raise UserError(f"{collection} has schema revision {before}, newer than this retrieval-imprint knows")
+    Collection.open(collection, upgrade=True)
+    click.echo(f"{collection}: schema {before} -> {head}" if before != head else f"{collection}: already at {head}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+
+
+@main.command()
+@click.argument("train")
+@click.argument("test")
+@click.option("--generator", "generators", default="mean,kmeans", show_default=True, help="Generators, comma-separated.")
+@click.option("--k", "ks", default="1,5,10,20", show_default=True, help="k values for generators that use k.")
+@click.option("--aggregation", "aggregations", default="max", show_default=True, help="max and/or mnn.")
+@click.option("--m", "ms", default="1", show_default=True, help="m values for mnn.")
+@click.option("--shots", default="1,5,10,0", show_default=True, help="Samples per class; 0 = all.")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds per setting (subset and GEN).")
+@click.option("--model", help="Embedding model for text data (default the packaged all-MiniLM-L6-v2).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw accuracy vs k per shots setting to a PNG.")
+@data_options
+@quiet_option
+@json_option
+def sweep(train: str, test: str, generators: str, ks: str, aggregations: str, ms: str, shots: str, seeds: int,
+          model: str | None, plot: str | None, text_column, label_column, vector_column, split, quiet: bool,
+          as_json: bool) -> None:
+    """Accuracy on TEST of a grid of settings imprinted from TRAIN (mean and std over seeds).
+
+    \b
+    Example:
+        imprint sweep train.csv test.csv --generator mean,kmeans --k 1,5,20 --shots 5,0 --plot k.png
+    """
+    from retrieval_imprint.evaluate import sweep as run_sweep
+
+    gens = [g.strip() for g in generators.split(",") if g.strip()]
+    aggs = [a.strip() for a in aggregations.split(",") if a.strip()]
+    for g in gens:
+        if g not in GENERATORS:
+            raise UserError(f"--generator {g!r} is not valid; expected one of {', '.join(GENERATORS)}")
+    for a in aggs:
+        if a not in ("max", "mnn"):
+            raise UserError(f"--aggregation {a!r} is not valid; expected max or mnn")
+    options = dict(text_column=text_column, label_column=label_column, vector_column=vector_column, split=split)
+    train_ds, test_ds = read(train, **options), read(test, **options)
+    X_train, X_test = vectors_of([train_ds], model, quiet), vectors_of([test_ds], model, quiet)
+    y_train = np.array([str(v) for v in train_ds.labels])  # type: ignore[union-attr]
+    y_test = np.array([str(v) for v in test_ds.labels])  # type: ignore[union-attr]
+    configs = []
+    for g in gens:
+        for k in (_int_list(ks) if g not in ("mean", "ls", "all") else [1 if g != "all" else -1]):
+            for a in aggs:
+                for m in (_int_list(ms) if a == "mnn" else [1]):
+                    configs.append(dict(generator=g, k=k, aggregation=a, m=m))
+    rows = run_sweep(X_train, y_train, X_test, y_test, configs, _int_list(shots), list(range(seeds)))
+    if plot:
+        _plot(rows, plot)
+    if as_json:
+        emit(rows)
+        return
+    click.echo(f"{'shots':>5}  {'generator':<9} {'k':>3}  {'agg':<3} {'m':>2}  accuracy   std  fit s")
+    for r in rows:
+        click.echo(f"{r['shots'] or 'all':>5}  {r['generator']:<9} {r['k']:>3}  {r['aggregation']:<3} {r['m']:>2}  "
+                   f"{r['accuracy']:8.4f}  {r['accuracy_std']:.4f}  {r['fit_seconds']:.3f}")
+
+
+def _plot(rows: list[dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'retrieval-imprint[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for shots in dict.fromkeys(r["shots"] for r in rows):
+        for gen in dict.fromkeys(r["generator"] for r in rows):
+            pts = sorted((r["k"], r["accuracy"]) for r in rows if r["shots"] == shots and r["generator"] == gen
+                         and r["aggregation"] == "max")
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{gen}, {shots or 'all'} shots")
+    ax.set_xlabel("k (proxies per class)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

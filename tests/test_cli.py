@@ -1,0 +1,191 @@
+"""The imprint CLI through click's CliRunner: every command, every documented error path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import DEMO, blobs
+from retrieval_imprint.cli import main
+from retrieval_imprint.collection import Collection
+from retrieval_imprint.embed import Embedder
+from retrieval_imprint.evaluate import evaluate
+
+TRAIN, TEST = str(DEMO / "demo_train.csv"), str(DEMO / "demo_test.csv")
+
+
+def run(*args: str, code: int = 0):
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == code, (result.output, result.stderr, result.exception)
+    return result
+
+
+def commands(group: click.Group, prefix: tuple[str, ...] = ()):
+    for name, cmd in group.commands.items():
+        yield prefix + (name,), cmd
+        if isinstance(cmd, click.Group):
+            yield from commands(cmd, prefix + (name,))
+
+
+@pytest.mark.parametrize("path", [p for p, _ in commands(main)], ids=" ".join)
+def test_every_command_has_help_with_an_example(path):
+    cmd = dict(commands(main))[path]
+    out = run(*path, "--help").output
+    assert "Usage:" in out
+    if not isinstance(cmd, click.Group):
+        assert "Example" in out
+
+
+def test_every_command_is_documented():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for path, _ in commands(main):
+        assert f"## imprint {' '.join(path)}" in doc, f"docs/cli.md has no section for imprint {' '.join(path)}"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "demo"
+    out = run("index", str(path), TRAIN, "--k", "4", "--quiet", "--json").output
+    assert json.loads(out) == {"collection": str(path), "rows": 96, "new_classes": 8, "classes": 8, "proxies": 32}
+    return path
+
+
+def snapshot(path):
+    col = Collection.open(path)
+    return col.info()["version"], col.class_table()
+
+
+def test_query_texts_json_and_file(demo, tmp_path):
+    rows = json.loads(run("query", str(demo), "my card was stolen", "wake me at 7", "--top", "3", "--json").output)
+    assert [r["labels"][0] for r in rows] == ["lost_card", "set_alarm"]
+    assert all(len(r["labels"]) == len(r["scores"]) == 3 and r["scores"] == sorted(r["scores"], reverse=True)
+               for r in rows)
+    lines = tmp_path / "q.txt"
+    lines.write_text("play some jazz\n\nbook a flight to Rome\n")
+    out = run("query", str(demo), "--file", str(lines)).output
+    assert "play_music" in out and "book_flight" in out
+    out = run("query", str(demo), "play some jazz", "--threshold", "0.99").output
+    assert "(no class)" in out
+    rejected = json.loads(run("query", str(demo), "play some jazz", "--threshold", "0.99", "--json").output)
+    assert rejected[0]["labels"] == [None] and rejected[0]["scores"] == [None]
+
+
+def test_query_vectors(demo, tmp_path):
+    Q = Embedder().encode(["order a pizza"])
+    np.save(tmp_path / "q.npy", Q)
+    rows = json.loads(run("query", str(demo), "--vectors", str(tmp_path / "q.npy"), "--json").output)
+    assert rows[0]["query"] == 0 and rows[0]["labels"] == ["order_food"]
+
+
+def test_eval_matches_the_python_api(demo):
+    report = json.loads(run("eval", str(demo), TEST, "--json").output)
+    import csv
+
+    with open(TEST, newline="") as f:
+        rows = list(csv.DictReader(f))
+    col = Collection.open(demo)
+    expected = evaluate([r["label"] for r in rows], col.predict(Embedder().encode([r["text"] for r in rows])).tolist())
+    assert report["accuracy"] == pytest.approx(expected.accuracy) and 0 <= report["accuracy"] <= 1
+    assert report["macro_f1"] == pytest.approx(expected.macro_f1) and 0 <= report["macro_f1"] <= 1
+    assert report["n"] == 40 and len(report["per_class"]) == 8
+    human = run("eval", str(demo), TEST).output
+    assert f"accuracy  {expected.accuracy:.4f}" in human
+
+
+def test_info_classes_check_diagnose(demo):
+    info = json.loads(run("info", str(demo), "--json").output)
+    assert info["classes"] == 8 and info["config"]["k"] == 4 and info["embedder"]["name"] == "all-MiniLM-L6-v2"
+    table = json.loads(run("classes", str(demo), "--json").output)
+    assert sum(r["samples"] for r in table) == 96 and {r["proxies"] for r in table} == {4}
+    assert "ok:" in run("check", str(demo)).output
+    report = json.loads(run("diagnose", TRAIN, "--json").output)
+    assert report["recommended_k"] == 1 and "few-shot" in report["reason"] and report["classes"] == 8
+    assert "NC1" in run("diagnose", TRAIN, "--paper-compatible").output
+
+
+def test_remove_and_extend(tmp_path):
+    path = tmp_path / "c"
+    run("index", str(path), TRAIN, "--generator", "mean", "--quiet")
+    run("index", str(path), TEST, "--quiet")  # adds samples to every class: re-imprinted
+    assert sum(r["samples"] for r in Collection.open(path).class_table()) == 136
+    assert "removed 2 classes; 6 remain" in run("remove", str(path), "lost_card", "order_food").output
+    assert "lost_card" not in Collection.open(path).classes
+
+
+def test_db_upgrade(tmp_path):
+    from retrieval_imprint import store
+
+    path = tmp_path / "c"
+    X, y = blobs(3, 5, 4)
+    np.savez(tmp_path / "v.npz", train_X=X, train_y=y)
+    run("index", str(path), str(tmp_path / "v.npz"), "--split", "train", "--model", "none", "--quiet")
+    store.migrate(store.connect(path / "imprint.db"), "0001", down=True)
+    assert "older than 0002" in run("info", str(path), code=2).stderr
+    assert "schema 0001 -> 0002" in run("db", "upgrade", str(path)).output
+    assert "already at 0002" in run("db", "upgrade", str(path)).output
+    assert Collection.open(path).classes == [0, 1, 2]
+
+
+def test_sweep_on_vectors_with_plot(tmp_path):
+    X, y = blobs(6, 30, 8, seed=1)
+    Xt, yt = blobs(6, 10, 8, seed=1)
+    np.savez(tmp_path / "d.npz", train_X=X, train_y=y, test_X=Xt, test_y=yt)
+    rows = json.loads(run("sweep", str(tmp_path / "d.npz"), str(tmp_path / "d.npz"), "--split", "train",
+                          "--k", "1,3", "--shots", "5,0", "--seeds", "2", "--plot", str(tmp_path / "k.png"),
+                          "--json").output)
+    assert (tmp_path / "k.png").stat().st_size > 1000
+    assert {(r["shots"], r["generator"], r["k"]) for r in rows} == {
+        (s, g, k) for s in (5, 0) for g, k in (("mean", 1), ("kmeans", 1), ("kmeans", 3))}
+    assert all(0 <= r["accuracy"] <= 1 and r["seeds"] == 2 for r in rows)
+
+
+# ------------------------------------------------------------------ errors: exit 2, one line, nothing changed
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "make_args,message",
+    [
+        (lambda d, t: ["index", d, str(t / "absent.csv")], "absent.csv: no such file"),
+        (lambda d, t: ["index", d, write(t, "cols.csv", "sentence,intent_name\nhi,x\n"), "--label-column", "lab"],
+         "no label column 'lab'; columns found: sentence, intent_name"),
+        (lambda d, t: ["index", d, write(t, "nolabel.csv", "text,other\nhi,x\n")],
+         "no label column (looked for label, category, intent, class; use --label-column); columns found: text, other"),
+        (lambda d, t: ["index", d, write(t, "empty.csv", "")], "empty.csv: the file is empty"),
+        (lambda d, t: ["index", d, write(t, "header.csv", "text,label\n")], "header.csv: no rows"),
+        (lambda d, t: ["index", d, write(t, "blank.csv", 'text,label\nhi,a\n"multi\nline",  \n')],
+         "blank.csv: row 2 (line 4): label column 'label' is blank"),
+        (lambda d, t: ["index", d, write(t, "bad.parquet", "not parquet at all")], "bad.parquet: unreadable Parquet file"),
+        (lambda d, t: ["index", d, write(t, "bad.jsonl", '{"text": "a", "label": "b"}\n{oops\n')],
+         "bad.jsonl: line 2 is not valid JSON"),
+        (lambda d, t: ["index", d, str(vectors(t, 5))], "X has dimension 5, but this collection holds 384-d vectors"),
+        (lambda d, t: ["index", d, TRAIN, "--k", "7"], "already exists with other settings: --k 7 (collection: 4)"),
+        (lambda d, t: ["remove", d, "lost_card", "nope"], "no class 'nope' in collection"),
+        (lambda d, t: ["query", d], "nothing to query"),
+        (lambda d, t: ["query", d, "--vectors", str(vectors(t, 7))], "Q has dimension 7"),
+        (lambda d, t: ["info", str(t)], "is not a collection"),
+        (lambda d, t: ["index", d, write(t, "data.xlsx", "x")], "unknown format '.xlsx'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(demo, tmp_path, make_args, message):
+    before = snapshot(demo)
+    result = CliRunner().invoke(main, make_args(str(demo), tmp_path))
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert snapshot(demo) == before
+
+
+def vectors(tmp_path, d):
+    X, y = blobs(2, 3, d)
+    path = tmp_path / f"v{d}.npz"
+    np.savez(path, X=X, y=y.astype(str))
+    return path

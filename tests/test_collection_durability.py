@@ -1,0 +1,128 @@
+"""Collections across processes and schema versions: SIGKILLed writers, concurrent readers,
+Alembic upgrades."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from conftest import blobs
+from retrieval_imprint import store
+from retrieval_imprint.collection import DB_NAME, Collection, SchemaVersionError
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    import retrieval_imprint.collection as rc
+    rc.COMPACT_SEGMENTS = 4  # compact often, so kills land inside compactions too
+    col = rc.Collection.open(sys.argv[1])
+    start = int(sys.argv[2])
+    for i in range(start, start + 400):
+        rng = np.random.default_rng(i)
+        col.add(rng.standard_normal((6, 8)).astype(np.float32) + i % 5, [f"w{i}"] * 6)
+        if i % 3 == 0 and f"w{i - 1}" in col.classes:
+            col.remove([f"w{i - 1}"])
+        print(i, flush=True)
+""")
+
+
+def step(state: set[str], i: int, *, remove: bool = True) -> set[str]:
+    """The writer's step i: add w{i}, then (every third step) remove w{i-1} if present."""
+    state = state | {f"w{i}"}
+    return state - {f"w{i - 1}"} if remove and i % 3 == 0 else state
+
+
+def test_sigkilled_writers_leave_the_old_or_the_new_state(tmp_path):
+    path = tmp_path / "col"
+    col = Collection.create(path, model=None, k=2)
+    X, y = blobs(3, 6, 8)
+    col.add(X, [f"base{i}" for i in y])
+    rng = np.random.default_rng(42)
+    state: set[str] = set()
+    start = 0
+    for run in range(10):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(start)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(float(rng.uniform(1.0, 2.5)))
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, err
+        for i in map(int, out.split()):  # steps the writer finished
+            state = step(state, i)
+        killed = start + len(out.split())
+        # the killed step committed nothing, its add, or its add and its remove
+        allowed = [state, step(state, killed, remove=False), step(state, killed)]
+        reopened = Collection.open(path)
+        report = reopened.check()
+        assert report.ok, (run, report.problems)
+        got = {c for c in reopened.classes if c.startswith("w")}
+        assert got in allowed, (run, killed, sorted(got ^ state))
+        assert {f"base{i}" for i in range(3)} <= set(reopened.classes)
+        assert set(reopened.predict(np.ones((2, 8), np.float32))) <= set(reopened.classes)
+        state = got
+        start = killed + 1 if f"w{killed}" in got else killed
+    assert start > 10, "the writers made progress"
+
+
+READER = textwrap.dedent("""
+    import sys, time, numpy as np
+    from retrieval_imprint.collection import Collection
+    col = Collection.open(sys.argv[1])
+    q = np.ones((4, 8), np.float32)
+    seen, end = set(), time.time() + float(sys.argv[2])
+    while time.time() < end:
+        col.refresh()
+        pred = col.predict(q)
+        assert all(p in set(col.classes) for p in pred), pred
+        seen.add(len(col))
+    print(max(seen))
+""")
+
+
+def test_readers_query_while_a_writer_adds(tmp_path):
+    path = tmp_path / "col"
+    col = Collection.create(path, model=None, generator="mean")
+    col.add(np.ones((2, 8), np.float32), ["first", "first"])
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(path), "4"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(1.0)
+    rng = np.random.default_rng(0)
+    deadline = time.time() + 3
+    n = 0
+    while time.time() < deadline:
+        col.add(rng.standard_normal((3, 8)).astype(np.float32), [f"x{n}"] * 3)
+        n += 1
+    for proc in readers:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert int(out) > 1, "the reader saw the writer's classes"
+    assert Collection.open(path).check().ok
+
+
+def test_upgrade_from_the_initial_revision_keeps_the_data(tmp_path):
+    path = tmp_path / "col"
+    col = Collection.create(path, model=None, k=3)
+    X, y = blobs(5, 12, 6)
+    col.add(X, y)
+    before = col.query(X, 3)
+    store.migrate(store.connect(path / DB_NAME), "0001", down=True)
+    with pytest.raises(SchemaVersionError, match="schema revision 0001, older than 0002: run `imprint db upgrade"):
+        Collection.open(path)
+    upgraded = Collection.open(path, upgrade=True)
+    np.testing.assert_array_equal(upgraded.query(X, 3).labels, before.labels)
+    assert upgraded.check().ok and upgraded.config["threshold"] is None
+
+
+def test_the_models_match_the_head_revision(tmp_path):
+    col = Collection.create(tmp_path / "col", model=None)
+    with col._engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), store.metadata)
+    assert diff == []
