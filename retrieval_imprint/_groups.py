@@ -9,10 +9,13 @@ whether it is fitted alone or among a million others: the property incremental a
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -113,7 +116,35 @@ class Grouped:
             classes = order[start:stop]
             n_pad = int(sizes[classes].max())
             mask = np.arange(n_pad)[None, :] < sizes[classes][:, None]
-            P = np.zeros((len(classes), n_pad, d), np.float32)
-            P[mask] = self.X[self.rows(classes)]
+            lo, hi = self.offsets[classes[0]], self.offsets[classes[-1] + 1]
+            if mask.all() and hi - lo == len(classes) * n_pad:  # equal, consecutive classes: a view
+                P = self.X[lo:hi].reshape(len(classes), n_pad, d)
+            else:
+                P = np.zeros((len(classes), n_pad, d), np.float32)
+                P.reshape(-1, d)[np.flatnonzero(mask.ravel())] = self.X[self.rows(classes)]
             yield classes, P, mask
             start = stop
+
+    def map_blocks(self, fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], k: int,
+                   workers: int | None = None) -> np.ndarray:
+        """``fn(classes, P, mask) -> (B, k, d)`` over padded blocks, on all cores; returns ``(C, k, d)``.
+
+        Blocks run in threads with single-threaded BLAS: tiny per-class matrices gain nothing from
+        a threaded GEMM, while whole blocks in parallel use every core.
+        """
+        workers = workers or os.cpu_count() or 1
+        d = self.X.shape[1]
+        out = np.empty((self.n_classes, k, d), np.float32)
+        total = int(self.sizes.sum()) * d * 4
+        max_bytes = int(np.clip(total // (4 * workers), 1 << 20, 64 << 20))
+        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+            pending = []
+            for block in self.padded(max_bytes):
+                pending.append(pool.submit(lambda b: (b[0], fn(*b)), block))
+                if len(pending) >= 2 * workers:  # bound the padded copies held at once
+                    classes, result = pending.pop(0).result()
+                    out[classes] = result
+            for future in pending:
+                classes, result = future.result()
+                out[classes] = result
+        return out

@@ -16,7 +16,7 @@ import numpy as np
 
 from ._checks import check_choice
 from ._groups import Grouped, uniforms
-from .kmeans import _sq_dists, batched_kmeans, kmeans_pp
+from .kmeans import Gram, batched_kmeans, kmeans_pp, space
 
 GeneratorFn = Callable[..., "tuple[np.ndarray, np.ndarray]"]
 
@@ -114,27 +114,27 @@ def kmedoids(groups: Grouped, k: int, seed: int, *, max_iter: int = 300,
     Each round assigns points to the nearest medoid and moves every medoid to the member with the
     smallest summed distance to its cluster; it stops when no medoid moves.
     """
-    out = np.empty((groups.n_classes, k, groups.X.shape[1]), np.float32)
-    for classes, P, mask in groups.padded():
+    clusters = np.arange(k)
+
+    def block(classes: np.ndarray, P: np.ndarray, mask: np.ndarray) -> np.ndarray:
         rows = np.arange(len(classes))[:, None]
-        med = kmeans_pp(P, mask, k, groups.keys[classes], seed)
-        sq = np.einsum("bnd,bnd->bn", P, P)
-        D = np.sqrt(_sq_dists(P, sq, P))  # (B, n_pad, n_pad), symmetric
+        sp = Gram(P)
+        med = kmeans_pp(sp, mask, k, groups.keys[classes], seed)
+        D = np.sqrt(sp.point_dists(np.broadcast_to(np.arange(P.shape[1]), mask.shape)))  # (B, n, n)
         D *= mask[:, None, :]
-        clusters = np.arange(k)[None, :, None]
         for _ in range(max_iter):
             labels = np.argmin(D[rows, med], axis=1)  # (B, n_pad)
-            cost = np.matmul(D, ((labels[:, :, None] == clusters.transpose(0, 2, 1)) & mask[:, :, None])
-                             .astype(np.float32))  # (B, n_pad, k): point i's summed distance to cluster j
+            member = (labels[:, None, :] == clusters[None, :, None]) & mask[:, None, :]  # (B, k, n_pad)
+            cost = np.matmul(D, member.transpose(0, 2, 1).astype(np.float32))  # point i to cluster j
             own = np.take_along_axis(cost, labels[:, :, None], 2)[:, :, 0]
-            member = (labels[:, None, :] == clusters) & mask[:, None, :]
             new = np.argmin(np.where(member, own[:, None, :], np.inf), axis=2)
             new = np.where(member.any(2), new, med)
             if np.array_equal(new, med):
                 break
             med = new
-        out[classes] = P[rows, med]
-    return out.reshape(-1, groups.X.shape[1]), _each_class(k, groups.n_classes)
+        return P[rows, med]
+
+    return groups.map_blocks(block, k).reshape(-1, groups.X.shape[1]), _each_class(k, groups.n_classes)
 
 
 def _first_k_per_class(groups: Grouped, score: np.ndarray, k: int) -> np.ndarray:
@@ -156,21 +156,22 @@ def random(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndar
 @register("fps")
 def fps(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
     """Farthest-point sampling: a random first sample, then the sample farthest from those chosen."""
-    out = np.empty((groups.n_classes, k, groups.X.shape[1]), np.float32)
-    for classes, P, mask in groups.padded():
+
+    def block(classes: np.ndarray, P: np.ndarray, mask: np.ndarray) -> np.ndarray:
         rows = np.arange(len(classes))
-        n = mask.sum(1)
-        sq = np.einsum("bnd,bnd->bn", P, P)
+        sp = space(P)
         chosen = np.empty((len(classes), k), np.int64)
-        chosen[:, 0] = np.minimum((uniforms(groups.keys[classes], seed, _FPS_STREAM) * n).astype(np.int64), n - 1)
+        chosen[:, 0] = np.minimum((uniforms(groups.keys[classes], seed, _FPS_STREAM) * mask.sum(1))
+                                  .astype(np.int64), mask.sum(1) - 1)
         D = np.full(mask.shape, np.inf, np.float32)
         for t in range(k):
             if t:
                 chosen[:, t] = np.argmax(D, axis=1)
-            D = np.minimum(D, _sq_dists(P, sq, P[rows, chosen[:, t]][:, None, :])[:, 0])
+            D = np.minimum(D, sp.point_dists(chosen[:, t : t + 1])[:, 0])
             D[~mask] = -1.0
-        out[classes] = P[rows[:, None], chosen]
-    return out.reshape(-1, groups.X.shape[1]), _each_class(k, groups.n_classes)
+        return P[rows[:, None], chosen]
+
+    return groups.map_blocks(block, k).reshape(-1, groups.X.shape[1]), _each_class(k, groups.n_classes)
 
 
 @register("cov_max")
