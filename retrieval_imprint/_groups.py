@@ -69,10 +69,11 @@ class Grouped:
     @classmethod
     def from_codes(cls, X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> "Grouped":
         """Group ``X`` by integer class codes ``0..C-1`` (every code must occur)."""
-        order = np.argsort(codes, kind="stable")
         counts = np.bincount(codes, minlength=len(keys))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(np.ascontiguousarray(X[order]), offsets, np.asarray(keys, np.uint64))
+        if np.all(codes[1:] >= codes[:-1]):  # already grouped: no copy
+            return cls(np.ascontiguousarray(X), offsets, np.asarray(keys, np.uint64))
+        return cls(X[np.argsort(codes, kind="stable")], offsets, np.asarray(keys, np.uint64))
 
     @property
     def n_classes(self) -> int:

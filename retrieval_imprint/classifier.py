@@ -121,11 +121,12 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
-        X = normalize(X, self.pre_norm, what="X")
         groups = Grouped.from_codes(X, codes, label_keys(self.classes_))
+        owned = groups.X is not X and not np.shares_memory(groups.X, X)  # sorted into a copy of ours
+        groups = Grouped(normalize(groups.X, self.pre_norm, what="X", copy=not owned), groups.offsets, groups.keys)
         W, owner = generate(self.generator, groups, self.k, self._seed(), ls_reg=self.ls_reg)
         self.quantile_targets_ = quantile_targets(W) if self.post_norm == "quantile" else None
-        self.proxies_ = normalize(W, self.post_norm, targets=self.quantile_targets_, what="proxies")
+        self.proxies_ = normalize(W, self.post_norm, targets=self.quantile_targets_, what="proxies", copy=False)
         self.proxy_labels_ = self.classes_[owner]
         self.proxy_class_index_ = owner
         self.index_ = ProxyIndex.build(self.proxies_, self.metric)

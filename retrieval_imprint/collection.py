@@ -42,6 +42,7 @@ from ._groups import Grouped, label_keys
 from .aggregate import rank_classes, vote_weights
 from .classifier import check_params
 from .embed import DEFAULT_MODEL, Embedder, EmbeddingCache, model_revision, resolve_model
+from .evaluate import Calibration, calibrate
 from .generate import GENERATORS, generate
 from .index import ProxyIndex, mahalanobis_map
 from .normalize import normalize, quantile_targets
@@ -661,6 +662,20 @@ class Collection:
                                                              version=self._config["version"] + 1))
             self._config.update(threshold=threshold, version=self._config["version"] + 1)
         return self
+
+    def calibrate(self, X: Any, labels: Sequence[object], X_oos: Any = None, *,
+                  target_accuracy: float | None = None) -> Calibration:
+        """Choose and store the rejection threshold from validation queries ``X`` with their true
+        ``labels`` and, optionally, out-of-scope queries ``X_oos`` (see ``evaluate.calibrate``)."""
+        found = self.query(X, 1, threshold=-np.inf)
+        truth = [_label_entry(label, row) for row, label in enumerate(labels)]
+        if len(truth) != len(found):
+            raise ValueError(f"X has {len(found)} rows but labels has {len(truth)}")
+        correct = np.array([p is not None and _label_entry(p, 0) == t for p, t in zip(found.labels[:, 0], truth)])
+        oos = self.query(X_oos, 1, threshold=-np.inf).scores[:, 0] if X_oos is not None else None
+        result = calibrate(found.scores[:, 0], correct, oos, target_accuracy=target_accuracy)
+        self.set_threshold(result.threshold if np.isfinite(result.threshold) else None)
+        return result
 
     def compact(self) -> "Collection":
         """Rewrite the live vectors into one segment per kind and delete the old files."""

@@ -68,9 +68,11 @@ def generate(name: str, groups: Grouped, k: int, seed: int, **options) -> tuple[
     owner = [np.repeat(np.flatnonzero(small), sizes[small])]
     big = np.flatnonzero(~small)
     if len(big):
-        Wb, ob = gen.fn(groups.take(big), k, seed, **options)
+        Wb, ob = gen.fn(groups if len(big) == len(sizes) else groups.take(big), k, seed, **options)
         W.append(Wb)
         owner.append(big[ob])
+    if len(W) == 1 or not len(W[0]):  # one part: already grouped by class
+        return np.ascontiguousarray(W[-1], np.float32), owner[-1]
     W_all, owner_all = np.concatenate(W), np.concatenate(owner)
     order = np.argsort(owner_all, kind="stable")
     return np.ascontiguousarray(W_all[order], np.float32), owner_all[order]

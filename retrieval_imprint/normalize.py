@@ -17,14 +17,21 @@ POST_NORMS = ("none", "l2", "quantile")
 INF_NORMS = ("none", "l2")
 
 
-def l2_normalize(X: np.ndarray, what: str = "X") -> np.ndarray:
-    """Rows of ``X`` ``(n, d)`` scaled to unit L2 norm; a zero row is an error, never a NaN."""
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
+def l2_normalize(X: np.ndarray, what: str = "X", *, copy: bool = True) -> np.ndarray:
+    """Rows of ``X`` ``(n, d)`` scaled to unit L2 norm; a zero row is an error, never a NaN.
+
+    ``copy=False`` divides a float32 ``X`` in place (for arrays the caller owns).
+    """
+    X = X if X.dtype == np.float32 else X.astype(np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))[:, None]
     zero = np.flatnonzero(norms[:, 0] == 0)
     if len(zero):
         raise ValueError(f"cannot L2-normalise {what}: row {zero[0]} is a zero vector "
                          f"({len(zero)} zero row(s) in all)")
-    return (X / norms).astype(np.float32, copy=False)
+    if copy:
+        return X / norms
+    X /= norms
+    return X
 
 
 def quantile_targets(R: np.ndarray) -> np.ndarray:
@@ -41,10 +48,11 @@ def quantile_normalize(W: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return out
 
 
-def normalize(X: np.ndarray, method: str, *, targets: np.ndarray | None = None, what: str = "X") -> np.ndarray:
+def normalize(X: np.ndarray, method: str, *, targets: np.ndarray | None = None, what: str = "X",
+              copy: bool = True) -> np.ndarray:
     """Apply ``method`` (``none``, ``l2`` or ``quantile`` with its ``targets``) to the rows of ``X``."""
     if method == "l2":
-        return l2_normalize(X, what)
+        return l2_normalize(X, what, copy=copy)
     if method == "quantile":
         if targets is None:
             raise ValueError("quantile normalisation needs reference targets (see quantile_targets)")

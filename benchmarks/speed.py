@@ -1,0 +1,256 @@
+"""Speed benchmark: imprinting, querying and embedding, ours against the approaches users reach for.
+
+In one run, on the same data, prints ratios (ours / theirs; below 1 means ours is faster) and
+writes docs/performance.md:
+
+- Build, GEN kmeans k = 5 and 20 with L2 norms: `ImprintClassifier.fit` vs a Python loop calling
+  scikit-learn `KMeans` per class (the paper's reference code) and vs a loop calling
+  `faiss.Kmeans` per class (FAISS's default threads, and one thread); BANKING77 train and
+  synthetic 10k classes x 50 samples x 384-d. Plus k-means quality: summed within-class inertia
+  relative to scikit-learn's.
+- Query, max aggregation, batch 1 and 1000, 10k and 100k classes (k = 5): ours end to end
+  (`ImprintClassifier.predict`, `Collection.predict`) vs raw `faiss.IndexFlatIP.search` on the
+  same proxies, scikit-learn `KNeighborsClassifier(1, cosine)` and a per-class Python loop.
+- Embedding 2,000 BANKING77 texts: our `Embedder` vs bare `SentenceTransformer.encode`; cached.
+- Peak RSS of build and query against the bytes of the proxies.
+
+    .venv/bin/python benchmarks/speed.py
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.neighbors import KNeighborsClassifier
+
+from _common import DOCS, machine, markdown_table
+from retrieval_imprint import ImprintClassifier
+from retrieval_imprint.collection import Collection
+from retrieval_imprint.embed import Embedder, EmbeddingCache
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+D = 384
+
+
+def best_of(fn, repeat: int = 3) -> float:
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return min(out)
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def probe(name: str) -> None:
+    """Run one memory probe in this (fresh) process; print proxy bytes and peak RSS increase."""
+    if name == "build":
+        X, y = synthetic(10_000, 50, seed=3)
+        proxy_bytes = 10_000 * 5 * D * 4
+        run = lambda: ImprintClassifier(k=5).fit(X, y)  # noqa: E731
+    else:
+        n_classes = int(name.removeprefix("query"))
+        W = l2(np.random.default_rng(1).standard_normal((n_classes * 5, D)).astype(np.float32))
+        clf = ImprintClassifier(generator="all").fit(W, np.repeat(np.arange(n_classes), 5))
+        Q = l2(np.random.default_rng(2).standard_normal((1000, D)).astype(np.float32))
+        proxy_bytes = W.nbytes
+        del W
+        run = lambda: clf.predict(Q)  # noqa: E731
+    before = _status("VmRSS:")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    run()
+    print(json.dumps({"proxy_bytes": proxy_bytes, "peak": _status("VmHWM:") - before}))
+
+
+def peak_rss(name: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--probe", name], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def synthetic(n_classes: int, per_class: int, seed: int = 0, modes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, modes, D)).astype(np.float32)
+    y = np.repeat(np.arange(n_classes), per_class)
+    X = centres[y, rng.integers(0, modes, len(y))] + 0.6 * rng.standard_normal((len(y), D), dtype=np.float32)
+    return X, y
+
+
+def l2(X: np.ndarray) -> np.ndarray:
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def inertia(X: np.ndarray, y: np.ndarray, W: np.ndarray, owner: np.ndarray) -> float:
+    total = 0.0
+    for c in np.unique(y):
+        Xc, Wc = X[y == c].astype(np.float64), W[owner == c].astype(np.float64)
+        d2 = (Xc**2).sum(1)[:, None] - 2 * Xc @ Wc.T + (Wc**2).sum(1)[None, :]
+        total += np.maximum(d2.min(1), 0).sum()
+    return total
+
+
+def build_rows() -> list[list[str]]:
+    banking = np.load(SHARED / "banking77" / "embeddings.npz")
+    datasets = {"BANKING77": (banking["train_X"], banking["train_y"]),
+                "synthetic 10k x 50": synthetic(10_000, 50)}
+    rows = []
+    threads = faiss.omp_get_max_threads()
+    for name, (X, y) in datasets.items():
+        Xn = l2(X)
+        classes = np.unique(y)
+        for k in (5, 20):
+            clf = ImprintClassifier(k=k)
+            ours = best_of(lambda: clf.fit(X, y), 2)
+            codes = np.searchsorted(classes, y)
+            ours_inertia = inertia(Xn, codes, _centres(Xn, y, k),
+                                   np.repeat(np.arange(len(classes)), k))
+            t = time.perf_counter()
+            sk_centres = [KMeans(k, random_state=0).fit(Xn[codes == c]).cluster_centers_ for c in range(len(classes))]
+            sklearn_s = time.perf_counter() - t
+            sk_inertia = inertia(Xn, codes, np.concatenate(sk_centres), np.repeat(np.arange(len(classes)), k))
+            faiss_s = {}
+            for n_threads in (threads, 1):
+                faiss.omp_set_num_threads(n_threads)
+                t = time.perf_counter()
+                for c in range(len(classes)):
+                    km = faiss.Kmeans(D, k, seed=0)
+                    km.cp.min_points_per_centroid = 1  # only silences the small-class warning
+                    km.train(np.ascontiguousarray(Xn[codes == c]))
+                faiss_s[n_threads] = time.perf_counter() - t
+            faiss.omp_set_num_threads(threads)
+            rows.append([name, k, f"{ours:.2f}", f"{sklearn_s:.1f}", f"{faiss_s[threads]:.2f}", f"{faiss_s[1]:.2f}",
+                         f"{ours / sklearn_s:.4f} (1/{sklearn_s / ours:.0f})",
+                         f"{ours / faiss_s[threads]:.3f} (1/{faiss_s[threads] / ours:.1f})",
+                         f"{ours / faiss_s[1]:.3f} (1/{faiss_s[1] / ours:.1f})", f"{ours_inertia / sk_inertia:.4f}"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
+def _centres(Xn: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Our k-means centroids before post-norm (inertia is measured on the centroids themselves)."""
+    from retrieval_imprint._groups import Grouped, label_keys
+    from retrieval_imprint.generate import generate
+
+    classes, codes = np.unique(y, return_inverse=True)
+    W, _ = generate("kmeans", Grouped.from_codes(Xn, codes, label_keys(classes)), k, 0)
+    return W
+
+
+def query_rows(tmp: Path) -> tuple[list[list[str]], list[list[str]]]:
+    rows, memory = [], []
+    rng = np.random.default_rng(1)
+    for n_classes in (10_000, 100_000):
+        W = l2(rng.standard_normal((n_classes * 5, D)).astype(np.float32))
+        labels = np.repeat(np.arange(n_classes), 5)
+        clf = ImprintClassifier(generator="all").fit(W, labels)  # proxies = W exactly
+        col = Collection.create(tmp / f"q{n_classes}", model=None, generator="all", keep_samples=False)
+        col.add(W, labels)
+        raw = faiss.IndexFlatIP(D)
+        raw.add(W)
+        knn = KNeighborsClassifier(1, metric="cosine").fit(W, labels)
+        starts = np.arange(0, len(W), 5)
+
+        def loop(Q: np.ndarray) -> np.ndarray:
+            best = np.empty((len(Q), n_classes), np.float32)
+            for i in range(0, len(Q), 100):
+                S = Q[i : i + 100] @ W.T
+                for c, s in enumerate(starts):
+                    best[i : i + 100, c] = S[:, s : s + 5].max(1)
+            return best.argmax(1)
+
+        for batch in (1, 1000):
+            Q = l2(rng.standard_normal((batch, D)).astype(np.float32))
+            reps = 30 if batch == 1 else 3
+            times = {
+                "ours (estimator)": best_of(lambda: clf.predict(Q), reps),
+                "ours (collection)": best_of(lambda: col.predict(Q), reps),
+                "raw faiss": best_of(lambda: raw.search(Q, 1), reps),
+                "sklearn 1-NN": best_of(lambda: knn.predict(Q), 3 if batch == 1 else 1),
+                "per-class loop": best_of(lambda: loop(Q), 1),
+            }
+            assert (clf.predict(Q) == labels[raw.search(Q, 1)[1][:, 0]]).all()
+            rows.append([f"{n_classes:,}", batch] + [f"{times[k] * 1e3:.2f}" for k in times]
+                        + [f"{times['ours (estimator)'] / times['raw faiss']:.2f}",
+                           f"{times['ours (collection)'] / times['raw faiss']:.2f}",
+                           f"{times['ours (estimator)'] / times['sklearn 1-NN']:.4f}",
+                           f"{times['ours (estimator)'] / times['per-class loop']:.4f}"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+        m = peak_rss(f"query{n_classes}")
+        memory.append([f"query, batch 1000, {n_classes:,} classes (estimator)", f"{m['proxy_bytes'] / 2**20:.0f}",
+                       f"{m['peak'] / 2**20:.0f}", f"{m['peak'] / m['proxy_bytes']:.2f}"])
+    m = peak_rss("build")
+    memory.append(["build, kmeans k=5, 10k classes x 50 (input X: 732 MiB)", f"{m['proxy_bytes'] / 2**20:.0f}",
+                   f"{m['peak'] / 2**20:.0f}", f"{m['peak'] / m['proxy_bytes']:.2f}"])
+    return rows, memory
+
+
+def embed_rows() -> list[list[str]]:
+    with (SHARED / "banking77" / "train.csv").open(newline="") as f:
+        texts = [r["text"].strip() for _, r in zip(range(2000), csv.DictReader(f))]
+    bare = Embedder()._load()
+    bare.encode(texts[:64])  # warm up
+    bare_s = best_of(lambda: bare.encode(texts, batch_size=64, show_progress_bar=False), 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = Embedder()
+        ours._st = bare
+        ours_s = best_of(lambda: ours.encode(texts), 2)
+        cached = Embedder(cache=EmbeddingCache(Path(tmp) / "cache.sqlite"))
+        cached._st = bare
+        cold = best_of(lambda: cached.encode(texts), 1)
+        warm = best_of(lambda: cached.encode(texts), 3)
+    return [["bare SentenceTransformer.encode", f"{bare_s:.2f}", "1.00"],
+            ["ours, no cache", f"{ours_s:.2f}", f"{ours_s / bare_s:.3f}"],
+            ["ours, cache cold (embed + store)", f"{cold:.2f}", f"{cold / bare_s:.3f}"],
+            ["ours, cache warm", f"{warm:.3f}", f"{warm / bare_s:.4f} (1/{bare_s / warm:.0f})"]]
+
+
+def main() -> None:
+    start = time.perf_counter()
+    build = build_rows()
+    with tempfile.TemporaryDirectory() as tmp:
+        query, memory = query_rows(Path(tmp))
+    embed = embed_rows()
+    took = time.perf_counter() - start
+    tables = [
+        "## Build (GEN kmeans, L2 norms)\n\nSeconds for all classes; ratio = ours / theirs (below 1: ours "
+        "faster). Inertia: summed within-class k-means inertia of our centroids / scikit-learn's.\n\n"
+        + markdown_table(["data", "k", "ours s", "sklearn loop s", f"faiss loop s ({faiss.omp_get_max_threads()} "
+                          "threads)", "faiss loop s (1 thread)", "vs sklearn", "vs faiss", "vs faiss 1 thread",
+                          "inertia / sklearn"], build),
+        "## Query (max aggregation, k = 5 proxies per class)\n\nBest-of wall time in ms per call; ratios "
+        "= ours / theirs.\n\n"
+        + markdown_table(["classes", "batch", "ours (estimator) ms", "ours (collection) ms", "raw faiss ms",
+                          "sklearn 1-NN ms", "per-class loop ms", "estimator / faiss", "collection / faiss",
+                          "estimator / sklearn", "estimator / loop"], query),
+        "## Embedding (2,000 BANKING77 texts, packaged MiniLM, CPU)\n\n"
+        + markdown_table(["pipeline", "seconds", "ratio to bare encode"], embed),
+        "## Peak memory (RSS above the process's RSS before the call)\n\n"
+        + markdown_table(["operation", "proxy bytes MiB", "peak RSS increase MiB", "ratio"], memory),
+    ]
+    for t in tables:
+        print(t + "\n")
+    (DOCS / "performance.md").write_text(
+        "# Performance\n\n"
+        "Command: `.venv/bin/python benchmarks/speed.py`  \n"
+        f"Machine: {machine()}  \nWhole run: {took / 60:.1f} min.\n\n" + "\n\n".join(tables) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--probe":
+        probe(sys.argv[2])
+    else:
+        main()
