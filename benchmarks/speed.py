@@ -218,6 +218,38 @@ def embed_rows() -> list[list[str]]:
             ["ours, cache warm", f"{warm:.3f}", f"{warm / bare_s:.4f} (1/{bare_s / warm:.0f})"]]
 
 
+def targets(build: list[list[str]], query: list[list[str]], embed: list[list[str]]) -> str:
+    """The issue's targets, each marked met or missed from this run's numbers."""
+    def ratio(cell: str) -> float:
+        return float(cell.split()[0])
+
+    lines = []
+    for r in (r for r in build if r[0].startswith("synthetic")):
+        for name, cell, need in (("scikit-learn loop", r[6], 1 / 30), ("faiss loop (default threads)", r[7], 1 / 5)):
+            x = ratio(cell)
+            lines.append(f"- Build k={r[1]} vs {name}: {1 / x:.1f}x faster (target >= {1 / need:.0f}x): "
+                         f"{'met' if x <= need else 'missed'}")
+        inertia = float(r[9])
+        lines.append(f"- k-means inertia k={r[1]}: {inertia:.4f} of scikit-learn's (target within 2%): "
+                     f"{'met' if inertia <= 1.02 else 'missed'}")
+    for r in query:
+        bound = 1.10 if r[1] == 1000 else 1.5
+        for col, who in ((7, "estimator"), (8, "collection")):
+            x = float(r[col])
+            lines.append(f"- Query {r[0]} classes, batch {r[1]}, {who}: {x:.2f}x raw faiss (target <= {bound}): "
+                         f"{'met' if x <= bound else 'missed'}")
+        if r[1] == 1:
+            x = float(r[9])
+            lines.append(f"- Query {r[0]} classes, batch 1: {1 / x:.1f}x faster than scikit-learn 1-NN (target "
+                         f">= 10x): {'met' if 1 / x >= 10 else 'missed'}")
+    lines.append(f"- Embedding pipeline: {float(embed[1][2]):.3f}x bare encode (target <= 1.05): "
+                 f"{'met' if float(embed[1][2]) <= 1.05 else 'missed'}")
+    warm = 1 / float(embed[3][2].split()[0])
+    lines.append(f"- Cached re-run: {warm:.0f}x faster than bare encode (target >= 50x): "
+                 f"{'met' if warm >= 50 else 'missed'}")
+    return "## Targets (from this run)\n\n" + "\n".join(lines)
+
+
 def main() -> None:
     start = time.perf_counter()
     build = build_rows()
@@ -241,6 +273,7 @@ def main() -> None:
         "## Peak memory (RSS above the process's RSS before the call)\n\n"
         + markdown_table(["operation", "proxy bytes MiB", "peak RSS increase MiB", "ratio"], memory),
     ]
+    tables.insert(0, targets(build, query, embed))
     for t in tables:
         print(t + "\n")
     (DOCS / "performance.md").write_text(

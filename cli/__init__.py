@@ -315,6 +315,41 @@ def diagnose(data: str, model: str | None, paper_compatible: bool, n_show: int, 
 
 @main.command()
 @click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("data")
+@click.option("--oos", help="Out-of-scope queries (no labels needed), to trade against in-scope accuracy.")
+@click.option("--oos-split", help="NPZ split of the --oos file.")
+@click.option("--target-accuracy", type=float,
+              help="Keep in-scope accuracy at least this (rejections count as errors); reject as much as that allows.")
+@data_options
+@quiet_option
+@json_option
+def calibrate(collection: Path, data: str, oos: str | None, oos_split: str | None, target_accuracy: float | None,
+              text_column, label_column, vector_column, split, quiet: bool, as_json: bool) -> None:
+    """Choose and store COLLECTION's rejection threshold from labelled validation DATA.
+
+    Without --target-accuracy, the threshold maximises the mean of in-scope accuracy and
+    out-of-scope recall on DATA and --oos. Queries scoring below it then get no class.
+
+    \b
+    Example:
+        imprint calibrate intents/ val.csv --oos out_of_scope.csv
+    """
+    col = Collection.open(collection)
+    options = dict(text_column=text_column, label_column=label_column, vector_column=vector_column)
+    ds = read(data, split=split, **options)
+    X = vectors_of([ds], col.model, quiet)
+    X_oos = vectors_of([read(oos, split=oos_split, need_labels=False, **options)], col.model, quiet) if oos else None
+    result = col.calibrate(X, ds.labels, X_oos, target_accuracy=target_accuracy)  # type: ignore[arg-type]
+    if as_json:
+        emit(result.__dict__)
+        return
+    click.echo(f"threshold {result.threshold:.4f} ({result.criterion})")
+    click.echo(f"in-scope accuracy {result.in_scope_accuracy:.4f}"
+               + (f", out-of-scope recall {result.oos_recall:.4f}" if result.oos_recall is not None else ""))
+
+
+@main.command()
+@click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
 @json_option
 def info(collection: Path, as_json: bool) -> None:
     """Settings, sizes and files of COLLECTION.

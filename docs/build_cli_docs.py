@@ -25,6 +25,7 @@ EXAMPLES = [
                'imprint query intents/ "tell me a joke" --threshold 0.5']),
     ("eval", ["imprint eval intents/ test.csv --confusions 3"]),
     ("diagnose", ["imprint diagnose train.csv --classes 2"]),
+    ("calibrate", ["imprint calibrate intents/ test.csv --target-accuracy 0.9"]),  # a held-out split in real use
     ("info", ["imprint info intents/"]),
     ("classes", ["imprint classes intents/"]),
     ("remove", ["imprint remove intents/ order_food"]),

@@ -46,8 +46,9 @@ class Points:
         return _sq_dists(self.P, self.sq, self.P[np.arange(len(idx))[:, None], idx])
 
     def dots(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For centres ``weights @ P``: point-centre dots ``(B, n_pad, k)`` and squared norms ``(B, k)``."""
-        C = np.matmul(weights, self.P)
+        """For centres ``weights^T @ P`` (weights ``(B, n_pad, k)``): point-centre dots ``(B, n_pad, k)``
+        and squared centre norms ``(B, k)``."""
+        C = np.matmul(np.ascontiguousarray(weights.transpose(0, 2, 1)), self.P)
         return np.matmul(self.P, C.transpose(0, 2, 1)), np.einsum("bkd,bkd->bk", C, C)
 
 
@@ -70,8 +71,8 @@ class Gram(Points):
         return np.maximum(d2, 0.0, out=d2)
 
     def dots(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        XC = np.matmul(self.G, weights.transpose(0, 2, 1))
-        return XC, np.einsum("bkn,bnk->bk", weights, XC)
+        XC = np.matmul(self.G, weights)
+        return XC, np.einsum("bnk,bnk->bk", weights, XC)
 
 
 def space(P: np.ndarray) -> Points:
@@ -122,39 +123,45 @@ def lloyd(sp: Points, mask: np.ndarray, start: np.ndarray, *, max_iter: int = 30
     n = mask.sum(1)
     mean = P.sum(1) / n[:, None]
     var = (sp.sq.sum(1, dtype=np.float64) / n - np.einsum("bd,bd->b", mean, mean)) / P.shape[2]
-    W = np.zeros((B, k, n_pad), np.float32)
-    np.put_along_axis(W, start[:, :, None], 1.0, axis=2)
+    W = np.zeros((B, n_pad, k), np.float32)  # centre j = sum_i W[i, j] x_i
+    np.put_along_axis(W, start[:, None, :], 1.0, axis=1)
     final = W.copy()
     idx, alive, cur, m = np.arange(B), np.ones(B, bool), sp, mask
     tol_b = tol * np.maximum(var, 0.0)
     prev = np.full((B, n_pad), -1, np.int64)
     XC, CC = cur.dots(W)
     for _ in range(max_iter):
-        D = cur.sq[:, :, None] - 2.0 * XC + CC[:, None, :]
+        D = XC * -2.0
+        D += cur.sq[:, :, None]
+        D += CC[:, None, :]
         labels = np.argmin(D, axis=2)
-        member = (labels[:, None, :] == np.arange(k)[None, :, None]) & m[:, None, :]
-        counts = member.sum(2)
-        new = member / np.maximum(counts, 1)[:, :, None].astype(np.float32)
+        new = np.zeros(D.shape, np.float32)
+        np.put_along_axis(new, labels[:, :, None], 1.0, axis=2)
+        new *= m[:, :, None]
+        counts = new.sum(1)
         for b in np.flatnonzero((counts == 0).any(1)):  # rare: a class lost a cluster
             own = np.where(m[b], D[b, np.arange(n_pad), labels[b]], -1.0)
             js = np.flatnonzero(counts[b] == 0)
-            new[b, js] = 0.0
-            new[b, js, np.argsort(-own, kind="stable")[: len(js)]] = 1.0
+            new[b][:, js] = 0.0
+            new[b, np.argsort(-own, kind="stable")[: len(js)], js] = 1.0
+            counts[b, js] = 1.0
+        new /= counts[:, None, :]
         same = ((labels == prev) | ~m).all(1)
-        cross = np.einsum("bkn,bnk->bk", new, XC)  # new centre . old centre
+        cross = np.einsum("bnk,bnk->bk", new, XC)  # new centre . old centre
         XC, CC_new = cur.dots(new)
         done = alive & (same | ((CC_new + CC - 2.0 * cross).sum(1) <= tol_b))
         W, CC, prev = new, CC_new, labels
         final[idx[done]] = W[done]
         alive &= ~done
         if not alive.any():
-            return np.matmul(final, P)
+            break
         if alive.sum() * 2 <= len(alive):  # continue with the classes still moving
             idx, W, XC, CC, prev, m, tol_b = (a[alive] for a in (idx, W, XC, CC, prev, m, tol_b))
             cur = cur.take(alive)
             alive = np.ones(len(idx), bool)
-    final[idx[alive]] = W[alive]
-    return np.matmul(final, P)
+    else:
+        final[idx[alive]] = W[alive]
+    return np.matmul(np.ascontiguousarray(final.transpose(0, 2, 1)), P)  # BLAS needs contiguous blocks
 
 
 def batched_kmeans(groups: Grouped, k: int, seed: int, *, max_iter: int = 300, tol: float = 1e-4) -> np.ndarray:

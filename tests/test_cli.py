@@ -189,3 +189,15 @@ def vectors(tmp_path, d):
     path = tmp_path / f"v{d}.npz"
     np.savez(path, X=X, y=y.astype(str))
     return path
+
+
+def test_calibrate_stores_a_threshold(tmp_path):
+    path = tmp_path / "c"
+    run("index", str(path), TRAIN, "--k", "4", "--quiet")
+    oos = write(tmp_path, "oos.txt.csv", "text\nwhat is the meaning of life\ntell me a joke\nwho won the game\n")
+    out = json.loads(run("calibrate", str(path), TEST, "--oos", oos, "--json").output)
+    assert set(out) == {"threshold", "in_scope_accuracy", "oos_recall", "criterion"}
+    assert 0 <= out["in_scope_accuracy"] <= 1 and 0 <= out["oos_recall"] <= 1
+    assert Collection.open(path).config["threshold"] == pytest.approx(out["threshold"])
+    human = run("calibrate", str(path), TEST, "--target-accuracy", "0.9").output
+    assert "highest threshold keeping in-scope accuracy >= 0.9" in human

@@ -1,0 +1,27 @@
+"""The accuracy benchmark's pipeline, in its quick mode (one seed, full BANKING77)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import shared_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_accuracy_benchmark_quick_mode(tmp_path):
+    shared_data("banking77", "embeddings.npz")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    rows = json.loads((tmp_path / "results.json").read_text())
+    fields = {"dataset", "shots", "generator", "k", "pre_norm", "post_norm", "inf_norm", "aggregation", "m",
+              "accuracy", "accuracy_std", "seeds", "fit_seconds"}
+    assert rows and all(fields <= set(r) for r in rows)
+    acc = {r["generator"]: r["accuracy"] for r in rows}
+    assert acc["kmeans"] > acc["mean"], acc  # the paper's main finding, on full data
+    assert all(0 <= r["accuracy"] <= 1 and r["dataset"] == "banking77" and r["shots"] == 0 for r in rows)
+    assert "banking77" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "accuracy_vs_k.png").stat().st_size > 1000
