@@ -174,7 +174,7 @@ def query_rows(tmp: Path) -> tuple[list[list[str]], list[list[str]]]:
 
         for batch in (1, 1000):
             Q = l2(rng.standard_normal((batch, D)).astype(np.float32))
-            reps = 30 if batch == 1 else 3
+            reps = 30 if batch == 1 else 5
             times = {
                 "ours (estimator)": best_of(lambda: clf.predict(Q), reps),
                 "ours (collection)": best_of(lambda: col.predict(Q), reps),

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 import numpy as np
+from tqdm.auto import tqdm
 
 from retrieval_imprint import __version__
 from retrieval_imprint.collection import Collection, CollectionLockedError, SchemaVersionError
@@ -129,17 +130,27 @@ GEN_DEFAULTS = dict(generator="kmeans", k=20, pre_norm="l2", post_norm="l2", inf
                               "all-MiniLM-L6-v2). Use 'none' for a collection of precomputed vectors.")
 @click.option("--keep-samples/--no-keep-samples", default=True, show_default=True,
               help="Keep samples so a class can be re-imprinted when it gets more (new collections).")
+@click.option("--index", "index_type",
+              help="Proxy index (new collections; default Flat, exact): a FAISS IVF factory string such as "
+                   "IVF4096,SQ8, or auto (chosen from --memory-budget).")
+@click.option("--memory-budget", help="Bytes the proxies may take with --index auto, e.g. 8GB.")
+@click.option("--nprobe", type=int, help="Inverted lists searched per query (IVF indexes); stored.")
+@click.option("--chunk-size", type=int, default=20_000, show_default=True,
+              help="Larger inputs are embedded and added chunk by chunk; an interrupted run resumes.")
 @data_options
 @quiet_option
 @json_option
-def index(collection: Path, data: tuple[str, ...], model: str | None, keep_samples: bool, text_column, label_column,
-          vector_column, split, quiet: bool, as_json: bool, **gen: Any) -> None:
+def index(collection: Path, data: tuple[str, ...], model: str | None, keep_samples: bool, index_type: str,
+          memory_budget: str | None, nprobe: int | None, chunk_size: int, text_column, label_column, vector_column,
+          split, quiet: bool, as_json: bool, **gen: Any) -> None:
     """Create COLLECTION or extend it with the labelled rows of DATA files.
 
     DATA: CSV/TSV, JSONL, Parquet (text and label columns, or a vector column) or NPZ (--split NAME
-    reads NAME_X and NAME_y). All files are read and embedded before anything is written, and the
-    whole batch is added in one atomic write. GEN/NORM/AGG options apply when the collection is
-    created; given for an existing one, they must match it.
+    reads NAME_X and NAME_y). Every file is read and checked before anything is written. Up to
+    --chunk-size rows are embedded and added in one atomic write; larger inputs go chunk by chunk
+    (cut between classes when the rows are grouped by label), each chunk atomic and recorded, so
+    rerunning an interrupted command continues after the last committed chunk. GEN/NORM/AGG and
+    index options apply when the collection is created; given for an existing one, they must match.
 
     \b
     Example:
@@ -152,6 +163,8 @@ def index(collection: Path, data: tuple[str, ...], model: str | None, keep_sampl
         clash = [f"--{k.replace('_', '-')} {v} (collection: {config[k]})" for k, v in given.items() if config[k] != v]
         if model is not None and model != (existing.model or "none"):
             clash.append(f"--model {model} (collection: {existing.model or 'none'})")
+        if index_type is not None and index_type != config["index_factory"]:
+            clash.append(f"--index {index_type} (collection: {config['index_factory']})")
         if clash:
             raise UserError(f"{collection} already exists with other settings: {'; '.join(clash)}")
     datasets = load(data, dict(text_column=text_column, label_column=label_column, vector_column=vector_column,
@@ -159,21 +172,61 @@ def index(collection: Path, data: tuple[str, ...], model: str | None, keep_sampl
     recorded = existing.model if existing is not None else (None if model == "none" else model or "all-MiniLM-L6-v2")
     if any(ds.texts is not None for ds in datasets) and recorded is None:
         raise UserError(f"{collection} holds precomputed vectors (no model recorded); index vectors, not texts")
-    X = vectors_of(datasets, recorded, quiet)
-    labels = [label for ds in datasets for label in ds.labels]  # type: ignore[union-attr]
-    col = existing or Collection.create(collection, model=recorded, keep_samples=keep_samples,
-                                        **{**GEN_DEFAULTS, **given})
-    before = set(map(str, col.classes))
-    col.add(X, labels)
+    col = existing
+
+    def add(X: np.ndarray, labels: list[Any], checkpoint: tuple[str, int] | None = None) -> None:
+        nonlocal col
+        if col is None:  # created only once the first batch is embedded and valid
+            col = Collection.create(collection, model=recorded, keep_samples=keep_samples, index=index_type or "Flat",
+                                    memory_budget=memory_budget, search_params={"nprobe": nprobe} if nprobe else None,
+                                    **{**GEN_DEFAULTS, **given})
+        col.add(X, labels, checkpoint=checkpoint)
+
+    total = sum(len(ds) for ds in datasets)
+    before = set(map(str, existing.classes)) if existing is not None else set()
+    resumed = 0
+    if total <= chunk_size:  # one atomic write
+        add(vectors_of(datasets, recorded, quiet), [label for ds in datasets for label in ds.labels])
+    else:  # chunk by chunk, each chunk atomic and recorded, so an interrupted run resumes
+        show = not quiet and sys.stderr.isatty()
+        with tqdm(total=total, unit="row", desc="indexing", disable=not show) as bar:
+            for ds in datasets:
+                stat = Path(ds.source).stat()
+                source = f"{Path(ds.source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+                start = col.rows_done(source) if col is not None else 0
+                resumed += start
+                bar.update(start)
+                for lo, hi in chunks(ds.labels, start, chunk_size):
+                    part = Dataset(ds.source, ds.texts[lo:hi] if ds.texts is not None else None,
+                                   ds.vectors[lo:hi] if ds.vectors is not None else None, ds.labels[lo:hi])
+                    add(vectors_of([part], recorded, quiet=True), part.labels, (source, hi))
+                    bar.update(hi - lo)
+                    bar.set_postfix(classes=len(col))
     info = col.info()
-    new = len({str(label) for label in labels} - before)
-    result = {"collection": str(collection), "rows": len(X), "new_classes": new,
-              "classes": info["classes"], "proxies": info["proxies"]}
+    labels = {str(label) for ds in datasets for label in ds.labels}
+    result = {"collection": str(collection), "rows": total - resumed, "resumed_after": resumed,
+              "new_classes": len(labels - before), "classes": info["classes"], "proxies": info["proxies"]}
     if as_json:
         emit(result)
     else:
-        click.echo(f"indexed {len(X)} rows into {collection}: {new} new classes; "
-                   f"{info['classes']} classes, {info['proxies']} proxies in all")
+        click.echo(f"indexed {total - resumed} rows into {collection}"
+                   + (f" (resumed after {resumed})" if resumed else "")
+                   + f": {result['new_classes']} new classes; {info['classes']} classes, {info['proxies']} proxies in all")
+
+
+def chunks(labels: list[Any], start: int, size: int):
+    """Row ranges of about ``size`` from ``start``, cut where the label changes when possible, so that
+    grouped data never splits a class."""
+    lo, n = start, len(labels)
+    while lo < n:
+        hi = min(lo + size, n)
+        if hi < n:
+            cut = hi
+            while cut > lo + 1 and labels[cut - 1] == labels[cut]:
+                cut -= 1
+            hi = cut if cut > lo + 1 else hi
+        yield lo, hi
+        lo = hi
 
 
 @main.command()
@@ -183,11 +236,12 @@ def index(collection: Path, data: tuple[str, ...], model: str | None, keep_sampl
 @click.option("--vectors", help="Query vectors from an .npy or .npz file (--split for NPZ).")
 @click.option("--top", type=int, default=1, show_default=True, help="Classes to show per query.")
 @click.option("--threshold", type=float, help="Below this score the answer is 'no class' (default: stored).")
+@click.option("--nprobe", type=int, help="Inverted lists to search (IVF indexes; default: stored).")
 @data_options
 @quiet_option
 @json_option
 def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: str | None, top: int,
-          threshold: float | None, text_column, label_column, vector_column, split, quiet: bool,
+          threshold: float | None, nprobe: int | None, text_column, label_column, vector_column, split, quiet: bool,
           as_json: bool) -> None:
     """Classify TEXT arguments (or --file, or --vectors) against COLLECTION.
 
@@ -216,7 +270,7 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
         if col.model is None:
             raise UserError(f"{collection} records no embedding model: query it with --vectors")
         names, Q = queries, vectors_of([Dataset("args", texts=queries)], col.model, quiet)
-    result = col.query(Q, top, threshold=threshold, model=None)
+    result = col.query(Q, top, threshold=threshold, search_params={"nprobe": nprobe} if nprobe else None)
     rows = [{"query": name, "labels": labels.tolist(), "scores": scores.tolist()}
             for name, labels, scores in zip(names, result.labels, result.scores)]
     if as_json:

@@ -15,9 +15,17 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_THREADPOOLS: list[ThreadpoolController] = []  # inspected once: scanning the loaded libraries costs ~10 ms
+
+
+def single_threaded_blas():
+    """A context limiting BLAS to one thread (the library scan is cached across calls)."""
+    if not _THREADPOOLS:
+        _THREADPOOLS.append(ThreadpoolController())
+    return _THREADPOOLS[0].limit(limits=1, user_api="blas")
 
 
 def label_key(label: object) -> int:
@@ -138,7 +146,7 @@ class Grouped:
         out = np.empty((self.n_classes, k, d), np.float32)
         total = int(self.sizes.sum()) * d * 4
         max_bytes = int(np.clip(total // (4 * workers), 1 << 20, 64 << 20))
-        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+        with single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
             pending = []
             for block in self.padded(max_bytes):
                 pending.append(pool.submit(lambda b: (b[0], fn(*b)), block))

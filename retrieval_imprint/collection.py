@@ -26,6 +26,7 @@ second gets ``CollectionLockedError`` naming the holder's pid.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ from .classifier import check_params
 from .embed import DEFAULT_MODEL, Embedder, EmbeddingCache, model_revision, resolve_model
 from .evaluate import Calibration, calibrate
 from .generate import GENERATORS, generate
-from .index import ProxyIndex, mahalanobis_map
+from .index import ProxyIndex, choose_index, default_nprobe, mahalanobis_map, parse_size
 from .normalize import normalize, quantile_targets
 
 DB_NAME = "imprint.db"
@@ -52,7 +53,6 @@ LOCK_NAME = "writer.lock"
 CLASS_SHIFT = 24
 MAX_PER_CLASS = 1 << CLASS_SHIFT
 COMPACT_SEGMENTS = 16
-INDEX_TYPES = ("Flat",)
 _SQL_CHUNK = 400
 
 
@@ -160,6 +160,8 @@ class Collection:
         vote: str = "uniform",
         random_state: int = 0,
         index: str = "Flat",
+        memory_budget: str | int | None = None,
+        search_params: dict[str, int] | None = None,
         keep_samples: bool = True,
         dimension: int | None = None,
     ) -> "Collection":
@@ -169,6 +171,11 @@ class Collection:
         is the embedder recorded for ``add_texts``/``query_texts`` and identity checks (None: the
         collection holds precomputed vectors of unknown origin). ``keep_samples`` stores the samples
         so a class that receives new samples can be re-imprinted from all of them.
+
+        ``index``: ``"Flat"`` (exact, default), a FAISS IVF factory string (``"IVF4096,SQ8"``,
+        ``"IVF1024,PQ48"``, ...) trained on the first add's proxies, or ``"auto"``: the most
+        accurate of those whose proxies fit ``memory_budget`` (``"8GB"``), chosen at the first add.
+        ``search_params`` (e.g. ``{"nprobe": 32}``) default to nprobe = nlist / 128 (at least 16).
         """
         params = dict(generator=generator, k=k, pre_norm=pre_norm, post_norm=post_norm, inf_norm=inf_norm,
                       aggregation=aggregation, m=m, metric=metric, vote=vote, ls_reg=0.0)
@@ -177,8 +184,12 @@ class Collection:
         if not GENERATORS[generator].per_class:
             raise ValueError(f"generator={generator!r} needs every class at once (it is not imprinting), so "
                              "it cannot grow a collection one class at a time; use ImprintClassifier for it")
-        if index not in INDEX_TYPES:
-            raise ValueError(f"index={index!r} is not valid; expected one of {', '.join(map(repr, INDEX_TYPES))}")
+        if not isinstance(index, str) or not (index in ("Flat", "auto") or index.startswith("IVF")):
+            raise ValueError(f"index={index!r} is not valid; expected 'Flat', 'auto' or a FAISS IVF factory "
+                             "string such as 'IVF4096,SQ8'")
+        if index == "auto" and memory_budget is None:
+            raise ValueError("index='auto' chooses from a memory budget: give memory_budget, e.g. '8GB'")
+        budget = parse_size(memory_budget) if memory_budget is not None else None
         if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
             raise ValueError(f"random_state={random_state!r} is not valid; a collection needs an int seed")
         if dimension is not None and (not isinstance(dimension, int) or dimension < 1):
@@ -194,7 +205,8 @@ class Collection:
             store.migrate(engine)
             with store.writing(engine) as conn:
                 conn.execute(insert(store.collection).values(
-                    id=1, **params, random_state=int(random_state), index_factory=index,
+                    id=1, **params, random_state=int(random_state), index_factory=index, memory_budget=budget,
+                    search_params=json.dumps(search_params) if search_params else None,
                     keep_samples=bool(keep_samples), dimension=dimension, version=0, next_class_id=0))
                 if model is not None:
                     conn.execute(insert(store.embedder).values(
@@ -254,42 +266,62 @@ class Collection:
         self._labels[:] = [_label_value(r[2], r[1]) for r in rows]
         n_samples, lo, hi, s_hi = (np.array([r[i] for r in rows], np.int64) for i in range(3, 7))
         self._n_samples, self._proxy_lo, self._proxy_hi, self._sample_hi = n_samples, lo, hi, s_hi
-        self._segment_files = {kind: [f for k_, f in segs if k_ == kind] for kind in ("proxies", "samples")}
+        self._segment_files = {kind: [f for k_, f in segs if k_ == kind]
+                               for kind in ("proxies", "samples", "template")}
         self._targets = (np.frombuffer(cfg["quantile_targets"], np.float32).copy()
                          if cfg["quantile_targets"] is not None else None)
         self._transform = (np.frombuffer(cfg["metric_transform"], np.float32).reshape(d, d).copy()
                            if cfg["metric_transform"] is not None else None)
         ready = d is not None and (cfg["metric"] != "mahalanobis" or self._transform is not None)
-        self._proxies = self._read_segments("proxies", cfg["metric"], self._transform) if ready else None
+        ready = ready and (cfg["index_factory"] == "Flat" or bool(self._segment_files["template"]))
+        self._template = (ProxyIndex(d, cfg["metric"], self._transform, index=self._read_file(
+            self._segment_files["template"][0])) if self._segment_files["template"] else None)
+        self._proxies = self._read_segments("proxies") if ready else None
         self._samples = None  # loaded on first need (re-imprinting a class, check)
 
-    def _read_segments(self, kind: str, metric: str, transform: np.ndarray | None) -> ProxyIndex:
+    def _read_file(self, name: str) -> faiss.Index:
+        file = self.path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"collection {self.path}: index file {name} is missing")
+        try:
+            index = faiss.read_index(str(file))
+        except RuntimeError as exc:
+            raise ValueError(f"collection {self.path}: index file {name} is unreadable or truncated "
+                             f"({str(exc).strip().splitlines()[0]})") from None
+        if index.d != self._config["dimension"]:
+            raise ValueError(f"collection {self.path}: index file {name} holds {index.d}-d vectors, "
+                             f"expected {self._config['dimension']}")
+        return index
+
+    def _new_index(self, kind: str) -> ProxyIndex:
+        """An empty in-memory index for ``kind``: a copy of the trained template, or exact."""
+        if kind == "proxies" and self._template is not None:
+            return self._template.empty_like()
+        if kind == "proxies":
+            return ProxyIndex(self._config["dimension"], self._config["metric"], self._transform, with_ids=True)
+        return ProxyIndex(self._config["dimension"], "euclidean", None, with_ids=True)
+
+    def _read_segments(self, kind: str) -> ProxyIndex:
         """The live vectors of every ``kind`` segment, merged into one in-memory index."""
-        d = self._config["dimension"]
-        merged = ProxyIndex(d, metric, transform, with_ids=True)
-        for name in self._segment_files[kind]:
-            file = self.path / name
-            if not file.is_file():
-                raise FileNotFoundError(f"collection {self.path}: index file {name} is missing")
-            try:
-                part = faiss.read_index(str(file))
-            except RuntimeError as exc:
-                raise ValueError(f"collection {self.path}: index file {name} is unreadable or truncated "
-                                 f"({str(exc).strip().splitlines()[0]})") from None
-            if part.d != d:
-                raise ValueError(f"collection {self.path}: index file {name} holds {part.d}-d vectors, expected {d}")
-            merged.index.merge_from(part)
+        return self._merge_files(kind, self._segment_files[kind])
+
+    def _merge_files(self, kind: str, files: list[str]) -> ProxyIndex:
+        """The live vectors (by the class ranges) of these ``kind`` segment files, in one index."""
+        merged = self._new_index(kind)
+        for name in files:
+            merged.index.merge_from(self._read_file(name), 0)
         hi = self._proxy_hi if kind == "proxies" else self._sample_hi
         lo = self._proxy_lo if kind == "proxies" else np.zeros_like(hi)
         ids = merged.ids
         dead = ids[~_class_ranges(self._class_ids, lo, hi, ids)]
         if len(dead):
             merged.index.remove_ids(faiss.IDSelectorBatch(dead))
+        merged.set_search(self.search_params if kind == "proxies" else None)
         return merged
 
     def _samples_index(self) -> ProxyIndex:
         if self._samples is None:
-            self._samples = self._read_segments("samples", "euclidean", None)
+            self._samples = self._read_segments("samples")
         return self._samples
 
     def refresh(self) -> bool:
@@ -322,8 +354,13 @@ class Collection:
     @property
     def config(self) -> dict[str, Any]:
         keys = ("generator", "k", "pre_norm", "post_norm", "inf_norm", "aggregation", "m", "metric", "vote",
-                "random_state", "index_factory", "keep_samples", "dimension", "threshold")
-        return {key: self._config[key] for key in keys}
+                "random_state", "index_factory", "memory_budget", "keep_samples", "dimension", "threshold")
+        return {**{key: self._config[key] for key in keys}, "search_params": self.search_params}
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """Stored search parameters of an approximate index (e.g. ``{"nprobe": 16}``)."""
+        return json.loads(self._config["search_params"]) if self._config["search_params"] else {}
 
     @property
     def model(self) -> str | None:
@@ -354,12 +391,13 @@ class Collection:
         if model is not None and self.model is not None and model != self.model:
             raise ValueError(f"{action} vectors embedded with {model!r}, but this collection uses {self.model!r}")
 
-    def query(self, Q: Any, top: int = 1, *, threshold: float | None = None,
-              model: str | None = None) -> QueryResult:
+    def query(self, Q: Any, top: int = 1, *, threshold: float | None = None, model: str | None = None,
+              search_params: dict[str, int] | None = None) -> QueryResult:
         """The ``top`` best classes for each query vector (rows of ``Q``), best first.
 
         ``threshold`` (default: the stored one, if any) turns classes scoring below it into "no
-        class" (None). ``model``, if given, must be the collection's embedder.
+        class" (None). ``model``, if given, must be the collection's embedder. ``search_params``
+        (e.g. ``{"nprobe": 64}``) override the stored ones for this call (approximate indexes).
         """
         if not len(self):
             raise ValueError(f"collection {self.path} has no classes yet")
@@ -368,6 +406,19 @@ class Collection:
         self._check_model(model, "query")
         Q = normalize(_check_vectors(Q, "Q", self._config["dimension"]), self._config["inf_norm"], what="Q")
         cfg, ntotal = self._config, self._proxies.ntotal
+        ivf = faiss.try_extract_index_ivf(self._proxies.index)
+        if search_params and ivf is None:
+            raise ValueError("search_params apply to approximate (IVF) indexes; this collection's index is exact")
+        restore = {"nprobe": ivf.nprobe} if search_params else None
+        self._proxies.set_search(search_params)
+        try:
+            owner, scores = self._rank(Q, top, ntotal)
+        finally:
+            self._proxies.set_search(restore)
+        return self._answer(owner, scores, threshold)
+
+    def _rank(self, Q: np.ndarray, top: int, ntotal: int) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self._config
         if cfg["aggregation"] == "max":
             depth = top if top == 1 else min(ntotal, top * (cfg["k"] if cfg["k"] > 0 else 4))
             while True:
@@ -380,6 +431,10 @@ class Collection:
             _, dist, ids = self._proxies.search(Q, min(cfg["m"], ntotal))
             owner, scores = rank_classes(ids >> CLASS_SHIFT, vote_weights(dist, cfg["vote"]), top, vote=True,
                                          ties="nearest")
+        return owner, scores
+
+    def _answer(self, owner: np.ndarray, scores: np.ndarray, threshold: float | None) -> QueryResult:
+        cfg = self._config
         threshold = cfg["threshold"] if threshold is None else threshold
         if threshold is not None:
             owner = np.where(scores >= threshold, owner, -1)
@@ -388,9 +443,10 @@ class Collection:
         labels[found] = self._labels[np.searchsorted(self._class_ids, owner[found])]
         return QueryResult(labels, np.where(found, scores, np.nan).astype(np.float32))
 
-    def predict(self, Q: Any, *, threshold: float | None = None, model: str | None = None) -> np.ndarray:
+    def predict(self, Q: Any, *, threshold: float | None = None, model: str | None = None,
+                search_params: dict[str, int] | None = None) -> np.ndarray:
         """The best class of each query (None where rejected by the threshold)."""
-        return self.query(Q, 1, threshold=threshold, model=model).labels[:, 0]
+        return self.query(Q, 1, threshold=threshold, model=model, search_params=search_params).labels[:, 0]
 
     def _text_embedder(self) -> Embedder:
         if self._embedder_row is None:
@@ -456,9 +512,13 @@ class Collection:
                 found[(row.label_kind, row.label)] = row
         return found
 
-    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None) -> "Collection":
+    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None,
+            checkpoint: tuple[str, int] | None = None) -> "Collection":
         """Imprint samples ``X`` ``(n, d)`` with their ``labels``: new labels become new classes; an
-        existing class is re-imprinted from its kept samples plus the new ones. Atomic."""
+        existing class is re-imprinted from its kept samples plus the new ones. Atomic.
+
+        ``checkpoint=(source, rows_done)`` records, in the same transaction, how far a chunked
+        ingestion of ``source`` has come (see ``rows_done``)."""
         X = _check_vectors(X, "X", self._config["dimension"])
         labels = list(labels) if not isinstance(labels, np.ndarray) else labels.tolist()
         if len(labels) != len(X):
@@ -466,10 +526,16 @@ class Collection:
         self._check_model(model, "add")
         entries = [_label_entry(label, row) for row, label in enumerate(labels)]
         with self._writing():
-            self._add(X, entries)
+            self._add(X, entries, checkpoint)
         return self
 
-    def _add(self, X: np.ndarray, entries: list[tuple[str, str]]) -> None:
+    def rows_done(self, source: str) -> int:
+        """Rows of ``source`` already committed by chunked adds with ``checkpoint`` (0 if none)."""
+        with self._engine.connect() as conn:
+            done = conn.execute(select(store.ingest.c.rows_done).where(store.ingest.c.source == source)).scalar()
+        return int(done or 0)
+
+    def _add(self, X: np.ndarray, entries: list[tuple[str, str]], checkpoint: tuple[str, int] | None) -> None:
         cfg = dict(self._config)
         X = normalize(X, cfg["pre_norm"], what="X")
         order: dict[tuple[str, str], int] = {}
@@ -521,8 +587,20 @@ class Collection:
         W = normalize(W, cfg["post_norm"], targets=self._targets, what="proxies")
         if cfg["metric"] == "mahalanobis" and self._transform is None:
             self._transform = mahalanobis_map(W)
+        template = None
         if self._proxies is None:
-            self._proxies = ProxyIndex(d, cfg["metric"], self._transform, with_ids=True)
+            factory = cfg["index_factory"]
+            if factory == "auto":
+                factory = choose_index(len(W), d, cfg["memory_budget"])
+            if factory != "Flat":
+                self._template = ProxyIndex.trained(factory, W, cfg["metric"], self._transform, cfg["random_state"])
+                nlist = faiss.extract_index_ivf(self._template.index).nlist
+                cfg["search_params"] = cfg["search_params"] or json.dumps({"nprobe": default_nprobe(nlist)})
+                self._config["search_params"] = cfg["search_params"]
+                template = self._write_segment("template", cfg["version"] + 1, self._template)
+            cfg["index_factory"] = self._config["index_factory"] = factory
+            self._proxies = self._new_index("proxies")
+            self._proxies.set_search(self.search_params)
 
         n_proxies = np.bincount(owner, minlength=len(uniq))
         if (n_proxies + old_proxy_hi).max() >= MAX_PER_CLASS or (sizes.max() >= MAX_PER_CLASS):
@@ -533,14 +611,14 @@ class Collection:
         proxy_ids = (class_id[owner] << CLASS_SHIFT) + proxy_lo[owner] + j
         version = cfg["version"] + 1
 
-        segment = ProxyIndex(d, cfg["metric"], self._transform, with_ids=True)
+        segment = self._new_index("proxies")
         segment.add(W, proxy_ids)
         files = {"proxies": (self._write_segment("proxies", version, segment), proxy_ids, class_id[owner])}
         if cfg["keep_samples"]:
             s_owner = np.repeat(np.arange(len(uniq)), new_counts)
             s_ids = (class_id[s_owner] << CLASS_SHIFT) + old_hi[s_owner] + (
                 np.arange(len(X)) - new_starts[s_owner])
-            s_index = ProxyIndex(d, "euclidean", None, with_ids=True)
+            s_index = self._new_index("samples")
             s_index.add(X[new_rows], s_ids)
             files["samples"] = (self._write_segment("samples", version, s_index), s_ids, class_id[s_owner])
 
@@ -562,22 +640,31 @@ class Collection:
                         sample_hi=int(sizes[i])))
             for kind, (name, ids, owners) in files.items():
                 self._insert_segment(conn, kind, name, ids, owners)
+            if template is not None:
+                conn.execute(insert(store.segments).values(kind="template", file=template, n_vectors=0))
             conn.execute(update(store.collection).values(
-                version=version, next_class_id=next_id, dimension=d,
+                version=version, next_class_id=next_id, dimension=d, index_factory=cfg["index_factory"],
+                search_params=cfg["search_params"],
                 quantile_targets=None if self._targets is None else self._targets.tobytes(),
                 metric_transform=None if self._transform is None else self._transform.tobytes()))
             conn.execute(update(store.embedder).values(dimension=d))
+            if checkpoint is not None:
+                source, done = checkpoint
+                conn.execute(delete(store.ingest).where(store.ingest.c.source == source))
+                conn.execute(insert(store.ingest).values(source=source, rows_done=int(done)))
 
         # the same change in memory, without rereading the segments
         if len(regenerated):
             self._proxies.index.remove_ids(faiss.IDSelectorBatch(self._range_ids(
                 regenerated, self._proxy_lo[np.searchsorted(self._class_ids, regenerated)],
                 self._proxy_hi[np.searchsorted(self._class_ids, regenerated)])))
-        self._proxies.index.add_with_ids(segment.prepare(W, "proxies"), proxy_ids)
+        self._proxies.add(W, proxy_ids)
         if self._samples is not None and "samples" in files:
             self._samples.add(X[new_rows], files["samples"][1])
         for kind, (name, _, _) in files.items():
             self._segment_files[kind].append(name)
+        if template is not None:
+            self._segment_files["template"] = [template]
         is_new = np.array([e not in existing for e in uniq], bool)
         pos = np.searchsorted(self._class_ids, class_id[~is_new])
         for array, value in ((self._n_samples, sizes), (self._proxy_lo, proxy_lo), (self._proxy_hi, proxy_hi),
@@ -595,7 +682,7 @@ class Collection:
                             quantile_targets=None if self._targets is None else self._targets.tobytes(),
                             metric_transform=None if self._transform is None else self._transform.tobytes())
         if len(self._segment_files["proxies"]) > COMPACT_SEGMENTS:
-            self._compact()
+            self._compact(full=False)
 
     @staticmethod
     def _range_ids(class_ids: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -652,6 +739,19 @@ class Collection:
             self._config["version"] += 1
         return self
 
+    def set_search_params(self, **params: int) -> "Collection":
+        """Store the search parameters of an approximate index, e.g. ``set_search_params(nprobe=32)``."""
+        if self._config["index_factory"] == "Flat":
+            raise ValueError("search parameters apply to approximate (IVF) indexes; this collection's index is exact")
+        with self._writing():
+            merged = json.dumps({**self.search_params, **params})
+            if self._proxies is not None:
+                self._proxies.set_search(params)
+            with store.writing(self._engine) as conn:
+                conn.execute(update(store.collection).values(search_params=merged, version=self._config["version"] + 1))
+            self._config.update(search_params=merged, version=self._config["version"] + 1)
+        return self
+
     def set_threshold(self, threshold: float | None) -> "Collection":
         """Store the open-set rejection threshold used by ``query`` (None: never reject)."""
         if threshold is not None and not np.isfinite(threshold):
@@ -683,26 +783,31 @@ class Collection:
             self._compact()
         return self
 
-    def _compact(self) -> None:
+    def _compact(self, full: bool = True) -> None:
+        """Merge segment files into one per kind: all of them (``full``), or all but the largest,
+        so that the automatic compaction after many small adds rewrites only the small ones."""
         version = self._config["version"] + 1
-        indexes = {"proxies": self._proxies}
-        if self._config["keep_samples"]:
-            indexes["samples"] = self._samples_index()
-        old = {f for files in self._segment_files.values() for f in files}
-        written = {kind: self._write_segment(kind, version, index) for kind, index in indexes.items()}
+        kinds = ["proxies"] + (["samples"] if self._config["keep_samples"] else [])
+        victims = {}
+        for kind in kinds:
+            files = sorted(self._segment_files[kind], key=lambda f: (self.path / f).stat().st_size)
+            victims[kind] = files if full else files[:-1]
+        merged = {kind: self._merge_files(kind, files) for kind, files in victims.items() if len(files) > 1 or full}
+        written = {kind: self._write_segment(kind, version, index) for kind, index in merged.items()}
         with store.writing(self._engine) as conn:
             for kind, name in written.items():
                 seg_id = conn.execute(insert(store.segments).values(
-                    kind=kind, file=name, n_vectors=indexes[kind].ntotal)).inserted_primary_key[0]
+                    kind=kind, file=name, n_vectors=merged[kind].ntotal)).inserted_primary_key[0]
                 table = store.proxies if kind == "proxies" else store.samples
-                conn.execute(update(table).values(segment_id=seg_id))
-            conn.execute(delete(store.segments).where(store.segments.c.file.not_in(list(written.values()))))
+                old_ids = select(store.segments.c.id).where(store.segments.c.file.in_(victims[kind]))
+                conn.execute(update(table).where(table.c.segment_id.in_(old_ids)).values(segment_id=seg_id))
+                conn.execute(delete(store.segments).where(store.segments.c.file.in_(victims[kind])))
             conn.execute(update(store.collection).values(version=version))
         self._config["version"] = version
-        self._segment_files = {kind: [name] for kind, name in written.items()}
-        self._segment_files.setdefault("samples", [])
-        for name in old - set(written.values()):
-            (self.path / name).unlink(missing_ok=True)
+        for kind, name in written.items():
+            self._segment_files[kind] = [f for f in self._segment_files[kind] if f not in victims[kind]] + [name]
+            for old in victims[kind]:
+                (self.path / old).unlink(missing_ok=True)
 
     # ----------------------------------------------------------------- integrity
     def check(self) -> CheckReport:

@@ -29,8 +29,10 @@ _FAISS_METRIC = {
     "mahalanobis": faiss.METRIC_L2,
 }
 MAHALANOBIS_RIDGE = 1e-6
+APPROXIMATE_METRICS = ("ip", "cosine", "euclidean", "mahalanobis")
 SMALL_BATCH = 20  # below this many queries FAISS does not use BLAS; neither path for m > SMALL_M
 SMALL_M = 64
+SMALL_ADD = 1000  # vectors below which an add runs on one thread
 
 
 def mahalanobis_map(W: np.ndarray) -> np.ndarray:
@@ -40,6 +42,46 @@ def mahalanobis_map(W: np.ndarray) -> np.ndarray:
                          "got 1 proxy (one class with one proxy, or 1 sample)")
     cov = np.cov(W.astype(np.float64), rowvar=False) + MAHALANOBIS_RIDGE * np.eye(W.shape[1])
     return np.linalg.cholesky(np.linalg.inv(cov)).astype(np.float32)
+
+
+def ivf_lists(n_vectors: int) -> int:
+    """Inverted lists for ``n_vectors``: about 2 sqrt(n), a power of two in [16, 65536]."""
+    return int(2 ** np.clip(np.round(np.log2(2 * np.sqrt(max(n_vectors, 1)))), 4, 16))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists searched per query: nlist / 128, at least 16 (IVF4096 -> 32; DESIGN §5 measured recall@1
+    0.96 at nprobe 16 and 0.995 at 64 on 1M vectors)."""
+    return int(min(nlist, max(16, nlist // 128)))
+
+
+def choose_index(n_vectors: int, d: int, memory_budget: int) -> str:
+    """The most accurate index whose vectors (and ids) fit ``memory_budget`` bytes: exact ``Flat``,
+    then ``IVF{nlist},SQ8`` (1 byte per dimension), then ``IVF{nlist},PQ{M}`` (M bytes)."""
+    nlist = ivf_lists(n_vectors)
+    if n_vectors * (4 * d + 8) <= memory_budget:
+        return "Flat"
+    if n_vectors * (d + 8) + nlist * d * 4 <= memory_budget:
+        return f"IVF{nlist},SQ8"
+    for m in (64, 48, 32, 24, 16, 8, 4):
+        if d % m == 0 and n_vectors * (m + 8) + nlist * d * 4 + 256 * d * 4 <= memory_budget:
+            return f"IVF{nlist},PQ{m}"
+    raise ValueError(f"a memory budget of {memory_budget:,} bytes cannot hold {n_vectors:,} proxies of dimension {d}")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"8GB"``, ``"512MiB"``, ``"1.5G"`` or an int."""
+    if isinstance(text, (int, np.integer)):
+        return int(text)
+    units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
+             "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}
+    value = str(text).strip().upper()
+    number = value.rstrip("KMGTIB ")
+    unit = value[len(number):].strip()
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise ValueError(f"memory budget {text!r} is not a size like 8GB or 512MiB") from None
 
 
 def _flat(d: int, metric: int) -> faiss.Index:
@@ -77,10 +119,59 @@ class ProxyIndex:
     def ntotal(self) -> int:
         return self.index.ntotal
 
+    @classmethod
+    def trained(cls, factory: str, W: np.ndarray, metric: str, transform: np.ndarray | None,
+                seed: int = 0) -> "ProxyIndex":
+        """An empty approximate index (a FAISS factory string, e.g. ``IVF4096,SQ8``) trained on ``W``.
+
+        Training uses at most 40 points per inverted list (a seeded sample) and 10 k-means
+        iterations: the proxies are k-means centroids already, and a full-size training of
+        thousands of lists takes minutes on two cores (DESIGN §5).
+        """
+        if metric not in APPROXIMATE_METRICS:
+            raise ValueError(f"index={factory!r} supports metrics {', '.join(APPROXIMATE_METRICS)}; "
+                             f"metric={metric!r} needs index='Flat'")
+        out = cls(W.shape[1], metric, transform)
+        try:
+            out.index = faiss.index_factory(W.shape[1], factory, _FAISS_METRIC[metric])
+        except RuntimeError as exc:
+            raise ValueError(f"index={factory!r} is not a FAISS factory string FAISS accepts "
+                             f"({str(exc).strip().splitlines()[-1]})") from None
+        ivf = faiss.try_extract_index_ivf(out.index)
+        if isinstance(out.index, faiss.IndexHNSW) or ivf is None:
+            raise ValueError(f"index={factory!r}: collections support Flat and IVF indexes (IVF..., with Flat, "
+                             "SQ or PQ codes); HNSW cannot remove vectors")
+        if len(W) < ivf.nlist:
+            raise ValueError(f"index={factory!r} needs at least {ivf.nlist} proxies to train its lists; the first "
+                             f"add made {len(W)}: add more classes at once, or use fewer lists")
+        sample = np.random.default_rng(seed).permutation(len(W))[: 40 * ivf.nlist]
+        ivf.cp.niter = 10
+        ivf.cp.seed = seed
+        out.index.train(out.prepare(W[np.sort(sample)], "proxies"))
+        return out
+
+    def empty_like(self) -> "ProxyIndex":
+        """An empty index of the same kind (and training)."""
+        out = ProxyIndex(self.index.d, self.metric, self.transform)
+        out.index = faiss.clone_index(self.index)
+        out.index.reset()
+        return out
+
+    def set_search(self, params: dict[str, int] | None) -> None:
+        """Search parameters of an approximate index, e.g. ``{"nprobe": 16}``."""
+        if params:
+            faiss.ParameterSpace().set_index_parameters(self.index, ",".join(f"{k}={v}" for k, v in params.items()))
+
     @property
     def ids(self) -> np.ndarray:
-        """Ids of the stored vectors, in storage order (an ``IndexIDMap2`` only)."""
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        """Ids of the stored vectors (an ``IndexIDMap2`` or IVF index)."""
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is None:
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        lists = ivf.invlists
+        parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                 for i in range(ivf.nlist) if lists.list_size(i)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     def prepare(self, X: np.ndarray, what: str = "query") -> np.ndarray:
         """``X`` as the index stores and searches it (cosine: L2-normalised; Mahalanobis: mapped)."""
@@ -93,10 +184,16 @@ class ProxyIndex:
     def add(self, W: np.ndarray, ids: np.ndarray | None = None) -> None:
         """Add proxies ``W`` ``(P, d)`` (with 64-bit ``ids`` when the index has them)."""
         W = self.prepare(W, "proxies")
-        if ids is None:
-            self.index.add(W)
-        else:
-            self.index.add_with_ids(W, np.ascontiguousarray(ids, dtype=np.int64))
+        threads = faiss.omp_get_max_threads()
+        if len(W) < SMALL_ADD:  # OpenMP start-up costs more than a few vectors' work (DESIGN §5)
+            faiss.omp_set_num_threads(1)
+        try:
+            if ids is None:
+                self.index.add(W)
+            else:
+                self.index.add_with_ids(W, np.ascontiguousarray(ids, dtype=np.int64))
+        finally:
+            faiss.omp_set_num_threads(threads)
 
     def remove_range(self, lo: int, hi: int) -> int:
         """Remove every id in ``[lo, hi)``; returns how many were removed."""
@@ -114,7 +211,8 @@ class ProxyIndex:
         Fewer than ``m`` stored proxies: the missing columns have id -1.
         """
         Q = self.prepare(Q)
-        if self.metric in ("ip", "cosine") and len(Q) < SMALL_BATCH and m <= SMALL_M and self.ntotal:
+        exact = isinstance(self.index, (faiss.IndexFlat, faiss.IndexIDMap2))
+        if exact and self.metric in ("ip", "cosine") and len(Q) < SMALL_BATCH and m <= SMALL_M and self.ntotal:
             D, ids = self._gemv_search(Q, m)
         else:
             D, ids = self.index.search(Q, m)

@@ -1,9 +1,11 @@
 """The label map: a collection's SQLite database (SQLAlchemy Core), and its Alembic migrations.
 
-Tables: ``collection`` (one row: the GEN/NORM/AGG config, dimension, current version, fixed
-quantile targets and Mahalanobis map, rejection threshold), ``embedder`` (model identity),
+Tables: ``collection`` (one row: the GEN/NORM/AGG config, index type, dimension, current
+version, fixed quantile targets and Mahalanobis map, rejection threshold, search parameters), ``embedder`` (model identity),
 ``classes`` (label and id ranges), ``segments`` (the FAISS files that hold proxies and samples),
-``proxies`` and ``samples`` (one row per stored vector: id, class, segment).
+``proxies`` and ``samples`` (one row per stored vector: id, class, segment), ``ingest`` (rows of
+each source file committed by a chunked, resumable ``imprint index``). A segment of kind
+``template`` is an approximate index's trained, empty index that every proxy segment copies.
 
 Schema changes happen only through Alembic revisions in ``migrations/`` (installed as
 ``retrieval_imprint.migrations``); ``metadata`` below must equal the head revision's schema, which
@@ -50,6 +52,8 @@ collection = Table(
     Column("quantile_targets", LargeBinary),
     Column("metric_transform", LargeBinary),
     Column("threshold", Float),
+    Column("search_params", String),  # JSON, e.g. {"nprobe": 16}
+    Column("memory_budget", Integer),
 )
 
 embedder = Table(
@@ -79,6 +83,13 @@ segments = Table(
     Column("kind", String, nullable=False),
     Column("file", String, nullable=False, unique=True),
     Column("n_vectors", Integer, nullable=False),
+)
+
+
+ingest = Table(
+    "ingest", metadata,
+    Column("source", String, primary_key=True),  # file path, size and mtime: a changed file starts over
+    Column("rows_done", Integer, nullable=False),
 )
 
 

@@ -51,7 +51,8 @@ def test_every_command_is_documented():
 def demo(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "demo"
     out = run("index", str(path), TRAIN, "--k", "4", "--quiet", "--json").output
-    assert json.loads(out) == {"collection": str(path), "rows": 96, "new_classes": 8, "classes": 8, "proxies": 32}
+    assert json.loads(out) == {"collection": str(path), "rows": 96, "resumed_after": 0, "new_classes": 8,
+                               "classes": 8, "proxies": 32}
     return path
 
 
@@ -125,9 +126,9 @@ def test_db_upgrade(tmp_path):
     np.savez(tmp_path / "v.npz", train_X=X, train_y=y)
     run("index", str(path), str(tmp_path / "v.npz"), "--split", "train", "--model", "none", "--quiet")
     store.migrate(store.connect(path / "imprint.db"), "0001", down=True)
-    assert "older than 0002" in run("info", str(path), code=2).stderr
-    assert "schema 0001 -> 0002" in run("db", "upgrade", str(path)).output
-    assert "already at 0002" in run("db", "upgrade", str(path)).output
+    assert "older than 0003" in run("info", str(path), code=2).stderr
+    assert "schema 0001 -> 0003" in run("db", "upgrade", str(path)).output
+    assert "already at 0003" in run("db", "upgrade", str(path)).output
     assert Collection.open(path).classes == [0, 1, 2]
 
 
@@ -201,3 +202,29 @@ def test_calibrate_stores_a_threshold(tmp_path):
     assert Collection.open(path).config["threshold"] == pytest.approx(out["threshold"])
     human = run("calibrate", str(path), TEST, "--target-accuracy", "0.9").output
     assert "highest threshold keeping in-scope accuracy >= 0.9" in human
+
+
+def test_chunked_index_resumes_after_an_interruption(tmp_path, monkeypatch):
+    X, y = blobs(12, 10, 6, seed=4)
+    np.savez(tmp_path / "v.npz", X=X, y=y)
+    args = ["index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model", "none", "--k", "3", "--chunk-size",
+            "25", "--quiet", "--json"]
+    real_add, calls = Collection.add, []
+
+    def failing_add(self, *a, **kw):
+        calls.append(kw.get("checkpoint"))
+        if len(calls) == 3:
+            raise OSError("power cut")
+        return real_add(self, *a, **kw)
+
+    monkeypatch.setattr(Collection, "add", failing_add)
+    assert CliRunner().invoke(main, args).exit_code != 0
+    monkeypatch.undo()
+    assert [c[1] for c in calls[:2]] == [20, 40]  # cut between classes (10 rows each)
+    partial = Collection.open(tmp_path / "c")
+    assert len(partial) == 4 and partial.check().ok
+    out = json.loads(run(*args).output)
+    assert out["resumed_after"] == 40 and out["rows"] == 80 and out["classes"] == 12
+    one_go = tmp_path / "one"
+    run("index", str(one_go), str(tmp_path / "v.npz"), "--model", "none", "--k", "3", "--quiet")
+    np.testing.assert_array_equal(Collection.open(tmp_path / "c").predict(X), Collection.open(one_go).predict(X))

@@ -51,9 +51,11 @@ def test_sigkilled_writers_leave_the_old_or_the_new_state(tmp_path):
     for run in range(10):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(start)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(float(rng.uniform(1.0, 2.5)))
+        first = proc.stdout.readline()  # the writer is past start-up and has committed a step
+        time.sleep(float(rng.uniform(0.0, 1.0)))  # then kill it somewhere inside its write loop
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate()
+        out = first + out
         assert proc.returncode == -signal.SIGKILL, err
         for i in map(int, out.split()):  # steps the writer finished
             state = step(state, i)
@@ -114,7 +116,7 @@ def test_upgrade_from_the_initial_revision_keeps_the_data(tmp_path):
     col.add(X, y)
     before = col.query(X, 3)
     store.migrate(store.connect(path / DB_NAME), "0001", down=True)
-    with pytest.raises(SchemaVersionError, match="schema revision 0001, older than 0002: run `imprint db upgrade"):
+    with pytest.raises(SchemaVersionError, match="schema revision 0001, older than 0003: run `imprint db upgrade"):
         Collection.open(path)
     upgraded = Collection.open(path, upgrade=True)
     np.testing.assert_array_equal(upgraded.query(X, 3).labels, before.labels)

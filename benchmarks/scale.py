@@ -1,0 +1,142 @@
+"""Scale benchmark: collections of 10k, 100k and 1M classes (k = 4, 384-d) on IVF-SQ8 proxy indexes.
+
+Synthetic classes (seeded; two modes each; 8 training samples and 1 held-out query per class) are
+generated and added 50,000 classes at a time, so the raw embeddings are never all in memory.
+Reports build time (the adds plus a final compaction), peak RSS, on-disk size, open time, query
+latency (batch 1, p50/p99) and throughput (batch 1000), recall@1 of the approximate index against
+exact search over the same proxies, accuracy on held-out queries, and add-one-class latency.
+Writes docs/scale.md.
+
+    .venv/bin/python benchmarks/scale.py [--sizes 10000 100000 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import DOCS, machine, markdown_table
+from retrieval_imprint._groups import Grouped, label_keys
+from retrieval_imprint.collection import CLASS_SHIFT, Collection
+from retrieval_imprint.generate import generate
+from retrieval_imprint.index import ivf_lists
+from retrieval_imprint.normalize import l2_normalize
+
+D, K, TRAIN, CHUNK, N_QUERIES = 384, 4, 8, 50_000, 1000
+
+
+def status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def chunk(first: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Classes ``first .. first + n``: training samples ``(8n, D)``, labels, one held-out query each."""
+    rng = np.random.default_rng([7, first])
+    modes = rng.standard_normal((n, 2, D), dtype=np.float32)
+    pick = rng.integers(0, 2, (n, TRAIN + 1))
+    X = modes[np.arange(n)[:, None], pick] + 0.5 * rng.standard_normal((n, TRAIN + 1, D), dtype=np.float32)
+    y = np.repeat(np.arange(first, first + n), TRAIN)
+    return X[:, :TRAIN].reshape(-1, D), y, X[:, TRAIN]
+
+
+def reference_proxies(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The proxies the collection computes (L2 / kmeans k=4 / L2, per-class seeds), as float32."""
+    classes, codes = np.unique(y, return_inverse=True)
+    W, _ = generate("kmeans", Grouped.from_codes(l2_normalize(X), codes, label_keys(classes.tolist())), K, 0)
+    return l2_normalize(W, copy=False)
+
+
+def run(n_classes: int, root: Path) -> list[str]:
+    rng = np.random.default_rng(n_classes)
+    chosen = np.sort(rng.choice(n_classes, min(N_QUERIES, n_classes), replace=False))
+    queries = np.concatenate([chunk(f, min(CHUNK, n_classes - f))[2][chosen[(chosen >= f) & (chosen < f + CHUNK)] - f]
+                              for f in range(0, n_classes, CHUNK)])
+    Qn = l2_normalize(queries)
+    factory = f"IVF{ivf_lists(K * n_classes)},SQ8"
+    path = root / f"c{n_classes}"
+    base = status("VmRSS:")
+    Path("/proc/self/clear_refs").write_text("5")
+    col = Collection.create(path, model=None, k=K, index=factory, keep_samples=False)
+    best_sim = np.full(len(Qn), -np.inf, np.float32)
+    best_id = np.zeros(len(Qn), np.int64)
+    build = 0.0
+    for first in range(0, n_classes, CHUNK):
+        X, y, _ = chunk(first, min(CHUNK, n_classes - first))
+        t = time.perf_counter()
+        col.add(X, y.tolist())
+        build += time.perf_counter() - t
+        W = reference_proxies(X, y)  # exact top-1 over the same proxies, outside the timing
+        S = Qn @ W.T
+        j = S.argmax(1)
+        better = S[np.arange(len(Qn)), j] > best_sim
+        best_sim[better] = S[np.arange(len(Qn)), j][better]
+        best_id[better] = ((first + j[better] // K) << CLASS_SHIFT) + j[better] % K
+        print(f"  {first + len(y) // TRAIN:,} classes, {build:.0f} s", flush=True)
+    t = time.perf_counter()
+    col.compact()
+    build += time.perf_counter() - t
+    peak = status("VmHWM:") - base
+    disk = col.info()["bytes_on_disk"]
+    del col
+    t = time.perf_counter()
+    col = Collection.open(path)
+    open_s = time.perf_counter() - t
+    _, _, approx = col._proxies.search(Qn, 1)
+    recall = float(np.mean(approx[:, 0] == best_id))
+    accuracy = float(np.mean(col.predict(queries) == chosen))
+    single = []
+    for q in queries[:300]:
+        t = time.perf_counter()
+        col.predict(q[None])
+        single.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    col.predict(queries)
+    batch = time.perf_counter() - t
+    adds = []
+    for i in range(20):
+        X, y, _ = chunk(n_classes + i, 1)
+        t = time.perf_counter()
+        col.add(X, y.tolist())
+        adds.append(time.perf_counter() - t)
+    return [f"{n_classes:,}", factory, f"{build:.0f}", f"{peak / 2**30:.2f}", f"{disk / 2**20:,.0f}", f"{open_s:.2f}",
+            f"{np.percentile(single, 50) * 1e3:.2f}", f"{np.percentile(single, 99) * 1e3:.2f}",
+            f"{len(queries) / batch:,.0f}", f"{recall:.3f}", f"{accuracy:.3f}",
+            f"{np.median(adds) * 1e3:.1f}", f"{np.percentile(adds, 90) * 1e3:.1f}", f"{max(adds) * 1e3:.0f}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    args = parser.parse_args()
+    header = ["classes", "index", "build s", "peak RSS GiB", "disk MiB", "open s", "batch-1 p50 ms", "batch-1 p99 ms",
+              "batch-1000 q/s", "recall@1", "accuracy", "add-one p50 ms", "add-one p90 ms", "add-one max ms"]
+    rows = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        for n in args.sizes:
+            rows.append(run(n, Path(tmp)))
+            print(" | ".join(rows[-1]), flush=True)
+    table = markdown_table(header, rows)
+    print(table)
+    (DOCS / "scale.md").write_text(
+        "# Scale\n\n"
+        f"Command: `.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, args.sizes))}` "
+        f"({(time.perf_counter() - started) / 60:.0f} min)  \nMachine: {machine()}  \n"
+        f"Setup: synthetic classes, 384-d, two modes each, {TRAIN} training samples per class added "
+        f"{CHUNK:,} classes at a time (then one full compaction), GEN kmeans k = {K}, L2 norms, max aggregation, "
+        "IVF-SQ8 proxy index (nlist about 2 sqrt(proxies), trained on the first add's proxies, default nprobe = "
+        "nlist / 128, at least 16), samples not kept. Queries: one held-out sample of each of 1,000 random "
+        "classes. recall@1: the approximate top-1 proxy equals the exact top-1 over the same float32 proxies. "
+        "Peak RSS: the process's high-water mark above its RSS before the build. add-one-class: 20 adds of one "
+        "new 8-sample class after the build.\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Approximate proxy indexes (IVF): exactness at full nprobe, recall, incremental writes, choice by budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval_imprint.collection import Collection
+from retrieval_imprint.index import choose_index, ivf_lists, parse_size
+
+
+def classes(n_classes=600, n=6, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    modes = rng.standard_normal((n_classes, 2, d)).astype(np.float32)
+    y = np.repeat(np.arange(n_classes), n)
+    X = modes[y, rng.integers(0, 2, len(y))] + 0.3 * rng.standard_normal((len(y), d)).astype(np.float32)
+    return X, y
+
+
+def test_ivf_flat_with_every_list_probed_is_exact(tmp_path):
+    X, y = classes()
+    exact = Collection.create(tmp_path / "flat", model=None, k=3, keep_samples=False)
+    ivf = Collection.create(tmp_path / "ivf", model=None, k=3, keep_samples=False, index="IVF64,Flat")
+    for col in (exact, ivf):
+        col.add(X[: len(X) // 2], y[: len(X) // 2])
+        col.add(X[len(X) // 2 :], y[len(X) // 2 :])
+    Q = X[::5] + 0.2 * np.random.default_rng(1).standard_normal(X[::5].shape).astype(np.float32)
+    full = ivf.query(Q, 3, search_params={"nprobe": 64})
+    np.testing.assert_array_equal(full.labels, exact.query(Q, 3).labels)
+    assert ivf.config["search_params"] == {"nprobe": 16}  # the default; the override did not stick
+    default = ivf.predict(Q)
+    assert np.mean(default == exact.predict(Q)) > 0.9  # recall@1 of the default nprobe
+
+
+def test_ivf_sq8_grows_shrinks_compacts_and_reopens(tmp_path):
+    X, y = classes(800)
+    col = Collection.create(tmp_path / "c", model=None, k=3, keep_samples=False, index="IVF32,SQ8")
+    col.add(X[y < 400], y[y < 400])
+    col.add(X[y >= 400], y[y >= 400])
+    col.remove(list(range(0, 800, 7)))
+    Q = X[::3]
+    before = col.predict(Q, search_params={"nprobe": 32})
+    assert np.mean(before == np.where(y[::3] % 7 == 0, before, y[::3])) > 0.97
+    col.compact()
+    reopened = Collection.open(tmp_path / "c")
+    assert reopened.check().ok
+    np.testing.assert_array_equal(reopened.predict(Q, search_params={"nprobe": 32}), before)
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.faiss")) == sorted(reopened.info()["segments"])
+    reopened.set_search_params(nprobe=4)
+    assert Collection.open(tmp_path / "c").config["search_params"] == {"nprobe": 4}
+
+
+def test_auto_chooses_by_memory_budget():
+    assert choose_index(1000, 384, 10 * 2**20) == "Flat"
+    n = 4_000_000
+    assert choose_index(n, 384, 8 * 2**30) == "Flat"  # 4M x 1,544 B fits
+    assert choose_index(n, 384, 4 * 2**30) == "IVF4096,SQ8"
+    assert choose_index(n, 384, 400 * 2**20).startswith("IVF4096,PQ")
+    with pytest.raises(ValueError, match="cannot hold 4,000,000 proxies"):
+        choose_index(n, 384, 2**20)
+    assert ivf_lists(1_000_000) == 2048 and parse_size("8GB") == 8 * 10**9 and parse_size("512MiB") == 2**29
+    with pytest.raises(ValueError, match="not a size like 8GB"):
+        parse_size("lots")
+
+
+def test_auto_collection_records_its_choice(tmp_path):
+    X, y = classes(400)
+    col = Collection.create(tmp_path / "c", model=None, k=3, index="auto", memory_budget="60KB")
+    col.add(X, y)
+    assert Collection.open(tmp_path / "c").config["index_factory"].startswith("IVF")
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        (dict(index="IVF4096,SQ8"), "needs at least 4096 proxies to train"),
+        (dict(index="IVF8,Flat", metric="manhattan"), "metric='manhattan' needs index='Flat'"),
+        (dict(index="IVFnonsense"), "not a FAISS factory string"),
+    ],
+)
+def test_bad_index_settings_fail_the_first_add_cleanly(tmp_path, params, match):
+    X, y = classes(100)
+    col = Collection.create(tmp_path / "c", model=None, k=3, **params)
+    with pytest.raises(ValueError, match=match):
+        col.add(X, y)
+    assert len(col) == 0 and Collection.open(tmp_path / "c").check().ok
+
+
+def test_index_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="index='HNSW32' is not valid"):
+        Collection.create(tmp_path / "a", index="HNSW32")
+    with pytest.raises(ValueError, match="give memory_budget"):
+        Collection.create(tmp_path / "b", index="auto")
+    flat = Collection.create(tmp_path / "c", model=None)
+    with pytest.raises(ValueError, match="apply to approximate"):
+        flat.set_search_params(nprobe=4)
