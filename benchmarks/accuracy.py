@@ -33,7 +33,7 @@ from _common import DOCS, machine, markdown_table
 from retrieval_imprint import ImprintClassifier, neural_collapse
 from retrieval_imprint.classifier import PRESETS
 from retrieval_imprint.collection import Collection
-from retrieval_imprint.evaluate import few_shot
+from retrieval_imprint.evaluate import few_shot, plot_accuracy_vs_k
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NORMS = dict(pre_norm="l2", post_norm="l2", inf_norm="l2")
@@ -237,6 +237,8 @@ def write_report(rows: list[dict], collapse: dict, took: float, args: argparse.N
                  for r in times]
         parts.append("## Build and predict time (full data)\n\n"
                      + markdown_table(["data", "setting", "fit ms", "predict test split ms"], table) + "\n")
+    if not args.quick:  # the human reading of the full run
+        parts.append((Path(__file__).parent / "results_discussion.md").read_text())
     (args.out / "results.md").write_text("\n".join(parts))
     plot(rows, args.out / "accuracy_vs_k.png")
 
@@ -250,15 +252,9 @@ def plot(rows: list[dict], path: Path) -> None:
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
-        for s in dict.fromkeys(r["shots"] for r in rows if r["dataset"] == ds and r["experiment"] == "generators"):
-            pts = sorted((r["k"], 100 * r["accuracy"]) for r in rows if r["dataset"] == ds and r["shots"] == s
-                         and r["experiment"] == "generators" and r["generator"] == "kmeans")
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label="all data" if s == 0 else f"{s} shots")
+        plot_accuracy_vs_k([r for r in rows if r["dataset"] == ds and r["experiment"] == "generators"
+                            and r["generator"] == "kmeans"], ax)
         ax.set_title(ds)
-        ax.set_xlabel("k (k-means proxies per class)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,6 +1,7 @@
 """Scale benchmark: collections of 10k, 100k and 1M classes (k = 4, 384-d) on IVF-SQ8 proxy indexes.
 
-Synthetic classes (seeded; two modes each; 8 training samples and 1 held-out query per class) are
+Synthetic classes (seeded; grouped in topics; two modes each; 8 training samples and 1 held-out
+query per class) are
 generated and added 50,000 classes at a time, so the raw embeddings are never all in memory.
 Reports build time (the adds plus a final compaction), peak RSS, on-disk size, open time, query
 latency (batch 1, p50/p99) and throughput (batch 1000), recall@1 of the approximate index against
@@ -37,11 +38,17 @@ def status(key: str) -> int:
 
 
 def chunk(first: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Classes ``first .. first + n``: training samples ``(8n, D)``, labels, one held-out query each."""
+    """Classes ``first .. first + n``: training samples ``(8n, D)``, labels, one held-out query each.
+
+    Like real intents, classes sit in topics (1,000 classes per topic, topic centres seeded once);
+    each class has two modes; samples scatter around them.
+    """
+    topics = np.random.default_rng(11).standard_normal((max(1, (first + n) // 1000 + 1), D)).astype(np.float32)
     rng = np.random.default_rng([7, first])
-    modes = rng.standard_normal((n, 2, D), dtype=np.float32)
+    centre = topics[(first + np.arange(n)) // 1000] + 0.7 * rng.standard_normal((n, D), dtype=np.float32)
+    modes = centre[:, None, :] + 0.5 * rng.standard_normal((n, 2, D), dtype=np.float32)
     pick = rng.integers(0, 2, (n, TRAIN + 1))
-    X = modes[np.arange(n)[:, None], pick] + 0.5 * rng.standard_normal((n, TRAIN + 1, D), dtype=np.float32)
+    X = modes[np.arange(n)[:, None], pick] + 0.4 * rng.standard_normal((n, TRAIN + 1, D), dtype=np.float32)
     y = np.repeat(np.arange(first, first + n), TRAIN)
     return X[:, :TRAIN].reshape(-1, D), y, X[:, TRAIN]
 
@@ -51,6 +58,21 @@ def reference_proxies(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     classes, codes = np.unique(y, return_inverse=True)
     W, _ = generate("kmeans", Grouped.from_codes(l2_normalize(X), codes, label_keys(classes.tolist())), K, 0)
     return l2_normalize(W, copy=False)
+
+
+def exact_top1(Qn: np.ndarray, n_classes: int) -> np.ndarray:
+    """Ids (``class << 24 | j``) of the exact top-1 proxies, recomputed chunk by chunk after the build."""
+    best_sim = np.full(len(Qn), -np.inf, np.float32)
+    best_id = np.zeros(len(Qn), np.int64)
+    for first in range(0, n_classes, CHUNK):
+        X, y, _ = chunk(first, min(CHUNK, n_classes - first))
+        S = Qn @ reference_proxies(X, y).T
+        j = S.argmax(1)
+        s = S[np.arange(len(Qn)), j]
+        better = s > best_sim
+        best_sim[better] = s[better]
+        best_id[better] = ((first + j[better] // K) << CLASS_SHIFT) + j[better] % K
+    return best_id
 
 
 def run(n_classes: int, root: Path) -> list[str]:
@@ -64,20 +86,12 @@ def run(n_classes: int, root: Path) -> list[str]:
     base = status("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")
     col = Collection.create(path, model=None, k=K, index=factory, keep_samples=False)
-    best_sim = np.full(len(Qn), -np.inf, np.float32)
-    best_id = np.zeros(len(Qn), np.int64)
     build = 0.0
     for first in range(0, n_classes, CHUNK):
         X, y, _ = chunk(first, min(CHUNK, n_classes - first))
         t = time.perf_counter()
         col.add(X, y.tolist())
         build += time.perf_counter() - t
-        W = reference_proxies(X, y)  # exact top-1 over the same proxies, outside the timing
-        S = Qn @ W.T
-        j = S.argmax(1)
-        better = S[np.arange(len(Qn)), j] > best_sim
-        best_sim[better] = S[np.arange(len(Qn)), j][better]
-        best_id[better] = ((first + j[better] // K) << CLASS_SHIFT) + j[better] % K
         print(f"  {first + len(y) // TRAIN:,} classes, {build:.0f} s", flush=True)
     t = time.perf_counter()
     col.compact()
@@ -89,7 +103,7 @@ def run(n_classes: int, root: Path) -> list[str]:
     col = Collection.open(path)
     open_s = time.perf_counter() - t
     _, _, approx = col._proxies.search(Qn, 1)
-    recall = float(np.mean(approx[:, 0] == best_id))
+    recall = float(np.mean(approx[:, 0] == exact_top1(Qn, n_classes)))
     accuracy = float(np.mean(col.predict(queries) == chosen))
     single = []
     for q in queries[:300]:
@@ -111,31 +125,62 @@ def run(n_classes: int, root: Path) -> list[str]:
             f"{np.median(adds) * 1e3:.1f}", f"{np.percentile(adds, 90) * 1e3:.1f}", f"{max(adds) * 1e3:.0f}"]
 
 
+TARGETS = "build <= 20 min, peak RSS <= 12 GiB, open <= 10 s, batch-1 p50 <= 5 ms, recall@1 >= 0.95, add-one-class <= 50 ms"
+
+
+def targets(row: list[str]) -> str:
+    """The issue's 1M-class targets, each marked met or missed from a result row."""
+    checks = [("build", float(row[2]) / 60, 20, "min", "<="), ("peak RSS", float(row[3]), 12, "GiB", "<="),
+              ("open", float(row[5]), 10, "s", "<="), ("batch-1 p50", float(row[6]), 5, "ms", "<="),
+              ("recall@1", float(row[9]), 0.95, "", ">="), ("add-one-class p50", float(row[11]), 50, "ms", "<=")]
+    lines = []
+    for name, value, bound, unit, op in checks:
+        ok = value <= bound if op == "<=" else value >= bound
+        lines.append(f"- {name}: {value:.3g}{' ' + unit if unit else ''} (target {op} {bound}{' ' + unit if unit else ''}): "
+                     f"{'met' if ok else 'missed'}")
+    return f"## Targets at {row[0]} classes\n\n" + "\n".join(lines) + "\n"
+
+
+def write_doc(rows: list[list[str]], sizes: list[int], minutes: float) -> str:
+    header = ["classes", "index", "build s", "peak RSS GiB", "disk MiB", "open s", "batch-1 p50 ms", "batch-1 p99 ms",
+              "batch-1000 q/s", "recall@1", "accuracy", "add-one p50 ms", "add-one p90 ms", "add-one max ms"]
+    table = markdown_table(header, rows)
+    text = ("# Scale\n\n"
+            f"Command: `.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, sizes))}` "
+            f"({minutes:.0f} min)  \nMachine: {machine()}  \n"
+            f"Setup: synthetic classes, 384-d, 1,000 per topic, two modes each, {TRAIN} training samples per class "
+            f"added {CHUNK:,} classes at a time (then one full compaction), GEN kmeans k = {K}, L2 norms, max "
+            "aggregation, IVF-SQ8 proxy index (nlist about 2 sqrt(proxies), trained on the first add's proxies, "
+            "default nprobe = nlist / 64, at least 32), samples not kept. Queries: one held-out sample of each of "
+            "1,000 random classes. recall@1: the approximate top-1 proxy equals the exact top-1 over the same "
+            "float32 proxies. Peak RSS: the process's high-water mark during the build (generating and adding "
+            "chunks, compaction) above its RSS before. add-one-class: 20 adds of one new 8-sample class after "
+            "the build.\n\n" + table + "\n\n" + targets(rows[-1]))
+    if float(rows[-1][9]) < 0.95:
+        text += ("\nrecall@1 misses its target by {:.3f}. Topics pack 1,000 classes (4,000 proxies) into small "
+                 "neighbourhoods, so the exact top-1 proxy of a held-out query often has near-ties that SQ8's 8-bit "
+                 "codes and the probed lists reorder; classification accuracy stays {} because the swapped proxies "
+                 "nearly always belong to the same class. What would close it: a larger nprobe (per query: "
+                 "`search_params={{\"nprobe\": 128}}`, at the cost of latency against the 5 ms budget), re-ranking "
+                 "the IVF shortlist with exact vectors (FAISS `IndexRefineFlat`: +1.5 KB per proxy, about 6 GB more at 4M "
+                 "proxies, which the 12 GiB budget only just allows), or SQfp16 codes (768 B per proxy).\n"
+                 ).format(0.95 - float(rows[-1][9]), rows[-1][10])
+        (DOCS / "scale.md").write_text(text)
+    (DOCS / "scale.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     args = parser.parse_args()
-    header = ["classes", "index", "build s", "peak RSS GiB", "disk MiB", "open s", "batch-1 p50 ms", "batch-1 p99 ms",
-              "batch-1000 q/s", "recall@1", "accuracy", "add-one p50 ms", "add-one p90 ms", "add-one max ms"]
     rows = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             rows.append(run(n, Path(tmp)))
             print(" | ".join(rows[-1]), flush=True)
-    table = markdown_table(header, rows)
-    print(table)
-    (DOCS / "scale.md").write_text(
-        "# Scale\n\n"
-        f"Command: `.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, args.sizes))}` "
-        f"({(time.perf_counter() - started) / 60:.0f} min)  \nMachine: {machine()}  \n"
-        f"Setup: synthetic classes, 384-d, two modes each, {TRAIN} training samples per class added "
-        f"{CHUNK:,} classes at a time (then one full compaction), GEN kmeans k = {K}, L2 norms, max aggregation, "
-        "IVF-SQ8 proxy index (nlist about 2 sqrt(proxies), trained on the first add's proxies, default nprobe = "
-        "nlist / 128, at least 16), samples not kept. Queries: one held-out sample of each of 1,000 random "
-        "classes. recall@1: the approximate top-1 proxy equals the exact top-1 over the same float32 proxies. "
-        "Peak RSS: the process's high-water mark above its RSS before the build. add-one-class: 20 adds of one "
-        "new 8-sample class after the build.\n\n" + table + "\n")
+    print(write_doc(rows, args.sizes, (time.perf_counter() - started) / 60))
 
 
 if __name__ == "__main__":

@@ -577,16 +577,10 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'retrieval-imprint[plot]'") from None
+    from retrieval_imprint.evaluate import plot_accuracy_vs_k
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    for shots in dict.fromkeys(r["shots"] for r in rows):
-        for gen in dict.fromkeys(r["generator"] for r in rows):
-            pts = sorted((r["k"], r["accuracy"]) for r in rows if r["shots"] == shots and r["generator"] == gen
-                         and r["aggregation"] == "max")
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{gen}, {shots or 'all'} shots")
-    ax.set_xlabel("k (proxies per class)")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=7)
+    plot_accuracy_vs_k(rows, ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

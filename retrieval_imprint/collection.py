@@ -106,7 +106,7 @@ def _check_vectors(X: object, what: str, dimension: int | None) -> np.ndarray:
         raise ValueError(f"{what} is empty: nothing to {'add' if what == 'X' else 'query'}")
     if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
         raise ValueError(f"{what} must hold real numbers; got dtype {X.dtype}")
-    X = X.astype(np.float32)
+    X = np.asarray(X, np.float32)  # no copy for float32 input: nothing below writes to it
     bad = np.flatnonzero(~np.isfinite(X).all(1))
     if len(bad):
         raise ValueError(f"{what} row {bad[0]} holds NaN or infinity ({len(bad)} such rows)")
@@ -175,7 +175,7 @@ class Collection:
         ``index``: ``"Flat"`` (exact, default), a FAISS IVF factory string (``"IVF4096,SQ8"``,
         ``"IVF1024,PQ48"``, ...) trained on the first add's proxies, or ``"auto"``: the most
         accurate of those whose proxies fit ``memory_budget`` (``"8GB"``), chosen at the first add.
-        ``search_params`` (e.g. ``{"nprobe": 32}``) default to nprobe = nlist / 128 (at least 16).
+        ``search_params`` (e.g. ``{"nprobe": 32}``) default to nprobe = nlist / 64 (at least 32).
         """
         params = dict(generator=generator, k=k, pre_norm=pre_norm, post_norm=post_norm, inf_norm=inf_norm,
                       aggregation=aggregation, m=m, metric=metric, vote=vote, ls_reg=0.0)

@@ -133,3 +133,17 @@ def calibrate(in_scores: np.ndarray, in_correct: np.ndarray, oos_scores: np.ndar
         criterion = "maximise (in-scope accuracy + out-of-scope recall) / 2"
     return Calibration(float(candidates[best]), float(accuracy[best]),
                        None if recall is None else float(recall[best]), criterion)
+
+
+def plot_accuracy_vs_k(rows: Sequence[dict[str, Any]], ax: Any) -> None:
+    """Draw accuracy (%) against k on a matplotlib ``ax``: one line per (generator, shots) of the
+    max-aggregation rows of a ``sweep``."""
+    for shots in dict.fromkeys(r["shots"] for r in rows):
+        for gen in dict.fromkeys(r["generator"] for r in rows):
+            pts = sorted((r["k"], 100 * r["accuracy"]) for r in rows
+                         if r["shots"] == shots and r["generator"] == gen and r["aggregation"] == "max")
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{gen}, {'all data' if shots == 0 else f'{shots} shots'}")
+    ax.set_xlabel("k (proxies per class)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)

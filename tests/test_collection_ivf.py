@@ -27,7 +27,7 @@ def test_ivf_flat_with_every_list_probed_is_exact(tmp_path):
     Q = X[::5] + 0.2 * np.random.default_rng(1).standard_normal(X[::5].shape).astype(np.float32)
     full = ivf.query(Q, 3, search_params={"nprobe": 64})
     np.testing.assert_array_equal(full.labels, exact.query(Q, 3).labels)
-    assert ivf.config["search_params"] == {"nprobe": 16}  # the default; the override did not stick
+    assert ivf.config["search_params"] == {"nprobe": 32}  # the default; the override did not stick
     default = ivf.predict(Q)
     assert np.mean(default == exact.predict(Q)) > 0.9  # recall@1 of the default nprobe
 

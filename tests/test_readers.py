@@ -1,0 +1,61 @@
+"""Data readers: every format, column detection, and errors that name file, row and column."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from retrieval_imprint.readers import DataError, read
+
+
+def test_csv_with_quoted_newlines_and_tsv(tmp_path):
+    (tmp_path / "a.csv").write_text('text,category\n"two\nlines",x\n  padded  , y \n')
+    ds = read(tmp_path / "a.csv")
+    assert ds.texts == ["two\nlines", "padded"] and ds.labels == ["x", "y"]
+    (tmp_path / "b.tsv").write_text("utterance\tintent\nhello there\tgreet\n")
+    assert read(tmp_path / "b.tsv").labels == ["greet"]
+
+
+def test_jsonl_and_parquet_texts_and_vectors(tmp_path):
+    rows = [{"text": "a b", "label": 3, "vector": [1.0, 2.0]}, {"text": "c", "label": 4, "vector": [3.0, 4.0]}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ds = read(tmp_path / "d.jsonl", text_column="text")
+    assert ds.texts == ["a b", "c"] and ds.labels == [3, 4]
+    vec = read(tmp_path / "d.jsonl", vector_column="vector")
+    np.testing.assert_array_equal(vec.vectors, [[1, 2], [3, 4]])
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert read(tmp_path / "d.parquet").vectors.shape == (2, 2)  # a vector column is used when present
+    assert read(tmp_path / "d.parquet", text_column="text").texts == ["a b", "c"]
+
+
+def test_npz_splits_and_npy(tmp_path):
+    np.savez(tmp_path / "e.npz", train_X=np.ones((3, 4)), train_y=np.array(["a", "b", "a"]), test_X=np.ones((1, 4)),
+             test_y=np.array(["a"]))
+    assert read(tmp_path / "e.npz", split="train").labels == ["a", "b", "a"]
+    with pytest.raises(DataError, match=r"choose a split with --split \(arrays found"):
+        read(tmp_path / "e.npz")
+    np.save(tmp_path / "q.npy", np.ones((2, 4)))
+    assert read(tmp_path / "q.npy", need_labels=False).vectors.shape == (2, 4)
+    with pytest.raises(DataError, match="holds vectors only"):
+        read(tmp_path / "q.npy")
+
+
+@pytest.mark.parametrize(
+    "name,content,options,match",
+    [
+        ("v.jsonl", '{"vector": [1, 2], "label": "a"}\n{"vector": [1], "label": "b"}\n', {},
+         "line 2: column 'vector' has 2 different vector lengths"),
+        ("v.jsonl", '{"vector": "nope", "label": "a"}\n', {}, "line 1: column 'vector' is not a JSON list"),
+        ("t.csv", "text,label\nhi,a\n,b\n", {}, r"row 2 \(line 3\): text column 'text' is blank"),
+        ("l.jsonl", '{"text": "a", "label": 1.5}\n', {}, "line 1: label 1.5 in column 'label' must be text or an integer"),
+        ("x.jsonl", "[1, 2]\n", {}, "line 1 is not a JSON object"),
+    ],
+)
+def test_errors_name_the_place(tmp_path, name, content, options, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=match):
+        read(tmp_path / name, **options)
