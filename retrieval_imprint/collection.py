@@ -94,6 +94,26 @@ def _label_entry(label: object, row: int) -> tuple[str, str]:
     raise ValueError(f"label at row {row} is {type(label).__name__} {label!r}: labels must be str or int")
 
 
+def _encode_labels(labels: Sequence[object]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Class codes ``(n,)`` and the distinct ``(kind, text)`` label entries in first-appearance order.
+
+    All-str or all-int labels are checked once per distinct label (numpy does the grouping);
+    anything else row by row, so that an error names the first bad row either way.
+    """
+    values = labels.tolist() if isinstance(labels, np.ndarray) else list(labels)
+    types = set(map(type, values))
+    if types in ({str}, {int}):
+        uniq, first, codes = np.unique(np.array(values), return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        return rank[codes.ravel()], [_label_entry(uniq[i].item(), int(first[i])) for i in order]
+    seen: dict[tuple[str, str], int] = {}
+    codes = np.fromiter((seen.setdefault(_label_entry(v, row), len(seen)) for row, v in enumerate(values)),
+                        np.int64, len(values))
+    return codes, list(seen)
+
+
 def _label_value(kind: str, text: str) -> object:
     return int(text) if kind == "int" else text
 
@@ -520,13 +540,12 @@ class Collection:
         ``checkpoint=(source, rows_done)`` records, in the same transaction, how far a chunked
         ingestion of ``source`` has come (see ``rows_done``)."""
         X = _check_vectors(X, "X", self._config["dimension"])
-        labels = list(labels) if not isinstance(labels, np.ndarray) else labels.tolist()
         if len(labels) != len(X):
             raise ValueError(f"X has {len(X)} rows but labels has {len(labels)}")
         self._check_model(model, "add")
-        entries = [_label_entry(label, row) for row, label in enumerate(labels)]
+        codes, entries = _encode_labels(labels)
         with self._writing():
-            self._add(X, entries, checkpoint)
+            self._add(X, codes, entries, checkpoint)
         return self
 
     def rows_done(self, source: str) -> int:
@@ -535,12 +554,10 @@ class Collection:
             done = conn.execute(select(store.ingest.c.rows_done).where(store.ingest.c.source == source)).scalar()
         return int(done or 0)
 
-    def _add(self, X: np.ndarray, entries: list[tuple[str, str]], checkpoint: tuple[str, int] | None) -> None:
+    def _add(self, X: np.ndarray, codes: np.ndarray, uniq: list[tuple[str, str]],
+             checkpoint: tuple[str, int] | None) -> None:
         cfg = dict(self._config)
         X = normalize(X, cfg["pre_norm"], what="X")
-        order: dict[tuple[str, str], int] = {}
-        codes = np.fromiter((order.setdefault(e, len(order)) for e in entries), np.int64, len(entries))
-        uniq = list(order)
         with self._engine.connect() as conn:
             existing = self._find_classes(conn, uniq)
         if existing and not cfg["keep_samples"]:
