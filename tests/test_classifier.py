@@ -126,3 +126,10 @@ def test_bad_queries():
         clf.predict(np.full((1, 4), np.nan))
     with pytest.raises(ValueError, match="0 sample"):
         clf.predict(np.zeros((0, 4)))
+
+
+def test_public_api_imports_from_the_package():
+    import retrieval_imprint
+
+    for name in ("ImprintClassifier", "Collection", "Embedder", "neural_collapse", "PRESETS", "GENERATORS"):
+        assert hasattr(retrieval_imprint, name)
