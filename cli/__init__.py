@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,7 @@ def index(collection: Path, data: tuple[str, ...], model: str | None, keep_sampl
         add(vectors_of(datasets, recorded, quiet), [label for ds in datasets for label in ds.labels])
     else:  # chunk by chunk, each chunk atomic and recorded, so an interrupted run resumes
         show = not quiet and sys.stderr.isatty()
+        started = time.perf_counter()
         with tqdm(total=total, unit="row", desc="indexing", disable=not show) as bar:
             for ds in datasets:
                 stat = Path(ds.source).stat()
@@ -201,7 +203,8 @@ def index(collection: Path, data: tuple[str, ...], model: str | None, keep_sampl
                                    ds.vectors[lo:hi] if ds.vectors is not None else None, ds.labels[lo:hi])
                     add(vectors_of([part], recorded, quiet=True), part.labels, (source, hi))
                     bar.update(hi - lo)
-                    bar.set_postfix(classes=len(col))
+                    rate = (len(col) - len(before)) / max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix(classes=len(col), classes_per_s=f"{rate:.0f}")
     info = col.info()
     labels = {str(label) for ds in datasets for label in ds.labels}
     result = {"collection": str(collection), "rows": total - resumed, "resumed_after": resumed,
