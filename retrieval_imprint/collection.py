@@ -855,9 +855,8 @@ class Collection:
             if len(ids) != len(np.unique(ids)):
                 problems.append(f"{kind}: duplicate ids in the index files")
             if not np.array_equal(np.sort(ids), np.sort(rows[:, 0])):
-                problems.append(f"{kind}: the index files hold {len(ids)} live vectors, the database {len(rows)} rows"
-                                " with other ids" if len(ids) == len(rows) else
-                                f"{kind}: the index files hold {len(ids)} live vectors, the database {len(rows)} rows")
+                problems.append(f"{kind}: the index files hold {len(ids)} live vectors and the database "
+                                f"{len(rows)} id rows, and their ids differ")
             if (rows[:, 0] >> CLASS_SHIFT != rows[:, 1]).any():
                 problems.append(f"{kind}: an id row names another class than its id encodes")
         expected = int((fresh._proxy_hi - fresh._proxy_lo).sum())

@@ -228,3 +228,16 @@ def test_chunked_index_resumes_after_an_interruption(tmp_path, monkeypatch):
     one_go = tmp_path / "one"
     run("index", str(one_go), str(tmp_path / "v.npz"), "--model", "none", "--k", "3", "--quiet")
     np.testing.assert_array_equal(Collection.open(tmp_path / "c").predict(X), Collection.open(one_go).predict(X))
+
+
+def test_check_exits_1_and_lists_problems(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "c"
+    X, y = blobs(3, 5, 4)
+    np.savez(tmp_path / "v.npz", X=X, y=y)
+    run("index", str(path), str(tmp_path / "v.npz"), "--model", "none", "--quiet")
+    with sqlite3.connect(path / "imprint.db") as db:
+        db.execute("DELETE FROM samples WHERE id = (SELECT MIN(id) FROM samples)")
+    result = run("check", str(path), code=1)
+    assert "samples: the index files hold 15 live vectors and the database 14 id rows" in result.stderr

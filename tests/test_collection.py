@@ -277,3 +277,12 @@ def test_a_second_writer_is_told_who_holds_the_lock(filled):
         with pytest.raises(CollectionLockedError, match=f"locked by pid {os.getpid()}"):
             other.add(Q[:1], ["x"])
     still_answers(col, Q, before)
+
+
+def test_check_reports_a_database_that_disagrees_with_the_index(filled):
+    col, _, _ = filled
+    with sqlite3.connect(col.path / DB_NAME) as db:
+        db.execute("DELETE FROM proxies WHERE id = (SELECT MIN(id) FROM proxies)")
+    report = col.check()
+    assert not report.ok
+    assert any("the index files hold 24 live vectors and the database 23 id rows" in p for p in report.problems)
