@@ -8,6 +8,7 @@ on stderr, and leaves the collection as it was.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -76,7 +77,10 @@ def data_options(fn):
     return fn
 
 
+@functools.lru_cache(maxsize=None)
 def embedder(model: str | None, quiet: bool):
+    """One embedder per model for the whole command: a chunked index, calibrate or sweep embeds
+    several batches, and loading the model is the slow part."""
     from retrieval_imprint.embed import Embedder, EmbeddingCache
 
     return Embedder(model, cache=EmbeddingCache.default(), progress=not quiet and sys.stderr.isatty())

@@ -3,6 +3,7 @@ and the most frequent confusions. Labels may be str or int; a rejected predictio
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -67,8 +68,6 @@ def sweep(X_train: np.ndarray, y_train: Sequence[Any], X_test: np.ndarray, y_tes
 
     Seed s draws the few-shot subset and seeds the generator. One row per (shots, config).
     """
-    import time
-
     from .classifier import ImprintClassifier
 
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)

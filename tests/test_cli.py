@@ -241,3 +241,24 @@ def test_check_exits_1_and_lists_problems(tmp_path):
         db.execute("DELETE FROM samples WHERE id = (SELECT MIN(id) FROM samples)")
     result = run("check", str(path), code=1)
     assert "samples: the index files hold 15 live vectors and the database 14 id rows" in result.stderr
+
+
+def test_a_chunked_text_index_loads_the_model_once(tmp_path, monkeypatch):
+    import sentence_transformers
+
+    from retrieval_imprint.cli import embedder
+
+    monkeypatch.setenv("RETRIEVAL_IMPRINT_CACHE", str(tmp_path / "fresh-cache.sqlite"))  # nothing cached yet
+    embedder.cache_clear()
+    loads = []
+    real = sentence_transformers.SentenceTransformer
+
+    def counting(*args, **kwargs):
+        loads.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", counting)
+    out = json.loads(run("index", str(tmp_path / "c"), TRAIN, "--chunk-size", "30", "--quiet", "--json").output)
+    assert out["rows"] == 96 and out["classes"] == 8
+    assert len(loads) == 1
+    embedder.cache_clear()  # later tests get an embedder on the session's cache again
