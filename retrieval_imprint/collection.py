@@ -6,6 +6,7 @@ A collection is a directory::
     proxies-00000007.faiss  immutable FAISS segments (IndexIDMap2 over a flat index) ...
     samples-00000007.faiss  ... of proxies and, with ``keep_samples``, of the pre-normalised samples
     writer.lock             held (flock) by the one process writing; holds its pid
+    readers.lock            held shared (flock) by readers while they open the segments they read
 
 **Ids.** A vector's 64-bit id is ``class_id << 24 | j``: the class is ``id >> 24``, so mapping search
 results to labels is arithmetic on arrays, never SQL. Class ids are never reused; a class's live
@@ -18,9 +19,13 @@ orphan file is deleted by the next writer); after it, the new one. Removed and r
 stay in their segments until ``compact()`` (automatic past ``COMPACT_SEGMENTS`` segments) rewrites
 the live ones into one file; loading skips dead ids by their class ranges.
 
-**Concurrency.** Readers never lock: they read the database (WAL) and the immutable segments, and
-pick up new versions on ``refresh()`` or reopen. One writer at a time holds ``writer.lock``; a
-second gets ``CollectionLockedError`` naming the holder's pid.
+**Concurrency.** Readers never wait for a writer: they read the database (WAL) and the immutable
+segments, and pick up new versions on ``refresh()`` or reopen. While a reader lists the segments and
+opens them (not while it reads them: an open file outlives its deletion) it holds ``readers.lock``
+shared; a writer deletes superseded segment files only when it can take that lock exclusively
+without waiting, and otherwise leaves them for a later write, so a file a reader has just seen
+listed is never deleted before the reader opens it. One writer at a
+time holds ``writer.lock``; a second gets ``CollectionLockedError`` naming the holder's pid.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ import fcntl
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -50,10 +55,12 @@ from .normalize import normalize, quantile_targets
 
 DB_NAME = "imprint.db"
 LOCK_NAME = "writer.lock"
+READERS_LOCK = "readers.lock"
 CLASS_SHIFT = 24
 MAX_PER_CLASS = 1 << CLASS_SHIFT
 COMPACT_SEGMENTS = 16
 _SQL_CHUNK = 400
+CHECK_ATTEMPTS = 20
 
 
 class CollectionLockedError(RuntimeError):
@@ -155,12 +162,12 @@ def _class_ranges(class_ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, ids: np
 class Collection:
     """An imprinted head stored in a directory; see the module docstring for the layout."""
 
-    def __init__(self, path: Path, engine) -> None:  # use create() or open()
+    def __init__(self, path: Path, engine, samples: bool = False) -> None:  # use create() or open()
         self.path = path
         self._engine = engine
         self._samples: ProxyIndex | None = None
         self._embedder: Embedder | None = None
-        self._load()
+        self._load(samples)
 
     # ----------------------------------------------------------------- create, open, load
     @classmethod
@@ -220,6 +227,7 @@ class Collection:
         staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        (staging / READERS_LOCK).touch()
         engine = store.connect(staging / DB_NAME)
         try:
             store.migrate(engine)
@@ -258,26 +266,42 @@ class Collection:
             store.migrate(engine)
         return cls(path, engine)
 
-    def _load(self, attempts: int = 3) -> None:
-        """Read the database and the proxy segments it names (retrying if a writer compacts meanwhile)."""
-        for attempt in range(attempts):
-            with self._engine.connect() as conn, conn.begin():
-                cfg = dict(conn.execute(select(store.collection)).mappings().one())
-                emb = conn.execute(select(store.embedder)).mappings().first()
-                rows = conn.execute(select(store.classes.c.id, store.classes.c.label, store.classes.c.label_kind,
-                                           store.classes.c.n_samples, store.classes.c.proxy_lo,
-                                           store.classes.c.proxy_hi, store.classes.c.sample_hi)
-                                    .order_by(store.classes.c.id)).all()
-                segs = conn.execute(select(store.segments.c.kind, store.segments.c.file)
-                                    .order_by(store.segments.c.id)).all()
-            try:
-                self._set_state(cfg, emb, rows, segs)
-                return
-            except FileNotFoundError:
-                if attempt == attempts - 1:
-                    raise
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Hold ``readers.lock`` shared: no writer deletes a segment file meanwhile (see module doc)."""
+        try:
+            fd = os.open(self.path / READERS_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:  # a read-only directory without the file (made before it existed): read unlocked
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
-    def _set_state(self, cfg: dict, emb: Any, rows: list, segs: list) -> None:
+    def _load(self, samples: bool = False) -> None:
+        """Read one committed version: the database rows and the segment files they name (the
+        samples' too if ``samples``). The files are opened under ``readers.lock`` and read after it
+        is released (an open file outlives its deletion), so writers never wait on a slow load."""
+        with ExitStack() as stack:
+            with self._reading():
+                with self._engine.connect() as conn, conn.begin():
+                    cfg = dict(conn.execute(select(store.collection)).mappings().one())
+                    emb = conn.execute(select(store.embedder)).mappings().first()
+                    rows = conn.execute(select(store.classes.c.id, store.classes.c.label,
+                                               store.classes.c.label_kind, store.classes.c.n_samples,
+                                               store.classes.c.proxy_lo, store.classes.c.proxy_hi,
+                                               store.classes.c.sample_hi).order_by(store.classes.c.id)).all()
+                    segs = conn.execute(select(store.segments.c.kind, store.segments.c.file)
+                                        .order_by(store.segments.c.id)).all()
+                kinds = ("template", "proxies", "samples") if samples else ("template", "proxies")
+                opened = {name: stack.enter_context(self._open_file(name)) for kind, name in segs if kind in kinds}
+            self._set_state(cfg, emb, rows, segs, opened)
+            if samples and cfg["keep_samples"] and cfg["dimension"]:
+                self._samples = self._merge_files("samples", self._segment_files["samples"], opened)
+
+    def _set_state(self, cfg: dict, emb: Any, rows: list, segs: list, opened: dict[str, BinaryIO]) -> None:
         d = cfg["dimension"]
         self._config = cfg
         self._embedder_row = dict(emb) if emb is not None else None
@@ -294,17 +318,25 @@ class Collection:
                            if cfg["metric_transform"] is not None else None)
         ready = d is not None and (cfg["metric"] != "mahalanobis" or self._transform is not None)
         ready = ready and (cfg["index_factory"] == "Flat" or bool(self._segment_files["template"]))
+        template = self._segment_files["template"]
         self._template = (ProxyIndex(d, cfg["metric"], self._transform, index=self._read_file(
-            self._segment_files["template"][0])) if self._segment_files["template"] else None)
-        self._proxies = self._read_segments("proxies") if ready else None
+            template[0], opened[template[0]])) if template else None)
+        self._proxies = self._merge_files("proxies", self._segment_files["proxies"], opened) if ready else None
         self._samples = None  # loaded on first need (re-imprinting a class, check)
 
-    def _read_file(self, name: str) -> faiss.Index:
-        file = self.path / name
-        if not file.is_file():
-            raise FileNotFoundError(f"collection {self.path}: index file {name} is missing")
+    @contextmanager
+    def _open_file(self, name: str) -> Iterator[BinaryIO]:
         try:
-            index = faiss.read_index(str(file))
+            file = open(self.path / name, "rb")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"collection {self.path}: index file {name} is missing") from None
+        with file:
+            yield file
+
+    def _read_file(self, name: str, file: BinaryIO) -> faiss.Index:
+        """The FAISS index in segment file ``name``, read from its open ``file``."""
+        try:
+            index = faiss.read_index(faiss.PyCallbackIOReader(file.read))
         except RuntimeError as exc:
             raise ValueError(f"collection {self.path}: index file {name} is unreadable or truncated "
                              f"({str(exc).strip().splitlines()[0]})") from None
@@ -321,15 +353,14 @@ class Collection:
             return ProxyIndex(self._config["dimension"], self._config["metric"], self._transform, with_ids=True)
         return ProxyIndex(self._config["dimension"], "euclidean", None, with_ids=True)
 
-    def _read_segments(self, kind: str) -> ProxyIndex:
-        """The live vectors of every ``kind`` segment, merged into one in-memory index."""
-        return self._merge_files(kind, self._segment_files[kind])
-
-    def _merge_files(self, kind: str, files: list[str]) -> ProxyIndex:
-        """The live vectors (by the class ranges) of these ``kind`` segment files, in one index."""
+    def _merge_files(self, kind: str, files: list[str], opened: dict[str, BinaryIO] | None = None) -> ProxyIndex:
+        """The live vectors (by the class ranges) of these ``kind`` segment files, in one index.
+        Files not in ``opened`` are opened here: only the writer may, as no one else deletes them."""
         merged = self._new_index(kind)
-        for name in files:
-            merged.index.merge_from(self._read_file(name), 0)
+        with ExitStack() as stack:
+            for name in files:
+                file = opened[name] if opened and name in opened else stack.enter_context(self._open_file(name))
+                merged.index.merge_from(self._read_file(name, file), 0)
         hi = self._proxy_hi if kind == "proxies" else self._sample_hi
         lo = self._proxy_lo if kind == "proxies" else np.zeros_like(hi)
         ids = merged.ids
@@ -340,8 +371,9 @@ class Collection:
         return merged
 
     def _samples_index(self) -> ProxyIndex:
+        """The stored samples, loaded on first need (by the writer, which alone deletes files)."""
         if self._samples is None:
-            self._samples = self._read_segments("samples")
+            self._samples = self._merge_files("samples", self._segment_files["samples"])
         return self._samples
 
     def refresh(self) -> bool:
@@ -495,7 +527,7 @@ class Collection:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             self.refresh()
-            self._delete_orphans()
+            self._delete_unlisted()
             try:
                 yield
             except BaseException:
@@ -504,12 +536,21 @@ class Collection:
         finally:
             os.close(fd)  # releases the lock
 
-    def _delete_orphans(self) -> None:
-        """Remove segment files no committed version names (left by a crashed or compacting writer)."""
-        keep = {f for files in self._segment_files.values() for f in files}
-        for file in self.path.iterdir():
-            if file.suffix in (".faiss", ".tmp") and file.name not in keep:
-                file.unlink(missing_ok=True)
+    def _delete_unlisted(self) -> None:
+        """Delete segment files the committed version does not name (superseded by a compaction, or
+        left by a crashed writer) if no reader is opening segments now; else a later write will."""
+        fd = os.open(self.path / READERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            keep = {f for files in self._segment_files.values() for f in files}
+            for file in self.path.iterdir():
+                if file.suffix in (".faiss", ".tmp") and file.name not in keep:
+                    file.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
     def _write_segment(self, kind: str, version: int, index: ProxyIndex) -> str:
         """Durably write ``index`` as a new segment file; returns its name."""
@@ -823,15 +864,26 @@ class Collection:
         self._config["version"] = version
         for kind, name in written.items():
             self._segment_files[kind] = [f for f in self._segment_files[kind] if f not in victims[kind]] + [name]
-            for old in victims[kind]:
-                (self.path / old).unlink(missing_ok=True)
+        self._delete_unlisted()
 
     # ----------------------------------------------------------------- integrity
     def check(self) -> CheckReport:
         """Verify, from disk, that the database and the index files agree: every named file exists
-        and loads with the right dimension, and the live vector ids equal the database's id rows."""
+        and loads with the right dimension, and the live vector ids equal the database's id rows.
+        Safe beside a writer: it compares one committed version (retrying if a commit lands between
+        reading the database and loading the files)."""
+        for _ in range(CHECK_ATTEMPTS):
+            report = self._check_version()
+            if report is not None:
+                return report
+        raise RuntimeError(f"collection {self.path}: a writer committed during each of {CHECK_ATTEMPTS} "
+                           "attempts to check it; run check() when writes pause")
+
+    def _check_version(self) -> CheckReport | None:
+        """``check()`` on the current version; None if a writer committed while it read."""
         problems: list[str] = []
-        with self._engine.connect() as conn:
+        with self._engine.connect() as conn, conn.begin():
+            version = conn.execute(select(store.collection.c.version)).scalar_one()
             current, head, _ = store.schema_revision(conn)
             if current != head:
                 problems.append(f"schema revision {current} is not the head {head}")
@@ -844,10 +896,12 @@ class Collection:
         if orphan_rows is not None:
             problems.append("proxy rows name a segment that does not exist")
         try:
-            fresh = Collection(self.path, self._engine)
+            fresh = Collection(self.path, self._engine, samples=True)
+            if fresh._config["version"] != version:
+                return None
             loaded = {"proxies": fresh._proxies.ids if fresh._proxies is not None else np.zeros(0, np.int64)}
-            if fresh._config["keep_samples"] and fresh._config["dimension"]:
-                loaded["samples"] = fresh._samples_index().ids
+            if fresh._samples is not None:
+                loaded["samples"] = fresh._samples.ids
         except (FileNotFoundError, ValueError) as exc:
             return CheckReport(False, problems + [str(exc)])
         for kind, ids in loaded.items():

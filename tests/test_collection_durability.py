@@ -16,7 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from conftest import blobs
-from retrieval_imprint import store
+from retrieval_imprint import collection, store
 from retrieval_imprint.collection import DB_NAME, Collection, SchemaVersionError
 
 WRITER = textwrap.dedent("""
@@ -76,8 +76,12 @@ def test_sigkilled_writers_leave_the_old_or_the_new_state(tmp_path):
 
 READER = textwrap.dedent("""
     import sys, time, numpy as np
-    from retrieval_imprint.collection import Collection
-    col = Collection.open(sys.argv[1])
+    import retrieval_imprint.collection as rc
+    # widen both windows a compaction can hit: listing the segments -> opening them -> reading them
+    open_file, read_index = rc.Collection._open_file, rc.faiss.read_index
+    rc.Collection._open_file = lambda self, name: time.sleep(0.003) or open_file(self, name)
+    rc.faiss.read_index = lambda *args: time.sleep(0.01) or read_index(*args)
+    col = rc.Collection.open(sys.argv[1])
     q = np.ones((4, 8), np.float32)
     seen, end = set(), time.time() + float(sys.argv[2])
     while time.time() < end:
@@ -85,11 +89,15 @@ READER = textwrap.dedent("""
         pred = col.predict(q)
         assert all(p in set(col.classes) for p in pred), pred
         seen.add(len(col))
+        if len(seen) % 8 == 0:  # check() beside a writer compares one committed version
+            report = col.check()
+            assert report.ok, report.problems
     print(max(seen))
 """)
 
 
-def test_readers_query_while_a_writer_adds(tmp_path):
+def test_readers_query_while_a_writer_adds_and_compacts(tmp_path, monkeypatch):
+    monkeypatch.setattr(collection, "COMPACT_SEGMENTS", 3)  # compact every few adds, under the readers
     path = tmp_path / "col"
     col = Collection.create(path, model=None, generator="mean")
     col.add(np.ones((2, 8), np.float32), ["first", "first"])
@@ -107,6 +115,8 @@ def test_readers_query_while_a_writer_adds(tmp_path):
         assert proc.returncode == 0, err
         assert int(out) > 1, "the reader saw the writer's classes"
     assert Collection.open(path).check().ok
+    col.compact()  # with no reader about, superseded files left behind by busy moments go
+    assert sorted(p.name for p in path.glob("*.faiss")) == sorted(col.info()["segments"])
 
 
 def test_upgrade_from_the_initial_revision_keeps_the_data(tmp_path):
