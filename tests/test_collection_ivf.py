@@ -54,7 +54,8 @@ def test_auto_chooses_by_memory_budget():
     assert choose_index(1000, 384, 10 * 2**20) == "Flat"
     n = 4_000_000
     assert choose_index(n, 384, 8 * 2**30) == "Flat"  # 4M x 1,544 B fits
-    assert choose_index(n, 384, 4 * 2**30) == "IVF4096,SQ8"
+    assert choose_index(n, 384, 4 * 2**30) == "IVF4096,SQfp16"  # 4M x 776 B
+    assert choose_index(n, 384, 2 * 2**30) == "IVF4096,SQ8"  # 4M x 392 B
     assert choose_index(n, 384, 400 * 2**20).startswith("IVF4096,PQ")
     with pytest.raises(ValueError, match="cannot hold 4,000,000 proxies"):
         choose_index(n, 384, 2**20)
