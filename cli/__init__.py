@@ -470,6 +470,25 @@ def remove(collection: Path, labels: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--retrain/--no-retrain", default=None,
+              help="Retrain an IVF index's lists on the live proxies now (--retrain) or never "
+                   "(--no-retrain). Default: when the proxies have grown 4x past those it was trained on.")
+def compact(collection: Path, retrain: bool | None) -> None:
+    """Rewrite COLLECTION's live vectors into one file per kind, dropping removed ones.
+
+    \b
+    Example:
+        imprint compact intents/
+    """
+    col = Collection.open(collection)
+    before = col.info()["segments"]
+    after = col.compact(retrain=retrain).info()["segments"]
+    retrained = {f for f in before if f.startswith("template")} != {f for f in after if f.startswith("template")}
+    click.echo(f"{len(before)} files -> {len(after)}" + ("; IVF lists retrained" if retrained else ""))
+
+
+@main.command()
+@click.argument("collection", type=click.Path(file_okay=False, path_type=Path))
 def check(collection: Path) -> None:
     """Verify that COLLECTION's database and index files agree (exit 1 if not).
 

@@ -29,6 +29,7 @@ EXAMPLES = [
     ("info", ["imprint info intents/"]),
     ("classes", ["imprint classes intents/"]),
     ("remove", ["imprint remove intents/ order_food"]),
+    ("compact", ["imprint compact intents/"]),
     ("check", ["imprint check intents/"]),
     ("db", []),
     ("db upgrade", ["imprint db upgrade intents/"]),

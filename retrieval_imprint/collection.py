@@ -59,6 +59,7 @@ READERS_LOCK = "readers.lock"
 CLASS_SHIFT = 24
 MAX_PER_CLASS = 1 << CLASS_SHIFT
 COMPACT_SEGMENTS = 16
+RETRAIN_GROWTH = 4
 _SQL_CHUNK = 400
 CHECK_ATTEMPTS = 20
 
@@ -656,6 +657,7 @@ class Collection:
                 cfg["search_params"] = cfg["search_params"] or json.dumps({"nprobe": default_nprobe(nlist)})
                 self._config["search_params"] = cfg["search_params"]
                 template = self._write_segment("template", cfg["version"] + 1, self._template)
+                cfg["trained_on"] = self._config["trained_on"] = len(W)
             cfg["index_factory"] = self._config["index_factory"] = factory
             self._proxies = self._new_index("proxies")
             self._proxies.set_search(self.search_params)
@@ -702,7 +704,7 @@ class Collection:
                 conn.execute(insert(store.segments).values(kind="template", file=template, n_vectors=0))
             conn.execute(update(store.collection).values(
                 version=version, next_class_id=next_id, dimension=d, index_factory=cfg["index_factory"],
-                search_params=cfg["search_params"],
+                search_params=cfg["search_params"], trained_on=cfg["trained_on"],
                 quantile_targets=None if self._targets is None else self._targets.tobytes(),
                 metric_transform=None if self._transform is None else self._transform.tobytes()))
             conn.execute(update(store.embedder).values(dimension=d))
@@ -835,22 +837,47 @@ class Collection:
         self.set_threshold(result.threshold if np.isfinite(result.threshold) else None)
         return result
 
-    def compact(self) -> "Collection":
-        """Rewrite the live vectors into one segment per kind and delete the old files."""
+    def compact(self, *, retrain: bool | None = None) -> "Collection":
+        """Rewrite the live vectors into one segment per kind and delete the old files.
+
+        An IVF proxy index (Flat or SQfp16 codes) is also retrained on a sample of the live proxies
+        when they have grown to ``RETRAIN_GROWTH`` times those its lists were trained on (the
+        first add's): classes added later crowd into the lists nearest them, so recall at a given
+        nprobe falls and queries slow down. ``retrain=True`` retrains now, ``False`` never.
+        """
         with self._writing():
-            self._compact()
+            if retrain and self._template is None:
+                raise ValueError(f"collection {self.path} has an exact index; only IVF indexes are retrained")
+            if retrain and not self._template.retrainable():
+                raise ValueError(f"collection {self.path}: index={self._config['index_factory']!r} cannot be "
+                                 "retrained; only IVF-Flat and IVF-SQfp16 codes re-encode without loss")
+            self._compact(retrain=self._outgrown() if retrain is None else retrain)
         return self
 
-    def _compact(self, full: bool = True) -> None:
+    def _outgrown(self) -> bool:
+        """Whether the IVF lists were trained on fewer than 1 / ``RETRAIN_GROWTH`` of the live proxies."""
+        trained_on = self._config["trained_on"]
+        return (self._template is not None and self._template.retrainable() and trained_on is not None
+                and self._proxies.ntotal >= RETRAIN_GROWTH * trained_on)
+
+    def _compact(self, full: bool = True, retrain: bool = False) -> None:
         """Merge segment files into one per kind: all of them (``full``), or all but the largest,
-        so that the automatic compaction after many small adds rewrites only the small ones."""
+        so that the automatic compaction after many small adds rewrites only the small ones.
+        ``retrain`` (full only): re-encode the proxies under IVF lists trained on them."""
         version = self._config["version"] + 1
         kinds = ["proxies"] + (["samples"] if self._config["keep_samples"] else [])
         victims = {}
         for kind in kinds:
             files = sorted(self._segment_files[kind], key=lambda f: (self.path / f).stat().st_size)
             victims[kind] = files if full else files[:-1]
-        merged = {kind: self._merge_files(kind, files) for kind, files in victims.items() if len(files) > 1 or full}
+        merged = {kind: self._merge_files(kind, files) for kind, files in victims.items()
+                  if (len(files) > 1 or full) and not (retrain and kind == "proxies")}
+        template = None
+        if retrain:  # from the live proxies in memory, which the merged files would only repeat
+            self._template, merged["proxies"] = self._proxies.retrained(self._config["index_factory"],
+                                                                        self._config["random_state"])
+            merged["proxies"].set_search(self.search_params)
+            template = self._write_segment("template", version, self._template)
         written = {kind: self._write_segment(kind, version, index) for kind, index in merged.items()}
         with store.writing(self._engine) as conn:
             for kind, name in written.items():
@@ -860,10 +887,18 @@ class Collection:
                 old_ids = select(store.segments.c.id).where(store.segments.c.file.in_(victims[kind]))
                 conn.execute(update(table).where(table.c.segment_id.in_(old_ids)).values(segment_id=seg_id))
                 conn.execute(delete(store.segments).where(store.segments.c.file.in_(victims[kind])))
+            if template is not None:
+                conn.execute(delete(store.segments).where(store.segments.c.kind == "template"))
+                conn.execute(insert(store.segments).values(kind="template", file=template, n_vectors=0))
+                conn.execute(update(store.collection).values(trained_on=merged["proxies"].ntotal))
             conn.execute(update(store.collection).values(version=version))
         self._config["version"] = version
         for kind, name in written.items():
             self._segment_files[kind] = [f for f in self._segment_files[kind] if f not in victims[kind]] + [name]
+        if template is not None:
+            self._segment_files["template"] = [template]
+            self._config["trained_on"] = merged["proxies"].ntotal
+            self._proxies = merged["proxies"]
         self._delete_unlisted()
 
     # ----------------------------------------------------------------- integrity

@@ -13,6 +13,8 @@ caller's 64-bit numbers and can be removed by range (collections).
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import faiss
 import numpy as np
 
@@ -127,13 +129,14 @@ class ProxyIndex:
 
     @classmethod
     def trained(cls, factory: str, W: np.ndarray, metric: str, transform: np.ndarray | None,
-                seed: int = 0) -> "ProxyIndex":
+                seed: int = 0, *, prepared: bool = False) -> "ProxyIndex":
         """An empty approximate index (a FAISS factory string, e.g. ``IVF4096,SQ8``) trained on ``W``.
 
         Training uses at most 40 points per inverted list (a seeded sample) and 10 k-means
         iterations: the proxies are k-means centroids already, and a full-size training of
         thousands of lists takes minutes on two cores (DESIGN §5). Scalar quantizers with trained
-        ranges get a margin (``SQ_RANGE_MARGIN``) for the classes added later.
+        ranges get a margin (``SQ_RANGE_MARGIN``) for the classes added later. ``prepared``: ``W``
+        is already as the index stores it (decoded from another index), so ``prepare`` is skipped.
         """
         if metric not in APPROXIMATE_METRICS:
             raise ValueError(f"index={factory!r} supports metrics {', '.join(APPROXIMATE_METRICS)}; "
@@ -157,8 +160,56 @@ class ProxyIndex:
         sq = getattr(faiss.downcast_index(ivf), "sq", None)
         if sq is not None and sq.rangestat == faiss.ScalarQuantizer.RS_minmax:
             sq.rangestat_arg = SQ_RANGE_MARGIN
-        out.index.train(out.prepare(W[np.sort(sample)], "proxies"))
+        train = W[np.sort(sample)]
+        out.index.train(train if prepared else out.prepare(train, "proxies"))
         return out
+
+    def retrainable(self) -> bool:
+        """True for an IVF index whose codes decode to the stored vectors (IVF-Flat) or to within
+        float16 precision (SQfp16), so re-encoding them under new lists loses nothing that matters.
+        SQ8 or PQ codes would add a second quantisation error, and a pre-transform ("PCA64,IVF...")
+        stores vectors in another space: those keep their first training."""
+        ivf = faiss.downcast_index(self.index)
+        return isinstance(ivf, faiss.IndexIVFFlat) or (
+            isinstance(ivf, faiss.IndexIVFScalarQuantizer) and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16)
+
+    def decoded_lists(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, vectors)`` of each non-empty inverted list of an IVF index, decoded from its codes."""
+        ivf = faiss.extract_index_ivf(self.index)
+        lists, listno_bytes = ivf.invlists, ivf.coarse_code_size()
+        for no in range(ivf.nlist):
+            n = lists.list_size(no)
+            if not n:
+                continue
+            ids = faiss.rev_swig_ptr(lists.get_ids(no), n).astype(np.int64)
+            codes = faiss.rev_swig_ptr(lists.get_codes(no), n * lists.code_size).reshape(n, lists.code_size)
+            listno = np.frombuffer(np.int64(no).astype("<i8").tobytes()[:listno_bytes], np.uint8)
+            yield ids, ivf.sa_decode(np.hstack([np.broadcast_to(listno, (n, listno_bytes)), codes]))
+
+    def retrained(self, factory: str, seed: int = 0) -> tuple["ProxyIndex", "ProxyIndex"]:
+        """This IVF index's vectors under lists retrained on a sample of them: ``(template, filled)``,
+        the new trained empty index and a copy holding every vector (same ids), re-encoded.
+
+        Lists trained on a collection's first add fit classes added later poorly: their vectors
+        crowd into a few lists, so recall at a given nprobe falls and queries slow down. Vectors
+        are decoded list by list, never all at once.
+        """
+        if not self.retrainable():
+            raise ValueError(f"index={factory!r}: only IVF-Flat and IVF-SQfp16 proxy indexes can be retrained "
+                             "(other codes would be quantised twice)")
+        nlist = faiss.extract_index_ivf(self.index).nlist
+        sample = np.sort(np.random.default_rng(seed).permutation(self.ntotal)[: 40 * nlist])
+        parts, start = [], 0
+        for ids, X in self.decoded_lists():
+            lo, hi = np.searchsorted(sample, [start, start + len(ids)])
+            parts.append(X[sample[lo:hi] - start])
+            start += len(ids)
+        template = ProxyIndex.trained(factory, np.concatenate(parts), self.metric, self.transform, seed,
+                                      prepared=True)
+        filled = template.empty_like()
+        for ids, X in self.decoded_lists():  # a list at a time: ~2 sqrt(n) vectors, a GEMM-sized batch
+            filled.index.add_with_ids(X, ids)
+        return template, filled
 
     def empty_like(self) -> "ProxyIndex":
         """An empty index of the same kind (and training)."""

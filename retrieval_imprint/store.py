@@ -54,6 +54,7 @@ collection = Table(
     Column("threshold", Float),
     Column("search_params", String),  # JSON, e.g. {"nprobe": 16}
     Column("memory_budget", Integer),
+    Column("trained_on", Integer),  # proxies the IVF lists were trained on (None: exact, or unknown)
 )
 
 embedder = Table(

@@ -116,6 +116,9 @@ def test_remove_and_extend(tmp_path):
     assert sum(r["samples"] for r in Collection.open(path).class_table()) == 136
     assert "removed 2 classes; 6 remain" in run("remove", str(path), "lost_card", "order_food").output
     assert "lost_card" not in Collection.open(path).classes
+    assert "4 files -> 2" in run("compact", str(path)).output  # proxies and samples: one file each
+    assert Collection.open(path).check().ok and len(Collection.open(path)) == 6
+    assert "has an exact index" in run("compact", str(path), "--retrain", code=2).stderr
 
 
 def test_db_upgrade(tmp_path):
@@ -126,9 +129,9 @@ def test_db_upgrade(tmp_path):
     np.savez(tmp_path / "v.npz", train_X=X, train_y=y)
     run("index", str(path), str(tmp_path / "v.npz"), "--split", "train", "--model", "none", "--quiet")
     store.migrate(store.connect(path / "imprint.db"), "0001", down=True)
-    assert "older than 0003" in run("info", str(path), code=2).stderr
-    assert "schema 0001 -> 0003" in run("db", "upgrade", str(path)).output
-    assert "already at 0003" in run("db", "upgrade", str(path)).output
+    assert "older than 0004" in run("info", str(path), code=2).stderr
+    assert "schema 0001 -> 0004" in run("db", "upgrade", str(path)).output
+    assert "already at 0004" in run("db", "upgrade", str(path)).output
     assert Collection.open(path).classes == [0, 1, 2]
 
 

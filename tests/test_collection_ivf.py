@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -95,3 +96,59 @@ def test_index_argument_errors(tmp_path):
     flat = Collection.create(tmp_path / "c", model=None)
     with pytest.raises(ValueError, match="apply to approximate"):
         flat.set_search_params(nprobe=4)
+
+
+def topics(n_topics=5, per_topic=200, n=6, d=32, seed=0):
+    """Classes grouped in topics, so lists trained on one topic fit the others poorly."""
+    rng = np.random.default_rng(seed)
+    centre = rng.standard_normal((n_topics, 1, 1, d)) + rng.standard_normal((n_topics, per_topic, 2, d))
+    modes = centre.reshape(-1, 2, d).astype(np.float32)
+    y = np.repeat(np.arange(len(modes)), n)
+    X = modes[y, rng.integers(0, 2, len(y))] + 0.3 * rng.standard_normal((len(y), d)).astype(np.float32)
+    return X, y
+
+
+def imbalance(col: Collection) -> float:
+    """How unevenly the proxies fill the IVF lists (1: evenly; FAISS's imbalance factor)."""
+    return faiss.extract_index_ivf(col._proxies.index).invlists.imbalance_factor()
+
+
+@pytest.mark.parametrize("codes", ["Flat", "SQfp16"])
+def test_compact_retrains_lists_the_collection_has_outgrown(tmp_path, codes):
+    X, y = topics()
+    exact = Collection.create(tmp_path / "exact", model=None, k=3, keep_samples=False)
+    col = Collection.create(tmp_path / "c", model=None, k=3, keep_samples=False, index=f"IVF32,{codes}",
+                            search_params={"nprobe": 1})
+    for c in (exact, col):
+        c.add(X[y < 200], y[y < 200])  # the lists are trained on topic 0 only
+        c.add(X[y >= 200], y[y >= 200])
+    Q = X[::4] + 0.1 * np.random.default_rng(1).standard_normal(X[::4].shape).astype(np.float32)
+    truth = exact.predict(Q)
+    before = np.mean(col.predict(Q) == truth), imbalance(col)
+    template = col.info()["segments"]
+    col.compact()  # 3,000 live proxies >= 4 x the 600 trained on
+    after = np.mean(col.predict(Q) == truth), imbalance(col)
+    assert after[0] > before[0] + 0.03 and after[1] < 0.95 * before[1], (before, after)
+    assert not set(template) & set(col.info()["segments"])  # a new template and one new segment
+    reopened = Collection.open(tmp_path / "c")
+    assert reopened.check().ok
+    np.testing.assert_array_equal(reopened.predict(Q), col.predict(Q))
+    np.testing.assert_array_equal(reopened.predict(Q, search_params={"nprobe": 32}), truth)  # all lists: exact
+    files = reopened.info()["segments"]
+    reopened.compact()  # trained on everything now: not outgrown, the lists stay
+    assert [f for f in reopened.info()["segments"] if f.startswith("template")] == \
+        [f for f in files if f.startswith("template")]
+
+
+def test_retrain_refuses_what_it_cannot_do(tmp_path):
+    X, y = classes(300)
+    sq8 = Collection.create(tmp_path / "sq8", model=None, k=3, keep_samples=False, index="IVF16,SQ8")
+    sq8.add(X, y)
+    with pytest.raises(ValueError, match="cannot be retrained; only IVF-Flat and IVF-SQfp16"):
+        sq8.compact(retrain=True)
+    sq8.compact()  # never automatically
+    flat = Collection.create(tmp_path / "flat", model=None, k=3)
+    flat.add(X, y)
+    with pytest.raises(ValueError, match="has an exact index"):
+        flat.compact(retrain=True)
+    assert sq8.check().ok and flat.check().ok
