@@ -209,16 +209,21 @@ def index(collection: Path, data: tuple[str, ...], model: str | None, keep_sampl
                     bar.update(hi - lo)
                     rate = (len(col) - len(before)) / max(time.perf_counter() - started, 1e-9)
                     bar.set_postfix(classes=len(col), classes_per_s=f"{rate:.0f}")
+    retrained = col.outgrown  # IVF lists trained on the first chunk: retrain them on everything
+    if retrained:
+        col.compact()
     info = col.info()
     labels = {str(label) for ds in datasets for label in ds.labels}
     result = {"collection": str(collection), "rows": total - resumed, "resumed_after": resumed,
-              "new_classes": len(labels - before), "classes": info["classes"], "proxies": info["proxies"]}
+              "new_classes": len(labels - before), "classes": info["classes"], "proxies": info["proxies"],
+              "retrained": retrained}
     if as_json:
         emit(result)
     else:
         click.echo(f"indexed {total - resumed} rows into {collection}"
                    + (f" (resumed after {resumed})" if resumed else "")
-                   + f": {result['new_classes']} new classes; {info['classes']} classes, {info['proxies']} proxies in all")
+                   + f": {result['new_classes']} new classes; {info['classes']} classes, {info['proxies']} proxies in all"
+                   + ("; IVF lists retrained on them" if retrained else ""))
 
 
 def chunks(labels: list[Any], start: int, size: int):

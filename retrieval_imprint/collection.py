@@ -430,6 +430,7 @@ class Collection:
             "samples": int(self._n_samples.sum()),
             "version": self._config["version"],
             "config": self.config,
+            "trained_on": self._config["trained_on"],
             "embedder": dict(self._embedder_row) if self._embedder_row else None,
             "segments": files,
             "bytes_on_disk": sum((self.path / f).stat().st_size for f in files + [DB_NAME]),
@@ -851,11 +852,13 @@ class Collection:
             if retrain and not self._template.retrainable():
                 raise ValueError(f"collection {self.path}: index={self._config['index_factory']!r} cannot be "
                                  "retrained; only IVF-Flat and IVF-SQfp16 codes re-encode without loss")
-            self._compact(retrain=self._outgrown() if retrain is None else retrain)
+            self._compact(retrain=self.outgrown if retrain is None else retrain)
         return self
 
-    def _outgrown(self) -> bool:
-        """Whether the IVF lists were trained on fewer than 1 / ``RETRAIN_GROWTH`` of the live proxies."""
+    @property
+    def outgrown(self) -> bool:
+        """True when the IVF lists (Flat or SQfp16 codes) were trained on fewer than 1 /
+        ``RETRAIN_GROWTH`` of the live proxies: ``compact()`` would retrain them."""
         trained_on = self._config["trained_on"]
         return (self._template is not None and self._template.retrainable() and trained_on is not None
                 and self._proxies.ntotal >= RETRAIN_GROWTH * trained_on)

@@ -233,6 +233,19 @@ def test_chunked_index_resumes_after_an_interruption(tmp_path, monkeypatch):
     np.testing.assert_array_equal(Collection.open(tmp_path / "c").predict(X), Collection.open(one_go).predict(X))
 
 
+def test_a_chunked_ivf_index_retrains_its_lists_on_everything(tmp_path):
+    X, y = blobs(200, 8, 16, seed=5)
+    np.savez(tmp_path / "v.npz", X=X, y=y)
+    out = json.loads(run("index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model", "none", "--k", "2",
+                         "--index", "IVF16,Flat", "--chunk-size", "320", "--quiet", "--json").output)
+    assert out["retrained"] and out["proxies"] == 400  # lists first trained on the first chunk's 80 proxies
+    col = Collection.open(tmp_path / "c")
+    assert col.info()["trained_on"] == 400 and not col.outgrown and col.check().ok
+    assert "IVF lists retrained" not in run("compact", str(tmp_path / "c")).output  # nothing outgrown now
+    forced = run("compact", str(tmp_path / "c"), "--retrain").output
+    assert "3 files -> 3; IVF lists retrained" in forced  # template, proxies, samples
+
+
 def test_check_exits_1_and_lists_problems(tmp_path):
     import sqlite3
 
