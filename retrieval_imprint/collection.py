@@ -24,8 +24,8 @@ segments, and pick up new versions on ``refresh()`` or reopen. While a reader li
 opens them (not while it reads them: an open file outlives its deletion) it holds ``readers.lock``
 shared; a writer deletes superseded segment files only when it can take that lock exclusively
 without waiting, and otherwise leaves them for a later write, so a file a reader has just seen
-listed is never deleted before the reader opens it. One writer at a
-time holds ``writer.lock``; a second gets ``CollectionLockedError`` naming the holder's pid.
+listed is never deleted before the reader opens it. One writer at a time holds ``writer.lock``; a
+second gets ``CollectionLockedError`` naming the holder's pid.
 """
 
 from __future__ import annotations
