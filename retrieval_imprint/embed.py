@@ -141,7 +141,8 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dimension), np.float32)
         known = self.cache.get(self.identity, texts) if self.cache is not None else {}
-        todo = [t for t in dict.fromkeys(texts) if t not in known]
+        # longest first across all chunks, as encode() orders one call: batches of like lengths pad least
+        todo = sorted((t for t in dict.fromkeys(texts) if t not in known), key=len, reverse=True)
         with tqdm(total=len(todo), unit="text", desc="embedding", disable=not self.progress or not todo) as bar:
             for i in range(0, len(todo), _CHUNK):
                 chunk = todo[i : i + _CHUNK]
