@@ -52,7 +52,7 @@ def demo(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "demo"
     out = run("index", str(path), TRAIN, "--k", "4", "--quiet", "--json").output
     assert json.loads(out) == {"collection": str(path), "rows": 96, "resumed_after": 0, "new_classes": 8,
-                               "classes": 8, "proxies": 32}
+                               "classes": 8, "proxies": 32, "retrained": False}
     return path
 
 
