@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ LABEL_COLUMNS = ("label", "category", "intent", "class")
 VECTOR_COLUMNS = ("vector", "embedding")
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
            ".pq": "parquet", ".npz": "npz", ".npy": "npy"}
+_CHECK_ROWS = 65536  # rows of vectors checked at a time
 
 
 class DataError(ValueError):
@@ -158,8 +161,11 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
 
 
 def _read_numpy(file: Path, fmt: str, split: str | None, need_labels: bool) -> Dataset:
+    """Vectors (and labels) of an .npy or .npz file; the vectors memory-mapped where the file
+    stores them raw (.npy, or an .npz written by ``np.savez``), so a chunked ``imprint index``
+    reads one chunk of them at a time instead of the whole array."""
     try:
-        loaded = np.load(file, allow_pickle=False)
+        loaded = np.load(file, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise DataError(f"{file}: unreadable {fmt.upper()} file ({exc})") from None
     if fmt == "npy":
@@ -180,16 +186,47 @@ def _read_numpy(file: Path, fmt: str, split: str | None, need_labels: bool) -> D
                 x_key, y_key = f"{found[0]}_X", f"{found[0]}_y"
             if x_key not in keys:
                 raise DataError(f"{file}: no array {x_key!r} (arrays found: {', '.join(keys)})")
-            X = loaded[x_key]
+            X = _npz_member_mapped(file, x_key)
+            X = loaded[x_key] if X is None else X
             y = loaded[y_key] if y_key in keys else None
             if y is None and need_labels:
                 raise DataError(f"{file}: no label array {y_key!r} (arrays found: {', '.join(keys)})")
     if X.ndim != 2 or not len(X):
         raise DataError(f"{file}: vectors must be a non-empty (n, d) array; got shape {X.shape}")
-    out = Dataset(str(file), vectors=np.asarray(X, np.float32))
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+        raise DataError(f"{file}: vectors must hold real numbers; got dtype {X.dtype}")
+    for lo in range(0, len(X), _CHECK_ROWS):  # block by block: a mapped file is never read whole
+        with np.errstate(over="ignore"):  # too large for float32 becomes inf, reported below
+            bad = np.flatnonzero(~np.isfinite(np.asarray(X[lo : lo + _CHECK_ROWS], np.float32)).all(1))
+        if len(bad):
+            raise DataError(f"{file}: row {lo + bad[0] + 1} of the vectors holds NaN or infinity (as float32)")
+    out = Dataset(str(file), vectors=X)
     if y is not None:
         if len(y) != len(X):
             raise DataError(f"{file}: {len(X)} vectors but {len(y)} labels")
         out.labels = [_label(v.item() if hasattr(v, "item") else v, file, f"row {i}", "y")
                       for i, v in enumerate(y, 1)]
     return out
+
+
+def _npz_member_mapped(file: Path, key: str) -> np.ndarray | None:
+    """Array ``key`` of an .npz memory-mapped in place, or None where it is compressed
+    (``np.savez_compressed``) or its header needs NumPy's full reader. NumPy maps .npy files
+    but loads .npz members whole; an uncompressed member is an .npy file at an offset."""
+    with zipfile.ZipFile(file) as archive:
+        info = archive.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with file.open("rb") as f:
+        f.seek(info.header_offset + 26)  # the local header: name and extra-field lengths
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject or not np.prod(shape):
+        return None
+    return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")

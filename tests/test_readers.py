@@ -44,6 +44,36 @@ def test_npz_splits_and_npy(tmp_path):
         read(tmp_path / "q.npy")
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_npz_and_npy_vectors_are_memory_mapped_not_loaded(tmp_path, order):
+    X = np.asarray(np.random.default_rng(0).standard_normal((300, 7)), order=order)  # float64, as often saved
+    y = np.arange(300) % 5
+    np.savez(tmp_path / "raw.npz", X=X, y=y)
+    np.savez_compressed(tmp_path / "zip.npz", X=X, y=y)
+    np.save(tmp_path / "q.npy", X)
+    raw, packed = read(tmp_path / "raw.npz"), read(tmp_path / "zip.npz")
+    queries = read(tmp_path / "q.npy", need_labels=False)
+    assert isinstance(raw.vectors, np.memmap) and isinstance(queries.vectors, np.memmap)
+    assert not isinstance(packed.vectors, np.memmap)  # compressed members cannot be mapped: loaded
+    for ds in (raw, packed, queries):
+        np.testing.assert_array_equal(ds.vectors, X)
+    assert raw.labels == y.tolist() and raw.vectors[10:20].dtype == np.float64
+
+
+def test_non_finite_vectors_are_found_block_by_block(tmp_path, monkeypatch):
+    import retrieval_imprint.readers as readers
+
+    monkeypatch.setattr(readers, "_CHECK_ROWS", 16)
+    X = np.ones((100, 3), np.float32)
+    X[57, 1] = np.nan
+    np.savez(tmp_path / "bad.npz", X=X, y=np.zeros(100))
+    with pytest.raises(DataError, match="bad.npz: row 58 of the vectors holds NaN or infinity"):
+        read(tmp_path / "bad.npz")
+    np.savez(tmp_path / "huge.npz", X=np.full((2, 3), 1e300), y=np.zeros(2))  # finite in float64, not float32
+    with pytest.raises(DataError, match="row 1 of the vectors holds NaN or infinity"):
+        read(tmp_path / "huge.npz")
+
+
 @pytest.mark.parametrize(
     "name,content,options,match",
     [
