@@ -77,11 +77,12 @@ def probe(name: str) -> None:
         X, y = synthetic(10_000, 50, seed=3)
         proxy_bytes = 10_000 * 5 * D * 4
         run = lambda: ImprintClassifier(k=5).fit(X, y)  # noqa: E731
-    else:
-        n_classes = int(name.removeprefix("query"))
+    else:  # "query{n}": 1000 queries; "single{n}": one query, whose first call builds the float16 copy
+        n_classes = int(name.removeprefix("query").removeprefix("single"))
         W = l2(np.random.default_rng(1).standard_normal((n_classes * 5, D)).astype(np.float32))
         clf = ImprintClassifier(generator="all").fit(W, np.repeat(np.arange(n_classes), 5))
-        Q = l2(np.random.default_rng(2).standard_normal((1000, D)).astype(np.float32))
+        Q = l2(np.random.default_rng(2).standard_normal((1000 if name.startswith("query") else 1, D)
+                                                        ).astype(np.float32))
         proxy_bytes = W.nbytes
         del W
         run = lambda: clf.predict(Q)  # noqa: E731
@@ -203,9 +204,10 @@ def query_rows(tmp: Path) -> tuple[list[list[str]], list[list[str]]]:
                            f"{times['ours (estimator)'] / times['sklearn 1-NN']:.4f}",
                            f"{times['ours (estimator)'] / times['per-class loop']:.4f}"])
             print(" | ".join(map(str, rows[-1])), flush=True)
-        m = peak_rss(f"query{n_classes}")
-        memory.append([f"query, batch 1000, {n_classes:,} classes (estimator)", f"{m['proxy_bytes'] / 2**20:.0f}",
-                       f"{m['peak'] / 2**20:.0f}", f"{m['peak'] / m['proxy_bytes']:.2f}"])
+        for probe_name, what in ((f"query{n_classes}", "batch 1000"), (f"single{n_classes}", "batch 1, first call")):
+            m = peak_rss(probe_name)
+            memory.append([f"query, {what}, {n_classes:,} classes (estimator)", f"{m['proxy_bytes'] / 2**20:.0f}",
+                           f"{m['peak'] / 2**20:.0f}", f"{m['peak'] / m['proxy_bytes']:.2f}"])
     m = peak_rss("build")
     memory.append(["build, kmeans k=5, 10k classes x 50 (input X: 732 MiB)", f"{m['proxy_bytes'] / 2**20:.0f}",
                    f"{m['peak'] / 2**20:.0f}", f"{m['peak'] / m['proxy_bytes']:.2f}"])

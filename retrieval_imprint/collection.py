@@ -361,13 +361,13 @@ class Collection:
         with ExitStack() as stack:
             for name in files:
                 file = opened[name] if opened and name in opened else stack.enter_context(self._open_file(name))
-                merged.index.merge_from(self._read_file(name, file), 0)
+                merged.merge(self._read_file(name, file))
         hi = self._proxy_hi if kind == "proxies" else self._sample_hi
         lo = self._proxy_lo if kind == "proxies" else np.zeros_like(hi)
         ids = merged.ids
         dead = ids[~_class_ranges(self._class_ids, lo, hi, ids)]
         if len(dead):
-            merged.index.remove_ids(faiss.IDSelectorBatch(dead))
+            merged.remove(dead)
         merged.set_search(self.search_params if kind == "proxies" else None)
         return merged
 
@@ -716,9 +716,9 @@ class Collection:
 
         # the same change in memory, without rereading the segments
         if len(regenerated):
-            self._proxies.index.remove_ids(faiss.IDSelectorBatch(self._range_ids(
+            self._proxies.remove(self._range_ids(
                 regenerated, self._proxy_lo[np.searchsorted(self._class_ids, regenerated)],
-                self._proxy_hi[np.searchsorted(self._class_ids, regenerated)])))
+                self._proxy_hi[np.searchsorted(self._class_ids, regenerated)]))
         self._proxies.add(W, proxy_ids)
         if self._samples is not None and "samples" in files:
             self._samples.add(X[new_rows], files["samples"][1])
@@ -788,11 +788,9 @@ class Collection:
                     conn.execute(delete(store.classes).where(store.classes.c.id.in_(chunk)))
                 conn.execute(update(store.collection).values(version=self._config["version"] + 1))
             pos = np.searchsorted(self._class_ids, ids)
-            self._proxies.index.remove_ids(faiss.IDSelectorBatch(
-                self._range_ids(ids, self._proxy_lo[pos], self._proxy_hi[pos])))
+            self._proxies.remove(self._range_ids(ids, self._proxy_lo[pos], self._proxy_hi[pos]))
             if self._samples is not None:
-                self._samples.index.remove_ids(faiss.IDSelectorBatch(
-                    self._range_ids(ids, np.zeros_like(pos), self._sample_hi[pos])))
+                self._samples.remove(self._range_ids(ids, np.zeros_like(pos), self._sample_hi[pos]))
             keep = np.ones(len(self._class_ids), bool)
             keep[pos] = False
             for name in ("_class_ids", "_labels", "_n_samples", "_proxy_lo", "_proxy_hi", "_sample_hi"):

@@ -35,6 +35,9 @@ APPROXIMATE_METRICS = ("ip", "cosine", "euclidean", "mahalanobis")
 SMALL_BATCH = 20  # below this many queries FAISS does not use BLAS; neither path for m > SMALL_M
 SMALL_M = 64
 SMALL_ADD = 1000  # vectors below which an add runs on one thread
+HALF_SCAN_MIN = 1 << 22  # stored floats (16 MiB) from which few queries scan a float16 copy first
+HALF_EXTRA = 16  # candidates beyond m that the float16 scan hands to the exact re-rank
+_FP16_MAX = 65504.0
 # SQ4/6/8 codes span each dimension's range in the first add's proxies; classes added later fall
 # outside it and clip. Widening the range by a quarter each side costs resolution but clips less:
 # recall@1 0.946 -> 0.969 at 100k classes (benchmarks/scale.py data, IVF1024,SQ8, nprobe 32).
@@ -115,6 +118,7 @@ class ProxyIndex:
             if with_ids:
                 index = faiss.IndexIDMap2(index)
         self.index = index
+        self._half: tuple[faiss.Index, float] | None = None  # float16 copy and its error bound; see _half_scan
 
     @classmethod
     def build(cls, W: np.ndarray, metric: str = "ip") -> "ProxyIndex":
@@ -248,6 +252,7 @@ class ProxyIndex:
         threads = faiss.omp_get_max_threads()
         if len(W) < SMALL_ADD:  # OpenMP start-up costs more than a few vectors' work (DESIGN §5)
             faiss.omp_set_num_threads(1)
+        self._half = None
         try:
             if ids is None:
                 self.index.add(W)
@@ -256,9 +261,20 @@ class ProxyIndex:
         finally:
             faiss.omp_set_num_threads(threads)
 
+    def merge(self, other: faiss.Index) -> None:
+        """Move every vector of ``other`` (a FAISS index of the same kind) into this one."""
+        self._half = None
+        self.index.merge_from(other, 0)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove the vectors with these ids; returns how many were removed."""
+        self._half = None
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+
     def remove_range(self, lo: int, hi: int) -> int:
         """Remove every id in ``[lo, hi)``; returns how many were removed."""
-        return int(self.index.remove_ids(faiss.IDSelectorRange(lo, hi)))
+        self._half = None
+        return int(self.index.remove_ids(faiss.IDSelectorRange(int(lo), int(hi))))
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of ``ids`` ``(n, d)`` (as stored: after ``prepare``)."""
@@ -283,27 +299,75 @@ class ProxyIndex:
             D = np.sqrt(np.maximum(D, 0.0))
         return -D, D, ids
 
+    def _stored(self) -> np.ndarray:
+        """FAISS's own storage of an exact index as a ``(ntotal, d)`` float32 view (no copy)."""
+        flat = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap2) else self.index
+        return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
     def _gemv_search(self, Q: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
         """Inner-product top-``m`` of a few queries with numpy over FAISS's own vector storage.
 
         FAISS searches fewer than 20 queries with per-vector SIMD loops; one BLAS GEMV over the
-        same memory is about twice as fast here (benchmarks/speed.py), same results.
+        same memory is about twice as fast here (benchmarks/speed.py), same results. From
+        ``HALF_SCAN_MIN`` stored floats a float16 scan goes first (``_half_scan``).
         """
-        mapped = isinstance(self.index, faiss.IndexIDMap2)
-        flat = faiss.downcast_index(self.index.index) if mapped else self.index
-        xb = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        xb = self._stored()
+        k = min(m, len(xb))
+        if k < len(xb) and xb.size >= HALF_SCAN_MIN:
+            top, D, sure = self._half_scan(xb, Q, k)
+            if sure.all():
+                return self._finish(D, top, m)
+            rows = np.flatnonzero(~sure)
+            top[rows], D[rows] = self._gemv_top(xb, Q[rows], k)
+            return self._finish(D, top, m)
+        top, D = self._gemv_top(xb, Q, k)
+        return self._finish(D, top, m)
+
+    @staticmethod
+    def _gemv_top(xb: np.ndarray, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the exact top-``k`` stored vectors of each query, best first."""
         S = Q @ xb.T
-        k = min(m, S.shape[1])
         if k == 1:  # argmax is a single pass; argpartition copies and selects (0.5 ms at 50k proxies)
             top = S.argmax(1)[:, None]
         else:
             top = (np.argpartition(S, S.shape[1] - k, axis=1)[:, -k:] if k < S.shape[1]
                    else np.tile(np.arange(k), (len(Q), 1)))
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(S, top, 1), axis=1, kind="stable"), 1)
-        D = np.take_along_axis(S, top, 1)
-        if mapped:
+        return top, np.take_along_axis(S, top, 1)
+
+    def _half_scan(self, xb: np.ndarray, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact top-``k`` from a float16 scan (half the bytes of float32: about twice as fast, as a
+        single query is memory-bound) and an exact re-rank of its ``k + HALF_EXTRA`` best.
+
+        Float16 rounding moves a score by at most ``bound * |q|`` (relative rounding 2^-11 per entry,
+        plus float32 summation, plus the subnormal floor). If the k-th exact score among the
+        candidates beats the last candidate's float16 score by more than that, no other vector can
+        enter the top k: the row is ``sure``. Other rows fall back to the full float32 scan. The
+        copy is built on first use and dropped by any change (1.5x the proxies' memory meanwhile).
+        """
+        if self._half is None:
+            half = faiss.IndexScalarQuantizer(xb.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            if max(xb.max(), -xb.min()) < _FP16_MAX:  # no |xb| temporary: that would double the memory
+                half.add(xb)
+            bound = float(np.sqrt(np.einsum("ij,ij->i", xb, xb).max())) * (2.0**-11 + 2 * xb.shape[1] * 2.0**-24)
+            self._half = (half, bound)
+        half, bound = self._half
+        n_q = len(Q)
+        if not half.ntotal:  # entries beyond float16's range: no copy
+            return np.zeros((n_q, k), np.int64), np.zeros((n_q, k), np.float32), np.zeros(n_q, bool)
+        approx, cand = half.search(Q, min(k + HALF_EXTRA, len(xb)))
+        exact = np.einsum("qcd,qd->qc", xb[cand], Q)
+        order = np.lexsort((cand, -exact), axis=1)[:, :k]  # best first; equal scores: lowest row first
+        top, D = np.take_along_axis(cand, order, 1), np.take_along_axis(exact, order, 1)
+        slack = 1.5 * (bound * np.linalg.norm(Q, axis=1) + 2.0**-25 * np.abs(Q).sum(1))
+        return top, D, D[:, -1] > approx[:, -1] + slack
+
+    def _finish(self, D: np.ndarray, top: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows -> ids, and padding to ``m`` columns as FAISS answers (missing neighbours: id -1)."""
+        if isinstance(self.index, faiss.IndexIDMap2):
             top = faiss.rev_swig_ptr(self.index.id_map.data(), self.ntotal)[top]
-        if k < m:  # as FAISS answers: missing neighbours have id -1
+        k = top.shape[1]
+        if k < m:
             D = np.pad(D, ((0, 0), (0, m - k)), constant_values=-np.inf)
             top = np.pad(top, ((0, 0), (0, m - k)), constant_values=-1)
         return D, top.astype(np.int64)
@@ -318,8 +382,9 @@ class ProxyIndex:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["index"] = faiss.serialize_index(self.index)
+        state["_half"] = None  # rebuilt on first use
         return state
 
     def __setstate__(self, state: dict) -> None:
         state["index"] = faiss.deserialize_index(state["index"])
-        self.__dict__.update(state)
+        self.__dict__.update({"_half": None, **state})

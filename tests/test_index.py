@@ -29,3 +29,78 @@ def test_small_and_large_batches_agree_with_brute_force(with_ids, n_proxies, m):
         np.testing.assert_allclose(sim[:, :k], np.take_along_axis(S[: len(got)], np.argsort(-S[: len(got)], 1)[:, :k], 1),
                                    rtol=1e-4, atol=1e-4)
         assert (got[:, k:] == -1).all()
+
+
+def _reference_top(W: np.ndarray, Q: np.ndarray, m: int) -> np.ndarray:
+    """Brute-force top-m rows in float64, best first; equal scores: lowest row first."""
+    return np.argsort(-(Q.astype(np.float64) @ W.T.astype(np.float64)), axis=1, kind="stable")[:, :m]
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+@pytest.mark.parametrize("m", [1, 7])
+def test_the_float16_prescan_returns_the_exact_neighbours(with_ids, m, monkeypatch):
+    rng = np.random.default_rng(m)
+    W = rng.standard_normal((12_000, 384)).astype(np.float32)  # 4.6M floats: past HALF_SCAN_MIN
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    W[100:110] = W[5]  # exact ties: the lowest row (id order as stored) wins, as in the float32 path
+    W[200:260] = W[7] + 1e-6 * rng.standard_normal((60, 384)).astype(np.float32)  # float16 cannot order these
+    ids = rng.choice(10**9, len(W), replace=False).astype(np.int64)
+    index = ProxyIndex(384, "ip", with_ids=with_ids)
+    index.add(W, ids if with_ids else None)
+    Q = np.concatenate([W[[5, 7, 3000]], rng.standard_normal((5, 384)).astype(np.float32)])
+    fallbacks, full = [], ProxyIndex._gemv_top
+
+    def counted(xb, q, k):
+        fallbacks.append(len(q))
+        return full(xb, q, k)
+
+    monkeypatch.setattr(ProxyIndex, "_gemv_top", staticmethod(counted))
+    _, _, got = index.search(Q, m)
+    expected = _reference_top(W, Q, m)
+    np.testing.assert_array_equal(got, ids[expected] if with_ids else expected)
+    assert fallbacks == [1]  # only the query among the 60 near-ties needed the float32 scan
+    assert index._half is not None
+
+
+def test_the_float16_copy_follows_every_change():
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((12_000, 384)).astype(np.float32)
+    index = ProxyIndex(384, "ip", with_ids=True)
+    index.add(W, np.arange(len(W)))
+    q = 10 * rng.standard_normal((1, 384)).astype(np.float32)
+    first = index.search(q, 1)[2][0, 0]
+    index.add(q, np.array([10**6]))  # scores |q|^2: the best match now
+    assert index.search(q, 1)[2][0, 0] == 10**6
+    index.remove(np.array([10**6]))
+    assert index.search(q, 1)[2][0, 0] == first
+    index.remove_range(first, first + 1)
+    assert index.search(q, 1)[2][0, 0] == _reference_top(np.delete(W, first, 0), q, 1)[0, 0] + (
+        _reference_top(np.delete(W, first, 0), q, 1)[0, 0] >= first)
+
+
+def test_entries_beyond_float16_range_skip_the_copy():
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((12_000, 384)).astype(np.float32)
+    W[9] *= 1e5  # 65504 is float16's largest value
+    index = ProxyIndex(384, "ip")
+    index.add(W)
+    Q = rng.standard_normal((3, 384)).astype(np.float32)
+    np.testing.assert_array_equal(index.search(Q, 4)[2], _reference_top(W, Q, 4))
+
+
+def test_the_error_bound_catches_a_best_vector_float16_underrates():
+    """The true best vector rounds down in float16 below 20 others that round up; one of those
+    scores, exactly, above their float16 scores. Without the error bound that row would look
+    settled and the wrong vector would win."""
+    rng = np.random.default_rng(2)
+    W = 1e-3 * rng.standard_normal((12_000, 384)).astype(np.float32)
+    W[:, :4] = 0.0
+    W[50, :4] = 0.125 + 6e-5  # each entry rounds down (float16 spacing at 0.125: 2^-13)
+    W[60:80, :4] = [0.125 + 6.2e-5, 0.125, 0.125, 0.125]  # rounds up: float16 score above W[50]'s
+    W[70, :4] = [0.125 + 6.2e-5, 0.125 + 5.9e-5, 0.125 + 5.9e-5, 0.125 + 5.9e-5]  # exactly just below W[50]
+    q = np.zeros((1, 384), np.float32)
+    q[0, :4] = 1.0
+    assert _reference_top(W, q, 1)[0, 0] == 50
+    index = ProxyIndex(384, "ip")
+    index.add(W)
+    assert index.search(q, 1)[2][0, 0] == 50
