@@ -311,7 +311,8 @@ def main() -> None:
                           "estimator / sklearn", "estimator / loop"], query),
         "## Embedding (2,000 BANKING77 texts, packaged MiniLM, CPU)\n\n"
         + markdown_table(["pipeline", "seconds", "ratio to bare encode"], embed),
-        "## Peak memory (RSS above the process's RSS before the call)\n\n"
+        "## Peak memory (RSS above the process's RSS before the call)\n\nbatch 1, first call: builds the float16 "
+        "copy that small batches scan first (kept until the index changes).\n\n"
         + markdown_table(["operation", "proxy bytes MiB", "peak RSS increase MiB", "ratio"], memory),
     ]
     tables.insert(0, targets(build, query, embed))
