@@ -13,7 +13,7 @@ caller's 64-bit numbers and can be removed by range (collections).
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -104,6 +104,12 @@ def _flat(d: int, metric: int) -> faiss.Index:
     return faiss.IndexFlat(d, metric)
 
 
+def _half_bound(X: np.ndarray) -> float:
+    """How far float16 storage can move ``x . q`` per unit ``|q|``, for the rows of ``X``: relative
+    rounding 2^-11 per entry, plus float32 summation over d terms done twice."""
+    return float(np.sqrt(np.einsum("ij,ij->i", X, X).max())) * (2.0**-11 + 2 * X.shape[1] * 2.0**-24)
+
+
 class ProxyIndex:
     """An exact FAISS index of dimension ``d`` under ``metric`` (``transform``: the Mahalanobis map)."""
 
@@ -118,7 +124,8 @@ class ProxyIndex:
             if with_ids:
                 index = faiss.IndexIDMap2(index)
         self.index = index
-        self._half: tuple[faiss.Index, float] | None = None  # float16 copy and its error bound; see _half_scan
+        # float16 copy and its error bound (copy None: entries beyond float16's range); see _half_scan
+        self._half: tuple[faiss.Index | None, float] | None = None
 
     @classmethod
     def build(cls, W: np.ndarray, metric: str = "ip") -> "ProxyIndex":
@@ -252,12 +259,17 @@ class ProxyIndex:
         threads = faiss.omp_get_max_threads()
         if len(W) < SMALL_ADD:  # OpenMP start-up costs more than a few vectors' work (DESIGN §5)
             faiss.omp_set_num_threads(1)
-        self._half = None
         try:
             if ids is None:
                 self.index.add(W)
             else:
                 self.index.add_with_ids(W, np.ascontiguousarray(ids, dtype=np.int64))
+            if self._half is not None and self._half[0] is not None:  # keep the float16 copy in step
+                if max(W.max(), -W.min()) < _FP16_MAX:
+                    self._half[0].add(W)
+                    self._half = (self._half[0], max(self._half[1], _half_bound(W)))
+                else:
+                    self._half = (None, 0.0)
         finally:
             faiss.omp_set_num_threads(threads)
 
@@ -268,13 +280,22 @@ class ProxyIndex:
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove the vectors with these ids; returns how many were removed."""
-        self._half = None
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        return self._remove(faiss.IDSelectorBatch(ids), lambda stored: np.isin(stored, ids))
 
     def remove_range(self, lo: int, hi: int) -> int:
         """Remove every id in ``[lo, hi)``; returns how many were removed."""
-        self._half = None
-        return int(self.index.remove_ids(faiss.IDSelectorRange(int(lo), int(hi))))
+        return self._remove(faiss.IDSelectorRange(int(lo), int(hi)), lambda stored: (stored >= lo) & (stored < hi))
+
+    def _remove(self, selector: faiss.IDSelector, chosen: Callable[[np.ndarray], np.ndarray]) -> int:
+        """Remove the selected ids; the float16 copy drops the same rows (FAISS keeps the order)."""
+        if self._half is not None and self._half[0] is not None:
+            mapped = isinstance(self.index, faiss.IndexIDMap2)
+            stored = faiss.rev_swig_ptr(self.index.id_map.data(), self.ntotal) if mapped else np.arange(self.ntotal)
+            self._half[0].remove_ids(faiss.IDSelectorBatch(np.flatnonzero(chosen(stored)).astype(np.int64)))
+        elif self._half is not None:
+            self._half = None
+        return int(self.index.remove_ids(selector))
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of ``ids`` ``(n, d)`` (as stored: after ``prepare``)."""
@@ -343,17 +364,18 @@ class ProxyIndex:
         plus float32 summation, plus the subnormal floor). If the k-th exact score among the
         candidates beats the last candidate's float16 score by more than that, no other vector can
         enter the top k: the row is ``sure``. Other rows fall back to the full float32 scan. The
-        copy is built on first use and dropped by any change (1.5x the proxies' memory meanwhile).
+        copy (0.5x the proxies' memory) is built on first use; adds and removals keep it in step.
         """
-        if self._half is None:
-            half = faiss.IndexScalarQuantizer(xb.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        if self._half is None or (self._half[0] is not None and self._half[0].ntotal != len(xb)):
+            self._half = (None, 0.0)
             if max(xb.max(), -xb.min()) < _FP16_MAX:  # no |xb| temporary: that would double the memory
+                half = faiss.IndexScalarQuantizer(xb.shape[1], faiss.ScalarQuantizer.QT_fp16,
+                                                  faiss.METRIC_INNER_PRODUCT)
                 half.add(xb)
-            bound = float(np.sqrt(np.einsum("ij,ij->i", xb, xb).max())) * (2.0**-11 + 2 * xb.shape[1] * 2.0**-24)
-            self._half = (half, bound)
+                self._half = (half, _half_bound(xb))
         half, bound = self._half
         n_q = len(Q)
-        if not half.ntotal:  # entries beyond float16's range: no copy
+        if half is None:  # entries beyond float16's range: every row takes the float32 scan
             return np.zeros((n_q, k), np.int64), np.zeros((n_q, k), np.float32), np.zeros(n_q, bool)
         approx, cand = half.search(Q, min(k + HALF_EXTRA, len(xb)))
         exact = np.einsum("qcd,qd->qc", xb[cand], Q)

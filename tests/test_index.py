@@ -62,20 +62,35 @@ def test_the_float16_prescan_returns_the_exact_neighbours(with_ids, m, monkeypat
     assert index._half is not None
 
 
-def test_the_float16_copy_follows_every_change():
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_the_float16_copy_follows_every_change(with_ids):
     rng = np.random.default_rng(0)
     W = rng.standard_normal((12_000, 384)).astype(np.float32)
-    index = ProxyIndex(384, "ip", with_ids=True)
-    index.add(W, np.arange(len(W)))
-    q = 10 * rng.standard_normal((1, 384)).astype(np.float32)
-    first = index.search(q, 1)[2][0, 0]
-    index.add(q, np.array([10**6]))  # scores |q|^2: the best match now
-    assert index.search(q, 1)[2][0, 0] == 10**6
-    index.remove(np.array([10**6]))
-    assert index.search(q, 1)[2][0, 0] == first
-    index.remove_range(first, first + 1)
-    assert index.search(q, 1)[2][0, 0] == _reference_top(np.delete(W, first, 0), q, 1)[0, 0] + (
-        _reference_top(np.delete(W, first, 0), q, 1)[0, 0] >= first)
+    ids = np.arange(len(W)) * 3 + 7 if with_ids else np.arange(len(W))
+    index = ProxyIndex(384, "ip", with_ids=with_ids)
+    index.add(W, ids if with_ids else None)
+    Q = 10 * rng.standard_normal((4, 384)).astype(np.float32)
+    index.search(Q, 3)
+    copy = index._half[0]
+
+    def check():
+        _, _, got = index.search(Q, 3)
+        np.testing.assert_array_equal(got, ids[_reference_top(W, Q, 3)])
+        assert index._half[0] is copy and copy.ntotal == index.ntotal  # updated in step, not rebuilt
+
+    check()
+    new = Q[:2] * 3  # scores 9 |q|^2: the best matches now
+    index.add(new, np.array([10**6, 10**6 + 1]) if with_ids else None)
+    W, ids = np.concatenate([W, new]), np.concatenate([ids, [10**6, 10**6 + 1] if with_ids else [len(W), len(W) + 1]])
+    check()
+    if with_ids:
+        index.remove(np.array([10**6, ids[500]]))
+        keep = ~np.isin(ids, [10**6, ids[500]])
+    else:
+        index.remove_range(500, 900)  # rows shift down, in the copy too
+        keep = (ids < 500) | (ids >= 900)
+    W, ids = W[keep], (ids[keep] if with_ids else np.arange(keep.sum()))
+    check()
 
 
 def test_entries_beyond_float16_range_skip_the_copy():
