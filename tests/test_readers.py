@@ -32,6 +32,33 @@ def test_jsonl_and_parquet_texts_and_vectors(tmp_path):
     assert read(tmp_path / "d.parquet", text_column="text").texts == ["a b", "c"]
 
 
+@pytest.mark.parametrize("list_type", ["list", "fixed"])
+def test_parquet_vector_columns_come_from_arrow_buffers(tmp_path, list_type, monkeypatch):
+    import retrieval_imprint.readers as readers
+
+    X = np.random.default_rng(0).standard_normal((50, 6))
+    kind = pa.list_(pa.float64(), 6) if list_type == "fixed" else pa.list_(pa.float64())
+    table = pa.table({"embedding": pa.array(X.tolist(), type=kind), "intent": [f"c{i % 4}" for i in range(50)]})
+    pq.write_table(table, tmp_path / "v.parquet", row_group_size=16)  # several chunks
+    per_row = []
+    monkeypatch.setattr(readers, "_vector", lambda *a: per_row.append(a) or np.zeros(6, np.float32))
+    ds = read(tmp_path / "v.parquet")
+    assert not per_row  # no Python list per row
+    np.testing.assert_allclose(ds.vectors, X, rtol=1e-6)
+    assert ds.vectors.dtype == np.float32 and ds.labels == [f"c{i % 4}" for i in range(50)]
+
+
+def test_parquet_vector_columns_with_gaps_are_reported_by_row(tmp_path):
+    rows = [{"vector": [1.0, 2.0], "label": "a"}, {"vector": None, "label": "b"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gap.parquet")
+    with pytest.raises(DataError, match="gap.parquet: row 2: column 'vector' is not a non-empty list of numbers"):
+        read(tmp_path / "gap.parquet")
+    rows[1]["vector"] = [1.0]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ragged.parquet")
+    with pytest.raises(DataError, match="row 2: column 'vector' has 2 different vector lengths"):
+        read(tmp_path / "ragged.parquet")
+
+
 def test_npz_splits_and_npy(tmp_path):
     np.savez(tmp_path / "e.npz", train_X=np.ones((3, 4)), train_y=np.array(["a", "b", "a"]), test_X=np.ones((1, 4)),
              test_y=np.array(["a"]))
