@@ -184,18 +184,24 @@ class ProxyIndex:
         return isinstance(ivf, faiss.IndexIVFFlat) or (
             isinstance(ivf, faiss.IndexIVFScalarQuantizer) and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16)
 
-    def decoded_lists(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(ids, vectors)`` of each non-empty inverted list of an IVF index, decoded from its codes."""
+    def decoded_lists(self, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, vectors)`` of each non-empty inverted list of an IVF index, decoded from its codes;
+        only the sorted positions ``rows`` (counted across the lists in order) if given."""
         ivf = faiss.extract_index_ivf(self.index)
         lists, listno_bytes = ivf.invlists, ivf.coarse_code_size()
+        start = 0
         for no in range(ivf.nlist):
             n = lists.list_size(no)
             if not n:
                 continue
             ids = faiss.rev_swig_ptr(lists.get_ids(no), n).astype(np.int64)
             codes = faiss.rev_swig_ptr(lists.get_codes(no), n * lists.code_size).reshape(n, lists.code_size)
+            if rows is not None:
+                lo, hi = np.searchsorted(rows, [start, start + n])
+                ids, codes = ids[rows[lo:hi] - start], codes[rows[lo:hi] - start]
+            start += n
             listno = np.frombuffer(np.int64(no).astype("<i8").tobytes()[:listno_bytes], np.uint8)
-            yield ids, ivf.sa_decode(np.hstack([np.broadcast_to(listno, (n, listno_bytes)), codes]))
+            yield ids, ivf.sa_decode(np.hstack([np.broadcast_to(listno, (len(ids), listno_bytes)), codes]))
 
     def retrained(self, factory: str, seed: int = 0) -> tuple["ProxyIndex", "ProxyIndex"]:
         """This IVF index's vectors under lists retrained on a sample of them: ``(template, filled)``,
@@ -210,13 +216,8 @@ class ProxyIndex:
                              "(other codes would be quantised twice)")
         nlist = faiss.extract_index_ivf(self.index).nlist
         sample = np.sort(np.random.default_rng(seed).permutation(self.ntotal)[: 40 * nlist])
-        parts, start = [], 0
-        for ids, X in self.decoded_lists():
-            lo, hi = np.searchsorted(sample, [start, start + len(ids)])
-            parts.append(X[sample[lo:hi] - start])
-            start += len(ids)
-        template = ProxyIndex.trained(factory, np.concatenate(parts), self.metric, self.transform, seed,
-                                      prepared=True)
+        train = np.concatenate([X for _, X in self.decoded_lists(sample)])  # decodes only the sample
+        template = ProxyIndex.trained(factory, train, self.metric, self.transform, seed, prepared=True)
         filled = template.empty_like()
         for ids, X in self.decoded_lists():  # a list at a time: ~2 sqrt(n) vectors, a GEMM-sized batch
             filled.index.add_with_ids(X, ids)
@@ -290,8 +291,8 @@ class ProxyIndex:
     def _remove(self, selector: faiss.IDSelector, chosen: Callable[[np.ndarray], np.ndarray]) -> int:
         """Remove the selected ids; the float16 copy drops the same rows (FAISS keeps the order)."""
         if self._half is not None and self._half[0] is not None:
-            mapped = isinstance(self.index, faiss.IndexIDMap2)
-            stored = faiss.rev_swig_ptr(self.index.id_map.data(), self.ntotal) if mapped else np.arange(self.ntotal)
+            stored = self._row_ids()
+            stored = np.arange(self.ntotal) if stored is None else stored
             self._half[0].remove_ids(faiss.IDSelectorBatch(np.flatnonzero(chosen(stored)).astype(np.int64)))
         elif self._half is not None:
             self._half = None
@@ -320,6 +321,12 @@ class ProxyIndex:
             D = np.sqrt(np.maximum(D, 0.0))
         return -D, D, ids
 
+    def _row_ids(self) -> np.ndarray | None:
+        """The id of each stored row, a view of ``IndexIDMap2``'s map (None: ids are row numbers)."""
+        if not isinstance(self.index, faiss.IndexIDMap2):
+            return None
+        return faiss.rev_swig_ptr(self.index.id_map.data(), self.ntotal)
+
     def _stored(self) -> np.ndarray:
         """FAISS's own storage of an exact index as a ``(ntotal, d)`` float32 view (no copy)."""
         flat = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap2) else self.index
@@ -336,12 +343,11 @@ class ProxyIndex:
         k = min(m, len(xb))
         if k < len(xb) and xb.size >= HALF_SCAN_MIN:
             top, D, sure = self._half_scan(xb, Q, k)
-            if sure.all():
-                return self._finish(D, top, m)
             rows = np.flatnonzero(~sure)
-            top[rows], D[rows] = self._gemv_top(xb, Q[rows], k)
-            return self._finish(D, top, m)
-        top, D = self._gemv_top(xb, Q, k)
+            if len(rows):
+                top[rows], D[rows] = self._gemv_top(xb, Q[rows], k)
+        else:
+            top, D = self._gemv_top(xb, Q, k)
         return self._finish(D, top, m)
 
     @staticmethod
@@ -386,8 +392,9 @@ class ProxyIndex:
 
     def _finish(self, D: np.ndarray, top: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows -> ids, and padding to ``m`` columns as FAISS answers (missing neighbours: id -1)."""
-        if isinstance(self.index, faiss.IndexIDMap2):
-            top = faiss.rev_swig_ptr(self.index.id_map.data(), self.ntotal)[top]
+        row_ids = self._row_ids()
+        if row_ids is not None:
+            top = row_ids[top]
         k = top.shape[1]
         if k < m:
             D = np.pad(D, ((0, 0), (0, m - k)), constant_values=-np.inf)
