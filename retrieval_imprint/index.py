@@ -39,8 +39,8 @@ HALF_SCAN_MIN = 1 << 22  # stored floats (16 MiB) from which few queries scan a 
 HALF_EXTRA = 16  # candidates beyond m that the float16 scan hands to the exact re-rank
 _FP16_MAX = 65504.0
 # SQ4/6/8 codes span each dimension's range in the first add's proxies; classes added later fall
-# outside it and clip. Widening the range by a quarter each side costs resolution but clips less:
-# recall@1 0.946 -> 0.969 at 100k classes (benchmarks/scale.py data, IVF1024,SQ8, nprobe 32).
+# outside it and clip. Widening the range by a quarter each side costs resolution but clips less
+# (raised recall@1 in a one-off test on benchmarks/scale.py data; not part of any benchmark).
 SQ_RANGE_MARGIN = 0.25
 
 
@@ -354,7 +354,7 @@ class ProxyIndex:
     def _gemv_top(xb: np.ndarray, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the exact top-``k`` stored vectors of each query, best first."""
         S = Q @ xb.T
-        if k == 1:  # argmax is a single pass; argpartition copies and selects (0.5 ms at 50k proxies)
+        if k == 1:  # argmax is a single pass; argpartition copies and selects
             top = S.argmax(1)[:, None]
         else:
             top = (np.argpartition(S, S.shape[1] - k, axis=1)[:, -k:] if k < S.shape[1]
@@ -363,8 +363,8 @@ class ProxyIndex:
         return top, np.take_along_axis(S, top, 1)
 
     def _half_scan(self, xb: np.ndarray, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Exact top-``k`` from a float16 scan (half the bytes of float32: about twice as fast, as a
-        single query is memory-bound) and an exact re-rank of its ``k + HALF_EXTRA`` best.
+        """Exact top-``k`` from a float16 scan (half the bytes of float32, and a single query is
+        memory-bound) and an exact re-rank of its ``k + HALF_EXTRA`` best.
 
         Float16 rounding moves a score by at most ``bound * |q|`` (relative rounding 2^-11 per entry,
         plus float32 summation, plus the subnormal floor). If the k-th exact score among the
