@@ -31,9 +31,9 @@ from sklearn.linear_model import LogisticRegression
 
 from _common import DOCS, machine, markdown_table
 from retrieval_imprint import ImprintClassifier, neural_collapse
-from retrieval_imprint.classifier import PRESETS
+from retrieval_imprint.params import PRESETS
 from retrieval_imprint.collection import Collection
-from retrieval_imprint.evaluate import few_shot, plot_accuracy_vs_k
+from retrieval_imprint.experiments import few_shot, plot_accuracy_vs_k
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NORMS = dict(pre_norm="l2", post_norm="l2", inf_norm="l2")

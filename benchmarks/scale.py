@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from _common import DOCS, machine, markdown_table
-from retrieval_imprint._groups import Grouped, label_keys
-from retrieval_imprint.collection import CLASS_SHIFT, Collection
+from retrieval_imprint._groups import Grouped
+from retrieval_imprint.labels import label_keys
+from retrieval_imprint.collection import Collection
+from retrieval_imprint.segments import CLASS_SHIFT
 from retrieval_imprint.generate import generate
-from retrieval_imprint.index import ivf_lists
+from retrieval_imprint.ivf import ivf_lists
 from retrieval_imprint.normalize import l2_normalize
 
 D, K, TRAIN, CHUNK, N_QUERIES = 384, 4, 8, 50_000, 1000

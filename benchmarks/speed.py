@@ -157,7 +157,8 @@ def build_rows() -> list[list[str]]:
 
 def _centres(Xn: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     """Our k-means centroids before post-norm (inertia is measured on the centroids themselves)."""
-    from retrieval_imprint._groups import Grouped, label_keys
+    from retrieval_imprint._groups import Grouped
+    from retrieval_imprint.labels import label_keys
     from retrieval_imprint.generate import generate
 
     classes, codes = np.unique(y, return_inverse=True)

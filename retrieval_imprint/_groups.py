@@ -1,18 +1,17 @@
 """Training data grouped by class, and per-class randomness that does not depend on class order.
 
 Every generator sees the same view: rows sorted by class, ``offsets`` marking where each class
-starts, and one 64-bit ``key`` per class derived from its label. Random draws are a pure function
+starts, and one 64-bit ``key`` per class derived from its label (``labels.label_key``). Random draws are a pure function
 of ``(random_state, key, step)`` (a vectorised splitmix64 hash), so a class gets the same proxies
 whether it is fitted alone or among a million others: the property incremental adds rely on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -26,26 +25,6 @@ def single_threaded_blas():
     if not _THREADPOOLS:
         _THREADPOOLS.append(ThreadpoolController())
     return _THREADPOOLS[0].limit(limits=1, user_api="blas")
-
-
-def label_key(label: object) -> int:
-    """A stable 64-bit key for a class label (same across processes, Python and numpy scalars)."""
-    if isinstance(label, (str, np.str_)):
-        raw = b"s" + str(label).encode("utf-8")
-    elif isinstance(label, (bool, np.bool_)):
-        raw = b"b" + str(bool(label)).encode()
-    elif isinstance(label, (int, np.integer)):
-        raw = b"i" + str(int(label)).encode()
-    elif isinstance(label, (float, np.floating)) and float(label).is_integer():
-        raw = b"i" + str(int(label)).encode()
-    else:
-        raw = b"r" + repr(label).encode("utf-8")
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
-
-
-def label_keys(labels: Sequence[object]) -> np.ndarray:
-    """:func:`label_key` of every label, as a uint64 array."""
-    return np.fromiter((label_key(lab) for lab in labels), dtype=np.uint64, count=len(labels))
 
 
 def _mix(z: np.ndarray) -> np.ndarray:

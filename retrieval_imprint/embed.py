@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from .errors import DataError
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _CHUNK = 1024  # texts per encode call: one progress-bar step, one cache write
 
@@ -137,7 +139,7 @@ class Embedder:
         texts = list(texts)
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
-            raise ValueError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str")
+            raise DataError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str")
         if not texts:
             return np.zeros((0, self.dimension), np.float32)
         known = self.cache.get(self.identity, texts) if self.cache is not None else {}
@@ -153,3 +155,18 @@ class Embedder:
                     self.cache.put(self.identity, chunk, vectors)
                 bar.update(len(chunk))
         return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
+
+
+def embed_all(parts: Sequence[Any], embedder: Embedder | None) -> np.ndarray:
+    """Rows of every part (objects with ``texts`` or ``vectors``, like ``readers.Dataset``) as one
+    ``(n, d)`` array: texts embedded together (one pass, cached), vectors taken as they are."""
+    texts = [t for part in parts if part.texts is not None for t in part.texts]
+    if texts and embedder is None:
+        raise DataError(f"{parts[0].source}: texts need an embedding model, and none is recorded; give vectors")
+    embedded = iter(embedder.encode(texts)) if texts else iter(())
+    arrays = [np.stack([next(embedded) for _ in part.texts]) if part.texts is not None else part.vectors
+              for part in parts]
+    dims = {a.shape[1] for a in arrays}
+    if len(dims) > 1:
+        raise DataError(f"the data files hold vectors of different dimensions: {sorted(dims)}")
+    return np.concatenate(arrays)

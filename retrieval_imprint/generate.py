@@ -14,7 +14,6 @@ from typing import Callable
 
 import numpy as np
 
-from ._checks import check_choice
 from ._groups import Grouped, uniforms
 from .kmeans import Gram, batched_kmeans, kmeans_pp, space
 
@@ -45,21 +44,10 @@ def register(name: str, *, shared_k_rule: bool = True, per_class: bool = True):
     return deco
 
 
-def check_k(k: object) -> int:
-    """Validate ``k``: a positive int, or -1 for "every sample"."""
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not (k >= 1 or k == -1):
-        raise ValueError(f"k={k!r} is not valid; expected a positive integer, or -1 for every sample")
-    return int(k)
-
-
-def check_generator(name: object) -> Generator:
-    return GENERATORS[check_choice("generator", name, tuple(GENERATORS))]
-
-
 def generate(name: str, groups: Grouped, k: int, seed: int, **options) -> tuple[np.ndarray, np.ndarray]:
-    """Proxies ``(W, owner)`` of every class in ``groups`` with generator ``name``; rows by class."""
-    gen = check_generator(name)
-    k = check_k(k)
+    """Proxies ``(W, owner)`` of every class in ``groups`` with generator ``name``; rows by class.
+    The arguments are checked where users give them (``params.py``), not here."""
+    gen = GENERATORS[name]
     if not gen.shared_k_rule:
         return gen.fn(groups, k, seed, **options)
     sizes = groups.sizes
@@ -203,13 +191,13 @@ def ls_head(X: np.ndarray, means: np.ndarray, reg: float) -> np.ndarray:
 
 
 @register("ls", shared_k_rule=False, per_class=False)
-def ls(groups: Grouped, k: int, seed: int, *, ls_reg: float = 1e-3, **_) -> tuple[np.ndarray, np.ndarray]:
+def ls(groups: Grouped, k: int, seed: int, *, ls_reg: float, **_) -> tuple[np.ndarray, np.ndarray]:
     """Oracle least-squares head over all classes at once (not imprinting: needs every class)."""
     return ls_head(groups.X, class_means(groups), ls_reg), np.arange(groups.n_classes)
 
 
 @register("kls", shared_k_rule=False, per_class=False)
-def kls(groups: Grouped, k: int, seed: int, *, ls_reg: float = 1e-3, **options) -> tuple[np.ndarray, np.ndarray]:
+def kls(groups: Grouped, k: int, seed: int, *, ls_reg: float, **options) -> tuple[np.ndarray, np.ndarray]:
     """k-means per class, each cluster a pseudo-class, then ``ls`` over all pseudo-classes."""
     centers, owner = generate("kmeans", groups, k, seed, **options)
     return ls_head(groups.X, centers.astype(np.float64), ls_reg), owner

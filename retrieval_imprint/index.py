@@ -7,18 +7,20 @@ product (``ip``; ``cosine`` L2-normalises both sides first), ``euclidean`` (L2),
 closer: the inner product, or minus the distance) and distances (``1 - ip`` for the inner-product
 metrics, used by distance-weighted votes).
 
-Without ids, row ``i`` has id ``i`` (the estimator); with ids (``IndexIDMap2``), ids are the
-caller's 64-bit numbers and can be removed by range (collections).
+Without ids, row ``i`` has id ``i`` (the estimator); with ids (``IndexIDMap2``, or an IVF index
+from ``ivf.py``), ids are the caller's 64-bit numbers and can be removed by range (collections).
+Searches may run from several threads at once; adds and removals may not run beside them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import threading
+from typing import Callable
 
 import faiss
 import numpy as np
 
-from ._checks import check_choice
+from . import ivf
 from .normalize import l2_normalize
 
 METRICS = ("ip", "cosine", "euclidean", "manhattan", "chebyshev", "mahalanobis")
@@ -31,19 +33,12 @@ _FAISS_METRIC = {
     "mahalanobis": faiss.METRIC_L2,
 }
 MAHALANOBIS_RIDGE = 1e-6
-APPROXIMATE_METRICS = ("ip", "cosine", "euclidean", "mahalanobis")
 SMALL_BATCH = 20  # below this many queries FAISS does not use BLAS; neither path for m > SMALL_M
 SMALL_M = 64
-SMALL_ADD = 1000  # vectors below which an add runs on one thread
+SMALL_ADD = 1000  # vectors below which an add runs on one thread (OpenMP start-up costs more)
 HALF_SCAN_MIN = 1 << 22  # stored floats (16 MiB) from which few queries scan a float16 copy first
 HALF_EXTRA = 16  # candidates beyond m that the float16 scan hands to the exact re-rank
 _FP16_MAX = 65504.0
-# SQ4/6/8 codes span each dimension's range in the first add's proxies; classes added later fall
-# outside it and clip. Widening the range by a quarter each side costs resolution but clips less
-# (raised recall@1 in a one-off test on benchmarks/scale.py data; not part of any benchmark).
-SQ_RANGE_MARGIN = 0.25
-
-
 def mahalanobis_map(W: np.ndarray) -> np.ndarray:
     """``L`` ``(d, d)`` with ``L L^T = (cov(W) + 1e-6 I)^-1``, so ``|(x - y) L|`` is the Mahalanobis distance."""
     if len(W) < 2:
@@ -51,48 +46,6 @@ def mahalanobis_map(W: np.ndarray) -> np.ndarray:
                          "got 1 proxy (one class with one proxy, or 1 sample)")
     cov = np.cov(W.astype(np.float64), rowvar=False) + MAHALANOBIS_RIDGE * np.eye(W.shape[1])
     return np.linalg.cholesky(np.linalg.inv(cov)).astype(np.float32)
-
-
-def ivf_lists(n_vectors: int) -> int:
-    """Inverted lists for ``n_vectors``: about 2 sqrt(n), a power of two in [16, 65536]."""
-    return int(2 ** np.clip(np.round(np.log2(2 * np.sqrt(max(n_vectors, 1)))), 4, 16))
-
-
-def default_nprobe(nlist: int) -> int:
-    """Lists searched per query: nlist / 64, at least 32 (IVF4096 -> 64; DESIGN §5 measured recall@1
-    0.96 at nprobe 16 and 0.995 at 64 on 1M vectors, at well under the 5 ms query budget)."""
-    return int(min(nlist, max(32, nlist // 64)))
-
-
-def choose_index(n_vectors: int, d: int, memory_budget: int) -> str:
-    """The most accurate index whose vectors (and ids) fit ``memory_budget`` bytes: exact ``Flat``,
-    then ``IVF{nlist},SQfp16`` (2 bytes per dimension), ``IVF{nlist},SQ8`` (1 byte), then
-    ``IVF{nlist},PQ{M}`` (M bytes)."""
-    nlist = ivf_lists(n_vectors)
-    if n_vectors * (4 * d + 8) <= memory_budget:
-        return "Flat"
-    for code, width in (("SQfp16", 2), ("SQ8", 1)):
-        if n_vectors * (width * d + 8) + nlist * d * 4 <= memory_budget:
-            return f"IVF{nlist},{code}"
-    for m in (64, 48, 32, 24, 16, 8, 4):
-        if d % m == 0 and n_vectors * (m + 8) + nlist * d * 4 + 256 * d * 4 <= memory_budget:
-            return f"IVF{nlist},PQ{m}"
-    raise ValueError(f"a memory budget of {memory_budget:,} bytes cannot hold {n_vectors:,} proxies of dimension {d}")
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from ``"8GB"``, ``"512MiB"``, ``"1.5G"`` or an int."""
-    if isinstance(text, (int, np.integer)):
-        return int(text)
-    units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
-             "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}
-    value = str(text).strip().upper()
-    number = value.rstrip("KMGTIB ")
-    unit = value[len(number):].strip()
-    try:
-        return int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise ValueError(f"memory budget {text!r} is not a size like 8GB or 512MiB") from None
 
 
 def _flat(d: int, metric: int) -> faiss.Index:
@@ -111,21 +64,26 @@ def _half_bound(X: np.ndarray) -> float:
 
 
 class ProxyIndex:
-    """An exact FAISS index of dimension ``d`` under ``metric`` (``transform``: the Mahalanobis map)."""
+    """A FAISS index of dimension ``d`` under ``metric`` (``transform``: the Mahalanobis map): exact
+    unless built from a trained IVF index (``trained``). ``search_params`` are an IVF index's
+    defaults for each search (``{"nprobe": 64}``); a search may override them for itself."""
 
     def __init__(self, d: int, metric: str = "ip", transform: np.ndarray | None = None, *,
-                 with_ids: bool = False, index: faiss.Index | None = None) -> None:
-        self.metric = check_choice("metric", metric, METRICS)
+                 with_ids: bool = False, index: faiss.Index | None = None,
+                 search_params: dict[str, int] | None = None) -> None:
         if metric == "mahalanobis" and transform is None:
             raise ValueError("metric='mahalanobis' needs its linear map (see mahalanobis_map)")
+        self.metric = metric
         self.transform = transform
         if index is None:
             index = _flat(d, _FAISS_METRIC[metric])
             if with_ids:
                 index = faiss.IndexIDMap2(index)
         self.index = index
+        self.search_params = search_params or {}
         # float16 copy and its error bound (copy None: entries beyond float16's range); see _half_scan
         self._half: tuple[faiss.Index | None, float] | None = None
+        self._half_lock = threading.Lock()
 
     @classmethod
     def build(cls, W: np.ndarray, metric: str = "ip") -> "ProxyIndex":
@@ -134,117 +92,46 @@ class ProxyIndex:
         out.add(W)
         return out
 
+    @classmethod
+    def trained(cls, factory: str, W: np.ndarray, metric: str, transform: np.ndarray | None,
+                seed: int = 0) -> "ProxyIndex":
+        """An empty IVF index (``ivf.train``) for proxies like ``W``, trained on a sample of them."""
+        out = cls(W.shape[1], metric, transform)
+        out.index = ivf.train(factory, W, metric, _FAISS_METRIC[metric], seed,
+                              prepare=lambda X: out.prepare(X, "proxies"))
+        return out
+
     @property
     def ntotal(self) -> int:
         return self.index.ntotal
 
-    @classmethod
-    def trained(cls, factory: str, W: np.ndarray, metric: str, transform: np.ndarray | None,
-                seed: int = 0, *, prepared: bool = False) -> "ProxyIndex":
-        """An empty approximate index (a FAISS factory string, e.g. ``IVF4096,SQ8``) trained on ``W``.
-
-        Training uses at most 40 points per inverted list (a seeded sample) and 10 k-means
-        iterations: the proxies are k-means centroids already, and a full-size training of
-        thousands of lists takes minutes on two cores (DESIGN §5). Scalar quantizers with trained
-        ranges get a margin (``SQ_RANGE_MARGIN``) for the classes added later. ``prepared``: ``W``
-        is already as the index stores it (decoded from another index), so ``prepare`` is skipped.
-        """
-        if metric not in APPROXIMATE_METRICS:
-            raise ValueError(f"index={factory!r} supports metrics {', '.join(APPROXIMATE_METRICS)}; "
-                             f"metric={metric!r} needs index='Flat'")
-        out = cls(W.shape[1], metric, transform)
-        try:
-            out.index = faiss.index_factory(W.shape[1], factory, _FAISS_METRIC[metric])
-        except RuntimeError as exc:
-            raise ValueError(f"index={factory!r} is not a FAISS factory string FAISS accepts "
-                             f"({str(exc).strip().splitlines()[-1]})") from None
-        ivf = faiss.try_extract_index_ivf(out.index)
-        if isinstance(out.index, faiss.IndexHNSW) or ivf is None:
-            raise ValueError(f"index={factory!r}: collections support Flat and IVF indexes (IVF..., with Flat, "
-                             "SQ or PQ codes); HNSW cannot remove vectors")
-        if len(W) < ivf.nlist:
-            raise ValueError(f"index={factory!r} needs at least {ivf.nlist} proxies to train its lists; the first "
-                             f"add made {len(W)}: add more classes at once, or use fewer lists")
-        sample = np.random.default_rng(seed).permutation(len(W))[: 40 * ivf.nlist]
-        ivf.cp.niter = 10
-        ivf.cp.seed = seed
-        sq = getattr(faiss.downcast_index(ivf), "sq", None)
-        if sq is not None and sq.rangestat == faiss.ScalarQuantizer.RS_minmax:
-            sq.rangestat_arg = SQ_RANGE_MARGIN
-        train = W[np.sort(sample)]
-        out.index.train(train if prepared else out.prepare(train, "proxies"))
-        return out
+    @property
+    def is_ivf(self) -> bool:
+        return ivf.is_ivf(self.index)
 
     def retrainable(self) -> bool:
-        """True for an IVF index whose codes decode to the stored vectors (IVF-Flat) or to within
-        float16 precision (SQfp16), so re-encoding them under new lists loses nothing that matters.
-        SQ8 or PQ codes would add a second quantisation error, and a pre-transform ("PCA64,IVF...")
-        stores vectors in another space: those keep their first training."""
-        ivf = faiss.downcast_index(self.index)
-        return isinstance(ivf, faiss.IndexIVFFlat) or (
-            isinstance(ivf, faiss.IndexIVFScalarQuantizer) and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16)
-
-    def decoded_lists(self, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(ids, vectors)`` of each non-empty inverted list of an IVF index, decoded from its codes;
-        only the sorted positions ``rows`` (counted across the lists in order) if given."""
-        ivf = faiss.extract_index_ivf(self.index)
-        lists, listno_bytes = ivf.invlists, ivf.coarse_code_size()
-        start = 0
-        for no in range(ivf.nlist):
-            n = lists.list_size(no)
-            if not n:
-                continue
-            ids = faiss.rev_swig_ptr(lists.get_ids(no), n).astype(np.int64)
-            codes = faiss.rev_swig_ptr(lists.get_codes(no), n * lists.code_size).reshape(n, lists.code_size)
-            if rows is not None:
-                lo, hi = np.searchsorted(rows, [start, start + n])
-                ids, codes = ids[rows[lo:hi] - start], codes[rows[lo:hi] - start]
-            start += n
-            listno = np.frombuffer(np.int64(no).astype("<i8").tobytes()[:listno_bytes], np.uint8)
-            yield ids, ivf.sa_decode(np.hstack([np.broadcast_to(listno, (len(ids), listno_bytes)), codes]))
+        """An IVF index whose codes re-encode without loss (``ivf.retrainable``)."""
+        return self.is_ivf and ivf.retrainable(self.index)
 
     def retrained(self, factory: str, seed: int = 0) -> tuple["ProxyIndex", "ProxyIndex"]:
-        """This IVF index's vectors under lists retrained on a sample of them: ``(template, filled)``,
-        the new trained empty index and a copy holding every vector (same ids), re-encoded.
-
-        Lists trained on a collection's first add fit classes added later poorly: their vectors
-        crowd into a few lists, so recall at a given nprobe falls and queries slow down. Vectors
-        are decoded list by list, never all at once.
-        """
-        if not self.retrainable():
-            raise ValueError(f"index={factory!r}: only IVF-Flat and IVF-SQfp16 proxy indexes can be retrained "
-                             "(other codes would be quantised twice)")
-        nlist = faiss.extract_index_ivf(self.index).nlist
-        sample = np.sort(np.random.default_rng(seed).permutation(self.ntotal)[: 40 * nlist])
-        train = np.concatenate([X for _, X in self.decoded_lists(sample)])  # decodes only the sample
-        template = ProxyIndex.trained(factory, train, self.metric, self.transform, seed, prepared=True)
-        filled = template.empty_like()
-        for ids, X in self.decoded_lists():  # a list at a time: ~2 sqrt(n) vectors, a GEMM-sized batch
-            filled.index.add_with_ids(X, ids)
-        return template, filled
+        """``(template, filled)``: this IVF index's vectors under retrained lists (``ivf.retrain``)."""
+        template, filled = ivf.retrain(self.index, factory, self.metric, _FAISS_METRIC[self.metric], seed)
+        return (ProxyIndex(self.index.d, self.metric, self.transform, index=template),
+                ProxyIndex(self.index.d, self.metric, self.transform, index=filled, search_params=self.search_params))
 
     def empty_like(self) -> "ProxyIndex":
-        """An empty index of the same kind (and training)."""
-        out = ProxyIndex(self.index.d, self.metric, self.transform)
-        out.index = faiss.clone_index(self.index)
+        """An empty index of the same kind (and training, and search parameters)."""
+        out = ProxyIndex(self.index.d, self.metric, self.transform, index=faiss.clone_index(self.index),
+                         search_params=self.search_params)
         out.index.reset()
         return out
-
-    def set_search(self, params: dict[str, int] | None) -> None:
-        """Search parameters of an approximate index, e.g. ``{"nprobe": 16}``."""
-        if params:
-            faiss.ParameterSpace().set_index_parameters(self.index, ",".join(f"{k}={v}" for k, v in params.items()))
 
     @property
     def ids(self) -> np.ndarray:
         """Ids of the stored vectors (an ``IndexIDMap2`` or IVF index)."""
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is None:
-            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
-        lists = ivf.invlists
-        parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
-                 for i in range(ivf.nlist) if lists.list_size(i)]
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        if self.is_ivf:
+            return ivf.list_ids(self.index)
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
     def prepare(self, X: np.ndarray, what: str = "query") -> np.ndarray:
         """``X`` as the index stores and searches it (cosine: L2-normalised; Mahalanobis: mapped)."""
@@ -258,7 +145,7 @@ class ProxyIndex:
         """Add proxies ``W`` ``(P, d)`` (with 64-bit ``ids`` when the index has them)."""
         W = self.prepare(W, "proxies")
         threads = faiss.omp_get_max_threads()
-        if len(W) < SMALL_ADD:  # OpenMP start-up costs more than a few vectors' work (DESIGN §5)
+        if len(W) < SMALL_ADD:
             faiss.omp_set_num_threads(1)
         try:
             if ids is None:
@@ -304,17 +191,21 @@ class ProxyIndex:
             return np.zeros((0, self.index.d), np.float32)
         return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
-    def search(self, Q: np.ndarray, m: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(self, Q: np.ndarray, m: int = 1, params: dict[str, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``m`` closest proxies of each query: ``(similarity, distance, ids)``, each ``(n_q, m)``.
 
-        Fewer than ``m`` stored proxies: the missing columns have id -1.
+        ``params`` replace ``search_params`` for this call only (IVF indexes). Fewer than ``m``
+        stored proxies: the missing columns have id -1.
         """
         Q = self.prepare(Q)
         exact = isinstance(self.index, (faiss.IndexFlat, faiss.IndexIDMap2))
         if exact and self.metric in ("ip", "cosine") and len(Q) < SMALL_BATCH and m <= SMALL_M and self.ntotal:
             D, ids = self._gemv_search(Q, m)
-        else:
+        elif exact:
             D, ids = self.index.search(Q, m)
+        else:
+            D, ids = self.index.search(Q, m, params=ivf.search_parameters(self.index, params or self.search_params))
         if self.metric in ("ip", "cosine"):
             return D, np.maximum(1.0 - D, 0.0), ids
         if self.metric in ("euclidean", "mahalanobis"):
@@ -372,14 +263,15 @@ class ProxyIndex:
         enter the top k: the row is ``sure``. Other rows fall back to the full float32 scan. The
         copy (0.5x the proxies' memory) is built on first use; adds and removals keep it in step.
         """
-        if self._half is None or (self._half[0] is not None and self._half[0].ntotal != len(xb)):
-            self._half = (None, 0.0)
-            if max(xb.max(), -xb.min()) < _FP16_MAX:  # no |xb| temporary: that would double the memory
-                half = faiss.IndexScalarQuantizer(xb.shape[1], faiss.ScalarQuantizer.QT_fp16,
-                                                  faiss.METRIC_INNER_PRODUCT)
-                half.add(xb)
-                self._half = (half, _half_bound(xb))
-        half, bound = self._half
+        with self._half_lock:  # concurrent searches build the copy once
+            if self._half is None or (self._half[0] is not None and self._half[0].ntotal != len(xb)):
+                self._half = (None, 0.0)
+                if max(xb.max(), -xb.min()) < _FP16_MAX:  # no |xb| temporary: that would double the memory
+                    half = faiss.IndexScalarQuantizer(xb.shape[1], faiss.ScalarQuantizer.QT_fp16,
+                                                      faiss.METRIC_INNER_PRODUCT)
+                    half.add(xb)
+                    self._half = (half, _half_bound(xb))
+            half, bound = self._half
         n_q = len(Q)
         if half is None:  # entries beyond float16's range: every row takes the float32 scan
             return np.zeros((n_q, k), np.int64), np.zeros((n_q, k), np.float32), np.zeros(n_q, bool)
@@ -411,9 +303,9 @@ class ProxyIndex:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["index"] = faiss.serialize_index(self.index)
-        state["_half"] = None  # rebuilt on first use
+        del state["_half"], state["_half_lock"]  # rebuilt on first use
         return state
 
     def __setstate__(self, state: dict) -> None:
         state["index"] = faiss.deserialize_index(state["index"])
-        self.__dict__.update({"_half": None, **state})
+        self.__dict__.update({"search_params": {}, **state, "_half": None, "_half_lock": threading.Lock()})

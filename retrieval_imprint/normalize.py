@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import DataError
+
 PRE_NORMS = ("none", "l2")
 POST_NORMS = ("none", "l2", "quantile")
 INF_NORMS = ("none", "l2")
@@ -41,7 +43,7 @@ def l2_normalize(X: np.ndarray, what: str = "X", *, copy: bool = True) -> np.nda
     _over_rows(measure, len(X), X.shape[1])
     zero = np.flatnonzero(norms[:, 0] == 0)
     if len(zero):
-        raise ValueError(f"cannot L2-normalise {what}: row {zero[0]} is a zero vector "
+        raise DataError(f"cannot L2-normalise {what}: row {zero[0]} is a zero vector "
                          f"({len(zero)} zero row(s) in all)")
     _over_rows(divide, len(X), X.shape[1])
     return out
@@ -78,6 +80,6 @@ def normalize(X: np.ndarray, method: str, *, targets: np.ndarray | None = None, 
         return l2_normalize(X, what, copy=copy)
     if method == "quantile":
         if targets is None:
-            raise ValueError("quantile normalisation needs reference targets (see quantile_targets)")
+            raise RuntimeError("quantile normalisation needs reference targets (see quantile_targets)")
         return quantile_normalize(X, targets)
     return X

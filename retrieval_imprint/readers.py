@@ -17,16 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DataError
+from . import labels as lab
+
 TEXT_COLUMNS = ("text", "sentence", "utterance", "query")
 LABEL_COLUMNS = ("label", "category", "intent", "class")
 VECTOR_COLUMNS = ("vector", "embedding")
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
            ".pq": "parquet", ".npz": "npz", ".npy": "npy"}
 _CHECK_ROWS = 65536  # rows of vectors checked at a time
-
-
-class DataError(ValueError):
-    """A data file cannot be used as asked; the message names file, row and column."""
 
 
 @dataclass
@@ -56,14 +55,14 @@ def _pick(columns: list[str], asked: str | None, defaults: tuple[str, ...], role
 
 
 def _label(value: Any, file: Path, where: str, column: str) -> Any:
-    if value is None or (isinstance(value, str) and not value.strip()) or (
-            isinstance(value, float) and np.isnan(value)):
+    """A label as collections store it (``labels.stored_entry``), stripped of white space."""
+    value = value.strip() if isinstance(value, str) else value
+    if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
         raise DataError(f"{file}: {where}: label column {column!r} is blank")
-    if isinstance(value, str):
-        return value.strip()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, str)):
-        raise DataError(f"{file}: {where}: label {value!r} in column {column!r} must be text or an integer")
-    return int(value)
+    try:
+        return lab.value(*lab.stored_entry(value))
+    except DataError:
+        raise DataError(f"{file}: {where}: label {value!r} in column {column!r} must be text or an integer") from None
 
 
 def _vector(value: Any, file: Path, where: str, column: str) -> np.ndarray:

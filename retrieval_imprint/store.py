@@ -18,16 +18,20 @@ from __future__ import annotations
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (Boolean, Column, Connection, Engine, Float, ForeignKey, Index, Integer,
-                        LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, event)
+                        LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, delete, event,
+                        insert, select, tuple_, update)
 
 BUSY_TIMEOUT_MS = 10_000
+SQL_CHUNK = 400  # values per IN (...) list: SQLite caps bound parameters
 
 metadata = MetaData()
 
@@ -161,3 +165,89 @@ def migrate(engine: Engine, revision: str = "head", *, down: bool = False) -> No
     with writing(engine) as conn:
         cfg = alembic_config(conn)
         (command.downgrade if down else command.upgrade)(cfg, revision)
+
+
+# ----------------------------------------------------------------- reads and writes of one version
+def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None, list, list]:
+    """The collection row, the embedder row, class rows (id order) and ``(kind, file)`` segment rows."""
+    cfg = dict(conn.execute(select(collection)).mappings().one())
+    emb = conn.execute(select(embedder)).mappings().first()
+    c = classes.c
+    rows = conn.execute(select(c.id, c.label, c.label_kind, c.n_samples, c.proxy_lo, c.proxy_hi)
+                        .order_by(c.id)).all()
+    segs = conn.execute(select(segments.c.kind, segments.c.file).order_by(segments.c.id)).all()
+    return cfg, dict(emb) if emb is not None else None, rows, segs
+
+
+def version(conn: Connection) -> int:
+    return conn.execute(select(collection.c.version)).scalar_one()
+
+
+def find_classes(conn: Connection, entries: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+    """Existing class rows for ``(kind, text)`` label entries, keyed by entry."""
+    c = classes.c
+    found = {}
+    for i in range(0, len(entries), SQL_CHUNK):
+        chunk = list(entries[i : i + SQL_CHUNK])
+        for row in conn.execute(select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_hi, c.sample_hi)
+                                .where(tuple_(c.label_kind, c.label).in_(chunk))):
+            found[(row.label_kind, row.label)] = row
+    return found
+
+
+def insert_segment(conn: Connection, kind: str, name: str, ids: np.ndarray, owners: np.ndarray) -> None:
+    """Record segment file ``name`` and one id row per vector it holds."""
+    seg_id = conn.execute(insert(segments).values(kind=kind, file=name, n_vectors=len(ids))).inserted_primary_key[0]
+    table = proxies if kind == "proxies" else samples
+    if len(ids):
+        conn.execute(insert(table), [{"id": a, "class_id": b, "segment_id": seg_id}
+                                     for a, b in zip(ids.tolist(), owners.tolist())])
+
+
+def delete_vectors(conn: Connection, class_ids: np.ndarray, *, kinds: Sequence[str] = ("proxies", "samples"),
+                   drop_classes: bool = False) -> None:
+    """Delete the id rows of ``kinds`` of these classes (and the class rows with ``drop_classes``)."""
+    tables = [proxies if kind == "proxies" else samples for kind in kinds]
+    for i in range(0, len(class_ids), SQL_CHUNK):
+        chunk = class_ids[i : i + SQL_CHUNK].tolist()
+        for table in tables:
+            conn.execute(delete(table).where(table.c.class_id.in_(chunk)))
+        if drop_classes:
+            conn.execute(delete(classes).where(classes.c.id.in_(chunk)))
+
+
+def replace_segments(conn: Connection, kind: str, old: Sequence[str], name: str, n_vectors: int) -> None:
+    """Point the id rows of segments ``old`` at the new segment ``name``, which replaces them."""
+    seg_id = conn.execute(insert(segments).values(kind=kind, file=name, n_vectors=n_vectors)).inserted_primary_key[0]
+    table = proxies if kind == "proxies" else samples
+    old_ids = select(segments.c.id).where(segments.c.file.in_(old))
+    conn.execute(update(table).where(table.c.segment_id.in_(old_ids)).values(segment_id=seg_id))
+    conn.execute(delete(segments).where(segments.c.file.in_(old)))
+
+
+def set_template(conn: Connection, name: str) -> None:
+    """Make ``name`` the one template segment (an IVF index's trained, empty index)."""
+    conn.execute(delete(segments).where(segments.c.kind == "template"))
+    conn.execute(insert(segments).values(kind="template", file=name, n_vectors=0))
+
+
+def rows_done(conn: Connection, source: str) -> int:
+    """Rows of ``source`` committed by a chunked ingestion (0 if none)."""
+    return int(conn.execute(select(ingest.c.rows_done).where(ingest.c.source == source)).scalar() or 0)
+
+
+def set_rows_done(conn: Connection, source: str, done: int) -> None:
+    conn.execute(delete(ingest).where(ingest.c.source == source))
+    conn.execute(insert(ingest).values(source=source, rows_done=int(done)))
+
+
+def vector_rows(conn: Connection) -> dict[str, np.ndarray]:
+    """``(id, class_id)`` rows ``(n, 2)`` of the proxies and samples tables."""
+    return {kind: np.array(conn.execute(select(table.c.id, table.c.class_id)).all(), np.int64).reshape(-1, 2)
+            for kind, table in (("proxies", proxies), ("samples", samples))}
+
+
+def orphan_rows(conn: Connection) -> bool:
+    """True if an id row names a segment the segments table lacks."""
+    return any(conn.execute(select(table.c.id).where(table.c.segment_id.not_in(select(segments.c.id)))).first()
+               is not None for table in (proxies, samples))

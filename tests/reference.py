@@ -1,5 +1,5 @@
 """Brute-force numpy references, written independently of the library: loops per class and per
-query, scipy's cdist for distances, explicit formulas from DESIGN §1. Slow and obvious on purpose."""
+query, scipy's cdist for distances, explicit formulas from docs/design.md. Slow and obvious on purpose."""
 
 from __future__ import annotations
 
@@ -100,3 +100,24 @@ def nc1(X, y, paper_compatible=False):
         centre = mu_c - mu_g if paper_compatible else mu_c
         sigma_w += sum(np.outer(x - centre, x - centre) for x in Xc) / len(Xc) / C
     return float(np.trace(sigma_w @ np.linalg.pinv(sigma_b)) / C)
+
+
+def float32_tolerance(W, Q):
+    """Per query, how far a float32 inner product over ``d`` terms may stray from the float64 one:
+    d rounding errors of 2^-24 relative, on both sides of the comparison."""
+    W, Q = np.asarray(W, np.float64), np.asarray(Q, np.float64)
+    return 2 * W.shape[1] * 2.0**-24 * np.linalg.norm(Q, axis=1) * np.linalg.norm(W, axis=1).max()
+
+
+def assert_top_inner_products(got, W, Q, m):
+    """``got`` ``(n_q, m)`` holds row numbers of ``W``: distinct, best first, and each the m best by
+    float64 inner product up to float32 precision: a member of a set tied in float32 may stand for
+    any other, since which one float32 ranks first depends on the CPU's summation order."""
+    S = np.asarray(Q, np.float64) @ np.asarray(W, np.float64).T
+    tol = float32_tolerance(W, Q)
+    best = -np.sort(-S, axis=1)[:, :m]
+    for q in range(len(Q)):
+        assert len(set(got[q].tolist())) == m, (q, got[q])
+        scores = S[q, got[q]]
+        assert np.all(np.abs(scores - best[q]) <= tol[q]), (q, scores - best[q], tol[q])
+        assert np.all(np.diff(scores) <= tol[q]), (q, scores)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import blobs
 from retrieval_imprint.collection import Collection
-from retrieval_imprint.evaluate import calibrate
+from retrieval_imprint.calibrate import calibrate
 
 
 def brute(in_scores, correct, oos, target=None):

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from conftest import DEMO, blobs
 from retrieval_imprint.cli import main
+from retrieval_imprint import segments
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.embed import Embedder
 from retrieval_imprint.evaluate import evaluate
@@ -171,7 +172,7 @@ def write(tmp_path, name, text):
         (lambda d, t: ["index", d, write(t, "bad.jsonl", '{"text": "a", "label": "b"}\n{oops\n')],
          "bad.jsonl: line 2 is not valid JSON"),
         (lambda d, t: ["index", d, str(vectors(t, 5))], "X has dimension 5, but this collection holds 384-d vectors"),
-        (lambda d, t: ["index", d, TRAIN, "--k", "7"], "already exists with other settings: --k 7 (collection: 4)"),
+        (lambda d, t: ["index", d, TRAIN, "--k", "7"], "already exists with other settings: k=7 (collection: 4)"),
         (lambda d, t: ["remove", d, "lost_card", "nope"], "no class 'nope' in collection"),
         (lambda d, t: ["query", d], "nothing to query"),
         (lambda d, t: ["query", d, "--vectors", str(vectors(t, 7))], "Q has dimension 7"),
@@ -212,20 +213,18 @@ def test_chunked_index_resumes_after_an_interruption(tmp_path, monkeypatch):
     np.savez(tmp_path / "v.npz", X=X, y=y)
     args = ["index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model", "none", "--k", "3", "--chunk-size",
             "25", "--quiet", "--json"]
-    real_add, calls = Collection.add, []
+    writes = []
 
-    def failing_add(self, *a, **kw):
-        calls.append(kw.get("checkpoint"))
-        if len(calls) == 3:
+    def power_cut(name):  # the third chunk's files are written, its commit never happens
+        writes.append(name)
+        if writes.count("add: segments written") == 3:
             raise OSError("power cut")
-        return real_add(self, *a, **kw)
 
-    monkeypatch.setattr(Collection, "add", failing_add)
+    monkeypatch.setattr(segments, "crash_point", power_cut)
     assert CliRunner().invoke(main, args).exit_code != 0
     monkeypatch.undo()
-    assert [c[1] for c in calls[:2]] == [20, 40]  # cut between classes (10 rows each)
     partial = Collection.open(tmp_path / "c")
-    assert len(partial) == 4 and partial.check().ok
+    assert len(partial) == 4 and partial.check().ok  # two chunks of 20 rows: cut between classes of 10
     out = json.loads(run(*args).output)
     assert out["resumed_after"] == 40 and out["rows"] == 80 and out["classes"] == 12
     one_go = tmp_path / "one"
@@ -262,10 +261,7 @@ def test_check_exits_1_and_lists_problems(tmp_path):
 def test_a_chunked_text_index_loads_the_model_once(tmp_path, monkeypatch):
     import sentence_transformers
 
-    from retrieval_imprint.cli import embedder
-
     monkeypatch.setenv("RETRIEVAL_IMPRINT_CACHE", str(tmp_path / "fresh-cache.sqlite"))  # nothing cached yet
-    embedder.cache_clear()
     loads = []
     real = sentence_transformers.SentenceTransformer
 
@@ -277,4 +273,3 @@ def test_a_chunked_text_index_loads_the_model_once(tmp_path, monkeypatch):
     out = json.loads(run("index", str(tmp_path / "c"), TRAIN, "--chunk-size", "30", "--quiet", "--json").output)
     assert out["rows"] == 96 and out["classes"] == 8
     assert len(loads) == 1
-    embedder.cache_clear()  # later tests get an embedder on the session's cache again

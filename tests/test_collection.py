@@ -10,7 +10,10 @@ import pytest
 import reference as ref
 from conftest import blobs
 from retrieval_imprint import ImprintClassifier
-from retrieval_imprint.collection import (DB_NAME, Collection, CollectionLockedError, SchemaVersionError)
+from retrieval_imprint import segments
+from retrieval_imprint.collection import Collection
+from retrieval_imprint.errors import CollectionLockedError, SchemaVersionError
+from retrieval_imprint.segments import DB_NAME
 
 
 def labelled(n_classes=8, n=20, d=6, seed=0, prefix="c"):
@@ -211,14 +214,14 @@ def test_adding_to_a_class_without_kept_samples_says_why(tmp_path, data):
 
 def test_a_failed_write_leaves_the_previous_state(filled, monkeypatch):
     col, Q, before = filled
-    real = Collection._write_segment
+    real = segments.write_segment
 
-    def fail_on_samples(self, kind, version, index):
+    def fail_on_samples(directory, kind, version, index):
         if kind == "samples":
             raise OSError("disk full")
-        return real(self, kind, version, index)
+        return real(directory, kind, version, index)
 
-    monkeypatch.setattr(Collection, "_write_segment", fail_on_samples)
+    monkeypatch.setattr(segments, "write_segment", fail_on_samples)
     X, y = labelled(2, 5, 6, seed=9, prefix="new")
     with pytest.raises(OSError, match="disk full"):
         col.add(X, y)

@@ -3,7 +3,6 @@ Alembic upgrades."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,12 +16,23 @@ from alembic.runtime.migration import MigrationContext
 
 from conftest import blobs
 from retrieval_imprint import collection, store
-from retrieval_imprint.collection import DB_NAME, Collection, SchemaVersionError
+from retrieval_imprint.collection import Collection
+from retrieval_imprint.errors import SchemaVersionError
+from retrieval_imprint.segments import DB_NAME
 
 WRITER = textwrap.dedent("""
-    import sys, numpy as np
+    import os, signal, sys, numpy as np
     import retrieval_imprint.collection as rc
+    import retrieval_imprint.segments as segments
     rc.COMPACT_SEGMENTS = 4  # compact often, so kills land inside compactions too
+    point, nth, seen = sys.argv[3], int(sys.argv[4]), []
+
+    def crash_point(name):  # die at the nth time the writer reaches the named step
+        seen.append(name)
+        if name == point and seen.count(name) == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    segments.crash_point = crash_point
     col = rc.Collection.open(sys.argv[1])
     start = int(sys.argv[2])
     for i in range(start, start + 400):
@@ -33,6 +43,11 @@ WRITER = textwrap.dedent("""
         print(i, flush=True)
 """)
 
+# Every named step of a write, some more than once: (step, the how-many-th time it is reached)
+KILLS = [("segment: tmp written", 1), ("add: segments written", 2), ("add: committed", 3), ("remove: committed", 1),
+         ("compact: segments written", 1), ("compact: committed", 1), ("segment: tmp written", 5),
+         ("add: segments written", 7), ("compact: committed", 2), ("add: committed", 6)]
+
 
 def step(state: set[str], i: int, *, remove: bool = True) -> set[str]:
     """The writer's step i: add w{i}, then (every third step) remove w{i-1} if present."""
@@ -40,47 +55,44 @@ def step(state: set[str], i: int, *, remove: bool = True) -> set[str]:
     return state - {f"w{i - 1}"} if remove and i % 3 == 0 else state
 
 
-def test_sigkilled_writers_leave_the_old_or_the_new_state(tmp_path):
+@pytest.mark.slow
+def test_writers_killed_at_every_named_step_leave_the_old_or_the_new_state(tmp_path):
     path = tmp_path / "col"
     col = Collection.create(path, model=None, k=2)
     X, y = blobs(3, 6, 8)
     col.add(X, [f"base{i}" for i in y])
-    rng = np.random.default_rng(42)
     state: set[str] = set()
     start = 0
-    for run in range(10):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(start)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        first = proc.stdout.readline()  # the writer is past start-up and has committed a step
-        time.sleep(float(rng.uniform(0.0, 1.0)))  # then kill it somewhere inside its write loop
-        proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate()
-        out = first + out
-        assert proc.returncode == -signal.SIGKILL, err
-        for i in map(int, out.split()):  # steps the writer finished
+    for point, nth in KILLS:
+        proc = subprocess.run([sys.executable, "-c", WRITER, str(path), str(start), point, str(nth)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (point, nth, proc.stderr or "the writer never reached the step")
+        for i in map(int, proc.stdout.split()):  # steps the writer finished
             state = step(state, i)
-        killed = start + len(out.split())
+        killed = start + len(proc.stdout.split())
         # the killed step committed nothing, its add, or its add and its remove
         allowed = [state, step(state, killed, remove=False), step(state, killed)]
         reopened = Collection.open(path)
         report = reopened.check()
-        assert report.ok, (run, report.problems)
+        assert report.ok, (point, nth, report.problems)
         got = {c for c in reopened.classes if c.startswith("w")}
-        assert got in allowed, (run, killed, sorted(got ^ state))
+        assert got in allowed, (point, nth, killed, sorted(got ^ state))
         assert {f"base{i}" for i in range(3)} <= set(reopened.classes)
         assert set(reopened.predict(np.ones((2, 8), np.float32))) <= set(reopened.classes)
         state = got
         start = killed + 1 if f"w{killed}" in got else killed
-    assert start > 10, "the writers made progress"
+    col = Collection.open(path).compact()  # the next writer deletes what killed ones left behind
+    assert sorted(p.name for p in path.iterdir() if p.suffix in (".faiss", ".tmp")) == sorted(col.info()["segments"])
 
 
 READER = textwrap.dedent("""
-    import sys, time, numpy as np
+    import sys, time, faiss, numpy as np
     import retrieval_imprint.collection as rc
+    import retrieval_imprint.segments as segments
     # widen both windows a compaction can hit: listing the segments -> opening them -> reading them
-    open_file, read_index = rc.Collection._open_file, rc.faiss.read_index
-    rc.Collection._open_file = lambda self, name: time.sleep(0.003) or open_file(self, name)
-    rc.faiss.read_index = lambda *args: time.sleep(0.01) or read_index(*args)
+    open_segment, read_index = segments.open_segment, faiss.read_index
+    segments.open_segment = lambda directory, name: time.sleep(0.003) or open_segment(directory, name)
+    faiss.read_index = lambda *args: time.sleep(0.01) or read_index(*args)
     col = rc.Collection.open(sys.argv[1])
     q = np.ones((4, 8), np.float32)
     seen, end = set(), time.time() + float(sys.argv[2])
@@ -96,6 +108,7 @@ READER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_readers_query_while_a_writer_adds_and_compacts(tmp_path, monkeypatch):
     monkeypatch.setattr(collection, "COMPACT_SEGMENTS", 3)  # compact every few adds, under the readers
     path = tmp_path / "col"

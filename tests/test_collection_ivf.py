@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from retrieval_imprint.collection import Collection
-from retrieval_imprint.index import choose_index, ivf_lists, parse_size
+from retrieval_imprint.ivf import choose_index, ivf_lists, parse_size
 
 
 def classes(n_classes=600, n=6, d=32, seed=0):
@@ -110,7 +110,7 @@ def topics(n_topics=5, per_topic=200, n=6, d=32, seed=0):
 
 def imbalance(col: Collection) -> float:
     """How unevenly the proxies fill the IVF lists (1: evenly; FAISS's imbalance factor)."""
-    return faiss.extract_index_ivf(col._proxies.index).invlists.imbalance_factor()
+    return faiss.extract_index_ivf(col._s.proxies.index).invlists.imbalance_factor()
 
 
 @pytest.mark.parametrize("codes", ["Flat", "SQfp16"])

@@ -10,7 +10,8 @@ from sklearn.cluster import KMeans
 import reference as ref
 from conftest import blobs
 from retrieval_imprint import ImprintClassifier
-from retrieval_imprint._groups import Grouped, label_keys
+from retrieval_imprint._groups import Grouped
+from retrieval_imprint.labels import label_keys
 from retrieval_imprint.generate import GENERATORS, generate
 
 RAW = dict(pre_norm="none", post_norm="none", inf_norm="none")

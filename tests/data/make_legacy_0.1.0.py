@@ -1,5 +1,5 @@
 """Write the collections that tests/test_legacy.py opens, with retrieval-imprint 0.1.0 (commit 252622d)."""
-import json, sys, tarfile
+import json, sys
 from pathlib import Path
 import numpy as np
 from retrieval_imprint.collection import Collection

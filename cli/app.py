@@ -1,0 +1,141 @@
+"""The ``imprint`` group and what its commands share: error handling, output, common options.
+
+A user error (any ``retrieval_imprint.errors.ImprintError``: bad file, column, label, dimension,
+setting, a locked collection...) exits with code 2 and one line on stderr, and leaves the
+collection as it was. Any other exception is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import numpy as np
+
+from retrieval_imprint import __version__
+from retrieval_imprint.errors import ImprintError
+from retrieval_imprint.params import Param
+
+
+class UserError(click.ClickException):
+    """A problem with the user's input: exit code 2, one line on stderr."""
+
+    exit_code = 2
+
+
+class ImprintGroup(click.Group):
+    """Turns the library's user-facing errors into ``UserError``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ImprintError as exc:
+            raise UserError(" ".join(str(exc).split())) from exc
+
+
+@click.group(cls=ImprintGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="imprint")
+def main() -> None:
+    """Few-shot classifiers imprinted from a frozen embedding model (IMPRINT, arXiv 2503.14572).
+
+    \b
+    imprint index intents/ train.csv     # embed, imprint, store
+    imprint query intents/ "where is my card"
+    imprint eval intents/ test.csv
+    """
+
+
+def emit(data: Any) -> None:
+    """Print ``data`` as JSON: NaN as null, numpy scalars as numbers, floats to 6 decimals (the
+    scores are float32: further digits are noise that differs between CPUs)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple, np.ndarray)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float):
+            return round(v, 6) if np.isfinite(v) else None
+        return v
+
+    click.echo(json.dumps(clean(data), ensure_ascii=False, indent=2))
+
+
+def output(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    """Print a command's result: as JSON with ``--json``, else with ``human``."""
+    if as_json:
+        emit(data)
+    else:
+        human(data)
+
+
+def quiet_option(fn: Callable) -> Callable:
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(fn)
+
+
+def json_option(fn: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+
+
+def collection_argument(fn: Callable) -> Callable:
+    return click.argument("collection", type=click.Path(file_okay=False, path_type=Path))(fn)
+
+
+def data_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.option("--text-column", help="Column holding the texts (default: text, sentence, utterance, query)."),
+        click.option("--label-column", help="Column holding the labels (default: label, category, intent, class)."),
+        click.option("--vector-column", help="Column holding precomputed vectors (lists of numbers)."),
+        click.option("--split", help="NPZ files: read the arrays SPLIT_X and SPLIT_y."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def read_options(text_column: str | None, label_column: str | None, vector_column: str | None,
+                 split: str | None) -> dict[str, Any]:
+    return dict(text_column=text_column, label_column=label_column, vector_column=vector_column, split=split)
+
+
+def setting_options(params: list[Param], note: str = "") -> Callable[[Callable], Callable]:
+    """One option per setting of ``params.py``: its name, choices and help, and its default shown.
+    Every option defaults to None (not given), so a command can tell what the user chose."""
+
+    def deco(fn: Callable) -> Callable:
+        for p in reversed(params):
+            flag = "--" + p.name.replace("_", "-")
+            shown = "none" if p.default is None else p.default
+            help_text = f"{p.help}{note} [default: {shown}]"
+            if isinstance(p.default, bool):
+                option = click.option(f"{flag}/--no-{p.name.replace('_', '-')}", p.name, default=None, help=help_text)
+            else:
+                kind = click.Choice(p.choices()) if p.choices else int if type(p.default) is int else str
+                option = click.option(flag, p.name, type=kind, default=None, help=help_text)
+            fn = option(fn)
+        return fn
+
+    return deco
+
+
+@functools.lru_cache(maxsize=None)
+def embedder(model: str | None, quiet: bool):
+    """One embedder per model for the whole command: loading the model is the slow part."""
+    from retrieval_imprint.embed import Embedder, EmbeddingCache
+
+    return Embedder(model, cache=EmbeddingCache.default(), progress=show_progress(quiet))
+
+
+def show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def query_vectors(datasets: list, model: str | None, quiet: bool) -> np.ndarray:
+    """Rows of ``datasets`` as vectors, texts embedded with ``model`` (the command's one embedder)."""
+    from retrieval_imprint.embed import embed_all
+
+    return embed_all(datasets, embedder(model, quiet) if model is not None else None)

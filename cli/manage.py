@@ -1,0 +1,129 @@
+"""Commands that inspect and maintain a collection: info, classes, remove, compact, check, db upgrade."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from retrieval_imprint.collection import Collection
+
+from .app import collection_argument, json_option, main, output
+
+
+@main.command()
+@collection_argument
+@json_option
+def info(collection: Path, as_json: bool) -> None:
+    """Settings, sizes and files of COLLECTION.
+
+    \b
+    Example:
+        imprint info intents/
+    """
+    output(Collection.open(collection).info(), as_json, _print_info)
+
+
+def _print_info(data: dict) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            click.echo(f"{key}:")
+            for k, v in value.items():
+                click.echo(f"  {k}: {v}")
+        else:
+            click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+
+
+@main.command()
+@collection_argument
+@json_option
+def classes(collection: Path, as_json: bool) -> None:
+    """The classes of COLLECTION with their sample and proxy counts.
+
+    Classes are listed in the order they were added; samples counts every sample a class was
+    imprinted from, proxies what its GEN setting made of them.
+
+    \b
+    Example:
+        imprint classes intents/
+    """
+    output(Collection.open(collection).class_table(), as_json, _print_classes)
+
+
+def _print_classes(rows: list[dict]) -> None:
+    width = max([len(str(r["label"])) for r in rows] + [5])
+    click.echo(f"{'class':<{width}}  samples  proxies")
+    for r in rows:
+        click.echo(f"{str(r['label']):<{width}}  {r['samples']:7d}  {r['proxies']:7d}")
+
+
+@main.command()
+@collection_argument
+@click.argument("labels", nargs=-1, required=True)
+def remove(collection: Path, labels: tuple[str, ...]) -> None:
+    """Remove the classes LABELS from COLLECTION (all or nothing).
+
+    \b
+    Example:
+        imprint remove intents/ lost_card order_food
+    """
+    col = Collection.open(collection)
+    by_text = {str(c): c for c in col.classes}
+    col.remove([by_text.get(label, label) for label in labels])
+    click.echo(f"removed {len(set(labels))} classes; {len(col)} remain")
+
+
+@main.command()
+@collection_argument
+@click.option("--retrain/--no-retrain", default=None,
+              help="Retrain an IVF index's lists on the live proxies now (--retrain) or never "
+                   "(--no-retrain). Default: when the proxies have grown 4x past those it was trained on.")
+def compact(collection: Path, retrain: bool | None) -> None:
+    """Rewrite COLLECTION's live vectors into one file per kind, dropping removed ones.
+
+    \b
+    Example:
+        imprint compact intents/
+    """
+    col = Collection.open(collection)
+    before = col.info()["segments"]
+    after = col.compact(retrain=retrain).info()["segments"]
+    retrained = {f for f in before if f.startswith("template")} != {f for f in after if f.startswith("template")}
+    click.echo(f"{len(before)} files -> {len(after)}" + ("; IVF lists retrained" if retrained else ""))
+
+
+@main.command()
+@collection_argument
+def check(collection: Path) -> None:
+    """Verify that COLLECTION's database and index files agree (exit 1 if not).
+
+    \b
+    Example:
+        imprint check intents/
+    """
+    report = Collection.open(collection).check()
+    if report.ok:
+        click.echo(f"ok: {collection}")
+        return
+    for problem in report.problems:
+        click.echo(problem, err=True)
+    sys.exit(1)
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command()
+@collection_argument
+def upgrade(collection: Path) -> None:
+    """Migrate COLLECTION's database to this version's schema.
+
+    \b
+    Example:
+        imprint db upgrade intents/
+    """
+    before, head = Collection.upgrade(collection)
+    click.echo(f"{collection}: schema {before} -> {head}" if before != head else f"{collection}: already at {head}")

@@ -1,0 +1,136 @@
+"""Commands that study labelled data before (or instead of) indexing it: diagnose, sweep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+import numpy as np
+
+from retrieval_imprint.aggregate import AGGREGATIONS
+from retrieval_imprint.embed import DEFAULT_MODEL
+from retrieval_imprint.generate import GENERATORS
+from retrieval_imprint.readers import read
+
+from .app import UserError, data_options, emit, json_option, main, query_vectors, quiet_option, read_options
+
+
+@main.command()
+@click.argument("data")
+@click.option("--model", help="Embedding model for text data (default the packaged all-MiniLM-L6-v2).")
+@click.option("--paper-compatible", is_flag=True, help="Centre on mu_c - mu_G as the paper's code does.")
+@click.option("--classes", "n_show", type=int, default=5, show_default=True,
+              help="Most and least spread classes to list.")
+@data_options
+@quiet_option
+@json_option
+def diagnose(data: str, model: str | None, paper_compatible: bool, n_show: int, text_column, label_column,
+             vector_column, split, quiet: bool, as_json: bool) -> None:
+    """Neural collapse (NC1) of labelled DATA and the k it suggests for kmeans proxies.
+
+    \b
+    Example:
+        imprint diagnose train.csv
+    """
+    from retrieval_imprint.collapse import neural_collapse
+
+    ds = read(data, **read_options(text_column, label_column, vector_column, split))
+    X = query_vectors([ds], model or DEFAULT_MODEL, quiet)
+    labels = np.array([str(v) for v in ds.labels])  # type: ignore[union-attr]
+    report = neural_collapse(X, labels, paper_compatible=paper_compatible)
+    per_class = sorted(({"label": c, "nc1": float(v), "spread": float(s), "samples": int(n)} for c, v, s, n in
+                        zip(report.classes, report.per_class_nc1, report.per_class_spread, report.class_sizes)),
+                       key=lambda r: -r["nc1"])
+    if as_json:
+        emit({"nc1": report.nc1, "paper_compatible": paper_compatible, "classes": len(report.classes),
+              "recommended_k": report.recommended_k, "reason": report.reason, "per_class": per_class})
+        return
+    click.echo(f"NC1 {report.nc1:.4f} ({'paper-compatible' if paper_compatible else 'correct'} formula, "
+               f"{len(report.classes)} classes, median {int(np.median(report.class_sizes))} samples per class)")
+    click.echo(f"recommended k: {report.recommended_k} ({report.reason})")
+    shown = per_class[:n_show] + per_class[-n_show:] if len(per_class) > 2 * n_show else per_class
+    width = max(len(r["label"]) for r in shown)
+    click.echo(f"\n{'class':<{width}}  NC1 share  spread  samples")
+    for r in shown:
+        click.echo(f"{r['label']:<{width}}  {r['nc1']:9.4f}  {r['spread']:6.3f}  {r['samples']:7d}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+
+
+@main.command()
+@click.argument("train")
+@click.argument("test")
+@click.option("--generator", "generators", default="mean,kmeans", show_default=True, help="Generators, comma-separated.")
+@click.option("--k", "ks", default="1,5,10,20", show_default=True, help="k values for generators that use k.")
+@click.option("--aggregation", "aggregations", default="max", show_default=True, help="max and/or mnn.")
+@click.option("--m", "ms", default="1", show_default=True, help="m values for mnn.")
+@click.option("--shots", default="1,5,10,0", show_default=True, help="Samples per class; 0 = all.")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds per setting (subset and GEN).")
+@click.option("--model", help="Embedding model for text data (default the packaged all-MiniLM-L6-v2).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw accuracy vs k per shots setting to a PNG.")
+@data_options
+@quiet_option
+@json_option
+def sweep(train: str, test: str, generators: str, ks: str, aggregations: str, ms: str, shots: str, seeds: int,
+          model: str | None, plot: str | None, text_column, label_column, vector_column, split, quiet: bool,
+          as_json: bool) -> None:
+    """Accuracy on TEST of a grid of settings imprinted from TRAIN (mean and std over seeds).
+
+    \b
+    Example:
+        imprint sweep train.csv test.csv --generator mean,kmeans --k 1,5,20 --shots 5,0 --plot k.png
+    """
+    from retrieval_imprint.experiments import sweep as run_sweep
+
+    gens = [g.strip() for g in generators.split(",") if g.strip()]
+    aggs = [a.strip() for a in aggregations.split(",") if a.strip()]
+    for g in gens:
+        if g not in GENERATORS:
+            raise UserError(f"--generator {g!r} is not valid; expected one of {', '.join(GENERATORS)}")
+    for a in aggs:
+        if a not in AGGREGATIONS:
+            raise UserError(f"--aggregation {a!r} is not valid; expected one of {', '.join(AGGREGATIONS)}")
+    options = read_options(text_column, label_column, vector_column, split)
+    train_ds, test_ds = read(train, **options), read(test, **options)
+    model = model or DEFAULT_MODEL
+    X_train, X_test = query_vectors([train_ds], model, quiet), query_vectors([test_ds], model, quiet)
+    y_train = np.array([str(v) for v in train_ds.labels])  # type: ignore[union-attr]
+    y_test = np.array([str(v) for v in test_ds.labels])  # type: ignore[union-attr]
+    configs = []
+    for g in gens:
+        for k in (_int_list(ks) if g not in ("mean", "ls", "all") else [1 if g != "all" else -1]):
+            for a in aggs:
+                for m in (_int_list(ms) if a == "mnn" else [1]):
+                    configs.append(dict(generator=g, k=k, aggregation=a, m=m))
+    rows = run_sweep(X_train, y_train, X_test, y_test, configs, _int_list(shots), list(range(seeds)))
+    if plot:
+        _plot(rows, plot)
+    if as_json:
+        emit(rows)
+        return
+    click.echo(f"{'shots':>5}  {'generator':<9} {'k':>3}  {'agg':<3} {'m':>2}  accuracy   std")
+    for r in rows:
+        click.echo(f"{r['shots'] or 'all':>5}  {r['generator']:<9} {r['k']:>3}  {r['aggregation']:<3} {r['m']:>2}  "
+                   f"{r['accuracy']:8.4f}  {r['accuracy_std']:.4f}")
+
+
+def _plot(rows: list[dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'retrieval-imprint[plot]'") from None
+    from retrieval_imprint.experiments import plot_accuracy_vs_k
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plot_accuracy_vs_k(rows, ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

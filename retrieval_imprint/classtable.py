@@ -1,0 +1,86 @@
+"""The class table in memory: one row per class, as parallel arrays sorted by class id.
+
+Queries map a proxy id to its class by arithmetic (``segments.class_of``) and the class to its label
+by a binary search here: no SQL per query. Writers change the table through ``upsert`` and
+``drop`` only, after their transaction commits, so it always mirrors one committed version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import labels as lab
+from . import segments
+
+
+@dataclass
+class ClassTable:
+    ids: np.ndarray  # (C,) int64, ascending: class ids grow with each new class
+    labels: np.ndarray  # (C,) object: str or int
+    n_samples: np.ndarray  # (C,) int64; also the end of the class's sample ids
+    proxy_lo: np.ndarray  # (C,) int64: live proxies are j in [proxy_lo, proxy_hi)
+    proxy_hi: np.ndarray  # (C,) int64
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Any]) -> "ClassTable":
+        """From ``(id, label, label_kind, n_samples, proxy_lo, proxy_hi)`` rows in id order."""
+        labels = np.empty(len(rows), object)
+        labels[:] = [lab.value(r[2], r[1]) for r in rows]
+        ints = [np.array([r[i] for r in rows], np.int64) for i in (0, 3, 4, 5)]
+        return cls(ints[0], labels, *ints[1:])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def positions(self, class_ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.ids, class_ids)
+
+    def labels_of(self, class_ids: np.ndarray) -> np.ndarray:
+        return self.labels[self.positions(class_ids)]
+
+    @property
+    def n_proxies(self) -> np.ndarray:
+        return self.proxy_hi - self.proxy_lo
+
+    def proxy_ids(self, class_ids: np.ndarray) -> np.ndarray:
+        """Ids of the live proxies of these classes."""
+        pos = self.positions(class_ids)
+        return segments.range_ids(class_ids, self.proxy_lo[pos], self.proxy_hi[pos])
+
+    def sample_ids(self, class_ids: np.ndarray) -> np.ndarray:
+        """Ids of the kept samples of these classes."""
+        pos = self.positions(class_ids)
+        return segments.range_ids(class_ids, np.zeros_like(pos), self.n_samples[pos])
+
+    def live(self, kind: str, ids: np.ndarray) -> np.ndarray:
+        """Which vector ids of ``kind`` ("proxies" or "samples") belong to the live version."""
+        if kind == "proxies":
+            return segments.live(self.ids, self.proxy_lo, self.proxy_hi, ids)
+        return segments.live(self.ids, np.zeros_like(self.ids), self.n_samples, ids)
+
+    def upsert(self, class_ids: np.ndarray, labels: Sequence[object], n_samples: np.ndarray, proxy_lo: np.ndarray,
+               proxy_hi: np.ndarray) -> None:
+        """Update the rows of existing classes and append new ones (their ids exceed every old id)."""
+        old = np.isin(class_ids, self.ids)
+        pos = self.positions(class_ids[old])
+        self.n_samples[pos], self.proxy_lo[pos], self.proxy_hi[pos] = n_samples[old], proxy_lo[old], proxy_hi[old]
+        added = np.empty(int((~old).sum()), object)
+        added[:] = [v for v, o in zip(labels, old) if not o]
+        for name, value in (("ids", class_ids), ("labels", added), ("n_samples", n_samples),
+                            ("proxy_lo", proxy_lo), ("proxy_hi", proxy_hi)):
+            new = value if name == "labels" else value[~old]
+            setattr(self, name, np.concatenate([getattr(self, name), new]))
+
+    def drop(self, class_ids: np.ndarray) -> None:
+        keep = np.ones(len(self), bool)
+        keep[self.positions(class_ids)] = False
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name)[keep])
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per class, in insertion order: label, samples, proxies."""
+        return [{"label": label, "samples": int(n), "proxies": int(p)}
+                for label, n, p in zip(self.labels, self.n_samples, self.n_proxies)]

@@ -1,0 +1,173 @@
+"""Ingestion: labelled data files into a collection, chunk by chunk, resumable.
+
+``ingest(path, sources)`` reads and checks every source before anything is written, opens the
+collection at ``path`` (its stored settings must match any given) or creates it when the first
+chunk is ready, embeds texts with the collection's model, and adds the rows. Up to ``chunk_size``
+rows go in one atomic write; larger inputs go chunk by chunk, cut where the label changes when
+rows are grouped by label (a class is then imprinted from all its samples at once). Each chunk's
+write also records how many rows of its source are done, so rerunning an interrupted ingestion,
+from Python or ``imprint index``, continues after the last committed chunk. At the end, IVF lists
+trained on the first chunk are retrained on everything when the collection has outgrown them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from . import labels as lab
+from .collection import Collection
+from .embed import Embedder, EmbeddingCache, embed_all
+from .errors import DataError
+from .params import check_int, collection_scope, resolve
+from .readers import Dataset, read
+from .segments import DB_NAME
+
+DEFAULT_CHUNK = 20_000
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    collection: str
+    rows: int  # rows added by this call
+    resumed_after: int  # rows an earlier, interrupted ingestion of the same sources had committed
+    new_classes: int
+    classes: int
+    proxies: int
+    retrained: bool  # IVF lists retrained on all proxies at the end
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fingerprint(ds: Dataset) -> str:
+    """What identifies a source across runs: a file's path, size and modification time (a changed
+    file starts over), or a hash of an in-memory dataset's rows."""
+    file = Path(ds.source)
+    if file.is_file():
+        stat = file.stat()
+        return f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(repr(ds.labels).encode())
+    if ds.texts is not None:
+        digest.update("\0".join(ds.texts).encode())
+    else:
+        digest.update(memoryview(ds.vectors.astype("<f4", copy=False).tobytes()))
+    return f"memory:{ds.source}:{len(ds)}:{digest.hexdigest()[:32]}"
+
+
+def chunks(labels: Sequence[Any], start: int, size: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of about ``size`` from ``start``, cut where the label changes when possible, so
+    that grouped data never splits a class."""
+    lo, n = start, len(labels)
+    while lo < n:
+        hi = min(lo + size, n)
+        if hi < n:
+            cut = hi
+            while cut > lo + 1 and labels[cut - 1] == labels[cut]:
+                cut -= 1
+            hi = cut if cut > lo + 1 else hi
+        yield lo, hi
+        lo = hi
+
+
+def _part(ds: Dataset, lo: int, hi: int) -> Dataset:
+    return Dataset(ds.source, ds.texts[lo:hi] if ds.texts is not None else None,
+                   ds.vectors[lo:hi] if ds.vectors is not None else None, ds.labels[lo:hi])
+
+
+class _Target:
+    """The collection being ingested into: opened, or created when the first chunk is ready."""
+
+    def __init__(self, path: Path, preset: str | None, settings: dict[str, Any]) -> None:
+        self.path, self.preset, self.settings = path, preset, settings
+        self.col = Collection.open(path) if (path / DB_NAME).exists() else None
+        self.created = False
+
+    def __len__(self) -> int:
+        return len(self.col) if self.col is not None else 0
+
+    def rows_done(self, source: str) -> int:
+        return self.col._rows_done(source) if self.col is not None else 0
+
+    def add(self, X: Any, labels: list, checkpoint: tuple[str, int] | None) -> None:
+        if self.col is None:
+            self.col = Collection.create(self.path, preset=self.preset, **self.settings)
+            self.created = True
+        self.col._add_checked(X, labels, checkpoint=checkpoint)
+
+    def discard_if_unwritten(self) -> None:
+        """Remove a collection this ingestion created and never wrote to: no stub is left with
+        settings that failed."""
+        if self.created and not len(self.col) and self.col.info()["version"] == 0:
+            self.col.close()
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Dataset], *,
+           chunk_size: int = DEFAULT_CHUNK, progress: bool = False, embedder: Embedder | None = None,
+           preset: str | None = None, **settings: Any) -> IngestReport:
+    """Add the labelled rows of ``sources`` (data files, or ``readers.Dataset``) to the collection
+    at ``path``, creating it with ``preset`` and ``settings`` if there is none; see the module
+    docstring. ``embedder``: the model's embedder to use (default: the collection's, cached)."""
+    chunk_size = check_int("chunk_size", chunk_size, 1)
+    datasets = [s if isinstance(s, Dataset) else read(s) for s in sources]
+    for ds in datasets:
+        if ds.labels is None:
+            raise DataError(f"{ds.source}: no labels to index")
+    target = _Target(Path(path), preset, settings)
+    if target.col is not None:
+        target.col.check_settings(preset=preset, **settings)
+        model = target.col.model
+    else:
+        model = resolve(settings, collection_scope(), preset)["model"]
+    if any(ds.texts is not None for ds in datasets) and model is None:
+        raise DataError(f"{path} holds precomputed vectors (no model recorded); index vectors, not texts")
+    if embedder is not None and model is not None and embedder.name != model:
+        raise DataError(f"the embedder is {embedder.name!r}, but the collection uses {model!r}")
+    embedder = embedder or (Embedder(model, cache=EmbeddingCache.default()) if model is not None else None)
+    before = {lab.entry(label) for label in target.col.classes} if target.col is not None else set()
+    total = sum(len(ds) for ds in datasets)
+    resumed = 0
+    try:
+        if total <= chunk_size:  # one atomic write
+            target.add(embed_all(datasets, embedder), [v for ds in datasets for v in ds.labels], None)
+        else:
+            resumed = _add_chunks(target, datasets, embedder, chunk_size, progress)
+    except BaseException:
+        target.discard_if_unwritten()
+        raise
+    col = target.col
+    retrained = col.outgrown
+    if retrained:
+        col.compact()
+    seen = {lab.entry(label) for ds in datasets for label in ds.labels}
+    info = col.info()
+    return IngestReport(str(path), total - resumed, resumed, len(seen - before), info["classes"], info["proxies"],
+                        retrained)
+
+
+def _add_chunks(target: _Target, datasets: list[Dataset], embedder: Embedder | None, chunk_size: int,
+                progress: bool) -> int:
+    """Add every dataset chunk by chunk, each chunk recording its progress; returns the rows an
+    earlier run had committed (skipped here)."""
+    resumed, first, started = 0, len(target), time.perf_counter()
+    with tqdm(total=sum(len(ds) for ds in datasets), unit="row", desc="indexing", disable=not progress) as bar:
+        for ds in datasets:
+            source = fingerprint(ds)
+            start = target.rows_done(source)
+            resumed += start
+            bar.update(start)
+            for lo, hi in chunks(ds.labels, start, chunk_size):
+                part = _part(ds, lo, hi)
+                target.add(embed_all([part], embedder), part.labels, (source, hi))
+                bar.update(hi - lo)
+                rate = (len(target) - first) / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(classes=len(target), classes_per_s=f"{rate:.0f}")
+    return resumed

@@ -1,0 +1,53 @@
+"""Integrity checks: do a collection's database and its segment files agree?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine
+
+from . import snapshot, store
+from .errors import CollectionDamagedError
+from .segments import CLASS_SHIFT
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    ok: bool
+    problems: list[str]
+
+
+def check(directory: Path, engine: Engine) -> CheckReport:
+    """Verify, from disk, one committed version of the collection in ``directory``: every named
+    file exists and loads with the right dimension, the live vector ids equal the database's id
+    rows, and each id row names the class its id encodes and a segment that exists. Safe beside a
+    writer: rows and files are read as one snapshot."""
+    problems: list[str] = []
+    with engine.connect() as conn:
+        current, head, _ = store.schema_revision(conn)
+        if store.orphan_rows(conn):
+            problems.append("proxy or sample rows name a segment that does not exist")
+    if current != head:
+        problems.append(f"schema revision {current} is not the head {head}")
+    try:
+        snap = snapshot.read(directory, engine, samples=True, vector_rows=True)
+    except CollectionDamagedError as exc:
+        return CheckReport(False, problems + [str(exc)])
+    loaded = {"proxies": snap.proxies.ids if snap.proxies is not None else np.zeros(0, np.int64)}
+    if snap.samples is not None:
+        loaded["samples"] = snap.samples.ids
+    for kind, ids in loaded.items():
+        rows = snap.vector_rows[kind]
+        if len(ids) != len(np.unique(ids)):
+            problems.append(f"{kind}: duplicate ids in the index files")
+        if not np.array_equal(np.sort(ids), np.sort(rows[:, 0])):
+            problems.append(f"{kind}: the index files hold {len(ids)} live vectors and the database "
+                            f"{len(rows)} id rows, and their ids differ")
+        if (rows[:, 0] >> CLASS_SHIFT != rows[:, 1]).any():
+            problems.append(f"{kind}: an id row names another class than its id encodes")
+    expected = int(snap.table.n_proxies.sum())
+    if expected != len(loaded["proxies"]):
+        problems.append(f"proxies: the class ranges count {expected}, the index holds {len(loaded['proxies'])}")
+    return CheckReport(not problems, problems)

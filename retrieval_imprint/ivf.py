@@ -1,0 +1,190 @@
+"""Approximate proxy indexes: which IVF index to build, how to train and retrain its lists, and
+per-call search parameters.
+
+Collections of millions of classes keep their proxies in a FAISS IVF index (``IVF{nlist},SQfp16``
+and the like). The lists are trained once, on the first add's proxies, and retrained on a sample of
+all live proxies when the collection has outgrown them. Search parameters (``nprobe``...) travel
+with each search as a ``faiss.SearchParameters`` object: the shared index is never mutated, so
+concurrent queries with different parameters cannot see each other's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import faiss
+import numpy as np
+from faiss.contrib.inspect_tools import get_invlist, get_invlist_sizes
+
+from .errors import InvalidParameterError
+
+APPROXIMATE_METRICS = ("ip", "cosine", "euclidean", "mahalanobis")
+TRAIN_PER_LIST = 40  # training points per inverted list (a seeded sample)
+TRAIN_ITERATIONS = 10
+# SQ4/6/8 codes span each dimension's range in the first add's proxies; classes added later fall
+# outside it and clip. Widening the range by a quarter each side costs resolution but clips less
+# (raised recall@1 in a one-off test on benchmarks/scale.py data; not part of any benchmark).
+SQ_RANGE_MARGIN = 0.25
+SEARCH_KEYS = ("nprobe", "max_codes", "quantizer_efSearch")
+
+
+def ivf_lists(n_vectors: int) -> int:
+    """Inverted lists for ``n_vectors``: about 2 sqrt(n), a power of two in [16, 65536]."""
+    return int(2 ** np.clip(np.round(np.log2(2 * np.sqrt(max(n_vectors, 1)))), 4, 16))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists searched per query: nlist / 64, at least 32 (IVF4096 -> 64: recall@1 1.000 at 1M
+    classes in docs/scale.md)."""
+    return int(min(nlist, max(32, nlist // 64)))
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"8GB"``, ``"512MiB"``, ``"1.5G"`` or an int."""
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        return int(text)
+    units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
+             "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}
+    value = str(text).strip().upper()
+    number = value.rstrip("KMGTIB ")
+    unit = value[len(number):].strip()
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise InvalidParameterError(f"memory budget {text!r} is not a size like 8GB or 512MiB") from None
+
+
+def choose_index(n_vectors: int, d: int, memory_budget: int) -> str:
+    """The most accurate index whose vectors (and ids) fit ``memory_budget`` bytes: exact ``Flat``,
+    then ``IVF{nlist},SQfp16`` (2 bytes per dimension), ``IVF{nlist},SQ8`` (1 byte), then
+    ``IVF{nlist},PQ{M}`` (M bytes)."""
+    nlist = ivf_lists(n_vectors)
+    if n_vectors * (4 * d + 8) <= memory_budget:
+        return "Flat"
+    for code, width in (("SQfp16", 2), ("SQ8", 1)):
+        if n_vectors * (width * d + 8) + nlist * d * 4 <= memory_budget:
+            return f"IVF{nlist},{code}"
+    for m in (64, 48, 32, 24, 16, 8, 4):
+        if d % m == 0 and n_vectors * (m + 8) + nlist * d * 4 + 256 * d * 4 <= memory_budget:
+            return f"IVF{nlist},PQ{m}"
+    raise InvalidParameterError(f"a memory budget of {memory_budget:,} bytes cannot hold {n_vectors:,} proxies "
+                                f"of dimension {d}")
+
+
+def train(factory: str, W: np.ndarray, metric: str, faiss_metric: int, seed: int = 0,
+          prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> faiss.Index:
+    """An empty IVF index (a FAISS factory string, e.g. ``IVF4096,SQ8``) trained on ``W``, mapped
+    by ``prepare`` to the space the index stores (None: ``W`` is stored as it is).
+
+    Training uses at most ``TRAIN_PER_LIST`` points per list (a seeded sample) and
+    ``TRAIN_ITERATIONS`` k-means iterations: the proxies are k-means centroids already, and a
+    full-size training of thousands of lists takes minutes on two cores. Scalar quantizers with
+    trained ranges get a margin (``SQ_RANGE_MARGIN``) for the classes added later.
+    """
+    if metric not in APPROXIMATE_METRICS:
+        raise InvalidParameterError(f"index={factory!r} supports metrics {', '.join(APPROXIMATE_METRICS)}; "
+                                    f"metric={metric!r} needs index='Flat'")
+    try:
+        index = faiss.index_factory(W.shape[1], factory, faiss_metric)
+    except RuntimeError as exc:
+        raise InvalidParameterError(f"index={factory!r} is not a FAISS factory string FAISS accepts "
+                                    f"({str(exc).strip().splitlines()[-1]})") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if isinstance(index, faiss.IndexHNSW) or ivf is None:
+        raise InvalidParameterError(f"index={factory!r}: collections support Flat and IVF indexes (IVF..., with "
+                                    "Flat, SQ or PQ codes); HNSW cannot remove vectors")
+    if len(W) < ivf.nlist:
+        raise InvalidParameterError(f"index={factory!r} needs at least {ivf.nlist} proxies to train its lists; the "
+                                    f"first add made {len(W)}: add more classes at once, or use fewer lists")
+    sample = np.sort(np.random.default_rng(seed).permutation(len(W))[: TRAIN_PER_LIST * ivf.nlist])
+    ivf.cp.niter = TRAIN_ITERATIONS
+    ivf.cp.seed = seed
+    sq = getattr(faiss.downcast_index(ivf), "sq", None)
+    if sq is not None and sq.rangestat == faiss.ScalarQuantizer.RS_minmax:
+        sq.rangestat_arg = SQ_RANGE_MARGIN
+    index.train(np.ascontiguousarray(W[sample] if prepare is None else prepare(W[sample])))
+    return index
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    return faiss.try_extract_index_ivf(index) is not None
+
+
+def retrainable(index: faiss.Index) -> bool:
+    """True for an IVF index whose codes decode to the stored vectors (IVF-Flat) or to within
+    float16 precision (SQfp16), so re-encoding them under new lists loses nothing that matters.
+    SQ8 or PQ codes would add a second quantisation error, and a pre-transform ("PCA64,IVF...")
+    stores vectors in another space: those keep their first training."""
+    ivf = faiss.downcast_index(index)
+    return isinstance(ivf, faiss.IndexIVFFlat) or (
+        isinstance(ivf, faiss.IndexIVFScalarQuantizer) and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16)
+
+
+def list_ids(index: faiss.Index) -> np.ndarray:
+    """Ids of every vector of an IVF index, list after list."""
+    ivf = faiss.extract_index_ivf(index)
+    parts = [get_invlist(ivf.invlists, int(no))[0] for no in np.flatnonzero(get_invlist_sizes(ivf.invlists))]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def decoded_lists(index: faiss.Index, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(ids, vectors)`` of each non-empty inverted list, decoded from its codes; only the sorted
+    positions ``rows`` (counted across the lists in order) if given."""
+    ivf = faiss.extract_index_ivf(index)
+    listno_bytes = ivf.coarse_code_size()
+    start = 0
+    for no in np.flatnonzero(get_invlist_sizes(ivf.invlists)):
+        ids, codes = get_invlist(ivf.invlists, int(no))
+        n = len(ids)
+        if rows is not None:
+            lo, hi = np.searchsorted(rows, [start, start + n])
+            ids, codes = ids[rows[lo:hi] - start], codes[rows[lo:hi] - start]
+        start += n
+        listno = np.frombuffer(np.int64(no).astype("<i8").tobytes()[:listno_bytes], np.uint8)
+        yield ids, ivf.sa_decode(np.hstack([np.broadcast_to(listno, (len(ids), listno_bytes)), codes]))
+
+
+def retrain(index: faiss.Index, factory: str, metric: str, faiss_metric: int,
+            seed: int = 0) -> tuple[faiss.Index, faiss.Index]:
+    """This IVF index's vectors under lists retrained on a sample of them: ``(template, filled)``,
+    the new trained empty index and a copy holding every vector (same ids), re-encoded.
+
+    Lists trained on a collection's first add fit classes added later poorly: their vectors crowd
+    into a few lists, so recall at a given nprobe falls and queries slow down. Vectors are decoded
+    list by list, never all at once.
+    """
+    if not retrainable(index):
+        raise InvalidParameterError(f"index={factory!r}: only IVF-Flat and IVF-SQfp16 proxy indexes can be "
+                                    "retrained (other codes would be quantised twice)")
+    nlist = faiss.extract_index_ivf(index).nlist
+    sample = np.sort(np.random.default_rng(seed).permutation(index.ntotal)[: TRAIN_PER_LIST * nlist])
+    sampled = np.concatenate([X for _, X in decoded_lists(index, sample)])  # decodes only the sample
+    template = train(factory, sampled, metric, faiss_metric, seed)
+    filled = faiss.clone_index(template)
+    for ids, X in decoded_lists(index):  # a list at a time: ~2 sqrt(n) vectors, a GEMM-sized batch
+        filled.add_with_ids(X, ids)
+    return template, filled
+
+
+def search_parameters(index: faiss.Index, params: dict[str, int] | None) -> faiss.SearchParameters | None:
+    """``params`` (``nprobe``, ``max_codes``, ``quantizer_efSearch``) as the object FAISS takes with
+    one search call; None for none."""
+    if not params:
+        return None
+    unknown = [key for key in params if key not in SEARCH_KEYS]
+    if unknown:
+        raise InvalidParameterError(f"search parameter {unknown[0]!r} is not known; expected "
+                                    + ", ".join(SEARCH_KEYS))
+    out = faiss.SearchParametersIVF()
+    for key in ("nprobe", "max_codes"):
+        if key in params:
+            setattr(out, key, int(params[key]))
+    if "quantizer_efSearch" in params:
+        hnsw = faiss.SearchParametersHNSW()
+        hnsw.efSearch = int(params["quantizer_efSearch"])
+        out.quantizer_params, out.referenced = hnsw, hnsw  # FAISS holds a raw pointer: keep it alive
+    if isinstance(index, faiss.IndexPreTransform):
+        wrapped = faiss.SearchParametersPreTransform()
+        wrapped.index_params, wrapped.referenced = out, out  # FAISS holds a raw pointer: keep it alive
+        return wrapped
+    return out

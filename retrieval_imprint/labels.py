@@ -1,0 +1,100 @@
+"""Class labels: one codec for every module.
+
+A label is identified by its *entry* ``(kind, text)``: ``("str", "card_arrival")`` or
+``("int", "7")``. Python and numpy scalars of the same value have the same entry (``np.str_`` as
+``str``, ``np.int64`` and an integral ``float`` as ``int``), so labels read from a CSV, an NPZ file
+or an estimator's ``classes_`` compare equal wherever they meet. Collections store the entry and
+accept only str and int labels; the estimator and ``evaluate`` take any label scikit-learn takes
+(other kinds are keyed by ``repr``). The stable 64-bit ``label_key`` of a label seeds its class's
+random draws, so it must never change for a given entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import DataError
+
+Entry = tuple[str, str]
+
+
+def entry(label: object) -> Entry:
+    """``(kind, text)`` of any label (``kind``: str, int, bool, float, none, or repr for the rest)."""
+    if isinstance(label, (str, np.str_)):
+        return "str", str(label)
+    if isinstance(label, (bool, np.bool_)):
+        return "bool", str(bool(label))
+    if isinstance(label, (int, np.integer)):
+        return "int", str(int(label))
+    if isinstance(label, (float, np.floating)):
+        return ("int", str(int(label))) if float(label).is_integer() else ("float", repr(float(label)))
+    if label is None:
+        return "none", "None"
+    return "repr", repr(label)
+
+
+def stored_entry(label: object, where: str = "") -> Entry:
+    """The entry of a label a collection can store (a non-blank str, or an int); else a
+    ``DataError`` naming ``where`` (e.g. ``"row 3"``)."""
+    at = f" at {where}" if where else ""
+    if isinstance(label, (str, np.str_)):
+        if not label.strip():
+            raise DataError(f"label{at} is blank")
+        return "str", str(label)
+    if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
+        return "int", str(int(label))
+    raise DataError(f"label{at} is {type(label).__name__} {label!r}: labels must be str or int")
+
+
+def value(kind: str, text: str) -> object:
+    """The Python label of a stored entry."""
+    return int(text) if kind == "int" else text
+
+
+def label_key(label: object) -> int:
+    """A stable 64-bit key of a label: the same across processes and for Python and numpy scalars."""
+    kind, text = entry(label)
+    tag = {"str": b"s", "int": b"i", "bool": b"b"}.get(kind, b"r")
+    raw = tag + text.encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+def label_keys(labels: Sequence[object]) -> np.ndarray:
+    """:func:`label_key` of every label, as a uint64 array."""
+    return np.fromiter((label_key(lab) for lab in labels), dtype=np.uint64, count=len(labels))
+
+
+def as_sequence(labels: Any, what: str = "labels") -> list:
+    """``labels`` as a list, refusing a bare string (it would be read as one label per character)."""
+    if isinstance(labels, (str, bytes, np.str_)):
+        raise DataError(f"{what} is a single string {str(labels)[:40]!r}; pass a list of labels")
+    return labels.tolist() if isinstance(labels, np.ndarray) else list(labels)
+
+
+def factorize(labels: Sequence[object]) -> tuple[np.ndarray, list[Entry]]:
+    """Codes ``(n,)`` and the distinct entries in first-appearance order, for any labels."""
+    seen: dict[Entry, int] = {}
+    codes = np.fromiter((seen.setdefault(entry(v), len(seen)) for v in labels), np.int64, len(labels))
+    return codes, list(seen)
+
+
+def encode_stored(labels: Sequence[object]) -> tuple[np.ndarray, list[Entry]]:
+    """:func:`factorize` for labels a collection stores, each checked by :func:`stored_entry`.
+
+    All-str or all-int labels are checked once per distinct label (numpy does the grouping);
+    anything else row by row, so that an error names the first bad row either way.
+    """
+    values = as_sequence(labels)
+    if set(map(type, values)) in ({str}, {int}):
+        uniq, first, codes = np.unique(np.array(values), return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        return rank[codes.ravel()], [stored_entry(uniq[i].item(), f"row {first[i]}") for i in order]
+    seen: dict[Entry, int] = {}
+    codes = np.fromiter((seen.setdefault(stored_entry(v, f"row {row}"), len(seen)) for row, v in enumerate(values)),
+                        np.int64, len(values))
+    return codes, list(seen)

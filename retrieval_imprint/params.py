@@ -1,0 +1,189 @@
+"""Settings, declared once: every GEN/NORM/AGG parameter and collection setting with its default,
+its check and its help text, and the presets that name published methods.
+
+``ImprintClassifier`` takes its defaults from ``DEFAULTS``, ``Collection.create`` resolves its
+keyword arguments with ``resolve``, and the ``imprint`` command builds its options from ``IMPRINT``
+and ``COLLECTION``: one place to read what a parameter means and what it defaults to. Names follow
+the paper (docs/design.md): NORMpre / GEN / NORMpost / NORMinf / AGG.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .aggregate import AGGREGATIONS, VOTES
+from .errors import InvalidParameterError
+from .generate import GENERATORS
+from .index import METRICS
+from .ivf import parse_size
+from .normalize import INF_NORMS, POST_NORMS, PRE_NORMS
+
+
+def check_int(name: str, value: object, low: int) -> int:
+    """``value`` as an int >= ``low``, or an ``InvalidParameterError`` naming the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected an integer >= {low}")
+    return int(value)
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``allowed``, else an ``InvalidParameterError`` listing them."""
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected one of "
+                                    + ", ".join(repr(a) for a in allowed))
+    return value
+
+
+def check_k(name: str, value: object) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not (
+            value >= 1 or value == -1):
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a positive integer, or -1 for "
+                                    "every sample")
+    return int(value)
+
+
+def check_seed(name: str, value: object) -> Any:
+    """An int, None or a ``RandomState`` (the estimator; collections need an int, see ``resolve``)."""
+    if value is None or isinstance(value, np.random.RandomState):
+        return value
+    return check_int(name, value, 0)
+
+
+def check_ridge(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
+            or value < 0:
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number >= 0")
+    return float(value)
+
+
+def check_optional_str(name: str, value: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a non-empty string or None")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected True or False")
+    return bool(value)
+
+
+def check_index(name: str, value: object) -> str:
+    if not isinstance(value, str) or not (value in ("Flat", "auto") or value.startswith("IVF")):
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected 'Flat', 'auto' or a FAISS IVF "
+                                    "factory string such as 'IVF4096,SQ8'")
+    return value
+
+
+def check_search_params(name: str, value: object) -> dict[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a dict such as {{'nprobe': 32}}")
+    return {key: check_int(f"{name}[{key!r}]", v, 1) for key, v in value.items()}
+
+
+def check_dimension(name: str, value: object) -> int | None:
+    return None if value is None else check_int(name, value, 1)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One setting: its default, what it means, and either the choices it takes (a function, as
+    registries grow) or a ``check(name, value)`` that returns the value or raises."""
+
+    name: str
+    default: Any
+    help: str
+    choices: Callable[[], tuple[str, ...]] | None = None
+    check: Callable[[str, Any], Any] | None = None
+
+    def validate(self, value: Any) -> Any:
+        return check_choice(self.name, value, self.choices()) if self.choices else self.check(self.name, value)
+
+
+# GEN/NORM/AGG: the estimator's constructor parameters; collections store all but ls_reg.
+IMPRINT: dict[str, Param] = {p.name: p for p in (
+    Param("generator", "kmeans", "GEN: how a class's samples become proxies.", lambda: tuple(GENERATORS)),
+    Param("k", 20, "Proxies per class; -1 keeps every sample. A class with n_c <= k keeps all.", check=check_k),
+    Param("pre_norm", "l2", "NORMpre, applied to samples before GEN.", lambda: PRE_NORMS),
+    Param("post_norm", "l2", "NORMpost, applied to proxies.", lambda: POST_NORMS),
+    Param("inf_norm", "l2", "NORMinf, applied to queries.", lambda: INF_NORMS),
+    Param("aggregation", "max", "AGG: max (top-1 proxy) or mnn (the m nearest proxies vote).", lambda: AGGREGATIONS),
+    Param("m", 1, "Neighbours that vote with aggregation mnn.", check=lambda name, v: check_int(name, v, 1)),
+    Param("metric", "ip", "Similarity of queries and proxies.", lambda: METRICS),
+    Param("vote", "uniform", "m-NN vote weights: uniform, or distance (1 / (dist + 1e-10)).", lambda: VOTES),
+    Param("random_state", 0, "Seed of the per-class random draws.", check=check_seed),
+    Param("ls_reg", 1e-3, "Ridge lambda of the ls / kls heads.", check=check_ridge),
+)}
+STORED = tuple(name for name in IMPRINT if name != "ls_reg")  # ls / kls need every class: no collection
+
+# How a collection stores and serves its head: fixed when it is created.
+COLLECTION: dict[str, Param] = {p.name: p for p in (
+    Param("model", "all-MiniLM-L6-v2", "Embedding model (name or path) recorded for texts; None for vectors.",
+          check=check_optional_str),
+    Param("index", "Flat", "Proxy index: Flat (exact), a FAISS IVF factory string such as IVF4096,SQ8, or auto "
+          "(chosen from memory_budget).", check=check_index),
+    Param("memory_budget", None, "Bytes the proxies may take with index auto, e.g. 8GB.",
+          check=lambda name, v: None if v is None else parse_size(v)),
+    Param("search_params", None, "Search parameters of an IVF index, e.g. {'nprobe': 32}.",
+          check=check_search_params),
+    Param("keep_samples", True, "Keep samples so a class can be re-imprinted when it gets more.", check=check_bool),
+    Param("dimension", None, "Vector dimension (None: taken from the first add).", check=check_dimension),
+)}
+
+DEFAULTS: dict[str, Any] = {name: p.default for name, p in IMPRINT.items()}
+
+# The published methods in IMPRINT terms: NORMpre/GEN/NORMpost/NORMinf/AGG.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Qi et al. 2018: L2/mean/L2/L2/max
+    "qi": dict(pre_norm="l2", generator="mean", post_norm="l2", inf_norm="l2", aggregation="max"),
+    # Hosoda et al.: none/mean/quantile/none/max
+    "hosoda": dict(pre_norm="none", generator="mean", post_norm="quantile", inf_norm="none",
+                   aggregation="max"),
+    # Janson et al.: none/mean/none/none/1-NN Euclidean, distance-weighted
+    "janson": dict(pre_norm="none", generator="mean", post_norm="none", inf_norm="none",
+                   aggregation="mnn", m=1, metric="euclidean", vote="distance"),
+    # The paper's best: L2/k-means k=20/L2/L2/max
+    "imprint": dict(pre_norm="l2", generator="kmeans", k=20, post_norm="l2", inf_norm="l2",
+                    aggregation="max"),
+}
+
+
+def _unknown(name: str, known: dict[str, Param]) -> InvalidParameterError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return InvalidParameterError(f"unknown setting {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                 + f" (settings: {', '.join(known)})")
+
+
+def preset(name: str | None) -> dict[str, Any]:
+    """The parameters of a preset (``{}`` for None)."""
+    return {} if name is None else dict(PRESETS[check_choice("preset", name, tuple(PRESETS))])
+
+
+def check_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The GEN/NORM/AGG parameters in ``params``, each checked, and their combination; returns them."""
+    out = {name: IMPRINT[name].validate(value) for name, value in params.items()}
+    if out.get("aggregation", "max") == "max" and out.get("m", 1) != 1:
+        raise InvalidParameterError(f"m={out['m']!r} is only used with aggregation='mnn'; max uses the top-1 proxy")
+    return out
+
+
+def collection_scope() -> dict[str, Param]:
+    """The settings ``Collection.create`` takes: the stored GEN/NORM/AGG parameters and ``COLLECTION``."""
+    return {name: IMPRINT[name] for name in STORED} | COLLECTION
+
+
+def resolve(given: dict[str, Any], scope: dict[str, Param], preset_name: str | None = None) -> dict[str, Any]:
+    """Every setting of ``scope``: its default, overlaid by the preset, overlaid by ``given``; each
+    checked. A name outside ``scope`` is an error that suggests the closest one."""
+    for name in given:
+        if name not in scope:
+            raise _unknown(name, scope)
+    merged = {name: p.default for name, p in scope.items()} | preset(preset_name) | given
+    checked = check_params({name: v for name, v in merged.items() if name in IMPRINT})
+    return checked | {name: scope[name].validate(v) for name, v in merged.items() if name not in IMPRINT}

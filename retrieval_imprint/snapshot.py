@@ -1,0 +1,107 @@
+"""One committed version of a collection in memory: its settings, class table and indexes.
+
+``read`` takes the database rows and opens the segment files they name in one step, under
+``readers.lock`` and inside one SQLite read transaction, so the rows and the files belong to the
+same version even while a writer commits and compacts beside it. The files are read after the
+lock is released (an open file outlives its deletion), so writers never wait on a slow reader.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from sqlalchemy import Engine
+
+from . import segments, store
+from .classtable import ClassTable
+from .imprint import Fixed
+from .index import ProxyIndex
+
+
+@dataclass
+class Snapshot:
+    config: dict[str, Any]  # the collection row (GEN/NORM/AGG settings, index, version...)
+    embedder: dict[str, Any] | None  # the embedder row
+    table: ClassTable
+    files: dict[str, list[str]]  # segment files by kind ("proxies", "samples", "template"), oldest first
+    fixed: Fixed = field(default_factory=Fixed)
+    template: ProxyIndex | None = None  # an IVF index's trained, empty index
+    proxies: ProxyIndex | None = None  # None until the first add
+    samples: ProxyIndex | None = None  # loaded on first need (re-imprinting a class, check)
+    vector_rows: dict[str, np.ndarray] | None = None  # the id rows, for check
+
+    @property
+    def version(self) -> int:
+        return self.config["version"]
+
+    @property
+    def dimension(self) -> int | None:
+        return self.config["dimension"]
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """Stored search parameters of an approximate index (e.g. ``{"nprobe": 16}``)."""
+        return json.loads(self.config["search_params"]) if self.config["search_params"] else {}
+
+    def new_index(self, kind: str) -> ProxyIndex:
+        """An empty in-memory index for ``kind``: a copy of the trained template, or exact."""
+        if kind == "proxies" and self.template is not None:
+            out = self.template.empty_like()
+            out.search_params = self.search_params
+            return out
+        if kind == "proxies":
+            return ProxyIndex(self.dimension, self.config["metric"], self.fixed.transform, with_ids=True,
+                              search_params=self.search_params)
+        return ProxyIndex(self.dimension, "euclidean", None, with_ids=True)
+
+    def merge(self, directory: Path, kind: str, files: list[str],
+              opened: dict[str, BinaryIO] | None = None) -> ProxyIndex:
+        """The live vectors (by the class table) of these ``kind`` segment files, in one index.
+        Files not in ``opened`` are opened here: only the writer may, as no one else deletes them."""
+        merged = self.new_index(kind)
+        with ExitStack() as stack:
+            for name in files:
+                file = opened[name] if opened and name in opened else stack.enter_context(
+                    segments.open_segment(directory, name))
+                merged.merge(segments.read_segment(directory, name, file, self.dimension))
+        ids = merged.ids
+        dead = ids[~self.table.live(kind, ids)]
+        if len(dead):
+            merged.remove(dead)
+        return merged
+
+
+def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows: bool = False) -> Snapshot:
+    """The committed version now on disk: database rows and the segments they name (the samples'
+    too with ``samples``; the id rows with ``vector_rows``)."""
+    with ExitStack() as stack:
+        with segments.reading(directory):
+            with engine.connect() as conn, conn.begin():
+                cfg, emb, rows, segs = store.read_state(conn)
+                ids = store.vector_rows(conn) if vector_rows else None
+            kinds = ("template", "proxies", "samples") if samples else ("template", "proxies")
+            opened = {name: stack.enter_context(segments.open_segment(directory, name))
+                      for kind, name in segs if kind in kinds}
+        d = cfg["dimension"]
+        snap = Snapshot(cfg, emb, ClassTable.from_rows(rows),
+                        {kind: [f for k, f in segs if k == kind] for kind in ("proxies", "samples", "template")},
+                        vector_rows=ids)
+        snap.fixed = Fixed(
+            np.frombuffer(cfg["quantile_targets"], np.float32).copy() if cfg["quantile_targets"] else None,
+            np.frombuffer(cfg["metric_transform"], np.float32).reshape(d, d).copy() if cfg["metric_transform"]
+            else None)
+        template = snap.files["template"]
+        if template:
+            index = segments.read_segment(directory, template[0], opened[template[0]], d)
+            snap.template = ProxyIndex(d, cfg["metric"], snap.fixed.transform, index=index)
+        ready = d is not None and (cfg["metric"] != "mahalanobis" or snap.fixed.transform is not None)
+        if ready and (cfg["index_factory"] == "Flat" or template):
+            snap.proxies = snap.merge(directory, "proxies", snap.files["proxies"], opened)
+        if samples and cfg["keep_samples"] and d:
+            snap.samples = snap.merge(directory, "samples", snap.files["samples"], opened)
+    return snap

@@ -1,0 +1,244 @@
+"""How each write changes a collection: new segment files first, then one SQLite transaction, then
+the same change in memory.
+
+Every function here runs under the collection's writer lock (``Collection._writing``), on the
+``Snapshot`` of the latest committed version, and updates that snapshot in step with its commit;
+if anything fails, the caller reloads the snapshot from disk. ``segments.crash_point`` marks the
+steps where crash tests kill the process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from sqlalchemy import Engine, insert, update
+
+from . import labels as lab
+from . import segments, store
+from ._groups import Grouped
+from .errors import DataError
+from .imprint import imprint
+from .index import ProxyIndex
+from .ivf import choose_index, default_nprobe
+from .normalize import normalize
+from .segments import CLASS_SHIFT, MAX_PER_CLASS
+from .snapshot import Snapshot
+
+
+def set_values(engine: Engine, s: Snapshot, **values: Any) -> None:
+    """Set columns of the collection row and bump the version."""
+    version = s.version + 1
+    with store.writing(engine) as conn:
+        conn.execute(update(store.collection).values(version=version, **values))
+    s.config.update(values, version=version)
+
+
+@dataclass
+class _Batch:
+    """The classes one add touches, in label-entry order, with their samples old and new."""
+
+    class_id: np.ndarray  # (B,) class ids, new ones numbered from next_class_id
+    existing: np.ndarray  # (B,) bool: the class exists and is re-imprinted
+    old_samples: np.ndarray  # (B,) kept samples before this add
+    old_proxy_hi: np.ndarray  # (B,) end of the class's proxy ids before this add
+    groups: Grouped  # per class: kept samples first, then the new ones (the order a one-go build sees)
+    new_rows: np.ndarray  # rows of the new samples X, grouped by class
+    new_counts: np.ndarray  # (B,) new samples per class
+    next_class_id: int
+
+
+def _batch(s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list, found: dict) -> _Batch:
+    d = X.shape[1]
+    B = len(entries)
+    class_id = np.empty(B, np.int64)
+    old_samples, old_proxy_hi = np.zeros(B, np.int64), np.zeros(B, np.int64)
+    next_id = s.config["next_class_id"]
+    for i, entry in enumerate(entries):
+        row = found.get(entry)
+        if row is None:
+            class_id[i], next_id = next_id, next_id + 1
+        else:
+            class_id[i], old_samples[i], old_proxy_hi[i] = row.id, row.sample_hi, row.proxy_hi
+    existing = np.array([e in found for e in entries], bool)
+    kept = (s.samples.reconstruct(s.table.sample_ids(class_id[existing])) if existing.any()
+            else np.zeros((0, d), np.float32))
+    new_rows = np.argsort(codes, kind="stable")
+    new_counts = np.bincount(codes, minlength=B)
+    new_starts = np.concatenate([[0], np.cumsum(new_counts)])
+    kept_starts = np.concatenate([[0], np.cumsum(old_samples)])
+    parts = []
+    for i in range(B):
+        parts.append(kept[kept_starts[i] : kept_starts[i + 1]])
+        parts.append(X[new_rows[new_starts[i] : new_starts[i + 1]]])
+    sizes = old_samples + new_counts
+    groups = Grouped(np.concatenate(parts),
+                     np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                     lab.label_keys([lab.value(*e) for e in entries]))
+    return _Batch(class_id, existing, old_samples, old_proxy_hi, groups, new_rows, new_counts, next_id)
+
+
+def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> str | None:
+    """The proxy index of the first add: exact, or an IVF index trained on ``W`` (``index`` given
+    as a factory string, or ``auto`` chosen from the memory budget). Returns the template segment."""
+    cfg = s.config
+    factory = cfg["index_factory"]
+    if factory == "auto":
+        factory = choose_index(len(W), W.shape[1], cfg["memory_budget"])
+    template = None
+    if factory != "Flat":
+        s.template = ProxyIndex.trained(factory, W, cfg["metric"], s.fixed.transform, cfg["random_state"])
+        nlist = faiss.extract_index_ivf(s.template.index).nlist
+        cfg["search_params"] = cfg["search_params"] or json.dumps({"nprobe": default_nprobe(nlist)})
+        template = segments.write_segment(directory, "template", version, s.template.index)
+        cfg["trained_on"] = len(W)
+    cfg["index_factory"] = factory
+    s.proxies = s.new_index("proxies")
+    return template
+
+
+def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list,
+        checkpoint: tuple[str, int] | None) -> None:
+    """Imprint samples ``X`` with class ``codes`` into ``entries`` (label entries; new or existing)."""
+    cfg = s.config
+    X = normalize(X, cfg["pre_norm"], what="X")
+    with engine.connect() as conn:
+        found = store.find_classes(conn, entries)
+    if found and not cfg["keep_samples"]:
+        raise DataError(f"class {next(iter(found))[1]!r} already exists and this collection keeps no samples, so it "
+                        "cannot be re-imprinted from old and new samples together; remove it and add all its "
+                        "samples, or create the collection with keep_samples=True")
+    d = X.shape[1]
+    if cfg["dimension"] is None:
+        emb_dim = s.embedder["dimension"] if s.embedder else None
+        if emb_dim is not None and emb_dim != d:
+            raise DataError(f"X has dimension {d}, but the collection's model gives {emb_dim}-d vectors")
+        cfg["dimension"] = d
+    if found and s.samples is None:
+        s.samples = s.merge(directory, "samples", s.files["samples"])
+    b = _batch(s, X, codes, entries, found)
+    W, owner, s.fixed = imprint(b.groups, cfg, s.fixed)
+    version = s.version + 1
+    template = _first_index(directory, s, W, version) if s.proxies is None else None
+
+    n_proxies = np.bincount(owner, minlength=len(entries))
+    sizes = b.old_samples + b.new_counts
+    if (n_proxies + b.old_proxy_hi).max() >= MAX_PER_CLASS or sizes.max() >= MAX_PER_CLASS:
+        raise DataError(f"a class may hold at most {MAX_PER_CLASS - 1} proxies and samples")
+    proxy_lo, proxy_hi = b.old_proxy_hi, b.old_proxy_hi + n_proxies
+    j = np.arange(len(W)) - np.concatenate([[0], np.cumsum(n_proxies)])[owner]
+    proxy_ids = (b.class_id[owner] << CLASS_SHIFT) + proxy_lo[owner] + j
+    segment = s.new_index("proxies")
+    segment.add(W, proxy_ids)
+    written = {"proxies": (segments.write_segment(directory, "proxies", version, segment.index), proxy_ids,
+                           b.class_id[owner])}
+    samples = X[b.new_rows]
+    if cfg["keep_samples"]:
+        s_owner = np.repeat(np.arange(len(entries)), b.new_counts)
+        sample_ids = (b.class_id[s_owner] << CLASS_SHIFT) + b.old_samples[s_owner] + (
+            np.arange(len(X)) - np.concatenate([[0], np.cumsum(b.new_counts)])[s_owner])
+        sample_index = s.new_index("samples")
+        sample_index.add(samples, sample_ids)
+        written["samples"] = (segments.write_segment(directory, "samples", version, sample_index.index),
+                              sample_ids, b.class_id[s_owner])
+    segments.crash_point("add: segments written")
+
+    c = store.classes.c
+    with store.writing(engine) as conn:
+        store.delete_vectors(conn, b.class_id[b.existing], kinds=("proxies",))
+        new = [dict(id=int(b.class_id[i]), label=e[1], label_kind=e[0], n_samples=int(sizes[i]),
+                    proxy_lo=int(proxy_lo[i]), proxy_hi=int(proxy_hi[i]), sample_hi=int(sizes[i]))
+               for i, e in enumerate(entries) if not b.existing[i]]
+        if new:
+            conn.execute(insert(store.classes), new)
+        for i in np.flatnonzero(b.existing):
+            conn.execute(update(store.classes).where(c.id == int(b.class_id[i])).values(
+                n_samples=int(sizes[i]), proxy_lo=int(proxy_lo[i]), proxy_hi=int(proxy_hi[i]),
+                sample_hi=int(sizes[i])))
+        for kind, (name, ids, owners) in written.items():
+            store.insert_segment(conn, kind, name, ids, owners)
+        if template is not None:
+            store.set_template(conn, template)
+        conn.execute(update(store.collection).values(
+            version=version, next_class_id=b.next_class_id, dimension=d, index_factory=cfg["index_factory"],
+            search_params=cfg["search_params"], trained_on=cfg["trained_on"],
+            quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
+            metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes()))
+        conn.execute(update(store.embedder).values(dimension=d))
+        if checkpoint is not None:
+            store.set_rows_done(conn, *checkpoint)
+    segments.crash_point("add: committed")
+
+    # the same change in memory, without rereading the segments
+    if b.existing.any():
+        s.proxies.remove(s.table.proxy_ids(b.class_id[b.existing]))
+    s.proxies.add(W, proxy_ids)
+    if s.samples is not None and "samples" in written:
+        s.samples.add(samples, written["samples"][1])
+    for kind, (name, _, _) in written.items():
+        s.files[kind].append(name)
+    if template is not None:
+        s.files["template"] = [template]
+    s.table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi)
+    s.config.update(version=version, next_class_id=b.next_class_id)
+
+
+def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
+    """Remove the classes of these label entries (all must exist)."""
+    with engine.connect() as conn:
+        found = store.find_classes(conn, entries)
+    missing = [e[1] for e in entries if e not in found]
+    if missing:
+        raise DataError(f"no class {missing[0]!r} in collection {directory} ({len(missing)} unknown label(s)); "
+                        "nothing was removed")
+    ids = np.array(sorted(found[e].id for e in entries), np.int64)
+    with store.writing(engine) as conn:
+        store.delete_vectors(conn, ids, drop_classes=True)
+        conn.execute(update(store.collection).values(version=s.version + 1))
+    segments.crash_point("remove: committed")
+    s.proxies.remove(s.table.proxy_ids(ids))
+    if s.samples is not None:
+        s.samples.remove(s.table.sample_ids(ids))
+    s.table.drop(ids)
+    s.config["version"] += 1
+
+
+def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, retrain: bool = False) -> None:
+    """Merge segment files into one per kind: all of them (``full``), or all but the largest, so
+    that the automatic compaction after many small adds rewrites only the small ones.
+    ``retrain`` (full only): re-encode the proxies under IVF lists retrained on them."""
+    version = s.version + 1
+    kinds = ["proxies"] + (["samples"] if s.config["keep_samples"] else [])
+    victims = {}
+    for kind in kinds:
+        files = sorted(s.files[kind], key=lambda f: (directory / f).stat().st_size)
+        victims[kind] = files if full else files[:-1]
+    merged = {kind: s.merge(directory, kind, files) for kind, files in victims.items()
+              if (len(files) > 1 or full) and not (retrain and kind == "proxies")}
+    template = None
+    if retrain:  # from the live proxies in memory, which the merged files would only repeat
+        s.template, merged["proxies"] = s.proxies.retrained(s.config["index_factory"], s.config["random_state"])
+        merged["proxies"].search_params = s.search_params
+        template = segments.write_segment(directory, "template", version, s.template.index)
+    written = {kind: segments.write_segment(directory, kind, version, index.index) for kind, index in merged.items()}
+    segments.crash_point("compact: segments written")
+    with store.writing(engine) as conn:
+        for kind, name in written.items():
+            store.replace_segments(conn, kind, victims[kind], name, merged[kind].ntotal)
+        if template is not None:
+            store.set_template(conn, template)
+            conn.execute(update(store.collection).values(trained_on=merged["proxies"].ntotal))
+        conn.execute(update(store.collection).values(version=version))
+    segments.crash_point("compact: committed")
+    s.config["version"] = version
+    for kind, name in written.items():
+        s.files[kind] = [f for f in s.files[kind] if f not in victims[kind]] + [name]
+    if template is not None:
+        s.files["template"] = [template]
+        s.config["trained_on"] = merged["proxies"].ntotal
+        s.proxies = merged["proxies"]
+    segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})
