@@ -49,21 +49,23 @@ def main() -> None:
     """
 
 
-def emit(data: Any) -> None:
-    """Print ``data`` as JSON: NaN as null, numpy scalars as numbers, floats to 6 decimals (the
-    scores are float32: further digits are noise that differs between CPUs)."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple, np.ndarray)):
-            return [clean(x) for x in v]
-        if isinstance(v, np.generic):
-            v = v.item()
-        if isinstance(v, float):
-            return round(v, 6) if np.isfinite(v) else None
-        return v
+def plain(v: Any) -> Any:
+    """``v`` as plain data: numpy scalars as numbers, NaN as None, floats to 6 decimals (scores are
+    float32: further digits are noise that differs between CPUs)."""
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [plain(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 6) if np.isfinite(v) else None
+    return v
 
-    click.echo(json.dumps(clean(data), ensure_ascii=False, indent=2))
+
+def emit(data: Any) -> None:
+    """Print ``data`` as JSON (``plain``)."""
+    click.echo(json.dumps(plain(data), ensure_ascii=False, indent=2))
 
 
 def output(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
@@ -71,7 +73,7 @@ def output(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
     if as_json:
         emit(data)
     else:
-        human(data)
+        human(plain(data))
 
 
 def quiet_option(fn: Callable) -> Callable:

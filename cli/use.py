@@ -23,7 +23,7 @@ from .app import (UserError, collection_argument, data_options, emit, json_optio
               help="Start from a published method's settings (options given beside it win).")
 @setting_options([IMPRINT[name] for name in STORED], " (new collections)")
 @setting_options([COLLECTION[name] for name in ("model", "index", "memory_budget", "keep_samples")],
-                 " (new collections; --model none: precomputed vectors)")
+                 " (new collections)")
 @click.option("--nprobe", type=int, help="Inverted lists searched per query (IVF indexes); stored.")
 @click.option("--chunk-size", type=int, default=DEFAULT_CHUNK, show_default=True,
               help="Larger inputs are embedded and added chunk by chunk; an interrupted run resumes.")

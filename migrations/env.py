@@ -8,7 +8,7 @@ from retrieval_imprint.store import metadata
 
 
 def run_migrations(connection) -> None:
-    # SQLite can't ALTER most things in place: batch mode rebuilds tables (DESIGN §5)
+    # SQLite can't ALTER most things in place: batch mode rebuilds tables (Alembic's render_as_batch)
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()

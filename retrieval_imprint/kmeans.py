@@ -1,7 +1,7 @@
 """Batched k-means: Lloyd's algorithm for many classes at once, with greedy k-means++ seeding.
 
 Imprinting runs one small k-means per class (tens to hundreds of points, k <= 20). Calling a
-library once per class is dominated by per-call and thread start-up overhead (DESIGN §5), so this
+library once per class is dominated by per-call and thread start-up overhead (docs/performance.md), so this
 module stacks classes into zero-padded ``(B, n_pad, d)`` blocks and does each step for the whole
 block with batched matmuls, blocks spread over the cores.
 

@@ -124,7 +124,8 @@ STORED = tuple(name for name in IMPRINT if name != "ls_reg")  # ls / kls need ev
 
 # How a collection stores and serves its head: fixed when it is created.
 COLLECTION: dict[str, Param] = {p.name: p for p in (
-    Param("model", "all-MiniLM-L6-v2", "Embedding model (name or path) recorded for texts; None for vectors.",
+    Param("model", "all-MiniLM-L6-v2", "Embedding model (name or path) recorded for texts; none (None in Python): "
+          "a collection of precomputed vectors.",
           check=check_optional_str),
     Param("index", "Flat", "Proxy index: Flat (exact), a FAISS IVF factory string such as IVF4096,SQ8, or auto "
           "(chosen from memory_budget).", check=check_index),

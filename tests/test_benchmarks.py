@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import shared_data
+
+pytestmark = pytest.mark.slow  # a subprocess on real data
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from conftest import blobs
 from retrieval_imprint import PRESETS, ImprintClassifier
 
 ZERO_ROW = ("int-valued test data truncates a row to all zeros, and L2 of a zero vector is an error "
-            "by design (DESIGN §1); test_every_input_dtype covers the dtypes on data without zero rows")
+            "by design (docs/framework.md); test_every_input_dtype covers the dtypes on data without zero rows")
 
 
 def _expected_failures(estimator):

@@ -273,3 +273,12 @@ def test_a_chunked_text_index_loads_the_model_once(tmp_path, monkeypatch):
     out = json.loads(run("index", str(tmp_path / "c"), TRAIN, "--chunk-size", "30", "--quiet", "--json").output)
     assert out["rows"] == 96 and out["classes"] == 8
     assert len(loads) == 1
+
+
+def test_only_user_errors_exit_2_and_bugs_show_their_traceback(tmp_path, monkeypatch):
+    Collection.create(tmp_path / "c", model=None)
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "absent")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1  # an ImprintError: one line
+    monkeypatch.setattr(Collection, "info", lambda self: 1 / 0)  # a bug in the library
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "c")])
+    assert result.exit_code == 1 and isinstance(result.exception, ZeroDivisionError)

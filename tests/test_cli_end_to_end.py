@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import shared_data
 from retrieval_imprint import ImprintClassifier
 from retrieval_imprint.embed import Embedder, EmbeddingCache
+
+pytestmark = pytest.mark.slow  # a subprocess on real data
 
 CLASSES = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "cash_withdrawal_charge"]
 

@@ -152,3 +152,23 @@ def test_retrain_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="has an exact index"):
         flat.compact(retrain=True)
     assert sq8.check().ok and flat.check().ok
+
+
+def test_search_parameters_of_one_call_never_reach_the_shared_index(tmp_path):
+    """Threads query one collection with different nprobe at once: each gets exactly what a lone
+    query with its nprobe gets, and the index's own nprobe never changes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    X, y = classes(600)
+    col = Collection.create(tmp_path / "c", model=None, k=3, keep_samples=False, index="IVF64,Flat",
+                            search_params={"nprobe": 2})
+    col.add(X, y)
+    Q = X[::7] + 0.3 * np.random.default_rng(2).standard_normal(X[::7].shape).astype(np.float32)
+    alone = {n: col.query(Q, 3, search_params={"nprobe": n}).labels for n in (1, 4, 64)}
+    assert not np.array_equal(alone[1], alone[64])  # nprobe matters on this data
+    with ThreadPoolExecutor(6) as pool:
+        runs = list(pool.map(lambda n: (n, col.query(Q, 3, search_params={"nprobe": n}).labels), [1, 4, 64] * 8))
+    for n, labels in runs:
+        np.testing.assert_array_equal(labels, alone[n])
+    assert faiss.extract_index_ivf(col._s.proxies.index).nprobe == 1  # FAISS's own default, never set
+    np.testing.assert_array_equal(col.query(Q, 3).labels, col.query(Q, 3, search_params={"nprobe": 2}).labels)

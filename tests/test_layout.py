@@ -1,0 +1,66 @@
+"""The repository keeps its own promises: docs that match the code, layers without cycles, and
+nothing that points outside the repository."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from retrieval_imprint.params import COLLECTION, IMPRINT
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "retrieval_imprint"
+
+
+def _internal_imports(file: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return out
+
+
+def test_the_package_modules_import_without_cycles():
+    graph = {f.stem: _internal_imports(f) for f in PACKAGE.glob("*.py") if f.stem != "__init__"}
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join(path + (module,))}"
+        if module in done:
+            return
+        for dep in graph.get(module, ()):
+            visit(dep, path + (module,))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())
+
+
+@pytest.mark.slow
+def test_docs_cli_md_is_what_the_build_script_writes():
+    spec = importlib.util.spec_from_file_location("build_cli_docs", ROOT / "docs" / "build_cli_docs.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert build.build() == (ROOT / "docs" / "cli.md").read_text(), \
+        "docs/cli.md is out of date: run .venv/bin/python docs/build_cli_docs.py"
+
+
+def test_the_design_page_lists_every_setting_with_its_default():
+    page = (ROOT / "docs" / "design.md").read_text()
+    for p in [*IMPRINT.values(), *COLLECTION.values()]:
+        shown = f"`{p.default}`" if isinstance(p.default, str) else "none" if p.default is None else p.default
+        assert f"| `{p.name}` | {shown} |" in page, p.name
+
+
+def test_nothing_cites_a_file_outside_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    for name in tracked:
+        if name.endswith((".py", ".md", ".cfg", ".toml")) and name != "tests/test_layout.py":
+            text = (ROOT / name).read_text(errors="replace")
+            assert "DESIGN §" not in text and "DESIGN.md" not in text, name
