@@ -30,7 +30,7 @@ import numpy as np
 from sqlalchemy import insert
 
 from . import labels as lab
-from . import params as P
+from . import params as spec
 from . import segments, snapshot, store, writes
 from .aggregate import rank_classes, vote_weights
 from .calibrate import Calibration, calibrate
@@ -95,7 +95,7 @@ class Collection:
         ``params.py`` (``model``, ``index``, ``memory_budget``, ``search_params``, ``keep_samples``,
         ``dimension``), over the defaults and ``preset``; fixed for every later add.
         """
-        s = P.resolve(settings, P.collection_scope(), preset)
+        s = spec.resolve(settings, spec.collection_scope(), preset)
         if not GENERATORS[s["generator"]].per_class:
             raise InvalidParameterError(
                 f"generator={s['generator']!r} needs every class at once (it is not imprinting), so it cannot grow a "
@@ -117,7 +117,7 @@ class Collection:
             store.migrate(engine)
             with store.writing(engine) as conn:
                 conn.execute(insert(store.collection).values(
-                    id=1, **{name: s[name] for name in P.STORED}, index_factory=s["index"],
+                    id=1, **{name: s[name] for name in spec.STORED}, index_factory=s["index"],
                     memory_budget=s["memory_budget"], keep_samples=s["keep_samples"], dimension=s["dimension"],
                     search_params=json.dumps(s["search_params"]) if s["search_params"] else None,
                     version=0, next_class_id=0))
@@ -178,8 +178,8 @@ class Collection:
 
     def check_settings(self, *, preset: str | None = None, **settings: Any) -> None:
         """Raise ``SettingsClashError`` if any setting given here differs from the stored one."""
-        given = P.preset(preset) | settings
-        checked = P.resolve(given, P.collection_scope())
+        given = spec.preset(preset) | settings
+        checked = spec.resolve(given, spec.collection_scope())
         stored = {**self.config, "model": self.model, "index": self.config["index_factory"],
                   "search_params": self.search_params or None}
         if given.get("index") == "auto" and stored["memory_budget"] is not None:
@@ -217,7 +217,7 @@ class Collection:
 
     @property
     def config(self) -> dict[str, Any]:
-        keys = (*P.STORED, "index_factory", "memory_budget", "keep_samples", "dimension", "threshold")
+        keys = (*spec.STORED, "index_factory", "memory_budget", "keep_samples", "dimension", "threshold")
         return {**{key: self._s.config[key] for key in keys}, "search_params": self.search_params}
 
     @property
@@ -265,13 +265,13 @@ class Collection:
         """
         if not len(self):
             raise CollectionStateError(f"collection {self.path} has no classes yet")
-        top = P.check_int("top", top, 1)
+        top = spec.check_int("top", top, 1)
         self._check_model(model, "query")
         if search_params and not self._s.proxies.is_ivf:
             raise InvalidParameterError("search_params apply to approximate (IVF) indexes; this collection's index "
                                         "is exact")
         Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
-        owner, scores = self._rank(Q, top, P.check_search_params("search_params", search_params))
+        owner, scores = self._rank(Q, top, spec.check_search_params("search_params", search_params))
         return self._answer(owner, scores, threshold)
 
     def _rank(self, Q: np.ndarray, top: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -383,7 +383,7 @@ class Collection:
         if self._s.config["index_factory"] == "Flat":
             raise CollectionStateError("search parameters apply to approximate (IVF) indexes; this collection's "
                                        "index is exact")
-        params = P.check_search_params("search_params", params)
+        params = spec.check_search_params("search_params", params)
         with self._writing():
             merged = {**self.search_params, **params}
             writes.set_values(self._engine, self._s, search_params=json.dumps(merged))

@@ -121,10 +121,11 @@ def retrainable(index: faiss.Index) -> bool:
 
 
 def list_ids(index: faiss.Index) -> np.ndarray:
-    """Ids of every vector of an IVF index, list after list."""
-    ivf = faiss.extract_index_ivf(index)
-    parts = [get_invlist(ivf.invlists, int(no))[0] for no in np.flatnonzero(get_invlist_sizes(ivf.invlists))]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    """Ids of every vector of an IVF index, list after list (the codes are not copied)."""
+    lists = faiss.extract_index_ivf(index).invlists
+    sizes = get_invlist_sizes(lists)
+    parts = [faiss.rev_swig_ptr(lists.get_ids(int(no)), int(sizes[no])).copy() for no in np.flatnonzero(sizes)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 def decoded_lists(index: faiss.Index, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
