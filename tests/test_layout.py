@@ -60,7 +60,8 @@ def test_nothing_cites_a_file_outside_the_repository():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not tracked:
         pytest.skip("not a git checkout")
+    design = "DESIGN"  # spelled apart, so that this file does not match what it looks for
     for name in tracked:
-        if name.endswith((".py", ".md", ".cfg", ".toml")) and name != "tests/test_layout.py":
+        if name.endswith((".py", ".md", ".cfg", ".toml")):
             text = (ROOT / name).read_text(errors="replace")
-            assert "DESIGN §" not in text and "DESIGN.md" not in text, name
+            assert f"{design} §" not in text and f"{design}.md" not in text, name
