@@ -20,7 +20,7 @@ install: $(STAMP)
 DEMO := retrieval_imprint/data
 demo: $(STAMP)
 	rm -rf .demo-collection
-	$(BIN)/imprint index .demo-collection $(DEMO)/demo_train.csv --k 4 --quiet
+	$(BIN)/imprint index .demo-collection $(DEMO)/demo_train.csv --quiet
 	$(BIN)/imprint query .demo-collection "my card never showed up" "put on some Queen" --top 2
 	$(BIN)/imprint eval .demo-collection $(DEMO)/demo_test.csv
 

@@ -76,6 +76,17 @@ def output(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
         human(plain(data))
 
 
+def describe(choice: dict[str, Any], cv: bool = True) -> str:
+    """A setting auto chose, in words: ``kmeans k=5, blend alpha=0.5 (held-out accuracy 0.912 ...)``."""
+    gen = {"mean": "mean", "all": "all samples"}.get(choice["generator"], f"{choice['generator']} k={choice['k']}")
+    agg = f"blend alpha={choice['alpha']:g}" if choice["aggregation"] == "blend" else choice["aggregation"]
+    rows = choice.get("cv_results") or []
+    mine = [r for r in rows if all(r[key] == choice[key] for key in ("generator", "k", "aggregation", "alpha"))]
+    held_out = (f" (held-out accuracy {mine[0]['accuracy']:.4f} on {mine[0]['scored']} rows, best of {len(rows)})"
+                if cv and mine and mine[0]["accuracy"] is not None else "")
+    return f"{gen}, {agg}{held_out}"
+
+
 def quiet_option(fn: Callable) -> Callable:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(fn)
 
@@ -113,11 +124,11 @@ def setting_options(params: list[Param], note: str = "") -> Callable[[Callable],
             flag = "--" + p.name.replace("_", "-")
             shown = "none" if p.default is None else p.default
             help_text = f"{p.help}{note} [default: {shown}]"
-            if isinstance(p.default, bool):
+            if p.type is bool:
                 option = click.option(f"{flag}/--no-{p.name.replace('_', '-')}", p.name, default=None, help=help_text)
             else:
-                kind = click.Choice(p.choices()) if p.choices else int if type(p.default) is int else str
-                option = click.option(flag, p.name, type=kind, default=None, help=help_text)
+                option = click.option(flag, p.name, type=click.Choice(p.choices()) if p.choices else p.type,
+                                      default=None, help=help_text)
             fn = option(fn)
         return fn
 

@@ -9,7 +9,7 @@ import click
 
 from retrieval_imprint.collection import Collection
 
-from .app import collection_argument, json_option, main, output
+from .app import collection_argument, describe, emit, json_option, main, output
 
 
 @main.command()
@@ -27,7 +27,9 @@ def info(collection: Path, as_json: bool) -> None:
 
 def _print_info(data: dict) -> None:
     for key, value in data.items():
-        if isinstance(value, dict):
+        if key == "auto_choice" and value:
+            click.echo(f"auto_choice: {describe(value)}")
+        elif isinstance(value, dict):
             click.echo(f"{key}:")
             for k, v in value.items():
                 click.echo(f"  {k}: {v}")
@@ -91,6 +93,26 @@ def compact(collection: Path, retrain: bool | None) -> None:
     after = col.compact(retrain=retrain).info()["segments"]
     retrained = {f for f in before if f.startswith("template")} != {f for f in after if f.startswith("template")}
     click.echo(f"{len(before)} files -> {len(after)}" + ("; IVF lists retrained" if retrained else ""))
+
+
+@main.command()
+@collection_argument
+@json_option
+def tune(collection: Path, as_json: bool) -> None:
+    """Choose again what COLLECTION's settings leave to auto (k, max or blend), by cross-validation
+    on every kept sample, and re-imprint every class with the choice (one atomic write).
+
+    \b
+    Example:
+        imprint tune intents/
+    """
+    col = Collection.open(collection)
+    before = col.auto_choice
+    after = col.tune()
+    if as_json:
+        emit({"before": before, "after": after})
+        return
+    click.echo(f"{describe(after)}" + (f" (was {describe(before, cv=False)})" if before else ""))
 
 
 @main.command()

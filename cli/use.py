@@ -12,7 +12,7 @@ from retrieval_imprint.ingest import DEFAULT_CHUNK, ingest
 from retrieval_imprint.params import COLLECTION, IMPRINT, PRESETS, STORED
 from retrieval_imprint.readers import FORMATS, Dataset, read
 
-from .app import (UserError, collection_argument, data_options, emit, json_option, main, query_vectors, quiet_option,
+from .app import (UserError, collection_argument, data_options, describe, emit, json_option, main, query_vectors, quiet_option,
                   read_options, setting_options, show_progress)
 
 
@@ -60,6 +60,8 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
                + (f" (resumed after {report.resumed_after})" if report.resumed_after else "")
                + f": {report.new_classes} new classes; {report.classes} classes, {report.proxies} proxies in all"
                + ("; IVF lists retrained on them" if report.retrained else ""))
+    if report.auto_choice and report.auto_choice["cv_results"]:
+        click.echo(f"auto chose {describe(report.auto_choice)}")
 
 
 @main.command()

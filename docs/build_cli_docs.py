@@ -24,7 +24,7 @@ from retrieval_imprint.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [
-    ("index", ["imprint index intents/ train.csv --k 4 --quiet"]),
+    ("index", ["imprint index intents/ train.csv --quiet"]),
     ("query", ['imprint query intents/ "where is my card" "play some jazz" --top 3',
                'imprint query intents/ "is it going to be sunny" --json',
                'imprint query intents/ "tell me a joke" --threshold 0.5']),
@@ -34,6 +34,7 @@ EXAMPLES = [
     ("info", ["imprint info intents/"]),
     ("classes", ["imprint classes intents/"]),
     ("remove", ["imprint remove intents/ order_food"]),
+    ("tune", ["imprint tune intents/"]),
     ("compact", ["imprint compact intents/"]),
     ("check", ["imprint check intents/"]),
     ("db", []),

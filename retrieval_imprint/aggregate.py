@@ -3,14 +3,20 @@
 ``max``: ``s_c(x) = max_j sim(w_cj, x)``, so the prediction is the owner of the top-1 proxy.
 ``mnn``: the ``m`` closest proxies vote, ``uniform`` or ``distance`` weighted (``1/(dist + 1e-10)``);
 a class's score is its share of the vote, and ties go to the lowest class index.
+``blend``: ``s_c(x) = alpha sim(mean_c, x) + (1 - alpha) max_j sim(w_cj, x)``: the class mean and the
+best proxy together (``blend_rank`` finds the best classes exactly from a shallow proxy search).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-AGGREGATIONS = ("max", "mnn")
+AGGREGATIONS = ("max", "mnn", "blend")
 VOTES = ("uniform", "distance")
+BLEND_EXTRA = 16  # proxies beyond a class's count that a blend's first search looks at
+BLEND_SLACK = 1e-5  # relative margin a blend bound must clear: float32 dot products may differ by this
 DISTANCE_EPS = 1e-10
 
 
@@ -56,13 +62,7 @@ def rank_classes(owner: np.ndarray, values: np.ndarray, top: int, *, vote: bool 
         owner, score, valid = (np.take_along_axis(a, order, 1) for a in (owner, score, valid))
     else:
         score = values
-    by_class = np.lexsort((np.broadcast_to(np.arange(r), owner.shape), owner), axis=-1)
-    grouped = np.take_along_axis(owner, by_class, 1)
-    first = np.ones(owner.shape, bool)
-    first[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
-    is_first = np.empty_like(first)
-    np.put_along_axis(is_first, by_class, first, 1)
-    keep = is_first & valid
+    keep = _first_of_class(owner) & valid
     rank = np.cumsum(keep, axis=1) - 1
     keep &= rank < top
     classes = np.full((n_q, top), -1, np.int64)
@@ -79,3 +79,66 @@ def vote_scores(owner: np.ndarray, weights: np.ndarray, n_classes: int) -> np.nd
     out = np.zeros((owner.shape[0], n_classes), np.float64)
     np.put_along_axis(out, owner, total, axis=1)
     return out / weights.sum(axis=1, keepdims=True)
+
+
+Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def blend_rank(n_q: int, mean_search: Search, mean_score: Callable[[np.ndarray, np.ndarray], np.ndarray],
+               proxy_search: Search, alpha: float, top: int, n_classes: int, n_proxies: int,
+               depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top`` best classes ``(n_q, top)`` by blended score and their scores, exactly, from two
+    shallow searches instead of scoring every class.
+
+    ``mean_search(rows, n)`` and ``proxy_search(rows, m)`` give, for those query rows, the ``n``
+    most similar class means and the ``m`` most similar proxies: similarities and class numbers
+    (-1 past the end); ``mean_score(rows, classes)`` the mean similarity of given classes. A
+    class's first proxy in the proxy ranking is its best, so a listed class's blended score is
+    exact. An unlisted class has every proxy below the m-th proxy similarity, and a mean at most
+    the best mean similarity among the mean-listed classes that are not proxy-listed, or else the
+    n-th; a row is settled when its ``top``-th exact score beats that bound (by more than float32
+    rounding). Other rows are searched 4x deeper, up to every proxy. Equal scores go to the lower
+    class number; missing ranks are class -1, NaN score.
+    """
+    classes, scores = np.full((n_q, top), -1, np.int64), np.full((n_q, top), np.nan)
+    todo = np.arange(n_q)
+    while len(todo):
+        m, n = min(depth, n_proxies), min(depth, n_classes)
+        sim, cls = proxy_search(todo, m)
+        sim = sim.astype(np.float64)
+        listed = _first_of_class(cls) & (cls >= 0)
+        cand = np.where(listed, cls, n_classes)  # n_classes: no class, sorts last
+        exact = np.where(listed, alpha * mean_score(todo, np.where(listed, cls, 0)) + (1 - alpha) * sim, -np.inf)
+        order = np.lexsort((cand, -exact), axis=1)[:, :top]
+        best, best_score = np.take_along_axis(cand, order, 1), np.take_along_axis(exact, order, 1)
+        if m >= n_proxies:  # every class is listed
+            done = np.ones(len(todo), bool)
+        else:
+            a_sim, a_cls = mean_search(todo, n)
+            a_sim = a_sim.astype(np.float64)
+            unlisted = ~(a_cls[:, :, None] == np.where(listed, cls, -2)[:, None, :]).any(2) & (a_cls >= 0)
+            a_bound = np.where(unlisted, a_sim, -np.inf).max(1)
+            if n < n_classes:
+                a_bound = np.maximum(a_bound, a_sim[:, -1])
+            bound = (alpha * a_bound if alpha > 0 else 0.0) + ((1 - alpha) * sim[:, -1] if alpha < 1 else 0.0)
+            kth = best_score[:, -1] if best_score.shape[1] == top else np.full(len(todo), -np.inf)
+            finite = np.isfinite(bound)
+            done = kth > bound + np.where(finite, BLEND_SLACK * (1 + np.abs(np.where(finite, bound, 0.0))), 0.0)
+        rows = todo[done]
+        found = np.isfinite(best_score[done])
+        classes[rows, : best.shape[1]] = np.where(found, best[done], -1)
+        scores[rows, : best.shape[1]] = np.where(found, best_score[done], np.nan)
+        todo, depth = todo[~done], depth * 4
+    return classes, scores
+
+
+def _first_of_class(owner: np.ndarray) -> np.ndarray:
+    """Per row, True at each class's first (best-ranked) entry."""
+    r = owner.shape[1]
+    by_class = np.lexsort((np.broadcast_to(np.arange(r), owner.shape), owner), axis=-1)
+    grouped = np.take_along_axis(owner, by_class, 1)
+    first = np.ones(owner.shape, bool)
+    first[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+    out = np.empty_like(first)
+    np.put_along_axis(out, by_class, first, 1)
+    return out

@@ -13,8 +13,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
-from .imprint import grouped, imprint
+from .aggregate import BLEND_EXTRA, blend_rank, max_scores, rank_classes, vote_scores, vote_weights
+from .auto import choose
+from .imprint import grouped, imprint, means
 from .index import ProxyIndex
 from .labels import label_keys
 from .normalize import normalize
@@ -26,28 +27,33 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
 
     Parameters: the GEN/NORM/AGG settings of ``params.IMPRINT``, named as in the paper, where each
     is declared with its default, its allowed values and its meaning (docs/design.md lists them).
-    ``from_preset`` starts from a published method.
+    By default ``generator`` and ``aggregation`` are ``auto``: k and max-or-blend are chosen by
+    cross-validation on the training data (``auto.py``). ``from_preset`` starts from a published
+    method.
 
     Fitted attributes
     -----------------
     classes_ : sorted class labels. proxies_ : ``(P, d)`` proxies after NORMpost, grouped by class.
     proxy_labels_ : ``(P,)`` class label of each proxy. quantile_targets_ : ``(d,)`` or None.
-    index_ : the ``ProxyIndex`` searched at prediction time.
+    auto_choice_ : the concrete generator, k, aggregation and alpha used. cv_results_ : the held-out
+    accuracy of each candidate (empty when nothing was left to choose). means_ : ``(C, d)`` class
+    means of a blend, else None. index_ : the ``ProxyIndex`` searched at prediction time.
     """
 
     def __init__(
         self,
         generator: str = DEFAULTS["generator"],
-        k: int = DEFAULTS["k"],
+        k: int | None = DEFAULTS["k"],
         pre_norm: str = DEFAULTS["pre_norm"],
         post_norm: str = DEFAULTS["post_norm"],
         inf_norm: str = DEFAULTS["inf_norm"],
         aggregation: str = DEFAULTS["aggregation"],
+        alpha: float | None = DEFAULTS["alpha"],
         m: int = DEFAULTS["m"],
         metric: str = DEFAULTS["metric"],
         vote: str = DEFAULTS["vote"],
         random_state: Any = DEFAULTS["random_state"],
-        ls_reg: float = DEFAULTS["ls_reg"],
+        ls_reg: float | str = DEFAULTS["ls_reg"],
     ) -> None:
         self.generator = generator
         self.k = k
@@ -55,6 +61,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         self.post_norm = post_norm
         self.inf_norm = inf_norm
         self.aggregation = aggregation
+        self.alpha = alpha
         self.m = m
         self.metric = metric
         self.vote = vote
@@ -63,22 +70,31 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ImprintClassifier":
-        """A classifier set up as a published method: ``qi``, ``hosoda``, ``janson`` or ``imprint``."""
+        """A classifier set up as a named method: ``auto``, ``qi``, ``hosoda``, ``janson`` or ``imprint``."""
         return cls(**{**preset(name), **overrides})
 
     def fit(self, X: Any, y: Any) -> "ImprintClassifier":
-        """Imprint one set of proxies per class from embeddings ``X`` ``(n, d)`` and labels ``y``."""
+        """Imprint one set of proxies per class from embeddings ``X`` ``(n, d)`` and labels ``y``
+        (after choosing what ``auto`` leaves open, on the same data)."""
         params = check_params(self.get_params())
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
-        groups = grouped(X, codes, label_keys(self.classes_), params["pre_norm"])
+        keys = label_keys(self.classes_)
+        choice, self.cv_results_ = choose(X, codes, keys, params)
+        self.auto_choice_ = choice.params()
+        params.update(self.auto_choice_)
+        groups = grouped(X, codes, keys, params["pre_norm"])
         self.proxies_, owner, fixed = imprint(groups, params)
         self.quantile_targets_ = fixed.targets
         self.proxy_labels_ = self.classes_[owner]
         self.proxy_class_index_ = owner
         self.index_ = ProxyIndex(X.shape[1], self.metric, fixed.transform)
         self.index_.add(self.proxies_)
+        self.means_ = means(groups, params, fixed) if params["aggregation"] == "blend" else None
+        if self.means_ is not None:
+            self.means_index_ = ProxyIndex(X.shape[1], self.metric, fixed.transform)
+            self.means_index_.add(self.means_)
         return self
 
     def _queries(self, X: Any) -> np.ndarray:
@@ -88,22 +104,39 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Per-class aggregated score ``(n, C)`` (``(n,)`` for two classes: score of ``classes_[1]``
-        minus ``classes_[0]``). ``max``: best proxy similarity; ``mnn``: share of the m-NN vote."""
+        minus ``classes_[0]``). ``max``: best proxy similarity; ``blend``: alpha x mean similarity +
+        (1 - alpha) x best proxy similarity; ``mnn``: share of the m-NN vote."""
         Q = self._queries(X)
-        if self.aggregation == "max":
+        choice = self.auto_choice_
+        if choice["aggregation"] == "mnn":
+            _, dist, ids = self.index_.search(Q, min(self.m, self.index_.ntotal))
+            scores = vote_scores(self.proxy_class_index_[ids], vote_weights(dist, self.vote), len(self.classes_))
+        else:
             starts = np.searchsorted(self.proxy_class_index_, np.arange(len(self.classes_)))
             scores = max_scores(self.index_.similarity(Q), starts)
-        else:
-            _, dist, ids = self.index_.search(Q, min(self.m, self.index_.ntotal))
-            owner = self.proxy_class_index_[ids]
-            scores = vote_scores(owner, vote_weights(dist, self.vote), len(self.classes_))
+            if choice["aggregation"] == "blend":
+                scores = choice["alpha"] * self.means_index_.similarity(Q) + (1 - choice["alpha"]) * scores
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
 
     def predict(self, X: Any) -> np.ndarray:
-        """The class of the top-1 proxy (``max``) or the winner of the m-NN vote (``mnn``)."""
+        """The class of the top-1 proxy (``max``), of the best blended score (``blend``), or the
+        winner of the m-NN vote (``mnn``)."""
         Q = self._queries(X)
-        _, dist, ids = self.index_.search(Q, 1 if self.aggregation == "max" else min(self.m, self.index_.ntotal))
-        owner = self.proxy_class_index_[ids]
-        if self.aggregation == "max":
-            return self.classes_[owner[:, 0]]
-        return self.classes_[rank_classes(owner, vote_weights(dist, self.vote), 1, vote=True)[0][:, 0]]
+        choice, owner_of = self.auto_choice_, self.proxy_class_index_
+        if choice["aggregation"] == "blend":
+            def proxies(rows: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+                sim, _, ids = self.index_.search(Q[rows], m)
+                return sim, np.where(ids >= 0, owner_of[np.maximum(ids, 0)], -1)
+
+            def means(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+                return self.means_index_.search(Q[rows], n)[::2]
+
+            best, _ = blend_rank(len(Q), means, lambda rows, cls: self.means_index_.pair_similarity(
+                                     Q[rows], self.means_index_.stored_rows(cls)),
+                                 proxies, choice["alpha"], 1, len(self.classes_), self.index_.ntotal,
+                                 depth=int(np.bincount(owner_of).max()) + BLEND_EXTRA)
+            return self.classes_[best[:, 0]]
+        _, dist, ids = self.index_.search(Q, 1 if choice["aggregation"] == "max" else min(self.m, self.index_.ntotal))
+        if choice["aggregation"] == "max":
+            return self.classes_[owner_of[ids[:, 0]]]
+        return self.classes_[rank_classes(owner_of[ids], vote_weights(dist, self.vote), 1, vote=True)[0][:, 0]]

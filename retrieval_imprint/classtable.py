@@ -55,10 +55,17 @@ class ClassTable:
         pos = self.positions(class_ids)
         return segments.range_ids(class_ids, np.zeros_like(pos), self.n_samples[pos])
 
+    def mean_ids(self, class_ids: np.ndarray) -> np.ndarray:
+        """Ids of the class means of these classes (``class << 24 | proxy_lo``: they change whenever
+        a class is re-imprinted, like its proxies' range)."""
+        return (class_ids << segments.CLASS_SHIFT) + self.proxy_lo[self.positions(class_ids)]
+
     def live(self, kind: str, ids: np.ndarray) -> np.ndarray:
-        """Which vector ids of ``kind`` ("proxies" or "samples") belong to the live version."""
+        """Which vector ids of ``kind`` ("proxies", "samples" or "means") belong to the live version."""
         if kind == "proxies":
             return segments.live(self.ids, self.proxy_lo, self.proxy_hi, ids)
+        if kind == "means":
+            return segments.live(self.ids, self.proxy_lo, self.proxy_lo + 1, ids)
         return segments.live(self.ids, np.zeros_like(self.ids), self.n_samples, ids)
 
     def upsert(self, class_ids: np.ndarray, labels: Sequence[object], n_samples: np.ndarray, proxy_lo: np.ndarray,

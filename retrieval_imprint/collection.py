@@ -31,8 +31,8 @@ from sqlalchemy import insert
 
 from . import labels as lab
 from . import params as spec
-from . import segments, snapshot, store, writes
-from .aggregate import rank_classes, vote_weights
+from . import ranking, segments, snapshot, store, writes
+from .auto import AUTO
 from .calibrate import Calibration, calibrate
 from .embed import Embedder, EmbeddingCache, model_revision, resolve_model
 from .errors import (CollectionExistsError, CollectionLockedError, CollectionNotFoundError, CollectionStateError,
@@ -40,7 +40,7 @@ from .errors import (CollectionExistsError, CollectionLockedError, CollectionNot
 from .generate import GENERATORS
 from .integrity import CheckReport, check
 from .normalize import normalize
-from .segments import DB_NAME, class_of
+from .segments import DB_NAME
 
 COMPACT_SEGMENTS = 16
 RETRAIN_GROWTH = 4
@@ -96,13 +96,16 @@ class Collection:
         ``dimension``), over the defaults and ``preset``; fixed for every later add.
         """
         s = spec.resolve(settings, spec.collection_scope(), preset)
-        if not GENERATORS[s["generator"]].per_class:
+        if s["generator"] != AUTO and not GENERATORS[s["generator"]].per_class:
             raise InvalidParameterError(
                 f"generator={s['generator']!r} needs every class at once (it is not imprinting), so it cannot grow a "
                 "collection one class at a time; use ImprintClassifier for it")
         if not isinstance(s["random_state"], int):
             raise InvalidParameterError(f"random_state={s['random_state']!r} is not valid; a collection needs an "
                                         "int seed")
+        if s["aggregation"] == "blend" and s["index"] != "Flat":
+            raise InvalidParameterError("aggregation='blend' needs index='Flat': its exact search scores the class "
+                                        "means beside the proxies (with an IVF index, auto chooses k under max)")
         if s["index"] == "auto" and s["memory_budget"] is None:
             raise InvalidParameterError("index='auto' chooses from a memory budget: give memory_budget, e.g. '8GB'")
         path = Path(path)
@@ -226,6 +229,13 @@ class Collection:
         return self._s.search_params
 
     @property
+    def auto_choice(self) -> dict[str, Any] | None:
+        """The concrete generator, k, aggregation and alpha fixed at the first add, with the held-out
+        accuracy of each candidate auto weighed (``cv_results``); None before the first add."""
+        chosen = self._s.config["auto_choice"]
+        return json.loads(chosen) if chosen else None
+
+    @property
     def model(self) -> str | None:
         """The recorded embedder's name (None for a collection of vectors of unknown origin)."""
         return self._s.embedder["name"] if self._s.embedder else None
@@ -242,6 +252,7 @@ class Collection:
             "version": s.version,
             "config": self.config,
             "trained_on": s.config["trained_on"],
+            "auto_choice": self.auto_choice,
             "embedder": dict(s.embedder) if s.embedder else None,
             "segments": files,
             "bytes_on_disk": sum((self.path / f).stat().st_size for f in files + [DB_NAME]),
@@ -271,21 +282,8 @@ class Collection:
             raise InvalidParameterError("search_params apply to approximate (IVF) indexes; this collection's index "
                                         "is exact")
         Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
-        owner, scores = self._rank(Q, top, spec.check_search_params("search_params", search_params))
+        owner, scores = ranking.rank(self._s, Q, top, spec.check_search_params("search_params", search_params))
         return self._answer(owner, scores, threshold)
-
-    def _rank(self, Q: np.ndarray, top: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
-        cfg, index = self._s.config, self._s.proxies
-        if cfg["aggregation"] == "max":  # deep enough for ``top`` distinct classes; deeper if not
-            depth = top if top == 1 else min(index.ntotal, top * (cfg["k"] if cfg["k"] > 0 else 4))
-            while True:
-                sim, _, ids = index.search(Q, depth, params)
-                owner, scores = rank_classes(class_of(ids), sim.astype(np.float64), top)
-                if depth >= index.ntotal or (owner >= 0).all():
-                    return owner, scores
-                depth = min(index.ntotal, depth * 4)
-        _, dist, ids = index.search(Q, min(cfg["m"], index.ntotal), params)
-        return rank_classes(class_of(ids), vote_weights(dist, cfg["vote"]), top, vote=True, ties="nearest")
 
     def _answer(self, owner: np.ndarray, scores: np.ndarray, threshold: float | None) -> QueryResult:
         threshold = self._s.config["threshold"] if threshold is None else threshold
@@ -432,6 +430,18 @@ class Collection:
                                            "without loss")
             writes.compact(self.path, self._engine, self._s, retrain=self.outgrown if retrain is None else retrain)
         return self
+
+    def tune(self) -> dict[str, Any]:
+        """Choose again what the settings leave to ``auto``, by cross-validation on every kept
+        sample, and re-imprint every class with that choice in one atomic write; returns the new
+        ``auto_choice``. Needs a collection that keeps its samples."""
+        if not self._s.config["keep_samples"]:
+            raise CollectionStateError(f"collection {self.path} keeps no samples, so there is nothing to tune on")
+        if not len(self):
+            raise CollectionStateError(f"collection {self.path} has no classes yet")
+        with self._writing():
+            writes.retune(self.path, self._engine, self._s)
+        return self.auto_choice
 
     @property
     def outgrown(self) -> bool:

@@ -178,26 +178,91 @@ def cov_max(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.nda
     return groups.X[_first_k_per_class(groups, -colsum, k)], _each_class(k, groups.n_classes)
 
 
+RIDGE_GRID = 10.0 ** np.arange(-4.0, 3.01, 0.5)  # ridge / mean eigenvalue of the second moment
+LOO_ROWS = 4000  # rows whose leave-one-out prediction scores a ridge (a seeded sample beyond that)
+_LOO_STREAM = (1 << 32) + 4
+
+
 def ls_head(X: np.ndarray, means: np.ndarray, reg: float) -> np.ndarray:
     """Least-squares head ``W = (1/C) M^T (Sigma_T + mu_G mu_G^T + reg I)^-1``, one row per mean.
 
     ``X`` ``(n, d)`` are all training samples, ``means`` ``(C, d)`` the (pseudo-)class means.
+    ``Sigma_T + mu_G mu_G^T`` is the second moment ``X^T X / n``: the head is ridge regression
+    onto class indicators weighted ``n / (C n_c)``, so that ``loo_ridge`` can score it in closed form.
     """
     X = X.astype(np.float64)
-    mu = X.mean(0)
-    sigma_t = np.cov(X, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1])
-    A = sigma_t + np.outer(mu, mu) + reg * np.eye(X.shape[1])
+    A = X.T @ X / len(X) + reg * np.eye(X.shape[1])
     return (np.linalg.solve(A, means.T).T / len(means)).astype(np.float32)
 
 
+def loo_ridge(X: np.ndarray, codes: np.ndarray, means: np.ndarray, owner: np.ndarray, seed: int,
+              normalize_rows: bool) -> float:
+    """The ridge of ``RIDGE_GRID`` (scaled by the mean eigenvalue of ``X^T X / n``) whose head
+    classifies best with each training sample left out (``loo_accuracy``); ties go to the larger."""
+    ridges, accuracy = loo_accuracy(X, codes, means, owner, seed, normalize_rows)
+    return float(ridges[len(accuracy) - 1 - np.argmax(accuracy[::-1])])
+
+
+def loo_accuracy(X: np.ndarray, codes: np.ndarray, means: np.ndarray, owner: np.ndarray, seed: int,
+                 normalize_rows: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each ridge of the grid and the leave-one-out accuracy of its head: closed-form leave-one-out
+    of the ridge regression behind ``ls_head``, from one eigendecomposition. ``codes``: the column
+    of ``means`` each row belongs to; ``owner``: the class of each column (a prediction is right
+    when its column's class is the row's); ``normalize_rows``: score as the head is used after L2
+    NORMpost. At most ``LOO_ROWS`` rows (a seeded sample) are left out in turn."""
+    X = X.astype(np.float64)
+    n, C = len(X), len(means)
+    s, V = np.linalg.eigh(X.T @ X)
+    Z = X @ V
+    weight = n / (C * np.bincount(codes, minlength=C))[codes]  # the indicator target of each row
+    ZY = np.zeros((X.shape[1], C))
+    np.add.at(ZY.T, codes, Z * weight[:, None])
+    rows = np.arange(n) if n <= LOO_ROWS else np.sort(np.argsort(uniforms(np.uint64(0), seed, _LOO_STREAM,
+                                                                                   np.arange(n)))[:LOO_ROWS])
+    ridges = RIDGE_GRID * s.sum() / n / X.shape[1]
+    accuracy = np.zeros(len(ridges))
+    for i, reg in enumerate(ridges):
+        inv = 1.0 / (s + n * reg)
+        Zr = Z[rows] * inv
+        h = np.einsum("nd,nd->n", Zr, Z[rows])
+        loo = Zr @ ZY  # fitted values, then each row's own contribution taken out
+        loo[np.arange(len(rows)), codes[rows]] -= h * weight[rows]
+        loo /= (1.0 - h)[:, None]
+        if normalize_rows:
+            loo /= np.sqrt(((inv[:, None] * ZY) ** 2).sum(0))  # |w_c|, as V is orthonormal
+        accuracy[i] = np.mean(owner[loo.argmax(1)] == owner[codes[rows]])
+    return ridges, accuracy
+
+
+def _ridge(groups: Grouped, codes: np.ndarray, means: np.ndarray, owner: np.ndarray, ls_reg: float | str,
+           seed: int, post_norm: str = "l2") -> float:
+    if ls_reg != "auto":
+        return float(ls_reg)
+    return loo_ridge(groups.X, codes, means, owner, seed, post_norm == "l2")
+
+
 @register("ls", shared_k_rule=False, per_class=False)
-def ls(groups: Grouped, k: int, seed: int, *, ls_reg: float, **_) -> tuple[np.ndarray, np.ndarray]:
-    """Oracle least-squares head over all classes at once (not imprinting: needs every class)."""
-    return ls_head(groups.X, class_means(groups), ls_reg), np.arange(groups.n_classes)
+def ls(groups: Grouped, k: int, seed: int, *, ls_reg: float | str, **options) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle least-squares head over all classes at once (not imprinting: needs every class);
+    ``ls_reg="auto"`` chooses the ridge by leave-one-out (``loo_ridge``)."""
+    means, classes = class_means(groups), np.arange(groups.n_classes)
+    reg = _ridge(groups, groups.owner, means, classes, ls_reg, seed, **options)
+    return ls_head(groups.X, means, reg), classes
 
 
 @register("kls", shared_k_rule=False, per_class=False)
-def kls(groups: Grouped, k: int, seed: int, *, ls_reg: float, **options) -> tuple[np.ndarray, np.ndarray]:
-    """k-means per class, each cluster a pseudo-class, then ``ls`` over all pseudo-classes."""
-    centers, owner = generate("kmeans", groups, k, seed, **options)
-    return ls_head(groups.X, centers.astype(np.float64), ls_reg), owner
+def kls(groups: Grouped, k: int, seed: int, *, ls_reg: float | str, **options) -> tuple[np.ndarray, np.ndarray]:
+    """k-means per class, each cluster a pseudo-class, then ``ls`` over all pseudo-classes (a
+    sample belongs to the nearest centre of its class, for ``ls_reg="auto"``)."""
+    centers, owner = generate("kmeans", groups, k, seed)
+    codes = np.empty(len(groups.X), np.int64)
+    if ls_reg == "auto":
+        first = np.searchsorted(owner, np.arange(groups.n_classes))
+        per_class = np.diff(np.append(first, len(owner)))
+        for lo in range(0, len(codes), 2048):  # nearest own-class centre, a block of rows at a time
+            c = groups.owner[lo : lo + 2048]
+            slots = first[c][:, None] + np.minimum(np.arange(per_class.max()), per_class[c][:, None] - 1)
+            d2 = ((groups.X[lo : lo + 2048, None, :] - centers[slots]) ** 2).sum(-1)
+            codes[lo : lo + 2048] = slots[np.arange(len(c)), d2.argmin(1)]
+    reg = _ridge(groups, codes, centers.astype(np.float64), owner, ls_reg, seed, **options)
+    return ls_head(groups.X, centers.astype(np.float64), reg), owner

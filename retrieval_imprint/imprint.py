@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from ._groups import Grouped
-from .generate import generate
+from .generate import class_means, generate
 from .index import mahalanobis_map
 from .normalize import normalize, quantile_targets
 
@@ -46,11 +46,12 @@ def imprint(groups: Grouped, params: dict[str, Any], fixed: Fixed | None = None
             ) -> tuple[np.ndarray, np.ndarray, Fixed]:
     """Proxies ``W`` ``(P, d)`` after NORMpost, the class index of each row, and what is fixed.
 
-    ``groups`` hold NORMpre'd samples; ``params`` the GEN/NORM/AGG parameters (``params.py``);
-    ``fixed`` what an earlier fit fixed (None: this is the first, so compute it from ``W``).
+    ``groups`` hold NORMpre'd samples; ``params`` concrete GEN/NORM/AGG parameters (``params.py``,
+    after ``auto.choose``); ``fixed`` what an earlier fit fixed (None: this is the first, so compute
+    it from ``W``).
     """
     fixed = fixed or Fixed()
-    extra = {"ls_reg": params["ls_reg"]} if "ls_reg" in params else {}
+    extra = {"ls_reg": params["ls_reg"], "post_norm": params["post_norm"]} if "ls_reg" in params else {}
     W, owner = generate(params["generator"], groups, params["k"], seed_of(params["random_state"]), **extra)
     targets = fixed.targets
     if params["post_norm"] == "quantile" and targets is None:
@@ -60,3 +61,9 @@ def imprint(groups: Grouped, params: dict[str, Any], fixed: Fixed | None = None
     if params["metric"] == "mahalanobis" and transform is None:
         transform = mahalanobis_map(W)
     return W, owner, Fixed(targets, transform)
+
+
+def means(groups: Grouped, params: dict[str, Any], fixed: Fixed) -> np.ndarray:
+    """Class means ``(C, d)`` after NORMpost (with the fit's fixed targets): the first term of a blend."""
+    return normalize(class_means(groups).astype(np.float32), params["post_norm"], targets=fixed.targets,
+                     what="proxies", copy=False)

@@ -294,11 +294,34 @@ class ProxyIndex:
         return D, top.astype(np.int64)
 
     def similarity(self, Q: np.ndarray) -> np.ndarray:
-        """Similarity of every query to every proxy, ``(n_q, P)`` in id order (index without ids)."""
-        sim, _, ids = self.search(Q, self.ntotal)
-        out = np.empty_like(sim)
-        np.put_along_axis(out, ids, sim, axis=1)
-        return out
+        """Similarity of every query to every stored vector, ``(n_q, ntotal)`` in row order (the
+        ids of the rows: ``row_ids``), as ``search`` reports it; exact indexes only."""
+        flat_metric = _FAISS_METRIC[self.metric]
+        D = faiss.pairwise_distances(self.prepare(Q), self._stored(), flat_metric)
+        if flat_metric == faiss.METRIC_INNER_PRODUCT:
+            return D
+        return -np.sqrt(np.maximum(D, 0.0)) if flat_metric == faiss.METRIC_L2 else -D
+
+    def pair_similarity(self, Q: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """Similarity ``(n_q, r)`` of each query ``Q[i]`` to the stored vectors ``X[i]`` ``(n_q, r, d)``
+        (as this index stores them: ``stored_rows``, ``reconstruct``), as ``search`` computes it."""
+        Qp = self.prepare(Q).astype(np.float64)[:, None, :]
+        X = X.astype(np.float64)
+        if self.metric in ("ip", "cosine"):
+            return np.einsum("qrd,qrd->qr", X, np.broadcast_to(Qp, X.shape))
+        diff = np.abs(X - Qp)
+        if self.metric == "manhattan":
+            return -diff.sum(-1)
+        return -diff.max(-1) if self.metric == "chebyshev" else -np.sqrt((diff**2).sum(-1))
+
+    def stored_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Stored vectors of an exact index by row number (any shape of ``rows``, then ``d``)."""
+        return self._stored()[rows]
+
+    def row_ids(self) -> np.ndarray:
+        """The id of each stored row of an exact index (row numbers where it has no ids)."""
+        ids = self._row_ids()
+        return np.arange(self.ntotal) if ids is None else ids
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

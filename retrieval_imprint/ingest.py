@@ -42,6 +42,7 @@ class IngestReport:
     classes: int
     proxies: int
     retrained: bool  # IVF lists retrained on all proxies at the end
+    auto_choice: dict[str, Any] | None = None  # the concrete setting (and CV table) fixed at the first add
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,7 +151,7 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     seen = {lab.entry(label) for ds in datasets for label in ds.labels}
     info = col.info()
     return IngestReport(str(path), total - resumed, resumed, len(seen - before), info["classes"], info["proxies"],
-                        retrained)
+                        retrained, col.auto_choice)
 
 
 def _add_chunks(target: _Target, datasets: list[Dataset], embedder: Embedder | None, chunk_size: int,

@@ -47,6 +47,11 @@ def check(directory: Path, engine: Engine) -> CheckReport:
                             f"{len(rows)} id rows, and their ids differ")
         if (rows[:, 0] >> CLASS_SHIFT != rows[:, 1]).any():
             problems.append(f"{kind}: an id row names another class than its id encodes")
+    if snap.means is not None or snap.params["aggregation"] == "blend":
+        means = snap.means.ids if snap.means is not None else np.zeros(0, np.int64)
+        if len(snap.table) and not np.array_equal(np.sort(means), np.sort(snap.table.mean_ids(snap.table.ids))):
+            problems.append(f"means: the index files hold {len(means)} class means for {len(snap.table)} classes, "
+                            "and their ids differ")
     expected = int(snap.table.n_proxies.sum())
     if expected != len(loaded["proxies"]):
         problems.append(f"proxies: the class ranges count {expected}, the index holds {len(loaded['proxies'])}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from .aggregate import AGGREGATIONS, VOTES
 from .errors import InvalidParameterError
+from .auto import AUTO, PAPER_K
 from .generate import GENERATORS
 from .index import METRICS
 from .ivf import parse_size
@@ -38,12 +39,22 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def check_k(name: str, value: object) -> int:
+def check_k(name: str, value: object) -> int | None:
+    if value is None:
+        return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not (
             value >= 1 or value == -1):
-        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a positive integer, or -1 for "
-                                    "every sample")
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a positive integer, -1 for every "
+                                    "sample, or None")
     return int(value)
+
+
+def check_alpha(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 <= value <= 1:
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a number in [0, 1], or None")
+    return float(value)
 
 
 def check_seed(name: str, value: object) -> Any:
@@ -53,10 +64,12 @@ def check_seed(name: str, value: object) -> Any:
     return check_int(name, value, 0)
 
 
-def check_ridge(name: str, value: object) -> float:
+def check_ridge(name: str, value: object) -> float | str:
+    if value == AUTO:
+        return AUTO
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
             or value < 0:
-        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number >= 0")
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number >= 0, or 'auto'")
     return float(value)
 
 
@@ -101,6 +114,7 @@ class Param:
     help: str
     choices: Callable[[], tuple[str, ...]] | None = None
     check: Callable[[str, Any], Any] | None = None
+    type: type = str  # what a command line parses the value as
 
     def validate(self, value: Any) -> Any:
         return check_choice(self.name, value, self.choices()) if self.choices else self.check(self.name, value)
@@ -108,17 +122,23 @@ class Param:
 
 # GEN/NORM/AGG: the estimator's constructor parameters; collections store all but ls_reg.
 IMPRINT: dict[str, Param] = {p.name: p for p in (
-    Param("generator", "kmeans", "GEN: how a class's samples become proxies.", lambda: tuple(GENERATORS)),
-    Param("k", 20, "Proxies per class; -1 keeps every sample. A class with n_c <= k keeps all.", check=check_k),
+    Param("generator", AUTO, "GEN: how a class's samples become proxies; auto: chosen with k by cross-validation.",
+          lambda: (AUTO, *GENERATORS)),
+    Param("k", None, f"Proxies per class; -1 keeps every sample, a class with n_c <= k keeps all. None: chosen "
+          f"by generator auto, else the paper's {PAPER_K}.", check=check_k, type=int),
     Param("pre_norm", "l2", "NORMpre, applied to samples before GEN.", lambda: PRE_NORMS),
     Param("post_norm", "l2", "NORMpost, applied to proxies.", lambda: POST_NORMS),
     Param("inf_norm", "l2", "NORMinf, applied to queries.", lambda: INF_NORMS),
-    Param("aggregation", "max", "AGG: max (top-1 proxy) or mnn (the m nearest proxies vote).", lambda: AGGREGATIONS),
-    Param("m", 1, "Neighbours that vote with aggregation mnn.", check=lambda name, v: check_int(name, v, 1)),
+    Param("aggregation", AUTO, "AGG: max (top-1 proxy), mnn (the m nearest proxies vote), blend (alpha x the "
+          "class mean + (1 - alpha) x the best proxy) or auto (max or blend, chosen by cross-validation).",
+          lambda: (AUTO, *AGGREGATIONS)),
+    Param("alpha", None, "Weight of the class mean in aggregation blend; None: chosen by cross-validation.",
+          check=check_alpha, type=float),
+    Param("m", 1, "Neighbours that vote with aggregation mnn.", check=lambda name, v: check_int(name, v, 1), type=int),
     Param("metric", "ip", "Similarity of queries and proxies.", lambda: METRICS),
     Param("vote", "uniform", "m-NN vote weights: uniform, or distance (1 / (dist + 1e-10)).", lambda: VOTES),
-    Param("random_state", 0, "Seed of the per-class random draws.", check=check_seed),
-    Param("ls_reg", 1e-3, "Ridge lambda of the ls / kls heads.", check=check_ridge),
+    Param("random_state", 0, "Seed of the per-class random draws.", check=check_seed, type=int),
+    Param("ls_reg", AUTO, "Ridge lambda of the ls / kls heads; auto: chosen by leave-one-out.", check=check_ridge),
 )}
 STORED = tuple(name for name in IMPRINT if name != "ls_reg")  # ls / kls need every class: no collection
 
@@ -133,7 +153,8 @@ COLLECTION: dict[str, Param] = {p.name: p for p in (
           check=lambda name, v: None if v is None else parse_size(v)),
     Param("search_params", None, "Search parameters of an IVF index, e.g. {'nprobe': 32}.",
           check=check_search_params),
-    Param("keep_samples", True, "Keep samples so a class can be re-imprinted when it gets more.", check=check_bool),
+    Param("keep_samples", True, "Keep samples so a class can be re-imprinted when it gets more.", check=check_bool,
+          type=bool),
     Param("dimension", None, "Vector dimension (None: taken from the first add).", check=check_dimension),
 )}
 
@@ -152,6 +173,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's best: L2/k-means k=20/L2/L2/max
     "imprint": dict(pre_norm="l2", generator="kmeans", k=20, post_norm="l2", inf_norm="l2",
                     aggregation="max"),
+    # k and max-or-blend chosen from the training data by cross-validation (the default)
+    "auto": dict(pre_norm="l2", generator=AUTO, k=None, post_norm="l2", inf_norm="l2", aggregation=AUTO,
+                 alpha=None),
 }
 
 
@@ -169,8 +193,14 @@ def preset(name: str | None) -> dict[str, Any]:
 def check_params(params: dict[str, Any]) -> dict[str, Any]:
     """The GEN/NORM/AGG parameters in ``params``, each checked, and their combination; returns them."""
     out = {name: IMPRINT[name].validate(value) for name, value in params.items()}
-    if out.get("aggregation", "max") == "max" and out.get("m", 1) != 1:
-        raise InvalidParameterError(f"m={out['m']!r} is only used with aggregation='mnn'; max uses the top-1 proxy")
+    aggregation = out.get("aggregation", AUTO)
+    if aggregation != "mnn" and out.get("m", 1) != 1:
+        raise InvalidParameterError(f"m={out['m']!r} is only used with aggregation='mnn'")
+    if aggregation in ("max", "mnn") and out.get("alpha") is not None:
+        raise InvalidParameterError(f"alpha={out['alpha']!r} is only used with aggregation='blend' or 'auto'")
+    if aggregation == "mnn" and out.get("generator") == AUTO and out.get("k") is None:
+        raise InvalidParameterError("generator='auto' chooses k for aggregation max or blend; with "
+                                    "aggregation='mnn' give k (or a generator)")
     return out
 
 

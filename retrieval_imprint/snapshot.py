@@ -21,6 +21,9 @@ from . import segments, store
 from .classtable import ClassTable
 from .imprint import Fixed
 from .index import ProxyIndex
+from .params import STORED
+
+KINDS = ("proxies", "samples", "template", "means")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Snapshot:
     fixed: Fixed = field(default_factory=Fixed)
     template: ProxyIndex | None = None  # an IVF index's trained, empty index
     proxies: ProxyIndex | None = None  # None until the first add
+    means: ProxyIndex | None = None  # class means of a blend
     samples: ProxyIndex | None = None  # loaded on first need (re-imprinting a class, check)
     vector_rows: dict[str, np.ndarray] | None = None  # the id rows, for check
 
@@ -42,6 +46,13 @@ class Snapshot:
     @property
     def dimension(self) -> int | None:
         return self.config["dimension"]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The concrete GEN/NORM/AGG parameters: the stored ones with what auto chose at the first add
+        (before it, the stored ones, which may still say auto)."""
+        chosen = json.loads(self.config["auto_choice"]) if self.config.get("auto_choice") else {}
+        return {name: self.config[name] for name in STORED} | {k: v for k, v in chosen.items() if k in STORED}
 
     @property
     def search_params(self) -> dict[str, int]:
@@ -57,6 +68,8 @@ class Snapshot:
         if kind == "proxies":
             return ProxyIndex(self.dimension, self.config["metric"], self.fixed.transform, with_ids=True,
                               search_params=self.search_params)
+        if kind == "means":
+            return ProxyIndex(self.dimension, self.config["metric"], self.fixed.transform, with_ids=True)
         return ProxyIndex(self.dimension, "euclidean", None, with_ids=True)
 
     def merge(self, directory: Path, kind: str, files: list[str],
@@ -84,13 +97,12 @@ def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows:
             with engine.connect() as conn, conn.begin():
                 cfg, emb, rows, segs = store.read_state(conn)
                 ids = store.vector_rows(conn) if vector_rows else None
-            kinds = ("template", "proxies", "samples") if samples else ("template", "proxies")
+            kinds = KINDS if samples else ("template", "proxies", "means")
             opened = {name: stack.enter_context(segments.open_segment(directory, name))
                       for kind, name in segs if kind in kinds}
         d = cfg["dimension"]
         snap = Snapshot(cfg, emb, ClassTable.from_rows(rows),
-                        {kind: [f for k, f in segs if k == kind] for kind in ("proxies", "samples", "template")},
-                        vector_rows=ids)
+                        {kind: [f for k, f in segs if k == kind] for kind in KINDS}, vector_rows=ids)
         snap.fixed = Fixed(
             np.frombuffer(cfg["quantile_targets"], np.float32).copy() if cfg["quantile_targets"] else None,
             np.frombuffer(cfg["metric_transform"], np.float32).reshape(d, d).copy() if cfg["metric_transform"]
@@ -102,6 +114,8 @@ def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows:
         ready = d is not None and (cfg["metric"] != "mahalanobis" or snap.fixed.transform is not None)
         if ready and (cfg["index_factory"] == "Flat" or template):
             snap.proxies = snap.merge(directory, "proxies", snap.files["proxies"], opened)
+            if snap.files["means"]:
+                snap.means = snap.merge(directory, "means", snap.files["means"], opened)
         if samples and cfg["keep_samples"] and d:
             snap.samples = snap.merge(directory, "samples", snap.files["samples"], opened)
     return snap

@@ -4,8 +4,9 @@ Tables: ``collection`` (one row: the GEN/NORM/AGG config, index type, dimension,
 version, fixed quantile targets and Mahalanobis map, rejection threshold, search parameters), ``embedder`` (model identity),
 ``classes`` (label and id ranges), ``segments`` (the FAISS files that hold proxies and samples),
 ``proxies`` and ``samples`` (one row per stored vector: id, class, segment), ``ingest`` (rows of
-each source file committed by a chunked, resumable ``imprint index``). A segment of kind
-``template`` is an approximate index's trained, empty index that every proxy segment copies.
+each source file committed by a chunked, resumable ingestion). A segment of kind ``template`` is an
+approximate index's trained, empty index that every proxy segment copies; segments of kind
+``means`` hold the class means of a blend (one per class, no id rows: see ``segments.py``).
 
 Schema changes happen only through Alembic revisions in ``migrations/`` (installed as
 ``retrieval_imprint.migrations``); ``metadata`` below must equal the head revision's schema, which
@@ -39,7 +40,7 @@ collection = Table(
     "collection", metadata,
     Column("id", Integer, primary_key=True),
     Column("generator", String, nullable=False),
-    Column("k", Integer, nullable=False),
+    Column("k", Integer),  # None: chosen by generator auto (see auto_choice)
     Column("pre_norm", String, nullable=False),
     Column("post_norm", String, nullable=False),
     Column("inf_norm", String, nullable=False),
@@ -59,6 +60,8 @@ collection = Table(
     Column("search_params", String),  # JSON, e.g. {"nprobe": 16}
     Column("memory_budget", Integer),
     Column("trained_on", Integer),  # proxies the IVF lists were trained on (None: exact, or unknown)
+    Column("alpha", Float),  # blend weight (None: chosen by auto)
+    Column("auto_choice", String),  # JSON: the concrete GEN/AGG setting fixed at the first add, and its CV table
 )
 
 embedder = Table(
@@ -195,11 +198,16 @@ def find_classes(conn: Connection, entries: Sequence[tuple[str, str]]) -> dict[t
     return found
 
 
+def _id_rows(kind: str) -> Table | None:
+    """The table of one row per vector of segments of ``kind`` (means have none)."""
+    return {"proxies": proxies, "samples": samples}.get(kind)
+
+
 def insert_segment(conn: Connection, kind: str, name: str, ids: np.ndarray, owners: np.ndarray) -> None:
     """Record segment file ``name`` and one id row per vector it holds."""
     seg_id = conn.execute(insert(segments).values(kind=kind, file=name, n_vectors=len(ids))).inserted_primary_key[0]
-    table = proxies if kind == "proxies" else samples
-    if len(ids):
+    table = _id_rows(kind)
+    if table is not None and len(ids):
         conn.execute(insert(table), [{"id": a, "class_id": b, "segment_id": seg_id}
                                      for a, b in zip(ids.tolist(), owners.tolist())])
 
@@ -219,9 +227,10 @@ def delete_vectors(conn: Connection, class_ids: np.ndarray, *, kinds: Sequence[s
 def replace_segments(conn: Connection, kind: str, old: Sequence[str], name: str, n_vectors: int) -> None:
     """Point the id rows of segments ``old`` at the new segment ``name``, which replaces them."""
     seg_id = conn.execute(insert(segments).values(kind=kind, file=name, n_vectors=n_vectors)).inserted_primary_key[0]
-    table = proxies if kind == "proxies" else samples
+    table = _id_rows(kind)
     old_ids = select(segments.c.id).where(segments.c.file.in_(old))
-    conn.execute(update(table).where(table.c.segment_id.in_(old_ids)).values(segment_id=seg_id))
+    if table is not None:
+        conn.execute(update(table).where(table.c.segment_id.in_(old_ids)).values(segment_id=seg_id))
     conn.execute(delete(segments).where(segments.c.file.in_(old)))
 
 

@@ -16,16 +16,19 @@ from typing import Any
 
 import faiss
 import numpy as np
-from sqlalchemy import Engine, insert, update
+from sqlalchemy import Engine, bindparam, delete, insert, update
 
 from . import labels as lab
 from . import segments, store
 from ._groups import Grouped
 from .errors import DataError
+from .auto import AUTO, choose
 from .imprint import imprint
+from .imprint import means as class_means
 from .index import ProxyIndex
 from .ivf import choose_index, default_nprobe
 from .normalize import normalize
+from .params import STORED
 from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
 
@@ -105,6 +108,10 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
         checkpoint: tuple[str, int] | None) -> None:
     """Imprint samples ``X`` with class ``codes`` into ``entries`` (label entries; new or existing)."""
     cfg = s.config
+    if cfg["auto_choice"] is None:  # the first add: auto chooses what the settings leave open, on this data
+        choice, rows = choose(X, codes, lab.label_keys([lab.value(*e) for e in entries]), _choosable(cfg))
+        cfg["auto_choice"] = json.dumps({**choice.params(), "cv_results": rows})
+    params = s.params
     X = normalize(X, cfg["pre_norm"], what="X")
     with engine.connect() as conn:
         found = store.find_classes(conn, entries)
@@ -121,7 +128,7 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
     if found and s.samples is None:
         s.samples = s.merge(directory, "samples", s.files["samples"])
     b = _batch(s, X, codes, entries, found)
-    W, owner, s.fixed = imprint(b.groups, cfg, s.fixed)
+    W, owner, s.fixed = imprint(b.groups, params, s.fixed)
     version = s.version + 1
     template = _first_index(directory, s, W, version) if s.proxies is None else None
 
@@ -145,6 +152,13 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
         sample_index.add(samples, sample_ids)
         written["samples"] = (segments.write_segment(directory, "samples", version, sample_index.index),
                               sample_ids, b.class_id[s_owner])
+    if params["aggregation"] == "blend":  # the class means beside the proxies, one per class
+        mean_ids = (b.class_id << CLASS_SHIFT) + proxy_lo
+        M = class_means(b.groups, params, s.fixed)
+        mean_index = s.new_index("means")
+        mean_index.add(M, mean_ids)
+        written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids,
+                            b.class_id)
     segments.crash_point("add: segments written")
 
     c = store.classes.c
@@ -167,7 +181,8 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
             version=version, next_class_id=b.next_class_id, dimension=d, index_factory=cfg["index_factory"],
             search_params=cfg["search_params"], trained_on=cfg["trained_on"],
             quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
-            metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes()))
+            metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes(),
+            auto_choice=cfg["auto_choice"]))
         conn.execute(update(store.embedder).values(dimension=d))
         if checkpoint is not None:
             store.set_rows_done(conn, *checkpoint)
@@ -179,12 +194,81 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
     s.proxies.add(W, proxy_ids)
     if s.samples is not None and "samples" in written:
         s.samples.add(samples, written["samples"][1])
+    if "means" in written:
+        s.means = s.means if s.means is not None else s.new_index("means")
+        if b.existing.any():
+            s.means.remove(s.table.mean_ids(b.class_id[b.existing]))
+        s.means.add(M, mean_ids)
     for kind, (name, _, _) in written.items():
         s.files[kind].append(name)
     if template is not None:
         s.files["template"] = [template]
     s.table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi)
     s.config.update(version=version, next_class_id=b.next_class_id)
+
+
+def _choosable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The stored settings as auto may resolve them: only an exact index serves a blend (IVF
+    collections, and ``index="auto"``, which may choose IVF, choose k under max)."""
+    params = {name: cfg[name] for name in STORED}
+    if cfg["index_factory"] != "Flat" and params["aggregation"] == AUTO:
+        params["aggregation"] = "max"
+    return params
+
+
+def retune(directory: Path, engine: Engine, s: Snapshot) -> None:
+    """Choose again what the settings leave open, on every kept sample, and re-imprint every class
+    with the choice in one atomic write: the new proxies (and means) replace all the old."""
+    if s.samples is None:
+        s.samples = s.merge(directory, "samples", s.files["samples"])
+    table, cfg = s.table, s.config
+    X = s.samples.reconstruct(table.sample_ids(table.ids))
+    codes = np.repeat(np.arange(len(table)), table.n_samples)
+    keys = lab.label_keys(table.labels.tolist())
+    choice, rows = choose(X, codes, keys, _choosable(cfg))  # the samples are stored NORMpre'd
+    cfg["auto_choice"] = json.dumps({**choice.params(), "cv_results": rows})
+    params = s.params
+    groups = Grouped(X, np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64), keys)
+    fixed = s.fixed if s.template is not None else None  # IVF lists live in the first fit's space
+    W, owner, s.fixed = imprint(groups, params, fixed)
+    n_proxies = np.bincount(owner, minlength=len(table))
+    if (table.proxy_hi + n_proxies).max() >= MAX_PER_CLASS:
+        raise DataError(f"a class may hold at most {MAX_PER_CLASS - 1} proxies")
+    lo, hi = table.proxy_hi.copy(), table.proxy_hi + n_proxies
+    proxy_ids = (table.ids[owner] << CLASS_SHIFT) + lo[owner] + (
+        np.arange(len(W)) - np.concatenate([[0], np.cumsum(n_proxies)])[owner])
+    version = s.version + 1
+    proxies = s.template.empty_like() if s.template is not None else ProxyIndex(
+        s.dimension, cfg["metric"], s.fixed.transform, with_ids=True)
+    proxies.search_params = s.search_params
+    proxies.add(W, proxy_ids)
+    written = {"proxies": segments.write_segment(directory, "proxies", version, proxies.index)}
+    means, mean_ids = None, (table.ids << CLASS_SHIFT) + lo
+    if params["aggregation"] == "blend":
+        means = ProxyIndex(s.dimension, cfg["metric"], s.fixed.transform, with_ids=True)
+        means.add(class_means(groups, params, s.fixed), mean_ids)
+        written["means"] = segments.write_segment(directory, "means", version, means.index)
+    segments.crash_point("retune: segments written")
+    with store.writing(engine) as conn:
+        store.delete_vectors(conn, table.ids, kinds=("proxies",))
+        conn.execute(delete(store.segments).where(store.segments.c.kind.in_(["proxies", "means"])))
+        store.insert_segment(conn, "proxies", written["proxies"], proxy_ids, table.ids[owner])
+        if means is not None:
+            store.insert_segment(conn, "means", written["means"], mean_ids, table.ids)
+        c = store.classes.c
+        conn.execute(update(store.classes).where(c.id == bindparam("cid")).values(
+            proxy_lo=bindparam("lo"), proxy_hi=bindparam("hi")),
+            [{"cid": int(i), "lo": int(a), "hi": int(b)} for i, a, b in zip(table.ids, lo, hi)])
+        conn.execute(update(store.collection).values(
+            version=version, auto_choice=cfg["auto_choice"],
+            quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
+            metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes()))
+    segments.crash_point("retune: committed")
+    s.proxies, s.means = proxies, means
+    s.files.update(proxies=[written["proxies"]], means=[written["means"]] if means is not None else [])
+    table.proxy_lo, table.proxy_hi = lo, hi
+    cfg["version"] = version
+    segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})
 
 
 def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
@@ -203,6 +287,8 @@ def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
     s.proxies.remove(s.table.proxy_ids(ids))
     if s.samples is not None:
         s.samples.remove(s.table.sample_ids(ids))
+    if s.means is not None:
+        s.means.remove(s.table.mean_ids(ids))
     s.table.drop(ids)
     s.config["version"] += 1
 
@@ -212,7 +298,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     that the automatic compaction after many small adds rewrites only the small ones.
     ``retrain`` (full only): re-encode the proxies under IVF lists retrained on them."""
     version = s.version + 1
-    kinds = ["proxies"] + (["samples"] if s.config["keep_samples"] else [])
+    kinds = ["proxies"] + (["samples"] if s.config["keep_samples"] else []) + (["means"] if s.files["means"] else [])
     victims = {}
     for kind in kinds:
         files = sorted(s.files[kind], key=lambda f: (directory / f).stat().st_size)

@@ -52,14 +52,16 @@ def ls(X, y, reg, classes=None):
     return (M.T @ np.linalg.inv(sigma_t + np.outer(mu, mu) + reg * np.eye(X.shape[1]))) / len(classes)
 
 
-def distances(Q, W, metric):
-    """Distance used for ranking/voting, and similarity (higher = closer), each (n_q, P)."""
+def distances(Q, W, metric, covariance_of=None):
+    """Distance used for ranking/voting, and similarity (higher = closer), each (n_q, P).
+    Mahalanobis uses the covariance of ``covariance_of`` (default: of ``W``)."""
     Q, W = np.asarray(Q, np.float64), np.asarray(W, np.float64)
     if metric in ("ip", "cosine"):
         sim = Q @ W.T if metric == "ip" else 1.0 - cdist(Q, W, "cosine")
         return np.maximum(1.0 - sim, 0.0), sim
     if metric == "mahalanobis":
-        VI = np.linalg.inv(np.cov(W.T) + 1e-6 * np.eye(W.shape[1]))
+        C = np.asarray(W if covariance_of is None else covariance_of, np.float64)
+        VI = np.linalg.inv(np.cov(C.T) + 1e-6 * np.eye(W.shape[1]))
         dist = cdist(Q, W, "mahalanobis", VI=VI)
     else:
         dist = cdist(Q, W, {"euclidean": "euclidean", "manhattan": "cityblock",
@@ -121,3 +123,33 @@ def assert_top_inner_products(got, W, Q, m):
         scores = S[q, got[q]]
         assert np.all(np.abs(scores - best[q]) <= tol[q]), (q, scores - best[q], tol[q])
         assert np.all(np.diff(scores) <= tol[q]), (q, scores)
+
+
+def blend(Q, W, proxy_class, means, alpha, metric="ip"):
+    """alpha * sim(q, mean_c) + (1 - alpha) * max_j sim(q, w_cj), query by query and class by class."""
+    _, sim = distances(Q, W, metric)
+    _, sim_m = distances(Q, means, metric, covariance_of=W)
+    out = np.zeros((len(Q), len(means)))
+    for q in range(len(Q)):
+        for c in range(len(means)):
+            out[q, c] = alpha * sim_m[q, c] + (1 - alpha) * sim[q, proxy_class == c].max()
+    return out
+
+
+def ridge_loo_correct(X, y, reg):
+    """Leave-one-out correct predictions of the ls head's ridge regression, refitted n times: targets
+    n / (C n_c) on the row's class, penalty n * reg (n, n_c and C of the full data); scores divided
+    by the norms of the full-data head's rows (its L2 NORMpost) before the argmax."""
+    X = np.asarray(X, np.float64)
+    classes = np.unique(y)
+    n, C = len(X), len(classes)
+    counts = {c: np.sum(y == c) for c in classes}
+    Y = np.array([[n / (C * counts[c]) if yi == c else 0.0 for c in classes] for yi in y])
+    norms = np.linalg.norm(np.linalg.solve(X.T @ X + n * reg * np.eye(X.shape[1]), X.T @ Y), axis=0)
+    correct = 0
+    for i in range(n):
+        keep = np.arange(n) != i
+        Wt = np.linalg.solve(X[keep].T @ X[keep] + n * reg * np.eye(X.shape[1]), X[keep].T @ Y[keep])
+        scores = X[i] @ Wt / norms
+        correct += classes[int(np.argmax(scores))] == y[i]
+    return correct

@@ -61,7 +61,8 @@ def test_presets_set_the_published_settings(name):
 
 @pytest.mark.parametrize(
     "params",
-    [dict(), dict(generator="mean"), dict(aggregation="mnn", m=5, vote="distance"),
+    [dict(), dict(generator="mean"), dict(generator="kmeans", aggregation="mnn", m=5, vote="distance"),
+     dict(generator="kmeans", k=3, aggregation="blend", alpha=0.6, metric="euclidean"),
      dict(generator="all", aggregation="mnn", m=3, metric="mahalanobis"), dict(generator="kls", k=3),
      dict(generator="cov_max", k=2, post_norm="quantile")],
 )
@@ -83,13 +84,16 @@ X_OK, Y_OK = blobs(3, 6, 4)
 @pytest.mark.parametrize(
     "params,match",
     [
-        (dict(generator="median"), r"generator='median' is not valid; expected one of 'all', 'mean'"),
-        (dict(k=0), r"k=0 is not valid; expected a positive integer, or -1"),
+        (dict(generator="median"), r"generator='median' is not valid; expected one of 'auto', 'all', 'mean'"),
+        (dict(k=0), r"k=0 is not valid; expected a positive integer, -1 for every sample, or None"),
         (dict(k=2.5), r"k=2.5 is not valid"),
         (dict(pre_norm="quantile"), r"pre_norm='quantile' is not valid; expected one of 'none', 'l2'"),
         (dict(post_norm="max"), r"post_norm='max' is not valid; expected one of 'none', 'l2', 'quantile'"),
         (dict(inf_norm="zscore"), r"inf_norm='zscore' is not valid"),
-        (dict(aggregation="mean"), r"aggregation='mean' is not valid; expected one of 'max', 'mnn'"),
+        (dict(aggregation="mean"), r"aggregation='mean' is not valid; expected one of 'auto', 'max', 'mnn', 'blend'"),
+        (dict(aggregation="blend", alpha=1.5), r"alpha=1.5 is not valid; expected a number in \[0, 1\]"),
+        (dict(aggregation="max", alpha=0.5), r"alpha=0.5 is only used with aggregation='blend' or 'auto'"),
+        (dict(aggregation="mnn"), r"generator='auto' chooses k for aggregation max or blend"),
         (dict(aggregation="mnn", m=0), r"m=0 is not valid; expected an integer >= 1"),
         (dict(m=3), r"m=3 is only used with aggregation='mnn'"),
         (dict(metric="hamming"), r"metric='hamming' is not valid; expected one of 'ip', 'cosine'"),

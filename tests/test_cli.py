@@ -51,9 +51,13 @@ def test_every_command_is_documented():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "demo"
-    out = run("index", str(path), TRAIN, "--k", "4", "--quiet", "--json").output
-    assert json.loads(out) == {"collection": str(path), "rows": 96, "resumed_after": 0, "new_classes": 8,
-                               "classes": 8, "proxies": 32, "retrained": False}
+    out = json.loads(run("index", str(path), TRAIN, "--k", "4", "--quiet", "--json").output)
+    choice = out.pop("auto_choice")
+    assert out == {"collection": str(path), "rows": 96, "resumed_after": 0, "new_classes": 8, "classes": 8,
+                   "proxies": 32, "retrained": False}
+    assert (choice["generator"], choice["k"]) == ("kmeans", 4)  # k given: auto chose max or blend only
+    assert {(r["aggregation"], r["alpha"]) for r in choice["cv_results"]} == {
+        ("max", None), ("blend", 0.25), ("blend", 0.5), ("blend", 0.75), ("blend", 0.9)}
     return path
 
 
@@ -130,9 +134,9 @@ def test_db_upgrade(tmp_path):
     np.savez(tmp_path / "v.npz", train_X=X, train_y=y)
     run("index", str(path), str(tmp_path / "v.npz"), "--split", "train", "--model", "none", "--quiet")
     store.migrate(store.connect(path / "imprint.db"), "0001", down=True)
-    assert "older than 0004" in run("info", str(path), code=2).stderr
-    assert "schema 0001 -> 0004" in run("db", "upgrade", str(path)).output
-    assert "already at 0004" in run("db", "upgrade", str(path)).output
+    assert "older than 0005" in run("info", str(path), code=2).stderr
+    assert "schema 0001 -> 0005" in run("db", "upgrade", str(path)).output
+    assert "already at 0005" in run("db", "upgrade", str(path)).output
     assert Collection.open(path).classes == [0, 1, 2]
 
 

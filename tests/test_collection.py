@@ -54,10 +54,11 @@ def test_create_add_reopen_answers_like_the_estimator(tmp_path, data):
     assert again.check().ok
 
 
-@pytest.mark.parametrize("params", [dict(k=3), dict(generator="mean"),
+@pytest.mark.parametrize("params", [dict(generator="kmeans", k=3, aggregation="max"), dict(generator="mean"),
                                     dict(generator="all", aggregation="mnn", m=5, vote="distance"),
-                                    dict(generator="fps", k=4, metric="euclidean"),
-                                    dict(generator="kmedoids", k=3, aggregation="mnn", m=3)])
+                                    dict(generator="fps", k=4, metric="euclidean", aggregation="max"),
+                                    dict(generator="kmedoids", k=3, aggregation="mnn", m=3),
+                                    dict(generator="kmeans", k=3, aggregation="blend", alpha=0.6)])
 def test_any_sequence_of_adds_and_removes_equals_a_one_go_build(tmp_path, params):
     X, y = labelled(10, 24, 6, seed=3)
     rng = np.random.default_rng(0)

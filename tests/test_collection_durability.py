@@ -134,12 +134,12 @@ def test_readers_query_while_a_writer_adds_and_compacts(tmp_path, monkeypatch):
 
 def test_upgrade_from_the_initial_revision_keeps_the_data(tmp_path):
     path = tmp_path / "col"
-    col = Collection.create(path, model=None, k=3)
+    col = Collection.create(path, model=None, generator="kmeans", k=3, aggregation="max")
     X, y = blobs(5, 12, 6)
     col.add(X, y)
     before = col.query(X, 3)
     store.migrate(store.connect(path / DB_NAME), "0001", down=True)
-    with pytest.raises(SchemaVersionError, match="schema revision 0001, older than 0004: run `imprint db upgrade"):
+    with pytest.raises(SchemaVersionError, match="schema revision 0001, older than 0005: run `imprint db upgrade"):
         Collection.open(path)
     upgraded = Collection.open(path, upgrade=True)
     np.testing.assert_array_equal(upgraded.query(X, 3).labels, before.labels)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from retrieval_imprint import Collection
+from retrieval_imprint.errors import SchemaVersionError
 
 ARCHIVE = Path(__file__).resolve().parent / "data" / "collections-0.1.0.tar.gz"
 
@@ -31,11 +32,14 @@ def legacy(tmp_path):
 def test_a_collection_written_by_0_1_0_answers_as_it_did(legacy, name):
     root, expected, Q = legacy
     want = expected[name]
-    col = Collection.open(root / name)
+    with pytest.raises(SchemaVersionError, match="schema revision 0004, older than"):
+        Collection.open(root / name)  # the schema has grown since: an explicit upgrade, as documented
+    col = Collection.open(root / name, upgrade=True)
     assert col.check().ok
     assert col.classes == want["classes"]
     assert col.class_table() == want["class_table"]
     assert {key: col.config[key] for key in want["config"]} == want["config"]
+    assert col.auto_choice is None  # made before auto: its settings are the ones it was created with
     got = col.query(Q, 3, threshold=-np.inf)
     assert got.labels.tolist() == want["labels"]
     np.testing.assert_allclose(got.scores, np.array(want["scores"], np.float32), rtol=1e-5, atol=1e-6)
@@ -45,7 +49,7 @@ def test_a_collection_written_by_0_1_0_answers_as_it_did(legacy, name):
 @pytest.mark.parametrize("name", ["flat", "ivf"])
 def test_a_collection_written_by_0_1_0_takes_new_writes(legacy, name):
     root, expected, Q = legacy
-    col = Collection.open(root / name)
+    col = Collection.open(root / name, upgrade=True)
     rng = np.random.default_rng(0)
     col.add(rng.standard_normal((5, Q.shape[1])).astype(np.float32) + 9, ["newcomer"] * 5)
     col.remove([expected[name]["classes"][0]])

@@ -47,7 +47,8 @@ def test_the_cli_help_shows_every_setting_with_its_declared_default():
     for name in [*STORED, "model", "index", "keep_samples"]:
         p = IMPRINT.get(name) or COLLECTION[name]
         assert f"--{name.replace('_', '-')}" in out
-        assert f"[default: {p.default}]" in " ".join(out.split()), name
+        shown = "none" if p.default is None else p.default
+        assert f"[default: {shown}]" in " ".join(out.split()), name
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -93,7 +94,7 @@ def test_open_or_create_opens_and_lists_every_clash(tmp_path):
     first = Collection.open_or_create(tmp_path / "c", model=None, k=3)
     again = Collection.open_or_create(tmp_path / "c", model=None, k=3)
     assert again.config == first.config
-    with pytest.raises(ValueError, match=r"k=4 \(collection: 3\); generator='mean' \(collection: 'kmeans'\)"):
+    with pytest.raises(ValueError, match=r"k=4 \(collection: 3\); generator='mean' \(collection: 'auto'\)"):
         Collection.open_or_create(tmp_path / "c", k=4, generator="mean")
     with pytest.raises(ValueError, match=r"model='all-MiniLM-L6-v2' \(collection: None\)"):
         Collection.open_or_create(tmp_path / "c", model="all-MiniLM-L6-v2")
@@ -102,7 +103,15 @@ def test_open_or_create_opens_and_lists_every_clash(tmp_path):
 def test_index_json_reports_every_field(tmp_path):
     X, y = blobs(3, 25, 5)
     np.savez(tmp_path / "v.npz", X=X, y=y)
-    out = CliRunner().invoke(main, ["index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model", "none",
-                                    "--quiet", "--json"]).output
-    assert json.loads(out) == {"collection": str(tmp_path / "c"), "rows": 75, "resumed_after": 0, "new_classes": 3,
-                               "classes": 3, "proxies": 60, "retrained": False}
+    out = json.loads(CliRunner().invoke(main, ["index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model",
+                                               "none", "--quiet", "--json"]).output)
+    choice = out.pop("auto_choice")
+    assert out == {"collection": str(tmp_path / "c"), "rows": 75, "resumed_after": 0, "new_classes": 3,
+                   "classes": 3, "proxies": out["proxies"], "retrained": False}
+    per_class = {"mean": 1, "all": 25}.get(choice["generator"], choice["k"])
+    assert out["proxies"] == 3 * per_class
+    assert len(choice["cv_results"]) == 1 + 6 * 5  # the mean; k in 2..20 and all, each under max or 4 blends
+    best = max(r["correct"] for r in choice["cv_results"])
+    chosen = [r for r in choice["cv_results"] if all(r[key] == choice[key] for key in ("generator", "k", "aggregation",
+                                                                                       "alpha"))]
+    assert chosen[0]["correct"] == best

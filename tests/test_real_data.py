@@ -17,7 +17,7 @@ def test_kmeans_k20_beats_mean_imprinting(banking77):
 
 def test_all_samples_max_is_exact_cosine_1nn(banking77):
     Xtr, ytr, Xte = banking77["train_X"], banking77["train_y"], banking77["test_X"][:500]
-    clf = ImprintClassifier(generator="all").fit(Xtr, ytr)
+    clf = ImprintClassifier(generator="all", aggregation="max").fit(Xtr, ytr)
     sim = ref.l2(Xte) @ ref.l2(Xtr).T
     nearest = np.argmax(sim, axis=1)
     margin = np.sort(sim, 1)[:, -1] - np.sort(sim, 1)[:, -2]

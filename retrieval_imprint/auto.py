@@ -1,0 +1,153 @@
+"""``auto``: choose k and the aggregation from the training data alone, by cross-validation.
+
+The best number of proxies per class moves with the data and the shots (the class mean wins at a
+few shots per class, k-means with small k on CLINC150's 100 per class, all samples on BANKING77's
+spread-out classes; docs/results.md), so the library chooses it. Whatever the user leaves unset is
+a candidate: ``generator="auto"`` (with ``k=None``) tries the class mean (k = 1), k-means with k in
+``K_GRID`` and every sample (k = -1); ``aggregation="auto"`` tries ``max`` and ``blend`` with alpha
+in ``ALPHA_GRID`` (or the ``alpha`` given). Each candidate is imprinted on the training part of
+stratified folds (rows of each class dealt round-robin in a seeded order, so a class of 5 samples
+leaves one out per fold) and scored on the held-out part; the most accurate wins, ties going to
+the cheaper setting (fewer proxies, then plain max). A class with one sample is never held out;
+data with no class of two samples gets the cheapest candidate.
+
+Cost: per fold, one batched k-means per k and one similarity GEMM per k over the held-out rows.
+Folds are added until ``MIN_SCORED`` held-out rows are scored (all ``FOLDS`` for less data), and at
+most ``MIN_SCORED`` of those rows are scored, so the work stays bounded on large data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ._groups import Grouped, uniforms
+from .aggregate import max_scores
+from .imprint import imprint, seed_of
+from .index import ProxyIndex
+from .normalize import normalize
+
+AUTO = "auto"
+PAPER_K = 20  # k of the k-means family when neither the user nor auto sets it (the paper's best)
+K_GRID = (1, 2, 3, 5, 10, 20, -1)  # 1: the class mean; -1: every sample
+ALPHA_GRID = (0.25, 0.5, 0.75, 0.9)
+FOLDS = 5
+MIN_SCORED = 4000
+_FOLD_STREAM = (1 << 32) + 2  # random streams of _groups.uniforms used here
+_SCORE_STREAM = (1 << 32) + 3
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One concrete GEN/AGG setting."""
+
+    generator: str
+    k: int
+    aggregation: str
+    alpha: float | None = None
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def cost(self) -> tuple:
+        """Cheaper first: fewer proxies per class, then plain max, then a smaller alpha."""
+        proxies = {"mean": 1, "all": np.inf}.get(self.generator, self.k if self.k > 0 else np.inf)
+        return proxies, self.aggregation == "blend", self.alpha or 0.0
+
+
+def is_open(params: dict[str, Any]) -> bool:
+    """Whether ``params`` leave anything for cross-validation to choose."""
+    return len(candidates(params)) > 1
+
+
+def candidates(params: dict[str, Any]) -> list[Candidate]:
+    """Every concrete setting ``params`` allow: unset choices from the grids, set ones as given."""
+    gen, k, agg, alpha = params["generator"], params["k"], params["aggregation"], params.get("alpha")
+    if gen == AUTO:
+        gens = [({1: "mean", -1: "all"}.get(kk, "kmeans"), kk) for kk in (K_GRID if k is None else (k,))]
+    else:
+        gens = [(gen, {"mean": 1, "all": -1}.get(gen, PAPER_K if k is None else k))]
+    alphas = ALPHA_GRID if alpha is None else (alpha,)
+    aggs = {AUTO: [("max", None)] + [("blend", a) for a in alphas], "blend": [("blend", a) for a in alphas]}.get(
+        agg, [(agg, None)])
+    out = []
+    for g, kk in gens:
+        for a, al in aggs:
+            if a == "blend" and g == "mean":  # the mean is its own best proxy: blend is max
+                a, al = "max", None
+            out.append(Candidate(g, kk, a, al))
+    return list(dict.fromkeys(out))
+
+
+def folds(groups: Grouped, seed: int) -> np.ndarray:
+    """Fold of each row (-1: never held out), dealt round-robin within each class in a seeded order."""
+    owner = groups.owner
+    position = np.arange(len(owner)) - groups.offsets[owner]
+    order = np.lexsort((uniforms(groups.keys[owner], seed, _FOLD_STREAM, position), owner))
+    rank = np.empty(len(owner), np.int64)
+    rank[order] = position
+    return np.where(groups.sizes[owner] >= 2, rank % FOLDS, -1)
+
+
+def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidate]) -> list[dict[str, Any]]:
+    """Held-out accuracy of each candidate; ``groups`` hold the raw (not NORMpre'd) samples."""
+    seed = seed_of(params["random_state"])
+    fold = folds(groups, seed)
+    X_pre = normalize(groups.X, params["pre_norm"], what="X")
+    queries = normalize(groups.X, params["inf_norm"], what="X")
+    owner = groups.owner
+    held = [np.flatnonzero(fold == f) for f in range(FOLDS)]
+    n_folds = next((f + 1 for f in range(FOLDS) if sum(map(len, held[: f + 1])) >= MIN_SCORED), FOLDS)
+    per_fold = -(-MIN_SCORED // n_folds)
+    correct, scored = np.zeros(len(cands), np.int64), 0
+    for rows in held[:n_folds]:
+        if not len(rows):
+            continue
+        if len(rows) > per_fold:  # a seeded sample of the held-out rows
+            rows = np.sort(rows[np.argsort(uniforms(groups.keys[owner[rows]], seed, _SCORE_STREAM, rows))[:per_fold]])
+        train = np.ones(len(owner), bool)
+        train[fold == fold[rows[0]]] = False
+        counts = np.bincount(owner[train], minlength=groups.n_classes)
+        part = Grouped(X_pre[train], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), groups.keys)
+        correct += _fold_correct(part, queries[rows], owner[rows], params, cands)
+        scored += len(rows)
+    return [{**c.params(), "accuracy": float(n / scored) if scored else None, "correct": int(n), "scored": scored}
+            for c, n in zip(cands, correct)]
+
+
+def _fold_correct(part: Grouped, Q: np.ndarray, truth: np.ndarray, params: dict[str, Any],
+                  cands: list[Candidate]) -> np.ndarray:
+    """Correct predictions of each candidate on held-out queries ``Q`` from heads imprinted on ``part``."""
+    best: dict[tuple[str, int], np.ndarray] = {}  # per (generator, k): best-proxy similarity per class
+    for gen, k in dict.fromkeys((c.generator, c.k) for c in cands):
+        best[gen, k] = _best_per_class(part, Q, {**params, "generator": gen, "k": k})
+    if any(c.aggregation == "blend" for c in cands) and ("mean", 1) not in best:
+        best["mean", 1] = _best_per_class(part, Q, {**params, "generator": "mean", "k": 1})
+    out = np.zeros(len(cands), np.int64)
+    for i, c in enumerate(cands):
+        b = best[c.generator, c.k]
+        scores = b if c.aggregation == "max" else c.alpha * best["mean", 1] + (1 - c.alpha) * b
+        out[i] = int(np.sum(scores.argmax(1) == truth))
+    return out
+
+
+def _best_per_class(part: Grouped, Q: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    W, owner, fixed = imprint(part, params)
+    index = ProxyIndex(W.shape[1], params["metric"], fixed.transform)
+    index.add(W)
+    return max_scores(index.similarity(Q), np.searchsorted(owner, np.arange(part.n_classes)))
+
+
+def choose(X: np.ndarray, codes: np.ndarray, keys: np.ndarray, params: dict[str, Any]
+           ) -> tuple[Candidate, list[dict[str, Any]]]:
+    """The candidate ``params`` leave open with the best held-out accuracy on raw samples ``X`` of
+    classes ``codes`` (label ``keys``), the cheapest among equals, and every candidate's row; a
+    single candidate is returned without cross-validating."""
+    cands = candidates(params)
+    if len(cands) == 1:
+        return cands[0], []
+    rows = cross_validate(Grouped.from_codes(X, codes, keys), params, cands)
+    ranked = sorted(range(len(cands)), key=lambda i: (-rows[i]["correct"], cands[i].cost()))
+    return cands[ranked[0]], rows

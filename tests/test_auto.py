@@ -1,0 +1,170 @@
+"""auto: what the settings leave open is chosen by cross-validation on the training data alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import reference as ref
+from conftest import blobs
+from retrieval_imprint import Collection, ImprintClassifier
+from retrieval_imprint import auto
+from retrieval_imprint._groups import Grouped
+from retrieval_imprint.generate import RIDGE_GRID, loo_accuracy
+from retrieval_imprint.labels import label_keys
+from retrieval_imprint.params import DEFAULTS, check_params
+
+
+def params(**given):
+    return check_params({**DEFAULTS, **given})
+
+
+def test_candidates_are_whatever_the_settings_leave_open():
+    everything = auto.candidates(params())
+    assert len(everything) == 1 + 6 * 5  # the mean; k in 2..20 and all, each under max or 4 blends
+    assert auto.Candidate("mean", 1, "max") in everything and auto.Candidate("all", -1, "blend", 0.5) in everything
+    assert auto.candidates(params(k=5)) == [auto.Candidate("kmeans", 5, "max")] + [
+        auto.Candidate("kmeans", 5, "blend", a) for a in auto.ALPHA_GRID]
+    assert auto.candidates(params(aggregation="max")) == [auto.Candidate({1: "mean", -1: "all"}.get(k, "kmeans"), k,
+                                                                         "max") for k in auto.K_GRID]
+    assert auto.candidates(params(generator="kmeans", aggregation="blend", alpha=0.3)) == [
+        auto.Candidate("kmeans", 20, "blend", 0.3)]  # nothing open: the paper's k
+    assert auto.candidates(params(generator="mean", aggregation="auto")) == [auto.Candidate("mean", 1, "max")]
+    assert not auto.is_open(params(generator="kmeans", k=4, aggregation="max"))
+
+
+def grouped(n_classes=6, n=12, seed=0):
+    X, y = blobs(n_classes, n, 5, seed=seed)
+    classes, codes = np.unique(y, return_inverse=True)
+    return Grouped.from_codes(X, codes, label_keys(classes)), X, y
+
+
+def test_folds_are_stratified_and_keyed_by_the_label():
+    groups, _, _ = grouped()
+    sizes = np.array([12, 7, 1, 5, 2, 9])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    uneven = Grouped(groups.X[: offsets[-1]], offsets, groups.keys)
+    fold = auto.folds(uneven, seed=3)
+    for c, n in enumerate(sizes):
+        mine = fold[offsets[c] : offsets[c + 1]]
+        if n == 1:
+            assert (mine == -1).all()  # the only sample of a class is never held out
+        else:
+            counts = np.bincount(mine, minlength=auto.FOLDS)
+            assert counts.max() - counts.min() <= 1 and counts.sum() == n
+    alone = Grouped(uneven.X[offsets[1] : offsets[2]], np.array([0, 7]), uneven.keys[1:2])
+    np.testing.assert_array_equal(auto.folds(alone, seed=3), fold[offsets[1] : offsets[2]])  # others don't matter
+
+
+@pytest.mark.parametrize("given", [dict(), dict(k=3), dict(generator="all", aggregation="auto", metric="euclidean")])
+def test_cross_validation_counts_what_a_refit_would_predict(given):
+    groups, X, y = grouped(seed=4)
+    p = params(**given)
+    cands = auto.candidates(p)
+    rows = auto.cross_validate(groups, p, cands)
+    fold, owner = auto.folds(groups, 0), groups.owner
+    for cand, row in zip(cands, rows):
+        correct = 0
+        for f in range(auto.FOLDS):
+            test = fold == f
+            clf = ImprintClassifier(**{**p, **cand.params()}).fit(groups.X[~test], owner[~test])
+            correct += int(np.sum(clf.predict(groups.X[test]) == owner[test]))
+        assert row["correct"] == correct and row["scored"] == len(owner), cand
+
+
+def test_ties_go_to_the_cheapest_and_one_shot_data_gets_the_mean():
+    X = np.repeat(np.eye(4, dtype=np.float32) * 10, 6, axis=0) + 0.01 * np.arange(24, dtype=np.float32)[:, None]
+    y = np.repeat(np.arange(4), 6)
+    clf = ImprintClassifier().fit(X, y)  # every candidate is perfect on these four far-apart classes
+    assert all(r["accuracy"] == 1.0 for r in clf.cv_results_)
+    assert clf.auto_choice_ == {"generator": "mean", "k": 1, "aggregation": "max", "alpha": None}
+    one_shot = ImprintClassifier().fit(X[::6], y[::6])
+    assert one_shot.auto_choice_ == {"generator": "mean", "k": 1, "aggregation": "max", "alpha": None}
+
+
+def test_the_estimator_fits_the_candidate_with_the_best_held_out_accuracy():
+    X, y = blobs(8, 30, 6, seed=7, modes=3)
+    clf = ImprintClassifier(random_state=2).fit(X, y)
+    best = max(r["correct"] for r in clf.cv_results_)
+    chosen = [r for r in clf.cv_results_ if all(r[k] == v for k, v in clf.auto_choice_.items())]
+    assert chosen[0]["correct"] == best
+    fixed = ImprintClassifier(**{**clf.get_params(), **clf.auto_choice_}).fit(X, y)
+    np.testing.assert_array_equal(fixed.proxies_, clf.proxies_)
+    assert fixed.cv_results_ == []  # nothing left open: no cross-validation
+
+
+def test_a_collection_chooses_at_its_first_add_and_keeps_the_choice(tmp_path):
+    X, y = blobs(8, 30, 6, seed=7, modes=3)
+    labels = np.array([f"c{v}" for v in y])
+    col = Collection.create(tmp_path / "c", model=None, random_state=2)
+    assert col.auto_choice is None
+    col.add(X[: 6 * 30], labels[: 6 * 30])
+    first = col.auto_choice
+    clf = ImprintClassifier(random_state=2).fit(X[: 6 * 30], labels[: 6 * 30])
+    assert {k: first[k] for k in clf.auto_choice_} == clf.auto_choice_  # the same choice on the same data
+    assert first["cv_results"] == clf.cv_results_
+    col.add(X[6 * 30 :], labels[6 * 30 :])  # later classes: the recorded setting, no new choice
+    reopened = Collection.open(tmp_path / "c")
+    assert reopened.auto_choice == first and reopened.config["generator"] == "auto"
+    per_class = {"mean": 1, "all": 30}.get(first["generator"], first["k"])
+    assert {r["proxies"] for r in reopened.class_table()} == {min(per_class, 30)}
+    one_go = ImprintClassifier(**{**clf.get_params(), **clf.auto_choice_}).fit(X, labels)
+    Q, _ = blobs(8, 5, 6, seed=8, modes=3)
+    np.testing.assert_array_equal(reopened.predict(Q), one_go.predict(Q))
+
+
+def test_an_ivf_collection_chooses_k_under_max(tmp_path):
+    X, y = blobs(40, 8, 6, seed=1)
+    col = Collection.create(tmp_path / "c", model=None, index="IVF16,Flat")
+    col.add(X, y)
+    assert col.auto_choice["aggregation"] == "max" and {r["aggregation"] for r in col.auto_choice["cv_results"]} == {
+        "max"}
+
+
+def test_the_closed_form_leave_one_out_equals_refitting():
+    X, y = blobs(4, 9, 5, seed=3)
+    X = ref.l2(X)
+    classes, codes = np.unique(y, return_inverse=True)
+    means = np.stack([X[codes == c].mean(0) for c in range(len(classes))])
+    ridges, accuracy = loo_accuracy(X, codes, means, np.arange(len(classes)), seed=0, normalize_rows=True)
+    assert len(ridges) == len(RIDGE_GRID)
+    for reg, acc in zip(ridges, accuracy):
+        assert round(acc * len(X)) == ref.ridge_loo_correct(X, y, reg), reg
+
+
+def test_ls_with_its_ridge_chosen_beats_a_bad_fixed_ridge():
+    """Classes apart in two quiet dimensions, buried in 18 loud ones: least squares finds the quiet
+    ones with a small ridge; a large one shrinks the head towards the class means, which the noise swamps."""
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(4), 60)
+    X = rng.standard_normal((len(y), 20)) * np.r_[0.1, 0.1, np.full(18, 3.0)]
+    X[:, :2] += np.array([[0.5, 0], [-0.5, 0], [0, 0.5], [0, -0.5]])[y]
+    X[:, 2:] += 5.0  # a common offset
+    train = np.arange(len(y)) % 4 != 0
+    raw = dict(generator="ls", aggregation="max", pre_norm="none", post_norm="none", inf_norm="none")
+    chosen = ImprintClassifier(**raw).fit(X[train], y[train])
+    too_much = ImprintClassifier(**raw, ls_reg=1e3).fit(X[train], y[train])
+    assert chosen.score(X[~train], y[~train]) > too_much.score(X[~train], y[~train]) + 0.2
+
+
+def test_tune_chooses_again_on_every_kept_sample_in_one_write(tmp_path):
+    X, y = blobs(8, 30, 6, seed=7, modes=3)
+    labels = np.array([f"c{v}" for v in y])
+    rows = np.arange(len(y))
+    early = rows[np.isin(labels, ["c0", "c1"]) & (rows % 10 == 0)]  # a small first add: a poor basis
+    late = np.setdiff1d(rows[np.isin(labels, ["c0", "c1"])], early)
+    col = Collection.create(tmp_path / "c", model=None, random_state=2)
+    for part in (early, rows[~np.isin(labels, ["c0", "c1"])], late):
+        col.add(X[part], labels[part])
+    choice = col.tune()
+    kept = np.concatenate([early[labels[early] == "c0"], late[labels[late] == "c0"],  # class by class,
+                           early[labels[early] == "c1"], late[labels[late] == "c1"],  # oldest first
+                           rows[~np.isin(labels, ["c0", "c1"])]])
+    clf = ImprintClassifier(random_state=2).fit(X[kept], labels[kept])
+    assert {k: choice[k] for k in clf.auto_choice_} == clf.auto_choice_
+    assert choice["cv_results"] == clf.cv_results_
+    reopened = Collection.open(tmp_path / "c")
+    assert reopened.check().ok and reopened.auto_choice == choice
+    assert len(reopened.info()["segments"]) == 4 + (choice["aggregation"] == "blend")  # 1 proxies, 3 samples
+    Q, _ = blobs(8, 5, 6, seed=8, modes=3)
+    np.testing.assert_array_equal(reopened.predict(Q), clf.predict(Q))
