@@ -3,8 +3,12 @@
 Reads the precomputed (raw, mean-pooled) MiniLM embeddings in ../shared/data/*/embeddings.npz and
 writes docs/results.md, docs/results.json and docs/accuracy_vs_k.png:
 
-- GEN mean, kmeans k in {2, 5, 10, 20}, kmedoids/random/fps/cov_max k = 5, all (1-NN), oracle ls,
-  each L2/GEN/L2/L2/max, at 1, 5, 8, 10, 20 shots per class and full data, mean +- std over seeds;
+- GEN mean, kmeans k in {2, 5, 10, 20}, kmedoids/random/fps/cov_max k = 5, all (1-NN), oracle ls
+  (ridge chosen by leave-one-out, and the old fixed 1e-3), each L2/GEN/L2/L2/max, at 1, 5, 8, 10,
+  20 shots per class and full data, mean +- std over seeds;
+- auto (the default: k and max-or-blend chosen by cross-validation on the training rows), with what
+  it chose per seed, and blend at each alpha of the grid with k chosen; auto against the best fixed
+  k of each cell; auto's fit time beside one k = 20 fit (full data, one run);
 - the published presets (Qi, Hosoda, Janson, paper's best);
 - NORM ablation on the raw embeddings; AGG ablation (max vs m-NN, uniform/distance);
 - a logistic-regression probe as the trained-head reference;
@@ -31,6 +35,7 @@ from sklearn.linear_model import LogisticRegression
 
 from _common import DOCS, machine, markdown_table
 from retrieval_imprint import ImprintClassifier, neural_collapse
+from retrieval_imprint.auto import ALPHA_GRID
 from retrieval_imprint.params import PRESETS
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.experiments import few_shot, plot_accuracy_vs_k
@@ -38,6 +43,7 @@ from retrieval_imprint.experiments import few_shot, plot_accuracy_vs_k
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NORMS = dict(pre_norm="l2", post_norm="l2", inf_norm="l2")
 DEFAULTS = dict(generator="kmeans", k=20, **NORMS, aggregation="max", m=1, metric="ip", vote="uniform")
+AUTO = dict(generator="auto", k=None, aggregation="auto")
 
 
 def load(name: str) -> dict[str, np.ndarray]:
@@ -49,15 +55,15 @@ def row(dataset: str, shots: int, setting: dict[str, Any], accs: list[float], fi
         predict_s: list[float], experiment: str) -> dict[str, Any]:
     full = {**DEFAULTS, **setting}
     return {"dataset": dataset, "experiment": experiment, "shots": shots,
-            **{key: full[key] for key in ("generator", "k", "pre_norm", "post_norm", "inf_norm", "aggregation",
-                                          "m", "metric", "vote")},
+            **{key: full.get(key) for key in ("generator", "k", "pre_norm", "post_norm", "inf_norm", "aggregation",
+                                              "alpha", "m", "metric", "vote", "ls_reg")},
             "accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)), "seeds": len(accs),
             "fit_seconds": float(np.mean(fit_s)), "predict_seconds": float(np.mean(predict_s))}
 
 
 def run_setting(data: dict, dataset: str, shots: int, setting: dict[str, Any], seeds: list[int],
                 experiment: str) -> dict[str, Any]:
-    accs, fit_s, predict_s = [], [], []
+    accs, fit_s, predict_s, chose = [], [], [], []
     for seed in seeds:
         idx = few_shot(data["train_y"], shots, seed)
         clf = ImprintClassifier(**{**DEFAULTS, **setting, "random_state": seed})
@@ -68,7 +74,11 @@ def run_setting(data: dict, dataset: str, shots: int, setting: dict[str, Any], s
         pred = clf.predict(data["test_X"])
         predict_s.append(time.perf_counter() - t)
         accs.append(float(np.mean(pred == data["test_y"])))
-    return row(dataset, shots, setting, accs, fit_s, predict_s, experiment)
+        chose.append(clf.auto_choice_)
+    out = row(dataset, shots, setting, accs, fit_s, predict_s, experiment)
+    if clf.cv_results_:
+        out["chose"] = chose  # what auto chose, per seed
+    return out
 
 
 def probe(data: dict, dataset: str, shots: int, seeds: list[int]) -> dict[str, Any]:
@@ -112,12 +122,14 @@ def open_set(data: dict, setting: dict[str, Any]) -> list[dict[str, Any]]:
 def experiments(quick: bool) -> tuple[list[tuple], list[int], list[int]]:
     """(experiment, setting) pairs, shots settings and seeds."""
     if quick:
-        return ([("generators", dict(generator="mean")), ("generators", dict(generator="kmeans", k=20))],
-                [0], [0])
+        return ([("generators", dict(generator="mean")), ("generators", dict(generator="kmeans", k=20)),
+                 ("auto", AUTO)], [0], [0])
     gens = [("generators", dict(generator="mean"))]
     gens += [("generators", dict(generator="kmeans", k=k)) for k in (1, 2, 5, 10, 20)]
     gens += [("generators", dict(generator=g, k=5)) for g in ("kmedoids", "random", "fps", "cov_max")]
-    gens += [("generators", dict(generator="all")), ("generators", dict(generator="ls"))]
+    gens += [("generators", dict(generator="all")), ("generators", dict(generator="ls")),
+             ("generators", dict(generator="ls", ls_reg=1e-3))]
+    gens += [("auto", AUTO)] + [("blend", {**AUTO, "aggregation": "blend", "alpha": a}) for a in ALPHA_GRID]
     gens += [("presets", {**PRESETS[name], "preset": name}) for name in PRESETS]
     return gens, [1, 5, 8, 10, 20, 0], [0, 1, 2, 3, 4]
 
@@ -175,9 +187,53 @@ def fmt(r: dict[str, Any]) -> str:
 def setting_name(r: dict[str, Any]) -> str:
     if r["generator"] == "logistic_regression":
         return "logistic-regression probe"
-    gen = {"mean": "mean", "all": "all (1-NN)", "ls": "ls (oracle)"}.get(r["generator"], f"{r['generator']} k={r['k']}")
+    if r["generator"] == "auto":
+        return "**auto** (k, max or blend by CV)" if r["aggregation"] == "auto" else f"blend α={r['alpha']}, k by CV"
+    if r["generator"] == "ls":
+        return "ls (oracle, ridge by LOO)" if r["ls_reg"] in (None, "auto") else f"ls (oracle, ridge {r['ls_reg']:g})"
+    gen = {"mean": "mean", "all": "all (1-NN)"}.get(r["generator"], f"{r['generator']} k={r['k']}")
     agg = "" if r["aggregation"] == "max" else f", {r['m']}-NN {r['vote']}"
     return gen + agg
+
+
+def describe_choice(c: dict[str, Any]) -> str:
+    gen = {"mean": "mean", "all": "all"}.get(c["generator"], f"k={c['k']}")
+    return gen + (f" blend {c['alpha']}" if c["aggregation"] == "blend" else "")
+
+
+def auto_section(rows: list[dict], ds: str, shots: list[int]) -> str:
+    """auto against the best fixed k of each cell, what it chose, and its fit time beside k = 20."""
+    fixed = [r for r in rows if r["dataset"] == ds and r["experiment"] == "generators" and r["aggregation"] == "max"
+             and (r["generator"] in ("mean", "all") or (r["generator"] == "kmeans"))]
+    autos = {r["shots"]: r for r in rows if r["dataset"] == ds and r["experiment"] == "auto"}
+    table, diffs = [], []
+    for s in shots:
+        if s not in autos:
+            continue
+        cell = [r for r in fixed if r["shots"] == s]
+        best = max(cell, key=lambda r: r["accuracy"])
+        k20 = next(r for r in cell if r["generator"] == "kmeans" and r["k"] == 20)
+        diff = 100 * (autos[s]["accuracy"] - best["accuracy"])
+        if s in (5, 10, 20, 0):
+            diffs.append(diff)
+        counts = {}
+        for c in autos[s].get("chose", []):
+            counts[describe_choice(c)] = counts.get(describe_choice(c), 0) + 1
+        table.append(["all" if s == 0 else f"{s}-shot", f"{100 * autos[s]['accuracy']:.2f}",
+                      f"{100 * best['accuracy']:.2f} ({setting_name(best)})", f"{diff:+.2f}",
+                      f"{100 * (autos[s]['accuracy'] - k20['accuracy']):+.2f}",
+                      ", ".join(f"{name} ×{n}" for name, n in counts.items()) or "(nothing to choose)"])
+    full_auto, full_k20 = autos.get(0), next((r for r in fixed if r["shots"] == 0 and r["k"] == 20
+                                              and r["generator"] == "kmeans"), None)
+    timing = (f" Fit on the full training set: auto {1e3 * full_auto['fit_seconds']:.0f} ms, one k-means k = 20 fit "
+              f"{1e3 * full_k20['fit_seconds']:.0f} ms ({full_auto['fit_seconds'] / full_k20['fit_seconds']:.1f}×; "
+              "means over the same seeds, this run)." if full_auto and full_k20 else "")
+    return (f"### {ds}: auto against the best fixed k\n\nBest fixed k: the most accurate of mean, k-means k in "
+            "{1, 2, 5, 10, 20} and all samples (1-NN) under max, per cell, chosen on the test split (an "
+            "oracle auto does not have). Mean of auto − best fixed over the 5/10/20-shot and full cells: "
+            f"{np.mean(diffs):+.2f} points.{timing}\n\n"
+            + markdown_table(["shots", "auto", "best fixed k", "auto − best", "auto − k=20", "auto chose (per seed)"],
+                             table) + "\n")
 
 
 def write_report(rows: list[dict], collapse: dict, took: float, args: argparse.Namespace) -> None:
@@ -191,12 +247,14 @@ def write_report(rows: list[dict], collapse: dict, took: float, args: argparse.N
              "over seeds (the seed draws the few-shot subset and the generator's randomness). Machine-readable: "
              "[results.json](results.json). Unless stated, settings are L2/GEN/L2/L2/max.\n"]
     for ds in datasets:
-        gen_rows = [r for r in rows if r["dataset"] == ds and r["experiment"] in ("generators", "probe")]
+        gen_rows = [r for r in rows if r["dataset"] == ds and r["experiment"] in ("generators", "auto", "blend", "probe")]
         table = []
         for name in dict.fromkeys(setting_name(r) for r in gen_rows):
             cells = {r["shots"]: fmt(r) for r in gen_rows if setting_name(r) == name}
             table.append([name] + [cells.get(s, "") for s in shots])
         parts.append(f"## {ds}: generators\n\n" + markdown_table(head, table) + "\n")
+        if any(r["dataset"] == ds and r["experiment"] == "auto" for r in rows):
+            parts.append(auto_section(rows, ds, shots))
         preset_rows = [r for r in rows if r["dataset"] == ds and r["experiment"] == "presets"]
         if preset_rows:
             table = []
@@ -231,7 +289,7 @@ def write_report(rows: list[dict], collapse: dict, took: float, args: argparse.N
                      "reported on `test` (in-scope accuracy, rejections count as errors) and `oos_test` (recall). "
                      "Larson et al. 2019 anchors: MLP on USE embeddings 93.4 / 49.1; fine-tuned BERT 96.2 / 52.3.\n\n"
                      + markdown_table(["rule", "threshold", "in-scope accuracy", "OOS recall"], table) + "\n")
-    times = [r for r in rows if r["experiment"] == "generators" and r["shots"] == 0]
+    times = [r for r in rows if r["experiment"] in ("generators", "auto") and r["shots"] == 0]
     if times:
         table = [[r["dataset"], setting_name(r), f"{1e3 * r['fit_seconds']:.1f}", f"{1e3 * r['predict_seconds']:.1f}"]
                  for r in times]

@@ -15,7 +15,7 @@ import numpy as np
 
 AGGREGATIONS = ("max", "mnn", "blend")
 VOTES = ("uniform", "distance")
-BLEND_EXTRA = 16  # proxies beyond a class's count that a blend's first search looks at
+BLEND_DEPTH = 8  # class means and proxies a blend's first searches look at, beyond top
 BLEND_SLACK = 1e-5  # relative margin a blend bound must clear: float32 dot products may differ by this
 DISTANCE_EPS = 1e-10
 
@@ -82,48 +82,44 @@ def vote_scores(owner: np.ndarray, weights: np.ndarray, n_classes: int) -> np.nd
 
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+Score = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def blend_rank(n_q: int, mean_search: Search, mean_score: Callable[[np.ndarray, np.ndarray], np.ndarray],
-               proxy_search: Search, alpha: float, top: int, n_classes: int, n_proxies: int,
-               depth: int) -> tuple[np.ndarray, np.ndarray]:
+def blend_rank(n_q: int, mean_search: Search, mean_score: Score, proxy_search: Search, proxy_score: Score,
+               alpha: float, top: int, n_classes: int, n_proxies: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``top`` best classes ``(n_q, top)`` by blended score and their scores, exactly, from two
     shallow searches instead of scoring every class.
 
     ``mean_search(rows, n)`` and ``proxy_search(rows, m)`` give, for those query rows, the ``n``
-    most similar class means and the ``m`` most similar proxies: similarities and class numbers
-    (-1 past the end); ``mean_score(rows, classes)`` the mean similarity of given classes. A
-    class's first proxy in the proxy ranking is its best, so a listed class's blended score is
-    exact. An unlisted class has every proxy below the m-th proxy similarity, and a mean at most
-    the best mean similarity among the mean-listed classes that are not proxy-listed, or else the
-    n-th; a row is settled when its ``top``-th exact score beats that bound (by more than float32
-    rounding). Other rows are searched 4x deeper, up to every proxy. Equal scores go to the lower
-    class number; missing ranks are class -1, NaN score.
+    most similar class means and the ``m`` most similar proxies: similarities, and class numbers
+    (-1 past the end). Every class either list names is scored exactly: ``mean_score(rows,
+    classes)`` and ``proxy_score(rows, classes)`` give its mean's and its best proxy's similarity.
+    A class neither names has its mean below the n-th mean similarity and every proxy below the
+    m-th proxy similarity, so its blended score is below ``alpha a_n + (1 - alpha) p_m``. A row is
+    settled when its ``top``-th exact score beats that bound by more than float32 rounding; other
+    rows are searched 4x deeper, up to every class. Equal scores go to the lower class number;
+    missing ranks are class -1, NaN score.
     """
     classes, scores = np.full((n_q, top), -1, np.int64), np.full((n_q, top), np.nan)
     todo = np.arange(n_q)
     while len(todo):
         m, n = min(depth, n_proxies), min(depth, n_classes)
-        sim, cls = proxy_search(todo, m)
-        sim = sim.astype(np.float64)
-        listed = _first_of_class(cls) & (cls >= 0)
-        cand = np.where(listed, cls, n_classes)  # n_classes: no class, sorts last
-        exact = np.where(listed, alpha * mean_score(todo, np.where(listed, cls, 0)) + (1 - alpha) * sim, -np.inf)
-        order = np.lexsort((cand, -exact), axis=1)[:, :top]
-        best, best_score = np.take_along_axis(cand, order, 1), np.take_along_axis(exact, order, 1)
-        if m >= n_proxies:  # every class is listed
+        p_sim, p_cls = proxy_search(todo, m)
+        a_sim, a_cls = mean_search(todo, n)
+        named = np.hstack([p_cls, a_cls])
+        named = np.where(_first_of_class(named) & (named >= 0), named, n_classes)  # n_classes: none, sorts last
+        safe = np.minimum(named, n_classes - 1)
+        exact = alpha * mean_score(todo, safe) + (1 - alpha) * proxy_score(todo, safe)
+        exact = np.where(named < n_classes, exact, -np.inf)
+        order = np.lexsort((named, -exact), axis=1)[:, :top]
+        best, best_score = np.take_along_axis(named, order, 1), np.take_along_axis(exact, order, 1)
+        if m >= n_proxies or n >= n_classes:  # every class is named by one list
             done = np.ones(len(todo), bool)
         else:
-            a_sim, a_cls = mean_search(todo, n)
-            a_sim = a_sim.astype(np.float64)
-            unlisted = ~(a_cls[:, :, None] == np.where(listed, cls, -2)[:, None, :]).any(2) & (a_cls >= 0)
-            a_bound = np.where(unlisted, a_sim, -np.inf).max(1)
-            if n < n_classes:
-                a_bound = np.maximum(a_bound, a_sim[:, -1])
-            bound = (alpha * a_bound if alpha > 0 else 0.0) + ((1 - alpha) * sim[:, -1] if alpha < 1 else 0.0)
+            bound = (alpha * a_sim[:, -1].astype(np.float64) if alpha > 0 else 0.0) + (
+                (1 - alpha) * p_sim[:, -1].astype(np.float64) if alpha < 1 else 0.0)
             kth = best_score[:, -1] if best_score.shape[1] == top else np.full(len(todo), -np.inf)
-            finite = np.isfinite(bound)
-            done = kth > bound + np.where(finite, BLEND_SLACK * (1 + np.abs(np.where(finite, bound, 0.0))), 0.0)
+            done = kth > bound + BLEND_SLACK * (1 + np.abs(bound))
         rows = todo[done]
         found = np.isfinite(best_score[done])
         classes[rows, : best.shape[1]] = np.where(found, best[done], -1)

@@ -13,13 +13,15 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .aggregate import BLEND_EXTRA, blend_rank, max_scores, rank_classes, vote_scores, vote_weights
+from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
 from .auto import choose
 from .imprint import grouped, imprint, means
 from .index import ProxyIndex
 from .labels import label_keys
 from .normalize import normalize
 from .params import DEFAULTS, check_params, preset
+
+BLOCK = 1024  # queries scored at a time by a blend's predict: (BLOCK, proxies) similarities in memory
 
 
 class ImprintClassifier(ClassifierMixin, BaseEstimator):
@@ -111,31 +113,28 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         if choice["aggregation"] == "mnn":
             _, dist, ids = self.index_.search(Q, min(self.m, self.index_.ntotal))
             scores = vote_scores(self.proxy_class_index_[ids], vote_weights(dist, self.vote), len(self.classes_))
+        elif choice["aggregation"] == "blend":
+            scores = self._blend_scores(Q)
         else:
-            starts = np.searchsorted(self.proxy_class_index_, np.arange(len(self.classes_)))
-            scores = max_scores(self.index_.similarity(Q), starts)
-            if choice["aggregation"] == "blend":
-                scores = choice["alpha"] * self.means_index_.similarity(Q) + (1 - choice["alpha"]) * scores
+            scores = max_scores(self.index_.similarity(Q), self._starts())
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
+
+    def _starts(self) -> np.ndarray:
+        return np.searchsorted(self.proxy_class_index_, np.arange(len(self.classes_)))
+
+    def _blend_scores(self, Q: np.ndarray) -> np.ndarray:
+        alpha = self.auto_choice_["alpha"]
+        return alpha * self.means_index_.similarity(Q) + (1 - alpha) * max_scores(self.index_.similarity(Q),
+                                                                                   self._starts())
 
     def predict(self, X: Any) -> np.ndarray:
         """The class of the top-1 proxy (``max``), of the best blended score (``blend``), or the
         winner of the m-NN vote (``mnn``)."""
         Q = self._queries(X)
         choice, owner_of = self.auto_choice_, self.proxy_class_index_
-        if choice["aggregation"] == "blend":
-            def proxies(rows: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-                sim, _, ids = self.index_.search(Q[rows], m)
-                return sim, np.where(ids >= 0, owner_of[np.maximum(ids, 0)], -1)
-
-            def means(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-                return self.means_index_.search(Q[rows], n)[::2]
-
-            best, _ = blend_rank(len(Q), means, lambda rows, cls: self.means_index_.pair_similarity(
-                                     Q[rows], self.means_index_.stored_rows(cls)),
-                                 proxies, choice["alpha"], 1, len(self.classes_), self.index_.ntotal,
-                                 depth=int(np.bincount(owner_of).max()) + BLEND_EXTRA)
-            return self.classes_[best[:, 0]]
+        if choice["aggregation"] == "blend":  # every class's score, a block of queries at a time
+            return self.classes_[np.concatenate([self._blend_scores(Q[lo : lo + BLOCK]).argmax(1)
+                                                 for lo in range(0, len(Q), BLOCK)])]
         _, dist, ids = self.index_.search(Q, 1 if choice["aggregation"] == "max" else min(self.m, self.index_.ntotal))
         if choice["aggregation"] == "max":
             return self.classes_[owner_of[ids[:, 0]]]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .aggregate import BLEND_EXTRA, blend_rank, rank_classes, vote_weights
-from .segments import class_of
+from .aggregate import BLEND_DEPTH, blend_rank, rank_classes, vote_weights
+from .segments import CLASS_SHIFT, class_of
 from .snapshot import Snapshot
+
+BLOCK = 256  # query rows whose candidate classes' proxies are gathered at a time
 
 
 def rank(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +55,22 @@ def _blend(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None, 
         vectors = means.reconstruct(table.mean_ids(table.ids[pos]).ravel()).reshape(*pos.shape, -1)
         return means.pair_similarity(Q[rows], vectors)
 
-    best, scores = blend_rank(len(Q), search_means, mean_similarity, search_proxies, alpha, top, len(table),
-                              proxies.ntotal, top * int(table.n_proxies.max()) + BLEND_EXTRA)
+    def best_proxy(rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Each class's best proxy similarity, its proxies gathered (a class's last one repeated to
+        the largest count)."""
+        lo, count = table.proxy_lo[pos], table.n_proxies[pos]
+        j = lo[..., None] + np.minimum(np.arange(count.max()), count[..., None] - 1)
+        ids = (table.ids[pos][..., None] << CLASS_SHIFT) + j
+        out = np.empty(pos.shape)
+        for r in range(0, len(rows), BLOCK):  # bounded memory: BLOCK rows of gathered proxies at a time
+            block = ids[r : r + BLOCK]
+            vectors = proxies.reconstruct(block.ravel()).reshape(*block.shape, -1)
+            out[r : r + BLOCK] = proxies.pair_similarity(
+                np.repeat(Q[rows[r : r + BLOCK]], block.shape[1], axis=0), vectors.reshape(-1, block.shape[2],
+                                                                                          vectors.shape[-1])
+            ).max(1).reshape(block.shape[:2])
+        return out
+
+    best, scores = blend_rank(len(Q), search_means, mean_similarity, search_proxies, best_proxy, alpha, top,
+                              len(table), proxies.ntotal, top + BLEND_DEPTH)
     return np.where(best >= 0, table.ids[np.maximum(best, 0)], -1), scores

@@ -57,8 +57,9 @@ def test_blend_rank_is_exact_from_any_first_depth_with_ties(alpha, depth):
 
     b_best = np.stack([P[:, owner == c].max(1) for c in range(n_classes)], 1)
     for top in (1, 3, n_classes + 2):
-        got, scores = blend_rank(n_q, means, lambda rows, cls: A[rows[:, None], cls], proxies, alpha, top,
-                                 n_classes, len(owner), depth)
+        got, scores = blend_rank(n_q, means, lambda rows, cls: A[rows[:, None], cls], proxies,
+                                 lambda rows, cls: b_best[rows[:, None], cls], alpha, top, n_classes, len(owner),
+                                 depth)
         want, want_scores = brute_rank(A, b_best, alpha, min(top, n_classes))
         np.testing.assert_array_equal(got[:, : want.shape[1]], want)
         np.testing.assert_allclose(scores[:, : want.shape[1]], want_scores)
