@@ -35,7 +35,7 @@ def synthetic(first: int, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np
 
 def run(n_classes: int, root: Path) -> list[object]:
     path = root / f"c{n_classes}"
-    col = Collection.create(path, model=None, k=K, keep_samples=False)
+    col = Collection.create(path, model=None, generator="kmeans", k=K, aggregation="max", keep_samples=False)
     t = time.perf_counter()
     for first in range(0, n_classes, CHUNK):
         X, y = synthetic(first, min(CHUNK, n_classes - first))

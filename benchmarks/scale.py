@@ -88,7 +88,8 @@ def run(n_classes: int, root: Path) -> list[str]:
     path = root / f"c{n_classes}"
     base = status("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")
-    col = Collection.create(path, model=None, k=K, index=factory, keep_samples=False)
+    col = Collection.create(path, model=None, generator="kmeans", k=K, aggregation="max", index=factory,
+                            keep_samples=False)
     build = 0.0
     for first in range(0, n_classes, CHUNK):
         X, y, _ = chunk(first, min(CHUNK, n_classes - first))

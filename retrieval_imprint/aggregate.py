@@ -15,7 +15,7 @@ import numpy as np
 
 AGGREGATIONS = ("max", "mnn", "blend")
 VOTES = ("uniform", "distance")
-BLEND_DEPTH = 8  # class means and proxies a blend's first searches look at, beyond top
+BLEND_DEPTH = 32  # class means and proxies a blend's first searches look at, beyond top (one query: still the GEMV path)
 BLEND_SLACK = 1e-5  # relative margin a blend bound must clear: float32 dot products may differ by this
 DISTANCE_EPS = 1e-10
 

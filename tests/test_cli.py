@@ -286,3 +286,18 @@ def test_only_user_errors_exit_2_and_bugs_show_their_traceback(tmp_path, monkeyp
     monkeypatch.setattr(Collection, "info", lambda self: 1 / 0)  # a bug in the library
     result = CliRunner().invoke(main, ["info", str(tmp_path / "c")])
     assert result.exit_code == 1 and isinstance(result.exception, ZeroDivisionError)
+
+
+def test_tune_and_info_report_what_auto_chose(tmp_path):
+    path = tmp_path / "c"
+    out = run("index", str(path), TRAIN, "--quiet").output
+    assert "auto chose " in out and "held-out accuracy" in out
+    info = json.loads(run("info", str(path), "--json").output)
+    assert info["config"]["generator"] == "auto" and info["auto_choice"]["cv_results"]
+    assert "auto_choice: " in run("info", str(path)).output
+    tuned = json.loads(run("tune", str(path), "--json").output)
+    assert tuned["before"]["generator"] == info["auto_choice"]["generator"] and tuned["after"]["cv_results"]
+    assert Collection.open(path).check().ok
+    no_samples = tmp_path / "n"
+    run("index", str(no_samples), TRAIN, "--no-keep-samples", "--quiet")
+    assert "keeps no samples" in run("tune", str(no_samples), code=2).stderr
