@@ -15,7 +15,10 @@ import numpy as np
 
 AGGREGATIONS = ("max", "mnn", "blend")
 VOTES = ("uniform", "distance")
-BLEND_DEPTH = 32  # class means and proxies a blend's first searches look at, beyond top (one query: still the GEMV path)
+# Class means and proxies a blend's first searches look at, beyond top: a few queries are answered by
+# a scan of every vector whatever the depth (index.SMALL_BATCH), so a deep first list costs nothing
+# there, while a batch's search keeps a heap per query, which a shallow list keeps cheap.
+BLEND_DEPTH, BLEND_DEPTH_BATCH = 32, 8
 BLEND_SLACK = 1e-5  # relative margin a blend bound must clear: float32 dot products may differ by this
 DISTANCE_EPS = 1e-10
 
@@ -92,8 +95,10 @@ def blend_rank(n_q: int, mean_search: Search, mean_score: Score, proxy_search: S
 
     ``mean_search(rows, n)`` and ``proxy_search(rows, m)`` give, for those query rows, the ``n``
     most similar class means and the ``m`` most similar proxies: similarities, and class numbers
-    (-1 past the end). Every class either list names is scored exactly: ``mean_score(rows,
-    classes)`` and ``proxy_score(rows, classes)`` give its mean's and its best proxy's similarity.
+    (-1 past the end). Every class either list names is scored exactly: the list gives one term (a
+    class's first proxy in the proxy ranking is its best), and ``mean_score(rows, classes)`` or
+    ``proxy_score(rows, classes)`` the other (its mean's, its best proxy's similarity) unless the
+    other list names it too.
     A class neither names has its mean below the n-th mean similarity and every proxy below the
     m-th proxy similarity, so its blended score is below ``alpha a_n + (1 - alpha) p_m``. A row is
     settled when its ``top``-th exact score beats that bound by more than float32 rounding; other
@@ -107,10 +112,20 @@ def blend_rank(n_q: int, mean_search: Search, mean_score: Score, proxy_search: S
         p_sim, p_cls = proxy_search(todo, m)
         a_sim, a_cls = mean_search(todo, n)
         named = np.hstack([p_cls, a_cls])
-        named = np.where(_first_of_class(named) & (named >= 0), named, n_classes)  # n_classes: none, sorts last
+        first = _first_of_class(named) & (named >= 0)
+        named = np.where(first, named, n_classes)  # n_classes: none, sorts last
+        # a listed class's own similarity comes from its list; the other term is looked up
+        from_proxies = np.arange(named.shape[1]) < m
         safe = np.minimum(named, n_classes - 1)
-        exact = alpha * mean_score(todo, safe) + (1 - alpha) * proxy_score(todo, safe)
-        exact = np.where(named < n_classes, exact, -np.inf)
+        a = np.hstack([np.zeros_like(p_sim, np.float64), a_sim.astype(np.float64)])
+        b = np.hstack([p_sim.astype(np.float64), np.zeros_like(a_sim, np.float64)])
+        a_missing, b_missing = first & from_proxies, first & ~from_proxies
+        in_means = _named_in(named, a_cls, n_classes)  # a proxy-listed class the mean list names too
+        in_proxies = _named_in(named, p_cls, n_classes)
+        a = np.where(a_missing & ~in_means, _lookup(mean_score, todo, safe, a_missing & ~in_means), a)
+        a = np.where(a_missing & in_means, _value_in(named, a_cls, a_sim, n_classes), a)
+        b = np.where(b_missing & ~in_proxies, _lookup(proxy_score, todo, safe, b_missing & ~in_proxies), b)
+        exact = np.where(first, alpha * a + (1 - alpha) * b, -np.inf)
         order = np.lexsort((named, -exact), axis=1)[:, :top]
         best, best_score = np.take_along_axis(named, order, 1), np.take_along_axis(exact, order, 1)
         if m >= n_proxies or n >= n_classes:  # every class is named by one list
@@ -126,6 +141,37 @@ def blend_rank(n_q: int, mean_search: Search, mean_score: Score, proxy_search: S
         scores[rows, : best.shape[1]] = np.where(found, best_score[done], np.nan)
         todo, depth = todo[~done], depth * 4
     return classes, scores
+
+
+def _named_in(named: np.ndarray, listed: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per row, whether each entry of ``named`` also stands in that row of ``listed``."""
+    row = np.arange(len(named))[:, None] * (n_classes + 1)
+    return np.isin(row + named, row + np.where(listed >= 0, listed, n_classes))
+
+
+def _value_in(named: np.ndarray, listed: np.ndarray, values: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per row, the value ``listed`` gives each entry of ``named`` (its first occurrence; 0 if absent)."""
+    out = np.zeros(named.shape)
+    for j in range(listed.shape[1] - 1, -1, -1):  # last to first: the first occurrence wins
+        out = np.where(named == listed[:, j : j + 1], values[:, j : j + 1].astype(np.float64), out)
+    return out
+
+
+def _lookup(score: Score, rows: np.ndarray, classes: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """``score(rows, classes)`` for the wanted entries only (0 elsewhere), asked as a padded block."""
+    counts = wanted.sum(1)
+    out = np.zeros(classes.shape)
+    if not counts.max():
+        return out
+    width = int(counts.max())
+    slot = np.cumsum(wanted, 1) - 1
+    asked = np.zeros((len(rows), width), np.int64)  # each row's wanted classes, padded with its first
+    asked[np.nonzero(wanted)[0], slot[wanted]] = classes[wanted]
+    pad = np.arange(width)[None, :] >= counts[:, None]
+    asked = np.where(pad, asked[:, :1], asked)
+    got = score(rows, asked)
+    out[wanted] = got[np.nonzero(wanted)[0], slot[wanted]]
+    return out
 
 
 def _first_of_class(owner: np.ndarray) -> np.ndarray:

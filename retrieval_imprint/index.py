@@ -305,14 +305,15 @@ class ProxyIndex:
     def pair_similarity(self, Q: np.ndarray, X: np.ndarray) -> np.ndarray:
         """Similarity ``(n_q, r)`` of each query ``Q[i]`` to the stored vectors ``X[i]`` ``(n_q, r, d)``
         (as this index stores them: ``stored_rows``, ``reconstruct``), as ``search`` computes it."""
-        Qp = self.prepare(Q).astype(np.float64)[:, None, :]
-        X = X.astype(np.float64)
+        Qp = self.prepare(Q)[:, None, :]
+        X = np.asarray(X, np.float32)
         if self.metric in ("ip", "cosine"):
-            return np.einsum("qrd,qrd->qr", X, np.broadcast_to(Qp, X.shape))
+            return np.einsum("qrd,qrd->qr", X, np.broadcast_to(Qp, X.shape)).astype(np.float64)
         diff = np.abs(X - Qp)
         if self.metric == "manhattan":
-            return -diff.sum(-1)
-        return -diff.max(-1) if self.metric == "chebyshev" else -np.sqrt((diff**2).sum(-1))
+            return -diff.sum(-1, dtype=np.float64)
+        return -diff.max(-1).astype(np.float64) if self.metric == "chebyshev" else -np.sqrt(
+            (diff.astype(np.float64) ** 2).sum(-1))
 
     def stored_rows(self, rows: np.ndarray) -> np.ndarray:
         """Stored vectors of an exact index by row number (any shape of ``rows``, then ``d``)."""

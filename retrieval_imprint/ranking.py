@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .aggregate import BLEND_DEPTH, blend_rank, rank_classes, vote_weights
+from .aggregate import BLEND_DEPTH, BLEND_DEPTH_BATCH, blend_rank, rank_classes, vote_weights
+from .index import SMALL_BATCH
 from .segments import CLASS_SHIFT, class_of
 from .snapshot import Snapshot
 
@@ -71,6 +72,7 @@ def _blend(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None, 
             ).max(1).reshape(block.shape[:2])
         return out
 
+    depth = top + (BLEND_DEPTH if len(Q) < SMALL_BATCH else BLEND_DEPTH_BATCH)
     best, scores = blend_rank(len(Q), search_means, mean_similarity, search_proxies, best_proxy, alpha, top,
-                              len(table), proxies.ntotal, top + BLEND_DEPTH)
+                              len(table), proxies.ntotal, depth)
     return np.where(best >= 0, table.ids[np.maximum(best, 0)], -1), scores
