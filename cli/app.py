@@ -152,3 +152,15 @@ def query_vectors(datasets: list, model: str | None, quiet: bool) -> np.ndarray:
     from retrieval_imprint.embed import embed_all
 
     return embed_all(datasets, embedder(model, quiet) if model is not None else None)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or a ``UserError`` saying how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install 'retrieval-imprint[plot]'") from None
+    return plt

@@ -12,7 +12,7 @@ from retrieval_imprint.embed import DEFAULT_MODEL
 from retrieval_imprint.generate import GENERATORS
 from retrieval_imprint.readers import read
 
-from .app import UserError, data_options, emit, json_option, main, query_vectors, quiet_option, read_options
+from .app import UserError, data_options, emit, json_option, main, pyplot, query_vectors, quiet_option, read_options
 
 
 @main.command()
@@ -120,15 +120,9 @@ def sweep(train: str, test: str, generators: str, ks: str, aggregations: str, ms
 
 
 def _plot(rows: list[dict[str, Any]], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'retrieval-imprint[plot]'") from None
     from retrieval_imprint.experiments import plot_accuracy_vs_k
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     plot_accuracy_vs_k(rows, ax)
     fig.tight_layout()

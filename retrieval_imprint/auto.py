@@ -98,6 +98,7 @@ def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidat
     X_pre = normalize(groups.X, params["pre_norm"], what="X")
     queries = normalize(groups.X, params["inf_norm"], what="X")
     owner = groups.owner
+    position = np.arange(len(owner)) - groups.offsets[owner]  # within its class: no dependence on class order
     held = [np.flatnonzero(fold == f) for f in range(FOLDS)]
     n_folds = next((f + 1 for f in range(FOLDS) if sum(map(len, held[: f + 1])) >= MIN_SCORED), FOLDS)
     per_fold = -(-MIN_SCORED // n_folds)
@@ -106,7 +107,8 @@ def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidat
         if not len(rows):
             continue
         if len(rows) > per_fold:  # a seeded sample of the held-out rows
-            rows = np.sort(rows[np.argsort(uniforms(groups.keys[owner[rows]], seed, _SCORE_STREAM, rows))[:per_fold]])
+            draw = uniforms(groups.keys[owner[rows]], seed, _SCORE_STREAM, position[rows])
+            rows = np.sort(rows[np.argsort(draw)[:per_fold]])
         train = np.ones(len(owner), bool)
         train[fold == fold[rows[0]]] = False
         counts = np.bincount(owner[train], minlength=groups.n_classes)

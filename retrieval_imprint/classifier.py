@@ -14,8 +14,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
-from .auto import choose
-from .imprint import grouped, imprint, means
+from ._groups import Grouped
+from .auto import choose, folds
+from .imprint import grouped, imprint, means, seed_of
+from .openset import class_shift, filled, own_scores
 from .index import ProxyIndex
 from .labels import label_keys
 from .normalize import normalize
@@ -55,6 +57,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         metric: str = DEFAULTS["metric"],
         vote: str = DEFAULTS["vote"],
         random_state: Any = DEFAULTS["random_state"],
+        rejection: str = DEFAULTS["rejection"],
         ls_reg: float | str = DEFAULTS["ls_reg"],
     ) -> None:
         self.generator = generator
@@ -68,6 +71,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         self.metric = metric
         self.vote = vote
         self.random_state = random_state
+        self.rejection = rejection
         self.ls_reg = ls_reg
 
     @classmethod
@@ -97,7 +101,21 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         if self.means_ is not None:
             self.means_index_ = ProxyIndex(X.shape[1], self.metric, fixed.transform)
             self.means_index_.add(self.means_)
+        self.class_shift_ = None
+        if params["rejection"] == "shift":
+            raw = Grouped.from_codes(X, codes, keys)  # the raw samples in the order of ``groups``
+            own = own_scores(groups, normalize(raw.X, params["inf_norm"], what="X"), params,
+                             folds(groups, seed_of(params["random_state"])))
+            self.class_shift_ = filled(class_shift(groups.owner, own, len(self.classes_)))
         return self
+
+    def rejection_score(self, X: Any) -> np.ndarray:
+        """The open-set score of each query ``(n,)``: its best class's aggregated score, minus that
+        class's shift under ``rejection="shift"`` (``openset.py``); low scores suggest no class fits."""
+        scores = self._class_scores(self._queries(X))
+        best = scores.argmax(1)
+        out = scores[np.arange(len(scores)), best]
+        return out - self.class_shift_[best] if self.class_shift_ is not None else out
 
     def _queries(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
@@ -108,7 +126,10 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         """Per-class aggregated score ``(n, C)`` (``(n,)`` for two classes: score of ``classes_[1]``
         minus ``classes_[0]``). ``max``: best proxy similarity; ``blend``: alpha x mean similarity +
         (1 - alpha) x best proxy similarity; ``mnn``: share of the m-NN vote."""
-        Q = self._queries(X)
+        scores = self._class_scores(self._queries(X))
+        return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
+
+    def _class_scores(self, Q: np.ndarray) -> np.ndarray:
         choice = self.auto_choice_
         if choice["aggregation"] == "mnn":
             _, dist, ids = self.index_.search(Q, min(self.m, self.index_.ntotal))
@@ -117,7 +138,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
             scores = self._blend_scores(Q)
         else:
             scores = max_scores(self.index_.similarity(Q), self._starts())
-        return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
+        return scores
 
     def _starts(self) -> np.ndarray:
         return np.searchsorted(self.proxy_class_index_, np.arange(len(self.classes_)))

@@ -23,20 +23,28 @@ class ClassTable:
     n_samples: np.ndarray  # (C,) int64; also the end of the class's sample ids
     proxy_lo: np.ndarray  # (C,) int64: live proxies are j in [proxy_lo, proxy_hi)
     proxy_hi: np.ndarray  # (C,) int64
+    shift: np.ndarray  # (C,) float64: the class's rejection shift (NaN: unknown)
+    threshold: np.ndarray  # (C,) float64: the class's own rejection threshold (NaN: the collection's)
 
     @classmethod
     def from_rows(cls, rows: Sequence[Any]) -> "ClassTable":
-        """From ``(id, label, label_kind, n_samples, proxy_lo, proxy_hi)`` rows in id order."""
+        """From ``(id, label, label_kind, n_samples, proxy_lo, proxy_hi, shift, threshold)`` rows in id order."""
         labels = np.empty(len(rows), object)
         labels[:] = [lab.value(r[2], r[1]) for r in rows]
         ints = [np.array([r[i] for r in rows], np.int64) for i in (0, 3, 4, 5)]
-        return cls(ints[0], labels, *ints[1:])
+        floats = [np.array([np.nan if r[i] is None else r[i] for r in rows], np.float64) for i in (6, 7)]
+        return cls(ints[0], labels, *ints[1:], *floats)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def positions(self, class_ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.ids, class_ids)
+
+    def find(self, label: object) -> int | None:
+        """The class id of ``label`` (None if there is no such class)."""
+        wanted = lab.stored_entry(label)
+        return next((int(i) for i, v in zip(self.ids, self.labels) if lab.entry(v) == wanted), None)
 
     def labels_of(self, class_ids: np.ndarray) -> np.ndarray:
         return self.labels[self.positions(class_ids)]
@@ -69,15 +77,18 @@ class ClassTable:
         return segments.live(self.ids, np.zeros_like(self.ids), self.n_samples, ids)
 
     def upsert(self, class_ids: np.ndarray, labels: Sequence[object], n_samples: np.ndarray, proxy_lo: np.ndarray,
-               proxy_hi: np.ndarray) -> None:
-        """Update the rows of existing classes and append new ones (their ids exceed every old id)."""
+               proxy_hi: np.ndarray, shift: np.ndarray) -> None:
+        """Update the rows of existing classes (keeping their own thresholds) and append new ones
+        (their ids exceed every old id)."""
         old = np.isin(class_ids, self.ids)
         pos = self.positions(class_ids[old])
         self.n_samples[pos], self.proxy_lo[pos], self.proxy_hi[pos] = n_samples[old], proxy_lo[old], proxy_hi[old]
+        self.shift[pos] = shift[old]
         added = np.empty(int((~old).sum()), object)
         added[:] = [v for v, o in zip(labels, old) if not o]
         for name, value in (("ids", class_ids), ("labels", added), ("n_samples", n_samples),
-                            ("proxy_lo", proxy_lo), ("proxy_hi", proxy_hi)):
+                            ("proxy_lo", proxy_lo), ("proxy_hi", proxy_hi), ("shift", shift),
+                            ("threshold", np.full(len(class_ids), np.nan))):
             new = value if name == "labels" else value[~old]
             setattr(self, name, np.concatenate([getattr(self, name), new]))
 
@@ -88,6 +99,11 @@ class ClassTable:
             setattr(self, f.name, getattr(self, f.name)[keep])
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per class, in insertion order: label, samples, proxies."""
-        return [{"label": label, "samples": int(n), "proxies": int(p)}
-                for label, n, p in zip(self.labels, self.n_samples, self.n_proxies)]
+        """One dict per class, in insertion order: label, samples, proxies, shift and own threshold
+        (None where unknown or unset)."""
+        return [{"label": label, "samples": int(n), "proxies": int(p), "shift": _or_none(sh), "threshold": _or_none(t)}
+                for label, n, p, sh, t in zip(self.labels, self.n_samples, self.n_proxies, self.shift, self.threshold)]
+
+
+def _or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -32,31 +31,17 @@ from sqlalchemy import insert
 from . import labels as lab
 from . import params as spec
 from . import ranking, segments, snapshot, store, writes
-from .auto import AUTO
-from .calibrate import Calibration, calibrate
+from .openset import RULES, Calibration, calibrate, calibrate_without_oos
+from .ranking import QueryResult
 from .embed import Embedder, EmbeddingCache, model_revision, resolve_model
 from .errors import (CollectionExistsError, CollectionLockedError, CollectionNotFoundError, CollectionStateError,
                      DataError, InvalidParameterError, NotACollectionError, SchemaVersionError, SettingsClashError)
-from .generate import GENERATORS
 from .integrity import CheckReport, check
 from .normalize import normalize
 from .segments import DB_NAME
 
 COMPACT_SEGMENTS = 16
 RETRAIN_GROWTH = 4
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """Per query, the ``top`` best classes, best first: ``labels`` ``(n_q, top)`` (None where there
-    is no further class or its score is below the threshold) and ``scores`` ``(n_q, top)`` (NaN there).
-    Scores are the aggregated class scores: best-proxy similarity (``max``) or vote share (``mnn``)."""
-
-    labels: np.ndarray
-    scores: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 def check_vectors(X: object, what: str, dimension: int | None) -> np.ndarray:
@@ -95,19 +80,7 @@ class Collection:
         ``params.py`` (``model``, ``index``, ``memory_budget``, ``search_params``, ``keep_samples``,
         ``dimension``), over the defaults and ``preset``; fixed for every later add.
         """
-        s = spec.resolve(settings, spec.collection_scope(), preset)
-        if s["generator"] != AUTO and not GENERATORS[s["generator"]].per_class:
-            raise InvalidParameterError(
-                f"generator={s['generator']!r} needs every class at once (it is not imprinting), so it cannot grow a "
-                "collection one class at a time; use ImprintClassifier for it")
-        if not isinstance(s["random_state"], int):
-            raise InvalidParameterError(f"random_state={s['random_state']!r} is not valid; a collection needs an "
-                                        "int seed")
-        if s["aggregation"] == "blend" and s["index"] != "Flat":
-            raise InvalidParameterError("aggregation='blend' needs index='Flat': its exact search scores the class "
-                                        "means beside the proxies (with an IVF index, auto chooses k under max)")
-        if s["index"] == "auto" and s["memory_budget"] is None:
-            raise InvalidParameterError("index='auto' chooses from a memory budget: give memory_budget, e.g. '8GB'")
+        s = spec.check_collection(spec.resolve(settings, spec.collection_scope(), preset))
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise CollectionExistsError(f"{path} already exists and is not an empty directory")
@@ -283,16 +256,7 @@ class Collection:
                                         "is exact")
         Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
         owner, scores = ranking.rank(self._s, Q, top, spec.check_search_params("search_params", search_params))
-        return self._answer(owner, scores, threshold)
-
-    def _answer(self, owner: np.ndarray, scores: np.ndarray, threshold: float | None) -> QueryResult:
-        threshold = self._s.config["threshold"] if threshold is None else threshold
-        if threshold is not None:
-            owner = np.where(scores >= threshold, owner, -1)
-        labels = np.full(owner.shape, None, object)
-        found = owner >= 0
-        labels[found] = self._s.table.labels_of(owner[found])
-        return QueryResult(labels, np.where(found, scores, np.nan).astype(np.float32))
+        return ranking.answer(self._s, owner, scores, threshold)
 
     def predict(self, Q: Any, *, threshold: float | None = None, model: str | None = None,
                 search_params: dict[str, int] | None = None) -> np.ndarray:
@@ -389,26 +353,57 @@ class Collection:
                 self._s.proxies.search_params = merged
         return self
 
-    def set_threshold(self, threshold: float | None) -> "Collection":
-        """Store the open-set rejection threshold used by ``query`` (None: never reject)."""
+    def set_threshold(self, threshold: float | None, *, label: object = None) -> "Collection":
+        """Store the open-set rejection threshold ``query`` compares rejection scores with (None:
+        never reject), or, with ``label``, that class's own threshold (None: the collection's)."""
         if threshold is not None and (isinstance(threshold, bool) or not np.isfinite(threshold)):
             raise InvalidParameterError(f"threshold={threshold!r} is not valid; expected a finite number or None")
+        value = None if threshold is None else float(threshold)
         with self._writing():
-            writes.set_values(self._engine, self._s, threshold=None if threshold is None else float(threshold))
+            if label is None:
+                writes.set_values(self._engine, self._s, threshold=value)
+            else:
+                writes.set_class_threshold(self._engine, self._s, self._class_id(label), value)
         return self
 
-    def calibrate(self, X: Any, labels: Sequence[object], X_oos: Any = None, *,
-                  target_accuracy: float | None = None) -> Calibration:
-        """Choose and store the rejection threshold from validation queries ``X`` with their true
-        ``labels`` and, optionally, out-of-scope queries ``X_oos`` (see ``calibrate.calibrate``)."""
-        found = self.query(X, 1, threshold=-np.inf)
-        truth = [lab.entry(label) for label in lab.as_sequence(labels)]
-        if len(truth) != len(found):
-            raise DataError(f"X has {len(found)} rows but labels has {len(truth)}")
-        correct = np.array([p is not None and lab.entry(p) == t for p, t in zip(found.labels[:, 0], truth)])
-        oos = self.query(X_oos, 1, threshold=-np.inf).scores[:, 0] if X_oos is not None else None
-        result = calibrate(found.scores[:, 0], correct, oos, target_accuracy=target_accuracy)
-        self.set_threshold(result.threshold if np.isfinite(result.threshold) else None)
+    def _class_id(self, label: object) -> int:
+        found = self._s.table.find(label)
+        if found is None:
+            raise DataError(f"no class {label!r} in collection {self.path}")
+        return found
+
+    def calibrate(self, X: Any = None, labels: Sequence[object] | None = None, X_oos: Any = None, *,
+                  target_accuracy: float | None = None, target_oos_recall: float | None = None,
+                  target_false_rejection: float | None = None, rule: str | None = None) -> Calibration:
+        """Choose and store the rejection rule and threshold (``openset.py``): from validation
+        queries ``X`` with their true ``labels`` and, optionally, out-of-scope queries ``X_oos``, for
+        a target in-scope accuracy or out-of-scope recall (or the balanced point), weighing every
+        rule the collection can use (or only ``rule``); or, with ``target_false_rejection`` and no
+        queries, from the kept training samples scored left out (the collection's rule, or ``rule``).
+        A target no threshold reaches raises ``CalibrationError`` and changes nothing."""
+        if rule is not None:
+            spec.check_choice("rule", rule, RULES)
+        if target_false_rejection is not None:
+            if X is not None:
+                raise InvalidParameterError("target_false_rejection calibrates from the training samples: give no X")
+            with self._writing():
+                rule = rule or self._s.params["rejection"]
+                own = writes.own_rejection_scores(self.path, self._s, rule)
+                result = calibrate_without_oos(rule, own, target_false_rejection)
+                writes.set_values(self._engine, self._s, threshold=result.threshold, rejection=rule)
+            return result
+        if X is None or labels is None:
+            raise InvalidParameterError("give validation queries X and their labels, or target_false_rejection")
+        rules = ranking.rejection_inputs(self._s, self.query(X, 1, threshold=-np.inf), lab.as_sequence(labels),
+                                         None if X_oos is None else self.query(X_oos, 1, threshold=-np.inf))
+        if rule is not None:
+            rules = {rule: rules[rule]} if rule in rules else {}
+        if not rules:
+            raise CollectionStateError(f"rule {rule!r} needs each class's shift, which collection {self.path} was "
+                                       "not built with (rejection='shift' computes it as classes are imprinted)")
+        result = calibrate(rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall)
+        with self._writing():
+            writes.set_values(self._engine, self._s, threshold=result.threshold, rejection=result.rule)
         return result
 
     def compact(self, *, retrain: bool | None = None) -> "Collection":

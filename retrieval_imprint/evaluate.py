@@ -46,3 +46,16 @@ def evaluate(y_true: Sequence[Any], y_pred: Sequence[Any], *, max_confusions: in
     confusions = [{"true": labels[a], "predicted": labels[b], "count": n}
                   for (a, b), n in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))[:max_confusions]]
     return Evaluation(float((t == p).mean()), float(f1.mean()), len(t), per_class, confusions)
+
+
+def open_set(found: Any, oos: np.ndarray) -> dict[str, Any]:
+    """Open-set figures of a ``QueryResult`` (top 1) whose rows ``oos`` belong to no class: how many
+    there are, the share of them rejected (out-of-scope recall), the share of the others rejected,
+    and the AUROC of the rejection scores, in-scope against out-of-scope."""
+    from .openset import auroc
+
+    rejected = np.array([label is None for label in found.labels[:, 0]])
+    scores = found.rejection_scores[:, 0]
+    return {"oos": int(oos.sum()), "oos_recall": float(rejected[oos].mean()),
+            "in_scope_rejected": float(rejected[~oos].mean()),
+            "auroc": auroc(scores[~oos & np.isfinite(scores)], scores[oos & np.isfinite(scores)])}

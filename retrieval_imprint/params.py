@@ -21,6 +21,7 @@ from .auto import AUTO, PAPER_K
 from .generate import GENERATORS
 from .index import METRICS
 from .ivf import parse_size
+from .openset import RULES
 from .normalize import INF_NORMS, POST_NORMS, PRE_NORMS
 
 
@@ -138,6 +139,8 @@ IMPRINT: dict[str, Param] = {p.name: p for p in (
     Param("metric", "ip", "Similarity of queries and proxies.", lambda: METRICS),
     Param("vote", "uniform", "m-NN vote weights: uniform, or distance (1 / (dist + 1e-10)).", lambda: VOTES),
     Param("random_state", 0, "Seed of the per-class random draws.", check=check_seed, type=int),
+    Param("rejection", "shift", "Open-set score compared with a threshold: max (the best class's score) or shift "
+          "(that score minus the class's mean score for its own samples, each left out).", lambda: RULES),
     Param("ls_reg", AUTO, "Ridge lambda of the ls / kls heads; auto: chosen by leave-one-out.", check=check_ridge),
 )}
 STORED = tuple(name for name in IMPRINT if name != "ls_reg")  # ls / kls need every class: no collection
@@ -218,3 +221,18 @@ def resolve(given: dict[str, Any], scope: dict[str, Param], preset_name: str | N
     merged = {name: p.default for name, p in scope.items()} | preset(preset_name) | given
     checked = check_params({name: v for name, v in merged.items() if name in IMPRINT})
     return checked | {name: scope[name].validate(v) for name, v in merged.items() if name not in IMPRINT}
+
+
+def check_collection(s: dict[str, Any]) -> dict[str, Any]:
+    """What a collection needs of its resolved settings ``s`` beyond each one's own check."""
+    if s["generator"] != AUTO and not GENERATORS[s["generator"]].per_class:
+        raise InvalidParameterError(f"generator={s['generator']!r} needs every class at once (it is not imprinting), "
+                                    "so it cannot grow a collection one class at a time; use ImprintClassifier for it")
+    if not isinstance(s["random_state"], int):
+        raise InvalidParameterError(f"random_state={s['random_state']!r} is not valid; a collection needs an int seed")
+    if s["aggregation"] == "blend" and s["index"] != "Flat":
+        raise InvalidParameterError("aggregation='blend' needs index='Flat': its exact search scores the class means "
+                                    "beside the proxies (with an IVF index, auto chooses k under max)")
+    if s["index"] == "auto" and s["memory_budget"] is None:
+        raise InvalidParameterError("index='auto' chooses from a memory budget: give memory_budget, e.g. '8GB'")
+    return s

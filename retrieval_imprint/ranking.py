@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from dataclasses import dataclass
+from typing import Sequence
+
+from . import labels as lab
 from .aggregate import BLEND_DEPTH, BLEND_DEPTH_BATCH, blend_rank, rank_classes, vote_weights
 from .index import SMALL_BATCH
 from .segments import CLASS_SHIFT, class_of
+from .errors import DataError
+from .openset import RULES, filled
 from .snapshot import Snapshot
 
 BLOCK = 256  # query rows whose candidate classes' proxies are gathered at a time
@@ -76,3 +82,80 @@ def _blend(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None, 
     best, scores = blend_rank(len(Q), search_means, mean_similarity, search_proxies, best_proxy, alpha, top,
                               len(table), proxies.ntotal, depth)
     return np.where(best >= 0, table.ids[np.maximum(best, 0)], -1), scores
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Per query, the ``top`` best classes, best first. ``labels`` ``(n_q, top)``: None where there
+    is no further class or it was rejected; ``scores``: the aggregated class scores (best-proxy
+    similarity, blended score or vote share; NaN there). Why: ``candidates``, the labels before
+    rejection; ``rejection_scores``, what was compared with ``thresholds`` (NaN: no threshold)."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    candidates: np.ndarray
+    rejection_scores: np.ndarray
+    thresholds: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def rejected(self) -> np.ndarray:
+        """``(n_q, top)``: True where a class was found and rejected."""
+        return np.array([[c is not None and label is None for c, label in zip(cs, ls)]
+                         for cs, ls in zip(self.candidates, self.labels)], bool).reshape(self.labels.shape)
+
+
+def rejection_scores(s: Snapshot, owner: np.ndarray, scores: np.ndarray, rule: str | None = None) -> np.ndarray:
+    """What rule ``rule`` (default: the collection's) compares with the threshold: the class score,
+    or (shift) the score minus the class's shift; class ids ``owner``."""
+    if (rule or s.params["rejection"]) == "max":
+        return scores.astype(np.float64)
+    found = owner >= 0
+    shift = np.zeros(owner.shape)
+    shift[found] = filled(s.table.shift)[s.table.positions(owner[found])]
+    return scores - shift
+
+
+def answer(s: Snapshot, owner: np.ndarray, scores: np.ndarray, threshold: float | None) -> QueryResult:
+    """Labels of ranked class ids, with open-set rejection: a class whose rejection score is below
+    its threshold (``threshold`` if given, else the class's own, else the collection's) is None."""
+    found = owner >= 0
+    pos = s.table.positions(np.where(found, owner, s.table.ids[0] if len(s.table) else 0))
+    limit = np.full(owner.shape, np.nan if threshold is None else float(threshold))
+    if threshold is None:
+        own = s.table.threshold[pos]
+        stored = s.config["threshold"]
+        limit = np.where(np.isnan(own), np.nan if stored is None else stored, own)
+    reject = rejection_scores(s, owner, scores)
+    accepted = found & ~(reject < limit)  # NaN limit: no threshold, nothing rejected
+    candidates = np.full(owner.shape, None, object)
+    candidates[found] = s.table.labels[pos[found]]
+    labels = np.where(accepted, candidates, None)
+    return QueryResult(labels, np.where(accepted, scores, np.nan).astype(np.float32), candidates,
+                       np.where(found, reject, np.nan), np.where(found, limit, np.nan))
+
+
+def rejection_inputs(s: Snapshot, found: QueryResult, labels: Sequence[object], oos: QueryResult | None
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """For ``openset.calibrate``: per rule the collection can use (shift needs shifts), the
+    rejection scores of in-scope queries ``found`` (unthresholded top-1), whether their class is
+    ``labels``, and the out-of-scope queries' rejection scores."""
+    truth = [lab.entry(label) for label in labels]
+    if len(truth) != len(found):
+        raise DataError(f"X has {len(found)} rows but labels has {len(truth)}")
+    correct = np.array([c is not None and lab.entry(c) == t for c, t in zip(found.candidates[:, 0], truth)])
+    ids = _ids(s, found)
+    current = s.params["rejection"]  # the collection's rule is the preferred one
+    rules = [r for r in (current, *RULES) if r == "max" or np.isfinite(s.table.shift).any()]
+    rules = list(dict.fromkeys(rules))
+    return {rule: (rejection_scores(s, ids, found.scores[:, :1].astype(np.float64), rule)[:, 0], correct,
+                   None if oos is None else rejection_scores(s, _ids(s, oos), oos.scores[:, :1], rule)[:, 0])
+            for rule in rules}
+
+
+def _ids(s: Snapshot, result: QueryResult) -> np.ndarray:
+    """Class ids ``(n_q, 1)`` of the top candidates of an unthresholded result."""
+    by_label = {lab.entry(v): i for i, v in zip(s.table.ids, s.table.labels)}
+    return np.array([[by_label[lab.entry(c)] if c is not None else -1] for c in result.candidates[:, 0]], np.int64)

@@ -52,7 +52,8 @@ class Snapshot:
         """The concrete GEN/NORM/AGG parameters: the stored ones with what auto chose at the first add
         (before it, the stored ones, which may still say auto)."""
         chosen = json.loads(self.config["auto_choice"]) if self.config.get("auto_choice") else {}
-        return {name: self.config[name] for name in STORED} | {k: v for k, v in chosen.items() if k in STORED}
+        stored = {name: self.config[name] for name in STORED} | {"rejection": self.config["rejection"] or "max"}
+        return stored | {k: v for k, v in chosen.items() if k in STORED}
 
     @property
     def search_params(self) -> dict[str, int]:

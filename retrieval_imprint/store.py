@@ -62,6 +62,7 @@ collection = Table(
     Column("trained_on", Integer),  # proxies the IVF lists were trained on (None: exact, or unknown)
     Column("alpha", Float),  # blend weight (None: chosen by auto)
     Column("auto_choice", String),  # JSON: the concrete GEN/AGG setting fixed at the first add, and its CV table
+    Column("rejection", String),  # open-set rule, max or shift (None: max, a collection made before it)
 )
 
 embedder = Table(
@@ -82,6 +83,8 @@ classes = Table(
     Column("proxy_lo", Integer, nullable=False),
     Column("proxy_hi", Integer, nullable=False),
     Column("sample_hi", Integer, nullable=False),
+    Column("shift", Float),  # mean out-of-fold score of the class's own samples (rule shift; None: unknown)
+    Column("threshold", Float),  # the class's own rejection threshold (None: the collection's)
     UniqueConstraint("label_kind", "label", name="uq_classes_label"),
 )
 
@@ -176,8 +179,8 @@ def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None,
     cfg = dict(conn.execute(select(collection)).mappings().one())
     emb = conn.execute(select(embedder)).mappings().first()
     c = classes.c
-    rows = conn.execute(select(c.id, c.label, c.label_kind, c.n_samples, c.proxy_lo, c.proxy_hi)
-                        .order_by(c.id)).all()
+    rows = conn.execute(select(c.id, c.label, c.label_kind, c.n_samples, c.proxy_lo, c.proxy_hi, c.shift,
+                               c.threshold).order_by(c.id)).all()
     segs = conn.execute(select(segments.c.kind, segments.c.file).order_by(segments.c.id)).all()
     return cfg, dict(emb) if emb is not None else None, rows, segs
 

@@ -21,13 +21,14 @@ from sqlalchemy import Engine, bindparam, delete, insert, update
 from . import labels as lab
 from . import segments, store
 from ._groups import Grouped
-from .errors import DataError
-from .auto import AUTO, choose
-from .imprint import imprint
+from .errors import CollectionStateError, DataError
+from .auto import AUTO, choose, folds
+from .imprint import imprint, seed_of
 from .imprint import means as class_means
 from .index import ProxyIndex
 from .ivf import choose_index, default_nprobe
 from .normalize import normalize
+from .openset import class_shift, own_scores
 from .params import STORED
 from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
@@ -39,6 +40,16 @@ def set_values(engine: Engine, s: Snapshot, **values: Any) -> None:
     with store.writing(engine) as conn:
         conn.execute(update(store.collection).values(version=version, **values))
     s.config.update(values, version=version)
+
+
+def set_class_threshold(engine: Engine, s: Snapshot, class_id: int, threshold: float | None) -> None:
+    """Set (None: clear) one class's own rejection threshold and bump the version."""
+    version = s.version + 1
+    with store.writing(engine) as conn:
+        conn.execute(update(store.classes).where(store.classes.c.id == class_id).values(threshold=threshold))
+        conn.execute(update(store.collection).values(version=version))
+    s.table.threshold[s.table.positions(np.array([class_id]))] = np.nan if threshold is None else threshold
+    s.config["version"] = version
 
 
 @dataclass
@@ -129,6 +140,7 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
         s.samples = s.merge(directory, "samples", s.files["samples"])
     b = _batch(s, X, codes, entries, found)
     W, owner, s.fixed = imprint(b.groups, params, s.fixed)
+    shift = _shift(b.groups, params)
     version = s.version + 1
     template = _first_index(directory, s, W, version) if s.proxies is None else None
 
@@ -164,15 +176,16 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
     c = store.classes.c
     with store.writing(engine) as conn:
         store.delete_vectors(conn, b.class_id[b.existing], kinds=("proxies",))
+        shifts = [None if np.isnan(v) else float(v) for v in shift]
         new = [dict(id=int(b.class_id[i]), label=e[1], label_kind=e[0], n_samples=int(sizes[i]),
-                    proxy_lo=int(proxy_lo[i]), proxy_hi=int(proxy_hi[i]), sample_hi=int(sizes[i]))
+                    proxy_lo=int(proxy_lo[i]), proxy_hi=int(proxy_hi[i]), sample_hi=int(sizes[i]), shift=shifts[i])
                for i, e in enumerate(entries) if not b.existing[i]]
         if new:
             conn.execute(insert(store.classes), new)
         for i in np.flatnonzero(b.existing):
             conn.execute(update(store.classes).where(c.id == int(b.class_id[i])).values(
                 n_samples=int(sizes[i]), proxy_lo=int(proxy_lo[i]), proxy_hi=int(proxy_hi[i]),
-                sample_hi=int(sizes[i])))
+                sample_hi=int(sizes[i]), shift=shifts[i]))
         for kind, (name, ids, owners) in written.items():
             store.insert_segment(conn, kind, name, ids, owners)
         if template is not None:
@@ -203,8 +216,37 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
         s.files[kind].append(name)
     if template is not None:
         s.files["template"] = [template]
-    s.table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi)
+    s.table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi, shift)
     s.config.update(version=version, next_class_id=b.next_class_id)
+
+
+def _shift(groups: Grouped, params: dict[str, Any]) -> np.ndarray:
+    """Each class's rejection shift under rule shift (NaN otherwise, and for a single sample)."""
+    if params["rejection"] != "shift":
+        return np.full(groups.n_classes, np.nan)
+    return class_shift(groups.owner, own_scores_of(groups, params), groups.n_classes)
+
+
+def own_scores_of(groups: Grouped, params: dict[str, Any]) -> np.ndarray:
+    """``openset.own_scores`` of NORMpre'd samples, on the folds ``auto`` uses."""
+    fold = folds(groups, seed_of(params["random_state"]))
+    return own_scores(groups, normalize(groups.X, params["inf_norm"], what="X"), params, fold)
+
+
+def own_rejection_scores(directory: Path, s: Snapshot, rule: str) -> np.ndarray:
+    """Each kept sample's rejection score under ``rule`` when left out of its class's imprint: what
+    ``openset.calibrate_without_oos`` sets a threshold from."""
+    if not s.config["keep_samples"]:
+        raise CollectionStateError(f"collection {directory} keeps no samples, so it cannot score them left out; "
+                                   "calibrate it on validation queries instead")
+    if s.samples is None:
+        s.samples = s.merge(directory, "samples", s.files["samples"])
+    table = s.table
+    groups = Grouped(s.samples.reconstruct(table.sample_ids(table.ids)),
+                     np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64),
+                     lab.label_keys(table.labels.tolist()))
+    own = own_scores_of(groups, s.params)
+    return own - class_shift(groups.owner, own, len(table))[groups.owner] if rule == "shift" else own
 
 
 def _choosable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -231,6 +273,7 @@ def retune(directory: Path, engine: Engine, s: Snapshot) -> None:
     groups = Grouped(X, np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64), keys)
     fixed = s.fixed if s.template is not None else None  # IVF lists live in the first fit's space
     W, owner, s.fixed = imprint(groups, params, fixed)
+    shift = _shift(groups, params)
     n_proxies = np.bincount(owner, minlength=len(table))
     if (table.proxy_hi + n_proxies).max() >= MAX_PER_CLASS:
         raise DataError(f"a class may hold at most {MAX_PER_CLASS - 1} proxies")
@@ -257,8 +300,9 @@ def retune(directory: Path, engine: Engine, s: Snapshot) -> None:
             store.insert_segment(conn, "means", written["means"], mean_ids, table.ids)
         c = store.classes.c
         conn.execute(update(store.classes).where(c.id == bindparam("cid")).values(
-            proxy_lo=bindparam("lo"), proxy_hi=bindparam("hi")),
-            [{"cid": int(i), "lo": int(a), "hi": int(b)} for i, a, b in zip(table.ids, lo, hi)])
+            proxy_lo=bindparam("lo"), proxy_hi=bindparam("hi"), shift=bindparam("sh")),
+            [{"cid": int(i), "lo": int(a), "hi": int(b), "sh": None if np.isnan(v) else float(v)}
+             for i, a, b, v in zip(table.ids, lo, hi, shift)])
         conn.execute(update(store.collection).values(
             version=version, auto_choice=cfg["auto_choice"],
             quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
@@ -266,7 +310,7 @@ def retune(directory: Path, engine: Engine, s: Snapshot) -> None:
     segments.crash_point("retune: committed")
     s.proxies, s.means = proxies, means
     s.files.update(proxies=[written["proxies"]], means=[written["means"]] if means is not None else [])
-    table.proxy_lo, table.proxy_hi = lo, hi
+    table.proxy_lo, table.proxy_hi, table.shift = lo, hi, shift
     cfg["version"] = version
     segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})
 

@@ -168,3 +168,14 @@ def test_tune_chooses_again_on_every_kept_sample_in_one_write(tmp_path):
     assert len(reopened.info()["segments"]) == 4 + (choice["aggregation"] == "blend")  # 1 proxies, 3 samples
     Q, _ = blobs(8, 5, 6, seed=8, modes=3)
     np.testing.assert_array_equal(reopened.predict(Q), clf.predict(Q))
+
+
+def test_the_choice_does_not_depend_on_the_order_of_the_classes(tmp_path):
+    X, y = blobs(30, 200, 6, seed=9, modes=3)  # 6,000 rows: the held-out rows are sampled
+    labels = np.array([f"c{v:02d}" for v in y])
+    order = np.argsort(-y, kind="stable")  # a collection numbers classes as they come: here in reverse
+    clf = ImprintClassifier(random_state=1).fit(X, labels)  # sorted classes
+    col = Collection.create(tmp_path / "c", model=None, random_state=1)
+    col.add(X[order], labels[order])
+    assert {k: col.auto_choice[k] for k in clf.auto_choice_} == clf.auto_choice_
+    assert col.auto_choice["cv_results"] == clf.cv_results_

@@ -76,7 +76,7 @@ def test_query_texts_json_and_file(demo, tmp_path):
     out = run("query", str(demo), "--file", str(lines)).output
     assert "play_music" in out and "book_flight" in out
     out = run("query", str(demo), "play some jazz", "--threshold", "0.99").output
-    assert "(no class)" in out
+    assert "(no class: play_music scored" in out
     rejected = json.loads(run("query", str(demo), "play some jazz", "--threshold", "0.99", "--json").output)
     assert rejected[0]["labels"] == [None] and rejected[0]["scores"] == [None]
 
@@ -134,9 +134,9 @@ def test_db_upgrade(tmp_path):
     np.savez(tmp_path / "v.npz", train_X=X, train_y=y)
     run("index", str(path), str(tmp_path / "v.npz"), "--split", "train", "--model", "none", "--quiet")
     store.migrate(store.connect(path / "imprint.db"), "0001", down=True)
-    assert "older than 0005" in run("info", str(path), code=2).stderr
-    assert "schema 0001 -> 0005" in run("db", "upgrade", str(path)).output
-    assert "already at 0005" in run("db", "upgrade", str(path)).output
+    assert "older than 0006" in run("info", str(path), code=2).stderr
+    assert "schema 0001 -> 0006" in run("db", "upgrade", str(path)).output
+    assert "already at 0006" in run("db", "upgrade", str(path)).output
     assert Collection.open(path).classes == [0, 1, 2]
 
 
@@ -204,12 +204,26 @@ def test_calibrate_stores_a_threshold(tmp_path):
     path = tmp_path / "c"
     run("index", str(path), TRAIN, "--k", "4", "--quiet")
     oos = write(tmp_path, "oos.txt.csv", "text\nwhat is the meaning of life\ntell me a joke\nwho won the game\n")
-    out = json.loads(run("calibrate", str(path), TEST, "--oos", oos, "--json").output)
-    assert set(out) == {"threshold", "in_scope_accuracy", "oos_recall", "criterion"}
-    assert 0 <= out["in_scope_accuracy"] <= 1 and 0 <= out["oos_recall"] <= 1
-    assert Collection.open(path).config["threshold"] == pytest.approx(out["threshold"])
+    out = json.loads(run("calibrate", str(path), TEST, "--oos", oos, "--json", "--plot",
+                         str(tmp_path / "t.png")).output)
+    assert set(out) == {"rule", "threshold", "in_scope_accuracy", "oos_recall", "criterion", "auroc", "curve"}
+    assert 0 <= out["in_scope_accuracy"] <= 1 and 0 <= out["oos_recall"] <= 1 and (tmp_path / "t.png").stat().st_size
+    assert set(out["auroc"]) == set(out["curve"]) == {"max", "shift"}
+    assert Collection.open(path).config["threshold"] == pytest.approx(out["threshold"], abs=1e-6)  # JSON: 6 decimals
     human = run("calibrate", str(path), TEST, "--target-accuracy", "0.9").output
     assert "highest threshold keeping in-scope accuracy >= 0.9" in human
+    assert "no threshold reaches" in run("calibrate", str(path), TEST, "--target-accuracy", "1.0", code=2).stderr
+    assert "rejects 0.05 of the training samples" in run("calibrate", str(path), "--target-false-rejection",
+                                                         "0.05").output
+    mixed = write(tmp_path, "mixed.csv", "text,label\nwhere is my card,lost_card\nwhat is love,oos\n"
+                                          "play some jazz,play_music\nhow tall is everest,oos\n")
+    report = json.loads(run("eval", str(path), mixed, "--oos-label", "oos", "--json").output)
+    assert report["open_set"]["oos"] == 2 and 0 <= report["open_set"]["auroc"] <= 1
+    assert report["threshold_used"]["source"] == "stored" and report["n"] == 2
+    rows = json.loads(run("query", str(path), "what is love", "--json", "--threshold", "0.99").output)
+    assert rows[0]["rejected"] == [True] and rows[0]["candidates"][0] is not None
+    assert "set to none" in run("threshold", str(path), "none").output
+    assert Collection.open(path).config["threshold"] is None
 
 
 def test_chunked_index_resumes_after_an_interruption(tmp_path, monkeypatch):

@@ -115,19 +115,23 @@ def test_top_n_classes_match_brute_force(tmp_path, data, aggregation, m, vote):
         np.testing.assert_allclose(result.scores[q, : len(got)], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_threshold_rejects_and_is_stored(tmp_path, data):
+@pytest.mark.parametrize("rejection", ["max", "shift"])
+def test_threshold_rejects_and_is_stored(tmp_path, data, rejection):
     X, y = data
-    col = make(tmp_path, k=3)
+    col = make(tmp_path, k=3, rejection=rejection)
     col.add(X, y)
     Q = np.vstack([X[:3], -X[:3]])
-    scores = col.query(Q).scores[:, 0]
-    cut = float(np.median(scores))
+    found = col.query(Q)
+    shift = {r["label"]: r["shift"] for r in col.class_table()}
+    expected = found.scores[:, 0] - (np.array([shift[c] for c in found.candidates[:, 0]]) if rejection == "shift" else 0)
+    np.testing.assert_allclose(found.rejection_scores[:, 0], expected, rtol=1e-6)
+    cut = float(np.median(expected))
     pred = col.predict(Q, threshold=cut)
-    assert all((p is None) == (s < cut) for p, s in zip(pred, scores))
+    assert all((p is None) == (r < cut) for p, r in zip(pred, expected))
     col.set_threshold(cut)
     reopened = Collection.open(tmp_path / "col")
     assert reopened.config["threshold"] == pytest.approx(cut)
-    assert [p is None for p in reopened.predict(Q)] == [s < cut for s in scores]
+    assert [p is None for p in reopened.predict(Q)] == [r < cut for r in expected]
     assert None not in reopened.predict(Q, threshold=-np.inf).tolist()
 
 

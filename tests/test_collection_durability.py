@@ -139,7 +139,7 @@ def test_upgrade_from_the_initial_revision_keeps_the_data(tmp_path):
     col.add(X, y)
     before = col.query(X, 3)
     store.migrate(store.connect(path / DB_NAME), "0001", down=True)
-    with pytest.raises(SchemaVersionError, match="schema revision 0001, older than 0005: run `imprint db upgrade"):
+    with pytest.raises(SchemaVersionError, match="schema revision 0001, older than 0006: run `imprint db upgrade"):
         Collection.open(path)
     upgraded = Collection.open(path, upgrade=True)
     np.testing.assert_array_equal(upgraded.query(X, 3).labels, before.labels)
