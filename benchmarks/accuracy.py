@@ -45,7 +45,8 @@ from retrieval_imprint.experiments import few_shot, plot_accuracy_vs_k
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NORMS = dict(pre_norm="l2", post_norm="l2", inf_norm="l2")
-DEFAULTS = dict(generator="kmeans", k=20, **NORMS, aggregation="max", m=1, metric="ip", vote="uniform")
+DEFAULTS = dict(generator="kmeans", k=20, **NORMS, aggregation="max", m=1, metric="ip", vote="uniform",
+                rejection="max")
 AUTO = dict(generator="auto", k=None, aggregation="auto")
 
 

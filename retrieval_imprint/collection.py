@@ -31,7 +31,7 @@ from sqlalchemy import insert
 from . import labels as lab
 from . import params as spec
 from . import ranking, segments, snapshot, store, writes
-from .openset import RULES, Calibration, calibrate, calibrate_without_oos
+from .openset import RULES, Calibration, calibrate, calibrate_without_oos, filled
 from .ranking import QueryResult
 from .embed import Embedder, EmbeddingCache, model_revision, resolve_model
 from .errors import (CollectionExistsError, CollectionLockedError, CollectionNotFoundError, CollectionStateError,
@@ -383,27 +383,30 @@ class Collection:
         A target no threshold reaches raises ``CalibrationError`` and changes nothing."""
         if rule is not None:
             spec.check_choice("rule", rule, RULES)
-        if target_false_rejection is not None:
-            if X is not None:
-                raise InvalidParameterError("target_false_rejection calibrates from the training samples: give no X")
-            with self._writing():
-                rule = rule or self._s.params["rejection"]
-                own = writes.own_rejection_scores(self.path, self._s, rule)
-                result = calibrate_without_oos(rule, own, target_false_rejection)
-                writes.set_values(self._engine, self._s, threshold=result.threshold, rejection=rule)
-            return result
-        if X is None or labels is None:
+        if target_false_rejection is not None and X is not None:
+            raise InvalidParameterError("target_false_rejection calibrates from the training samples: give no X")
+        if target_false_rejection is None and (X is None or labels is None):
             raise InvalidParameterError("give validation queries X and their labels, or target_false_rejection")
-        rules = ranking.rejection_inputs(self._s, self.query(X, 1, threshold=-np.inf), lab.as_sequence(labels),
-                                         None if X_oos is None else self.query(X_oos, 1, threshold=-np.inf))
-        if rule is not None:
-            rules = {rule: rules[rule]} if rule in rules else {}
-        if not rules:
-            raise CollectionStateError(f"rule {rule!r} needs each class's shift, which collection {self.path} was "
-                                       "not built with (rejection='shift' computes it as classes are imprinted)")
-        result = calibrate(rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall)
-        with self._writing():
-            writes.set_values(self._engine, self._s, threshold=result.threshold, rejection=result.rule)
+        with self._writing():  # the shifts, the scores and the stored result belong to one version
+            s, own = self._s, None
+            shift = s.table.shift
+            if target_false_rejection is not None or (
+                    rule != "max" and not np.isfinite(shift).all() and s.config["keep_samples"]):
+                own, owner, shift = writes.left_out_scores(self.path, s)  # the shift rule's statistics, now
+            if target_false_rejection is not None:
+                rule = rule or ("shift" if np.isfinite(shift).any() else "max")
+                scores = own - filled(shift)[owner] if rule == "shift" else own
+                result = calibrate_without_oos(rule, scores, target_false_rejection)
+            else:
+                rules = ranking.rejection_inputs(s, self.query(X, 1, threshold=-np.inf), lab.as_sequence(labels),
+                                                 None if X_oos is None else self.query(X_oos, 1, threshold=-np.inf),
+                                                 shift)
+                rules = {r: v for r, v in rules.items() if rule in (None, r)}
+                if not rules:
+                    raise CollectionStateError(f"rule {rule!r} needs each class's shift, and collection {self.path} "
+                                               "keeps no samples to compute it from")
+                result = calibrate(rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall)
+            writes.set_rejection(self._engine, s, result.threshold, result.rule, shift if own is not None else None)
         return result
 
     def compact(self, *, retrain: bool | None = None) -> "Collection":

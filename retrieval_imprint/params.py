@@ -139,8 +139,9 @@ IMPRINT: dict[str, Param] = {p.name: p for p in (
     Param("metric", "ip", "Similarity of queries and proxies.", lambda: METRICS),
     Param("vote", "uniform", "m-NN vote weights: uniform, or distance (1 / (dist + 1e-10)).", lambda: VOTES),
     Param("random_state", 0, "Seed of the per-class random draws.", check=check_seed, type=int),
-    Param("rejection", "shift", "Open-set score compared with a threshold: max (the best class's score) or shift "
-          "(that score minus the class's mean score for its own samples, each left out).", lambda: RULES),
+    Param("rejection", "max", "Open-set score compared with a threshold: max (the best class's score) or shift "
+          "(that score minus the class's mean score for its own samples, each left out; calibrate switches to it "
+          "where it does better).", lambda: RULES),
     Param("ls_reg", AUTO, "Ridge lambda of the ls / kls heads; auto: chosen by leave-one-out.", check=check_ridge),
 )}
 STORED = tuple(name for name in IMPRINT if name != "ls_reg")  # ls / kls need every class: no collection

@@ -19,7 +19,7 @@ from .aggregate import BLEND_DEPTH, BLEND_DEPTH_BATCH, blend_rank, rank_classes,
 from .index import SMALL_BATCH
 from .segments import CLASS_SHIFT, class_of
 from .errors import DataError
-from .openset import RULES, filled
+from .openset import filled
 from .snapshot import Snapshot
 
 BLOCK = 256  # query rows whose candidate classes' proxies are gathered at a time
@@ -107,15 +107,17 @@ class QueryResult:
                          for cs, ls in zip(self.candidates, self.labels)], bool).reshape(self.labels.shape)
 
 
-def rejection_scores(s: Snapshot, owner: np.ndarray, scores: np.ndarray, rule: str | None = None) -> np.ndarray:
+def rejection_scores(s: Snapshot, owner: np.ndarray, scores: np.ndarray, rule: str | None = None,
+                     shift: np.ndarray | None = None) -> np.ndarray:
     """What rule ``rule`` (default: the collection's) compares with the threshold: the class score,
-    or (shift) the score minus the class's shift; class ids ``owner``."""
+    or (shift) the score minus the class's shift (``shift`` in table order, default the stored);
+    class ids ``owner``."""
     if (rule or s.params["rejection"]) == "max":
         return scores.astype(np.float64)
     found = owner >= 0
-    shift = np.zeros(owner.shape)
-    shift[found] = filled(s.table.shift)[s.table.positions(owner[found])]
-    return scores - shift
+    out = np.zeros(owner.shape)
+    out[found] = filled(s.table.shift if shift is None else shift)[s.table.positions(owner[found])]
+    return scores - out
 
 
 def answer(s: Snapshot, owner: np.ndarray, scores: np.ndarray, threshold: float | None) -> QueryResult:
@@ -137,21 +139,19 @@ def answer(s: Snapshot, owner: np.ndarray, scores: np.ndarray, threshold: float 
                        np.where(found, reject, np.nan), np.where(found, limit, np.nan))
 
 
-def rejection_inputs(s: Snapshot, found: QueryResult, labels: Sequence[object], oos: QueryResult | None
-                     ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """For ``openset.calibrate``: per rule the collection can use (shift needs shifts), the
-    rejection scores of in-scope queries ``found`` (unthresholded top-1), whether their class is
-    ``labels``, and the out-of-scope queries' rejection scores."""
+def rejection_inputs(s: Snapshot, found: QueryResult, labels: Sequence[object], oos: QueryResult | None,
+                     shift: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """For ``openset.calibrate``: per rule the collection can use, shift (the stronger prior) first
+    where there are ``shift``s, the rejection scores of in-scope queries ``found`` (unthresholded
+    top-1), whether their class is ``labels``, and the out-of-scope queries' rejection scores."""
     truth = [lab.entry(label) for label in labels]
     if len(truth) != len(found):
         raise DataError(f"X has {len(found)} rows but labels has {len(truth)}")
     correct = np.array([c is not None and lab.entry(c) == t for c, t in zip(found.candidates[:, 0], truth)])
     ids = _ids(s, found)
-    current = s.params["rejection"]  # the collection's rule is the preferred one
-    rules = [r for r in (current, *RULES) if r == "max" or np.isfinite(s.table.shift).any()]
-    rules = list(dict.fromkeys(rules))
-    return {rule: (rejection_scores(s, ids, found.scores[:, :1].astype(np.float64), rule)[:, 0], correct,
-                   None if oos is None else rejection_scores(s, _ids(s, oos), oos.scores[:, :1], rule)[:, 0])
+    rules = ["shift", "max"] if np.isfinite(shift).any() else ["max"]
+    return {rule: (rejection_scores(s, ids, found.scores[:, :1].astype(np.float64), rule, shift)[:, 0], correct,
+                   None if oos is None else rejection_scores(s, _ids(s, oos), oos.scores[:, :1], rule, shift)[:, 0])
             for rule in rules}
 
 

@@ -233,9 +233,10 @@ def own_scores_of(groups: Grouped, params: dict[str, Any]) -> np.ndarray:
     return own_scores(groups, normalize(groups.X, params["inf_norm"], what="X"), params, fold)
 
 
-def own_rejection_scores(directory: Path, s: Snapshot, rule: str) -> np.ndarray:
-    """Each kept sample's rejection score under ``rule`` when left out of its class's imprint: what
-    ``openset.calibrate_without_oos`` sets a threshold from."""
+def left_out_scores(directory: Path, s: Snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each kept sample's own-class score when left out of its class's imprint, the class (table
+    position) of each, and each class's shift: what calibration without out-of-scope data, and the
+    rule shift, rest on."""
     if not s.config["keep_samples"]:
         raise CollectionStateError(f"collection {directory} keeps no samples, so it cannot score them left out; "
                                    "calibrate it on validation queries instead")
@@ -246,7 +247,22 @@ def own_rejection_scores(directory: Path, s: Snapshot, rule: str) -> np.ndarray:
                      np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64),
                      lab.label_keys(table.labels.tolist()))
     own = own_scores_of(groups, s.params)
-    return own - class_shift(groups.owner, own, len(table))[groups.owner] if rule == "shift" else own
+    return own, groups.owner, class_shift(groups.owner, own, len(table))
+
+
+def set_rejection(engine: Engine, s: Snapshot, threshold: float, rule: str, shift: np.ndarray | None) -> None:
+    """In one transaction: the collection's rejection threshold and rule, and (if given) every
+    class's shift, in table order."""
+    version = s.version + 1
+    with store.writing(engine) as conn:
+        conn.execute(update(store.collection).values(version=version, threshold=threshold, rejection=rule))
+        if shift is not None and len(shift):
+            c = store.classes.c
+            conn.execute(update(store.classes).where(c.id == bindparam("cid")).values(shift=bindparam("sh")),
+                         [{"cid": int(i), "sh": None if np.isnan(v) else float(v)} for i, v in zip(s.table.ids, shift)])
+    s.config.update(version=version, threshold=threshold, rejection=rule)
+    if shift is not None:
+        s.table.shift = np.asarray(shift, np.float64)
 
 
 def _choosable(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def test_without_out_of_scope_data_the_threshold_is_a_quantile_of_left_out_score
 def test_the_estimators_shift_is_each_class_mean_score_of_its_own_samples_left_out():
     X, y = blobs(4, 15, 6, seed=3)  # rows grouped by class, as the folds are dealt
     settings = dict(generator="kmeans", k=2, aggregation="max")
-    clf = ImprintClassifier(**settings).fit(X, y)
+    clf = ImprintClassifier(**settings, rejection="shift").fit(X, y)
     fold = folds(_grouped(X, y), 0)
     for c in range(4):
         scores = []
@@ -88,7 +88,7 @@ def test_the_estimators_shift_is_each_class_mean_score_of_its_own_samples_left_o
         assert clf.class_shift_[c] == pytest.approx(np.mean(scores), abs=1e-5)
     scores = clf.decision_function(X)
     np.testing.assert_allclose(clf.rejection_score(X), scores.max(1) - clf.class_shift_[scores.argmax(1)], rtol=1e-6)
-    assert ImprintClassifier(generator="mean", rejection="max").fit(X, y).class_shift_ is None
+    assert ImprintClassifier(generator="mean").fit(X, y).class_shift_ is None  # max: no statistics to pay for
 
 
 def _grouped(X, y):
@@ -125,12 +125,14 @@ def test_a_collections_calibration_is_stored_and_explained(tmp_path):
 
 def test_a_class_added_to_a_calibrated_collection_is_scored_like_the_others(tmp_path):
     col, X, y, oos = collection(tmp_path)
-    col.calibrate(X[1::2], y[1::2], oos, target_accuracy=0.8)
+    assert all(r["shift"] is None for r in col.class_table())  # rule max until calibration weighs shift
+    col.calibrate(X[1::2], y[1::2], oos, target_accuracy=0.8, rule="shift")
+    assert all(r["shift"] is not None for r in col.class_table()) and col.config["rejection"] == "shift"
     extra = np.random.default_rng(9).standard_normal((12, 8)).astype(np.float32) + 6
     col.add(extra, ["late"] * 12)
     row = next(r for r in Collection.open(tmp_path / "c").class_table() if r["label"] == "late")
     assert row["shift"] is not None  # its statistics came with its imprint
-    own = ImprintClassifier(generator="kmeans", k=3, aggregation="max").fit(
+    own = ImprintClassifier(generator="kmeans", k=3, aggregation="max", rejection="shift").fit(
         np.concatenate([X[::2], extra]), np.concatenate([y[::2].astype(object), ["late"] * 12]).astype(str))
     late = list(own.classes_).index("late")
     assert row["shift"] == pytest.approx(own.class_shift_[late], abs=1e-5)
@@ -140,6 +142,7 @@ def test_per_class_thresholds_and_calibration_without_out_of_scope_data(tmp_path
     col, X, y, oos = collection(tmp_path)
     result = col.calibrate(target_false_rejection=0.1)
     assert result.oos_recall is None and "0.1 of the training samples" in result.criterion
+    assert result.rule == "shift" and col.config["rejection"] == "shift"
     rejected = np.mean([p is None for p in col.predict(X[::2])])
     assert 0.0 < rejected < 0.3  # about the target on the training data itself
     col.set_threshold(10.0, label=int(y[0]))  # nothing passes for this class
