@@ -39,7 +39,9 @@ class ImprintGroup(click.Group):
 
 @click.group(cls=ImprintGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="imprint")
-def main() -> None:
+@click.option("--wait", type=float, default=0.0, metavar="SECONDS",
+              help="How long a write waits for another process writing to the same collection.  [default: 0]")
+def main(wait: float) -> None:
     """Few-shot classifiers imprinted from a frozen embedding model (IMPRINT, arXiv 2503.14572).
 
     \b
@@ -145,6 +147,26 @@ def embedder(model: str | None, quiet: bool):
 
 def show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
+
+
+def lock_timeout() -> float:
+    """The group's ``--wait``: how long this command's writes wait for another writer."""
+    ctx = click.get_current_context(silent=True)
+    return float(ctx.find_root().params.get("wait") or 0.0) if ctx is not None else 0.0
+
+
+def open_collection(path: Path, **options: Any):
+    """``Collection.open`` with the command's ``--wait``."""
+    from retrieval_imprint.collection import Collection
+
+    return Collection.open(path, lock_timeout=lock_timeout(), **options)
+
+
+def collection_vectors(col: Any, datasets: list, quiet: bool) -> np.ndarray:
+    """Rows of ``datasets`` as vectors, texts embedded with the collection's (checked) model."""
+    from retrieval_imprint.embed import embed_all
+
+    return embed_all(datasets, col.embedder(progress=show_progress(quiet)) if col.model is not None else None)
 
 
 def query_vectors(datasets: list, model: str | None, quiet: bool) -> np.ndarray:

@@ -9,7 +9,7 @@ import click
 
 from retrieval_imprint.collection import Collection
 
-from .app import collection_argument, describe, emit, json_option, main, output
+from .app import collection_argument, describe, emit, json_option, main, open_collection, output
 
 
 @main.command()
@@ -22,7 +22,7 @@ def info(collection: Path, as_json: bool) -> None:
     Example:
         imprint info intents/
     """
-    output(Collection.open(collection).info(), as_json, _print_info)
+    output(open_collection(collection).info(), as_json, _print_info)
 
 
 def _print_info(data: dict) -> None:
@@ -50,7 +50,7 @@ def classes(collection: Path, as_json: bool) -> None:
     Example:
         imprint classes intents/
     """
-    output(Collection.open(collection).class_table(), as_json, _print_classes)
+    output(open_collection(collection).class_table(), as_json, _print_classes)
 
 
 def _print_classes(rows: list[dict]) -> None:
@@ -70,7 +70,7 @@ def remove(collection: Path, labels: tuple[str, ...]) -> None:
     Example:
         imprint remove intents/ lost_card order_food
     """
-    col = Collection.open(collection)
+    col = open_collection(collection)
     by_text = {str(c): c for c in col.classes}
     col.remove([by_text.get(label, label) for label in labels])
     click.echo(f"removed {len(set(labels))} classes; {len(col)} remain")
@@ -88,7 +88,7 @@ def compact(collection: Path, retrain: bool | None) -> None:
     Example:
         imprint compact intents/
     """
-    col = Collection.open(collection)
+    col = open_collection(collection)
     before = col.info()["segments"]
     after = col.compact(retrain=retrain).info()["segments"]
     retrained = {f for f in before if f.startswith("template")} != {f for f in after if f.startswith("template")}
@@ -106,7 +106,7 @@ def tune(collection: Path, as_json: bool) -> None:
     Example:
         imprint tune intents/
     """
-    col = Collection.open(collection)
+    col = open_collection(collection)
     before = col.auto_choice
     after = col.tune()
     if as_json:
@@ -124,7 +124,7 @@ def check(collection: Path) -> None:
     Example:
         imprint check intents/
     """
-    report = Collection.open(collection).check()
+    report = Collection.verify(collection)
     if report.ok:
         click.echo(f"ok: {collection}")
         return

@@ -8,13 +8,13 @@ from typing import Any
 import click
 import numpy as np
 
-from retrieval_imprint.collection import Collection
 from retrieval_imprint.ingest import DEFAULT_CHUNK, ingest
 from retrieval_imprint.params import COLLECTION, IMPRINT, PRESETS, STORED
 from retrieval_imprint.readers import FORMATS, Dataset, read
 
-from .app import (UserError, collection_argument, data_options, describe, emit, json_option, main, pyplot,
-                  query_vectors, quiet_option, read_options, setting_options, show_progress)
+from .app import (UserError, collection_argument, collection_vectors, data_options, describe, emit, json_option,
+                  lock_timeout, main, open_collection, pyplot, quiet_option, read_options, setting_options,
+                  show_progress)
 
 
 @main.command()
@@ -53,7 +53,7 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
         settings["search_params"] = {"nprobe": nprobe}
     datasets = [read(p, **read_options(text_column, label_column, vector_column, split)) for p in data]
     report = ingest(collection, datasets, chunk_size=chunk_size, progress=show_progress(quiet), preset=preset,
-                    **settings)
+                    lock_timeout=lock_timeout(), **settings)
     if as_json:
         emit(report.as_dict())
         return
@@ -86,12 +86,12 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
     Example:
         imprint query intents/ "where is my card" "play some jazz" --top 3
     """
-    col = Collection.open(collection)
+    col = open_collection(collection)
     options = read_options(text_column, label_column, vector_column, split)
     if vectors is not None:
         ds = read(vectors, need_labels=False, **options)
         names: list[Any] = list(range(len(ds)))
-        Q = ds.vectors if ds.vectors is not None else query_vectors([ds], col.model, quiet)
+        Q = ds.vectors if ds.vectors is not None else collection_vectors(col, [ds], quiet)
     else:
         queries = list(text)
         if file_ is not None:
@@ -106,7 +106,7 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
             raise UserError("nothing to query: give TEXT arguments, --file or --vectors")
         if col.model is None:
             raise UserError(f"{collection} records no embedding model: query it with --vectors")
-        names, Q = queries, query_vectors([Dataset("args", texts=queries)], col.model, quiet)
+        names, Q = queries, collection_vectors(col, [Dataset("args", texts=queries)], quiet)
     result = col.query(Q, top, threshold=threshold, search_params={"nprobe": nprobe} if nprobe else None)
     rows = [{"query": name, "labels": labels.tolist(), "scores": scores.tolist(), "candidates": candidates.tolist(),
              "rejection_scores": why.tolist(), "thresholds": limits.tolist(), "rejected": rejected.tolist()}
@@ -146,11 +146,11 @@ def evaluate_cmd(collection: Path, data: str, threshold: float | None, oos_label
     """
     from retrieval_imprint.evaluate import evaluate, open_set
 
-    col = Collection.open(collection)
+    col = open_collection(collection)
     ds = read(data, **read_options(text_column, label_column, vector_column, split))
     if ds.texts is not None and col.model is None:
         raise UserError(f"{collection} records no embedding model: evaluate it on vectors")
-    found = col.query(query_vectors([ds], col.model, quiet), 1, threshold=threshold)
+    found = col.query(collection_vectors(col, [ds], quiet), 1, threshold=threshold)
     oos = np.array([str(label) == oos_label for label in ds.labels]) if oos_label else np.zeros(len(ds), bool)
     if oos.all():
         raise UserError(f"every row of {data} has the out-of-scope label {oos_label!r}: nothing in scope to score")
@@ -216,7 +216,7 @@ def calibrate(collection: Path, data: str | None, oos: str | None, oos_split: st
         imprint calibrate intents/ val.csv --oos out_of_scope.csv --target-accuracy 0.9
         imprint calibrate intents/ --target-false-rejection 0.05
     """
-    col = Collection.open(collection)
+    col = open_collection(collection)
     if data is None:
         if target_false_rejection is None:
             raise UserError("give labelled validation DATA, or --target-false-rejection to calibrate from the "
@@ -225,8 +225,8 @@ def calibrate(collection: Path, data: str | None, oos: str | None, oos_split: st
     else:
         options = read_options(text_column, label_column, vector_column, split)
         ds = read(data, **options)
-        X = query_vectors([ds], col.model, quiet)
-        X_oos = (query_vectors([read(oos, need_labels=False, **{**options, "split": oos_split})], col.model, quiet)
+        X = collection_vectors(col, [ds], quiet)
+        X_oos = (collection_vectors(col, [read(oos, need_labels=False, **{**options, "split": oos_split})], quiet)
                  if oos else None)
         result = col.calibrate(X, ds.labels, X_oos, target_accuracy=target_accuracy,  # type: ignore[arg-type]
                                target_oos_recall=target_oos_recall)
@@ -274,7 +274,7 @@ def threshold(collection: Path, value: str, label: str | None) -> None:
         number = None if value.lower() == "none" else float(value)
     except ValueError:
         raise UserError(f"threshold {value!r} is not a number or none") from None
-    col = Collection.open(collection)
+    col = open_collection(collection)
     target = None if label is None else {str(c): c for c in col.classes}.get(label, label)
     col.set_threshold(number, label=target)
     click.echo(f"threshold {'of ' + repr(target) + ' ' if label else ''}set to {value}")

@@ -26,15 +26,13 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import insert
-
 from . import labels as lab
 from . import params as spec
 from . import ranking, segments, snapshot, store, writes
 from .openset import RULES, Calibration, calibrate, calibrate_without_oos, filled
 from .ranking import QueryResult
-from .embed import Embedder, EmbeddingCache, model_revision, resolve_model
-from .errors import (CollectionExistsError, CollectionLockedError, CollectionNotFoundError, CollectionStateError,
+from .embed import Embedder, EmbeddingCache, model_fingerprint, resolve_model, same_model
+from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
                      DataError, InvalidParameterError, NotACollectionError, SchemaVersionError, SettingsClashError)
 from .integrity import CheckReport, check
 from .normalize import normalize
@@ -65,15 +63,17 @@ def check_vectors(X: object, what: str, dimension: int | None) -> np.ndarray:
 class Collection:
     """An imprinted head stored in a directory; see the module docstring for the layout."""
 
-    def __init__(self, path: Path, engine) -> None:  # use create(), open() or open_or_create()
+    def __init__(self, path: Path, engine, lock_timeout: float = 0.0) -> None:  # use create(), open()...
         self.path = path
+        self.lock_timeout = lock_timeout  # seconds a write waits for another process's write to finish
         self._engine = engine
         self._embedder: Embedder | None = None
         self._s = snapshot.read(path, engine)
 
     # ----------------------------------------------------------------- create, open
     @classmethod
-    def create(cls, path: str | os.PathLike, *, preset: str | None = None, **settings: Any) -> "Collection":
+    def create(cls, path: str | os.PathLike, *, preset: str | None = None, lock_timeout: float = 0.0,
+               **settings: Any) -> "Collection":
         """Create an empty collection at ``path`` (a new or empty directory).
 
         ``settings`` are the stored GEN/NORM/AGG parameters and the collection settings of
@@ -88,34 +88,28 @@ class Collection:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         (staging / segments.READERS_LOCK).touch()
+        where = resolve_model(s["model"]) if s["model"] is not None else None
         engine = store.connect(staging / DB_NAME)
         try:
             store.migrate(engine)
-            with store.writing(engine) as conn:
-                conn.execute(insert(store.collection).values(
-                    id=1, **{name: s[name] for name in spec.STORED}, index_factory=s["index"],
-                    memory_budget=s["memory_budget"], keep_samples=s["keep_samples"], dimension=s["dimension"],
-                    search_params=json.dumps(s["search_params"]) if s["search_params"] else None,
-                    version=0, next_class_id=0))
-                if s["model"] is not None:
-                    where = resolve_model(s["model"])
-                    conn.execute(insert(store.embedder).values(id=1, name=s["model"], path=where,
-                                                               dimension=s["dimension"], revision=model_revision(where)))
+            store.initialize(engine, {name: s[name] for name in spec.STORED}, s, None if where is None else {
+                "name": s["model"], "path": where, "dimension": s["dimension"], "revision": model_fingerprint(where)})
         finally:
             engine.dispose()
         os.replace(staging, path)  # the collection appears whole or not at all
-        return cls.open(path)
+        return cls.open(path, lock_timeout=lock_timeout)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, upgrade: bool = False) -> "Collection":
-        """Open an existing collection; ``upgrade=True`` migrates an older schema first."""
+    def open(cls, path: str | os.PathLike, *, upgrade: bool = False, lock_timeout: float = 0.0) -> "Collection":
+        """Open an existing collection; ``upgrade=True`` migrates an older schema first; writes wait
+        up to ``lock_timeout`` seconds for another process's write to finish."""
         engine, current, head = cls._schema(Path(path))
         if current != head:
             if not upgrade:
                 raise SchemaVersionError(f"{path} has schema revision {current}, older than {head}: run "
                                          f"`imprint db upgrade {path}` (or Collection.open(path, upgrade=True))")
             store.migrate(engine)
-        return cls(Path(path), engine)
+        return cls(Path(path), engine, lock_timeout)
 
     @classmethod
     def upgrade(cls, path: str | os.PathLike) -> tuple[str | None, str]:
@@ -134,21 +128,23 @@ class Collection:
             raise CollectionNotFoundError(f"no collection at {path}")
         if not (path / DB_NAME).is_file():
             raise NotACollectionError(f"{path} is not a collection (no {DB_NAME} in it)")
-        engine = store.connect(path / DB_NAME)
-        with engine.connect() as conn:
-            current, head, known = store.schema_revision(conn)
+        if not (path / DB_NAME).stat().st_size:
+            raise NotACollectionError(f"{path} is not a collection ({DB_NAME} is empty)")
+        engine = store.connect(path / DB_NAME, read_only=not os.access(path, os.W_OK))
+        current, head, known = store.schema_revision_of(engine, path / DB_NAME)
         if not known:
             raise SchemaVersionError(f"{path} has schema revision {current}, newer than this retrieval-imprint "
                                      f"knows (up to {head}): upgrade the package to open it")
         return engine, current, head
 
     @classmethod
-    def open_or_create(cls, path: str | os.PathLike, *, preset: str | None = None, **settings: Any) -> "Collection":
+    def open_or_create(cls, path: str | os.PathLike, *, preset: str | None = None, lock_timeout: float = 0.0,
+                       **settings: Any) -> "Collection":
         """Open the collection at ``path`` if there is one, else create it. The settings given (and
         the preset's) must then match the stored ones; a ``SettingsClashError`` lists every clash."""
         if not (Path(path) / DB_NAME).exists():
-            return cls.create(path, preset=preset, **settings)
-        col = cls.open(path)
+            return cls.create(path, preset=preset, lock_timeout=lock_timeout, **settings)
+        col = cls.open(path, lock_timeout=lock_timeout)
         col.check_settings(preset=preset, **settings)
         return col
 
@@ -228,7 +224,7 @@ class Collection:
             "auto_choice": self.auto_choice,
             "embedder": dict(s.embedder) if s.embedder else None,
             "segments": files,
-            "bytes_on_disk": sum((self.path / f).stat().st_size for f in files + [DB_NAME]),
+            "bytes_on_disk": sum(p.stat().st_size for p in map(self.path.joinpath, files + [DB_NAME]) if p.exists()),
         }
 
     def class_table(self) -> list[dict[str, Any]]:
@@ -263,13 +259,21 @@ class Collection:
         """The best class of each query (None where rejected by the threshold)."""
         return self.query(Q, 1, threshold=threshold, model=model, search_params=search_params).labels[:, 0]
 
-    def embedder(self) -> Embedder:
-        """The collection's embedding model (loaded on first use; cached embeddings)."""
-        if self._s.embedder is None:
+    def embedder(self, *, progress: bool = False) -> Embedder:
+        """The collection's embedding model (loaded on first use; cached embeddings), checked to be
+        the one the collection was made with: a model changed in place would embed differently."""
+        row = self._s.embedder
+        if row is None:
             raise CollectionStateError(f"collection {self.path} records no embedding model; add and query vectors "
                                        "instead")
         if self._embedder is None:
-            self._embedder = Embedder(self._s.embedder["name"], cache=EmbeddingCache.default())
+            embedder = Embedder(row["name"], cache=EmbeddingCache.default())
+            if not same_model(embedder.path, row["revision"]):
+                raise DataError(f"the model {row['name']!r} at {embedder.path} is not the one collection {self.path} "
+                                f"was made with (its files changed: fingerprint {model_fingerprint(embedder.path)}, "
+                                f"recorded {row['revision']}); embed with the original model, or re-index")
+            self._embedder = embedder
+        self._embedder.progress = progress
         return self._embedder
 
     def query_texts(self, texts: Sequence[str], top: int = 1, *, threshold: float | None = None) -> QueryResult:
@@ -280,18 +284,26 @@ class Collection:
         """Verify from disk that the database and the index files agree (``integrity.check``)."""
         return check(self.path, self._engine)
 
+    @classmethod
+    def verify(cls, path: str | os.PathLike) -> CheckReport:
+        """``check`` a collection that may be too damaged to open: damage is reported, not raised."""
+        try:
+            engine, _, _ = cls._schema(Path(path))
+        except CollectionDamagedError as exc:
+            return CheckReport(False, [str(exc)])
+        return check(Path(path), engine)
+
     # ----------------------------------------------------------------- writing
     @contextmanager
     def _writing(self) -> Iterator[None]:
         """Hold the writer lock, start from the latest committed state, and on any failure drop the
         in-memory changes by reloading what is on disk."""
-        with segments.flock(self.path / segments.WRITER_LOCK, exclusive=True, wait=False) as fd:
-            if fd is None:
-                raise CollectionLockedError(f"collection {self.path} is locked by pid "
-                                            f"{segments.lock_holder(self.path)} (another process is writing to it)")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        with segments.writer_lock(self.path, self.lock_timeout):
             self.refresh()
+            missing = [f for files in self._s.files.values() for f in files if not (self.path / f).is_file()]
+            if missing:  # damage found before a write, not after it has committed
+                raise CollectionDamagedError(f"collection {self.path}: index file {missing[0]} is missing "
+                                             f"({len(missing)} in all); nothing was changed: run `imprint check`")
             self._delete_unlisted()
             try:
                 yield
@@ -319,6 +331,9 @@ class Collection:
         self._check_model(model, "add")
         codes, entries = lab.encode_stored(labels)
         with self._writing():
+            kinds = self._s.label_kinds
+            if len(kinds) <= 1:  # (a collection made before the rule may mix them: left as it is)
+                lab.check_kind(entries, next(iter(kinds), None))
             writes.add(self.path, self._engine, self._s, X, codes, entries, checkpoint)
             if len(self._s.files["proxies"]) > COMPACT_SEGMENTS:
                 writes.compact(self.path, self._engine, self._s, full=False)

@@ -47,6 +47,11 @@ class CollectionDamagedError(ImprintError, ValueError):
     """A file the collection's database names is missing, truncated or unreadable."""
 
 
+class CollectionIOError(ImprintError, OSError):
+    """The collection's files could not be written (a full disk, a read-only folder); nothing
+    committed was changed."""
+
+
 class CollectionLockedError(ImprintError, RuntimeError):
     """Another process is writing to the collection."""
 

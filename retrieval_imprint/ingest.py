@@ -86,9 +86,9 @@ def _part(ds: Dataset, lo: int, hi: int) -> Dataset:
 class _Target:
     """The collection being ingested into: opened, or created when the first chunk is ready."""
 
-    def __init__(self, path: Path, preset: str | None, settings: dict[str, Any]) -> None:
-        self.path, self.preset, self.settings = path, preset, settings
-        self.col = Collection.open(path) if (path / DB_NAME).exists() else None
+    def __init__(self, path: Path, preset: str | None, settings: dict[str, Any], lock_timeout: float) -> None:
+        self.path, self.preset, self.settings, self.lock_timeout = path, preset, settings, lock_timeout
+        self.col = Collection.open(path, lock_timeout=lock_timeout) if (path / DB_NAME).exists() else None
         self.created = False
 
     def __len__(self) -> int:
@@ -99,7 +99,7 @@ class _Target:
 
     def add(self, X: Any, labels: list, checkpoint: tuple[str, int] | None) -> None:
         if self.col is None:
-            self.col = Collection.create(self.path, preset=self.preset, **self.settings)
+            self.col = Collection.create(self.path, preset=self.preset, lock_timeout=self.lock_timeout, **self.settings)
             self.created = True
         self.col._add_checked(X, labels, checkpoint=checkpoint)
 
@@ -113,16 +113,17 @@ class _Target:
 
 def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Dataset], *,
            chunk_size: int = DEFAULT_CHUNK, progress: bool = False, embedder: Embedder | None = None,
-           preset: str | None = None, **settings: Any) -> IngestReport:
+           preset: str | None = None, lock_timeout: float = 0.0, **settings: Any) -> IngestReport:
     """Add the labelled rows of ``sources`` (data files, or ``readers.Dataset``) to the collection
     at ``path``, creating it with ``preset`` and ``settings`` if there is none; see the module
-    docstring. ``embedder``: the model's embedder to use (default: the collection's, cached)."""
+    docstring. ``embedder``: the model's embedder to use (default: the collection's, cached);
+    ``lock_timeout``: seconds each write waits for another process writing to the collection."""
     chunk_size = check_int("chunk_size", chunk_size, 1)
     datasets = [s if isinstance(s, Dataset) else read(s) for s in sources]
     for ds in datasets:
         if ds.labels is None:
             raise DataError(f"{ds.source}: no labels to index")
-    target = _Target(Path(path), preset, settings)
+    target = _Target(Path(path), preset, settings, lock_timeout)
     if target.col is not None:
         target.col.check_settings(preset=preset, **settings)
         model = target.col.model
@@ -132,7 +133,10 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
         raise DataError(f"{path} holds precomputed vectors (no model recorded); index vectors, not texts")
     if embedder is not None and model is not None and embedder.name != model:
         raise DataError(f"the embedder is {embedder.name!r}, but the collection uses {model!r}")
-    embedder = embedder or (Embedder(model, cache=EmbeddingCache.default()) if model is not None else None)
+    if embedder is None and model is not None:  # an existing collection's is checked to be its model
+        embedder = (target.col.embedder() if target.col is not None else Embedder(model, cache=EmbeddingCache.default()))
+    if embedder is not None:
+        embedder.progress = progress
     before = {lab.entry(label) for label in target.col.classes} if target.col is not None else set()
     total = sum(len(ds) for ds in datasets)
     resumed = 0

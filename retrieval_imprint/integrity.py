@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Engine
 
-from . import snapshot, store
+from . import segments, snapshot, store
 from .errors import CollectionDamagedError
 from .segments import CLASS_SHIFT
 
@@ -21,9 +22,10 @@ class CheckReport:
 
 def check(directory: Path, engine: Engine) -> CheckReport:
     """Verify, from disk, one committed version of the collection in ``directory``: every named
-    file exists and loads with the right dimension, the live vector ids equal the database's id
-    rows, and each id row names the class its id encodes and a segment that exists. Safe beside a
-    writer: rows and files are read as one snapshot."""
+    file is a plain file inside it, matches its recorded checksum and loads with the right
+    dimension (each damaged one is listed), the live vector ids equal the database's id rows, and
+    each id row names the class its id encodes and a segment that exists. Safe beside a writer:
+    rows and files are read as one snapshot."""
     problems: list[str] = []
     with engine.connect() as conn:
         current, head, _ = store.schema_revision(conn)
@@ -31,6 +33,9 @@ def check(directory: Path, engine: Engine) -> CheckReport:
             problems.append("proxy or sample rows name a segment that does not exist")
     if current != head:
         problems.append(f"schema revision {current} is not the head {head}")
+    problems += damaged_files(directory, engine)
+    if problems:
+        return CheckReport(False, problems)
     try:
         snap = snapshot.read(directory, engine, samples=True, vector_rows=True)
     except CollectionDamagedError as exc:
@@ -56,3 +61,25 @@ def check(directory: Path, engine: Engine) -> CheckReport:
     if expected != len(loaded["proxies"]):
         problems.append(f"proxies: the class ranges count {expected}, the index holds {len(loaded['proxies'])}")
     return CheckReport(not problems, problems)
+
+
+def damaged_files(directory: Path, engine: Engine) -> list[str]:
+    """What is wrong with each segment file the committed version names, file by file."""
+    problems = []
+    with ExitStack() as stack:
+        with segments.reading(directory):
+            with engine.connect() as conn, conn.begin():
+                cfg, _, _, segs = store.read_state(conn)
+            opened = {}
+            for _, name, _ in segs:
+                try:
+                    opened[name] = stack.enter_context(segments.open_segment(directory, name))
+                except CollectionDamagedError as exc:
+                    problems.append(str(exc))
+        for _, name, checksum in segs:
+            if name in opened and cfg["dimension"] is not None:
+                try:
+                    segments.read_segment(directory, name, opened[name], cfg["dimension"], checksum)
+                except CollectionDamagedError as exc:
+                    problems.append(str(exc))
+    return problems

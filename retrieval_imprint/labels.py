@@ -43,6 +43,8 @@ def stored_entry(label: object, where: str = "") -> Entry:
     if isinstance(label, (str, np.str_)):
         if not label.strip():
             raise DataError(f"label{at} is blank")
+        if any(ord(ch) < 32 and ch not in "\t" for ch in label):
+            raise DataError(f"label{at} {str(label)[:40]!r} holds a control character (a NUL or a line break)")
         return "str", str(label)
     if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
         return "int", str(int(label))
@@ -88,7 +90,9 @@ def encode_stored(labels: Sequence[object]) -> tuple[np.ndarray, list[Entry]]:
     anything else row by row, so that an error names the first bad row either way.
     """
     values = as_sequence(labels)
-    if set(map(type, values)) in ({str}, {int}):
+    kinds = set(map(type, values))
+    nul_ended = kinds == {str} and any(v.endswith("\0") for v in values)  # numpy would strip the NULs
+    if (kinds == {str} and not nul_ended) or (kinds == {int} and -2**63 <= min(values) and max(values) < 2**63):
         uniq, first, codes = np.unique(np.array(values), return_index=True, return_inverse=True)
         order = np.argsort(first)
         rank = np.empty(len(order), np.int64)
@@ -98,3 +102,14 @@ def encode_stored(labels: Sequence[object]) -> tuple[np.ndarray, list[Entry]]:
     codes = np.fromiter((seen.setdefault(stored_entry(v, f"row {row}"), len(seen)) for row, v in enumerate(values)),
                         np.int64, len(values))
     return codes, list(seen)
+
+
+def check_kind(entries: Sequence[Entry], existing: str | None) -> None:
+    """One kind of label per collection, fixed by its first add: ``int`` labels from an NPZ file and
+    ``str`` labels from a CSV would otherwise make classes "1" and 1 that print alike."""
+    kinds = dict.fromkeys(kind for kind, _ in entries)
+    wanted = existing or next(iter(kinds), None)
+    other = next((e for e in entries if e[0] != wanted), None)
+    if other is not None:
+        raise DataError(f"this collection's labels are {wanted}, but label {other[1]!r} is {other[0]}: a collection "
+                        f"holds one kind of label (convert the labels, e.g. read them as {wanted})")

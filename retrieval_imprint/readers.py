@@ -149,18 +149,21 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
         raise DataError(f"{file}: the file is empty")
     options = dict(text_column=text_column, label_column=label_column, vector_column=vector_column,
                    need_labels=need_labels)
+    if fmt in ("csv", "tsv", "jsonl"):
+        _check_utf8(file)
     if fmt in ("csv", "tsv"):
-        with file.open(newline="", encoding="utf-8") as f:
+        with file.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
-            columns = [c.strip() for c in reader.fieldnames or []]
-            reader.fieldnames = columns
-            records = []
-            for i, rec in enumerate(reader, 1):
-                records.append((f"row {i} (line {reader.line_num})", rec))
+            try:
+                columns = [c.strip() for c in reader.fieldnames or []]
+                reader.fieldnames = columns
+                records = [(f"row {i} (line {reader.line_num})", rec) for i, rec in enumerate(reader, 1)]
+            except csv.Error as exc:
+                raise DataError(f"{file}: line {reader.line_num}: not valid {fmt.upper()} ({exc})") from None
         return _from_records(records, columns, file, **options)
     if fmt == "jsonl":
         records, columns = [], []
-        with file.open(encoding="utf-8") as f:
+        with file.open(encoding="utf-8-sig") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -187,14 +190,39 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
     return _read_numpy(file, fmt, split, need_labels)
 
 
+def _check_utf8(file: Path) -> None:
+    """A ``DataError`` naming the line of the first byte that is not UTF-8 (``open`` would only
+    name a byte offset, and only once it got there)."""
+    with file.open("rb") as f:
+        line = 1
+        tail = b""
+        while block := f.read(1 << 20):
+            data = tail + block
+            try:
+                data.decode("utf-8")
+                tail = b""
+            except UnicodeDecodeError as exc:
+                if exc.end >= len(data) - 3 and exc.reason == "unexpected end of data":  # a character split
+                    tail = data[exc.start:]
+                    line += data[: exc.start].count(b"\n")
+                    continue
+                line += data[: exc.start].count(b"\n")
+                raise DataError(f"{file}: line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text (save the "
+                                "file as UTF-8)") from None
+            line += data.count(b"\n")
+
+
 def _read_numpy(file: Path, fmt: str, split: str | None, need_labels: bool) -> Dataset:
     """Vectors (and labels) of an .npy or .npz file; the vectors memory-mapped where the file
     stores them raw (.npy, or an .npz written by ``np.savez``), so a chunked ``imprint index``
     reads one chunk of them at a time instead of the whole array."""
     try:
         loaded = np.load(file, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{file}: unreadable {fmt.upper()} file ({exc})") from None
+    if (fmt == "npz") != hasattr(loaded, "files"):
+        raise DataError(f"{file}: the file holds {'an .npz archive' if hasattr(loaded, 'files') else 'one .npy array'}"
+                        f", not what its name ({file.suffix}) says")
     if fmt == "npy":
         if need_labels:
             raise DataError(f"{file}: an .npy file holds vectors only; labels need an .npz (X and y) or a table")

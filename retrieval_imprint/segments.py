@@ -12,22 +12,29 @@ deletes superseded segment files only while it can hold it exclusively (collecti
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import os
+import re
+import stat
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, NamedTuple
 
 import faiss
 import numpy as np
 
-from .errors import CollectionDamagedError
+from .errors import CollectionDamagedError, CollectionIOError, CollectionLockedError
 
 DB_NAME = "imprint.db"
 WRITER_LOCK = "writer.lock"
 READERS_LOCK = "readers.lock"
 CLASS_SHIFT = 24
 MAX_PER_CLASS = 1 << CLASS_SHIFT
+SEGMENT_NAME = re.compile(r"(proxies|samples|template|means)-\d{8}\.faiss")
+_CHUNK = 1 << 20
 
 
 def class_of(ids: np.ndarray) -> np.ndarray:
@@ -55,13 +62,29 @@ def crash_point(name: str) -> None:
     """A named step of a write where crash tests kill the process (they replace this function)."""
 
 
+def _open_regular(path: Path, flags: int) -> int:
+    """``os.open`` that never follows a symbolic link and accepts only a regular file: a collection
+    folder from elsewhere (a tarball, a network drive) must not make us write outside it."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CollectionDamagedError(f"{path} is a symbolic link; a collection's files must be plain files "
+                                         "inside it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CollectionDamagedError(f"{path} is not a plain file")
+    return fd
+
+
 @contextmanager
 def flock(path: Path, *, exclusive: bool, wait: bool = True, optional: bool = False) -> Iterator[int | None]:
     """Hold an advisory lock on ``path`` (created if missing) until the block ends. Yields the open
     descriptor, or None where ``wait`` is False and another process holds the lock, or where
     ``optional`` and the file cannot be opened (a read-only directory made before it existed)."""
     try:
-        fd = os.open(path, (os.O_RDWR if exclusive else os.O_RDONLY) | os.O_CREAT, 0o644)
+        fd = _open_regular(path, (os.O_RDWR if exclusive else os.O_RDONLY) | os.O_CREAT)
     except OSError:
         if not optional:
             raise
@@ -83,16 +106,68 @@ def reading(directory: Path):
     return flock(directory / READERS_LOCK, exclusive=False, optional=True)
 
 
-def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) -> str:
-    """Durably write ``index`` as a new segment file of ``kind``; returns its name."""
+@contextmanager
+def writer_lock(directory: Path, timeout: float = 0.0) -> Iterator[int]:
+    """Hold ``writer.lock``, waiting up to ``timeout`` seconds for another writer to finish, with
+    our pid written in it; ``CollectionLockedError`` names the holder if it does not finish."""
+    try:
+        fd = _open_regular(directory / WRITER_LOCK, os.O_RDWR | os.O_CREAT)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise CollectionIOError(f"collection {directory} is read-only here (cannot open {WRITER_LOCK} for "
+                                    "writing): it can be queried, not changed") from None
+        raise
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CollectionLockedError(f"collection {directory} is locked by pid {lock_holder(directory)} "
+                                                "(another process is writing to it)") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class Segment(NamedTuple):
+    """A segment file written: its name and the checksum of its bytes."""
+
+    name: str
+    checksum: str
+
+
+def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) -> Segment:
+    """Durably write ``index`` as a new segment file of ``kind``."""
     name = f"{kind}-{version:08d}.faiss"
     tmp = directory / f"{name}.tmp"
-    faiss.write_index(index, str(tmp))
-    crash_point("segment: tmp written")
-    _fsync(tmp)
-    os.replace(tmp, directory / name)
-    _fsync(directory)
-    return name
+    try:
+        faiss.write_index(index, str(tmp))
+        crash_point("segment: tmp written")
+        with open(tmp, "rb") as written:
+            checksum = _checksum(written)
+        _fsync(tmp)
+        os.replace(tmp, directory / name)
+        _fsync(directory)
+    except (OSError, RuntimeError) as exc:  # a full disk, a read-only folder: FAISS raises RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
+        raise CollectionIOError(f"collection {directory}: could not write {name} ({reason}); nothing was "
+                                "changed") from None
+    return Segment(name, checksum)
+
+
+def _checksum(file: BinaryIO) -> str:
+    """The hex digest of what is left to read in ``file``."""
+    digest = hashlib.blake2b(digest_size=16)
+    while chunk := file.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -103,24 +178,42 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def check_name(directory: Path, name: str) -> str:
+    """``name`` if it is a segment file name this code writes; a damaged database may say anything."""
+    if not SEGMENT_NAME.fullmatch(name):
+        raise CollectionDamagedError(f"collection {directory}: the database names a segment file {name[:80]!r}, "
+                                     "which is not a segment name (kind-00000000.faiss)")
+    return name
+
+
 @contextmanager
 def open_segment(directory: Path, name: str) -> Iterator[BinaryIO]:
     """Segment file ``name``, open for reading (an open file outlives its deletion)."""
     try:
-        file = open(directory / name, "rb")
+        fd = _open_regular(directory / check_name(directory, name), os.O_RDONLY)
     except FileNotFoundError:
         raise CollectionDamagedError(f"collection {directory}: index file {name} is missing") from None
-    with file:
+    with os.fdopen(fd, "rb") as file:
         yield file
 
 
-def read_segment(directory: Path, name: str, file: BinaryIO, dimension: int) -> faiss.Index:
-    """The FAISS index in segment file ``name``, read from its open ``file``."""
+def read_segment(directory: Path, name: str, file: BinaryIO, dimension: int, checksum: str | None = None
+                 ) -> faiss.Index:
+    """The FAISS index in segment file ``name``, read from its open ``file``, whose bytes must first
+    hash to ``checksum`` (the one recorded when it was written; None for segments written before
+    0.1.0 recorded them). Hashing comes first because FAISS trusts the sizes in a file: a damaged
+    one can make it allocate without bound. The second pass reads from the page cache."""
+    if checksum is not None:
+        if _checksum(file) != checksum:
+            raise CollectionDamagedError(f"collection {directory}: index file {name} does not match the checksum "
+                                         "recorded when it was written (it was changed or damaged)")
+        file.seek(0)
     try:
         index = faiss.read_index(faiss.PyCallbackIOReader(file.read))
-    except RuntimeError as exc:
+    except (RuntimeError, MemoryError) as exc:
         raise CollectionDamagedError(f"collection {directory}: index file {name} is unreadable or truncated "
-                                     f"({str(exc).strip().splitlines()[0]})") from None
+                                     f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+                                     ) from None
     if index.d != dimension:
         raise CollectionDamagedError(f"collection {directory}: index file {name} holds {index.d}-d vectors, "
                                      f"expected {dimension}")
@@ -129,12 +222,14 @@ def read_segment(directory: Path, name: str, file: BinaryIO, dimension: int) -> 
 
 def delete_unlisted(directory: Path, keep: set[str]) -> None:
     """Delete segment files not in ``keep`` (superseded by a compaction, or left by a crashed
-    writer) if no reader is opening segments now; else a later write will."""
+    writer) if no reader is opening segments now; else a later write will. Only names this code
+    writes are touched."""
     with flock(directory / READERS_LOCK, exclusive=True, wait=False) as fd:
         if fd is None:
             return
         for file in directory.iterdir():
-            if file.suffix in (".faiss", ".tmp") and file.name not in keep:
+            written = SEGMENT_NAME.fullmatch(file.name.removesuffix(".tmp"))
+            if written and file.name not in keep:
                 file.unlink(missing_ok=True)
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 
 from . import segments, store
 from .classtable import ClassTable
+from .errors import CollectionDamagedError
 from .imprint import Fixed
 from .index import ProxyIndex
 from .params import STORED
@@ -31,7 +32,9 @@ class Snapshot:
     config: dict[str, Any]  # the collection row (GEN/NORM/AGG settings, index, version...)
     embedder: dict[str, Any] | None  # the embedder row
     table: ClassTable
-    files: dict[str, list[str]]  # segment files by kind ("proxies", "samples", "template"), oldest first
+    files: dict[str, list[str]]  # segment files by kind ("proxies", "samples", "template", "means"), oldest first
+    checksums: dict[str, str | None] = field(default_factory=dict)  # recorded per segment file
+    label_kinds: set[str] = field(default_factory=set)  # "str", "int": one, but for collections made before 0.2
     fixed: Fixed = field(default_factory=Fixed)
     template: ProxyIndex | None = None  # an IVF index's trained, empty index
     proxies: ProxyIndex | None = None  # None until the first add
@@ -82,7 +85,13 @@ class Snapshot:
             for name in files:
                 file = opened[name] if opened and name in opened else stack.enter_context(
                     segments.open_segment(directory, name))
-                merged.merge(segments.read_segment(directory, name, file, self.dimension))
+                index = segments.read_segment(directory, name, file, self.dimension, self.checksums.get(name))
+                try:
+                    merged.merge(index)
+                except RuntimeError as exc:  # FAISS refuses to merge indexes of different kinds
+                    raise CollectionDamagedError(f"collection {directory}: index file {name} does not hold a "
+                                                 f"{kind} index like the others ({str(exc).strip().splitlines()[-1]})"
+                                                 ) from None
         ids = merged.ids
         dead = ids[~self.table.live(kind, ids)]
         if len(dead):
@@ -100,17 +109,18 @@ def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows:
                 ids = store.vector_rows(conn) if vector_rows else None
             kinds = KINDS if samples else ("template", "proxies", "means")
             opened = {name: stack.enter_context(segments.open_segment(directory, name))
-                      for kind, name in segs if kind in kinds}
+                      for kind, name, _ in segs if kind in kinds}
         d = cfg["dimension"]
-        snap = Snapshot(cfg, emb, ClassTable.from_rows(rows),
-                        {kind: [f for k, f in segs if k == kind] for kind in KINDS}, vector_rows=ids)
+        snap = Snapshot(cfg, emb, ClassTable.from_rows(rows), {kind: [f for k, f, _ in segs if k == kind]
+                                                               for kind in KINDS},
+                        {f: checksum for _, f, checksum in segs}, {r[2] for r in rows}, vector_rows=ids)
         snap.fixed = Fixed(
             np.frombuffer(cfg["quantile_targets"], np.float32).copy() if cfg["quantile_targets"] else None,
             np.frombuffer(cfg["metric_transform"], np.float32).reshape(d, d).copy() if cfg["metric_transform"]
             else None)
         template = snap.files["template"]
         if template:
-            index = segments.read_segment(directory, template[0], opened[template[0]], d)
+            index = segments.read_segment(directory, template[0], opened[template[0]], d, snap.checksums[template[0]])
             snap.template = ProxyIndex(d, cfg["metric"], snap.fixed.transform, index=index)
         ready = d is not None and (cfg["metric"] != "mahalanobis" or snap.fixed.transform is not None)
         if ready and (cfg["index_factory"] == "Flat" or template):

@@ -16,6 +16,7 @@ busy timeout; writers open ``BEGIN IMMEDIATE`` transactions (``writing``), reade
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -23,13 +24,18 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from urllib.parse import quote
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (Boolean, Column, Connection, Engine, Float, ForeignKey, Index, Integer,
                         LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, delete, event,
-                        insert, select, tuple_, update)
+                        insert, inspect, select, tuple_, update)
+from sqlalchemy.exc import DatabaseError, OperationalError
+
+from .errors import CollectionDamagedError, CollectionIOError
 
 BUSY_TIMEOUT_MS = 10_000
 SQL_CHUNK = 400  # values per IN (...) list: SQLite caps bound parameters
@@ -94,6 +100,7 @@ segments = Table(
     Column("kind", String, nullable=False),
     Column("file", String, nullable=False, unique=True),
     Column("n_vectors", Integer, nullable=False),
+    Column("checksum", String),  # BLAKE2b-128 of the file's bytes, checked as it is read (None: not recorded)
 )
 
 
@@ -119,17 +126,28 @@ proxies = _vectors_table("proxies")
 samples = _vectors_table("samples")
 
 
-def connect(db_path: Path) -> Engine:
-    """An engine on ``db_path`` with WAL, a busy timeout, foreign keys, and explicit BEGINs."""
-    engine = create_engine(f"sqlite:///{db_path}")
+def connect(db_path: Path, *, read_only: bool = False) -> Engine:
+    """An engine on ``db_path`` with WAL, a busy timeout, foreign keys, and explicit BEGINs; with
+    ``read_only`` (a folder this process cannot write: a read-only mount, an image layer), SQLite's
+    immutable read-only mode, which needs no journal, no ``-shm`` file and no WAL switch (and so
+    cannot see writes left in a ``-wal`` file: those are refused, not silently missed)."""
+    if read_only:
+        wal = db_path.with_name(db_path.name + "-wal")
+        if wal.exists() and wal.stat().st_size:
+            raise CollectionIOError(f"{db_path} is read-only here and its last writes are still in {wal.name} (its "
+                                    "writer stopped before closing): open it once where it is writable")
+        engine = create_engine(f"sqlite:///file:{quote(str(db_path.resolve()))}?mode=ro&immutable=1&uri=true")
+    else:
+        engine = create_engine(f"sqlite:///{db_path}")
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:
         dbapi_connection.isolation_level = None  # SQLAlchemy, not pysqlite, emits BEGIN
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = FULL")
+        if not read_only:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = FULL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 
@@ -142,11 +160,16 @@ def connect(db_path: Path) -> Engine:
 
 @contextmanager
 def writing(engine: Engine) -> Iterator[Connection]:
-    """A write transaction that takes SQLite's write lock up front (``BEGIN IMMEDIATE``)."""
-    with engine.connect() as conn:
-        conn.execution_options(immediate=True)
-        with conn.begin():
-            yield conn
+    """A write transaction that takes SQLite's write lock up front (``BEGIN IMMEDIATE``). SQLite's
+    own failures (a full disk, a read-only file) roll it back and become ``CollectionIOError``."""
+    try:
+        with engine.connect() as conn:
+            conn.execution_options(immediate=True)
+            with conn.begin():
+                yield conn
+    except OperationalError as exc:
+        raise CollectionIOError(f"could not write the collection's database ({str(exc.orig).strip()}); "
+                                "nothing was changed") from None
 
 
 def alembic_config(conn: Connection) -> Config:
@@ -155,6 +178,21 @@ def alembic_config(conn: Connection) -> Config:
     cfg.set_main_option("script_location", str(resources.files("retrieval_imprint.migrations")))
     cfg.attributes["connection"] = conn
     return cfg
+
+
+def schema_revision_of(engine: Engine, db_path: Path) -> tuple[str | None, str, bool]:
+    """``schema_revision`` on a fresh connection, with a file that is not a collection's SQLite
+    database (garbage, truncated, or empty of our tables) reported as damage, not a traceback."""
+    try:
+        with engine.connect() as conn:
+            current, head, known = schema_revision(conn)
+            if current is None and not inspect(conn).has_table("collection"):
+                raise CollectionDamagedError(f"{db_path} holds no collection (no tables): not made by "
+                                             "retrieval-imprint, or emptied")
+    except DatabaseError as exc:
+        raise CollectionDamagedError(f"{db_path} is not a readable SQLite database "
+                                     f"({str(exc.orig).strip() if exc.orig else exc})") from None
+    return current, head, known
 
 
 def schema_revision(conn: Connection) -> tuple[str | None, str, bool]:
@@ -174,14 +212,29 @@ def migrate(engine: Engine, revision: str = "head", *, down: bool = False) -> No
 
 
 # ----------------------------------------------------------------- reads and writes of one version
+def initialize(engine: Engine, stored: dict[str, Any], settings: dict[str, Any],
+               embedder_row: dict[str, Any] | None) -> None:
+    """Write a new collection's settings row (GEN/NORM/AGG ``stored`` plus the collection
+    ``settings``) and its embedder's row, at version 0 with no classes."""
+    with writing(engine) as conn:
+        conn.execute(insert(collection).values(
+            id=1, **stored, index_factory=settings["index"], memory_budget=settings["memory_budget"],
+            keep_samples=settings["keep_samples"], dimension=settings["dimension"],
+            search_params=json.dumps(settings["search_params"]) if settings["search_params"] else None,
+            version=0, next_class_id=0))
+        if embedder_row is not None:
+            conn.execute(insert(embedder).values(id=1, **embedder_row))
+
+
 def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None, list, list]:
-    """The collection row, the embedder row, class rows (id order) and ``(kind, file)`` segment rows."""
+    """The collection row, the embedder row, class rows (id order) and ``(kind, file, checksum)``
+    segment rows."""
     cfg = dict(conn.execute(select(collection)).mappings().one())
     emb = conn.execute(select(embedder)).mappings().first()
     c = classes.c
     rows = conn.execute(select(c.id, c.label, c.label_kind, c.n_samples, c.proxy_lo, c.proxy_hi, c.shift,
                                c.threshold).order_by(c.id)).all()
-    segs = conn.execute(select(segments.c.kind, segments.c.file).order_by(segments.c.id)).all()
+    segs = conn.execute(select(segments.c.kind, segments.c.file, segments.c.checksum).order_by(segments.c.id)).all()
     return cfg, dict(emb) if emb is not None else None, rows, segs
 
 
@@ -206,9 +259,10 @@ def _id_rows(kind: str) -> Table | None:
     return {"proxies": proxies, "samples": samples}.get(kind)
 
 
-def insert_segment(conn: Connection, kind: str, name: str, ids: np.ndarray, owners: np.ndarray) -> None:
-    """Record segment file ``name`` and one id row per vector it holds."""
-    seg_id = conn.execute(insert(segments).values(kind=kind, file=name, n_vectors=len(ids))).inserted_primary_key[0]
+def insert_segment(conn: Connection, kind: str, segment: Any, ids: np.ndarray, owners: np.ndarray) -> None:
+    """Record a segment file (``segments.Segment``) and one id row per vector it holds."""
+    seg_id = conn.execute(insert(segments).values(kind=kind, file=segment.name, checksum=segment.checksum,
+                                                  n_vectors=len(ids))).inserted_primary_key[0]
     table = _id_rows(kind)
     if table is not None and len(ids):
         conn.execute(insert(table), [{"id": a, "class_id": b, "segment_id": seg_id}
@@ -227,9 +281,10 @@ def delete_vectors(conn: Connection, class_ids: np.ndarray, *, kinds: Sequence[s
             conn.execute(delete(classes).where(classes.c.id.in_(chunk)))
 
 
-def replace_segments(conn: Connection, kind: str, old: Sequence[str], name: str, n_vectors: int) -> None:
-    """Point the id rows of segments ``old`` at the new segment ``name``, which replaces them."""
-    seg_id = conn.execute(insert(segments).values(kind=kind, file=name, n_vectors=n_vectors)).inserted_primary_key[0]
+def replace_segments(conn: Connection, kind: str, old: Sequence[str], segment: Any, n_vectors: int) -> None:
+    """Point the id rows of segments ``old`` at the new ``segment``, which replaces them."""
+    seg_id = conn.execute(insert(segments).values(kind=kind, file=segment.name, checksum=segment.checksum,
+                                                  n_vectors=n_vectors)).inserted_primary_key[0]
     table = _id_rows(kind)
     old_ids = select(segments.c.id).where(segments.c.file.in_(old))
     if table is not None:
@@ -237,10 +292,10 @@ def replace_segments(conn: Connection, kind: str, old: Sequence[str], name: str,
     conn.execute(delete(segments).where(segments.c.file.in_(old)))
 
 
-def set_template(conn: Connection, name: str) -> None:
-    """Make ``name`` the one template segment (an IVF index's trained, empty index)."""
+def set_template(conn: Connection, segment: Any) -> None:
+    """Make ``segment`` the one template segment (an IVF index's trained, empty index)."""
     conn.execute(delete(segments).where(segments.c.kind == "template"))
-    conn.execute(insert(segments).values(kind="template", file=name, n_vectors=0))
+    conn.execute(insert(segments).values(kind="template", file=segment.name, checksum=segment.checksum, n_vectors=0))
 
 
 def rows_done(conn: Connection, source: str) -> int:

@@ -34,6 +34,12 @@ from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
 
 
+def _record(s: Snapshot, kind: str, segment: segments.Segment) -> None:
+    """The snapshot's note of a segment file just committed."""
+    s.files[kind].append(segment.name)
+    s.checksums[segment.name] = segment.checksum
+
+
 def set_values(engine: Engine, s: Snapshot, **values: Any) -> None:
     """Set columns of the collection row and bump the version."""
     version = s.version + 1
@@ -186,8 +192,8 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
             conn.execute(update(store.classes).where(c.id == int(b.class_id[i])).values(
                 n_samples=int(sizes[i]), proxy_lo=int(proxy_lo[i]), proxy_hi=int(proxy_hi[i]),
                 sample_hi=int(sizes[i]), shift=shifts[i]))
-        for kind, (name, ids, owners) in written.items():
-            store.insert_segment(conn, kind, name, ids, owners)
+        for kind, (segment, ids, owners) in written.items():
+            store.insert_segment(conn, kind, segment, ids, owners)
         if template is not None:
             store.set_template(conn, template)
         conn.execute(update(store.collection).values(
@@ -212,11 +218,13 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
         if b.existing.any():
             s.means.remove(s.table.mean_ids(b.class_id[b.existing]))
         s.means.add(M, mean_ids)
-    for kind, (name, _, _) in written.items():
-        s.files[kind].append(name)
+    for kind, (segment, _, _) in written.items():
+        _record(s, kind, segment)
     if template is not None:
-        s.files["template"] = [template]
+        s.files["template"] = []
+        _record(s, "template", template)
     s.table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi, shift)
+    s.label_kinds.update(kind for kind, _ in entries)
     s.config.update(version=version, next_class_id=b.next_class_id)
 
 
@@ -325,7 +333,9 @@ def retune(directory: Path, engine: Engine, s: Snapshot) -> None:
             metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes()))
     segments.crash_point("retune: committed")
     s.proxies, s.means = proxies, means
-    s.files.update(proxies=[written["proxies"]], means=[written["means"]] if means is not None else [])
+    s.files.update(proxies=[], means=[])
+    for kind, segment in written.items():
+        _record(s, kind, segment)
     table.proxy_lo, table.proxy_hi, table.shift = lo, hi, shift
     cfg["version"] = version
     segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})
@@ -373,18 +383,20 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     written = {kind: segments.write_segment(directory, kind, version, index.index) for kind, index in merged.items()}
     segments.crash_point("compact: segments written")
     with store.writing(engine) as conn:
-        for kind, name in written.items():
-            store.replace_segments(conn, kind, victims[kind], name, merged[kind].ntotal)
+        for kind, segment in written.items():
+            store.replace_segments(conn, kind, victims[kind], segment, merged[kind].ntotal)
         if template is not None:
             store.set_template(conn, template)
             conn.execute(update(store.collection).values(trained_on=merged["proxies"].ntotal))
         conn.execute(update(store.collection).values(version=version))
     segments.crash_point("compact: committed")
     s.config["version"] = version
-    for kind, name in written.items():
-        s.files[kind] = [f for f in s.files[kind] if f not in victims[kind]] + [name]
+    for kind, segment in written.items():
+        s.files[kind] = [f for f in s.files[kind] if f not in victims[kind]]
+        _record(s, kind, segment)
     if template is not None:
-        s.files["template"] = [template]
+        s.files["template"] = []
+        _record(s, "template", template)
         s.config["trained_on"] = merged["proxies"].ntotal
         s.proxies = merged["proxies"]
     segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})

@@ -138,9 +138,13 @@ def test_threshold_rejects_and_is_stored(tmp_path, data, rejection):
 def test_int_and_unicode_labels_round_trip(tmp_path):
     X, y = blobs(3, 10, 4)
     col = make(tmp_path, generator="mean")
-    col.add(X, [7, 8, 9][0:1] * 10 + ["日本語"] * 10 + [np.int64(-3)] * 10)
-    assert Collection.open(tmp_path / "col").classes == [7, "日本語", -3]
-    assert set(col.predict(X).tolist()) == {7, "日本語", -3}
+    col.add(X, [7] * 10 + [2**40] * 10 + [np.int64(-3)] * 10)
+    assert Collection.open(tmp_path / "col").classes == [7, 2**40, -3]
+    assert set(col.predict(X).tolist()) == {7, 2**40, -3}
+    words = Collection.create(tmp_path / "words", model=None, generator="mean")
+    words.add(X, ["日本語"] * 10 + ["naïve"] * 10 + ["7"] * 10)
+    assert Collection.open(tmp_path / "words").classes == ["日本語", "naïve", "7"]
+    assert set(words.predict(X).tolist()) == {"日本語", "naïve", "7"}
 
 
 def test_automatic_compaction_keeps_answers(tmp_path, data, monkeypatch):
