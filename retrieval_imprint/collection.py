@@ -129,7 +129,8 @@ class Collection:
         if not (path / DB_NAME).is_file():
             raise NotACollectionError(f"{path} is not a collection (no {DB_NAME} in it)")
         if not (path / DB_NAME).stat().st_size:
-            raise NotACollectionError(f"{path} is not a collection ({DB_NAME} is empty)")
+            raise CollectionDamagedError(f"{path / DB_NAME} is empty (truncated, or never written): the "
+                                         "collection's database is lost; restore it from a copy or re-index")
         engine = store.connect(path / DB_NAME, read_only=not os.access(path, os.W_OK))
         current, head, known = store.schema_revision_of(engine, path / DB_NAME)
         if not known:

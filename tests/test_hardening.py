@@ -148,7 +148,7 @@ def test_a_damaged_database_is_one_line_and_check_exits_1(tmp_path, damage):
         f.unlink()
     err = cli("info", str(tmp_path / "c"), code=2).stderr
     assert ("not a readable SQLite database" in err) or ("is empty" in err)
-    cli("check", str(tmp_path / "c"), code=1 if damage else 2)
+    assert "imprint.db" in cli("check", str(tmp_path / "c"), code=1).stderr
     cli("db", "upgrade", str(tmp_path / "c"), code=2)  # never rewrites a file it cannot read
 
 
