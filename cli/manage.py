@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from retrieval_imprint.collection import Collection
 
 from .app import collection_argument, describe, emit, json_option, main, open_collection, output
 
@@ -124,6 +123,8 @@ def check(collection: Path) -> None:
     Example:
         imprint check intents/
     """
+    from retrieval_imprint.collection import Collection
+
     report = Collection.verify(collection)
     if report.ok:
         click.echo(f"ok: {collection}")
@@ -147,5 +148,7 @@ def upgrade(collection: Path) -> None:
     Example:
         imprint db upgrade intents/
     """
+    from retrieval_imprint.collection import Collection
+
     before, head = Collection.upgrade(collection)
     click.echo(f"{collection}: schema {before} -> {head}" if before != head else f"{collection}: already at {head}")

@@ -8,8 +8,7 @@ from typing import Any
 import click
 import numpy as np
 
-from retrieval_imprint.ingest import DEFAULT_CHUNK, ingest
-from retrieval_imprint.params import COLLECTION, IMPRINT, PRESETS, STORED
+from retrieval_imprint.params import COLLECTION, DEFAULT_CHUNK, IMPRINT, PRESETS, STORED
 from retrieval_imprint.readers import FORMATS, Dataset, read
 
 from .app import (UserError, collection_argument, collection_vectors, data_options, describe, emit, json_option,
@@ -46,6 +45,8 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
     Example:
         imprint index intents/ train.csv --generator kmeans --k 5
     """
+    from retrieval_imprint.ingest import ingest
+
     settings = {name: value for name, value in given.items() if value is not None}
     if settings.get("model") == "none":
         settings["model"] = None

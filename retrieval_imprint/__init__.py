@@ -1,15 +1,43 @@
-"""retrieval-imprint: few-shot classifiers imprinted from a frozen embedding model (IMPRINT)."""
+"""retrieval-imprint: few-shot classifiers imprinted from a frozen embedding model (IMPRINT).
 
-from .classifier import ImprintClassifier
-from .collapse import CollapseReport, neural_collapse
-from .collection import Collection, QueryResult
-from .embed import Embedder
-from .errors import ImprintError
-from .generate import GENERATORS, register
-from .ingest import IngestReport, ingest
-from .params import DEFAULTS, PRESETS
+The public names below are imported on first use (PEP 562), so that ``imprint --help`` and a
+module that needs only ``params`` do not pay for scikit-learn, SQLAlchemy and torch.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_HOME = {
+    "ImprintClassifier": "classifier", "CollapseReport": "collapse", "neural_collapse": "collapse",
+    "Collection": "collection", "QueryResult": "ranking", "Embedder": "embed", "ImprintError": "errors",
+    "GENERATORS": "generate", "register": "generate", "IngestReport": "ingest", "ingest": "ingest",
+    "DEFAULTS": "params", "PRESETS": "params",
+}
+
 __all__ = ["ImprintClassifier", "PRESETS", "DEFAULTS", "Collection", "QueryResult", "ingest", "IngestReport",
            "Embedder", "ImprintError", "CollapseReport", "neural_collapse", "GENERATORS", "register", "__version__"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from .classifier import ImprintClassifier
+    from .collapse import CollapseReport, neural_collapse
+    from .collection import Collection
+    from .embed import Embedder
+    from .errors import ImprintError
+    from .generate import GENERATORS, register
+    from .ingest import IngestReport, ingest
+    from .params import DEFAULTS, PRESETS
+    from .ranking import QueryResult
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'retrieval_imprint' has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

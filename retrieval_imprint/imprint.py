@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.utils import check_random_state
 
 from ._groups import Grouped
 from .generate import class_means, generate
@@ -32,6 +31,8 @@ def seed_of(random_state: Any) -> int:
     """An int seed from ``random_state`` (int, None or a ``RandomState``, as scikit-learn takes)."""
     if isinstance(random_state, (int, np.integer)) and not isinstance(random_state, bool):
         return int(random_state)
+    from sklearn.utils import check_random_state  # here: scikit-learn takes a second to import
+
     return int(check_random_state(random_state).randint(2**31))
 
 

@@ -26,12 +26,9 @@ from . import labels as lab
 from .collection import Collection
 from .embed import Embedder, EmbeddingCache, embed_all
 from .errors import DataError
-from .params import check_int, collection_scope, resolve
+from .params import DEFAULT_CHUNK, check_int, collection_scope, resolve
 from .readers import Dataset, read
 from .segments import DB_NAME
-
-DEFAULT_CHUNK = 20_000
-
 
 @dataclass(frozen=True)
 class IngestReport:

@@ -164,6 +164,9 @@ COLLECTION: dict[str, Param] = {p.name: p for p in (
 
 DEFAULTS: dict[str, Any] = {name: p.default for name, p in IMPRINT.items()}
 
+# How ingestion writes: rows per atomic write (ingest.py); larger inputs go chunk by chunk, resumably.
+DEFAULT_CHUNK = 20_000
+
 # The published methods in IMPRINT terms: NORMpre/GEN/NORMpost/NORMinf/AGG.
 PRESETS: dict[str, dict[str, Any]] = {
     # Qi et al. 2018: L2/mean/L2/L2/max

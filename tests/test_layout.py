@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,24 @@ def test_the_package_modules_import_without_cycles():
 
     for module in graph:
         visit(module, ())
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    """`imprint --help`, `--version` and a typo answer at once: loading the CLI imports neither
+    scikit-learn, SQLAlchemy, torch nor sentence-transformers (a command imports what it uses)."""
+    code = ("import sys, retrieval_imprint.cli\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'sqlalchemy', 'alembic', 'torch', "
+            "'sentence_transformers', 'scipy', 'pandas'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_lazy_public_names_resolve():
+    import retrieval_imprint
+
+    for name in retrieval_imprint.__all__:
+        assert getattr(retrieval_imprint, name) is not None
+    assert set(retrieval_imprint.__all__) == set(retrieval_imprint._HOME) | {"__version__"}
 
 
 @pytest.mark.slow
