@@ -2,13 +2,16 @@
 
 A user error (any ``retrieval_imprint.errors.ImprintError``: bad file, column, label, dimension,
 setting, a locked collection...) exits with code 2 and one line on stderr, and leaves the
-collection as it was. Any other exception is a bug and shows its traceback.
+collection as it was. Any other exception is a bug and shows its traceback. A closed output pipe
+(``imprint ... | head``) ends the command with exit 0. Heavy libraries are imported by the commands
+that use them, so ``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -35,13 +38,39 @@ class ImprintGroup(click.Group):
             return super().invoke(ctx)
         except ImprintError as exc:
             raise UserError(" ".join(str(exc).split())) from exc
+        except BrokenPipeError:  # the reader went away (`imprint ... | head`): done, not failed
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush into
+            ctx.exit(0)
+
+
+def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``: ours and the installed versions of what answers depend on (read from the
+    package metadata: nothing is imported)."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(*dists: str) -> str:
+        for dist in dists:
+            try:
+                return f"{dist} {version(dist)}"
+            except PackageNotFoundError:
+                pass
+        return f"{dists[0]} not installed"
+
+    deps = [of("faiss-cpu", "faiss-gpu", "faiss"), of("numpy"), of("torch"), of("sentence-transformers"),
+            of("scikit-learn"), of("sqlalchemy")]
+    click.echo(f"imprint {__version__} (Python {sys.version.split()[0]})\n" + "\n".join(f"  {d}" for d in deps))
+    ctx.exit(0)
 
 
 @click.group(cls=ImprintGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="imprint")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Show the version and those of the libraries it runs on, and exit.")
 @click.option("--wait", type=float, default=0.0, metavar="SECONDS",
               help="How long a write waits for another process writing to the same collection.  [default: 0]")
-def main(wait: float) -> None:
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache (see imprint cache).")
+def main(wait: float, no_cache: bool) -> None:
     """Few-shot classifiers imprinted from a frozen embedding model (IMPRINT, arXiv 2503.14572).
 
     \b
@@ -49,6 +78,8 @@ def main(wait: float) -> None:
     imprint query intents/ "where is my card"
     imprint eval intents/ test.csv
     """
+    if no_cache:  # read wherever an embedder is made, the Python API's switch too
+        os.environ["RETRIEVAL_IMPRINT_CACHE"] = "off"
 
 
 def plain(v: Any) -> Any:
@@ -140,13 +171,13 @@ def setting_options(params: list[Param], note: str = "") -> Callable[[Callable],
 @functools.lru_cache(maxsize=None)
 def embedder(model: str | None, quiet: bool):
     """One embedder per model for the whole command: loading the model is the slow part."""
-    from retrieval_imprint.embed import Embedder, EmbeddingCache
+    from retrieval_imprint.embed import Embedder
 
-    return Embedder(model, cache=EmbeddingCache.default(), progress=show_progress(quiet))
+    return Embedder(model, progress=show_progress(quiet))
 
 
 def show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+    return not quiet  # off a terminal, as plain periodic lines (progress.py)
 
 
 def lock_timeout() -> float:

@@ -62,7 +62,8 @@ def _print_classes(rows: list[dict]) -> None:
 @main.command()
 @collection_argument
 @click.argument("labels", nargs=-1, required=True)
-def remove(collection: Path, labels: tuple[str, ...]) -> None:
+@json_option
+def remove(collection: Path, labels: tuple[str, ...], as_json: bool) -> None:
     """Remove the classes LABELS from COLLECTION (all or nothing).
 
     \b
@@ -72,7 +73,8 @@ def remove(collection: Path, labels: tuple[str, ...]) -> None:
     col = open_collection(collection)
     by_text = {str(c): c for c in col.classes}
     col.remove([by_text.get(label, label) for label in labels])
-    click.echo(f"removed {len(set(labels))} classes; {len(col)} remain")
+    output({"removed": len(set(labels)), "classes": len(col)}, as_json,
+           lambda d: click.echo(f"removed {d['removed']} classes; {d['classes']} remain"))
 
 
 @main.command()
@@ -80,7 +82,8 @@ def remove(collection: Path, labels: tuple[str, ...]) -> None:
 @click.option("--retrain/--no-retrain", default=None,
               help="Retrain an IVF index's lists on the live proxies now (--retrain) or never "
                    "(--no-retrain). Default: when the proxies have grown 4x past those it was trained on.")
-def compact(collection: Path, retrain: bool | None) -> None:
+@json_option
+def compact(collection: Path, retrain: bool | None, as_json: bool) -> None:
     """Rewrite COLLECTION's live vectors into one file per kind, dropping removed ones.
 
     \b
@@ -91,7 +94,9 @@ def compact(collection: Path, retrain: bool | None) -> None:
     before = col.info()["segments"]
     after = col.compact(retrain=retrain).info()["segments"]
     retrained = {f for f in before if f.startswith("template")} != {f for f in after if f.startswith("template")}
-    click.echo(f"{len(before)} files -> {len(after)}" + ("; IVF lists retrained" if retrained else ""))
+    output({"before": before, "after": after, "retrained": retrained}, as_json,
+           lambda d: click.echo(f"{len(d['before'])} files -> {len(d['after'])}"
+                                + ("; IVF lists retrained" if d["retrained"] else "")))
 
 
 @main.command()
@@ -116,7 +121,8 @@ def tune(collection: Path, as_json: bool) -> None:
 
 @main.command()
 @collection_argument
-def check(collection: Path) -> None:
+@json_option
+def check(collection: Path, as_json: bool) -> None:
     """Verify that COLLECTION's database and index files agree (exit 1 if not).
 
     \b
@@ -126,12 +132,14 @@ def check(collection: Path) -> None:
     from retrieval_imprint.collection import Collection
 
     report = Collection.verify(collection)
-    if report.ok:
+    if as_json:
+        emit({"ok": report.ok, "problems": report.problems})
+    elif report.ok:
         click.echo(f"ok: {collection}")
-        return
     for problem in report.problems:
         click.echo(problem, err=True)
-    sys.exit(1)
+    if not report.ok:
+        sys.exit(1)
 
 
 @main.group()
@@ -141,7 +149,8 @@ def db() -> None:
 
 @db.command()
 @collection_argument
-def upgrade(collection: Path) -> None:
+@json_option
+def upgrade(collection: Path, as_json: bool) -> None:
     """Migrate COLLECTION's database to this version's schema.
 
     \b
@@ -151,4 +160,6 @@ def upgrade(collection: Path) -> None:
     from retrieval_imprint.collection import Collection
 
     before, head = Collection.upgrade(collection)
-    click.echo(f"{collection}: schema {before} -> {head}" if before != head else f"{collection}: already at {head}")
+    output({"before": before, "after": head}, as_json,
+           lambda d: click.echo(f"{collection}: schema {before} -> {head}" if before != head
+                                else f"{collection}: already at {head}"))

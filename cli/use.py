@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import queue
+import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import click
 import numpy as np
@@ -12,8 +16,8 @@ from retrieval_imprint.params import COLLECTION, DEFAULT_CHUNK, IMPRINT, PRESETS
 from retrieval_imprint.readers import FORMATS, Dataset, read
 
 from .app import (UserError, collection_argument, collection_vectors, data_options, describe, emit, json_option,
-                  lock_timeout, main, open_collection, pyplot, quiet_option, read_options, setting_options,
-                  show_progress)
+                  lock_timeout, main, open_collection, output, plain, pyplot, quiet_option, read_options,
+                  setting_options, show_progress)
 
 
 @main.command()
@@ -69,7 +73,8 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
 @main.command()
 @collection_argument
 @click.argument("text", nargs=-1)
-@click.option("--file", "file_", help="Queries from a file: one per line, or a CSV/JSONL/Parquet text column.")
+@click.option("--file", "file_", help="Queries from a file: one per line, or a CSV/JSONL/Parquet text column. "
+                                      "'-' (or /dev/stdin): read lines as they come and answer each as a JSON line.")
 @click.option("--vectors", help="Query vectors from an .npy or .npz file (--split for NPZ).")
 @click.option("--top", type=int, default=1, show_default=True, help="Classes to show per query.")
 @click.option("--threshold", type=float, help="A class whose rejection score is below this is 'no class' (default: "
@@ -83,12 +88,27 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
           as_json: bool) -> None:
     """Classify TEXT arguments (or --file, or --vectors) against COLLECTION.
 
+    With --file - the model is loaded once and each line read from standard input is answered
+    with one JSON line as soon as it arrives (lines that arrive together are embedded together).
+
     \b
     Example:
         imprint query intents/ "where is my card" "play some jazz" --top 3
+        tail -f questions.txt | imprint query intents/ --file -
     """
     col = open_collection(collection)
     options = read_options(text_column, label_column, vector_column, split)
+    search = {"nprobe": nprobe} if nprobe else None
+    if file_ in ("-", "/dev/stdin"):
+        if text or vectors:
+            raise UserError("--file - reads every query from standard input: give no TEXT or --vectors beside it")
+        _need_model(col, collection)
+        for batch in _line_batches(sys.stdin):
+            Q = collection_vectors(col, [Dataset("stdin", texts=batch)], quiet=True)
+            for row in _rows(batch, col.query(Q, top, threshold=threshold, search_params=search)):
+                click.echo(json.dumps(plain(row), ensure_ascii=False))
+            sys.stdout.flush()
+        return
     if vectors is not None:
         ds = read(vectors, need_labels=False, **options)
         names: list[Any] = list(range(len(ds)))
@@ -105,15 +125,9 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
                             if line.strip()]
         if not queries:
             raise UserError("nothing to query: give TEXT arguments, --file or --vectors")
-        if col.model is None:
-            raise UserError(f"{collection} records no embedding model: query it with --vectors")
+        _need_model(col, collection)
         names, Q = queries, collection_vectors(col, [Dataset("args", texts=queries)], quiet)
-    result = col.query(Q, top, threshold=threshold, search_params={"nprobe": nprobe} if nprobe else None)
-    rows = [{"query": name, "labels": labels.tolist(), "scores": scores.tolist(), "candidates": candidates.tolist(),
-             "rejection_scores": why.tolist(), "thresholds": limits.tolist(), "rejected": rejected.tolist()}
-            for name, labels, scores, candidates, why, limits, rejected in zip(
-                names, result.labels, result.scores, result.candidates, result.rejection_scores, result.thresholds,
-                result.rejected)]
+    rows = _rows(names, col.query(Q, top, threshold=threshold, search_params=search))
     if as_json:
         emit(rows)
         return
@@ -125,6 +139,47 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
         for label, score in zip(row["labels"], row["scores"]):
             if label is not None:
                 click.echo(f"  {score:7.4f}  {label}")
+
+
+def _need_model(col: Any, collection: Path) -> None:
+    if col.model is None:
+        raise UserError(f"{collection} records no embedding model: query it with --vectors")
+
+
+def _rows(names: list, result: Any) -> list[dict[str, Any]]:
+    """One plain record per query of a ``QueryResult``."""
+    return [{"query": name, "labels": labels.tolist(), "scores": scores.tolist(), "candidates": candidates.tolist(),
+             "rejection_scores": why.tolist(), "thresholds": limits.tolist(), "rejected": rejected.tolist()}
+            for name, labels, scores, candidates, why, limits, rejected in zip(
+                names, result.labels, result.scores, result.candidates, result.rejection_scores, result.thresholds,
+                result.rejected)]
+
+
+def _line_batches(stream: IO[str], most: int = 256) -> Iterator[list[str]]:
+    """Non-empty lines of ``stream`` in batches: each batch is the first line to arrive plus those
+    already waiting behind it, so a piped file is embedded in bulk and a typed line answered at once.
+    A reader thread does the blocking reads."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            if line.strip():
+                lines.put(line.strip())
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    while (line := lines.get()) is not None:
+        batch = [line]
+        while len(batch) < most:
+            try:
+                waiting = lines.get_nowait()
+            except queue.Empty:
+                break
+            if waiting is None:
+                yield batch
+                return
+            batch.append(waiting)
+        yield batch
 
 
 @main.command("eval")
@@ -263,7 +318,8 @@ def _plot_tradeoff(curves: dict, path: str) -> None:
 @collection_argument
 @click.argument("value")
 @click.option("--label", help="Set the threshold of this class only ('none' goes back to the collection's).")
-def threshold(collection: Path, value: str, label: str | None) -> None:
+@json_option
+def threshold(collection: Path, value: str, label: str | None, as_json: bool) -> None:
     """Set COLLECTION's rejection threshold to VALUE (a number, or none: never reject).
 
     \b
@@ -278,4 +334,5 @@ def threshold(collection: Path, value: str, label: str | None) -> None:
     col = open_collection(collection)
     target = None if label is None else {str(c): c for c in col.classes}.get(label, label)
     col.set_threshold(number, label=target)
-    click.echo(f"threshold {'of ' + repr(target) + ' ' if label else ''}set to {value}")
+    output({"threshold": number, "label": target}, as_json,
+           lambda d: click.echo(f"threshold {'of ' + repr(target) + ' ' if label else ''}set to {value}"))

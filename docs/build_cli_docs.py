@@ -4,7 +4,7 @@
     .venv/bin/python docs/build_cli_docs.py --check  # exit 1 if docs/cli.md is not what it would write
 
 Runs in a scratch directory holding the demo intents as train.csv / test.csv, with a fresh
-embedding cache. The output is the same on any machine: commands print no timings, scores are
+embedding cache and an empty Hugging Face cache. The output is the same on any machine: commands print no timings, scores are
 rounded, and the installed packages' directory is written as <site-packages>.
 """
 
@@ -42,6 +42,10 @@ EXAMPLES = [
     ("db", []),
     ("db upgrade", ["imprint db upgrade intents/"]),
     ("sweep", ["imprint sweep train.csv test.csv --k 1,4 --shots 2,0 --seeds 2 --quiet"]),
+    ("models", ["imprint models"]),
+    ("cache", []),
+    ("cache info", ["imprint cache info"]),
+    ("cache clear", ["imprint cache clear"]),
 ]
 
 
@@ -49,7 +53,8 @@ def invoke(runner: CliRunner, line: str) -> str:
     result = runner.invoke(main, shlex.split(line)[1:], prog_name="imprint", terminal_width=100)
     if result.exit_code != 0:
         raise SystemExit(f"{line!r} failed ({result.exit_code}): {result.output}{result.stderr}")
-    return result.output.rstrip().replace(sysconfig.get_paths()["purelib"], "<site-packages>")
+    return (result.output.rstrip().replace(sysconfig.get_paths()["purelib"], "<site-packages>")
+            .replace(os.getcwd() + os.sep, ""))
 
 
 def build() -> str:
@@ -65,10 +70,11 @@ def build() -> str:
              "`rejection_scores`, `thresholds` and `rejected`); `eval` prints one object with `accuracy` and "
              "`macro_f1` (fractions in [0, 1]), `n`, `correct`, `per_class` (label, precision, recall, f1, "
              "support) and `confusions` (true, predicted, count).\n"]
-    cwd, cache = os.getcwd(), os.environ.get("RETRIEVAL_IMPRINT_CACHE")
+    cwd, saved = os.getcwd(), {key: os.environ.get(key) for key in ("RETRIEVAL_IMPRINT_CACHE", "HF_HUB_CACHE")}
     with tempfile.TemporaryDirectory() as scratch:
         os.chdir(scratch)
         os.environ["RETRIEVAL_IMPRINT_CACHE"] = str(Path(scratch) / "cache.sqlite")
+        os.environ["HF_HUB_CACHE"] = str(Path(scratch) / "hub")  # `imprint models`: only the packaged one
         try:
             for split in ("train", "test", "oos"):
                 shutil.copy(ROOT / "retrieval_imprint" / "data" / f"demo_{split}.csv", f"{split}.csv")
@@ -79,9 +85,10 @@ def build() -> str:
                     parts.append(f"```console\n$ {line}\n{invoke(runner, line)}\n```\n")
         finally:
             os.chdir(cwd)
-            os.environ.pop("RETRIEVAL_IMPRINT_CACHE")
-            if cache is not None:
-                os.environ["RETRIEVAL_IMPRINT_CACHE"] = cache
+            for key, value in saved.items():
+                os.environ.pop(key)
+                if value is not None:
+                    os.environ[key] = value
     return "\n".join(parts)
 
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
@@ -19,7 +18,7 @@ from .auto import choose, folds
 from .imprint import grouped, imprint, means, seed_of
 from .openset import class_shift, filled, own_scores
 from .index import ProxyIndex
-from .labels import label_keys
+from .labels import check_targets, label_keys
 from .normalize import normalize
 from .params import DEFAULTS, check_params, preset
 
@@ -84,7 +83,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         (after choosing what ``auto`` leaves open, on the same data)."""
         params = check_params(self.get_params())
         X, y = validate_data(self, X, y, dtype=np.float32)
-        check_classification_targets(y)
+        check_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         keys = label_keys(self.classes_)
         choice, self.cv_results_ = choose(X, codes, keys, params)

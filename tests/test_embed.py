@@ -48,5 +48,7 @@ def test_the_cache_answers_without_the_model(tmp_path, embedder):
     second = Embedder(cache=EmbeddingCache(tmp_path / "cache.sqlite"))
     second._st = NoModel()
     np.testing.assert_array_equal(second.encode(texts[:2]), vectors[:2])
-    other_model = Embedder("some/other-model", cache=cache)
+    other_model = Embedder(str(tmp_path / "other-model"), cache=cache)
+    (tmp_path / "other-model").mkdir()
+    (tmp_path / "other-model" / "config.json").write_text("{}")
     assert cache.get(other_model.identity, texts) == {}
