@@ -31,19 +31,25 @@ from .app import (UserError, collection_argument, collection_vectors, data_optio
 @click.option("--nprobe", type=int, help="Inverted lists searched per query (IVF indexes); stored.")
 @click.option("--chunk-size", type=int, default=DEFAULT_CHUNK, show_default=True,
               help="Larger inputs are embedded and added chunk by chunk; an interrupted run resumes.")
+@click.option("--again", is_flag=True, help="Add DATA even where the same rows were indexed before (they are "
+                                             "skipped otherwise).")
+@click.option("--upsert", is_flag=True, help="Classes of DATA that exist get DATA's samples instead of adding to "
+                                              "theirs; new ones are added.")
 @data_options
 @quiet_option
 @json_option
 def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: int | None, chunk_size: int,
-          text_column, label_column, vector_column, split, quiet: bool, as_json: bool, **given: Any) -> None:
+          again: bool, upsert: bool, text_column, label_column, vector_column, split, quiet: bool, as_json: bool,
+          **given: Any) -> None:
     """Create COLLECTION or extend it with the labelled rows of DATA files.
 
     DATA: CSV/TSV, JSONL, Parquet (text and label columns, or a vector column) or NPZ (--split NAME
     reads NAME_X and NAME_y). Every file is read and checked before anything is written. Up to
     --chunk-size rows are embedded and added in one atomic write; larger inputs go chunk by chunk
     (cut between classes when the rows are grouped by label), each chunk atomic and recorded, so
-    rerunning an interrupted command continues after the last committed chunk. Settings apply when
-    the collection is created; given for an existing one, they must match.
+    rerunning an interrupted command continues after the last committed chunk, and a file whose rows
+    were all indexed before (under any name) is skipped. Settings apply when the collection is
+    created; given for an existing one, they must match.
 
     \b
     Example:
@@ -57,16 +63,18 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
     if nprobe is not None:
         settings["search_params"] = {"nprobe": nprobe}
     datasets = [read(p, **read_options(text_column, label_column, vector_column, split)) for p in data]
-    report = ingest(collection, datasets, chunk_size=chunk_size, progress=show_progress(quiet), preset=preset,
-                    lock_timeout=lock_timeout(), **settings)
+    report = ingest(collection, datasets, chunk_size=chunk_size, progress=show_progress(quiet), again=again,
+                    upsert=upsert, preset=preset, lock_timeout=lock_timeout(), **settings)
     if as_json:
         emit(report.as_dict())
         return
+    for source in report.skipped:
+        click.echo(f"skipped {source}: its rows are in {collection} already (--again adds them again)", err=True)
     click.echo(f"indexed {report.rows} rows into {collection}"
                + (f" (resumed after {report.resumed_after})" if report.resumed_after else "")
                + f": {report.new_classes} new classes; {report.classes} classes, {report.proxies} proxies in all"
                + ("; IVF lists retrained on them" if report.retrained else ""))
-    if report.auto_choice and report.auto_choice["cv_results"]:
+    if report.created and report.auto_choice and report.auto_choice["cv_results"]:
         click.echo(f"auto chose {describe(report.auto_choice)}")
 
 

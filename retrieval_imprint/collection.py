@@ -315,16 +315,20 @@ class Collection:
     def _delete_unlisted(self) -> None:
         segments.delete_unlisted(self.path, {f for files in self._s.files.values() for f in files})
 
-    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None) -> "Collection":
+    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None,
+            replace: bool = False) -> "Collection":
         """Imprint samples ``X`` ``(n, d)`` with their ``labels``: new labels become new classes; an
-        existing class is re-imprinted from its kept samples plus the new ones. Atomic."""
-        self._add_checked(X, labels, model=model)
+        existing class is re-imprinted from its kept samples plus the new ones, or, with
+        ``replace``, from the new ones alone (an upsert; the class keeps no per-class threshold).
+        ``model``, if given, must be the collection's embedder. Atomic."""
+        self._add_checked(X, labels, model=model, replace=replace)
         return self
 
     def _add_checked(self, X: Any, labels: Sequence[object], *, model: str | None = None,
-                     checkpoint: tuple[str, int] | None = None) -> None:
-        """``add``; ``checkpoint=(source, rows_done)`` records in the same transaction how far an
-        ingestion of ``source`` has come (``ingest.py``)."""
+                     replace: bool | set = False, checkpoints: Sequence[tuple[str, int]] = ()) -> None:
+        """``add``; ``replace`` may name the label entries to replace; ``checkpoints``
+        ``(source, rows_done)`` record in the same transaction how far ingestions have come
+        (``ingest.py``)."""
         X = check_vectors(X, "X", self._s.dimension)
         labels = lab.as_sequence(labels)
         if len(labels) != len(X):
@@ -335,7 +339,8 @@ class Collection:
             kinds = self._s.label_kinds
             if len(kinds) <= 1:  # (a collection made before the rule may mix them: left as it is)
                 lab.check_kind(entries, next(iter(kinds), None))
-            writes.add(self.path, self._engine, self._s, X, codes, entries, checkpoint)
+            writes.add(self.path, self._engine, self._s, X, codes, entries, checkpoints,
+                       set(entries) if replace is True else replace or ())
             if len(self._s.files["proxies"]) > COMPACT_SEGMENTS:
                 writes.compact(self.path, self._engine, self._s, full=False)
 

@@ -4,10 +4,13 @@
 collection at ``path`` (its stored settings must match any given) or creates it when the first
 chunk is ready, embeds texts with the collection's model, and adds the rows. Up to ``chunk_size``
 rows go in one atomic write; larger inputs go chunk by chunk, cut where the label changes when
-rows are grouped by label (a class is then imprinted from all its samples at once). Each chunk's
-write also records how many rows of its source are done, so rerunning an interrupted ingestion,
-from Python or ``imprint index``, continues after the last committed chunk. At the end, IVF lists
-trained on the first chunk are retrained on everything when the collection has outgrown them.
+rows are grouped by label (a class is then imprinted from all its samples at once). Each write
+also records, per source (identified by its content: ``fingerprint``), how many of its rows are
+done, so rerunning an interrupted ingestion, from Python or ``imprint index``, continues after the
+last committed chunk, and a source ingested whole before is skipped (``again=True`` adds it
+anyway) rather than doubling its classes' samples. ``upsert=True`` gives classes that existed
+before the call the new data's samples instead of adding to theirs. At the end, IVF lists trained
+on the first chunk are retrained on everything when the collection has outgrown them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 from . import labels as lab
 from .collection import Collection
@@ -39,24 +44,22 @@ class IngestReport:
     proxies: int
     retrained: bool  # IVF lists retrained on all proxies at the end
     auto_choice: dict[str, Any] | None = None  # the concrete setting (and CV table) fixed at the first add
+    skipped: tuple[str, ...] = ()  # sources ingested whole before, not added again
+    created: bool = False  # this call created the collection (and auto made its choice)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def fingerprint(ds: Dataset) -> str:
-    """What identifies a source across runs: a file's path, size and modification time (a changed
-    file starts over), or a hash of an in-memory dataset's rows."""
-    file = Path(ds.source)
-    if file.is_file():
-        stat = file.stat()
-        return f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    digest = hashlib.sha256(repr(ds.labels).encode())
+    """What identifies a source across runs: a hash of its rows (labels and texts or vectors), so
+    the same data is recognised under another name or format, and a changed file starts over."""
+    digest = hashlib.sha256(repr([lab.entry(v) for v in ds.labels]).encode())
     if ds.texts is not None:
         digest.update("\0".join(ds.texts).encode())
     else:
-        digest.update(memoryview(ds.vectors.astype("<f4", copy=False).tobytes()))
-    return f"memory:{ds.source}:{len(ds)}:{digest.hexdigest()[:32]}"
+        digest.update(memoryview(np.ascontiguousarray(ds.vectors, "<f4")).cast("B"))
+    return f"rows:{len(ds)}:{digest.hexdigest()[:32]}"
 
 
 def chunks(labels: Sequence[Any], start: int, size: int) -> Iterator[tuple[int, int]]:
@@ -93,11 +96,11 @@ class _Target:
     def rows_done(self, source: str) -> int:
         return self.col._rows_done(source) if self.col is not None else 0
 
-    def add(self, X: Any, labels: list, checkpoint: tuple[str, int] | None) -> None:
+    def add(self, X: Any, labels: list, checkpoints: list[tuple[str, int]], replace: set) -> None:
         if self.col is None:
             self.col = Collection.create(self.path, preset=self.preset, lock_timeout=self.lock_timeout, **self.settings)
             self.created = True
-        self.col._add_checked(X, labels, checkpoint=checkpoint)
+        self.col._add_checked(X, labels, checkpoints=checkpoints, replace=replace)
 
     def discard_if_unwritten(self) -> None:
         """Remove a collection this ingestion created and never wrote to: no stub is left with
@@ -109,13 +112,16 @@ class _Target:
 
 def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Dataset], *,
            chunk_size: int = DEFAULT_CHUNK, progress: bool = False, embedder: Embedder | None = None,
-           preset: str | None = None, lock_timeout: float = 0.0, **settings: Any) -> IngestReport:
+           again: bool = False, upsert: bool = False, preset: str | None = None, lock_timeout: float = 0.0,
+           **settings: Any) -> IngestReport:
     """Add the labelled rows of ``sources`` (data files, or ``readers.Dataset``) to the collection
     at ``path``, creating it with ``preset`` and ``settings`` if there is none; see the module
     docstring. ``embedder``: the model's embedder to use (default: the collection's, cached);
     ``lock_timeout``: seconds each write waits for another process writing to the collection."""
     chunk_size = check_int("chunk_size", chunk_size, 1)
     datasets = [s if isinstance(s, Dataset) else read(s) for s in sources]
+    if not datasets:
+        raise DataError("no data sources given: nothing to index")
     for ds in datasets:
         if ds.labels is None:
             raise DataError(f"{ds.source}: no labels to index")
@@ -130,18 +136,26 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     if embedder is not None and model is not None and embedder.name != model:
         raise DataError(f"the embedder is {embedder.name!r}, but the collection uses {model!r}")
     if embedder is None and model is not None:  # an existing collection's is checked to be its model
-        embedder = (target.col.embedder() if target.col is not None else Embedder(model))
+        embedder = target.col.embedder() if target.col is not None else Embedder(model)
     if embedder is not None:
         embedder.progress = progress
         embedder.locate()
     before = {lab.entry(label) for label in target.col.classes} if target.col is not None else set()
-    total = sum(len(ds) for ds in datasets)
-    resumed = 0
+    plan = [(ds, fingerprint(ds)) for ds in datasets]
+    starts = [0 if again else target.rows_done(source) for _, source in plan]
+    skipped = tuple(ds.source for (ds, _), start in zip(plan, starts) if start >= len(ds))
+    todo = [(ds, source, start) for (ds, source), start in zip(plan, starts) if start < len(ds)]
+    upserting = _Upsert(before if upsert else set(), todo)
+    resumed = sum(start for _, _, start in todo)
+    total = sum(len(ds) - start for ds, _, start in todo)
     try:
-        if total <= chunk_size:  # one atomic write
-            target.add(embed_all(datasets, embedder), [v for ds in datasets for v in ds.labels], None)
-        else:
-            resumed = _add_chunks(target, datasets, embedder, chunk_size, progress)
+        if todo and total <= chunk_size:  # one atomic write
+            parts = [_part(ds, start, len(ds)) for ds, _, start in todo]
+            labels = [v for part in parts for v in part.labels]
+            target.add(embed_all(parts, embedder), labels, [(source, len(ds)) for ds, source, _ in todo],
+                       upserting.take(labels))
+        elif todo:
+            _add_chunks(target, todo, embedder, chunk_size, progress, upserting)
     except BaseException:
         target.discard_if_unwritten()
         raise
@@ -149,27 +163,39 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     retrained = col.outgrown
     if retrained:
         col.compact()
-    seen = {lab.entry(label) for ds in datasets for label in ds.labels}
+    seen = {lab.entry(label) for ds, _, _ in todo for label in ds.labels}
     info = col.info()
-    return IngestReport(str(path), total - resumed, resumed, len(seen - before), info["classes"], info["proxies"],
-                        retrained, col.auto_choice)
+    return IngestReport(str(path), total, resumed, len(seen - before), info["classes"], info["proxies"],
+                        retrained, col.auto_choice, skipped, target.created)
 
 
-def _add_chunks(target: _Target, datasets: list[Dataset], embedder: Embedder | None, chunk_size: int,
-                progress: bool) -> int:
-    """Add every dataset chunk by chunk, each chunk recording its progress; returns the rows an
-    earlier run had committed (skipped here)."""
-    resumed, first, started = 0, len(target), time.perf_counter()
-    with bar(total=sum(len(ds) for ds in datasets), unit="row", desc="indexing", enabled=progress) as shown:
-        for ds in datasets:
-            source = fingerprint(ds)
-            start = target.rows_done(source)
-            resumed += start
-            shown.update(start)
+class _Upsert:
+    """Which classes an upsert replaces: those that existed before the ingestion, each once (the
+    first write that has its rows replaces it; later chunks add to it). Rows of an interrupted run
+    already committed count as that first write."""
+
+    def __init__(self, existing: set, todo: list) -> None:
+        self.left = set(existing)
+        for ds, _, start in todo:
+            self.left -= {lab.entry(v) for v in ds.labels[:start]}
+
+    def take(self, labels: Sequence[Any]) -> set:
+        hit = {lab.entry(v) for v in labels} & self.left
+        self.left -= hit
+        return hit
+
+
+def _add_chunks(target: _Target, todo: list, embedder: Embedder | None, chunk_size: int, progress: bool,
+                upserting: _Upsert) -> None:
+    """Add every source chunk by chunk from its first row not yet done, each chunk recording its
+    progress."""
+    first, started = len(target), time.perf_counter()
+    with bar(total=sum(len(ds) - start for ds, _, start in todo), unit="row", desc="indexing",
+             enabled=progress) as shown:
+        for ds, source, start in todo:
             for lo, hi in chunks(ds.labels, start, chunk_size):
                 part = _part(ds, lo, hi)
-                target.add(embed_all([part], embedder), part.labels, (source, hi))
+                target.add(embed_all([part], embedder), part.labels, [(source, hi)], upserting.take(part.labels))
                 shown.update(hi - lo)
                 rate = (len(target) - first) / max(time.perf_counter() - started, 1e-9)
                 shown.set_postfix(classes=len(target), classes_per_s=f"{rate:.0f}")
-    return resumed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Container, Sequence
 
 import faiss
 import numpy as np
@@ -122,8 +122,11 @@ def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> s
 
 
 def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list,
-        checkpoint: tuple[str, int] | None) -> None:
-    """Imprint samples ``X`` with class ``codes`` into ``entries`` (label entries; new or existing)."""
+        checkpoints: Sequence[tuple[str, int]] = (), replace: Container[tuple[str, str]] = ()) -> None:
+    """Imprint samples ``X`` with class ``codes`` into ``entries`` (label entries; new or existing).
+    An existing class among ``replace`` is imprinted from these samples alone: it is dropped and
+    made again under a new id, in the same transaction. ``checkpoints``: ``(source, rows_done)``
+    of ingestions, recorded in that transaction too."""
     cfg = s.config
     if cfg["auto_choice"] is None:  # the first add: auto chooses what the settings leave open, on this data
         choice, rows = choose(X, codes, lab.label_keys([lab.value(*e) for e in entries]), _choosable(cfg))
@@ -132,6 +135,7 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
     X = normalize(X, cfg["pre_norm"], what="X")
     with engine.connect() as conn:
         found = store.find_classes(conn, entries)
+    replaced = np.array(sorted(found.pop(e).id for e in list(found) if e in replace), np.int64)
     if found and not cfg["keep_samples"]:
         raise DataError(f"class {next(iter(found))[1]!r} already exists and this collection keeps no samples, so it "
                         "cannot be re-imprinted from old and new samples together; remove it and add all its "
@@ -181,6 +185,8 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
 
     c = store.classes.c
     with store.writing(engine) as conn:
+        if len(replaced):
+            store.delete_vectors(conn, replaced, drop_classes=True)
         store.delete_vectors(conn, b.class_id[b.existing], kinds=("proxies",))
         shifts = [None if np.isnan(v) else float(v) for v in shift]
         new = [dict(id=int(b.class_id[i]), label=e[1], label_kind=e[0], n_samples=int(sizes[i]),
@@ -203,11 +209,13 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
             metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes(),
             auto_choice=cfg["auto_choice"]))
         conn.execute(update(store.embedder).values(dimension=d))
-        if checkpoint is not None:
-            store.set_rows_done(conn, *checkpoint)
+        for source, done in checkpoints:
+            store.set_rows_done(conn, source, done)
     segments.crash_point("add: committed")
 
     # the same change in memory, without rereading the segments
+    if len(replaced):
+        _forget(s, replaced)
     if b.existing.any():
         s.proxies.remove(s.table.proxy_ids(b.class_id[b.existing]))
     s.proxies.add(W, proxy_ids)
@@ -354,13 +362,18 @@ def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
         store.delete_vectors(conn, ids, drop_classes=True)
         conn.execute(update(store.collection).values(version=s.version + 1))
     segments.crash_point("remove: committed")
+    _forget(s, ids)
+    s.config["version"] += 1
+
+
+def _forget(s: Snapshot, ids: np.ndarray) -> None:
+    """Drop classes ``ids`` from the snapshot in memory (their rows are gone from the database)."""
     s.proxies.remove(s.table.proxy_ids(ids))
     if s.samples is not None:
         s.samples.remove(s.table.sample_ids(ids))
     if s.means is not None:
         s.means.remove(s.table.mean_ids(ids))
     s.table.drop(ids)
-    s.config["version"] += 1
 
 
 def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, retrain: bool = False) -> None:

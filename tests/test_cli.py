@@ -54,7 +54,7 @@ def demo(tmp_path_factory):
     out = json.loads(run("index", str(path), TRAIN, "--k", "4", "--quiet", "--json").output)
     choice = out.pop("auto_choice")
     assert out == {"collection": str(path), "rows": 96, "resumed_after": 0, "new_classes": 8, "classes": 8,
-                   "proxies": 32, "retrained": False}
+                   "proxies": 32, "retrained": False, "skipped": [], "created": True}
     assert (choice["generator"], choice["k"]) == ("kmeans", 4)  # k given: auto chose max or blend only
     assert {(r["aggregation"], r["alpha"]) for r in choice["cv_results"]} == {
         ("max", None), ("blend", 0.25), ("blend", 0.5), ("blend", 0.75), ("blend", 0.9)}

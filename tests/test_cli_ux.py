@@ -145,3 +145,20 @@ def test_progress_off_a_terminal_is_plain_lines(capsys, monkeypatch):
     lines = err.splitlines()
     assert len(lines) >= 2 and all(line.startswith("slow:") for line in lines) and "4/4" in lines[-1]
 
+
+
+def test_indexing_the_same_file_twice_skips_it_and_says_so(tmp_path):
+    import shutil
+
+    run("index", str(tmp_path / "c"), TRAIN, "--quiet")
+    shutil.copy(TRAIN, tmp_path / "copy.csv")
+    second = run("index", str(tmp_path / "c"), str(tmp_path / "copy.csv"), "--quiet")
+    assert "skipped" in second.stderr and "--again" in second.stderr and "indexed 0 rows" in second.stdout
+    counts = {r["label"]: r["samples"] for r in json.loads(run("classes", str(tmp_path / "c"), "--json").output)}
+    assert set(counts.values()) == {12}
+    run("index", str(tmp_path / "c"), TRAIN, "--again", "--quiet")
+    counts = {r["label"]: r["samples"] for r in json.loads(run("classes", str(tmp_path / "c"), "--json").output)}
+    assert set(counts.values()) == {24}
+    run("index", str(tmp_path / "c"), TRAIN, "--again", "--upsert", "--quiet")
+    counts = {r["label"]: r["samples"] for r in json.loads(run("classes", str(tmp_path / "c"), "--json").output)}
+    assert set(counts.values()) == {12}

@@ -75,3 +75,50 @@ def test_fingerprints_change_with_the_data():
     assert a == fingerprint(Dataset("m", vectors=X.copy(), labels=["x", "y", "z"]))
     assert a != fingerprint(Dataset("m", vectors=X * 2, labels=["x", "y", "z"]))
     assert a != fingerprint(Dataset("m", vectors=X, labels=["x", "y", "q"]))
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 25])
+def test_the_same_rows_are_not_ingested_twice_unless_asked(tmp_path, chunk_size):
+    path, X = grouped_data(tmp_path)
+    ingest(tmp_path / "c", [path], chunk_size=chunk_size, model=None, k=2)
+    np.savez(tmp_path / "renamed.npz", **np.load(path))  # the same rows under another name
+    again = ingest(tmp_path / "c", [tmp_path / "renamed.npz"], chunk_size=chunk_size)
+    assert again.skipped == (str(tmp_path / "renamed.npz"),) and again.rows == 0 and not again.created
+    assert Collection.open(tmp_path / "c").info()["samples"] == 120
+    forced = ingest(tmp_path / "c", [path], chunk_size=chunk_size, again=True)
+    assert forced.rows == 120 and forced.skipped == ()
+    assert Collection.open(tmp_path / "c").info()["samples"] == 240
+
+
+def test_upsert_replaces_the_samples_of_existing_classes(tmp_path):
+    """An upserted class answers exactly as in a collection built with its new samples from the start."""
+    X, y = blobs(4, 10, 6, seed=2)
+    labels = [f"c{v}" for v in y]
+    fresh_X = X[y == 1] + 3.0
+    col = Collection.create(tmp_path / "c", model=None, generator="kmeans", k=2, aggregation="max")
+    col.add(X, labels)
+    new_rows = Dataset("new", vectors=np.concatenate([fresh_X, X[y == 0][:3] * 0.5 + 1]),
+                       labels=["c1"] * 10 + ["c9"] * 3)
+    report = ingest(tmp_path / "c", [new_rows], upsert=True)
+    assert report.new_classes == 1 and report.classes == 5
+    reference = Collection.create(tmp_path / "ref", model=None, generator="kmeans", k=2, aggregation="max")
+    keep = y != 1
+    reference.add(np.concatenate([X[keep], new_rows.vectors]), [l for l, k in zip(labels, keep) if k] + new_rows.labels)
+    Q = np.random.default_rng(5).standard_normal((200, 6)).astype(np.float32) * 3
+    got, want = Collection.open(tmp_path / "c").query(Q, 3), reference.query(Q, 3)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_allclose(got.scores.astype(float), want.scores.astype(float), atol=1e-6)
+    table = {r["label"]: r["samples"] for r in Collection.open(tmp_path / "c").class_table()}
+    assert table == {"c0": 10, "c2": 10, "c3": 10, "c1": 10, "c9": 3}
+    assert Collection.open(tmp_path / "c").check().ok
+
+
+def test_a_chunked_upsert_replaces_each_class_once(tmp_path):
+    X, y = blobs(3, 10, 6, seed=3)
+    labels = [f"c{v}" for v in y]
+    col = Collection.create(tmp_path / "c", model=None, generator="mean")
+    col.add(X, labels)
+    interleaved = Dataset("new", vectors=np.tile(X[:4], (5, 1)), labels=["c0", "c1"] * 10)  # c0 in every chunk
+    ingest(tmp_path / "c", [interleaved], chunk_size=6, upsert=True)
+    table = {r["label"]: r["samples"] for r in Collection.open(tmp_path / "c").class_table()}
+    assert table == {"c2": 10, "c0": 10, "c1": 10}  # every new row kept, the old ones of c0 and c1 gone

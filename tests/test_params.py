@@ -107,7 +107,7 @@ def test_index_json_reports_every_field(tmp_path):
                                                "none", "--quiet", "--json"]).output)
     choice = out.pop("auto_choice")
     assert out == {"collection": str(tmp_path / "c"), "rows": 75, "resumed_after": 0, "new_classes": 3,
-                   "classes": 3, "proxies": out["proxies"], "retrained": False}
+                   "classes": 3, "proxies": out["proxies"], "retrained": False, "skipped": [], "created": True}
     per_class = {"mean": 1, "all": 25}.get(choice["generator"], choice["k"])
     assert out["proxies"] == 3 * per_class
     assert len(choice["cv_results"]) == 1 + 6 * 5  # the mean; k in 2..20 and all, each under max or 4 blends
