@@ -143,9 +143,15 @@ def data_options(fn: Callable) -> Callable:
     return fn
 
 
+def id_option(fn: Callable) -> Callable:
+    return click.option("--id-column", help="Column of row ids kept beside each sample (default: ref), shown by "
+                                            "imprint examples and query --explain.")(fn)
+
+
 def read_options(text_column: str | None, label_column: str | None, vector_column: str | None,
-                 split: str | None) -> dict[str, Any]:
-    return dict(text_column=text_column, label_column=label_column, vector_column=vector_column, split=split)
+                 split: str | None, id_column: str | None = None) -> dict[str, Any]:
+    return dict(text_column=text_column, label_column=label_column, vector_column=vector_column, split=split,
+                id_column=id_column)
 
 
 def setting_options(params: list[Param], note: str = "") -> Callable[[Callable], Callable]:

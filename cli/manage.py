@@ -1,4 +1,5 @@
-"""Commands that inspect and maintain a collection: info, classes, remove, compact, check, db upgrade."""
+"""Commands that inspect and maintain a collection: info, classes, examples, export, remove, compact,
+tune, check, db upgrade."""
 
 from __future__ import annotations
 
@@ -57,6 +58,41 @@ def _print_classes(rows: list[dict]) -> None:
     click.echo(f"{'class':<{width}}  samples  proxies")
     for r in rows:
         click.echo(f"{str(r['label']):<{width}}  {r['samples']:7d}  {r['proxies']:7d}")
+
+
+@main.command()
+@collection_argument
+@click.argument("label")
+@click.option("--limit", type=int, help="Show at most this many.")
+@json_option
+def examples(collection: Path, label: str, limit: int | None, as_json: bool) -> None:
+    """The training examples COLLECTION keeps for class LABEL: each sample's text and row id.
+
+    \b
+    Example:
+        imprint examples intents/ lost_card --limit 3
+    """
+    col = open_collection(collection)
+    rows = col.examples({str(c): c for c in col.classes}.get(label, label))[:limit]
+    output(rows, as_json, lambda rs: [click.echo(f"{r['sample']:5d}  {r['text'] if r['text'] is not None else '(vector)'}"
+                                                 + (f"  [{r['ref']}]" if r["ref"] is not None else "")) for r in rs])
+
+
+@main.command()
+@collection_argument
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def export(collection: Path, out: Path, as_json: bool) -> None:
+    """Write COLLECTION's kept samples (label, text, ref, vector) and settings to the Parquet file OUT.
+
+    `imprint index NEW OUT` makes an equal collection from it, with the same settings.
+
+    \b
+    Example:
+        imprint export intents/ intents.parquet
+    """
+    rows = open_collection(collection).export(out)
+    output({"rows": rows, "out": str(out)}, as_json, lambda d: click.echo(f"wrote {d['rows']} samples to {d['out']}"))
 
 
 @main.command()

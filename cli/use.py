@@ -15,7 +15,8 @@ import numpy as np
 from retrieval_imprint.params import COLLECTION, DEFAULT_CHUNK, IMPRINT, PRESETS, STORED
 from retrieval_imprint.readers import FORMATS, Dataset, read
 
-from .app import (UserError, collection_argument, collection_vectors, data_options, describe, emit, json_option,
+from .app import (UserError, collection_argument, collection_vectors, data_options, describe, emit, id_option,
+                  json_option,
                   lock_timeout, main, open_collection, output, plain, pyplot, quiet_option, read_options,
                   setting_options, show_progress)
 
@@ -35,12 +36,15 @@ from .app import (UserError, collection_argument, collection_vectors, data_optio
                                              "skipped otherwise).")
 @click.option("--upsert", is_flag=True, help="Classes of DATA that exist get DATA's samples instead of adding to "
                                               "theirs; new ones are added.")
+@click.option("--vectors-model", help="The model that made DATA's vectors, where the file does not say (vectors "
+                                      "for a collection of another model's embeddings are refused).")
 @data_options
+@id_option
 @quiet_option
 @json_option
 def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: int | None, chunk_size: int,
-          again: bool, upsert: bool, text_column, label_column, vector_column, split, quiet: bool, as_json: bool,
-          **given: Any) -> None:
+          again: bool, upsert: bool, vectors_model: str | None, text_column, label_column, vector_column, id_column,
+          split, quiet: bool, as_json: bool, **given: Any) -> None:
     """Create COLLECTION or extend it with the labelled rows of DATA files.
 
     DATA: CSV/TSV, JSONL, Parquet (text and label columns, or a vector column) or NPZ (--split NAME
@@ -62,9 +66,10 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
         settings["model"] = None
     if nprobe is not None:
         settings["search_params"] = {"nprobe": nprobe}
-    datasets = [read(p, **read_options(text_column, label_column, vector_column, split)) for p in data]
+    datasets = [read(p, **read_options(text_column, label_column, vector_column, split, id_column)) for p in data]
     report = ingest(collection, datasets, chunk_size=chunk_size, progress=show_progress(quiet), again=again,
-                    upsert=upsert, preset=preset, lock_timeout=lock_timeout(), **settings)
+                    upsert=upsert, vectors_model=vectors_model, preset=preset, lock_timeout=lock_timeout(),
+                    **settings)
     if as_json:
         emit(report.as_dict())
         return
@@ -88,12 +93,14 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
 @click.option("--threshold", type=float, help="A class whose rejection score is below this is 'no class' (default: "
                                              "the stored threshold, a class's own first; see imprint calibrate).")
 @click.option("--nprobe", type=int, help="Inverted lists to search (IVF indexes; default: stored).")
+@click.option("--explain", type=int, default=0, metavar="N",
+              help="Show the N training examples of each answer's class nearest to the query.")
 @data_options
 @quiet_option
 @json_option
 def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: str | None, top: int,
-          threshold: float | None, nprobe: int | None, text_column, label_column, vector_column, split, quiet: bool,
-          as_json: bool) -> None:
+          threshold: float | None, nprobe: int | None, explain: int, text_column, label_column, vector_column,
+          split, quiet: bool, as_json: bool) -> None:
     """Classify TEXT arguments (or --file, or --vectors) against COLLECTION.
 
     With --file - the model is loaded once and each line read from standard input is answered
@@ -136,6 +143,9 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
         _need_model(col, collection)
         names, Q = queries, collection_vectors(col, [Dataset("args", texts=queries)], quiet)
     rows = _rows(names, col.query(Q, top, threshold=threshold, search_params=search))
+    if explain:
+        for row, evidence in zip(rows, col.explain(Q, explain, threshold=threshold)):
+            row["examples"] = evidence
     if as_json:
         emit(rows)
         return
@@ -147,6 +157,9 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
         for label, score in zip(row["labels"], row["scores"]):
             if label is not None:
                 click.echo(f"  {score:7.4f}  {label}")
+        for ex in row.get("examples", []):
+            click.echo(f"      {ex['score']:7.4f}  {ex['text'] if ex['text'] is not None else '(vector)'}"
+                       + (f"  [{ex['ref']}]" if ex["ref"] is not None else ""))
 
 
 def _need_model(col: Any, collection: Path) -> None:

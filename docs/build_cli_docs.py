@@ -27,7 +27,9 @@ EXAMPLES = [
     ("index", ["imprint index intents/ train.csv --quiet"]),
     ("query", ['imprint query intents/ "where is my card" "play some jazz" --top 3',
                'imprint query intents/ "is it going to be sunny" --json',
-               'imprint query intents/ "tell me a joke" --threshold -0.2']),
+               'imprint query intents/ "tell me a joke" --threshold -0.2',
+               'imprint query intents/ "I left my card in a taxi" --explain 2',
+               'printf "wake me at six\\nplay some jazz\\n" | imprint query intents/ --file -']),
     ("eval", ["imprint eval intents/ test.csv --confusions 3"]),
     ("diagnose", ["imprint diagnose train.csv --classes 2"]),
     ("calibrate", ["imprint calibrate intents/ test.csv --oos oos.csv",  # a held-out split in real use
@@ -35,6 +37,8 @@ EXAMPLES = [
     ("threshold", ["imprint threshold intents/ 0.3 --label lost_card", "imprint threshold intents/ none --label lost_card"]),
     ("info", ["imprint info intents/"]),
     ("classes", ["imprint classes intents/"]),
+    ("examples", ["imprint examples intents/ lost_card --limit 3"]),
+    ("export", ["imprint export intents/ intents.parquet", "imprint index copy/ intents.parquet --quiet"]),
     ("remove", ["imprint remove intents/ order_food"]),
     ("tune", ["imprint tune intents/"]),
     ("compact", ["imprint compact intents/"]),
@@ -50,7 +54,11 @@ EXAMPLES = [
 
 
 def invoke(runner: CliRunner, line: str) -> str:
-    result = runner.invoke(main, shlex.split(line)[1:], prog_name="imprint", terminal_width=100)
+    stdin = None
+    if line.startswith("printf "):  # `printf "a\\nb\\n" | imprint ...`: the printed text is the input
+        feed, line = line.split(" | ", 1)
+        stdin = shlex.split(feed)[1].replace("\\n", "\n")
+    result = runner.invoke(main, shlex.split(line)[1:], input=stdin, prog_name="imprint", terminal_width=100)
     if result.exit_code != 0:
         raise SystemExit(f"{line!r} failed ({result.exit_code}): {result.output}{result.stderr}")
     return (result.output.rstrip().replace(sysconfig.get_paths()["purelib"], "<site-packages>")

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from . import labels as lab
 from . import params as spec
-from . import ranking, segments, snapshot, store, writes
+from . import provenance, ranking, segments, snapshot, store, writes
 from .openset import RULES, Calibration, calibrate, calibrate_without_oos, filled
 from .ranking import QueryResult
 from .embed import Embedder, model_fingerprint, resolve_model, same_model
@@ -281,6 +281,30 @@ class Collection:
         """``query`` on texts embedded with the collection's model."""
         return self.query(self.embedder().encode(texts), top, threshold=threshold, model=self.model)
 
+    def examples(self, label: object) -> list[dict[str, Any]]:
+        """The kept samples of class ``label``: ``sample`` (index in the class), ``text`` and ``ref``
+        (None where it was added as a vector) (``provenance.py``)."""
+        return provenance.examples(self._engine, self._s, self.path, self._class_id(label))
+
+    def explain(self, Q: Any, n: int = 3, *, threshold: float | None = None) -> list[list[dict[str, Any]]]:
+        """For each query, the ``n`` kept samples of its answer most similar to it (text, ref,
+        score; none where the query is rejected): the training examples the answer rests on."""
+        n = spec.check_int("n", n, 1)
+        answer = self.query(Q, 1, threshold=threshold)
+        owner = np.array([-1 if v is None else self._class_id(v) for v in answer.labels[:, 0]], np.int64)
+        s = snapshot.read(self.path, self._engine, samples=True)  # the samples, read as the answers were
+        Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
+        return provenance.explain(self._engine, s, self.path, Q, owner, n)
+
+    def export(self, out: str | os.PathLike) -> int:
+        """Write every kept sample with its label, text and ref, and the collection's settings, to
+        the Parquet file ``out``; ``ingest`` (``imprint index``) makes an equal collection from it.
+        Returns the rows written."""
+        settings = {**{k: self.config[k] for k in spec.STORED}, "index": self.config["index_factory"],
+                    "keep_samples": True, "model": self.model}
+        s = snapshot.read(self.path, self._engine, samples=True)
+        return provenance.export(self._engine, s, self.path, Path(out), settings)
+
     def check(self) -> CheckReport:
         """Verify from disk that the database and the index files agree (``integrity.check``)."""
         return check(self.path, self._engine)
@@ -325,10 +349,11 @@ class Collection:
         return self
 
     def _add_checked(self, X: Any, labels: Sequence[object], *, model: str | None = None,
-                     replace: bool | set = False, checkpoints: Sequence[tuple[str, int]] = ()) -> None:
+                     replace: bool | set = False, checkpoints: Sequence[tuple[str, int]] = (),
+                     texts: Sequence[str] | None = None, refs: Sequence[str] | None = None) -> None:
         """``add``; ``replace`` may name the label entries to replace; ``checkpoints``
         ``(source, rows_done)`` record in the same transaction how far ingestions have come
-        (``ingest.py``)."""
+        (``ingest.py``); ``texts`` and ``refs``: what each row was embedded from, kept."""
         X = check_vectors(X, "X", self._s.dimension)
         labels = lab.as_sequence(labels)
         if len(labels) != len(X):
@@ -340,16 +365,21 @@ class Collection:
             if len(kinds) <= 1:  # (a collection made before the rule may mix them: left as it is)
                 lab.check_kind(entries, next(iter(kinds), None))
             writes.add(self.path, self._engine, self._s, X, codes, entries, checkpoints,
-                       set(entries) if replace is True else replace or ())
+                       set(entries) if replace is True else replace or (), texts, refs)
             if len(self._s.files["proxies"]) > COMPACT_SEGMENTS:
                 writes.compact(self.path, self._engine, self._s, full=False)
 
-    def add_texts(self, texts: Sequence[str], labels: Sequence[object]) -> "Collection":
-        """``add`` on texts embedded with the collection's model."""
+    def add_texts(self, texts: Sequence[str], labels: Sequence[object], *, replace: bool = False,
+                  refs: Sequence[str] | None = None) -> "Collection":
+        """``add`` on texts embedded with the collection's model; the texts (and ``refs``, e.g.
+        row ids) are kept beside the samples (``examples``, ``explain``)."""
         texts, labels = lab.as_sequence(texts, "texts"), lab.as_sequence(labels)
-        if len(texts) != len(labels):
-            raise DataError(f"{len(texts)} texts but {len(labels)} labels")
-        return self.add(self.embedder().encode(texts), labels, model=self.model)
+        if len(texts) != len(labels) or (refs is not None and len(refs) != len(texts)):
+            raise DataError(f"{len(texts)} texts but {len(labels)} labels" + (
+                f" and {len(refs)} refs" if refs is not None else ""))
+        self._add_checked(self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts,
+                          refs=None if refs is None else [str(r) for r in refs])
+        return self
 
     def remove(self, labels: Sequence[object]) -> "Collection":
         """Remove the classes with these labels (all must exist; otherwise nothing is removed)."""

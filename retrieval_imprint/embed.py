@@ -295,12 +295,13 @@ class Embedder:
 
 def embed_all(parts: Sequence[Any], embedder: Embedder | None) -> np.ndarray:
     """Rows of every part (objects with ``texts`` or ``vectors``, like ``readers.Dataset``) as one
-    ``(n, d)`` array: texts embedded together (one pass, cached), vectors taken as they are."""
-    texts = [t for part in parts if part.texts is not None for t in part.texts]
+    ``(n, d)`` array: texts embedded together (one pass, cached), vectors taken as they are (a
+    part with both has its vectors taken)."""
+    texts = [t for part in parts if part.vectors is None for t in part.texts]
     if texts and embedder is None:
         raise DataError(f"{parts[0].source}: texts need an embedding model, and none is recorded; give vectors")
     embedded = iter(embedder.encode(texts)) if texts else iter(())
-    arrays = [np.stack([next(embedded) for _ in part.texts]) if part.texts is not None else part.vectors
+    arrays = [np.stack([next(embedded) for _ in part.texts]) if part.vectors is None else part.vectors
               for part in parts]
     dims = {a.shape[1] for a in arrays}
     if len(dims) > 1:

@@ -55,7 +55,7 @@ def fingerprint(ds: Dataset) -> str:
     """What identifies a source across runs: a hash of its rows (labels and texts or vectors), so
     the same data is recognised under another name or format, and a changed file starts over."""
     digest = hashlib.sha256(repr([lab.entry(v) for v in ds.labels]).encode())
-    if ds.texts is not None:
+    if ds.vectors is None:
         digest.update("\0".join(ds.texts).encode())
     else:
         digest.update(memoryview(np.ascontiguousarray(ds.vectors, "<f4")).cast("B"))
@@ -77,11 +77,6 @@ def chunks(labels: Sequence[Any], start: int, size: int) -> Iterator[tuple[int, 
         lo = hi
 
 
-def _part(ds: Dataset, lo: int, hi: int) -> Dataset:
-    return Dataset(ds.source, ds.texts[lo:hi] if ds.texts is not None else None,
-                   ds.vectors[lo:hi] if ds.vectors is not None else None, ds.labels[lo:hi])
-
-
 class _Target:
     """The collection being ingested into: opened, or created when the first chunk is ready."""
 
@@ -96,11 +91,15 @@ class _Target:
     def rows_done(self, source: str) -> int:
         return self.col._rows_done(source) if self.col is not None else 0
 
-    def add(self, X: Any, labels: list, checkpoints: list[tuple[str, int]], replace: set) -> None:
+    def add(self, X: Any, parts: list[Dataset], checkpoints: list[tuple[str, int]], replace: set) -> None:
+        """Add rows ``X`` of ``parts`` (their labels, texts and refs) in one write."""
         if self.col is None:
             self.col = Collection.create(self.path, preset=self.preset, lock_timeout=self.lock_timeout, **self.settings)
             self.created = True
-        self.col._add_checked(X, labels, checkpoints=checkpoints, replace=replace)
+        texts = [t for p in parts for t in (p.texts or [None] * len(p))] if any(p.texts for p in parts) else None
+        refs = [r for p in parts for r in (p.refs or [None] * len(p))] if any(p.refs for p in parts) else None
+        self.col._add_checked(X, [v for p in parts for v in p.labels], checkpoints=checkpoints, replace=replace,
+                              texts=texts, refs=refs)
 
     def discard_if_unwritten(self) -> None:
         """Remove a collection this ingestion created and never wrote to: no stub is left with
@@ -112,11 +111,13 @@ class _Target:
 
 def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Dataset], *,
            chunk_size: int = DEFAULT_CHUNK, progress: bool = False, embedder: Embedder | None = None,
-           again: bool = False, upsert: bool = False, preset: str | None = None, lock_timeout: float = 0.0,
-           **settings: Any) -> IngestReport:
+           again: bool = False, upsert: bool = False, vectors_model: str | None = None, preset: str | None = None,
+           lock_timeout: float = 0.0, **settings: Any) -> IngestReport:
     """Add the labelled rows of ``sources`` (data files, or ``readers.Dataset``) to the collection
-    at ``path``, creating it with ``preset`` and ``settings`` if there is none; see the module
-    docstring. ``embedder``: the model's embedder to use (default: the collection's, cached);
+    at ``path``, creating it with ``preset`` and ``settings`` if there is none (or with those an
+    ``imprint export`` file carries); see the module docstring. ``embedder``: the model's embedder
+    to use (default: the collection's, cached); ``vectors_model``: the model that made vectors
+    that do not say so themselves (vectors of another model than the collection's are refused);
     ``lock_timeout``: seconds each write waits for another process writing to the collection."""
     chunk_size = check_int("chunk_size", chunk_size, 1)
     datasets = [s if isinstance(s, Dataset) else read(s) for s in sources]
@@ -125,14 +126,19 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     for ds in datasets:
         if ds.labels is None:
             raise DataError(f"{ds.source}: no labels to index")
+    exported = [ds.settings for ds in datasets if ds.settings]
+    if not (Path(path) / DB_NAME).exists() and exported and not settings and preset is None:
+        settings = dict(exported[0])  # an exported collection made again as it was
     target = _Target(Path(path), preset, settings, lock_timeout)
     if target.col is not None:
         target.col.check_settings(preset=preset, **settings)
         model = target.col.model
     else:
         model = resolve(settings, collection_scope(), preset)["model"]
-    if any(ds.texts is not None for ds in datasets) and model is None:
+    if any(ds.vectors is None for ds in datasets) and model is None:
         raise DataError(f"{path} holds precomputed vectors (no model recorded); index vectors, not texts")
+    for ds in datasets:
+        _check_vectors_model(ds, model, vectors_model)
     if embedder is not None and model is not None and embedder.name != model:
         raise DataError(f"the embedder is {embedder.name!r}, but the collection uses {model!r}")
     if embedder is None and model is not None:  # an existing collection's is checked to be its model
@@ -150,10 +156,9 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     total = sum(len(ds) - start for ds, _, start in todo)
     try:
         if todo and total <= chunk_size:  # one atomic write
-            parts = [_part(ds, start, len(ds)) for ds, _, start in todo]
-            labels = [v for part in parts for v in part.labels]
-            target.add(embed_all(parts, embedder), labels, [(source, len(ds)) for ds, source, _ in todo],
-                       upserting.take(labels))
+            parts = [ds.part(start, len(ds)) for ds, _, start in todo]
+            target.add(embed_all(parts, embedder), parts, [(source, len(ds)) for ds, source, _ in todo],
+                       upserting.take([v for part in parts for v in part.labels]))
         elif todo:
             _add_chunks(target, todo, embedder, chunk_size, progress, upserting)
     except BaseException:
@@ -167,6 +172,20 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     info = col.info()
     return IngestReport(str(path), total, resumed, len(seen - before), info["classes"], info["proxies"],
                         retrained, col.auto_choice, skipped, target.created)
+
+
+def _check_vectors_model(ds: Dataset, model: str | None, vectors_model: str | None) -> None:
+    """Vectors for a collection of ``model``'s embeddings must be that model's: as the file says
+    (``ds.model``), or as the caller says (``vectors_model``); unknown vectors are refused, since
+    another model's vectors answer nonsense without any error."""
+    if ds.vectors is None or model is None:
+        return
+    made_by = ds.model or vectors_model
+    if made_by is None:
+        raise DataError(f"{ds.source}: vectors of unknown origin for a collection of {model!r} embeddings; if "
+                        f"{model!r} made them, say so (--vectors-model {model}, or vectors_model=)")
+    if made_by != model:
+        raise DataError(f"{ds.source}: vectors made by {made_by!r}, but the collection holds {model!r} embeddings")
 
 
 class _Upsert:
@@ -194,8 +213,8 @@ def _add_chunks(target: _Target, todo: list, embedder: Embedder | None, chunk_si
              enabled=progress) as shown:
         for ds, source, start in todo:
             for lo, hi in chunks(ds.labels, start, chunk_size):
-                part = _part(ds, lo, hi)
-                target.add(embed_all([part], embedder), part.labels, [(source, hi)], upserting.take(part.labels))
+                part = ds.part(lo, hi)
+                target.add(embed_all([part], embedder), [part], [(source, hi)], upserting.take(part.labels))
                 shown.update(hi - lo)
                 rate = (len(target) - first) / max(time.perf_counter() - started, 1e-9)
                 shown.set_postfix(classes=len(target), classes_per_s=f"{rate:.0f}")

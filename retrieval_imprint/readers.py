@@ -21,24 +21,38 @@ from .errors import DataError
 from . import labels as lab
 
 TEXT_COLUMNS = ("text", "sentence", "utterance", "query")
+REF_COLUMNS = ("ref",)  # an exported collection's row references; others are named with --id-column
 LABEL_COLUMNS = ("label", "category", "intent", "class")
 VECTOR_COLUMNS = ("vector", "embedding")
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
            ".pq": "parquet", ".npz": "npz", ".npy": "npy"}
 _CHECK_ROWS = 65536  # rows of vectors checked at a time
+EXPORT_KEY = b"retrieval_imprint"  # Parquet schema metadata of `imprint export`: model and settings
 
 
 @dataclass
 class Dataset:
-    """Rows of one file: ``texts`` (n) or ``vectors`` (n, d), and ``labels`` (n) when present."""
+    """Rows of one file: ``texts`` (n) or ``vectors`` (n, d) or both (the vectors are used, the
+    texts kept as provenance), ``labels`` (n) and ``refs`` (n; the user's row ids) when present.
+    ``model`` and ``settings``: what made the vectors and the collection they came from, where
+    the file says (``imprint export`` writes them)."""
 
     source: str
     texts: list[str] | None = None
     vectors: np.ndarray | None = None
     labels: list[Any] | None = None
+    refs: list[str] | None = None
+    model: str | None = None
+    settings: dict[str, Any] | None = None
 
     def __len__(self) -> int:
-        return len(self.texts) if self.texts is not None else len(self.vectors)  # type: ignore[arg-type]
+        return len(self.vectors) if self.vectors is not None else len(self.texts)  # type: ignore[arg-type]
+
+    def part(self, lo: int, hi: int) -> "Dataset":
+        """Rows ``lo:hi``."""
+        cut = (lambda v: None if v is None else v[lo:hi])
+        return Dataset(self.source, cut(self.texts), cut(self.vectors), cut(self.labels), cut(self.refs), self.model,
+                       self.settings)
 
 
 def _pick(columns: list[str], asked: str | None, defaults: tuple[str, ...], role: str, file: Path,
@@ -105,15 +119,18 @@ def _arrow_vectors(table: Any) -> dict[str, np.ndarray]:
 
 
 def _from_records(records: list[tuple[str, dict]], columns: list[str], file: Path, *, text_column: str | None,
-                  label_column: str | None, vector_column: str | None, need_labels: bool,
+                  label_column: str | None, vector_column: str | None, id_column: str | None, need_labels: bool,
                   column_vectors: dict[str, np.ndarray] | None = None) -> Dataset:
     if not records:
         raise DataError(f"{file}: no rows")
     vcol = _pick(columns, vector_column, VECTOR_COLUMNS, "vector", file, False) if (
         vector_column or text_column is None) else None
-    tcol = None if vcol else _pick(columns, text_column, TEXT_COLUMNS, "text", file, True)
+    tcol = _pick(columns, text_column, TEXT_COLUMNS, "text", file, not vcol)
     lcol = _pick(columns, label_column, LABEL_COLUMNS, "label", file, need_labels)
+    rcol = _pick(columns, id_column, REF_COLUMNS, "id", file, False)
     out = Dataset(str(file))
+    if rcol:
+        out.refs = [None if rec.get(rcol) is None else str(rec.get(rcol)) for _, rec in records]
     if vcol and column_vectors and vcol in column_vectors:
         out.vectors = column_vectors[vcol]
     elif vcol:
@@ -123,7 +140,9 @@ def _from_records(records: list[tuple[str, dict]], columns: list[str], file: Pat
             first = next(where for (where, _), v in zip(records, vectors) if len(v) != len(vectors[0]))
             raise DataError(f"{file}: {first}: column {vcol!r} has {len(dims)} different vector lengths")
         out.vectors = np.stack(vectors)
-    else:
+    if vcol and tcol:  # texts beside vectors: provenance, kept as they are (None where missing)
+        out.texts = [None if rec.get(tcol) is None else str(rec.get(tcol)) for _, rec in records]
+    elif tcol:
         texts = []
         for where, rec in records:
             text = rec.get(tcol)
@@ -137,7 +156,8 @@ def _from_records(records: list[tuple[str, dict]], columns: list[str], file: Pat
 
 
 def read(path: str | Path, *, text_column: str | None = None, label_column: str | None = None,
-         vector_column: str | None = None, split: str | None = None, need_labels: bool = True) -> Dataset:
+         vector_column: str | None = None, id_column: str | None = None, split: str | None = None,
+         need_labels: bool = True) -> Dataset:
     """Read a data file by its extension (``FORMATS``)."""
     file = Path(path)
     if not file.is_file():
@@ -148,7 +168,7 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
     if file.stat().st_size == 0:
         raise DataError(f"{file}: the file is empty")
     options = dict(text_column=text_column, label_column=label_column, vector_column=vector_column,
-                   need_labels=need_labels)
+                   id_column=id_column, need_labels=need_labels)
     if fmt in ("csv", "tsv", "jsonl"):
         _check_utf8(file)
     if fmt in ("csv", "tsv"):
@@ -185,8 +205,12 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
             raise DataError(f"{file}: unreadable Parquet file ({str(exc).splitlines()[0]})") from None
         fast = _arrow_vectors(table)
         rows = table.drop_columns(list(fast)).to_pylist()
-        return _from_records([(f"row {i}", rec) for i, rec in enumerate(rows, 1)], table.column_names, file,
-                             column_vectors=fast, **options)
+        out = _from_records([(f"row {i}", rec) for i, rec in enumerate(rows, 1)], table.column_names, file,
+                            column_vectors=fast, **options)
+        exported = json.loads((table.schema.metadata or {}).get(EXPORT_KEY, b"{}"))
+        if out.vectors is not None:
+            out.model, out.settings = exported.get("model"), exported.get("settings")
+        return out
     return _read_numpy(file, fmt, split, need_labels)
 
 

@@ -30,7 +30,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import (Boolean, Column, Connection, Engine, Float, ForeignKey, Index, Integer,
+from sqlalchemy import (BigInteger, Boolean, Column, Connection, Engine, Float, ForeignKey, Index, Integer,
                         LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, delete, event,
                         insert, inspect, select, tuple_, update)
 from sqlalchemy.exc import DatabaseError, OperationalError
@@ -106,8 +106,17 @@ segments = Table(
 
 ingest = Table(
     "ingest", metadata,
-    Column("source", String, primary_key=True),  # file path, size and mtime: a changed file starts over
+    Column("source", String, primary_key=True),  # a hash of the source's rows (ingest.fingerprint)
     Column("rows_done", Integer, nullable=False),
+)
+
+texts = Table(
+    "texts", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),  # the kept sample's vector id
+    Column("class_id", Integer, nullable=False),
+    Column("text", String),  # what the sample was embedded from (None: added as a vector)
+    Column("ref", String),  # the user's reference of the row (an id column), if given
+    Index("ix_texts_class_id", "class_id"),
 )
 
 
@@ -278,7 +287,26 @@ def delete_vectors(conn: Connection, class_ids: np.ndarray, *, kinds: Sequence[s
         for table in tables:
             conn.execute(delete(table).where(table.c.class_id.in_(chunk)))
         if drop_classes:
+            conn.execute(delete(texts).where(texts.c.class_id.in_(chunk)))
             conn.execute(delete(classes).where(classes.c.id.in_(chunk)))
+
+
+def insert_texts(conn: Connection, ids: np.ndarray, owners: np.ndarray, rows: Sequence[str | None],
+                 refs: Sequence[str | None] | None) -> None:
+    """Record the text (and reference) of each new kept sample ``ids`` of classes ``owners``."""
+    refs = refs if refs is not None else [None] * len(rows)
+    conn.execute(insert(texts), [{"id": int(i), "class_id": int(c), "text": t, "ref": r}
+                                 for i, c, t, r in zip(ids.tolist(), owners.tolist(), rows, refs)])
+
+
+def texts_of(conn: Connection, ids: Sequence[int]) -> dict[int, tuple[str | None, str | None]]:
+    """``{sample id: (text, ref)}`` of those ``ids`` that have a recorded text."""
+    out = {}
+    for i in range(0, len(ids), SQL_CHUNK):
+        chunk = [int(v) for v in ids[i : i + SQL_CHUNK]]
+        out.update({row.id: (row.text, row.ref) for row in conn.execute(
+            select(texts.c.id, texts.c.text, texts.c.ref).where(texts.c.id.in_(chunk)))})
+    return out
 
 
 def replace_segments(conn: Connection, kind: str, old: Sequence[str], segment: Any, n_vectors: int) -> None:

@@ -122,11 +122,13 @@ def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> s
 
 
 def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list,
-        checkpoints: Sequence[tuple[str, int]] = (), replace: Container[tuple[str, str]] = ()) -> None:
+        checkpoints: Sequence[tuple[str, int]] = (), replace: Container[tuple[str, str]] = (),
+        texts: Sequence[str | None] | None = None, refs: Sequence[str | None] | None = None) -> None:
     """Imprint samples ``X`` with class ``codes`` into ``entries`` (label entries; new or existing).
     An existing class among ``replace`` is imprinted from these samples alone: it is dropped and
     made again under a new id, in the same transaction. ``checkpoints``: ``(source, rows_done)``
-    of ingestions, recorded in that transaction too."""
+    of ingestions, recorded in that transaction too. ``texts`` and ``refs`` (per row of ``X``)
+    are kept beside the kept samples, for ``Collection.examples`` and ``explain``."""
     cfg = s.config
     if cfg["auto_choice"] is None:  # the first add: auto chooses what the settings leave open, on this data
         choice, rows = choose(X, codes, lab.label_keys([lab.value(*e) for e in entries]), _choosable(cfg))
@@ -200,6 +202,11 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
                 sample_hi=int(sizes[i]), shift=shifts[i]))
         for kind, (segment, ids, owners) in written.items():
             store.insert_segment(conn, kind, segment, ids, owners)
+        if "samples" in written and (texts is not None or refs is not None):
+            order = b.new_rows.tolist()
+            store.insert_texts(conn, written["samples"][1], written["samples"][2],
+                               [texts[i] for i in order] if texts is not None else [None] * len(order),
+                               [refs[i] for i in order] if refs is not None else None)
         if template is not None:
             store.set_template(conn, template)
         conn.execute(update(store.collection).values(
