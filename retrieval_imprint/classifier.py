@@ -20,7 +20,7 @@ from .openset import class_shift, filled, own_scores
 from .index import ProxyIndex
 from .labels import check_targets, label_keys
 from .normalize import normalize
-from .params import DEFAULTS, check_params, preset
+from .params import DEFAULTS, check_params, check_temperature, preset
 
 BLOCK = 1024  # queries scored at a time by a blend's predict: (BLOCK, proxies) similarities in memory
 
@@ -58,6 +58,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         random_state: Any = DEFAULTS["random_state"],
         rejection: str = DEFAULTS["rejection"],
         ls_reg: float | str = DEFAULTS["ls_reg"],
+        temperature: float = DEFAULTS["temperature"],
     ) -> None:
         self.generator = generator
         self.k = k
@@ -72,6 +73,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.rejection = rejection
         self.ls_reg = ls_reg
+        self.temperature = temperature
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ImprintClassifier":
@@ -146,6 +148,16 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         alpha = self.auto_choice_["alpha"]
         return alpha * self.means_index_.similarity(Q) + (1 - alpha) * max_scores(self.index_.similarity(Q),
                                                                                    self._starts())
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities ``(n, C)``: the softmax of the per-class scores divided by
+        ``temperature``. A fixed temperature ranks like the scores but is not calibrated to any
+        data; for calibrated probabilities wrap the estimator in scikit-learn's
+        ``CalibratedClassifierCV``."""
+        scores = self._class_scores(self._queries(X)).astype(np.float64) / check_temperature(
+            "temperature", self.temperature)
+        scores = np.exp(scores - scores.max(1, keepdims=True))
+        return scores / scores.sum(1, keepdims=True)
 
     def predict(self, X: Any) -> np.ndarray:
         """The class of the top-1 proxy (``max``), of the best blended score (``blend``), or the

@@ -74,6 +74,13 @@ def check_ridge(name: str, value: object) -> float | str:
     return float(value)
 
 
+def check_temperature(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
+            or value <= 0:
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number > 0")
+    return float(value)
+
+
 def check_optional_str(name: str, value: object) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected a non-empty string or None")
@@ -121,7 +128,7 @@ class Param:
         return check_choice(self.name, value, self.choices()) if self.choices else self.check(self.name, value)
 
 
-# GEN/NORM/AGG: the estimator's constructor parameters; collections store all but ls_reg.
+# GEN/NORM/AGG: the estimator's constructor parameters; collections store all but ls_reg and temperature.
 IMPRINT: dict[str, Param] = {p.name: p for p in (
     Param("generator", AUTO, "GEN: how a class's samples become proxies; auto: chosen with k by cross-validation.",
           lambda: (AUTO, *GENERATORS)),
@@ -143,8 +150,11 @@ IMPRINT: dict[str, Param] = {p.name: p for p in (
           "(that score minus the class's mean score for its own samples, each left out; calibrate switches to it "
           "where it does better).", lambda: RULES),
     Param("ls_reg", AUTO, "Ridge lambda of the ls / kls heads; auto: chosen by leave-one-out.", check=check_ridge),
+    Param("temperature", 0.05, "predict_proba: the softmax of the class scores divided by this (scores are "
+          "similarities in [-1, 1]: 0.05 makes a 0.1 lead about 7x as likely).", check=check_temperature, type=float),
 )}
-STORED = tuple(name for name in IMPRINT if name != "ls_reg")  # ls / kls need every class: no collection
+# ls / kls need every class at once, and probabilities are the estimator's: neither is a collection's
+STORED = tuple(name for name in IMPRINT if name not in ("ls_reg", "temperature"))
 
 # How a collection stores and serves its head: fixed when it is created.
 COLLECTION: dict[str, Param] = {p.name: p for p in (
