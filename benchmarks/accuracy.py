@@ -388,7 +388,7 @@ def plot(rows: list[dict], path: Path) -> None:
                             and r["generator"] == "kmeans"], ax)
         ax.set_title(ds)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

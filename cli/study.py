@@ -12,7 +12,8 @@ from retrieval_imprint.embed import DEFAULT_MODEL
 from retrieval_imprint.generate import GENERATORS
 from retrieval_imprint.readers import read
 
-from .app import UserError, data_options, emit, json_option, main, pyplot, query_vectors, quiet_option, read_options
+from .app import (UserError, data_options, describe, emit, json_option, main, pyplot, query_vectors, quiet_option,
+                  read_options)
 
 
 @main.command()
@@ -20,34 +21,48 @@ from .app import UserError, data_options, emit, json_option, main, pyplot, query
 @click.option("--model", help="Embedding model for text data (default the packaged all-MiniLM-L6-v2).")
 @click.option("--paper-compatible", is_flag=True, help="Centre on mu_c - mu_G as the paper's code does.")
 @click.option("--classes", "n_show", type=int, default=5, show_default=True,
-              help="Most and least spread classes to list.")
+              help="Best candidates, and most and least spread classes, to list.")
 @data_options
 @quiet_option
 @json_option
 def diagnose(data: str, model: str | None, paper_compatible: bool, n_show: int, text_column, label_column,
              vector_column, split, quiet: bool, as_json: bool) -> None:
-    """Neural collapse (NC1) of labelled DATA and the k it suggests for kmeans proxies.
+    """What the library's automatic choice (auto) picks for labelled DATA, with the held-out
+    accuracy behind it, and the data's neural collapse (NC1) per class.
+
+    The choice is the one `imprint index` would make: each candidate (k, max or blend) scored by
+    cross-validation on DATA. NC1 measures how tight the classes are; the paper's rule of thumb
+    for k from it is shown for reference only, since on few-shot text it picks a k that the
+    cross-validation measures as worse.
 
     \b
     Example:
         imprint diagnose train.csv
     """
+    from retrieval_imprint.classifier import ImprintClassifier
     from retrieval_imprint.collapse import neural_collapse
 
     ds = read(data, **read_options(text_column, label_column, vector_column, split))
     X = query_vectors([ds], model or DEFAULT_MODEL, quiet)
     labels = np.array([str(v) for v in ds.labels])  # type: ignore[union-attr]
     report = neural_collapse(X, labels, paper_compatible=paper_compatible)
+    auto = ImprintClassifier().fit(X, labels)
+    choice = {**auto.auto_choice_, "cv_results": auto.cv_results_}
+    ranked = sorted((r for r in auto.cv_results_ if r["accuracy"] is not None), key=lambda r: -r["accuracy"])
     per_class = sorted(({"label": c, "nc1": float(v), "spread": float(s), "samples": int(n)} for c, v, s, n in
                         zip(report.classes, report.per_class_nc1, report.per_class_spread, report.class_sizes)),
                        key=lambda r: -r["nc1"])
     if as_json:
-        emit({"nc1": report.nc1, "paper_compatible": paper_compatible, "classes": len(report.classes),
-              "recommended_k": report.recommended_k, "reason": report.reason, "per_class": per_class})
+        emit({"auto_choice": choice, "nc1": report.nc1, "paper_compatible": paper_compatible,
+              "classes": len(report.classes), "paper_rule": {"k": report.recommended_k, "reason": report.reason},
+              "per_class": per_class})
         return
-    click.echo(f"NC1 {report.nc1:.4f} ({'paper-compatible' if paper_compatible else 'correct'} formula, "
-               f"{len(report.classes)} classes, median {int(np.median(report.class_sizes))} samples per class)")
-    click.echo(f"recommended k: {report.recommended_k} ({report.reason})")
+    click.echo(f"auto chooses {describe(choice)}")
+    for r in ranked[:n_show]:
+        click.echo(f"  {r['accuracy']:.4f}  {describe({**r, 'cv_results': []}, cv=False)}")
+    click.echo(f"\nNC1 {report.nc1:.4f} ({'paper-compatible' if paper_compatible else 'correct'} formula, "
+               f"{len(report.classes)} classes, median {int(np.median(report.class_sizes))} samples per class); "
+               f"the paper's rule of thumb: k = {report.recommended_k} ({report.reason})")
     shown = per_class[:n_show] + per_class[-n_show:] if len(per_class) > 2 * n_show else per_class
     width = max(len(r["label"]) for r in shown)
     click.echo(f"\n{'class':<{width}}  NC1 share  spread  samples")
@@ -125,6 +140,5 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     plot_accuracy_vs_k(rows, ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # (the legend sits right of the axes)
     plt.close(fig)

@@ -46,14 +46,40 @@ def sweep(X_train: np.ndarray, y_train: Sequence[Any], X_test: np.ndarray, y_tes
 
 
 def plot_accuracy_vs_k(rows: Sequence[dict[str, Any]], ax: Any) -> None:
-    """Draw accuracy (%) against k on a matplotlib ``ax``: one line per (generator, shots) of the
-    max-aggregation rows of a ``sweep``."""
-    for shots in dict.fromkeys(r["shots"] for r in rows):
+    """Draw accuracy (%) against k on a matplotlib ``ax`` from the max-aggregation rows of a
+    ``sweep``: a colour per shots setting; a generator with k (kmeans...) as a line with the seeds'
+    standard deviation as error bars; one without (mean, all samples) as a horizontal line of its
+    own style across the k range, its error bar just right of it, so that no series hides another. Integer k ticks on a log axis;
+    the legend outside the axes."""
+    rows = [r for r in rows if r["aggregation"] == "max"]
+    ks = sorted({r["k"] for r in rows if r["generator"] not in _NO_K and r["k"] > 0}) or [1]
+    colours = {shots: f"C{i}" for i, shots in enumerate(dict.fromkeys(r["shots"] for r in rows))}
+    styles = iter(["--", ":", "-."])
+    style = {gen: next(styles, "--") for gen in dict.fromkeys(r["generator"] for r in rows) if gen in _NO_K}
+    for shots, colour in colours.items():
+        shot_name = "all data" if shots == 0 else f"{shots} shots"
         for gen in dict.fromkeys(r["generator"] for r in rows):
-            pts = sorted((r["k"], 100 * r["accuracy"]) for r in rows
-                         if r["shots"] == shots and r["generator"] == gen and r["aggregation"] == "max")
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{gen}, {'all data' if shots == 0 else f'{shots} shots'}")
+            pts = sorted((r["k"], 100 * r["accuracy"], 100 * r["accuracy_std"]) for r in rows
+                         if r["shots"] == shots and r["generator"] == gen)
+            if not pts:
+                continue
+            if gen in _NO_K:
+                _, acc, std = pts[0]
+                name = {"all": "all samples (1-NN)"}.get(gen, gen)
+                ax.hlines(acc, ks[0], ks[-1], colors=colour, linestyles=style[gen], label=f"{name}, {shot_name}")
+                nudge = 1.06 ** (1 + list(style).index(gen))  # its error bar just right of the last k
+                ax.errorbar([ks[-1] * nudge], [acc], yerr=[std], color=colour, capsize=3, lw=1)
+            else:
+                k, acc, std = zip(*pts)
+                ax.errorbar(k, acc, yerr=std, color=colour, marker="o", ms=4, capsize=3,
+                            label=f"{gen}, {shot_name}")
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
     ax.set_xlabel("k (proxies per class)")
     ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
+
+_NO_K = ("mean", "all", "ls")  # generators whose proxies have no k: drawn as horizontal lines

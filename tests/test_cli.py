@@ -110,7 +110,15 @@ def test_info_classes_check_diagnose(demo):
     assert sum(r["samples"] for r in table) == 96 and {r["proxies"] for r in table} == {4}
     assert "ok:" in run("check", str(demo)).output
     report = json.loads(run("diagnose", TRAIN, "--json").output)
-    assert report["recommended_k"] == 1 and "few-shot" in report["reason"] and report["classes"] == 8
+    assert report["paper_rule"]["k"] == 1 and "few-shot" in report["paper_rule"]["reason"] and report["classes"] == 8
+    from retrieval_imprint import ImprintClassifier
+    from retrieval_imprint.readers import read
+
+    ds = read(TRAIN)
+    auto = ImprintClassifier().fit(Embedder().encode(ds.texts), np.array(ds.labels))
+    assert {key: report["auto_choice"][key] for key in ("generator", "k", "aggregation", "alpha")} == \
+        {key: auto.auto_choice_[key] for key in ("generator", "k", "aggregation", "alpha")}  # what index would pick
+    assert Collection.open(demo).auto_choice["cv_results"] and "auto chooses" in run("diagnose", TRAIN).output
     assert "NC1" in run("diagnose", TRAIN, "--paper-compatible").output
 
 
