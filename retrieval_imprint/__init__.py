@@ -13,11 +13,11 @@ _HOME = {
     "ImprintClassifier": "classifier", "CollapseReport": "collapse", "neural_collapse": "collapse",
     "Collection": "collection", "QueryResult": "ranking", "Embedder": "embed", "ImprintError": "errors",
     "GENERATORS": "generate", "register": "generate", "IngestReport": "ingest", "ingest": "ingest",
-    "DEFAULTS": "params", "PRESETS": "params",
+    "DEFAULTS": "params", "PRESETS": "params", "load_demo": "readers",
 }
 
 __all__ = ["ImprintClassifier", "PRESETS", "DEFAULTS", "Collection", "QueryResult", "ingest", "IngestReport",
-           "Embedder", "ImprintError", "CollapseReport", "neural_collapse", "GENERATORS", "register", "__version__"]
+           "Embedder", "ImprintError", "CollapseReport", "neural_collapse", "GENERATORS", "register", "load_demo", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from .classifier import ImprintClassifier
@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .ingest import IngestReport, ingest
     from .params import DEFAULTS, PRESETS
     from .ranking import QueryResult
+    from .readers import load_demo
 
 
 def __getattr__(name: str) -> Any:

@@ -309,3 +309,14 @@ def _npz_member_mapped(file: Path, key: str) -> np.ndarray | None:
     if dtype.hasobject or not np.prod(shape):
         return None
     return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+
+
+def load_demo(split: str = "train") -> Dataset:
+    """The packaged demo intents (8 banking and assistant classes, written for this project):
+    ``train`` (12 per class), ``test`` (5 per class) or ``oos`` (out-of-scope queries, no labels)."""
+    from importlib import resources
+
+    if split not in ("train", "test", "oos"):
+        raise DataError(f"split={split!r} is not valid; expected train, test or oos")
+    return read(Path(str(resources.files("retrieval_imprint") / "data" / f"demo_{split}.csv")),
+                need_labels=split != "oos")
