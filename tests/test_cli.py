@@ -225,7 +225,9 @@ def test_calibrate_stores_a_threshold(tmp_path):
     assert Collection.open(path).config["threshold"] == pytest.approx(out["threshold"], abs=1e-6)  # JSON: 6 decimals
     human = run("calibrate", str(path), TEST, "--target-accuracy", "0.9").output
     assert "highest threshold keeping in-scope accuracy >= 0.9" in human
+    kept = Collection.open(path).config["threshold"]
     assert "no threshold reaches" in run("calibrate", str(path), TEST, "--target-accuracy", "1.0", code=2).stderr
+    assert kept is not None and Collection.open(path).config["threshold"] == kept  # the good one stays
     assert "rejects 0.05 of the training samples" in run("calibrate", str(path), "--target-false-rejection",
                                                          "0.05").output
     mixed = write(tmp_path, "mixed.csv", "text,label\nwhere is my card,lost_card\nwhat is love,oos\n"

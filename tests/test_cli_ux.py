@@ -162,3 +162,14 @@ def test_indexing_the_same_file_twice_skips_it_and_says_so(tmp_path):
     run("index", str(tmp_path / "c"), TRAIN, "--again", "--upsert", "--quiet")
     counts = {r["label"]: r["samples"] for r in json.loads(run("classes", str(tmp_path / "c"), "--json").output)}
     assert set(counts.values()) == {12}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--index", "IVF4,Flat", "--metric", "manhattan"], "needs index='Flat'"),
+    (["--index", "IVF400,Flat"], "needs at least 400 proxies"),
+    (["--index", "auto", "--memory-budget", "1KB"], "cannot hold"),
+])
+def test_a_failed_first_index_leaves_no_folder_and_the_corrected_rerun_works(tmp_path, bad, message):
+    assert message in run("index", str(tmp_path / "c"), TRAIN, "--quiet", *bad, code=2).stderr
+    assert not (tmp_path / "c").exists()
+    assert "8 new classes" in run("index", str(tmp_path / "c"), TRAIN, "--quiet").output
