@@ -223,6 +223,7 @@ class Collection:
             "config": self.config,
             "trained_on": s.config["trained_on"],
             "auto_choice": self.auto_choice,
+            "index_tuning": json.loads(s.config["index_tuning"]) if s.config.get("index_tuning") else None,
             "embedder": dict(s.embedder) if s.embedder else None,
             "segments": files,
             "bytes_on_disk": sum(p.stat().st_size for p in map(self.path.joinpath, files + [DB_NAME]) if p.exists()),
@@ -398,8 +399,8 @@ class Collection:
                                        "index is exact")
         params = spec.check_search_params("search_params", params)
         with self._writing():
-            merged = {**self.search_params, **params}
-            writes.set_values(self._engine, self._s, search_params=json.dumps(merged))
+            merged = {**self.search_params, **params}  # the user's choice: no longer tuned (ivf.tune_nprobe)
+            writes.set_values(self._engine, self._s, search_params=json.dumps(merged), index_tuning=None)
             if self._s.proxies is not None:
                 self._s.proxies.search_params = merged
         return self

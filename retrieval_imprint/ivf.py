@@ -26,6 +26,8 @@ TRAIN_ITERATIONS = 10
 # (raised recall@1 in a one-off test on benchmarks/scale.py data; not part of any benchmark).
 SQ_RANGE_MARGIN = 0.25
 SEARCH_KEYS = ("nprobe", "max_codes", "quantizer_efSearch")
+RECALL_TARGET = 0.99  # recall@1 against exact search that the tuned nprobe reaches (tune_nprobe)
+TUNE_QUERIES = 500  # held-out proxies it is measured on: +-0.0045 at 0.99 (one binomial s.e.)
 
 
 def ivf_lists(n_vectors: int) -> int:
@@ -34,9 +36,61 @@ def ivf_lists(n_vectors: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists searched per query: nlist / 64, at least 32 (IVF4096 -> 64: recall@1 1.000 at 1M
-    classes in docs/scale.md)."""
+    """Lists searched per query where no tuning applies (an index FAISS cannot decode list by
+    list): nlist / 64, at least 32."""
     return int(min(nlist, max(32, nlist // 64)))
+
+
+def tune_nprobe(index: faiss.Index, target: float = RECALL_TARGET, n_queries: int = TUNE_QUERIES,
+                seed: int = 0) -> dict[str, float | int] | None:
+    """The smallest nprobe at which the approximate top-1 of held-out proxies equals the exact
+    top-1, for at least ``target`` of them: ``{"nprobe", "recall", "target", "queries", "proxies"}``;
+    None for an index that cannot be decoded list by list (a pre-transform) or holds < 2 vectors.
+
+    Each query is a proxy of the index, decoded, with its own entry left out of both searches
+    (leave-one-out): the other proxies are what it must find. Exact search runs over the decoded
+    vectors list by list, so memory stays at one list. nprobe doubles until the target is met,
+    then bisects down to the smallest that meets it on the same queries.
+    """
+    if isinstance(index, faiss.IndexPreTransform) or index.ntotal < 2:
+        return None
+    ivf = faiss.extract_index_ivf(index)
+    rows = np.sort(np.random.default_rng(seed).permutation(index.ntotal)[:n_queries])
+    parts = list(decoded_lists(index, rows))
+    own = np.concatenate([ids for ids, _ in parts])
+    Q = np.ascontiguousarray(np.concatenate([X for _, X in parts]), np.float32)
+    larger_is_better = index.metric_type == faiss.METRIC_INNER_PRODUCT
+    heap = faiss.ResultHeap(len(Q), 2, keep_max=larger_is_better)
+    for ids, X in decoded_lists(index):
+        k = min(2, len(X))
+        D, at = faiss.knn(Q, np.ascontiguousarray(X, np.float32), k, index.metric_type)
+        if k < 2:  # a list of one vector: pad with a result that never wins
+            D = np.hstack([D, np.full_like(D, -np.inf if larger_is_better else np.inf)])
+            at = np.hstack([at, np.full_like(at, -1)])
+        heap.add_result(np.ascontiguousarray(D, np.float32), np.where(at >= 0, ids[np.maximum(at, 0)], -1))
+    heap.finalize()
+    exact = _other(heap.I, own)
+
+    def recall(nprobe: int) -> float:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+        _, found = index.search(Q, 2, params=params)
+        return float(np.mean(_other(found, own) == exact))
+
+    hi = 1
+    while recall(hi) < target and hi < ivf.nlist:
+        hi = min(ivf.nlist, hi * 2)
+    lo = hi // 2  # fails (or is 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if recall(mid) >= target else (mid, hi)
+    return {"nprobe": hi, "recall": round(recall(hi), 4), "target": target, "queries": len(Q),
+            "proxies": int(index.ntotal)}
+
+
+def _other(found: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """The best id of each row of ``found`` ``(n, 2)`` that is not the query's own id."""
+    return np.where(found[:, 0] == own, found[:, 1], found[:, 0])
 
 
 def parse_size(text: str | int) -> int:

@@ -69,6 +69,7 @@ collection = Table(
     Column("alpha", Float),  # blend weight (None: chosen by auto)
     Column("auto_choice", String),  # JSON: the concrete GEN/AGG setting fixed at the first add, and its CV table
     Column("rejection", String),  # open-set rule, max or shift (None: max, a collection made before it)
+    Column("index_tuning", String),  # JSON: the nprobe tuned to a recall target, and the recall it reached
 )
 
 embedder = Table(

@@ -26,7 +26,7 @@ from .auto import AUTO, choose, folds
 from .imprint import imprint, seed_of
 from .imprint import means as class_means
 from .index import ProxyIndex
-from .ivf import choose_index, default_nprobe
+from .ivf import choose_index, default_nprobe, tune_nprobe
 from .normalize import normalize
 from .openset import class_shift, own_scores
 from .params import STORED
@@ -113,7 +113,9 @@ def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> s
     if factory != "Flat":
         s.template = ProxyIndex.trained(factory, W, cfg["metric"], s.fixed.transform, cfg["random_state"])
         nlist = faiss.extract_index_ivf(s.template.index).nlist
-        cfg["search_params"] = cfg["search_params"] or json.dumps({"nprobe": default_nprobe(nlist)})
+        if not cfg["search_params"]:  # none given: tuned once the proxies are in (_tune), this meanwhile
+            cfg["search_params"] = json.dumps({"nprobe": default_nprobe(nlist)})
+            cfg["index_tuning"] = "pending"
         template = segments.write_segment(directory, "template", version, s.template.index)
         cfg["trained_on"] = len(W)
     cfg["index_factory"] = factory
@@ -165,6 +167,8 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
     proxy_ids = (b.class_id[owner] << CLASS_SHIFT) + proxy_lo[owner] + j
     segment = s.new_index("proxies")
     segment.add(W, proxy_ids)
+    if cfg["index_tuning"] == "pending":
+        _tune(s, segment)
     written = {"proxies": (segments.write_segment(directory, "proxies", version, segment.index), proxy_ids,
                            b.class_id[owner])}
     samples = X[b.new_rows]
@@ -214,7 +218,7 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
             search_params=cfg["search_params"], trained_on=cfg["trained_on"],
             quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
             metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes(),
-            auto_choice=cfg["auto_choice"]))
+            auto_choice=cfg["auto_choice"], index_tuning=cfg["index_tuning"]))
         conn.execute(update(store.embedder).values(dimension=d))
         for source, done in checkpoints:
             store.set_rows_done(conn, source, done)
@@ -383,6 +387,19 @@ def _forget(s: Snapshot, ids: np.ndarray) -> None:
     s.table.drop(ids)
 
 
+def _tune(s: Snapshot, proxies: ProxyIndex) -> None:
+    """Set the snapshot's nprobe to the smallest reaching ``ivf.RECALL_TARGET`` on ``proxies``
+    (``ivf.tune_nprobe``; the stored rule where it cannot be measured), in memory: the caller's
+    transaction stores ``search_params`` and ``index_tuning``."""
+    tuning = tune_nprobe(proxies.index, seed=seed_of(s.config["random_state"]))
+    if tuning is not None:
+        s.config["search_params"] = json.dumps({**s.search_params, "nprobe": tuning["nprobe"]})
+    s.config["index_tuning"] = json.dumps(tuning) if tuning is not None else None
+    for index in (proxies, s.proxies):
+        if index is not None:
+            index.search_params = s.search_params
+
+
 def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, retrain: bool = False) -> None:
     """Merge segment files into one per kind: all of them (``full``), or all but the largest, so
     that the automatic compaction after many small adds rewrites only the small ones.
@@ -400,6 +417,9 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         s.template, merged["proxies"] = s.proxies.retrained(s.config["index_factory"], s.config["random_state"])
         merged["proxies"].search_params = s.search_params
         template = segments.write_segment(directory, "template", version, s.template.index)
+    tuned = full and s.config["index_tuning"] is not None and "proxies" in merged and merged["proxies"].is_ivf
+    if tuned:  # the collection has grown or its lists changed: the nprobe that reaches the target too
+        _tune(s, merged["proxies"])
     written = {kind: segments.write_segment(directory, kind, version, index.index) for kind, index in merged.items()}
     segments.crash_point("compact: segments written")
     with store.writing(engine) as conn:
@@ -408,6 +428,9 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         if template is not None:
             store.set_template(conn, template)
             conn.execute(update(store.collection).values(trained_on=merged["proxies"].ntotal))
+        if tuned:
+            conn.execute(update(store.collection).values(search_params=s.config["search_params"],
+                                                         index_tuning=s.config["index_tuning"]))
         conn.execute(update(store.collection).values(version=version))
     segments.crash_point("compact: committed")
     s.config["version"] = version

@@ -28,9 +28,10 @@ def test_ivf_flat_with_every_list_probed_is_exact(tmp_path):
     Q = X[::5] + 0.2 * np.random.default_rng(1).standard_normal(X[::5].shape).astype(np.float32)
     full = ivf.query(Q, 3, search_params={"nprobe": 64})
     np.testing.assert_array_equal(full.labels, exact.query(Q, 3).labels)
-    assert ivf.config["search_params"] == {"nprobe": 32}  # the default; the override did not stick
+    tuning = ivf.info()["index_tuning"]  # tuned at the first add, kept: the per-call override did not stick
+    assert ivf.config["search_params"] == {"nprobe": tuning["nprobe"]} and tuning["recall"] >= 0.99
     default = ivf.predict(Q)
-    assert np.mean(default == exact.predict(Q)) > 0.9  # recall@1 of the default nprobe
+    assert np.mean(default == exact.predict(Q)) > 0.9  # recall@1 of the tuned nprobe on other queries
 
 
 def test_ivf_sq8_grows_shrinks_compacts_and_reopens(tmp_path):
@@ -172,3 +173,43 @@ def test_search_parameters_of_one_call_never_reach_the_shared_index(tmp_path):
         np.testing.assert_array_equal(labels, alone[n])
     assert faiss.extract_index_ivf(col._s.proxies.index).nprobe == 1  # FAISS's own default, never set
     np.testing.assert_array_equal(col.query(Q, 3).labels, col.query(Q, 3, search_params={"nprobe": 2}).labels)
+
+
+def test_nprobe_is_tuned_to_the_recall_target_and_retuned_as_the_collection_grows(tmp_path):
+    """The stored nprobe reaches recall@1 >= 0.99 against a numpy brute force on held-out proxies,
+    nprobe - 1 does not (it is the smallest), an nprobe the user gives is kept, and a compaction
+    after growth tunes again."""
+    from retrieval_imprint import ivf
+
+    X, y = classes(600, n=4, d=16)
+    col = Collection.create(tmp_path / "c", model=None, generator="mean", keep_samples=False, index="IVF32,Flat")
+    col.add(X[y < 300], y[y < 300])
+    tuning = col.info()["index_tuning"]
+    index = col._s.proxies.index
+    assert tuning["proxies"] == 300 and col.search_params == {"nprobe": tuning["nprobe"]}
+    stored = {int(i): v for ids_, V in ivf.decoded_lists(index) for i, v in zip(ids_, V)}
+    keys = np.array(sorted(stored))
+    V = np.stack([stored[k] for k in keys])
+    sims = V @ V.T
+    np.fill_diagonal(sims, -np.inf)
+    exact = keys[sims.argmax(1)]
+
+    def recall(nprobe):
+        import faiss
+
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+        _, found = index.search(V, 2, params=params)
+        other = np.where(found[:, 0] == keys, found[:, 1], found[:, 0])
+        return np.mean(other == exact)
+
+    assert recall(tuning["nprobe"]) >= 0.99 - 1 / 300  # the tuner's 500 queries were all 300 proxies here
+    if tuning["nprobe"] > 1:
+        assert recall(tuning["nprobe"] - 1) < 0.99
+    col.add(X[y >= 300], y[y >= 300])
+    col.compact()
+    assert col.info()["index_tuning"]["proxies"] == 600 and Collection.open(tmp_path / "c").info()["index_tuning"]
+    col.set_search_params(nprobe=3)
+    col.compact()
+    reopened = Collection.open(tmp_path / "c")
+    assert reopened.search_params == {"nprobe": 3} and reopened.info()["index_tuning"] is None
