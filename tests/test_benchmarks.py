@@ -1,4 +1,5 @@
-"""The accuracy benchmark's pipeline, in its quick mode (one seed, full BANKING77)."""
+"""The benchmark scripts run end to end: accuracy in its quick mode (one seed, full BANKING77), scale
+on a small size."""
 
 from __future__ import annotations
 
@@ -29,3 +30,15 @@ def test_accuracy_benchmark_quick_mode(tmp_path):
     assert all(0 <= r["accuracy"] <= 1 and r["dataset"] == "banking77" and r["shots"] == 0 for r in rows)
     assert "banking77" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "accuracy_vs_k.png").stat().st_size > 1000
+
+
+def test_scale_benchmark_runs_small(tmp_path):
+    """benchmarks/scale.py end to end on 3,000 classes: every column filled, the targets listed."""
+    out = tmp_path / "scale.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--sizes", "3000", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 3,000"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 19 and all(cells) and float(cells[14]) >= 0.95  # recall@1 after the compaction
+    assert "FAISS SIMD" in text and "## Targets at 3,000 classes" in text
