@@ -193,10 +193,10 @@ def lock_timeout() -> float:
 
 
 def open_collection(path: Path, **options: Any):
-    """``Collection.open`` with the command's ``--wait``."""
-    from retrieval_imprint.collection import Collection
+    """Open the collection at ``path`` (sharded or not) with the command's ``--wait``."""
+    from retrieval_imprint.sharded import open_any
 
-    return Collection.open(path, lock_timeout=lock_timeout(), **options)
+    return open_any(path, lock_timeout=lock_timeout(), **options)
 
 
 def collection_vectors(col: Any, datasets: list, quiet: bool) -> np.ndarray:

@@ -33,6 +33,10 @@ def _print_info(data: dict) -> None:
             click.echo(f"{key}:")
             for k, v in value.items():
                 click.echo(f"  {k}: {v}")
+        elif key == "shard_info":
+            click.echo("shard_info:")
+            for row in value:
+                click.echo("  " + ", ".join(f"{k} {v}" for k, v in row.items() if v is not None))
         else:
             click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
 
@@ -74,8 +78,9 @@ def examples(collection: Path, label: str, limit: int | None, as_json: bool) -> 
     """
     col = open_collection(collection)
     rows = col.examples({str(c): c for c in col.classes}.get(label, label))[:limit]
-    output(rows, as_json, lambda rs: [click.echo(f"{r['sample']:5d}  {r['text'] if r['text'] is not None else '(vector)'}"
-                                                 + (f"  [{r['ref']}]" if r["ref"] is not None else "")) for r in rs])
+    output(rows, as_json, lambda rs: [click.echo(
+        f"{r['sample']:5d}  {r['text'] if r['text'] is not None else '(vector)'}"
+        + (f"  [{r['ref']}]" if r["ref"] is not None else "")) for r in rs])
 
 
 @main.command()
@@ -165,9 +170,9 @@ def check(collection: Path, as_json: bool) -> None:
     Example:
         imprint check intents/
     """
-    from retrieval_imprint.collection import Collection
+    from retrieval_imprint.sharded import kind_of
 
-    report = Collection.verify(collection)
+    report = kind_of(collection).verify(collection)
     if as_json:
         emit({"ok": report.ok, "problems": report.problems})
     elif report.ok:
@@ -193,9 +198,9 @@ def upgrade(collection: Path, as_json: bool) -> None:
     Example:
         imprint db upgrade intents/
     """
-    from retrieval_imprint.collection import Collection
+    from retrieval_imprint.sharded import kind_of
 
-    before, head = Collection.upgrade(collection)
+    before, head = kind_of(collection).upgrade(collection)
     output({"before": before, "after": head}, as_json,
            lambda d: click.echo(f"{collection}: schema {before} -> {head}" if before != head
                                 else f"{collection}: already at {head}"))

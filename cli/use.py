@@ -30,6 +30,9 @@ from .app import (UserError, collection_argument, collection_vectors, data_optio
 @setting_options([COLLECTION[name] for name in ("model", "index", "memory_budget", "keep_samples")],
                  " (new collections)")
 @click.option("--nprobe", type=int, help="Inverted lists searched per query (IVF indexes); stored.")
+@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="A new collection of more than one shard is sharded by label hash: S ordinary collections "
+                   "answering as one.")
 @click.option("--chunk-size", type=int, default=DEFAULT_CHUNK, show_default=True,
               help="Larger inputs are embedded and added chunk by chunk; an interrupted run resumes.")
 @click.option("--again", is_flag=True, help="Add DATA even where the same rows were indexed before (they are "
@@ -42,7 +45,7 @@ from .app import (UserError, collection_argument, collection_vectors, data_optio
 @id_option
 @quiet_option
 @json_option
-def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: int | None, chunk_size: int,
+def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: int | None, shards: int, chunk_size: int,
           again: bool, upsert: bool, vectors_model: str | None, text_column, label_column, vector_column, id_column,
           split, quiet: bool, as_json: bool, **given: Any) -> None:
     """Create COLLECTION or extend it with the labelled rows of DATA files.
@@ -69,7 +72,7 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
     datasets = [read(p, **read_options(text_column, label_column, vector_column, split, id_column)) for p in data]
     report = ingest(collection, datasets, chunk_size=chunk_size, progress=show_progress(quiet), again=again,
                     upsert=upsert, vectors_model=vectors_model, preset=preset, lock_timeout=lock_timeout(),
-                    **settings)
+                    shards=shards, **settings)
     if as_json:
         emit(report.as_dict())
         return

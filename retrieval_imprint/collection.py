@@ -249,12 +249,16 @@ class Collection:
             raise CollectionStateError(f"collection {self.path} has no classes yet")
         top = spec.check_int("top", top, 1)
         self._check_model(model, "query")
-        if search_params and not self._s.proxies.is_ivf:
+        Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
+        owner, scores = ranking.rank(self._s, Q, top, self._search_params(search_params))
+        return ranking.answer(self._s, owner, scores, threshold)
+
+    def _search_params(self, params: dict[str, int] | None) -> dict[str, int] | None:
+        """``query``'s ``search_params``, checked: they apply to IVF indexes only."""
+        if params and self._s.proxies is not None and not self._s.proxies.is_ivf:
             raise InvalidParameterError("search_params apply to approximate (IVF) indexes; this collection's index "
                                         "is exact")
-        Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
-        owner, scores = ranking.rank(self._s, Q, top, spec.check_search_params("search_params", search_params))
-        return ranking.answer(self._s, owner, scores, threshold)
+        return spec.check_search_params("search_params", params)
 
     def predict(self, Q: Any, *, threshold: float | None = None, model: str | None = None,
                 search_params: dict[str, int] | None = None) -> np.ndarray:
@@ -351,10 +355,13 @@ class Collection:
 
     def _add_checked(self, X: Any, labels: Sequence[object], *, model: str | None = None,
                      replace: bool | set = False, checkpoints: Sequence[tuple[str, int]] = (),
-                     texts: Sequence[str] | None = None, refs: Sequence[str] | None = None) -> None:
+                     texts: Sequence[str] | None = None, refs: Sequence[str] | None = None,
+                     auto_choice: str | None = None) -> None:
         """``add``; ``replace`` may name the label entries to replace; ``checkpoints``
         ``(source, rows_done)`` record in the same transaction how far ingestions have come
-        (``ingest.py``); ``texts`` and ``refs``: what each row was embedded from, kept."""
+        (``ingest.py``); ``texts`` and ``refs``: what each row was embedded from, kept;
+        ``auto_choice``: what auto chose elsewhere (a sharded collection's first add), taken
+        instead of choosing on these rows if this collection has not chosen yet."""
         X = check_vectors(X, "X", self._s.dimension)
         labels = lab.as_sequence(labels)
         if len(labels) != len(X):
@@ -362,6 +369,8 @@ class Collection:
         self._check_model(model, "add")
         codes, entries = lab.encode_stored(labels)
         with self._writing():
+            if auto_choice is not None and self._s.config["auto_choice"] is None:
+                self._s.config["auto_choice"] = auto_choice
             kinds = self._s.label_kinds
             if len(kinds) <= 1:  # (a collection made before the rule may mix them: left as it is)
                 lab.check_kind(entries, next(iter(kinds), None))
@@ -506,3 +515,10 @@ class Collection:
         """Rows of ``source`` already committed by an ingestion (``ingest.py``)."""
         with self._engine.connect() as conn:
             return store.rows_done(conn, source)
+
+    def _record_progress(self, checkpoints: Sequence[tuple[str, int]]) -> None:
+        """Record ``(source, rows_done)`` of ingestions whose rows held nothing for this collection
+        (a shard that owns none of a chunk's classes)."""
+        with self._writing(), store.writing(self._engine) as conn:
+            for source, done in checkpoints:
+                store.set_rows_done(conn, source, done)

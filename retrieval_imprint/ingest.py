@@ -28,11 +28,11 @@ import numpy as np
 from . import labels as lab
 from .collection import Collection
 from .embed import Embedder, embed_all
-from .errors import DataError
+from .errors import DataError, SettingsClashError
 from .params import DEFAULT_CHUNK, check_int, collection_scope, resolve
 from .progress import bar
 from .readers import Dataset, read
-from .segments import DB_NAME
+from .sharded import ShardedCollection, exists, is_sharded, open_any
 
 @dataclass(frozen=True)
 class IngestReport:
@@ -80,10 +80,16 @@ def chunks(labels: Sequence[Any], start: int, size: int) -> Iterator[tuple[int, 
 class _Target:
     """The collection being ingested into: opened, or created when the first chunk is ready."""
 
-    def __init__(self, path: Path, preset: str | None, settings: dict[str, Any], lock_timeout: float) -> None:
+    def __init__(self, path: Path, preset: str | None, settings: dict[str, Any], lock_timeout: float,
+                 shards: int) -> None:
         self.path, self.preset, self.settings, self.lock_timeout = path, preset, settings, lock_timeout
-        self.col = Collection.open(path, lock_timeout=lock_timeout) if (path / DB_NAME).exists() else None
+        self.shards = shards
+        self.col = open_any(path, lock_timeout=lock_timeout) if exists(path) else None
         self.created = False
+        if self.col is not None:
+            self.col.check_settings(preset=preset, **settings, **({"shards": shards} if is_sharded(path) else {}))
+            if shards > 1 and not is_sharded(path):
+                raise SettingsClashError(f"{path} already exists with other settings: shards={shards} (collection: 1)")
 
     def __len__(self) -> int:
         return len(self.col) if self.col is not None else 0
@@ -94,7 +100,12 @@ class _Target:
     def add(self, X: Any, parts: list[Dataset], checkpoints: list[tuple[str, int]], replace: set) -> None:
         """Add rows ``X`` of ``parts`` (their labels, texts and refs) in one write."""
         if self.col is None:
-            self.col = Collection.create(self.path, preset=self.preset, lock_timeout=self.lock_timeout, **self.settings)
+            if self.shards > 1:
+                self.col = ShardedCollection.create(self.path, shards=self.shards, preset=self.preset,
+                                                    lock_timeout=self.lock_timeout, **self.settings)
+            else:
+                self.col = Collection.create(self.path, preset=self.preset, lock_timeout=self.lock_timeout,
+                                             **self.settings)
             self.created = True
         texts = [t for p in parts for t in (p.texts or [None] * len(p))] if any(p.texts for p in parts) else None
         refs = [r for p in parts for r in (p.refs or [None] * len(p))] if any(p.refs for p in parts) else None
@@ -112,14 +123,16 @@ class _Target:
 def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Dataset], *,
            chunk_size: int = DEFAULT_CHUNK, progress: bool = False, embedder: Embedder | None = None,
            again: bool = False, upsert: bool = False, vectors_model: str | None = None, preset: str | None = None,
-           lock_timeout: float = 0.0, **settings: Any) -> IngestReport:
+           lock_timeout: float = 0.0, shards: int = 1, **settings: Any) -> IngestReport:
     """Add the labelled rows of ``sources`` (data files, or ``readers.Dataset``) to the collection
     at ``path``, creating it with ``preset`` and ``settings`` if there is none (or with those an
     ``imprint export`` file carries); see the module docstring. ``embedder``: the model's embedder
     to use (default: the collection's, cached); ``vectors_model``: the model that made vectors
     that do not say so themselves (vectors of another model than the collection's are refused);
-    ``lock_timeout``: seconds each write waits for another process writing to the collection."""
+    ``lock_timeout``: seconds each write waits for another process writing to the collection;
+    ``shards`` > 1 makes a new collection a ``ShardedCollection`` of that many shards."""
     chunk_size = check_int("chunk_size", chunk_size, 1)
+    shards = check_int("shards", shards, 1)
     datasets = [s if isinstance(s, Dataset) else read(s) for s in sources]
     if not datasets:
         raise DataError("no data sources given: nothing to index")
@@ -127,11 +140,10 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
         if ds.labels is None:
             raise DataError(f"{ds.source}: no labels to index")
     exported = [ds.settings for ds in datasets if ds.settings]
-    if not (Path(path) / DB_NAME).exists() and exported and not settings and preset is None:
+    if not exists(Path(path)) and exported and not settings and preset is None:
         settings = dict(exported[0])  # an exported collection made again as it was
-    target = _Target(Path(path), preset, settings, lock_timeout)
+    target = _Target(Path(path), preset, settings, lock_timeout, shards)
     if target.col is not None:
-        target.col.check_settings(preset=preset, **settings)
         model = target.col.model
     else:
         model = resolve(settings, collection_scope(), preset)["model"]

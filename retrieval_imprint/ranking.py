@@ -39,8 +39,13 @@ def rank(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None) ->
             if depth >= index.ntotal or (owner >= 0).all():
                 return owner, scores
             depth = min(index.ntotal, depth * 4)
-    _, dist, ids = index.search(Q, min(cfg["m"], index.ntotal), params)
+    _, dist, ids = neighbours(s, Q, params)
     return rank_classes(class_of(ids), vote_weights(dist, cfg["vote"]), top, vote=True, ties="nearest")
+
+
+def neighbours(s: Snapshot, Q: np.ndarray, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``m`` proxies nearest each query that an ``mnn`` vote counts: similarity, distance, ids."""
+    return s.proxies.search(Q, min(s.params["m"], s.proxies.ntotal), params)
 
 
 def _blend(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None, alpha: float

@@ -133,8 +133,7 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
     are kept beside the kept samples, for ``Collection.examples`` and ``explain``."""
     cfg = s.config
     if cfg["auto_choice"] is None:  # the first add: auto chooses what the settings leave open, on this data
-        choice, rows = choose(X, codes, lab.label_keys([lab.value(*e) for e in entries]), _choosable(cfg))
-        cfg["auto_choice"] = json.dumps({**choice.params(), "cv_results": rows})
+        cfg["auto_choice"] = auto_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
     params = s.params
     X = normalize(X, cfg["pre_norm"], what="X")
     with engine.connect() as conn:
@@ -292,6 +291,13 @@ def set_rejection(engine: Engine, s: Snapshot, threshold: float, rule: str, shif
         s.table.shift = np.asarray(shift, np.float64)
 
 
+def auto_choice(cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> str:
+    """What auto chooses for a collection of settings ``cfg`` from samples ``X`` of classes
+    ``codes`` (label ``keys``), as stored: the concrete parameters and the CV table."""
+    choice, rows = choose(X, codes, keys, _choosable(cfg))
+    return json.dumps({**choice.params(), "cv_results": rows})
+
+
 def _choosable(cfg: dict[str, Any]) -> dict[str, Any]:
     """The stored settings as auto may resolve them: only an exact index serves a blend (IVF
     collections, and ``index="auto"``, which may choose IVF, choose k under max)."""
@@ -310,8 +316,7 @@ def retune(directory: Path, engine: Engine, s: Snapshot) -> None:
     X = s.samples.reconstruct(table.sample_ids(table.ids))
     codes = np.repeat(np.arange(len(table)), table.n_samples)
     keys = lab.label_keys(table.labels.tolist())
-    choice, rows = choose(X, codes, keys, _choosable(cfg))  # the samples are stored NORMpre'd
-    cfg["auto_choice"] = json.dumps({**choice.params(), "cv_results": rows})
+    cfg["auto_choice"] = auto_choice(cfg, X, codes, keys)  # the samples are stored NORMpre'd
     params = s.params
     groups = Grouped(X, np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64), keys)
     fixed = s.fixed if s.template is not None else None  # IVF lists live in the first fit's space

@@ -1,0 +1,494 @@
+"""Sharded collections: S ordinary collections that build, grow and answer as one.
+
+A sharded collection is a directory (docs/collections.md, "Shards")::
+
+    shards.json     the manifest: shard count, how labels are assigned, what auto chose
+    shard-0000/     one ordinary collection per shard (collection.py), same settings
+    shard-0001/ ...
+
+A class lives whole in shard ``label_key(label) % S`` (``labels.label_key``: a 64-bit BLAKE2b
+key of the label, the same in every process and on every machine, never Python's salted
+``hash``). So a class's score (max, blend) is exact in its shard, and the best classes of the
+whole are the best of each shard's best; an ``mnn`` vote takes the m nearest proxies over all
+shards before it counts. Global class numbers are ``local * S + shard``: unique, and in each
+shard's insertion order, so equal scores break the same way within a shard and in the merge.
+Auto chooses once, on the first add's rows, for every shard (the manifest keeps the choice).
+
+A write goes to each owning shard's writer and is atomic in that shard; one that spans shards
+commits shard by shard, in shard order. Ingestions record their progress in every shard, so an
+interrupted ``imprint index`` resumes exactly: a shard skips the chunks it has committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import labels as lab
+from . import params as spec
+from . import ranking, segments, writes
+from .aggregate import rank_classes, vote_weights
+from .collection import Collection, check_vectors
+from .embed import Embedder
+from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
+                     DataError, InvalidParameterError, SettingsClashError)
+from .integrity import CheckReport
+from .normalize import normalize
+from .ranking import QueryResult
+from .segments import CLASS_SHIFT, DB_NAME, class_of
+
+MANIFEST = "shards.json"
+FORMAT = 1
+LABEL_HASH = "labels.label_key % shards"
+
+
+def is_sharded(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a sharded collection (a manifest)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a collection, sharded or not."""
+    return is_sharded(path) or (Path(path) / DB_NAME).exists()
+
+
+def kind_of(path: str | os.PathLike) -> "type[Collection] | type[ShardedCollection]":
+    """``ShardedCollection`` where ``path`` holds a manifest, else ``Collection``: the class whose
+    ``open``, ``verify`` and ``upgrade`` apply."""
+    return ShardedCollection if is_sharded(path) else Collection
+
+
+def open_any(path: str | os.PathLike, **options: Any) -> "Collection | ShardedCollection":
+    """``open`` of the collection at ``path``, sharded or not."""
+    return kind_of(path).open(path, **options)
+
+
+def shard_of(labels: Sequence[object], n_shards: int) -> np.ndarray:
+    """The shard owning each label: its stable 64-bit key modulo ``n_shards``."""
+    return (lab.label_keys(labels) % np.uint64(n_shards)).astype(np.int64)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:04d}"
+
+
+class ShardedCollection:
+    """``Collection``'s API over S shard collections; see the module docstring."""
+
+    def __init__(self, path: Path, shards: list[Collection], manifest: dict[str, Any], lock_timeout: float) -> None:
+        self.path = path
+        self.shards = shards
+        self.lock_timeout = lock_timeout
+        self._manifest = manifest
+
+    # ----------------------------------------------------------------- create, open
+    @classmethod
+    def create(cls, path: str | os.PathLike, *, shards: int, preset: str | None = None, lock_timeout: float = 0.0,
+               **settings: Any) -> "ShardedCollection":
+        """Create an empty collection of ``shards`` shards at ``path`` (a new or empty directory);
+        ``settings`` and ``preset`` as ``Collection.create``, the same for every shard."""
+        n = spec.check_int("shards", shards, 1)
+        spec.check_collection(spec.resolve(settings, spec.collection_scope(), preset))  # before any file
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise CollectionExistsError(f"{path} already exists and is not an empty directory")
+        staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            for i in range(n):
+                Collection.create(staging / shard_name(i), preset=preset, **settings).close()
+            _write_manifest(staging, {"format": FORMAT, "shards": n, "label_hash": LABEL_HASH, "auto_choice": None})
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        os.replace(staging, path)  # the collection appears whole or not at all
+        return cls.open(path, lock_timeout=lock_timeout)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, upgrade: bool = False, lock_timeout: float = 0.0
+             ) -> "ShardedCollection":
+        """Open a sharded collection (every shard; ``upgrade`` migrates each one's schema)."""
+        path = Path(path)
+        if not path.exists():
+            raise CollectionNotFoundError(f"no collection at {path}")
+        manifest = _read_manifest(path)
+        shards = [Collection.open(path / shard_name(i), upgrade=upgrade, lock_timeout=lock_timeout)
+                  for i in range(manifest["shards"])]
+        return cls(path, shards, manifest, lock_timeout)
+
+    @classmethod
+    def upgrade(cls, path: str | os.PathLike) -> tuple[str | None, str]:
+        """``Collection.upgrade`` of every shard; returns the first shard's ``(before, after)``."""
+        moved = [Collection.upgrade(Path(path) / shard_name(i)) for i in range(_read_manifest(Path(path))["shards"])]
+        return moved[0]
+
+    @classmethod
+    def verify(cls, path: str | os.PathLike) -> CheckReport:
+        """``check`` a sharded collection that may be too damaged to open: damage is reported."""
+        try:
+            manifest = _read_manifest(Path(path))
+        except CollectionDamagedError as exc:
+            return CheckReport(False, [str(exc)])
+        reports = [Collection.verify(Path(path) / shard_name(i)) if (Path(path) / shard_name(i)).is_dir()
+                   else CheckReport(False, ["the shard's directory is missing"]) for i in range(manifest["shards"])]
+        if not all(r.ok for r in reports):
+            return CheckReport(False, [f"{shard_name(i)}: {p}" for i, r in enumerate(reports) for p in r.problems])
+        with cls.open(path) as col:
+            return col.check()
+
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike, *, shards: int, preset: str | None = None,
+                       lock_timeout: float = 0.0, **settings: Any) -> "ShardedCollection":
+        """Open the sharded collection at ``path`` (its shard count and settings must be these) or
+        create it."""
+        if not Path(path).exists() or not any(Path(path).iterdir()):
+            return cls.create(path, shards=shards, preset=preset, lock_timeout=lock_timeout, **settings)
+        col = cls.open(path, lock_timeout=lock_timeout)
+        col.check_settings(shards=shards, preset=preset, **settings)
+        return col
+
+    def check_settings(self, *, shards: int | None = None, preset: str | None = None, **settings: Any) -> None:
+        """Raise ``SettingsClashError`` if the shard count or any setting given differs from the stored."""
+        if shards is not None and shards != self.n_shards:
+            raise SettingsClashError(f"{self.path} already exists with other settings: shards={shards} "
+                                     f"(collection: {self.n_shards})")
+        self.shards[0].check_settings(preset=preset, **settings)
+
+    def refresh(self) -> bool:
+        """Pick up other processes' writes; True if any shard changed."""
+        changed = [col.refresh() for col in self.shards]
+        self._manifest = _read_manifest(self.path)
+        return any(changed)
+
+    def close(self) -> None:
+        for col in self.shards:
+            col.close()
+
+    def __enter__(self) -> "ShardedCollection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def classes(self) -> list:
+        """Labels, shard by shard, each shard's in the order its classes were added."""
+        return [label for col in self.shards for label in col.classes]
+
+    def __len__(self) -> int:
+        return sum(len(col) for col in self.shards)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings every shard shares (search parameters may differ: see ``info()["shards"]``)."""
+        return self.shards[0].config
+
+    @property
+    def model(self) -> str | None:
+        return self.shards[0].model
+
+    @property
+    def auto_choice(self) -> dict[str, Any] | None:
+        """What auto chose at the first add, for every shard (None before it)."""
+        chosen = self._manifest["auto_choice"]
+        return json.loads(chosen) if chosen else None
+
+    @property
+    def outgrown(self) -> bool:
+        """True when some shard's IVF lists would be retrained by ``compact()``."""
+        return any(col.outgrown for col in self.shards)
+
+    def info(self) -> dict[str, Any]:
+        """The whole collection's sizes and settings, and each shard's own ``info()``."""
+        parts = [col.info() for col in self.shards]
+        return {
+            "path": str(self.path),
+            "shards": self.n_shards,
+            "classes": sum(p["classes"] for p in parts),
+            "proxies": sum(p["proxies"] for p in parts),
+            "samples": sum(p["samples"] for p in parts),
+            "version": sum(p["version"] for p in parts),
+            "config": self.config,
+            "auto_choice": self.auto_choice,
+            "embedder": parts[0]["embedder"],
+            "bytes_on_disk": sum(p["bytes_on_disk"] for p in parts) + (self.path / MANIFEST).stat().st_size,
+            "shard_info": [{"shard": i, **{key: p[key] for key in ("classes", "proxies", "samples", "version",
+                                                                   "trained_on", "index_tuning")},
+                            "search_params": p["config"]["search_params"]} for i, p in enumerate(parts)],
+        }
+
+    def class_table(self) -> list[dict[str, Any]]:
+        """One row per class (label, samples, proxies, shard), shard by shard."""
+        return [{**row, "shard": i} for i, col in enumerate(self.shards) for row in col.class_table()]
+
+    def examples(self, label: object) -> list[dict[str, Any]]:
+        """The kept samples of class ``label`` (``Collection.examples``), from its shard."""
+        return self.shards[int(shard_of([label], self.n_shards)[0])].examples(label)
+
+    def explain(self, Q: Any, n: int = 3, *, threshold: float | None = None) -> list[list[dict[str, Any]]]:
+        """``Collection.explain``: each query's answer is its shard's best class too, so the shard
+        that owns the answer explains it."""
+        answer = self.predict(Q, threshold=threshold)
+        out: list[list[dict[str, Any]]] = [[] for _ in answer]
+        found = np.flatnonzero(answer != None)  # noqa: E711 (elementwise)
+        owner = shard_of(answer[found].tolist(), self.n_shards)
+        Q = np.asarray(Q)
+        for i in np.unique(owner):
+            rows = found[owner == i]
+            for r, rows_out in zip(rows, self.shards[i].explain(Q[rows], n, threshold=threshold)):
+                out[r] = rows_out
+        return out
+
+    def embedder(self, *, progress: bool = False) -> Embedder:
+        """The embedding model every shard was made with (``Collection.embedder``)."""
+        return self.shards[0].embedder(progress=progress)
+
+    def query(self, Q: Any, top: int = 1, *, threshold: float | None = None, model: str | None = None,
+              search_params: dict[str, int] | None = None) -> QueryResult:
+        """``Collection.query`` over every shard: the same answer one collection of all the classes
+        gives (equal scores in any order of equal classes)."""
+        live = [(i, col) for i, col in enumerate(self.shards) if len(col)]
+        if not live:
+            raise CollectionStateError(f"collection {self.path} has no classes yet")
+        top = spec.check_int("top", top, 1)
+        first = live[0][1]
+        first._check_model(model, "query")
+        Q = normalize(check_vectors(Q, "Q", first._s.dimension), first.config["inf_norm"], what="Q")
+        params = [(i, col._s, col._search_params(search_params)) for i, col in live]
+        if first._s.params["aggregation"] == "mnn":
+            owner, scores = self._vote(Q, params, top)
+        else:
+            owner, scores = self._best(Q, params, top)
+        return self._answer(owner, scores, threshold)
+
+    def predict(self, Q: Any, *, threshold: float | None = None, model: str | None = None,
+                search_params: dict[str, int] | None = None) -> np.ndarray:
+        """The best class of each query (None where rejected by the threshold)."""
+        return self.query(Q, 1, threshold=threshold, model=model, search_params=search_params).labels[:, 0]
+
+    def query_texts(self, texts: Sequence[str], top: int = 1, *, threshold: float | None = None) -> QueryResult:
+        """``query`` on texts embedded with the collection's model."""
+        return self.query(self.embedder().encode(texts), top, threshold=threshold, model=self.model)
+
+    def _best(self, Q: np.ndarray, params: list, top: int) -> tuple[np.ndarray, np.ndarray]:
+        """max and blend: each shard's ``top`` best classes, merged by score (equal scores: the
+        lower global class number). Global class numbers and scores."""
+        owners, scores = [], []
+        for i, s, p in params:
+            owner, score = ranking.rank(s, Q, top, p)
+            owners.append(np.where(owner >= 0, owner * self.n_shards + i, -1))
+            scores.append(score)
+        owner, score = np.hstack(owners), np.hstack(scores)
+        return _take_best(owner, np.where(owner >= 0, score, -np.inf), top)
+
+    def _vote(self, Q: np.ndarray, params: list, top: int) -> tuple[np.ndarray, np.ndarray]:
+        """mnn: the m nearest proxies over all shards (equal similarities: the lower global proxy
+        number), then the vote of ``ranking.rank``."""
+        sims, gids, dists = [], [], []
+        for i, s, p in params:
+            sim, dist, ids = ranking.neighbours(s, Q, p)
+            found = ids >= 0
+            gids.append(np.where(found, ((class_of(ids) * self.n_shards + i) << CLASS_SHIFT)
+                                 + (ids & ((1 << CLASS_SHIFT) - 1)), -1))
+            sims.append(np.where(found, sim, -np.inf))
+            dists.append(dist)
+        m = min(params[0][1].params["m"], sum(s.proxies.ntotal for _, s, _ in params))
+        gid, sim, dist = np.hstack(gids), np.hstack(sims), np.hstack(dists)
+        order = np.lexsort((np.where(gid >= 0, gid, np.iinfo(np.int64).max), -sim), axis=1)[:, :m]
+        gid, dist = np.take_along_axis(gid, order, 1), np.take_along_axis(dist, order, 1)
+        owner = np.where(gid >= 0, class_of(gid), -1)
+        return rank_classes(owner, vote_weights(dist, params[0][1].params["vote"]), top, vote=True, ties="nearest")
+
+    def _answer(self, owner: np.ndarray, scores: np.ndarray, threshold: float | None) -> QueryResult:
+        """``ranking.answer`` of global class numbers: each shard labels and judges its own."""
+        shard, local = np.where(owner >= 0, owner % self.n_shards, -1), owner // self.n_shards
+        fields = {"labels": np.full(owner.shape, None, object), "scores": np.full(owner.shape, np.nan, np.float32),
+                  "candidates": np.full(owner.shape, None, object),
+                  "rejection_scores": np.full(owner.shape, np.nan), "thresholds": np.full(owner.shape, np.nan)}
+        for i in np.unique(shard[shard >= 0]):
+            mine = shard == i
+            part = ranking.answer(self.shards[i]._s, np.where(mine, local, -1), scores, threshold)
+            for name, value in fields.items():
+                fields[name] = np.where(mine, getattr(part, name), value)
+        return QueryResult(**fields)
+
+    def check(self) -> CheckReport:
+        """``Collection.check`` of every shard, and that each class lives in the shard its label
+        hashes to (a shard copied into another's place, or a changed hash, would hide classes)."""
+        problems = []
+        for i, col in enumerate(self.shards):
+            report = col.check()
+            problems += [f"{shard_name(i)}: {p}" for p in report.problems]
+            if report.ok and len(col):
+                wrong = np.flatnonzero(shard_of(col.classes, self.n_shards) != i)
+                if len(wrong):
+                    problems.append(f"{shard_name(i)}: class {col.classes[wrong[0]]!r} belongs in shard "
+                                    f"{int(shard_of([col.classes[wrong[0]]], self.n_shards)[0])} "
+                                    f"({len(wrong)} misplaced classes)")
+        return CheckReport(not problems, problems)
+
+    # ----------------------------------------------------------------- writing
+    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None,
+            replace: bool = False) -> "ShardedCollection":
+        """``Collection.add``: each class's rows go to its shard (atomic per shard)."""
+        self._add_checked(X, labels, model=model, replace=replace)
+        return self
+
+    def add_texts(self, texts: Sequence[str], labels: Sequence[object], *, replace: bool = False,
+                  refs: Sequence[str] | None = None) -> "ShardedCollection":
+        """``add`` on texts embedded with the collection's model; the texts (and ``refs``) kept."""
+        texts, labels = lab.as_sequence(texts, "texts"), lab.as_sequence(labels)
+        if len(texts) != len(labels) or (refs is not None and len(refs) != len(texts)):
+            raise DataError(f"{len(texts)} texts but {len(labels)} labels" + (
+                f" and {len(refs)} refs" if refs is not None else ""))
+        self._add_checked(self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts,
+                          refs=None if refs is None else [str(r) for r in refs])
+        return self
+
+    def _add_checked(self, X: Any, labels: Sequence[object], *, model: str | None = None,
+                     replace: bool | set = False, checkpoints: Sequence[tuple[str, int]] = (),
+                     texts: Sequence[str] | None = None, refs: Sequence[str] | None = None) -> None:
+        """``Collection._add_checked`` split by shard. Everything that can be checked before a
+        write is checked for all the rows first, so bad input changes no shard."""
+        first = self.shards[0]
+        X = check_vectors(X, "X", next((col._s.dimension for col in self.shards if col._s.dimension), None))
+        labels = lab.as_sequence(labels)
+        if len(labels) != len(X):
+            raise DataError(f"X has {len(X)} rows but labels has {len(labels)}")
+        first._check_model(model, "add")
+        codes, entries = lab.encode_stored(labels)
+        kinds = set().union(*(col._s.label_kinds for col in self.shards))
+        lab.check_kind(entries, next(iter(kinds), None) if len(kinds) == 1 else None)
+        owner = shard_of([lab.value(*e) for e in entries], self.n_shards)
+        rows = owner[codes]
+        if not first.config["keep_samples"] and replace is not True:
+            for e, i in zip(entries, owner):
+                if e not in (replace or ()) and self.shards[i]._s.table.find(lab.value(*e)) is not None:
+                    raise DataError(f"class {e[1]!r} already exists and this collection keeps no samples, so it "
+                                    "cannot be re-imprinted from old and new samples together; remove it and add "
+                                    "all its samples, or create the collection with keep_samples=True")
+        choice = self._choose(X, codes, entries)
+        for i, col in enumerate(self.shards):
+            if checkpoints and all(col._rows_done(source) >= done for source, done in checkpoints):
+                continue  # committed by an interrupted run
+            mine = np.flatnonzero(rows == i)
+            if not len(mine):
+                if checkpoints:
+                    col._record_progress(checkpoints)
+                continue
+            col._add_checked(X[mine], [labels[r] for r in mine], model=model,
+                             replace=replace if isinstance(replace, bool) else set(replace),
+                             checkpoints=checkpoints, texts=None if texts is None else [texts[r] for r in mine],
+                             refs=None if refs is None else [refs[r] for r in mine], auto_choice=choice)
+
+    def _choose(self, X: np.ndarray, codes: np.ndarray, entries: list) -> str:
+        """What auto chose for every shard; at the first add, chosen on its rows and recorded."""
+        if self._manifest["auto_choice"] is None:
+            with segments.writer_lock(self.path, self.lock_timeout):
+                self._manifest = _read_manifest(self.path)
+                if self._manifest["auto_choice"] is None:
+                    cfg = self.shards[0]._s.config
+                    choice = writes.auto_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
+                    self._manifest = {**self._manifest, "auto_choice": choice}
+                    _write_manifest(self.path, self._manifest)
+        return self._manifest["auto_choice"]
+
+    def _rows_done(self, source: str) -> int:
+        """Rows of ``source`` every shard has committed (an ingestion resumes from here)."""
+        return min(col._rows_done(source) for col in self.shards)
+
+    def remove(self, labels: Sequence[object]) -> "ShardedCollection":
+        """Remove the classes with these labels (all must exist; otherwise nothing is removed)."""
+        values = lab.as_sequence(labels)
+        if not values:
+            raise DataError("no labels given: nothing to remove")
+        owner = shard_of([lab.value(*lab.stored_entry(v, f"row {r}")) for r, v in enumerate(values)], self.n_shards)
+        for v, i in zip(values, owner):
+            if self.shards[i]._s.table.find(v) is None:
+                raise DataError(f"no class {v!r} in collection {self.path}")
+        for i in np.unique(owner):
+            self.shards[i].remove([v for v, j in zip(values, owner) if j == i])
+        return self
+
+    def set_threshold(self, threshold: float | None, *, label: object = None) -> "ShardedCollection":
+        """``Collection.set_threshold``: the collection's threshold in every shard, a class's in its own."""
+        if label is not None:
+            self.shards[int(shard_of([label], self.n_shards)[0])].set_threshold(threshold, label=label)
+            return self
+        for col in self.shards:
+            col.set_threshold(threshold)
+        return self
+
+    def set_search_params(self, **params: int) -> "ShardedCollection":
+        """``Collection.set_search_params`` in every shard."""
+        for col in self.shards:
+            col.set_search_params(**params)
+        return self
+
+    def compact(self, *, retrain: bool | None = None) -> "ShardedCollection":
+        """``Collection.compact`` of every shard (``retrain=None``: each shard that has outgrown its lists)."""
+        for col in self.shards:
+            col.compact(retrain=retrain)
+        return self
+
+    def calibrate(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._not_yet("calibrate")
+
+    def export(self, out: str | os.PathLike) -> int:
+        raise self._not_yet("export")
+
+    def tune(self) -> dict[str, Any]:
+        raise self._not_yet("tune")
+
+    def _not_yet(self, what: str) -> CollectionStateError:
+        return CollectionStateError(f"{what} is not available for sharded collections yet ({self.path})")
+
+
+def _take_best(owner: np.ndarray, score: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top`` entries of each row by score, equal scores to the lower class number; -1 and NaN
+    where there are fewer."""
+    order = np.lexsort((np.where(owner >= 0, owner, np.iinfo(np.int64).max), -score), axis=1)[:, :top]
+    owner, score = np.take_along_axis(owner, order, 1), np.take_along_axis(score, order, 1)
+    out_owner = np.full((len(owner), top), -1, np.int64)
+    out_score = np.full((len(owner), top), np.nan)
+    out_owner[:, : owner.shape[1]] = owner
+    out_score[:, : owner.shape[1]] = np.where(owner >= 0, score, np.nan)
+    return out_owner, out_score
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, checked: a damaged one is an error naming the file."""
+    where = path / MANIFEST
+    try:
+        manifest = json.loads(where.read_text())
+    except (OSError, ValueError) as exc:
+        raise CollectionDamagedError(f"{where} cannot be read as a shard manifest: {exc}") from None
+    n = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(n, int) or n < 1 or manifest.get("format") != FORMAT:
+        raise CollectionDamagedError(f"{where} is not a shard manifest this version reads (format {FORMAT}, "
+                                     "shards >= 1)")
+    if manifest.get("label_hash") != LABEL_HASH:
+        raise InvalidParameterError(f"{where} assigns labels by {manifest.get('label_hash')!r}; this version "
+                                    f"knows only {LABEL_HASH!r}")
+    return manifest
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Replace the manifest atomically (written beside it, synced, renamed over it)."""
+    tmp = path / f".{MANIFEST}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MANIFEST)
