@@ -13,11 +13,11 @@ _HOME = {
     "ImprintClassifier": "classifier", "CollapseReport": "collapse", "neural_collapse": "collapse",
     "Collection": "collection", "QueryResult": "ranking", "Embedder": "embed", "ImprintError": "errors",
     "GENERATORS": "generate", "register": "generate", "IngestReport": "ingest", "ingest": "ingest",
-    "DEFAULTS": "params", "PRESETS": "params", "load_demo": "readers",
+    "DEFAULTS": "params", "PRESETS": "params", "load_demo": "readers", "ShardedCollection": "sharded",
 }
 
-__all__ = ["ImprintClassifier", "PRESETS", "DEFAULTS", "Collection", "QueryResult", "ingest", "IngestReport",
-           "Embedder", "ImprintError", "CollapseReport", "neural_collapse", "GENERATORS", "register", "load_demo", "__version__"]
+__all__ = ["ImprintClassifier", "PRESETS", "DEFAULTS", "Collection", "ShardedCollection", "QueryResult", "ingest",
+           "IngestReport", "Embedder", "ImprintError", "CollapseReport", "neural_collapse", "GENERATORS", "register", "load_demo", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from .classifier import ImprintClassifier
@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .params import DEFAULTS, PRESETS
     from .ranking import QueryResult
     from .readers import load_demo
+    from .sharded import ShardedCollection
 
 
 def __getattr__(name: str) -> Any:
