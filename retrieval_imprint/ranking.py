@@ -128,6 +128,14 @@ def rejection_scores(s: Snapshot, owner: np.ndarray, scores: np.ndarray, rule: s
 def answer(s: Snapshot, owner: np.ndarray, scores: np.ndarray, threshold: float | None) -> QueryResult:
     """Labels of ranked class ids, with open-set rejection: a class whose rejection score is below
     its threshold (``threshold`` if given, else the class's own, else the collection's) is None."""
+    return judge(scores, *class_terms(s, owner, threshold))
+
+
+def class_terms(s: Snapshot, owner: np.ndarray, threshold: float | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What ``judge`` needs of each class id in ``owner`` (-1: none), whatever its score: its label
+    (None for -1), the shift its rejection score subtracts (0 under rule max) and its threshold
+    (``threshold`` if given, else the class's own, else the collection's; NaN: none)."""
     found = owner >= 0
     pos = s.table.positions(np.where(found, owner, s.table.ids[0] if len(s.table) else 0))
     limit = np.full(owner.shape, np.nan if threshold is None else float(threshold))
@@ -135,13 +143,22 @@ def answer(s: Snapshot, owner: np.ndarray, scores: np.ndarray, threshold: float 
         own = s.table.threshold[pos]
         stored = s.config["threshold"]
         limit = np.where(np.isnan(own), np.nan if stored is None else stored, own)
-    reject = rejection_scores(s, owner, scores)
-    accepted = found & ~(reject < limit)  # NaN limit: no threshold, nothing rejected
     candidates = np.full(owner.shape, None, object)
     candidates[found] = s.table.labels[pos[found]]
-    labels = np.where(accepted, candidates, None)
-    return QueryResult(labels, np.where(accepted, scores, np.nan).astype(np.float32), candidates,
-                       np.where(found, reject, np.nan), np.where(found, limit, np.nan))
+    shift = np.zeros(owner.shape)
+    if s.params["rejection"] == "shift":
+        shift[found] = filled(s.table.shift)[pos[found]]
+    return candidates, shift, np.where(found, limit, np.nan)
+
+
+def judge(scores: np.ndarray, candidates: np.ndarray, shift: np.ndarray, limit: np.ndarray) -> QueryResult:
+    """The answer from class scores and ``class_terms``: a class is rejected (its label None) where
+    its rejection score, score minus shift, is below its limit (a NaN limit rejects nothing)."""
+    found = candidates != None  # noqa: E711 (elementwise)
+    reject = np.where(found, scores - shift, np.nan)
+    accepted = found & ~(reject < limit)
+    return QueryResult(np.where(accepted, candidates, None), np.where(accepted, scores, np.nan).astype(np.float32),
+                       candidates, reject, limit)
 
 
 def rejection_inputs(s: Snapshot, found: QueryResult, labels: Sequence[object], oos: QueryResult | None,

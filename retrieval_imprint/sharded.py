@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -265,12 +266,8 @@ class ShardedCollection:
         first = live[0][1]
         first._check_model(model, "query")
         Q = normalize(check_vectors(Q, "Q", first._s.dimension), first.config["inf_norm"], what="Q")
-        params = [(i, col._s, col._search_params(search_params)) for i, col in live]
-        if first._s.params["aggregation"] == "mnn":
-            owner, scores = self._vote(Q, params, top)
-        else:
-            owner, scores = self._best(Q, params, top)
-        return self._answer(owner, scores, threshold)
+        parts = [part(col, i, self.n_shards, Q, top, threshold, search_params) for i, col in live]
+        return merge(parts, top, first._s.params)
 
     def predict(self, Q: Any, *, threshold: float | None = None, model: str | None = None,
                 search_params: dict[str, int] | None = None) -> np.ndarray:
@@ -280,48 +277,6 @@ class ShardedCollection:
     def query_texts(self, texts: Sequence[str], top: int = 1, *, threshold: float | None = None) -> QueryResult:
         """``query`` on texts embedded with the collection's model."""
         return self.query(self.embedder().encode(texts), top, threshold=threshold, model=self.model)
-
-    def _best(self, Q: np.ndarray, params: list, top: int) -> tuple[np.ndarray, np.ndarray]:
-        """max and blend: each shard's ``top`` best classes, merged by score (equal scores: the
-        lower global class number). Global class numbers and scores."""
-        owners, scores = [], []
-        for i, s, p in params:
-            owner, score = ranking.rank(s, Q, top, p)
-            owners.append(np.where(owner >= 0, owner * self.n_shards + i, -1))
-            scores.append(score)
-        owner, score = np.hstack(owners), np.hstack(scores)
-        return _take_best(owner, np.where(owner >= 0, score, -np.inf), top)
-
-    def _vote(self, Q: np.ndarray, params: list, top: int) -> tuple[np.ndarray, np.ndarray]:
-        """mnn: the m nearest proxies over all shards (equal similarities: the lower global proxy
-        number), then the vote of ``ranking.rank``."""
-        sims, gids, dists = [], [], []
-        for i, s, p in params:
-            sim, dist, ids = ranking.neighbours(s, Q, p)
-            found = ids >= 0
-            gids.append(np.where(found, ((class_of(ids) * self.n_shards + i) << CLASS_SHIFT)
-                                 + (ids & ((1 << CLASS_SHIFT) - 1)), -1))
-            sims.append(np.where(found, sim, -np.inf))
-            dists.append(dist)
-        m = min(params[0][1].params["m"], sum(s.proxies.ntotal for _, s, _ in params))
-        gid, sim, dist = np.hstack(gids), np.hstack(sims), np.hstack(dists)
-        order = np.lexsort((np.where(gid >= 0, gid, np.iinfo(np.int64).max), -sim), axis=1)[:, :m]
-        gid, dist = np.take_along_axis(gid, order, 1), np.take_along_axis(dist, order, 1)
-        owner = np.where(gid >= 0, class_of(gid), -1)
-        return rank_classes(owner, vote_weights(dist, params[0][1].params["vote"]), top, vote=True, ties="nearest")
-
-    def _answer(self, owner: np.ndarray, scores: np.ndarray, threshold: float | None) -> QueryResult:
-        """``ranking.answer`` of global class numbers: each shard labels and judges its own."""
-        shard, local = np.where(owner >= 0, owner % self.n_shards, -1), owner // self.n_shards
-        fields = {"labels": np.full(owner.shape, None, object), "scores": np.full(owner.shape, np.nan, np.float32),
-                  "candidates": np.full(owner.shape, None, object),
-                  "rejection_scores": np.full(owner.shape, np.nan), "thresholds": np.full(owner.shape, np.nan)}
-        for i in np.unique(shard[shard >= 0]):
-            mine = shard == i
-            part = ranking.answer(self.shards[i]._s, np.where(mine, local, -1), scores, threshold)
-            for name, value in fields.items():
-                fields[name] = np.where(mine, getattr(part, name), value)
-        return QueryResult(**fields)
 
     def check(self) -> CheckReport:
         """``Collection.check`` of every shard, and that each class lives in the shard its label
@@ -455,16 +410,64 @@ class ShardedCollection:
         return CollectionStateError(f"{what} is not available for sharded collections yet ({self.path})")
 
 
-def _take_best(owner: np.ndarray, score: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``top`` entries of each row by score, equal scores to the lower class number; -1 and NaN
-    where there are fewer."""
-    order = np.lexsort((np.where(owner >= 0, owner, np.iinfo(np.int64).max), -score), axis=1)[:, :top]
-    owner, score = np.take_along_axis(owner, order, 1), np.take_along_axis(score, order, 1)
-    out_owner = np.full((len(owner), top), -1, np.int64)
-    out_score = np.full((len(owner), top), np.nan)
-    out_owner[:, : owner.shape[1]] = owner
-    out_score[:, : owner.shape[1]] = np.where(owner >= 0, score, np.nan)
-    return out_owner, out_score
+@dataclass(frozen=True)
+class Part:
+    """One shard's share of the answers to a batch of queries: all a merge needs, so a shard held
+    by another process (a Ray actor) answers in one round trip. Rows are queries; columns the
+    shard's best classes (max, blend) or nearest proxies (mnn), best first."""
+
+    ids: np.ndarray  # global class numbers (max, blend) or proxy numbers (mnn); -1: none
+    values: np.ndarray  # class scores (max, blend) or proxy similarities (mnn); -inf: none
+    distances: np.ndarray | None  # mnn: proxy distances, for distance-weighted votes
+    candidates: np.ndarray  # ranking.class_terms of each entry's class: label,
+    shift: np.ndarray  # rejection shift
+    limit: np.ndarray  # and threshold
+
+
+def part(col: Collection, shard: int, n_shards: int, Q: np.ndarray, top: int, threshold: float | None,
+         search_params: dict[str, int] | None) -> Part:
+    """Shard ``shard``'s ``Part`` of the answers to queries ``Q`` (after NORMinf)."""
+    s, params = col._s, col._search_params(search_params)
+    if s.params["aggregation"] == "mnn":
+        sim, dist, ids = ranking.neighbours(s, Q, params)
+        found = ids >= 0
+        owner = np.where(found, class_of(ids), -1)
+        gid = np.where(found, ((owner * n_shards + shard) << CLASS_SHIFT) + (ids & ((1 << CLASS_SHIFT) - 1)), -1)
+        return Part(gid, np.where(found, sim, -np.inf), dist, *ranking.class_terms(s, owner, threshold))
+    owner, scores = ranking.rank(s, Q, top, params)
+    found = owner >= 0
+    return Part(np.where(found, owner * n_shards + shard, -1), np.where(found, scores, -np.inf), None,
+                *ranking.class_terms(s, owner, threshold))
+
+
+def merge(parts: Sequence[Part], top: int, params: dict[str, Any]) -> QueryResult:
+    """The answers of one collection holding every shard's classes, from the shards' ``Part``s
+    (``params``: the concrete GEN/NORM/AGG settings). max, blend: the ``top`` best entries by
+    score; mnn: the m nearest proxies, then the vote. Equal values go to the lower global number."""
+    def cat(name: str) -> np.ndarray:
+        return np.hstack([getattr(p, name) for p in parts])
+
+    ids, values = cat("ids"), cat("values")
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -values), axis=1)
+    if params["aggregation"] == "mnn":
+        near = order[:, : params["m"]]
+        owner = np.where(np.take_along_axis(ids, near, 1) >= 0, class_of(np.take_along_axis(ids, near, 1)), -1)
+        classes, scores = rank_classes(owner, vote_weights(np.take_along_axis(cat("distances"), near, 1),
+                                                           params["vote"]), top, vote=True, ties="nearest")
+        pick = np.take_along_axis(near, np.argmax(owner[:, None, :] == classes[:, :, None], axis=2), 1)
+    else:
+        pick = order[:, :top]
+        classes = np.take_along_axis(ids, pick, 1)
+        scores = np.where(classes >= 0, np.take_along_axis(values, pick, 1), np.nan)
+    found = classes >= 0
+    terms = [np.where(found, np.take_along_axis(cat(name), pick, 1), fill)
+             for name, fill in (("candidates", None), ("shift", 0.0), ("limit", np.nan))]
+    short = top - classes.shape[1]  # fewer entries than top in all: pad
+    if short:
+        pad = np.full((len(classes), short), np.nan)
+        scores, terms = np.hstack([scores, pad]), [np.hstack([terms[0], np.full(pad.shape, None, object)]),
+                                                   np.hstack([terms[1], pad]), np.hstack([terms[2], pad])]
+    return ranking.judge(scores, *terms)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -159,17 +159,20 @@ def test_an_empty_shard_answers_nothing_and_fills_later(tmp_path, name):
                              name.startswith("mnn"))
 
 
-def test_threshold_rejects_as_one_collection(tmp_path, data):
+@pytest.mark.parametrize("rejection", ["max", "shift"])
+def test_threshold_rejects_as_one_collection(tmp_path, data, rejection):
     X, y, Q = data
-    one = Collection.create(tmp_path / "one", model=None, k=2).add(X, y)
-    col = ShardedCollection.create(tmp_path / "s", shards=2, model=None, k=2).add(X, y)
-    cut = float(np.median(one.query(Q).scores))
+    one = Collection.create(tmp_path / "one", model=None, k=2, rejection=rejection).add(X, y)
+    col = ShardedCollection.create(tmp_path / "s", shards=2, model=None, k=2, rejection=rejection).add(X, y)
+    cut = float(np.median(one.query(Q).rejection_scores[:, 0]))
     one.set_threshold(cut)
     col.set_threshold(cut)
     a, b = one.query(Q, 2), ShardedCollection.open(tmp_path / "s").query(Q, 2)
     np.testing.assert_array_equal(a.rejected, b.rejected)
     np.testing.assert_array_equal(a.labels[:, 0], b.labels[:, 0])
     np.testing.assert_allclose(a.thresholds, b.thresholds)
+    np.testing.assert_allclose(a.rejection_scores, b.rejection_scores, rtol=TOL, atol=TOL)
+    assert 0 < a.rejected[:, 0].mean() < 1
     label = a.candidates[0, 0]
     col.set_threshold(2.0, label=label)  # a class's own threshold lives in its shard
     assert col.query(Q[:1]).labels[0, 0] is None
