@@ -6,7 +6,7 @@ the commands.
 Every command has ``--help`` with an example; commands that print results take ``--json``.
 """
 
-from . import embedding, manage, study, use  # noqa: F401  (each module adds its commands to the group)
+from . import embedding, manage, serving, study, use  # noqa: F401  (each module adds its commands to the group)
 from .app import main
 
 __all__ = ["main"]

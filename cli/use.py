@@ -123,7 +123,7 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
         _need_model(col, collection)
         for batch in _line_batches(sys.stdin):
             Q = collection_vectors(col, [Dataset("stdin", texts=batch)], quiet=True)
-            for row in _rows(batch, col.query(Q, top, threshold=threshold, search_params=search)):
+            for row in col.query(Q, top, threshold=threshold, search_params=search).records(batch):
                 click.echo(json.dumps(plain(row), ensure_ascii=False))
             sys.stdout.flush()
         return
@@ -145,7 +145,7 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
             raise UserError("nothing to query: give TEXT arguments, --file or --vectors")
         _need_model(col, collection)
         names, Q = queries, collection_vectors(col, [Dataset("args", texts=queries)], quiet)
-    rows = _rows(names, col.query(Q, top, threshold=threshold, search_params=search))
+    rows = col.query(Q, top, threshold=threshold, search_params=search).records(names)
     if explain:
         for row, evidence in zip(rows, col.explain(Q, explain, threshold=threshold)):
             row["examples"] = evidence
@@ -168,15 +168,6 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
 def _need_model(col: Any, collection: Path) -> None:
     if col.model is None:
         raise UserError(f"{collection} records no embedding model: query it with --vectors")
-
-
-def _rows(names: list, result: Any) -> list[dict[str, Any]]:
-    """One plain record per query of a ``QueryResult``."""
-    return [{"query": name, "labels": labels.tolist(), "scores": scores.tolist(), "candidates": candidates.tolist(),
-             "rejection_scores": why.tolist(), "thresholds": limits.tolist(), "rejected": rejected.tolist()}
-            for name, labels, scores, candidates, why, limits, rejected in zip(
-                names, result.labels, result.scores, result.candidates, result.rejection_scores, result.thresholds,
-                result.rejected)]
 
 
 def _line_batches(stream: IO[str], most: int = 256) -> Iterator[list[str]]:

@@ -105,6 +105,30 @@ class QueryResult:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def records(self, names: Sequence[object] | None = None) -> list[dict[str, object]]:
+        """One plain record per query (``query``: its name, default its row number), as the CLI's
+        ``--json`` and the HTTP API give them: lists of labels and numbers, None for NaN."""
+        def floats(row: np.ndarray) -> list[float | None]:
+            return [float(v) if np.isfinite(v) else None for v in row]
+
+        return [{"query": name, "labels": list(labels), "scores": floats(scores), "candidates": list(candidates),
+                 "rejection_scores": floats(why), "thresholds": floats(limits), "rejected": rejected.tolist()}
+                for name, labels, scores, candidates, why, limits, rejected in zip(
+                    range(len(self)) if names is None else names, self.labels, self.scores, self.candidates,
+                    self.rejection_scores, self.thresholds, self.rejected)]
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict[str, object]]) -> "QueryResult":
+        """The result ``records`` describe (NaN for None): what an HTTP client gets back."""
+        def table(name: str, dtype: object) -> np.ndarray:
+            rows = [[np.nan if v is None and dtype is not object else v for v in r[name]] for r in records]
+            out = np.empty((len(rows), len(rows[0]) if rows else 0), dtype)
+            out[...] = rows if rows else out
+            return out
+
+        return cls(table("labels", object), table("scores", np.float32), table("candidates", object),
+                   table("rejection_scores", np.float64), table("thresholds", np.float64))
+
     @property
     def rejected(self) -> np.ndarray:
         """``(n_q, top)``: True where a class was found and rejected."""

@@ -1,0 +1,43 @@
+"""``imprint serve``: a collection's JSON API over HTTP (retrieval_imprint/serve.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .app import UserError, collection_argument, main
+
+
+@main.command()
+@collection_argument
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; mind who can reach it).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free one; the address is printed).")
+@click.option("--refresh", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds between looks for other processes' writes (0: before every request).")
+def serve(collection: Path, host: str, port: int, refresh: float) -> None:
+    """Answer queries to COLLECTION over HTTP until interrupted.
+
+    POST /query with {"texts": [...]} or {"vectors": [[...]]} (and "top", "threshold", "nprobe")
+    answers {"results": [...]}, one record per query as `query --json` prints them; GET /health and
+    GET /info describe the collection. retrieval_imprint.client.Client is a Python client.
+
+    \b
+    Example:
+        imprint serve intents/ --port 8000 &
+        curl -s localhost:8000/query -d '{"texts": ["where is my card"], "top": 2}'
+    """
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("imprint serve needs Starlette and uvicorn: pip install 'retrieval-imprint[serve]'") from None
+    from retrieval_imprint.serve import LocalService, json_app, listen, run
+
+    service = LocalService(collection, refresh)
+    sock = listen(host, port)
+    where = sock.getsockname()
+    run(json_app(service.health, service.info, service.query), sock,
+        f"serving {collection} on http://{where[0]}:{where[1]} (Ctrl-C stops)")
