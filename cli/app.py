@@ -192,6 +192,22 @@ def lock_timeout() -> float:
     return float(ctx.find_root().params.get("wait") or 0.0) if ctx is not None else 0.0
 
 
+def engine_options(f: Callable) -> Callable:
+    """``--engine local|ray`` and ``--ray-address``."""
+    f = click.option("--ray-address", metavar="ADDRESS",
+                     help="The Ray cluster to use with --engine ray ('auto': the one this machine is part of; "
+                          "'ray://host:10001'); default: start a local one.")(f)
+    return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="ray: run on a Ray cluster (pip install 'retrieval-imprint[ray]').")(f)
+
+
+def ray_connect(address: str | None) -> None:
+    """Connect to the Ray cluster ``--ray-address`` names, or start a local one."""
+    from retrieval_imprint.distributed import init
+
+    init(address)
+
+
 def open_collection(path: Path, **options: Any):
     """Open the collection at ``path`` (sharded or not) with the command's ``--wait``."""
     from retrieval_imprint.sharded import open_any

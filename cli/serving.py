@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .app import UserError, collection_argument, main
+from .app import UserError, collection_argument, engine_options, main, ray_connect
 
 
 @main.command()
@@ -17,18 +17,26 @@ from .app import UserError, collection_argument, main
               help="Port to listen on (0: any free one; the address is printed).")
 @click.option("--refresh", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between looks for other processes' writes (0: before every request).")
-def serve(collection: Path, host: str, port: int, refresh: float) -> None:
+@engine_options
+def serve(collection: Path, host: str, port: int, refresh: float, engine: str, ray_address: str | None) -> None:
     """Answer queries to COLLECTION over HTTP until interrupted.
 
     POST /query with {"texts": [...]} or {"vectors": [[...]]} (and "top", "threshold", "nprobe")
     answers {"results": [...]}, one record per query as `query --json` prints them; GET /health and
-    GET /info describe the collection. retrieval_imprint.client.Client is a Python client.
+    GET /info describe the collection. retrieval_imprint.client.Client is a Python client. With
+    --engine ray, Ray Serve answers: one deployment per shard behind an ingress that merges.
 
     \b
     Example:
         imprint serve intents/ --port 8000 &
         curl -s localhost:8000/query -d '{"texts": ["where is my card"], "top": 2}'
     """
+    from retrieval_imprint.sharded import directories
+
+    directories(collection)  # a damaged manifest is an error before anything starts
+    if engine == "ray":
+        _serve_on_ray(collection, host, port, refresh, ray_address)
+        return
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -41,3 +49,25 @@ def serve(collection: Path, host: str, port: int, refresh: float) -> None:
     where = sock.getsockname()
     run(json_app(service.health, service.info, service.query), sock,
         f"serving {collection} on http://{where[0]}:{where[1]} (Ctrl-C stops)")
+
+
+def _serve_on_ray(collection: Path, host: str, port: int, refresh: float, address: str | None) -> None:
+    """``imprint serve --engine ray``: ``distributed.serve``, until interrupted."""
+    import signal
+    import threading
+
+    if port == 0:
+        raise UserError("--engine ray needs a --port (Ray Serve's proxy cannot pick a free one and say which)")
+    ray_connect(address)
+    from retrieval_imprint.distributed import serve, serve_shutdown
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    url = serve(collection, host=host, port=port, refresh=refresh)
+    click.echo(f"serving {collection} on {url} with Ray Serve (Ctrl-C stops)", err=True)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve_shutdown()

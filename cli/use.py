@@ -15,10 +15,9 @@ import numpy as np
 from retrieval_imprint.params import COLLECTION, DEFAULT_CHUNK, IMPRINT, PRESETS, STORED
 from retrieval_imprint.readers import FORMATS, Dataset, read
 
-from .app import (UserError, collection_argument, collection_vectors, data_options, describe, emit, id_option,
-                  json_option,
-                  lock_timeout, main, open_collection, output, plain, pyplot, quiet_option, read_options,
-                  setting_options, show_progress)
+from .app import (UserError, collection_argument, collection_vectors, data_options, describe, emit, engine_options,
+                  id_option, json_option, lock_timeout, main, open_collection, output, plain, pyplot, quiet_option,
+                  ray_connect, read_options, setting_options, show_progress)
 
 
 @main.command()
@@ -43,11 +42,12 @@ from .app import (UserError, collection_argument, collection_vectors, data_optio
                                       "for a collection of another model's embeddings are refused).")
 @data_options
 @id_option
+@engine_options
 @quiet_option
 @json_option
 def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: int | None, shards: int, chunk_size: int,
           again: bool, upsert: bool, vectors_model: str | None, text_column, label_column, vector_column, id_column,
-          split, quiet: bool, as_json: bool, **given: Any) -> None:
+          split, engine: str, ray_address: str | None, quiet: bool, as_json: bool, **given: Any) -> None:
     """Create COLLECTION or extend it with the labelled rows of DATA files.
 
     DATA: CSV/TSV, JSONL, Parquet (text and label columns, or a vector column) or NPZ (--split NAME
@@ -57,6 +57,9 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
     rerunning an interrupted command continues after the last committed chunk, and a file whose rows
     were all indexed before (under any name) is skipped. Settings apply when the collection is
     created; given for an existing one, they must match.
+
+    With --engine ray, Ray Data reads Parquet DATA in parallel and the shards' writers imprint
+    label buckets side by side (docs/distributed.md); a rerun skips the rows that are in already.
 
     \b
     Example:
@@ -69,6 +72,12 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
         settings["model"] = None
     if nprobe is not None:
         settings["search_params"] = {"nprobe": nprobe}
+    if engine == "ray":
+        _index_on_ray(collection, data, preset, shards, chunk_size, dict(
+            text_column=text_column, label_column=label_column, vector_column=vector_column, id_column=id_column),
+            settings, ray_address, as_json, unsupported={"--again": again, "--upsert": upsert, "--split": split,
+                                                         "--vectors-model": vectors_model})
+        return
     datasets = [read(p, **read_options(text_column, label_column, vector_column, split, id_column)) for p in data]
     report = ingest(collection, datasets, chunk_size=chunk_size, progress=show_progress(quiet), again=again,
                     upsert=upsert, vectors_model=vectors_model, preset=preset, lock_timeout=lock_timeout(),
@@ -81,6 +90,29 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
     click.echo(f"indexed {report.rows} rows into {collection}"
                + (f" (resumed after {report.resumed_after})" if report.resumed_after else "")
                + f": {report.new_classes} new classes; {report.classes} classes, {report.proxies} proxies in all"
+               + ("; IVF lists retrained on them" if report.retrained else ""))
+    if report.created and report.auto_choice and report.auto_choice["cv_results"]:
+        click.echo(f"auto chose {describe(report.auto_choice)}")
+
+
+def _index_on_ray(collection: Path, data: tuple[str, ...], preset: str | None, shards: int, chunk_size: int,
+                  columns: dict[str, Any], settings: dict[str, Any], address: str | None, as_json: bool,
+                  unsupported: dict[str, Any]) -> None:
+    """``imprint index --engine ray``: ``distributed.build``."""
+    given = [name for name, value in unsupported.items() if value]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot be used with --engine ray")
+    ray_connect(address)
+    from retrieval_imprint.distributed import build
+
+    report = build(collection, data, shards=shards, chunk_size=chunk_size, preset=preset,
+                   lock_timeout=lock_timeout() or 3600.0, **columns, **settings)
+    if as_json:
+        emit(report.as_dict())
+        return
+    click.echo(f"indexed {report.rows} rows into {collection} on Ray ({report.parts} parts"
+               + (f", {report.parts_skipped} in already" if report.parts_skipped else "")
+               + f"): {report.classes} classes, {report.proxies} proxies in all"
                + ("; IVF lists retrained on them" if report.retrained else ""))
     if report.created and report.auto_choice and report.auto_choice["cv_results"]:
         click.echo(f"auto chose {describe(report.auto_choice)}")

@@ -50,7 +50,15 @@ class Dataset:
 
     def part(self, lo: int, hi: int) -> "Dataset":
         """Rows ``lo:hi``."""
-        cut = (lambda v: None if v is None else v[lo:hi])
+        return self.take(slice(lo, hi))
+
+    def take(self, rows: slice | np.ndarray) -> "Dataset":
+        """The rows ``rows`` (a slice, or row numbers in the order wanted)."""
+        def cut(v: Any) -> Any:
+            if v is None or isinstance(v, np.ndarray) or isinstance(rows, slice):
+                return None if v is None else v[rows]
+            return [v[i] for i in rows]
+
         return Dataset(self.source, cut(self.texts), cut(self.vectors), cut(self.labels), cut(self.refs), self.model,
                        self.settings)
 
@@ -203,15 +211,25 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
             table = pq.read_table(file)
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise DataError(f"{file}: unreadable Parquet file ({str(exc).splitlines()[0]})") from None
-        fast = _arrow_vectors(table)
-        rows = table.drop_columns(list(fast)).to_pylist()
-        out = _from_records([(f"row {i}", rec) for i, rec in enumerate(rows, 1)], table.column_names, file,
-                            column_vectors=fast, **options)
-        exported = json.loads((table.schema.metadata or {}).get(EXPORT_KEY, b"{}"))
-        if out.vectors is not None:
-            out.model, out.settings = exported.get("model"), exported.get("settings")
-        return out
+        return from_arrow(table, file, **options)
     return _read_numpy(file, fmt, split, need_labels)
+
+
+def from_arrow(table: Any, file: str | Path, *, text_column: str | None = None, label_column: str | None = None,
+               vector_column: str | None = None, id_column: str | None = None, need_labels: bool = True,
+               first_row: int = 1) -> Dataset:
+    """The rows of an Arrow table (a Parquet file, or a block of one that Ray Data read), checked as
+    ``read`` checks a file; errors name ``file`` and the row (counted from ``first_row``)."""
+    file = Path(file)
+    fast = _arrow_vectors(table)
+    rows = table.drop_columns(list(fast)).to_pylist()
+    out = _from_records([(f"row {i}", rec) for i, rec in enumerate(rows, first_row)], table.column_names, file,
+                        column_vectors=fast, text_column=text_column, label_column=label_column,
+                        vector_column=vector_column, id_column=id_column, need_labels=need_labels)
+    exported = json.loads((table.schema.metadata or {}).get(EXPORT_KEY, b"{}"))
+    if out.vectors is not None:
+        out.model, out.settings = exported.get("model"), exported.get("settings")
+    return out
 
 
 def _check_utf8(file: Path) -> None:

@@ -69,6 +69,12 @@ def open_any(path: str | os.PathLike, **options: Any) -> "Collection | ShardedCo
     return kind_of(path).open(path, **options)
 
 
+def directories(path: str | os.PathLike) -> list[Path]:
+    """The ordinary collections the collection at ``path`` consists of: its shards, or itself."""
+    path = Path(path)
+    return [path / shard_name(i) for i in range(_read_manifest(path)["shards"])] if is_sharded(path) else [path]
+
+
 def shard_of(labels: Sequence[object], n_shards: int) -> np.ndarray:
     """The shard owning each label: its stable 64-bit key modulo ``n_shards``."""
     return (lab.label_keys(labels) % np.uint64(n_shards)).astype(np.int64)
