@@ -37,7 +37,7 @@ from .aggregate import rank_classes, vote_weights
 from .collection import Collection, check_vectors
 from .embed import Embedder
 from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
-                     DataError, InvalidParameterError, SettingsClashError)
+                     DataError, InvalidParameterError, NotACollectionError, SettingsClashError)
 from .integrity import CheckReport
 from .normalize import normalize
 from .ranking import QueryResult
@@ -125,15 +125,13 @@ class ShardedCollection:
         if not path.exists():
             raise CollectionNotFoundError(f"no collection at {path}")
         manifest = _read_manifest(path)
-        shards = [Collection.open(path / shard_name(i), upgrade=upgrade, lock_timeout=lock_timeout)
-                  for i in range(manifest["shards"])]
+        shards = [Collection.open(d, upgrade=upgrade, lock_timeout=lock_timeout) for d in directories(path)]
         return cls(path, shards, manifest, lock_timeout)
 
     @classmethod
     def upgrade(cls, path: str | os.PathLike) -> tuple[str | None, str]:
         """``Collection.upgrade`` of every shard; returns the first shard's ``(before, after)``."""
-        moved = [Collection.upgrade(Path(path) / shard_name(i)) for i in range(_read_manifest(Path(path))["shards"])]
-        return moved[0]
+        return [Collection.upgrade(d) for d in directories(path)][0]
 
     @classmethod
     def verify(cls, path: str | os.PathLike) -> CheckReport:
@@ -479,6 +477,8 @@ def merge(parts: Sequence[Part], top: int, params: dict[str, Any]) -> QueryResul
 def _read_manifest(path: Path) -> dict[str, Any]:
     """The manifest, checked: a damaged one is an error naming the file."""
     where = path / MANIFEST
+    if not where.exists():
+        raise NotACollectionError(f"{path} is not a sharded collection (no {MANIFEST} in it)")
     try:
         manifest = json.loads(where.read_text())
     except (OSError, ValueError) as exc:
