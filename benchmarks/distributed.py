@@ -82,7 +82,7 @@ def child_build(engine: str, path: str, files: list[str], shards: int) -> None:
     """One build in this (child) process; prints its seconds and peak RSS as JSON."""
     t = time.perf_counter()
     if engine == "local":
-        from retrieval_imprint.ingest import ingest
+        from retrieval_imprint.ingestion import ingest
 
         ingest(path, files, **SETTINGS)
         print(json.dumps({"seconds": time.perf_counter() - t, "peak": descendants_peak()[0], "worker_peak": 0}))

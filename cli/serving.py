@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
-from .app import UserError, collection_argument, engine_options, main, ray_connect
+from .app import UserError, collection_argument, engine_options, json_option, main, ray_connect
 
 
 @main.command()
@@ -18,13 +19,16 @@ from .app import UserError, collection_argument, engine_options, main, ray_conne
 @click.option("--refresh", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between looks for other processes' writes (0: before every request).")
 @engine_options
-def serve(collection: Path, host: str, port: int, refresh: float, engine: str, ray_address: str | None) -> None:
+@json_option
+def serve(collection: Path, host: str, port: int, refresh: float, engine: str, ray_address: str | None,
+          as_json: bool) -> None:
     """Answer queries to COLLECTION over HTTP until interrupted.
 
     POST /query with {"texts": [...]} or {"vectors": [[...]]} (and "top", "threshold", "nprobe")
     answers {"results": [...]}, one record per query as `query --json` prints them; GET /health and
     GET /info describe the collection. retrieval_imprint.client.Client is a Python client. With
-    --engine ray, Ray Serve answers: one deployment per shard behind an ingress that merges.
+    --engine ray, Ray Serve answers: one deployment per shard behind an ingress that merges. Once it
+    answers, it says where on stderr (--json: {"collection": ..., "url": ...} on stdout).
 
     \b
     Example:
@@ -35,7 +39,7 @@ def serve(collection: Path, host: str, port: int, refresh: float, engine: str, r
 
     directories(collection)  # a damaged manifest is an error before anything starts
     if engine == "ray":
-        _serve_on_ray(collection, host, port, refresh, ray_address)
+        _serve_on_ray(collection, host, port, refresh, ray_address, as_json)
         return
     try:
         import starlette  # noqa: F401
@@ -47,11 +51,19 @@ def serve(collection: Path, host: str, port: int, refresh: float, engine: str, r
     service = LocalService(collection, refresh)
     sock = listen(host, port)
     where = sock.getsockname()
-    run(json_app(service.health, service.info, service.query), sock,
-        f"serving {collection} on http://{where[0]}:{where[1]} (Ctrl-C stops)")
+    url = f"http://{where[0]}:{where[1]}"
+    run(json_app(service.health, service.info, service.query), sock, lambda: _announce(collection, url, as_json))
 
 
-def _serve_on_ray(collection: Path, host: str, port: int, refresh: float, address: str | None) -> None:
+def _announce(collection: Path, url: str, as_json: bool) -> None:
+    """Say where the server answers, once it does."""
+    if as_json:
+        click.echo(json.dumps({"collection": str(collection), "url": url}))
+    click.echo(f"serving {collection} on {url} (Ctrl-C stops)", err=True)
+
+
+def _serve_on_ray(collection: Path, host: str, port: int, refresh: float, address: str | None,
+                  as_json: bool) -> None:
     """``imprint serve --engine ray``: ``distributed.serve``, until interrupted."""
     import signal
     import threading
@@ -63,8 +75,7 @@ def _serve_on_ray(collection: Path, host: str, port: int, refresh: float, addres
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    url = serve(collection, host=host, port=port, refresh=refresh)
-    click.echo(f"serving {collection} on {url} with Ray Serve (Ctrl-C stops)", err=True)
+    _announce(collection, serve(collection, host=host, port=port, refresh=refresh), as_json)
     try:
         stop.wait()
     except KeyboardInterrupt:

@@ -65,7 +65,7 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
     Example:
         imprint index intents/ train.csv --generator kmeans --k 5
     """
-    from retrieval_imprint.ingest import ingest
+    from retrieval_imprint.ingestion import ingest
 
     settings = {name: value for name, value in given.items() if value is not None}
     if settings.get("model") == "none":
@@ -296,6 +296,9 @@ def evaluate_cmd(collection: Path, data: str, threshold: float | None, oos_label
               help="Keep in-scope accuracy at least this (rejections count as errors); reject as much as that allows.")
 @click.option("--target-oos-recall", type=float, help="Reject at least this share of --oos queries; keep as much "
                                                        "in-scope accuracy as that allows.")
+@click.option("--margin", type=float, default=1.0, show_default=True,
+              help="Standard errors a target must be cleared by on DATA, so that it holds on new queries more often "
+                   "than not (0: just reach it).")
 @click.option("--target-false-rejection", type=float,
               help="No DATA: reject this share of the collection's own samples, each scored left out of its class.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw in-scope accuracy against out-of-scope recall "
@@ -304,8 +307,9 @@ def evaluate_cmd(collection: Path, data: str, threshold: float | None, oos_label
 @quiet_option
 @json_option
 def calibrate(collection: Path, data: str | None, oos: str | None, oos_split: str | None,
-              target_accuracy: float | None, target_oos_recall: float | None, target_false_rejection: float | None,
-              plot: str | None, text_column, label_column, vector_column, split, quiet: bool, as_json: bool) -> None:
+              target_accuracy: float | None, target_oos_recall: float | None, margin: float,
+              target_false_rejection: float | None, plot: str | None, text_column, label_column, vector_column, split,
+              quiet: bool, as_json: bool) -> None:
     """Choose and store COLLECTION's open-set rejection rule and threshold.
 
     From labelled validation DATA and out-of-scope queries (--oos): for --target-accuracy,
@@ -332,7 +336,7 @@ def calibrate(collection: Path, data: str | None, oos: str | None, oos_split: st
         X_oos = (collection_vectors(col, [read(oos, need_labels=False, **{**options, "split": oos_split})], quiet)
                  if oos else None)
         result = col.calibrate(X, ds.labels, X_oos, target_accuracy=target_accuracy,  # type: ignore[arg-type]
-                               target_oos_recall=target_oos_recall)
+                               target_oos_recall=target_oos_recall, margin=margin)
     if plot:
         _plot_tradeoff(result.curve, plot)
     if as_json:

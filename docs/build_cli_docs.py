@@ -24,7 +24,9 @@ from retrieval_imprint.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [
-    ("index", ["imprint index intents/ train.csv --quiet"]),
+    ("index", ["imprint index intents/ train.csv --quiet",
+               "imprint index sharded/ train.csv --shards 3 --quiet",
+               'imprint query sharded/ "where is my card" --top 2']),
     ("query", ['imprint query intents/ "where is my card" "play some jazz" --top 3',
                'imprint query intents/ "is it going to be sunny" --json',
                'imprint query intents/ "tell me a joke" --threshold -0.2',
@@ -50,6 +52,7 @@ EXAMPLES = [
     ("cache", []),
     ("cache info", ["imprint cache info"]),
     ("cache clear", ["imprint cache clear"]),
+    ("serve", []),  # it runs until interrupted: tests/test_serve.py and docs/serving.md show it answering
 ]
 
 

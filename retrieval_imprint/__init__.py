@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _HOME = {
     "ImprintClassifier": "classifier", "CollapseReport": "collapse", "neural_collapse": "collapse",
     "Collection": "collection", "QueryResult": "ranking", "Embedder": "embed", "ImprintError": "errors",
-    "GENERATORS": "generate", "register": "generate", "IngestReport": "ingest", "ingest": "ingest",
+    "GENERATORS": "generate", "register": "generate", "IngestReport": "ingestion", "ingest": "ingestion",
     "DEFAULTS": "params", "PRESETS": "params", "load_demo": "readers", "ShardedCollection": "sharded",
 }
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .embed import Embedder
     from .errors import ImprintError
     from .generate import GENERATORS, register
-    from .ingest import IngestReport, ingest
+    from .ingestion import IngestReport, ingest
     from .params import DEFAULTS, PRESETS
     from .ranking import QueryResult
     from .readers import load_demo

@@ -29,7 +29,7 @@ import numpy as np
 from . import labels as lab
 from . import params as spec
 from . import provenance, ranking, segments, snapshot, store, writes
-from .openset import RULES, Calibration, calibrate, calibrate_without_oos, filled
+from .openset import MARGIN, RULES, Calibration, calibrate, calibrate_without_oos, filled
 from .ranking import QueryResult
 from .embed import Embedder, model_fingerprint, resolve_model, same_model
 from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
@@ -359,7 +359,7 @@ class Collection:
                      auto_choice: str | None = None) -> None:
         """``add``; ``replace`` may name the label entries to replace; ``checkpoints``
         ``(source, rows_done)`` record in the same transaction how far ingestions have come
-        (``ingest.py``); ``texts`` and ``refs``: what each row was embedded from, kept;
+        (``ingestion.py``); ``texts`` and ``refs``: what each row was embedded from, kept;
         ``auto_choice``: what auto chose elsewhere (a sharded collection's first add), taken
         instead of choosing on these rows if this collection has not chosen yet."""
         X = check_vectors(X, "X", self._s.dimension)
@@ -435,10 +435,12 @@ class Collection:
 
     def calibrate(self, X: Any = None, labels: Sequence[object] | None = None, X_oos: Any = None, *,
                   target_accuracy: float | None = None, target_oos_recall: float | None = None,
-                  target_false_rejection: float | None = None, rule: str | None = None) -> Calibration:
+                  target_false_rejection: float | None = None, rule: str | None = None,
+                  margin: float = MARGIN) -> Calibration:
         """Choose and store the rejection rule and threshold (``openset.py``): from validation
         queries ``X`` with their true ``labels`` and, optionally, out-of-scope queries ``X_oos``, for
-        a target in-scope accuracy or out-of-scope recall (or the balanced point), weighing every
+        a target in-scope accuracy or out-of-scope recall (or the balanced point) cleared by
+        ``margin`` standard errors, weighing every
         rule the collection can use (or only ``rule``); or, with ``target_false_rejection`` and no
         queries, from the kept training samples scored left out (the collection's rule, or ``rule``).
         A target no threshold reaches raises ``CalibrationError`` and changes nothing."""
@@ -466,7 +468,8 @@ class Collection:
                 if not rules:
                     raise CollectionStateError(f"rule {rule!r} needs each class's shift, and collection {self.path} "
                                                "keeps no samples to compute it from")
-                result = calibrate(rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall)
+                result = calibrate(rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall,
+                                   margin=margin)
             writes.set_rejection(self._engine, s, result.threshold, result.rule, shift if own is not None else None)
         return result
 
@@ -512,7 +515,7 @@ class Collection:
                 and s.proxies.ntotal >= RETRAIN_GROWTH * trained_on)
 
     def _rows_done(self, source: str) -> int:
-        """Rows of ``source`` already committed by an ingestion (``ingest.py``)."""
+        """Rows of ``source`` already committed by an ingestion (``ingestion.py``)."""
         with self._engine.connect() as conn:
             return store.rows_done(conn, source)
 

@@ -33,7 +33,7 @@ import numpy as np
 from . import labels as lab
 from .collection import Collection, check_vectors
 from .errors import CollectionStateError, DataError, ImprintError
-from .ingest import fingerprint
+from .ingestion import fingerprint
 from .normalize import normalize
 from .params import DEFAULT_CHUNK, check_int
 from .readers import Dataset, from_arrow

@@ -27,6 +27,7 @@ from .index import ProxyIndex
 
 RULES = ("max", "shift")
 CURVE_POINTS = 200  # thresholds a reported trade-off curve keeps
+MARGIN = 1.0  # binomial standard errors a calibration target is cleared by on the validation queries
 
 
 class CalibrationError(DataError):
@@ -113,7 +114,8 @@ def _curve(scores: np.ndarray, correct: np.ndarray, oos: np.ndarray | None
 
 
 def calibrate(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]], *,
-              target_accuracy: float | None = None, target_oos_recall: float | None = None) -> Calibration:
+              target_accuracy: float | None = None, target_oos_recall: float | None = None,
+              margin: float = MARGIN) -> Calibration:
     """Choose a rule and the threshold below which a query gets "no class", on validation data.
 
     ``rules`` maps each rule weighed, the preferred first, to ``(scores, correct, oos_scores)``:
@@ -122,7 +124,10 @@ def calibrate(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
     accuracy at least that, rejecting as much out-of-scope traffic as it allows; with
     ``target_oos_recall``: the threshold rejecting at least that share of out-of-scope queries,
     keeping as much in-scope accuracy as it allows; otherwise the threshold maximising the mean of
-    in-scope accuracy and out-of-scope recall. A later rule replaces the preferred one only where it
+    in-scope accuracy and out-of-scope recall. A target must be cleared on these queries by
+    ``margin`` binomial standard errors (``sqrt(t (1 - t) / n)``): a threshold that only just
+    reaches it on validation data falls short on new data about half the time. A later rule
+    replaces the preferred one only where it
     does better by more than one standard error of the difference: a hundred out-of-scope examples
     cannot tell two rules a few points apart (on CLINC150 the rule validation preferred by less did
     worse on test; docs/results.md). Raises ``CalibrationError`` if no rule reaches the target.
@@ -132,6 +137,8 @@ def calibrate(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
             raise InvalidParameterError(f"{name}={target!r} is not valid; expected a fraction in (0, 1]")
     if target_accuracy is not None and target_oos_recall is not None:
         raise InvalidParameterError("give target_accuracy or target_oos_recall, not both")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 10:
+        raise InvalidParameterError(f"margin={margin!r} is not valid; expected standard errors in [0, 10)")
     has_oos = all(oos is not None and len(oos) for _, _, oos in rules.values())
     if not has_oos and target_accuracy is None:
         raise InvalidParameterError("without out-of-scope queries, give target_accuracy (or calibrate from the "
@@ -147,11 +154,13 @@ def calibrate(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
             aurocs[rule] = auroc(scores, np.asarray(oos, np.float64))
         curves[rule] = _thin(candidates, accuracy, recall)
         if target_accuracy is not None:
-            ok = np.flatnonzero(accuracy >= target_accuracy - 1e-12)
+            ok = np.flatnonzero(accuracy >= target_accuracy + margin * _binomial_se(target_accuracy, len(scores))
+                                - 1e-12)
             i = ok[-1] if len(ok) else None  # the highest threshold that keeps the target
             value = recall[i] if i is not None and recall is not None else 0.0  # no OOS: the first rule
         elif target_oos_recall is not None:
-            ok = np.flatnonzero(recall >= target_oos_recall - 1e-12)
+            ok = np.flatnonzero(recall >= target_oos_recall + margin * _binomial_se(target_oos_recall, len(oos))
+                                - 1e-12)
             i = ok[0] if len(ok) else None  # the lowest threshold that reaches the target
             value = accuracy[i] if i is not None else 0
         else:
@@ -165,9 +174,14 @@ def calibrate(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
                    else f"out-of-scope recall {target_oos_recall:g}")
         raise CalibrationError(f"no threshold reaches {reached} on these queries (without rejection the in-scope "
                                f"accuracy is {max(np.mean(c) for _, c, _ in rules.values()):.4f}); nothing was changed")
-    criterion = (f"highest threshold keeping in-scope accuracy >= {target_accuracy:g}" if target_accuracy is not None
-                 else f"lowest threshold rejecting >= {target_oos_recall:g} of out-of-scope queries"
-                 if target_oos_recall is not None else "maximise (in-scope accuracy + out-of-scope recall) / 2")
+    cleared = (lambda t, n: f" + {margin:g} standard error ({margin * _binomial_se(t, n):.4f} on {n:,} queries)"
+               if margin else "")
+    n_oos = next(len(oos) for _, _, oos in rules.values()) if has_oos else 0
+    criterion = (f"highest threshold keeping in-scope accuracy >= {target_accuracy:g}"
+                 + cleared(target_accuracy, len(next(iter(rules.values()))[0])) if target_accuracy is not None
+                 else f"lowest threshold rejecting >= {target_oos_recall:g}" + cleared(target_oos_recall, n_oos)
+                 + " of out-of-scope queries" if target_oos_recall is not None
+                 else "maximise (in-scope accuracy + out-of-scope recall) / 2")
     _, rule, threshold, accuracy, recall = best
     return Calibration(rule, float(threshold), float(accuracy), None if recall is None else float(recall),
                        criterion + (f" (rule {rule}, best of {', '.join(rules)})" if len(rules) > 1 else ""),
@@ -177,6 +191,11 @@ def calibrate(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 def _standard_error(a: float, b: float, n: int) -> float:
     """Standard error of the difference of two rates measured on ``n`` queries each."""
     return float(np.sqrt((a * (1 - a) + b * (1 - b)) / max(n, 1)))
+
+
+def _binomial_se(p: float, n: int) -> float:
+    """The standard error of a proportion ``p`` measured on ``n`` trials."""
+    return float(np.sqrt(p * (1 - p) / max(n, 1)))
 
 
 def calibrate_without_oos(rule: str, own: np.ndarray, target_false_rejection: float) -> Calibration:

@@ -174,7 +174,7 @@ COLLECTION: dict[str, Param] = {p.name: p for p in (
 
 DEFAULTS: dict[str, Any] = {name: p.default for name, p in IMPRINT.items()}
 
-# How ingestion writes: rows per atomic write (ingest.py); larger inputs go chunk by chunk, resumably.
+# How ingestion writes: rows per atomic write (ingestion.py); larger inputs go chunk by chunk, resumably.
 DEFAULT_CHUNK = 20_000
 
 # The published methods in IMPRINT terms: NORMpre/GEN/NORMpost/NORMinf/AGG.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -158,14 +157,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(app: Any, sock: socket.socket, announce: str) -> None:
-    """Serve ``app`` on ``sock`` with uvicorn until interrupted; ``announce`` is printed to stderr
-    once the server accepts connections."""
+def run(app: Any, sock: socket.socket, ready: Callable[[], None]) -> None:
+    """Serve ``app`` on ``sock`` with uvicorn until interrupted; ``ready()`` is called once the
+    server accepts connections (to say where)."""
     import uvicorn
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
-            print(announce, file=sys.stderr, flush=True)
+            ready()
 
     Server(uvicorn.Config(app, log_level="warning", lifespan="off")).run(sockets=[sock])

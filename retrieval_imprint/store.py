@@ -107,7 +107,7 @@ segments = Table(
 
 ingest = Table(
     "ingest", metadata,
-    Column("source", String, primary_key=True),  # a hash of the source's rows (ingest.fingerprint)
+    Column("source", String, primary_key=True),  # a hash of the source's rows (ingestion.fingerprint)
     Column("rows_done", Integer, nullable=False),
 )
 

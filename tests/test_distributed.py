@@ -30,7 +30,7 @@ from retrieval_imprint.cli import main
 from retrieval_imprint.client import Client
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.distributed import build, serve, serve_shutdown
-from retrieval_imprint.ingest import ingest
+from retrieval_imprint.ingestion import ingest
 from retrieval_imprint.readers import load_demo
 from retrieval_imprint.sharded import ShardedCollection
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import blobs
 from retrieval_imprint import Collection, ingest, segments
 from retrieval_imprint.errors import InvalidParameterError, SettingsClashError
-from retrieval_imprint.ingest import chunks, fingerprint
+from retrieval_imprint.ingestion import chunks, fingerprint
 from retrieval_imprint.readers import Dataset
 
 

@@ -12,7 +12,12 @@ from retrieval_imprint.auto import folds
 from retrieval_imprint.openset import CalibrationError, auroc, calibrate, calibrate_without_oos
 
 
-def brute(in_scores, correct, oos, target=None, target_recall=None):
+def brute(in_scores, correct, oos, target=None, target_recall=None, margin=0.0):
+    """Every threshold tried; a target must be cleared by ``margin`` binomial standard errors."""
+    if target is not None:
+        target += margin * np.sqrt(target * (1 - target) / len(in_scores))
+    if target_recall is not None:
+        target_recall += margin * np.sqrt(target_recall * (1 - target_recall) / len(oos))
     best = None
     for t in sorted(set(in_scores) | set(oos) | {-np.inf}):
         acc = np.mean(correct & (in_scores >= t))
@@ -35,11 +40,19 @@ def scored(seed=0):
     return in_scores, correct, rng.uniform(0.0, 0.7, 150).round(3)
 
 
+@pytest.mark.parametrize("margin", [0.0, 1.0, 2.5])
 @pytest.mark.parametrize("target,target_recall", [(None, None), (0.4, None), (0.6, None), (None, 0.5), (None, 0.9)])
-def test_calibrate_matches_exhaustive_search(target, target_recall):
+def test_calibrate_matches_exhaustive_search(target, target_recall, margin):
     in_scores, correct, oos = scored()
-    got = calibrate({"max": (in_scores, correct, oos)}, target_accuracy=target, target_oos_recall=target_recall)
-    t, acc, rec = brute(in_scores, correct, oos, target, target_recall)
+    best = brute(in_scores, correct, oos, target, target_recall, margin)
+    if best is None:
+        with pytest.raises(CalibrationError, match="no threshold reaches"):
+            calibrate({"max": (in_scores, correct, oos)}, target_accuracy=target, target_oos_recall=target_recall,
+                      margin=margin)
+        return
+    got = calibrate({"max": (in_scores, correct, oos)}, target_accuracy=target, target_oos_recall=target_recall,
+                    margin=margin)
+    t, acc, rec = best
     assert got.threshold == t and got.in_scope_accuracy == pytest.approx(acc) and got.oos_recall == pytest.approx(rec)
     assert got.rule == "max" and got.curve["max"][0]["threshold"] == -np.inf
 
@@ -49,7 +62,7 @@ def test_calibration_picks_the_rule_that_does_best_at_the_target():
     better = (in_scores + 0.2 * correct, correct, oos)  # a score that separates better
     got = calibrate({"max": (in_scores, correct, oos), "shift": better}, target_accuracy=0.5)
     assert got.rule == "shift" and got.auroc["shift"] > got.auroc["max"]
-    assert got.oos_recall == pytest.approx(brute(*better, 0.5)[2])
+    assert got.oos_recall == pytest.approx(brute(*better, 0.5, margin=1.0)[2])
 
 
 def test_auroc_matches_the_pairwise_definition():
@@ -65,6 +78,8 @@ def test_calibration_refuses_what_it_cannot_do():
         calibrate({"max": (np.ones(3), np.ones(3, bool), None)}, target_accuracy=1.5)
     with pytest.raises(CalibrationError, match="no threshold reaches in-scope accuracy 0.9"):
         calibrate({"max": (np.ones(3), np.array([True, False, False]), None)}, target_accuracy=0.9)
+    with pytest.raises(ValueError, match="margin=-1 is not valid"):
+        calibrate({"max": (np.ones(3), np.ones(3, bool), None)}, target_accuracy=0.5, margin=-1)
     with pytest.raises(ValueError, match="target_false_rejection=1.5 is not valid"):
         calibrate_without_oos("max", np.ones(3), 1.5)
 

@@ -15,7 +15,7 @@ from conftest import DEMO, blobs
 from retrieval_imprint.cli import main
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionStateError, DataError, SettingsClashError
-from retrieval_imprint.ingest import ingest
+from retrieval_imprint.ingestion import ingest
 from retrieval_imprint.sharded import MANIFEST, ShardedCollection, is_sharded, shard_name, shard_of
 
 AGGREGATIONS = {
