@@ -144,7 +144,7 @@ def test_cli_index_on_ray(tmp_path, files):
     assert "indexed 144 rows" in out.output and "24 classes" in out.output
     out = runner.invoke(main, ["index", str(tmp_path / "c"), *paths, "--engine", "ray", "--shards", "2",
                                "--model", "none", "--k", "2", "--json"])
-    report = json.loads(out.output)
+    report = json.loads(out.stdout)
     assert report["rows"] == 0 and report["parts"] == 0 and report["parts_skipped"] > 0
     out = runner.invoke(main, ["index", str(tmp_path / "c"), *paths, "--engine", "ray", "--again"])
     assert out.exit_code == 2 and "--again cannot be used with --engine ray" in out.output
