@@ -252,7 +252,8 @@ def open_set_section(rows: list[dict]) -> str:
     """The open-set tables: per setting, each rule's AUROC and the test figures at each target."""
     pct = lambda v: "unreachable" if v is None else f"{100 * v:.1f}"  # noqa: E731
     parts = ["## CLINC150 open-set rejection\n\nCollections built on `train`. With out-of-scope examples: the "
-             "threshold keeping in-scope accuracy at least the target on `val`, rejecting as much of `oos_val` as "
+             "threshold keeping in-scope accuracy on `val` at least the target plus one binomial standard error "
+             "(`calibrate`'s default margin: about half a point on val's 3,000 queries), rejecting as much of `oos_val` as "
              "that allows; without: the threshold rejecting the target share of the training samples, each "
              "scored left out of its class (no out-of-scope data at all). Reported on `test` (in-scope accuracy, "
              "rejections count as errors) / `oos_test` (out-of-scope recall), in %. Rules: `max` (the best "

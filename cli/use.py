@@ -87,9 +87,14 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
         return
     for source in report.skipped:
         click.echo(f"skipped {source}: its rows are in {collection} already (--again adds them again)", err=True)
-    click.echo(f"indexed {report.rows} rows into {collection}"
-               + (f" (resumed after {report.resumed_after})" if report.resumed_after else "")
-               + f": {report.new_classes} new classes; {report.classes} classes, {report.proxies} proxies in all"
+    _say_indexed(report, f"indexed {report.rows} rows into {collection}"
+                 + (f" (resumed after {report.resumed_after})" if report.resumed_after else "")
+                 + f": {report.new_classes} new classes")
+
+
+def _say_indexed(report: Any, what: str) -> None:
+    """The summary line of an ingestion, and what auto chose if it chose now."""
+    click.echo(f"{what}; {report.classes} classes, {report.proxies} proxies in all"
                + ("; IVF lists retrained on them" if report.retrained else ""))
     if report.created and report.auto_choice and report.auto_choice["cv_results"]:
         click.echo(f"auto chose {describe(report.auto_choice)}")
@@ -110,12 +115,8 @@ def _index_on_ray(collection: Path, data: tuple[str, ...], preset: str | None, s
     if as_json:
         emit(report.as_dict())
         return
-    click.echo(f"indexed {report.rows} rows into {collection} on Ray ({report.parts} parts"
-               + (f", {report.parts_skipped} in already" if report.parts_skipped else "")
-               + f"): {report.classes} classes, {report.proxies} proxies in all"
-               + ("; IVF lists retrained on them" if report.retrained else ""))
-    if report.created and report.auto_choice and report.auto_choice["cv_results"]:
-        click.echo(f"auto chose {describe(report.auto_choice)}")
+    _say_indexed(report, f"indexed {report.rows} rows into {collection} on Ray ({report.parts} parts"
+                 + (f", {report.parts_skipped} in already" if report.parts_skipped else "") + ")")
 
 
 @main.command()
