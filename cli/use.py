@@ -74,9 +74,9 @@ def index(collection: Path, data: tuple[str, ...], preset: str | None, nprobe: i
         settings["search_params"] = {"nprobe": nprobe}
     if engine == "ray":
         _index_on_ray(collection, data, preset, shards, chunk_size, dict(
-            text_column=text_column, label_column=label_column, vector_column=vector_column, id_column=id_column),
-            settings, ray_address, as_json, unsupported={"--again": again, "--upsert": upsert, "--split": split,
-                                                         "--vectors-model": vectors_model})
+            text_column=text_column, label_column=label_column, vector_column=vector_column, id_column=id_column,
+            vectors_model=vectors_model), settings, ray_address, as_json,
+            unsupported={"--again": again, "--upsert": upsert, "--split": split})
         return
     datasets = [read(p, **read_options(text_column, label_column, vector_column, split, id_column)) for p in data]
     report = ingest(collection, datasets, chunk_size=chunk_size, progress=show_progress(quiet), again=again,

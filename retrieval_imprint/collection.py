@@ -305,10 +305,14 @@ class Collection:
         """Write every kept sample with its label, text and ref, and the collection's settings, to
         the Parquet file ``out``; ``ingest`` (``imprint index``) makes an equal collection from it.
         Returns the rows written."""
-        settings = {**{k: self.config[k] for k in spec.STORED}, "index": self.config["index_factory"],
-                    "keep_samples": True, "model": self.model}
         s = snapshot.read(self.path, self._engine, samples=True)
-        return provenance.export(self._engine, s, self.path, Path(out), settings)
+        return provenance.write_export([provenance.export(self._engine, s, self.path)], Path(out), self.model,
+                                       self._export_settings())
+
+    def _export_settings(self) -> dict[str, Any]:
+        """The settings an exported file carries: what ``ingest`` creates a collection with."""
+        return {**{k: self.config[k] for k in spec.STORED}, "index": self.config["index_factory"],
+                "keep_samples": True, "model": self.model}
 
     def check(self) -> CheckReport:
         """Verify from disk that the database and the index files agree (``integrity.check``)."""
@@ -426,6 +430,11 @@ class Collection:
             else:
                 writes.set_class_threshold(self._engine, self._s, self._class_id(label), value)
         return self
+
+    def _existing(self, entries: Sequence[tuple[str, str]]) -> set:
+        """Which of these label entries are classes here (one SQL lookup, not a scan per label)."""
+        with self._engine.connect() as conn:
+            return set(store.find_classes(conn, list(entries)))
 
     def _class_id(self, label: object) -> int:
         found = self._s.table.find(label)

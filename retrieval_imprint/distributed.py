@@ -23,21 +23,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import labels as lab
 from .collection import Collection, check_vectors
 from .errors import CollectionStateError, DataError, ImprintError
-from .ingestion import fingerprint
+from .ingestion import check_vectors_model, fingerprint
 from .normalize import normalize
 from .params import DEFAULT_CHUNK, check_int
 from .readers import Dataset, from_arrow
-from .sharded import ShardedCollection, directories, exists, merge, part, shard_name
+from .sharded import ShardedCollection, directories, exists, merge, part
 
 BUCKETS_PER_SHARD = 16
 BUCKET = "__imprint_bucket"  # the column Ray Data groups by
@@ -103,8 +106,6 @@ def _options(text_column, label_column, vector_column, id_column) -> dict[str, A
 
 def _tag(table: Any, n_buckets: int, options: dict[str, Any]) -> Any:
     """A Ray Data block with its rows checked and each row's label bucket added."""
-    import pyarrow as pa
-
     ds = from_arrow(table.drop_columns([PATH]), table.column(PATH)[0].as_py() if len(table) else "?", **options)
     buckets = (lab.label_keys(ds.labels) % np.uint64(n_buckets)).astype(np.int64)
     return table.append_column(BUCKET, pa.array(buckets))
@@ -115,8 +116,6 @@ _EMBEDDERS: dict[str, Any] = {}  # per worker process: the model loads once
 
 def _write_bucket(table: Any, writers: list, n_shards: int, model: str | None, options: dict[str, Any]) -> Any:
     """One bucket's rows: put in their fixed order, embedded, sent to the owning shard's writer."""
-    import pyarrow as pa
-
     bucket = int(table.column(BUCKET)[0].as_py())
     paths = table.column(PATH).to_pylist()
     rows = from_arrow(table.drop_columns([PATH, BUCKET]), f"bucket {bucket}", **options)
@@ -150,13 +149,13 @@ def _row_bytes(rows: Dataset, i: int) -> bytes:
 def build(path: str | os.PathLike, sources: Sequence[str | os.PathLike], *, shards: int,
           buckets_per_shard: int = BUCKETS_PER_SHARD, chunk_size: int = DEFAULT_CHUNK, preset: str | None = None,
           text_column: str | None = None, label_column: str | None = None, vector_column: str | None = None,
-          id_column: str | None = None, lock_timeout: float = 3600.0, **settings: Any) -> BuildReport:
+          id_column: str | None = None, vectors_model: str | None = None, lock_timeout: float = 3600.0,
+          **settings: Any) -> BuildReport:
     """Build or extend the sharded collection at ``path`` from Parquet ``sources`` on the Ray cluster
     this process is connected to (``init``); see the module docstring. ``settings`` and ``preset``
-    as ``ShardedCollection.create``; ``chunk_size``: the rows of the first file auto chooses on."""
+    as ``ShardedCollection.create``; ``chunk_size``: the rows of the first file auto chooses on;
+    ``vectors_model``: as ``ingest``'s."""
     ray = _ray()
-    import pyarrow.parquet as pq
-
     shards, buckets_per_shard = check_int("shards", shards, 1), check_int("buckets_per_shard", buckets_per_shard, 1)
     files = [str(Path(s).resolve()) for s in sources]
     if not files:
@@ -169,41 +168,41 @@ def build(path: str | os.PathLike, sources: Sequence[str | os.PathLike], *, shar
         first_batch = next(pq.ParquetFile(files[0]).iter_batches(batch_size=check_int("chunk_size", chunk_size, 1)))
     except StopIteration:
         raise DataError(f"{files[0]}: no rows") from None
-    import pyarrow as pa
-
     first = from_arrow(pa.Table.from_batches([first_batch]), files[0], **options)
     created = not exists(path)
     col = ShardedCollection.open_or_create(path, shards=shards, preset=preset, lock_timeout=lock_timeout, **settings)
-    if first.vectors is None and col.model is None:
-        raise DataError(f"{path} holds precomputed vectors (no model recorded); index vectors, not texts")
+    writers: list = []
     try:
+        if first.vectors is None and col.model is None:
+            raise DataError(f"{path} holds precomputed vectors (no model recorded); index vectors, not texts")
+        check_vectors_model(first, col.model, vectors_model)
         if col.auto_choice is None:
             X = first.vectors if first.vectors is not None else col.embedder().encode(first.texts)
             codes, entries = lab.encode_stored(first.labels)
             col._choose(check_vectors(X, "X", None), codes, entries)
-        choice = col._manifest["auto_choice"]
         Writer = ray.remote(num_cpus=0)(ShardWriter)
-        writers = [Writer.remote(str(Path(path) / shard_name(i)), lock_timeout, choice) for i in range(shards)]
-        n_buckets = shards * buckets_per_shard
+        writers = [Writer.remote(str(d), lock_timeout, col._manifest["auto_choice"]) for d in directories(path)]
         ds = ray.data.read_parquet(files, include_paths=True)
-        ds = ds.map_batches(_tag, batch_format="pyarrow", fn_kwargs={"n_buckets": n_buckets, "options": options})
+        ds = ds.map_batches(_tag, batch_format="pyarrow", fn_kwargs={"n_buckets": shards * buckets_per_shard,
+                                                                     "options": options})
         done = ds.groupby(BUCKET).map_groups(_write_bucket, batch_format="pyarrow", fn_kwargs={
             "writers": writers, "n_shards": shards, "model": col.model, "options": options}).to_pandas()
     except BaseException:
-        if created and not col.info()["version"]:
+        if created and not col.info()["version"]:  # no stub is left with settings that failed
             col.close()
-            import shutil
-
             shutil.rmtree(path, ignore_errors=True)
         raise
+    finally:
+        for writer in writers:
+            ray.kill(writer)  # each held its shard open
     col.refresh()
     retrained = col.outgrown
     if retrained:
         col.compact()
     info = col.info()
-    added = done["added"].astype(bool) if len(done) else np.zeros(0, bool)
-    return BuildReport(str(path), int(done["rows"][added].sum()) if len(done) else 0, int(added.sum()),
-                       int((~added).sum()), info["classes"], info["proxies"], retrained, col.auto_choice, created)
+    added = done["added"].to_numpy(bool)
+    return BuildReport(str(path), int(done["rows"].to_numpy()[added].sum()), int(added.sum()), int((~added).sum()),
+                       info["classes"], info["proxies"], retrained, col.auto_choice, created)
 
 
 # ----------------------------------------------------------------- serve

@@ -150,7 +150,7 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     if any(ds.vectors is None for ds in datasets) and model is None:
         raise DataError(f"{path} holds precomputed vectors (no model recorded); index vectors, not texts")
     for ds in datasets:
-        _check_vectors_model(ds, model, vectors_model)
+        check_vectors_model(ds, model, vectors_model)
     if embedder is not None and model is not None and embedder.name != model:
         raise DataError(f"the embedder is {embedder.name!r}, but the collection uses {model!r}")
     if embedder is None and model is not None:  # an existing collection's is checked to be its model
@@ -186,7 +186,7 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
                         retrained, col.auto_choice, skipped, target.created)
 
 
-def _check_vectors_model(ds: Dataset, model: str | None, vectors_model: str | None) -> None:
+def check_vectors_model(ds: Dataset, model: str | None, vectors_model: str | None) -> None:
     """Vectors for a collection of ``model``'s embeddings must be that model's: as the file says
     (``ds.model``), or as the caller says (``vectors_model``); unknown vectors are refused, since
     another model's vectors answer nonsense without any error."""

@@ -62,11 +62,10 @@ def explain(engine: Engine, s: Snapshot, path: Path, Q: np.ndarray, owner: np.nd
     return out
 
 
-def export(engine: Engine, s: Snapshot, path: Path, out: Path, settings: dict[str, Any]) -> int:
-    """Write every kept sample (as stored: after NORMpre) with its label, text and ref to the
-    Parquet file ``out``, with the model and ``settings`` in its metadata; returns the rows."""
+def export(engine: Engine, s: Snapshot, path: Path) -> Any:
+    """Every kept sample (as stored: after NORMpre) with its label, text and ref, as an Arrow
+    table (``write_export`` writes it)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     _need_samples(s, path)
     ids = s.table.sample_ids(s.table.ids)
@@ -75,12 +74,21 @@ def export(engine: Engine, s: Snapshot, path: Path, out: Path, settings: dict[st
         found = store.texts_of(conn, ids.tolist())
     labels = s.table.labels_of(class_of(ids)) if len(ids) else np.array([], object)
     kinds = {kind for kind, _ in map(lab.entry, labels)}
-    table = pa.table({
+    return pa.table({
         "label": pa.array([lab.value(*lab.entry(v)) for v in labels], pa.int64() if kinds == {"int"} else pa.string()),
         "text": pa.array([found.get(i, (None, None))[0] for i in ids.tolist()], pa.string()),
         "ref": pa.array([found.get(i, (None, None))[1] for i in ids.tolist()], pa.string()),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel(), pa.float32()), X.shape[1]),
     })
-    meta = {"model": s.embedder["name"] if s.embedder else None, "settings": settings}
+
+
+def write_export(tables: list[Any], out: Path, model: str | None, settings: dict[str, Any]) -> int:
+    """Write the ``export`` tables (one per collection, or per shard) to the Parquet file ``out``,
+    with the model and ``settings`` in its metadata; returns the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables(tables)
+    meta = {"model": model, "settings": settings}
     pq.write_table(table.replace_schema_metadata({EXPORT_KEY: json.dumps(meta).encode()}), out)
-    return len(ids)
+    return len(table)

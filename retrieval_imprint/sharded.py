@@ -32,7 +32,7 @@ import numpy as np
 
 from . import labels as lab
 from . import params as spec
-from . import ranking, segments, writes
+from . import provenance, ranking, segments, snapshot, writes
 from .aggregate import rank_classes, vote_weights
 from .collection import Collection, check_vectors
 from .embed import Embedder
@@ -332,11 +332,12 @@ class ShardedCollection:
         owner = shard_of([lab.value(*e) for e in entries], self.n_shards)
         rows = owner[codes]
         if not first.config["keep_samples"] and replace is not True:
-            for e, i in zip(entries, owner):
-                if e not in (replace or ()) and self.shards[i]._s.table.find(lab.value(*e)) is not None:
-                    raise DataError(f"class {e[1]!r} already exists and this collection keeps no samples, so it "
-                                    "cannot be re-imprinted from old and new samples together; remove it and add "
-                                    "all its samples, or create the collection with keep_samples=True")
+            for i, col in enumerate(self.shards):
+                found = col._existing([e for e, j in zip(entries, owner) if j == i and e not in (replace or ())])
+                if found:
+                    raise DataError(f"class {next(iter(found))[1]!r} already exists and this collection keeps no "
+                                    "samples, so it cannot be re-imprinted from old and new samples together; remove "
+                                    "it and add all its samples, or create the collection with keep_samples=True")
         choice = self._choose(X, codes, entries)
         for i, col in enumerate(self.shards):
             if checkpoints and all(col._rows_done(source) >= done for source, done in checkpoints):
@@ -372,10 +373,13 @@ class ShardedCollection:
         values = lab.as_sequence(labels)
         if not values:
             raise DataError("no labels given: nothing to remove")
-        owner = shard_of([lab.value(*lab.stored_entry(v, f"row {r}")) for r, v in enumerate(values)], self.n_shards)
-        for v, i in zip(values, owner):
-            if self.shards[i]._s.table.find(v) is None:
-                raise DataError(f"no class {v!r} in collection {self.path}")
+        entries = [lab.stored_entry(v, f"row {r}") for r, v in enumerate(values)]
+        owner = shard_of([lab.value(*e) for e in entries], self.n_shards)
+        for i, col in enumerate(self.shards):
+            mine = [e for e, j in zip(entries, owner) if j == i]
+            missing = set(mine) - col._existing(mine)
+            if missing:
+                raise DataError(f"no class {lab.value(*next(iter(missing)))!r} in collection {self.path}")
         for i in np.unique(owner):
             self.shards[i].remove([v for v, j in zip(values, owner) if j == i])
         return self
@@ -405,7 +409,12 @@ class ShardedCollection:
         raise self._not_yet("calibrate")
 
     def export(self, out: str | os.PathLike) -> int:
-        raise self._not_yet("export")
+        """``Collection.export`` of every shard's samples into one Parquet file (shard by shard);
+        ``ingest`` (``imprint index``, with or without ``--shards``) reads it back."""
+        live = [col for col in self.shards if len(col)] or self.shards[:1]
+        tables = [provenance.export(col._engine, snapshot.read(col.path, col._engine, samples=True), col.path)
+                  for col in live]
+        return provenance.write_export(tables, Path(out), self.model, self.shards[0]._export_settings())
 
     def tune(self) -> dict[str, Any]:
         raise self._not_yet("tune")

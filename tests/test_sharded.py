@@ -287,3 +287,14 @@ def test_cli_index_query_info_check_on_shards(tmp_path):
     assert clash.exit_code != 0 and "shards=2 (collection: 3)" in clash.output
     shutil.rmtree(tmp_path / "col" / shard_name(1))
     assert runner.invoke(main, ["check", where]).exit_code == 1
+
+
+def test_export_round_trips_into_any_shard_count(tmp_path, data):
+    X, y, Q = data
+    col = ShardedCollection.create(tmp_path / "s", shards=3, model=None, k=2).add(X, y)
+    assert col.export(tmp_path / "all.parquet") == len(X)
+    one = ingest(tmp_path / "one", [str(tmp_path / "all.parquet")])
+    two = ingest(tmp_path / "two", [str(tmp_path / "all.parquet")], shards=2)
+    assert one.classes == two.classes == 13
+    assert_same_answers(col, Collection.open(tmp_path / "one"), Q)
+    assert_same_answers(col, ShardedCollection.open(tmp_path / "two"), Q)
