@@ -41,6 +41,9 @@ class Snapshot:
     means: ProxyIndex | None = None  # class means of a blend
     samples: ProxyIndex | None = None  # loaded on first need (re-imprinting a class, check)
     vector_rows: dict[str, np.ndarray] | None = None  # the id rows, for check
+    # (ids, vectors as added) of small segment files this process wrote: merged from memory by the
+    # automatic compaction instead of read back (which costs an IVF quantizer and list walk per file)
+    recent: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def version(self) -> int:
@@ -83,6 +86,10 @@ class Snapshot:
         merged = self.new_index(kind)
         with ExitStack() as stack:
             for name in files:
+                if name in self.recent:
+                    ids, vectors = self.recent[name]
+                    merged.add(vectors, ids)
+                    continue
                 file = opened[name] if opened and name in opened else stack.enter_context(
                     segments.open_segment(directory, name))
                 index = segments.read_segment(directory, name, file, self.dimension, self.checksums.get(name))

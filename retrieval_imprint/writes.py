@@ -33,6 +33,8 @@ from .params import STORED
 from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
 
+RECENT_MAX = 4096  # vectors of a segment file this process writes that it keeps for the next compaction
+
 
 def _record(s: Snapshot, kind: str, segment: segments.Segment) -> None:
     """The snapshot's note of a segment file just committed."""
@@ -236,8 +238,11 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
         if b.existing.any():
             s.means.remove(s.table.mean_ids(b.class_id[b.existing]))
         s.means.add(M, mean_ids)
-    for kind, (segment, _, _) in written.items():
+    vectors = {"proxies": W, "samples": samples, "means": M if "means" in written else None}
+    for kind, (segment, ids, _) in written.items():
         _record(s, kind, segment)
+        if len(ids) <= RECENT_MAX:
+            s.recent[segment.name] = (ids.copy(), np.array(vectors[kind], np.float32))
     if template is not None:
         s.files["template"] = []
         _record(s, "template", template)
@@ -296,6 +301,17 @@ def auto_choice(cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray, keys: np.
     ``codes`` (label ``keys``), as stored: the concrete parameters and the CV table."""
     choice, rows = choose(X, codes, keys, _choosable(cfg))
     return json.dumps({**choice.params(), "cv_results": rows})
+
+
+def _remember_merged(s: Snapshot, kind: str, name: str, parts: list) -> None:
+    """Keep the live vectors of a merged segment for the next compaction, if every file merged into
+    it was kept (``Snapshot.recent``) and they are few."""
+    if not parts or any(p is None for p in parts):
+        return
+    ids, vectors = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    live = s.table.live(kind, ids)
+    if live.sum() <= RECENT_MAX:
+        s.recent[name] = (ids[live], vectors[live])
 
 
 def _choosable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -442,6 +458,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     for kind, segment in written.items():
         s.files[kind] = [f for f in s.files[kind] if f not in victims[kind]]
         _record(s, kind, segment)
+        _remember_merged(s, kind, segment.name, [s.recent.pop(name, None) for name in victims[kind]])
     if template is not None:
         s.files["template"] = []
         _record(s, "template", template)

@@ -213,3 +213,35 @@ def test_nprobe_is_tuned_to_the_recall_target_and_retuned_as_the_collection_grow
     col.compact()
     reopened = Collection.open(tmp_path / "c")
     assert reopened.search_params == {"nprobe": 3} and reopened.info()["index_tuning"] is None
+
+
+@pytest.mark.parametrize("index", ["IVF32,SQfp16", "IVF32,SQ8", "Flat"])
+def test_the_automatic_compaction_merges_small_adds_from_memory(tmp_path, monkeypatch, index):
+    """Small segments this process wrote are merged from the vectors it kept, not read back, and
+    the result equals the merge of the files: the same answers after reopening, check ok."""
+    from retrieval_imprint import segments, snapshot
+
+    monkeypatch.setattr("retrieval_imprint.collection.COMPACT_SEGMENTS", 4)
+    X, y = classes(400)
+    cols = [Collection.create(tmp_path / name, model=None, k=2, index=index) for name in ("memory", "files")]
+    for col in cols:
+        col.add(X[y < 300], y[y < 300])
+    read = []
+    real = segments.read_segment
+    monkeypatch.setattr(snapshot.segments, "read_segment", lambda *a, **k: read.append((a[0].name, a[1])) or real(*a, **k))
+    for label in range(300, 312):
+        for col in cols:
+            col.add(X[y == label], y[y == label])
+            if label == 305:
+                col.add(X[y == 301][:3], y[y == 301][:3])  # re-imprints a class: its old proxies die
+                col.remove([302])
+            if col is cols[1]:
+                col._s.recent.clear()  # this one reads its segments back, as before
+    assert read and {d for d, _ in read} == {"files"}  # the compactions of "memory" read no file back
+    monkeypatch.undo()
+    Q = X[::7] + 0.1
+    a, b = (Collection.open(tmp_path / name) for name in ("memory", "files"))
+    assert a.check().ok and b.check().ok and len(a) == len(b) == 311
+    np.testing.assert_array_equal(a.query(Q, 3).labels, b.query(Q, 3).labels)
+    np.testing.assert_allclose(a.query(Q, 3).scores, b.query(Q, 3).scores, rtol=1e-6)
+    assert len(a.info()["segments"]) == len(b.info()["segments"])
