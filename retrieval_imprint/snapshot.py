@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import faiss
 import numpy as np
 from sqlalchemy import Engine
 
@@ -66,23 +67,26 @@ class Snapshot:
         """Stored search parameters of an approximate index (e.g. ``{"nprobe": 16}``)."""
         return json.loads(self.config["search_params"]) if self.config["search_params"] else {}
 
-    def new_index(self, kind: str) -> ProxyIndex:
-        """An empty in-memory index for ``kind``: a copy of the trained template, or exact."""
-        if kind == "proxies" and self.template is not None:
+    def new_index(self, kind: str, index: Any = None) -> ProxyIndex:
+        """An empty in-memory index for ``kind``: a copy of the trained template, or exact; or, given
+        a FAISS ``index`` read from a segment of that kind, that one."""
+        if kind == "proxies" and self.template is not None and index is None:
             out = self.template.empty_like()
             out.search_params = self.search_params
             return out
         if kind == "proxies":
             return ProxyIndex(self.dimension, self.config["metric"], self.fixed.transform, with_ids=True,
-                              search_params=self.search_params)
+                              search_params=self.search_params, index=index)
         if kind == "means":
-            return ProxyIndex(self.dimension, self.config["metric"], self.fixed.transform, with_ids=True)
-        return ProxyIndex(self.dimension, "euclidean", None, with_ids=True)
+            return ProxyIndex(self.dimension, self.config["metric"], self.fixed.transform, with_ids=True,
+                              index=index)
+        return ProxyIndex(self.dimension, "euclidean", None, with_ids=True, index=index)
 
     def merge(self, directory: Path, kind: str, files: list[str],
               opened: dict[str, BinaryIO] | None = None) -> ProxyIndex:
         """The live vectors (by the class table) of these ``kind`` segment files, in one index.
-        Files not in ``opened`` are opened here: only the writer may, as no one else deletes them."""
+        Files not in ``opened`` are opened here: only the writer may, as no one else deletes them.
+        One file is used as read (no copy: a compacted collection opens faster)."""
         merged = self.new_index(kind)
         with ExitStack() as stack:
             for name in files:
@@ -93,6 +97,9 @@ class Snapshot:
                 file = opened[name] if opened and name in opened else stack.enter_context(
                     segments.open_segment(directory, name))
                 index = segments.read_segment(directory, name, file, self.dimension, self.checksums.get(name))
+                if len(files) == 1 and _same_kind(index, merged.index):
+                    merged = self.new_index(kind, index)
+                    break
                 try:
                     merged.merge(index)
                 except RuntimeError as exc:  # FAISS refuses to merge indexes of different kinds
@@ -104,6 +111,13 @@ class Snapshot:
         if len(dead):
             merged.remove(dead)
         return merged
+
+
+def _same_kind(index: Any, like: Any) -> bool:
+    """Whether a segment's FAISS ``index`` is of the kind (class, dimension, metric, lists) of ``like``."""
+    a, b = faiss.downcast_index(index), faiss.downcast_index(like)
+    return (type(a) is type(b) and a.d == b.d and a.metric_type == b.metric_type
+            and getattr(a, "nlist", None) == getattr(b, "nlist", None))
 
 
 def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows: bool = False) -> Snapshot:
