@@ -60,6 +60,16 @@ def check_vectors(X: object, what: str, dimension: int | None) -> np.ndarray:
     return X
 
 
+def text_rows(texts: Sequence[str], labels: Sequence[object], refs: Sequence[object] | None
+              ) -> tuple[list, list, list[str] | None]:
+    """``add_texts``'s arguments as lists of one length (refs as strings), or a ``DataError``."""
+    texts, labels = lab.as_sequence(texts, "texts"), lab.as_sequence(labels)
+    if len(texts) != len(labels) or (refs is not None and len(refs) != len(texts)):
+        raise DataError(f"{len(texts)} texts but {len(labels)} labels" + (
+            f" and {len(refs)} refs" if refs is not None else ""))
+    return texts, labels, None if refs is None else [str(r) for r in refs]
+
+
 class Collection:
     """An imprinted head stored in a directory; see the module docstring for the layout."""
 
@@ -387,12 +397,9 @@ class Collection:
                   refs: Sequence[str] | None = None) -> "Collection":
         """``add`` on texts embedded with the collection's model; the texts (and ``refs``, e.g.
         row ids) are kept beside the samples (``examples``, ``explain``)."""
-        texts, labels = lab.as_sequence(texts, "texts"), lab.as_sequence(labels)
-        if len(texts) != len(labels) or (refs is not None and len(refs) != len(texts)):
-            raise DataError(f"{len(texts)} texts but {len(labels)} labels" + (
-                f" and {len(refs)} refs" if refs is not None else ""))
+        texts, labels, refs = text_rows(texts, labels, refs)
         self._add_checked(self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts,
-                          refs=None if refs is None else [str(r) for r in refs])
+                          refs=refs)
         return self
 
     def remove(self, labels: Sequence[object]) -> "Collection":

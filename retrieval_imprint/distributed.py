@@ -40,6 +40,7 @@ from .ingestion import check_vectors_model, fingerprint
 from .normalize import normalize
 from .params import DEFAULT_CHUNK, check_int
 from .readers import Dataset, from_arrow
+from .serve import Refreshing
 from .sharded import ShardedCollection, directories, exists, merge, part
 
 BUCKETS_PER_SHARD = 16
@@ -210,25 +211,20 @@ class ShardReplica:
     """A Ray Serve deployment holding one shard open: answers with its ``Part``."""
 
     def __init__(self, directory: str, shard: int, n_shards: int, refresh: float) -> None:
-        self.col = Collection.open(directory)
-        self.shard, self.n_shards, self.refresh, self.looked = shard, n_shards, refresh, time.monotonic()
-
-    def _fresh(self) -> None:
-        if time.monotonic() - self.looked >= self.refresh:
-            self.col.refresh()
-            self.looked = time.monotonic()
+        self.fresh = Refreshing(Collection.open(directory), refresh)
+        self.shard, self.n_shards = shard, n_shards
 
     def describe(self) -> dict[str, Any]:
-        self._fresh()
-        s = self.col._s
-        return {"classes": len(self.col), "params": s.params, "inf_norm": s.config["inf_norm"],
-                "dimension": s.dimension, "model": self.col.model, "info": self.col.info()}
+        col = self.fresh()
+        s = col._s
+        return {"classes": len(col), "params": s.params, "inf_norm": s.config["inf_norm"],
+                "dimension": s.dimension, "model": col.model, "info": col.info()}
 
     def part(self, Q: np.ndarray, top: int, threshold: float | None, search_params: dict[str, int] | None):
-        self._fresh()
-        if not len(self.col):
+        col = self.fresh()
+        if not len(col):
             return None
-        return part(self.col, self.shard, self.n_shards, Q, top, threshold, search_params)
+        return part(col, self.shard, self.n_shards, Q, top, threshold, search_params)
 
 
 class Ingress:

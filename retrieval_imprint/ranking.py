@@ -136,17 +136,21 @@ class QueryResult:
                          for cs, ls in zip(self.candidates, self.labels)], bool).reshape(self.labels.shape)
 
 
-def rejection_scores(s: Snapshot, owner: np.ndarray, scores: np.ndarray, rule: str | None = None,
-                     shift: np.ndarray | None = None) -> np.ndarray:
-    """What rule ``rule`` (default: the collection's) compares with the threshold: the class score,
-    or (shift) the score minus the class's shift (``shift`` in table order, default the stored);
-    class ids ``owner``."""
-    if (rule or s.params["rejection"]) == "max":
+def rejection_scores(s: Snapshot, owner: np.ndarray, scores: np.ndarray, rule: str, shift: np.ndarray
+                     ) -> np.ndarray:
+    """What rule ``rule`` compares with the threshold: the class score, or (shift) the score minus
+    the class's shift (``shift`` in table order); class ids ``owner``."""
+    if rule == "max":
         return scores.astype(np.float64)
+    return scores - _shift_of(s, owner, shift)
+
+
+def _shift_of(s: Snapshot, owner: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Each class id's entry of ``shift`` (table order; NaN read as 0), 0 where the id is -1."""
     found = owner >= 0
     out = np.zeros(owner.shape)
-    out[found] = filled(s.table.shift if shift is None else shift)[s.table.positions(owner[found])]
-    return scores - out
+    out[found] = filled(shift)[s.table.positions(owner[found])]
+    return out
 
 
 def answer(s: Snapshot, owner: np.ndarray, scores: np.ndarray, threshold: float | None) -> QueryResult:
@@ -169,9 +173,7 @@ def class_terms(s: Snapshot, owner: np.ndarray, threshold: float | None
         limit = np.where(np.isnan(own), np.nan if stored is None else stored, own)
     candidates = np.full(owner.shape, None, object)
     candidates[found] = s.table.labels[pos[found]]
-    shift = np.zeros(owner.shape)
-    if s.params["rejection"] == "shift":
-        shift[found] = filled(s.table.shift)[pos[found]]
+    shift = _shift_of(s, owner, s.table.shift) if s.params["rejection"] == "shift" else np.zeros(owner.shape)
     return candidates, shift, np.where(found, limit, np.nan)
 
 

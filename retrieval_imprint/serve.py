@@ -82,6 +82,20 @@ def parse_query(body: bytes) -> Request:
                    None if nprobe is None else {"nprobe": nprobe})
 
 
+class Refreshing:
+    """A collection that picks up other processes' commits when asked for once ``every`` seconds
+    have passed since it last looked (a server's view of a collection being written to)."""
+
+    def __init__(self, col: Any, every: float) -> None:
+        self.col, self.every, self.looked = col, every, time.monotonic()
+
+    def __call__(self) -> Any:
+        if time.monotonic() - self.looked >= self.every:
+            self.col.refresh()
+            self.looked = time.monotonic()
+        return self.col
+
+
 class LocalService:
     """Answers the API from a collection opened in this process: one query at a time (the BLAS
     and FAISS calls below use every core), the model loaded once."""
@@ -89,37 +103,29 @@ class LocalService:
     def __init__(self, path: str | os.PathLike, refresh: float = 1.0) -> None:
         from .sharded import open_any
 
-        self.col = open_any(path)
-        self.refresh_every, self.looked = refresh, time.monotonic()
+        self.fresh = Refreshing(open_any(path), refresh)
         self.lock = threading.Lock()
-
-    def _fresh(self) -> None:
-        if time.monotonic() - self.looked >= self.refresh_every:
-            self.col.refresh()
-            self.looked = time.monotonic()
 
     def health(self) -> dict[str, Any]:
         with self.lock:
-            self._fresh()
-            return {"status": "ok", "classes": len(self.col), "shards": getattr(self.col, "n_shards", 1),
-                    "model": self.col.model}
+            col = self.fresh()
+            return {"status": "ok", "classes": len(col), "shards": getattr(col, "n_shards", 1), "model": col.model}
 
     def info(self) -> dict[str, Any]:
         with self.lock:
-            self._fresh()
-            return self.col.info()
+            return self.fresh().info()
 
     def query(self, request: Request) -> list[dict[str, Any]]:
         with self.lock:
-            self._fresh()
+            col = self.fresh()
             if request.texts is not None:
-                if self.col.model is None:
+                if col.model is None:
                     raise DataError("this collection holds precomputed vectors (no model): send vectors, not texts")
-                Q = self.col.embedder().encode(request.texts)
+                Q = col.embedder().encode(request.texts)
             else:
                 Q = request.vectors
-            result = self.col.query(Q, request.top, threshold=request.threshold, search_params=request.search_params,
-                                    model=self.col.model if request.texts is not None else None)
+            result = col.query(Q, request.top, threshold=request.threshold, search_params=request.search_params,
+                               model=col.model if request.texts is not None else None)
             return result.records(request.texts if request.texts is not None else None)
 
 

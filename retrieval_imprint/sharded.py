@@ -34,7 +34,7 @@ from . import labels as lab
 from . import params as spec
 from . import provenance, ranking, segments, snapshot, writes
 from .aggregate import rank_classes, vote_weights
-from .collection import Collection, check_vectors
+from .collection import Collection, check_vectors, text_rows
 from .embed import Embedder
 from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
                      DataError, InvalidParameterError, NotACollectionError, SettingsClashError)
@@ -307,12 +307,9 @@ class ShardedCollection:
     def add_texts(self, texts: Sequence[str], labels: Sequence[object], *, replace: bool = False,
                   refs: Sequence[str] | None = None) -> "ShardedCollection":
         """``add`` on texts embedded with the collection's model; the texts (and ``refs``) kept."""
-        texts, labels = lab.as_sequence(texts, "texts"), lab.as_sequence(labels)
-        if len(texts) != len(labels) or (refs is not None and len(refs) != len(texts)):
-            raise DataError(f"{len(texts)} texts but {len(labels)} labels" + (
-                f" and {len(refs)} refs" if refs is not None else ""))
+        texts, labels, refs = text_rows(texts, labels, refs)
         self._add_checked(self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts,
-                          refs=None if refs is None else [str(r) for r in refs])
+                          refs=refs)
         return self
 
     def _add_checked(self, X: Any, labels: Sequence[object], *, model: str | None = None,
