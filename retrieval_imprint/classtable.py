@@ -27,13 +27,14 @@ class ClassTable:
     threshold: np.ndarray  # (C,) float64: the class's own rejection threshold (NaN: the collection's)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Any]) -> "ClassTable":
-        """From ``(id, label, label_kind, n_samples, proxy_lo, proxy_hi, shift, threshold)`` rows in id order."""
-        labels = np.empty(len(rows), object)
-        labels[:] = [lab.value(r[2], r[1]) for r in rows]
-        ints = [np.array([r[i] for r in rows], np.int64) for i in (0, 3, 4, 5)]
-        floats = [np.array([np.nan if r[i] is None else r[i] for r in rows], np.float64) for i in (6, 7)]
-        return cls(ints[0], labels, *ints[1:], *floats)
+    def from_columns(cls, cols: dict[str, Any]) -> "ClassTable":
+        """From ``store.class_columns``."""
+        labels = np.empty(len(cols["id"]), object)
+        kinds = set(cols["label_kind"])
+        labels[:] = cols["label"] if kinds <= {"str"} else [lab.value(k, v) for k, v in zip(cols["label_kind"],
+                                                                                            cols["label"])]
+        return cls(cols["id"], labels, cols["n_samples"], cols["proxy_lo"], cols["proxy_hi"], cols["shift"],
+                   cols["threshold"])
 
     def __len__(self) -> int:
         return len(self.ids)

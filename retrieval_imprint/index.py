@@ -198,25 +198,27 @@ class ProxyIndex:
         ``params`` replace ``search_params`` for this call only (IVF indexes). Fewer than ``m``
         stored proxies: the missing columns have id -1.
         """
-        Q = self.prepare(Q)
-        exact = isinstance(self.index, (faiss.IndexFlat, faiss.IndexIDMap2))
-        if exact and self.metric in ("ip", "cosine") and len(Q) < SMALL_BATCH and m <= SMALL_M and self.ntotal:
-            D, ids = self._gemv_search(Q, m)
-        elif exact:
-            D, ids = self.index.search(Q, m)
-        else:
-            D, ids = self.index.search(Q, m, params=ivf.search_parameters(self.index, params or self.search_params))
+        D, ids = self._nearest(self.prepare(Q), m, params)
         if self.metric in ("ip", "cosine"):
             return D, np.maximum(1.0 - D, 0.0), ids
         if self.metric in ("euclidean", "mahalanobis"):
             D = np.sqrt(np.maximum(D, 0.0))
         return -D, D, ids
 
+    def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's answer for prepared queries: raw distances (inner products, squared L2, ...) and ids."""
+        exact = isinstance(self.index, (faiss.IndexFlat, faiss.IndexIDMap2))
+        if exact and self.metric in ("ip", "cosine") and len(Q) < SMALL_BATCH and m <= SMALL_M and self.index.ntotal:
+            return self._gemv_search(Q, m)
+        if exact:
+            return self.index.search(Q, m)
+        return self.index.search(Q, m, params=ivf.search_parameters(self.index, params or self.search_params))
+
     def _row_ids(self) -> np.ndarray | None:
         """The id of each stored row, a view of ``IndexIDMap2``'s map (None: ids are row numbers)."""
         if not isinstance(self.index, faiss.IndexIDMap2):
             return None
-        return faiss.rev_swig_ptr(self.index.id_map.data(), self.ntotal)
+        return faiss.rev_swig_ptr(self.index.id_map.data(), self.index.ntotal)
 
     def _stored(self) -> np.ndarray:
         """FAISS's own storage of an exact index as a ``(ntotal, d)`` float32 view (no copy)."""

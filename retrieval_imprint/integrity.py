@@ -71,12 +71,12 @@ def damaged_files(directory: Path, engine: Engine) -> list[str]:
             with engine.connect() as conn, conn.begin():
                 cfg, _, _, segs = store.read_state(conn)
             opened = {}
-            for _, name, _ in segs:
+            for _, name, *_ in segs:
                 try:
                     opened[name] = stack.enter_context(segments.open_segment(directory, name))
                 except CollectionDamagedError as exc:
                     problems.append(str(exc))
-        for _, name, checksum in segs:
+        for _, name, checksum, _ in segs:
             if name in opened and cfg["dimension"] is not None:
                 try:
                     segments.read_segment(directory, name, opened[name], cfg["dimension"], checksum)

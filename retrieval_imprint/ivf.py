@@ -221,16 +221,20 @@ def retrain(index: faiss.Index, factory: str, metric: str, faiss_metric: int,
     return template, filled
 
 
-def search_parameters(index: faiss.Index, params: dict[str, int] | None) -> faiss.SearchParameters | None:
+def search_parameters(index: faiss.Index, params: dict[str, int] | None,
+                      selector: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
     """``params`` (``nprobe``, ``max_codes``, ``quantizer_efSearch``) as the object FAISS takes with
-    one search call; None for none."""
-    if not params:
+    one search call, searching only the ids ``selector`` accepts if given; None for neither."""
+    if not params and selector is None:
         return None
+    params = params or {}
     unknown = [key for key in params if key not in SEARCH_KEYS]
     if unknown:
         raise InvalidParameterError(f"search parameter {unknown[0]!r} is not known; expected "
                                     + ", ".join(SEARCH_KEYS))
     out = faiss.SearchParametersIVF()
+    if selector is not None:
+        out.sel = selector  # a raw pointer too: the caller keeps the selector alive
     for key in ("nprobe", "max_codes"):
         if key in params:
             setattr(out, key, int(params[key]))

@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,8 @@ CLASS_SHIFT = 24
 MAX_PER_CLASS = 1 << CLASS_SHIFT
 SEGMENT_NAME = re.compile(r"(proxies|samples|template|means)-\d{8}\.faiss")
 _CHUNK = 1 << 20
+MAP_MIN = 1 << 26  # bytes from which an IVF proxy segment is memory-mapped at open, not read and hashed
+_limit_lock = threading.Lock()  # FAISS's size limit for one array is a process-wide setting
 
 
 def class_of(ids: np.ndarray) -> np.ndarray:
@@ -211,9 +214,47 @@ def read_segment(directory: Path, name: str, file: BinaryIO, dimension: int, che
     try:
         index = faiss.read_index(faiss.PyCallbackIOReader(file.read))
     except (RuntimeError, MemoryError) as exc:
-        raise CollectionDamagedError(f"collection {directory}: index file {name} is unreadable or truncated "
-                                     f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
-                                     ) from None
+        raise _unreadable(directory, name, exc) from None
+    return _checked(directory, name, index, dimension)
+
+
+def can_map() -> bool:
+    """Whether an open file can be handed to FAISS's memory-mapping reader by name (``/dev/fd``)."""
+    return os.path.isdir("/dev/fd")
+
+
+def map_segment(directory: Path, name: str, file: BinaryIO, dimension: int, n_vectors: int) -> faiss.Index:
+    """The FAISS index in segment file ``name``, memory-mapped from its open ``file``: opening
+    costs no reads and no resident memory, whatever its size, and the mapping outlives the file's
+    deletion as an open file does. It is **read-only**: FAISS aborts the process on an add or a
+    removal to a mapped list (``mapped.MappedProxyIndex`` never makes one).
+
+    Not hashed, since that reads every byte (seconds per GB); ``check`` and compaction verify the
+    checksum. What a damaged file could do is bounded instead: FAISS checks that each array it maps
+    lies inside the file, no array may claim more bytes than the file has, and the index must
+    hold the ``n_vectors`` recorded when it was written."""
+    size = os.fstat(file.fileno()).st_size
+    with _limit_lock:
+        limit = faiss.get_deserialization_vector_byte_limit()
+        faiss.set_deserialization_vector_byte_limit(size)
+        try:
+            index = faiss.read_index(f"/dev/fd/{file.fileno()}", faiss.IO_FLAG_MMAP_IFC)
+        except (RuntimeError, MemoryError) as exc:
+            raise _unreadable(directory, name, exc) from None
+        finally:
+            faiss.set_deserialization_vector_byte_limit(limit)
+    if index.ntotal != n_vectors:
+        raise CollectionDamagedError(f"collection {directory}: index file {name} holds {index.ntotal} vectors; "
+                                     f"{n_vectors} were written to it")
+    return _checked(directory, name, index, dimension)
+
+
+def _unreadable(directory: Path, name: str, exc: Exception) -> CollectionDamagedError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CollectionDamagedError(f"collection {directory}: index file {name} is unreadable or truncated ({reason})")
+
+
+def _checked(directory: Path, name: str, index: faiss.Index, dimension: int) -> faiss.Index:
     if index.d != dimension:
         raise CollectionDamagedError(f"collection {directory}: index file {name} holds {index.d}-d vectors, "
                                      f"expected {dimension}")

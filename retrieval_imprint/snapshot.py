@@ -9,6 +9,7 @@ lock is released (an open file outlives its deletion), so writers never wait on 
 from __future__ import annotations
 
 import json
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,12 @@ import faiss
 import numpy as np
 from sqlalchemy import Engine
 
-from . import segments, store
+from . import ivf, segments, store
 from .classtable import ClassTable
 from .errors import CollectionDamagedError
 from .imprint import Fixed
 from .index import ProxyIndex
+from .mapped import MappedProxyIndex
 from .params import STORED
 
 KINDS = ("proxies", "samples", "template", "means")
@@ -35,6 +37,7 @@ class Snapshot:
     table: ClassTable
     files: dict[str, list[str]]  # segment files by kind ("proxies", "samples", "template", "means"), oldest first
     checksums: dict[str, str | None] = field(default_factory=dict)  # recorded per segment file
+    n_vectors: dict[str, int] = field(default_factory=dict)  # written to each segment file
     label_kinds: set[str] = field(default_factory=set)  # "str", "int": one, but for collections made before 0.2
     fixed: Fixed = field(default_factory=Fixed)
     template: ProxyIndex | None = None  # an IVF index's trained, empty index
@@ -113,6 +116,27 @@ class Snapshot:
         return merged
 
 
+    def open_proxies(self, directory: Path, opened: dict[str, BinaryIO]) -> ProxyIndex:
+        """The proxies of these segment files: the largest memory-mapped where it is an IVF file of at
+        least ``segments.MAP_MIN`` bytes (``mapped.MappedProxyIndex``), the rest read and merged."""
+        files = self.files["proxies"]
+        sizes = {name: os.fstat(opened[name].fileno()).st_size for name in files}
+        largest = max(files, key=sizes.__getitem__, default=None)
+        if (self.template is None or largest is None or sizes[largest] < segments.MAP_MIN
+                or not segments.can_map()):
+            return self.merge(directory, "proxies", files, opened)
+        mapped = segments.map_segment(directory, largest, opened[largest], self.dimension, self.n_vectors[largest])
+        if not _same_kind(mapped, self.template.index):
+            raise CollectionDamagedError(f"collection {directory}: index file {largest} does not hold a proxies "
+                                         "index like the collection's trained template")
+        delta = self.merge(directory, "proxies", [f for f in files if f != largest], opened)
+        dead = np.zeros(0, np.int64)
+        if sum(self.n_vectors[f] for f in files) != int(self.table.n_proxies.sum()):  # removals since compaction
+            ids = ivf.list_ids(mapped)
+            dead = ids[~self.table.live("proxies", ids)]
+        return MappedProxyIndex(delta, mapped, dead)
+
+
 def _same_kind(index: Any, like: Any) -> bool:
     """Whether a segment's FAISS ``index`` is of the kind (class, dimension, metric, lists) of ``like``."""
     a, b = faiss.downcast_index(index), faiss.downcast_index(like)
@@ -126,15 +150,16 @@ def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows:
     with ExitStack() as stack:
         with segments.reading(directory):
             with engine.connect() as conn, conn.begin():
-                cfg, emb, rows, segs = store.read_state(conn)
+                cfg, emb, classes, segs = store.read_state(conn)
                 ids = store.vector_rows(conn) if vector_rows else None
             kinds = KINDS if samples else ("template", "proxies", "means")
             opened = {name: stack.enter_context(segments.open_segment(directory, name))
-                      for kind, name, _ in segs if kind in kinds}
+                      for kind, name, *_ in segs if kind in kinds}
         d = cfg["dimension"]
-        snap = Snapshot(cfg, emb, ClassTable.from_rows(rows), {kind: [f for k, f, _ in segs if k == kind]
-                                                               for kind in KINDS},
-                        {f: checksum for _, f, checksum in segs}, {r[2] for r in rows}, vector_rows=ids)
+        snap = Snapshot(cfg, emb, ClassTable.from_columns(classes), {kind: [f for k, f, *_ in segs if k == kind]
+                                                                     for kind in KINDS},
+                        {f: checksum for _, f, checksum, _ in segs}, {f: n for _, f, _, n in segs},
+                        set(classes["label_kind"]), vector_rows=ids)
         snap.fixed = Fixed(
             np.frombuffer(cfg["quantile_targets"], np.float32).copy() if cfg["quantile_targets"] else None,
             np.frombuffer(cfg["metric_transform"], np.float32).reshape(d, d).copy() if cfg["metric_transform"]
@@ -145,7 +170,7 @@ def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows:
             snap.template = ProxyIndex(d, cfg["metric"], snap.fixed.transform, index=index)
         ready = d is not None and (cfg["metric"] != "mahalanobis" or snap.fixed.transform is not None)
         if ready and (cfg["index_factory"] == "Flat" or template):
-            snap.proxies = snap.merge(directory, "proxies", snap.files["proxies"], opened)
+            snap.proxies = snap.open_proxies(directory, opened)
             if snap.files["means"]:
                 snap.means = snap.merge(directory, "means", snap.files["means"], opened)
         if samples and cfg["keep_samples"] and d:

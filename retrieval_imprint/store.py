@@ -31,7 +31,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (BigInteger, Boolean, Column, Connection, Engine, Float, ForeignKey, Index, Integer,
-                        LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, delete, event,
+                        LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, delete, event, func,
                         insert, inspect, select, tuple_, update)
 from sqlalchemy.exc import DatabaseError, OperationalError
 
@@ -237,15 +237,45 @@ def initialize(engine: Engine, stored: dict[str, Any], settings: dict[str, Any],
 
 
 def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None, list, list]:
-    """The collection row, the embedder row, class rows (id order) and ``(kind, file, checksum)``
-    segment rows."""
+    """The collection row, the embedder row, the class table (``class_columns``) and ``(kind, file,
+    checksum, n_vectors)`` segment rows."""
     cfg = dict(conn.execute(select(collection)).mappings().one())
     emb = conn.execute(select(embedder)).mappings().first()
-    c = classes.c
-    rows = conn.execute(select(c.id, c.label, c.label_kind, c.n_samples, c.proxy_lo, c.proxy_hi, c.shift,
-                               c.threshold).order_by(c.id)).all()
-    segs = conn.execute(select(segments.c.kind, segments.c.file, segments.c.checksum).order_by(segments.c.id)).all()
+    rows = class_columns(conn)
+    segs = conn.execute(select(segments.c.kind, segments.c.file, segments.c.checksum,
+                                 segments.c.n_vectors).order_by(segments.c.id)).all()
     return cfg, dict(emb) if emb is not None else None, rows, segs
+
+
+INT_COLUMNS = ("id", "n_samples", "proxy_lo", "proxy_hi")
+
+
+def class_columns(conn: Connection) -> dict[str, Any]:
+    """The class table as columns in id order: int64 arrays ``INT_COLUMNS``, float64 arrays ``shift``
+    and ``threshold`` (NaN for NULL), lists ``label`` and ``label_kind``.
+
+    Fetched as a few long strings that SQLite builds in C (``group_concat``, and
+    ``json_group_array`` for labels, which may hold any character), because a million row tuples
+    cost seconds in Python. The floats, exact only as SQLite values, come as rows of the classes
+    that have one (set by ``calibrate``)."""
+    c = classes.c
+    row = conn.execute(select(*(func.group_concat(c[name]) for name in INT_COLUMNS), func.json_group_array(c.label),
+                              func.group_concat(c.label_kind))).one()
+    ints = {name: np.fromstring(text, np.int64, sep=",") if text else np.zeros(0, np.int64)
+            for name, text in zip(INT_COLUMNS, row)}
+    order = np.argsort(ints["id"], kind="stable")  # the aggregate's row order is SQLite's to choose
+    out: dict[str, Any] = {name: values[order] for name, values in ints.items()}
+    labels, kinds = json.loads(row[-2]), row[-1].split(",") if row[-1] else []
+    if {len(values) for values in ints.values()} | {len(labels), len(kinds)} != {len(order)}:
+        raise CollectionDamagedError("the classes table holds a value that is not an integer where one must be")
+    out["label"], out["label_kind"] = [labels[i] for i in order], [kinds[i] for i in order]
+    for name in ("shift", "threshold"):
+        out[name] = np.full(len(order), np.nan)
+        found = conn.execute(select(c.id, c[name]).where(c[name].is_not(None))).all()
+        if found:
+            ids, values = np.array([r[0] for r in found], np.int64), np.array([r[1] for r in found], np.float64)
+            out[name][np.searchsorted(out["id"], ids)] = values
+    return out
 
 
 def version(conn: Connection) -> int:

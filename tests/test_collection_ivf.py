@@ -6,8 +6,15 @@ import faiss
 import numpy as np
 import pytest
 
+from retrieval_imprint import segments
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.ivf import choose_index, ivf_lists, parse_size
+
+
+@pytest.fixture(autouse=True, params=["read", "mapped"])
+def opening(request, monkeypatch):
+    """Every test twice: with segment files read at open, and with the largest memory-mapped (mapped.py)."""
+    monkeypatch.setattr(segments, "MAP_MIN", 0 if request.param == "mapped" else segments.MAP_MIN)
 
 
 def classes(n_classes=600, n=6, d=32, seed=0):

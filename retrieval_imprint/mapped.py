@@ -1,0 +1,91 @@
+"""A proxy index whose bulk is a memory-mapped segment file: how a large collection opens in
+milliseconds with almost nothing resident.
+
+``MappedProxyIndex`` searches two FAISS indexes as one: ``mapped``, the largest proxy segment
+mapped read-only from its file (``segments.map_segment``), and ``index``, an ordinary in-memory
+index of the same trained kind holding every other proxy (the small segments of later adds, and
+what this process adds). Adds go to ``index``. A mapped index cannot remove vectors (FAISS aborts
+on a write to a mapped list), so proxies removed from it — a removed or re-imprinted class — are
+*dead*: left out of every search by an id selector, and rewritten away by the next compaction
+that merges the file. Each query searches both and keeps the best ``m`` (``faiss.merge_knn_results``).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from . import ivf
+from .index import ProxyIndex
+
+
+class MappedProxyIndex(ProxyIndex):
+    """``delta``'s settings and vectors plus the read-only ``mapped`` IVF index, less the ids ``dead``."""
+
+    def __init__(self, delta: ProxyIndex, mapped: faiss.Index, dead: np.ndarray) -> None:
+        super().__init__(delta.index.d, delta.metric, delta.transform, index=delta.index,
+                         search_params=delta.search_params)
+        self.mapped = mapped
+        self._mapped_ids: np.ndarray | None = None  # sorted; read from the mapped lists on first need
+        self._set_dead(np.unique(np.asarray(dead, np.int64)))
+
+    def _set_dead(self, dead: np.ndarray) -> None:
+        self._dead = dead
+        # FAISS holds raw pointers to the selectors: keep both alive as long as they are used
+        self._batch = faiss.IDSelectorBatch(dead) if len(dead) else None
+        self._selector = faiss.IDSelectorNot(self._batch) if len(dead) else None
+
+    @property
+    def ntotal(self) -> int:
+        return self.mapped.ntotal - len(self._dead) + self.index.ntotal
+
+    def mapped_ids(self) -> np.ndarray:
+        """Every id in the mapped file, dead or not, sorted."""
+        if self._mapped_ids is None:
+            self._mapped_ids = np.sort(ivf.list_ids(self.mapped))
+        return self._mapped_ids
+
+    def _in_mapped(self, ids: np.ndarray) -> np.ndarray:
+        stored = self.mapped_ids()
+        if not len(stored):
+            return np.zeros(len(ids), bool)
+        return stored[np.minimum(np.searchsorted(stored, ids), len(stored) - 1)] == ids
+
+    @property
+    def ids(self) -> np.ndarray:
+        stored = self.mapped_ids()
+        return np.concatenate([stored[~np.isin(stored, self._dead)], super().ids])
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove these ids from the in-memory part; mark those in the mapped file dead."""
+        ids = np.unique(np.asarray(ids, np.int64))
+        removed = super().remove(ids) if self.index.ntotal else 0
+        newly = ids[self._in_mapped(ids) & ~np.isin(ids, self._dead)]
+        if len(newly):
+            self._set_dead(np.union1d(self._dead, newly))
+        return removed + len(newly)
+
+    def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
+        D, ids = self.mapped.search(Q, m, params=ivf.search_parameters(self.mapped, params or self.search_params,
+                                                                        self._selector))
+        if not self.index.ntotal:
+            return D, ids
+        D2, ids2 = super()._nearest(Q, m, params)
+        keep_max = self.mapped.metric_type == faiss.METRIC_INNER_PRODUCT
+        return faiss.merge_knn_results(np.stack([D, D2]), np.stack([ids, ids2]), keep_max=keep_max)
+
+    def retrained(self, factory: str, seed: int = 0) -> tuple[ProxyIndex, ProxyIndex]:
+        """As ``ProxyIndex.retrained``, from an in-memory copy of every live vector (this is the
+        one step that brings the mapped file into memory: a compaction that retrains)."""
+        if not self.retrainable():
+            return super().retrained(factory, seed)  # refuses, naming the index
+        full = self.empty_like()
+        for part, dead in ((self.mapped, self._dead), (self.index, None)):
+            for ids, X in ivf.decoded_lists(part):
+                keep = ~np.isin(ids, dead) if dead is not None else slice(None)
+                full.index.add_with_ids(X[keep], ids[keep])  # decoded vectors are already prepared
+        return full.retrained(factory, seed)
+
+    def __getstate__(self) -> dict:
+        raise TypeError("a collection's memory-mapped proxy index cannot be pickled: send the collection's "
+                        "path and open it where it is needed")

@@ -1,0 +1,154 @@
+"""Memory-mapped opening: a large IVF proxy segment is mapped, not read, and answers as if read."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from retrieval_imprint import ivf, segments
+from retrieval_imprint.collection import Collection
+from retrieval_imprint.errors import CollectionDamagedError
+from retrieval_imprint.mapped import MappedProxyIndex
+from retrieval_imprint.normalize import l2_normalize
+
+NLIST = 16
+
+
+def classes(first, n_classes, n=6, d=24, seed=0):
+    rng = np.random.default_rng([seed, first])
+    modes = 2 * rng.standard_normal((n_classes, 2, d)).astype(np.float32)
+    y = np.repeat(np.arange(first, first + n_classes), n)
+    X = modes[y - first, rng.integers(0, 2, len(y))] + 0.5 * rng.standard_normal((len(y), d)).astype(np.float32)
+    return X, [f"c{v}" for v in y]
+
+
+def open_as(path, monkeypatch, mapped: bool) -> Collection:
+    monkeypatch.setattr(segments, "MAP_MIN", 0 if mapped else 1 << 60)
+    col = Collection.open(path)
+    assert isinstance(col._s.proxies, MappedProxyIndex) == mapped
+    return col
+
+
+def grow(path, **settings):
+    """An IVF collection: one big first segment, later small ones, removals from both, a re-imprint."""
+    col = Collection.create(path, model=None, k=2, keep_samples=True, index=f"IVF{NLIST},Flat", **settings)
+    col.add(*classes(0, 300))
+    col.add(*classes(300, 40))
+    col.remove(["c3", "c150", "c310"])  # in the first segment, and in a later one
+    col.add(*classes(5, 1, seed=9))  # re-imprints c5 (new samples): its old proxies are dead
+    col.close()
+    return path
+
+
+@pytest.fixture
+def grown(tmp_path):
+    return grow(tmp_path / "c")
+
+
+def brute_force_top(read: Collection, Q: np.ndarray, top: int) -> np.ndarray:
+    """Labels of the ``top`` classes by best proxy, over every proxy of a collection read into memory."""
+    ids, W = map(np.concatenate, zip(*ivf.decoded_lists(read._s.proxies.index)))
+    t = read._s.table
+    assert np.array_equal(np.sort(ids), np.sort(t.proxy_ids(t.ids)))
+    S = l2_normalize(Q) @ W.T
+    best = np.full((len(t), len(Q)), -np.inf)
+    np.maximum.at(best, t.positions(ids >> segments.CLASS_SHIFT), S.T)
+    return t.labels[np.argsort(-best.T, axis=1, kind="stable")[:, :top]]
+
+
+@pytest.mark.parametrize("aggregation", ["max", "mnn"])
+def test_mapped_collection_answers_as_the_read_one_and_brute_force(tmp_path, monkeypatch, aggregation):
+    grown = grow(tmp_path / "c", aggregation=aggregation)
+    Q = classes(0, 340, n=1, seed=5)[0]
+    full = {"nprobe": NLIST}
+    read, mapped = open_as(grown, monkeypatch, False), open_as(grown, monkeypatch, True)
+    assert len(mapped._s.proxies._dead) > 0  # removals and the re-imprint left dead proxies in the file
+    assert mapped._s.proxies.ntotal == read._s.proxies.ntotal == int(read._s.table.n_proxies.sum())
+    np.testing.assert_array_equal(np.sort(mapped._s.proxies.ids), np.sort(read._s.proxies.ids))
+    for params in (None, full):
+        a, b = read.query(Q, 3, search_params=params), mapped.query(Q, 3, search_params=params)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-6)
+    if aggregation == "max":
+        np.testing.assert_array_equal(mapped.query(Q, 3, search_params=full).labels, brute_force_top(read, Q, 3))
+    assert mapped.check().ok
+
+
+def test_writes_to_a_mapped_collection_never_touch_the_mapped_file(grown, monkeypatch):
+    col = open_as(grown, monkeypatch, True)
+    mapped_file = max(col._s.files["proxies"], key=lambda f: (grown / f).stat().st_size)
+    before = (grown / mapped_file).read_bytes()
+    col.add(*classes(400, 20))
+    col.add(*classes(7, 1, seed=3))  # re-imprints a class of the mapped file
+    col.remove(["c8", "c405"])
+    assert (grown / mapped_file).read_bytes() == before
+    Q = classes(0, 420, n=1, seed=6)[0]
+    full = {"nprobe": NLIST}
+    answer = col.query(Q, 2, search_params=full).labels
+    assert not {"c8", "c405"} & set(answer.ravel())
+    np.testing.assert_array_equal(open_as(grown, monkeypatch, False).query(Q, 2, search_params=full).labels, answer)
+    col.compact()  # rewrites the dead proxies away: the next open maps a file without any
+    again = open_as(grown, monkeypatch, True)
+    assert len(again._s.proxies._dead) == 0 and again.check().ok
+    np.testing.assert_array_equal(again.query(Q, 2, search_params=full).labels, answer)
+
+
+def test_a_compaction_that_retrains_reads_every_live_proxy_of_the_mapped_file(grown, monkeypatch):
+    Q = classes(0, 340, n=1, seed=7)[0]
+    read, mapped = open_as(grown, monkeypatch, False), open_as(grown, monkeypatch, True)
+    expected = read._s.proxies.retrained(read._s.config["index_factory"])[1]
+    got = mapped._s.proxies.retrained(mapped._s.config["index_factory"])[1]
+    np.testing.assert_array_equal(np.sort(got.ids), np.sort(expected.ids))
+    mapped.compact(retrain=True)
+    assert mapped.check().ok and not isinstance(mapped._s.proxies, MappedProxyIndex)
+    np.testing.assert_array_equal(mapped.query(Q, 2, search_params={"nprobe": NLIST}).labels,
+                                  brute_force_top(read, Q, 2))
+
+
+def test_a_reader_keeps_its_mapping_after_a_writer_deletes_the_file(grown, monkeypatch):
+    reader = open_as(grown, monkeypatch, True)
+    Q = classes(0, 340, n=1, seed=8)[0]
+    before = reader.query(Q, 2).labels
+    with Collection.open(grown) as writer:
+        writer.compact()
+    assert not set(reader._s.files["proxies"]) & {p.name for p in grown.glob("*.faiss")}  # its file is gone
+    np.testing.assert_array_equal(reader.query(Q, 2).labels, before)
+
+
+def test_a_damaged_mapped_file_is_refused_not_crashed_on(grown, monkeypatch):
+    with Collection.open(grown) as col:
+        col.compact()
+        name = col._s.files["proxies"][0]
+    whole = (grown / name).read_bytes()
+    os.truncate(grown / name, len(whole) // 2)
+    with pytest.raises(CollectionDamagedError, match=f"{name} is unreadable or truncated"):
+        open_as(grown, monkeypatch, True)
+    assert any(name in problem for problem in Collection.verify(grown).problems)  # the check hashes it
+    (grown / name).write_bytes(whole)
+    with Collection.open(grown) as col:  # a vector count that is not the one written
+        with col._engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE segments SET n_vectors = n_vectors + 1 WHERE file = ?", (name,))
+    with pytest.raises(CollectionDamagedError, match=f"{name} holds \\d+ vectors; \\d+ were written"):
+        open_as(grown, monkeypatch, True)
+
+
+def test_a_mapped_index_is_not_pickled_by_mistake(grown, monkeypatch):
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(open_as(grown, monkeypatch, True)._s.proxies)
+
+
+def test_labels_of_any_text_and_kind_survive_the_bulk_read(tmp_path):
+    labels = ["a,b", 'quo"te', "tab\there", "ünï 😀", "[1, 2]", "null", "\\", " x ", "1e5"]
+    X = np.random.default_rng(0).standard_normal((len(labels) * 2, 8)).astype(np.float32)
+    with Collection.create(tmp_path / "s", model=None) as col:
+        col.add(X, labels * 2)
+        col.set_threshold(0.123456789012345678, label="a,b")
+    with Collection.open(tmp_path / "s") as col:
+        assert col.classes == labels
+        assert col.class_table()[0]["threshold"] == 0.123456789012345678
+    with Collection.create(tmp_path / "i", model=None) as col:
+        col.add(X[:6], [3, -7, 2**40, 3, -7, 2**40])
+    assert Collection.open(tmp_path / "i").classes == [3, -7, 2**40]
