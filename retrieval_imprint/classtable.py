@@ -30,9 +30,7 @@ class ClassTable:
     def from_columns(cls, cols: dict[str, Any]) -> "ClassTable":
         """From ``store.class_columns``."""
         labels = np.empty(len(cols["id"]), object)
-        kinds = set(cols["label_kind"])
-        labels[:] = cols["label"] if kinds <= {"str"} else [lab.value(k, v) for k, v in zip(cols["label_kind"],
-                                                                                            cols["label"])]
+        labels[:] = cols["label"]
         return cls(cols["id"], labels, cols["n_samples"], cols["proxy_lo"], cols["proxy_hi"], cols["shift"],
                    cols["threshold"])
 

@@ -159,7 +159,7 @@ def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows:
         snap = Snapshot(cfg, emb, ClassTable.from_columns(classes), {kind: [f for k, f, *_ in segs if k == kind]
                                                                      for kind in KINDS},
                         {f: checksum for _, f, checksum, _ in segs}, {f: n for _, f, _, n in segs},
-                        set(classes["label_kind"]), vector_rows=ids)
+                        classes["kinds"], vector_rows=ids)
         snap.fixed = Fixed(
             np.frombuffer(cfg["quantile_targets"], np.float32).copy() if cfg["quantile_targets"] else None,
             np.frombuffer(cfg["metric_transform"], np.float32).reshape(d, d).copy() if cfg["metric_transform"]

@@ -31,11 +31,12 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (BigInteger, Boolean, Column, Connection, Engine, Float, ForeignKey, Index, Integer,
-                        LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, delete, event, func,
-                        insert, inspect, select, tuple_, update)
+                        LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, delete, distinct, event,
+                        func, insert, inspect, or_, select, tuple_, update)
 from sqlalchemy.exc import DatabaseError, OperationalError
 
 from .errors import CollectionDamagedError, CollectionIOError
+from . import labels as lab
 
 BUSY_TIMEOUT_MS = 10_000
 SQL_CHUNK = 400  # values per IN (...) list: SQLite caps bound parameters
@@ -252,29 +253,39 @@ INT_COLUMNS = ("id", "n_samples", "proxy_lo", "proxy_hi")
 
 def class_columns(conn: Connection) -> dict[str, Any]:
     """The class table as columns in id order: int64 arrays ``INT_COLUMNS``, float64 arrays ``shift``
-    and ``threshold`` (NaN for NULL), lists ``label`` and ``label_kind``.
+    and ``threshold`` (NaN for NULL), the list ``label`` (str or int) and the set ``kinds``.
 
-    Fetched as a few long strings that SQLite builds in C (``group_concat``, and
-    ``json_group_array`` for labels, which may hold any character), because a million row tuples
-    cost seconds in Python. The floats, exact only as SQLite values, come as rows of the classes
-    that have one (set by ``calibrate``)."""
+    Fetched as a few long strings that SQLite builds in C (``group_concat``; ``json_group_array``
+    for str labels, which may hold any character; int labels are JSON numbers as stored, of any
+    size), because a million row tuples cost seconds in Python. The floats, exact only as SQLite
+    values, come as rows of the classes that have one (set by ``calibrate``)."""
     c = classes.c
-    row = conn.execute(select(*(func.group_concat(c[name]) for name in INT_COLUMNS), func.json_group_array(c.label),
-                              func.group_concat(c.label_kind))).one()
-    ints = {name: np.fromstring(text, np.int64, sep=",") if text else np.zeros(0, np.int64)
-            for name, text in zip(INT_COLUMNS, row)}
-    order = np.argsort(ints["id"], kind="stable")  # the aggregate's row order is SQLite's to choose
-    out: dict[str, Any] = {name: values[order] for name, values in ints.items()}
-    labels, kinds = json.loads(row[-2]), row[-1].split(",") if row[-1] else []
-    if {len(values) for values in ints.values()} | {len(labels), len(kinds)} != {len(order)}:
+    kinds_text = conn.execute(select(func.group_concat(distinct(c.label_kind)))).scalar_one()
+    kinds = set(kinds_text.split(",")) if kinds_text else set()
+    labels_sql = ([func.group_concat(c.label)] if kinds == {"int"} else
+                  [func.json_group_array(c.label)] + ([func.json_group_array(c.label_kind)] if kinds - {"str"} else []))
+    row = conn.execute(select(*(func.group_concat(c[name]) for name in INT_COLUMNS), *labels_sql)).one()
+    out: dict[str, Any] = {name: np.fromstring(text, np.int64, sep=",") if text else np.zeros(0, np.int64)
+                           for name, text in zip(INT_COLUMNS, row)}
+    labels = json.loads(f"[{row[len(INT_COLUMNS)] or ''}]" if kinds == {"int"} else row[len(INT_COLUMNS)])
+    if len(row) > len(INT_COLUMNS) + 1:  # mixed kinds: a collection made before 0.2
+        labels = [lab.value(kind, text) for kind, text in zip(json.loads(row[-1]), labels)]
+    if {len(values) for values in out.values()} | {len(labels)} != {len(labels)}:
         raise CollectionDamagedError("the classes table holds a value that is not an integer where one must be")
-    out["label"], out["label_kind"] = [labels[i] for i in order], [kinds[i] for i in order]
-    for name in ("shift", "threshold"):
-        out[name] = np.full(len(order), np.nan)
-        found = conn.execute(select(c.id, c[name]).where(c[name].is_not(None))).all()
-        if found:
-            ids, values = np.array([r[0] for r in found], np.int64), np.array([r[1] for r in found], np.float64)
-            out[name][np.searchsorted(out["id"], ids)] = values
+    ids = out["id"]
+    if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():  # the aggregate's row order is SQLite's to choose
+        order = np.argsort(ids, kind="stable")
+        out = {name: values[order] for name, values in out.items()}
+        labels = [labels[i] for i in order]
+        ids = out["id"]
+    out["label"], out["kinds"] = labels, kinds
+    out["shift"], out["threshold"] = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
+    found = conn.execute(select(c.id, c.shift, c.threshold).where(or_(c.shift.is_not(None),
+                                                                       c.threshold.is_not(None)))).all()
+    if found:
+        at = np.searchsorted(ids, [r[0] for r in found])
+        for k, name in ((1, "shift"), (2, "threshold")):
+            out[name][at] = [np.nan if r[k] is None else r[k] for r in found]
     return out
 
 

@@ -150,5 +150,14 @@ def test_labels_of_any_text_and_kind_survive_the_bulk_read(tmp_path):
         assert col.classes == labels
         assert col.class_table()[0]["threshold"] == 0.123456789012345678
     with Collection.create(tmp_path / "i", model=None) as col:
-        col.add(X[:6], [3, -7, 2**40, 3, -7, 2**40])
-    assert Collection.open(tmp_path / "i").classes == [3, -7, 2**40]
+        col.add(X[:8], [3, -7, 2**70, -2**65, 3, -7, 2**70, -2**65])  # beyond int64 too
+    assert Collection.open(tmp_path / "i").classes == [3, -7, 2**70, -2**65]
+
+
+def test_a_collection_of_mixed_label_kinds_made_before_0_2_still_reads(tmp_path):
+    X = np.random.default_rng(1).standard_normal((6, 8)).astype(np.float32)
+    with Collection.create(tmp_path / "m", model=None) as col:
+        col.add(X, ["a", "5", "b", "a", "5", "b"])
+        with col._engine.begin() as conn:  # as 0.1 stored an int label beside str ones
+            conn.exec_driver_sql("UPDATE classes SET label_kind = 'int' WHERE label = '5'")
+    assert Collection.open(tmp_path / "m").classes == ["a", 5, "b"]
