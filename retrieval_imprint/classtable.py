@@ -3,11 +3,12 @@
 Queries map a proxy id to its class by arithmetic (``segments.class_of``) and the class to its label
 by a binary search here: no SQL per query. Writers change the table through ``upsert`` and
 ``drop`` only, after their transaction commits, so it always mirrors one committed version.
+Columns keep room to grow (doubling), so adding a class appends in place: copying seven columns of
+a million classes on every add cost 12.8 ms.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,16 +16,38 @@ import numpy as np
 from . import labels as lab
 from . import segments
 
+COLUMNS = ("ids", "labels", "n_samples", "proxy_lo", "proxy_hi", "shift", "threshold")
 
-@dataclass
+
+class _Column:
+    """A column of the table: the first ``len(table)`` entries of its storage, as a view."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.storage = "_" + name
+
+    def __get__(self, table: "ClassTable | None", owner: type | None = None) -> Any:
+        return self if table is None else getattr(table, self.storage)[: table._n]
+
+    def __set__(self, table: "ClassTable", values: np.ndarray) -> None:
+        if len(values) != table._n:
+            raise ValueError(f"a column of {table._n} classes cannot hold {len(values)} values")
+        setattr(table, self.storage, values)
+
+
 class ClassTable:
-    ids: np.ndarray  # (C,) int64, ascending: class ids grow with each new class
-    labels: np.ndarray  # (C,) object: str or int
-    n_samples: np.ndarray  # (C,) int64; also the end of the class's sample ids
-    proxy_lo: np.ndarray  # (C,) int64: live proxies are j in [proxy_lo, proxy_hi)
-    proxy_hi: np.ndarray  # (C,) int64
-    shift: np.ndarray  # (C,) float64: the class's rejection shift (NaN: unknown)
-    threshold: np.ndarray  # (C,) float64: the class's own rejection threshold (NaN: the collection's)
+    ids = _Column()  # (C,) int64, ascending: class ids grow with each new class
+    labels = _Column()  # (C,) object: str or int
+    n_samples = _Column()  # (C,) int64; also the end of the class's sample ids
+    proxy_lo = _Column()  # (C,) int64: live proxies are j in [proxy_lo, proxy_hi)
+    proxy_hi = _Column()  # (C,) int64
+    shift = _Column()  # (C,) float64: the class's rejection shift (NaN: unknown)
+    threshold = _Column()  # (C,) float64: the class's own rejection threshold (NaN: the collection's)
+
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, n_samples: np.ndarray, proxy_lo: np.ndarray,
+                 proxy_hi: np.ndarray, shift: np.ndarray, threshold: np.ndarray) -> None:
+        self._n = len(ids)
+        for name, values in zip(COLUMNS, (ids, labels, n_samples, proxy_lo, proxy_hi, shift, threshold)):
+            setattr(self, name, values)
 
     @classmethod
     def from_columns(cls, cols: dict[str, Any]) -> "ClassTable":
@@ -35,7 +58,7 @@ class ClassTable:
                    cols["threshold"])
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self._n
 
     def positions(self, class_ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.ids, class_ids)
@@ -79,23 +102,33 @@ class ClassTable:
                proxy_hi: np.ndarray, shift: np.ndarray) -> None:
         """Update the rows of existing classes (keeping their own thresholds) and append new ones
         (their ids exceed every old id)."""
-        old = np.isin(class_ids, self.ids)
-        pos = self.positions(class_ids[old])
+        pos = np.minimum(self.positions(class_ids), max(len(self) - 1, 0))
+        old = (self.ids[pos] == class_ids) if len(self) else np.zeros(len(class_ids), bool)
+        pos = pos[old]
         self.n_samples[pos], self.proxy_lo[pos], self.proxy_hi[pos] = n_samples[old], proxy_lo[old], proxy_hi[old]
         self.shift[pos] = shift[old]
         added = np.empty(int((~old).sum()), object)
         added[:] = [v for v, o in zip(labels, old) if not o]
-        for name, value in (("ids", class_ids), ("labels", added), ("n_samples", n_samples),
-                            ("proxy_lo", proxy_lo), ("proxy_hi", proxy_hi), ("shift", shift),
-                            ("threshold", np.full(len(class_ids), np.nan))):
-            new = value if name == "labels" else value[~old]
-            setattr(self, name, np.concatenate([getattr(self, name), new]))
+        new = {"ids": class_ids[~old], "labels": added, "n_samples": n_samples[~old], "proxy_lo": proxy_lo[~old],
+               "proxy_hi": proxy_hi[~old], "shift": shift[~old], "threshold": np.full(len(added), np.nan)}
+        n, k = self._n, len(added)
+        for name in COLUMNS:
+            storage = getattr(self, "_" + name)
+            if n + k > len(storage):  # grow by doubling: appends are amortised O(1)
+                grown = np.empty(max(2 * len(storage), n + k), storage.dtype)
+                grown[:n] = storage[:n]
+                setattr(self, "_" + name, grown)
+                storage = grown
+            storage[n : n + k] = new[name]
+        self._n = n + k
 
     def drop(self, class_ids: np.ndarray) -> None:
         keep = np.ones(len(self), bool)
         keep[self.positions(class_ids)] = False
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name)[keep])
+        columns = {name: getattr(self, name)[keep] for name in COLUMNS}
+        self._n = int(keep.sum())
+        for name, values in columns.items():
+            setattr(self, name, values)
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per class, in insertion order: label, samples, proxies, shift and own threshold
