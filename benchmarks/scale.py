@@ -29,7 +29,7 @@ from _common import DOCS, machine, markdown_table
 from retrieval_imprint._groups import Grouped
 from retrieval_imprint.labels import label_keys
 from retrieval_imprint.collection import Collection
-from retrieval_imprint.segments import CLASS_SHIFT
+from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN
 from retrieval_imprint.generate import generate
 from retrieval_imprint.ivf import ivf_lists
 from retrieval_imprint.normalize import l2_normalize
@@ -44,11 +44,13 @@ def status(key: str) -> int:
     raise KeyError(key)
 
 
-def open_fresh(path: Path, query: np.ndarray) -> dict[str, float]:
-    """Open the collection in a new process (imports done first, as a server's are): seconds to
-    open, the process's whole RSS after opening, and the first batch-1 query's milliseconds."""
+def open_fresh(path: Path, queries: np.ndarray) -> dict[str, float]:
+    """Open the collection in a new process (imports done first, as a server's are) and query it
+    one query at a time: seconds to open, the first query's milliseconds, and the process's
+    anonymous and file-backed (mapped) resident memory before opening, after it and after the
+    queries (``open_only`` prints them)."""
     with tempfile.NamedTemporaryFile(suffix=".npy") as q:
-        np.save(q.name, query[None])
+        np.save(q.name, queries)
         out = subprocess.run([sys.executable, __file__, "--open-only", str(path), q.name], check=True,
                              capture_output=True, text=True).stdout
     return json.loads(out)
@@ -56,15 +58,25 @@ def open_fresh(path: Path, query: np.ndarray) -> dict[str, float]:
 
 def open_only(path: str, query_file: str) -> None:
     """The child of ``open_fresh``: prints its figures as JSON."""
-    query = np.load(query_file)
+    queries = np.load(query_file)
+    memory = {}
+
+    def resident(when: str) -> None:
+        for key in ("VmRSS", "RssAnon", "RssFile"):
+            memory[f"{key}_{when}"] = status(key + ":") / 2**30
+
+    resident("before")
     t = time.perf_counter()
     col = Collection.open(path)
     opened = time.perf_counter() - t
-    rss = status("VmRSS:")
+    resident("open")
     t = time.perf_counter()
-    col.predict(query)
+    col.predict(queries[:1])
     first = time.perf_counter() - t
-    print(json.dumps({"open_s": opened, "rss_gib": rss / 2**30, "first_ms": first * 1e3}))
+    for q in queries:
+        col.predict(q[None])
+    resident("queried")
+    print(json.dumps({"open_s": opened, "first_ms": first * 1e3, **memory}))
 
 
 def chunk(first: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,7 +117,7 @@ def exact_top1(Qn: np.ndarray, n_classes: int) -> np.ndarray:
     return best_id
 
 
-def run(n_classes: int, root: Path) -> list[str]:
+def run(n_classes: int, root: Path) -> tuple[list[str], dict[str, float]]:
     rng = np.random.default_rng(n_classes)
     chosen = np.sort(rng.choice(n_classes, min(N_QUERIES, n_classes), replace=False))
     queries = np.concatenate([chunk(f, min(CHUNK, n_classes - f))[2][chosen[(chosen >= f) & (chosen < f + CHUNK)] - f]
@@ -132,7 +144,7 @@ def run(n_classes: int, root: Path) -> list[str]:
     peak = status("VmHWM:") - base
     disk = col.info()["bytes_on_disk"]
     del col
-    fresh = open_fresh(path, queries[0])
+    fresh = open_fresh(path, queries)
     col = Collection.open(path)
     _, _, approx = col._s.proxies.search(Qn, 1)
     nprobe = col.search_params.get("nprobe")
@@ -155,12 +167,14 @@ def run(n_classes: int, root: Path) -> list[str]:
         col.add(X, y.tolist())
         adds.append(time.perf_counter() - t)
     ms = np.array(single) * 1e3
+    largest = max((path / name).stat().st_size for name in col._s.files["proxies"])  # the file mapped at open
+    memory = {**fresh, "classes": n_classes, "index_gib": largest / 2**30}
     return [f"{n_classes:,}", factory, str(nprobe), f"{build:.0f}", f"{compact:.0f}", f"{peak / 2**30:.2f}",
-            f"{disk / 2**20:,.0f}", f"{fresh['open_s']:.2f}", f"{fresh['rss_gib']:.2f}", f"{fresh['first_ms']:.1f}",
+            f"{disk / 2**20:,.0f}", f"{fresh['open_s']:.2f}", f"{fresh['VmRSS_open']:.2f}", f"{fresh['first_ms']:.1f}",
             f"{np.percentile(ms, 50):.2f}", f"{np.percentile(ms, 90):.2f}",
             f"{np.percentile(ms, 99):.2f}", f"{ms.max():.1f}", f"{len(queries) / batch:,.0f}", f"{recall_first:.3f}",
             f"{recall:.3f}", f"{accuracy:.3f}", f"{np.median(adds) * 1e3:.1f}", f"{np.percentile(adds, 99) * 1e3:.1f}",
-            f"{max(adds) * 1e3:.0f}"]
+            f"{max(adds) * 1e3:.0f}"], memory
 
 
 COLUMNS = ["classes", "index", "nprobe", "build s", "of which compact s", "peak RSS GiB", "disk MiB", "open s",
@@ -185,7 +199,52 @@ def targets(row: list[str]) -> str:
     return f"## Targets at {row[0]} classes\n\n" + "\n".join(lines) + "\n"
 
 
-def write_doc(rows: list[list[str]], sizes: list[int], minutes: float, out: Path) -> str:
+CODES = [("Flat (exact, read into memory)", 4 * D + 8), ("IVF-Flat", 4 * D), ("IVF-SQfp16", 2 * D), ("IVF-SQ8", D),
+         ("IVF-PQ48", 48)]  # code bytes per proxy (Flat: plus its id map's reverse table, about 8 B)
+
+
+def memory_model(measured: list[dict[str, float]]) -> str:
+    """A memory model: resident bytes per class (the class table) fitted on the largest run and
+    checked against every run, then projected to 10M and 100M classes for each index type."""
+    def read_in(m: dict[str, float]) -> float:  # GiB of index read into memory: files below MAP_MIN are
+        return m["index_gib"] if m["index_gib"] * 2**30 < MAP_MIN else 0.0
+
+    big = measured[-1]
+    per_class = (big["RssAnon_open"] - big["RssAnon_before"] - read_in(big)) * 2**30 / big["classes"]
+    check = [[f"{m['classes']:,}", f"{(m['RssAnon_open'] - m['RssAnon_before']):.3f}",
+              f"{per_class * m['classes'] / 2**30 + read_in(m):.3f}", f"{m['RssAnon_queried'] - m['RssAnon_before']:.3f}",
+              f"{m['RssFile_queried'] - m['RssFile_before']:.3f}", f"{m['index_gib']:.2f}", f"{m['open_s']:.2f}"]
+             for m in measured]
+    projected = []
+    for n in (10_000_000, 100_000_000):
+        proxies = K * n
+        quantizer = ivf_lists(proxies) * D * 4
+        for name, code in CODES:
+            index = proxies * (code + 8) + (0 if name.startswith("Flat") else quantizer)
+            table = per_class * n
+            at_open = table + (index if name.startswith("Flat") else 0)
+            projected.append([f"{n:,}", name, f"{code + 8:,}", f"{index / 2**30:,.1f}", f"{at_open / 2**30:,.1f}",
+                              f"{(at_open + (0 if name.startswith('Flat') else quantizer)) / 2**30:,.1f}",
+                              f"{big['open_s'] * n / big['classes']:.0f}"])
+    return ("## Memory model\n\n"
+            f"Resident memory a collection adds to a process is its class table, {per_class:.0f} bytes per class "
+            f"(fitted on the {big['classes']:,}-class run: anonymous RSS after opening minus before), plus, for an IVF "
+            f"index, nothing at open if its file has {MAP_MIN // 2**20} MiB or more (else the file is read into "
+            "memory; the model adds it): that file is memory-mapped, and a query brings in the coarse "
+            "quantizer and the lists it probes as file-backed pages, which the kernel can drop and read again. "
+            "Checked against each run (fresh process; GiB):\n\n"
+            + markdown_table(["classes", "anon after open", "model", "anon after 1,000 queries",
+                              "file-backed after 1,000 queries", "largest proxy file", "open s"], check)
+            + "\n\nProjected (4 proxies per class, 384-d; index: proxies x (code + 8-byte id) + the coarse "
+            "quantizer, nlist = ivf_lists(proxies); open time scales with the class table; GiB):\n\n"
+            + markdown_table(["classes", "index", "bytes per proxy", "index size", "RAM at open",
+                              "RAM while querying (anon + quantizer)", "open s"], projected)
+            + "\n\nBeyond one machine's RAM for the class table or disk for the index, shard the collection "
+            "([distributed.md](distributed.md)).\n")
+
+
+def write_doc(rows: list[list[str]], measured: list[dict[str, float]], sizes: list[int], minutes: float,
+              out: Path) -> str:
     table = markdown_table(COLUMNS, rows)
     text = ("# Scale\n\n"
             f"Command: `.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, sizes))}` "
@@ -204,7 +263,7 @@ def write_doc(rows: list[list[str]], sizes: list[int], minutes: float, out: Path
             "above its RSS before. Open: in a new process, after its imports: seconds to open, that process's whole "
             "RSS after opening (the largest proxy segment is memory-mapped, not read), and its first batch-1 query. "
             f"add-one-class: {ADDS} adds of one new 8-sample class after the build.\n\n"
-            + table + "\n\n" + targets(rows[-1]))
+            + table + "\n\n" + targets(rows[-1]) + "\n" + memory_model(measured))
     out.write_text(text)
     return text
 
@@ -217,14 +276,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.open_only:
         return open_only(*args.open_only)
-    rows = []
+    rows, measured = [], []
     started = time.perf_counter()
     print(machine(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            rows.append(run(n, Path(tmp)))
+            row, memory = run(n, Path(tmp))
+            rows.append(row)
+            measured.append(memory)
             print(" | ".join(rows[-1]), flush=True)
-    print(write_doc(rows, args.sizes, (time.perf_counter() - started) / 60, args.out))
+    print(write_doc(rows, measured, args.sizes, (time.perf_counter() - started) / 60, args.out))
 
 
 if __name__ == "__main__":
