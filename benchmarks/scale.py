@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -246,8 +247,10 @@ def memory_model(measured: list[dict[str, float]]) -> str:
 def write_doc(rows: list[list[str]], measured: list[dict[str, float]], sizes: list[int], minutes: float,
               out: Path) -> str:
     table = markdown_table(COLUMNS, rows)
+    env = "".join(f"{name}={os.environ[name]} " for name in ("FAISS_SIMD_LEVEL", "OPENBLAS_CORETYPE") if name in os.environ)
     text = ("# Scale\n\n"
-            f"Command: `.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, sizes))}` "
+            f"Command: `{env}.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, sizes))}"
+            f"{' --out ' + str(out.relative_to(DOCS.parent)) if out.parent == DOCS and out.name != 'scale.md' else ''}` "
             f"({minutes:.0f} min)  \nMachine: {machine()}  \n"
             f"Setup: synthetic classes, 384-d, 1,000 per topic, two modes each, {TRAIN} training samples per class "
             f"added {CHUNK:,} classes at a time, then one full compaction; GEN kmeans k = {K}, L2 norms, max "
