@@ -145,7 +145,8 @@ def compact(collection: Path, retrain: bool | None, as_json: bool) -> None:
 @json_option
 def tune(collection: Path, as_json: bool) -> None:
     """Choose again what COLLECTION's settings leave to auto (k, max or blend), by cross-validation
-    on every kept sample, and re-imprint every class with the choice (one atomic write).
+    on every kept sample, and re-imprint every class with the choice (one atomic write; in a
+    sharded collection, one choice on every shard's samples, written shard by shard).
 
     \b
     Example:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -460,34 +460,9 @@ class Collection:
         rule the collection can use (or only ``rule``); or, with ``target_false_rejection`` and no
         queries, from the kept training samples scored left out (the collection's rule, or ``rule``).
         A target no threshold reaches raises ``CalibrationError`` and changes nothing."""
-        if rule is not None:
-            spec.check_choice("rule", rule, RULES)
-        if target_false_rejection is not None and X is not None:
-            raise InvalidParameterError("target_false_rejection calibrates from the training samples: give no X")
-        if target_false_rejection is None and (X is None or labels is None):
-            raise InvalidParameterError("give validation queries X and their labels, or target_false_rejection")
-        with self._writing():  # the shifts, the scores and the stored result belong to one version
-            s, own = self._s, None
-            shift = s.table.shift
-            if target_false_rejection is not None or (
-                    rule != "max" and not np.isfinite(shift).all() and s.config["keep_samples"]):
-                own, owner, shift = writes.left_out_scores(self.path, s)  # the shift rule's statistics, now
-            if target_false_rejection is not None:
-                rule = rule or ("shift" if np.isfinite(shift).any() else "max")
-                scores = own - filled(shift)[owner] if rule == "shift" else own
-                result = calibrate_without_oos(rule, scores, target_false_rejection)
-            else:
-                rules = ranking.rejection_inputs(s, self.query(X, 1, threshold=-np.inf), lab.as_sequence(labels),
-                                                 None if X_oos is None else self.query(X_oos, 1, threshold=-np.inf),
-                                                 shift)
-                rules = {r: v for r, v in rules.items() if rule in (None, r)}
-                if not rules:
-                    raise CollectionStateError(f"rule {rule!r} needs each class's shift, and collection {self.path} "
-                                               "keeps no samples to compute it from")
-                result = calibrate(rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall,
-                                   margin=margin)
-            writes.set_rejection(self._engine, s, result.threshold, result.rule, shift if own is not None else None)
-        return result
+        return calibrate_over([self], self.query, lambda found: np.zeros(len(found), np.int64), X, labels, X_oos,
+                              target_accuracy=target_accuracy, target_oos_recall=target_oos_recall,
+                              target_false_rejection=target_false_rejection, rule=rule, margin=margin)
 
     def compact(self, *, retrain: bool | None = None) -> "Collection":
         """Rewrite the live vectors into one segment per kind and delete the old files.
@@ -513,10 +488,7 @@ class Collection:
         """Choose again what the settings leave to ``auto``, by cross-validation on every kept
         sample, and re-imprint every class with that choice in one atomic write; returns the new
         ``auto_choice``. Needs a collection that keeps its samples."""
-        if not self._s.config["keep_samples"]:
-            raise CollectionStateError(f"collection {self.path} keeps no samples, so there is nothing to tune on")
-        if not len(self):
-            raise CollectionStateError(f"collection {self.path} has no classes yet")
+        check_tunable(self)
         with self._writing():
             writes.retune(self.path, self._engine, self._s)
         return self.auto_choice
@@ -541,3 +513,63 @@ class Collection:
         with self._writing(), store.writing(self._engine) as conn:
             for source, done in checkpoints:
                 store.set_rows_done(conn, source, done)
+
+
+def calibrate_over(collections: Sequence[Collection], query: Any, owner_of: Any, X: Any, labels: Any, X_oos: Any, *,
+                   target_accuracy: float | None, target_oos_recall: float | None,
+                   target_false_rejection: float | None, rule: str | None, margin: float) -> Calibration:
+    """``Collection.calibrate`` of the classes of ``collections`` answered together by ``query``
+    (one collection, or a sharded one's shards; ``owner_of``: the index of the collection holding
+    each label). Every writer lock is held throughout; the result is stored in each, in order.
+    A class's shift and its samples' left-out scores are its own class's, so each collection
+    computes those of its classes; a threshold is one for all."""
+    if rule is not None:
+        spec.check_choice("rule", rule, RULES)
+    if target_false_rejection is not None and X is not None:
+        raise InvalidParameterError("target_false_rejection calibrates from the training samples: give no X")
+    if target_false_rejection is None and (X is None or labels is None):
+        raise InvalidParameterError("give validation queries X and their labels, or target_false_rejection")
+    with ExitStack() as stack:  # the shifts, the scores and the stored result belong to one version
+        for col in collections:
+            stack.enter_context(col._writing())
+        fresh = target_false_rejection is not None or (
+            rule != "max" and collections[0].config["keep_samples"]
+            and any(not np.isfinite(col._s.table.shift).all() for col in collections))
+        parts = [writes.left_out_scores(col.path, col._s) if fresh and len(col) else
+                 (np.zeros(0), np.zeros(0, np.int64), col._s.table.shift) for col in collections]  # the shift rule's statistics, now where they are missing
+        shifts = [shift for _, _, shift in parts]
+        has_shift = any(np.isfinite(shift).any() for shift in shifts)
+        if target_false_rejection is not None:
+            rule = rule or ("shift" if has_shift else "max")
+            scores = np.concatenate([own - filled(shift)[owner] if rule == "shift" else own
+                                     for own, owner, shift in parts])
+            result = calibrate_without_oos(rule, scores, target_false_rejection)
+        else:
+            def shift_of(found: np.ndarray) -> np.ndarray:
+                out, known = np.zeros(len(found)), np.flatnonzero(found != None)  # noqa: E711 (elementwise)
+                where = owner_of(found[known].tolist())
+                for i in np.unique(where):
+                    rows = known[where == i]
+                    out[rows] = ranking.label_shifts(collections[i]._s, found[rows], shifts[i])
+                return out
+
+            rules = ranking.rejection_inputs(query(X, 1, threshold=-np.inf), lab.as_sequence(labels),
+                                             None if X_oos is None else query(X_oos, 1, threshold=-np.inf),
+                                             shift_of if has_shift else None)
+            rules = {r: v for r, v in rules.items() if rule in (None, r)}
+            if not rules:
+                raise CollectionStateError(f"rule {rule!r} needs each class's shift, and collection "
+                                           f"{collections[0].path} keeps no samples to compute it from")
+            result = calibrate(rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall,
+                               margin=margin)
+        for col, shift in zip(collections, shifts):
+            writes.set_rejection(col._engine, col._s, result.threshold, result.rule, shift if fresh else None)
+    return result
+
+
+def check_tunable(col: Any) -> None:
+    """Raise ``CollectionStateError`` unless ``col`` (sharded or not) has classes and keeps samples."""
+    if not col.config["keep_samples"]:
+        raise CollectionStateError(f"collection {col.path} keeps no samples, so there is nothing to tune on")
+    if not len(col):
+        raise CollectionStateError(f"collection {col.path} has no classes yet")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import labels as lab
 from .aggregate import BLEND_DEPTH, BLEND_DEPTH_BATCH, blend_rank, rank_classes, vote_weights
@@ -136,15 +136,6 @@ class QueryResult:
                          for cs, ls in zip(self.candidates, self.labels)], bool).reshape(self.labels.shape)
 
 
-def rejection_scores(s: Snapshot, owner: np.ndarray, scores: np.ndarray, rule: str, shift: np.ndarray
-                     ) -> np.ndarray:
-    """What rule ``rule`` compares with the threshold: the class score, or (shift) the score minus
-    the class's shift (``shift`` in table order); class ids ``owner``."""
-    if rule == "max":
-        return scores.astype(np.float64)
-    return scores - _shift_of(s, owner, shift)
-
-
 def _shift_of(s: Snapshot, owner: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """Each class id's entry of ``shift`` (table order; NaN read as 0), 0 where the id is -1."""
     found = owner >= 0
@@ -187,23 +178,27 @@ def judge(scores: np.ndarray, candidates: np.ndarray, shift: np.ndarray, limit: 
                        candidates, reject, limit)
 
 
-def rejection_inputs(s: Snapshot, found: QueryResult, labels: Sequence[object], oos: QueryResult | None,
-                     shift: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+def rejection_inputs(found: QueryResult, labels: Sequence[object], oos: QueryResult | None,
+                     shift_of: Callable[[np.ndarray], np.ndarray] | None
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """For ``openset.calibrate``: per rule the collection can use, shift (the stronger prior) first
-    where there are ``shift``s, the rejection scores of in-scope queries ``found`` (unthresholded
-    top-1), whether their class is ``labels``, and the out-of-scope queries' rejection scores."""
+    where classes have shifts (``shift_of``: each label's shift, or None), the rejection scores of
+    in-scope queries ``found`` (unthresholded top-1), whether their class is ``labels``, and the
+    out-of-scope queries' rejection scores."""
     truth = [lab.entry(label) for label in labels]
     if len(truth) != len(found):
         raise DataError(f"X has {len(found)} rows but labels has {len(truth)}")
     correct = np.array([c is not None and lab.entry(c) == t for c, t in zip(found.candidates[:, 0], truth)])
-    ids = _ids(s, found)
-    rules = ["shift", "max"] if np.isfinite(shift).any() else ["max"]
-    return {rule: (rejection_scores(s, ids, found.scores[:, :1].astype(np.float64), rule, shift)[:, 0], correct,
-                   None if oos is None else rejection_scores(s, _ids(s, oos), oos.scores[:, :1], rule, shift)[:, 0])
-            for rule in rules}
+
+    def scores(result: QueryResult, rule: str) -> np.ndarray:
+        top = result.scores[:, 0].astype(np.float64)
+        return top - shift_of(result.candidates[:, 0]) if rule == "shift" else top
+
+    return {rule: (scores(found, rule), correct, None if oos is None else scores(oos, rule))
+            for rule in (["shift", "max"] if shift_of is not None else ["max"])}
 
 
-def _ids(s: Snapshot, result: QueryResult) -> np.ndarray:
-    """Class ids ``(n_q, 1)`` of the top candidates of an unthresholded result."""
+def label_shifts(s: Snapshot, labels: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """The entry of ``shift`` (table order; NaN read as ``filled``) of each class label (None: 0)."""
     by_label = {lab.entry(v): i for i, v in zip(s.table.ids, s.table.labels)}
-    return np.array([[by_label[lab.entry(c)] if c is not None else -1] for c in result.candidates[:, 0]], np.int64)
+    return _shift_of(s, np.array([by_label[lab.entry(c)] if c is not None else -1 for c in labels], np.int64), shift)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,12 +35,13 @@ from . import labels as lab
 from . import params as spec
 from . import provenance, ranking, segments, snapshot, writes
 from .aggregate import rank_classes, vote_weights
-from .collection import Collection, check_vectors, text_rows
+from .collection import Collection, calibrate_over, check_tunable, check_vectors, text_rows
 from .embed import Embedder
 from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
                      DataError, InvalidParameterError, NotACollectionError, SettingsClashError)
 from .integrity import CheckReport
 from .normalize import normalize
+from .openset import MARGIN, Calibration
 from .ranking import QueryResult
 from .segments import CLASS_SHIFT, DB_NAME, class_of
 
@@ -402,8 +404,16 @@ class ShardedCollection:
             col.compact(retrain=retrain)
         return self
 
-    def calibrate(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._not_yet("calibrate")
+    def calibrate(self, X: Any = None, labels: Sequence[object] | None = None, X_oos: Any = None, *,
+                  target_accuracy: float | None = None, target_oos_recall: float | None = None,
+                  target_false_rejection: float | None = None, rule: str | None = None,
+                  margin: float = MARGIN) -> Calibration:
+        """``Collection.calibrate`` of the whole: validation queries answered by every shard
+        together, each class's shift from its own shard, one rule and threshold stored in every
+        shard (shard by shard, every shard's writer lock held)."""
+        return calibrate_over(self.shards, self.query, lambda found: shard_of(found, self.n_shards), X, labels, X_oos,
+                              target_accuracy=target_accuracy, target_oos_recall=target_oos_recall,
+                              target_false_rejection=target_false_rejection, rule=rule, margin=margin)
 
     def export(self, out: str | os.PathLike) -> int:
         """``Collection.export`` of every shard's samples into one Parquet file (shard by shard);
@@ -414,10 +424,25 @@ class ShardedCollection:
         return provenance.write_export(tables, Path(out), self.model, self.shards[0]._export_settings())
 
     def tune(self) -> dict[str, Any]:
-        raise self._not_yet("tune")
-
-    def _not_yet(self, what: str) -> CollectionStateError:
-        return CollectionStateError(f"{what} is not available for sharded collections yet ({self.path})")
+        """``Collection.tune`` of the whole: one choice, cross-validated on every shard's kept
+        samples together (as auto chose at the first add), then each shard re-imprinted with it,
+        shard by shard, every shard's writer lock held; the manifest records it last."""
+        check_tunable(self)
+        with ExitStack() as stack:
+            for col in self.shards:
+                stack.enter_context(col._writing())
+            live = [col for col in self.shards if len(col)]
+            kept = [writes.kept_samples(col.path, col._s) for col in live]
+            offsets = np.cumsum([0] + [len(keys) for _, _, keys in kept])
+            choice = writes.auto_choice(self.config, np.concatenate([X for X, _, _ in kept]),
+                                        np.concatenate([codes + o for (_, codes, _), o in zip(kept, offsets)]),
+                                        np.concatenate([keys for _, _, keys in kept]))
+            for col in live:
+                writes.retune(col.path, col._engine, col._s, choice)
+            with segments.writer_lock(self.path, self.lock_timeout):
+                self._manifest = {**_read_manifest(self.path), "auto_choice": choice}
+                _write_manifest(self.path, self._manifest)
+        return self.auto_choice
 
 
 @dataclass(frozen=True)

@@ -323,16 +323,22 @@ def _choosable(cfg: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def retune(directory: Path, engine: Engine, s: Snapshot) -> None:
-    """Choose again what the settings leave open, on every kept sample, and re-imprint every class
-    with the choice in one atomic write: the new proxies (and means) replace all the old."""
+def kept_samples(directory: Path, s: Snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every kept sample (as stored: NORMpre'd), its class's table position and each class's label key."""
     if s.samples is None:
         s.samples = s.merge(directory, "samples", s.files["samples"])
+    table = s.table
+    return (s.samples.reconstruct(table.sample_ids(table.ids)), np.repeat(np.arange(len(table)), table.n_samples),
+            lab.label_keys(table.labels.tolist()))
+
+
+def retune(directory: Path, engine: Engine, s: Snapshot, choice: str | None = None) -> None:
+    """Choose again what the settings leave open, on every kept sample (or take ``choice``, an
+    ``auto_choice`` made on more samples: a sharded collection's), and re-imprint every class
+    with the choice in one atomic write: the new proxies (and means) replace all the old."""
     table, cfg = s.table, s.config
-    X = s.samples.reconstruct(table.sample_ids(table.ids))
-    codes = np.repeat(np.arange(len(table)), table.n_samples)
-    keys = lab.label_keys(table.labels.tolist())
-    cfg["auto_choice"] = auto_choice(cfg, X, codes, keys)  # the samples are stored NORMpre'd
+    X, codes, keys = kept_samples(directory, s)
+    cfg["auto_choice"] = choice or auto_choice(cfg, X, codes, keys)
     params = s.params
     groups = Grouped(X, np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64), keys)
     fixed = s.fixed if s.template is not None else None  # IVF lists live in the first fit's space

@@ -228,8 +228,36 @@ def test_bad_input_changes_no_shard(tmp_path, data):
     with pytest.raises(DataError):
         col.add(X[:2], [1, 2])  # int labels in a collection of str labels
     assert [s.info()["version"] for s in ShardedCollection.open(tmp_path / "s").shards] == versions
-    with pytest.raises(CollectionStateError, match="not available for sharded"):
-        col.calibrate(X, y)
+    with pytest.raises(CollectionStateError, match="keeps no samples, so there is nothing to tune on"):
+        col.tune()
+
+
+@pytest.mark.parametrize("rejection", ["max", "shift"])
+def test_calibrate_chooses_and_stores_what_one_collection_would(tmp_path, data, rejection):
+    X, y, Q = data
+    rng = np.random.default_rng(4)
+    X_val, X_oos = X + 0.3 * rng.standard_normal(X.shape).astype(np.float32), 3 * Q[:30]
+    one = Collection.create(tmp_path / "one", model=None, k=2, rejection=rejection).add(X, y)
+    col = ShardedCollection.create(tmp_path / "s", shards=3, model=None, k=2, rejection=rejection).add(X, y)
+    for how in (dict(X=X_val, labels=y, X_oos=X_oos, target_oos_recall=0.8), dict(target_false_rejection=0.1),
+                dict(X=X_val, labels=y, X_oos=X_oos, rule="shift")):
+        a, b = one.calibrate(**how), col.calibrate(**how)
+        assert a.rule == b.rule and a.threshold == pytest.approx(b.threshold, abs=TOL)
+        again = ShardedCollection.open(tmp_path / "s")
+        assert all(s.config["threshold"] == b.threshold and s.config["rejection"] == b.rule for s in again.shards)
+        x, z = one.query(X_oos, 2), again.query(X_oos, 2)
+        np.testing.assert_array_equal(x.rejected, z.rejected)
+        np.testing.assert_allclose(x.rejection_scores, z.rejection_scores, rtol=TOL, atol=TOL)
+
+
+def test_tune_chooses_once_on_every_shards_samples_as_one_collection(tmp_path, data):
+    X, y, Q = data
+    one = Collection.create(tmp_path / "one", model=None).add(X, y)
+    col = ShardedCollection.create(tmp_path / "s", shards=3, model=None).add(X, y)
+    choice = col.tune()
+    assert choice == one.tune() and ShardedCollection.open(tmp_path / "s").auto_choice == choice
+    assert all(s.auto_choice == choice for s in col.shards if len(s))
+    np.testing.assert_array_equal(col.predict(Q), one.predict(Q))
 
 
 def test_sharded_ingestion_resumes_exactly(tmp_path, data, monkeypatch):
@@ -283,6 +311,15 @@ def test_cli_index_query_info_check_on_shards(tmp_path):
     np.save(tmp_path / "q.npy", X[:3])
     answers = json.loads(runner.invoke(main, ["query", where, "--vectors", str(tmp_path / "q.npy"), "--json"]).output)
     assert [a["labels"][0] for a in answers] == [f"v{c}" for c in code[:3]]
+    out = runner.invoke(main, ["calibrate", where, "--target-false-rejection", "0.2", "--json"])
+    assert out.exit_code == 0, out.output
+    threshold = json.loads(out.output)["threshold"]
+    assert all(s.config["threshold"] == pytest.approx(threshold) for s in ShardedCollection.open(where).shards)
+    out = runner.invoke(main, ["tune", where, "--json"])
+    assert out.exit_code == 0, out.output
+    after = json.loads(out.output)["after"]
+    assert {k: v for k, v in ShardedCollection.open(where).auto_choice.items() if k != "cv_results"} == {
+        k: v for k, v in after.items() if k != "cv_results"}
     clash = runner.invoke(main, ["index", where, str(vectors), "--shards", "2", "--model", "none", "--k", "2"])
     assert clash.exit_code != 0 and "shards=2 (collection: 3)" in clash.output
     shutil.rmtree(tmp_path / "col" / shard_name(1))
