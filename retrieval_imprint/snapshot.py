@@ -90,13 +90,22 @@ class Snapshot:
         """The live vectors (by the class table) of these ``kind`` segment files, in one index.
         Files not in ``opened`` are opened here: only the writer may, as no one else deletes them.
         One file is used as read (no copy: a compacted collection opens faster)."""
-        merged = self.new_index(kind)
+        merged, kept, read = self.new_index(kind), [], False
+
+        def add_kept() -> None:  # consecutive kept files in one add (one coarse assignment), dead left out
+            if kept:
+                ids, vectors = np.concatenate([k[0] for k in kept]), np.concatenate([k[1] for k in kept])
+                live = self.table.live(kind, ids)
+                merged.add(vectors[live], ids[live])
+                kept.clear()
+
         with ExitStack() as stack:
-            for name in files:
+            for name in files:  # in file order: an exact index breaks equal scores by row
                 if name in self.recent:
-                    ids, vectors = self.recent[name]
-                    merged.add(vectors, ids)
+                    kept.append(self.recent[name])
                     continue
+                add_kept()
+                read = True
                 file = opened[name] if opened and name in opened else stack.enter_context(
                     segments.open_segment(directory, name))
                 index = segments.read_segment(directory, name, file, self.dimension, self.checksums.get(name))
@@ -109,12 +118,14 @@ class Snapshot:
                     raise CollectionDamagedError(f"collection {directory}: index file {name} does not hold a "
                                                  f"{kind} index like the others ({str(exc).strip().splitlines()[-1]})"
                                                  ) from None
+        add_kept()
+        if not read:  # every vector came from memory, the dead left out already
+            return merged
         ids = merged.ids
         dead = ids[~self.table.live(kind, ids)]
         if len(dead):
             merged.remove(dead)
         return merged
-
 
     def open_proxies(self, directory: Path, opened: dict[str, BinaryIO]) -> ProxyIndex:
         """The proxies of these segment files: the largest memory-mapped where it is an IVF file of at
