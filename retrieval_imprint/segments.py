@@ -20,7 +20,7 @@ import re
 import stat
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import BinaryIO, Iterator, NamedTuple
 
@@ -150,7 +150,8 @@ def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) 
     name = f"{kind}-{version:08d}.faiss"
     tmp = directory / f"{name}.tmp"
     try:
-        faiss.write_index(index, str(tmp))
+        with _without_quantizer(index) if kind == "proxies" and faiss.try_extract_index_ivf(index) else nullcontext():
+            faiss.write_index(index, str(tmp))
         crash_point("segment: tmp written")
         with open(tmp, "rb") as written:
             checksum = _checksum(written)
@@ -163,6 +164,40 @@ def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) 
         raise CollectionIOError(f"collection {directory}: could not write {name} ({reason}); nothing was "
                                 "changed") from None
     return Segment(name, checksum)
+
+
+@contextmanager
+def _without_quantizer(index: faiss.Index) -> Iterator[None]:
+    """An IVF ``index`` with an empty coarse quantizer while it is written: every proxy segment of a
+    collection uses the template file's (``share_quantizer``), so a small add writes kilobytes,
+    not the quantizer's megabytes (6 MiB at 4,096 lists of 384-d). Not to be searched meanwhile."""
+    ivf = faiss.extract_index_ivf(index)
+    quantizer = ivf.quantizer
+    empty = faiss.IndexFlat(quantizer.d, quantizer.metric_type)  # held here: FAISS keeps a raw pointer
+    ivf.quantizer = empty
+    try:
+        yield
+    finally:
+        ivf.quantizer = quantizer
+
+
+def share_quantizer(directory: Path, name: str, index: faiss.Index, template: faiss.Index) -> faiss.Index:
+    """A proxy segment read without its coarse quantizer (``write_segment``) as a copy of the
+    ``template`` holding the segment's inverted lists (handed over, not copied: a mapped file's
+    stay mapped); one written with its own (schema before 0010) as it is."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or ivf.quantizer.ntotal or not ivf.nlist:
+        return index
+    out = faiss.clone_index(template)
+    out_ivf = faiss.extract_index_ivf(out)
+    if (type(faiss.downcast_index(out_ivf)) is not type(faiss.downcast_index(ivf)) or out_ivf.nlist != ivf.nlist
+            or out_ivf.code_size != ivf.code_size or out.d != index.d):
+        raise CollectionDamagedError(f"collection {directory}: index file {name} does not hold proxies of the kind "
+                                     "of the collection's trained template")
+    out_ivf.replace_invlists(ivf.invlists, True)
+    ivf.own_invlists = False  # now the copy's
+    out_ivf.ntotal = out.ntotal = index.ntotal
+    return out
 
 
 def _checksum(file: BinaryIO) -> str:

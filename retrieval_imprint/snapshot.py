@@ -109,6 +109,8 @@ class Snapshot:
                 file = opened[name] if opened and name in opened else stack.enter_context(
                     segments.open_segment(directory, name))
                 index = segments.read_segment(directory, name, file, self.dimension, self.checksums.get(name))
+                if kind == "proxies" and self.template is not None:
+                    index = segments.share_quantizer(directory, name, index, self.template.index)
                 if len(files) == 1 and _same_kind(index, merged.index):
                     merged = self.new_index(kind, index)
                     break
@@ -136,7 +138,8 @@ class Snapshot:
         if (self.template is None or largest is None or sizes[largest] < segments.MAP_MIN
                 or not segments.can_map()):
             return self.merge(directory, "proxies", files, opened)
-        mapped = segments.map_segment(directory, largest, opened[largest], self.dimension, self.n_vectors[largest])
+        mapped = segments.share_quantizer(directory, largest, segments.map_segment(
+            directory, largest, opened[largest], self.dimension, self.n_vectors[largest]), self.template.index)
         if not _same_kind(mapped, self.template.index):
             raise CollectionDamagedError(f"collection {directory}: index file {largest} does not hold a proxies "
                                          "index like the collection's trained template")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import faiss
 import numpy as np
 import pytest
@@ -252,3 +254,27 @@ def test_the_automatic_compaction_merges_small_adds_from_memory(tmp_path, monkey
     np.testing.assert_array_equal(a.query(Q, 3).labels, b.query(Q, 3).labels)
     np.testing.assert_allclose(a.query(Q, 3).scores, b.query(Q, 3).scores, rtol=1e-6)
     assert len(a.info()["segments"]) == len(b.info()["segments"])
+
+
+def test_proxy_files_share_the_templates_quantizer_and_older_files_keep_their_own(tmp_path, monkeypatch):
+    """Proxy segments are written without the coarse quantizer (the template file holds it); files
+    written before (schema 0009), which hold their own, are read beside them as they are."""
+    X, y = classes(400)
+    col = Collection.create(tmp_path / "c", model=None, k=3, keep_samples=False, index="IVF64,SQfp16")
+    with monkeypatch.context() as old:  # as a writer before schema 0010 wrote them
+        old.setattr(segments, "_without_quantizer", lambda index: contextlib.nullcontext())
+        col.add(X[y < 200], y[y < 200])
+    col.add(X[(y >= 200) & (y < 201)], y[(y >= 200) & (y < 201)])  # one class: its file holds 3 proxies
+    col.add(X[y >= 201], y[y >= 201])
+    files = col._s.files["proxies"]
+    quantizer_bytes = 64 * 32 * 4
+    sizes = [(tmp_path / "c" / f).stat().st_size for f in files]
+    assert sizes[0] > quantizer_bytes > sizes[1]  # the old file holds its quantizer; the new, 3 proxies
+    Q = X[::7] + 0.1
+    full = {"nprobe": 64}
+    before = col.query(Q, 3, search_params=full)
+    for opened in (Collection.open(tmp_path / "c"), Collection.open(tmp_path / "c").compact()):
+        assert opened.check().ok
+        np.testing.assert_array_equal(opened.query(Q, 3, search_params=full).labels, before.labels)
+    compacted = faiss.read_index(str(tmp_path / "c" / Collection.open(tmp_path / "c")._s.files["proxies"][0]))
+    assert compacted.ntotal == 1200 and faiss.extract_index_ivf(compacted).quantizer.ntotal == 0
