@@ -146,7 +146,8 @@ class Segment(NamedTuple):
 
 
 def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) -> Segment:
-    """Durably write ``index`` as a new segment file of ``kind``."""
+    """Durably write ``index`` as a new segment file of ``kind`` (an IVF proxy index without its
+    coarse quantizer: ``_without_quantizer``)."""
     name = f"{kind}-{version:08d}.faiss"
     tmp = directory / f"{name}.tmp"
     try:
