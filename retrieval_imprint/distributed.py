@@ -120,9 +120,10 @@ def _write_bucket(table: Any, writers: list, n_shards: int, model: str | None, o
     bucket = int(table.column(BUCKET)[0].as_py())
     paths = table.column(PATH).to_pylist()
     rows = from_arrow(table.drop_columns([PATH, BUCKET]), f"bucket {bucket}", **options)
-    content = [hashlib.blake2b(_row_bytes(rows, i), digest_size=8).digest() for i in range(len(rows))]
-    order = sorted(range(len(rows)), key=lambda i: (paths[i], lab.label_key(rows.labels[i]), content[i]))
-    rows = rows.take(np.array(order))
+    content = np.frombuffer(b"".join(hashlib.blake2b(_row_bytes(rows, i), digest_size=8).digest()
+                                     for i in range(len(rows))), ">u8")  # big-endian: sorts as the bytes do
+    order = np.lexsort((content, lab.label_keys(rows.labels), np.unique(paths, return_inverse=True)[1]))
+    rows = rows.take(order)
     paths = [paths[i] for i in order]
     parts, lo = [], 0
     for hi in [i for i in range(1, len(paths)) if paths[i] != paths[i - 1]] + [len(paths)]:

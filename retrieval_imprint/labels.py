@@ -65,8 +65,20 @@ def label_key(label: object) -> int:
 
 
 def label_keys(labels: Sequence[object]) -> np.ndarray:
-    """:func:`label_key` of every label, as a uint64 array."""
-    return np.fromiter((label_key(lab) for lab in labels), dtype=np.uint64, count=len(labels))
+    """:func:`label_key` of every label, as a uint64 array; each distinct label is hashed once
+    (rows of one class repeat its label)."""
+    seen: dict[tuple, int] = {}
+
+    def key(label: object) -> int:
+        try:
+            found = seen.get((type(label), label))  # the type too: True == 1 == 1.0, their keys differ
+        except TypeError:  # unhashable
+            return label_key(label)
+        if found is None:
+            found = seen[(type(label), label)] = label_key(label)
+        return found
+
+    return np.fromiter((key(lab) for lab in labels), dtype=np.uint64, count=len(labels))
 
 
 def as_sequence(labels: Any, what: str = "labels") -> list:
