@@ -20,20 +20,22 @@ from .index import ProxyIndex
 
 
 class MappedProxyIndex(ProxyIndex):
-    """``delta``'s settings and vectors plus the read-only ``mapped`` IVF index, less the ids ``dead``."""
+    """``delta``'s settings and vectors plus the read-only ``mapped`` IVF index, less its dead ids."""
 
-    def __init__(self, delta: ProxyIndex, mapped: faiss.Index, dead: np.ndarray) -> None:
+    def __init__(self, delta: ProxyIndex, mapped: faiss.Index) -> None:
         super().__init__(delta.index.d, delta.metric, delta.transform, index=delta.index,
                          search_params=delta.search_params)
         self.mapped = mapped
         self._mapped_ids: np.ndarray | None = None  # sorted; read from the mapped lists on first need
-        self._set_dead(np.unique(np.asarray(dead, np.int64)))
+        self._dead = np.zeros(0, np.int64)
+        self._batch = self._selector = None
 
-    def _set_dead(self, dead: np.ndarray) -> None:
-        self._dead = dead
+    def mark_dead(self, ids: np.ndarray) -> None:
+        """Leave these ids of the mapped file out of every search from now on."""
+        self._dead = np.union1d(self._dead, np.asarray(ids, np.int64))
         # FAISS holds raw pointers to the selectors: keep both alive as long as they are used
-        self._batch = faiss.IDSelectorBatch(dead) if len(dead) else None
-        self._selector = faiss.IDSelectorNot(self._batch) if len(dead) else None
+        self._batch = faiss.IDSelectorBatch(self._dead) if len(self._dead) else None
+        self._selector = faiss.IDSelectorNot(self._batch) if len(self._dead) else None
 
     @property
     def ntotal(self) -> int:
@@ -62,7 +64,7 @@ class MappedProxyIndex(ProxyIndex):
         removed = super().remove(ids) if self.index.ntotal else 0
         newly = ids[self._in_mapped(ids) & ~np.isin(ids, self._dead)]
         if len(newly):
-            self._set_dead(np.union1d(self._dead, newly))
+            self.mark_dead(newly)
         return removed + len(newly)
 
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 from sqlalchemy import Engine
 
-from . import ivf, segments, store
+from . import segments, store
 from .classtable import ClassTable
 from .errors import CollectionDamagedError
 from .imprint import Fixed
@@ -143,12 +143,11 @@ class Snapshot:
         if not _same_kind(mapped, self.template.index):
             raise CollectionDamagedError(f"collection {directory}: index file {largest} does not hold a proxies "
                                          "index like the collection's trained template")
-        delta = self.merge(directory, "proxies", [f for f in files if f != largest], opened)
-        dead = np.zeros(0, np.int64)
+        out = MappedProxyIndex(self.merge(directory, "proxies", [f for f in files if f != largest], opened), mapped)
         if sum(self.n_vectors[f] for f in files) != int(self.table.n_proxies.sum()):  # removals since compaction
-            ids = ivf.list_ids(mapped)
-            dead = ids[~self.table.live("proxies", ids)]
-        return MappedProxyIndex(delta, mapped, dead)
+            ids = out.mapped_ids()
+            out.mark_dead(ids[~self.table.live("proxies", ids)])
+        return out
 
 
 def _same_kind(index: Any, like: Any) -> bool:
