@@ -189,16 +189,22 @@ def share_quantizer(directory: Path, name: str, index: faiss.Index, template: fa
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None or ivf.quantizer.ntotal or not ivf.nlist:
         return index
-    out = faiss.clone_index(template)
-    out_ivf = faiss.extract_index_ivf(out)
-    if (type(faiss.downcast_index(out_ivf)) is not type(faiss.downcast_index(ivf)) or out_ivf.nlist != ivf.nlist
-            or out_ivf.code_size != ivf.code_size or out.d != index.d):
+    if not same_kind(index, template):
         raise CollectionDamagedError(f"collection {directory}: index file {name} does not hold proxies of the kind "
                                      "of the collection's trained template")
+    out = faiss.clone_index(template)
+    out_ivf = faiss.extract_index_ivf(out)
     out_ivf.replace_invlists(ivf.invlists, True)
     ivf.own_invlists = False  # now the copy's
     out_ivf.ntotal = out.ntotal = index.ntotal
     return out
+
+
+def same_kind(index: faiss.Index, like: faiss.Index) -> bool:
+    """Whether FAISS ``index`` is of the kind (class, dimension, metric, lists, code size) of ``like``."""
+    a, b = faiss.downcast_index(index), faiss.downcast_index(like)
+    return (type(a) is type(b) and a.d == b.d and a.metric_type == b.metric_type
+            and all(getattr(a, key, None) == getattr(b, key, None) for key in ("nlist", "code_size")))
 
 
 def _checksum(file: BinaryIO) -> str:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import faiss
 import numpy as np
 from sqlalchemy import Engine
 
@@ -111,7 +110,7 @@ class Snapshot:
                 index = segments.read_segment(directory, name, file, self.dimension, self.checksums.get(name))
                 if kind == "proxies" and self.template is not None:
                     index = segments.share_quantizer(directory, name, index, self.template.index)
-                if len(files) == 1 and _same_kind(index, merged.index):
+                if len(files) == 1 and segments.same_kind(index, merged.index):
                     merged = self.new_index(kind, index)
                     break
                 try:
@@ -140,7 +139,7 @@ class Snapshot:
             return self.merge(directory, "proxies", files, opened)
         mapped = segments.share_quantizer(directory, largest, segments.map_segment(
             directory, largest, opened[largest], self.dimension, self.n_vectors[largest]), self.template.index)
-        if not _same_kind(mapped, self.template.index):
+        if not segments.same_kind(mapped, self.template.index):
             raise CollectionDamagedError(f"collection {directory}: index file {largest} does not hold a proxies "
                                          "index like the collection's trained template")
         out = MappedProxyIndex(self.merge(directory, "proxies", [f for f in files if f != largest], opened), mapped)
@@ -148,13 +147,6 @@ class Snapshot:
             ids = out.mapped_ids()
             out.mark_dead(ids[~self.table.live("proxies", ids)])
         return out
-
-
-def _same_kind(index: Any, like: Any) -> bool:
-    """Whether a segment's FAISS ``index`` is of the kind (class, dimension, metric, lists) of ``like``."""
-    a, b = faiss.downcast_index(index), faiss.downcast_index(like)
-    return (type(a) is type(b) and a.d == b.d and a.metric_type == b.metric_type
-            and getattr(a, "nlist", None) == getattr(b, "nlist", None))
 
 
 def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows: bool = False) -> Snapshot:
