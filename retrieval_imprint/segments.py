@@ -37,7 +37,7 @@ MAX_PER_CLASS = 1 << CLASS_SHIFT
 SEGMENT_NAME = re.compile(r"(proxies|samples|template|means)-\d{8}\.faiss")
 _CHUNK = 1 << 20
 MAP_MIN = 1 << 26  # bytes from which an IVF proxy segment is memory-mapped at open, not read and hashed
-_limit_lock = threading.Lock()  # FAISS's size limit for one array is a process-wide setting
+_limit_lock = threading.Lock()  # FAISS's size limit for one array is a process-wide setting (map_segment)
 
 
 def class_of(ids: np.ndarray) -> np.ndarray:
@@ -254,7 +254,8 @@ def read_segment(directory: Path, name: str, file: BinaryIO, dimension: int, che
                                          "recorded when it was written (it was changed or damaged)")
         file.seek(0)
     try:
-        index = faiss.read_index(faiss.PyCallbackIOReader(file.read))
+        with _limit_lock:  # not while map_segment has lowered the limit to a smaller file's size
+            index = faiss.read_index(faiss.PyCallbackIOReader(file.read))
     except (RuntimeError, MemoryError) as exc:
         raise _unreadable(directory, name, exc) from None
     return _checked(directory, name, index, dimension)
