@@ -535,8 +535,9 @@ def calibrate_over(collections: Sequence[Collection], query: Any, owner_of: Any,
         fresh = target_false_rejection is not None or (
             rule != "max" and collections[0].config["keep_samples"]
             and any(not np.isfinite(col._s.table.shift).all() for col in collections))
+        # the shift rule's statistics, computed now where they are missing
         parts = [writes.left_out_scores(col.path, col._s) if fresh and len(col) else
-                 (np.zeros(0), np.zeros(0, np.int64), col._s.table.shift) for col in collections]  # the shift rule's statistics, now where they are missing
+                 (np.zeros(0), np.zeros(0, np.int64), col._s.table.shift) for col in collections]
         shifts = [shift for _, _, shift in parts]
         has_shift = any(np.isfinite(shift).any() for shift in shifts)
         if target_false_rejection is not None:
