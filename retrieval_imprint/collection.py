@@ -529,9 +529,7 @@ def calibrate_over(collections: Sequence[Collection], query: Any, owner_of: Any,
         raise InvalidParameterError("target_false_rejection calibrates from the training samples: give no X")
     if target_false_rejection is None and (X is None or labels is None):
         raise InvalidParameterError("give validation queries X and their labels, or target_false_rejection")
-    with ExitStack() as stack:  # the shifts, the scores and the stored result belong to one version
-        for col in collections:
-            stack.enter_context(col._writing())
+    with writing_all(collections):  # the shifts, the scores and the stored result belong to one version
         fresh = target_false_rejection is not None or (
             rule != "max" and collections[0].config["keep_samples"]
             and any(not np.isfinite(col._s.table.shift).all() for col in collections))
@@ -574,3 +572,12 @@ def check_tunable(col: Any) -> None:
         raise CollectionStateError(f"collection {col.path} keeps no samples, so there is nothing to tune on")
     if not len(col):
         raise CollectionStateError(f"collection {col.path} has no classes yet")
+
+
+@contextmanager
+def writing_all(collections: Sequence[Collection]) -> Iterator[None]:
+    """Hold every one of ``collections``' writer locks (``Collection._writing``), in order."""
+    with ExitStack() as stack:
+        for col in collections:
+            stack.enter_context(col._writing())
+        yield

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,7 +34,7 @@ from . import labels as lab
 from . import params as spec
 from . import provenance, ranking, segments, snapshot, writes
 from .aggregate import rank_classes, vote_weights
-from .collection import Collection, calibrate_over, check_tunable, check_vectors, text_rows
+from .collection import Collection, calibrate_over, check_tunable, check_vectors, text_rows, writing_all
 from .embed import Embedder
 from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
                      DataError, InvalidParameterError, NotACollectionError, SettingsClashError)
@@ -428,17 +427,15 @@ class ShardedCollection:
         samples together (as auto chose at the first add), then each shard re-imprinted with it,
         shard by shard, every shard's writer lock held; the manifest records it last."""
         check_tunable(self)
-        with ExitStack() as stack:
-            for col in self.shards:
-                stack.enter_context(col._writing())
+        with writing_all(self.shards):
             live = [col for col in self.shards if len(col)]
             kept = [writes.kept_samples(col.path, col._s) for col in live]
             offsets = np.cumsum([0] + [len(keys) for _, _, keys in kept])
             choice = writes.auto_choice(self.config, np.concatenate([X for X, _, _ in kept]),
                                         np.concatenate([codes + o for (_, codes, _), o in zip(kept, offsets)]),
                                         np.concatenate([keys for _, _, keys in kept]))
-            for col in live:
-                writes.retune(col.path, col._engine, col._s, choice)
+            for col, samples in zip(live, kept):
+                writes.retune(col.path, col._engine, col._s, choice, samples)
             with segments.writer_lock(self.path, self.lock_timeout):
                 self._manifest = {**_read_manifest(self.path), "auto_choice": choice}
                 _write_manifest(self.path, self._manifest)

@@ -332,12 +332,14 @@ def kept_samples(directory: Path, s: Snapshot) -> tuple[np.ndarray, np.ndarray, 
             lab.label_keys(table.labels.tolist()))
 
 
-def retune(directory: Path, engine: Engine, s: Snapshot, choice: str | None = None) -> None:
+def retune(directory: Path, engine: Engine, s: Snapshot, choice: str | None = None,
+           kept: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
     """Choose again what the settings leave open, on every kept sample (or take ``choice``, an
-    ``auto_choice`` made on more samples: a sharded collection's), and re-imprint every class
-    with the choice in one atomic write: the new proxies (and means) replace all the old."""
+    ``auto_choice`` made on more samples: a sharded collection's, with the ``kept_samples`` it
+    read), and re-imprint every class with the choice in one atomic write: the new proxies (and
+    means) replace all the old."""
     table, cfg = s.table, s.config
-    X, codes, keys = kept_samples(directory, s)
+    X, codes, keys = kept if kept is not None else kept_samples(directory, s)
     cfg["auto_choice"] = choice or auto_choice(cfg, X, codes, keys)
     params = s.params
     groups = Grouped(X, np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64), keys)
