@@ -21,7 +21,7 @@ import numpy as np
 
 from retrieval_imprint import __version__
 from retrieval_imprint.errors import ImprintError
-from retrieval_imprint.params import Param
+from retrieval_imprint.params import RUNTIME, Param
 
 
 class UserError(click.ClickException):
@@ -70,7 +70,9 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("--wait", type=float, default=0.0, metavar="SECONDS",
               help="How long a write waits for another process writing to the same collection.  [default: 0]")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache (see imprint cache).")
-def main(wait: float, no_cache: bool) -> None:
+@click.option("--device", default="none", envvar="IMPRINT_DEVICE", show_default=True, metavar="none|cpu|cuda|auto",
+              help=RUNTIME["device"].help + " Also read from IMPRINT_DEVICE.")
+def main(wait: float, no_cache: bool, device: str) -> None:
     """Few-shot classifiers imprinted from a frozen embedding model (IMPRINT, arXiv 2503.14572).
 
     \b
@@ -80,6 +82,9 @@ def main(wait: float, no_cache: bool) -> None:
     """
     if no_cache:  # read wherever an embedder is made, the Python API's switch too
         os.environ["RETRIEVAL_IMPRINT_CACHE"] = "off"
+    from retrieval_imprint.device import set_device
+
+    set_device(None if device == "none" else device)
 
 
 def plain(v: Any) -> Any:

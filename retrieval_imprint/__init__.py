@@ -14,15 +14,18 @@ _HOME = {
     "Collection": "collection", "QueryResult": "ranking", "Embedder": "embed", "ImprintError": "errors",
     "GENERATORS": "generate", "register": "generate", "IngestReport": "ingestion", "ingest": "ingestion",
     "DEFAULTS": "params", "PRESETS": "params", "load_demo": "readers", "ShardedCollection": "sharded",
+    "set_device": "device", "use_device": "device",
 }
 
 __all__ = ["ImprintClassifier", "PRESETS", "DEFAULTS", "Collection", "ShardedCollection", "QueryResult", "ingest",
-           "IngestReport", "Embedder", "ImprintError", "CollapseReport", "neural_collapse", "GENERATORS", "register", "load_demo", "__version__"]
+           "IngestReport", "Embedder", "ImprintError", "CollapseReport", "neural_collapse", "GENERATORS", "register", "load_demo",
+           "set_device", "use_device", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from .classifier import ImprintClassifier
     from .collapse import CollapseReport, neural_collapse
     from .collection import Collection
+    from .device import set_device, use_device
     from .embed import Embedder
     from .errors import ImprintError
     from .generate import GENERATORS, register

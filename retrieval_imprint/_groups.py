@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -113,16 +113,24 @@ class Grouped:
             yield classes, P, mask
             start = stop
 
-    def map_blocks(self, fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], k: int,
-                   workers: int | None = None) -> np.ndarray:
+    def map_blocks(self, fn: Callable[[np.ndarray, Any, Any], Any], k: int, workers: int | None = None,
+                   device: str | None = None) -> np.ndarray:
         """``fn(classes, P, mask) -> (B, k, d)`` over padded blocks, on all cores; returns ``(C, k, d)``.
 
         Blocks run in threads with single-threaded BLAS: tiny per-class matrices gain nothing from
-        a threaded GEMM, while whole blocks in parallel use every core.
+        a threaded GEMM, while whole blocks in parallel use every core. With a torch ``device``
+        (``device.py``) ``P`` and ``mask`` are tensors on it, and blocks (larger on a GPU) run one
+        after another, each using the whole device.
         """
-        workers = workers or os.cpu_count() or 1
         d = self.X.shape[1]
         out = np.empty((self.n_classes, k, d), np.float32)
+        if device is not None:
+            from .device import BLOCK_BYTES, to_device, to_numpy
+
+            for classes, P, mask in self.padded(BLOCK_BYTES[device.split(":")[0]]):
+                out[classes] = to_numpy(fn(classes, to_device(P, device), to_device(mask, device)))
+            return out
+        workers = workers or os.cpu_count() or 1
         total = int(self.sizes.sum()) * d * 4
         max_bytes = int(np.clip(total // (4 * workers), 1 << 20, 64 << 20))
         with single_threaded_blas(), ThreadPoolExecutor(workers) as pool:

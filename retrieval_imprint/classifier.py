@@ -6,7 +6,8 @@ predict:  x -> NORMinf -> AGG over the proxies (max = top-1 search, mnn = top-m 
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -15,6 +16,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
 from ._groups import Grouped
 from .auto import choose, folds
+from .device import check_device, use_device
 from .imprint import grouped, imprint, means, seed_of
 from .openset import class_shift, filled, own_scores
 from .index import ProxyIndex
@@ -25,6 +27,17 @@ from .params import DEFAULTS, check_params, check_temperature, preset
 BLOCK = 1024  # queries scored at a time by a blend's predict: (BLOCK, proxies) similarities in memory
 
 
+def _on_device(method: Callable) -> Callable:
+    """Run ``method`` with the estimator's ``device`` (``device.py``; None: the process's)."""
+
+    @functools.wraps(method)
+    def run(self: "ImprintClassifier", *args: Any, **kwargs: Any) -> Any:
+        with use_device(check_device("device", self.device)):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class ImprintClassifier(ClassifierMixin, BaseEstimator):
     """A classifier head imprinted from frozen embeddings: no gradient step, one pass over the data.
 
@@ -32,7 +45,9 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
     is declared with its default, its allowed values and its meaning (docs/design.md lists them).
     By default ``generator`` and ``aggregation`` are ``auto``: k and max-or-blend are chosen by
     cross-validation on the training data (``auto.py``). ``from_preset`` starts from a published
-    method.
+    method. ``device`` is where k-means and exact search run, not a setting of the head: None
+    (numpy and FAISS, or the process's ``device.set_device``), ``"cpu"`` / ``"cuda"`` (the torch
+    backend) or ``"auto"`` (``device.py``); the fitted head is the same.
 
     Fitted attributes
     -----------------
@@ -59,6 +74,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         rejection: str = DEFAULTS["rejection"],
         ls_reg: float | str = DEFAULTS["ls_reg"],
         temperature: float = DEFAULTS["temperature"],
+        device: str | None = DEFAULTS["device"],
     ) -> None:
         self.generator = generator
         self.k = k
@@ -74,12 +90,14 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         self.rejection = rejection
         self.ls_reg = ls_reg
         self.temperature = temperature
+        self.device = device
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ImprintClassifier":
         """A classifier set up as a named method: ``auto``, ``qi``, ``hosoda``, ``janson`` or ``imprint``."""
         return cls(**{**preset(name), **overrides})
 
+    @_on_device
     def fit(self, X: Any, y: Any) -> "ImprintClassifier":
         """Imprint one set of proxies per class from embeddings ``X`` ``(n, d)`` and labels ``y``
         (after choosing what ``auto`` leaves open, on the same data)."""
@@ -110,6 +128,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
             self.class_shift_ = filled(class_shift(groups.owner, own, len(self.classes_)))
         return self
 
+    @_on_device
     def rejection_score(self, X: Any) -> np.ndarray:
         """The open-set score of each query ``(n,)``: its best class's aggregated score, minus that
         class's shift under ``rejection="shift"`` (``openset.py``); low scores suggest no class fits."""
@@ -123,6 +142,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, dtype=np.float32, reset=False)
         return normalize(X, self.inf_norm, what="X")
 
+    @_on_device
     def decision_function(self, X: Any) -> np.ndarray:
         """Per-class aggregated score ``(n, C)`` (``(n,)`` for two classes: score of ``classes_[1]``
         minus ``classes_[0]``). ``max``: best proxy similarity; ``blend``: alpha x mean similarity +
@@ -149,6 +169,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         return alpha * self.means_index_.similarity(Q) + (1 - alpha) * max_scores(self.index_.similarity(Q),
                                                                                    self._starts())
 
+    @_on_device
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities ``(n, C)``: the softmax of the per-class scores divided by
         ``temperature``. A fixed temperature ranks like the scores but is not calibrated to any
@@ -159,6 +180,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         scores = np.exp(scores - scores.max(1, keepdims=True))
         return scores / scores.sum(1, keepdims=True)
 
+    @_on_device
     def predict(self, X: Any) -> np.ndarray:
         """The class of the top-1 proxy (``max``), of the best blended score (``blend``), or the
         winner of the m-NN vote (``mnn``)."""

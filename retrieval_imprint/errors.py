@@ -18,6 +18,10 @@ class InvalidParameterError(ImprintError, ValueError):
     """A setting (GEN/NORM/AGG parameter, index, threshold...) has a value it cannot take."""
 
 
+class DeviceError(InvalidParameterError):
+    """A ``device`` that cannot be used here: an unknown name, or no GPU where one was asked for."""
+
+
 class DataError(ImprintError, ValueError):
     """Input data (a file, an array, labels) cannot be used as asked; the message names the file,
     row, column, label or dimension at fault."""

@@ -20,7 +20,8 @@ from typing import Callable
 import faiss
 import numpy as np
 
-from . import ivf
+from . import ivf, torch_search
+from .device import current, to_device, to_numpy
 from .normalize import l2_normalize
 
 METRICS = ("ip", "cosine", "euclidean", "manhattan", "chebyshev", "mahalanobis")
@@ -32,6 +33,8 @@ _FAISS_METRIC = {
     "chebyshev": faiss.METRIC_Linf,
     "mahalanobis": faiss.METRIC_L2,
 }
+_TORCH_KIND = {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2", faiss.METRIC_L1: "l1",
+               faiss.METRIC_Linf: "linf"}
 MAHALANOBIS_RIDGE = 1e-6
 SMALL_BATCH = 20  # below this many queries FAISS does not use BLAS; neither path for m > SMALL_M
 SMALL_M = 64
@@ -81,9 +84,11 @@ class ProxyIndex:
                 index = faiss.IndexIDMap2(index)
         self.index = index
         self.search_params = search_params or {}
-        # float16 copy and its error bound (copy None: entries beyond float16's range); see _half_scan
+        # float16 copy and its error bound (copy None: entries beyond float16's range); see _half_scan.
+        # Both lazy copies (this and the device mirror) are made under _copies_lock.
         self._half: tuple[faiss.Index | None, float] | None = None
-        self._half_lock = threading.Lock()
+        self._copies_lock = threading.Lock()
+        self._mirror: tuple | None = None  # (device, ntotal, vectors, squared norms): see _on_device
 
     @classmethod
     def build(cls, W: np.ndarray, metric: str = "ip") -> "ProxyIndex":
@@ -144,6 +149,7 @@ class ProxyIndex:
     def add(self, W: np.ndarray, ids: np.ndarray | None = None) -> None:
         """Add proxies ``W`` ``(P, d)`` (with 64-bit ``ids`` when the index has them)."""
         W = self.prepare(W, "proxies")
+        self._mirror = None
         threads = faiss.omp_get_max_threads()
         if len(W) < SMALL_ADD:
             faiss.omp_set_num_threads(1)
@@ -163,7 +169,7 @@ class ProxyIndex:
 
     def merge(self, other: faiss.Index) -> None:
         """Move every vector of ``other`` (a FAISS index of the same kind) into this one."""
-        self._half = None
+        self._half = self._mirror = None
         self.index.merge_from(other, 0)
 
     def remove(self, ids: np.ndarray) -> int:
@@ -177,6 +183,7 @@ class ProxyIndex:
 
     def _remove(self, selector: faiss.IDSelector, chosen: Callable[[np.ndarray], np.ndarray]) -> int:
         """Remove the selected ids; the float16 copy drops the same rows (FAISS keeps the order)."""
+        self._mirror = None
         if self._half is not None and self._half[0] is not None:
             stored = self._row_ids()
             stored = np.arange(self.ntotal) if stored is None else stored
@@ -208,11 +215,30 @@ class ProxyIndex:
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's answer for prepared queries: raw distances (inner products, squared L2, ...) and ids."""
         exact = isinstance(self.index, (faiss.IndexFlat, faiss.IndexIDMap2))
+        device = current()
+        if exact and device is not None and self.index.ntotal:
+            X, X_sq = self._on_device(device)
+            D, top = torch_search.top_k(to_device(Q, device), X, min(m, len(X)), self._kind, X_sq)
+            return self._finish(to_numpy(D), to_numpy(top), m)
         if exact and self.metric in ("ip", "cosine") and len(Q) < SMALL_BATCH and m <= SMALL_M and self.index.ntotal:
             return self._gemv_search(Q, m)
         if exact:
             return self.index.search(Q, m)
         return self.index.search(Q, m, params=ivf.search_parameters(self.index, params or self.search_params))
+
+    @property
+    def _kind(self) -> str:
+        return _TORCH_KIND[_FAISS_METRIC[self.metric]]
+
+    def _on_device(self, device: str) -> tuple:
+        """The stored vectors as a tensor on ``device`` (and their squared norms for L2), made on
+        first use (on the CPU a view of FAISS's storage) and dropped by every add or removal."""
+        with self._copies_lock:
+            mirror = self._mirror
+            if mirror is None or mirror[:2] != (device, self.ntotal):
+                X = to_device(self._stored(), device)
+                self._mirror = mirror = (device, self.ntotal, X, (X * X).sum(1) if self._kind == "l2" else None)
+        return mirror[2], mirror[3]
 
     def _row_ids(self) -> np.ndarray | None:
         """The id of each stored row, a view of ``IndexIDMap2``'s map (None: ids are row numbers)."""
@@ -265,7 +291,7 @@ class ProxyIndex:
         enter the top k: the row is ``sure``. Other rows fall back to the full float32 scan. The
         copy (0.5x the proxies' memory) is built on first use; adds and removals keep it in step.
         """
-        with self._half_lock:  # concurrent searches build the copy once
+        with self._copies_lock:  # concurrent searches build the copy once
             if self._half is None or (self._half[0] is not None and self._half[0].ntotal != len(xb)):
                 self._half = (None, 0.0)
                 if max(xb.max(), -xb.min()) < _FP16_MAX:  # no |xb| temporary: that would double the memory
@@ -299,7 +325,12 @@ class ProxyIndex:
         """Similarity of every query to every stored vector, ``(n_q, ntotal)`` in row order (the
         ids of the rows: ``row_ids``), as ``search`` reports it; exact indexes only."""
         flat_metric = _FAISS_METRIC[self.metric]
-        D = faiss.pairwise_distances(self.prepare(Q), self._stored(), flat_metric)
+        device = current()
+        if device is not None and self.ntotal:
+            X, X_sq = self._on_device(device)
+            D = to_numpy(torch_search.scores(to_device(self.prepare(Q), device), X, self._kind, X_sq))
+        else:
+            D = faiss.pairwise_distances(self.prepare(Q), self._stored(), flat_metric)
         if flat_metric == faiss.METRIC_INNER_PRODUCT:
             return D
         return -np.sqrt(np.maximum(D, 0.0)) if flat_metric == faiss.METRIC_L2 else -D
@@ -329,9 +360,10 @@ class ProxyIndex:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["index"] = faiss.serialize_index(self.index)
-        del state["_half"], state["_half_lock"]  # rebuilt on first use
+        del state["_half"], state["_copies_lock"], state["_mirror"]  # rebuilt on first use
         return state
 
     def __setstate__(self, state: dict) -> None:
         state["index"] = faiss.deserialize_index(state["index"])
-        self.__dict__.update({"search_params": {}, **state, "_half": None, "_half_lock": threading.Lock()})
+        self.__dict__.update({"search_params": {}, **state, "_half": None, "_copies_lock": threading.Lock(),
+                              "_mirror": None})

@@ -13,103 +13,134 @@ few-shot classes. Each class keeps its own random stream (``_groups.uniforms``),
 convergence test (scikit-learn's: squared centre shift <= tol * mean feature variance, or an
 unchanged assignment) and its own empty-cluster repair (the farthest point), so its result does
 not depend on which other classes share the block.
+
+One code serves numpy arrays and torch tensors (``array_api_compat`` gives both one namespace):
+the torch backend of ``device.py`` runs these very functions on a CPU or a GPU.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from array_api_compat import array_namespace, device as device_of
 
 from ._groups import Grouped, uniforms
+from .device import current
+
+Array = Any  # a numpy array or a torch tensor
 
 
-def _sq_dists(P: np.ndarray, sq: np.ndarray, C: np.ndarray) -> np.ndarray:
+def _contiguous(a: Array) -> Array:
+    """``a`` in contiguous memory: batched GEMMs need it (a transpose is a strided view)."""
+    return np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a.contiguous()
+
+
+def _rows(a: Array) -> Array:
+    """``(B, 1)`` row numbers of ``a``'s first axis, for pairing with ``(B, L)`` column indices."""
+    return array_namespace(a).arange(a.shape[0], device=device_of(a))[:, None]
+
+
+def _sq_dists(P: Array, sq: Array, C: Array) -> Array:
     """Squared distances ``(B, m, n_pad)`` from centres ``C`` ``(B, m, d)`` to points ``P``."""
-    d2 = np.matmul(C, P.transpose(0, 2, 1))
+    xp = array_namespace(P)
+    d2 = C @ P.mT
     d2 *= -2.0
     d2 += sq[:, None, :]
-    d2 += np.einsum("bmd,bmd->bm", C, C)[:, :, None]
-    return np.maximum(d2, 0.0, out=d2)
+    d2 += xp.vecdot(C, C)[:, :, None]
+    return xp.clip(d2, min=0.0)
 
 
 class Points:
     """Distances computed from the points ``P`` ``(B, n_pad, d)``."""
 
-    def __init__(self, P: np.ndarray) -> None:
+    def __init__(self, P: Array) -> None:
         self.P = P
-        self.sq = np.einsum("bnd,bnd->bn", P, P)
+        self.sq = array_namespace(P).vecdot(P, P)
 
-    def take(self, rows: np.ndarray) -> "Points":
+    def take(self, rows: Array) -> "Points":
         return Points(self.P[rows])
 
-    def point_dists(self, idx: np.ndarray) -> np.ndarray:
+    def point_dists(self, idx: Array) -> Array:
         """Squared distances ``(B, L, n_pad)`` from the points ``idx`` ``(B, L)`` to all points."""
-        return _sq_dists(self.P, self.sq, self.P[np.arange(len(idx))[:, None], idx])
+        return _sq_dists(self.P, self.sq, self.P[_rows(idx), idx])
 
-    def dots(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def dots(self, weights: Array) -> tuple[Array, Array]:
         """For centres ``weights^T @ P`` (weights ``(B, n_pad, k)``): point-centre dots ``(B, n_pad, k)``
         and squared centre norms ``(B, k)``."""
-        C = np.matmul(np.ascontiguousarray(weights.transpose(0, 2, 1)), self.P)
-        return np.matmul(self.P, C.transpose(0, 2, 1)), np.einsum("bkd,bkd->bk", C, C)
+        C = _contiguous(weights.mT) @ self.P
+        return self.P @ C.mT, array_namespace(C).vecdot(C, C)
 
 
 class Gram(Points):
     """Distances computed from the Gram matrix ``G = P P^T`` ``(B, n_pad, n_pad)``."""
 
-    def __init__(self, P: np.ndarray, G: np.ndarray | None = None) -> None:
+    def __init__(self, P: Array, G: Array | None = None) -> None:
+        xp = array_namespace(P)
         self.P = P
-        self.G = np.matmul(P, P.transpose(0, 2, 1)) if G is None else G
-        self.sq = np.einsum("bnn->bn", self.G).copy()
+        self.G = P @ P.mT if G is None else G
+        self.sq = xp.asarray(xp.linalg.diagonal(self.G), copy=True)
 
-    def take(self, rows: np.ndarray) -> "Gram":
+    def take(self, rows: Array) -> "Gram":
         return Gram(self.P[rows], self.G[rows])
 
-    def point_dists(self, idx: np.ndarray) -> np.ndarray:
-        rows = np.arange(len(idx))[:, None]
+    def point_dists(self, idx: Array) -> Array:
+        rows = _rows(idx)
         d2 = self.G[rows, idx] * -2.0
         d2 += self.sq[rows, idx][:, :, None]
         d2 += self.sq[:, None, :]
-        return np.maximum(d2, 0.0, out=d2)
+        return array_namespace(d2).clip(d2, min=0.0)
 
-    def dots(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        XC = np.matmul(self.G, weights)
-        return XC, np.einsum("bnk,bnk->bk", weights, XC)
+    def dots(self, weights: Array) -> tuple[Array, Array]:
+        XC = self.G @ weights
+        return XC, array_namespace(XC).vecdot(weights, XC, axis=1)
 
 
-def space(P: np.ndarray) -> Points:
+def space(P: Array) -> Points:
     """The cheaper distance source for this block: the Gram matrix while ``n_pad < d``."""
     return Gram(P) if P.shape[1] < P.shape[2] else Points(P)
 
 
-def kmeans_pp(sp: Points, mask: np.ndarray, k: int, keys: np.ndarray, seed: int) -> np.ndarray:
+def kmeans_pp(sp: Points, mask: Array, k: int, keys: np.ndarray, seed: int) -> Array:
     """Greedy k-means++ seeding of each padded class block; returns row indices ``(B, k)``.
 
     As in scikit-learn, each step draws ``2 + ln k`` candidates with probability proportional to
     the squared distance to the nearest chosen centre and keeps the one that lowers the potential
     most. Classes whose points are all identical get repeated indices (the potential is zero).
+    The draws are made on the host (``uniforms``), so every device sees the same ones.
     """
-    B = len(mask)
-    n = mask.sum(1)
-    rows = np.arange(B)
+    xp, dev = array_namespace(sp.P), device_of(sp.P)
+    n = xp.sum(xp.astype(mask, xp.int64), axis=1)
+    rows = _rows(mask)[:, 0]
     trials = 2 + int(np.log(k))
-    chosen = np.empty((B, k), np.int64)
-    chosen[:, 0] = np.minimum((uniforms(keys, seed, 0) * n).astype(np.int64), n - 1)
-    D = sp.point_dists(chosen[:, :1])[:, 0]
-    D[~mask] = 0.0
+    chosen = xp.empty((mask.shape[0], k), dtype=xp.int64, device=dev)
+    first = xp.asarray(uniforms(keys, seed, 0), device=dev) * xp.astype(n, xp.float64)
+    chosen[:, 0] = xp.minimum(xp.astype(first, xp.int64), n - 1)
+    D = xp.where(mask, sp.point_dists(chosen[:, :1])[:, 0], 0.0)
     for t in range(1, k):
-        cum = np.cumsum(D, axis=1, dtype=np.float64)
-        target = uniforms(keys[:, None], seed, t, np.arange(trials)) * cum[:, -1:]
-        cand = (cum[:, None, :] < target[:, :, None]).sum(-1)
-        cand = np.minimum(cand, (n - 1)[:, None])
-        Dc = np.minimum(D[:, None, :], sp.point_dists(cand))
-        Dc[~np.broadcast_to(mask[:, None, :], Dc.shape)] = 0.0
-        best = np.argmin(Dc.sum(-1, dtype=np.float64), axis=1)
+        cum = xp.cumulative_sum(D, axis=1, dtype=xp.float64)
+        target = xp.asarray(uniforms(keys[:, None], seed, t, np.arange(trials)), device=dev) * cum[:, -1:]
+        cand = xp.minimum(xp.sum(xp.astype(cum[:, None, :] < target[:, :, None], xp.int64), axis=-1),
+                          (n - 1)[:, None])
+        Dc = xp.where(mask[:, None, :], xp.minimum(D[:, None, :], sp.point_dists(cand)), 0.0)
+        best = xp.argmin(xp.sum(Dc, axis=-1, dtype=xp.float64), axis=1)
         chosen[:, t] = cand[rows, best]
         D = Dc[rows, best]
     return chosen
 
 
-def lloyd(sp: Points, mask: np.ndarray, start: np.ndarray, *, max_iter: int = 300,
-          tol: float = 1e-4) -> np.ndarray:
+def _repair_empty(new: Array, counts: Array, D: Array, labels: Array, m: Array) -> None:
+    """Give each empty cluster the point of its class farthest from its own centre (in place)."""
+    xp = array_namespace(new)
+    for b in map(int, xp.nonzero(xp.any(counts == 0, axis=1))[0]):  # rare: a class lost a cluster
+        own = xp.where(m[b], xp.take_along_axis(D[b], labels[b][:, None], axis=1)[:, 0], -1.0)
+        js = xp.nonzero(counts[b] == 0)[0]
+        new[b][:, js] = 0.0
+        new[b, xp.argsort(-own, stable=True)[: js.shape[0]], js] = 1.0
+        counts[b, js] = 1.0
+
+
+def lloyd(sp: Points, mask: Array, start: Array, *, max_iter: int = 300, tol: float = 1e-4) -> Array:
     """Lloyd iterations from the seed points ``start`` ``(B, k)``; returns centres ``(B, k, d)``.
 
     A class stops when its centres move less than ``tol`` times its mean feature variance
@@ -117,58 +148,53 @@ def lloyd(sp: Points, mask: np.ndarray, start: np.ndarray, *, max_iter: int = 30
     the rest continue in a smaller block. An empty cluster takes the class's point farthest from
     its centre, as scikit-learn does.
     """
+    xp, dev = array_namespace(sp.P), device_of(sp.P)
     B, n_pad = mask.shape
-    k = start.shape[1]
     P = sp.P
-    n = mask.sum(1)
-    mean = P.sum(1) / n[:, None]
-    var = (sp.sq.sum(1, dtype=np.float64) / n - np.einsum("bd,bd->b", mean, mean)) / P.shape[2]
-    W = np.zeros((B, n_pad, k), np.float32)  # centre j = sum_i W[i, j] x_i
-    np.put_along_axis(W, start[:, None, :], 1.0, axis=1)
-    final = W.copy()
-    idx, alive, cur, m = np.arange(B), np.ones(B, bool), sp, mask
-    tol_b = tol * np.maximum(var, 0.0)
-    prev = np.full((B, n_pad), -1, np.int64)
+    n = xp.astype(xp.sum(xp.astype(mask, xp.int64), axis=1), xp.float64)
+    mean = xp.astype(xp.sum(P, axis=1), xp.float64) / n[:, None]
+    var = (xp.sum(sp.sq, axis=1, dtype=xp.float64) / n - xp.vecdot(mean, mean)) / P.shape[2]
+    clusters = xp.arange(start.shape[1], device=dev)
+    # centre j = sum_i W[i, j] x_i: one-hot on the seed points
+    W = xp.astype(xp.arange(n_pad, device=dev)[None, :, None] == start[:, None, :], xp.float32)
+    final = xp.asarray(W, copy=True)
+    idx, alive, cur, m = xp.arange(B, device=dev), xp.ones(B, dtype=xp.bool, device=dev), sp, mask
+    tol_b = tol * xp.clip(var, min=0.0)
+    prev = xp.full((B, n_pad), -1, dtype=xp.int64, device=dev)
     XC, CC = cur.dots(W)
     for _ in range(max_iter):
         D = XC * -2.0
         D += cur.sq[:, :, None]
         D += CC[:, None, :]
-        labels = np.argmin(D, axis=2)
-        new = np.zeros(D.shape, np.float32)
-        np.put_along_axis(new, labels[:, :, None], 1.0, axis=2)
-        new *= m[:, :, None]
-        counts = new.sum(1)
-        for b in np.flatnonzero((counts == 0).any(1)):  # rare: a class lost a cluster
-            own = np.where(m[b], D[b, np.arange(n_pad), labels[b]], -1.0)
-            js = np.flatnonzero(counts[b] == 0)
-            new[b][:, js] = 0.0
-            new[b, np.argsort(-own, kind="stable")[: len(js)], js] = 1.0
-            counts[b, js] = 1.0
+        labels = xp.argmin(D, axis=2)
+        new = xp.astype((labels[:, :, None] == clusters) & m[:, :, None], xp.float32)
+        counts = xp.sum(new, axis=1)
+        _repair_empty(new, counts, D, labels, m)
         new /= counts[:, None, :]
-        same = ((labels == prev) | ~m).all(1)
-        cross = np.einsum("bnk,bnk->bk", new, XC)  # new centre . old centre
+        same = xp.all((labels == prev) | ~m, axis=1)
+        cross = xp.vecdot(new, XC, axis=1)  # new centre . old centre
         XC, CC_new = cur.dots(new)
-        done = alive & (same | ((CC_new + CC - 2.0 * cross).sum(1) <= tol_b))
+        done = alive & (same | (xp.sum(CC_new + CC - 2.0 * cross, axis=1) <= tol_b))
         W, CC, prev = new, CC_new, labels
         final[idx[done]] = W[done]
-        alive &= ~done
-        if not alive.any():
+        alive = alive & ~done
+        if not xp.any(alive):
             break
-        if alive.sum() * 2 <= len(alive):  # continue with the classes still moving
+        if int(xp.sum(xp.astype(alive, xp.int64))) * 2 <= alive.shape[0]:  # continue with the classes still moving
             idx, W, XC, CC, prev, m, tol_b = (a[alive] for a in (idx, W, XC, CC, prev, m, tol_b))
             cur = cur.take(alive)
-            alive = np.ones(len(idx), bool)
+            alive = xp.ones(idx.shape[0], dtype=xp.bool, device=dev)
     else:
         final[idx[alive]] = W[alive]
-    return np.matmul(np.ascontiguousarray(final.transpose(0, 2, 1)), P)  # BLAS needs contiguous blocks
+    return _contiguous(final.mT) @ P
 
 
 def batched_kmeans(groups: Grouped, k: int, seed: int, *, max_iter: int = 300, tol: float = 1e-4) -> np.ndarray:
-    """k-means centroids ``(C, k, d)`` of every class in ``groups`` (each must have n_c > k)."""
+    """k-means centroids ``(C, k, d)`` of every class in ``groups`` (each must have n_c > k), on
+    the current device (``device.py``)."""
 
-    def block(classes: np.ndarray, P: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def block(classes: np.ndarray, P: Array, mask: Array) -> Array:
         sp = space(P)
         return lloyd(sp, mask, kmeans_pp(sp, mask, k, groups.keys[classes], seed), max_iter=max_iter, tol=tol)
 
-    return groups.map_blocks(block, k)
+    return groups.map_blocks(block, k, device=current())

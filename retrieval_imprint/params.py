@@ -1,7 +1,7 @@
 """Settings, declared once: every GEN/NORM/AGG parameter and collection setting with its default,
 its check and its help text, and the presets that name published methods.
 
-``ImprintClassifier`` takes its defaults from ``DEFAULTS``, ``Collection.create`` resolves its
+``ImprintClassifier`` takes its defaults from ``DEFAULTS`` (``IMPRINT`` and ``RUNTIME``), ``Collection.create`` resolves its
 keyword arguments with ``resolve``, and the ``imprint`` command builds its options from ``IMPRINT``
 and ``COLLECTION``: one place to read what a parameter means and what it defaults to. Names follow
 the paper (docs/design.md): NORMpre / GEN / NORMpost / NORMinf / AGG.
@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .aggregate import AGGREGATIONS, VOTES
+from .device import check_device
 from .errors import InvalidParameterError
 from .auto import AUTO, PAPER_K
 from .generate import GENERATORS
@@ -172,7 +173,13 @@ COLLECTION: dict[str, Param] = {p.name: p for p in (
     Param("dimension", None, "Vector dimension (None: taken from the first add).", check=check_dimension),
 )}
 
-DEFAULTS: dict[str, Any] = {name: p.default for name, p in IMPRINT.items()}
+# Where the kernels run: a setting of the process (device.py), never stored with a collection.
+RUNTIME: dict[str, Param] = {p.name: p for p in (
+    Param("device", None, "Where k-means and exact search run: none (numpy and FAISS), cpu or cuda (the torch "
+          "backend), auto (cuda when torch sees a GPU, else none, with a notice).", check=check_device),
+)}
+
+DEFAULTS: dict[str, Any] = {name: p.default for name, p in (IMPRINT | RUNTIME).items()}
 
 # How ingestion writes: rows per atomic write (ingestion.py); larger inputs go chunk by chunk, resumably.
 DEFAULT_CHUNK = 20_000
@@ -208,8 +215,9 @@ def preset(name: str | None) -> dict[str, Any]:
 
 
 def check_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The GEN/NORM/AGG parameters in ``params``, each checked, and their combination; returns them."""
-    out = {name: IMPRINT[name].validate(value) for name, value in params.items()}
+    """The GEN/NORM/AGG (and ``RUNTIME``) parameters in ``params``, each checked, and their
+    combination; returns them."""
+    out = {name: (IMPRINT | RUNTIME)[name].validate(value) for name, value in params.items()}
     aggregation = out.get("aggregation", AUTO)
     if aggregation != "mnn" and out.get("m", 1) != 1:
         raise InvalidParameterError(f"m={out['m']!r} is only used with aggregation='mnn'")
