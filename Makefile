@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install
+.PHONY: demo test test-fast install install-gpu
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,22 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+# The GPU set-up (README, "On a GPU"): torch's CUDA 12.8 build and faiss-gpu (CUDA 12) share one
+# CUDA runtime. faiss-cpu (a requirement) and faiss-gpu install the same `faiss` files, so
+# faiss-cpu is removed and faiss-gpu's files are put back. CI runs it with GPU_TORCH=2.13.0 (the
+# CPU build on disk): the same faiss-gpu install, without 3 GB of CUDA wheels for torch.
+GPU_TORCH ?= 2.9.1
+install-gpu:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==$(GPU_TORCH)
+	$(BIN)/pip install -q -e '.[dev,gpu]'
+	$(BIN)/pip uninstall -q -y faiss-cpu
+	$(BIN)/pip install -q --force-reinstall --no-deps faiss-gpu==$$($(BIN)/python -c \
+		'from importlib.metadata import version; print(version("faiss-gpu"))')
+	$(BIN)/python -c 'import faiss, torch; print(f"faiss {faiss.__version__}: {faiss.get_num_gpus()} GPU(s); " \
+		f"torch {torch.__version__}: CUDA {torch.version.cuda}, GPU {torch.cuda.is_available()}")'
+	touch $(STAMP)
 
 # The main job: index the demo intents (written for this project), query them, evaluate.
 DEMO := retrieval_imprint/data

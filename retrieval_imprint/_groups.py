@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from .device import BLOCK_BYTES, to_device, to_numpy
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _THREADPOOLS: list[ThreadpoolController] = []  # inspected once: scanning the loaded libraries costs ~10 ms
 
@@ -125,8 +127,6 @@ class Grouped:
         d = self.X.shape[1]
         out = np.empty((self.n_classes, k, d), np.float32)
         if device is not None:
-            from .device import BLOCK_BYTES, to_device, to_numpy
-
             for classes, P, mask in self.padded(BLOCK_BYTES[device.split(":")[0]]):
                 out[classes] = to_numpy(fn(classes, to_device(P, device), to_device(mask, device)))
             return out

@@ -12,11 +12,16 @@ arrays through ``array_api_compat``) and exact search with a top-m merged block 
 ``set_device`` sets the process default (the CLI's ``--device``); ``use_device`` overrides it in a
 ``with`` block (``ImprintClassifier(device=...)`` wraps its fit and predict in one); kernels read
 ``current()``. torch is imported only when a device is asked for.
+
+On a GPU device, FAISS does what torch does not: IVF list training and IVF search run on a
+read-only GPU copy of the index (``faiss_gpu``), when the ``gpu`` extra (faiss-gpu) is installed;
+the CPU index stays the index of record (a GPU index cannot remove ids).
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -101,3 +106,34 @@ def to_device(a: np.ndarray, device: str) -> Any:
 def to_numpy(a: Any) -> np.ndarray:
     """A torch tensor (or an array) as a numpy array."""
     return a if isinstance(a, np.ndarray) else a.detach().cpu().numpy()
+
+
+def faiss_gpu(device: str | None) -> int | None:
+    """The GPU FAISS should use under ``device`` (``"cuda"``, ``"cuda:N"``), or None: not a GPU
+    device, or a FAISS without GPU support (faiss-cpu: a one-line notice says so) or GPUs."""
+    if device is None or not device.startswith("cuda"):
+        return None
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        why = ("FAISS sees no GPU" if hasattr(faiss, "StandardGpuResources")
+               else "this FAISS has no GPU support (make install-gpu, see the README)")
+        warnings.warn(f"device={device!r}: {why}; IVF indexes are trained and searched on the CPU", DeviceFallback,
+                      stacklevel=3)
+        return None
+    return int(device.partition(":")[2] or 0)
+
+
+@functools.cache
+def gpu_resources(gpu: int) -> Any:
+    """FAISS's memory and streams on GPU ``gpu``: one per process, shared by every GPU index."""
+    import faiss
+
+    return faiss.StandardGpuResources()
+
+
+def to_gpu(index: Any, gpu: int) -> Any:
+    """A GPU copy of a FAISS CPU index (searches only: the CPU index stays the one written)."""
+    import faiss
+
+    return faiss.index_cpu_to_gpu(gpu_resources(gpu), gpu, index)

@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 
 from . import ivf, torch_search
-from .device import current, to_device, to_numpy
+from .device import current, faiss_gpu, to_device, to_gpu, to_numpy
 from .normalize import l2_normalize
 
 METRICS = ("ip", "cosine", "euclidean", "manhattan", "chebyshev", "mahalanobis")
@@ -217,28 +217,35 @@ class ProxyIndex:
         exact = isinstance(self.index, (faiss.IndexFlat, faiss.IndexIDMap2))
         device = current()
         if exact and device is not None and self.index.ntotal:
-            X, X_sq = self._on_device(device)
+            X, X_sq = self._on_device(device, lambda: self._tensors(device))
             D, top = torch_search.top_k(to_device(Q, device), X, min(m, len(X)), self._kind, X_sq)
             return self._finish(to_numpy(D), to_numpy(top), m)
         if exact and self.metric in ("ip", "cosine") and len(Q) < SMALL_BATCH and m <= SMALL_M and self.index.ntotal:
             return self._gemv_search(Q, m)
         if exact:
             return self.index.search(Q, m)
-        return self.index.search(Q, m, params=ivf.search_parameters(self.index, params or self.search_params))
+        gpu = faiss_gpu(device)
+        index = self._on_device(device, lambda: (to_gpu(self.index, gpu), None))[0] if gpu is not None else self.index
+        return index.search(Q, m, params=ivf.search_parameters(self.index, params or self.search_params))
 
     @property
     def _kind(self) -> str:
         return _TORCH_KIND[_FAISS_METRIC[self.metric]]
 
-    def _on_device(self, device: str) -> tuple:
-        """The stored vectors as a tensor on ``device`` (and their squared norms for L2), made on
-        first use (on the CPU a view of FAISS's storage) and dropped by every add or removal."""
+    def _on_device(self, device: str, make: Callable[[], tuple]) -> tuple:
+        """This index's copy on ``device`` (``make()``: the torch tensors of ``_tensors``, or a
+        FAISS GPU index), made on first use and dropped by every add or removal."""
         with self._copies_lock:
             mirror = self._mirror
             if mirror is None or mirror[:2] != (device, self.ntotal):
-                X = to_device(self._stored(), device)
-                self._mirror = mirror = (device, self.ntotal, X, (X * X).sum(1) if self._kind == "l2" else None)
-        return mirror[2], mirror[3]
+                self._mirror = mirror = (device, self.ntotal, *make())
+        return mirror[2:]
+
+    def _tensors(self, device: str) -> tuple:
+        """The stored vectors of an exact index as a tensor on ``device`` (on the CPU a view of
+        FAISS's storage), and their squared norms for L2."""
+        X = to_device(self._stored(), device)
+        return X, (X * X).sum(1) if self._kind == "l2" else None
 
     def _row_ids(self) -> np.ndarray | None:
         """The id of each stored row, a view of ``IndexIDMap2``'s map (None: ids are row numbers)."""
@@ -327,7 +334,7 @@ class ProxyIndex:
         flat_metric = _FAISS_METRIC[self.metric]
         device = current()
         if device is not None and self.ntotal:
-            X, X_sq = self._on_device(device)
+            X, X_sq = self._on_device(device, lambda: self._tensors(device))
             D = to_numpy(torch_search.scores(to_device(self.prepare(Q), device), X, self._kind, X_sq))
         else:
             D = faiss.pairwise_distances(self.prepare(Q), self._stored(), flat_metric)

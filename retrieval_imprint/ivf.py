@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 from faiss.contrib.inspect_tools import get_invlist, get_invlist_sizes
 
+from .device import current, faiss_gpu, to_gpu
 from .errors import InvalidParameterError
 
 APPROXIMATE_METRICS = ("ip", "cosine", "euclidean", "mahalanobis")
@@ -156,7 +157,11 @@ def train(factory: str, W: np.ndarray, metric: str, faiss_metric: int, seed: int
     sq = getattr(faiss.downcast_index(ivf), "sq", None)
     if sq is not None and sq.rangestat == faiss.ScalarQuantizer.RS_minmax:
         sq.rangestat_arg = SQ_RANGE_MARGIN
+    gpu = faiss_gpu(current())
+    if gpu is not None:  # the assignment step of training, on a GPU copy of a flat index (FAISS's way)
+        ivf.clustering_index = to_gpu(faiss.IndexFlat(ivf.d, ivf.metric_type), gpu)
     index.train(np.ascontiguousarray(W[sample] if prepare is None else prepare(W[sample])))
+    ivf.clustering_index = None
     return index
 
 

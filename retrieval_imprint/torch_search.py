@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-SCORE_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}  # score block held at once per search
+# Score block held at once per search. CPU: a block that stays in cache beats fewer, larger GEMMs
+# (batch 1,000 over 100k proxies: 4 MiB 476 ms, 64 MiB 780 ms on the 2-core dev machine).
+SCORE_BYTES = {"cpu": 4 << 20, "cuda": 1 << 30}
 KINDS = ("ip", "l2", "l1", "linf")
 
 

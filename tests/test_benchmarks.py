@@ -42,3 +42,21 @@ def test_scale_benchmark_runs_small(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 21 and all(cells) and float(cells[16]) >= 0.95  # recall@1 after the compaction
     assert "FAISS SIMD" in text and "## Targets at 3,000 classes" in text
+
+
+def test_gpu_benchmark_runs_small(tmp_path):
+    """benchmarks/gpu.py end to end, small: numpy and torch CPU columns filled and agreeing (a CUDA
+    column where a GPU is present), the run kept in the JSON beside the table."""
+    shared_data("banking77", "embeddings.npz")
+    out = tmp_path / "gpu.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--datasets", "banking77", "--fit-classes",
+                    "2000", "--search-proxies", "5000", "--repeat", "1", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    runs = json.loads(out.with_suffix(".json").read_text())
+    (run,) = runs.values()
+    assert {"numpy", "torch cpu"} <= set(run["backends"]) and len(run["rows"]) == 7
+    for row in run["rows"]:
+        assert row["numpy"] > 0 and row["torch cpu"] > 0, row
+        assert row.get("torch cpu agreement", 1.0) >= 0.99 and row.get("torch cpu centroids within 1e-4", 1.0) >= 0.99
+    text = out.read_text()
+    assert "| k-means k=4: 2,000 classes x 8 x 384-d |" in text and "## Targets (issue #14)" in text

@@ -135,23 +135,17 @@ def test_proxy_index_searches_alike_on_the_torch_backend(metric):
     Q = blobs(3, 4, 12, seed=9)[0]
     index = ProxyIndex(12, metric, with_ids=True)
     index.add(X[:150], np.arange(150) * 10)
-    want = index.search(Q, 7)
+    want, want_similarity = index.search(Q, 7), index.similarity(Q)
     with device.use_device("cpu"):
         got = index.search(Q, 7)
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
         assert (got[2] == want[2]).mean() > 0.95  # only float32 near-ties may swap
-        np.testing.assert_allclose(index.similarity(Q), np.asarray(_numpy(index.similarity, Q)), atol=1e-5)
+        np.testing.assert_allclose(index.similarity(Q), want_similarity, atol=1e-5)
         index.add(X[150:], np.arange(150, 200) * 10)  # the device copy follows adds and removals
         assert index.search(X[150:151], 1)[2][0, 0] == 1500
         index.remove(np.array([1500]))
         assert index.search(X[150:151], 1)[2][0, 0] != 1500
         assert (index.search(Q, 300)[2][:, 199:] == -1).all()  # fewer stored than asked: id -1
-
-
-def _numpy(fn, *args):
-    with device.use_device(None):
-        device.set_device(None)
-        return fn(*args)
 
 
 def test_torch_backend_predicts_like_numpy_for_every_aggregation():
@@ -212,3 +206,15 @@ def test_torch_backend_predicts_real_data_identically(name):
         close = np.abs(theirs.proxies_ - ours.proxies_).max(1) <= 1e-4
         assert close.mean() >= 0.999, (params, close.mean())
         np.testing.assert_array_equal(theirs.predict(Xq), ours.predict(Xq))
+
+
+@pytest.mark.skipif(not NO_GPU, reason="the notice is what a machine without a GPU gets")
+def test_faiss_without_a_gpu_keeps_ivf_on_the_cpu_with_a_notice():
+    """faiss-cpu, or faiss-gpu on a machine without a GPU (the CI's GPU-extra install): IVF indexes
+    are trained and searched on the CPU, and the notice says why."""
+    import faiss
+
+    with pytest.warns(device.DeviceFallback, match="no GPU support|IVF indexes are trained and searched on the CPU"):
+        assert device.faiss_gpu("cuda") is None
+    assert device.faiss_gpu("cpu") is None and device.faiss_gpu(None) is None
+    assert faiss.IndexFlatIP(4).ntotal == 0  # `import faiss` works whichever wheel provides it

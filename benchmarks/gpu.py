@@ -1,0 +1,275 @@
+"""GPU benchmark: the engine's two heavy kernels on numpy/FAISS, on the torch backend on the CPU, and
+on CUDA, side by side in one run (device.py). Writes docs/gpu.md and keeps each machine's run in
+docs/gpu.json, so a GPU machine's run sits beside this 2-core machine's CPU path.
+
+- Fit and predict on CLINC150 and BANKING77 embeddings (GEN kmeans k = 20, max; and the default
+  ``auto``, whose cross-validation runs a batched k-means per k and fold): seconds per backend,
+  and agreement of each backend's predictions with numpy's.
+- Batched k-means of C synthetic classes x 8 samples x 384-d, k = 4 (C = 100k and 1M): seconds,
+  share of centroids within 1e-4 of numpy's (on the first 20k classes: a class's centroids do not
+  depend on the others) and the k-means objective against numpy's.
+- Exact search, batch 1,000, top-1 over N proxies (N = 100k and 1M): seconds, and agreement of
+  the ids with FAISS's (float32 near-ties aside); with faiss-gpu installed, also FAISS's GPU index.
+  And the search's matrix product alone, in each backend's BLAS: the floor under its search.
+
+Columns without the hardware say so ("-"). A GPU machine runs it as is in a few minutes; with
+the kept runs copied beside ``--out`` first, its table holds this machine's CPU run too:
+
+    .venv/bin/python benchmarks/gpu.py
+    cp docs/gpu.json $OUT/ && python benchmarks/gpu.py --out $OUT/gpu.md    # elsewhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+import torch
+
+from _common import DOCS, machine, markdown_table
+from retrieval_imprint import ImprintClassifier
+from retrieval_imprint._groups import Grouped
+from retrieval_imprint.device import use_device
+from retrieval_imprint.index import ProxyIndex
+from retrieval_imprint.kmeans import batched_kmeans
+from retrieval_imprint.labels import label_keys
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+D, SAMPLES, K, QUERIES = 384, 8, 4, 1000
+CHECKED = 20_000  # classes whose centroids are compared across backends
+
+
+def backends() -> dict[str, str | None]:
+    """Name -> device: numpy always, torch on the CPU always, CUDA where torch sees a GPU."""
+    out = {"numpy": None, "torch cpu": "cpu"}
+    if torch.cuda.is_available():
+        out["cuda"] = "cuda"
+    return out
+
+
+def best(fn: Callable[[], object], repeat: int, warm_up: bool = True) -> tuple[float, object]:
+    """Best wall time of ``repeat`` calls, after one warm-up call (CUDA start-up, device copies)
+    unless ``warm_up`` is False; and the last result."""
+    result = fn() if warm_up else None
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times), result
+
+
+def unit_rows(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` random unit vectors, made a chunk at a time (8M x 384 floats are 12 GB: no temporaries)."""
+    X = np.empty((n, D), np.float32)
+    for lo in range(0, n, 1 << 20):
+        part = X[lo : lo + (1 << 20)]
+        rng.standard_normal(part.shape, dtype=np.float32, out=part)
+        part /= np.sqrt(np.einsum("ij,ij->i", part, part))[:, None]
+    return X
+
+
+def real_data(names: list[str], repeat: int) -> list[dict]:
+    rows = []
+    for name in names:
+        with np.load(SHARED / name / "embeddings.npz") as z:
+            X, y, Xq, yq = z["train_X"], z["train_y"], z["test_X"], z["test_y"]
+        for setting, params in (("kmeans k=20, max", dict(generator="kmeans", k=20, aggregation="max")),
+                                ("auto (default)", {})):
+            row = {"workload": f"{name}: fit {setting}", "n": len(X)}
+            pred_row = {"workload": f"{name}: predict {len(Xq):,} queries ({setting})", "n": len(Xq)}
+            reference = None
+            for backend, device in backends().items():
+                seconds, clf = best(lambda: ImprintClassifier(**params, device=device).fit(X, y), repeat)
+                row[backend] = seconds
+                seconds, pred = best(lambda: clf.predict(Xq), repeat)
+                pred_row[backend] = seconds
+                reference = pred if reference is None else reference
+                pred_row[f"{backend} agreement"] = float(np.mean(pred == reference))
+                pred_row[f"{backend} accuracy"] = float(np.mean(pred == yq))
+            rows += [row, pred_row]
+            print(row, pred_row, flush=True)
+    return rows
+
+
+def inertia(X: np.ndarray, C: np.ndarray) -> float:
+    """Summed squared distance of each class's samples to its nearest centroid, in float64."""
+    X, C = X.reshape(len(C), SAMPLES, D).astype(np.float64), C.astype(np.float64)
+    return float(((X[:, :, None, :] - C[:, None]) ** 2).sum(-1).min(-1).sum())
+
+
+def synthetic_fit(sizes: list[int], repeat: int) -> list[dict]:
+    rows = []
+    for n_classes in sizes:
+        X = unit_rows(np.random.default_rng(n_classes), n_classes * SAMPLES)
+        classes = np.arange(n_classes)
+        groups = Grouped.from_codes(X, np.repeat(classes, SAMPLES), label_keys(classes))
+        head = groups.take(classes[:CHECKED])
+        row = {"workload": f"k-means k={K}: {n_classes:,} classes x {SAMPLES} x {D}-d", "n": n_classes}
+        reference = None
+        for backend, device in backends().items():
+            def fit(g: Grouped, device: str | None = device) -> np.ndarray:
+                with use_device(device):
+                    return batched_kmeans(g, K, 0)
+
+            C = fit(head)  # the check, and the warm-up of the timed runs
+            reference = C if reference is None else reference
+            row[f"{backend} centroids within 1e-4"] = float(np.mean(np.abs(C - reference).max(-1) <= 1e-4))
+            row[f"{backend} objective / numpy"] = inertia(head.X, C) / inertia(head.X, reference)
+            # the centroids are dropped as soon as they are made: at 1M classes they are 6 GB
+            row[backend], _ = best(lambda: fit(groups).shape, 1 if n_classes > 200_000 else repeat, warm_up=False)
+            gc.collect()
+        rows.append(row)
+        print(row, flush=True)
+        X = groups = head = None  # 12 GB at 1M classes: freed before the next size
+        gc.collect()
+    return rows
+
+
+def search(sizes: list[int], repeat: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(n + 1)
+        W, Q = unit_rows(rng, n), unit_rows(rng, QUERIES)
+        index = ProxyIndex.build(W)
+        row = {"workload": f"exact search, batch {QUERIES:,}, top-1 over {n:,} proxies", "n": n}
+        reference = None
+        for backend, device in backends().items():
+            def run(device=device):
+                with use_device(device):
+                    return index.search(Q, 1)[2]
+
+            row[backend], ids = best(run, repeat)
+            reference = ids if reference is None else reference
+            row[f"{backend} agreement"] = float(np.mean(ids == reference))
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus():
+            gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index.index)
+            row["faiss-gpu"], (_, ids) = best(lambda: gpu.search(Q, 1), repeat)
+            row["faiss-gpu agreement"] = float(np.mean(ids == reference))
+        rows.append(row)
+        print(row, flush=True)
+        W = index = None
+        gc.collect()
+    return rows
+
+
+def gemm(n: int, repeat: int) -> dict:
+    """The score product of a search alone, ``(1,000 x 384) @ (384 x n)``: each backend's own BLAS
+    (numpy: OpenBLAS; torch on the CPU: MKL; CUDA: cuBLAS), the floor under its search."""
+    rng = np.random.default_rng(7)
+    W, Q = unit_rows(rng, n), unit_rows(rng, QUERIES)
+    row = {"workload": f"GEMM alone: {QUERIES:,} x {D} x {n:,} (the product under a search)", "n": n}
+    for backend, device in backends().items():
+        if device is None:
+            row[backend], _ = best(lambda: Q @ W.T, repeat)
+        else:
+            Wt, Qt = torch.from_numpy(W).to(device), torch.from_numpy(Q).to(device)
+            row[backend], _ = best(lambda: Qt @ Wt.T, repeat)
+    print(row, flush=True)
+    return row
+
+
+def fmt(v: object, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if v < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def summary(rows: list[dict]) -> str:
+    """The run in words: torch on the CPU against numpy, per kind of work (ratios from the table)."""
+    def span(kind: str) -> str:
+        ratios = [r["torch cpu"] / r["numpy"] for r in rows if kind in r["workload"]]
+        if not ratios:
+            return "-"
+        return f"{min(ratios):.2f}x" if len(ratios) == 1 else f"{min(ratios):.2f}-{max(ratios):.2f}x"
+
+    agree = min(r.get("torch cpu agreement", 1.0) for r in rows)
+    return (f"torch on the CPU against numpy/FAISS: fits {span(': fit ')} and k-means {span('k-means')} the time; "
+            f"predictions and searches {span('predict')} and {span('exact search')}, with the matrix product "
+            f"alone at {span('GEMM')} (torch's BLAS against numpy's: the floor under its searches). Lowest "
+            f"agreement with numpy's answers: {agree:.4f}.")
+
+
+def render(runs: dict[str, dict]) -> str:
+    """docs/gpu.md from every machine's stored run."""
+    out = ["# The torch backend and the GPU (benchmarks/gpu.py)", "",
+           "Seconds are the best of the repeats after one warm-up call (CUDA start-up and the copy of the "
+           "proxies to the device are not counted). numpy = today's numpy/FAISS path (`device=None`); "
+           "torch cpu = `device=\"cpu\"`; cuda = `device=\"cuda\"`. Agreement: share of predictions or ids equal "
+           "to numpy's; centroids: share within 1e-4 of numpy's (first 20k classes), objective: the k-means "
+           "objective over numpy's. \"-\": not measured on that machine (no GPU, or no faiss-gpu).", ""]
+    reference_label, reference = next(((label, r) for label, r in runs.items() if "cuda" not in r["backends"]),
+                                      (None, None))
+    for label, run in runs.items():
+        names = ["numpy", "torch cpu", "cuda", "faiss-gpu"]
+        header = ["workload"] + [f"{b} (s)" for b in names] + ["torch cpu / numpy", "numpy / cuda",
+                                                                 "torch cpu agreement", "cuda agreement", "checks"]
+        rows = []
+        for r in run["rows"]:
+            checks = ", ".join(f"{key} {fmt(r[key], 4)}" for key in r if key.endswith(" accuracy") or (
+                key.endswith(("within 1e-4", "objective / numpy")) and not key.startswith("numpy ")))
+            rows.append([r["workload"]] + [fmt(r.get(b)) for b in names]
+                        + [fmt(r["torch cpu"] / r["numpy"], 2),
+                           fmt(r["numpy"] / r["cuda"], 1) if r.get("cuda") else "-",
+                           fmt(r.get("torch cpu agreement"), 4), fmt(r.get("cuda agreement"), 4), checks or "-"])
+        out += [f"## {label}", "", f"Command: `{run['command']}`", "", markdown_table(header, rows), "",
+                summary(run["rows"]), ""]
+    cuda_runs = {label: run for label, run in runs.items() if "cuda" in run["backends"]}
+    out += ["## Targets (issue #14)", ""]
+    if not cuda_runs or reference is None:
+        out += ["Not measured yet: the targets compare a CUDA run with the CPU path of the 2-core machine; "
+                "no run here has " + ("a GPU." if not cuda_runs else "a CPU-only reference."), ""]
+    else:
+        for label, run in cuda_runs.items():
+            for what in ("k-means k=4: 1,000,000 classes", "exact search, batch 1,000, top-1 over 1,000,000"):
+                cpu = next((r for r in reference["rows"] if r["workload"].startswith(what)), None)
+                gpu = next((r for r in run["rows"] if r["workload"].startswith(what)), None)
+                if cpu and gpu:
+                    out.append(f"- {what}: CPU path {cpu['numpy']:.2f} s ({reference_label}) vs CUDA "
+                               f"{gpu['cuda']:.3f} s ({label}): {cpu['numpy'] / gpu['cuda']:.0f}x (target >= 20x)")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="*", default=["clinc150", "banking77"])
+    parser.add_argument("--fit-classes", nargs="*", type=int, default=[100_000, 1_000_000])
+    parser.add_argument("--search-proxies", nargs="*", type=int, default=[100_000, 1_000_000])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=DOCS / "gpu.md",
+                        help="the table; the runs are kept beside it (gpu.json), one per machine")
+    parser.add_argument("--render", action="store_true", help="only rewrite the table from the kept runs")
+    args = parser.parse_args()
+    store = args.out.with_suffix(".json")
+    if args.render:
+        args.out.write_text(render(json.loads(store.read_text())))
+        return
+    warnings.simplefilter("default")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    label = f"{machine()}; torch {torch.__version__}; {gpu}"
+    rows = real_data(args.datasets, args.repeat) + synthetic_fit(args.fit_classes, args.repeat) + search(
+        args.search_proxies, args.repeat) + [gemm(min(args.search_proxies), args.repeat)]
+    command = "benchmarks/gpu.py" + "".join(
+        f" --{key.replace('_', '-')} {' '.join(map(str, value))}" for key, value in vars(args).items()
+        if key in ("datasets", "fit_classes", "search_proxies") and value != parser.get_default(key))
+    runs = json.loads(store.read_text()) if store.exists() else {}
+    runs[label] = {"backends": list(backends()), "rows": rows, "command": command}
+    store.write_text(json.dumps(runs, indent=1) + "\n")
+    args.out.write_text(render(runs))
+    print(f"wrote {args.out} and {store}")
+
+
+if __name__ == "__main__":
+    main()
