@@ -78,10 +78,10 @@ def unit_rows(rng: np.random.Generator, n: int) -> np.ndarray:
     return X
 
 
-def real_data(names: list[str], repeat: int) -> list[dict]:
+def real_data(names: list[str], repeat: int, data: Path = SHARED) -> list[dict]:
     rows = []
     for name in names:
-        with np.load(SHARED / name / "embeddings.npz") as z:
+        with np.load(data / name / "embeddings.npz") as z:
             X, y, Xq, yq = z["train_X"], z["train_y"], z["test_X"], z["test_y"]
         for setting, params in (("kmeans k=20, max", dict(generator="kmeans", k=20, aggregation="max")),
                                 ("auto (default)", {})):
@@ -245,6 +245,7 @@ def render(runs: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="*", default=["clinc150", "banking77"])
+    parser.add_argument("--data", type=Path, default=SHARED, help="where DATASET/embeddings.npz lie")
     parser.add_argument("--fit-classes", nargs="*", type=int, default=[100_000, 1_000_000])
     parser.add_argument("--search-proxies", nargs="*", type=int, default=[100_000, 1_000_000])
     parser.add_argument("--repeat", type=int, default=3)
@@ -259,7 +260,7 @@ def main() -> None:
     warnings.simplefilter("default")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     label = f"{machine()}; torch {torch.__version__}; {gpu}"
-    rows = real_data(args.datasets, args.repeat) + synthetic_fit(args.fit_classes, args.repeat) + search(
+    rows = real_data(args.datasets, args.repeat, args.data) + synthetic_fit(args.fit_classes, args.repeat) + search(
         args.search_proxies, args.repeat) + [gemm(min(args.search_proxies), args.repeat)]
     command = "benchmarks/gpu.py" + "".join(
         f" --{key.replace('_', '-')} {' '.join(map(str, value))}" for key, value in vars(args).items()

@@ -1,6 +1,8 @@
 """Ingestion: labelled data files into a collection, chunk by chunk, resumable.
 
-``ingest(path, sources)`` reads and checks every source before anything is written, opens the
+``ingest(path, sources)`` reads and checks every source before anything is written (vectors
+beyond ``HELD_BYTES`` wait in a memory-mapped temporary file, so 1M classes in 20 Parquet files do
+not need their 12 GB of vectors in RAM), opens the
 collection at ``path`` (its stored settings must match any given) or creates it when the first
 chunk is ready, embeds texts with the collection's model, and adds the rows. Up to ``chunk_size``
 rows go in one atomic write; larger inputs go chunk by chunk, cut where the label changes when
@@ -18,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,6 +36,8 @@ from .params import DEFAULT_CHUNK, check_int, collection_scope, resolve
 from .progress import bar
 from .readers import Dataset, read
 from .sharded import ShardedCollection, exists, is_sharded, open_any
+
+HELD_BYTES = 1 << 30  # vectors held in memory from the check to the write; beyond, in a temporary file
 
 @dataclass(frozen=True)
 class IngestReport:
@@ -133,7 +138,7 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     ``shards`` > 1 makes a new collection a ``ShardedCollection`` of that many shards."""
     chunk_size = check_int("chunk_size", chunk_size, 1)
     shards = check_int("shards", shards, 1)
-    datasets = [s if isinstance(s, Dataset) else read(s) for s in sources]
+    datasets = _read_all(sources, Path(path).resolve().parent)
     if not datasets:
         raise DataError("no data sources given: nothing to index")
     for ds in datasets:
@@ -184,6 +189,33 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     info = col.info()
     return IngestReport(str(path), total, resumed, len(seen - before), info["classes"], info["proxies"],
                         retrained, col.auto_choice, skipped, target.created)
+
+
+def _read_all(sources: Sequence[str | os.PathLike | Dataset], beside: Path) -> list[Dataset]:
+    """Every source read and checked; once the vectors read pass ``HELD_BYTES`` in all, each
+    further file's vectors move to a temporary file beside the collection, memory-mapped and
+    unlinked at once (nothing is left behind; the OS pages them in as their chunks are added)."""
+    out, held = [], 0
+    for source in sources:
+        ds = source if isinstance(source, Dataset) else read(source)
+        if ds.vectors is not None and not isinstance(source, Dataset) and not isinstance(ds.vectors, np.memmap):
+            held += ds.vectors.nbytes
+            if held > HELD_BYTES:
+                ds = replace(ds, vectors=_spill(ds.vectors, beside))
+        out.append(ds)
+    return out
+
+
+def _spill(X: np.ndarray, beside: Path) -> np.ndarray:
+    """``X`` in an unlinked, memory-mapped temporary file in ``beside`` (else the temp folder)."""
+    fd, name = tempfile.mkstemp(prefix=".imprint-spill-", suffix=".npy", dir=beside if beside.is_dir() else None)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(name, mode="w+", dtype=X.dtype, shape=X.shape)
+        out[:] = X
+    finally:
+        os.unlink(name)
+    return out
 
 
 def check_vectors_model(ds: Dataset, model: str | None, vectors_model: str | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,9 +14,17 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEMO = Path(__file__).resolve().parents[1] / "retrieval_imprint" / "data"
 
 
+_CACHE_DIR = Path(tempfile.mkdtemp(prefix="ri-test-"))
+
+
 def pytest_configure(config) -> None:
     """Keep the embedding cache of a test run out of the user's ~/.cache."""
-    os.environ["RETRIEVAL_IMPRINT_CACHE"] = str(Path(tempfile.mkdtemp(prefix="ri-test-")) / "embeddings.sqlite")
+    os.environ["RETRIEVAL_IMPRINT_CACHE"] = str(_CACHE_DIR / "embeddings.sqlite")
+
+
+def pytest_unconfigure(config) -> None:
+    """Remove the test run's embedding cache (runs left one folder each in the temp dir)."""
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 def shared_data(*parts: str) -> Path:

@@ -122,3 +122,31 @@ def test_a_chunked_upsert_replaces_each_class_once(tmp_path):
     ingest(tmp_path / "c", [interleaved], chunk_size=6, upsert=True)
     table = {r["label"]: r["samples"] for r in Collection.open(tmp_path / "c").class_table()}
     assert table == {"c2": 10, "c0": 10, "c1": 10}  # every new row kept, the old ones of c0 and c1 gone
+
+
+def test_vectors_beyond_the_held_bytes_wait_in_an_unlinked_file(tmp_path, monkeypatch):
+    """Many large files: every one is still checked before the first write, but past HELD_BYTES
+    their vectors wait memory-mapped on disk instead of in RAM; the collection is the same, and
+    no temporary file is left beside it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retrieval_imprint import ingestion
+
+    X, y = blobs(9, 12, 6, seed=7)
+    files = []
+    for i in range(3):  # three files of three classes
+        rows = slice(36 * i, 36 * (i + 1))
+        files.append(tmp_path / f"part{i}.parquet")
+        pq.write_table(pa.table({"label": [f"c{v}" for v in y[rows]], "vector": X[rows].tolist()}), files[-1])
+    held = ingest(tmp_path / "held", files, model=None, k=3)
+    spilled = []
+    real_spill = ingestion._spill
+    monkeypatch.setattr(ingestion, "HELD_BYTES", 0)
+    monkeypatch.setattr(ingestion, "_spill", lambda X, beside: spilled.append(beside) or real_spill(X, beside))
+    report = ingest(tmp_path / "spilled", files, model=None, k=3, chunk_size=40)
+    assert spilled == [tmp_path] * 3 and report.rows == len(X) == held.rows
+    assert not list(tmp_path.glob(".imprint-spill-*"))
+    np.testing.assert_array_equal(Collection.open(tmp_path / "spilled").predict(X),
+                                  Collection.open(tmp_path / "held").predict(X))
+    assert ingestion._spill(X, tmp_path / "absent").shape == X.shape  # no such folder: the temp folder
