@@ -214,10 +214,16 @@ def ray_connect(address: str | None) -> None:
 
 
 def open_collection(path: Path, **options: Any):
-    """Open the collection at ``path`` (sharded or not) with the command's ``--wait``."""
+    """Open the collection at ``path`` (sharded or not) with the command's ``--wait``; it is closed
+    when the command ends (its last SQLite connection closed, so the WAL is checkpointed then, not
+    whenever the garbage collector gets to it)."""
     from retrieval_imprint.sharded import open_any
 
-    return open_any(path, lock_timeout=lock_timeout(), **options)
+    col = open_any(path, lock_timeout=lock_timeout(), **options)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(col.close)
+    return col
 
 
 def collection_vectors(col: Any, datasets: list, quiet: bool) -> np.ndarray:

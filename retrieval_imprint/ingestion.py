@@ -187,6 +187,7 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
         col.compact()
     seen = {lab.entry(label) for ds, _, _ in todo for label in ds.labels}
     info = col.info()
+    col.close()  # the caller gets a report, not the collection: its connections close now
     return IngestReport(str(path), total, resumed, len(seen - before), info["classes"], info["proxies"],
                         retrained, col.auto_choice, skipped, target.created)
 
