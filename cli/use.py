@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import sys
@@ -107,11 +108,14 @@ def _index_on_ray(collection: Path, data: tuple[str, ...], preset: str | None, s
     given = [name for name, value in unsupported.items() if value]
     if given:
         raise UserError(f"{', '.join(given)} cannot be used with --engine ray")
-    ray_connect(address)
-    from retrieval_imprint.distributed import build
+    # Ray's driver prints its raylet's warnings (e.g. "N PYTHON worker processes have been started") to
+    # stdout from a thread of its own: they go to stderr while Ray works, so --json stays JSON
+    with contextlib.redirect_stdout(sys.stderr):
+        ray_connect(address)
+        from retrieval_imprint.distributed import build
 
-    report = build(collection, data, shards=shards, chunk_size=chunk_size, preset=preset,
-                   lock_timeout=lock_timeout() or 3600.0, **columns, **settings)
+        report = build(collection, data, shards=shards, chunk_size=chunk_size, preset=preset,
+                       lock_timeout=lock_timeout() or 3600.0, **columns, **settings)
     if as_json:
         emit(report.as_dict())
         return
