@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
 from ._groups import Grouped
 from .auto import choose, folds
-from .device import check_device, use_device
+from .device import use_device
 from .imprint import grouped, imprint, means, seed_of
 from .openset import class_shift, filled, own_scores
 from .index import ProxyIndex
@@ -32,7 +32,7 @@ def _on_device(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def run(self: "ImprintClassifier", *args: Any, **kwargs: Any) -> Any:
-        with use_device(check_device("device", self.device)):
+        with use_device(self.device):  # resolve checks the value
             return method(self, *args, **kwargs)
 
     return run

@@ -217,7 +217,7 @@ class ProxyIndex:
         exact = isinstance(self.index, (faiss.IndexFlat, faiss.IndexIDMap2))
         device = current()
         if exact and device is not None and self.index.ntotal:
-            X, X_sq = self._on_device(device, lambda: self._tensors(device))
+            X, X_sq = self._tensors(device)
             D, top = torch_search.top_k(to_device(Q, device), X, min(m, len(X)), self._kind, X_sq)
             return self._finish(to_numpy(D), to_numpy(top), m)
         if exact and self.metric in ("ip", "cosine") and len(Q) < SMALL_BATCH and m <= SMALL_M and self.index.ntotal:
@@ -243,9 +243,12 @@ class ProxyIndex:
 
     def _tensors(self, device: str) -> tuple:
         """The stored vectors of an exact index as a tensor on ``device`` (on the CPU a view of
-        FAISS's storage), and their squared norms for L2."""
-        X = to_device(self._stored(), device)
-        return X, (X * X).sum(1) if self._kind == "l2" else None
+        FAISS's storage), and their squared norms for L2; made once per version (``_on_device``)."""
+        def make() -> tuple:
+            X = to_device(self._stored(), device)
+            return X, (X * X).sum(1) if self._kind == "l2" else None
+
+        return self._on_device(device, make)
 
     def _row_ids(self) -> np.ndarray | None:
         """The id of each stored row, a view of ``IndexIDMap2``'s map (None: ids are row numbers)."""
@@ -334,7 +337,7 @@ class ProxyIndex:
         flat_metric = _FAISS_METRIC[self.metric]
         device = current()
         if device is not None and self.ntotal:
-            X, X_sq = self._on_device(device, lambda: self._tensors(device))
+            X, X_sq = self._tensors(device)
             D = to_numpy(torch_search.scores(to_device(self.prepare(Q), device), X, self._kind, X_sq))
         else:
             D = faiss.pairwise_distances(self.prepare(Q), self._stored(), flat_metric)

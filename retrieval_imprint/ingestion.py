@@ -2,10 +2,9 @@
 
 ``ingest(path, sources)`` reads and checks every source before anything is written (vectors
 beyond ``HELD_BYTES`` wait in a memory-mapped temporary file, so 1M classes in 20 Parquet files do
-not need their 12 GB of vectors in RAM), opens the
-collection at ``path`` (its stored settings must match any given) or creates it when the first
-chunk is ready, embeds texts with the collection's model, and adds the rows. Up to ``chunk_size``
-rows go in one atomic write; larger inputs go chunk by chunk, cut where the label changes when
+not need their 12 GB of vectors in RAM), opens the collection at ``path`` (its stored settings
+must match any given) or creates it when the first chunk is ready, embeds texts with the
+collection's model, and adds the rows. Up to ``chunk_size`` rows go in one atomic write; larger inputs go chunk by chunk, cut where the label changes when
 rows are grouped by label (a class is then imprinted from all its samples at once). Each write
 also records, per source (identified by its content: ``fingerprint``), how many of its rows are
 done, so rerunning an interrupted ingestion, from Python or ``imprint index``, continues after the
@@ -38,6 +37,7 @@ from .readers import Dataset, read
 from .sharded import ShardedCollection, exists, is_sharded, open_any
 
 HELD_BYTES = 1 << 30  # vectors held in memory from the check to the write; beyond, in a temporary file
+
 
 @dataclass(frozen=True)
 class IngestReport:

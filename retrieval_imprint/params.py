@@ -179,7 +179,8 @@ RUNTIME: dict[str, Param] = {p.name: p for p in (
           "backend), auto (cuda when torch sees a GPU, else none, with a notice).", check=check_device),
 )}
 
-DEFAULTS: dict[str, Any] = {name: p.default for name, p in (IMPRINT | RUNTIME).items()}
+_ESTIMATOR = IMPRINT | RUNTIME  # the estimator's parameters
+DEFAULTS: dict[str, Any] = {name: p.default for name, p in _ESTIMATOR.items()}
 
 # How ingestion writes: rows per atomic write (ingestion.py); larger inputs go chunk by chunk, resumably.
 DEFAULT_CHUNK = 20_000
@@ -217,7 +218,7 @@ def preset(name: str | None) -> dict[str, Any]:
 def check_params(params: dict[str, Any]) -> dict[str, Any]:
     """The GEN/NORM/AGG (and ``RUNTIME``) parameters in ``params``, each checked, and their
     combination; returns them."""
-    out = {name: (IMPRINT | RUNTIME)[name].validate(value) for name, value in params.items()}
+    out = {name: _ESTIMATOR[name].validate(value) for name, value in params.items()}
     aggregation = out.get("aggregation", AUTO)
     if aggregation != "mnn" and out.get("m", 1) != 1:
         raise InvalidParameterError(f"m={out['m']!r} is only used with aggregation='mnn'")
