@@ -1,17 +1,18 @@
 """Ingestion: labelled data files into a collection, chunk by chunk, resumable.
 
-``ingest(path, sources)`` reads and checks every source before anything is written (vectors
-beyond ``HELD_BYTES`` wait in a memory-mapped temporary file, so 1M classes in 20 Parquet files do
-not need their 12 GB of vectors in RAM), opens the collection at ``path`` (its stored settings
-must match any given) or creates it when the first chunk is ready, embeds texts with the
-collection's model, and adds the rows. Up to ``chunk_size`` rows go in one atomic write; larger inputs go chunk by chunk, cut where the label changes when
-rows are grouped by label (a class is then imprinted from all its samples at once). Each write
-also records, per source (identified by its content: ``fingerprint``), how many of its rows are
-done, so rerunning an interrupted ingestion, from Python or ``imprint index``, continues after the
-last committed chunk, and a source ingested whole before is skipped (``again=True`` adds it
-anyway) rather than doubling its classes' samples. ``upsert=True`` gives classes that existed
-before the call the new data's samples instead of adding to theirs. At the end, IVF lists trained
-on the first chunk are retrained on everything when the collection has outgrown them.
+``ingest(path, sources)`` reads and checks every source before anything is written (vectors beyond
+``HELD_BYTES`` wait in a memory-mapped temporary file, so 1M classes in 20 Parquet files do not
+need their 12 GB of vectors in RAM), opens the collection at ``path`` (its stored settings must
+match any given) or creates it when the first chunk is ready, embeds texts with the collection's
+model, and adds the rows. Up to ``chunk_size`` rows go in one atomic write; larger inputs go chunk
+by chunk, cut where the label changes when rows are grouped by label (a class is then imprinted
+from all its samples at once). Each write also records, per source (identified by its content:
+``fingerprint``), how many of its rows are done, so rerunning an interrupted ingestion, from Python
+or ``imprint index``, continues after the last committed chunk, and a source ingested whole before
+is skipped (``again=True`` adds it anyway) rather than doubling its classes' samples.
+``upsert=True`` gives classes that existed before the call the new data's samples instead of adding
+to theirs. At the end, IVF lists trained on the first chunk are retrained on everything when the
+collection has outgrown them.
 """
 
 from __future__ import annotations
