@@ -1,5 +1,6 @@
 """The torch backend (device.py): the same k-means and exact search as the numpy/FAISS path, run
-on the CPU here (a GPU runs the same code), and the device setting's errors and fallback."""
+on the CPU everywhere and on the GPU too where torch sees one (``TORCH_DEVICES``), and the device
+setting's errors and fallback."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from retrieval_imprint.labels import label_keys
 from retrieval_imprint.normalize import l2_normalize
 
 NO_GPU = not torch.cuda.is_available()
+TORCH_DEVICES = ["cpu"] + ([] if NO_GPU else ["cuda"])  # where the torch backend is checked against numpy
 
 
 @pytest.fixture(autouse=True)
@@ -78,26 +80,33 @@ def test_use_device_nests_over_the_process_default():
     assert device.current() is None
 
 
+@pytest.mark.skipif(NO_GPU, reason="what 'auto' picks on a machine with a GPU")
+def test_auto_takes_the_gpu_when_torch_sees_one():
+    assert device.resolve("auto") == "cuda"
+
+
+@pytest.mark.parametrize("dev", TORCH_DEVICES)
 @pytest.mark.parametrize("k", [2, 5])
-def test_torch_kmeans_matches_numpy_centroids_and_objective(k):
+def test_torch_kmeans_matches_numpy_centroids_and_objective(k, dev):
     X, y = blobs(300, 24, 32, seed=3)
     groups = grouped(X, y)
     ours = batched_kmeans(groups, k, 7)
-    with device.use_device("cpu"):
+    with device.use_device(dev):
         theirs = batched_kmeans(groups, k, 7)
     close = np.abs(ours - theirs).max(-1) <= 1e-4
     assert close.mean() >= 0.999, close.mean()
     assert inertia(groups, theirs) == pytest.approx(inertia(groups, ours), rel=1e-3)
 
 
-def test_torch_kmeans_handles_padding_empty_clusters_and_identical_points():
+@pytest.mark.parametrize("dev", TORCH_DEVICES)
+def test_torch_kmeans_handles_padding_empty_clusters_and_identical_points(dev):
     rng = np.random.default_rng(0)
     sizes = [4, 9, 30, 5]  # uneven classes share padded blocks
     X = rng.standard_normal((sum(sizes), 16)).astype(np.float32)
     X[4:13] = X[4]  # one class of identical points: every centre is that point
     y = np.repeat(np.arange(len(sizes)), sizes)
     groups = Grouped.from_codes(X, y, label_keys(np.arange(len(sizes))))
-    with device.use_device("cpu"):
+    with device.use_device(dev):
         theirs = batched_kmeans(groups, 3, 1)
     np.testing.assert_allclose(theirs, batched_kmeans(groups, 3, 1), atol=1e-5)
     np.testing.assert_allclose(theirs[1], np.broadcast_to(X[4], (3, 16)), atol=1e-6)
@@ -112,15 +121,16 @@ def brute_top(Q: np.ndarray, X: np.ndarray, kind: str) -> np.ndarray:
     return -{"l2": (diff ** 2).sum(-1), "l1": diff.sum(-1), "linf": diff.max(-1)}[kind]
 
 
+@pytest.mark.parametrize("dev", TORCH_DEVICES)
 @pytest.mark.parametrize("kind", torch_search.KINDS)
 @pytest.mark.parametrize("block_bytes", [64 << 20, 4 * 7 * 11])  # one block, and blocks of 11 rows merged
-def test_blocked_top_k_equals_brute_force_with_ties(kind, block_bytes, monkeypatch):
-    monkeypatch.setitem(torch_search.SCORE_BYTES, "cpu", block_bytes)
+def test_blocked_top_k_equals_brute_force_with_ties(kind, block_bytes, dev, monkeypatch):
+    monkeypatch.setitem(torch_search.SCORE_BYTES, dev, block_bytes)
     rng = np.random.default_rng(1)
     X = rng.integers(-2, 3, (60, 5)).astype(np.float32)  # small integers: many exact ties
     Q = rng.integers(-2, 3, (7, 5)).astype(np.float32)
     k = 9
-    s, rows = (t.numpy() for t in torch_search.top_k(torch.from_numpy(Q), torch.from_numpy(X), k, kind))
+    s, rows = (device.to_numpy(t) for t in torch_search.top_k(device.to_device(Q, dev), device.to_device(X, dev), k, kind))
     ref = brute_top(Q, X, kind)
     sign = 1.0 if kind == "ip" else -1.0
     best = -np.sort(-ref, 1)[:, :k]
@@ -129,14 +139,15 @@ def test_blocked_top_k_equals_brute_force_with_ties(kind, block_bytes, monkeypat
     assert all(len(set(r)) == k for r in rows)
 
 
+@pytest.mark.parametrize("dev", TORCH_DEVICES)
 @pytest.mark.parametrize("metric", ["ip", "cosine", "euclidean", "manhattan", "chebyshev"])
-def test_proxy_index_searches_alike_on_the_torch_backend(metric):
+def test_proxy_index_searches_alike_on_the_torch_backend(metric, dev):
     X, _ = blobs(40, 5, 12, seed=2)
     Q = blobs(3, 4, 12, seed=9)[0]
     index = ProxyIndex(12, metric, with_ids=True)
     index.add(X[:150], np.arange(150) * 10)
     want, want_similarity = index.search(Q, 7), index.similarity(Q)
-    with device.use_device("cpu"):
+    with device.use_device(dev):
         got = index.search(Q, 7)
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
         assert (got[2] == want[2]).mean() > 0.95  # only float32 near-ties may swap
@@ -148,7 +159,8 @@ def test_proxy_index_searches_alike_on_the_torch_backend(metric):
         assert (index.search(Q, 300)[2][:, 199:] == -1).all()  # fewer stored than asked: id -1
 
 
-def test_torch_backend_predicts_like_numpy_for_every_aggregation():
+@pytest.mark.parametrize("dev", TORCH_DEVICES)
+def test_torch_backend_predicts_like_numpy_for_every_aggregation(dev):
     X, y = blobs(20, 30, 16, seed=4)
     Xq, _ = blobs(20, 10, 16, seed=5)
     for params in (dict(generator="kmeans", k=4, aggregation="max"),
@@ -156,18 +168,19 @@ def test_torch_backend_predicts_like_numpy_for_every_aggregation():
                    dict(generator="kls", k=3, aggregation="max"),
                    dict(generator="kmeans", k=3, aggregation="blend", alpha=0.5), dict()):
         ours = ImprintClassifier(**params).fit(X, y)
-        theirs = ImprintClassifier(**params, device="cpu").fit(X, y)
+        theirs = ImprintClassifier(**params, device=dev).fit(X, y)
         assert theirs.auto_choice_ == ours.auto_choice_
         np.testing.assert_allclose(theirs.proxies_, ours.proxies_, atol=1e-4)
         np.testing.assert_array_equal(theirs.predict(Xq), ours.predict(Xq))
 
 
-def test_collections_query_on_the_process_device(tmp_path):
+@pytest.mark.parametrize("dev", TORCH_DEVICES)
+def test_collections_query_on_the_process_device(tmp_path, dev):
     X, y = blobs(30, 8, 10, seed=6)
     col = Collection.create(tmp_path / "c", model=None, generator="kmeans", k=2, aggregation="max")
     col.add(X, y)
     want = col.query(X[:20], top=3)
-    device.set_device("cpu")
+    device.set_device(dev)
     got = col.query(X[:20], top=3)
     np.testing.assert_array_equal(got.labels, want.labels)
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
@@ -191,8 +204,9 @@ def test_the_cli_takes_device(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dev", TORCH_DEVICES)
 @pytest.mark.parametrize("name", ["clinc150", "banking77"])
-def test_torch_backend_predicts_real_data_identically(name):
+def test_torch_backend_predicts_real_data_identically(name, dev):
     """Real embeddings: the same predictions from the torch backend for the generators built on
     k-means (kmeans, kls, and auto's choice) under max and m-NN."""
     with np.load(shared_data(name, "embeddings.npz")) as z:
@@ -201,7 +215,7 @@ def test_torch_backend_predicts_real_data_identically(name):
                    dict(generator="kmeans", k=5, aggregation="mnn", m=10),
                    dict(generator="kls", k=2, aggregation="max"), dict()):
         ours = ImprintClassifier(**params).fit(X, y)
-        theirs = ImprintClassifier(**params, device="cpu").fit(X, y)
+        theirs = ImprintClassifier(**params, device=dev).fit(X, y)
         assert theirs.auto_choice_ == ours.auto_choice_, params
         close = np.abs(theirs.proxies_ - ours.proxies_).max(1) <= 1e-4
         assert close.mean() >= 0.999, (params, close.mean())
