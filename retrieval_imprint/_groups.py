@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from array_api_compat import array_namespace, device as device_of
 from threadpoolctl import ThreadpoolController
 
-from .device import BLOCK_BYTES, to_device, to_numpy
+from .device import BLOCK_BYTES, copy_to_host, prefetched, to_numpy
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _THREADPOOLS: list[ThreadpoolController] = []  # inspected once: scanning the loaded libraries costs ~10 ms
@@ -51,7 +52,7 @@ def uniforms(keys: np.ndarray, seed: int, stream: int, counter: np.ndarray | int
 class Grouped:
     """Rows of ``X`` sorted by class: class ``c`` owns ``X[offsets[c]:offsets[c + 1]]``."""
 
-    X: np.ndarray  # (n, d) float32
+    X: np.ndarray  # (n, d) float32; or a torch tensor on the device map_blocks runs on
     offsets: np.ndarray  # (C + 1,) int64
     keys: np.ndarray  # (C,) uint64
 
@@ -110,7 +111,8 @@ class Grouped:
             if mask.all() and hi - lo == len(classes) * n_pad:  # equal, consecutive classes: a view
                 P = self.X[lo:hi].reshape(len(classes), n_pad, d)
             else:
-                P = np.zeros((len(classes), n_pad, d), np.float32)
+                xp = array_namespace(self.X)
+                P = xp.zeros((len(classes), n_pad, d), dtype=self.X.dtype, device=device_of(self.X))
                 P.reshape(-1, d)[np.flatnonzero(mask.ravel())] = self.X[self.rows(classes)]
             yield classes, P, mask
             start = stop
@@ -122,13 +124,17 @@ class Grouped:
         Blocks run in threads with single-threaded BLAS: tiny per-class matrices gain nothing from
         a threaded GEMM, while whole blocks in parallel use every core. With a torch ``device``
         (``device.py``) ``P`` and ``mask`` are tensors on it, and blocks (larger on a GPU) run one
-        after another, each using the whole device.
+        after another, each using the whole device, the next block's copy overlapping the work.
         """
         d = self.X.shape[1]
         out = np.empty((self.n_classes, k, d), np.float32)
         if device is not None:
-            for classes, P, mask in self.padded(BLOCK_BYTES[device.split(":")[0]]):
-                out[classes] = to_numpy(fn(classes, to_device(P, device), to_device(mask, device)))
+            for classes, P, mask in prefetched(self.padded(BLOCK_BYTES[device.split(":")[0]]), device):
+                result, lo = fn(classes, P, mask), int(classes[0])
+                if np.array_equal(classes, np.arange(lo, lo + len(classes))):  # a run of classes: copied in place
+                    copy_to_host(out[lo : lo + len(classes)], result)
+                else:
+                    out[classes] = to_numpy(result)
             return out
         workers = workers or os.cpu_count() or 1
         total = int(self.sizes.sum()) * d * 4

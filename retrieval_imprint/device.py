@@ -24,7 +24,7 @@ import contextvars
 import functools
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -98,14 +98,66 @@ def current() -> str | None:
     return _default if override is None else override[0]
 
 
-def to_device(a: np.ndarray, device: str) -> Any:
-    """``a`` as a torch tensor on ``device`` (no copy on the CPU)."""
-    return _torch().from_numpy(np.ascontiguousarray(a)).to(device)
+def to_device(a: Any, device: str) -> Any:
+    """``a`` (a numpy array or a tensor) as a torch tensor on ``device``: no copy where it already
+    lies (a numpy array on the CPU is shared). To a GPU it goes through page-locked memory without
+    blocking the host (torch keeps the staging copy until the transfer is done)."""
+    torch = _torch()
+    if isinstance(a, torch.Tensor):
+        return a.to(device)
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if device == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 def to_numpy(a: Any) -> np.ndarray:
     """A torch tensor (or an array) as a numpy array."""
     return a if isinstance(a, np.ndarray) else a.detach().cpu().numpy()
+
+
+def copy_to_host(dst: np.ndarray, src: Any) -> None:
+    """Copy a tensor (or an array) into the numpy array ``dst``, with no intermediate array."""
+    if isinstance(src, np.ndarray):
+        dst[...] = src
+    else:
+        _torch().from_numpy(dst).copy_(src)
+
+
+def prefetched(blocks: Iterable[tuple], device: str) -> Iterator[tuple]:
+    """Blocks ``(tag, *arrays)`` with their arrays moved to ``device`` (``tag`` passes as is).
+
+    On a GPU each block's copy is issued on a side stream before the previous block is handed
+    out, so the transfer of the next block overlaps the work on this one.
+    """
+    torch = _torch()
+    if not device.startswith("cuda"):
+        for tag, *arrays in blocks:
+            yield (tag, *(to_device(a, device) for a in arrays))
+        return
+    side, work = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def issue(block: tuple) -> tuple:
+        tag, *arrays = block
+        with torch.cuda.stream(side):
+            moved = [to_device(a, device) for a in arrays]
+            done = torch.cuda.Event()
+            done.record(side)
+        return tag, moved, done
+
+    def hand_over(issued: tuple) -> tuple:
+        tag, moved, done = issued
+        work.wait_event(done)
+        for t in moved:  # made on the side stream, used on the work stream
+            t.record_stream(work)
+        return (tag, *moved)
+
+    ahead = None
+    for block in blocks:
+        issued = issue(block)
+        if ahead is not None:
+            yield hand_over(ahead)
+        ahead = issued
+    if ahead is not None:
+        yield hand_over(ahead)
 
 
 def faiss_gpu(device: str | None) -> int | None:

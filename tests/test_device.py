@@ -112,6 +112,31 @@ def test_torch_kmeans_handles_padding_empty_clusters_and_identical_points(dev):
     np.testing.assert_allclose(theirs[1], np.broadcast_to(X[4], (3, 16)), atol=1e-6)
 
 
+@pytest.mark.parametrize("dev", TORCH_DEVICES)
+def test_classes_already_on_the_device_give_the_same_centroids(dev):
+    """Grouped rows may be a tensor on the device (embeddings made there): no copy in, same k-means,
+    through both the view of equal classes and the zero-padded copy of unequal ones."""
+    X, y = blobs(40, 12, 16, seed=8)
+    y[:5] = 39  # unequal class sizes: zero-padded blocks
+    groups = grouped(X, y)
+    with device.use_device(dev):
+        want = batched_kmeans(groups, 3, 2)
+        on_device = Grouped(device.to_device(groups.X, dev), groups.offsets, groups.keys)
+        np.testing.assert_array_equal(batched_kmeans(on_device, 3, 2), want)
+
+
+@pytest.mark.parametrize("dev", TORCH_DEVICES)
+def test_prefetched_blocks_arrive_whole_and_in_order(dev):
+    rng = np.random.default_rng(0)
+    blocks = [(i, rng.standard_normal((i + 1, 3)).astype(np.float32), rng.random(i + 2) < 0.5) for i in range(5)]
+    got = list(device.prefetched(iter(blocks), dev))
+    assert [tag for tag, *_ in got] == list(range(5))
+    for (_, P, mask), (_, P_dev, mask_dev) in zip(blocks, got):
+        assert P_dev.device.type == dev and mask_dev.device.type == dev
+        np.testing.assert_array_equal(device.to_numpy(P_dev), P)
+        np.testing.assert_array_equal(device.to_numpy(mask_dev), mask)
+
+
 def brute_top(Q: np.ndarray, X: np.ndarray, kind: str) -> np.ndarray:
     """Reference scores ``(n_q, n)`` in float64, larger is better."""
     Q, X = Q.astype(np.float64), X.astype(np.float64)
@@ -130,7 +155,8 @@ def test_blocked_top_k_equals_brute_force_with_ties(kind, block_bytes, dev, monk
     X = rng.integers(-2, 3, (60, 5)).astype(np.float32)  # small integers: many exact ties
     Q = rng.integers(-2, 3, (7, 5)).astype(np.float32)
     k = 9
-    s, rows = (device.to_numpy(t) for t in torch_search.top_k(device.to_device(Q, dev), device.to_device(X, dev), k, kind))
+    found = torch_search.top_k(device.to_device(Q, dev), device.to_device(X, dev), k, kind)
+    s, rows = (device.to_numpy(t) for t in found)
     ref = brute_top(Q, X, kind)
     sign = 1.0 if kind == "ip" else -1.0
     best = -np.sort(-ref, 1)[:, :k]
