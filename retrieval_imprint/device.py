@@ -32,6 +32,7 @@ from .errors import DeviceError
 
 DEVICES = (None, "cpu", "cuda", "auto")
 BLOCK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}  # padded class data per k-means block
+STAGE_BYTES = 64 << 20  # page-locked buffer a GPU result comes back through (copy_to_host)
 
 _default: str | None = None
 _override: contextvars.ContextVar[tuple[str | None] | None] = contextvars.ContextVar("device", default=None)
@@ -115,11 +116,28 @@ def to_numpy(a: Any) -> np.ndarray:
 
 
 def copy_to_host(dst: np.ndarray, src: Any) -> None:
-    """Copy a tensor (or an array) into the numpy array ``dst``, with no intermediate array."""
+    """Copy a tensor (or an array) into the numpy array ``dst``, with no intermediate array.
+
+    From a GPU, a ``STAGE_BYTES`` page-locked buffer at a time (the transfer at full speed), then
+    into ``dst`` with torch's threaded copy: landing on fresh host memory is what costs (its first
+    touch; 6 GB of centroids took 2.2 s from one thread on the H200 machine, against 0.11 s for
+    the transfer into page-locked memory), and threads take that in parallel.
+    """
     if isinstance(src, np.ndarray):
         dst[...] = src
-    else:
-        _torch().from_numpy(dst).copy_(src)
+        return
+    torch = _torch()
+    target = torch.from_numpy(dst)
+    if src.device.type == "cpu":
+        target.copy_(src)
+        return
+    src, target = src.reshape(-1), target.view(-1)
+    step = max(1, STAGE_BYTES // src.element_size())
+    stage = torch.empty(min(step, src.numel()), dtype=src.dtype, pin_memory=True)
+    for lo in range(0, src.numel(), step):
+        part = stage[: min(step, src.numel() - lo)]
+        part.copy_(src[lo : lo + step])
+        target[lo : lo + step].copy_(part)
 
 
 def prefetched(blocks: Iterable[tuple], device: str) -> Iterator[tuple]:

@@ -137,6 +137,15 @@ def test_prefetched_blocks_arrive_whole_and_in_order(dev):
         np.testing.assert_array_equal(device.to_numpy(mask_dev), mask)
 
 
+@pytest.mark.parametrize("dev", TORCH_DEVICES)
+def test_results_come_back_whole_through_the_staging_buffer(dev, monkeypatch):
+    monkeypatch.setattr(device, "STAGE_BYTES", 4 * 37)  # many stages, the last one partial
+    want = np.random.default_rng(3).standard_normal((50, 3, 7)).astype(np.float32)
+    got = np.empty_like(want)
+    device.copy_to_host(got, device.to_device(want, dev))
+    np.testing.assert_array_equal(got, want)
+
+
 def brute_top(Q: np.ndarray, X: np.ndarray, kind: str) -> np.ndarray:
     """Reference scores ``(n_q, n)`` in float64, larger is better."""
     Q, X = Q.astype(np.float64), X.astype(np.float64)
