@@ -173,9 +173,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1_000_000)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--out", type=Path, default=DOCS / "distributed.md")
-    parser.add_argument("--builds-only", action="store_true",
-                        help="time the two builds and stop (at 1M Flat classes the query part opens 6 GB "
-                             "collections that a 24 GiB machine cannot hold beside each other)")
+    parser.add_argument("--builds-only", action="store_true", help="time the two builds and stop")
     args = parser.parse_args()
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="ri-distributed-"))
@@ -194,7 +192,8 @@ def main() -> None:
     build_table = markdown_table(["build", "seconds", "vs one process", "peak RSS GiB (driver)",
                                   "largest Ray worker GiB"], build_rows)
     command = "benchmarks/distributed.py" + (f" --classes {args.classes}" if args.classes != 1_000_000 else "") + (
-        f" --shards {args.shards}" if args.shards != 4 else "") + (" --builds-only" if args.builds_only else "")
+        f" --shards {args.shards}" if args.shards != 4 else "") + (" --builds-only" if args.builds_only else "") + (
+        f" --out {args.out}" if args.out.resolve() != DOCS / "distributed.md" else "")
     setup = (f"Setup: {args.classes:,} synthetic classes as in [scale.md](scale.md) (384-d, 8 training samples each, "
              f"in Parquet files of {FILE_CLASSES:,} classes), GEN kmeans k = {K}, max, exact (Flat) indexes, samples "
              "not kept. Each build runs in its own process.")
