@@ -116,7 +116,7 @@ def to_numpy(a: Any) -> np.ndarray:
 
 
 def copy_to_host(dst: np.ndarray, src: Any) -> None:
-    """Copy a tensor (or an array) into the numpy array ``dst``, with no intermediate array.
+    """Copy a tensor (or an array) into the contiguous numpy array ``dst``, with no intermediate array.
 
     From a GPU, a ``STAGE_BYTES`` page-locked buffer at a time (the transfer at full speed), then
     into ``dst`` with torch's threaded copy: landing on fresh host memory is what costs (its first

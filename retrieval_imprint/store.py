@@ -32,7 +32,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (BigInteger, Boolean, Column, Connection, Engine, Float, ForeignKey, Index, Integer,
                         LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, delete, distinct, event,
-                        func, insert, inspect, or_, select, tuple_, update)
+                        func, insert, inspect, or_, select, update)
 from sqlalchemy.exc import DatabaseError, OperationalError
 
 from .errors import CollectionDamagedError, CollectionIOError
@@ -294,14 +294,22 @@ def version(conn: Connection) -> int:
 
 
 def find_classes(conn: Connection, entries: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Any]:
-    """Existing class rows for ``(kind, text)`` label entries, keyed by entry."""
+    """Existing class rows for ``(kind, text)`` label entries, keyed by entry.
+
+    One query per label kind, ``label_kind = ? AND label IN (...)``: SQLite looks each label up
+    in the unique index, where the row-value form ``(label_kind, label) IN (VALUES ...)`` scans the
+    whole index per query (each add then cost time in proportion to the collection's classes).
+    """
     c = classes.c
+    by_kind: dict[str, list[str]] = {}
+    for kind, text in entries:
+        by_kind.setdefault(kind, []).append(text)
     found = {}
-    for i in range(0, len(entries), SQL_CHUNK):
-        chunk = list(entries[i : i + SQL_CHUNK])
-        for row in conn.execute(select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_hi, c.sample_hi)
-                                .where(tuple_(c.label_kind, c.label).in_(chunk))):
-            found[(row.label_kind, row.label)] = row
+    for kind, texts in by_kind.items():
+        for i in range(0, len(texts), SQL_CHUNK):
+            for row in conn.execute(select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_hi, c.sample_hi)
+                                    .where(c.label_kind == kind, c.label.in_(texts[i : i + SQL_CHUNK]))):
+                found[(row.label_kind, row.label)] = row
     return found
 
 
