@@ -34,6 +34,7 @@ from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
 
 RECENT_MAX = 4096  # vectors of a segment file this process writes that it keeps for the next compaction
+MERGE_FAN_IN = 4  # a file an automatic compaction writes is this many times larger than its inputs
 
 
 def _record(s: Snapshot, kind: str, segment: segments.Segment) -> None:
@@ -429,16 +430,35 @@ def _tune(s: Snapshot, proxies: ProxyIndex) -> None:
             index.search_params = s.search_params
 
 
+def tiered(sizes: Sequence[int]) -> list[int]:
+    """Positions of the files an automatic compaction merges, given their sizes in ascending order:
+    the fewest smallest files (at least two) whose merged size is ``MERGE_FAN_IN`` times the
+    largest of them; where no such prefix exists, the prefix that grows most over its largest.
+
+    As in a log-structured merge tree, each merge multiplies the size of the file holding its
+    vectors, so a vector is rewritten about a logarithmic number of times in all. Merging
+    everything but the largest file (the rule before) rewrote the growing second-largest at every
+    compaction: quadratic in the collection's size.
+    """
+    merged = np.cumsum(sizes, dtype=np.float64)
+    growth = merged[1:] / np.maximum(np.asarray(sizes[1:], np.float64), 1.0)
+    enough = np.flatnonzero(growth >= MERGE_FAN_IN)
+    k = int(enough[0]) if len(enough) else int(np.argmax(growth))
+    return list(range(k + 2))
+
+
 def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, retrain: bool = False) -> None:
-    """Merge segment files into one per kind: all of them (``full``), or all but the largest, so
-    that the automatic compaction after many small adds rewrites only the small ones.
-    ``retrain`` (full only): re-encode the proxies under IVF lists retrained on them."""
+    """Merge segment files into one per kind: all of them (``full``), or the smallest few
+    (``tiered``), so that the automatic compaction after many small adds rewrites each vector a
+    logarithmic number of times. ``retrain`` (full only): re-encode the proxies
+    under IVF lists retrained on them."""
     version = s.version + 1
     kinds = ["proxies"] + (["samples"] if s.config["keep_samples"] else []) + (["means"] if s.files["means"] else [])
     victims = {}
     for kind in kinds:
-        files = sorted(s.files[kind], key=lambda f: (directory / f).stat().st_size)
-        victims[kind] = files if full else files[:-1]
+        sizes = {f: (directory / f).stat().st_size for f in s.files[kind]}
+        files = sorted(sizes, key=sizes.__getitem__)
+        victims[kind] = files if full or not files else [files[i] for i in tiered([sizes[f] for f in files])]
     merged = {kind: s.merge(directory, kind, files) for kind, files in victims.items()
               if (len(files) > 1 or full) and not (retrain and kind == "proxies")}
     template = None
