@@ -109,6 +109,10 @@ def test_non_finite_vectors_are_found_block_by_block(tmp_path, monkeypatch):
         ("v.jsonl", '{"vector": "nope", "label": "a"}\n', {}, "line 1: column 'vector' is not a JSON list"),
         ("t.csv", "text,label\nhi,a\n,b\n", {}, r"row 2 \(line 3\): text column 'text' is blank"),
         ("l.jsonl", '{"text": "a", "label": 1.5}\n', {}, "line 1: label 1.5 in column 'label' must be text or an integer"),
+        # labels are checked once per distinct value: 1 before 1.0 or true does not let those through
+        ("l.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 1.0}\n', {}, "line 2: label 1.0 in column"),
+        ("l.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": true}\n', {}, "line 2: label True in column"),
+        ("l.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": ["x"]}\n', {}, r"line 2: label \['x'\]"),
         ("x.jsonl", "[1, 2]\n", {}, "line 1 is not a JSON object"),
     ],
 )
