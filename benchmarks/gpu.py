@@ -7,7 +7,8 @@ docs/gpu.json, so a GPU machine's run sits beside this 2-core machine's CPU path
   and agreement of each backend's predictions with numpy's.
 - Batched k-means of C synthetic classes x 8 samples x 384-d, k = 4 (C = 100k and 1M): seconds,
   share of centroids within 1e-4 of numpy's (on the first 20k classes: a class's centroids do not
-  depend on the others) and the k-means objective against numpy's.
+  depend on the others) and the k-means objective against numpy's. On a GPU also the same k-means
+  with the rows already there, and the copies alone (rows in, centroids out): the bus's floor.
 - Exact search, batch 1,000, top-1 over N proxies (N = 100k and 1M): seconds, and agreement of
   the ids with FAISS's (float32 near-ties aside); with faiss-gpu installed, also FAISS's GPU index.
   And the search's matrix product alone, in each backend's BLAS: the floor under its search.
