@@ -433,13 +433,16 @@ def _tune(s: Snapshot, proxies: ProxyIndex) -> None:
 def tiered(sizes: Sequence[int]) -> list[int]:
     """Positions of the files an automatic compaction merges, given their sizes in ascending order:
     the fewest smallest files (at least two) whose merged size is ``MERGE_FAN_IN`` times the
-    largest of them; where no such prefix exists, the prefix that grows most over its largest.
+    largest of them; where no such prefix exists, the prefix that grows most over its largest;
+    none of a single file.
 
     As in a log-structured merge tree, each merge multiplies the size of the file holding its
     vectors, so a vector is rewritten about a logarithmic number of times in all. Merging
     everything but the largest file (the rule before) rewrote the growing second-largest at every
     compaction: quadratic in the collection's size.
     """
+    if len(sizes) < 2:
+        return []
     merged = np.cumsum(sizes, dtype=np.float64)
     growth = merged[1:] / np.maximum(np.asarray(sizes[1:], np.float64), 1.0)
     enough = np.flatnonzero(growth >= MERGE_FAN_IN)
@@ -450,8 +453,8 @@ def tiered(sizes: Sequence[int]) -> list[int]:
 def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, retrain: bool = False) -> None:
     """Merge segment files into one per kind: all of them (``full``), or the smallest few
     (``tiered``), so that the automatic compaction after many small adds rewrites each vector a
-    logarithmic number of times. ``retrain`` (full only): re-encode the proxies
-    under IVF lists retrained on them."""
+    logarithmic number of times. ``retrain`` (full only): re-encode the proxies under IVF lists
+    retrained on them."""
     version = s.version + 1
     kinds = ["proxies"] + (["samples"] if s.config["keep_samples"] else []) + (["means"] if s.files["means"] else [])
     victims = {}

@@ -167,6 +167,13 @@ def test_automatic_compaction_keeps_answers(tmp_path, data, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "col").glob("*.faiss")) == sorted(reopened.info()["segments"])
 
 
+def test_tiered_merges_the_fewest_smallest_files_that_grow_enough():
+    assert writes.tiered([]) == [] and writes.tiered([7]) == []
+    assert writes.tiered([5] * 17) == [0, 1, 2, 3]  # four equal files make one 4x as large
+    assert writes.tiered([5, 5, 5, 20, 20, 20, 20]) == list(range(7))  # 95 >= 4 x 20 takes all seven
+    assert writes.tiered([1, 1, 1, 4, 4]) == [0, 1, 2]  # no prefix reaches 4x: the one that grows most (3x)
+
+
 def test_automatic_compaction_rewrites_each_vector_a_logarithmic_number_of_times(tmp_path, monkeypatch):
     """A stream of small adds: size-tiered merges keep the files few and rewrite each vector a few
     times (2.5 in a model of this stream), where merging all but the largest file rewrote the
