@@ -119,6 +119,7 @@ def latencies(answer, queries: np.ndarray) -> tuple[float, float, float]:
 def exact_labels(sharded, Qn: np.ndarray) -> np.ndarray:
     """Top-1 class of one exact search over every proxy of every shard (float64 on float32 proxies)."""
     best, label = np.full(len(Qn), -np.inf), np.empty(len(Qn), object)
+    Q, rows = Qn.astype(np.float64), np.arange(len(Qn))
     for col in sharded.shards:
         s = col._s
         if not len(col):
@@ -126,9 +127,9 @@ def exact_labels(sharded, Qn: np.ndarray) -> np.ndarray:
         all_ids = s.proxies.ids
         for lo in range(0, len(all_ids), 1 << 17):  # blocks: 1,000 x 1M float64 scores would be 8 GB
             ids = all_ids[lo : lo + (1 << 17)]
-            S = Qn.astype(np.float64) @ s.proxies.reconstruct(ids).astype(np.float64).T
+            S = Q @ s.proxies.reconstruct(ids).astype(np.float64).T
             j = S.argmax(1)
-            top = S[np.arange(len(Qn)), j]
+            top = S[rows, j]
             better = top > best
             best[better] = top[better]
             label[better] = s.table.labels[s.table.positions(ids[j[better]] >> 24)]

@@ -163,9 +163,6 @@ def _from_records(records: list[tuple[str, dict]], columns: list[str], file: Pat
     return out
 
 
-_UNSEEN = object()
-
-
 def _labels(records: list[tuple[str, dict]], file: Path, column: str) -> list[Any]:
     """``_label`` of each record's label, checked once per distinct value (a class repeats its
     label on each of its rows); keyed by type too, so that 1, 1.0 and True stay apart."""
@@ -174,15 +171,11 @@ def _labels(records: list[tuple[str, dict]], file: Path, column: str) -> list[An
     for where, rec in records:
         raw = rec.get(column)
         try:
-            label = done.get((type(raw), raw), _UNSEEN)
+            label = done[(type(raw), raw)]
+        except KeyError:
+            label = done[(type(raw), raw)] = _label(raw, file, where, column)
         except TypeError:  # unhashable: checked (and refused) on its own
-            label = _UNSEEN
-        if label is _UNSEEN:
             label = _label(raw, file, where, column)
-            try:
-                done[(type(raw), raw)] = label
-            except TypeError:
-                pass
         out.append(label)
     return out
 
