@@ -183,48 +183,72 @@ LOO_ROWS = 4000  # rows whose leave-one-out prediction scores a ridge (a seeded 
 _LOO_STREAM = (1 << 32) + 4
 
 
-def ls_head(X: np.ndarray, means: np.ndarray, reg: float) -> np.ndarray:
+@dataclass(frozen=True)
+class Spectrum:
+    """Eigenpairs of ``X^T X`` on the span of the rows of ``X`` (``n`` of them, ``d`` wide): the
+    eigenvalues ``s`` ``(r,)`` and orthonormal eigenvectors ``V`` ``(d, r)``, r <= min(n, d)."""
+
+    s: np.ndarray
+    V: np.ndarray
+    n: int
+
+    @classmethod
+    def of(cls, X: np.ndarray) -> "Spectrum":
+        """From the smaller Gram matrix: ``X^T X``, or ``X X^T`` when ``X`` has fewer rows than
+        columns (a few shots, or wide random features), whose eigenvectors ``U`` give ``V = X^T U / sqrt(s)``.
+        Directions with no variance are dropped: every head below lives in the span of the rows."""
+        X = np.asarray(X, np.float64)
+        n, d = X.shape
+        s, E = np.linalg.eigh(X.T @ X if n >= d else X @ X.T)
+        keep = s > s.max(initial=0.0) * max(n, d) * np.finfo(np.float64).eps
+        s = s[keep]
+        return cls(s, E[:, keep] if n >= d else X.T @ E[:, keep] / np.sqrt(s), n)
+
+
+def ls_head(spectrum: Spectrum, means: np.ndarray, reg: float) -> np.ndarray:
     """Least-squares head ``W = (1/C) M^T (Sigma_T + mu_G mu_G^T + reg I)^-1``, one row per mean.
 
-    ``X`` ``(n, d)`` are all training samples, ``means`` ``(C, d)`` the (pseudo-)class means.
+    ``spectrum`` is that of all training samples, ``means`` ``(C, d)`` the (pseudo-)class means.
     ``Sigma_T + mu_G mu_G^T`` is the second moment ``X^T X / n``: the head is ridge regression
     onto class indicators weighted ``n / (C n_c)``, so that ``loo_ridge`` can score it in closed form.
+    The means lie in the span of the samples, so the head is computed there.
     """
-    X = X.astype(np.float64)
-    A = X.T @ X / len(X) + reg * np.eye(X.shape[1])
-    return (np.linalg.solve(A, means.T).T / len(means)).astype(np.float32)
+    V = spectrum.V
+    W = V @ ((V.T @ means.T) / (spectrum.s / spectrum.n + reg)[:, None])
+    return (W.T / len(means)).astype(np.float32)
 
 
-def loo_ridge(X: np.ndarray, codes: np.ndarray, means: np.ndarray, owner: np.ndarray, seed: int,
-              normalize_rows: bool) -> float:
+def loo_ridge(X: np.ndarray, spectrum: Spectrum, codes: np.ndarray, means: np.ndarray, owner: np.ndarray,
+              seed: int, normalize_rows: bool) -> float:
     """The ridge of ``RIDGE_GRID`` (scaled by the mean eigenvalue of ``X^T X / n``) whose head
     classifies best with each training sample left out (``loo_accuracy``); ties go to the larger."""
-    ridges, accuracy = loo_accuracy(X, codes, means, owner, seed, normalize_rows)
+    ridges, accuracy = loo_accuracy(X, spectrum, codes, means, owner, seed, normalize_rows)
     return float(ridges[len(accuracy) - 1 - np.argmax(accuracy[::-1])])
 
 
-def loo_accuracy(X: np.ndarray, codes: np.ndarray, means: np.ndarray, owner: np.ndarray, seed: int,
-                 normalize_rows: bool) -> tuple[np.ndarray, np.ndarray]:
+def loo_accuracy(X: np.ndarray, spectrum: Spectrum, codes: np.ndarray, means: np.ndarray, owner: np.ndarray,
+                 seed: int, normalize_rows: bool) -> tuple[np.ndarray, np.ndarray]:
     """Each ridge of the grid and the leave-one-out accuracy of its head: closed-form leave-one-out
-    of the ridge regression behind ``ls_head``, from one eigendecomposition. ``codes``: the column
-    of ``means`` each row belongs to; ``owner``: the class of each column (a prediction is right
-    when its column's class is the row's); ``normalize_rows``: score as the head is used after L2
-    NORMpost. At most ``LOO_ROWS`` rows (a seeded sample) are left out in turn."""
-    X = X.astype(np.float64)
+    of the ridge regression behind ``ls_head``, from ``X``'s one eigendecomposition. ``codes``: the
+    column of ``means`` each row belongs to; ``owner``: the class of each column (a prediction is
+    right when its column's class is the row's); ``normalize_rows``: score as the head is used after
+    L2 NORMpost. At most ``LOO_ROWS`` rows (a seeded sample) are left out in turn."""
+    from scipy import sparse  # here: the command line starts without SciPy
+
     n, C = len(X), len(means)
-    s, V = np.linalg.eigh(X.T @ X)
-    Z = X @ V
+    s, V = spectrum.s, spectrum.V
     weight = n / (C * np.bincount(codes, minlength=C))[codes]  # the indicator target of each row
-    ZY = np.zeros((X.shape[1], C))
-    np.add.at(ZY.T, codes, Z * weight[:, None])
+    targets = sparse.csr_array((weight, (codes, np.arange(n))), shape=(C, n))
+    ZY = (targets @ np.asarray(X, np.float64) @ V).T  # (r, C): V^T X^T Y
     rows = np.arange(n) if n <= LOO_ROWS else np.sort(np.argsort(uniforms(np.uint64(0), seed, _LOO_STREAM,
                                                                                    np.arange(n)))[:LOO_ROWS])
-    ridges = RIDGE_GRID * s.sum() / n / X.shape[1]
+    Z = np.asarray(X[rows], np.float64) @ V
+    ridges = RIDGE_GRID * s.sum() / n / V.shape[0]
     accuracy = np.zeros(len(ridges))
     for i, reg in enumerate(ridges):
         inv = 1.0 / (s + n * reg)
-        Zr = Z[rows] * inv
-        h = np.einsum("nd,nd->n", Zr, Z[rows])
+        Zr = Z * inv
+        h = np.einsum("nd,nd->n", Zr, Z)
         loo = Zr @ ZY  # fitted values, then each row's own contribution taken out
         loo[np.arange(len(rows)), codes[rows]] -= h * weight[rows]
         loo /= (1.0 - h)[:, None]
@@ -234,20 +258,20 @@ def loo_accuracy(X: np.ndarray, codes: np.ndarray, means: np.ndarray, owner: np.
     return ridges, accuracy
 
 
-def _ridge(groups: Grouped, codes: np.ndarray, means: np.ndarray, owner: np.ndarray, ls_reg: float | str,
-           seed: int, post_norm: str = "l2") -> float:
+def _ridge(groups: Grouped, spectrum: Spectrum, codes: np.ndarray, means: np.ndarray, owner: np.ndarray,
+           ls_reg: float | str, seed: int, post_norm: str = "l2") -> float:
     if ls_reg != "auto":
         return float(ls_reg)
-    return loo_ridge(groups.X, codes, means, owner, seed, post_norm == "l2")
+    return loo_ridge(groups.X, spectrum, codes, means, owner, seed, post_norm == "l2")
 
 
 @register("ls", shared_k_rule=False, per_class=False)
 def ls(groups: Grouped, k: int, seed: int, *, ls_reg: float | str, **options) -> tuple[np.ndarray, np.ndarray]:
     """Oracle least-squares head over all classes at once (not imprinting: needs every class);
     ``ls_reg="auto"`` chooses the ridge by leave-one-out (``loo_ridge``)."""
-    means, classes = class_means(groups), np.arange(groups.n_classes)
-    reg = _ridge(groups, groups.owner, means, classes, ls_reg, seed, **options)
-    return ls_head(groups.X, means, reg), classes
+    means, classes, spectrum = class_means(groups), np.arange(groups.n_classes), Spectrum.of(groups.X)
+    reg = _ridge(groups, spectrum, groups.owner, means, classes, ls_reg, seed, **options)
+    return ls_head(spectrum, means, reg), classes
 
 
 @register("kls", shared_k_rule=False, per_class=False)
@@ -264,5 +288,6 @@ def kls(groups: Grouped, k: int, seed: int, *, ls_reg: float | str, **options) -
             slots = first[c][:, None] + np.minimum(np.arange(per_class.max()), per_class[c][:, None] - 1)
             d2 = ((groups.X[lo : lo + 2048, None, :] - centers[slots]) ** 2).sum(-1)
             codes[lo : lo + 2048] = slots[np.arange(len(c)), d2.argmin(1)]
-    reg = _ridge(groups, codes, centers.astype(np.float64), owner, ls_reg, seed, **options)
-    return ls_head(groups.X, centers.astype(np.float64), reg), owner
+    spectrum = Spectrum.of(groups.X)
+    reg = _ridge(groups, spectrum, codes, centers.astype(np.float64), owner, ls_reg, seed, **options)
+    return ls_head(spectrum, centers.astype(np.float64), reg), owner

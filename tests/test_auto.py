@@ -10,7 +10,7 @@ from conftest import blobs
 from retrieval_imprint import Collection, ImprintClassifier
 from retrieval_imprint import auto
 from retrieval_imprint._groups import Grouped
-from retrieval_imprint.generate import RIDGE_GRID, loo_accuracy
+from retrieval_imprint.generate import RIDGE_GRID, Spectrum, loo_accuracy
 from retrieval_imprint.labels import label_keys
 from retrieval_imprint.params import DEFAULTS, check_params
 
@@ -121,12 +121,14 @@ def test_an_ivf_collection_chooses_k_under_max(tmp_path):
         "max"}
 
 
-def test_the_closed_form_leave_one_out_equals_refitting():
-    X, y = blobs(4, 9, 5, seed=3)
+@pytest.mark.parametrize("dim", [5, 60])  # more rows than dimensions, and fewer (the n x n Gram matrix)
+def test_the_closed_form_leave_one_out_equals_refitting(dim):
+    X, y = blobs(4, 9, dim, seed=3)
     X = ref.l2(X)
     classes, codes = np.unique(y, return_inverse=True)
     means = np.stack([X[codes == c].mean(0) for c in range(len(classes))])
-    ridges, accuracy = loo_accuracy(X, codes, means, np.arange(len(classes)), seed=0, normalize_rows=True)
+    ridges, accuracy = loo_accuracy(X, Spectrum.of(X), codes, means, np.arange(len(classes)), seed=0,
+                                    normalize_rows=True)
     assert len(ridges) == len(RIDGE_GRID)
     for reg, acc in zip(ridges, accuracy):
         assert round(acc * len(X)) == ref.ridge_loo_correct(X, y, reg), reg

@@ -147,6 +147,21 @@ def test_ls_heads_match_the_closed_form(data, generator):
         np.testing.assert_array_equal(clf.proxy_labels_, km.proxy_labels_)
 
 
+@pytest.mark.parametrize("reg", [0.1, 0.0])
+def test_ls_with_fewer_samples_than_dimensions_matches_the_closed_form(reg):
+    """Fewer rows than dimensions: the head comes from the n x n Gram matrix; with no ridge it is the
+    minimum-norm solution (the closed form's pseudo-inverse), not a singular-matrix error."""
+    X, y = blobs(3, 4, 30, seed=2)
+    clf = fit(X, y, generator="ls", ls_reg=reg)
+    if reg:
+        np.testing.assert_allclose(clf.proxies_, ref.ls(X, y, reg), rtol=1e-4, atol=1e-6)
+    else:
+        X64 = np.asarray(X, np.float64)
+        M = np.stack([X64[y == c].mean(0) for c in range(3)])
+        W = M @ np.linalg.pinv(X64.T @ X64 / len(X)) / 3
+        np.testing.assert_allclose(clf.proxies_, W, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("generator", ["kmeans", "kmedoids", "random", "fps"])
 def test_seeded_and_independent_of_other_classes(data, generator):
     """Same seed, same proxies; a class's proxies do not depend on which other classes are fitted."""
@@ -185,3 +200,4 @@ def test_generate_on_grouped_data_directly():
     groups = Grouped.from_codes(X, y, label_keys([0, 1, 2]))
     W, owner = generate("mean", groups, 1, 0)
     assert W.dtype == np.float32 and owner.tolist() == [0, 1, 2]
+
