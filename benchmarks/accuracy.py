@@ -4,8 +4,9 @@ Reads the precomputed (raw, mean-pooled) MiniLM embeddings in ../shared/data/*/e
 writes docs/results.md, docs/results.json and docs/accuracy_vs_k.png:
 
 - GEN mean, kmeans k in {2, 5, 10, 20}, kmedoids/random/fps/cov_max k = 5, all (1-NN), oracle ls
-  (ridge chosen by leave-one-out, and the old fixed 1e-3), each L2/GEN/L2/L2/max, at 1, 5, 8, 10,
-  20 shots per class and full data, mean +- std over seeds;
+  (ridge chosen by leave-one-out, and the old fixed 1e-3) and ls on 2000 random ReLU features, each
+  L2/GEN/L2/L2/max, at 1, 5, 8, 10, 20 shots per class and full data, mean +- std over seeds;
+- ls on random features of each width in FEATURE_WIDTHS (full data), with fit and predict times;
 - auto (the default: k and max-or-blend chosen by cross-validation on the training rows), with what
   it chose per seed, and blend at each alpha of the grid with k chosen; auto against the best fixed
   k of each cell; auto's fit time beside one k = 20 fit (full data, one run);
@@ -48,6 +49,8 @@ NORMS = dict(pre_norm="l2", post_norm="l2", inf_norm="l2")
 DEFAULTS = dict(generator="kmeans", k=20, **NORMS, aggregation="max", m=1, metric="ip", vote="uniform",
                 rejection="max")
 AUTO = dict(generator="auto", k=None, aggregation="auto")
+FEATURES = 2000  # the width of the random features in the generators table
+FEATURE_WIDTHS = (1000, 2000, 4000)  # widths compared on full data
 
 
 def load(name: str) -> dict[str, np.ndarray]:
@@ -60,7 +63,7 @@ def row(dataset: str, shots: int, setting: dict[str, Any], accs: list[float], fi
     full = {**DEFAULTS, **setting}
     return {"dataset": dataset, "experiment": experiment, "shots": shots,
             **{key: full.get(key) for key in ("generator", "k", "pre_norm", "post_norm", "inf_norm", "aggregation",
-                                              "alpha", "m", "metric", "vote", "ls_reg")},
+                                              "alpha", "m", "metric", "vote", "ls_reg", "features")},
             "accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)), "seeds": len(accs),
             "fit_seconds": float(np.mean(fit_s)), "predict_seconds": float(np.mean(predict_s))}
 
@@ -169,12 +172,13 @@ def experiments(quick: bool) -> tuple[list[tuple], list[int], list[int]]:
     """(experiment, setting) pairs, shots settings and seeds."""
     if quick:
         return ([("generators", dict(generator="mean")), ("generators", dict(generator="kmeans", k=20)),
-                 ("auto", AUTO)], [0], [0])
+                 ("generators", dict(generator="ls", features=FEATURES)), ("auto", AUTO)], [0], [0])
     gens = [("generators", dict(generator="mean"))]
     gens += [("generators", dict(generator="kmeans", k=k)) for k in (1, 2, 5, 10, 20)]
     gens += [("generators", dict(generator=g, k=5)) for g in ("kmedoids", "random", "fps", "cov_max")]
     gens += [("generators", dict(generator="all")), ("generators", dict(generator="ls")),
-             ("generators", dict(generator="ls", ls_reg=1e-3))]
+             ("generators", dict(generator="ls", ls_reg=1e-3)),
+             ("generators", dict(generator="ls", features=FEATURES))]
     gens += [("auto", AUTO)] + [("blend", {**AUTO, "aggregation": "blend", "alpha": a}) for a in ALPHA_GRID]
     gens += [("presets", {**PRESETS[name], "preset": name}) for name in PRESETS]
     return gens, [1, 5, 8, 10, 20, 0], [0, 1, 2, 3, 4]
@@ -191,7 +195,7 @@ def ablations() -> list[tuple]:
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # LogisticRegressionCV's renames
     parser = argparse.ArgumentParser(description="IMPRINT evidence on CLINC150 and BANKING77")
-    parser.add_argument("--quick", action="store_true", help="one seed, two settings, full data, BANKING77 only")
+    parser.add_argument("--quick", action="store_true", help="one seed, four settings, full data, BANKING77 only")
     parser.add_argument("--out", type=Path, default=DOCS, help="where results.{md,json} and the plot go")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -218,6 +222,8 @@ def main() -> None:
             for shots in (5, 0):
                 for experiment, setting in ablations():
                     rows.append(run_setting(data, dataset, shots, setting, seeds[:3], experiment))
+            rows += [run_setting(data, dataset, 0, dict(generator="ls", features=w), seeds, "features")
+                     for w in FEATURE_WIDTHS if w != FEATURES]
             print(f"{dataset} ablations done ({time.perf_counter() - started:.0f} s)", flush=True)
     if not args.quick:
         rows += open_set(load("clinc150"))
@@ -237,7 +243,8 @@ def setting_name(r: dict[str, Any]) -> str:
     if r["generator"] == "auto":
         return "**auto** (k, max or blend by CV)" if r["aggregation"] == "auto" else f"blend α={r['alpha']}, k by CV"
     if r["generator"] == "ls":
-        return "ls (oracle, ridge by LOO)" if r["ls_reg"] in (None, "auto") else f"ls (oracle, ridge {r['ls_reg']:g})"
+        ridge = "ridge by LOO" if r["ls_reg"] in (None, "auto") else f"ridge {r['ls_reg']:g}"
+        return f"ls on {r['features']} random features ({ridge})" if r.get("features") else f"ls (oracle, {ridge})"
     gen = {"mean": "mean", "all": "all (1-NN)"}.get(r["generator"], f"{r['generator']} k={r['k']}")
     agg = "" if r["aggregation"] == "max" else f", {r['m']}-NN {r['vote']}"
     return gen + agg
@@ -316,6 +323,19 @@ def auto_section(rows: list[dict], ds: str, shots: list[int]) -> str:
                              table) + "\n")
 
 
+def features_section(ds: str, widths: list[dict], probe_rows: list[dict]) -> str:
+    """ls with its ridge by leave-one-out on random ReLU features of each width, full data."""
+    probe = probe_rows[0]["accuracy"] if probe_rows else None
+    table = [[str(r.get("features") or "none (the embeddings)"), fmt(r)]
+             + ([f"{100 * (r['accuracy'] - probe):+.2f}"] if probe is not None else [])
+             + [f"{r['fit_seconds']:.2f}", f"{1e3 * r['predict_seconds']:.0f}"] for r in widths]
+    return (f"### {ds}: ls on random features, by width (full data)\n\n`ImprintClassifier(generator=\"ls\", "
+            "features=width)`, ridge by leave-one-out, max; the width is not chosen on these data (wider "
+            "approaches the arc-cosine kernel and costs more).\n\n"
+            + markdown_table(["features", "accuracy"] + (["− probe"] if probe is not None else [])
+                             + ["fit s", "predict test split ms"], table) + "\n")
+
+
 def write_report(rows: list[dict], collapse: dict, took: float, args: argparse.Namespace) -> None:
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     shots = list(dict.fromkeys(r["shots"] for r in rows if r["experiment"] in ("generators", "probe")))
@@ -350,6 +370,11 @@ def write_report(rows: list[dict], collapse: dict, took: float, args: argparse.N
                                              else ""), "all" if r["shots"] == 0 else f"{r['shots']}-shot", fmt(r)]
                          for r in sub]
                 parts.append(f"### {ds}: {title}\n\n" + markdown_table(["setting", "shots", "accuracy"], table) + "\n")
+        widths = [r for r in rows if r["dataset"] == ds and r["shots"] == 0 and r["generator"] == "ls"
+                  and r["ls_reg"] in (None, "auto")]
+        if any(r.get("features") for r in widths):
+            parts.append(features_section(ds, sorted(widths, key=lambda r: r.get("features") or 0),
+                                          [r for r in gen_rows if r["shots"] == 0 and r["experiment"] == "probe"]))
         if ds in collapse:
             c = collapse[ds]
             gain = []

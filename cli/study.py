@@ -84,6 +84,9 @@ def _int_list(text: str) -> list[int]:
 @click.option("--k", "ks", default="1,5,10,20", show_default=True, help="k values for generators that use k.")
 @click.option("--aggregation", "aggregations", default="max", show_default=True, help="max and/or mnn.")
 @click.option("--m", "ms", default="1", show_default=True, help="m values for mnn.")
+@click.option("--features", "widths", default="0", show_default=True,
+              help="Widths of random ReLU features the embeddings are mapped to first (0: none); e.g. 0,2000 with "
+                   "--generator ls.")
 @click.option("--shots", default="1,5,10,0", show_default=True, help="Samples per class; 0 = all.")
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds per setting (subset and GEN).")
 @click.option("--model", help="Embedding model for text data (default the packaged all-MiniLM-L6-v2).")
@@ -91,14 +94,15 @@ def _int_list(text: str) -> list[int]:
 @data_options
 @quiet_option
 @json_option
-def sweep(train: str, test: str, generators: str, ks: str, aggregations: str, ms: str, shots: str, seeds: int,
-          model: str | None, plot: str | None, text_column, label_column, vector_column, split, quiet: bool,
+def sweep(train: str, test: str, generators: str, ks: str, aggregations: str, ms: str, widths: str, shots: str,
+          seeds: int, model: str | None, plot: str | None, text_column, label_column, vector_column, split, quiet: bool,
           as_json: bool) -> None:
     """Accuracy on TEST of a grid of settings imprinted from TRAIN (mean and std over seeds).
 
     \b
     Example:
         imprint sweep train.csv test.csv --generator mean,kmeans --k 1,5,20 --shots 5,0 --plot k.png
+        imprint sweep train.csv test.csv --generator ls --features 0,2000 --shots 0
     """
     from retrieval_imprint.experiments import sweep as run_sweep
 
@@ -121,17 +125,18 @@ def sweep(train: str, test: str, generators: str, ks: str, aggregations: str, ms
         for k in (_int_list(ks) if g not in ("mean", "ls", "all") else [1 if g != "all" else -1]):
             for a in aggs:
                 for m in (_int_list(ms) if a == "mnn" else [1]):
-                    configs.append(dict(generator=g, k=k, aggregation=a, m=m))
+                    configs += [dict(generator=g, k=k, aggregation=a, m=m, features=f or None)
+                                for f in _int_list(widths)]
     rows = run_sweep(X_train, y_train, X_test, y_test, configs, _int_list(shots), list(range(seeds)))
     if plot:
         _plot(rows, plot)
     if as_json:
         emit(rows)
         return
-    click.echo(f"{'shots':>5}  {'generator':<9} {'k':>3}  {'agg':<3} {'m':>2}  accuracy   std")
+    click.echo(f"{'shots':>5}  {'generator':<9} {'k':>3}  {'agg':<3} {'m':>2}  {'features':>8}  accuracy   std")
     for r in rows:
         click.echo(f"{r['shots'] or 'all':>5}  {r['generator']:<9} {r['k']:>3}  {r['aggregation']:<3} {r['m']:>2}  "
-                   f"{r['accuracy']:8.4f}  {r['accuracy_std']:.4f}")
+                   f"{r['features'] or '-':>8}  {r['accuracy']:8.4f}  {r['accuracy_std']:.4f}")
 
 
 def _plot(rows: list[dict[str, Any]], path: str) -> None:

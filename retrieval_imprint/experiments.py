@@ -54,25 +54,25 @@ def plot_accuracy_vs_k(rows: Sequence[dict[str, Any]], ax: Any) -> None:
     rows = [r for r in rows if r["aggregation"] == "max"]
     ks = sorted({r["k"] for r in rows if r["generator"] not in _NO_K and r["k"] > 0}) or [1]
     colours = {shots: f"C{i}" for i, shots in enumerate(dict.fromkeys(r["shots"] for r in rows))}
+    series = {_series(r): r["generator"] for r in rows}
     styles = iter(["--", ":", "-."])
-    style = {gen: next(styles, "--") for gen in dict.fromkeys(r["generator"] for r in rows) if gen in _NO_K}
+    style = {name: next(styles, "--") for name, gen in series.items() if gen in _NO_K}
     for shots, colour in colours.items():
         shot_name = "all data" if shots == 0 else f"{shots} shots"
-        for gen in dict.fromkeys(r["generator"] for r in rows):
+        for name, gen in series.items():
             pts = sorted((r["k"], 100 * r["accuracy"], 100 * r["accuracy_std"]) for r in rows
-                         if r["shots"] == shots and r["generator"] == gen)
+                         if r["shots"] == shots and _series(r) == name)
             if not pts:
                 continue
             if gen in _NO_K:
                 _, acc, std = pts[0]
-                name = {"all": "all samples (1-NN)"}.get(gen, gen)
                 ax.hlines(acc, ks[0], ks[-1], colors=colour, linestyles=style[gen], label=f"{name}, {shot_name}")
-                nudge = 1.06 ** (1 + list(style).index(gen))  # its error bar just right of the last k
+                nudge = 1.06 ** (1 + list(style).index(name))  # its error bar just right of the last k
                 ax.errorbar([ks[-1] * nudge], [acc], yerr=[std], color=colour, capsize=3, lw=1)
             else:
                 k, acc, std = zip(*pts)
                 ax.errorbar(k, acc, yerr=std, color=colour, marker="o", ms=4, capsize=3,
-                            label=f"{gen}, {shot_name}")
+                            label=f"{name}, {shot_name}")
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.minorticks_off()
@@ -83,3 +83,9 @@ def plot_accuracy_vs_k(rows: Sequence[dict[str, Any]], ax: Any) -> None:
 
 
 _NO_K = ("mean", "all", "ls")  # generators whose proxies have no k: drawn as horizontal lines
+
+
+def _series(row: dict[str, Any]) -> str:
+    """A plotted series: the generator, named as in the docs, and the random features it ran on."""
+    name = {"all": "all samples (1-NN)"}.get(row["generator"], row["generator"])
+    return name + (f" on {row['features']} features" if row.get("features") else "")

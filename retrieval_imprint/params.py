@@ -109,7 +109,7 @@ def check_search_params(name: str, value: object) -> dict[str, int] | None:
     return {key: check_int(f"{name}[{key!r}]", v, 1) for key, v in value.items()}
 
 
-def check_dimension(name: str, value: object) -> int | None:
+def check_positive_or_none(name: str, value: object) -> int | None:
     return None if value is None else check_int(name, value, 1)
 
 
@@ -129,7 +129,7 @@ class Param:
         return check_choice(self.name, value, self.choices()) if self.choices else self.check(self.name, value)
 
 
-# GEN/NORM/AGG: the estimator's constructor parameters; collections store all but ls_reg and temperature.
+# GEN/NORM/AGG: the estimator's constructor parameters; collections store all but ls_reg, features and temperature.
 IMPRINT: dict[str, Param] = {p.name: p for p in (
     Param("generator", AUTO, "GEN: how a class's samples become proxies; auto: chosen with k by cross-validation.",
           lambda: (AUTO, *GENERATORS)),
@@ -151,11 +151,15 @@ IMPRINT: dict[str, Param] = {p.name: p for p in (
           "(that score minus the class's mean score for its own samples, each left out; calibrate switches to it "
           "where it does better).", lambda: RULES),
     Param("ls_reg", AUTO, "Ridge lambda of the ls / kls heads; auto: chosen by leave-one-out.", check=check_ridge),
+    Param("features", None, "Width of the random ReLU features that replace the embeddings before NORMpre and "
+          "NORMinf (a fixed map drawn from random_state, features.py); they let the ls head bend, e.g. 2000. "
+          "None: the embeddings as given.", check=check_positive_or_none, type=int),
     Param("temperature", 0.05, "predict_proba: the softmax of the class scores divided by this (scores are "
           "similarities in [-1, 1]: 0.05 makes a 0.1 lead about 7x as likely).", check=check_temperature, type=float),
 )}
-# ls / kls need every class at once, and probabilities are the estimator's: neither is a collection's
-STORED = tuple(name for name in IMPRINT if name not in ("ls_reg", "temperature"))
+# ls / kls need every class at once, random features are for them, and probabilities are the estimator's:
+# none is a collection's
+STORED = tuple(name for name in IMPRINT if name not in ("ls_reg", "features", "temperature"))
 
 # How a collection stores and serves its head: fixed when it is created.
 COLLECTION: dict[str, Param] = {p.name: p for p in (
@@ -170,7 +174,7 @@ COLLECTION: dict[str, Param] = {p.name: p for p in (
           check=check_search_params),
     Param("keep_samples", True, "Keep samples so a class can be re-imprinted when it gets more.", check=check_bool,
           type=bool),
-    Param("dimension", None, "Vector dimension (None: taken from the first add).", check=check_dimension),
+    Param("dimension", None, "Vector dimension (None: taken from the first add).", check=check_positive_or_none),
 )}
 
 # Where the kernels run: a setting of the process (device.py), never stored with a collection.
@@ -205,6 +209,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _unknown(name: str, known: dict[str, Param]) -> InvalidParameterError:
+    if name in _ESTIMATOR:
+        return InvalidParameterError(f"setting {name!r} is ImprintClassifier's only: a collection grows one class "
+                                     f"at a time and does not take it (settings: {', '.join(known)})")
     close = difflib.get_close_matches(name, list(known), n=1)
     return InvalidParameterError(f"unknown setting {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
                                  + f" (settings: {', '.join(known)})")

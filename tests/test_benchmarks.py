@@ -27,8 +27,10 @@ def test_accuracy_benchmark_quick_mode(tmp_path):
     assert rows and all(fields <= set(r) for r in rows)
     acc = {r["generator"]: r["accuracy"] for r in rows}
     assert acc["kmeans"] > acc["mean"], acc  # the paper's main finding, on full data
+    assert acc["ls"] > acc["kmeans"], acc  # ls on random features: the most accurate head on full data
     assert all(0 <= r["accuracy"] <= 1 and r["dataset"] == "banking77" and r["shots"] == 0 for r in rows)
-    assert "banking77" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "banking77" in text and "### banking77: ls on random features, by width (full data)" in text
     assert (tmp_path / "accuracy_vs_k.png").stat().st_size > 1000
 
 

@@ -32,6 +32,7 @@ def _expected_failures(estimator):
                           aggregation="mnn", m=2, metric="manhattan"),
         ImprintClassifier(generator="random", k=8, pre_norm="none", post_norm="none", inf_norm="none",
                           metric="chebyshev"),
+        ImprintClassifier(generator="ls", aggregation="max", features=64),
     ],
     expected_failed_checks=_expected_failures,
 )
@@ -105,6 +106,8 @@ X_OK, Y_OK = blobs(3, 6, 4)
         (dict(metric="hamming"), r"metric='hamming' is not valid; expected one of 'ip', 'cosine'"),
         (dict(aggregation="mnn", vote="rank"), r"vote='rank' is not valid; expected one of 'uniform', 'distance'"),
         (dict(generator="ls", ls_reg=-1.0), r"ls_reg=-1.0 is not valid"),
+        (dict(features=0), r"features=0 is not valid; expected an integer >= 1"),
+        (dict(features=2.5), r"features=2.5 is not valid"),
     ],
 )
 def test_bad_parameters_name_the_argument_and_the_allowed_values(params, match):

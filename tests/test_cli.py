@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from conftest import DEMO, blobs
 from retrieval_imprint.cli import main
 from retrieval_imprint import segments
+from retrieval_imprint.classifier import ImprintClassifier
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.embed import Embedder
 from retrieval_imprint.evaluate import evaluate
@@ -161,6 +162,19 @@ def test_sweep_on_vectors_with_plot(tmp_path):
     assert {(r["shots"], r["generator"], r["k"]) for r in rows} == {
         (s, g, k) for s in (5, 0) for g, k in (("mean", 1), ("kmeans", 1), ("kmeans", 3))}
     assert all(0 <= r["accuracy"] <= 1 and r["seeds"] == 2 for r in rows)
+
+
+def test_sweep_maps_to_random_features_when_asked(tmp_path):
+    X, y = blobs(4, 20, 8, seed=2)
+    np.savez(tmp_path / "d.npz", train_X=X, train_y=y)
+    args = ("sweep", str(tmp_path / "d.npz"), str(tmp_path / "d.npz"), "--split", "train", "--generator", "ls",
+            "--shots", "0", "--seeds", "1")
+    rows = json.loads(run(*args, "--features", "0,50", "--json").output)
+    assert [(r["generator"], r["features"]) for r in rows] == [("ls", None), ("ls", 50)]
+    direct = ImprintClassifier(generator="ls", aggregation="max", features=50, random_state=0).fit(X, y)
+    assert rows[1]["accuracy"] == direct.score(X, y)
+    text = run(*args, "--features", "50").output
+    assert "features" in text.splitlines()[0] and text.splitlines()[1].split()[5] == "50"
 
 
 # ------------------------------------------------------------------ errors: exit 2, one line, nothing changed

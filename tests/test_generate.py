@@ -11,6 +11,7 @@ import reference as ref
 from conftest import blobs
 from retrieval_imprint import ImprintClassifier
 from retrieval_imprint._groups import Grouped
+from retrieval_imprint.features import BLOCK_ROWS, feature_map, relu_features
 from retrieval_imprint.labels import label_keys
 from retrieval_imprint.generate import GENERATORS, generate
 
@@ -201,3 +202,30 @@ def test_generate_on_grouped_data_directly():
     W, owner = generate("mean", groups, 1, 0)
     assert W.dtype == np.float32 and owner.tolist() == [0, 1, 2]
 
+
+def test_random_features_are_seeded_and_the_same_in_blocks():
+    R = feature_map(5, 40, seed=3)
+    assert R.shape == (5, 40) and R.dtype == np.float32
+    np.testing.assert_array_equal(R, feature_map(5, 40, seed=3))
+    assert not np.array_equal(R, feature_map(5, 40, seed=4))
+    X = np.random.default_rng(0).standard_normal((BLOCK_ROWS + 7, 5)).astype(np.float32)
+    np.testing.assert_allclose(relu_features(X, R), np.maximum(X.astype(np.float64) @ R, 0), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [8, 200])  # fewer features than samples, and more
+def test_ls_on_random_features_is_the_closed_form_on_the_mapped_samples(width):
+    """features=M: NORMpre, GEN, NORMpost and NORMinf act on max(0, x R), for fit and queries alike."""
+    X, y = blobs(5, 12, 6, seed=4)
+    clf = ImprintClassifier(generator="ls", aggregation="max", ls_reg=0.05, features=width, random_state=9).fit(X, y)
+    R = feature_map(6, width, seed=9).astype(np.float64)
+    phi = lambda A: ref.l2(np.maximum(np.asarray(A, np.float64) @ R, 0))  # noqa: E731
+    W = ref.l2(ref.ls(phi(X), y, 0.05))
+    np.testing.assert_allclose(clf.proxies_, W, rtol=1e-4, atol=1e-5)
+    Q, _ = blobs(5, 8, 6, seed=5)
+    scores = phi(Q) @ W.T
+    top = np.sort(scores, 1)
+    clear = top[:, -1] - top[:, -2] > 1e-5  # float32 near-ties may go either way
+    np.testing.assert_array_equal(clf.predict(Q)[clear], clf.classes_[scores.argmax(1)][clear])
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(clf.predict(3 * Q), clf.predict(Q))  # phi is positively homogeneous
