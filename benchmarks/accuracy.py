@@ -370,7 +370,7 @@ def write_report(rows: list[dict], collapse: dict, took: float, args: argparse.N
                                              else ""), "all" if r["shots"] == 0 else f"{r['shots']}-shot", fmt(r)]
                          for r in sub]
                 parts.append(f"### {ds}: {title}\n\n" + markdown_table(["setting", "shots", "accuracy"], table) + "\n")
-        widths = [r for r in rows if r["dataset"] == ds and r["shots"] == 0 and r["generator"] == "ls"
+        widths = [r for r in rows if r["dataset"] == ds and r["shots"] == 0 and r.get("generator") == "ls"
                   and r["ls_reg"] in (None, "auto")]
         if any(r.get("features") for r in widths):
             parts.append(features_section(ds, sorted(widths, key=lambda r: r.get("features") or 0),
