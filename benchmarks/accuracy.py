@@ -330,8 +330,8 @@ def features_section(ds: str, widths: list[dict], probe_rows: list[dict]) -> str
              + ([f"{100 * (r['accuracy'] - probe):+.2f}"] if probe is not None else [])
              + [f"{r['fit_seconds']:.2f}", f"{1e3 * r['predict_seconds']:.0f}"] for r in widths]
     return (f"### {ds}: ls on random features, by width (full data)\n\n`ImprintClassifier(generator=\"ls\", "
-            "features=width)`, ridge by leave-one-out, max; the width is not chosen on these data (wider "
-            "approaches the arc-cosine kernel and costs more).\n\n"
+            "aggregation=\"max\", features=width)`, ridge by leave-one-out; the width is not chosen on these "
+            "data (wider approaches the arc-cosine kernel and costs more).\n\n"
             + markdown_table(["features", "accuracy"] + (["− probe"] if probe is not None else [])
                              + ["fit s", "predict test split ms"], table) + "\n")
 
