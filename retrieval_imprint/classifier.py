@@ -48,9 +48,9 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
     cross-validation on the training data (``auto.py``). ``from_preset`` starts from a published
     method. ``features`` (a width, e.g. 2000) maps the embeddings through fixed random ReLU features
     first (``features.py``): with ``generator="ls"`` the most accurate head on full data, at the
-    cost of a wider index. ``device`` is where k-means and exact search run, not a setting of the head: None
-    (numpy and FAISS, or the process's ``device.set_device``), ``"cpu"`` / ``"cuda"`` (the torch
-    backend) or ``"auto"`` (``device.py``); the fitted head is the same.
+    cost of a wider index. ``device`` is where k-means and exact search run, not a setting of the
+    head: None (numpy and FAISS, or the process's ``device.set_device``), ``"cpu"`` / ``"cuda"``
+    (the torch backend) or ``"auto"`` (``device.py``); the fitted head is the same.
 
     Fitted attributes
     -----------------

@@ -66,7 +66,7 @@ def plot_accuracy_vs_k(rows: Sequence[dict[str, Any]], ax: Any) -> None:
                 continue
             if gen in _NO_K:
                 _, acc, std = pts[0]
-                ax.hlines(acc, ks[0], ks[-1], colors=colour, linestyles=style[gen], label=f"{name}, {shot_name}")
+                ax.hlines(acc, ks[0], ks[-1], colors=colour, linestyles=style[name], label=f"{name}, {shot_name}")
                 nudge = 1.06 ** (1 + list(style).index(name))  # its error bar just right of the last k
                 ax.errorbar([ks[-1] * nudge], [acc], yerr=[std], color=colour, capsize=3, lw=1)
             else:

@@ -175,6 +175,9 @@ def test_sweep_maps_to_random_features_when_asked(tmp_path):
     assert rows[1]["accuracy"] == direct.score(X, y)
     text = run(*args, "--features", "50").output
     assert "features" in text.splitlines()[0] and text.splitlines()[1].split()[5] == "50"
+    plotted = run(*args[:6], "ls,all,kmeans", "--k", "2", "--features", "0,50", "--shots", "0", "--seeds", "1",
+                  "--plot", str(tmp_path / "k.png"))  # a line per generator and width
+    assert plotted.exit_code == 0 and (tmp_path / "k.png").stat().st_size > 1000
 
 
 # ------------------------------------------------------------------ errors: exit 2, one line, nothing changed
