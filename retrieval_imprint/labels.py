@@ -12,11 +12,14 @@ random draws, so it must never change for a given entry.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import DataError
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")  # control characters but the tab: never in a label
 
 Entry = tuple[str, str]
 
@@ -43,7 +46,7 @@ def stored_entry(label: object, where: str = "") -> Entry:
     if isinstance(label, (str, np.str_)):
         if not label.strip():
             raise DataError(f"label{at} is blank")
-        if any(ord(ch) < 32 and ch not in "\t" for ch in label):
+        if _CONTROL.search(label):
             raise DataError(f"label{at} {str(label)[:40]!r} holds a control character (a NUL or a line break)")
         return "str", str(label)
     if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):

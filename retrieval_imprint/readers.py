@@ -13,7 +13,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -76,29 +76,92 @@ def _pick(columns: list[str], asked: str | None, defaults: tuple[str, ...], role
     return found
 
 
-def _label(value: Any, file: Path, where: str, column: str) -> Any:
+class _Refused(ValueError):
+    """A value a reader refuses; the caller adds the file and the row (found only when needed)."""
+
+
+def _label(value: Any, column: str) -> Any:
     """A label as collections store it (``labels.stored_entry``), stripped of white space."""
     value = value.strip() if isinstance(value, str) else value
     if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
-        raise DataError(f"{file}: {where}: label column {column!r} is blank")
+        raise _Refused(f"label column {column!r} is blank")
     try:
         return lab.value(*lab.stored_entry(value))
     except DataError:
-        raise DataError(f"{file}: {where}: label {value!r} in column {column!r} must be text or an integer") from None
+        raise _Refused(f"label {value!r} in column {column!r} must be text or an integer") from None
 
 
-def _vector(value: Any, file: Path, where: str, column: str) -> np.ndarray:
+def _vector(value: Any, column: str) -> np.ndarray:
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise DataError(f"{file}: {where}: column {column!r} is not a JSON list of numbers") from None
+            raise _Refused(f"column {column!r} is not a JSON list of numbers") from None
     try:
         out = np.asarray(value, np.float32)
     except (TypeError, ValueError):
-        raise DataError(f"{file}: {where}: column {column!r} is not a list of numbers") from None
+        raise _Refused(f"column {column!r} is not a list of numbers") from None
     if out.ndim != 1 or not len(out):
-        raise DataError(f"{file}: {where}: column {column!r} is not a non-empty list of numbers")
+        raise _Refused(f"column {column!r} is not a non-empty list of numbers")
+    return out
+
+
+def _distinct(values: list[Any]) -> tuple[list[Any], np.ndarray]:
+    """The distinct ``values`` in order of first appearance, and each row's index into them; keyed
+    by type too, so that 1, 1.0 and True stay apart (an unhashable value is its own)."""
+    slots: dict[tuple[type, Any], int] = {}
+    uniq: list[Any] = []
+    index = np.empty(len(values), np.int64)
+    for i, v in enumerate(values):
+        try:
+            j = slots.setdefault((type(v), v), len(uniq))
+        except TypeError:
+            j = len(uniq)
+        if j == len(uniq):
+            uniq.append(v)
+        index[i] = j
+    return uniq, index
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A file's rows column by column: ``values(name)`` lists each row's value (None where a row
+    lacks it), ``distinct(name)`` gives ``_distinct`` of them, ``where(i)`` names row ``i`` (from 0)
+    in an error. Column by column, a million rows cost no dict and no row name each."""
+
+    columns: list[str]
+    n: int
+    values: Callable[[str], list[Any]]
+    where: Callable[[int], str]
+    distinct: Callable[[str], tuple[list[Any], np.ndarray]]
+
+    @classmethod
+    def of_records(cls, records: list[tuple[str, dict]], columns: list[str]) -> "_Rows":
+        """Rows parsed one by one (CSV, JSONL): ``(name, record)`` pairs."""
+        def values(name: str) -> list[Any]:
+            return [rec.get(name) for _, rec in records]
+
+        return cls(columns, len(records), values, lambda i: records[i][0], lambda name: _distinct(values(name)))
+
+    @classmethod
+    def of_arrow(cls, table: Any, first_row: int) -> "_Rows":
+        """An Arrow table's columns; distinct values by Arrow's dictionary encoding (one type per column)."""
+        def distinct(name: str) -> tuple[list[Any], np.ndarray]:
+            encoded = table.column(name).combine_chunks().dictionary_encode(null_encoding="encode")
+            return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+        return cls(table.column_names, len(table), lambda name: table.column(name).to_pylist(),
+                   lambda i: f"row {i + first_row}", distinct)
+
+
+def _each(values: list[Any], check: Callable[[Any], Any], rows: _Rows, file: Path) -> list[Any]:
+    """``check`` of every value; a refusal names the file and the row."""
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(check(v))
+        except _Refused as exc:
+            raise DataError(f"{file}: {rows.where(i)}: {exc}") from None
     return out
 
 
@@ -126,11 +189,12 @@ def _arrow_vectors(table: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _from_records(records: list[tuple[str, dict]], columns: list[str], file: Path, *, text_column: str | None,
-                  label_column: str | None, vector_column: str | None, id_column: str | None, need_labels: bool,
-                  column_vectors: dict[str, np.ndarray] | None = None) -> Dataset:
-    if not records:
+def _from_rows(rows: _Rows, file: Path, *, text_column: str | None, label_column: str | None,
+               vector_column: str | None, id_column: str | None, need_labels: bool,
+               column_vectors: dict[str, np.ndarray] | None = None) -> Dataset:
+    if not rows.n:
         raise DataError(f"{file}: no rows")
+    columns = rows.columns
     vcol = _pick(columns, vector_column, VECTOR_COLUMNS, "vector", file, False) if (
         vector_column or text_column is None) else None
     tcol = _pick(columns, text_column, TEXT_COLUMNS, "text", file, not vcol)
@@ -138,46 +202,42 @@ def _from_records(records: list[tuple[str, dict]], columns: list[str], file: Pat
     rcol = _pick(columns, id_column, REF_COLUMNS, "id", file, False)
     out = Dataset(str(file))
     if rcol:
-        out.refs = [None if rec.get(rcol) is None else str(rec.get(rcol)) for _, rec in records]
+        out.refs = [None if v is None else str(v) for v in rows.values(rcol)]
     if vcol and column_vectors and vcol in column_vectors:
         out.vectors = column_vectors[vcol]
     elif vcol:
-        vectors = [_vector(rec.get(vcol), file, where, vcol) for where, rec in records]
-        dims = {len(v) for v in vectors}
-        if len(dims) > 1:
-            first = next(where for (where, _), v in zip(records, vectors) if len(v) != len(vectors[0]))
-            raise DataError(f"{file}: {first}: column {vcol!r} has {len(dims)} different vector lengths")
+        vectors = _each(rows.values(vcol), lambda v: _vector(v, vcol), rows, file)
+        lengths = np.array([len(v) for v in vectors])
+        if (lengths != lengths[0]).any():
+            raise DataError(f"{file}: {rows.where(int(np.argmax(lengths != lengths[0])))}: column {vcol!r} has "
+                            f"{len(set(lengths.tolist()))} different vector lengths")
         out.vectors = np.stack(vectors)
     if vcol and tcol:  # texts beside vectors: provenance, kept as they are (None where missing)
-        out.texts = [None if rec.get(tcol) is None else str(rec.get(tcol)) for _, rec in records]
+        out.texts = [None if v is None else str(v) for v in rows.values(tcol)]
     elif tcol:
-        texts = []
-        for where, rec in records:
-            text = rec.get(tcol)
-            if text is None or not str(text).strip():
-                raise DataError(f"{file}: {where}: text column {tcol!r} is blank")
-            texts.append(str(text).strip())
-        out.texts = texts
+        out.texts = _each(rows.values(tcol), lambda v: _text(v, tcol), rows, file)
     if lcol:
-        out.labels = _labels(records, file, lcol)
+        out.labels = _labels(rows, file, lcol)
     return out
 
 
-def _labels(records: list[tuple[str, dict]], file: Path, column: str) -> list[Any]:
-    """``_label`` of each record's label, checked once per distinct value (a class repeats its
-    label on each of its rows); keyed by type too, so that 1, 1.0 and True stay apart."""
-    done: dict[tuple[type, Any], Any] = {}
-    out = []
-    for where, rec in records:
-        raw = rec.get(column)
+def _text(value: Any, column: str) -> str:
+    if value is None or not str(value).strip():
+        raise _Refused(f"text column {column!r} is blank")
+    return str(value).strip()
+
+
+def _labels(rows: _Rows, file: Path, column: str) -> list[Any]:
+    """``_label`` of each row's label, checked once per distinct value (a class repeats its label
+    on each of its rows); a refusal names the first row with that value."""
+    uniq, index = rows.distinct(column)
+    checked = np.empty(len(uniq), object)
+    for j, raw in enumerate(uniq):
         try:
-            label = done[(type(raw), raw)]
-        except KeyError:
-            label = done[(type(raw), raw)] = _label(raw, file, where, column)
-        except TypeError:  # unhashable: checked (and refused) on its own
-            label = _label(raw, file, where, column)
-        out.append(label)
-    return out
+            checked[j] = _label(raw, column)
+        except _Refused as exc:
+            raise DataError(f"{file}: {rows.where(int(np.argmax(index == j)))}: {exc}") from None
+    return checked[index].tolist()
 
 
 def read(path: str | Path, *, text_column: str | None = None, label_column: str | None = None,
@@ -205,7 +265,7 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
                 records = [(f"row {i} (line {reader.line_num})", rec) for i, rec in enumerate(reader, 1)]
             except csv.Error as exc:
                 raise DataError(f"{file}: line {reader.line_num}: not valid {fmt.upper()} ({exc})") from None
-        return _from_records(records, columns, file, **options)
+        return _from_rows(_Rows.of_records(records, columns), file, **options)
     if fmt == "jsonl":
         records, columns = [], []
         with file.open(encoding="utf-8-sig") as f:
@@ -220,7 +280,7 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
                     raise DataError(f"{file}: line {line_no} is not a JSON object")
                 columns += [c for c in rec if c not in columns]
                 records.append((f"line {line_no}", rec))
-        return _from_records(records, columns, file, **options)
+        return _from_rows(_Rows.of_records(records, columns), file, **options)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -238,11 +298,9 @@ def from_arrow(table: Any, file: str | Path, *, text_column: str | None = None, 
     """The rows of an Arrow table (a Parquet file, or a block of one that Ray Data read), checked as
     ``read`` checks a file; errors name ``file`` and the row (counted from ``first_row``)."""
     file = Path(file)
-    fast = _arrow_vectors(table)
-    rows = table.drop_columns(list(fast)).to_pylist()
-    out = _from_records([(f"row {i}", rec) for i, rec in enumerate(rows, first_row)], table.column_names, file,
-                        column_vectors=fast, text_column=text_column, label_column=label_column,
-                        vector_column=vector_column, id_column=id_column, need_labels=need_labels)
+    out = _from_rows(_Rows.of_arrow(table, first_row), file, column_vectors=_arrow_vectors(table),
+                     text_column=text_column, label_column=label_column, vector_column=vector_column,
+                     id_column=id_column, need_labels=need_labels)
     exported = json.loads((table.schema.metadata or {}).get(EXPORT_KEY, b"{}"))
     if out.vectors is not None:
         out.model, out.settings = exported.get("model"), exported.get("settings")
@@ -318,8 +376,9 @@ def _read_numpy(file: Path, fmt: str, split: str | None, need_labels: bool) -> D
     if y is not None:
         if len(y) != len(X):
             raise DataError(f"{file}: {len(X)} vectors but {len(y)} labels")
-        out.labels = [_label(v.item() if hasattr(v, "item") else v, file, f"row {i}", "y")
-                      for i, v in enumerate(y, 1)]
+        values = [v.item() if hasattr(v, "item") else v for v in y]
+        out.labels = _labels(_Rows(["y"], len(values), lambda _: values, lambda i: f"row {i + 1}", lambda _: _distinct(values)),
+                             file, "y")
     return out
 
 

@@ -9,7 +9,7 @@ from conftest import blobs
 from retrieval_imprint import Collection, ImprintClassifier
 from retrieval_imprint.errors import DataError
 from retrieval_imprint.evaluate import evaluate
-from retrieval_imprint.labels import encode_stored, entry, label_key
+from retrieval_imprint.labels import encode_stored, entry, label_key, stored_entry
 
 
 @pytest.mark.parametrize("kind", [str, int])
@@ -58,3 +58,14 @@ def test_stored_labels_are_checked_once_per_distinct_label_and_named_by_row():
         encode_stored(["x", "y", " "])
     with pytest.raises(DataError, match="label at row 1 is float 1.5"):
         encode_stored(["x", 1.5])
+
+
+def test_a_stored_label_refuses_every_control_character_but_the_tab():
+    for code in range(32):
+        label = f"a{chr(code)}b"
+        if code == 9:
+            assert stored_entry(label) == ("str", label)
+        else:
+            with pytest.raises(DataError, match="holds a control character"):
+                stored_entry(label, "row 3")
+    assert stored_entry("caf\u00e9 \x7f") == ("str", "caf\u00e9 \x7f")

@@ -48,6 +48,34 @@ def test_parquet_vector_columns_come_from_arrow_buffers(tmp_path, list_type, mon
     assert ds.vectors.dtype == np.float32 and ds.labels == [f"c{i % 4}" for i in range(50)]
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_a_refused_label_names_the_first_row_that_holds_it(tmp_path, fmt):
+    rows = [{"vector": [1.0, 2.0], "label": v} for v in ["a", " b ", "a", 7, "a\nb", "a\nb"]]
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "parquet":  # one type per Arrow column: the int becomes text there
+        pq.write_table(pa.Table.from_pylist([{**r, "label": str(r["label"])} for r in rows]), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"d.{fmt}: (row|line) 5: label 'a\\nb' in column 'label' must be text"):
+        read(path)
+    path.unlink()
+    rows[4:] = [{"vector": [1.0, 2.0], "label": None}, {"vector": [3.0, 4.0], "label": "c"}]
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist([{**r, "label": None if r["label"] is None else str(r["label"])}
+                                             for r in rows]), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"d.{fmt}: (row|line) 5: label column 'label' is blank"):
+        read(path)
+    rows.pop(4)
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist([{**r, "label": str(r["label"])} for r in rows]), path)
+        assert read(path).labels == ["a", "b", "a", "7", "c"]
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert read(path).labels == ["a", "b", "a", 7, "c"]
+
+
 def test_parquet_vector_columns_with_gaps_are_reported_by_row(tmp_path):
     rows = [{"vector": [1.0, 2.0], "label": "a"}, {"vector": None, "label": "b"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gap.parquet")
