@@ -145,13 +145,24 @@ class _Rows:
 
     @classmethod
     def of_arrow(cls, table: Any, first_row: int) -> "_Rows":
-        """An Arrow table's columns; distinct values by Arrow's dictionary encoding (one type per column)."""
+        """An Arrow table's columns; distinct values by Arrow's dictionary encoding (one type per
+        column), or in Python for types it cannot encode (lists, structs: refused as labels)."""
+        import pyarrow as pa
+
         def distinct(name: str) -> tuple[list[Any], np.ndarray]:
-            encoded = table.column(name).combine_chunks().dictionary_encode(null_encoding="encode")
+            try:
+                encoded = table.column(name).combine_chunks().dictionary_encode(null_encoding="encode")
+            except pa.ArrowNotImplementedError:
+                return _distinct(table.column(name).to_pylist())
             return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
         return cls(table.column_names, len(table), lambda name: table.column(name).to_pylist(),
                    lambda i: f"row {i + first_row}", distinct)
+
+    @classmethod
+    def of_list(cls, name: str, values: list[Any]) -> "_Rows":
+        """One column of values (the labels of an .npz file); rows named from 1."""
+        return cls([name], len(values), lambda _: values, lambda i: f"row {i + 1}", lambda _: _distinct(values))
 
 
 def _each(values: list[Any], check: Callable[[Any], Any], rows: _Rows, file: Path) -> list[Any]:
@@ -376,9 +387,7 @@ def _read_numpy(file: Path, fmt: str, split: str | None, need_labels: bool) -> D
     if y is not None:
         if len(y) != len(X):
             raise DataError(f"{file}: {len(X)} vectors but {len(y)} labels")
-        values = [v.item() if hasattr(v, "item") else v for v in y]
-        out.labels = _labels(_Rows(["y"], len(values), lambda _: values, lambda i: f"row {i + 1}", lambda _: _distinct(values)),
-                             file, "y")
+        out.labels = _labels(_Rows.of_list("y", [v.item() if hasattr(v, "item") else v for v in y]), file, "y")
     return out
 
 

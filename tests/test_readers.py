@@ -76,6 +76,12 @@ def test_a_refused_label_names_the_first_row_that_holds_it(tmp_path, fmt):
         assert read(path).labels == ["a", "b", "a", 7, "c"]
 
 
+def test_a_parquet_label_column_of_lists_is_refused_by_row(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"vector": [1.0], "label": [1, 2]}]), tmp_path / "l.parquet")
+    with pytest.raises(DataError, match=r"l.parquet: row 1: label \[1, 2\] in column 'label' must be text"):
+        read(tmp_path / "l.parquet")
+
+
 def test_parquet_vector_columns_with_gaps_are_reported_by_row(tmp_path):
     rows = [{"vector": [1.0, 2.0], "label": "a"}, {"vector": None, "label": "b"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gap.parquet")
