@@ -68,7 +68,7 @@ def candidates(params: dict[str, Any]) -> list[Candidate]:
     if gen == AUTO:
         gens = [({1: "mean", -1: "all"}.get(kk, "kmeans"), kk) for kk in (K_GRID if k is None else (k,))]
     else:
-        gens = [(gen, {"mean": 1, "all": -1}.get(gen, PAPER_K if k is None else k))]
+        gens = [(gen, {"mean": 1, "ls": 1, "all": -1}.get(gen, PAPER_K if k is None else k))]  # ls: a row per class
     alphas = ALPHA_GRID if alpha is None else (alpha,)
     aggs = {AUTO: [("max", None)] + [("blend", a) for a in alphas], "blend": [("blend", a) for a in alphas]}.get(
         agg, [(agg, None)])

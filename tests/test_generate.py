@@ -229,3 +229,4 @@ def test_ls_on_random_features_is_the_closed_form_on_the_mapped_samples(width):
     np.testing.assert_array_equal(clf.predict(Q)[clear], clf.classes_[scores.argmax(1)][clear])
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(clf.predict(3 * Q), clf.predict(Q))  # phi is positively homogeneous
+    assert clf.auto_choice_["k"] == 1 and clf.proxies_.shape == (5, width)  # one row per class
