@@ -67,21 +67,28 @@ def label_key(label: object) -> int:
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 
+def distinct(values: Sequence[object]) -> tuple[list[object], np.ndarray]:
+    """The distinct ``values`` in order of first appearance, and each one's index into them; keyed
+    by type too, since True == 1 == 1.0 while their labels differ (an unhashable value is its own)."""
+    slots: dict[tuple[type, object], int] = {}
+    uniq: list[object] = []
+    index = np.empty(len(values), np.int64)
+    for i, v in enumerate(values):
+        try:
+            j = slots.setdefault((type(v), v), len(uniq))
+        except TypeError:
+            j = len(uniq)
+        if j == len(uniq):
+            uniq.append(v)
+        index[i] = j
+    return uniq, index
+
+
 def label_keys(labels: Sequence[object]) -> np.ndarray:
     """:func:`label_key` of every label, as a uint64 array; each distinct label is hashed once
     (rows of one class repeat its label)."""
-    seen: dict[tuple, int] = {}
-
-    def key(label: object) -> int:
-        try:
-            found = seen.get((type(label), label))  # the type too: True == 1 == 1.0, their keys differ
-        except TypeError:  # unhashable
-            return label_key(label)
-        if found is None:
-            found = seen[(type(label), label)] = label_key(label)
-        return found
-
-    return np.fromiter((key(lab) for lab in labels), dtype=np.uint64, count=len(labels))
+    uniq, index = distinct(labels)
+    return np.fromiter((label_key(u) for u in uniq), dtype=np.uint64, count=len(uniq))[index]
 
 
 def as_sequence(labels: Any, what: str = "labels") -> list:

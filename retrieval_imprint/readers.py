@@ -106,27 +106,10 @@ def _vector(value: Any, column: str) -> np.ndarray:
     return out
 
 
-def _distinct(values: list[Any]) -> tuple[list[Any], np.ndarray]:
-    """The distinct ``values`` in order of first appearance, and each row's index into them; keyed
-    by type too, so that 1, 1.0 and True stay apart (an unhashable value is its own)."""
-    slots: dict[tuple[type, Any], int] = {}
-    uniq: list[Any] = []
-    index = np.empty(len(values), np.int64)
-    for i, v in enumerate(values):
-        try:
-            j = slots.setdefault((type(v), v), len(uniq))
-        except TypeError:
-            j = len(uniq)
-        if j == len(uniq):
-            uniq.append(v)
-        index[i] = j
-    return uniq, index
-
-
 @dataclass(frozen=True)
 class _Rows:
     """A file's rows column by column: ``values(name)`` lists each row's value (None where a row
-    lacks it), ``distinct(name)`` gives ``_distinct`` of them, ``where(i)`` names row ``i`` (from 0)
+    lacks it), ``distinct(name)`` gives ``labels.distinct`` of them, ``where(i)`` names row ``i`` (from 0)
     in an error. Column by column, a million rows cost no dict and no row name each."""
 
     columns: list[str]
@@ -141,7 +124,7 @@ class _Rows:
         def values(name: str) -> list[Any]:
             return [rec.get(name) for _, rec in records]
 
-        return cls(columns, len(records), values, lambda i: records[i][0], lambda name: _distinct(values(name)))
+        return cls(columns, len(records), values, lambda i: records[i][0], lambda name: lab.distinct(values(name)))
 
     @classmethod
     def of_arrow(cls, table: Any, first_row: int) -> "_Rows":
@@ -153,7 +136,7 @@ class _Rows:
             try:
                 encoded = table.column(name).combine_chunks().dictionary_encode(null_encoding="encode")
             except pa.ArrowNotImplementedError:
-                return _distinct(table.column(name).to_pylist())
+                return lab.distinct(table.column(name).to_pylist())
             return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
         return cls(table.column_names, len(table), lambda name: table.column(name).to_pylist(),
@@ -162,7 +145,7 @@ class _Rows:
     @classmethod
     def of_list(cls, name: str, values: list[Any]) -> "_Rows":
         """One column of values (the labels of an .npz file); rows named from 1."""
-        return cls([name], len(values), lambda _: values, lambda i: f"row {i + 1}", lambda _: _distinct(values))
+        return cls([name], len(values), lambda _: values, lambda i: f"row {i + 1}", lambda _: lab.distinct(values))
 
 
 def _each(values: list[Any], check: Callable[[Any], Any], rows: _Rows, file: Path) -> list[Any]:
