@@ -288,6 +288,6 @@ def kls(groups: Grouped, k: int, seed: int, *, ls_reg: float | str, **options) -
             slots = first[c][:, None] + np.minimum(np.arange(per_class.max()), per_class[c][:, None] - 1)
             d2 = ((groups.X[lo : lo + 2048, None, :] - centers[slots]) ** 2).sum(-1)
             codes[lo : lo + 2048] = slots[np.arange(len(c)), d2.argmin(1)]
-    spectrum = Spectrum.of(groups.X)
-    reg = _ridge(groups, spectrum, codes, centers.astype(np.float64), owner, ls_reg, seed, **options)
-    return ls_head(spectrum, centers.astype(np.float64), reg), owner
+    spectrum, centers = Spectrum.of(groups.X), centers.astype(np.float64)
+    reg = _ridge(groups, spectrum, codes, centers, owner, ls_reg, seed, **options)
+    return ls_head(spectrum, centers, reg), owner

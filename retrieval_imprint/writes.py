@@ -461,7 +461,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     for kind in kinds:
         sizes = {f: (directory / f).stat().st_size for f in s.files[kind]}
         files = sorted(sizes, key=sizes.__getitem__)
-        victims[kind] = files if full or not files else [files[i] for i in tiered([sizes[f] for f in files])]
+        victims[kind] = files if full else [files[i] for i in tiered([sizes[f] for f in files])]
     merged = {kind: s.merge(directory, kind, files) for kind, files in victims.items()
               if (len(files) > 1 or full) and not (retrain and kind == "proxies")}
     template = None
