@@ -7,8 +7,10 @@ docs/gpu.json, so a GPU machine's run sits beside this 2-core machine's CPU path
   and agreement of each backend's predictions with numpy's.
 - Batched k-means of C synthetic classes x 8 samples x 384-d, k = 4 (C = 100k and 1M): seconds,
   share of centroids within 1e-4 of numpy's (on the first 20k classes: a class's centroids do not
-  depend on the others) and the k-means objective against numpy's. On a GPU also the same k-means
-  with the rows already there, and the copies alone (rows in, centroids out): the bus's floor.
+  depend on the others) and the k-means objective against numpy's. On each torch device the
+  k-means alone (rows there, centroids left there); on a GPU also the same k-means with the rows
+  already there but the centroids landed in host memory, and the copies alone (rows in, centroids
+  out): the bus's floor.
 - Exact search, batch 1,000, top-1 over N proxies (N = 100k and 1M): seconds, and agreement of
   the ids with FAISS's (float32 near-ties aside); with faiss-gpu installed, also FAISS's GPU index.
   And the search's matrix product alone, in each backend's BLAS: the floor under its search.
@@ -38,9 +40,9 @@ import torch
 from _common import DOCS, machine, markdown_table
 from retrieval_imprint import ImprintClassifier
 from retrieval_imprint._groups import Grouped
-from retrieval_imprint.device import BLOCK_BYTES, copy_to_host, prefetched, use_device
+from retrieval_imprint.device import BLOCK_BYTES, copy_to_host, prefetched, to_device, use_device
 from retrieval_imprint.index import ProxyIndex
-from retrieval_imprint.kmeans import batched_kmeans
+from retrieval_imprint.kmeans import batched_kmeans, block_kmeans
 from retrieval_imprint.labels import label_keys
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -49,9 +51,12 @@ CHECKED = 20_000  # classes whose centroids are compared across backends
 
 
 def fit_name(n_classes: int, on_gpu: str = "") -> str:
-    """The k-means rows' workloads: from host memory, ``"resident"`` or ``"copies"`` (on_the_gpu)."""
+    """The k-means rows' workloads: from host memory, ``"alone"`` (kmeans_alone), ``"resident"`` or
+    ``"copies"`` (on_the_gpu)."""
     what = f"{n_classes:,} classes x {SAMPLES} x {D}-d"
-    return {"": f"k-means k={K}: {what}", "resident": f"k-means k={K}: {what}, rows already on the GPU",
+    return {"": f"k-means k={K}: {what}",
+            "alone": f"k-means alone: {what}, rows on the device and centroids left there",
+            "resident": f"k-means k={K}: {what}, rows already on the GPU",
             "copies": f"copies alone: {what} rows in, centroids out (the floor of a fit from host memory)"}[on_gpu]
 
 
@@ -60,7 +65,7 @@ def search_name(n: int) -> str:
 
 
 # the issue's targets at 1M: (the CPU path's workload, the CUDA run's workload)
-TARGETS = [(fit_name(10**6), fit_name(10**6, on_gpu)) for on_gpu in ("", "resident", "copies")] + [
+TARGETS = [(fit_name(10**6), fit_name(10**6, on_gpu)) for on_gpu in ("", "resident", "alone", "copies")] + [
     (search_name(10**6), search_name(10**6))]
 
 
@@ -148,11 +153,33 @@ def synthetic_fit(sizes: list[int], repeat: int) -> list[dict]:
             gc.collect()
         rows.append(row)
         print(row, flush=True)
+        rows.append(kmeans_alone(groups, repeat))
         if "cuda" in backends():
             rows += on_the_gpu(groups, head, reference, repeat)
         X = groups = head = None  # 12 GB at 1M classes: freed before the next size
         gc.collect()
     return rows
+
+
+def kmeans_alone(groups: Grouped, repeat: int) -> dict:
+    """The k-means itself on each torch device: the classes' rows already there and the centroids
+    left there (dropped block by block), so neither bus copies nor the landing of the centroids in
+    host memory are counted; what a fit adds to this is moving data."""
+    row = {"workload": fit_name(groups.n_classes, "alone"), "n": groups.n_classes}
+    for backend, device in backends().items():
+        if device is None:
+            continue
+        resident = Grouped(to_device(groups.X, device), groups.offsets, groups.keys)
+
+        def run() -> None:
+            for classes, P, mask in resident.padded(BLOCK_BYTES[device]):
+                block_kmeans(P, to_device(mask, device), groups.keys[classes], K, 0)
+
+        row[backend], _ = best(run, 1 if groups.n_classes > 200_000 else repeat)
+        resident = None
+        gc.collect()
+    print(row, flush=True)
+    return row
 
 
 def on_the_gpu(groups: Grouped, head: Grouped, reference: np.ndarray, repeat: int) -> list[dict]:
@@ -244,7 +271,8 @@ def fmt(v: object, digits: int = 3) -> str:
 def summary(rows: list[dict]) -> str:
     """The run in words: torch on the CPU against numpy, per kind of work (ratios from the table)."""
     def span(kind: str) -> str:
-        ratios = [r["torch cpu"] / r["numpy"] for r in rows if kind in r["workload"] and "torch cpu" in r]
+        ratios = [r["torch cpu"] / r["numpy"] for r in rows if kind in r["workload"] and "torch cpu" in r
+                  and "numpy" in r]
         if not ratios:
             return "-"
         return f"{min(ratios):.2f}x" if len(ratios) == 1 else f"{min(ratios):.2f}-{max(ratios):.2f}x"
@@ -274,7 +302,7 @@ def render(runs: dict[str, dict]) -> str:
             checks = ", ".join(f"{key} {fmt(r[key], 4)}" for key in r if key.endswith(" accuracy") or (
                 key.endswith(("within 1e-4", "objective / numpy", "(s)")) and not key.startswith("numpy ")))
             rows.append([r["workload"]] + [fmt(r.get(b)) for b in names]
-                        + [fmt(r["torch cpu"] / r["numpy"], 2) if "torch cpu" in r else "-",
+                        + [fmt(r["torch cpu"] / r["numpy"], 2) if "torch cpu" in r and "numpy" in r else "-",
                            fmt(r["numpy"] / r["cuda"], 1) if r.get("cuda") and "numpy" in r else "-",
                            fmt(r.get("torch cpu agreement"), 4), fmt(r.get("cuda agreement"), 4), checks or "-"])
         at = f" at commit {run['commit']}" if run.get("commit") else ""
@@ -298,8 +326,9 @@ def render(runs: dict[str, dict]) -> str:
                                f"{gpu['cuda']:.3f} s ({label.rpartition('; ')[2]}): {ratio:.0f}x ({verdict})")
         out += ["", "A fit from host memory moves the classes' rows to the GPU and the centroids back (12.3 GB "
                 "and 6.1 GB at 1M classes); the copies-alone row is that floor, and the rows-already-on-the-GPU "
-                "row leaves out the way in. A fit's time above the floor is the k-means itself and the landing "
-                "of the centroids in fresh host memory (`device.copy_to_host`).", ""]
+                "row leaves out the way in. The k-means-alone row leaves out both ways: the kernels themselves. "
+                "A fit's time above the floor is the k-means itself and the landing of the centroids in fresh "
+                "host memory (`device.copy_to_host`).", ""]
     return "\n".join(out)
 
 

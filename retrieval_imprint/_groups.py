@@ -17,7 +17,7 @@ import numpy as np
 from array_api_compat import array_namespace, device as device_of
 from threadpoolctl import ThreadpoolController
 
-from .device import BLOCK_BYTES, copy_to_host, prefetched, to_numpy
+from .device import BLOCK_BYTES, copy_to_host, prefetched
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _THREADPOOLS: list[ThreadpoolController] = []  # inspected once: scanning the loaded libraries costs ~10 ms
@@ -134,7 +134,7 @@ class Grouped:
                 if np.array_equal(classes, np.arange(lo, lo + len(classes))):  # a run of classes: copied in place
                     copy_to_host(out[lo : lo + len(classes)], result)
                 else:
-                    out[classes] = to_numpy(result)
+                    copy_to_host(out, result, rows=classes)
             return out
         workers = workers or os.cpu_count() or 1
         total = int(self.sizes.sum()) * d * 4

@@ -189,12 +189,17 @@ def lloyd(sp: Points, mask: Array, start: Array, *, max_iter: int = 300, tol: fl
     return _contiguous(final.mT) @ P
 
 
+def block_kmeans(P: Array, mask: Array, keys: np.ndarray, k: int, seed: int, *, max_iter: int = 300,
+                 tol: float = 1e-4) -> Array:
+    """k-means centres ``(B, k, d)`` of one padded block (``Grouped.padded``) of classes with
+    these ``keys``, on the device ``P`` lies on: k-means++ seeding, then Lloyd."""
+    sp = space(P)
+    return lloyd(sp, mask, kmeans_pp(sp, mask, k, keys, seed), max_iter=max_iter, tol=tol)
+
+
 def batched_kmeans(groups: Grouped, k: int, seed: int, *, max_iter: int = 300, tol: float = 1e-4) -> np.ndarray:
     """k-means centroids ``(C, k, d)`` of every class in ``groups`` (each must have n_c > k), on
     the current device (``device.py``)."""
-
-    def block(classes: np.ndarray, P: Array, mask: Array) -> Array:
-        sp = space(P)
-        return lloyd(sp, mask, kmeans_pp(sp, mask, k, groups.keys[classes], seed), max_iter=max_iter, tol=tol)
-
-    return groups.map_blocks(block, k, device=current())
+    return groups.map_blocks(lambda classes, P, mask: block_kmeans(P, mask, groups.keys[classes], k, seed,
+                                                                   max_iter=max_iter, tol=tol),
+                             k, device=current())

@@ -57,12 +57,18 @@ def test_gpu_benchmark_runs_small(tmp_path):
     runs = json.loads(out.with_suffix(".json").read_text())
     (run,) = runs.values()
     on_gpu = "cuda" in run["backends"]  # a GPU adds the k-means with rows on it and the copies alone
-    assert {"numpy", "torch cpu"} <= set(run["backends"]) and len(run["rows"]) == 7 + 2 * on_gpu
+    assert {"numpy", "torch cpu"} <= set(run["backends"]) and len(run["rows"]) == 8 + 2 * on_gpu
     for row in run["rows"]:
-        assert (row["numpy"] > 0 and row["torch cpu"] > 0) if "numpy" in row else row["cuda"] > 0, row
+        if "numpy" in row:
+            assert row["numpy"] > 0 and row["torch cpu"] > 0, row
+        elif "alone" in row["workload"]:  # the k-means alone: every torch device, no numpy
+            assert row["torch cpu"] > 0 and (row["cuda"] > 0 if on_gpu else "cuda" not in row), row
+        else:
+            assert row["cuda"] > 0, row
         assert row.get("torch cpu agreement", 1.0) >= 0.99 and row.get("torch cpu centroids within 1e-4", 1.0) >= 0.99
     text = out.read_text()
     assert "| k-means k=4: 2,000 classes x 8 x 384-d |" in text and "## Targets (issue #14)" in text
+    assert "| k-means alone: 2,000 classes x 8 x 384-d, rows on the device and centroids left there | - |" in text
 
 
 def test_gpu_table_is_rendered_from_the_kept_runs(tmp_path):

@@ -138,12 +138,18 @@ def test_prefetched_blocks_arrive_whole_and_in_order(dev):
 
 
 @pytest.mark.parametrize("dev", TORCH_DEVICES)
-def test_results_come_back_whole_through_the_staging_buffer(dev, monkeypatch):
-    monkeypatch.setattr(device, "STAGE_BYTES", 4 * 37)  # many stages, the last one partial
+@pytest.mark.parametrize("stage_rows", [1, 3, 64])  # a row per stage, many stages with a partial last, one
+def test_results_come_back_whole_through_the_staging_buffer(dev, stage_rows, monkeypatch):
+    monkeypatch.setattr(device, "STAGE_BYTES", 4 * 3 * 7 * stage_rows)
     want = np.random.default_rng(3).standard_normal((50, 3, 7)).astype(np.float32)
     got = np.empty_like(want)
     device.copy_to_host(got, device.to_device(want, dev))
     np.testing.assert_array_equal(got, want)
+    rows = np.random.default_rng(4).permutation(80)[:50]  # scattered into the rows of a larger array
+    scattered = np.zeros((80, 3, 7), np.float32)
+    device.copy_to_host(scattered, device.to_device(want, dev), rows=rows)
+    np.testing.assert_array_equal(scattered[rows], want)
+    assert not scattered[np.setdiff1d(np.arange(80), rows)].any()
 
 
 def brute_top(Q: np.ndarray, X: np.ndarray, kind: str) -> np.ndarray:
