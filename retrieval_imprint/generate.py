@@ -10,7 +10,7 @@ All randomness is per class (``_groups.uniforms``), so adding a class never chan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -181,6 +181,17 @@ def cov_max(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.nda
 RIDGE_GRID = 10.0 ** np.arange(-4.0, 3.01, 0.5)  # ridge / mean eigenvalue of the second moment
 LOO_ROWS = 4000  # rows whose leave-one-out prediction scores a ridge (a seeded sample beyond that)
 _LOO_STREAM = (1 << 32) + 4
+F64_BLOCK_BYTES = 64 << 20  # float64 copy of the samples held at once by the ls products
+
+
+def _f64_blocks(X: np.ndarray, axis: int = 0) -> Iterator[tuple[slice, np.ndarray]]:
+    """``X`` a block of rows (``axis=0``) or columns (``axis=1``) at a time, in float64, with the
+    block's slice: products accumulate in double precision without a float64 copy of all of ``X``
+    (at 100k samples of 2,000 features, 1.6 GB)."""
+    step = max(1, F64_BLOCK_BYTES // (8 * X.shape[1 - axis]))
+    for lo in range(0, X.shape[axis], step):
+        part = slice(lo, lo + step)
+        yield part, np.asarray(X[part] if axis == 0 else X[:, part], np.float64)
 
 
 @dataclass(frozen=True)
@@ -197,12 +208,20 @@ class Spectrum:
         """From the smaller Gram matrix: ``X^T X``, or ``X X^T`` when ``X`` has fewer rows than
         columns (a few shots, or wide random features), whose eigenvectors ``U`` give ``V = X^T U / sqrt(s)``.
         Directions with no variance are dropped: every head below lives in the span of the rows."""
-        X = np.asarray(X, np.float64)
         n, d = X.shape
-        s, E = np.linalg.eigh(X.T @ X if n >= d else X @ X.T)
+        wide = n < d
+        G = np.zeros((n, n) if wide else (d, d))
+        for _, part in _f64_blocks(X, axis=int(wide)):  # the Gram matrix, a block of X at a time
+            G += part @ part.T if wide else part.T @ part
+        s, E = np.linalg.eigh(G)
         keep = s > s.max(initial=0.0) * max(n, d) * np.finfo(np.float64).eps
-        s = s[keep]
-        return cls(s, E[:, keep] if n >= d else X.T @ E[:, keep] / np.sqrt(s), n)
+        s, E = s[keep], E[:, keep]
+        if not wide:
+            return cls(s, E, n)
+        V = np.empty((d, len(s)))
+        for cols, part in _f64_blocks(X, axis=1):
+            V[cols] = part.T @ E / np.sqrt(s)
+        return cls(s, V, n)
 
 
 def ls_head(spectrum: Spectrum, means: np.ndarray, reg: float) -> np.ndarray:
@@ -238,8 +257,11 @@ def loo_accuracy(X: np.ndarray, spectrum: Spectrum, codes: np.ndarray, means: np
     n, C = len(X), len(means)
     s, V = spectrum.s, spectrum.V
     weight = n / (C * np.bincount(codes, minlength=C))[codes]  # the indicator target of each row
-    targets = sparse.csr_array((weight, (codes, np.arange(n))), shape=(C, n))
-    ZY = (targets @ np.asarray(X, np.float64) @ V).T  # (r, C): V^T X^T Y
+    targets = sparse.csc_array((weight, (codes, np.arange(n))), shape=(C, n))
+    TX = np.zeros((C, X.shape[1]))
+    for rows, part in _f64_blocks(X):
+        TX += targets[:, rows] @ part
+    ZY = (TX @ V).T  # (r, C): V^T X^T Y
     rows = np.arange(n) if n <= LOO_ROWS else np.sort(np.argsort(uniforms(np.uint64(0), seed, _LOO_STREAM,
                                                                                    np.arange(n)))[:LOO_ROWS])
     Z = np.asarray(X[rows], np.float64) @ V

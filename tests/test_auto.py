@@ -8,7 +8,7 @@ import pytest
 import reference as ref
 from conftest import blobs
 from retrieval_imprint import Collection, ImprintClassifier
-from retrieval_imprint import auto
+from retrieval_imprint import auto, generate
 from retrieval_imprint._groups import Grouped
 from retrieval_imprint.generate import RIDGE_GRID, Spectrum, loo_accuracy
 from retrieval_imprint.labels import label_keys
@@ -121,8 +121,11 @@ def test_an_ivf_collection_chooses_k_under_max(tmp_path):
         "max"}
 
 
+@pytest.mark.parametrize("block_bytes", [None, 1])  # the samples in float64 at once, or a row (column) at a time
 @pytest.mark.parametrize("dim", [5, 60])  # more rows than dimensions, and fewer (the n x n Gram matrix)
-def test_the_closed_form_leave_one_out_equals_refitting(dim):
+def test_the_closed_form_leave_one_out_equals_refitting(dim, block_bytes, monkeypatch):
+    if block_bytes:
+        monkeypatch.setattr(generate, "F64_BLOCK_BYTES", block_bytes)
     X, y = blobs(4, 9, dim, seed=3)
     X = ref.l2(X)
     classes, codes = np.unique(y, return_inverse=True)

@@ -13,6 +13,7 @@ from retrieval_imprint import ImprintClassifier
 from retrieval_imprint._groups import Grouped
 from retrieval_imprint.features import BLOCK_ROWS, feature_map, relu_features
 from retrieval_imprint.labels import label_keys
+from retrieval_imprint import generate as generate_module
 from retrieval_imprint.generate import GENERATORS, generate
 
 RAW = dict(pre_norm="none", post_norm="none", inf_norm="none")
@@ -133,8 +134,11 @@ def test_kmedoids_medoids_minimise_their_cluster_cost():
             assert D[med, members].sum() <= cost.min() + 1e-4
 
 
+@pytest.mark.parametrize("block_bytes", [None, 8 * 6 * 7])  # the samples in float64 at once, or 7 rows at a time
 @pytest.mark.parametrize("generator", ["ls", "kls"])
-def test_ls_heads_match_the_closed_form(data, generator):
+def test_ls_heads_match_the_closed_form(data, generator, block_bytes, monkeypatch):
+    if block_bytes:
+        monkeypatch.setattr(generate_module, "F64_BLOCK_BYTES", block_bytes)
     X, y = data
     clf = fit(X, y, generator=generator, k=3, ls_reg=0.1)
     if generator == "ls":
@@ -148,10 +152,13 @@ def test_ls_heads_match_the_closed_form(data, generator):
         np.testing.assert_array_equal(clf.proxy_labels_, km.proxy_labels_)
 
 
+@pytest.mark.parametrize("block_bytes", [None, 1])  # the samples in float64 at once, or a column at a time
 @pytest.mark.parametrize("reg", [0.1, 0.0])
-def test_ls_with_fewer_samples_than_dimensions_matches_the_closed_form(reg):
+def test_ls_with_fewer_samples_than_dimensions_matches_the_closed_form(reg, block_bytes, monkeypatch):
     """Fewer rows than dimensions: the head comes from the n x n Gram matrix; with no ridge it is the
     minimum-norm solution (the closed form's pseudo-inverse), not a singular-matrix error."""
+    if block_bytes:
+        monkeypatch.setattr(generate_module, "F64_BLOCK_BYTES", block_bytes)
     X, y = blobs(3, 4, 30, seed=2)
     clf = fit(X, y, generator="ls", ls_reg=reg)
     if reg:
