@@ -7,7 +7,8 @@ grouped into ``S * buckets_per_shard`` label buckets (``label_key % buckets``, s
 belongs to shard ``b % S``); each bucket's rows, grouped by file and put in a fixed order (file by
 path, then each row's BLAKE2b content hash: Ray's read order never changes a proxy), are embedded
 by the worker that holds the bucket and sent to the owning shard's writer, a Ray actor that
-imprints them with the batched k-means in one atomic write. Each (bucket, file) part is recorded
+imprints them with the batched k-means in one atomic write (on the driver's ``device``: a GPU
+device gives each writer a share of the cluster's GPUs). Each (bucket, file) part is recorded
 by a hash of its rows, so a rerun after a crash, or with more files, skips what is in already,
 as ``imprint index`` does. Auto chooses before the buckets, on the first file's first chunk, as
 ``imprint index`` chooses on its first chunk. An IVF shard trains its lists on its first bucket
@@ -35,7 +36,8 @@ import pyarrow.parquet as pq
 
 from . import labels as lab
 from .collection import Collection, check_vectors
-from .errors import CollectionStateError, DataError, ImprintError
+from .device import current, set_device
+from .errors import CollectionStateError, DataError, DeviceError, ImprintError
 from .ingestion import check_vectors_model, fingerprint
 from .normalize import normalize
 from .params import DEFAULT_CHUNK, check_int
@@ -76,17 +78,23 @@ class BuildReport:
     retrained: bool
     auto_choice: dict[str, Any] | None
     created: bool
+    device: str | None  # where the shards' writers ran k-means (device.py; None: numpy)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class ShardWriter:
-    """The one writer of one shard (a Ray actor): adds the parts it is sent, each part once."""
+    """The one writer of one shard (a Ray actor): adds the parts it is sent, each part once, with
+    its k-means on ``device`` (the driver's, ``device.py``)."""
 
-    def __init__(self, directory: str, lock_timeout: float, choice: str | None) -> None:
+    def __init__(self, directory: str, lock_timeout: float, choice: str | None, device: str | None) -> None:
+        set_device(device)  # the actor's own process: the driver's setting does not reach it otherwise
         self.col = Collection.open(directory, lock_timeout=lock_timeout)
         self.choice = choice
+
+    def device(self) -> str | None:
+        return current()
 
     def add(self, X: np.ndarray, labels: list, texts: list | None, refs: list | None,
             parts: list[tuple[str, int, int]]) -> list[bool]:
@@ -99,6 +107,18 @@ class ShardWriter:
                                   checkpoints=[(source, hi - lo) for source, lo, hi in todo])
         done = {source for source, _, _ in todo}
         return [source in done for source, _, _ in parts]
+
+
+def _writers_on(device: str | None, shards: int, cluster_gpus: float) -> tuple[str | None, dict[str, Any]]:
+    """The device the shards' writers run k-means on, given the driver's, and Ray's options for them.
+    On a GPU: ``"cuda"`` (Ray numbers an actor's GPUs from 0) and a share of the cluster's GPUs (Ray
+    hides the GPUs from an actor that asks for none); writers of more shards than GPUs share them."""
+    if device is None or not device.startswith("cuda"):
+        return device, {"num_cpus": 0}
+    if not cluster_gpus:
+        raise DeviceError(f"device={device!r}: the Ray cluster has no GPU for the shards' writers; "
+                          "use device 'cpu', or none")
+    return "cuda", {"num_cpus": 0, "num_gpus": min(1.0, cluster_gpus / shards)}
 
 
 def _options(text_column, label_column, vector_column, id_column) -> dict[str, Any]:
@@ -182,8 +202,10 @@ def build(path: str | os.PathLike, sources: Sequence[str | os.PathLike], *, shar
             X = first.vectors if first.vectors is not None else col.embedder().encode(first.texts)
             codes, entries = lab.encode_stored(first.labels)
             col._choose(check_vectors(X, "X", None), codes, entries)
-        Writer = ray.remote(num_cpus=0)(ShardWriter)
-        writers = [Writer.remote(str(d), lock_timeout, col._manifest["auto_choice"]) for d in directories(path)]
+        device, resources = _writers_on(current(), shards, ray.cluster_resources().get("GPU", 0))
+        Writer = ray.remote(ShardWriter).options(**resources)
+        writers = [Writer.remote(str(d), lock_timeout, col._manifest["auto_choice"], device) for d in directories(path)]
+        device = ray.get([w.device.remote() for w in writers])[0]  # every writer up on it, before any data
         ds = ray.data.read_parquet(files, include_paths=True)
         ds = ds.map_batches(_tag, batch_format="pyarrow", fn_kwargs={"n_buckets": shards * buckets_per_shard,
                                                                      "options": options})
@@ -204,7 +226,7 @@ def build(path: str | os.PathLike, sources: Sequence[str | os.PathLike], *, shar
     info = col.info()
     added = done["added"].to_numpy(bool)
     return BuildReport(str(path), int(done["rows"].to_numpy()[added].sum()), int(added.sum()), int((~added).sum()),
-                       info["classes"], info["proxies"], retrained, col.auto_choice, created)
+                       info["classes"], info["proxies"], retrained, col.auto_choice, created, device)
 
 
 # ----------------------------------------------------------------- serve

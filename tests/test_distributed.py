@@ -29,6 +29,7 @@ from retrieval_imprint import labels as lab
 from retrieval_imprint.cli import main
 from retrieval_imprint.client import Client
 from retrieval_imprint.collection import Collection
+from retrieval_imprint.device import use_device
 from retrieval_imprint.distributed import build, serve, serve_shutdown
 from retrieval_imprint.ingestion import ingest
 from retrieval_imprint.readers import load_demo
@@ -81,6 +82,18 @@ def test_ray_build_equals_one_process_build(tmp_path, files):
     Q = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
     assert_same_answers(one, col, Q)
     assert col.auto_choice["k"] == 2
+
+
+def test_the_writers_run_k_means_on_the_drivers_device(tmp_path, files):
+    """The shards' writers are processes of their own: the driver's device reaches them, and the
+    torch backend builds what numpy builds."""
+    paths, X, y = files
+    with use_device("cpu"):
+        report = build(tmp_path / "torch", paths, shards=2, buckets_per_shard=2, model=None, generator="kmeans", k=2)
+    numpy = build(tmp_path / "numpy", paths, shards=2, buckets_per_shard=2, model=None, generator="kmeans", k=2)
+    assert report.device == "cpu" and numpy.device is None
+    assert_same_answers(ShardedCollection.open(tmp_path / "numpy"), ShardedCollection.open(tmp_path / "torch"),
+                        np.random.default_rng(2).standard_normal((30, 8)).astype(np.float32))
 
 
 def test_a_rerun_skips_what_is_in_and_more_files_extend(tmp_path, files):
