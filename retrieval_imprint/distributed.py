@@ -109,14 +109,15 @@ class ShardWriter:
         return [source in done for source, _, _ in parts]
 
 
-def _writers_on(device: str | None, shards: int, cluster_gpus: float) -> tuple[str | None, dict[str, Any]]:
-    """The device the shards' writers run k-means on, given the driver's, and Ray's options for them.
-    On a GPU: ``"cuda"`` (Ray numbers an actor's GPUs from 0) and a share of the cluster's GPUs (Ray
-    hides the GPUs from an actor that asks for none); writers of more shards than GPUs share them."""
+def _actors_on(device: str | None, shards: int, cluster_gpus: float) -> tuple[str | None, dict[str, Any]]:
+    """The device a shard's actor (its writer, its Serve replica) works on, given the driver's, and
+    Ray's options for it. On a GPU: ``"cuda"`` (Ray numbers an actor's GPUs from 0) and a share of
+    the cluster's GPUs (Ray hides the GPUs from an actor that asks for none); the actors of more
+    shards than GPUs share them."""
     if device is None or not device.startswith("cuda"):
         return device, {"num_cpus": 0}
     if not cluster_gpus:
-        raise DeviceError(f"device={device!r}: the Ray cluster has no GPU for the shards' writers; "
+        raise DeviceError(f"device={device!r}: the Ray cluster has no GPU for the shards' actors; "
                           "use device 'cpu', or none")
     return "cuda", {"num_cpus": 0, "num_gpus": min(1.0, cluster_gpus / shards)}
 
@@ -202,7 +203,7 @@ def build(path: str | os.PathLike, sources: Sequence[str | os.PathLike], *, shar
             X = first.vectors if first.vectors is not None else col.embedder().encode(first.texts)
             codes, entries = lab.encode_stored(first.labels)
             col._choose(check_vectors(X, "X", None), codes, entries)
-        device, resources = _writers_on(current(), shards, ray.cluster_resources().get("GPU", 0))
+        device, resources = _actors_on(current(), shards, ray.cluster_resources().get("GPU", 0))
         Writer = ray.remote(ShardWriter).options(**resources)
         writers = [Writer.remote(str(d), lock_timeout, col._manifest["auto_choice"], device) for d in directories(path)]
         device = ray.get([w.device.remote() for w in writers])[0]  # every writer up on it, before any data
@@ -231,9 +232,11 @@ def build(path: str | os.PathLike, sources: Sequence[str | os.PathLike], *, shar
 
 # ----------------------------------------------------------------- serve
 class ShardReplica:
-    """A Ray Serve deployment holding one shard open: answers with its ``Part``."""
+    """A Ray Serve deployment holding one shard open: answers with its ``Part``, searching on
+    ``device`` (the driver's, ``device.py``)."""
 
-    def __init__(self, directory: str, shard: int, n_shards: int, refresh: float) -> None:
+    def __init__(self, directory: str, shard: int, n_shards: int, refresh: float, device: str | None) -> None:
+        set_device(device)
         self.fresh = Refreshing(Collection.open(directory), refresh)
         self.shard, self.n_shards = shard, n_shards
 
@@ -318,15 +321,17 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
     """Deploy the collection at ``path`` (sharded or not) on Ray Serve, HTTP on ``host:port``;
     returns the URL. The caller keeps the process alive; ``serve_shutdown()`` stops it.
     ``shard_options``: each shard replica's Ray actor options, e.g. ``{"memory": 40e9}`` so that a
-    cluster places shards where they fit (default: no CPU reserved; a replica works when asked)."""
+    cluster places shards where they fit (default: no CPU reserved, as a replica works when asked;
+    on a GPU device, a share of the cluster's GPUs, as for the build's writers)."""
     _ray()
     from ray import serve as rs
 
     shards = [str(d) for d in directories(path)]
     rs.start(http_options={"host": host, "port": port})
-    options = {"num_cpus": 0, **(shard_options or {})}
+    device, resources = _actors_on(current(), len(shards), _ray().cluster_resources().get("GPU", 0))
+    options = {**resources, **(shard_options or {})}
     replicas = [rs.deployment(ShardReplica, name=f"shard-{i}", ray_actor_options=options).bind(d, i, len(shards),
-                                                                                               refresh)
+                                                                                               refresh, device)
                 for i, d in enumerate(shards)]
     ingress = rs.deployment(Ingress, name="ingress", ray_actor_options={"num_cpus": 0})
     rs.run(ingress.bind(str(path), refresh, *replicas), name=name, route_prefix="/")

@@ -133,7 +133,8 @@ def test_ray_serve_answers_as_the_local_collection(tmp_path, files):
     build(tmp_path / "ray", paths, shards=3, buckets_per_shard=1, model=None, k=2)
     col = ShardedCollection.open(tmp_path / "ray")
     col.set_threshold(0.6)
-    url = serve(tmp_path / "ray", port=free_port(), refresh=0.0)
+    with use_device("cpu"):  # the shard replicas search on the driver's device: the torch backend
+        url = serve(tmp_path / "ray", port=free_port(), refresh=0.0)
     try:
         client = Client(url, timeout=120)
         assert client.health() == {"status": "ok", "classes": 24, "shards": 3, "model": None}
