@@ -169,7 +169,7 @@ def kmeans_alone(groups: Grouped, repeat: int) -> dict:
     for backend, device in backends().items():
         if device is None:
             continue
-        resident = Grouped(to_device(groups.X, device), groups.offsets, groups.keys)
+        resident = Grouped(torch.from_numpy(groups.X).to(device), groups.offsets, groups.keys)  # not via pinned memory
 
         def run() -> None:
             for classes, P, mask in resident.padded(BLOCK_BYTES[device]):
