@@ -164,24 +164,7 @@ def fps(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray
     return groups.map_blocks(block, k).reshape(-1, groups.X.shape[1]), _each_class(k, groups.n_classes)
 
 
-@register("cov_max")
-def cov_max(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
-    """The k samples with the largest column sums of the class's n_c x n_c sample covariance.
-
-    Column j of ``np.cov(X_c)`` sums to ``z_j . sum_i z_i / (d - 1)`` with ``z`` the rows centred
-    over features, so the n_c x n_c matrix is never formed.
-    """
-    X = groups.X.astype(np.float64)
-    Z = X - X.mean(1, keepdims=True)
-    S = np.add.reduceat(Z, groups.offsets[:-1], axis=0)
-    colsum = np.einsum("nd,nd->n", Z, S[groups.owner]) / max(X.shape[1] - 1, 1)
-    return groups.X[_first_k_per_class(groups, -colsum, k)], _each_class(k, groups.n_classes)
-
-
-RIDGE_GRID = 10.0 ** np.arange(-4.0, 3.01, 0.5)  # ridge / mean eigenvalue of the second moment
-LOO_ROWS = 4000  # rows whose leave-one-out prediction scores a ridge (a seeded sample beyond that)
-_LOO_STREAM = (1 << 32) + 4
-F64_BLOCK_BYTES = 64 << 20  # float64 copy of the samples held at once by the ls products
+F64_BLOCK_BYTES = 64 << 20  # float64 copy of the samples held at once (cov_max, and ls's products)
 
 
 def _f64_blocks(X: np.ndarray, axis: int = 0) -> Iterator[tuple[slice, np.ndarray]]:
@@ -192,6 +175,28 @@ def _f64_blocks(X: np.ndarray, axis: int = 0) -> Iterator[tuple[slice, np.ndarra
     for lo in range(0, X.shape[axis], step):
         part = slice(lo, lo + step)
         yield part, np.asarray(X[part] if axis == 0 else X[:, part], np.float64)
+
+
+@register("cov_max")
+def cov_max(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
+    """The k samples with the largest column sums of the class's n_c x n_c sample covariance.
+
+    Column j of ``np.cov(X_c)`` sums to ``z_j . sum_i z_i / (d - 1)`` with ``z`` the rows centred
+    over features, so the n_c x n_c matrix is never formed (nor a float64 copy of all samples).
+    """
+    X, starts, owner = groups.X, groups.offsets[:-1], groups.owner
+    row_means = X.mean(1, dtype=np.float64)
+    S = np.add.reduceat(X, starts, axis=0, dtype=np.float64) - np.add.reduceat(row_means, starts)[:, None]
+    colsum = np.empty(len(X))
+    for rows, part in _f64_blocks(X):
+        colsum[rows] = np.einsum("nd,nd->n", part - row_means[rows, None], S[owner[rows]])
+    colsum /= max(X.shape[1] - 1, 1)
+    return X[_first_k_per_class(groups, -colsum, k)], _each_class(k, groups.n_classes)
+
+
+RIDGE_GRID = 10.0 ** np.arange(-4.0, 3.01, 0.5)  # ridge / mean eigenvalue of the second moment
+LOO_ROWS = 4000  # rows whose leave-one-out prediction scores a ridge (a seeded sample beyond that)
+_LOO_STREAM = (1 << 32) + 4
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,10 @@ def test_sample_generators_return_distinct_samples(data, generator):
         assert len({int(r[0]) for r in rows}) == len(W), "drawn without replacement"
 
 
-def test_cov_max_matches_reference(data):
+@pytest.mark.parametrize("block_bytes", [None, 8 * 6 * 7])  # the samples in float64 at once, or 7 rows at a time
+def test_cov_max_matches_reference(data, block_bytes, monkeypatch):
+    if block_bytes:
+        monkeypatch.setattr(generate_module, "F64_BLOCK_BYTES", block_bytes)
     X, y = data
     clf = fit(X, y, generator="cov_max", k=4)
     for c in np.unique(y):
