@@ -306,7 +306,7 @@ class Collection:
         score; none where the query is rejected): the training examples the answer rests on."""
         n = spec.check_int("n", n, 1)
         answer = self.query(Q, 1, threshold=threshold)
-        owner = np.array([-1 if v is None else self._class_id(v) for v in answer.labels[:, 0]], np.int64)
+        owner = self._s.table.ids_of(answer.labels[:, 0])
         s = snapshot.read(self.path, self._engine, samples=True)  # the samples, read as the answers were
         Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
         return provenance.explain(self._engine, s, self.path, Q, owner, n)

@@ -200,5 +200,4 @@ def rejection_inputs(found: QueryResult, labels: Sequence[object], oos: QueryRes
 
 def label_shifts(s: Snapshot, labels: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """The entry of ``shift`` (table order; NaN read as ``filled``) of each class label (None: 0)."""
-    by_label = {lab.entry(v): i for i, v in zip(s.table.ids, s.table.labels)}
-    return _shift_of(s, np.array([by_label[lab.entry(c)] if c is not None else -1 for c in labels], np.int64), shift)
+    return _shift_of(s, s.table.ids_of(labels), shift)
