@@ -91,26 +91,33 @@ def folds(groups: Grouped, seed: int) -> np.ndarray:
     return np.where(groups.sizes[owner] >= 2, rank % FOLDS, -1)
 
 
-def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidate]) -> list[dict[str, Any]]:
-    """Held-out accuracy of each candidate; ``groups`` hold the raw (not NORMpre'd) samples."""
-    seed = seed_of(params["random_state"])
-    fold = folds(groups, seed)
-    X_pre = normalize(groups.X, params["pre_norm"], what="X")
-    queries = normalize(groups.X, params["inf_norm"], what="X")
-    owner = groups.owner
+def scored_folds(groups: Grouped, seed: int, max_scored: int = MIN_SCORED) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train, scored)`` row masks and indices of the folds that score a held-out row: folds are
+    taken until ``max_scored`` rows are held out (all ``FOLDS`` for less data), and at most
+    ``max_scored`` of those rows (a seeded sample) are scored."""
+    fold, owner = folds(groups, seed), groups.owner
     position = np.arange(len(owner)) - groups.offsets[owner]  # within its class: no dependence on class order
     held = [np.flatnonzero(fold == f) for f in range(FOLDS)]
-    n_folds = next((f + 1 for f in range(FOLDS) if sum(map(len, held[: f + 1])) >= MIN_SCORED), FOLDS)
-    per_fold = -(-MIN_SCORED // n_folds)
-    correct, scored = np.zeros(len(cands), np.int64), 0
-    for rows in held[:n_folds]:
+    n_folds = next((f + 1 for f in range(FOLDS) if sum(map(len, held[: f + 1])) >= max_scored), FOLDS)
+    per_fold = -(-max_scored // n_folds)
+    out = []
+    for f, rows in enumerate(held[:n_folds]):
         if not len(rows):
             continue
         if len(rows) > per_fold:  # a seeded sample of the held-out rows
             draw = uniforms(groups.keys[owner[rows]], seed, _SCORE_STREAM, position[rows])
             rows = np.sort(rows[np.argsort(draw)[:per_fold]])
-        train = np.ones(len(owner), bool)
-        train[fold == fold[rows[0]]] = False
+        out.append((fold != f, rows))
+    return out
+
+
+def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidate]) -> list[dict[str, Any]]:
+    """Held-out accuracy of each candidate; ``groups`` hold the raw (not NORMpre'd) samples."""
+    X_pre = normalize(groups.X, params["pre_norm"], what="X")
+    queries = normalize(groups.X, params["inf_norm"], what="X")
+    owner = groups.owner
+    correct, scored = np.zeros(len(cands), np.int64), 0
+    for train, rows in scored_folds(groups, seed_of(params["random_state"])):
         counts = np.bincount(owner[train], minlength=groups.n_classes)
         part = Grouped(X_pre[train], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), groups.keys)
         correct += _fold_correct(part, queries[rows], owner[rows], params, cands)

@@ -15,7 +15,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
 from ._groups import Grouped
-from .auto import choose, folds
+from . import temperature
+from .auto import AUTO, choose, folds, scored_folds
 from .device import use_device
 from .features import feature_map, relu_features
 from .imprint import grouped, imprint, means, seed_of
@@ -23,7 +24,7 @@ from .openset import class_shift, filled, own_scores
 from .index import ProxyIndex
 from .labels import check_targets, label_keys
 from .normalize import normalize
-from .params import DEFAULTS, check_params, check_temperature, preset
+from .params import DEFAULTS, check_params, preset
 
 BLOCK = 1024  # queries scored at a time by a blend's predict: (BLOCK, proxies) similarities in memory
 
@@ -115,7 +116,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         keys = label_keys(self.classes_)
         self.feature_map_ = None if params["features"] is None else feature_map(
             X.shape[1], params["features"], seed_of(params["random_state"]))
-        X = self._mapped(X)
+        given, X = X, self._mapped(X)
         choice, self.cv_results_ = choose(X, codes, keys, params)
         self.auto_choice_ = choice.params()
         params.update(self.auto_choice_)
@@ -136,7 +137,22 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
             own = own_scores(groups, normalize(raw.X, params["inf_norm"], what="X"), params,
                              folds(groups, seed_of(params["random_state"])))
             self.class_shift_ = filled(class_shift(groups.owner, own, len(self.classes_)))
+        self.temperature_ = (self._fitted_temperature(Grouped.from_codes(given, codes, keys))
+                             if params["temperature"] == AUTO else params["temperature"])
         return self
+
+    def _fitted_temperature(self, raw: Grouped) -> float:
+        """The temperature fitted to out-of-fold class scores of the training samples ``raw`` (as
+        ``fit`` was given them): the first folds of ``auto`` that hold ``temperature.SCORED`` rows
+        out each fit this concrete setting without them (every class keeps a sample) and score them."""
+        concrete = {**self.get_params(), **self.auto_choice_, "temperature": 1.0, "rejection": "max"}
+        max_scored = max(1, min(temperature.SCORED, temperature.MAX_CELLS // len(self.classes_)))
+        scores, truth = [], []
+        for train, rows in scored_folds(raw, seed_of(self.random_state), max_scored):
+            part = ImprintClassifier(**concrete).fit(raw.X[train], self.classes_[raw.owner[train]])
+            scores.append(part._class_scores(part._queries(raw.X[rows])))
+            truth.append(raw.owner[rows])
+        return temperature.fit(np.concatenate(scores), np.concatenate(truth)) if scores else temperature.FALLBACK
 
     @_on_device
     def rejection_score(self, X: Any) -> np.ndarray:
@@ -185,13 +201,9 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
     @_on_device
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities ``(n, C)``: the softmax of the per-class scores divided by
-        ``temperature``. A fixed temperature ranks like the scores but is not calibrated to any
-        data; for calibrated probabilities wrap the estimator in scikit-learn's
-        ``CalibratedClassifierCV``."""
-        scores = self._class_scores(self._queries(X)).astype(np.float64) / check_temperature(
-            "temperature", self.temperature)
-        scores = np.exp(scores - scores.max(1, keepdims=True))
-        return scores / scores.sum(1, keepdims=True)
+        ``temperature_`` (``temperature``, or under ``"auto"`` the one fitted to out-of-fold scores
+        of the training data: calibrated probabilities, ``temperature.py``)."""
+        return np.exp(temperature.log_softmax(self._class_scores(self._queries(X)), self.temperature_))
 
     @_on_device
     def predict(self, X: Any) -> np.ndarray:

@@ -75,10 +75,12 @@ def check_ridge(name: str, value: object) -> float | str:
     return float(value)
 
 
-def check_temperature(name: str, value: object) -> float:
+def check_temperature(name: str, value: object) -> float | str:
+    if value == AUTO:
+        return AUTO
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
             or value <= 0:
-        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number > 0")
+        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number > 0, or 'auto'")
     return float(value)
 
 
@@ -154,8 +156,10 @@ IMPRINT: dict[str, Param] = {p.name: p for p in (
     Param("features", None, "Width of the random ReLU features that replace the embeddings before NORMpre and "
           "NORMinf (a fixed map drawn from random_state, features.py); they let the ls head bend, e.g. 2000. "
           "None: the embeddings as given.", check=check_positive_or_none, type=int),
-    Param("temperature", 0.05, "predict_proba: the softmax of the class scores divided by this (scores are "
-          "similarities in [-1, 1]: 0.05 makes a 0.1 lead about 7x as likely).", check=check_temperature, type=float),
+    Param("temperature", AUTO, "predict_proba: the softmax of the class scores divided by this (scores are "
+          "similarities in [-1, 1]: 0.05 makes a 0.1 lead about 7x as likely); auto: fitted to out-of-fold scores "
+          "of the training data, so that the probabilities are calibrated (temperature.py).",
+          check=check_temperature, type=float),
 )}
 # ls / kls need every class at once, random features are for them, and probabilities are the estimator's:
 # none is a collection's

@@ -82,3 +82,16 @@ def test_gpu_table_is_rendered_from_the_kept_runs(tmp_path):
     assert text == (ROOT / "docs" / "gpu.md").read_text()
     if any("cuda" in run["backends"] for run in runs.values()):
         assert text.count("(target >= 20x: ") == 3 and "the bound on a fit from host memory" in text
+
+
+def test_calibration_benchmark_runs_small(tmp_path):
+    """benchmarks/calibration.py end to end on one small cell: the fitted temperature's row beside
+    the fixed one's and the scikit-learn wrapper's, with the same accuracy as the fixed one."""
+    shared_data("banking77", "embeddings.npz")
+    out = tmp_path / "calibration.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibration.py"), "--datasets", "banking77", "--shots",
+                    "5", "--seeds", "0", "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| banking77 |")]
+    assert [r[2] for r in rows] == ["temperature 0.05 (fixed)", "temperature auto (default)",
+                                    "CalibratedClassifierCV (sigmoid, 3 folds)"]
+    assert rows[0][3] == rows[1][3] and 0 < float(rows[1][7]) < 1  # one accuracy; a fitted T

@@ -7,13 +7,13 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from conftest import blobs
-from retrieval_imprint import PRESETS, ImprintClassifier
+from retrieval_imprint import PRESETS, ImprintClassifier, temperature
 
 ZERO_ROW = ("int-valued test data truncates a row to all zeros, and L2 of a zero vector is an error "
             "by design (docs/framework.md); test_every_input_dtype covers the dtypes on data without zero rows")
 
 
-SUBSET = ("predict_proba divides float32 scores by the temperature (0.05): BLAS sums a batch in another order "
+SUBSET = ("predict_proba divides float32 scores by the temperature (~0.05): BLAS sums a batch in another order "
           "than a subset, which moves the last float32 bit, ~1e-6 after the softmax, over this check's 1e-7; "
           "test_predict_proba_is_subset_invariant_at_float32_precision checks it at the precision computed in")
 
@@ -169,11 +169,42 @@ def test_predict_proba_is_the_softmax_of_the_class_scores():
         ImprintClassifier(temperature=0).fit(X, y).predict_proba(Q)
 
 
+def test_the_fitted_temperature_minimises_the_held_out_log_loss():
+    S = np.random.default_rng(0).uniform(-1, 1, (400, 12))
+    truth = np.where(np.arange(400) % 3 == 0, np.random.default_rng(1).integers(0, 12, 400), S.argmax(1))
+    grid = np.exp(np.linspace(np.log(1e-3), np.log(10), 4001))
+    brute = grid[np.argmin([temperature.nll(S, truth, T) for T in grid])]
+    assert temperature.fit(S, truth) == pytest.approx(brute, rel=5e-3)
+    assert temperature.fit(S[:0], truth[:0]) == temperature.FALLBACK
+
+
+def test_auto_temperature_calibrates_held_out_probabilities():
+    """Overlapping classes: the fitted temperature gives new data a lower log loss and a top
+    probability nearer the accuracy than the fixed 0.05; a given temperature is used as is."""
+    X, y = blobs(8, 80, 16, seed=5, modes=2)
+    train = np.arange(len(y)) % 2 == 0
+    auto = ImprintClassifier().fit(X[train], y[train])
+    fixed = ImprintClassifier(temperature=0.05).fit(X[train], y[train])
+    assert fixed.temperature_ == 0.05 and auto.temperature_ != 0.05
+    truth = np.searchsorted(auto.classes_, y[~train])
+    S = auto._class_scores(auto._queries(X[~train]))
+    assert temperature.nll(S, truth, auto.temperature_) < temperature.nll(S, truth, 0.05)
+    accuracy = np.mean(auto.predict(X[~train]) == y[~train])
+    gap = {T: abs(np.exp(temperature.log_softmax(S, T)).max(1).mean() - accuracy) for T in (auto.temperature_, 0.05)}
+    assert gap[auto.temperature_] < gap[0.05], gap
+    np.testing.assert_allclose(auto.predict_proba(X[~train]), np.exp(temperature.log_softmax(S, auto.temperature_)))
+
+
+def test_one_shot_data_keeps_the_fallback_temperature():
+    X, y = blobs(6, 1, 8, seed=2)
+    assert ImprintClassifier().fit(X, y).temperature_ == temperature.FALLBACK
+
+
 def test_predict_proba_is_subset_invariant_at_float32_precision():
     X, y = blobs(5, 20, 16, seed=4)
     clf = ImprintClassifier(generator="kmeans", k=3, aggregation="max").fit(X, y)
     Q = np.random.default_rng(2).standard_normal((300, 16)).astype(np.float32)
     whole = clf.predict_proba(Q)
     parts = np.concatenate([clf.predict_proba(Q[i : i + 7]) for i in range(0, len(Q), 7)])
-    eps = np.finfo(np.float32).eps * np.abs(clf.decision_function(Q)).max() / clf.temperature
+    eps = np.finfo(np.float32).eps * np.abs(clf.decision_function(Q)).max() / clf.temperature_
     np.testing.assert_allclose(parts, whole, rtol=0, atol=8 * eps)
