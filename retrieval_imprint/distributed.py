@@ -323,12 +323,12 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
     ``shard_options``: each shard replica's Ray actor options, e.g. ``{"memory": 40e9}`` so that a
     cluster places shards where they fit (default: no CPU reserved, as a replica works when asked;
     on a GPU device, a share of the cluster's GPUs, as for the build's writers)."""
-    _ray()
+    ray = _ray()
     from ray import serve as rs
 
     shards = [str(d) for d in directories(path)]
     rs.start(http_options={"host": host, "port": port})
-    device, resources = _actors_on(current(), len(shards), _ray().cluster_resources().get("GPU", 0))
+    device, resources = _actors_on(current(), len(shards), ray.cluster_resources().get("GPU", 0))
     options = {**resources, **(shard_options or {})}
     replicas = [rs.deployment(ShardReplica, name=f"shard-{i}", ray_actor_options=options).bind(d, i, len(shards),
                                                                                                refresh, device)
