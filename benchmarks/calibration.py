@@ -96,8 +96,9 @@ def main() -> None:
             f"Machine: {machine()}", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
             markdown_table(header, rows), "",
             "`temperature=\"auto\"` fits one scalar to out-of-fold scores of the training rows (temperature.py): "
-            "one more fit of the chosen setting, on the rows outside one fold, is the difference in fit time "
-            "(on full data it is lost in the timing noise of auto's own cross-validation). "
+            "a fit of the chosen setting per fold held out until 1,000 rows are (five at 5 shots here, "
+            "one on full data) is the difference in fit time (on full data lost in the timing noise of auto's "
+            "own cross-validation). "
             "A temperature only rescales the scores, so both rank the classes alike and have one accuracy. "
             "CalibratedClassifierCV fits one sigmoid per class (one class against the rest) on each of 3 folds "
             "and averages the 3 fitted models.", ""]

@@ -41,7 +41,7 @@ from retrieval_imprint.embed import Embedder, EmbeddingCache
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 D = 384
 # the baselines make proxies and answers only: ours fits no predict_proba temperature either
-# (temperature="auto" adds one fit on the rows outside a fold; docs/calibration.md times it)
+# (temperature="auto" adds a fit per held-out fold; docs/calibration.md times it)
 FIXED_T = dict(temperature=0.05)
 
 
