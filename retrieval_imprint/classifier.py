@@ -116,7 +116,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         keys = label_keys(self.classes_)
         self.feature_map_ = None if params["features"] is None else feature_map(
             X.shape[1], params["features"], seed_of(params["random_state"]))
-        given, X = X, self._mapped(X)
+        X = self._mapped(X)
         choice, self.cv_results_ = choose(X, codes, keys, params)
         self.auto_choice_ = choice.params()
         params.update(self.auto_choice_)
@@ -132,20 +132,23 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
             self.means_index_ = ProxyIndex(X.shape[1], self.metric, fixed.transform)
             self.means_index_.add(self.means_)
         self.class_shift_ = None
-        if params["rejection"] == "shift":
-            raw = Grouped.from_codes(X, codes, keys)  # the raw samples in the order of ``groups``
+        shift, auto_t = params["rejection"] == "shift", params["temperature"] == AUTO
+        # the samples (after the random features) in the order of ``groups``, not NORMpre'd
+        raw = Grouped.from_codes(X, codes, keys) if shift or auto_t else None
+        if shift:
             own = own_scores(groups, normalize(raw.X, params["inf_norm"], what="X"), params,
                              folds(groups, seed_of(params["random_state"])))
             self.class_shift_ = filled(class_shift(groups.owner, own, len(self.classes_)))
-        self.temperature_ = (self._fitted_temperature(Grouped.from_codes(given, codes, keys))
-                             if params["temperature"] == AUTO else params["temperature"])
+        self.temperature_ = self._fitted_temperature(raw) if auto_t else params["temperature"]
         return self
 
     def _fitted_temperature(self, raw: Grouped) -> float:
-        """The temperature fitted to out-of-fold class scores of the training samples ``raw`` (as
-        ``fit`` was given them): the first folds of ``auto`` that hold ``temperature.SCORED`` rows
-        out each fit this concrete setting without them (every class keeps a sample) and score them."""
-        concrete = {**self.get_params(), **self.auto_choice_, "temperature": 1.0, "rejection": "max"}
+        """The temperature fitted to out-of-fold class scores of the training samples ``raw`` (after
+        the random features, if any: the folds' fits take them as given): the first folds of ``auto``
+        that hold ``temperature.SCORED`` rows out each fit this concrete setting without them (every
+        class keeps a sample) and score them."""
+        concrete = {**self.get_params(), **self.auto_choice_, "temperature": 1.0, "rejection": "max",
+                    "features": None}
         max_scored = max(1, min(temperature.SCORED, temperature.MAX_CELLS // len(self.classes_)))
         scores, truth = [], []
         for train, rows in scored_folds(raw, seed_of(self.random_state), max_scored):
