@@ -37,7 +37,9 @@ class ImprintGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ImprintError as exc:
-            raise UserError(" ".join(str(exc).split())) from exc
+            error = UserError(" ".join(str(exc).split()))
+            error.exit_code = exc.exit_code
+            raise error from exc
         except BrokenPipeError:  # the reader went away (`imprint ... | head`): done, not failed
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush into
             ctx.exit(0)
