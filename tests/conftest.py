@@ -18,12 +18,13 @@ _CACHE_DIR = Path(tempfile.mkdtemp(prefix="ri-test-"))
 
 
 def pytest_configure(config) -> None:
-    """Keep the embedding cache of a test run out of the user's ~/.cache."""
+    """Keep the embedding cache and the ONNX exports of a test run out of the user's ~/.cache."""
     os.environ["RETRIEVAL_IMPRINT_CACHE"] = str(_CACHE_DIR / "embeddings.sqlite")
+    os.environ["RETRIEVAL_IMPRINT_ONNX"] = str(_CACHE_DIR / "onnx")
 
 
 def pytest_unconfigure(config) -> None:
-    """Remove the test run's embedding cache (runs left one folder each in the temp dir)."""
+    """Remove the test run's embedding cache and exports (runs left one folder each in the temp dir)."""
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 

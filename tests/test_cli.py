@@ -308,21 +308,32 @@ def test_check_exits_1_and_lists_problems(tmp_path):
     assert "samples: the index files hold 15 live vectors and the database 14 id rows" in result.stderr
 
 
-def test_a_chunked_text_index_loads_the_model_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_chunked_text_index_loads_the_model_once(tmp_path, monkeypatch, backend):
     import sentence_transformers
 
+    from retrieval_imprint import embed_onnx
+
     monkeypatch.setenv("RETRIEVAL_IMPRINT_CACHE", str(tmp_path / "fresh-cache.sqlite"))  # nothing cached yet
-    loads = []
-    real = sentence_transformers.SentenceTransformer
+    # torch: ONNX turned off; onnx: a fresh exports folder, so the model is exported (torch loads once) first
+    monkeypatch.setenv("RETRIEVAL_IMPRINT_ONNX", "off" if backend == "torch" else str(tmp_path / "onnx"))
+    loads, exported = [], []
+    real, real_onnx = sentence_transformers.SentenceTransformer, embed_onnx.OnnxModel.__init__
 
     def counting(*args, **kwargs):
         loads.append(args)
         return real(*args, **kwargs)
 
+    def counting_onnx(self, folder):
+        if not Path(folder).name.startswith("."):  # not the export's own check, in its staging folder
+            exported.append(folder)
+        real_onnx(self, folder)
+
     monkeypatch.setattr(sentence_transformers, "SentenceTransformer", counting)
+    monkeypatch.setattr(embed_onnx.OnnxModel, "__init__", counting_onnx)
     out = json.loads(run("index", str(tmp_path / "c"), TRAIN, "--chunk-size", "30", "--quiet", "--json").output)
     assert out["rows"] == 96 and out["classes"] == 8
-    assert len(loads) == 1
+    assert len(loads) == 1 and len(exported) == (backend == "onnx")
 
 
 def test_only_user_errors_exit_2_and_bugs_show_their_traceback(tmp_path, monkeypatch):
