@@ -31,7 +31,7 @@ from . import params as spec
 from . import provenance, ranking, segments, snapshot, store, writes
 from .openset import MARGIN, RULES, Calibration, calibrate, calibrate_without_oos, filled
 from .ranking import QueryResult
-from .embed import Embedder, model_fingerprint, resolve_model, same_model
+from .embed import Embedder, model_fingerprint, recorded_embedder, resolve_model
 from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
                      DataError, InvalidParameterError, NotACollectionError, SchemaVersionError, SettingsClashError)
 from .integrity import CheckReport, check
@@ -204,6 +204,21 @@ class Collection:
         return {**{key: self._s.config[key] for key in keys}, "search_params": self.search_params}
 
     @property
+    def dimension(self) -> int | None:
+        """The vectors' dimension (None before the first add, where none was given)."""
+        return self._s.dimension
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The concrete GEN/NORM/AGG parameters answers follow: the stored ones with what auto chose."""
+        return self._s.params
+
+    @property
+    def n_shards(self) -> int:
+        """1: a collection is its own only shard (``ShardedCollection`` has S)."""
+        return 1
+
+    @property
     def search_params(self) -> dict[str, int]:
         """Stored search parameters of an approximate index (e.g. ``{"nprobe": 16}``)."""
         return self._s.search_params
@@ -255,17 +270,20 @@ class Collection:
         class" (None). ``model``, if given, must be the collection's embedder. ``search_params``
         (e.g. ``{"nprobe": 64}``) replace the stored ones for this call (approximate indexes).
         """
-        if not len(self):
+        s = self._s  # one snapshot for the whole answer, whatever a concurrent refresh() does
+        if not len(s.table):
             raise CollectionStateError(f"collection {self.path} has no classes yet")
         top = spec.check_int("top", top, 1)
         self._check_model(model, "query")
-        Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
-        owner, scores = ranking.rank(self._s, Q, top, self._search_params(search_params))
-        return ranking.answer(self._s, owner, scores, threshold)
+        Q = normalize(check_vectors(Q, "Q", s.dimension), s.config["inf_norm"], what="Q")
+        owner, scores = ranking.rank(s, Q, top, self._search_params(search_params, s))
+        return ranking.answer(s, owner, scores, threshold)
 
-    def _search_params(self, params: dict[str, int] | None) -> dict[str, int] | None:
-        """``query``'s ``search_params``, checked: they apply to IVF indexes only."""
-        if params and self._s.proxies is not None and not self._s.proxies.is_ivf:
+    def _search_params(self, params: dict[str, int] | None, s: Any = None) -> dict[str, int] | None:
+        """``query``'s ``search_params``, checked against snapshot ``s`` (default: the current one):
+        they apply to IVF indexes only."""
+        s = self._s if s is None else s
+        if params and s.proxies is not None and not s.proxies.is_ivf:
             raise InvalidParameterError("search_params apply to approximate (IVF) indexes; this collection's index "
                                         "is exact")
         return spec.check_search_params("search_params", params)
@@ -278,17 +296,8 @@ class Collection:
     def embedder(self, *, progress: bool = False) -> Embedder:
         """The collection's embedding model (loaded on first use; cached embeddings), checked to be
         the one the collection was made with: a model changed in place would embed differently."""
-        row = self._s.embedder
-        if row is None:
-            raise CollectionStateError(f"collection {self.path} records no embedding model; add and query vectors "
-                                       "instead")
         if self._embedder is None:
-            embedder = Embedder(row["name"])
-            if not same_model(embedder.path, row["revision"]):
-                raise DataError(f"the model {row['name']!r} at {embedder.path} is not the one collection {self.path} "
-                                f"was made with (its files changed: fingerprint {model_fingerprint(embedder.path)}, "
-                                f"recorded {row['revision']}); embed with the original model, or re-index")
-            self._embedder = embedder
+            self._embedder = recorded_embedder(self._s.embedder, self.path)
         self._embedder.progress = progress
         return self._embedder
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 from . import labels as lab
@@ -104,6 +104,10 @@ class QueryResult:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def rows(self, start: int, stop: int) -> "QueryResult":
+        """The answers to queries ``start`` to ``stop`` (a batch's share of one request)."""
+        return QueryResult(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
     def records(self, names: Sequence[object] | None = None) -> list[dict[str, object]]:
         """One plain record per query (``query``: its name, default its row number), as the CLI's

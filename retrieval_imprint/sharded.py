@@ -205,6 +205,10 @@ class ShardedCollection:
         return self.shards[0].model
 
     @property
+    def dimension(self) -> int | None:
+        return next((col.dimension for col in self.shards if col.dimension is not None), None)
+
+    @property
     def auto_choice(self) -> dict[str, Any] | None:
         """What auto chose at the first add, for every shard (None before it)."""
         chosen = self._manifest["auto_choice"]
@@ -217,22 +221,7 @@ class ShardedCollection:
 
     def info(self) -> dict[str, Any]:
         """The whole collection's sizes and settings, and each shard's own ``info()``."""
-        parts = [col.info() for col in self.shards]
-        return {
-            "path": str(self.path),
-            "shards": self.n_shards,
-            "classes": sum(p["classes"] for p in parts),
-            "proxies": sum(p["proxies"] for p in parts),
-            "samples": sum(p["samples"] for p in parts),
-            "version": sum(p["version"] for p in parts),
-            "config": self.config,
-            "auto_choice": self.auto_choice,
-            "embedder": parts[0]["embedder"],
-            "bytes_on_disk": sum(p["bytes_on_disk"] for p in parts) + (self.path / MANIFEST).stat().st_size,
-            "shard_info": [{"shard": i, **{key: p[key] for key in ("classes", "proxies", "samples", "version",
-                                                                   "trained_on", "index_tuning")},
-                            "search_params": p["config"]["search_params"]} for i, p in enumerate(parts)],
-        }
+        return combined_info(self.path, [col.info() for col in self.shards], self.auto_choice)
 
     def class_table(self) -> list[dict[str, Any]]:
         """One row per class (label, samples, proxies, shard), shard by shard."""
@@ -270,9 +259,9 @@ class ShardedCollection:
         top = spec.check_int("top", top, 1)
         first = live[0][1]
         first._check_model(model, "query")
-        Q = normalize(check_vectors(Q, "Q", first._s.dimension), first.config["inf_norm"], what="Q")
+        Q = normalize(check_vectors(Q, "Q", first.dimension), first.config["inf_norm"], what="Q")
         parts = [part(col, i, self.n_shards, Q, top, threshold, search_params) for i, col in live]
-        return merge(parts, top, first._s.params)
+        return merge(parts, top, first.params)
 
     def predict(self, Q: Any, *, threshold: float | None = None, model: str | None = None,
                 search_params: dict[str, int] | None = None) -> np.ndarray:
@@ -459,7 +448,8 @@ class Part:
 def part(col: Collection, shard: int, n_shards: int, Q: np.ndarray, top: int, threshold: float | None,
          search_params: dict[str, int] | None) -> Part:
     """Shard ``shard``'s ``Part`` of the answers to queries ``Q`` (after NORMinf)."""
-    s, params = col._s, col._search_params(search_params)
+    s = col._s  # one snapshot for the whole part, whatever a concurrent refresh() does
+    params = col._search_params(search_params, s)
     if s.params["aggregation"] == "mnn":
         sim, dist, ids = ranking.neighbours(s, Q, params)
         found = ids >= 0
@@ -500,6 +490,33 @@ def merge(parts: Sequence[Part], top: int, params: dict[str, Any]) -> QueryResul
         scores, terms = np.hstack([scores, pad]), [np.hstack([terms[0], np.full(pad.shape, None, object)]),
                                                    np.hstack([terms[1], pad]), np.hstack([terms[2], pad])]
     return ranking.judge(scores, *terms)
+
+
+def combined_info(path: str | os.PathLike, parts: Sequence[dict[str, Any]], auto_choice: dict[str, Any] | None
+                  ) -> dict[str, Any]:
+    """A sharded collection's ``info()`` from its shards' own (``parts``, in shard order): what
+    ``ShardedCollection.info`` and the Ray engine's ``/info`` give."""
+    return {
+        "path": str(path),
+        "shards": len(parts),
+        "classes": sum(p["classes"] for p in parts),
+        "proxies": sum(p["proxies"] for p in parts),
+        "samples": sum(p["samples"] for p in parts),
+        "version": sum(p["version"] for p in parts),
+        "config": parts[0]["config"],
+        "auto_choice": auto_choice,
+        "embedder": parts[0]["embedder"],
+        "bytes_on_disk": sum(p["bytes_on_disk"] for p in parts) + (Path(path) / MANIFEST).stat().st_size,
+        "shard_info": [{"shard": i, **{key: p[key] for key in ("classes", "proxies", "samples", "version",
+                                                               "trained_on", "index_tuning")},
+                        "search_params": p["config"]["search_params"]} for i, p in enumerate(parts)],
+    }
+
+
+def recorded_choice(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What auto chose for every shard of the sharded collection at ``path`` (None before it)."""
+    chosen = _read_manifest(Path(path))["auto_choice"]
+    return json.loads(chosen) if chosen else None
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
