@@ -4,6 +4,7 @@ gives, from a server on this machine or a Ray cluster. Standard library only."""
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from typing import Any, Sequence
@@ -15,19 +16,40 @@ from .ranking import QueryResult
 
 
 class ServerError(ImprintError):
-    """The server refused a request or could not be reached; the message says which."""
+    """The server refused a request or could not be reached; the message says which, ``status``
+    is the HTTP status (None: no answer) and ``code`` the server's error code."""
+
+    code = "server_error"
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code or type(self).code
 
 
 class Client:
-    """``Client("http://127.0.0.1:8000").query(texts=["where is my card"], top=3)``."""
+    """``Client("http://127.0.0.1:8000").query(texts=["where is my card"], top=3)``.
 
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0) -> None:
+    ``api_key``: sent as ``Authorization: Bearer <key>`` (default: ``$IMPRINT_API_KEY``, if set).
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key if api_key is not None else os.environ.get("IMPRINT_API_KEY")
 
     def health(self) -> dict[str, Any]:
-        """``{"status": "ok", "classes": N, "shards": S, "model": name}``."""
+        """``{"status": "ok", "ready": True, "classes": N, "shards": S, "model": name}``; a
+        ``ServerError`` (503) where a dependency has failed."""
         return self._call("/health")
+
+    def ready(self) -> bool:
+        """Whether the server is ready to answer (its model loaded, its collection open)."""
+        try:
+            return bool(self._call("/ready")["ready"])
+        except ServerError as exc:
+            if exc.status == 503:
+                return False
+            raise
 
     def info(self) -> dict[str, Any]:
         """The served collection's ``info()``."""
@@ -49,15 +71,19 @@ class Client:
 
     def _call(self, route: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + route, data=data, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url + route, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             try:
-                message = json.loads(exc.read())["error"]
+                answer = json.loads(exc.read())
+                message, code = answer["error"], answer.get("code")
             except (ValueError, KeyError, TypeError):
-                message = exc.reason
-            raise ServerError(f"{self.url}{route}: {exc.code} {message}") from None
-        except urllib.error.URLError as exc:
-            raise ServerError(f"cannot reach {self.url}: {exc.reason}") from None
+                message, code = exc.reason, None
+            raise ServerError(f"{self.url}{route}: {exc.code} {message}", exc.code, code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServerError(f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None

@@ -14,14 +14,15 @@ as ``imprint index`` does. Auto chooses before the buckets, on the first file's 
 ``imprint index`` chooses on its first chunk. An IVF shard trains its lists on its first bucket
 and is retrained at the end once it has outgrown them.
 
-**Serve** (``serve``; ``imprint serve DIR --ray``): one Ray Serve deployment per shard holds that
-shard open and answers with its ``sharded.Part``; an ingress deployment embeds texts, fans the
-queries out, merges the parts (``sharded.merge``: exact) and answers serve.py's JSON API.
+**Serve** (``serve``; ``imprint serve DIR --engine ray``): one Ray Serve deployment per shard holds
+that shard open and answers with its ``sharded.Part``; the ingress deployment mounts serve.py's
+application (the one ``imprint serve`` runs in one process) over a ``ShardRouter``, the
+``Searchable`` that fans a batch of queries out to the shards and merges their parts
+(``sharded.merge``: exact).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import shutil
@@ -36,14 +37,16 @@ import pyarrow.parquet as pq
 
 from . import labels as lab
 from .collection import Collection, check_vectors
+from .embed import recorded_embedder
 from .device import current, set_device
-from .errors import CollectionStateError, DataError, DeviceError, ImprintError
+from .errors import CollectionStateError, DataError, DeviceError
 from .ingestion import check_vectors_model, fingerprint
 from .normalize import normalize
 from .params import DEFAULT_CHUNK, check_int
 from .readers import Dataset, from_arrow
-from .serve import Refreshing
-from .sharded import ShardedCollection, directories, exists, merge, part
+from .serve import create_app
+from .service import Limits, Service
+from .sharded import ShardedCollection, combined_info, directories, exists, is_sharded, merge, part, recorded_choice
 
 BUCKETS_PER_SHARD = 16
 BUCKET = "__imprint_bucket"  # the column Ray Data groups by
@@ -235,94 +238,107 @@ class ShardReplica:
     """A Ray Serve deployment holding one shard open: answers with its ``Part``, searching on
     ``device`` (the driver's, ``device.py``)."""
 
-    def __init__(self, directory: str, shard: int, n_shards: int, refresh: float, device: str | None) -> None:
+    def __init__(self, directory: str, shard: int, n_shards: int, device: str | None) -> None:
         set_device(device)
-        self.fresh = Refreshing(Collection.open(directory), refresh)
+        self.col = Collection.open(directory)
         self.shard, self.n_shards = shard, n_shards
 
-    def describe(self) -> dict[str, Any]:
-        col = self.fresh()
-        s = col._s
-        return {"classes": len(col), "params": s.params, "inf_norm": s.config["inf_norm"],
-                "dimension": s.dimension, "model": col.model, "info": col.info()}
+    def describe(self, refresh: bool) -> dict[str, Any]:
+        """What the router needs of this shard: sizes, settings, its ``info()`` (after picking up
+        other processes' writes, if ``refresh``)."""
+        col = self.col
+        if refresh:
+            col.refresh()
+        info = col.info()
+        return {"classes": len(col), "params": col.params, "inf_norm": col.config["inf_norm"],
+                "dimension": col.dimension, "model": col.model, "embedder": info["embedder"], "info": info}
 
     def part(self, Q: np.ndarray, top: int, threshold: float | None, search_params: dict[str, int] | None):
-        col = self.fresh()
-        if not len(col):
+        if not len(self.col):
             return None
-        return part(col, self.shard, self.n_shards, Q, top, threshold, search_params)
+        return part(self.col, self.shard, self.n_shards, Q, top, threshold, search_params)
 
 
-class Ingress:
-    """The Ray Serve ingress: serve.py's JSON API over the shard deployments."""
+class ShardRouter:
+    """The ``Searchable`` of a collection served by one Ray Serve deployment per shard: queries go
+    to every shard at once and their parts are merged (``sharded.merge``: exact). Blocking calls:
+    the service's engine thread makes them, never the event loop."""
 
-    def __init__(self, path: str, refresh: float, *replicas: Any) -> None:
-        self.path, self.refresh, self.replicas = path, refresh, list(replicas)
-        self.embedder = None
-        self.described: list[dict[str, Any]] | None = None
-        self.looked = 0.0
+    def __init__(self, path: str, replicas: Sequence[Any]) -> None:
+        self.path, self.replicas = path, list(replicas)
+        self.sharded = is_sharded(path)
+        self._embedder: Any = None
+        self.shards = self._describe(False)
 
-    async def _describe(self) -> list[dict[str, Any]]:
-        """What each shard holds (settings, sizes), asked again once ``refresh`` seconds have passed."""
-        if self.described is None or time.monotonic() - self.looked >= self.refresh:
-            self.described = await asyncio.gather(*[r.describe.remote() for r in self.replicas])
-            self.looked = time.monotonic()
-        return self.described
+    def _describe(self, refresh: bool) -> list[dict[str, Any]]:
+        return [r.result() for r in [replica.describe.remote(refresh) for replica in self.replicas]]
 
-    async def __call__(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
+    def refresh(self) -> bool:
+        before = [s["info"]["version"] for s in self.shards]
+        self.shards = self._describe(True)
+        return before != [s["info"]["version"] for s in self.shards]
 
-        from .serve import MAX_BODY, parse_query
+    @property
+    def model(self) -> str | None:
+        return self.shards[0]["model"]
 
-        try:
-            route = request.url.path.rstrip("/")
-            shards = await self._describe()
-            if route == "/health" and request.method == "GET":
-                return JSONResponse({"status": "ok", "classes": sum(s["classes"] for s in shards),
-                                     "shards": len(shards), "model": shards[0]["model"]})
-            if route == "/info" and request.method == "GET":
-                infos = [s["info"] for s in shards]
-                return JSONResponse({"path": self.path, "shards": len(infos),
-                                     **{k: sum(i[k] for i in infos) for k in ("classes", "proxies", "samples")},
-                                     "config": infos[0]["config"], "shard_info": infos})
-            if route != "/query" or request.method != "POST":
-                return JSONResponse({"error": f"no route {request.method} {route}"}, status_code=404)
-            body = await request.body()
-            if len(body) > MAX_BODY:
-                return JSONResponse({"error": f"request body over {MAX_BODY} bytes"}, status_code=413)
-            return JSONResponse({"results": await self._query(parse_query(body), shards)})
-        except ImprintError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+    @property
+    def dimension(self) -> int | None:
+        return next((s["dimension"] for s in self.shards if s["dimension"] is not None), None)
 
-    async def _query(self, request: Any, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        live = [s for s in shards if s["classes"]]
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    def __len__(self) -> int:
+        return sum(s["classes"] for s in self.shards)
+
+    def info(self) -> dict[str, Any]:
+        """What ``open_any(path).info()`` gives in one process."""
+        infos = [s["info"] for s in self.shards]
+        return combined_info(self.path, infos, recorded_choice(self.path)) if self.sharded else infos[0]
+
+    def embedder(self, *, progress: bool = False) -> Any:
+        if self._embedder is None:
+            self._embedder = recorded_embedder(self.shards[0]["embedder"], self.path)
+        return self._embedder
+
+    def query(self, Q: Any, top: int = 1, *, threshold: float | None = None, model: str | None = None,
+              search_params: dict[str, int] | None = None) -> Any:
+        live = [s for s in self.shards if s["classes"]]
         if not live:
             raise CollectionStateError(f"collection {self.path} has no classes yet")
         first = live[0]
-        if request.texts is not None:
-            if first["model"] is None:
-                raise DataError("this collection holds precomputed vectors (no model): send vectors, not texts")
-            if self.embedder is None:
-                from .embed import Embedder
-
-                self.embedder = Embedder(first["model"])
-            Q = await asyncio.to_thread(self.embedder.encode, request.texts)
-        else:
-            Q = request.vectors
+        if model is not None and first["model"] is not None and model != first["model"]:
+            raise DataError(f"query vectors embedded with {model!r}, but this collection uses {first['model']!r}")
         Q = normalize(check_vectors(Q, "Q", first["dimension"]), first["inf_norm"], what="Q")
-        parts = await asyncio.gather(*[r.part.remote(Q, request.top, request.threshold, request.search_params)
-                                       for r in self.replicas])
-        result = merge([p for p in parts if p is not None], request.top, first["params"])
-        return result.records(request.texts)
+        pending = [r.part.remote(Q, top, threshold, search_params) for r in self.replicas]
+        parts = [p.result() for p in pending]
+        return merge([p for p in parts if p is not None], top, first["params"])
+
+
+class Ingress:
+    """The Ray Serve ingress: serve.py's application over a ``ShardRouter`` (``serve.ingress()``
+    mounts what ``__serve_build_asgi_app__`` returns, once this replica is constructed)."""
+
+    def __init__(self, path: str, options: dict[str, Any], api_key: str | None, *replicas: Any) -> None:
+        self.service = Service(lambda: ShardRouter(path, replicas), **options)
+        self.api_key = api_key
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self.service, api_key=self.api_key)
 
 
 def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, refresh: float = 1.0,
-          name: str = "imprint", shard_options: dict[str, Any] | None = None) -> str:
-    """Deploy the collection at ``path`` (sharded or not) on Ray Serve, HTTP on ``host:port``;
-    returns the URL. The caller keeps the process alive; ``serve_shutdown()`` stops it.
-    ``shard_options``: each shard replica's Ray actor options, e.g. ``{"memory": 40e9}`` so that a
-    cluster places shards where they fit (default: no CPU reserved, as a replica works when asked;
-    on a GPU device, a share of the cluster's GPUs, as for the build's writers)."""
+          window: float = 0.001, max_batch: int = 256, limits: Limits = Limits(), api_key: str | None = None,
+          name: str = "imprint", shard_options: dict[str, Any] | None = None, timeout: float = 300.0) -> str:
+    """Deploy the collection at ``path`` (sharded or not) on Ray Serve, HTTP on ``host:port``, and
+    wait until it is ready (``/ready``); returns the URL. The caller keeps the process alive;
+    ``serve_shutdown()`` stops it. The other settings are ``service.Service``'s and
+    ``serve.create_app``'s, as for one process. ``shard_options``: each shard replica's Ray actor
+    options, e.g. ``{"memory": 40e9}`` so that a cluster places shards where they fit (default: no
+    CPU reserved, as a replica works when asked; on a GPU device, a share of the cluster's GPUs, as
+    for the build's writers)."""
     ray = _ray()
     from ray import serve as rs
 
@@ -331,11 +347,35 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
     device, resources = _actors_on(current(), len(shards), ray.cluster_resources().get("GPU", 0))
     options = {**resources, **(shard_options or {})}
     replicas = [rs.deployment(ShardReplica, name=f"shard-{i}", ray_actor_options=options).bind(d, i, len(shards),
-                                                                                               refresh, device)
+                                                                                               device)
                 for i, d in enumerate(shards)]
-    ingress = rs.deployment(Ingress, name="ingress", ray_actor_options={"num_cpus": 0})
-    rs.run(ingress.bind(str(path), refresh, *replicas), name=name, route_prefix="/")
-    return f"http://{host}:{port}"
+    ingress = rs.deployment(rs.ingress()(Ingress), name="ingress", ray_actor_options={"num_cpus": 0},
+                            max_ongoing_requests=4096)
+    settings = {"refresh": refresh, "window": window, "max_batch": max_batch, "limits": limits}
+    rs.run(ingress.bind(str(path), settings, api_key, *replicas), name=name, route_prefix="/")
+    url = f"http://{host}:{port}"
+    _wait_ready(url, timeout)
+    return url
+
+
+def _wait_ready(url: str, timeout: float) -> None:
+    """Wait for ``url``'s ``/ready``: a ``CollectionStateError`` with the server's reason if it
+    cannot start, or is not ready within ``timeout`` seconds."""
+    from .client import Client, ServerError
+
+    client, deadline = Client(url, timeout=10), time.monotonic() + timeout
+    while True:
+        try:
+            if client.ready():
+                return
+            health = client.health()
+        except ServerError as exc:
+            health = {"problems": {"server": str(exc)}} if exc.status not in (None, 503) else None
+        if health and "startup" in health.get("problems", {}):
+            raise CollectionStateError(f"the Ray ingress could not start: {health['problems']['startup']}")
+        if time.monotonic() > deadline:
+            raise CollectionStateError(f"the Ray ingress at {url} was not ready within {timeout:g} s")
+        time.sleep(0.2)
 
 
 def serve_shutdown() -> None:

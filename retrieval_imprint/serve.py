@@ -1,176 +1,332 @@
-"""Serving a collection over HTTP: ``imprint serve DIR`` (docs/serving.md).
+"""Serving a collection over HTTP (docs/serving.md): one FastAPI application for both engines
+(the ``serve`` extra: FastAPI, uvicorn, prometheus-client).
 
-One JSON API, whoever answers it: this module's one-process server (Starlette on uvicorn, the
-``serve`` extra) for a collection or a sharded collection on one machine, or ``distributed.py``'s
-Ray Serve application, one deployment per shard behind an ingress that fans out and merges.
+``create_app(service)`` is the whole HTTP side; ``service.Service`` answers. uvicorn mounts the
+app for a collection (sharded or not) opened in this process (``imprint serve DIR``), and Ray
+Serve's ingress mounts the same app over the Ray shard router (``imprint serve DIR --engine ray``,
+distributed.py): same routes, same errors, same answers.
 
-- ``GET /health``: ``{"status": "ok", "classes": N, "shards": S, "model": name}``
-- ``GET /info``: the collection's ``info()``
-- ``POST /query`` ``{"texts": [...]}`` or ``{"vectors": [[...], ...]}``, optional ``"top"``
-  (default 1), ``"threshold"`` (default: the stored ones), ``"nprobe"`` (IVF): answers
-  ``{"results": [...]}``, one ``QueryResult.records`` record per query. Bad input is a 400 whose
-  ``{"error": ...}`` names the problem.
+- ``GET /health``: liveness, and the state of what the server needs: 200 ``{"status": "ok", ...}``,
+  or 503 with ``"problems"`` naming the failed dependency (the collection, the model).
+- ``GET /ready``: 200 once the model is loaded and the collection open (and nothing has failed
+  since), else 503: what a load balancer asks before sending traffic.
+- ``POST /query``: ``{"texts": [...]}`` or ``{"vectors": [[...], ...]}``, optional ``"top"``,
+  ``"threshold"``, ``"nprobe"``; answers ``{"results": [...]}``, one ``QueryResult.records``
+  record per query. Concurrent requests are answered in micro-batches (batching.py).
+- ``GET /info``: the collection's ``info()``; ``GET /metrics``: Prometheus text format;
+  ``GET /openapi.json`` and ``/docs``: the schema and its browsable page.
 
-Writers may change the collection while it is served: the server picks up their commits before a
-query once ``refresh`` seconds have passed since it last looked.
+Every error is JSON ``{"error": message, "code": code}`` with the error's status (errors.py):
+4xx where the client is at fault, 5xx where the server is. With an ``api_key``, every route but
+``/health`` and ``/ready`` needs ``Authorization: Bearer <key>`` (compared in constant time).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import hmac
+import logging
 import socket
-import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Callable
 
 import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ConfigDict, Field, StringConstraints, ValidationError, create_model, model_validator
+from starlette.exceptions import HTTPException
 
-from .errors import DataError, ImprintError
+from . import __version__
+from .errors import ImprintError, RequestError, UnauthorizedError
+from .service import Limits, Query, Service, one_line
 
 DEFAULT_PORT = 8000
-MAX_BODY = 64 << 20  # bytes: a request larger than this is refused (413), not read into memory
+ROUTES = ("/health", "/ready", "/info", "/query", "/metrics", "/openapi.json", "/docs")
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 422: "invalid_request"}
+LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+log = logging.getLogger("retrieval_imprint.serve")
 
 
-@dataclass(frozen=True)
-class Request:
-    """A checked ``/query`` body."""
+def request_model(limits: Limits) -> Any:
+    """The ``/query`` body's pydantic model under ``limits``: its checks (types, finite numbers,
+    sizes, no unknown field, JSON nested at most 200 deep) and its OpenAPI schema."""
+    finite = Annotated[float, Field(allow_inf_nan=False)]
+    text = Annotated[str, StringConstraints(max_length=limits.max_text_chars)]
+    row = Annotated[list[finite], Field(min_length=1)]
 
-    texts: list[str] | None
-    vectors: np.ndarray | None
-    top: int
-    threshold: float | None
-    search_params: dict[str, int] | None
+    def one_of(model: Any) -> Any:
+        if (model.texts is None) == (model.vectors is None):
+            raise ValueError("give either texts (a list of strings) or vectors (a list of rows), not both or neither")
+        return model
 
-    def __len__(self) -> int:
-        return len(self.texts) if self.texts is not None else len(self.vectors)
+    return create_model(
+        "QueryRequest", __config__=ConfigDict(extra="forbid", strict=True),
+        __validators__={"one_of": model_validator(mode="after")(one_of)},
+        texts=(list[text] | None, Field(None, min_length=1, max_length=limits.max_queries,
+                                        description="Texts to embed with the collection's model and classify.")),
+        vectors=(list[row] | None, Field(None, min_length=1, max_length=limits.max_queries,
+                                         description="Embeddings to classify, all of the collection's dimension.")),
+        top=(int, Field(1, ge=1, le=limits.max_top, description="Best classes per query (at most the classes "
+                                                                 "there are).")),
+        threshold=(finite | None, Field(None, description="Rejection threshold (default: the stored ones).")),
+        nprobe=(int | None, Field(None, ge=1, description="IVF lists searched (default: the stored tuning).")))
 
 
-def parse_query(body: bytes) -> Request:
-    """The ``/query`` body as a ``Request``, or a ``DataError`` naming what is wrong with it."""
+def parse_query(body: bytes, model: Any) -> Query:
+    """The ``/query`` body as a ``Query``, or a ``RequestError`` naming the first problems."""
     try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise DataError(f"the request body is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise DataError("the request body must be a JSON object with texts or vectors")
-    unknown = set(data) - {"texts", "vectors", "top", "threshold", "nprobe"}
-    if unknown:
-        raise DataError(f"unknown field(s) {sorted(unknown)}; expected texts or vectors, top, threshold, nprobe")
-    if ("texts" in data) == ("vectors" in data):
-        raise DataError("give either texts (a list of strings) or vectors (a list of rows), not both or neither")
-    texts, vectors = data.get("texts"), None
-    if texts is not None:
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise DataError("texts must be a non-empty list of strings")
-    else:
+        data = model.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestError(_describe(exc)) from None
+    vectors = None
+    if data.vectors is not None:
+        if len({len(r) for r in data.vectors}) > 1:
+            raise RequestError("vectors must be rows of one length; got lengths "
+                               f"{sorted({len(r) for r in data.vectors})}")
+        vectors = np.asarray(data.vectors)
+        if np.abs(vectors).max() > np.finfo(np.float32).max:  # finite as JSON's float64, not as float32
+            raise RequestError("vectors hold a number beyond float32's range")
+        vectors = vectors.astype(np.float32)
+    return Query(data.texts, vectors, data.top, data.threshold,
+                 None if data.nprobe is None else {"nprobe": data.nprobe})
+
+
+def _describe(exc: Any) -> str:
+    """A pydantic ``ValidationError`` in one line: where and what, for the first three problems."""
+    parts = []
+    for error in exc.errors()[:3]:
+        if error["type"] == "json_invalid":
+            parts.append(f"the request body is not valid JSON ({error['msg'].removeprefix('Invalid JSON: ')})")
+            continue
+        where = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "value_error":  # the model's own check, on the body as a whole
+            parts.append(error["msg"].removeprefix("Value error, "))
+            continue
+        parts.append(f"{where or 'the request body'}: {error['msg']}")
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (an app per registry)."""
+
+    def __init__(self, service: Service) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("imprint_requests", "HTTP requests answered, by route and status code.",
+                                ["route", "status"], registry=self.registry)
+        self.errors = Counter("imprint_errors", "Error answers, by error code.", ["code"], registry=self.registry)
+        self.latency = Histogram("imprint_request_duration_seconds", "Time from request to answer, by route.",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_queries = Histogram("imprint_batch_queries", "Queries answered together in one micro-batch.",
+                                       buckets=BATCH_BUCKETS, registry=self.registry)
+        self.batch_requests = Histogram("imprint_batch_requests", "Requests answered together in one micro-batch.",
+                                        buckets=BATCH_BUCKETS, registry=self.registry)
+        Gauge("imprint_classes", "Classes in the served collection.", registry=self.registry).set_function(
+            lambda: len(service.col) if service.col is not None else 0)
+        Gauge("imprint_ready", "1 when the server is ready to answer.", registry=self.registry).set_function(
+            lambda: float(service.ready and not service.problems))
+        Gauge("imprint_waiting_queries", "Queries waiting for a micro-batch.", registry=self.registry).set_function(
+            lambda: service.batcher.waiting_rows)
+        service.batcher.on_batch = self.batch
+
+    def batch(self, queries: int, requests: int) -> None:
+        self.batch_queries.observe(queries)
+        self.batch_requests.observe(requests)
+
+    def text(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Measured:
+    """ASGI middleware: counts and times every HTTP request for ``Metrics``."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = [500]
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
         try:
-            vectors = np.asarray(data["vectors"], np.float32)
-        except (TypeError, ValueError):
-            raise DataError("vectors must be a list of rows of numbers, all of one length") from None
-        if vectors.ndim != 2 or not len(vectors):
-            raise DataError(f"vectors must be a non-empty list of rows of numbers; got shape {vectors.shape}")
-    top, threshold, nprobe = data.get("top", 1), data.get("threshold"), data.get("nprobe")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise DataError(f"top must be a positive integer; got {top!r}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-        raise DataError(f"threshold must be a number or null; got {threshold!r}")
-    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1):
-        raise DataError(f"nprobe must be a positive integer; got {nprobe!r}")
-    return Request(texts, vectors, top, None if threshold is None else float(threshold),
-                   None if nprobe is None else {"nprobe": nprobe})
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(route, str(status[0])).inc()
 
 
-class Refreshing:
-    """A collection that picks up other processes' commits when asked for once ``every`` seconds
-    have passed since it last looked (a server's view of a collection being written to)."""
+class _Limited:
+    """ASGI middleware: refuses a body over ``max_body`` bytes, from its Content-Length before
+    reading anything and by counting as it streams (a chunked body has none). Starlette's own
+    limiter answers in plain text; every error of this server is JSON."""
 
-    def __init__(self, col: Any, every: float) -> None:
-        self.col, self.every, self.looked = col, every, time.monotonic()
+    def __init__(self, app: Any, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
 
-    def __call__(self) -> Any:
-        if time.monotonic() - self.looked >= self.every:
-            self.col.refresh()
-            self.looked = time.monotonic()
-        return self.col
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = RequestError(f"the request body is over this server's limit of {self.max_body} bytes", 413,
+                                 "body_too_large")
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            response = JSONResponse({"error": str(too_large), "code": too_large.code}, status_code=413,
+                                    headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        seen = 0
 
+        async def counting() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise too_large
+            return message
 
-class LocalService:
-    """Answers the API from a collection opened in this process: one query at a time (the BLAS
-    and FAISS calls below use every core), the model loaded once."""
-
-    def __init__(self, path: str | os.PathLike, refresh: float = 1.0) -> None:
-        from .sharded import open_any
-
-        self.fresh = Refreshing(open_any(path), refresh)
-        self.lock = threading.Lock()
-
-    def health(self) -> dict[str, Any]:
-        with self.lock:
-            col = self.fresh()
-            return {"status": "ok", "classes": len(col), "shards": getattr(col, "n_shards", 1), "model": col.model}
-
-    def info(self) -> dict[str, Any]:
-        with self.lock:
-            return self.fresh().info()
-
-    def query(self, request: Request) -> list[dict[str, Any]]:
-        with self.lock:
-            col = self.fresh()
-            if request.texts is not None:
-                if col.model is None:
-                    raise DataError("this collection holds precomputed vectors (no model): send vectors, not texts")
-                Q = col.embedder().encode(request.texts)
-            else:
-                Q = request.vectors
-            result = col.query(Q, request.top, threshold=request.threshold, search_params=request.search_params,
-                               model=col.model if request.texts is not None else None)
-            return result.records(request.texts if request.texts is not None else None)
+        await self.app(scope, counting, send)
 
 
-def json_app(health: Callable[[], Any], info: Callable[[], Any], query: Callable[[Request], Any]):
-    """The Starlette application of the API over three blocking calls (run in a worker thread, so
-    the event loop keeps accepting connections)."""
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
+def create_app(service: Service, *, api_key: str | None = None, title: str = "retrieval-imprint") -> Any:
+    """The FastAPI application over ``service`` (started and closed with the app's lifespan)."""
+    metrics = Metrics(service)
+    body_model = request_model(service.limits)
 
-    def respond(call: Callable[[], Any]):
-        async def endpoint(request):
-            try:
-                if request.method == "POST":
-                    body = await request.body()
-                    if len(body) > MAX_BODY:
-                        return JSONResponse({"error": f"request body over {MAX_BODY} bytes"}, status_code=413)
-                    return JSONResponse(await run_in_threadpool(call, parse_query(body)))
-                return JSONResponse(await run_in_threadpool(call))
-            except ImprintError as exc:
-                return JSONResponse({"error": str(exc)}, status_code=400)
-        return endpoint
+    @asynccontextmanager
+    async def lifespan(app: Any):
+        service.start()
+        yield
+        await service.close()
 
-    return Starlette(routes=[Route("/health", respond(health)), Route("/info", respond(info)),
-                             Route("/query", respond(lambda r: {"results": query(r)}), methods=["POST"])])
+    app = FastAPI(title=title, version=__version__, lifespan=lifespan, docs_url=None, openapi_url=None,
+                  redoc_url=None,
+                  description="Few-shot classification by weight imprinting: POST /query with texts or vectors.")
+    bearer = HTTPBearer(auto_error=False, description="The server's IMPRINT_API_KEY")
+
+    async def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if credentials is None:
+            raise UnauthorizedError("this server needs an API key: send the header 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(credentials.credentials.encode(), api_key.encode()):
+            raise UnauthorizedError("the API key sent is not this server's")
+
+    guarded = [Depends(authorized)] if api_key else []
+
+    def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
+        metrics.errors.labels(code).inc()
+        return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
+
+    @app.exception_handler(ImprintError)
+    async def imprint_error(request: Request, exc: ImprintError) -> Any:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, UnauthorizedError) else None
+        return error(exc.http_status, exc.code, " ".join(str(exc).split()), headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Any:
+        message = {404: f"no route {request.url.path}; routes: {', '.join(ROUTES)}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                     str(exc.detail))
+        return error(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), message,
+                     dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Any:
+        return error(400, "invalid_request", _describe(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Any:
+        log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
+        return error(500, "internal", f"internal error: {one_line(exc)}")
+
+    @app.get("/health", summary="Liveness, and the state of the collection and the model")
+    async def health() -> Any:
+        healthy, body = await service.health()
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/ready", summary="Whether the server is ready to answer (model loaded, collection open)")
+    async def ready() -> Any:
+        healthy, body = await service.health()
+        ok = healthy and service.ready
+        return JSONResponse({"ready": ok, **({} if ok else {"status": body["status"],
+                                                            "problems": body.get("problems", {})})},
+                            status_code=200 if ok else 503)
+
+    @app.get("/info", dependencies=guarded, summary="The collection's sizes and settings")
+    async def info() -> Any:
+        return JSONResponse(await service.info())
+
+    @app.post("/query", dependencies=guarded, summary="Classify texts or vectors",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/QueryRequest"}}}}})
+    async def query(request: Request) -> Any:
+        return JSONResponse({"results": await service.query(parse_query(await request.body(), body_model))})
+
+    @app.get("/metrics", dependencies=guarded, summary="Prometheus metrics")
+    async def prometheus() -> Any:
+        text, content_type = metrics.text()
+        return Response(text, media_type=content_type)
+
+    def openapi_schema() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})["QueryRequest"] = \
+                body_model.model_json_schema(ref_template="#/components/schemas/{model}")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+    async def openapi() -> Any:
+        return JSONResponse(openapi_schema())
+
+    @app.get("/docs", dependencies=guarded, include_in_schema=False)
+    async def docs() -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} API")
+
+    app.add_middleware(_Limited, max_body=service.limits.max_body)
+    app.add_middleware(_Measured, metrics=metrics)
+    return app
 
 
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (port 0: any free one), bound before the server starts
     so its address can be printed and no other process can take it in between."""
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                reuse_port=False)
+                                reuse_port=False, backlog=1024)
     sock.set_inheritable(True)
     return sock
 
 
-def run(app: Any, sock: socket.socket, ready: Callable[[], None]) -> None:
-    """Serve ``app`` on ``sock`` with uvicorn until interrupted; ``ready()`` is called once the
-    server accepts connections (to say where)."""
+def run(app: Any, sock: socket.socket, service: Service, *, listening: Callable[[], None],
+        ready: Callable[[bool], None], drain: float = 30.0) -> None:
+    """Serve ``app`` on ``sock`` with uvicorn until SIGINT or SIGTERM: then it stops taking
+    connections, answers the requests in flight (for at most ``drain`` seconds) and returns.
+    ``listening()`` is called once connections are taken, ``ready(ok)`` once the service has
+    started (or failed to)."""
+    import asyncio
+
     import uvicorn
 
     class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
+        async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
-            ready()
+            listening()
+            asyncio.ensure_future(self._announce())
 
-    Server(uvicorn.Config(app, log_level="warning", lifespan="off")).run(sockets=[sock])
+        async def _announce(self) -> None:
+            ready(await service.started())
+
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=drain,
+                            timeout_keep_alive=5, backlog=1024)
+    Server(config).run(sockets=[sock])

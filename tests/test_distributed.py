@@ -27,13 +27,15 @@ import pyarrow.parquet as pq
 
 from retrieval_imprint import labels as lab
 from retrieval_imprint.cli import main
-from retrieval_imprint.client import Client
+from retrieval_imprint.client import Client, ServerError
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.device import use_device
 from retrieval_imprint.distributed import build, serve, serve_shutdown
 from retrieval_imprint.ingestion import ingest
 from retrieval_imprint.readers import load_demo
-from retrieval_imprint.sharded import ShardedCollection
+from retrieval_imprint.service import Limits, Service
+from retrieval_imprint.sharded import ShardedCollection, open_any
+from test_serve import check_routes_and_errors, in_thread, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -128,23 +130,33 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_ray_serve_answers_as_the_local_collection(tmp_path, files):
+def test_ray_serve_is_the_one_process_app(tmp_path, files):
+    """The Ray engine mounts the one-process app over its shard router: the same answers, /info,
+    /health, routes and errors as ``imprint serve`` in one process."""
     paths, X, y = files
     build(tmp_path / "ray", paths, shards=3, buckets_per_shard=1, model=None, k=2)
     col = ShardedCollection.open(tmp_path / "ray")
     col.set_threshold(0.6)
+    limits = Limits(max_top=5)
     with use_device("cpu"):  # the shard replicas search on the driver's device: the torch backend
-        url = serve(tmp_path / "ray", port=free_port(), refresh=0.0)
+        url = serve(tmp_path / "ray", port=free_port(), refresh=0.0, limits=limits, api_key="k")
     try:
-        client = Client(url, timeout=120)
-        assert client.health() == {"status": "ok", "classes": 24, "shards": 3, "model": None}
+        client = Client(url, timeout=120, api_key="k")
+        assert client.health() == {"status": "ok", "ready": True, "classes": 24, "shards": 3, "model": None}
         Q = np.random.default_rng(2).standard_normal((20, 8)).astype(np.float32)
         for top in (1, 3):
             got, want = client.query(vectors=Q, top=top), col.query(Q, top)
             np.testing.assert_array_equal(got.labels, want.labels)
             np.testing.assert_array_equal(got.rejected, want.rejected)
             np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
-        assert client.info()["classes"] == 24
+        service = Service(lambda: open_any(tmp_path / "ray"), refresh=0.0, limits=limits)
+        with in_thread(service, api_key="k") as local:
+            one = wait_ready(local, api_key="k")
+            assert client.info() == one.info() == json.loads(json.dumps(col.info()))
+            assert client.health() == one.health()
+        with pytest.raises(ServerError, match="401"):
+            Client(url, api_key="").info()
+        check_routes_and_errors(url, 24, 8, limits, api_key="k")
     finally:
         serve_shutdown()
 
