@@ -24,8 +24,9 @@ API_KEY = "IMPRINT_API_KEY"  # the environment variable holding the server's key
               help="Seconds between looks for other processes' writes (0: before every batch).")
 @click.option("--max-batch", type=click.IntRange(1), default=256, show_default=True,
               help="Queries answered together at most (1: one request at a time).")
-@click.option("--batch-window", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="MS",
-              help="Milliseconds an idle server waits after a request for others to batch with it.")
+@click.option("--batch-window", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="MS",
+              help="Milliseconds an idle server waits after a request for others to batch with it (requests "
+                   "arriving while a batch runs are batched anyway).")
 @click.option("--max-queries", type=click.IntRange(1), default=1024, show_default=True,
               help="Texts or vectors one request may hold.")
 @click.option("--max-text-chars", type=click.IntRange(1), default=16384, show_default=True,

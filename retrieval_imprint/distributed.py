@@ -330,7 +330,7 @@ class Ingress:
 
 
 def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, refresh: float = 1.0,
-          window: float = 0.001, max_batch: int = 256, limits: Limits = Limits(), api_key: str | None = None,
+          window: float = 0.0, max_batch: int = 256, limits: Limits = Limits(), api_key: str | None = None,
           name: str = "imprint", shard_options: dict[str, Any] | None = None, timeout: float = 300.0) -> str:
     """Deploy the collection at ``path`` (sharded or not) on Ray Serve, HTTP on ``host:port``, and
     wait until it is ready (``/ready``); returns the URL. The caller keeps the process alive;

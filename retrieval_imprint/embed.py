@@ -38,6 +38,9 @@ from .progress import bar
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 OFF = ("off", "0", "no", "false", "none")  # $RETRIEVAL_IMPRINT_CACHE (or _ONNX) values that turn it off
 BACKENDS = ("auto", "onnx", "torch")
+# texts per forward pass, longest first: short runs of like lengths pad least (dev probe, BANKING77
+# test texts on 2 cores: ONNX Runtime 451 texts/s at 16, 368 at 64; torch 449 at 32, 394 at 64)
+BATCH_SIZE = {"onnx": 16, "torch": 32}
 _CHUNK = 1024  # texts per encode call: one progress-bar step, one cache write
 
 
@@ -255,7 +258,7 @@ class Embedder:
 
     model: str | None = None
     device: str | None = None  # None: the GPU when torch sees one, else the CPU
-    batch_size: int = 64
+    batch_size: int | None = None  # texts per forward pass; None: BATCH_SIZE of the backend
     cache: EmbeddingCache | None | bool = True  # True: EmbeddingCache.default() (unless turned off)
     progress: bool = False  # progress bars while loading the model and embedding
     backend: str = "auto"
@@ -357,10 +360,11 @@ class Embedder:
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         model = self._model()
+        size = self.batch_size or BATCH_SIZE[self.backend_]
         if self._onnx is not None:
-            return model.encode(texts, batch_size=self.batch_size)
-        return np.asarray(model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                       show_progress_bar=False), np.float32)
+            return model.encode(texts, batch_size=size)
+        return np.asarray(model.encode(texts, batch_size=size, convert_to_numpy=True, show_progress_bar=False),
+                          np.float32)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` (rows in input order); cached texts are not embedded again."""

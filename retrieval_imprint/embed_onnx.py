@@ -51,6 +51,8 @@ class OnnxModel:
         self.tokenizer.enable_padding(pad_id=self.meta["pad_id"], pad_token=self.meta["pad_token"])
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
+        # no busy-waiting between runs: its threads would take the cores a server's event loop needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.dimension = int(self.meta["dimension"])
 

@@ -68,7 +68,7 @@ class Service:
     """Answers ``Query``s from the ``Searchable`` that ``open()`` returns (called once, on the
     engine thread), through a micro-batcher (``window`` seconds, ``max_batch`` queries)."""
 
-    def __init__(self, open: Callable[[], Searchable], *, refresh: float = 1.0, window: float = 0.001,
+    def __init__(self, open: Callable[[], Searchable], *, refresh: float = 1.0, window: float = 0.0,
                  max_batch: int = 256, limits: Limits = Limits(),
                  on_batch: Callable[[int, int], None] | None = None) -> None:
         self._open = open
