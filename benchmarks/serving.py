@@ -2,9 +2,9 @@
 ceiling and the server it replaced, all on 127.0.0.1, in one run.
 
 Collections: BANKING77 (77 classes, made from the shared MiniLM embeddings of its train split and
-recorded with the packaged model, so texts can be sent) and a 1M-class IVF collection of seeded
-synthetic 384-d vectors (one mean proxy per class, ``index="auto"`` with a 1 GB budget:
-IVF2048,SQfp16). Servers, each in its own process with the embedding cache off (every text is
+recorded with the packaged model, so texts can be sent) and a 1M-class IVF collection
+(IVF2048,SQfp16, one mean proxy per class) of scale.py's seeded synthetic classes (topics of
+1,000 classes; isotropic random vectors would make any IVF search every list). Servers, each in its own process with the embedding cache off (every text is
 embedded): this one (micro-batching), the same with a 1 ms window, with batching off
 (``--max-batch 1``), and the one before it (``--baseline REV``, run from a ``git archive`` of that
 commit). Load: closed-loop
@@ -169,19 +169,20 @@ def banking77(work: Path) -> tuple[Path, list[str], np.ndarray]:
 
 
 def million(work: Path, n: int) -> tuple[Path, np.ndarray]:
-    """A collection of ``n`` synthetic classes on IVF, and queries near some of them."""
-    from retrieval_imprint.collection import Collection
+    """A collection of ``n`` classes on IVF (scale.py's synthetic classes: topics of 1,000 classes,
+    two modes each; one mean proxy per class), and 200 held-out queries per 100,000 classes."""
+    from scale import chunk
 
-    rng = np.random.default_rng(0)
-    path = work / "million"
-    col = Collection.create(path, preset="qi", model=None, index="auto", memory_budget="1GB", keep_samples=False,
-                            dimension=384)
-    chunk, queries = 100_000, []
-    for start in range(0, n, chunk):
-        X = rng.standard_normal((min(chunk, n - start), 384), dtype=np.float32)
-        col.add(X, [f"c{i}" for i in range(start, start + len(X))])
-        queries.append(X[:200] + 0.3 * rng.standard_normal((200, 384), dtype=np.float32))
-    col.compact()
+    from retrieval_imprint.collection import Collection
+    from retrieval_imprint.ivf import ivf_lists
+
+    path, step, queries = work / "million", 100_000, []
+    col = Collection.create(path, preset="qi", model=None, index=f"IVF{ivf_lists(n)},SQfp16", keep_samples=False)
+    for first in range(0, n, step):
+        X, y, q = chunk(first, min(step, n - first))
+        col.add(X, [f"c{i}" for i in y])
+        queries.append(q[:200])
+    col.compact()  # retrains the lists on every class, and tunes nprobe
     Q = np.concatenate(queries)
     return path, (Q / np.linalg.norm(Q, axis=1, keepdims=True)).astype(np.float32)
 

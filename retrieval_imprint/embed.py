@@ -338,7 +338,7 @@ class Embedder:
             if (where / "export.json").is_file():
                 return OnnxModel(where)
             return export(self._load(), where)
-        except (ExportError, ImportError, OSError) as exc:
+        except (ExportError, ImportError, OSError, RuntimeError, ValueError) as exc:  # ONNX Runtime's are RuntimeErrors
             if self.backend == "onnx":
                 raise DataError(f"model {self.name!r} cannot run on ONNX Runtime: {exc}") from None
             warnings.warn(f"model {self.name!r} stays on torch: {exc}", stacklevel=4)

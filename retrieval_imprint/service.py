@@ -16,6 +16,7 @@ Health: a failure that is not the client's (a damaged collection, a model that f
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -106,6 +107,10 @@ class Service:
             log.error("could not start: %s", self.problems["startup"], exc_info=not isinstance(exc, ImprintError))
             return
         self.col, self._looked, self.ready = col, time.monotonic(), True
+        # what is loaded now (libraries, model, collection) lives as long as the server: out of the
+        # cyclic collector's sight, its full collections stop pausing requests (dev probe, 64 clients:
+        # p99 95 -> 64 ms). Process-wide, as a server owns its process.
+        gc.freeze()
 
     async def close(self) -> None:
         await self.batcher.close()

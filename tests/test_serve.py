@@ -455,3 +455,18 @@ def test_the_embedding_cache_is_shared_by_threads(tmp_path):
         assert all(pool.map(work, range(32)))
     assert cache.info()["vectors"] == 32 * 50
 
+
+
+def test_every_engine_implements_the_searchable_protocol(tmp_path, vectors):
+    from retrieval_imprint.distributed import ShardRouter
+    from retrieval_imprint.searchable import Searchable
+
+    X, y, _ = vectors
+    members = [name for name in vars(Searchable) if not name.startswith("_") or name == "__len__"]
+    assert {"model", "dimension", "n_shards", "info", "refresh", "embedder", "query", "__len__"} <= set(members)
+    one = Collection.create(tmp_path / "one", model=None).add(X, y)
+    many = ShardedCollection.create(tmp_path / "many", shards=2, model=None).add(X, y)
+    assert isinstance(one, Searchable) and isinstance(many, Searchable)
+    assert (one.n_shards, many.n_shards, one.dimension, many.dimension) == (1, 2, 8, 8)
+    missing = [name for name in members if not hasattr(ShardRouter, name)]
+    assert not missing, missing
