@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from sqlalchemy import Engine
@@ -12,6 +13,7 @@ from sqlalchemy import Engine
 from . import segments, snapshot, store
 from .errors import CollectionDamagedError
 from .segments import CLASS_SHIFT
+from .verified import ListVerifier
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,26 @@ def damaged_files(directory: Path, engine: Engine) -> list[str]:
                     opened[name] = stack.enter_context(segments.open_segment(directory, name))
                 except CollectionDamagedError as exc:
                     problems.append(str(exc))
-        for _, name, checksum, _ in segs:
+        for _, name, checksum, n_vectors, lists in segs:
             if name in opened and cfg["dimension"] is not None:
                 try:
                     segments.read_segment(directory, name, opened[name], cfg["dimension"], checksum)
                 except CollectionDamagedError as exc:
-                    problems.append(str(exc))
+                    problems.append(str(exc) + _lists_differing(directory, name, opened[name], cfg["dimension"],
+                                                                n_vectors, lists))
     return problems
+
+
+def _lists_differing(directory: Path, name: str, file: BinaryIO, dimension: int, n_vectors: int,
+                     lists: bytes | None) -> str:
+    """Which inverted lists of a damaged IVF proxy file differ from their recorded checksums, in
+    words ("" where none are recorded, or the file does not even map)."""
+    if lists is None or not segments.can_map():
+        return ""
+    try:
+        found = ListVerifier(directory, name, segments.map_segment(directory, name, file, dimension, n_vectors),
+                             lists).mismatches()
+    except CollectionDamagedError:
+        return ""
+    return f" (inverted list{'s' if len(found) != 1 else ''} {', '.join(map(str, found[:10]))}" \
+           f"{' ...' if len(found) > 10 else ''} differ{'s' if len(found) == 1 else ''})" if found else ""

@@ -226,6 +226,27 @@ def retrain(index: faiss.Index, factory: str, metric: str, faiss_metric: int,
     return template, filled
 
 
+def search_verified(index: faiss.Index, Q: np.ndarray, k: int, params: dict[str, int] | None,
+                    selector: faiss.IDSelector | None, verify: Callable[[np.ndarray | None], None]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` with ``verify(lists)`` called on the inverted lists it will scan before it
+    scans them: the coarse assignment is made here once and handed to FAISS. An index that is not
+    a plain IVF (wrapped in a transform) has ``verify(None)`` called instead: every list."""
+    ivf = faiss.downcast_index(index)
+    if not isinstance(ivf, faiss.IndexIVF):
+        verify(None)
+        return index.search(Q, k, params=search_parameters(index, params, selector))
+    nprobe = min(int((params or {}).get("nprobe", ivf.nprobe)), ivf.nlist)
+    searched = search_parameters(index, {**(params or {}), "nprobe": nprobe}, selector)  # nprobe: the lists below
+    Q = np.ascontiguousarray(Q, np.float32)
+    Dq, Iq = ivf.quantizer.search(Q, nprobe, params=searched.quantizer_params)
+    verify(Iq)
+    D, ids = np.empty((len(Q), k), np.float32), np.empty((len(Q), k), np.int64)
+    ivf.search_preassigned_c(len(Q), faiss.swig_ptr(Q), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq), faiss.swig_ptr(D),
+                             faiss.swig_ptr(ids), False, searched)  # the Python wrapper takes no parameters
+    return D, ids
+
+
 def search_parameters(index: faiss.Index, params: dict[str, int] | None,
                       selector: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
     """``params`` (``nprobe``, ``max_codes``, ``quantizer_efSearch``) as the object FAISS takes with

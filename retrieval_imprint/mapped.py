@@ -8,9 +8,13 @@ what this process adds). Adds go to ``index``. A mapped index cannot remove vect
 on a write to a mapped list), so proxies removed from it — a removed or re-imprinted class — are
 *dead*: left out of every search by an id selector, and rewritten away by the next compaction
 that merges the file. Each query searches both and keeps the best ``m`` (``faiss.merge_knn_results``).
+Every list of the mapped file a query scans is verified first (verified.py): no reads at open, and
+no answer from a damaged byte.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import faiss
 import numpy as np
@@ -22,10 +26,10 @@ from .index import ProxyIndex
 class MappedProxyIndex(ProxyIndex):
     """``delta``'s settings and vectors plus the read-only ``mapped`` IVF index, less its dead ids."""
 
-    def __init__(self, delta: ProxyIndex, mapped: faiss.Index) -> None:
+    def __init__(self, delta: ProxyIndex, mapped: faiss.Index, verifier: Any) -> None:
         super().__init__(delta.index.d, delta.metric, delta.transform, index=delta.index,
                          search_params=delta.search_params)
-        self.mapped = mapped
+        self.mapped, self.verifier = mapped, verifier  # verified.ListVerifier or FileVerifier
         self._mapped_ids: np.ndarray | None = None  # sorted; read from the mapped lists on first need
         self._dead = np.zeros(0, np.int64)
         self._batch = self._selector = None
@@ -68,8 +72,8 @@ class MappedProxyIndex(ProxyIndex):
         return removed + len(newly)
 
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
-        D, ids = self.mapped.search(Q, m, params=ivf.search_parameters(self.mapped, params or self.search_params,
-                                                                        self._selector))
+        D, ids = ivf.search_verified(self.mapped, Q, m, params or self.search_params, self._selector,
+                                     self.verifier.ensure)
         if not self.index.ntotal:
             return D, ids
         D2, ids2 = super()._nearest(Q, m, params)

@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 
 from .errors import CollectionDamagedError, CollectionIOError, CollectionLockedError
+from .verified import list_checksums
 
 DB_NAME = "imprint.db"
 WRITER_LOCK = "writer.lock"
@@ -139,10 +140,12 @@ def writer_lock(directory: Path, timeout: float = 0.0) -> Iterator[int]:
 
 
 class Segment(NamedTuple):
-    """A segment file written: its name and the checksum of its bytes."""
+    """A segment file written: its name, the checksum of its bytes and, for an IVF proxy file, the
+    checksums of its inverted lists (``verified.list_checksums``)."""
 
     name: str
     checksum: str
+    lists: bytes | None = None
 
 
 def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) -> Segment:
@@ -150,8 +153,10 @@ def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) 
     coarse quantizer: ``_without_quantizer``)."""
     name = f"{kind}-{version:08d}.faiss"
     tmp = directory / f"{name}.tmp"
+    ivf_proxies = kind == "proxies" and faiss.try_extract_index_ivf(index) is not None
+    lists = list_checksums(index) if ivf_proxies else None  # what a mapped copy is verified against
     try:
-        with _without_quantizer(index) if kind == "proxies" and faiss.try_extract_index_ivf(index) else nullcontext():
+        with _without_quantizer(index) if ivf_proxies else nullcontext():
             faiss.write_index(index, str(tmp))
         crash_point("segment: tmp written")
         with open(tmp, "rb") as written:
@@ -164,7 +169,7 @@ def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) 
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
         raise CollectionIOError(f"collection {directory}: could not write {name} ({reason}); nothing was "
                                 "changed") from None
-    return Segment(name, checksum)
+    return Segment(name, checksum, lists)
 
 
 @contextmanager

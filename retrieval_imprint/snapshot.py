@@ -25,6 +25,7 @@ from .imprint import Fixed
 from .index import ProxyIndex
 from .mapped import MappedProxyIndex
 from .params import STORED
+from .verified import FileVerifier, ListVerifier
 
 KINDS = ("proxies", "samples", "template", "means")
 
@@ -37,6 +38,7 @@ class Snapshot:
     files: dict[str, list[str]]  # segment files by kind ("proxies", "samples", "template", "means"), oldest first
     checksums: dict[str, str | None] = field(default_factory=dict)  # recorded per segment file
     n_vectors: dict[str, int] = field(default_factory=dict)  # written to each segment file
+    list_sums: dict[str, bytes | None] = field(default_factory=dict)  # an IVF proxy file's per-list checksums
     label_kinds: set[str] = field(default_factory=set)  # "str", "int": one, but for collections made before 0.2
     fixed: Fixed = field(default_factory=Fixed)
     template: ProxyIndex | None = None  # an IVF index's trained, empty index
@@ -142,7 +144,11 @@ class Snapshot:
         if not segments.same_kind(mapped, self.template.index):
             raise CollectionDamagedError(f"collection {directory}: index file {largest} does not hold a proxies "
                                          "index like the collection's trained template")
-        out = MappedProxyIndex(self.merge(directory, "proxies", [f for f in files if f != largest], opened), mapped)
+        lists = self.list_sums.get(largest)
+        verifier = (ListVerifier(directory, largest, mapped, lists) if lists is not None else
+                    FileVerifier(directory, largest, opened[largest], self.checksums.get(largest)))
+        out = MappedProxyIndex(self.merge(directory, "proxies", [f for f in files if f != largest], opened), mapped,
+                               verifier)
         if sum(self.n_vectors[f] for f in files) != int(self.table.n_proxies.sum()):  # removals since compaction
             ids = out.mapped_ids()
             out.mark_dead(ids[~self.table.live("proxies", ids)])
@@ -163,8 +169,8 @@ def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows:
         d = cfg["dimension"]
         snap = Snapshot(cfg, emb, ClassTable.from_columns(classes), {kind: [f for k, f, *_ in segs if k == kind]
                                                                      for kind in KINDS},
-                        {f: checksum for _, f, checksum, _ in segs}, {f: n for _, f, _, n in segs},
-                        classes["kinds"], vector_rows=ids)
+                        {f: checksum for _, f, checksum, *_ in segs}, {f: n for _, f, _, n, _ in segs},
+                        {f: lists for _, f, _, _, lists in segs}, classes["kinds"], vector_rows=ids)
         snap.fixed = Fixed(
             np.frombuffer(cfg["quantile_targets"], np.float32).copy() if cfg["quantile_targets"] else None,
             np.frombuffer(cfg["metric_transform"], np.float32).reshape(d, d).copy() if cfg["metric_transform"]

@@ -103,6 +103,7 @@ segments = Table(
     Column("file", String, nullable=False, unique=True),
     Column("n_vectors", Integer, nullable=False),
     Column("checksum", String),  # BLAKE2b-128 of the file's bytes, checked as it is read (None: not recorded)
+    Column("lists", LargeBinary),  # an IVF proxy file's per-list checksums (verified.py; None: not recorded)
 )
 
 
@@ -239,12 +240,12 @@ def initialize(engine: Engine, stored: dict[str, Any], settings: dict[str, Any],
 
 def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None, list, list]:
     """The collection row, the embedder row, the class table (``class_columns``) and ``(kind, file,
-    checksum, n_vectors)`` segment rows."""
+    checksum, n_vectors, lists)`` segment rows."""
     cfg = dict(conn.execute(select(collection)).mappings().one())
     emb = conn.execute(select(embedder)).mappings().first()
     rows = class_columns(conn)
-    segs = conn.execute(select(segments.c.kind, segments.c.file, segments.c.checksum,
-                                 segments.c.n_vectors).order_by(segments.c.id)).all()
+    segs = conn.execute(select(segments.c.kind, segments.c.file, segments.c.checksum, segments.c.n_vectors,
+                               segments.c.lists).order_by(segments.c.id)).all()
     return cfg, dict(emb) if emb is not None else None, rows, segs
 
 
@@ -321,7 +322,7 @@ def _id_rows(kind: str) -> Table | None:
 def insert_segment(conn: Connection, kind: str, segment: Any, ids: np.ndarray, owners: np.ndarray) -> None:
     """Record a segment file (``segments.Segment``) and one id row per vector it holds."""
     seg_id = conn.execute(insert(segments).values(kind=kind, file=segment.name, checksum=segment.checksum,
-                                                  n_vectors=len(ids))).inserted_primary_key[0]
+                                                  n_vectors=len(ids), lists=segment.lists)).inserted_primary_key[0]
     table = _id_rows(kind)
     if table is not None and len(ids):
         conn.execute(insert(table), [{"id": a, "class_id": b, "segment_id": seg_id}
@@ -362,7 +363,7 @@ def texts_of(conn: Connection, ids: Sequence[int]) -> dict[int, tuple[str | None
 def replace_segments(conn: Connection, kind: str, old: Sequence[str], segment: Any, n_vectors: int) -> None:
     """Point the id rows of segments ``old`` at the new ``segment``, which replaces them."""
     seg_id = conn.execute(insert(segments).values(kind=kind, file=segment.name, checksum=segment.checksum,
-                                                  n_vectors=n_vectors)).inserted_primary_key[0]
+                                                  n_vectors=n_vectors, lists=segment.lists)).inserted_primary_key[0]
     table = _id_rows(kind)
     old_ids = select(segments.c.id).where(segments.c.file.in_(old))
     if table is not None:

@@ -161,3 +161,70 @@ def test_a_collection_of_mixed_label_kinds_made_before_0_2_still_reads(tmp_path)
         with col._engine.begin() as conn:  # as 0.1 stored an int label beside str ones
             conn.exec_driver_sql("UPDATE classes SET label_kind = 'int' WHERE label = '5'")
     assert Collection.open(tmp_path / "m").classes == ["a", 5, "b"]
+
+
+def compacted(grown):
+    """The grown collection in one proxy file (the one mapped), and the name of that file."""
+    with Collection.open(grown) as col:
+        col.compact()
+        return col._s.files["proxies"][0]
+
+
+def test_no_byte_flip_in_the_mapped_file_gives_a_wrong_answer(grown, monkeypatch):
+    """40 seeded byte flips anywhere in the mapped file: each is refused at open, refused by the
+    first query that scans a damaged list, or harmless (every answer the same); ``check`` names
+    the damaged list where it is one."""
+    name = compacted(grown)
+    Q = classes(0, 340, n=1, seed=5)[0]
+    every_list = {"nprobe": NLIST}
+    want = open_as(grown, monkeypatch, True).query(Q, 3, search_params=every_list)
+    whole = (grown / name).read_bytes()
+    rng = np.random.default_rng(0)
+    outcomes = {"open": 0, "query": 0, "harmless": 0}
+    for position in rng.choice(len(whole), 40, replace=False):
+        damaged = bytearray(whole)
+        damaged[position] ^= 1 << int(rng.integers(8))
+        (grown / name).write_bytes(bytes(damaged))
+        try:
+            col = open_as(grown, monkeypatch, True)
+        except CollectionDamagedError:
+            outcomes["open"] += 1
+            continue
+        try:
+            got = col.query(Q, 3, search_params=every_list)
+        except CollectionDamagedError as exc:
+            assert f"index file {name} is damaged: inverted list" in str(exc)
+            problems = Collection.verify(grown).problems
+            assert any(name in p and "inverted list" in p and "differ" in p for p in problems), problems
+            outcomes["query"] += 1
+            continue
+        np.testing.assert_array_equal(got.labels, want.labels)
+        np.testing.assert_array_equal(got.scores, want.scores)
+        outcomes["harmless"] += 1
+    (grown / name).write_bytes(whole)
+    assert outcomes["query"] >= 20, outcomes  # most of the file is list data
+    assert open_as(grown, monkeypatch, True).query(Q, 3, search_params=every_list).labels.tolist() == \
+        want.labels.tolist()
+
+
+def test_lists_are_verified_once_as_queries_first_touch_them(grown, monkeypatch):
+    compacted(grown)
+    col = open_as(grown, monkeypatch, True)
+    verifier = col._s.proxies.verifier
+    assert not verifier.verified.any()  # opening read nothing
+    col.query(classes(0, 1, n=1, seed=5)[0], 1, search_params={"nprobe": 2})
+    assert verifier.verified.sum() <= 2
+    col.query(classes(0, 340, n=1, seed=5)[0], 1, search_params={"nprobe": NLIST})
+    assert verifier.verified.all()
+
+
+def test_a_file_without_list_checksums_is_hashed_whole_before_its_first_answer(grown, monkeypatch):
+    name = compacted(grown)
+    with Collection.open(grown) as col, col._engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE segments SET lists = NULL WHERE file = ?", (name,))  # as before 0011
+    whole = bytearray((grown / name).read_bytes())
+    whole[len(whole) // 2] ^= 0x10
+    (grown / name).write_bytes(bytes(whole))
+    col = open_as(grown, monkeypatch, True)  # opens: nothing is read yet
+    with pytest.raises(CollectionDamagedError, match=f"index file {name} does not match the checksum"):
+        col.query(classes(0, 1, n=1, seed=5)[0], 1, search_params={"nprobe": 1})
