@@ -32,8 +32,9 @@ from . import provenance, ranking, segments, snapshot, store, writes
 from .openset import MARGIN, RULES, Calibration, calibrate, calibrate_without_oos, filled
 from .ranking import QueryResult
 from .embed import Embedder, model_fingerprint, recorded_embedder, resolve_model
-from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
-                     DataError, InvalidParameterError, NotACollectionError, SchemaVersionError, SettingsClashError)
+from .errors import (CollectionDamagedError, CollectionExistsError, CollectionIOError, CollectionNotFoundError,
+                     CollectionStateError, DataError, InvalidParameterError, NotACollectionError, SchemaVersionError,
+                     SettingsClashError)
 from .integrity import CheckReport, check
 from .normalize import normalize
 from .segments import DB_NAME
@@ -339,12 +340,13 @@ class Collection:
 
     @classmethod
     def verify(cls, path: str | os.PathLike) -> CheckReport:
-        """``check`` a collection that may be too damaged to open: damage is reported, not raised."""
+        """``check`` a collection that may be too damaged to open: damage (and a database that
+        cannot be read) is reported, not raised."""
         try:
             engine, _, _ = cls._schema(Path(path))
-        except CollectionDamagedError as exc:
+            return check(Path(path), engine)
+        except (CollectionDamagedError, CollectionIOError) as exc:
             return CheckReport(False, [str(exc)])
-        return check(Path(path), engine)
 
     # ----------------------------------------------------------------- writing
     @contextmanager

@@ -17,6 +17,7 @@ busy timeout; writers open ``BEGIN IMMEDIATE`` transactions (``writing``), reade
 from __future__ import annotations
 
 import json
+import sqlite3
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -33,9 +34,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import (BigInteger, Boolean, Column, Connection, Engine, Float, ForeignKey, Index, Integer,
                         LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, delete, distinct, event,
                         func, insert, inspect, or_, select, update)
-from sqlalchemy.exc import DatabaseError, OperationalError
 
-from .errors import CollectionDamagedError, CollectionIOError
+from .errors import CollectionDamagedError, CollectionIOError, CollectionLockedError
 from . import labels as lab
 
 BUSY_TIMEOUT_MS = 10_000
@@ -167,21 +167,41 @@ def connect(db_path: Path, *, read_only: bool = False) -> Engine:
     def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
 
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> Exception | None:
+        return sqlite_error(db_path, context.original_exception)
+
     return engine
+
+
+def sqlite_error(db_path: Path, exc: BaseException) -> Exception | None:
+    """SQLite's failure on a collection's database as this package's one-line error, whatever
+    statement met it (SQLAlchemy raises what this returns): a damaged or foreign file is
+    ``CollectionDamagedError``, a file that cannot be read or written ``CollectionIOError``,
+    another process's lock ``CollectionLockedError``. None (SQLAlchemy's own error) for the rest:
+    a constraint this code broke is a bug, and keeps its traceback."""
+    if not isinstance(exc, sqlite3.DatabaseError) or isinstance(exc, sqlite3.IntegrityError):
+        return None
+    name, reason = getattr(exc, "sqlite_errorname", "") or "", str(exc).strip() or type(exc).__name__
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return CollectionLockedError(f"{db_path} is locked by another process ({reason}); try again, or wait "
+                                     "longer with imprint --wait")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_PERM",
+                        "SQLITE_AUTH", "SQLITE_NOMEM")):
+        return CollectionIOError(f"could not use the collection's database {db_path} ({reason}); nothing was changed")
+    return CollectionDamagedError(f"{db_path} is damaged or is not a collection's database ({reason}): restore it "
+                                  "from a copy, or re-index")
 
 
 @contextmanager
 def writing(engine: Engine) -> Iterator[Connection]:
     """A write transaction that takes SQLite's write lock up front (``BEGIN IMMEDIATE``). SQLite's
-    own failures (a full disk, a read-only file) roll it back and become ``CollectionIOError``."""
-    try:
-        with engine.connect() as conn:
-            conn.execution_options(immediate=True)
-            with conn.begin():
-                yield conn
-    except OperationalError as exc:
-        raise CollectionIOError(f"could not write the collection's database ({str(exc.orig).strip()}); "
-                                "nothing was changed") from None
+    own failures (a full disk, a read-only file) roll it back and become ``CollectionIOError``
+    (``sqlite_error``)."""
+    with engine.connect() as conn:
+        conn.execution_options(immediate=True)
+        with conn.begin():
+            yield conn
 
 
 def alembic_config(conn: Connection) -> Config:
@@ -195,15 +215,11 @@ def alembic_config(conn: Connection) -> Config:
 def schema_revision_of(engine: Engine, db_path: Path) -> tuple[str | None, str, bool]:
     """``schema_revision`` on a fresh connection, with a file that is not a collection's SQLite
     database (garbage, truncated, or empty of our tables) reported as damage, not a traceback."""
-    try:
-        with engine.connect() as conn:
-            current, head, known = schema_revision(conn)
-            if current is None and not inspect(conn).has_table("collection"):
-                raise CollectionDamagedError(f"{db_path} holds no collection (no tables): not made by "
-                                             "retrieval-imprint, or emptied")
-    except DatabaseError as exc:
-        raise CollectionDamagedError(f"{db_path} is not a readable SQLite database "
-                                     f"({str(exc.orig).strip() if exc.orig else exc})") from None
+    with engine.connect() as conn:  # SQLite's own errors are typed by sqlite_error
+        current, head, known = schema_revision(conn)
+        if current is None and not inspect(conn).has_table("collection"):
+            raise CollectionDamagedError(f"{db_path} holds no collection (no tables): not made by "
+                                         "retrieval-imprint, or emptied")
     return current, head, known
 
 
