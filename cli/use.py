@@ -194,12 +194,12 @@ def query(collection: Path, text: tuple[str, ...], file_: str | None, vectors: s
         if row["labels"][0] is None:
             click.echo("  (no class" + (f": {row['candidates'][0]} scored {row['rejection_scores'][0]:.4f} < threshold "
                                         f"{row['thresholds'][0]:.4f})" if row["rejected"][0] else ")"))
-        for label, score in zip(row["labels"], row["scores"]):
+        for rank, (label, score) in enumerate(zip(row["labels"], row["scores"])):
             if label is not None:
                 click.echo(f"  {score:7.4f}  {label}")
-        for ex in row.get("examples", []):
-            click.echo(f"      {ex['score']:7.4f}  {ex['text'] if ex['text'] is not None else '(vector)'}"
-                       + (f"  [{ex['ref']}]" if ex["ref"] is not None else ""))
+            for ex in row.get("examples", []) if rank == 0 else []:  # the examples behind the answer, under it
+                click.echo(f"      {ex['score']:7.4f}  {ex['text'] if ex['text'] is not None else '(vector)'}"
+                           + (f"  [{ex['ref']}]" if ex["ref"] is not None else ""))
 
 
 def _need_model(col: Any, collection: Path) -> None:

@@ -115,6 +115,9 @@ def test_the_command_line_shows_examples_and_evidence_and_round_trips(tmp_path):
     out = json.loads(run("query", str(tmp_path / "c"), "I lost my card", "--explain", "2", "--json").output)
     assert out[0]["labels"] == ["lost_card"] and len(out[0]["examples"]) == 2
     assert out[0]["examples"][0]["score"] >= out[0]["examples"][1]["score"]
+    lines = run("query", str(tmp_path / "c"), "I lost my card", "--top", "3", "--explain", "2").output.splitlines()
+    assert lines[1].endswith("lost_card") and all(line.startswith("      ") for line in lines[2:4])
+    assert not lines[4].startswith("      ") and not lines[5].startswith("      ")  # the examples sit under the answer
     run("export", str(tmp_path / "c"), str(tmp_path / "c.parquet"))
     run("index", str(tmp_path / "d"), str(tmp_path / "c.parquet"), "--quiet")
     assert json.loads(run("classes", str(tmp_path / "d"), "--json").output) == \
