@@ -58,7 +58,7 @@ def classes(collection: Path, as_json: bool) -> None:
 
 
 def _print_classes(rows: list[dict]) -> None:
-    width = max([len(str(r["label"])) for r in rows] + [5])
+    width = min(max([len(str(r["label"])) for r in rows] + [5]), 40)  # a longer label runs on, the rest stay put
     click.echo(f"{'class':<{width}}  samples  proxies")
     for r in rows:
         click.echo(f"{str(r['label']):<{width}}  {r['samples']:7d}  {r['proxies']:7d}")

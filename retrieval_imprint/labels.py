@@ -20,6 +20,7 @@ import numpy as np
 from .errors import DataError
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")  # control characters but the tab: never in a label
+MAX_LABEL_BYTES = 1024  # a stored label's UTF-8 bytes (an int label's digits): a name, not a document
 
 Entry = tuple[str, str]
 
@@ -48,10 +49,18 @@ def stored_entry(label: object, where: str = "") -> Entry:
             raise DataError(f"label{at} is blank")
         if _CONTROL.search(label):
             raise DataError(f"label{at} {str(label)[:40]!r} holds a control character (a NUL or a line break)")
-        return "str", str(label)
+        return "str", _sized(str(label), at)
     if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
-        return "int", str(int(label))
+        return "int", _sized(str(int(label)), at)
     raise DataError(f"label{at} is {type(label).__name__} {label!r}: labels must be str or int")
+
+
+def _sized(text: str, at: str) -> str:
+    size = len(text.encode("utf-8"))
+    if size > MAX_LABEL_BYTES:
+        raise DataError(f"label{at} {text[:40]!r}... is {size:,} bytes long; a label may hold at most "
+                        f"{MAX_LABEL_BYTES:,} bytes (UTF-8)")
+    return text
 
 
 def value(kind: str, text: str) -> object:

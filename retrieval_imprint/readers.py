@@ -87,7 +87,9 @@ def _label(value: Any, column: str) -> Any:
         raise _Refused(f"label column {column!r} is blank")
     try:
         return lab.value(*lab.stored_entry(value))
-    except DataError:
+    except DataError as exc:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):  # a control character, or too long
+            raise _Refused(f"{exc} (column {column!r})") from None
         raise _Refused(f"label {value!r} in column {column!r} must be text or an integer") from None
 
 
@@ -221,6 +223,16 @@ def _text(value: Any, column: str) -> str:
     return str(value).strip()
 
 
+def _csv_problem(exc: Exception, fmt: str) -> str:
+    """What a ``csv.Error`` met in the row starting on a line means, in words."""
+    reason = str(exc)
+    if "unexpected end of data" in reason:
+        return f"not valid {fmt.upper()}: a quoted field that starts in this row is never closed"
+    if "field larger than field limit" in reason:
+        return f"a field of this row is longer than {csv.field_size_limit():,} characters"
+    return f"not valid {fmt.upper()} ({reason})"
+
+
 def _labels(rows: _Rows, file: Path, column: str) -> list[Any]:
     """``_label`` of each row's label, checked once per distinct value (a class repeats its label
     on each of its rows); a refusal names the first row with that value."""
@@ -252,13 +264,19 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
         _check_utf8(file)
     if fmt in ("csv", "tsv"):
         with file.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
-            reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+            # strict: a quote left open is an error where it opens, not a row swallowing the rest of the file
+            reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",", strict=True)
+            records, end = [], 0
             try:
                 columns = [c.strip() for c in reader.fieldnames or []]
                 reader.fieldnames = columns
-                records = [(f"row {i} (line {reader.line_num})", rec) for i, rec in enumerate(reader, 1)]
+                end = reader.line_num
+                for i, rec in enumerate(reader, 1):  # a quoted field may span lines: name where its row starts
+                    start, end = end + 1, reader.line_num
+                    records.append((f"row {i} (line {start})" if start == end else f"row {i} (lines {start}-{end})",
+                                    rec))
             except csv.Error as exc:
-                raise DataError(f"{file}: line {reader.line_num}: not valid {fmt.upper()} ({exc})") from None
+                raise DataError(f"{file}: line {end + 1}: {_csv_problem(exc, fmt)}") from None
         return _from_rows(_Rows.of_records(records, columns), file, **options)
     if fmt == "jsonl":
         records, columns = [], []

@@ -198,7 +198,7 @@ def write(tmp_path, name, text):
         (lambda d, t: ["index", d, write(t, "empty.csv", "")], "empty.csv: the file is empty"),
         (lambda d, t: ["index", d, write(t, "header.csv", "text,label\n")], "header.csv: no rows"),
         (lambda d, t: ["index", d, write(t, "blank.csv", 'text,label\nhi,a\n"multi\nline",  \n')],
-         "blank.csv: row 2 (line 4): label column 'label' is blank"),
+         "blank.csv: row 2 (lines 3-4): label column 'label' is blank"),
         (lambda d, t: ["index", d, write(t, "bad.parquet", "not parquet at all")], "bad.parquet: unreadable Parquet file"),
         (lambda d, t: ["index", d, write(t, "bad.jsonl", '{"text": "a", "label": "b"}\n{oops\n')],
          "bad.jsonl: line 2 is not valid JSON"),

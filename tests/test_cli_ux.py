@@ -173,3 +173,14 @@ def test_a_failed_first_index_leaves_no_folder_and_the_corrected_rerun_works(tmp
     assert message in run("index", str(tmp_path / "c"), TRAIN, "--quiet", *bad, code=2).stderr
     assert not (tmp_path / "c").exists()
     assert "8 new classes" in run("index", str(tmp_path / "c"), TRAIN, "--quiet").output
+
+
+def test_classes_lines_do_not_grow_with_the_longest_label(tmp_path):
+    from click.testing import CliRunner
+
+    from retrieval_imprint.cli import main
+    from retrieval_imprint.collection import Collection
+
+    Collection.create(tmp_path / "c", model=None).add(np.eye(3, dtype=np.float32), ["a", "b", "x" * 1000])
+    lines = CliRunner().invoke(main, ["classes", str(tmp_path / "c")]).output.splitlines()
+    assert len(lines) == 4 and max(len(line) for line in lines[:3]) < 70 and len(lines[3]) > 1000

@@ -56,7 +56,8 @@ def test_a_refused_label_names_the_first_row_that_holds_it(tmp_path, fmt):
         pq.write_table(pa.Table.from_pylist([{**r, "label": str(r["label"])} for r in rows]), path)
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match=rf"d.{fmt}: (row|line) 5: label 'a\\nb' in column 'label' must be text"):
+    with pytest.raises(DataError, match=rf"d.{fmt}: (row|line) 5: label 'a\\nb' holds a control character .* "
+                                        r"\(column 'label'\)"):
         read(path)
     path.unlink()
     rows[4:] = [{"vector": [1.0, 2.0], "label": None}, {"vector": [3.0, 4.0], "label": "c"}]
@@ -154,3 +155,39 @@ def test_errors_name_the_place(tmp_path, name, content, options, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=match):
         read(tmp_path / name, **options)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "npz"])
+def test_every_reader_refuses_a_label_over_the_limit(tmp_path, fmt):
+    from retrieval_imprint.labels import MAX_LABEL_BYTES
+
+    long = "é" * (MAX_LABEL_BYTES // 2 + 1)  # two bytes each: over by one character's worth
+    labels, texts = ["ok", long, "fine"], ["a", "b", "c"]
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "csv":
+        path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in zip(texts, labels)), encoding="utf-8")
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in zip(texts, labels)))
+    elif fmt == "parquet":
+        pq.write_table(pa.table({"text": texts, "label": labels}), path)
+    else:
+        np.savez(path, X=np.ones((3, 4), np.float32), y=np.array(labels))
+    with pytest.raises(DataError, match=rf"(row|line) 2.*is {len(long.encode()):,} bytes long; a label may hold at most "
+                                        rf"{MAX_LABEL_BYTES:,} bytes"):
+        read(path)
+
+
+def test_csv_errors_name_the_line_where_the_bad_row_starts_and_why(tmp_path):
+    path = tmp_path / "open.csv"
+    path.write_text('text,label\nhello,a\n"never closed,b\nmore,c\nstill more,d\n')
+    with pytest.raises(DataError, match=r"open.csv: line 3: not valid CSV: a quoted field that starts in this row is "
+                                        "never closed"):
+        read(path)
+    path = tmp_path / "wide.csv"
+    path.write_text("text,label\nhello,a\nhi,b\n" + "x" * 200_000 + ",c\n")
+    with pytest.raises(DataError, match=r"wide.csv: line 4: a field of this row is longer than 131,072 characters"):
+        read(path)
+    path = tmp_path / "spans.csv"
+    path.write_text('text,label\n"two\nlines",a\nnext,\n')
+    with pytest.raises(DataError, match=r"row 2 \(line 4\): label column 'label' is blank"):
+        read(path)
