@@ -90,7 +90,8 @@ def examples(collection: Path, label: str, limit: int | None, as_json: bool) -> 
 def export(collection: Path, out: Path, as_json: bool) -> None:
     """Write COLLECTION's kept samples (label, text, ref, vector) and settings to the Parquet file OUT.
 
-    `imprint index NEW OUT` makes an equal collection from it, with the same settings.
+    `imprint index NEW OUT` makes an equal collection from it: the same settings, what auto chose,
+    the threshold, rejection rule, each class's shift and own threshold, the search parameters.
 
     \b
     Example:

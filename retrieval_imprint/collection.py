@@ -84,12 +84,14 @@ class Collection:
     # ----------------------------------------------------------------- create, open
     @classmethod
     def create(cls, path: str | os.PathLike, *, preset: str | None = None, lock_timeout: float = 0.0,
-               **settings: Any) -> "Collection":
+               auto_choice: dict[str, Any] | None = None, **settings: Any) -> "Collection":
         """Create an empty collection at ``path`` (a new or empty directory).
 
         ``settings`` are the stored GEN/NORM/AGG parameters and the collection settings of
         ``params.py`` (``model``, ``index``, ``memory_budget``, ``search_params``, ``keep_samples``,
         ``dimension``), over the defaults and ``preset``; fixed for every later add.
+        ``auto_choice``: what auto chose for this data before (an exported collection made again),
+        taken by the first add instead of choosing anew.
         """
         s = spec.check_collection(spec.resolve(settings, spec.collection_scope(), preset))
         path = Path(path)
@@ -104,7 +106,8 @@ class Collection:
         try:
             store.migrate(engine)
             store.initialize(engine, {name: s[name] for name in spec.STORED}, s, None if where is None else {
-                "name": s["model"], "path": where, "dimension": s["dimension"], "revision": model_fingerprint(where)})
+                "name": s["model"], "path": where, "dimension": s["dimension"], "revision": model_fingerprint(where)},
+                None if auto_choice is None else json.dumps(auto_choice))
         finally:
             engine.dispose()
         os.replace(staging, path)  # the collection appears whole or not at all
@@ -327,12 +330,16 @@ class Collection:
         Returns the rows written."""
         s = snapshot.read(self.path, self._engine, samples=True)
         return provenance.write_export([provenance.export(self._engine, s, self.path)], Path(out), self.model,
-                                       self._export_settings())
+                                       self._export_settings(), self._export_state())
 
     def _export_settings(self) -> dict[str, Any]:
         """The settings an exported file carries: what ``ingest`` creates a collection with."""
         return {**{k: self.config[k] for k in spec.STORED}, "index": self.config["index_factory"],
-                "keep_samples": True, "model": self.model}
+                "keep_samples": True, "model": self.model, "search_params": self.search_params or None}
+
+    def _export_state(self) -> dict[str, Any]:
+        """What an exported file carries beside its rows: the threshold and what auto chose."""
+        return {"threshold": self.config["threshold"], "auto_choice": self.auto_choice}
 
     def check(self) -> CheckReport:
         """Verify from disk that the database and the index files agree (``integrity.check``)."""
@@ -421,6 +428,18 @@ class Collection:
             raise DataError("no labels given: nothing to remove")
         with self._writing():
             writes.remove(self.path, self._engine, self._s, entries)
+        return self
+
+    def restore_rejection(self, threshold: float | None, classes: dict[Any, tuple[float | None, float | None]]
+                          ) -> "Collection":
+        """Set the collection's threshold and, by label, each class's own threshold and rejection
+        shift (``(threshold, shift)``, None: none), in one write: what an export carries of a
+        calibrated collection, restored by ``ingest`` when it makes the collection again."""
+        with self._writing():
+            ids = self._s.table.ids_of(list(classes))
+            if (ids < 0).any():
+                raise DataError(f"no class {list(classes)[int(np.argmax(ids < 0))]!r} in collection {self.path}")
+            writes.restore_rejection(self._engine, self._s, threshold, dict(zip(ids.tolist(), classes.values())))
         return self
 
     def set_search_params(self, **params: int) -> "Collection":

@@ -87,9 +87,9 @@ class _Target:
     """The collection being ingested into: opened, or created when the first chunk is ready."""
 
     def __init__(self, path: Path, preset: str | None, settings: dict[str, Any], lock_timeout: float,
-                 shards: int) -> None:
+                 shards: int, auto_choice: dict[str, Any] | None = None) -> None:
         self.path, self.preset, self.settings, self.lock_timeout = path, preset, settings, lock_timeout
-        self.shards = shards
+        self.shards, self.auto_choice = shards, auto_choice
         self.col = open_any(path, lock_timeout=lock_timeout) if exists(path) else None
         self.created = False
         if self.col is not None:
@@ -108,10 +108,11 @@ class _Target:
         if self.col is None:
             if self.shards > 1:
                 self.col = ShardedCollection.create(self.path, shards=self.shards, preset=self.preset,
-                                                    lock_timeout=self.lock_timeout, **self.settings)
+                                                    lock_timeout=self.lock_timeout, auto_choice=self.auto_choice,
+                                                    **self.settings)
             else:
                 self.col = Collection.create(self.path, preset=self.preset, lock_timeout=self.lock_timeout,
-                                             **self.settings)
+                                             auto_choice=self.auto_choice, **self.settings)
             self.created = True
         texts = [t for p in parts for t in (p.texts or [None] * len(p))] if any(p.texts for p in parts) else None
         refs = [r for p in parts for r in (p.refs or [None] * len(p))] if any(p.refs for p in parts) else None
@@ -145,10 +146,13 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     for ds in datasets:
         if ds.labels is None:
             raise DataError(f"{ds.source}: no labels to index")
-    exported = [ds.settings for ds in datasets if ds.settings]
-    if not exists(Path(path)) and exported and not settings and preset is None:
-        settings = dict(exported[0])  # an exported collection made again as it was
-    target = _Target(Path(path), preset, settings, lock_timeout, shards)
+    exported = [ds for ds in datasets if ds.settings]
+    remade = not exists(Path(path)) and exported and not settings and preset is None
+    if remade:  # an exported collection made again as it was: its settings, then its state
+        settings = dict(exported[0].settings)
+    state = exported[0].state if remade else None
+    target = _Target(Path(path), preset, settings, lock_timeout, shards,
+                     state.get("auto_choice") if state is not None else None)
     if target.col is not None:
         model = target.col.model
     else:
@@ -183,6 +187,9 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
         target.discard_if_unwritten()
         raise
     col = target.col
+    if state is not None and target.created and (state.get("threshold") is not None or state["classes"]):
+        col.restore_rejection(state.get("threshold"), {label: v for ds in exported if ds.state
+                                                       for label, v in ds.state["classes"].items()})
     retrained = col.outgrown
     if retrained:
         col.compact()

@@ -63,8 +63,9 @@ def explain(engine: Engine, s: Snapshot, path: Path, Q: np.ndarray, owner: np.nd
 
 
 def export(engine: Engine, s: Snapshot, path: Path) -> Any:
-    """Every kept sample (as stored: after NORMpre) with its label, text and ref, as an Arrow
-    table (``write_export`` writes it)."""
+    """Every kept sample (as stored: after NORMpre) with its label, text and ref, and its class's
+    own threshold and rejection shift (null where none), as an Arrow table (``write_export``
+    writes it)."""
     import pyarrow as pa
 
     _need_samples(s, path)
@@ -74,21 +75,29 @@ def export(engine: Engine, s: Snapshot, path: Path) -> Any:
         found = store.texts_of(conn, ids.tolist())
     labels = s.table.labels_of(class_of(ids)) if len(ids) else np.array([], object)
     kinds = {kind for kind, _ in map(lab.entry, labels)}
+    at = s.table.positions(class_of(ids)) if len(ids) else np.zeros(0, np.int64)
+
+    def per_class(values: np.ndarray) -> Any:
+        return pa.array(values[at], pa.float64(), mask=np.isnan(values[at]))
+
     return pa.table({
         "label": pa.array([lab.value(*lab.entry(v)) for v in labels], pa.int64() if kinds == {"int"} else pa.string()),
         "text": pa.array([found.get(i, (None, None))[0] for i in ids.tolist()], pa.string()),
         "ref": pa.array([found.get(i, (None, None))[1] for i in ids.tolist()], pa.string()),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel(), pa.float32()), X.shape[1]),
+        "class_threshold": per_class(s.table.threshold), "class_shift": per_class(s.table.shift),
     })
 
 
-def write_export(tables: list[Any], out: Path, model: str | None, settings: dict[str, Any]) -> int:
+def write_export(tables: list[Any], out: Path, model: str | None, settings: dict[str, Any],
+                 state: dict[str, Any]) -> int:
     """Write the ``export`` tables (one per collection, or per shard) to the Parquet file ``out``,
-    with the model and ``settings`` in its metadata; returns the rows."""
+    with the model, the ``settings`` a collection is created with and the ``state`` it reached
+    (its threshold, what auto chose) in its metadata; returns the rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.concat_tables(tables)
-    meta = {"model": model, "settings": settings}
+    meta = {"model": model, "settings": settings, "state": state}
     pq.write_table(table.replace_schema_metadata({EXPORT_KEY: json.dumps(meta).encode()}), out)
     return len(table)

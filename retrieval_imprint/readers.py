@@ -35,7 +35,9 @@ class Dataset:
     """Rows of one file: ``texts`` (n) or ``vectors`` (n, d) or both (the vectors are used, the
     texts kept as provenance), ``labels`` (n) and ``refs`` (n; the user's row ids) when present.
     ``model`` and ``settings``: what made the vectors and the collection they came from, where
-    the file says (``imprint export`` writes them)."""
+    the file says (``imprint export`` writes them); ``state``: what that collection reached beyond
+    its settings (``threshold``, ``auto_choice``, and by label each class's own ``(threshold,
+    shift)`` where it had one), for ``ingest`` to restore."""
 
     source: str
     texts: list[str] | None = None
@@ -44,6 +46,7 @@ class Dataset:
     refs: list[str] | None = None
     model: str | None = None
     settings: dict[str, Any] | None = None
+    state: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.vectors) if self.vectors is not None else len(self.texts)  # type: ignore[arg-type]
@@ -60,7 +63,7 @@ class Dataset:
             return [v[i] for i in rows]
 
         return Dataset(self.source, cut(self.texts), cut(self.vectors), cut(self.labels), cut(self.refs), self.model,
-                       self.settings)
+                       self.settings, self.state)
 
 
 def _pick(columns: list[str], asked: str | None, defaults: tuple[str, ...], role: str, file: Path,
@@ -316,7 +319,16 @@ def from_arrow(table: Any, file: str | Path, *, text_column: str | None = None, 
     exported = json.loads((table.schema.metadata or {}).get(EXPORT_KEY, b"{}"))
     if out.vectors is not None:
         out.model, out.settings = exported.get("model"), exported.get("settings")
+    if out.vectors is not None and "state" in exported and out.labels is not None:
+        out.state = {**exported["state"], "classes": _class_state(table, out.labels)}
     return out
+
+
+def _class_state(table: Any, labels: list[Any]) -> dict[Any, tuple[float | None, float | None]]:
+    """By label, the ``(threshold, shift)`` an export's rows carry for their class, where either is set."""
+    columns = [table.column(name).to_pylist() if name in table.column_names else [None] * len(labels)
+               for name in ("class_threshold", "class_shift")]
+    return {label: (th, sh) for label, th, sh in zip(labels, *columns) if th is not None or sh is not None}
 
 
 def _check_utf8(file: Path) -> None:

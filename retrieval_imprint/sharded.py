@@ -97,9 +97,9 @@ class ShardedCollection:
     # ----------------------------------------------------------------- create, open
     @classmethod
     def create(cls, path: str | os.PathLike, *, shards: int, preset: str | None = None, lock_timeout: float = 0.0,
-               **settings: Any) -> "ShardedCollection":
+               auto_choice: dict[str, Any] | None = None, **settings: Any) -> "ShardedCollection":
         """Create an empty collection of ``shards`` shards at ``path`` (a new or empty directory);
-        ``settings`` and ``preset`` as ``Collection.create``, the same for every shard."""
+        ``settings``, ``preset`` and ``auto_choice`` as ``Collection.create``, the same for every shard."""
         n = spec.check_int("shards", shards, 1)
         spec.check_collection(spec.resolve(settings, spec.collection_scope(), preset))  # before any file
         path = Path(path)
@@ -110,8 +110,9 @@ class ShardedCollection:
         staging.mkdir(parents=True)
         try:
             for i in range(n):
-                Collection.create(staging / shard_name(i), preset=preset, **settings).close()
-            _write_manifest(staging, {"format": FORMAT, "shards": n, "label_hash": LABEL_HASH, "auto_choice": None})
+                Collection.create(staging / shard_name(i), preset=preset, auto_choice=auto_choice, **settings).close()
+            _write_manifest(staging, {"format": FORMAT, "shards": n, "label_hash": LABEL_HASH,
+                                      "auto_choice": None if auto_choice is None else json.dumps(auto_choice)})
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -380,6 +381,14 @@ class ShardedCollection:
             col.set_threshold(threshold)
         return self
 
+    def restore_rejection(self, threshold: float | None, classes: dict[Any, tuple[float | None, float | None]]
+                          ) -> "ShardedCollection":
+        """``Collection.restore_rejection``: the threshold in every shard, each class's values in its own."""
+        owner = shard_of(list(classes), self.n_shards) if classes else np.zeros(0, np.int64)
+        for i, col in enumerate(self.shards):
+            col.restore_rejection(threshold, {label: v for (label, v), j in zip(classes.items(), owner) if j == i})
+        return self
+
     def set_search_params(self, **params: int) -> "ShardedCollection":
         """``Collection.set_search_params`` in every shard."""
         for col in self.shards:
@@ -409,7 +418,8 @@ class ShardedCollection:
         live = [col for col in self.shards if len(col)] or self.shards[:1]
         tables = [provenance.export(col._engine, snapshot.read(col.path, col._engine, samples=True), col.path)
                   for col in live]
-        return provenance.write_export(tables, Path(out), self.model, self.shards[0]._export_settings())
+        return provenance.write_export(tables, Path(out), self.model, self.shards[0]._export_settings(),
+                                       {**self.shards[0]._export_state(), "auto_choice": self.auto_choice})
 
     def tune(self) -> dict[str, Any]:
         """``Collection.tune`` of the whole: one choice, cross-validated on every shard's kept

@@ -241,15 +241,16 @@ def migrate(engine: Engine, revision: str = "head", *, down: bool = False) -> No
 
 # ----------------------------------------------------------------- reads and writes of one version
 def initialize(engine: Engine, stored: dict[str, Any], settings: dict[str, Any],
-               embedder_row: dict[str, Any] | None) -> None:
+               embedder_row: dict[str, Any] | None, auto_choice: str | None = None) -> None:
     """Write a new collection's settings row (GEN/NORM/AGG ``stored`` plus the collection
-    ``settings``) and its embedder's row, at version 0 with no classes."""
+    ``settings``, and what auto chose where that is known already) and its embedder's row, at
+    version 0 with no classes."""
     with writing(engine) as conn:
         conn.execute(insert(collection).values(
             id=1, **stored, index_factory=settings["index"], memory_budget=settings["memory_budget"],
             keep_samples=settings["keep_samples"], dimension=settings["dimension"],
             search_params=json.dumps(settings["search_params"]) if settings["search_params"] else None,
-            version=0, next_class_id=0))
+            auto_choice=auto_choice, version=0, next_class_id=0))
         if embedder_row is not None:
             conn.execute(insert(embedder).values(id=1, **embedder_row))
 

@@ -41,6 +41,7 @@ def _record(s: Snapshot, kind: str, segment: segments.Segment) -> None:
     """The snapshot's note of a segment file just committed."""
     s.files[kind].append(segment.name)
     s.checksums[segment.name] = segment.checksum
+    s.list_sums[segment.name] = segment.lists
 
 
 def set_values(engine: Engine, s: Snapshot, **values: Any) -> None:
@@ -59,6 +60,24 @@ def set_class_threshold(engine: Engine, s: Snapshot, class_id: int, threshold: f
         conn.execute(update(store.collection).values(version=version))
     s.table.threshold[s.table.positions(np.array([class_id]))] = np.nan if threshold is None else threshold
     s.config["version"] = version
+
+
+def restore_rejection(engine: Engine, s: Snapshot, threshold: float | None,
+                      classes: dict[int, tuple[float | None, float | None]]) -> None:
+    """In one transaction: the collection's threshold, and by class id each class's own threshold
+    and shift (None: none); bumps the version."""
+    version = s.version + 1
+    c = store.classes.c
+    with store.writing(engine) as conn:
+        conn.execute(update(store.collection).values(version=version, threshold=threshold))
+        if classes:
+            conn.execute(update(store.classes).where(c.id == bindparam("cid")).values(
+                threshold=bindparam("th"), shift=bindparam("sh")),
+                [{"cid": i, "th": th, "sh": sh} for i, (th, sh) in classes.items()])
+    at = s.table.positions(np.array(list(classes), np.int64))
+    s.table.threshold[at] = [np.nan if th is None else th for th, _ in classes.values()]
+    s.table.shift[at] = [np.nan if sh is None else sh for _, sh in classes.values()]
+    s.config.update(threshold=threshold, version=version)
 
 
 @dataclass

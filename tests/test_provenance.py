@@ -15,6 +15,7 @@ from retrieval_imprint import Collection, Embedder, ingest
 from retrieval_imprint.cli import main
 from retrieval_imprint.errors import CollectionStateError, DataError
 from retrieval_imprint.readers import Dataset, read
+from retrieval_imprint.sharded import open_any
 
 TRAIN = DEMO / "demo_train.csv"
 
@@ -122,3 +123,31 @@ def test_the_command_line_shows_examples_and_evidence_and_round_trips(tmp_path):
     run("index", str(tmp_path / "d"), str(tmp_path / "c.parquet"), "--quiet")
     assert json.loads(run("classes", str(tmp_path / "d"), "--json").output) == \
         json.loads(run("classes", str(tmp_path / "c"), "--json").output)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_an_export_indexed_again_answers_exactly_as_the_original(tmp_path, shards):
+    """The threshold and rule calibration chose, each class's shift and own threshold, what auto
+    chose, the search parameters: all travel in the export, so `query --json` is the same."""
+    test = read(DEMO / "demo_test.csv")
+    original = tmp_path / "original"
+    run("index", str(original), str(TRAIN), "--quiet", "--shards", str(shards),
+        *(["--index", "IVF2,Flat"] if shards == 1 else []))
+    col = open_any(original)
+    if shards == 1:
+        col.set_search_params(nprobe=1)  # one of two lists: approximate answers, the same in the copy
+    X = col.embedder().encode(test.texts)
+    col.calibrate(X, test.labels, rule="shift", target_accuracy=0.5)
+    col.set_threshold(0.05, label="play_music")
+    run("export", str(original), str(tmp_path / "c.parquet"))
+    run("index", str(tmp_path / "again"), str(tmp_path / "c.parquet"), "--quiet")
+    queries = ["my card never showed up", "play some jazz", "what is the meaning of life", "book me a flight",
+               "is it going to rain tomorrow in paris"]
+    answers = [json.loads(run("query", str(path), *queries, "--top", "3", "--json").output)
+               for path in (original, tmp_path / "again")]
+    assert answers[0] == answers[1]
+    assert any(r["rejected"][0] for r in answers[0]) and any(not r["rejected"][0] for r in answers[0])
+    info = [json.loads(run("info", str(path), "--json").output) for path in (original, tmp_path / "again")]
+    for key in ("threshold", "rejection", "search_params", "generator", "k", "aggregation", "index_factory"):
+        assert info[0]["config"][key] == info[1]["config"][key], key
+    assert info[0]["auto_choice"] == info[1]["auto_choice"] and info[0]["classes"] == info[1]["classes"]
