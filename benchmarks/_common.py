@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -50,3 +53,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A temporary working folder removed when the run ends, however it ends: normally, by an
+    error, by Ctrl-C, or by SIGTERM (turned into SystemExit here, so the removal still runs).
+    A benchmark's folder can hold tens of GB."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+            yield Path(folder)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

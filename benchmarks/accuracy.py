@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 
-from _common import DOCS, machine, markdown_table
+from _common import DOCS, machine, markdown_table, scratch
 from retrieval_imprint import ImprintClassifier, neural_collapse
 from retrieval_imprint.auto import ALPHA_GRID
 from retrieval_imprint.openset import CalibrationError, auroc, calibrate
@@ -128,7 +127,7 @@ def open_set(data: dict) -> list[dict[str, Any]]:
     does by default (the collection's rule, shift, preferred)."""
     out = []
     for name, setting in OPEN_SETTINGS:
-        with tempfile.TemporaryDirectory() as tmp:
+        with scratch("ri-accuracy-") as tmp:
             col = Collection.create(Path(tmp) / "clinc", model=None, rejection="shift", **setting)
             col.add(data["train_X"], data["train_y"].tolist())
             shift = {r["label"]: r["shift"] for r in col.class_table()}

@@ -10,13 +10,12 @@ docs/collection-benchmark.md.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import DOCS, machine, markdown_table, timed
+from _common import DOCS, machine, markdown_table, timed, scratch
 from retrieval_imprint.collection import Collection
 
 D, PER_CLASS, K, CHUNK = 384, 10, 5, 10_000
@@ -66,7 +65,7 @@ def main() -> None:
     header = ["classes", "build s", "open ms", "add-one-class p50 ms", "add-one-class p90 ms",
               "query batch-1 p50 ms", "query batch-1000 q/s", "disk MiB"]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("ri-collection-") as tmp:
         for n in args.sizes:
             rows.append(run(n, Path(tmp)))
             print(" | ".join(map(str, rows[-1])), flush=True)

@@ -24,13 +24,12 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import DOCS, machine, markdown_table
+from _common import DOCS, machine, markdown_table, scratch
 from scale import chunk
 
 K, N_QUERIES, FILE_CLASSES = 4, 1000, 50_000
@@ -137,10 +136,11 @@ def exact_labels(sharded, Qn: np.ndarray) -> np.ndarray:
 
 
 def serve_local(path: Path):
+    """``imprint serve path`` in a subprocess, and its URL once it says it is ready."""
     proc = subprocess.Popen([sys.executable, "-c", "from retrieval_imprint.cli import main; main()", "serve",
                              str(path), "--port", "0"], stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
-        found = re.search(r"on (http://\S+)", line)
+        found = re.search(r"^ready: .* answers on (http://\S+)", line)
         if found:
             return proc, found.group(1)
     raise RuntimeError("imprint serve did not start")
@@ -177,7 +177,12 @@ def main() -> None:
     parser.add_argument("--builds-only", action="store_true", help="time the two builds and stop")
     args = parser.parse_args()
     started = time.perf_counter()
-    root = Path(tempfile.mkdtemp(prefix="ri-distributed-"))
+    with scratch("ri-distributed-") as root:
+        run(args, root, started)
+
+
+def run(args: argparse.Namespace, root: Path, started: float) -> None:
+    """The benchmark in the working folder ``root`` (removed by the caller, however this ends)."""
     print(f"writing Parquet for {args.classes:,} classes", flush=True)
     files, queries, truth = write_parquet(args.classes, root)
     print("one-process build", flush=True)

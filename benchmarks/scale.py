@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import DOCS, machine, markdown_table
+from _common import DOCS, machine, markdown_table, scratch
 from retrieval_imprint._groups import Grouped
 from retrieval_imprint.labels import label_keys
 from retrieval_imprint.collection import Collection
@@ -282,7 +282,7 @@ def main() -> None:
     rows, measured = [], []
     started = time.perf_counter()
     print(machine(), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("ri-scale-") as tmp:
         for n in args.sizes:
             row, memory = run(n, Path(tmp))
             rows.append(row)

@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 import urllib.request
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import DOCS, machine, markdown_table
+from _common import DOCS, machine, markdown_table, scratch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "banking77"
@@ -301,7 +300,7 @@ def main() -> None:
         args.seconds, args.long, args.classes, args.baseline = 2.0, 2.0, 0, ""
     started = time.time()
     results: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
+    with scratch("ri-serving-") as tmp:
         work = Path(tmp)
         path77, texts, Q77 = banking77(work)
         vec77 = payload_file(work, "vectors77", [{"vectors": [q.round(6).tolist()]} for q in Q77])

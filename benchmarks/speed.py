@@ -23,7 +23,6 @@ import csv
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,7 +32,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.neighbors import KNeighborsClassifier
 
-from _common import DOCS, machine, markdown_table
+from _common import DOCS, machine, markdown_table, scratch
 from retrieval_imprint import ImprintClassifier
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.embed import Embedder, EmbeddingCache
@@ -239,7 +238,7 @@ def embed_rows() -> list[list[str]]:
     times = interleaved_best({"bare": (lambda: bare.encode(texts, batch_size=64, show_progress_bar=False), 3),
                               "ours": (lambda: ours.encode(texts), 3)})
     bare_s, ours_s = times["bare"], times["ours"]
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("ri-speed-") as tmp:
         cached = Embedder(cache=EmbeddingCache(Path(tmp) / "cache.sqlite"))
         cached._st = bare
         cold = best_of(lambda: cached.encode(texts), 1)
@@ -312,7 +311,7 @@ WHY = {
 def main() -> None:
     start = time.perf_counter()
     build = build_rows()
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("ri-speed-") as tmp:
         query, memory = query_rows(Path(tmp))
     embed = embed_rows()
     took = time.perf_counter() - start

@@ -10,6 +10,7 @@ reference to Parquet, which ``imprint index`` reads back into an equal collectio
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -99,5 +100,10 @@ def write_export(tables: list[Any], out: Path, model: str | None, settings: dict
 
     table = pa.concat_tables(tables)
     meta = {"model": model, "settings": settings, "state": state}
-    pq.write_table(table.replace_schema_metadata({EXPORT_KEY: json.dumps(meta).encode()}), out)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # an interrupted export leaves no half file
+    try:
+        pq.write_table(table.replace_schema_metadata({EXPORT_KEY: json.dumps(meta).encode()}), partial)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     return len(table)

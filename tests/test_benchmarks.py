@@ -95,3 +95,27 @@ def test_calibration_benchmark_runs_small(tmp_path):
     assert [r[2] for r in rows] == ["temperature 0.05 (fixed)", "temperature auto (default)",
                                     "CalibratedClassifierCV (sigmoid, 3 folds)"]
     assert rows[0][3] == rows[1][3] and 0 < float(rows[1][7]) < 1  # one accuracy; a fitted T
+
+
+def test_serving_benchmark_quick_mode(tmp_path):
+    """benchmarks/serving.py end to end, quick: every server row answered without errors, the
+    targets listed, the working folder gone."""
+    shared_data("banking77", "embeddings.npz")
+    out = tmp_path / "serving.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--quick", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| this") or line.startswith("| batching off")]
+    assert len(rows) == 18 and all(line.split("|")[9].strip() == "0" for line in rows)  # no errors
+    assert "## Against the targets" in text and "cold `imprint query DIR" in text
+
+
+def test_a_benchmarks_scratch_folder_goes_even_on_sigterm(tmp_path):
+    script = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from _common import scratch\n"
+              "with scratch('ri-test-') as folder:\n"
+              "    (folder / 'big').write_bytes(b'x' * 1000); print(folder, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    folder = Path(proc.stdout.readline().strip())
+    assert (folder / "big").is_file()
+    proc.terminate()
+    assert proc.wait(30) == 143 and not folder.exists()
