@@ -119,3 +119,13 @@ def test_a_benchmarks_scratch_folder_goes_even_on_sigterm(tmp_path):
     assert (folder / "big").is_file()
     proc.terminate()
     assert proc.wait(30) == 143 and not folder.exists()
+
+
+def test_fuzz_benchmark_runs_small(tmp_path):
+    """benchmarks/fuzz.py end to end, small: no silent wrong answer, no traceback, every kill recovered."""
+    out = tmp_path / "reliability.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuzz.py"), "--mutations", "30", "--kills", "1",
+                           "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    total = json.loads(done.stdout.strip().splitlines()[-1])
+    assert total["silent wrong"] == 0 and total["traceback"] == 0 and total["refused"] + total["harmless"] == 30
+    assert "| 1 |" in out.read_text() and "| NO |" not in out.read_text()
