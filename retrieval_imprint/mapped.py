@@ -30,6 +30,7 @@ class MappedProxyIndex(ProxyIndex):
         super().__init__(delta.index.d, delta.metric, delta.transform, index=delta.index,
                          search_params=delta.search_params)
         self.mapped, self.verifier = mapped, verifier  # verified.ListVerifier or FileVerifier
+        self._searched = faiss.downcast_index(mapped)  # what search_verified takes: the IVF index itself
         self._mapped_ids: np.ndarray | None = None  # sorted; read from the mapped lists on first need
         self._dead = np.zeros(0, np.int64)
         self._batch = self._selector = None
@@ -72,7 +73,7 @@ class MappedProxyIndex(ProxyIndex):
         return removed + len(newly)
 
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
-        D, ids = ivf.search_verified(self.mapped, Q, m, params or self.search_params, self._selector,
+        D, ids = ivf.search_verified(self._searched, Q, m, params or self.search_params, self._selector,
                                      self.verifier.ensure)
         if not self.index.ntotal:
             return D, ids
