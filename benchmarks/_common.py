@@ -7,9 +7,9 @@ import platform
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -22,8 +22,9 @@ def cpu_features() -> str:
     import faiss
 
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")).split()
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        ).split()
     except (OSError, StopIteration):
         flags = []
     offered = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512")) if flag in flags] or ["unknown"]
@@ -35,8 +36,10 @@ def cpu_features() -> str:
 def machine() -> str:
     import faiss
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {cpu_features()}, Python "
-            f"{platform.python_version()}, numpy {np.__version__}, faiss {faiss.__version__}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {cpu_features()}, Python "
+        f"{platform.python_version()}, numpy {np.__version__}, faiss {faiss.__version__}"
+    )
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> list[float]:

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import DOCS, machine, markdown_table
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.metrics import log_loss
 
-from _common import DOCS, machine, markdown_table
 from retrieval_imprint import ImprintClassifier
 from retrieval_imprint.experiments import few_shot
 
@@ -38,14 +38,22 @@ def ece(P: np.ndarray, truth: np.ndarray) -> float:
     """Expected calibration error of the top probability over ``BINS`` equal-width bins."""
     confidence, right = P.max(1), P.argmax(1) == truth
     which = np.minimum((confidence * BINS).astype(int), BINS - 1)
-    gap = [abs(right[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b)
-           for b in range(BINS) if np.any(which == b)]
+    gap = [
+        abs(right[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b)
+        for b in range(BINS)
+        if np.any(which == b)
+    ]
     return float(np.sum(gap))
 
 
 def scores_of(P: np.ndarray, truth: np.ndarray, seconds: float) -> dict[str, float]:
-    return {"accuracy": float(np.mean(P.argmax(1) == truth)), "nll": float(log_loss(truth, P, labels=range(P.shape[1]))),
-            "ece": ece(P, truth), "confidence": float(P.max(1).mean()), "fit s": seconds}
+    return {
+        "accuracy": float(np.mean(P.argmax(1) == truth)),
+        "nll": float(log_loss(truth, P, labels=range(P.shape[1]))),
+        "ece": ece(P, truth),
+        "confidence": float(P.max(1).mean()),
+        "fit s": seconds,
+    }
 
 
 def run(name: str, shots: int, seed: int) -> dict[str, dict[str, float]]:
@@ -53,10 +61,14 @@ def run(name: str, shots: int, seed: int) -> dict[str, dict[str, float]]:
         X, y, Xq, yq = z["train_X"], z["train_y"], z["test_X"], z["test_y"]
     idx = few_shot(y, shots, seed)
     out = {}
-    for method, make in ((f"temperature {FIXED} (fixed)", lambda: ImprintClassifier(temperature=FIXED)),
-                         ("temperature auto (default)", ImprintClassifier),
-                         ("CalibratedClassifierCV (sigmoid, 3 folds)",
-                          lambda: CalibratedClassifierCV(ImprintClassifier(temperature=FIXED), method="sigmoid", cv=3))):
+    for method, make in (
+        (f"temperature {FIXED} (fixed)", lambda: ImprintClassifier(temperature=FIXED)),
+        ("temperature auto (default)", ImprintClassifier),
+        (
+            "CalibratedClassifierCV (sigmoid, 3 folds)",
+            lambda: CalibratedClassifierCV(ImprintClassifier(temperature=FIXED), method="sigmoid", cv=3),
+        ),
+    ):
         seconds = np.inf
         for _ in range(TIMED):
             t = time.perf_counter()
@@ -82,26 +94,55 @@ def main() -> None:
             runs = [run(name, shots, seed) for seed in (args.seeds if shots else args.seeds[:1])]
             for method in runs[0]:
                 mean = {key: np.mean([r[method][key] for r in runs]) for key in runs[0][method]}
-                rows.append([name, shots or "full", method, f"{mean['accuracy']:.4f}", f"{mean['nll']:.3f}",
-                             f"{mean['ece']:.3f}", f"{mean['confidence']:.3f}",
-                             f"{mean['T']:.4f}" if method.startswith("temperature auto") else "", f"{mean['fit s']:.2f}"])
+                rows.append(
+                    [
+                        name,
+                        shots or "full",
+                        method,
+                        f"{mean['accuracy']:.4f}",
+                        f"{mean['nll']:.3f}",
+                        f"{mean['ece']:.3f}",
+                        f"{mean['confidence']:.3f}",
+                        f"{mean['T']:.4f}" if method.startswith("temperature auto") else "",
+                        f"{mean['fit s']:.2f}",
+                    ]
+                )
                 print(rows[-1], flush=True)
-    header = ["dataset", "shots", "probabilities", "accuracy", "NLL", "ECE", "mean top probability",
-              "fitted T", "fit s"]
+    header = [
+        "dataset",
+        "shots",
+        "probabilities",
+        "accuracy",
+        "NLL",
+        "ECE",
+        "mean top probability",
+        "fitted T",
+        "fit s",
+    ]
     command = "benchmarks/calibration.py" + "".join(
-        f" --{key} {' '.join(map(str, value))}" for key, value in vars(args).items()
-        if key in ("datasets", "shots", "seeds") and value != parser.get_default(key))
-    text = ["# Calibration of predict_proba (benchmarks/calibration.py)", "",
-            f"Command: `.venv/bin/python {command}` ({(time.perf_counter() - started) / 60:.0f} min)  ",
-            f"Machine: {machine()}", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
-            markdown_table(header, rows), "",
-            "`temperature=\"auto\"` fits one scalar to out-of-fold scores of the training rows (temperature.py): "
-            "a fit of the chosen setting per fold held out until 1,000 rows are (five at 5 shots here, "
-            "one on full data) is the difference in fit time (on full data lost in the timing noise of auto's "
-            "own cross-validation). "
-            "A temperature only rescales the scores, so both rank the classes alike and have one accuracy. "
-            "CalibratedClassifierCV fits one sigmoid per class (one class against the rest) on each of 3 folds "
-            "and averages the 3 fitted models.", ""]
+        f" --{key} {' '.join(map(str, value))}"
+        for key, value in vars(args).items()
+        if key in ("datasets", "shots", "seeds") and value != parser.get_default(key)
+    )
+    text = [
+        "# Calibration of predict_proba (benchmarks/calibration.py)",
+        "",
+        f"Command: `.venv/bin/python {command}` ({(time.perf_counter() - started) / 60:.0f} min)  ",
+        f"Machine: {machine()}",
+        "",
+        __doc__.split("\n\n")[1].replace("\n", " "),
+        "",
+        markdown_table(header, rows),
+        "",
+        '`temperature="auto"` fits one scalar to out-of-fold scores of the training rows (temperature.py): '
+        "a fit of the chosen setting per fold held out until 1,000 rows are (five at 5 shots here, "
+        "one on full data) is the difference in fit time (on full data lost in the timing noise of auto's "
+        "own cross-validation). "
+        "A temperature only rescales the scores, so both rank the classes alike and have one accuracy. "
+        "CalibratedClassifierCV fits one sigmoid per class (one class against the rest) on each of 3 folds "
+        "and averages the 3 fitted models.",
+        "",
+    ]
     args.out.write_text("\n".join(text))
     print(f"wrote {args.out}")
 

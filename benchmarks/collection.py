@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import DOCS, machine, markdown_table, scratch, timed
 
-from _common import DOCS, machine, markdown_table, timed, scratch
 from retrieval_imprint.collection import Collection
 
 D, PER_CLASS, K, CHUNK = 384, 10, 5, 10_000
@@ -26,8 +26,9 @@ def synthetic(first: int, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np
     rng = np.random.default_rng([seed, first])
     modes = rng.standard_normal((n_classes, 2, D)).astype(np.float32)
     which = rng.integers(0, 2, (n_classes, PER_CLASS))
-    X = modes[np.arange(n_classes)[:, None], which] + 0.3 * rng.standard_normal((n_classes, PER_CLASS, D),
-                                                                                 dtype=np.float32)
+    X = modes[np.arange(n_classes)[:, None], which] + 0.3 * rng.standard_normal(
+        (n_classes, PER_CLASS, D), dtype=np.float32
+    )
     y = np.repeat(np.arange(first, first + n_classes), PER_CLASS)
     return X.reshape(-1, D), y
 
@@ -53,17 +54,32 @@ def run(n_classes: int, root: Path) -> list[object]:
     Qb, _ = synthetic(0, 100, seed=3)
     batch = min(timed(lambda: col.predict(Qb), 3))
     size = col.info()["bytes_on_disk"]
-    return [f"{n_classes:,}", f"{build:.1f}", f"{open_s * 1e3:.0f}", f"{np.median(adds) * 1e3:.1f}",
-            f"{np.percentile(adds, 90) * 1e3:.1f}", f"{np.median(single) * 1e3:.2f}",
-            f"{len(Qb) / batch:,.0f}", f"{size / 2**20:.0f}"]
+    return [
+        f"{n_classes:,}",
+        f"{build:.1f}",
+        f"{open_s * 1e3:.0f}",
+        f"{np.median(adds) * 1e3:.1f}",
+        f"{np.percentile(adds, 90) * 1e3:.1f}",
+        f"{np.median(single) * 1e3:.2f}",
+        f"{len(Qb) / batch:,.0f}",
+        f"{size / 2**20:.0f}",
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     args = parser.parse_args()
-    header = ["classes", "build s", "open ms", "add-one-class p50 ms", "add-one-class p90 ms",
-              "query batch-1 p50 ms", "query batch-1000 q/s", "disk MiB"]
+    header = [
+        "classes",
+        "build s",
+        "open ms",
+        "add-one-class p50 ms",
+        "add-one-class p90 ms",
+        "query batch-1 p50 ms",
+        "query batch-1000 q/s",
+        "disk MiB",
+    ]
     rows = []
     with scratch("ri-collection-") as tmp:
         for n in args.sizes:
@@ -78,7 +94,8 @@ def main() -> None:
         f"Setup: synthetic classes, 384-d, {PER_CLASS} samples per class, GEN kmeans k = {K}, L2 norms, "
         "max aggregation, exact Flat index, samples not kept; built in adds of up to 10,000 classes, then "
         "compacted. add-one-class: 20 adds of one new 10-sample class (one segment file and one "
-        "transaction each). Query: `Collection.predict` end to end.\n\n" + table + "\n")
+        "transaction each). Query: `Collection.predict` end to end.\n\n" + table + "\n"
+    )
 
 
 if __name__ == "__main__":

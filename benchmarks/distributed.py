@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import DOCS, machine, markdown_table, scratch
 from scale import chunk
 
@@ -48,8 +47,9 @@ def write_parquet(n_classes: int, root: Path) -> tuple[list[str], np.ndarray, np
         X, y, held = chunk(first, n)
         files.append(str(root / f"train-{first:08d}.parquet"))
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), X.shape[1])
-        pq.write_table(pa.table({"label": [f"class{v}" for v in y], "vector": vectors.cast(pa.list_(pa.float32()))}),
-                       files[-1])
+        pq.write_table(
+            pa.table({"label": [f"class{v}" for v in y], "vector": vectors.cast(pa.list_(pa.float32()))}), files[-1]
+        )
         mine = chosen[(chosen >= first) & (chosen < first + n)]
         queries.append(held[mine - first])
         truth += [f"class{v}" for v in mine]
@@ -97,8 +97,12 @@ def child_build(engine: str, path: str, files: list[str], shards: int) -> None:
 
 
 def timed_build(engine: str, path: Path, files: list[str], shards: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", engine, str(path), str(shards), *files],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", engine, str(path), str(shards), *files],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -137,8 +141,11 @@ def exact_labels(sharded, Qn: np.ndarray) -> np.ndarray:
 
 def serve_local(path: Path):
     """``imprint serve path`` in a subprocess, and its URL once it says it is ready."""
-    proc = subprocess.Popen([sys.executable, "-c", "from retrieval_imprint.cli import main; main()", "serve",
-                             str(path), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from retrieval_imprint.cli import main; main()", "serve", str(path), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:
         found = re.search(r"^ready: .* answers on (http://\S+)", line)
         if found:
@@ -153,8 +160,10 @@ def memory_model(bytes_per_proxy: float) -> list[list[str]]:
     for classes in (10_000_000, 100_000_000):
         for name, per_dim in (("IVF-SQfp16", 2), ("Flat", 4)):
             size = classes * K * (384 * per_dim + 8)  # codes + 8-byte ids
-            rows.append([f"{classes:,}", name, f"{size / 1e9:,.0f}"] +
-                        [str(int(np.ceil(size / (ram * 1e9 / 2)))) for ram in (64, 128, 256)])
+            rows.append(
+                [f"{classes:,}", name, f"{size / 1e9:,.0f}"]
+                + [str(int(np.ceil(size / (ram * 1e9 / 2)))) for ram in (64, 128, 256)]
+            )
     rows.append(["measured here", "this run's shards", f"{bytes_per_proxy:,.0f} B/proxy on disk", "", "", ""])
     return rows
 
@@ -190,26 +199,49 @@ def run(args: argparse.Namespace, root: Path, started: float) -> None:
     print(f"  {single['seconds']:.0f} s; Ray build, {args.shards} shards", flush=True)
     sharded_build = timed_build("ray", root / "sharded", files, args.shards)
     print(f"  {sharded_build['seconds']:.0f} s; queries", flush=True)
-    build_rows = [["one process (`imprint index`)", f"{single['seconds']:.0f}", "1.00x", f"{single['peak'] / 2**30:.2f}",
-                   ""],
-                  [f"Ray Data, {args.shards} shards", f"{sharded_build['seconds']:.0f}",
-                   f"{sharded_build['seconds'] / single['seconds']:.2f}x", f"{sharded_build['peak'] / 2**30:.2f}",
-                   f"{sharded_build['worker_peak'] / 2**30:.2f}"]]
-    build_table = markdown_table(["build", "seconds", "vs one process", "peak RSS GiB (driver)",
-                                  "largest Ray worker GiB"], build_rows)
-    command = "benchmarks/distributed.py" + (f" --classes {args.classes}" if args.classes != 1_000_000 else "") + (
-        f" --shards {args.shards}" if args.shards != 4 else "") + (" --builds-only" if args.builds_only else "") + (
-        f" --out {args.out}" if args.out.resolve() != DOCS / "distributed.md" else "")
-    setup = (f"Setup: {args.classes:,} synthetic classes as in [scale.md](scale.md) (384-d, 8 training samples each, "
-             f"in Parquet files of {FILE_CLASSES:,} classes), GEN kmeans k = {K}, max, exact (Flat) indexes, samples "
-             "not kept. Each build runs in its own process.")
+    build_rows = [
+        ["one process (`imprint index`)", f"{single['seconds']:.0f}", "1.00x", f"{single['peak'] / 2**30:.2f}", ""],
+        [
+            f"Ray Data, {args.shards} shards",
+            f"{sharded_build['seconds']:.0f}",
+            f"{sharded_build['seconds'] / single['seconds']:.2f}x",
+            f"{sharded_build['peak'] / 2**30:.2f}",
+            f"{sharded_build['worker_peak'] / 2**30:.2f}",
+        ],
+    ]
+    build_table = markdown_table(
+        ["build", "seconds", "vs one process", "peak RSS GiB (driver)", "largest Ray worker GiB"], build_rows
+    )
+    command = (
+        "benchmarks/distributed.py"
+        + (f" --classes {args.classes}" if args.classes != 1_000_000 else "")
+        + (f" --shards {args.shards}" if args.shards != 4 else "")
+        + (" --builds-only" if args.builds_only else "")
+        + (f" --out {args.out}" if args.out.resolve() != DOCS / "distributed.md" else "")
+    )
+    setup = (
+        f"Setup: {args.classes:,} synthetic classes as in [scale.md](scale.md) (384-d, 8 training samples each, "
+        f"in Parquet files of {FILE_CLASSES:,} classes), GEN kmeans k = {K}, max, exact (Flat) indexes, samples "
+        "not kept. Each build runs in its own process."
+    )
     if args.builds_only:
         minutes = (time.perf_counter() - started) / 60
-        args.out.write_text("\n".join([
-            "# Distributed: the Ray build against one process", "",
-            f"Command: `.venv/bin/python {command}` ({minutes:.0f} min)  ", f"Machine: {machine()}; a local Ray of 2 CPUs  ",
-            setup + " The peak RSS of the one-process build counts the pages of its memory-mapped input (the vectors "
-            "read past 1 GiB wait in a file), which the OS can drop.", "", build_table, ""]))
+        args.out.write_text(
+            "\n".join(
+                [
+                    "# Distributed: the Ray build against one process",
+                    "",
+                    f"Command: `.venv/bin/python {command}` ({minutes:.0f} min)  ",
+                    f"Machine: {machine()}; a local Ray of 2 CPUs  ",
+                    setup
+                    + " The peak RSS of the one-process build counts the pages of its memory-mapped input (the vectors "
+                    "read past 1 GiB wait in a file), which the OS can drop.",
+                    "",
+                    build_table,
+                    "",
+                ]
+            )
+        )
         print(args.out.read_text())
         return
 
@@ -221,8 +253,12 @@ def run(args: argparse.Namespace, root: Path, started: float) -> None:
     # one copy of the proxies in memory at a time (at 1M classes each is 6 GB): the single
     # collection is queried in a child process, which gives all its memory back when it ends
     np.save(root / "queries.npy", queries)
-    done = subprocess.run([sys.executable, __file__, "--child", "query", str(root / "single"), "0",
-                           str(root / "queries.npy")], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", "query", str(root / "single"), "0", str(root / "queries.npy")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = [["one collection, in process", *json.loads(done.stdout.strip().splitlines()[-1])]]
     sharded = ShardedCollection.open(root / "sharded")
     merged = sharded.predict(queries)
@@ -236,40 +272,58 @@ def run(args: argparse.Namespace, root: Path, started: float) -> None:
     proc, url = serve_local(root / "sharded")
     try:
         client = Client(url)
-        rows.append([f"{args.shards} shards, imprint serve (HTTP)", *latencies(lambda Q: client.query(vectors=Q),
-                                                                                 queries)])
+        rows.append(
+            [f"{args.shards} shards, imprint serve (HTTP)", *latencies(lambda Q: client.query(vectors=Q), queries)]
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     distributed.init(num_cpus=2)
     client = Client(distributed.serve(root / "sharded", port=8765), timeout=300)
     try:
-        rows.append([f"{args.shards} shards, Ray Serve (HTTP)", *latencies(lambda Q: client.query(vectors=Q),
-                                                                            queries)])
+        rows.append([f"{args.shards} shards, Ray Serve (HTTP)", *latencies(lambda Q: client.query(vectors=Q), queries)])
     finally:
         distributed.serve_shutdown()
     base = rows[0][1]
     table = [[name, f"{p50:.2f}", f"{p99:.2f}", f"{p50 / base:.1f}x", f"{qps:,.0f}"] for name, p50, p99, qps in rows]
     proxies = info["proxies"]
     minutes = (time.perf_counter() - started) / 60
-    doc = "\n".join([
-        "# Distributed: shards on Ray", "",
-        f"Command: `.venv/bin/python {command}` ({minutes:.0f} min)  ",
-        f"Machine: {machine()}; a local Ray of 2 CPUs  ",
-        f"{setup} Queries: one held-out sample of each of {len(queries):,} random classes.", "",
-        "## Build", "",
-        build_table, "",
-        "## Answers", "",
-        f"- merged answer = top-1 of one exact search over all {proxies:,} proxies of the shards: "
-        f"{agreement:.4f} of queries", f"- held-out accuracy of the merged answer: {accuracy:.4f}", "",
-        "## Queries", "",
-        markdown_table(["answered by", "batch-1 p50 ms", "batch-1 p99 ms", "p50 vs one collection",
-                        "batch-1,000 q/s"], table), "",
-        "## Memory model (arithmetic)", "",
-        "Index bytes = classes x k x (384 x bytes per dimension + 8 for the id); shards needed to keep each "
-        "shard's index within half a machine's RAM.", "",
-        markdown_table(["classes", "index", "index GB", "shards at 64 GB", "at 128 GB", "at 256 GB"],
-                       memory_model(info["bytes_on_disk"] / max(proxies, 1))), ""])
+    doc = "\n".join(
+        [
+            "# Distributed: shards on Ray",
+            "",
+            f"Command: `.venv/bin/python {command}` ({minutes:.0f} min)  ",
+            f"Machine: {machine()}; a local Ray of 2 CPUs  ",
+            f"{setup} Queries: one held-out sample of each of {len(queries):,} random classes.",
+            "",
+            "## Build",
+            "",
+            build_table,
+            "",
+            "## Answers",
+            "",
+            f"- merged answer = top-1 of one exact search over all {proxies:,} proxies of the shards: "
+            f"{agreement:.4f} of queries",
+            f"- held-out accuracy of the merged answer: {accuracy:.4f}",
+            "",
+            "## Queries",
+            "",
+            markdown_table(
+                ["answered by", "batch-1 p50 ms", "batch-1 p99 ms", "p50 vs one collection", "batch-1,000 q/s"], table
+            ),
+            "",
+            "## Memory model (arithmetic)",
+            "",
+            "Index bytes = classes x k x (384 x bytes per dimension + 8 for the id); shards needed to keep each "
+            "shard's index within half a machine's RAM.",
+            "",
+            markdown_table(
+                ["classes", "index", "index GB", "shards at 64 GB", "at 128 GB", "at 256 GB"],
+                memory_model(info["bytes_on_disk"] / max(proxies, 1)),
+            ),
+            "",
+        ]
+    )
     args.out.write_text(doc)
     print(doc)
 

@@ -32,9 +32,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from _common import DOCS, machine, markdown_table, scratch
 from click.testing import CliRunner
 
-from _common import DOCS, machine, markdown_table, scratch
 from retrieval_imprint import segments
 from retrieval_imprint.cli import main
 from retrieval_imprint.collection import Collection
@@ -57,8 +57,7 @@ def build(root: Path) -> dict[str, Path]:
     """The three collections, each calibrated (thresholds and shifts stored) and grown twice."""
     X, y = classes(3000, 1)
     made = {}
-    ivf = Collection.create(root / "ivf", model=None, k=2, aggregation="max", index="IVF32,SQfp16",
-                            rejection="shift")
+    ivf = Collection.create(root / "ivf", model=None, k=2, aggregation="max", index="IVF32,SQfp16", rejection="shift")
     ivf.add(X[:20_000], y[:20_000]).add(X[20_000:], y[20_000:])
     ivf.compact()  # one large proxy file: the one mapped at open
     ivf.add(*classes(40, 2))  # and a small one beside it, read
@@ -77,8 +76,13 @@ def build(root: Path) -> dict[str, Path]:
 def files_of(path: Path) -> dict[str, list[Path]]:
     """A collection's files by kind (a sharded collection's across its shards)."""
     proxies = sorted(path.rglob("proxies-*.faiss"), key=lambda f: f.stat().st_size)
-    mapped = proxies[-1] if proxies and (path / "imprint.db").exists() and Collection.open(path).config[
-        "index_factory"].startswith("IVF") else None
+    mapped = (
+        proxies[-1]
+        if proxies
+        and (path / "imprint.db").exists()
+        and Collection.open(path).config["index_factory"].startswith("IVF")
+        else None
+    )
     kinds: dict[str, list[Path]] = {}
     for f in sorted(path.rglob("*")):
         if not f.is_file() or f.name.endswith(("-wal", "-shm")):
@@ -220,24 +224,36 @@ def main_() -> None:
         np.save(root / "q.npy", classes(3000, 1)[0][::160] + 0.1)
         rows, total, notes = fuzz(made, root / "q.npy", args.mutations, args.seed)
         killed = kills(root, args.kills, args.seed)
-    lines = ["# Reliability", "",
-             f"`.venv/bin/python benchmarks/fuzz.py --mutations {args.mutations} --kills {args.kills}` on "
-             f"{machine()}; {time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.1f} min.", "",
-             "## Damaged files", "",
-             "Each mutation damages one file of one collection (1-64 bytes flipped or zeroed, or the file cut), then "
-             "`imprint query --vectors Q --top 3 --json` (19 queries) and `imprint check` run, and the file is restored. "
-             "refused: a one-line error, exit 2; harmless: the same output as before the damage; silent wrong: exit "
-             "0 with another output; traceback: any other failure. The IVF collection's large proxy file is "
-             "memory-mapped (verified list by list as queries touch it).", "",
-             markdown_table(["collection", "file", "mutations", "refused", "harmless", "silent wrong", "traceback"],
-                            rows), "",
-             f"Answers changed without `check` exiting non-zero: {total['unchecked'] or 'none'}.", ""]
+    lines = [
+        "# Reliability",
+        "",
+        f"`.venv/bin/python benchmarks/fuzz.py --mutations {args.mutations} --kills {args.kills}` on "
+        f"{machine()}; {time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.1f} min.",
+        "",
+        "## Damaged files",
+        "",
+        "Each mutation damages one file of one collection (1-64 bytes flipped or zeroed, or the file cut), then "
+        "`imprint query --vectors Q --top 3 --json` (19 queries) and `imprint check` run, and the file is restored. "
+        "refused: a one-line error, exit 2; harmless: the same output as before the damage; silent wrong: exit "
+        "0 with another output; traceback: any other failure. The IVF collection's large proxy file is "
+        "memory-mapped (verified list by list as queries touch it).",
+        "",
+        markdown_table(["collection", "file", "mutations", "refused", "harmless", "silent wrong", "traceback"], rows),
+        "",
+        f"Answers changed without `check` exiting non-zero: {total['unchecked'] or 'none'}.",
+        "",
+    ]
     if notes:
         lines += ["Notes:", "", *[f"- {n}" for n in notes[:20]], ""]
-    lines += ["## SIGKILL during `imprint index`", "",
-              "60,000 vectors of 7,500 classes in chunks of 5,000, killed at a random moment, then run again; "
-              "complete: the same classes, in the same order, and the same answers as an uninterrupted run.", "",
-              markdown_table(["run", "killed after s", "killed mid-run", "complete after the rerun"], killed), ""]
+    lines += [
+        "## SIGKILL during `imprint index`",
+        "",
+        "60,000 vectors of 7,500 classes in chunks of 5,000, killed at a random moment, then run again; "
+        "complete: the same classes, in the same order, and the same answers as an uninterrupted run.",
+        "",
+        markdown_table(["run", "killed after s", "killed mid-run", "complete after the rerun"], killed),
+        "",
+    ]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
     print(json.dumps(total))

@@ -30,14 +30,14 @@ import json
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numpy as np
 import torch
-
 from _common import DOCS, machine, markdown_table
+
 from retrieval_imprint import ImprintClassifier
 from retrieval_imprint._groups import Grouped
 from retrieval_imprint.device import BLOCK_BYTES, copy_to_host, prefetched, to_device, use_device
@@ -54,10 +54,12 @@ def fit_name(n_classes: int, on_gpu: str = "") -> str:
     """The k-means rows' workloads: from host memory, ``"alone"`` (kmeans_alone), ``"resident"`` or
     ``"copies"`` (on_the_gpu)."""
     what = f"{n_classes:,} classes x {SAMPLES} x {D}-d"
-    return {"": f"k-means k={K}: {what}",
-            "alone": f"k-means alone: {what}, rows on the device and centroids left there",
-            "resident": f"k-means k={K}: {what}, rows already on the GPU",
-            "copies": f"copies alone: {what} rows in, centroids out (the floor of a fit from host memory)"}[on_gpu]
+    return {
+        "": f"k-means k={K}: {what}",
+        "alone": f"k-means alone: {what}, rows on the device and centroids left there",
+        "resident": f"k-means k={K}: {what}, rows already on the GPU",
+        "copies": f"copies alone: {what} rows in, centroids out (the floor of a fit from host memory)",
+    }[on_gpu]
 
 
 def search_name(n: int) -> str:
@@ -66,7 +68,8 @@ def search_name(n: int) -> str:
 
 # the issue's targets at 1M: (the CPU path's workload, the CUDA run's workload)
 TARGETS = [(fit_name(10**6), fit_name(10**6, on_gpu)) for on_gpu in ("", "resident", "alone", "copies")] + [
-    (search_name(10**6), search_name(10**6))]
+    (search_name(10**6), search_name(10**6))
+]
 
 
 def backends() -> dict[str, str | None]:
@@ -106,8 +109,10 @@ def real_data(names: list[str], repeat: int, data: Path = SHARED) -> list[dict]:
     for name in names:
         with np.load(data / name / "embeddings.npz") as z:
             X, y, Xq, yq = z["train_X"], z["train_y"], z["test_X"], z["test_y"]
-        for setting, params in (("kmeans k=20, max", dict(generator="kmeans", k=20, aggregation="max")),
-                                ("auto (default)", {})):
+        for setting, params in (
+            ("kmeans k=20, max", dict(generator="kmeans", k=20, aggregation="max")),
+            ("auto (default)", {}),
+        ):
             row = {"workload": f"{name}: fit {setting}", "n": len(X)}
             pred_row = {"workload": f"{name}: predict {len(Xq):,} queries ({setting})", "n": len(Xq)}
             reference = None
@@ -140,6 +145,7 @@ def synthetic_fit(sizes: list[int], repeat: int) -> list[dict]:
         row = {"workload": fit_name(n_classes), "n": n_classes}
         reference = None
         for backend, device in backends().items():
+
             def fit(g: Grouped, device: str | None = device) -> np.ndarray:
                 with use_device(device):
                     return batched_kmeans(g, K, 0)
@@ -190,8 +196,11 @@ def on_the_gpu(groups: Grouped, head: Grouped, reference: np.ndarray, repeat: in
     resident = Grouped(torch.from_numpy(groups.X).cuda(), groups.offsets, groups.keys)
     with use_device("cuda"):
         C = batched_kmeans(Grouped(resident.X[: len(head.X)], head.offsets, head.keys), K, 0)
-        fit = {"workload": fit_name(n_classes, "resident"), "n": n_classes,
-               "cuda centroids within 1e-4": float(np.mean(np.abs(C - reference).max(-1) <= 1e-4))}
+        fit = {
+            "workload": fit_name(n_classes, "resident"),
+            "n": n_classes,
+            "cuda centroids within 1e-4": float(np.mean(np.abs(C - reference).max(-1) <= 1e-4)),
+        }
         fit["cuda"], _ = best(lambda: batched_kmeans(resident, K, 0).shape, 1, warm_up=False)
     resident = None
     gc.collect()
@@ -226,6 +235,7 @@ def search(sizes: list[int], repeat: int) -> list[dict]:
         row = {"workload": search_name(n), "n": n}
         reference = None
         for backend, device in backends().items():
+
             def run(device=device):
                 with use_device(device):
                     return index.search(Q, 1)[2]
@@ -270,49 +280,82 @@ def fmt(v: object, digits: int = 3) -> str:
 
 def summary(rows: list[dict]) -> str:
     """The run in words: torch on the CPU against numpy, per kind of work (ratios from the table)."""
+
     def span(kind: str) -> str:
-        ratios = [r["torch cpu"] / r["numpy"] for r in rows if kind in r["workload"] and "torch cpu" in r
-                  and "numpy" in r]
+        ratios = [
+            r["torch cpu"] / r["numpy"] for r in rows if kind in r["workload"] and "torch cpu" in r and "numpy" in r
+        ]
         if not ratios:
             return "-"
         return f"{min(ratios):.2f}x" if len(ratios) == 1 else f"{min(ratios):.2f}-{max(ratios):.2f}x"
 
     agree = min(r.get("torch cpu agreement", 1.0) for r in rows)
-    return (f"torch on the CPU against numpy/FAISS: fits {span(': fit ')} and k-means {span('k-means')} the time; "
-            f"predictions and searches {span('predict')} and {span('exact search')}, with the matrix product "
-            f"alone at {span('GEMM')} (torch's BLAS against numpy's: the floor under its searches). Lowest "
-            f"agreement with numpy's answers: {agree:.4f}.")
+    return (
+        f"torch on the CPU against numpy/FAISS: fits {span(': fit ')} and k-means {span('k-means')} the time; "
+        f"predictions and searches {span('predict')} and {span('exact search')}, with the matrix product "
+        f"alone at {span('GEMM')} (torch's BLAS against numpy's: the floor under its searches). Lowest "
+        f"agreement with numpy's answers: {agree:.4f}."
+    )
 
 
 def render(runs: dict[str, dict]) -> str:
     """docs/gpu.md from every machine's stored run."""
-    out = ["# The torch backend and the GPU (benchmarks/gpu.py)", "",
-           "Seconds are the best of the repeats after one warm-up call (CUDA start-up and the copy of the "
-           "proxies to the device are not counted). numpy = today's numpy/FAISS path (`device=None`); "
-           "torch cpu = `device=\"cpu\"`; cuda = `device=\"cuda\"`. Agreement: share of predictions or ids equal "
-           "to numpy's; centroids: share within 1e-4 of numpy's (first 20k classes), objective: the k-means "
-           "objective over numpy's. \"-\": not measured on that machine (no GPU, or no faiss-gpu).", ""]
+    out = [
+        "# The torch backend and the GPU (benchmarks/gpu.py)",
+        "",
+        "Seconds are the best of the repeats after one warm-up call (CUDA start-up and the copy of the "
+        "proxies to the device are not counted). numpy = today's numpy/FAISS path (`device=None`); "
+        'torch cpu = `device="cpu"`; cuda = `device="cuda"`. Agreement: share of predictions or ids equal '
+        "to numpy's; centroids: share within 1e-4 of numpy's (first 20k classes), objective: the k-means "
+        'objective over numpy\'s. "-": not measured on that machine (no GPU, or no faiss-gpu).',
+        "",
+    ]
     reference = next((r for r in runs.values() if "cuda" not in r["backends"]), None)
     for label, run in runs.items():
         names = ["numpy", "torch cpu", "cuda", "faiss-gpu"]
-        header = ["workload"] + [f"{b} (s)" for b in names] + ["torch cpu / numpy", "numpy / cuda",
-                                                                 "torch cpu agreement", "cuda agreement", "checks"]
+        header = (
+            ["workload"]
+            + [f"{b} (s)" for b in names]
+            + ["torch cpu / numpy", "numpy / cuda", "torch cpu agreement", "cuda agreement", "checks"]
+        )
         rows = []
         for r in run["rows"]:
-            checks = ", ".join(f"{key} {fmt(r[key], 4)}" for key in r if key.endswith(" accuracy") or (
-                key.endswith(("within 1e-4", "objective / numpy", "(s)")) and not key.startswith("numpy ")))
-            rows.append([r["workload"]] + [fmt(r.get(b)) for b in names]
-                        + [fmt(r["torch cpu"] / r["numpy"], 2) if "torch cpu" in r and "numpy" in r else "-",
-                           fmt(r["numpy"] / r["cuda"], 1) if r.get("cuda") and "numpy" in r else "-",
-                           fmt(r.get("torch cpu agreement"), 4), fmt(r.get("cuda agreement"), 4), checks or "-"])
+            checks = ", ".join(
+                f"{key} {fmt(r[key], 4)}"
+                for key in r
+                if key.endswith(" accuracy")
+                or (key.endswith(("within 1e-4", "objective / numpy", "(s)")) and not key.startswith("numpy "))
+            )
+            rows.append(
+                [r["workload"]]
+                + [fmt(r.get(b)) for b in names]
+                + [
+                    fmt(r["torch cpu"] / r["numpy"], 2) if "torch cpu" in r and "numpy" in r else "-",
+                    fmt(r["numpy"] / r["cuda"], 1) if r.get("cuda") and "numpy" in r else "-",
+                    fmt(r.get("torch cpu agreement"), 4),
+                    fmt(r.get("cuda agreement"), 4),
+                    checks or "-",
+                ]
+            )
         at = f" at commit {run['commit']}" if run.get("commit") else ""
-        out += [f"## {label}", "", f"Command: `{run['command']}`{at}", "", markdown_table(header, rows), "",
-                summary(run["rows"]), ""]
+        out += [
+            f"## {label}",
+            "",
+            f"Command: `{run['command']}`{at}",
+            "",
+            markdown_table(header, rows),
+            "",
+            summary(run["rows"]),
+            "",
+        ]
     cuda_runs = {label: run for label, run in runs.items() if "cuda" in run["backends"]}
     out += ["## Targets (issue #14)", ""]
     if not cuda_runs or reference is None:
-        out += ["Not measured yet: the targets compare a CUDA run with the CPU path of the 2-core machine; "
-                "no run here has " + ("a GPU." if not cuda_runs else "a CPU-only reference."), ""]
+        out += [
+            "Not measured yet: the targets compare a CUDA run with the CPU path of the 2-core machine; "
+            "no run here has " + ("a GPU." if not cuda_runs else "a CPU-only reference."),
+            "",
+        ]
     else:
         for label, run in cuda_runs.items():
             for target, what in TARGETS:
@@ -320,22 +363,32 @@ def render(runs: dict[str, dict]) -> str:
                 gpu = next((r for r in run["rows"] if r["workload"] == what), None)
                 if cpu and gpu:
                     ratio = cpu["numpy"] / gpu["cuda"]
-                    verdict = ("the bound on a fit from host memory" if what.startswith("copies")
-                               else f"target >= 20x: {'met' if ratio >= 20 else 'not met'}")
-                    out.append(f"- {what}: CPU path {cpu['numpy']:.2f} s (the run without a GPU above) vs CUDA "
-                               f"{gpu['cuda']:.3f} s ({label.rpartition('; ')[2]}): {ratio:.0f}x ({verdict})")
-        out += ["", "A fit from host memory moves the classes' rows to the GPU and the centroids back (12.3 GB "
-                "and 6.1 GB at 1M classes); the copies-alone row is that floor, and the rows-already-on-the-GPU "
-                "row leaves out the way in. The k-means-alone row leaves out both ways: the kernels themselves. "
-                "A fit's time above the floor is the k-means itself and the landing of the centroids in fresh "
-                "host memory (`device.copy_to_host`).", ""]
+                    verdict = (
+                        "the bound on a fit from host memory"
+                        if what.startswith("copies")
+                        else f"target >= 20x: {'met' if ratio >= 20 else 'not met'}"
+                    )
+                    out.append(
+                        f"- {what}: CPU path {cpu['numpy']:.2f} s (the run without a GPU above) vs CUDA "
+                        f"{gpu['cuda']:.3f} s ({label.rpartition('; ')[2]}): {ratio:.0f}x ({verdict})"
+                    )
+        out += [
+            "",
+            "A fit from host memory moves the classes' rows to the GPU and the centroids back (12.3 GB "
+            "and 6.1 GB at 1M classes); the copies-alone row is that floor, and the rows-already-on-the-GPU "
+            "row leaves out the way in. The k-means-alone row leaves out both ways: the kernels themselves. "
+            "A fit's time above the floor is the k-means itself and the landing of the centroids in fresh "
+            "host memory (`device.copy_to_host`).",
+            "",
+        ]
     return "\n".join(out)
 
 
 def commit() -> str | None:
     """The commit measured, where the script runs in a git checkout (a device's copy may have none)."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    )
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -346,8 +399,12 @@ def main() -> None:
     parser.add_argument("--fit-classes", nargs="*", type=int, default=[100_000, 1_000_000])
     parser.add_argument("--search-proxies", nargs="*", type=int, default=[100_000, 1_000_000])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=DOCS / "gpu.md",
-                        help="the table; the runs are kept beside it (gpu.json), one per machine")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DOCS / "gpu.md",
+        help="the table; the runs are kept beside it (gpu.json), one per machine",
+    )
     parser.add_argument("--render", action="store_true", help="only rewrite the table from the kept runs")
     args = parser.parse_args()
     store = args.out.with_suffix(".json")
@@ -357,11 +414,17 @@ def main() -> None:
     warnings.simplefilter("default")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     label = f"{machine()}; torch {torch.__version__}; {gpu}"
-    rows = real_data(args.datasets, args.repeat, args.data) + synthetic_fit(args.fit_classes, args.repeat) + search(
-        args.search_proxies, args.repeat) + [gemm(min(args.search_proxies), args.repeat)]
+    rows = (
+        real_data(args.datasets, args.repeat, args.data)
+        + synthetic_fit(args.fit_classes, args.repeat)
+        + search(args.search_proxies, args.repeat)
+        + [gemm(min(args.search_proxies), args.repeat)]
+    )
     command = "benchmarks/gpu.py" + "".join(
-        f" --{key.replace('_', '-')} {' '.join(map(str, value))}" for key, value in vars(args).items()
-        if key in ("datasets", "fit_classes", "search_proxies") and value != parser.get_default(key))
+        f" --{key.replace('_', '-')} {' '.join(map(str, value))}"
+        for key, value in vars(args).items()
+        if key in ("datasets", "fit_classes", "search_proxies") and value != parser.get_default(key)
+    )
     runs = json.loads(store.read_text()) if store.exists() else {}
     runs[label] = {"backends": list(backends()), "rows": rows, "command": command, "commit": commit()}
     store.write_text(json.dumps(runs, indent=1) + "\n")

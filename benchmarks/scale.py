@@ -25,15 +25,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import DOCS, machine, markdown_table, scratch
+
 from retrieval_imprint._groups import Grouped
-from retrieval_imprint.labels import label_keys
 from retrieval_imprint.collection import Collection
-from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN
 from retrieval_imprint.generate import generate
 from retrieval_imprint.ivf import ivf_lists
+from retrieval_imprint.labels import label_keys
 from retrieval_imprint.normalize import l2_normalize
+from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN
 
 D, K, TRAIN, CHUNK, N_QUERIES, ADDS = 384, 4, 8, 50_000, 1000, 100
 
@@ -52,8 +52,9 @@ def open_fresh(path: Path, queries: np.ndarray) -> dict[str, float]:
     queries (``open_only`` prints them)."""
     with tempfile.NamedTemporaryFile(suffix=".npy") as q:
         np.save(q.name, queries)
-        out = subprocess.run([sys.executable, __file__, "--open-only", str(path), q.name], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--open-only", str(path), q.name], check=True, capture_output=True, text=True
+        ).stdout
     return json.loads(out)
 
 
@@ -121,15 +122,20 @@ def exact_top1(Qn: np.ndarray, n_classes: int) -> np.ndarray:
 def run(n_classes: int, root: Path) -> tuple[list[str], dict[str, float]]:
     rng = np.random.default_rng(n_classes)
     chosen = np.sort(rng.choice(n_classes, min(N_QUERIES, n_classes), replace=False))
-    queries = np.concatenate([chunk(f, min(CHUNK, n_classes - f))[2][chosen[(chosen >= f) & (chosen < f + CHUNK)] - f]
-                              for f in range(0, n_classes, CHUNK)])
+    queries = np.concatenate(
+        [
+            chunk(f, min(CHUNK, n_classes - f))[2][chosen[(chosen >= f) & (chosen < f + CHUNK)] - f]
+            for f in range(0, n_classes, CHUNK)
+        ]
+    )
     Qn = l2_normalize(queries)
     factory = f"IVF{ivf_lists(K * n_classes)},SQfp16"
     path = root / f"c{n_classes}"
     base = status("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")
-    col = Collection.create(path, model=None, generator="kmeans", k=K, aggregation="max", index=factory,
-                            keep_samples=False)
+    col = Collection.create(
+        path, model=None, generator="kmeans", k=K, aggregation="max", index=factory, keep_samples=False
+    )
     build = 0.0
     for first in range(0, n_classes, CHUNK):
         X, y, _ = chunk(first, min(CHUNK, n_classes - first))
@@ -170,23 +176,66 @@ def run(n_classes: int, root: Path) -> tuple[list[str], dict[str, float]]:
     ms = np.array(single) * 1e3
     largest = max((path / name).stat().st_size for name in col._s.files["proxies"])  # the file mapped at open
     memory = {**fresh, "classes": n_classes, "index_gib": largest / 2**30}
-    return [f"{n_classes:,}", factory, str(nprobe), f"{build:.0f}", f"{compact:.0f}", f"{peak / 2**30:.2f}",
-            f"{disk / 2**20:,.0f}", f"{fresh['open_s']:.2f}", f"{fresh['VmRSS_open']:.2f}", f"{fresh['first_ms']:.1f}",
-            f"{np.percentile(ms, 50):.2f}", f"{np.percentile(ms, 90):.2f}",
-            f"{np.percentile(ms, 99):.2f}", f"{ms.max():.1f}", f"{len(queries) / batch:,.0f}", f"{recall_first:.3f}",
-            f"{recall:.3f}", f"{accuracy:.3f}", f"{np.median(adds) * 1e3:.1f}", f"{np.percentile(adds, 99) * 1e3:.1f}",
-            f"{max(adds) * 1e3:.0f}"], memory
+    return [
+        f"{n_classes:,}",
+        factory,
+        str(nprobe),
+        f"{build:.0f}",
+        f"{compact:.0f}",
+        f"{peak / 2**30:.2f}",
+        f"{disk / 2**20:,.0f}",
+        f"{fresh['open_s']:.2f}",
+        f"{fresh['VmRSS_open']:.2f}",
+        f"{fresh['first_ms']:.1f}",
+        f"{np.percentile(ms, 50):.2f}",
+        f"{np.percentile(ms, 90):.2f}",
+        f"{np.percentile(ms, 99):.2f}",
+        f"{ms.max():.1f}",
+        f"{len(queries) / batch:,.0f}",
+        f"{recall_first:.3f}",
+        f"{recall:.3f}",
+        f"{accuracy:.3f}",
+        f"{np.median(adds) * 1e3:.1f}",
+        f"{np.percentile(adds, 99) * 1e3:.1f}",
+        f"{max(adds) * 1e3:.0f}",
+    ], memory
 
 
-COLUMNS = ["classes", "index", "nprobe", "build s", "of which compact s", "peak RSS GiB", "disk MiB", "open s",
-           "RSS after open GiB", "first query ms",
-           "batch-1 p50 ms", "batch-1 p90 ms", "batch-1 p99 ms", "batch-1 max ms", "batch-1000 q/s",
-           "recall@1 first lists", "recall@1", "accuracy", "add-one p50 ms", "add-one p99 ms", "add-one max ms"]
+COLUMNS = [
+    "classes",
+    "index",
+    "nprobe",
+    "build s",
+    "of which compact s",
+    "peak RSS GiB",
+    "disk MiB",
+    "open s",
+    "RSS after open GiB",
+    "first query ms",
+    "batch-1 p50 ms",
+    "batch-1 p90 ms",
+    "batch-1 p99 ms",
+    "batch-1 max ms",
+    "batch-1000 q/s",
+    "recall@1 first lists",
+    "recall@1",
+    "accuracy",
+    "add-one p50 ms",
+    "add-one p99 ms",
+    "add-one max ms",
+]
 # The 1M-class targets (issue 17): column, bound, unit, direction
-TARGETS = [("build s", 20 * 60, "s", "<="), ("peak RSS GiB", 12, "GiB", "<="), ("open s", 1, "s", "<="),
-           ("RSS after open GiB", 1, "GiB", "<="),
-           ("batch-1 p50 ms", 3, "ms", "<="), ("batch-1 p99 ms", 10, "ms", "<="), ("recall@1", 0.99, "", ">="),
-           ("add-one p50 ms", 30, "ms", "<="), ("add-one p99 ms", 100, "ms", "<=")]
+TARGETS = [
+    ("build s", 20 * 60, "s", "<="),
+    ("peak RSS GiB", 12, "GiB", "<="),
+    ("open s", 1, "s", "<="),
+    ("RSS after open GiB", 1, "GiB", "<="),
+    ("batch-1 p50 ms", 3, "ms", "<="),
+    ("batch-1 p99 ms", 10, "ms", "<="),
+    ("recall@1", 0.99, "", ">="),
+    ("add-one p50 ms", 30, "ms", "<="),
+    ("add-one p99 ms", 100, "ms", "<="),
+]
 
 
 def targets(row: list[str]) -> str:
@@ -195,27 +244,43 @@ def targets(row: list[str]) -> str:
     for name, bound, unit, op in TARGETS:
         value = float(row[COLUMNS.index(name)].replace(",", ""))
         ok = value <= bound if op == "<=" else value >= bound
-        lines.append(f"- {name.removesuffix(' ' + unit).removesuffix(' s')}: {value:g}{' ' + unit if unit else ''} "
-                     f"(target {op} {bound:g}{' ' + unit if unit else ''}): {'met' if ok else 'missed'}")
+        lines.append(
+            f"- {name.removesuffix(' ' + unit).removesuffix(' s')}: {value:g}{' ' + unit if unit else ''} "
+            f"(target {op} {bound:g}{' ' + unit if unit else ''}): {'met' if ok else 'missed'}"
+        )
     return f"## Targets at {row[0]} classes\n\n" + "\n".join(lines) + "\n"
 
 
-CODES = [("Flat (exact, read into memory)", 4 * D + 8), ("IVF-Flat", 4 * D), ("IVF-SQfp16", 2 * D), ("IVF-SQ8", D),
-         ("IVF-PQ48", 48)]  # code bytes per proxy (Flat: plus its id map's reverse table, about 8 B)
+CODES = [
+    ("Flat (exact, read into memory)", 4 * D + 8),
+    ("IVF-Flat", 4 * D),
+    ("IVF-SQfp16", 2 * D),
+    ("IVF-SQ8", D),
+    ("IVF-PQ48", 48),
+]  # code bytes per proxy (Flat: plus its id map's reverse table, about 8 B)
 
 
 def memory_model(measured: list[dict[str, float]]) -> str:
     """A memory model: resident bytes per class (the class table) fitted on the largest run and
     checked against every run, then projected to 10M and 100M classes for each index type."""
+
     def read_in(m: dict[str, float]) -> float:  # GiB of index read into memory: files below MAP_MIN are
         return m["index_gib"] if m["index_gib"] * 2**30 < MAP_MIN else 0.0
 
     big = measured[-1]
     per_class = (big["RssAnon_open"] - big["RssAnon_before"] - read_in(big)) * 2**30 / big["classes"]
-    check = [[f"{m['classes']:,}", f"{(m['RssAnon_open'] - m['RssAnon_before']):.3f}",
-              f"{per_class * m['classes'] / 2**30 + read_in(m):.3f}", f"{m['RssAnon_queried'] - m['RssAnon_before']:.3f}",
-              f"{m['RssFile_queried'] - m['RssFile_before']:.3f}", f"{m['index_gib']:.2f}", f"{m['open_s']:.2f}"]
-             for m in measured]
+    check = [
+        [
+            f"{m['classes']:,}",
+            f"{(m['RssAnon_open'] - m['RssAnon_before']):.3f}",
+            f"{per_class * m['classes'] / 2**30 + read_in(m):.3f}",
+            f"{m['RssAnon_queried'] - m['RssAnon_before']:.3f}",
+            f"{m['RssFile_queried'] - m['RssFile_before']:.3f}",
+            f"{m['index_gib']:.2f}",
+            f"{m['open_s']:.2f}",
+        ]
+        for m in measured
+    ]
     projected = []
     for n in (10_000_000, 100_000_000):
         proxies = K * n
@@ -224,49 +289,88 @@ def memory_model(measured: list[dict[str, float]]) -> str:
             index = proxies * (code + 8) + (0 if name.startswith("Flat") else quantizer)
             table = per_class * n
             at_open = table + (index if name.startswith("Flat") else 0)
-            projected.append([f"{n:,}", name, f"{code + 8:,}", f"{index / 2**30:,.1f}", f"{at_open / 2**30:,.1f}",
-                              f"{(at_open + (0 if name.startswith('Flat') else quantizer)) / 2**30:,.1f}",
-                              f"{big['open_s'] * n / big['classes']:.0f}"])
-    return ("## Memory model\n\n"
-            f"Resident memory a collection adds to a process is its class table, {per_class:.0f} bytes per class "
-            f"(fitted on the {big['classes']:,}-class run: anonymous RSS after opening minus before), plus, for an IVF "
-            f"index, nothing at open if its file has {MAP_MIN // 2**20} MiB or more (else the file is read into "
-            "memory; the model adds it): that file is memory-mapped, and a query brings in the coarse "
-            "quantizer and the lists it probes as file-backed pages, which the kernel can drop and read again. "
-            "Checked against each run (fresh process; GiB):\n\n"
-            + markdown_table(["classes", "anon after open", "model", "anon after 1,000 queries",
-                              "file-backed after 1,000 queries", "largest proxy file", "open s"], check)
-            + "\n\nProjected (4 proxies per class, 384-d; index: proxies x (code + 8-byte id) + the coarse "
-            "quantizer, nlist = ivf_lists(proxies); open time scales with the class table; GiB):\n\n"
-            + markdown_table(["classes", "index", "bytes per proxy", "index size", "RAM at open",
-                              "RAM while querying (anon + quantizer)", "open s"], projected)
-            + "\n\nBeyond one machine's RAM for the class table or disk for the index, shard the collection "
-            "([distributed.md](distributed.md)).\n")
+            projected.append(
+                [
+                    f"{n:,}",
+                    name,
+                    f"{code + 8:,}",
+                    f"{index / 2**30:,.1f}",
+                    f"{at_open / 2**30:,.1f}",
+                    f"{(at_open + (0 if name.startswith('Flat') else quantizer)) / 2**30:,.1f}",
+                    f"{big['open_s'] * n / big['classes']:.0f}",
+                ]
+            )
+    return (
+        "## Memory model\n\n"
+        f"Resident memory a collection adds to a process is its class table, {per_class:.0f} bytes per class "
+        f"(fitted on the {big['classes']:,}-class run: anonymous RSS after opening minus before), plus, for an IVF "
+        f"index, nothing at open if its file has {MAP_MIN // 2**20} MiB or more (else the file is read into "
+        "memory; the model adds it): that file is memory-mapped, and a query brings in the coarse "
+        "quantizer and the lists it probes as file-backed pages, which the kernel can drop and read again. "
+        "Checked against each run (fresh process; GiB):\n\n"
+        + markdown_table(
+            [
+                "classes",
+                "anon after open",
+                "model",
+                "anon after 1,000 queries",
+                "file-backed after 1,000 queries",
+                "largest proxy file",
+                "open s",
+            ],
+            check,
+        )
+        + "\n\nProjected (4 proxies per class, 384-d; index: proxies x (code + 8-byte id) + the coarse "
+        "quantizer, nlist = ivf_lists(proxies); open time scales with the class table; GiB):\n\n"
+        + markdown_table(
+            [
+                "classes",
+                "index",
+                "bytes per proxy",
+                "index size",
+                "RAM at open",
+                "RAM while querying (anon + quantizer)",
+                "open s",
+            ],
+            projected,
+        )
+        + "\n\nBeyond one machine's RAM for the class table or disk for the index, shard the collection "
+        "([distributed.md](distributed.md)).\n"
+    )
 
 
-def write_doc(rows: list[list[str]], measured: list[dict[str, float]], sizes: list[int], minutes: float,
-              out: Path) -> str:
+def write_doc(
+    rows: list[list[str]], measured: list[dict[str, float]], sizes: list[int], minutes: float, out: Path
+) -> str:
     table = markdown_table(COLUMNS, rows)
-    env = "".join(f"{name}={os.environ[name]} " for name in ("FAISS_SIMD_LEVEL", "OPENBLAS_CORETYPE") if name in os.environ)
-    text = ("# Scale\n\n"
-            f"Command: `{env}.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, sizes))}"
-            f"{' --out ' + str(out.relative_to(DOCS.parent)) if out.parent == DOCS and out.name != 'scale.md' else ''}` "
-            f"({minutes:.0f} min)  \nMachine: {machine()}  \n"
-            f"Setup: synthetic classes, 384-d, 1,000 per topic, two modes each, {TRAIN} training samples per class "
-            f"added {CHUNK:,} classes at a time, then one full compaction; GEN kmeans k = {K}, L2 norms, max "
-            "aggregation, IVF-SQfp16 proxy index (nlist about 2 sqrt(proxies); nprobe tuned, at the first add and "
-            "again at the compaction, to the smallest reaching recall@1 >= 0.99 on 500 held-out proxies against "
-            "exact search: the *nprobe* column), samples not kept. The IVF lists are trained on the first add's "
-            "proxies; the final compaction retrains them on a sample of all live proxies and re-encodes every "
-            "proxy (the proxies outgrew the first add's 4x; its time is the *compact* column, inside *build*). "
-            f"Queries: one held-out sample of each of {N_QUERIES:,} random classes, timed one at a time "
-            "(*batch-1*) and together. recall@1: the approximate top-1 proxy equals the exact top-1 over the same "
-            "float32 proxies, with the first add's lists (*first lists*, before the compaction) and after it. "
-            "Peak RSS: the process's high-water mark during the build (generating and adding chunks, compaction) "
-            "above its RSS before. Open: in a new process, after its imports: seconds to open, that process's whole "
-            "RSS after opening (the largest proxy segment is memory-mapped, not read), and its first batch-1 query. "
-            f"add-one-class: {ADDS} adds of one new 8-sample class after the build.\n\n"
-            + table + "\n\n" + targets(rows[-1]) + "\n" + memory_model(measured))
+    env = "".join(
+        f"{name}={os.environ[name]} " for name in ("FAISS_SIMD_LEVEL", "OPENBLAS_CORETYPE") if name in os.environ
+    )
+    text = (
+        "# Scale\n\n"
+        f"Command: `{env}.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, sizes))}"
+        f"{' --out ' + str(out.relative_to(DOCS.parent)) if out.parent == DOCS and out.name != 'scale.md' else ''}` "
+        f"({minutes:.0f} min)  \nMachine: {machine()}  \n"
+        f"Setup: synthetic classes, 384-d, 1,000 per topic, two modes each, {TRAIN} training samples per class "
+        f"added {CHUNK:,} classes at a time, then one full compaction; GEN kmeans k = {K}, L2 norms, max "
+        "aggregation, IVF-SQfp16 proxy index (nlist about 2 sqrt(proxies); nprobe tuned, at the first add and "
+        "again at the compaction, to the smallest reaching recall@1 >= 0.99 on 500 held-out proxies against "
+        "exact search: the *nprobe* column), samples not kept. The IVF lists are trained on the first add's "
+        "proxies; the final compaction retrains them on a sample of all live proxies and re-encodes every "
+        "proxy (the proxies outgrew the first add's 4x; its time is the *compact* column, inside *build*). "
+        f"Queries: one held-out sample of each of {N_QUERIES:,} random classes, timed one at a time "
+        "(*batch-1*) and together. recall@1: the approximate top-1 proxy equals the exact top-1 over the same "
+        "float32 proxies, with the first add's lists (*first lists*, before the compaction) and after it. "
+        "Peak RSS: the process's high-water mark during the build (generating and adding chunks, compaction) "
+        "above its RSS before. Open: in a new process, after its imports: seconds to open, that process's whole "
+        "RSS after opening (the largest proxy segment is memory-mapped, not read), and its first batch-1 query. "
+        f"add-one-class: {ADDS} adds of one new 8-sample class after the build.\n\n"
+        + table
+        + "\n\n"
+        + targets(rows[-1])
+        + "\n"
+        + memory_model(measured)
+    )
     out.write_text(text)
     return text
 

@@ -40,7 +40,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-
 from _common import DOCS, machine, markdown_table, scratch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,13 +92,24 @@ def load(url: str, clients: int, seconds: float, payloads: str) -> dict:
 
     elapsed = asyncio.run(run())
     ms = np.array(latencies) * 1e3
-    return {"requests": len(ms), "rps": len(ms) / elapsed, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99)), "errors": len(errors), "error_samples": errors[:3]}
+    return {
+        "requests": len(ms),
+        "rps": len(ms) / elapsed,
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+    }
 
 
 def run_load(url: str, clients: int, seconds: float, payloads: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--load", url, str(clients), str(seconds), str(payloads)],
-                         check=True, capture_output=True, text=True, timeout=seconds + 300).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--load", url, str(clients), str(seconds), str(payloads)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 300,
+    ).stdout
     return json.loads(out)
 
 
@@ -142,14 +152,17 @@ def imprint(*args: str) -> list[str]:
 def batch_stats(url: str) -> tuple[float, float]:
     """(queries, batches) so far, from the server's /metrics."""
     text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+
     def value(name: str) -> float:
         return float(re.search(rf"^{name} (\S+)", text, re.M).group(1))
+
     return value("imprint_batch_queries_sum"), value("imprint_batch_queries_count")
 
 
 def post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url + "/query", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/query", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     return json.loads(urllib.request.urlopen(request, timeout=120).read())
 
 
@@ -237,7 +250,9 @@ def backends(texts: list[str]) -> list[list[object]]:
         t = time.perf_counter()
         for i in range(0, 640, 64):
             embedder.encode([f"{texts[(i + j) % len(texts)]} [{i + j}]" for j in range(64)])
-        rows.append([backend, f"{loaded:.2f}", f"{statistics.median(one) * 1e3:.1f}", f"{640 / (time.perf_counter() - t):.0f}"])
+        rows.append(
+            [backend, f"{loaded:.2f}", f"{statistics.median(one) * 1e3:.1f}", f"{640 / (time.perf_counter() - t):.0f}"]
+        )
     return rows
 
 
@@ -246,8 +261,12 @@ def cold_query(path: Path, repeat: int = 3) -> list[float]:
     out = []
     for i in range(repeat):
         started = time.perf_counter()
-        subprocess.run(imprint("query", str(path), f"is my new card on its way yet {time.time()} {i}"), env=ENV,
-                       check=True, capture_output=True)
+        subprocess.run(
+            imprint("query", str(path), f"is my new card on its way yet {time.time()} {i}"),
+            env=ENV,
+            check=True,
+            capture_output=True,
+        )
         out.append(time.perf_counter() - started)
     return out
 
@@ -261,8 +280,9 @@ def first_text_query(path: Path) -> float:
 
 
 # ----------------------------------------------------------------- the run
-def measure(label: str, url: str, kind: str, clients: int, seconds: float, payloads: Path, new: bool,
-            check: object = None) -> dict:
+def measure(
+    label: str, url: str, kind: str, clients: int, seconds: float, payloads: Path, new: bool, check: object = None
+) -> dict:
     before = batch_stats(url) if new else None
     result = run_load(url, clients, seconds, payloads)
     if new:
@@ -278,8 +298,18 @@ def measure(label: str, url: str, kind: str, clients: int, seconds: float, paylo
 
 def row(r: dict) -> list[object]:
     batch = f"{r['batch']:.1f}" if "batch" in r else "-"
-    return [r["server"], r["kind"], r["clients"], r["seconds"], r["requests"], f"{r['rps']:.0f}", f"{r['p50']:.1f}",
-            f"{r['p99']:.1f}", r["errors"], batch]
+    return [
+        r["server"],
+        r["kind"],
+        r["clients"],
+        r["seconds"],
+        r["requests"],
+        f"{r['rps']:.0f}",
+        f"{r['p50']:.1f}",
+        f"{r['p99']:.1f}",
+        r["errors"],
+        batch,
+    ]
 
 
 def main() -> None:
@@ -308,15 +338,20 @@ def main() -> None:
         old = None
         if args.baseline:
             old = work / "baseline"
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "retrieval_imprint"],
-                                     check=True, capture_output=True).stdout
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.baseline, "retrieval_imprint"], check=True, capture_output=True
+            ).stdout
             with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
                 tar.extractall(old, filter="data")
-        servers = [("this", imprint("serve", str(path77), "--port", "0"), True),
-                   ("this, 1 ms window", imprint("serve", str(path77), "--port", "0", "--batch-window", "1"), True),
-                   ("batching off", imprint("serve", str(path77), "--port", "0", "--max-batch", "1"), True)]
+        servers = [
+            ("this", imprint("serve", str(path77), "--port", "0"), True),
+            ("this, 1 ms window", imprint("serve", str(path77), "--port", "0", "--batch-window", "1"), True),
+            ("batching off", imprint("serve", str(path77), "--port", "0", "--max-batch", "1"), True),
+        ]
         if old is not None:
-            servers.append((f"baseline {args.baseline}", [sys.executable, "-c", OLD_SERVER, str(old), str(path77)], False))
+            servers.append(
+                (f"baseline {args.baseline}", [sys.executable, "-c", OLD_SERVER, str(old), str(path77)], False)
+            )
         for label, command, new in servers:
             with server(command) as url:
                 for kind, payloads in (("vectors", vec77), ("texts", txt77)):
@@ -348,18 +383,47 @@ def main() -> None:
             with server(imprint("serve", str(path1m), "--port", "0")) as url:
                 for clients in (1, 8, 64):
                     seconds = args.long if clients == 64 else args.seconds
-                    big.append(measure("this", url, f"vectors, {args.classes:,} classes", clients, seconds, vec1m,
-                                       True, same_answers))
+                    big.append(
+                        measure(
+                            "this",
+                            url,
+                            f"vectors, {args.classes:,} classes",
+                            clients,
+                            seconds,
+                            vec1m,
+                            True,
+                            same_answers,
+                        )
+                    )
             if old is not None:
                 with server([sys.executable, "-c", OLD_SERVER, str(old), str(path1m)]) as url:
-                    big.append(measure(f"baseline {args.baseline}", url, f"vectors, {args.classes:,} classes", 64,
-                                       args.long, vec1m, False))
+                    big.append(
+                        measure(
+                            f"baseline {args.baseline}",
+                            url,
+                            f"vectors, {args.classes:,} classes",
+                            64,
+                            args.long,
+                            vec1m,
+                            False,
+                        )
+                    )
     write(args, results, big, ceilings, embedding, cold, first, built if args.classes else None, started)
 
 
 def write(args, results, big, ceilings, embedding, cold, first, built, started) -> None:
-    header = ["server", "queries", "clients", "seconds", "requests", "req/s", "p50 ms", "p99 ms", "errors",
-              "mean batch"]
+    header = [
+        "server",
+        "queries",
+        "clients",
+        "seconds",
+        "requests",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "mean batch",
+    ]
     best = {(r["kind"], r["clients"]): r for r in results if r["server"] == "this"}
     lines = [
         "# Serving benchmark",
@@ -373,36 +437,65 @@ def write(args, results, big, ceilings, embedding, cold, first, built, started) 
         markdown_table(header, [row(r) for r in results]),
         "",
         "In-process ceilings in the same run, batches of 64: "
-        + ", ".join(f"{k} {v:,.0f} queries/s" for k, v in ceilings.items()) + ".",
+        + ", ".join(f"{k} {v:,.0f} queries/s" for k, v in ceilings.items())
+        + ".",
         "",
     ]
     if big:
-        lines += [f"## {args.classes:,} classes, IVF (built in {built:.0f} s)", "", markdown_table(header, [row(r) for r in big]), ""]
+        lines += [
+            f"## {args.classes:,} classes, IVF (built in {built:.0f} s)",
+            "",
+            markdown_table(header, [row(r) for r in big]),
+            "",
+        ]
     ratio = {k: best[k]["rps"] for k in best}
     lines += [
         "## Against the targets",
         "",
-        markdown_table(["target", "measured", "held"], [
-            ["0 errors, 64 clients, texts and vectors", ", ".join(f"{k[0]}: {best[k]['errors']}" for k in best if k[1] == 64),
-             all(best[k]["errors"] == 0 for k in best if k[1] == 64)],
-            ["vectors, 77 classes, 64 clients: >= 600 req/s, p99 <= 100 ms",
-             f"{ratio[('vectors', 64)]:.0f} req/s, p99 {best[('vectors', 64)]['p99']:.1f} ms",
-             ratio[("vectors", 64)] >= 600 and best[("vectors", 64)]["p99"] <= 100],
-            ["texts, 64 clients: >= 0.5x the in-process embed+query ceiling, p99 <= 1 s",
-             f"{ratio[('texts', 64)]:.0f} req/s = {ratio[('texts', 64)] / ceilings['texts']:.2f}x of "
-             f"{ceilings['texts']:.0f}, p99 {best[('texts', 64)]['p99']:.0f} ms",
-             ratio[("texts", 64)] >= 0.5 * ceilings["texts"] and best[("texts", 64)]["p99"] <= 1000],
-            *([[f"{args.classes:,}-class IVF, 64 clients: >= 500 req/s, answers equal in-process",
-                f"{big[2]['rps']:.0f} req/s, 200 of 200 answers equal", big[2]["rps"] >= 500]] if big else []),
-            ["cold `imprint query DIR \"new text\"` <= 2 s", f"{statistics.median(cold):.2f} s (median of "
-             f"{len(cold)}: {', '.join(f'{c:.2f}' for c in cold)})", statistics.median(cold) <= 2],
-            ["first served text query <= 0.5 s after ready", f"{first * 1e3:.0f} ms", first <= 0.5],
-        ]),
+        markdown_table(
+            ["target", "measured", "held"],
+            [
+                [
+                    "0 errors, 64 clients, texts and vectors",
+                    ", ".join(f"{k[0]}: {best[k]['errors']}" for k in best if k[1] == 64),
+                    all(best[k]["errors"] == 0 for k in best if k[1] == 64),
+                ],
+                [
+                    "vectors, 77 classes, 64 clients: >= 600 req/s, p99 <= 100 ms",
+                    f"{ratio[('vectors', 64)]:.0f} req/s, p99 {best[('vectors', 64)]['p99']:.1f} ms",
+                    ratio[("vectors", 64)] >= 600 and best[("vectors", 64)]["p99"] <= 100,
+                ],
+                [
+                    "texts, 64 clients: >= 0.5x the in-process embed+query ceiling, p99 <= 1 s",
+                    f"{ratio[('texts', 64)]:.0f} req/s = {ratio[('texts', 64)] / ceilings['texts']:.2f}x of "
+                    f"{ceilings['texts']:.0f}, p99 {best[('texts', 64)]['p99']:.0f} ms",
+                    ratio[("texts", 64)] >= 0.5 * ceilings["texts"] and best[("texts", 64)]["p99"] <= 1000,
+                ],
+                *(
+                    [
+                        [
+                            f"{args.classes:,}-class IVF, 64 clients: >= 500 req/s, answers equal in-process",
+                            f"{big[2]['rps']:.0f} req/s, 200 of 200 answers equal",
+                            big[2]["rps"] >= 500,
+                        ]
+                    ]
+                    if big
+                    else []
+                ),
+                [
+                    'cold `imprint query DIR "new text"` <= 2 s',
+                    f"{statistics.median(cold):.2f} s (median of {len(cold)}: {', '.join(f'{c:.2f}' for c in cold)})",
+                    statistics.median(cold) <= 2,
+                ],
+                ["first served text query <= 0.5 s after ready", f"{first * 1e3:.0f} ms", first <= 0.5],
+            ],
+        ),
         "",
         "## Embedding backends (in process, cache off)",
         "",
-        markdown_table(["backend", "load + first text, s", "one text, ms (median of 50)", "64 at a time, texts/s"],
-                       embedding),
+        markdown_table(
+            ["backend", "load + first text, s", "one text, ms (median of 50)", "64 at a time, texts/s"], embedding
+        ),
         "",
     ]
     args.out.write_text("\n".join(lines))

@@ -24,15 +24,15 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numpy as np
+from _common import DOCS, machine, markdown_table, scratch
 from sklearn.cluster import KMeans
 from sklearn.neighbors import KNeighborsClassifier
 
-from _common import DOCS, machine, markdown_table, scratch
 from retrieval_imprint import ImprintClassifier
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.embed import Embedder, EmbeddingCache
@@ -82,9 +82,12 @@ def probe(name: str) -> None:
     else:  # "query{n}": 1000 queries; "single{n}": one query, whose first call builds the float16 copy
         n_classes = int(name.removeprefix("query").removeprefix("single"))
         W = l2(np.random.default_rng(1).standard_normal((n_classes * 5, D)).astype(np.float32))
-        clf = ImprintClassifier(generator="all", aggregation="max", **FIXED_T).fit(W, np.repeat(np.arange(n_classes), 5))
-        Q = l2(np.random.default_rng(2).standard_normal((1000 if name.startswith("query") else 1, D)
-                                                        ).astype(np.float32))
+        clf = ImprintClassifier(generator="all", aggregation="max", **FIXED_T).fit(
+            W, np.repeat(np.arange(n_classes), 5)
+        )
+        Q = l2(
+            np.random.default_rng(2).standard_normal((1000 if name.startswith("query") else 1, D)).astype(np.float32)
+        )
         proxy_bytes = W.nbytes
         del W
         run = lambda: clf.predict(Q)  # noqa: E731
@@ -122,8 +125,7 @@ def inertia(X: np.ndarray, y: np.ndarray, W: np.ndarray, owner: np.ndarray) -> f
 
 def build_rows() -> list[list[str]]:
     banking = np.load(SHARED / "banking77" / "embeddings.npz")
-    datasets = {"BANKING77": (banking["train_X"], banking["train_y"]),
-                "synthetic 10k x 50": synthetic(10_000, 50)}
+    datasets = {"BANKING77": (banking["train_X"], banking["train_y"]), "synthetic 10k x 50": synthetic(10_000, 50)}
     rows = []
     threads = faiss.omp_get_max_threads()
     for name, (X, y) in datasets.items():
@@ -133,8 +135,7 @@ def build_rows() -> list[list[str]]:
             clf = ImprintClassifier(generator="kmeans", k=k, aggregation="max", **FIXED_T)
             ours = best_of(lambda: clf.fit(X, y), 3)
             codes = np.searchsorted(classes, y)
-            ours_inertia = inertia(Xn, codes, _centres(Xn, y, k),
-                                   np.repeat(np.arange(len(classes)), k))
+            ours_inertia = inertia(Xn, codes, _centres(Xn, y, k), np.repeat(np.arange(len(classes)), k))
             t = time.perf_counter()
             sk_centres = [KMeans(k, random_state=0).fit(Xn[codes == c]).cluster_centers_ for c in range(len(classes))]
             sklearn_s = time.perf_counter() - t
@@ -149,10 +150,20 @@ def build_rows() -> list[list[str]]:
                     km.train(np.ascontiguousarray(Xn[codes == c]))
                 faiss_s[n_threads] = time.perf_counter() - t
             faiss.omp_set_num_threads(threads)
-            rows.append([name, k, f"{ours:.2f}", f"{sklearn_s:.1f}", f"{faiss_s[threads]:.2f}", f"{faiss_s[1]:.2f}",
-                         f"{ours / sklearn_s:.4f} (1/{sklearn_s / ours:.0f})",
-                         f"{ours / faiss_s[threads]:.3f} (1/{faiss_s[threads] / ours:.1f})",
-                         f"{ours / faiss_s[1]:.3f} (1/{faiss_s[1] / ours:.1f})", f"{ours_inertia / sk_inertia:.4f}"])
+            rows.append(
+                [
+                    name,
+                    k,
+                    f"{ours:.2f}",
+                    f"{sklearn_s:.1f}",
+                    f"{faiss_s[threads]:.2f}",
+                    f"{faiss_s[1]:.2f}",
+                    f"{ours / sklearn_s:.4f} (1/{sklearn_s / ours:.0f})",
+                    f"{ours / faiss_s[threads]:.3f} (1/{faiss_s[threads] / ours:.1f})",
+                    f"{ours / faiss_s[1]:.3f} (1/{faiss_s[1] / ours:.1f})",
+                    f"{ours_inertia / sk_inertia:.4f}",
+                ]
+            )
             print(" | ".join(map(str, rows[-1])), flush=True)
     return rows
 
@@ -160,8 +171,8 @@ def build_rows() -> list[list[str]]:
 def _centres(Xn: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     """Our k-means centroids before post-norm (inertia is measured on the centroids themselves)."""
     from retrieval_imprint._groups import Grouped
-    from retrieval_imprint.labels import label_keys
     from retrieval_imprint.generate import generate
+    from retrieval_imprint.labels import label_keys
 
     classes, codes = np.unique(y, return_inverse=True)
     W, _ = generate("kmeans", Grouped.from_codes(Xn, codes, label_keys(classes)), k, 0)
@@ -175,11 +186,13 @@ def query_rows(tmp: Path) -> tuple[list[list[str]], list[list[str]]]:
         W = l2(rng.standard_normal((n_classes * 5, D)).astype(np.float32))
         labels = np.repeat(np.arange(n_classes), 5)
         clf = ImprintClassifier(generator="all", aggregation="max", **FIXED_T).fit(W, labels)  # proxies = W exactly
-        col = Collection.create(tmp / f"q{n_classes}", model=None, generator="all", aggregation="max",
-                                keep_samples=False)
+        col = Collection.create(
+            tmp / f"q{n_classes}", model=None, generator="all", aggregation="max", keep_samples=False
+        )
         col.add(W, labels)
-        blend = Collection.create(tmp / f"b{n_classes}", model=None, generator="all", aggregation="blend", alpha=0.5,
-                                  keep_samples=False)
+        blend = Collection.create(
+            tmp / f"b{n_classes}", model=None, generator="all", aggregation="blend", alpha=0.5, keep_samples=False
+        )
         blend.add(W, labels)
         raw = faiss.IndexFlatIP(D)
         raw.add(W)
@@ -199,32 +212,51 @@ def query_rows(tmp: Path) -> tuple[list[list[str]], list[list[str]]]:
             # class-like queries: a proxy plus noise of the same norm (a real query belongs to a class)
             Qc = l2(W[rng.integers(0, len(W), batch)] + 0.8 * l2(rng.standard_normal((batch, D)).astype(np.float32)))
             reps = 30 if batch == 1 else 5
-            times = interleaved_best({
-                "ours (estimator)": (lambda: clf.predict(Q), reps),
-                "ours (collection)": (lambda: col.predict(Q), reps),
-                "blend (collection)": (lambda: blend.predict(Q), reps),
-                "max, class-like": (lambda: col.predict(Qc), reps),
-                "blend, class-like": (lambda: blend.predict(Qc), reps),
-                "raw faiss": (lambda: raw.search(Q, 1), reps),
-                "sklearn 1-NN": (lambda: knn.predict(Q), 10 if batch == 1 else 1),
-                "per-class loop": (lambda: loop(Q), 1),
-            })
+            times = interleaved_best(
+                {
+                    "ours (estimator)": (lambda: clf.predict(Q), reps),
+                    "ours (collection)": (lambda: col.predict(Q), reps),
+                    "blend (collection)": (lambda: blend.predict(Q), reps),
+                    "max, class-like": (lambda: col.predict(Qc), reps),
+                    "blend, class-like": (lambda: blend.predict(Qc), reps),
+                    "raw faiss": (lambda: raw.search(Q, 1), reps),
+                    "sklearn 1-NN": (lambda: knn.predict(Q), 10 if batch == 1 else 1),
+                    "per-class loop": (lambda: loop(Q), 1),
+                }
+            )
             assert (clf.predict(Q) == labels[raw.search(Q, 1)[1][:, 0]]).all()
-            rows.append([f"{n_classes:,}", batch] + [f"{times[k] * 1e3:.2f}" for k in times]
-                        + [f"{times['ours (estimator)'] / times['raw faiss']:.2f}",
-                           f"{times['ours (collection)'] / times['raw faiss']:.2f}",
-                           f"{times['blend (collection)'] / times['ours (collection)']:.2f}",
-                           f"{times['blend, class-like'] / times['max, class-like']:.2f}",
-                           f"{times['ours (estimator)'] / times['sklearn 1-NN']:.4f}",
-                           f"{times['ours (estimator)'] / times['per-class loop']:.4f}"])
+            rows.append(
+                [f"{n_classes:,}", batch]
+                + [f"{times[k] * 1e3:.2f}" for k in times]
+                + [
+                    f"{times['ours (estimator)'] / times['raw faiss']:.2f}",
+                    f"{times['ours (collection)'] / times['raw faiss']:.2f}",
+                    f"{times['blend (collection)'] / times['ours (collection)']:.2f}",
+                    f"{times['blend, class-like'] / times['max, class-like']:.2f}",
+                    f"{times['ours (estimator)'] / times['sklearn 1-NN']:.4f}",
+                    f"{times['ours (estimator)'] / times['per-class loop']:.4f}",
+                ]
+            )
             print(" | ".join(map(str, rows[-1])), flush=True)
         for probe_name, what in ((f"query{n_classes}", "batch 1000"), (f"single{n_classes}", "batch 1, first call")):
             m = peak_rss(probe_name)
-            memory.append([f"query, {what}, {n_classes:,} classes (estimator)", f"{m['proxy_bytes'] / 2**20:.0f}",
-                           f"{m['peak'] / 2**20:.0f}", f"{m['peak'] / m['proxy_bytes']:.2f}"])
+            memory.append(
+                [
+                    f"query, {what}, {n_classes:,} classes (estimator)",
+                    f"{m['proxy_bytes'] / 2**20:.0f}",
+                    f"{m['peak'] / 2**20:.0f}",
+                    f"{m['peak'] / m['proxy_bytes']:.2f}",
+                ]
+            )
     m = peak_rss("build")
-    memory.append(["build, kmeans k=5, 10k classes x 50 (input X: 732 MiB)", f"{m['proxy_bytes'] / 2**20:.0f}",
-                   f"{m['peak'] / 2**20:.0f}", f"{m['peak'] / m['proxy_bytes']:.2f}"])
+    memory.append(
+        [
+            "build, kmeans k=5, 10k classes x 50 (input X: 732 MiB)",
+            f"{m['proxy_bytes'] / 2**20:.0f}",
+            f"{m['peak'] / 2**20:.0f}",
+            f"{m['peak'] / m['proxy_bytes']:.2f}",
+        ]
+    )
     return rows, memory
 
 
@@ -235,22 +267,29 @@ def embed_rows() -> list[list[str]]:
     bare.encode(texts[:64])  # warm up
     ours = Embedder(cache=False)
     ours._st = bare
-    times = interleaved_best({"bare": (lambda: bare.encode(texts, batch_size=64, show_progress_bar=False), 3),
-                              "ours": (lambda: ours.encode(texts), 3)})
+    times = interleaved_best(
+        {
+            "bare": (lambda: bare.encode(texts, batch_size=64, show_progress_bar=False), 3),
+            "ours": (lambda: ours.encode(texts), 3),
+        }
+    )
     bare_s, ours_s = times["bare"], times["ours"]
     with scratch("ri-speed-") as tmp:
         cached = Embedder(cache=EmbeddingCache(Path(tmp) / "cache.sqlite"))
         cached._st = bare
         cold = best_of(lambda: cached.encode(texts), 1)
         warm = best_of(lambda: cached.encode(texts), 3)
-    return [["bare SentenceTransformer.encode", f"{bare_s:.2f}", "1.00"],
-            ["ours, no cache", f"{ours_s:.2f}", f"{ours_s / bare_s:.3f}"],
-            ["ours, cache cold (embed + store)", f"{cold:.2f}", f"{cold / bare_s:.3f}"],
-            ["ours, cache warm", f"{warm:.3f}", f"{warm / bare_s:.4f} (1/{bare_s / warm:.0f})"]]
+    return [
+        ["bare SentenceTransformer.encode", f"{bare_s:.2f}", "1.00"],
+        ["ours, no cache", f"{ours_s:.2f}", f"{ours_s / bare_s:.3f}"],
+        ["ours, cache cold (embed + store)", f"{cold:.2f}", f"{cold / bare_s:.3f}"],
+        ["ours, cache warm", f"{warm:.3f}", f"{warm / bare_s:.4f} (1/{bare_s / warm:.0f})"],
+    ]
 
 
 def targets(build: list[list[str]], query: list[list[str]], embed: list[list[str]]) -> str:
     """The issue's targets, each marked met or missed from this run's numbers, and why for a miss."""
+
     def ratio(cell: str) -> float:
         return float(cell.split()[0])
 
@@ -273,12 +312,18 @@ def targets(build: list[list[str]], query: list[list[str]], embed: list[list[str
             x = float(r[col])
             mark(f"- Query {r[0]} classes, batch {r[1]}, {who}: {x:.2f}x raw faiss (target <= {bound})", x <= bound)
         x, worst = float(r[13]), float(r[12])
-        mark(f"- Blend query {r[0]} classes, batch {r[1]}, class-like queries: {x:.2f}x the max query (target <= "
-             f"1.5; random queries, the worst case: {worst:.2f}x)", x <= 1.5)
+        mark(
+            f"- Blend query {r[0]} classes, batch {r[1]}, class-like queries: {x:.2f}x the max query (target <= "
+            f"1.5; random queries, the worst case: {worst:.2f}x)",
+            x <= 1.5,
+        )
         if r[1] == 1:
             x = float(r[14])
-            mark(f"- Query {r[0]} classes, batch 1: {1 / x:.1f}x faster than scikit-learn 1-NN (target >= 10x)",
-                 1 / x >= 10, "query")
+            mark(
+                f"- Query {r[0]} classes, batch 1: {1 / x:.1f}x faster than scikit-learn 1-NN (target >= 10x)",
+                1 / x >= 10,
+                "query",
+            )
     x = float(embed[1][2])
     mark(f"- Embedding pipeline: {x:.3f}x bare encode (target <= 1.05)", x <= 1.05, "embed")
     warm = 1 / float(embed[3][2].split()[0])
@@ -318,19 +363,47 @@ def main() -> None:
     tables = [
         "## Build (GEN kmeans, L2 norms)\n\nSeconds for all classes; ratio = ours / theirs (below 1: ours "
         "faster). Inertia: summed within-class k-means inertia of our centroids / scikit-learn's.\n\n"
-        + markdown_table(["data", "k", "ours s", "sklearn loop s", f"faiss loop s ({faiss.omp_get_max_threads()} "
-                          "threads)", "faiss loop s (1 thread)", "vs sklearn", "vs faiss", "vs faiss 1 thread",
-                          "inertia / sklearn"], build),
+        + markdown_table(
+            [
+                "data",
+                "k",
+                "ours s",
+                "sklearn loop s",
+                f"faiss loop s ({faiss.omp_get_max_threads()} threads)",
+                "faiss loop s (1 thread)",
+                "vs sklearn",
+                "vs faiss",
+                "vs faiss 1 thread",
+                "inertia / sklearn",
+            ],
+            build,
+        ),
         "## Query (max aggregation, k = 5 proxies per class)\n\nBest-of wall time in ms per call; ratios "
         "= ours / theirs. Queries are random unit vectors, except the class-like ones: a random proxy plus noise of "
         "its norm. Blend: the same proxies in a collection with aggregation blend (alpha 0.5), its exact answer "
         "from the class means and the proxies (`aggregate.blend_rank`); random queries are its worst case (every "
         "class scores alike, so the bound settles late), class-like ones its use.\n\n"
-        + markdown_table(["classes", "batch", "ours (estimator) ms", "ours (collection) ms",
-                          "blend (collection) ms", "max, class-like ms", "blend, class-like ms", "raw faiss ms",
-                          "sklearn 1-NN ms", "per-class loop ms", "estimator / faiss", "collection / faiss",
-                          "blend / max, random", "blend / max, class-like", "estimator / sklearn",
-                          "estimator / loop"], query),
+        + markdown_table(
+            [
+                "classes",
+                "batch",
+                "ours (estimator) ms",
+                "ours (collection) ms",
+                "blend (collection) ms",
+                "max, class-like ms",
+                "blend, class-like ms",
+                "raw faiss ms",
+                "sklearn 1-NN ms",
+                "per-class loop ms",
+                "estimator / faiss",
+                "collection / faiss",
+                "blend / max, random",
+                "blend / max, class-like",
+                "estimator / sklearn",
+                "estimator / loop",
+            ],
+            query,
+        ),
         "## Embedding (2,000 BANKING77 texts, packaged MiniLM, CPU)\n\n"
         + markdown_table(["pipeline", "seconds", "ratio to bare encode"], embed),
         "## Peak memory (RSS above the process's RSS before the call)\n\nbatch 1, first call: builds the float16 "
@@ -343,7 +416,8 @@ def main() -> None:
     (DOCS / "performance.md").write_text(
         "# Performance\n\n"
         "Command: `.venv/bin/python benchmarks/speed.py`  \n"
-        f"Machine: {machine()}  \nWhole run: {took / 60:.1f} min.\n\n" + "\n\n".join(tables) + "\n")
+        f"Machine: {machine()}  \nWhole run: {took / 60:.1f} min.\n\n" + "\n\n".join(tables) + "\n"
+    )
 
 
 if __name__ == "__main__":

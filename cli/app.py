@@ -13,8 +13,9 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import numpy as np
@@ -60,20 +61,43 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
                 pass
         return f"{dists[0]} not installed"
 
-    deps = [of("faiss-cpu", "faiss-gpu", "faiss"), of("numpy"), of("torch"), of("sentence-transformers"),
-            of("scikit-learn"), of("sqlalchemy")]
+    deps = [
+        of("faiss-cpu", "faiss-gpu", "faiss"),
+        of("numpy"),
+        of("torch"),
+        of("sentence-transformers"),
+        of("scikit-learn"),
+        of("sqlalchemy"),
+    ]
     click.echo(f"imprint {__version__} (Python {sys.version.split()[0]})\n" + "\n".join(f"  {d}" for d in deps))
     ctx.exit(0)
 
 
 @click.group(cls=ImprintGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
-              help="Show the version and those of the libraries it runs on, and exit.")
-@click.option("--wait", type=float, default=0.0, metavar="SECONDS",
-              help="How long a write waits for another process writing to the same collection.  [default: 0]")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_version,
+    help="Show the version and those of the libraries it runs on, and exit.",
+)
+@click.option(
+    "--wait",
+    type=float,
+    default=0.0,
+    metavar="SECONDS",
+    help="How long a write waits for another process writing to the same collection.  [default: 0]",
+)
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache (see imprint cache).")
-@click.option("--device", default="none", envvar="IMPRINT_DEVICE", show_default=True, metavar="none|cpu|cuda|auto",
-              help=RUNTIME["device"].help + " Also read from IMPRINT_DEVICE.")
+@click.option(
+    "--device",
+    default="none",
+    envvar="IMPRINT_DEVICE",
+    show_default=True,
+    metavar="none|cpu|cuda|auto",
+    help=RUNTIME["device"].help + " Also read from IMPRINT_DEVICE.",
+)
 def main(wait: float, no_cache: bool, device: str) -> None:
     """Few-shot classifiers imprinted from a frozen embedding model (IMPRINT, arXiv 2503.14572).
 
@@ -122,8 +146,11 @@ def describe(choice: dict[str, Any], cv: bool = True) -> str:
     agg = f"blend alpha={choice['alpha']:g}" if choice["aggregation"] == "blend" else choice["aggregation"]
     rows = choice.get("cv_results") or []
     mine = [r for r in rows if all(r[key] == choice[key] for key in ("generator", "k", "aggregation", "alpha"))]
-    held_out = (f" (held-out accuracy {mine[0]['accuracy']:.4f} on {mine[0]['scored']} rows, best of {len(rows)})"
-                if cv and mine and mine[0]["accuracy"] is not None else "")
+    held_out = (
+        f" (held-out accuracy {mine[0]['accuracy']:.4f} on {mine[0]['scored']} rows, best of {len(rows)})"
+        if cv and mine and mine[0]["accuracy"] is not None
+        else ""
+    )
     return f"{gen}, {agg}{held_out}"
 
 
@@ -140,25 +167,39 @@ def collection_argument(fn: Callable) -> Callable:
 
 
 def data_options(fn: Callable) -> Callable:
-    for option in reversed([
-        click.option("--text-column", help="Column holding the texts (default: text, sentence, utterance, query)."),
-        click.option("--label-column", help="Column holding the labels (default: label, category, intent, class)."),
-        click.option("--vector-column", help="Column holding precomputed vectors (lists of numbers)."),
-        click.option("--split", help="NPZ files: read the arrays SPLIT_X and SPLIT_y."),
-    ]):
+    for option in reversed(
+        [
+            click.option("--text-column", help="Column holding the texts (default: text, sentence, utterance, query)."),
+            click.option("--label-column", help="Column holding the labels (default: label, category, intent, class)."),
+            click.option("--vector-column", help="Column holding precomputed vectors (lists of numbers)."),
+            click.option("--split", help="NPZ files: read the arrays SPLIT_X and SPLIT_y."),
+        ]
+    ):
         fn = option(fn)
     return fn
 
 
 def id_option(fn: Callable) -> Callable:
-    return click.option("--id-column", help="Column of row ids kept beside each sample (default: ref), shown by "
-                                            "imprint examples and query --explain.")(fn)
+    return click.option(
+        "--id-column",
+        help="Column of row ids kept beside each sample (default: ref), shown by imprint examples and query --explain.",
+    )(fn)
 
 
-def read_options(text_column: str | None, label_column: str | None, vector_column: str | None,
-                 split: str | None, id_column: str | None = None) -> dict[str, Any]:
-    return dict(text_column=text_column, label_column=label_column, vector_column=vector_column, split=split,
-                id_column=id_column)
+def read_options(
+    text_column: str | None,
+    label_column: str | None,
+    vector_column: str | None,
+    split: str | None,
+    id_column: str | None = None,
+) -> dict[str, Any]:
+    return dict(
+        text_column=text_column,
+        label_column=label_column,
+        vector_column=vector_column,
+        split=split,
+        id_column=id_column,
+    )
 
 
 def setting_options(params: list[Param], note: str = "") -> Callable[[Callable], Callable]:
@@ -173,15 +214,16 @@ def setting_options(params: list[Param], note: str = "") -> Callable[[Callable],
             if p.type is bool:
                 option = click.option(f"{flag}/--no-{p.name.replace('_', '-')}", p.name, default=None, help=help_text)
             else:
-                option = click.option(flag, p.name, type=click.Choice(p.choices()) if p.choices else p.type,
-                                      default=None, help=help_text)
+                option = click.option(
+                    flag, p.name, type=click.Choice(p.choices()) if p.choices else p.type, default=None, help=help_text
+                )
             fn = option(fn)
         return fn
 
     return deco
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def embedder(model: str | None, quiet: bool):
     """One embedder per model for the whole command: loading the model is the slow part."""
     from retrieval_imprint.embed import Embedder
@@ -201,11 +243,19 @@ def lock_timeout() -> float:
 
 def engine_options(f: Callable) -> Callable:
     """``--engine local|ray`` and ``--ray-address``."""
-    f = click.option("--ray-address", metavar="ADDRESS",
-                     help="The Ray cluster to use with --engine ray ('auto': the one this machine is part of; "
-                          "'ray://host:10001'); default: start a local one.")(f)
-    return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                        help="ray: run on a Ray cluster (pip install 'retrieval-imprint[ray]').")(f)
+    f = click.option(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="The Ray cluster to use with --engine ray ('auto': the one this machine is part of; "
+        "'ray://host:10001'); default: start a local one.",
+    )(f)
+    return click.option(
+        "--engine",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="ray: run on a Ray cluster (pip install 'retrieval-imprint[ray]').",
+    )(f)
 
 
 def ray_connect(address: str | None) -> None:

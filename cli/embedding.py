@@ -53,11 +53,13 @@ def cache_info(as_json: bool) -> None:
 
     path = EmbeddingCache.default_path()
     if path is None:
-        output({"path": None, "bytes": 0, "vectors": 0, "models": {}}, as_json,
-               lambda _: click.echo("the embedding cache is turned off (RETRIEVAL_IMPRINT_CACHE=off)"))
+        output(
+            {"path": None, "bytes": 0, "vectors": 0, "models": {}},
+            as_json,
+            lambda _: click.echo("the embedding cache is turned off (RETRIEVAL_IMPRINT_CACHE=off)"),
+        )
         return
-    data = EmbeddingCache(path).info() if path.exists() else {"path": str(path), "bytes": 0, "vectors": 0,
-                                                              "models": {}}
+    data = EmbeddingCache(path).info() if path.exists() else {"path": str(path), "bytes": 0, "vectors": 0, "models": {}}
     output(data, as_json, _print_cache)
 
 
@@ -83,5 +85,8 @@ def cache_clear(model: str | None, as_json: bool) -> None:
     if path is None:
         raise UserError("the embedding cache is turned off (RETRIEVAL_IMPRINT_CACHE=off): nothing to clear")
     deleted = EmbeddingCache(path).clear(model) if path.exists() else 0
-    output({"path": str(path), "deleted": deleted}, as_json,
-           lambda d: click.echo(f"deleted {d['deleted']} cached vectors from {d['path']}"))
+    output(
+        {"path": str(path), "deleted": deleted},
+        as_json,
+        lambda d: click.echo(f"deleted {d['deleted']} cached vectors from {d['path']}"),
+    )

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-
 from .app import collection_argument, describe, emit, json_option, main, open_collection, output
 
 
@@ -61,7 +60,7 @@ def _print_classes(rows: list[dict]) -> None:
     width = min(max([len(str(r["label"])) for r in rows] + [5]), 40)  # a longer label runs on, the rest stay put
     click.echo(f"{'class':<{width}}  samples  proxies")
     for r in rows:
-        click.echo(f"{str(r['label']):<{width}}  {r['samples']:7d}  {r['proxies']:7d}")
+        click.echo(f"{r['label']!s:<{width}}  {r['samples']:7d}  {r['proxies']:7d}")
 
 
 @main.command()
@@ -78,9 +77,17 @@ def examples(collection: Path, label: str, limit: int | None, as_json: bool) -> 
     """
     col = open_collection(collection)
     rows = col.examples({str(c): c for c in col.classes}.get(label, label))[:limit]
-    output(rows, as_json, lambda rs: [click.echo(
-        f"{r['sample']:5d}  {r['text'] if r['text'] is not None else '(vector)'}"
-        + (f"  [{r['ref']}]" if r["ref"] is not None else "")) for r in rs])
+    output(
+        rows,
+        as_json,
+        lambda rs: [
+            click.echo(
+                f"{r['sample']:5d}  {r['text'] if r['text'] is not None else '(vector)'}"
+                + (f"  [{r['ref']}]" if r["ref"] is not None else "")
+            )
+            for r in rs
+        ],
+    )
 
 
 @main.command()
@@ -115,15 +122,21 @@ def remove(collection: Path, labels: tuple[str, ...], as_json: bool) -> None:
     col = open_collection(collection)
     by_text = {str(c): c for c in col.classes}
     col.remove([by_text.get(label, label) for label in labels])
-    output({"removed": len(set(labels)), "classes": len(col)}, as_json,
-           lambda d: click.echo(f"removed {d['removed']} classes; {d['classes']} remain"))
+    output(
+        {"removed": len(set(labels)), "classes": len(col)},
+        as_json,
+        lambda d: click.echo(f"removed {d['removed']} classes; {d['classes']} remain"),
+    )
 
 
 @main.command()
 @collection_argument
-@click.option("--retrain/--no-retrain", default=None,
-              help="Retrain an IVF index's lists on the live proxies now (--retrain) or never "
-                   "(--no-retrain). Default: when the proxies have grown 4x past those it was trained on.")
+@click.option(
+    "--retrain/--no-retrain",
+    default=None,
+    help="Retrain an IVF index's lists on the live proxies now (--retrain) or never "
+    "(--no-retrain). Default: when the proxies have grown 4x past those it was trained on.",
+)
 @json_option
 def compact(collection: Path, retrain: bool | None, as_json: bool) -> None:
     """Rewrite COLLECTION's live vectors into one file per kind, dropping removed ones.
@@ -136,9 +149,13 @@ def compact(collection: Path, retrain: bool | None, as_json: bool) -> None:
     before = col.info()["segments"]
     after = col.compact(retrain=retrain).info()["segments"]
     retrained = {f for f in before if f.startswith("template")} != {f for f in after if f.startswith("template")}
-    output({"before": before, "after": after, "retrained": retrained}, as_json,
-           lambda d: click.echo(f"{len(d['before'])} files -> {len(d['after'])}"
-                                + ("; IVF lists retrained" if d["retrained"] else "")))
+    output(
+        {"before": before, "after": after, "retrained": retrained},
+        as_json,
+        lambda d: click.echo(
+            f"{len(d['before'])} files -> {len(d['after'])}" + ("; IVF lists retrained" if d["retrained"] else "")
+        ),
+    )
 
 
 @main.command()
@@ -203,6 +220,10 @@ def upgrade(collection: Path, as_json: bool) -> None:
     from retrieval_imprint.sharded import kind_of
 
     before, head = kind_of(collection).upgrade(collection)
-    output({"before": before, "after": head}, as_json,
-           lambda d: click.echo(f"{collection}: schema {before} -> {head}" if before != head
-                                else f"{collection}: already at {head}"))
+    output(
+        {"before": before, "after": head},
+        as_json,
+        lambda d: click.echo(
+            f"{collection}: schema {before} -> {head}" if before != head else f"{collection}: already at {head}"
+        ),
+    )

@@ -16,30 +16,82 @@ API_KEY = "IMPRINT_API_KEY"  # the environment variable holding the server's key
 
 @main.command()
 @collection_argument
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0: every interface; set IMPRINT_API_KEY, mind who can reach it).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
-              help="Port to listen on (0: any free one; the address is printed).")
-@click.option("--refresh", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Seconds between looks for other processes' writes (0: before every batch).")
-@click.option("--max-batch", type=click.IntRange(1), default=256, show_default=True,
-              help="Queries answered together at most (1: one request at a time).")
-@click.option("--batch-window", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="MS",
-              help="Milliseconds an idle server waits after a request for others to batch with it (requests "
-                   "arriving while a batch runs are batched anyway).")
-@click.option("--max-queries", type=click.IntRange(1), default=1024, show_default=True,
-              help="Texts or vectors one request may hold.")
-@click.option("--max-text-chars", type=click.IntRange(1), default=16384, show_default=True,
-              help="Characters one text may hold.")
-@click.option("--max-top", type=click.IntRange(1), default=1000, show_default=True,
-              help="Largest top a request may ask for (answers never hold more classes than there are).")
-@click.option("--max-body", default="32MiB", show_default=True,
-              help="Largest request body (checked from Content-Length before it is read).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0: every interface; set IMPRINT_API_KEY, mind who can reach it).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on (0: any free one; the address is printed).",
+)
+@click.option(
+    "--refresh",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between looks for other processes' writes (0: before every batch).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="Queries answered together at most (1: one request at a time).",
+)
+@click.option(
+    "--batch-window",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="MS",
+    help="Milliseconds an idle server waits after a request for others to batch with it (requests "
+    "arriving while a batch runs are batched anyway).",
+)
+@click.option(
+    "--max-queries",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Texts or vectors one request may hold.",
+)
+@click.option(
+    "--max-text-chars", type=click.IntRange(1), default=16384, show_default=True, help="Characters one text may hold."
+)
+@click.option(
+    "--max-top",
+    type=click.IntRange(1),
+    default=1000,
+    show_default=True,
+    help="Largest top a request may ask for (answers never hold more classes than there are).",
+)
+@click.option(
+    "--max-body",
+    default="32MiB",
+    show_default=True,
+    help="Largest request body (checked from Content-Length before it is read).",
+)
 @engine_options
 @json_option
-def serve(collection: Path, host: str, port: int, refresh: float, max_batch: int, batch_window: float,
-          max_queries: int, max_text_chars: int, max_top: int, max_body: str, engine: str,
-          ray_address: str | None, as_json: bool) -> None:
+def serve(
+    collection: Path,
+    host: str,
+    port: int,
+    refresh: float,
+    max_batch: int,
+    batch_window: float,
+    max_queries: int,
+    max_text_chars: int,
+    max_top: int,
+    max_body: str,
+    engine: str,
+    ray_address: str | None,
+    as_json: bool,
+) -> None:
     """Answer queries to COLLECTION over HTTP until interrupted (SIGINT or SIGTERM: requests in
     flight are answered first).
 
@@ -61,8 +113,9 @@ def serve(collection: Path, host: str, port: int, refresh: float, max_batch: int
     from retrieval_imprint.sharded import directories
 
     directories(collection)  # a damaged manifest is an error before anything starts
-    limits = Limits(max_queries=max_queries, max_text_chars=max_text_chars, max_top=max_top,
-                    max_body=parse_size(max_body))
+    limits = Limits(
+        max_queries=max_queries, max_text_chars=max_text_chars, max_top=max_top, max_body=parse_size(max_body)
+    )
     options = {"refresh": refresh, "window": batch_window / 1e3, "max_batch": max_batch, "limits": limits}
     api_key = os.environ.get(API_KEY) or None
     if engine == "ray":
@@ -81,9 +134,13 @@ def serve(collection: Path, host: str, port: int, refresh: float, max_batch: int
     sock = listen(host, port)
     where = sock.getsockname()
     url = f"http://{where[0]}:{where[1]}"
-    run(create_app(service, api_key=api_key), sock, service,
+    run(
+        create_app(service, api_key=api_key),
+        sock,
+        service,
         listening=lambda: click.echo(f"serving {collection} on {url} (Ctrl-C stops)", err=True),
-        ready=lambda ok: _announce(collection, url, as_json, ok, service.problems))
+        ready=lambda ok: _announce(collection, url, as_json, ok, service.problems),
+    )
 
 
 def _announce(collection: Path, url: str, as_json: bool, ok: bool, problems: dict[str, str]) -> None:
@@ -96,8 +153,15 @@ def _announce(collection: Path, url: str, as_json: bool, ok: bool, problems: dic
     click.echo(f"ready: {collection} answers on {url}", err=True)
 
 
-def _serve_on_ray(collection: Path, host: str, port: int, options: dict[str, Any], api_key: str | None,
-                  address: str | None, as_json: bool) -> None:
+def _serve_on_ray(
+    collection: Path,
+    host: str,
+    port: int,
+    options: dict[str, Any],
+    api_key: str | None,
+    address: str | None,
+    as_json: bool,
+) -> None:
     """``imprint serve --engine ray``: ``distributed.serve``, until interrupted."""
     import signal
     import threading

@@ -12,21 +12,47 @@ from retrieval_imprint.embed import DEFAULT_MODEL
 from retrieval_imprint.generate import GENERATORS
 from retrieval_imprint.readers import read
 
-from .app import (UserError, data_options, describe, emit, json_option, main, pyplot, query_vectors, quiet_option,
-                  read_options)
+from .app import (
+    UserError,
+    data_options,
+    describe,
+    emit,
+    json_option,
+    main,
+    pyplot,
+    query_vectors,
+    quiet_option,
+    read_options,
+)
 
 
 @main.command()
 @click.argument("data")
 @click.option("--model", help="Embedding model for text data (default the packaged all-MiniLM-L6-v2).")
 @click.option("--paper-compatible", is_flag=True, help="Centre on mu_c - mu_G as the paper's code does.")
-@click.option("--classes", "n_show", type=int, default=5, show_default=True,
-              help="Best candidates, and most and least spread classes, to list.")
+@click.option(
+    "--classes",
+    "n_show",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Best candidates, and most and least spread classes, to list.",
+)
 @data_options
 @quiet_option
 @json_option
-def diagnose(data: str, model: str | None, paper_compatible: bool, n_show: int, text_column, label_column,
-             vector_column, split, quiet: bool, as_json: bool) -> None:
+def diagnose(
+    data: str,
+    model: str | None,
+    paper_compatible: bool,
+    n_show: int,
+    text_column,
+    label_column,
+    vector_column,
+    split,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """What the library's automatic choice (auto) picks for labelled DATA, with the held-out
     accuracy behind it, and the data's neural collapse (NC1) per class.
 
@@ -49,20 +75,33 @@ def diagnose(data: str, model: str | None, paper_compatible: bool, n_show: int, 
     auto = ImprintClassifier().fit(X, labels)
     choice = {**auto.auto_choice_, "cv_results": auto.cv_results_}
     ranked = sorted((r for r in auto.cv_results_ if r["accuracy"] is not None), key=lambda r: -r["accuracy"])
-    per_class = sorted(({"label": c, "nc1": float(v), "spread": float(s), "samples": int(n)} for c, v, s, n in
-                        zip(report.classes, report.per_class_nc1, report.per_class_spread, report.class_sizes)),
-                       key=lambda r: -r["nc1"])
+    per_class = sorted(
+        (
+            {"label": c, "nc1": float(v), "spread": float(s), "samples": int(n)}
+            for c, v, s, n in zip(report.classes, report.per_class_nc1, report.per_class_spread, report.class_sizes)
+        ),
+        key=lambda r: -r["nc1"],
+    )
     if as_json:
-        emit({"auto_choice": choice, "nc1": report.nc1, "paper_compatible": paper_compatible,
-              "classes": len(report.classes), "paper_rule": {"k": report.recommended_k, "reason": report.reason},
-              "per_class": per_class})
+        emit(
+            {
+                "auto_choice": choice,
+                "nc1": report.nc1,
+                "paper_compatible": paper_compatible,
+                "classes": len(report.classes),
+                "paper_rule": {"k": report.recommended_k, "reason": report.reason},
+                "per_class": per_class,
+            }
+        )
         return
     click.echo(f"auto chooses {describe(choice)}")
     for r in ranked[:n_show]:
         click.echo(f"  {r['accuracy']:.4f}  {describe({**r, 'cv_results': []}, cv=False)}")
-    click.echo(f"\nNC1 {report.nc1:.4f} ({'paper-compatible' if paper_compatible else 'correct'} formula, "
-               f"{len(report.classes)} classes, median {int(np.median(report.class_sizes))} samples per class); "
-               f"the paper's rule of thumb: k = {report.recommended_k} ({report.reason})")
+    click.echo(
+        f"\nNC1 {report.nc1:.4f} ({'paper-compatible' if paper_compatible else 'correct'} formula, "
+        f"{len(report.classes)} classes, median {int(np.median(report.class_sizes))} samples per class); "
+        f"the paper's rule of thumb: k = {report.recommended_k} ({report.reason})"
+    )
     shown = per_class[:n_show] + per_class[-n_show:] if len(per_class) > 2 * n_show else per_class
     width = max(len(r["label"]) for r in shown)
     click.echo(f"\n{'class':<{width}}  NC1 share  spread  samples")
@@ -80,13 +119,20 @@ def _int_list(text: str) -> list[int]:
 @main.command()
 @click.argument("train")
 @click.argument("test")
-@click.option("--generator", "generators", default="mean,kmeans", show_default=True, help="Generators, comma-separated.")
+@click.option(
+    "--generator", "generators", default="mean,kmeans", show_default=True, help="Generators, comma-separated."
+)
 @click.option("--k", "ks", default="1,5,10,20", show_default=True, help="k values for generators that use k.")
 @click.option("--aggregation", "aggregations", default="max", show_default=True, help="max and/or mnn.")
 @click.option("--m", "ms", default="1", show_default=True, help="m values for mnn.")
-@click.option("--features", "widths", default="0", show_default=True,
-              help="Widths of random ReLU features the embeddings are mapped to first (0: none); e.g. 0,2000 with "
-                   "--generator ls.")
+@click.option(
+    "--features",
+    "widths",
+    default="0",
+    show_default=True,
+    help="Widths of random ReLU features the embeddings are mapped to first (0: none); e.g. 0,2000 with "
+    "--generator ls.",
+)
 @click.option("--shots", default="1,5,10,0", show_default=True, help="Samples per class; 0 = all.")
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds per setting (subset and GEN).")
 @click.option("--model", help="Embedding model for text data (default the packaged all-MiniLM-L6-v2).")
@@ -94,9 +140,25 @@ def _int_list(text: str) -> list[int]:
 @data_options
 @quiet_option
 @json_option
-def sweep(train: str, test: str, generators: str, ks: str, aggregations: str, ms: str, widths: str, shots: str,
-          seeds: int, model: str | None, plot: str | None, text_column, label_column, vector_column, split, quiet: bool,
-          as_json: bool) -> None:
+def sweep(
+    train: str,
+    test: str,
+    generators: str,
+    ks: str,
+    aggregations: str,
+    ms: str,
+    widths: str,
+    shots: str,
+    seeds: int,
+    model: str | None,
+    plot: str | None,
+    text_column,
+    label_column,
+    vector_column,
+    split,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Accuracy on TEST of a grid of settings imprinted from TRAIN (mean and std over seeds).
 
     \b
@@ -122,11 +184,12 @@ def sweep(train: str, test: str, generators: str, ks: str, aggregations: str, ms
     y_test = np.array([str(v) for v in test_ds.labels])  # type: ignore[union-attr]
     configs = []
     for g in gens:
-        for k in (_int_list(ks) if g not in ("mean", "ls", "all") else [1 if g != "all" else -1]):
+        for k in _int_list(ks) if g not in ("mean", "ls", "all") else [1 if g != "all" else -1]:
             for a in aggs:
-                for m in (_int_list(ms) if a == "mnn" else [1]):
-                    configs += [dict(generator=g, k=k, aggregation=a, m=m, features=f or None)
-                                for f in _int_list(widths)]
+                for m in _int_list(ms) if a == "mnn" else [1]:
+                    configs += [
+                        dict(generator=g, k=k, aggregation=a, m=m, features=f or None) for f in _int_list(widths)
+                    ]
     rows = run_sweep(X_train, y_train, X_test, y_test, configs, _int_list(shots), list(range(seeds)))
     if plot:
         _plot(rows, plot)
@@ -135,8 +198,10 @@ def sweep(train: str, test: str, generators: str, ks: str, aggregations: str, ms
         return
     click.echo(f"{'shots':>5}  {'generator':<9} {'k':>3}  {'agg':<3} {'m':>2}  {'features':>8}  accuracy   std")
     for r in rows:
-        click.echo(f"{r['shots'] or 'all':>5}  {r['generator']:<9} {r['k']:>3}  {r['aggregation']:<3} {r['m']:>2}  "
-                   f"{r['features'] or '-':>8}  {r['accuracy']:8.4f}  {r['accuracy_std']:.4f}")
+        click.echo(
+            f"{r['shots'] or 'all':>5}  {r['generator']:<9} {r['k']:>3}  {r['aggregation']:<3} {r['m']:>2}  "
+            f"{r['features'] or '-':>8}  {r['accuracy']:8.4f}  {r['accuracy_std']:.4f}"
+        )
 
 
 def _plot(rows: list[dict[str, Any]], path: str) -> None:

@@ -10,16 +10,45 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _HOME = {
-    "ImprintClassifier": "classifier", "CollapseReport": "collapse", "neural_collapse": "collapse",
-    "Collection": "collection", "QueryResult": "ranking", "Embedder": "embed", "ImprintError": "errors",
-    "GENERATORS": "generate", "register": "generate", "IngestReport": "ingestion", "ingest": "ingestion",
-    "DEFAULTS": "params", "PRESETS": "params", "load_demo": "readers", "ShardedCollection": "sharded",
-    "set_device": "device", "use_device": "device",
+    "ImprintClassifier": "classifier",
+    "CollapseReport": "collapse",
+    "neural_collapse": "collapse",
+    "Collection": "collection",
+    "QueryResult": "ranking",
+    "Embedder": "embed",
+    "ImprintError": "errors",
+    "GENERATORS": "generate",
+    "register": "generate",
+    "IngestReport": "ingestion",
+    "ingest": "ingestion",
+    "DEFAULTS": "params",
+    "PRESETS": "params",
+    "load_demo": "readers",
+    "ShardedCollection": "sharded",
+    "set_device": "device",
+    "use_device": "device",
 }
 
-__all__ = ["ImprintClassifier", "PRESETS", "DEFAULTS", "Collection", "ShardedCollection", "QueryResult", "ingest",
-           "IngestReport", "Embedder", "ImprintError", "CollapseReport", "neural_collapse", "GENERATORS", "register", "load_demo",
-           "set_device", "use_device", "__version__"]
+__all__ = [
+    "DEFAULTS",
+    "GENERATORS",
+    "PRESETS",
+    "CollapseReport",
+    "Collection",
+    "Embedder",
+    "ImprintClassifier",
+    "ImprintError",
+    "IngestReport",
+    "QueryResult",
+    "ShardedCollection",
+    "__version__",
+    "ingest",
+    "load_demo",
+    "neural_collapse",
+    "register",
+    "set_device",
+    "use_device",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from .classifier import ImprintClassifier

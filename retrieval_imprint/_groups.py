@@ -9,12 +9,14 @@ whether it is fitted alone or among a million others: the property incremental a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device as device_of
+from array_api_compat import array_namespace
+from array_api_compat import device as device_of
 from threadpoolctl import ThreadpoolController
 
 from .device import BLOCK_BYTES, copy_to_host, prefetched
@@ -57,7 +59,7 @@ class Grouped:
     keys: np.ndarray  # (C,) uint64
 
     @classmethod
-    def from_codes(cls, X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> "Grouped":
+    def from_codes(cls, X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> Grouped:
         """Group ``X`` by integer class codes ``0..C-1`` (every code must occur)."""
         counts = np.bincount(codes, minlength=len(keys))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -78,7 +80,7 @@ class Grouped:
         """Class index of every row."""
         return np.repeat(np.arange(self.n_classes), self.sizes)
 
-    def take(self, classes: np.ndarray) -> "Grouped":
+    def take(self, classes: np.ndarray) -> Grouped:
         """The sub-group of the given class indices, in that order."""
         sizes = self.sizes[classes]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -117,8 +119,9 @@ class Grouped:
             yield classes, P, mask
             start = stop
 
-    def map_blocks(self, fn: Callable[[np.ndarray, Any, Any], Any], k: int, workers: int | None = None,
-                   device: str | None = None) -> np.ndarray:
+    def map_blocks(
+        self, fn: Callable[[np.ndarray, Any, Any], Any], k: int, workers: int | None = None, device: str | None = None
+    ) -> np.ndarray:
         """``fn(classes, P, mask) -> (B, k, d)`` over padded blocks, on all cores; returns ``(C, k, d)``.
 
         Blocks run in threads with single-threaded BLAS: tiny per-class matrices gain nothing from

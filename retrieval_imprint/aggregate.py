@@ -9,7 +9,7 @@ best proxy together (``blend_rank`` finds the best classes exactly from a shallo
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,8 +44,9 @@ def _class_totals(owner: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return total
 
 
-def rank_classes(owner: np.ndarray, values: np.ndarray, top: int, *, vote: bool = False,
-                 ties: str = "lowest") -> tuple[np.ndarray, np.ndarray]:
+def rank_classes(
+    owner: np.ndarray, values: np.ndarray, top: int, *, vote: bool = False, ties: str = "lowest"
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``top`` best distinct classes ``(n_q, top)`` and their scores from ranked neighbours.
 
     ``owner`` ``(n_q, r)``: class of each neighbour, best first (-1: no neighbour). Without
@@ -55,7 +56,7 @@ def rank_classes(owner: np.ndarray, values: np.ndarray, top: int, *, vote: bool 
     whose classes are sorted labels) or to the class with the nearer neighbour (``ties="nearest"``,
     collections, whose class numbers follow insertion order). Missing ranks are class -1, NaN score.
     """
-    n_q, r = owner.shape
+    n_q, _r = owner.shape
     valid = owner >= 0
     if vote:
         weights = np.where(valid, values, 0.0)
@@ -88,8 +89,18 @@ Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 Score = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def blend_rank(n_q: int, mean_search: Search, mean_score: Score, proxy_search: Search, proxy_score: Score,
-               alpha: float, top: int, n_classes: int, n_proxies: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
+def blend_rank(
+    n_q: int,
+    mean_search: Search,
+    mean_score: Score,
+    proxy_search: Search,
+    proxy_score: Score,
+    alpha: float,
+    top: int,
+    n_classes: int,
+    n_proxies: int,
+    depth: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``top`` best classes ``(n_q, top)`` by blended score and their scores, exactly, from two
     shallow searches instead of scoring every class.
 
@@ -132,7 +143,8 @@ def blend_rank(n_q: int, mean_search: Search, mean_score: Score, proxy_search: S
             done = np.ones(len(todo), bool)
         else:
             bound = (alpha * a_sim[:, -1].astype(np.float64) if alpha > 0 else 0.0) + (
-                (1 - alpha) * p_sim[:, -1].astype(np.float64) if alpha < 1 else 0.0)
+                (1 - alpha) * p_sim[:, -1].astype(np.float64) if alpha < 1 else 0.0
+            )
             kth = best_score[:, -1] if best_score.shape[1] == top else np.full(len(todo), -np.inf)
             done = kth > bound + BLEND_SLACK * (1 + np.abs(bound))
         rows = todo[done]

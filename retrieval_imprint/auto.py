@@ -71,7 +71,8 @@ def candidates(params: dict[str, Any]) -> list[Candidate]:
         gens = [(gen, {"mean": 1, "ls": 1, "all": -1}.get(gen, PAPER_K if k is None else k))]  # ls: a row per class
     alphas = ALPHA_GRID if alpha is None else (alpha,)
     aggs = {AUTO: [("max", None)] + [("blend", a) for a in alphas], "blend": [("blend", a) for a in alphas]}.get(
-        agg, [(agg, None)])
+        agg, [(agg, None)]
+    )
     out = []
     for g, kk in gens:
         for a, al in aggs:
@@ -122,12 +123,15 @@ def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidat
         part = Grouped(X_pre[train], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), groups.keys)
         correct += _fold_correct(part, queries[rows], owner[rows], params, cands)
         scored += len(rows)
-    return [{**c.params(), "accuracy": float(n / scored) if scored else None, "correct": int(n), "scored": scored}
-            for c, n in zip(cands, correct)]
+    return [
+        {**c.params(), "accuracy": float(n / scored) if scored else None, "correct": int(n), "scored": scored}
+        for c, n in zip(cands, correct)
+    ]
 
 
-def _fold_correct(part: Grouped, Q: np.ndarray, truth: np.ndarray, params: dict[str, Any],
-                  cands: list[Candidate]) -> np.ndarray:
+def _fold_correct(
+    part: Grouped, Q: np.ndarray, truth: np.ndarray, params: dict[str, Any], cands: list[Candidate]
+) -> np.ndarray:
     """Correct predictions of each candidate on held-out queries ``Q`` from heads imprinted on ``part``."""
     best: dict[tuple[str, int], np.ndarray] = {}  # per (generator, k): best-proxy similarity per class
     for gen, k in dict.fromkeys((c.generator, c.k) for c in cands):
@@ -149,8 +153,9 @@ def _best_per_class(part: Grouped, Q: np.ndarray, params: dict[str, Any]) -> np.
     return max_scores(index.similarity(Q), np.searchsorted(owner, np.arange(part.n_classes)))
 
 
-def choose(X: np.ndarray, codes: np.ndarray, keys: np.ndarray, params: dict[str, Any]
-           ) -> tuple[Candidate, list[dict[str, Any]]]:
+def choose(
+    X: np.ndarray, codes: np.ndarray, keys: np.ndarray, params: dict[str, Any]
+) -> tuple[Candidate, list[dict[str, Any]]]:
     """The candidate ``params`` leave open with the best held-out accuracy on raw samples ``X`` of
     classes ``codes`` (label ``keys``), the cheapest among equals, and every candidate's row; a
     single candidate is returned without cross-validating."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .errors import RequestError
 
@@ -29,9 +30,15 @@ class MicroBatcher(Generic[Item, Answer]):
     gets a list of items and returns one answer or exception per item, in order. ``on_batch``
     (queries, requests) is told each batch's size as it starts."""
 
-    def __init__(self, handle: Callable[[list[Item]], Sequence[Answer | BaseException]], *,
-                 window: float = 0.0, max_rows: int = 256, max_waiting: int = 16384,
-                 on_batch: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        handle: Callable[[list[Item]], Sequence[Answer | BaseException]],
+        *,
+        window: float = 0.0,
+        max_rows: int = 256,
+        max_waiting: int = 16384,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.handle, self.window, self.max_rows, self.max_waiting = handle, window, max_rows, max_waiting
         self.on_batch = on_batch
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imprint-engine")
@@ -48,8 +55,12 @@ class MicroBatcher(Generic[Item, Answer]):
         """Queue ``item`` (``rows`` queries) for the next batch and wait for its answer; a
         ``RequestError`` (503) when more than ``max_waiting`` queries are already waiting."""
         if self.waiting_rows + rows > self.max_waiting:
-            raise RequestError(f"the server is overloaded: {self.waiting_rows} queries are waiting "
-                               f"(limit {self.max_waiting}); retry shortly", 503, "overloaded")
+            raise RequestError(
+                f"the server is overloaded: {self.waiting_rows} queries are waiting "
+                f"(limit {self.max_waiting}); retry shortly",
+                503,
+                "overloaded",
+            )
         if self._task is None:
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._dispatch())
@@ -106,7 +117,7 @@ class MicroBatcher(Generic[Item, Answer]):
             except asyncio.CancelledError:
                 pass
         while self._queue:  # none after a graceful shutdown, which waits for every request
-            item, rows, future = self._queue.popleft()
+            _item, _rows, future = self._queue.popleft()
             if not future.done():
                 future.set_exception(RequestError("the server is shutting down", 503, "shutting_down"))
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -7,23 +7,24 @@ predict:  x -> [features] -> NORMinf -> AGG over the proxies (max = top-1 search
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
-from ._groups import Grouped
 from . import temperature
+from ._groups import Grouped
+from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
 from .auto import AUTO, choose, folds, scored_folds
 from .device import use_device
 from .features import feature_map, relu_features
 from .imprint import grouped, imprint, means, seed_of
-from .openset import class_shift, filled, own_scores
 from .index import ProxyIndex
 from .labels import check_targets, label_keys
 from .normalize import normalize
+from .openset import class_shift, filled, own_scores
 from .params import DEFAULTS, check_params, preset
 
 BLOCK = 1024  # queries scored at a time by a blend's predict: (BLOCK, proxies) similarities in memory
@@ -33,7 +34,7 @@ def _on_device(method: Callable) -> Callable:
     """Run ``method`` with the estimator's ``device`` (``device.py``; None: the process's)."""
 
     @functools.wraps(method)
-    def run(self: "ImprintClassifier", *args: Any, **kwargs: Any) -> Any:
+    def run(self: ImprintClassifier, *args: Any, **kwargs: Any) -> Any:
         with use_device(self.device):  # resolve checks the value
             return method(self, *args, **kwargs)
 
@@ -101,12 +102,12 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         self.device = device
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ImprintClassifier":
+    def from_preset(cls, name: str, **overrides: Any) -> ImprintClassifier:
         """A classifier set up as a named method: ``auto``, ``qi``, ``hosoda``, ``janson`` or ``imprint``."""
         return cls(**{**preset(name), **overrides})
 
     @_on_device
-    def fit(self, X: Any, y: Any) -> "ImprintClassifier":
+    def fit(self, X: Any, y: Any) -> ImprintClassifier:
         """Imprint one set of proxies per class from embeddings ``X`` ``(n, d)`` and labels ``y``
         (after choosing what ``auto`` leaves open, on the same data)."""
         params = check_params(self.get_params())
@@ -114,8 +115,11 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         check_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         keys = label_keys(self.classes_)
-        self.feature_map_ = None if params["features"] is None else feature_map(
-            X.shape[1], params["features"], seed_of(params["random_state"]))
+        self.feature_map_ = (
+            None
+            if params["features"] is None
+            else feature_map(X.shape[1], params["features"], seed_of(params["random_state"]))
+        )
         X = self._mapped(X)
         choice, self.cv_results_ = choose(X, codes, keys, params)
         self.auto_choice_ = choice.params()
@@ -136,8 +140,12 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         # the samples (after the random features) in the order of ``groups``, not NORMpre'd
         raw = Grouped.from_codes(X, codes, keys) if shift or auto_t else None
         if shift:
-            own = own_scores(groups, normalize(raw.X, params["inf_norm"], what="X"), params,
-                             folds(groups, seed_of(params["random_state"])))
+            own = own_scores(
+                groups,
+                normalize(raw.X, params["inf_norm"], what="X"),
+                params,
+                folds(groups, seed_of(params["random_state"])),
+            )
             self.class_shift_ = filled(class_shift(groups.owner, own, len(self.classes_)))
         self.temperature_ = self._fitted_temperature(raw) if auto_t else params["temperature"]
         return self
@@ -147,8 +155,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         the random features, if any: the folds' fits take them as given): the first folds of ``auto``
         that hold ``temperature.SCORED`` rows out each fit this concrete setting without them (every
         class keeps a sample) and score them."""
-        concrete = {**self.get_params(), **self.auto_choice_, "temperature": 1.0, "rejection": "max",
-                    "features": None}
+        concrete = {**self.get_params(), **self.auto_choice_, "temperature": 1.0, "rejection": "max", "features": None}
         max_scored = max(1, min(temperature.SCORED, temperature.MAX_CELLS // len(self.classes_)))
         scores, truth = [], []
         for train, rows in scored_folds(raw, seed_of(self.random_state), max_scored):
@@ -198,8 +205,9 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
 
     def _blend_scores(self, Q: np.ndarray) -> np.ndarray:
         alpha = self.auto_choice_["alpha"]
-        return alpha * self.means_index_.similarity(Q) + (1 - alpha) * max_scores(self.index_.similarity(Q),
-                                                                                   self._starts())
+        return alpha * self.means_index_.similarity(Q) + (1 - alpha) * max_scores(
+            self.index_.similarity(Q), self._starts()
+        )
 
     @_on_device
     def predict_proba(self, X: Any) -> np.ndarray:
@@ -215,8 +223,9 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         Q = self._queries(X)
         choice, owner_of = self.auto_choice_, self.proxy_class_index_
         if choice["aggregation"] == "blend":  # every class's score, a block of queries at a time
-            return self.classes_[np.concatenate([self._blend_scores(Q[lo : lo + BLOCK]).argmax(1)
-                                                 for lo in range(0, len(Q), BLOCK)])]
+            return self.classes_[
+                np.concatenate([self._blend_scores(Q[lo : lo + BLOCK]).argmax(1) for lo in range(0, len(Q), BLOCK)])
+            ]
         _, dist, ids = self.index_.search(Q, 1 if choice["aggregation"] == "max" else min(self.m, self.index_.ntotal))
         if choice["aggregation"] == "max":
             return self.classes_[owner_of[ids[:, 0]]]

@@ -9,7 +9,8 @@ a million classes on every add cost 12.8 ms.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,10 +27,10 @@ class _Column:
     def __set_name__(self, owner: type, name: str) -> None:
         self.storage = "_" + name
 
-    def __get__(self, table: "ClassTable | None", owner: type | None = None) -> Any:
+    def __get__(self, table: ClassTable | None, owner: type | None = None) -> Any:
         return self if table is None else getattr(table, self.storage)[: table._n]
 
-    def __set__(self, table: "ClassTable", values: np.ndarray) -> None:
+    def __set__(self, table: ClassTable, values: np.ndarray) -> None:
         if len(values) != table._n:
             raise ValueError(f"a column of {table._n} classes cannot hold {len(values)} values")
         setattr(table, self.storage, values)
@@ -44,19 +45,28 @@ class ClassTable:
     shift = _Column()  # (C,) float64: the class's rejection shift (NaN: unknown)
     threshold = _Column()  # (C,) float64: the class's own rejection threshold (NaN: the collection's)
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, n_samples: np.ndarray, proxy_lo: np.ndarray,
-                 proxy_hi: np.ndarray, shift: np.ndarray, threshold: np.ndarray) -> None:
+    def __init__(
+        self,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        n_samples: np.ndarray,
+        proxy_lo: np.ndarray,
+        proxy_hi: np.ndarray,
+        shift: np.ndarray,
+        threshold: np.ndarray,
+    ) -> None:
         self._n = len(ids)
         for name, values in zip(COLUMNS, (ids, labels, n_samples, proxy_lo, proxy_hi, shift, threshold)):
             setattr(self, name, values)
 
     @classmethod
-    def from_columns(cls, cols: dict[str, Any]) -> "ClassTable":
+    def from_columns(cls, cols: dict[str, Any]) -> ClassTable:
         """From ``store.class_columns``."""
         labels = np.empty(len(cols["id"]), object)
         labels[:] = cols["label"]
-        return cls(cols["id"], labels, cols["n_samples"], cols["proxy_lo"], cols["proxy_hi"], cols["shift"],
-                   cols["threshold"])
+        return cls(
+            cols["id"], labels, cols["n_samples"], cols["proxy_lo"], cols["proxy_hi"], cols["shift"], cols["threshold"]
+        )
 
     def __len__(self) -> int:
         return self._n
@@ -114,8 +124,15 @@ class ClassTable:
             return segments.live(self.ids, self.proxy_lo, self.proxy_lo + 1, ids)
         return segments.live(self.ids, np.zeros_like(self.ids), self.n_samples, ids)
 
-    def upsert(self, class_ids: np.ndarray, labels: Sequence[object], n_samples: np.ndarray, proxy_lo: np.ndarray,
-               proxy_hi: np.ndarray, shift: np.ndarray) -> None:
+    def upsert(
+        self,
+        class_ids: np.ndarray,
+        labels: Sequence[object],
+        n_samples: np.ndarray,
+        proxy_lo: np.ndarray,
+        proxy_hi: np.ndarray,
+        shift: np.ndarray,
+    ) -> None:
         """Update the rows of existing classes (keeping their own thresholds) and append new ones
         (their ids exceed every old id)."""
         pos = np.minimum(self.positions(class_ids), max(len(self) - 1, 0))
@@ -125,8 +142,15 @@ class ClassTable:
         self.shift[pos] = shift[old]
         added = np.empty(int((~old).sum()), object)
         added[:] = [v for v, o in zip(labels, old) if not o]
-        new = {"ids": class_ids[~old], "labels": added, "n_samples": n_samples[~old], "proxy_lo": proxy_lo[~old],
-               "proxy_hi": proxy_hi[~old], "shift": shift[~old], "threshold": np.full(len(added), np.nan)}
+        new = {
+            "ids": class_ids[~old],
+            "labels": added,
+            "n_samples": n_samples[~old],
+            "proxy_lo": proxy_lo[~old],
+            "proxy_hi": proxy_hi[~old],
+            "shift": shift[~old],
+            "threshold": np.full(len(added), np.nan),
+        }
         n, k = self._n, len(added)
         for name in COLUMNS:
             storage = getattr(self, "_" + name)
@@ -149,8 +173,10 @@ class ClassTable:
     def rows(self) -> list[dict[str, Any]]:
         """One dict per class, in insertion order: label, samples, proxies, shift and own threshold
         (None where unknown or unset)."""
-        return [{"label": label, "samples": int(n), "proxies": int(p), "shift": _or_none(sh), "threshold": _or_none(t)}
-                for label, n, p, sh, t in zip(self.labels, self.n_samples, self.n_proxies, self.shift, self.threshold)]
+        return [
+            {"label": label, "samples": int(n), "proxies": int(p), "shift": _or_none(sh), "threshold": _or_none(t)}
+            for label, n, p, sh, t in zip(self.labels, self.n_samples, self.n_proxies, self.shift, self.threshold)
+        ]
 
 
 def _or_none(value: float) -> float | None:

@@ -7,7 +7,8 @@ import json
 import os
 import urllib.error
 import urllib.request
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,8 +56,14 @@ class Client:
         """The served collection's ``info()``."""
         return self._call("/info")
 
-    def query(self, texts: Sequence[str] | None = None, vectors: Any = None, top: int = 1,
-              threshold: float | None = None, nprobe: int | None = None) -> QueryResult:
+    def query(
+        self,
+        texts: Sequence[str] | None = None,
+        vectors: Any = None,
+        top: int = 1,
+        threshold: float | None = None,
+        nprobe: int | None = None,
+    ) -> QueryResult:
         """``Collection.query`` (or ``query_texts``) on the server: give ``texts`` or ``vectors``."""
         if (texts is None) == (vectors is None):
             raise DataError("give either texts or vectors")

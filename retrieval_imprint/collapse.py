@@ -41,13 +41,16 @@ class CollapseReport:
 
 def _recommend(nc1: float, median_n: float) -> tuple[int, str]:
     if median_n <= FEW_SHOT:
-        return 1, (f"few-shot: median {median_n:g} samples per class (<= {FEW_SHOT}); "
-                   "the class mean (k = 1) tends to win here")
+        return 1, (
+            f"few-shot: median {median_n:g} samples per class (<= {FEW_SHOT}); the class mean (k = 1) tends to win here"
+        )
     if nc1 < 1.0:
         return 1, f"NC1 = {nc1:.3g} < 1: classes are collapsed, one mean per class captures them"
     k = int(min(MAX_USEFUL_K, median_n // 2))
-    return k, (f"NC1 = {nc1:.3g} >= 1: classes are spread out, several proxies help; k = {k} "
-               f"(accuracy saturates near 10-20, and each centroid keeps >= 2 samples)")
+    return k, (
+        f"NC1 = {nc1:.3g} >= 1: classes are spread out, several proxies help; k = {k} "
+        f"(accuracy saturates near 10-20, and each centroid keeps >= 2 samples)"
+    )
 
 
 def neural_collapse(X: np.ndarray, y: np.ndarray, *, paper_compatible: bool = False) -> CollapseReport:

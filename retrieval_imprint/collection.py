@@ -21,22 +21,33 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
+
 from . import labels as lab
 from . import params as spec
 from . import provenance, ranking, segments, snapshot, store, writes
-from .openset import MARGIN, RULES, Calibration, calibrate, calibrate_without_oos, filled
-from .ranking import QueryResult
 from .embed import Embedder, model_fingerprint, recorded_embedder, resolve_model
-from .errors import (CollectionDamagedError, CollectionExistsError, CollectionIOError, CollectionNotFoundError,
-                     CollectionStateError, DataError, InvalidParameterError, NotACollectionError, SchemaVersionError,
-                     SettingsClashError)
+from .errors import (
+    CollectionDamagedError,
+    CollectionExistsError,
+    CollectionIOError,
+    CollectionNotFoundError,
+    CollectionStateError,
+    DataError,
+    InvalidParameterError,
+    NotACollectionError,
+    SchemaVersionError,
+    SettingsClashError,
+)
 from .integrity import CheckReport, check
 from .normalize import normalize
+from .openset import MARGIN, RULES, Calibration, calibrate, calibrate_without_oos, filled
+from .ranking import QueryResult
 from .segments import DB_NAME
 
 COMPACT_SEGMENTS = 16
@@ -61,13 +72,15 @@ def check_vectors(X: object, what: str, dimension: int | None) -> np.ndarray:
     return X
 
 
-def text_rows(texts: Sequence[str], labels: Sequence[object], refs: Sequence[object] | None
-              ) -> tuple[list, list, list[str] | None]:
+def text_rows(
+    texts: Sequence[str], labels: Sequence[object], refs: Sequence[object] | None
+) -> tuple[list, list, list[str] | None]:
     """``add_texts``'s arguments as lists of one length (refs as strings), or a ``DataError``."""
     texts, labels = lab.as_sequence(texts, "texts"), lab.as_sequence(labels)
     if len(texts) != len(labels) or (refs is not None and len(refs) != len(texts)):
-        raise DataError(f"{len(texts)} texts but {len(labels)} labels" + (
-            f" and {len(refs)} refs" if refs is not None else ""))
+        raise DataError(
+            f"{len(texts)} texts but {len(labels)} labels" + (f" and {len(refs)} refs" if refs is not None else "")
+        )
     return texts, labels, None if refs is None else [str(r) for r in refs]
 
 
@@ -83,8 +96,15 @@ class Collection:
 
     # ----------------------------------------------------------------- create, open
     @classmethod
-    def create(cls, path: str | os.PathLike, *, preset: str | None = None, lock_timeout: float = 0.0,
-               auto_choice: dict[str, Any] | None = None, **settings: Any) -> "Collection":
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        preset: str | None = None,
+        lock_timeout: float = 0.0,
+        auto_choice: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> Collection:
         """Create an empty collection at ``path`` (a new or empty directory).
 
         ``settings`` are the stored GEN/NORM/AGG parameters and the collection settings of
@@ -105,23 +125,36 @@ class Collection:
         engine = store.connect(staging / DB_NAME)
         try:
             store.migrate(engine)
-            store.initialize(engine, {name: s[name] for name in spec.STORED}, s, None if where is None else {
-                "name": s["model"], "path": where, "dimension": s["dimension"], "revision": model_fingerprint(where)},
-                None if auto_choice is None else json.dumps(auto_choice))
+            store.initialize(
+                engine,
+                {name: s[name] for name in spec.STORED},
+                s,
+                None
+                if where is None
+                else {
+                    "name": s["model"],
+                    "path": where,
+                    "dimension": s["dimension"],
+                    "revision": model_fingerprint(where),
+                },
+                None if auto_choice is None else json.dumps(auto_choice),
+            )
         finally:
             engine.dispose()
         os.replace(staging, path)  # the collection appears whole or not at all
         return cls.open(path, lock_timeout=lock_timeout)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, upgrade: bool = False, lock_timeout: float = 0.0) -> "Collection":
+    def open(cls, path: str | os.PathLike, *, upgrade: bool = False, lock_timeout: float = 0.0) -> Collection:
         """Open an existing collection; ``upgrade=True`` migrates an older schema first; writes wait
         up to ``lock_timeout`` seconds for another process's write to finish."""
         engine, current, head = cls._schema(Path(path))
         if current != head:
             if not upgrade:
-                raise SchemaVersionError(f"{path} has schema revision {current}, older than {head}: run "
-                                         f"`imprint db upgrade {path}` (or Collection.open(path, upgrade=True))")
+                raise SchemaVersionError(
+                    f"{path} has schema revision {current}, older than {head}: run "
+                    f"`imprint db upgrade {path}` (or Collection.open(path, upgrade=True))"
+                )
             store.migrate(engine)
         return cls(Path(path), engine, lock_timeout)
 
@@ -143,18 +176,23 @@ class Collection:
         if not (path / DB_NAME).is_file():
             raise NotACollectionError(f"{path} is not a collection (no {DB_NAME} in it)")
         if not (path / DB_NAME).stat().st_size:
-            raise CollectionDamagedError(f"{path / DB_NAME} is empty (truncated, or never written): the "
-                                         "collection's database is lost; restore it from a copy or re-index")
+            raise CollectionDamagedError(
+                f"{path / DB_NAME} is empty (truncated, or never written): the "
+                "collection's database is lost; restore it from a copy or re-index"
+            )
         engine = store.connect(path / DB_NAME, read_only=not os.access(path, os.W_OK))
         current, head, known = store.schema_revision_of(engine, path / DB_NAME)
         if not known:
-            raise SchemaVersionError(f"{path} has schema revision {current}, newer than this retrieval-imprint "
-                                     f"knows (up to {head}): upgrade the package to open it")
+            raise SchemaVersionError(
+                f"{path} has schema revision {current}, newer than this retrieval-imprint "
+                f"knows (up to {head}): upgrade the package to open it"
+            )
         return engine, current, head
 
     @classmethod
-    def open_or_create(cls, path: str | os.PathLike, *, preset: str | None = None, lock_timeout: float = 0.0,
-                       **settings: Any) -> "Collection":
+    def open_or_create(
+        cls, path: str | os.PathLike, *, preset: str | None = None, lock_timeout: float = 0.0, **settings: Any
+    ) -> Collection:
         """Open the collection at ``path`` if there is one, else create it. The settings given (and
         the preset's) must then match the stored ones; a ``SettingsClashError`` lists every clash."""
         if not (Path(path) / DB_NAME).exists():
@@ -167,12 +205,19 @@ class Collection:
         """Raise ``SettingsClashError`` if any setting given here differs from the stored one."""
         given = spec.preset(preset) | settings
         checked = spec.resolve(given, spec.collection_scope())
-        stored = {**self.config, "model": self.model, "index": self.config["index_factory"],
-                  "search_params": self.search_params or None}
+        stored = {
+            **self.config,
+            "model": self.model,
+            "index": self.config["index_factory"],
+            "search_params": self.search_params or None,
+        }
         if given.get("index") == "auto" and stored["memory_budget"] is not None:
             stored["index"] = "auto"  # auto chose the stored factory at the first add
-        clash = [f"{name}={checked[name]!r} (collection: {stored[name]!r})" for name in given
-                 if checked[name] != stored[name]]
+        clash = [
+            f"{name}={checked[name]!r} (collection: {stored[name]!r})"
+            for name in given
+            if checked[name] != stored[name]
+        ]
         if clash:
             raise SettingsClashError(f"{self.path} already exists with other settings: {'; '.join(clash)}")
 
@@ -187,7 +232,7 @@ class Collection:
     def close(self) -> None:
         self._engine.dispose()
 
-    def __enter__(self) -> "Collection":
+    def __enter__(self) -> Collection:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -266,8 +311,15 @@ class Collection:
         if model is not None and self.model is not None and model != self.model:
             raise DataError(f"{action} vectors embedded with {model!r}, but this collection uses {self.model!r}")
 
-    def query(self, Q: Any, top: int = 1, *, threshold: float | None = None, model: str | None = None,
-              search_params: dict[str, int] | None = None) -> QueryResult:
+    def query(
+        self,
+        Q: Any,
+        top: int = 1,
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        search_params: dict[str, int] | None = None,
+    ) -> QueryResult:
         """The ``top`` best classes for each query vector (rows of ``Q``), best first.
 
         ``threshold`` (default: the stored one, if any) turns classes scoring below it into "no
@@ -288,12 +340,19 @@ class Collection:
         they apply to IVF indexes only."""
         s = self._s if s is None else s
         if params and s.proxies is not None and not s.proxies.is_ivf:
-            raise InvalidParameterError("search_params apply to approximate (IVF) indexes; this collection's index "
-                                        "is exact")
+            raise InvalidParameterError(
+                "search_params apply to approximate (IVF) indexes; this collection's index is exact"
+            )
         return spec.check_search_params("search_params", params)
 
-    def predict(self, Q: Any, *, threshold: float | None = None, model: str | None = None,
-                search_params: dict[str, int] | None = None) -> np.ndarray:
+    def predict(
+        self,
+        Q: Any,
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        search_params: dict[str, int] | None = None,
+    ) -> np.ndarray:
         """The best class of each query (None where rejected by the threshold)."""
         return self.query(Q, 1, threshold=threshold, model=model, search_params=search_params).labels[:, 0]
 
@@ -329,13 +388,23 @@ class Collection:
         the Parquet file ``out``; ``ingest`` (``imprint index``) makes an equal collection from it.
         Returns the rows written."""
         s = snapshot.read(self.path, self._engine, samples=True)
-        return provenance.write_export([provenance.export(self._engine, s, self.path)], Path(out), self.model,
-                                       self._export_settings(), self._export_state())
+        return provenance.write_export(
+            [provenance.export(self._engine, s, self.path)],
+            Path(out),
+            self.model,
+            self._export_settings(),
+            self._export_state(),
+        )
 
     def _export_settings(self) -> dict[str, Any]:
         """The settings an exported file carries: what ``ingest`` creates a collection with."""
-        return {**{k: self.config[k] for k in spec.STORED}, "index": self.config["index_factory"],
-                "keep_samples": True, "model": self.model, "search_params": self.search_params or None}
+        return {
+            **{k: self.config[k] for k in spec.STORED},
+            "index": self.config["index_factory"],
+            "keep_samples": True,
+            "model": self.model,
+            "search_params": self.search_params or None,
+        }
 
     def _export_state(self) -> dict[str, Any]:
         """What an exported file carries beside its rows: the threshold and what auto chose."""
@@ -364,8 +433,10 @@ class Collection:
             self.refresh()
             missing = [f for files in self._s.files.values() for f in files if not (self.path / f).is_file()]
             if missing:  # damage found before a write, not after it has committed
-                raise CollectionDamagedError(f"collection {self.path}: index file {missing[0]} is missing "
-                                             f"({len(missing)} in all); nothing was changed: run `imprint check`")
+                raise CollectionDamagedError(
+                    f"collection {self.path}: index file {missing[0]} is missing "
+                    f"({len(missing)} in all); nothing was changed: run `imprint check`"
+                )
             self._delete_unlisted()
             try:
                 yield
@@ -376,8 +447,7 @@ class Collection:
     def _delete_unlisted(self) -> None:
         segments.delete_unlisted(self.path, {f for files in self._s.files.values() for f in files})
 
-    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None,
-            replace: bool = False) -> "Collection":
+    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None, replace: bool = False) -> Collection:
         """Imprint samples ``X`` ``(n, d)`` with their ``labels``: new labels become new classes; an
         existing class is re-imprinted from its kept samples plus the new ones, or, with
         ``replace``, from the new ones alone (an upsert; the class keeps no per-class threshold).
@@ -385,10 +455,18 @@ class Collection:
         self._add_checked(X, labels, model=model, replace=replace)
         return self
 
-    def _add_checked(self, X: Any, labels: Sequence[object], *, model: str | None = None,
-                     replace: bool | set = False, checkpoints: Sequence[tuple[str, int]] = (),
-                     texts: Sequence[str] | None = None, refs: Sequence[str] | None = None,
-                     auto_choice: str | None = None) -> None:
+    def _add_checked(
+        self,
+        X: Any,
+        labels: Sequence[object],
+        *,
+        model: str | None = None,
+        replace: bool | set = False,
+        checkpoints: Sequence[tuple[str, int]] = (),
+        texts: Sequence[str] | None = None,
+        refs: Sequence[str] | None = None,
+        auto_choice: str | None = None,
+    ) -> None:
         """``add``; ``replace`` may name the label entries to replace; ``checkpoints``
         ``(source, rows_done)`` record in the same transaction how far ingestions have come
         (``ingestion.py``); ``texts`` and ``refs``: what each row was embedded from, kept;
@@ -406,32 +484,51 @@ class Collection:
             kinds = self._s.label_kinds
             if len(kinds) <= 1:  # (a collection made before the rule may mix them: left as it is)
                 lab.check_kind(entries, next(iter(kinds), None))
-            writes.add(self.path, self._engine, self._s, X, codes, entries, checkpoints,
-                       set(entries) if replace is True else replace or (), texts, refs)
+            writes.add(
+                self.path,
+                self._engine,
+                self._s,
+                X,
+                codes,
+                entries,
+                checkpoints,
+                set(entries) if replace is True else replace or (),
+                texts,
+                refs,
+            )
             if len(self._s.files["proxies"]) > COMPACT_SEGMENTS:
                 writes.compact(self.path, self._engine, self._s, full=False)
 
-    def add_texts(self, texts: Sequence[str], labels: Sequence[object], *, replace: bool = False,
-                  refs: Sequence[str] | None = None) -> "Collection":
+    def add_texts(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[object],
+        *,
+        replace: bool = False,
+        refs: Sequence[str] | None = None,
+    ) -> Collection:
         """``add`` on texts embedded with the collection's model; the texts (and ``refs``, e.g.
         row ids) are kept beside the samples (``examples``, ``explain``)."""
         texts, labels, refs = text_rows(texts, labels, refs)
-        self._add_checked(self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts,
-                          refs=refs)
+        self._add_checked(
+            self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts, refs=refs
+        )
         return self
 
-    def remove(self, labels: Sequence[object]) -> "Collection":
+    def remove(self, labels: Sequence[object]) -> Collection:
         """Remove the classes with these labels (all must exist; otherwise nothing is removed)."""
-        entries = list(dict.fromkeys(lab.stored_entry(label, f"row {row}")
-                                     for row, label in enumerate(lab.as_sequence(labels))))
+        entries = list(
+            dict.fromkeys(lab.stored_entry(label, f"row {row}") for row, label in enumerate(lab.as_sequence(labels)))
+        )
         if not entries:
             raise DataError("no labels given: nothing to remove")
         with self._writing():
             writes.remove(self.path, self._engine, self._s, entries)
         return self
 
-    def restore_rejection(self, threshold: float | None, classes: dict[Any, tuple[float | None, float | None]]
-                          ) -> "Collection":
+    def restore_rejection(
+        self, threshold: float | None, classes: dict[Any, tuple[float | None, float | None]]
+    ) -> Collection:
         """Set the collection's threshold and, by label, each class's own threshold and rejection
         shift (``(threshold, shift)``, None: none), in one write: what an export carries of a
         calibrated collection, restored by ``ingest`` when it makes the collection again."""
@@ -442,11 +539,12 @@ class Collection:
             writes.restore_rejection(self._engine, self._s, threshold, dict(zip(ids.tolist(), classes.values())))
         return self
 
-    def set_search_params(self, **params: int) -> "Collection":
+    def set_search_params(self, **params: int) -> Collection:
         """Store the search parameters of an approximate index, e.g. ``set_search_params(nprobe=32)``."""
         if self._s.config["index_factory"] == "Flat":
-            raise CollectionStateError("search parameters apply to approximate (IVF) indexes; this collection's "
-                                       "index is exact")
+            raise CollectionStateError(
+                "search parameters apply to approximate (IVF) indexes; this collection's index is exact"
+            )
         params = spec.check_search_params("search_params", params)
         with self._writing():
             merged = {**self.search_params, **params}  # the user's choice: no longer tuned (ivf.tune_nprobe)
@@ -455,7 +553,7 @@ class Collection:
                 self._s.proxies.search_params = merged
         return self
 
-    def set_threshold(self, threshold: float | None, *, label: object = None) -> "Collection":
+    def set_threshold(self, threshold: float | None, *, label: object = None) -> Collection:
         """Store the open-set rejection threshold ``query`` compares rejection scores with (None:
         never reject), or, with ``label``, that class's own threshold (None: the collection's)."""
         if threshold is not None and (isinstance(threshold, bool) or not np.isfinite(threshold)):
@@ -479,10 +577,18 @@ class Collection:
             raise DataError(f"no class {label!r} in collection {self.path}")
         return found
 
-    def calibrate(self, X: Any = None, labels: Sequence[object] | None = None, X_oos: Any = None, *,
-                  target_accuracy: float | None = None, target_oos_recall: float | None = None,
-                  target_false_rejection: float | None = None, rule: str | None = None,
-                  margin: float = MARGIN) -> Calibration:
+    def calibrate(
+        self,
+        X: Any = None,
+        labels: Sequence[object] | None = None,
+        X_oos: Any = None,
+        *,
+        target_accuracy: float | None = None,
+        target_oos_recall: float | None = None,
+        target_false_rejection: float | None = None,
+        rule: str | None = None,
+        margin: float = MARGIN,
+    ) -> Calibration:
         """Choose and store the rejection rule and threshold (``openset.py``): from validation
         queries ``X`` with their true ``labels`` and, optionally, out-of-scope queries ``X_oos``, for
         a target in-scope accuracy or out-of-scope recall (or the balanced point) cleared by
@@ -490,11 +596,21 @@ class Collection:
         rule the collection can use (or only ``rule``); or, with ``target_false_rejection`` and no
         queries, from the kept training samples scored left out (the collection's rule, or ``rule``).
         A target no threshold reaches raises ``CalibrationError`` and changes nothing."""
-        return calibrate_over([self], self.query, lambda found: np.zeros(len(found), np.int64), X, labels, X_oos,
-                              target_accuracy=target_accuracy, target_oos_recall=target_oos_recall,
-                              target_false_rejection=target_false_rejection, rule=rule, margin=margin)
+        return calibrate_over(
+            [self],
+            self.query,
+            lambda found: np.zeros(len(found), np.int64),
+            X,
+            labels,
+            X_oos,
+            target_accuracy=target_accuracy,
+            target_oos_recall=target_oos_recall,
+            target_false_rejection=target_false_rejection,
+            rule=rule,
+            margin=margin,
+        )
 
-    def compact(self, *, retrain: bool | None = None) -> "Collection":
+    def compact(self, *, retrain: bool | None = None) -> Collection:
         """Rewrite the live vectors into one segment per kind and delete the old files.
 
         An IVF proxy index (Flat or SQfp16 codes) is also retrained on a sample of the live proxies
@@ -505,12 +621,13 @@ class Collection:
         with self._writing():
             template = self._s.template
             if retrain and template is None:
-                raise CollectionStateError(f"collection {self.path} has an exact index; only IVF indexes are "
-                                           "retrained")
+                raise CollectionStateError(f"collection {self.path} has an exact index; only IVF indexes are retrained")
             if retrain and not template.retrainable():
-                raise CollectionStateError(f"collection {self.path}: index={self._s.config['index_factory']!r} "
-                                           "cannot be retrained; only IVF-Flat and IVF-SQfp16 codes re-encode "
-                                           "without loss")
+                raise CollectionStateError(
+                    f"collection {self.path}: index={self._s.config['index_factory']!r} "
+                    "cannot be retrained; only IVF-Flat and IVF-SQfp16 codes re-encode "
+                    "without loss"
+                )
             writes.compact(self.path, self._engine, self._s, retrain=self.outgrown if retrain is None else retrain)
         return self
 
@@ -529,8 +646,12 @@ class Collection:
         ``RETRAIN_GROWTH`` of the live proxies: ``compact()`` would retrain them."""
         s = self._s
         trained_on = s.config["trained_on"]
-        return (s.template is not None and s.template.retrainable() and trained_on is not None
-                and s.proxies.ntotal >= RETRAIN_GROWTH * trained_on)
+        return (
+            s.template is not None
+            and s.template.retrainable()
+            and trained_on is not None
+            and s.proxies.ntotal >= RETRAIN_GROWTH * trained_on
+        )
 
     def _rows_done(self, source: str) -> int:
         """Rows of ``source`` already committed by an ingestion (``ingestion.py``)."""
@@ -545,9 +666,20 @@ class Collection:
                 store.set_rows_done(conn, source, done)
 
 
-def calibrate_over(collections: Sequence[Collection], query: Any, owner_of: Any, X: Any, labels: Any, X_oos: Any, *,
-                   target_accuracy: float | None, target_oos_recall: float | None,
-                   target_false_rejection: float | None, rule: str | None, margin: float) -> Calibration:
+def calibrate_over(
+    collections: Sequence[Collection],
+    query: Any,
+    owner_of: Any,
+    X: Any,
+    labels: Any,
+    X_oos: Any,
+    *,
+    target_accuracy: float | None,
+    target_oos_recall: float | None,
+    target_false_rejection: float | None,
+    rule: str | None,
+    margin: float,
+) -> Calibration:
     """``Collection.calibrate`` of the classes of ``collections`` answered together by ``query``
     (one collection, or a sharded one's shards; ``owner_of``: the index of the collection holding
     each label). Every writer lock is held throughout; the result is stored in each, in order.
@@ -561,19 +693,27 @@ def calibrate_over(collections: Sequence[Collection], query: Any, owner_of: Any,
         raise InvalidParameterError("give validation queries X and their labels, or target_false_rejection")
     with writing_all(collections):  # the shifts, the scores and the stored result belong to one version
         fresh = target_false_rejection is not None or (
-            rule != "max" and collections[0].config["keep_samples"]
-            and any(not np.isfinite(col._s.table.shift).all() for col in collections))
+            rule != "max"
+            and collections[0].config["keep_samples"]
+            and any(not np.isfinite(col._s.table.shift).all() for col in collections)
+        )
         # the shift rule's statistics, computed now where they are missing
-        parts = [writes.left_out_scores(col.path, col._s) if fresh and len(col) else
-                 (np.zeros(0), np.zeros(0, np.int64), col._s.table.shift) for col in collections]
+        parts = [
+            writes.left_out_scores(col.path, col._s)
+            if fresh and len(col)
+            else (np.zeros(0), np.zeros(0, np.int64), col._s.table.shift)
+            for col in collections
+        ]
         shifts = [shift for _, _, shift in parts]
         has_shift = any(np.isfinite(shift).any() for shift in shifts)
         if target_false_rejection is not None:
             rule = rule or ("shift" if has_shift else "max")
-            scores = np.concatenate([own - filled(shift)[owner] if rule == "shift" else own
-                                     for own, owner, shift in parts])
+            scores = np.concatenate(
+                [own - filled(shift)[owner] if rule == "shift" else own for own, owner, shift in parts]
+            )
             result = calibrate_without_oos(rule, scores, target_false_rejection)
         else:
+
             def shift_of(found: np.ndarray) -> np.ndarray:
                 out, known = np.zeros(len(found)), np.flatnonzero(found != None)  # noqa: E711 (elementwise)
                 where = owner_of(found[known].tolist())
@@ -582,15 +722,21 @@ def calibrate_over(collections: Sequence[Collection], query: Any, owner_of: Any,
                     out[rows] = ranking.label_shifts(collections[i]._s, found[rows], shifts[i])
                 return out
 
-            rules = ranking.rejection_inputs(query(X, 1, threshold=-np.inf), lab.as_sequence(labels),
-                                             None if X_oos is None else query(X_oos, 1, threshold=-np.inf),
-                                             shift_of if has_shift else None)
+            rules = ranking.rejection_inputs(
+                query(X, 1, threshold=-np.inf),
+                lab.as_sequence(labels),
+                None if X_oos is None else query(X_oos, 1, threshold=-np.inf),
+                shift_of if has_shift else None,
+            )
             rules = {r: v for r, v in rules.items() if rule in (None, r)}
             if not rules:
-                raise CollectionStateError(f"rule {rule!r} needs each class's shift, and collection "
-                                           f"{collections[0].path} keeps no samples to compute it from")
-            result = calibrate(rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall,
-                               margin=margin)
+                raise CollectionStateError(
+                    f"rule {rule!r} needs each class's shift, and collection "
+                    f"{collections[0].path} keeps no samples to compute it from"
+                )
+            result = calibrate(
+                rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall, margin=margin
+            )
         for col, shift in zip(collections, shifts):
             writes.set_rejection(col._engine, col._s, result.threshold, result.rule, shift if fresh else None)
     return result

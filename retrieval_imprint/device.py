@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextvars
 import functools
 import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -68,12 +69,17 @@ def resolve(device: Any) -> str | None:
     if torch.cuda.is_available():
         return "cuda" if device == "auto" else device
     if device == "auto":
-        warnings.warn(f"device='auto': torch {torch.__version__} sees no CUDA GPU; running on the CPU "
-                      "with numpy and FAISS", DeviceFallback, stacklevel=3)
+        warnings.warn(
+            f"device='auto': torch {torch.__version__} sees no CUDA GPU; running on the CPU with numpy and FAISS",
+            DeviceFallback,
+            stacklevel=3,
+        )
         return None
-    raise DeviceError(f"device={device!r}: torch {torch.__version__} sees no CUDA GPU "
-                      f"({'a CPU-only build' if torch.version.cuda is None else 'no device visible'}); "
-                      "use device='auto' to fall back to the CPU")
+    raise DeviceError(
+        f"device={device!r}: torch {torch.__version__} sees no CUDA GPU "
+        f"({'a CPU-only build' if torch.version.cuda is None else 'no device visible'}); "
+        "use device='auto' to fall back to the CPU"
+    )
 
 
 def set_device(device: Any) -> str | None:
@@ -194,10 +200,14 @@ def faiss_gpu(device: str | None) -> int | None:
     import faiss
 
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-        why = ("FAISS sees no GPU" if hasattr(faiss, "StandardGpuResources")
-               else "this FAISS has no GPU support (make install-gpu, see the README)")
-        warnings.warn(f"device={device!r}: {why}; IVF indexes are trained and searched on the CPU", DeviceFallback,
-                      stacklevel=3)
+        why = (
+            "FAISS sees no GPU"
+            if hasattr(faiss, "StandardGpuResources")
+            else "this FAISS has no GPU support (make install-gpu, see the README)"
+        )
+        warnings.warn(
+            f"device={device!r}: {why}; IVF indexes are trained and searched on the CPU", DeviceFallback, stacklevel=3
+        )
         return None
     return int(device.partition(":")[2] or 0)
 

@@ -27,9 +27,10 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,8 +38,8 @@ import pyarrow.parquet as pq
 
 from . import labels as lab
 from .collection import Collection, check_vectors
-from .embed import recorded_embedder
 from .device import current, set_device
+from .embed import recorded_embedder
 from .errors import CollectionStateError, DataError, DeviceError
 from .ingestion import check_vectors_model, fingerprint
 from .normalize import normalize
@@ -99,15 +100,25 @@ class ShardWriter:
     def device(self) -> str | None:
         return current()
 
-    def add(self, X: np.ndarray, labels: list, texts: list | None, refs: list | None,
-            parts: list[tuple[str, int, int]]) -> list[bool]:
+    def add(
+        self, X: np.ndarray, labels: list, texts: list | None, refs: list | None, parts: list[tuple[str, int, int]]
+    ) -> list[bool]:
         """Add the rows of ``parts`` ``(source, lo, hi)`` not added before, in one write; which were."""
         todo = [(source, lo, hi) for source, lo, hi in parts if self.col._rows_done(source) < hi - lo]
         if todo:
             rows = np.concatenate([np.arange(lo, hi) for _, lo, hi in todo])
-            pick = (lambda v: None if v is None else [v[i] for i in rows])
-            self.col._add_checked(X[rows], pick(labels), texts=pick(texts), refs=pick(refs), auto_choice=self.choice,
-                                  checkpoints=[(source, hi - lo) for source, lo, hi in todo])
+
+            def pick(values: Sequence[Any] | None) -> list | None:
+                return None if values is None else [values[i] for i in rows]
+
+            self.col._add_checked(
+                X[rows],
+                pick(labels),
+                texts=pick(texts),
+                refs=pick(refs),
+                auto_choice=self.choice,
+                checkpoints=[(source, hi - lo) for source, lo, hi in todo],
+            )
         done = {source for source, _, _ in todo}
         return [source in done for source, _, _ in parts]
 
@@ -120,8 +131,9 @@ def _actors_on(device: str | None, shards: int, cluster_gpus: float) -> tuple[st
     if device is None or not device.startswith("cuda"):
         return device, {"num_cpus": 0}
     if not cluster_gpus:
-        raise DeviceError(f"device={device!r}: the Ray cluster has no GPU for the shards' actors; "
-                          "use device 'cpu', or none")
+        raise DeviceError(
+            f"device={device!r}: the Ray cluster has no GPU for the shards' actors; use device 'cpu', or none"
+        )
     return "cuda", {"num_cpus": 0, "num_gpus": min(1.0, cluster_gpus / shards)}
 
 
@@ -144,8 +156,9 @@ def _write_bucket(table: Any, writers: list, n_shards: int, model: str | None, o
     bucket = int(table.column(BUCKET)[0].as_py())
     paths = table.column(PATH).to_pylist()
     rows = from_arrow(table.drop_columns([PATH, BUCKET]), f"bucket {bucket}", **options)
-    content = np.frombuffer(b"".join(hashlib.blake2b(_row_bytes(rows, i), digest_size=8).digest()
-                                     for i in range(len(rows))), ">u8")  # big-endian: sorts as the bytes do
+    content = np.frombuffer(
+        b"".join(hashlib.blake2b(_row_bytes(rows, i), digest_size=8).digest() for i in range(len(rows))), ">u8"
+    )  # big-endian: sorts as the bytes do
     order = np.lexsort((content, lab.label_keys(rows.labels), np.unique(paths, return_inverse=True)[1]))
     rows = rows.take(order)
     paths = [paths[i] for i in order]
@@ -172,11 +185,22 @@ def _row_bytes(rows: Dataset, i: int) -> bytes:
     return repr(lab.entry(rows.labels[i])).encode() + b"\0" + value
 
 
-def build(path: str | os.PathLike, sources: Sequence[str | os.PathLike], *, shards: int,
-          buckets_per_shard: int = BUCKETS_PER_SHARD, chunk_size: int = DEFAULT_CHUNK, preset: str | None = None,
-          text_column: str | None = None, label_column: str | None = None, vector_column: str | None = None,
-          id_column: str | None = None, vectors_model: str | None = None, lock_timeout: float = 3600.0,
-          **settings: Any) -> BuildReport:
+def build(
+    path: str | os.PathLike,
+    sources: Sequence[str | os.PathLike],
+    *,
+    shards: int,
+    buckets_per_shard: int = BUCKETS_PER_SHARD,
+    chunk_size: int = DEFAULT_CHUNK,
+    preset: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    vector_column: str | None = None,
+    id_column: str | None = None,
+    vectors_model: str | None = None,
+    lock_timeout: float = 3600.0,
+    **settings: Any,
+) -> BuildReport:
     """Build or extend the sharded collection at ``path`` from Parquet ``sources`` on the Ray cluster
     this process is connected to (``init``); see the module docstring. ``settings`` and ``preset``
     as ``ShardedCollection.create``; ``chunk_size``: the rows of the first file auto chooses on;
@@ -211,10 +235,18 @@ def build(path: str | os.PathLike, sources: Sequence[str | os.PathLike], *, shar
         writers = [Writer.remote(str(d), lock_timeout, col._manifest["auto_choice"], device) for d in directories(path)]
         device = ray.get([w.device.remote() for w in writers])[0]  # every writer up on it, before any data
         ds = ray.data.read_parquet(files, include_paths=True)
-        ds = ds.map_batches(_tag, batch_format="pyarrow", fn_kwargs={"n_buckets": shards * buckets_per_shard,
-                                                                     "options": options})
-        done = ds.groupby(BUCKET).map_groups(_write_bucket, batch_format="pyarrow", fn_kwargs={
-            "writers": writers, "n_shards": shards, "model": col.model, "options": options}).to_pandas()
+        ds = ds.map_batches(
+            _tag, batch_format="pyarrow", fn_kwargs={"n_buckets": shards * buckets_per_shard, "options": options}
+        )
+        done = (
+            ds.groupby(BUCKET)
+            .map_groups(
+                _write_bucket,
+                batch_format="pyarrow",
+                fn_kwargs={"writers": writers, "n_shards": shards, "model": col.model, "options": options},
+            )
+            .to_pandas()
+        )
     except BaseException:
         if created and not col.info()["version"]:  # no stub is left with settings that failed
             col.close()
@@ -229,8 +261,18 @@ def build(path: str | os.PathLike, sources: Sequence[str | os.PathLike], *, shar
         col.compact()
     info = col.info()
     added = done["added"].to_numpy(bool)
-    return BuildReport(str(path), int(done["rows"].to_numpy()[added].sum()), int(added.sum()), int((~added).sum()),
-                       info["classes"], info["proxies"], retrained, col.auto_choice, created, device)
+    return BuildReport(
+        str(path),
+        int(done["rows"].to_numpy()[added].sum()),
+        int(added.sum()),
+        int((~added).sum()),
+        info["classes"],
+        info["proxies"],
+        retrained,
+        col.auto_choice,
+        created,
+        device,
+    )
 
 
 # ----------------------------------------------------------------- serve
@@ -250,8 +292,15 @@ class ShardReplica:
         if refresh:
             col.refresh()
         info = col.info()
-        return {"classes": len(col), "params": col.params, "inf_norm": col.config["inf_norm"],
-                "dimension": col.dimension, "model": col.model, "embedder": info["embedder"], "info": info}
+        return {
+            "classes": len(col),
+            "params": col.params,
+            "inf_norm": col.config["inf_norm"],
+            "dimension": col.dimension,
+            "model": col.model,
+            "embedder": info["embedder"],
+            "info": info,
+        }
 
     def part(self, Q: np.ndarray, top: int, threshold: float | None, search_params: dict[str, int] | None):
         if not len(self.col):
@@ -303,8 +352,15 @@ class ShardRouter:
             self._embedder = recorded_embedder(self.shards[0]["embedder"], self.path)
         return self._embedder
 
-    def query(self, Q: Any, top: int = 1, *, threshold: float | None = None, model: str | None = None,
-              search_params: dict[str, int] | None = None) -> Any:
+    def query(
+        self,
+        Q: Any,
+        top: int = 1,
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        search_params: dict[str, int] | None = None,
+    ) -> Any:
         live = [s for s in self.shards if s["classes"]]
         if not live:
             raise CollectionStateError(f"collection {self.path} has no classes yet")
@@ -329,9 +385,20 @@ class Ingress:
         return create_app(self.service, api_key=self.api_key)
 
 
-def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, refresh: float = 1.0,
-          window: float = 0.0, max_batch: int = 256, limits: Limits = Limits(), api_key: str | None = None,
-          name: str = "imprint", shard_options: dict[str, Any] | None = None, timeout: float = 300.0) -> str:
+def serve(
+    path: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    refresh: float = 1.0,
+    window: float = 0.0,
+    max_batch: int = 256,
+    limits: Limits = Limits(),
+    api_key: str | None = None,
+    name: str = "imprint",
+    shard_options: dict[str, Any] | None = None,
+    timeout: float = 300.0,
+) -> str:
     """Deploy the collection at ``path`` (sharded or not) on Ray Serve, HTTP on ``host:port``, and
     wait until it is ready (``/ready``); returns the URL. The caller keeps the process alive;
     ``serve_shutdown()`` stops it. The other settings are ``service.Service``'s and
@@ -346,11 +413,13 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
     rs.start(http_options={"host": host, "port": port})
     device, resources = _actors_on(current(), len(shards), ray.cluster_resources().get("GPU", 0))
     options = {**resources, **(shard_options or {})}
-    replicas = [rs.deployment(ShardReplica, name=f"shard-{i}", ray_actor_options=options).bind(d, i, len(shards),
-                                                                                               device)
-                for i, d in enumerate(shards)]
-    ingress = rs.deployment(rs.ingress()(Ingress), name="ingress", ray_actor_options={"num_cpus": 0},
-                            max_ongoing_requests=4096)
+    replicas = [
+        rs.deployment(ShardReplica, name=f"shard-{i}", ray_actor_options=options).bind(d, i, len(shards), device)
+        for i, d in enumerate(shards)
+    ]
+    ingress = rs.deployment(
+        rs.ingress()(Ingress), name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096
+    )
     settings = {"refresh": refresh, "window": window, "max_batch": max_batch, "limits": limits}
     rs.run(ingress.bind(str(path), settings, api_key, *replicas), name=name, route_prefix="/")
     url = f"http://{host}:{port}"

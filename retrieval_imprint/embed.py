@@ -26,9 +26,10 @@ import sqlite3
 import sys
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,9 +72,11 @@ def resolve_model(model: str | None) -> str:
     if os.environ.get("HF_HUB_OFFLINE") == "0":
         return str(model)
     names = ", ".join(m["name"] for m in available_models())
-    raise DataError(f"model {model!r} is not available offline (not a folder, not in the Hugging Face cache). "
-                    f"Available: {names} (imprint models). Pass a model folder, e.g. --model /path/to/model, or "
-                    f"set HF_HUB_OFFLINE=0 to let it download")
+    raise DataError(
+        f"model {model!r} is not available offline (not a folder, not in the Hugging Face cache). "
+        f"Available: {names} (imprint models). Pass a model folder, e.g. --model /path/to/model, or "
+        f"set HF_HUB_OFFLINE=0 to let it download"
+    )
 
 
 def _hub_cached(name: str) -> str | None:
@@ -132,8 +135,11 @@ def model_fingerprint(path: str) -> str | None:
     root = Path(path)
     if not root.is_dir():
         return None
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() not in (".md", ".gitattributes")
-                   and not f.name.startswith("."))
+    files = sorted(
+        f
+        for f in root.rglob("*")
+        if f.is_file() and f.suffix.lower() not in (".md", ".gitattributes") and not f.name.startswith(".")
+    )
     key = tuple((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     if key not in _FINGERPRINTS:
         digest = hashlib.blake2b(digest_size=8)
@@ -164,8 +170,10 @@ class EmbeddingCache:
         self._lock = threading.Lock()  # one connection, shared by the threads of a server
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS vectors (model TEXT NOT NULL, key BLOB NOT NULL, "
-                         "vector BLOB NOT NULL, PRIMARY KEY (model, key)) WITHOUT ROWID")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS vectors (model TEXT NOT NULL, key BLOB NOT NULL, "
+            "vector BLOB NOT NULL, PRIMARY KEY (model, key)) WITHOUT ROWID"
+        )
 
     @staticmethod
     def default_path() -> Path | None:
@@ -180,7 +188,7 @@ class EmbeddingCache:
         return Path(path)
 
     @classmethod
-    def default(cls) -> "EmbeddingCache | None":
+    def default(cls) -> EmbeddingCache | None:
         """The cache at ``default_path()``; None where it is turned off."""
         path = cls.default_path()
         return None if path is None else cls(path)
@@ -191,8 +199,12 @@ class EmbeddingCache:
             rows = self._db.execute("SELECT model, COUNT(*) FROM vectors GROUP BY model ORDER BY model").fetchall()
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the size of what it holds, not of the log
         size = sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*") if p.is_file())
-        return {"path": str(self.path), "bytes": size, "vectors": sum(n for _, n in rows),
-                "models": {model: n for model, n in rows}}
+        return {
+            "path": str(self.path),
+            "bytes": size,
+            "vectors": sum(n for _, n in rows),
+            "models": {model: n for model, n in rows},
+        }
 
     def clear(self, model: str | None = None) -> int:
         """Delete the cached vectors (of models whose identity starts with ``model``, if given) and
@@ -259,7 +271,7 @@ class Embedder:
     model: str | None = None
     device: str | None = None  # None: the GPU when torch sees one, else the CPU
     batch_size: int | None = None  # texts per forward pass; None: BATCH_SIZE of the backend
-    cache: EmbeddingCache | None | bool = True  # True: EmbeddingCache.default() (unless turned off)
+    cache: EmbeddingCache | bool | None = True  # True: EmbeddingCache.default() (unless turned off)
     progress: bool = False  # progress bars while loading the model and embedding
     backend: str = "auto"
     backend_: str | None = field(default=None, init=False)
@@ -326,8 +338,9 @@ class Embedder:
         from .embed_onnx import ExportError, OnnxModel, export
 
         folder, fingerprint = onnx_folder(), model_fingerprint(self.path)
-        if self.backend == "auto" and (folder is None or fingerprint is None or gpu_present()
-                                       or self.device not in (None, "cpu")):
+        if self.backend == "auto" and (
+            folder is None or fingerprint is None or gpu_present() or self.device not in (None, "cpu")
+        ):
             return None
         try:
             if folder is None:
@@ -352,7 +365,7 @@ class Embedder:
         get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(get())
 
-    def warm(self) -> "Embedder":
+    def warm(self) -> Embedder:
         """Load the model and embed one text, bypassing the cache, so that the first real query
         pays no start-up cost (a server calls this before it says it is ready)."""
         self._embed(["warm up"])
@@ -363,8 +376,9 @@ class Embedder:
         size = self.batch_size or BATCH_SIZE[self.backend_]
         if self._onnx is not None:
             return model.encode(texts, batch_size=size)
-        return np.asarray(model.encode(texts, batch_size=size, convert_to_numpy=True, show_progress_bar=False),
-                          np.float32)
+        return np.asarray(
+            model.encode(texts, batch_size=size, convert_to_numpy=True, show_progress_bar=False), np.float32
+        )
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` (rows in input order); cached texts are not embedded again."""
@@ -395,9 +409,11 @@ def recorded_embedder(row: dict[str, Any] | None, owner: str | os.PathLike) -> E
         raise CollectionStateError(f"collection {owner} records no embedding model; add and query vectors instead")
     embedder = Embedder(row["name"])
     if not same_model(embedder.path, row["revision"]):
-        raise DataError(f"the model {row['name']!r} at {embedder.path} is not the one collection {owner} was made "
-                        f"with (its files changed: fingerprint {model_fingerprint(embedder.path)}, recorded "
-                        f"{row['revision']}); embed with the original model, or re-index")
+        raise DataError(
+            f"the model {row['name']!r} at {embedder.path} is not the one collection {owner} was made "
+            f"with (its files changed: fingerprint {model_fingerprint(embedder.path)}, recorded "
+            f"{row['revision']}); embed with the original model, or re-index"
+        )
     return embedder
 
 
@@ -409,8 +425,9 @@ def embed_all(parts: Sequence[Any], embedder: Embedder | None) -> np.ndarray:
     if texts and embedder is None:
         raise DataError(f"{parts[0].source}: texts need an embedding model, and none is recorded; give vectors")
     embedded = iter(embedder.encode(texts)) if texts else iter(())
-    arrays = [np.stack([next(embedded) for _ in part.texts]) if part.vectors is None else part.vectors
-              for part in parts]
+    arrays = [
+        np.stack([next(embedded) for _ in part.texts]) if part.vectors is None else part.vectors for part in parts
+    ]
     dims = {a.shape[1] for a in arrays}
     if len(dims) > 1:
         raise DataError(f"the data files hold vectors of different dimensions: {sorted(dims)}")

@@ -20,16 +20,22 @@ import os
 import shutil
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 FORMAT = 1
 TOLERANCE = 1e-5  # largest 1 - cosine between torch's and the export's vector of a probe text
 SUPPORTED = ("Transformer", "Pooling", "Normalize", "Dense")  # sentence-transformers modules, by class name
-PROBES = ("where is my card", "  Put on some QUEEN, please!  ", "Ünïcödé ßtraße 東京 ☕", "",
-          " ".join(["a long text past the window"] * 120))
+PROBES = (
+    "where is my card",
+    "  Put on some QUEEN, please!  ",
+    "Ünïcödé ßtraße 東京 ☕",
+    "",
+    " ".join(["a long text past the window"] * 120),
+)
 
 
 class ExportError(Exception):
@@ -68,8 +74,11 @@ class OnnxModel:
 
     def _run(self, texts: list[str]) -> np.ndarray:
         encoded = self.tokenizer.encode_batch(texts)
-        columns = {"input_ids": [e.ids for e in encoded], "attention_mask": [e.attention_mask for e in encoded],
-                   "token_type_ids": [e.type_ids for e in encoded]}
+        columns = {
+            "input_ids": [e.ids for e in encoded],
+            "attention_mask": [e.attention_mask for e in encoded],
+            "token_type_ids": [e.type_ids for e in encoded],
+        }
         feed = {name: np.asarray(columns[name], np.int64) for name in self.meta["inputs"]}
         return self.session.run(None, feed)[0]
 
@@ -108,13 +117,25 @@ def export(st: Any, folder: str | os.PathLike) -> OnnxModel:
         axes = {name: {0: "batch", 1: "tokens"} for name in inputs}
         with torch.no_grad(), warnings.catch_warnings():  # the tracer's notes on shapes: checked below instead
             warnings.simplefilter("ignore")
-            torch.onnx.export(Forward().eval().cpu(), tuple(sample[name].cpu() for name in inputs),
-                              str(staging / "model.onnx"), input_names=inputs, output_names=["embedding"],
-                              dynamic_axes={**axes, "embedding": {0: "batch"}}, opset_version=17, dynamo=False)
+            torch.onnx.export(
+                Forward().eval().cpu(),
+                tuple(sample[name].cpu() for name in inputs),
+                str(staging / "model.onnx"),
+                input_names=inputs,
+                output_names=["embedding"],
+                dynamic_axes={**axes, "embedding": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
         (staging / "tokenizer.json").write_text(tokenizer.backend_tokenizer.to_str())
-        meta = {"format": FORMAT, "inputs": inputs, "max_length": int(st.max_seq_length),
-                "pad_id": int(tokenizer.pad_token_id or 0), "pad_token": str(tokenizer.pad_token or "[PAD]"),
-                "dimension": int(expected.shape[1])}
+        meta = {
+            "format": FORMAT,
+            "inputs": inputs,
+            "max_length": int(st.max_seq_length),
+            "pad_id": int(tokenizer.pad_token_id or 0),
+            "pad_token": str(tokenizer.pad_token or "[PAD]"),
+            "dimension": int(expected.shape[1]),
+        }
         (staging / "export.json").write_text(json.dumps(meta, indent=1))
         model = OnnxModel(staging)
         together = model.encode(PROBES)  # padded to the longest probe, and each alone: no padding at all

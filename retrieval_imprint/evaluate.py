@@ -6,8 +6,9 @@ is None."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import precision_recall_fscore_support
@@ -25,8 +26,14 @@ class Evaluation:
     confusions: list[dict[str, Any]] = field(default_factory=list)  # true, predicted, count; most first
 
     def as_dict(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "n": self.n, "correct":
-                round(self.accuracy * self.n), "per_class": self.per_class, "confusions": self.confusions}
+        return {
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "n": self.n,
+            "correct": round(self.accuracy * self.n),
+            "per_class": self.per_class,
+            "confusions": self.confusions,
+        }
 
 
 def evaluate(y_true: Sequence[Any], y_pred: Sequence[Any], *, max_confusions: int = 10) -> Evaluation:
@@ -37,14 +44,18 @@ def evaluate(y_true: Sequence[Any], y_pred: Sequence[Any], *, max_confusions: in
     codes, _ = lab.factorize(y_true + y_pred)
     first = np.unique(codes, return_index=True)[1]
     labels = [(y_true + y_pred)[i] for i in first]
-    t, p = codes[: len(y_true)], codes[len(y_true):]
+    t, p = codes[: len(y_true)], codes[len(y_true) :]
     present = np.unique(t)
     prec, rec, f1, support = precision_recall_fscore_support(t, p, labels=present, zero_division=0)
-    per_class = [{"label": labels[c], "precision": float(pr), "recall": float(r), "f1": float(f), "support": int(s)}
-                 for c, pr, r, f, s in zip(present, prec, rec, f1, support)]
+    per_class = [
+        {"label": labels[c], "precision": float(pr), "recall": float(r), "f1": float(f), "support": int(s)}
+        for c, pr, r, f, s in zip(present, prec, rec, f1, support)
+    ]
     wrong = Counter((a, b) for a, b in zip(t.tolist(), p.tolist()) if a != b)
-    confusions = [{"true": labels[a], "predicted": labels[b], "count": n}
-                  for (a, b), n in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))[:max_confusions]]
+    confusions = [
+        {"true": labels[a], "predicted": labels[b], "count": n}
+        for (a, b), n in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))[:max_confusions]
+    ]
     return Evaluation(float((t == p).mean()), float(f1.mean()), len(t), per_class, confusions)
 
 
@@ -56,6 +67,9 @@ def open_set(found: Any, oos: np.ndarray) -> dict[str, Any]:
 
     rejected = np.array([label is None for label in found.labels[:, 0]])
     scores = found.rejection_scores[:, 0]
-    return {"oos": int(oos.sum()), "oos_recall": float(rejected[oos].mean()),
-            "in_scope_rejected": float(rejected[~oos].mean()),
-            "auroc": auroc(scores[~oos & np.isfinite(scores)], scores[oos & np.isfinite(scores)])}
+    return {
+        "oos": int(oos.sum()),
+        "oos_recall": float(rejected[oos].mean()),
+        "in_scope_rejected": float(rejected[~oos].mean()),
+        "auroc": auroc(scores[~oos & np.isfinite(scores)], scores[oos & np.isfinite(scores)]),
+    }

@@ -4,7 +4,8 @@ settings, and the accuracy-vs-k plot (``imprint sweep``, benchmarks/accuracy.py)
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,15 @@ def few_shot(y: Sequence[Any], shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
-def sweep(X_train: np.ndarray, y_train: Sequence[Any], X_test: np.ndarray, y_test: Sequence[Any],
-          configs: Sequence[dict[str, Any]], shots: Sequence[int], seeds: Sequence[int]) -> list[dict[str, Any]]:
+def sweep(
+    X_train: np.ndarray,
+    y_train: Sequence[Any],
+    X_test: np.ndarray,
+    y_test: Sequence[Any],
+    configs: Sequence[dict[str, Any]],
+    shots: Sequence[int],
+    seeds: Sequence[int],
+) -> list[dict[str, Any]]:
     """Accuracy (mean and std over seeds) of each ``ImprintClassifier`` config at each shots setting.
 
     Seed s draws the few-shot subset and seeds the generator. One row per (shots, config).
@@ -39,9 +47,16 @@ def sweep(X_train: np.ndarray, y_train: Sequence[Any], X_test: np.ndarray, y_tes
                 clf.fit(X_train[rows_], y_train[rows_])
                 seconds.append(time.perf_counter() - t)
                 accuracy.append(float(np.mean(clf.predict(X_test) == y_test)))
-            rows.append({"shots": n_shots, **config, "accuracy": float(np.mean(accuracy)),
-                         "accuracy_std": float(np.std(accuracy)), "seeds": len(accuracy),
-                         "fit_seconds": float(np.mean(seconds))})
+            rows.append(
+                {
+                    "shots": n_shots,
+                    **config,
+                    "accuracy": float(np.mean(accuracy)),
+                    "accuracy_std": float(np.std(accuracy)),
+                    "seeds": len(accuracy),
+                    "fit_seconds": float(np.mean(seconds)),
+                }
+            )
     return rows
 
 
@@ -60,8 +75,11 @@ def plot_accuracy_vs_k(rows: Sequence[dict[str, Any]], ax: Any) -> None:
     for shots, colour in colours.items():
         shot_name = "all data" if shots == 0 else f"{shots} shots"
         for name, gen in series.items():
-            pts = sorted((r["k"], 100 * r["accuracy"], 100 * r["accuracy_std"]) for r in rows
-                         if r["shots"] == shots and _series(r) == name)
+            pts = sorted(
+                (r["k"], 100 * r["accuracy"], 100 * r["accuracy_std"])
+                for r in rows
+                if r["shots"] == shots and _series(r) == name
+            )
             if not pts:
                 continue
             if gen in _NO_K:
@@ -71,8 +89,7 @@ def plot_accuracy_vs_k(rows: Sequence[dict[str, Any]], ax: Any) -> None:
                 ax.errorbar([ks[-1] * nudge], [acc], yerr=[std], color=colour, capsize=3, lw=1)
             else:
                 k, acc, std = zip(*pts)
-                ax.errorbar(k, acc, yerr=std, color=colour, marker="o", ms=4, capsize=3,
-                            label=f"{name}, {shot_name}")
+                ax.errorbar(k, acc, yerr=std, color=colour, marker="o", ms=4, capsize=3, label=f"{name}, {shot_name}")
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.minorticks_off()

@@ -9,8 +9,8 @@ All randomness is per class (``_groups.uniforms``), so adding a class never chan
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -89,16 +89,16 @@ def mean(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarra
 
 
 @register("kmeans")
-def kmeans(groups: Grouped, k: int, seed: int, *, max_iter: int = 300, tol: float = 1e-4,
-           **_) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(
+    groups: Grouped, k: int, seed: int, *, max_iter: int = 300, tol: float = 1e-4, **_
+) -> tuple[np.ndarray, np.ndarray]:
     """k centroids per class: batched Lloyd with greedy k-means++ seeding (``kmeans.py``)."""
     centers = batched_kmeans(groups, k, seed, max_iter=max_iter, tol=tol)
     return centers.reshape(-1, groups.X.shape[1]), _each_class(k, groups.n_classes)
 
 
 @register("kmedoids")
-def kmedoids(groups: Grouped, k: int, seed: int, *, max_iter: int = 300,
-             **_) -> tuple[np.ndarray, np.ndarray]:
+def kmedoids(groups: Grouped, k: int, seed: int, *, max_iter: int = 300, **_) -> tuple[np.ndarray, np.ndarray]:
     """k medoids per class (Euclidean): k-means++ seeding, then the "alternate" (Voronoi) method.
 
     Each round assigns points to the nearest medoid and moves every medoid to the member with the
@@ -151,8 +151,9 @@ def fps(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray
         rows = np.arange(len(classes))
         sp = space(P)
         chosen = np.empty((len(classes), k), np.int64)
-        chosen[:, 0] = np.minimum((uniforms(groups.keys[classes], seed, _FPS_STREAM) * mask.sum(1))
-                                  .astype(np.int64), mask.sum(1) - 1)
+        chosen[:, 0] = np.minimum(
+            (uniforms(groups.keys[classes], seed, _FPS_STREAM) * mask.sum(1)).astype(np.int64), mask.sum(1) - 1
+        )
         D = np.full(mask.shape, np.inf, np.float32)
         for t in range(k):
             if t:
@@ -209,7 +210,7 @@ class Spectrum:
     n: int
 
     @classmethod
-    def of(cls, X: np.ndarray) -> "Spectrum":
+    def of(cls, X: np.ndarray) -> Spectrum:
         """From the smaller Gram matrix: ``X^T X``, or ``X X^T`` when ``X`` has fewer rows than
         columns (a few shots, or wide random features), whose eigenvectors ``U`` give ``V = X^T U / sqrt(s)``.
         Directions with no variance are dropped: every head below lives in the span of the rows."""
@@ -242,16 +243,30 @@ def ls_head(spectrum: Spectrum, means: np.ndarray, reg: float) -> np.ndarray:
     return (W.T / len(means)).astype(np.float32)
 
 
-def loo_ridge(X: np.ndarray, spectrum: Spectrum, codes: np.ndarray, means: np.ndarray, owner: np.ndarray,
-              seed: int, normalize_rows: bool) -> float:
+def loo_ridge(
+    X: np.ndarray,
+    spectrum: Spectrum,
+    codes: np.ndarray,
+    means: np.ndarray,
+    owner: np.ndarray,
+    seed: int,
+    normalize_rows: bool,
+) -> float:
     """The ridge of ``RIDGE_GRID`` (scaled by the mean eigenvalue of ``X^T X / n``) whose head
     classifies best with each training sample left out (``loo_accuracy``); ties go to the larger."""
     ridges, accuracy = loo_accuracy(X, spectrum, codes, means, owner, seed, normalize_rows)
     return float(ridges[len(accuracy) - 1 - np.argmax(accuracy[::-1])])
 
 
-def loo_accuracy(X: np.ndarray, spectrum: Spectrum, codes: np.ndarray, means: np.ndarray, owner: np.ndarray,
-                 seed: int, normalize_rows: bool) -> tuple[np.ndarray, np.ndarray]:
+def loo_accuracy(
+    X: np.ndarray,
+    spectrum: Spectrum,
+    codes: np.ndarray,
+    means: np.ndarray,
+    owner: np.ndarray,
+    seed: int,
+    normalize_rows: bool,
+) -> tuple[np.ndarray, np.ndarray]:
     """Each ridge of the grid and the leave-one-out accuracy of its head: closed-form leave-one-out
     of the ridge regression behind ``ls_head``, from ``X``'s one eigendecomposition. ``codes``: the
     column of ``means`` each row belongs to; ``owner``: the class of each column (a prediction is
@@ -267,8 +282,11 @@ def loo_accuracy(X: np.ndarray, spectrum: Spectrum, codes: np.ndarray, means: np
     for rows, part in _f64_blocks(X):
         TX += targets[:, rows] @ part
     ZY = (TX @ V).T  # (r, C): V^T X^T Y
-    rows = np.arange(n) if n <= LOO_ROWS else np.sort(np.argsort(uniforms(np.uint64(0), seed, _LOO_STREAM,
-                                                                                   np.arange(n)))[:LOO_ROWS])
+    rows = (
+        np.arange(n)
+        if n <= LOO_ROWS
+        else np.sort(np.argsort(uniforms(np.uint64(0), seed, _LOO_STREAM, np.arange(n)))[:LOO_ROWS])
+    )
     Z = np.asarray(X[rows], np.float64) @ V
     ridges = RIDGE_GRID * s.sum() / n / V.shape[0]
     accuracy = np.zeros(len(ridges))
@@ -285,8 +303,16 @@ def loo_accuracy(X: np.ndarray, spectrum: Spectrum, codes: np.ndarray, means: np
     return ridges, accuracy
 
 
-def _ridge(groups: Grouped, spectrum: Spectrum, codes: np.ndarray, means: np.ndarray, owner: np.ndarray,
-           ls_reg: float | str, seed: int, post_norm: str = "l2") -> float:
+def _ridge(
+    groups: Grouped,
+    spectrum: Spectrum,
+    codes: np.ndarray,
+    means: np.ndarray,
+    owner: np.ndarray,
+    ls_reg: float | str,
+    seed: int,
+    post_norm: str = "l2",
+) -> float:
     if ls_reg != "auto":
         return float(ls_reg)
     return loo_ridge(groups.X, spectrum, codes, means, owner, seed, post_norm == "l2")

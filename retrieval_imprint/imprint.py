@@ -43,8 +43,9 @@ def grouped(X: np.ndarray, codes: np.ndarray, keys: np.ndarray, pre_norm: str) -
     return Grouped(normalize(groups.X, pre_norm, what="X", copy=not owned), groups.offsets, groups.keys)
 
 
-def imprint(groups: Grouped, params: dict[str, Any], fixed: Fixed | None = None
-            ) -> tuple[np.ndarray, np.ndarray, Fixed]:
+def imprint(
+    groups: Grouped, params: dict[str, Any], fixed: Fixed | None = None
+) -> tuple[np.ndarray, np.ndarray, Fixed]:
     """Proxies ``W`` ``(P, d)`` after NORMpost, the class index of each row, and what is fixed.
 
     ``groups`` hold NORMpre'd samples; ``params`` concrete GEN/NORM/AGG parameters (``params.py``,
@@ -66,5 +67,6 @@ def imprint(groups: Grouped, params: dict[str, Any], fixed: Fixed | None = None
 
 def means(groups: Grouped, params: dict[str, Any], fixed: Fixed) -> np.ndarray:
     """Class means ``(C, d)`` after NORMpost (with the fit's fixed targets): the first term of a blend."""
-    return normalize(class_means(groups).astype(np.float32), params["post_norm"], targets=fixed.targets,
-                     what="proxies", copy=False)
+    return normalize(
+        class_means(groups).astype(np.float32), params["post_norm"], targets=fixed.targets, what="proxies", copy=False
+    )

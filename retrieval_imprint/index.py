@@ -15,7 +15,7 @@ Searches may run from several threads at once; adds and removals may not run bes
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -33,8 +33,12 @@ _FAISS_METRIC = {
     "chebyshev": faiss.METRIC_Linf,
     "mahalanobis": faiss.METRIC_L2,
 }
-_TORCH_KIND = {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2", faiss.METRIC_L1: "l1",
-               faiss.METRIC_Linf: "linf"}
+_TORCH_KIND = {
+    faiss.METRIC_INNER_PRODUCT: "ip",
+    faiss.METRIC_L2: "l2",
+    faiss.METRIC_L1: "l1",
+    faiss.METRIC_Linf: "linf",
+}
 MAHALANOBIS_RIDGE = 1e-6
 SMALL_BATCH = 20  # below this many queries FAISS does not use BLAS; neither path for m > SMALL_M
 SMALL_M = 64
@@ -42,11 +46,15 @@ SMALL_ADD = 1000  # vectors below which an add runs on one thread (OpenMP start-
 HALF_SCAN_MIN = 1 << 22  # stored floats (16 MiB) from which few queries scan a float16 copy first
 HALF_EXTRA = 16  # candidates beyond m that the float16 scan hands to the exact re-rank
 _FP16_MAX = 65504.0
+
+
 def mahalanobis_map(W: np.ndarray) -> np.ndarray:
     """``L`` ``(d, d)`` with ``L L^T = (cov(W) + 1e-6 I)^-1``, so ``|(x - y) L|`` is the Mahalanobis distance."""
     if len(W) < 2:
-        raise ValueError("metric='mahalanobis' needs at least 2 proxies to estimate their covariance; "
-                         "got 1 proxy (one class with one proxy, or 1 sample)")
+        raise ValueError(
+            "metric='mahalanobis' needs at least 2 proxies to estimate their covariance; "
+            "got 1 proxy (one class with one proxy, or 1 sample)"
+        )
     cov = np.cov(W.astype(np.float64), rowvar=False) + MAHALANOBIS_RIDGE * np.eye(W.shape[1])
     return np.linalg.cholesky(np.linalg.inv(cov)).astype(np.float32)
 
@@ -71,9 +79,16 @@ class ProxyIndex:
     unless built from a trained IVF index (``trained``). ``search_params`` are an IVF index's
     defaults for each search (``{"nprobe": 64}``); a search may override them for itself."""
 
-    def __init__(self, d: int, metric: str = "ip", transform: np.ndarray | None = None, *,
-                 with_ids: bool = False, index: faiss.Index | None = None,
-                 search_params: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        d: int,
+        metric: str = "ip",
+        transform: np.ndarray | None = None,
+        *,
+        with_ids: bool = False,
+        index: faiss.Index | None = None,
+        search_params: dict[str, int] | None = None,
+    ) -> None:
         if metric == "mahalanobis" and transform is None:
             raise ValueError("metric='mahalanobis' needs its linear map (see mahalanobis_map)")
         self.metric = metric
@@ -91,19 +106,21 @@ class ProxyIndex:
         self._mirror: tuple | None = None  # (device, ntotal, vectors, squared norms): see _on_device
 
     @classmethod
-    def build(cls, W: np.ndarray, metric: str = "ip") -> "ProxyIndex":
+    def build(cls, W: np.ndarray, metric: str = "ip") -> ProxyIndex:
         """Index of proxies ``W`` ``(P, d)``, row ``i`` with id ``i`` (Mahalanobis map fitted on ``W``)."""
         out = cls(W.shape[1], metric, mahalanobis_map(W) if metric == "mahalanobis" else None)
         out.add(W)
         return out
 
     @classmethod
-    def trained(cls, factory: str, W: np.ndarray, metric: str, transform: np.ndarray | None,
-                seed: int = 0) -> "ProxyIndex":
+    def trained(
+        cls, factory: str, W: np.ndarray, metric: str, transform: np.ndarray | None, seed: int = 0
+    ) -> ProxyIndex:
         """An empty IVF index (``ivf.train``) for proxies like ``W``, trained on a sample of them."""
         out = cls(W.shape[1], metric, transform)
-        out.index = ivf.train(factory, W, metric, _FAISS_METRIC[metric], seed,
-                              prepare=lambda X: out.prepare(X, "proxies"))
+        out.index = ivf.train(
+            factory, W, metric, _FAISS_METRIC[metric], seed, prepare=lambda X: out.prepare(X, "proxies")
+        )
         return out
 
     @property
@@ -118,16 +135,23 @@ class ProxyIndex:
         """An IVF index whose codes re-encode without loss (``ivf.retrainable``)."""
         return self.is_ivf and ivf.retrainable(self.index)
 
-    def retrained(self, factory: str, seed: int = 0) -> tuple["ProxyIndex", "ProxyIndex"]:
+    def retrained(self, factory: str, seed: int = 0) -> tuple[ProxyIndex, ProxyIndex]:
         """``(template, filled)``: this IVF index's vectors under retrained lists (``ivf.retrain``)."""
         template, filled = ivf.retrain(self.index, factory, self.metric, _FAISS_METRIC[self.metric], seed)
-        return (ProxyIndex(self.index.d, self.metric, self.transform, index=template),
-                ProxyIndex(self.index.d, self.metric, self.transform, index=filled, search_params=self.search_params))
+        return (
+            ProxyIndex(self.index.d, self.metric, self.transform, index=template),
+            ProxyIndex(self.index.d, self.metric, self.transform, index=filled, search_params=self.search_params),
+        )
 
-    def empty_like(self) -> "ProxyIndex":
+    def empty_like(self) -> ProxyIndex:
         """An empty index of the same kind (and training, and search parameters)."""
-        out = ProxyIndex(self.index.d, self.metric, self.transform, index=faiss.clone_index(self.index),
-                         search_params=self.search_params)
+        out = ProxyIndex(
+            self.index.d,
+            self.metric,
+            self.transform,
+            index=faiss.clone_index(self.index),
+            search_params=self.search_params,
+        )
         out.index.reset()
         return out
 
@@ -198,8 +222,9 @@ class ProxyIndex:
             return np.zeros((0, self.index.d), np.float32)
         return self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
-    def search(self, Q: np.ndarray, m: int = 1, params: dict[str, int] | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(
+        self, Q: np.ndarray, m: int = 1, params: dict[str, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``m`` closest proxies of each query: ``(similarity, distance, ids)``, each ``(n_q, m)``.
 
         ``params`` replace ``search_params`` for this call only (IVF indexes). Fewer than ``m``
@@ -244,6 +269,7 @@ class ProxyIndex:
     def _tensors(self, device: str) -> tuple:
         """The stored vectors of an exact index as a tensor on ``device`` (on the CPU a view of
         FAISS's storage), and their squared norms for L2; made once per version (``_on_device``)."""
+
         def make() -> tuple:
             X = to_device(self._stored(), device)
             return X, (X * X).sum(1) if self._kind == "l2" else None
@@ -286,8 +312,11 @@ class ProxyIndex:
         if k == 1:  # argmax is a single pass; argpartition copies and selects
             top = S.argmax(1)[:, None]
         else:
-            top = (np.argpartition(S, S.shape[1] - k, axis=1)[:, -k:] if k < S.shape[1]
-                   else np.tile(np.arange(k), (len(Q), 1)))
+            top = (
+                np.argpartition(S, S.shape[1] - k, axis=1)[:, -k:]
+                if k < S.shape[1]
+                else np.tile(np.arange(k), (len(Q), 1))
+            )
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(S, top, 1), axis=1, kind="stable"), 1)
         return top, np.take_along_axis(S, top, 1)
 
@@ -305,8 +334,9 @@ class ProxyIndex:
             if self._half is None or (self._half[0] is not None and self._half[0].ntotal != len(xb)):
                 self._half = (None, 0.0)
                 if max(xb.max(), -xb.min()) < _FP16_MAX:  # no |xb| temporary: that would double the memory
-                    half = faiss.IndexScalarQuantizer(xb.shape[1], faiss.ScalarQuantizer.QT_fp16,
-                                                      faiss.METRIC_INNER_PRODUCT)
+                    half = faiss.IndexScalarQuantizer(
+                        xb.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+                    )
                     half.add(xb)
                     self._half = (half, _half_bound(xb))
             half, bound = self._half
@@ -355,8 +385,11 @@ class ProxyIndex:
         diff = np.abs(X - Qp)
         if self.metric == "manhattan":
             return -diff.sum(-1, dtype=np.float64)
-        return -diff.max(-1).astype(np.float64) if self.metric == "chebyshev" else -np.sqrt(
-            (diff.astype(np.float64) ** 2).sum(-1))
+        return (
+            -diff.max(-1).astype(np.float64)
+            if self.metric == "chebyshev"
+            else -np.sqrt((diff.astype(np.float64) ** 2).sum(-1))
+        )
 
     def stored_rows(self, rows: np.ndarray) -> np.ndarray:
         """Stored vectors of an exact index by row number (any shape of ``rows``, then ``d``)."""
@@ -375,5 +408,6 @@ class ProxyIndex:
 
     def __setstate__(self, state: dict) -> None:
         state["index"] = faiss.deserialize_index(state["index"])
-        self.__dict__.update({"search_params": {}, **state, "_half": None, "_copies_lock": threading.Lock(),
-                              "_mirror": None})
+        self.__dict__.update(
+            {"search_params": {}, **state, "_half": None, "_copies_lock": threading.Lock(), "_mirror": None}
+        )

@@ -22,9 +22,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -86,8 +87,15 @@ def chunks(labels: Sequence[Any], start: int, size: int) -> Iterator[tuple[int, 
 class _Target:
     """The collection being ingested into: opened, or created when the first chunk is ready."""
 
-    def __init__(self, path: Path, preset: str | None, settings: dict[str, Any], lock_timeout: float,
-                 shards: int, auto_choice: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        preset: str | None,
+        settings: dict[str, Any],
+        lock_timeout: float,
+        shards: int,
+        auto_choice: dict[str, Any] | None = None,
+    ) -> None:
         self.path, self.preset, self.settings, self.lock_timeout = path, preset, settings, lock_timeout
         self.shards, self.auto_choice = shards, auto_choice
         self.col = open_any(path, lock_timeout=lock_timeout) if exists(path) else None
@@ -107,17 +115,28 @@ class _Target:
         """Add rows ``X`` of ``parts`` (their labels, texts and refs) in one write."""
         if self.col is None:
             if self.shards > 1:
-                self.col = ShardedCollection.create(self.path, shards=self.shards, preset=self.preset,
-                                                    lock_timeout=self.lock_timeout, auto_choice=self.auto_choice,
-                                                    **self.settings)
+                self.col = ShardedCollection.create(
+                    self.path,
+                    shards=self.shards,
+                    preset=self.preset,
+                    lock_timeout=self.lock_timeout,
+                    auto_choice=self.auto_choice,
+                    **self.settings,
+                )
             else:
-                self.col = Collection.create(self.path, preset=self.preset, lock_timeout=self.lock_timeout,
-                                             auto_choice=self.auto_choice, **self.settings)
+                self.col = Collection.create(
+                    self.path,
+                    preset=self.preset,
+                    lock_timeout=self.lock_timeout,
+                    auto_choice=self.auto_choice,
+                    **self.settings,
+                )
             self.created = True
         texts = [t for p in parts for t in (p.texts or [None] * len(p))] if any(p.texts for p in parts) else None
         refs = [r for p in parts for r in (p.refs or [None] * len(p))] if any(p.refs for p in parts) else None
-        self.col._add_checked(X, [v for p in parts for v in p.labels], checkpoints=checkpoints, replace=replace,
-                              texts=texts, refs=refs)
+        self.col._add_checked(
+            X, [v for p in parts for v in p.labels], checkpoints=checkpoints, replace=replace, texts=texts, refs=refs
+        )
 
     def discard_if_unwritten(self) -> None:
         """Remove a collection this ingestion created and never wrote to: no stub is left with
@@ -127,10 +146,21 @@ class _Target:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Dataset], *,
-           chunk_size: int = DEFAULT_CHUNK, progress: bool = False, embedder: Embedder | None = None,
-           again: bool = False, upsert: bool = False, vectors_model: str | None = None, preset: str | None = None,
-           lock_timeout: float = 0.0, shards: int = 1, **settings: Any) -> IngestReport:
+def ingest(
+    path: str | os.PathLike,
+    sources: Sequence[str | os.PathLike | Dataset],
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool = False,
+    embedder: Embedder | None = None,
+    again: bool = False,
+    upsert: bool = False,
+    vectors_model: str | None = None,
+    preset: str | None = None,
+    lock_timeout: float = 0.0,
+    shards: int = 1,
+    **settings: Any,
+) -> IngestReport:
     """Add the labelled rows of ``sources`` (data files, or ``readers.Dataset``) to the collection
     at ``path``, creating it with ``preset`` and ``settings`` if there is none (or with those an
     ``imprint export`` file carries); see the module docstring. ``embedder``: the model's embedder
@@ -151,8 +181,9 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     if remade:  # an exported collection made again as it was: its settings, then its state
         settings = dict(exported[0].settings)
     state = exported[0].state if remade else None
-    target = _Target(Path(path), preset, settings, lock_timeout, shards,
-                     state.get("auto_choice") if state is not None else None)
+    target = _Target(
+        Path(path), preset, settings, lock_timeout, shards, state.get("auto_choice") if state is not None else None
+    )
     if target.col is not None:
         model = target.col.model
     else:
@@ -179,8 +210,12 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
     try:
         if todo and total <= chunk_size:  # one atomic write
             parts = [ds.part(start, len(ds)) for ds, _, start in todo]
-            target.add(embed_all(parts, embedder), parts, [(source, len(ds)) for ds, source, _ in todo],
-                       upserting.take([v for part in parts for v in part.labels]))
+            target.add(
+                embed_all(parts, embedder),
+                parts,
+                [(source, len(ds)) for ds, source, _ in todo],
+                upserting.take([v for part in parts for v in part.labels]),
+            )
         elif todo:
             _add_chunks(target, todo, embedder, chunk_size, progress, upserting)
     except BaseException:
@@ -188,16 +223,28 @@ def ingest(path: str | os.PathLike, sources: Sequence[str | os.PathLike | Datase
         raise
     col = target.col
     if state is not None and target.created and (state.get("threshold") is not None or state["classes"]):
-        col.restore_rejection(state.get("threshold"), {label: v for ds in exported if ds.state
-                                                       for label, v in ds.state["classes"].items()})
+        col.restore_rejection(
+            state.get("threshold"),
+            {label: v for ds in exported if ds.state for label, v in ds.state["classes"].items()},
+        )
     retrained = col.outgrown
     if retrained:
         col.compact()
     seen = {lab.entry(label) for ds, _, _ in todo for label in ds.labels}
     info = col.info()
     col.close()  # the caller gets a report, not the collection: its connections close now
-    return IngestReport(str(path), total, resumed, len(seen - before), info["classes"], info["proxies"],
-                        retrained, col.auto_choice, skipped, target.created)
+    return IngestReport(
+        str(path),
+        total,
+        resumed,
+        len(seen - before),
+        info["classes"],
+        info["proxies"],
+        retrained,
+        col.auto_choice,
+        skipped,
+        target.created,
+    )
 
 
 def _read_all(sources: Sequence[str | os.PathLike | Dataset], beside: Path) -> list[Dataset]:
@@ -235,8 +282,10 @@ def check_vectors_model(ds: Dataset, model: str | None, vectors_model: str | Non
         return
     made_by = ds.model or vectors_model
     if made_by is None:
-        raise DataError(f"{ds.source}: vectors of unknown origin for a collection of {model!r} embeddings; if "
-                        f"{model!r} made them, say so (--vectors-model {model}, or vectors_model=)")
+        raise DataError(
+            f"{ds.source}: vectors of unknown origin for a collection of {model!r} embeddings; if "
+            f"{model!r} made them, say so (--vectors-model {model}, or vectors_model=)"
+        )
     if made_by != model:
         raise DataError(f"{ds.source}: vectors made by {made_by!r}, but the collection holds {model!r} embeddings")
 
@@ -257,13 +306,15 @@ class _Upsert:
         return hit
 
 
-def _add_chunks(target: _Target, todo: list, embedder: Embedder | None, chunk_size: int, progress: bool,
-                upserting: _Upsert) -> None:
+def _add_chunks(
+    target: _Target, todo: list, embedder: Embedder | None, chunk_size: int, progress: bool, upserting: _Upsert
+) -> None:
     """Add every source chunk by chunk from its first row not yet done, each chunk recording its
     progress."""
     first, started = len(target), time.perf_counter()
-    with bar(total=sum(len(ds) - start for ds, _, start in todo), unit="row", desc="indexing",
-             enabled=progress) as shown:
+    with bar(
+        total=sum(len(ds) - start for ds, _, start in todo), unit="row", desc="indexing", enabled=progress
+    ) as shown:
         for ds, source, start in todo:
             for lo, hi in chunks(ds.labels, start, chunk_size):
                 part = ds.part(lo, hi)

@@ -50,15 +50,19 @@ def check(directory: Path, engine: Engine) -> CheckReport:
         if len(ids) != len(np.unique(ids)):
             problems.append(f"{kind}: duplicate ids in the index files")
         if not np.array_equal(np.sort(ids), np.sort(rows[:, 0])):
-            problems.append(f"{kind}: the index files hold {len(ids)} live vectors and the database "
-                            f"{len(rows)} id rows, and their ids differ")
+            problems.append(
+                f"{kind}: the index files hold {len(ids)} live vectors and the database "
+                f"{len(rows)} id rows, and their ids differ"
+            )
         if (rows[:, 0] >> CLASS_SHIFT != rows[:, 1]).any():
             problems.append(f"{kind}: an id row names another class than its id encodes")
     if snap.means is not None or snap.params["aggregation"] == "blend":
         means = snap.means.ids if snap.means is not None else np.zeros(0, np.int64)
         if len(snap.table) and not np.array_equal(np.sort(means), np.sort(snap.table.mean_ids(snap.table.ids))):
-            problems.append(f"means: the index files hold {len(means)} class means for {len(snap.table)} classes, "
-                            "and their ids differ")
+            problems.append(
+                f"means: the index files hold {len(means)} class means for {len(snap.table)} classes, "
+                "and their ids differ"
+            )
     expected = int(snap.table.n_proxies.sum())
     if expected != len(loaded["proxies"]):
         problems.append(f"proxies: the class ranges count {expected}, the index holds {len(loaded['proxies'])}")
@@ -83,21 +87,28 @@ def damaged_files(directory: Path, engine: Engine) -> list[str]:
                 try:
                     segments.read_segment(directory, name, opened[name], cfg["dimension"], checksum)
                 except CollectionDamagedError as exc:
-                    problems.append(str(exc) + _lists_differing(directory, name, opened[name], cfg["dimension"],
-                                                                n_vectors, lists))
+                    problems.append(
+                        str(exc) + _lists_differing(directory, name, opened[name], cfg["dimension"], n_vectors, lists)
+                    )
     return problems
 
 
-def _lists_differing(directory: Path, name: str, file: BinaryIO, dimension: int, n_vectors: int,
-                     lists: bytes | None) -> str:
+def _lists_differing(
+    directory: Path, name: str, file: BinaryIO, dimension: int, n_vectors: int, lists: bytes | None
+) -> str:
     """Which inverted lists of a damaged IVF proxy file differ from their recorded checksums, in
     words ("" where none are recorded, or the file does not even map)."""
     if lists is None or not segments.can_map():
         return ""
     try:
-        found = ListVerifier(directory, name, segments.map_segment(directory, name, file, dimension, n_vectors),
-                             lists).mismatches()
+        found = ListVerifier(
+            directory, name, segments.map_segment(directory, name, file, dimension, n_vectors), lists
+        ).mismatches()
     except CollectionDamagedError:
         return ""
-    return f" (inverted list{'s' if len(found) != 1 else ''} {', '.join(map(str, found[:10]))}" \
-           f"{' ...' if len(found) > 10 else ''} differ{'s' if len(found) == 1 else ''})" if found else ""
+    return (
+        f" (inverted list{'s' if len(found) != 1 else ''} {', '.join(map(str, found[:10]))}"
+        f"{' ...' if len(found) > 10 else ''} differ{'s' if len(found) == 1 else ''})"
+        if found
+        else ""
+    )

@@ -10,7 +10,7 @@ concurrent queries with different parameters cannot see each other's.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -42,8 +42,9 @@ def default_nprobe(nlist: int) -> int:
     return int(min(nlist, max(32, nlist // 64)))
 
 
-def tune_nprobe(index: faiss.Index, target: float = RECALL_TARGET, n_queries: int = TUNE_QUERIES,
-                seed: int = 0) -> dict[str, float | int] | None:
+def tune_nprobe(
+    index: faiss.Index, target: float = RECALL_TARGET, n_queries: int = TUNE_QUERIES, seed: int = 0
+) -> dict[str, float | int] | None:
     """The smallest nprobe at which the approximate top-1 of held-out proxies equals the exact
     top-1, for at least ``target`` of them: ``{"nprobe", "recall", "target", "queries", "proxies"}``;
     None for an index that cannot be decoded list by list (a pre-transform) or holds < 2 vectors.
@@ -85,8 +86,13 @@ def tune_nprobe(index: faiss.Index, target: float = RECALL_TARGET, n_queries: in
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if recall(mid) >= target else (mid, hi)
-    return {"nprobe": hi, "recall": round(recall(hi), 4), "target": target, "queries": len(Q),
-            "proxies": int(index.ntotal)}
+    return {
+        "nprobe": hi,
+        "recall": round(recall(hi), 4),
+        "target": target,
+        "queries": len(Q),
+        "proxies": int(index.ntotal),
+    }
 
 
 def _other(found: np.ndarray, own: np.ndarray) -> np.ndarray:
@@ -98,11 +104,25 @@ def parse_size(text: str | int) -> int:
     """Bytes from ``"8GB"``, ``"512MiB"``, ``"1.5G"`` or an int."""
     if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
         return int(text)
-    units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
-             "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "K": 1e3,
+        "KB": 1e3,
+        "KIB": 2**10,
+        "M": 1e6,
+        "MB": 1e6,
+        "MIB": 2**20,
+        "G": 1e9,
+        "GB": 1e9,
+        "GIB": 2**30,
+        "T": 1e12,
+        "TB": 1e12,
+        "TIB": 2**40,
+    }
     value = str(text).strip().upper()
     number = value.rstrip("KMGTIB ")
-    unit = value[len(number):].strip()
+    unit = value[len(number) :].strip()
     try:
         return int(float(number) * units[unit])
     except (ValueError, KeyError):
@@ -122,12 +142,19 @@ def choose_index(n_vectors: int, d: int, memory_budget: int) -> str:
     for m in (64, 48, 32, 24, 16, 8, 4):
         if d % m == 0 and n_vectors * (m + 8) + nlist * d * 4 + 256 * d * 4 <= memory_budget:
             return f"IVF{nlist},PQ{m}"
-    raise InvalidParameterError(f"a memory budget of {memory_budget:,} bytes cannot hold {n_vectors:,} proxies "
-                                f"of dimension {d}")
+    raise InvalidParameterError(
+        f"a memory budget of {memory_budget:,} bytes cannot hold {n_vectors:,} proxies of dimension {d}"
+    )
 
 
-def train(factory: str, W: np.ndarray, metric: str, faiss_metric: int, seed: int = 0,
-          prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> faiss.Index:
+def train(
+    factory: str,
+    W: np.ndarray,
+    metric: str,
+    faiss_metric: int,
+    seed: int = 0,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> faiss.Index:
     """An empty IVF index (a FAISS factory string, e.g. ``IVF4096,SQ8``) trained on ``W``, mapped
     by ``prepare`` to the space the index stores (None: ``W`` is stored as it is).
 
@@ -137,20 +164,26 @@ def train(factory: str, W: np.ndarray, metric: str, faiss_metric: int, seed: int
     trained ranges get a margin (``SQ_RANGE_MARGIN``) for the classes added later.
     """
     if metric not in APPROXIMATE_METRICS:
-        raise InvalidParameterError(f"index={factory!r} supports metrics {', '.join(APPROXIMATE_METRICS)}; "
-                                    f"metric={metric!r} needs index='Flat'")
+        raise InvalidParameterError(
+            f"index={factory!r} supports metrics {', '.join(APPROXIMATE_METRICS)}; metric={metric!r} needs index='Flat'"
+        )
     try:
         index = faiss.index_factory(W.shape[1], factory, faiss_metric)
     except RuntimeError as exc:
-        raise InvalidParameterError(f"index={factory!r} is not a FAISS factory string FAISS accepts "
-                                    f"({str(exc).strip().splitlines()[-1]})") from None
+        raise InvalidParameterError(
+            f"index={factory!r} is not a FAISS factory string FAISS accepts ({str(exc).strip().splitlines()[-1]})"
+        ) from None
     ivf = faiss.try_extract_index_ivf(index)
     if isinstance(index, faiss.IndexHNSW) or ivf is None:
-        raise InvalidParameterError(f"index={factory!r}: collections support Flat and IVF indexes (IVF..., with "
-                                    "Flat, SQ or PQ codes); HNSW cannot remove vectors")
+        raise InvalidParameterError(
+            f"index={factory!r}: collections support Flat and IVF indexes (IVF..., with "
+            "Flat, SQ or PQ codes); HNSW cannot remove vectors"
+        )
     if len(W) < ivf.nlist:
-        raise InvalidParameterError(f"index={factory!r} needs at least {ivf.nlist} proxies to train its lists; the "
-                                    f"first add made {len(W)}: add more classes at once, or use fewer lists")
+        raise InvalidParameterError(
+            f"index={factory!r} needs at least {ivf.nlist} proxies to train its lists; the "
+            f"first add made {len(W)}: add more classes at once, or use fewer lists"
+        )
     sample = np.sort(np.random.default_rng(seed).permutation(len(W))[: TRAIN_PER_LIST * ivf.nlist])
     ivf.cp.niter = TRAIN_ITERATIONS
     ivf.cp.seed = seed
@@ -176,7 +209,8 @@ def retrainable(index: faiss.Index) -> bool:
     stores vectors in another space: those keep their first training."""
     ivf = faiss.downcast_index(index)
     return isinstance(ivf, faiss.IndexIVFFlat) or (
-        isinstance(ivf, faiss.IndexIVFScalarQuantizer) and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16)
+        isinstance(ivf, faiss.IndexIVFScalarQuantizer) and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+    )
 
 
 def list_ids(index: faiss.Index) -> np.ndarray:
@@ -204,8 +238,9 @@ def decoded_lists(index: faiss.Index, rows: np.ndarray | None = None) -> Iterato
         yield ids, ivf.sa_decode(np.hstack([np.broadcast_to(listno, (len(ids), listno_bytes)), codes]))
 
 
-def retrain(index: faiss.Index, factory: str, metric: str, faiss_metric: int,
-            seed: int = 0) -> tuple[faiss.Index, faiss.Index]:
+def retrain(
+    index: faiss.Index, factory: str, metric: str, faiss_metric: int, seed: int = 0
+) -> tuple[faiss.Index, faiss.Index]:
     """This IVF index's vectors under lists retrained on a sample of them: ``(template, filled)``,
     the new trained empty index and a copy holding every vector (same ids), re-encoded.
 
@@ -214,8 +249,10 @@ def retrain(index: faiss.Index, factory: str, metric: str, faiss_metric: int,
     list by list, never all at once.
     """
     if not retrainable(index):
-        raise InvalidParameterError(f"index={factory!r}: only IVF-Flat and IVF-SQfp16 proxy indexes can be "
-                                    "retrained (other codes would be quantised twice)")
+        raise InvalidParameterError(
+            f"index={factory!r}: only IVF-Flat and IVF-SQfp16 proxy indexes can be "
+            "retrained (other codes would be quantised twice)"
+        )
     nlist = faiss.extract_index_ivf(index).nlist
     sample = np.sort(np.random.default_rng(seed).permutation(index.ntotal)[: TRAIN_PER_LIST * nlist])
     sampled = np.concatenate([X for _, X in decoded_lists(index, sample)])  # decodes only the sample
@@ -226,9 +263,14 @@ def retrain(index: faiss.Index, factory: str, metric: str, faiss_metric: int,
     return template, filled
 
 
-def search_verified(index: faiss.Index, Q: np.ndarray, k: int, params: dict[str, int] | None,
-                    selector: faiss.IDSelector | None, verify: Callable[[np.ndarray | None], None]
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def search_verified(
+    index: faiss.Index,
+    Q: np.ndarray,
+    k: int,
+    params: dict[str, int] | None,
+    selector: faiss.IDSelector | None,
+    verify: Callable[[np.ndarray | None], None],
+) -> tuple[np.ndarray, np.ndarray]:
     """``index.search`` with ``verify(lists)`` called on the inverted lists it will scan before it
     scans them: the coarse assignment is made here once and handed to FAISS. An index that is not
     a plain IVF (wrapped in a transform) has ``verify(None)`` called instead: every list."""
@@ -247,13 +289,23 @@ def search_verified(index: faiss.Index, Q: np.ndarray, k: int, params: dict[str,
     Dq, Iq = ivf.quantizer.search(Q, nprobe, params=searched.quantizer_params)
     verify(Iq)
     D, ids = np.empty((len(Q), k), np.float32), np.empty((len(Q), k), np.int64)
-    ivf.search_preassigned_c(len(Q), faiss.swig_ptr(Q), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq), faiss.swig_ptr(D),
-                             faiss.swig_ptr(ids), False, searched)  # the Python wrapper takes no parameters
+    ivf.search_preassigned_c(
+        len(Q),
+        faiss.swig_ptr(Q),
+        k,
+        faiss.swig_ptr(Iq),
+        faiss.swig_ptr(Dq),
+        faiss.swig_ptr(D),
+        faiss.swig_ptr(ids),
+        False,
+        searched,
+    )  # the Python wrapper takes no parameters
     return D, ids
 
 
-def search_parameters(index: faiss.Index, params: dict[str, int] | None,
-                      selector: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
+def search_parameters(
+    index: faiss.Index, params: dict[str, int] | None, selector: faiss.IDSelector | None = None
+) -> faiss.SearchParameters | None:
     """``params`` (``nprobe``, ``max_codes``, ``quantizer_efSearch``) as the object FAISS takes with
     one search call, searching only the ids ``selector`` accepts if given; None for neither."""
     if not params and selector is None:
@@ -261,8 +313,7 @@ def search_parameters(index: faiss.Index, params: dict[str, int] | None,
     params = params or {}
     unknown = [key for key in params if key not in SEARCH_KEYS]
     if unknown:
-        raise InvalidParameterError(f"search parameter {unknown[0]!r} is not known; expected "
-                                    + ", ".join(SEARCH_KEYS))
+        raise InvalidParameterError(f"search parameter {unknown[0]!r} is not known; expected " + ", ".join(SEARCH_KEYS))
     out = faiss.SearchParametersIVF()
     if selector is not None:
         out.sel = selector  # a raw pointer too: the caller keeps the selector alive

@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device as device_of
+from array_api_compat import array_namespace
+from array_api_compat import device as device_of
 
 from ._groups import Grouped, uniforms
 from .device import current
@@ -58,7 +59,7 @@ class Points:
         self.P = P
         self.sq = array_namespace(P).vecdot(P, P)
 
-    def take(self, rows: Array) -> "Points":
+    def take(self, rows: Array) -> Points:
         return Points(self.P[rows])
 
     def point_dists(self, idx: Array) -> Array:
@@ -81,7 +82,7 @@ class Gram(Points):
         self.G = P @ P.mT if G is None else G
         self.sq = xp.asarray(xp.linalg.diagonal(self.G), copy=True)
 
-    def take(self, rows: Array) -> "Gram":
+    def take(self, rows: Array) -> Gram:
         return Gram(self.P[rows], self.G[rows])
 
     def point_dists(self, idx: Array) -> Array:
@@ -120,8 +121,7 @@ def kmeans_pp(sp: Points, mask: Array, k: int, keys: np.ndarray, seed: int) -> A
     for t in range(1, k):
         cum = xp.cumulative_sum(D, axis=1, dtype=xp.float64)
         target = xp.asarray(uniforms(keys[:, None], seed, t, np.arange(trials)), device=dev) * cum[:, -1:]
-        cand = xp.minimum(xp.sum(xp.astype(cum[:, None, :] < target[:, :, None], xp.int64), axis=-1),
-                          (n - 1)[:, None])
+        cand = xp.minimum(xp.sum(xp.astype(cum[:, None, :] < target[:, :, None], xp.int64), axis=-1), (n - 1)[:, None])
         Dc = xp.where(mask[:, None, :], xp.minimum(D[:, None, :], sp.point_dists(cand)), 0.0)
         best = xp.argmin(xp.sum(Dc, axis=-1, dtype=xp.float64), axis=1)
         chosen[:, t] = cand[rows, best]
@@ -189,8 +189,9 @@ def lloyd(sp: Points, mask: Array, start: Array, *, max_iter: int = 300, tol: fl
     return _contiguous(final.mT) @ P
 
 
-def block_kmeans(P: Array, mask: Array, keys: np.ndarray, k: int, seed: int, *, max_iter: int = 300,
-                 tol: float = 1e-4) -> Array:
+def block_kmeans(
+    P: Array, mask: Array, keys: np.ndarray, k: int, seed: int, *, max_iter: int = 300, tol: float = 1e-4
+) -> Array:
     """k-means centres ``(B, k, d)`` of one padded block (``Grouped.padded``) of classes with
     these ``keys``, on the device ``P`` lies on: k-means++ seeding, then Lloyd."""
     sp = space(P)
@@ -200,6 +201,8 @@ def block_kmeans(P: Array, mask: Array, keys: np.ndarray, k: int, seed: int, *, 
 def batched_kmeans(groups: Grouped, k: int, seed: int, *, max_iter: int = 300, tol: float = 1e-4) -> np.ndarray:
     """k-means centroids ``(C, k, d)`` of every class in ``groups`` (each must have n_c > k), on
     the current device (``device.py``)."""
-    return groups.map_blocks(lambda classes, P, mask: block_kmeans(P, mask, groups.keys[classes], k, seed,
-                                                                   max_iter=max_iter, tol=tol),
-                             k, device=current())
+    return groups.map_blocks(
+        lambda classes, P, mask: block_kmeans(P, mask, groups.keys[classes], k, seed, max_iter=max_iter, tol=tol),
+        k,
+        device=current(),
+    )

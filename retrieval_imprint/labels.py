@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,8 +59,10 @@ def stored_entry(label: object, where: str = "") -> Entry:
 def _sized(text: str, at: str) -> str:
     size = len(text.encode("utf-8"))
     if size > MAX_LABEL_BYTES:
-        raise DataError(f"label{at} {text[:40]!r}... is {size:,} bytes long; a label may hold at most "
-                        f"{MAX_LABEL_BYTES:,} bytes (UTF-8)")
+        raise DataError(
+            f"label{at} {text[:40]!r}... is {size:,} bytes long; a label may hold at most "
+            f"{MAX_LABEL_BYTES:,} bytes (UTF-8)"
+        )
     return text
 
 
@@ -123,15 +126,18 @@ def encode_stored(labels: Sequence[object]) -> tuple[np.ndarray, list[Entry]]:
     values = as_sequence(labels)
     kinds = set(map(type, values))
     nul_ended = kinds == {str} and any(v.endswith("\0") for v in values)  # numpy would strip the NULs
-    if (kinds == {str} and not nul_ended) or (kinds == {int} and -2**63 <= min(values) and max(values) < 2**63):
+    if (kinds == {str} and not nul_ended) or (kinds == {int} and -(2**63) <= min(values) and max(values) < 2**63):
         uniq, first, codes = np.unique(np.array(values), return_index=True, return_inverse=True)
         order = np.argsort(first)
         rank = np.empty(len(order), np.int64)
         rank[order] = np.arange(len(order))
         return rank[codes.ravel()], [stored_entry(uniq[i].item(), f"row {first[i]}") for i in order]
     seen: dict[Entry, int] = {}
-    codes = np.fromiter((seen.setdefault(stored_entry(v, f"row {row}"), len(seen)) for row, v in enumerate(values)),
-                        np.int64, len(values))
+    codes = np.fromiter(
+        (seen.setdefault(stored_entry(v, f"row {row}"), len(seen)) for row, v in enumerate(values)),
+        np.int64,
+        len(values),
+    )
     return codes, list(seen)
 
 
@@ -142,8 +148,10 @@ def check_kind(entries: Sequence[Entry], existing: str | None) -> None:
     wanted = existing or next(iter(kinds), None)
     other = next((e for e in entries if e[0] != wanted), None)
     if other is not None:
-        raise DataError(f"this collection's labels are {wanted}, but label {other[1]!r} is {other[0]}: a collection "
-                        f"holds one kind of label (convert the labels, e.g. read them as {wanted})")
+        raise DataError(
+            f"this collection's labels are {wanted}, but label {other[1]!r} is {other[0]}: a collection "
+            f"holds one kind of label (convert the labels, e.g. read them as {wanted})"
+        )
 
 
 def check_targets(y: Any) -> None:

@@ -27,8 +27,9 @@ class MappedProxyIndex(ProxyIndex):
     """``delta``'s settings and vectors plus the read-only ``mapped`` IVF index, less its dead ids."""
 
     def __init__(self, delta: ProxyIndex, mapped: faiss.Index, verifier: Any) -> None:
-        super().__init__(delta.index.d, delta.metric, delta.transform, index=delta.index,
-                         search_params=delta.search_params)
+        super().__init__(
+            delta.index.d, delta.metric, delta.transform, index=delta.index, search_params=delta.search_params
+        )
         self.mapped, self.verifier = mapped, verifier  # verified.ListVerifier or FileVerifier
         self._searched = faiss.downcast_index(mapped)  # what search_verified takes: the IVF index itself
         self._mapped_ids: np.ndarray | None = None  # sorted; read from the mapped lists on first need
@@ -73,8 +74,9 @@ class MappedProxyIndex(ProxyIndex):
         return removed + len(newly)
 
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
-        D, ids = ivf.search_verified(self._searched, Q, m, params or self.search_params, self._selector,
-                                     self.verifier.ensure)
+        D, ids = ivf.search_verified(
+            self._searched, Q, m, params or self.search_params, self._selector, self.verifier.ensure
+        )
         if not self.index.ntotal:
             return D, ids
         D2, ids2 = super()._nearest(Q, m, params)
@@ -94,5 +96,7 @@ class MappedProxyIndex(ProxyIndex):
         return full.retrained(factory, seed)
 
     def __getstate__(self) -> dict:
-        raise TypeError("a collection's memory-mapped proxy index cannot be pickled: send the collection's "
-                        "path and open it where it is needed")
+        raise TypeError(
+            "a collection's memory-mapped proxy index cannot be pickled: send the collection's "
+            "path and open it where it is needed"
+        )

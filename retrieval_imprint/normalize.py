@@ -11,8 +11,8 @@ independent of class order, and incremental adds never move existing proxies.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 
@@ -43,8 +43,7 @@ def l2_normalize(X: np.ndarray, what: str = "X", *, copy: bool = True) -> np.nda
     _over_rows(measure, len(X), X.shape[1])
     zero = np.flatnonzero(norms[:, 0] == 0)
     if len(zero):
-        raise DataError(f"cannot L2-normalise {what}: row {zero[0]} is a zero vector "
-                         f"({len(zero)} zero row(s) in all)")
+        raise DataError(f"cannot L2-normalise {what}: row {zero[0]} is a zero vector ({len(zero)} zero row(s) in all)")
     _over_rows(divide, len(X), X.shape[1])
     return out
 
@@ -73,8 +72,9 @@ def quantile_normalize(W: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return out
 
 
-def normalize(X: np.ndarray, method: str, *, targets: np.ndarray | None = None, what: str = "X",
-              copy: bool = True) -> np.ndarray:
+def normalize(
+    X: np.ndarray, method: str, *, targets: np.ndarray | None = None, what: str = "X", copy: bool = True
+) -> np.ndarray:
     """Apply ``method`` (``none``, ``l2`` or ``quantile`` with its ``targets``) to the rows of ``X``."""
     if method == "l2":
         return l2_normalize(X, what, copy=copy)

@@ -55,8 +55,10 @@ def own_scores(groups: Grouped, queries: np.ndarray, params: dict[str, Any], fol
         score = space.pair_similarity(queries[rows], space.prepare(W, "proxies")[slots]).max(1)
         if params["aggregation"] == "blend":
             M = space.prepare(means(part, params, fixed), "proxies")
-            score = params["alpha"] * space.pair_similarity(queries[rows], M[c][:, None, :])[:, 0] + (
-                1 - params["alpha"]) * score
+            score = (
+                params["alpha"] * space.pair_similarity(queries[rows], M[c][:, None, :])[:, 0]
+                + (1 - params["alpha"]) * score
+            )
         out[rows] = score
     return out
 
@@ -103,8 +105,9 @@ class Calibration:
         return dict(self.__dict__)
 
 
-def _curve(scores: np.ndarray, correct: np.ndarray, oos: np.ndarray | None
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _curve(
+    scores: np.ndarray, correct: np.ndarray, oos: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """In-scope accuracy and out-of-scope recall at every candidate threshold (accept: score >= t)."""
     candidates = np.unique(np.concatenate([scores, [] if oos is None else oos, [-np.inf]]))
     kept = np.sort(scores[correct])
@@ -113,9 +116,13 @@ def _curve(scores: np.ndarray, correct: np.ndarray, oos: np.ndarray | None
     return candidates, accuracy, recall
 
 
-def calibrate(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]], *,
-              target_accuracy: float | None = None, target_oos_recall: float | None = None,
-              margin: float = MARGIN) -> Calibration:
+def calibrate(
+    rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    *,
+    target_accuracy: float | None = None,
+    target_oos_recall: float | None = None,
+    margin: float = MARGIN,
+) -> Calibration:
     """Choose a rule and the threshold below which a query gets "no class", on validation data.
 
     ``rules`` maps each rule weighed, the preferred first, to ``(scores, correct, oos_scores)``:
@@ -141,8 +148,10 @@ def calibrate(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
         raise InvalidParameterError(f"margin={margin!r} is not valid; expected standard errors in [0, 10)")
     has_oos = all(oos is not None and len(oos) for _, _, oos in rules.values())
     if not has_oos and target_accuracy is None:
-        raise InvalidParameterError("without out-of-scope queries, give target_accuracy (or calibrate from the "
-                                    "training samples with target_false_rejection)")
+        raise InvalidParameterError(
+            "without out-of-scope queries, give target_accuracy (or calibrate from the "
+            "training samples with target_false_rejection)"
+        )
     best: tuple | None = None
     curves, aurocs = {}, {}
     for rule, (scores, correct, oos) in rules.items():
@@ -154,13 +163,15 @@ def calibrate(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
             aurocs[rule] = auroc(scores, np.asarray(oos, np.float64))
         curves[rule] = _thin(candidates, accuracy, recall)
         if target_accuracy is not None:
-            ok = np.flatnonzero(accuracy >= target_accuracy + margin * _binomial_se(target_accuracy, len(scores))
-                                - 1e-12)
+            ok = np.flatnonzero(
+                accuracy >= target_accuracy + margin * _binomial_se(target_accuracy, len(scores)) - 1e-12
+            )
             i = ok[-1] if len(ok) else None  # the highest threshold that keeps the target
             value = recall[i] if i is not None and recall is not None else 0.0  # no OOS: the first rule
         elif target_oos_recall is not None:
-            ok = np.flatnonzero(recall >= target_oos_recall + margin * _binomial_se(target_oos_recall, len(oos))
-                                - 1e-12)
+            ok = np.flatnonzero(
+                recall >= target_oos_recall + margin * _binomial_se(target_oos_recall, len(oos)) - 1e-12
+            )
             i = ok[0] if len(ok) else None  # the lowest threshold that reaches the target
             value = accuracy[i] if i is not None else 0
         else:
@@ -170,22 +181,40 @@ def calibrate(rules: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
         if i is not None and (best is None or value > best[0] + _standard_error(value, best[0], n)):
             best = (value, rule, candidates[i], accuracy[i], None if recall is None else recall[i])
     if best is None:
-        reached = (f"in-scope accuracy {target_accuracy:g}" if target_accuracy is not None
-                   else f"out-of-scope recall {target_oos_recall:g}")
-        raise CalibrationError(f"no threshold reaches {reached} on these queries (without rejection the in-scope "
-                               f"accuracy is {max(np.mean(c) for _, c, _ in rules.values()):.4f}); nothing was changed")
-    cleared = (lambda t, n: f" + {margin:g} standard error ({margin * _binomial_se(t, n):.4f} on {n:,} queries)"
-               if margin else "")
+        reached = (
+            f"in-scope accuracy {target_accuracy:g}"
+            if target_accuracy is not None
+            else f"out-of-scope recall {target_oos_recall:g}"
+        )
+        raise CalibrationError(
+            f"no threshold reaches {reached} on these queries (without rejection the in-scope "
+            f"accuracy is {max(np.mean(c) for _, c, _ in rules.values()):.4f}); nothing was changed"
+        )
+
+    def cleared(t: float, n: int) -> str:
+        return f" + {margin:g} standard error ({margin * _binomial_se(t, n):.4f} on {n:,} queries)" if margin else ""
+
     n_oos = next(len(oos) for _, _, oos in rules.values()) if has_oos else 0
-    criterion = (f"highest threshold keeping in-scope accuracy >= {target_accuracy:g}"
-                 + cleared(target_accuracy, len(next(iter(rules.values()))[0])) if target_accuracy is not None
-                 else f"lowest threshold rejecting >= {target_oos_recall:g}" + cleared(target_oos_recall, n_oos)
-                 + " of out-of-scope queries" if target_oos_recall is not None
-                 else "maximise (in-scope accuracy + out-of-scope recall) / 2")
+    criterion = (
+        f"highest threshold keeping in-scope accuracy >= {target_accuracy:g}"
+        + cleared(target_accuracy, len(next(iter(rules.values()))[0]))
+        if target_accuracy is not None
+        else f"lowest threshold rejecting >= {target_oos_recall:g}"
+        + cleared(target_oos_recall, n_oos)
+        + " of out-of-scope queries"
+        if target_oos_recall is not None
+        else "maximise (in-scope accuracy + out-of-scope recall) / 2"
+    )
     _, rule, threshold, accuracy, recall = best
-    return Calibration(rule, float(threshold), float(accuracy), None if recall is None else float(recall),
-                       criterion + (f" (rule {rule}, best of {', '.join(rules)})" if len(rules) > 1 else ""),
-                       aurocs, curves)
+    return Calibration(
+        rule,
+        float(threshold),
+        float(accuracy),
+        None if recall is None else float(recall),
+        criterion + (f" (rule {rule}, best of {', '.join(rules)})" if len(rules) > 1 else ""),
+        aurocs,
+        curves,
+    )
 
 
 def _standard_error(a: float, b: float, n: int) -> float:
@@ -202,19 +231,30 @@ def calibrate_without_oos(rule: str, own: np.ndarray, target_false_rejection: fl
     """The threshold that rejects ``target_false_rejection`` of in-scope queries, estimated from
     the out-of-fold rejection scores ``own`` of the training samples (NaN: none)."""
     if isinstance(target_false_rejection, bool) or not 0 < target_false_rejection < 1:
-        raise InvalidParameterError(f"target_false_rejection={target_false_rejection!r} is not valid; expected a "
-                                    "fraction in (0, 1)")
+        raise InvalidParameterError(
+            f"target_false_rejection={target_false_rejection!r} is not valid; expected a fraction in (0, 1)"
+        )
     own = own[np.isfinite(own)]
     if not len(own):
         raise CalibrationError("no class has two samples, so no sample can be scored left out; nothing was changed")
     threshold = float(np.quantile(own, target_false_rejection))
-    return Calibration(rule, threshold, None, None,
-                       f"rejects {target_false_rejection:g} of the training samples scored left out "
-                       f"({len(own)} samples, rule {rule})")
+    return Calibration(
+        rule,
+        threshold,
+        None,
+        None,
+        f"rejects {target_false_rejection:g} of the training samples scored left out ({len(own)} samples, rule {rule})",
+    )
 
 
 def _thin(candidates: np.ndarray, accuracy: np.ndarray, recall: np.ndarray | None) -> list[dict[str, float]]:
     """At most ``CURVE_POINTS`` points of a trade-off curve, evenly spaced along it."""
     keep = np.unique(np.linspace(0, len(candidates) - 1, min(CURVE_POINTS, len(candidates))).astype(int))
-    return [{"threshold": float(candidates[i]), "in_scope_accuracy": float(accuracy[i]),
-             **({"oos_recall": float(recall[i])} if recall is not None else {})} for i in keep]
+    return [
+        {
+            "threshold": float(candidates[i]),
+            "in_scope_accuracy": float(accuracy[i]),
+            **({"oos_recall": float(recall[i])} if recall is not None else {}),
+        }
+        for i in keep
+    ]

@@ -10,20 +10,21 @@ the paper (docs/design.md): NORMpre / GEN / NORMpost / NORMinf / AGG.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .aggregate import AGGREGATIONS, VOTES
+from .auto import AUTO, PAPER_K
 from .device import check_device
 from .errors import InvalidParameterError
-from .auto import AUTO, PAPER_K
 from .generate import GENERATORS
 from .index import METRICS
 from .ivf import parse_size
-from .openset import RULES
 from .normalize import INF_NORMS, POST_NORMS, PRE_NORMS
+from .openset import RULES
 
 
 def check_int(name: str, value: object, low: int) -> int:
@@ -36,18 +37,23 @@ def check_int(name: str, value: object, low: int) -> int:
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
     """``value`` if it is one of ``allowed``, else an ``InvalidParameterError`` listing them."""
     if not isinstance(value, str) or value not in allowed:
-        raise InvalidParameterError(f"{name}={value!r} is not valid; expected one of "
-                                    + ", ".join(repr(a) for a in allowed))
+        raise InvalidParameterError(
+            f"{name}={value!r} is not valid; expected one of " + ", ".join(repr(a) for a in allowed)
+        )
     return value
 
 
 def check_k(name: str, value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not (
-            value >= 1 or value == -1):
-        raise InvalidParameterError(f"{name}={value!r} is not valid; expected a positive integer, -1 for every "
-                                    "sample, or None")
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or not (value >= 1 or value == -1)
+    ):
+        raise InvalidParameterError(
+            f"{name}={value!r} is not valid; expected a positive integer, -1 for every sample, or None"
+        )
     return int(value)
 
 
@@ -69,8 +75,7 @@ def check_seed(name: str, value: object) -> Any:
 def check_ridge(name: str, value: object) -> float | str:
     if value == AUTO:
         return AUTO
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
-            or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value < 0:
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number >= 0, or 'auto'")
     return float(value)
 
@@ -78,8 +83,12 @@ def check_ridge(name: str, value: object) -> float | str:
 def check_temperature(name: str, value: object) -> float | str:
     if value == AUTO:
         return AUTO
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
-            or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.number))
+        or not np.isfinite(value)
+        or value <= 0
+    ):
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number > 0, or 'auto'")
     return float(value)
 
@@ -98,8 +107,10 @@ def check_bool(name: str, value: object) -> bool:
 
 def check_index(name: str, value: object) -> str:
     if not isinstance(value, str) or not (value in ("Flat", "auto") or value.startswith("IVF")):
-        raise InvalidParameterError(f"{name}={value!r} is not valid; expected 'Flat', 'auto' or a FAISS IVF "
-                                    "factory string such as 'IVF4096,SQ8'")
+        raise InvalidParameterError(
+            f"{name}={value!r} is not valid; expected 'Flat', 'auto' or a FAISS IVF "
+            "factory string such as 'IVF4096,SQ8'"
+        )
     return value
 
 
@@ -132,60 +143,130 @@ class Param:
 
 
 # GEN/NORM/AGG: the estimator's constructor parameters; collections store all but ls_reg, features and temperature.
-IMPRINT: dict[str, Param] = {p.name: p for p in (
-    Param("generator", AUTO, "GEN: how a class's samples become proxies; auto: chosen with k by cross-validation.",
-          lambda: (AUTO, *GENERATORS)),
-    Param("k", None, f"Proxies per class; -1 keeps every sample, a class with n_c <= k keeps all. None: chosen "
-          f"by generator auto, else the paper's {PAPER_K}.", check=check_k, type=int),
-    Param("pre_norm", "l2", "NORMpre, applied to samples before GEN.", lambda: PRE_NORMS),
-    Param("post_norm", "l2", "NORMpost, applied to proxies.", lambda: POST_NORMS),
-    Param("inf_norm", "l2", "NORMinf, applied to queries.", lambda: INF_NORMS),
-    Param("aggregation", AUTO, "AGG: max (top-1 proxy), mnn (the m nearest proxies vote), blend (alpha x the "
-          "class mean + (1 - alpha) x the best proxy) or auto (max or blend, chosen by cross-validation).",
-          lambda: (AUTO, *AGGREGATIONS)),
-    Param("alpha", None, "Weight of the class mean in aggregation blend; None: chosen by cross-validation.",
-          check=check_alpha, type=float),
-    Param("m", 1, "Neighbours that vote with aggregation mnn.", check=lambda name, v: check_int(name, v, 1), type=int),
-    Param("metric", "ip", "Similarity of queries and proxies.", lambda: METRICS),
-    Param("vote", "uniform", "m-NN vote weights: uniform, or distance (1 / (dist + 1e-10)).", lambda: VOTES),
-    Param("random_state", 0, "Seed of the per-class random draws.", check=check_seed, type=int),
-    Param("rejection", "max", "Open-set score compared with a threshold: max (the best class's score) or shift "
-          "(that score minus the class's mean score for its own samples, each left out; calibrate switches to it "
-          "where it does better).", lambda: RULES),
-    Param("ls_reg", AUTO, "Ridge lambda of the ls / kls heads; auto: chosen by leave-one-out.", check=check_ridge),
-    Param("features", None, "Width of the random ReLU features that replace the embeddings before NORMpre and "
-          "NORMinf (a fixed map drawn from random_state, features.py); they let the ls head bend, e.g. 2000. "
-          "None: the embeddings as given.", check=check_positive_or_none, type=int),
-    Param("temperature", AUTO, "predict_proba: the softmax of the class scores divided by this (scores are "
-          "similarities in [-1, 1]: 0.05 makes a 0.1 lead about 7x as likely); auto: fitted to out-of-fold scores "
-          "of the training data, so that the probabilities are calibrated (temperature.py).",
-          check=check_temperature, type=float),
-)}
+IMPRINT: dict[str, Param] = {
+    p.name: p
+    for p in (
+        Param(
+            "generator",
+            AUTO,
+            "GEN: how a class's samples become proxies; auto: chosen with k by cross-validation.",
+            lambda: (AUTO, *GENERATORS),
+        ),
+        Param(
+            "k",
+            None,
+            f"Proxies per class; -1 keeps every sample, a class with n_c <= k keeps all. None: chosen "
+            f"by generator auto, else the paper's {PAPER_K}.",
+            check=check_k,
+            type=int,
+        ),
+        Param("pre_norm", "l2", "NORMpre, applied to samples before GEN.", lambda: PRE_NORMS),
+        Param("post_norm", "l2", "NORMpost, applied to proxies.", lambda: POST_NORMS),
+        Param("inf_norm", "l2", "NORMinf, applied to queries.", lambda: INF_NORMS),
+        Param(
+            "aggregation",
+            AUTO,
+            "AGG: max (top-1 proxy), mnn (the m nearest proxies vote), blend (alpha x the "
+            "class mean + (1 - alpha) x the best proxy) or auto (max or blend, chosen by cross-validation).",
+            lambda: (AUTO, *AGGREGATIONS),
+        ),
+        Param(
+            "alpha",
+            None,
+            "Weight of the class mean in aggregation blend; None: chosen by cross-validation.",
+            check=check_alpha,
+            type=float,
+        ),
+        Param(
+            "m", 1, "Neighbours that vote with aggregation mnn.", check=lambda name, v: check_int(name, v, 1), type=int
+        ),
+        Param("metric", "ip", "Similarity of queries and proxies.", lambda: METRICS),
+        Param("vote", "uniform", "m-NN vote weights: uniform, or distance (1 / (dist + 1e-10)).", lambda: VOTES),
+        Param("random_state", 0, "Seed of the per-class random draws.", check=check_seed, type=int),
+        Param(
+            "rejection",
+            "max",
+            "Open-set score compared with a threshold: max (the best class's score) or shift "
+            "(that score minus the class's mean score for its own samples, each left out; calibrate switches to it "
+            "where it does better).",
+            lambda: RULES,
+        ),
+        Param("ls_reg", AUTO, "Ridge lambda of the ls / kls heads; auto: chosen by leave-one-out.", check=check_ridge),
+        Param(
+            "features",
+            None,
+            "Width of the random ReLU features that replace the embeddings before NORMpre and "
+            "NORMinf (a fixed map drawn from random_state, features.py); they let the ls head bend, e.g. 2000. "
+            "None: the embeddings as given.",
+            check=check_positive_or_none,
+            type=int,
+        ),
+        Param(
+            "temperature",
+            AUTO,
+            "predict_proba: the softmax of the class scores divided by this (scores are "
+            "similarities in [-1, 1]: 0.05 makes a 0.1 lead about 7x as likely); auto: fitted to out-of-fold scores "
+            "of the training data, so that the probabilities are calibrated (temperature.py).",
+            check=check_temperature,
+            type=float,
+        ),
+    )
+}
 # ls / kls need every class at once, random features are for them, and probabilities are the estimator's:
 # none is a collection's
 STORED = tuple(name for name in IMPRINT if name not in ("ls_reg", "features", "temperature"))
 
 # How a collection stores and serves its head: fixed when it is created.
-COLLECTION: dict[str, Param] = {p.name: p for p in (
-    Param("model", "all-MiniLM-L6-v2", "Embedding model (name or path) recorded for texts; none (None in Python): "
-          "a collection of precomputed vectors.",
-          check=check_optional_str),
-    Param("index", "Flat", "Proxy index: Flat (exact), a FAISS IVF factory string such as IVF4096,SQ8, or auto "
-          "(chosen from memory_budget).", check=check_index),
-    Param("memory_budget", None, "Bytes the proxies may take with index auto, e.g. 8GB.",
-          check=lambda name, v: None if v is None else parse_size(v)),
-    Param("search_params", None, "Search parameters of an IVF index, e.g. {'nprobe': 32}.",
-          check=check_search_params),
-    Param("keep_samples", True, "Keep samples so a class can be re-imprinted when it gets more.", check=check_bool,
-          type=bool),
-    Param("dimension", None, "Vector dimension (None: taken from the first add).", check=check_positive_or_none),
-)}
+COLLECTION: dict[str, Param] = {
+    p.name: p
+    for p in (
+        Param(
+            "model",
+            "all-MiniLM-L6-v2",
+            "Embedding model (name or path) recorded for texts; none (None in Python): "
+            "a collection of precomputed vectors.",
+            check=check_optional_str,
+        ),
+        Param(
+            "index",
+            "Flat",
+            "Proxy index: Flat (exact), a FAISS IVF factory string such as IVF4096,SQ8, or auto "
+            "(chosen from memory_budget).",
+            check=check_index,
+        ),
+        Param(
+            "memory_budget",
+            None,
+            "Bytes the proxies may take with index auto, e.g. 8GB.",
+            check=lambda name, v: None if v is None else parse_size(v),
+        ),
+        Param(
+            "search_params", None, "Search parameters of an IVF index, e.g. {'nprobe': 32}.", check=check_search_params
+        ),
+        Param(
+            "keep_samples",
+            True,
+            "Keep samples so a class can be re-imprinted when it gets more.",
+            check=check_bool,
+            type=bool,
+        ),
+        Param("dimension", None, "Vector dimension (None: taken from the first add).", check=check_positive_or_none),
+    )
+}
 
 # Where the kernels run: a setting of the process (device.py), never stored with a collection.
-RUNTIME: dict[str, Param] = {p.name: p for p in (
-    Param("device", None, "Where k-means and exact search run: none (numpy and FAISS), cpu or cuda (the torch "
-          "backend), auto (cuda when torch sees a GPU, else none, with a notice).", check=check_device),
-)}
+RUNTIME: dict[str, Param] = {
+    p.name: p
+    for p in (
+        Param(
+            "device",
+            None,
+            "Where k-means and exact search run: none (numpy and FAISS), cpu or cuda (the torch "
+            "backend), auto (cuda when torch sees a GPU, else none, with a notice).",
+            check=check_device,
+        ),
+    )
+}
 
 _ESTIMATOR = IMPRINT | RUNTIME  # the estimator's parameters
 DEFAULTS: dict[str, Any] = {name: p.default for name, p in _ESTIMATOR.items()}
@@ -198,27 +279,37 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Qi et al. 2018: L2/mean/L2/L2/max
     "qi": dict(pre_norm="l2", generator="mean", post_norm="l2", inf_norm="l2", aggregation="max"),
     # Hosoda et al.: none/mean/quantile/none/max
-    "hosoda": dict(pre_norm="none", generator="mean", post_norm="quantile", inf_norm="none",
-                   aggregation="max"),
+    "hosoda": dict(pre_norm="none", generator="mean", post_norm="quantile", inf_norm="none", aggregation="max"),
     # Janson et al.: none/mean/none/none/1-NN Euclidean, distance-weighted
-    "janson": dict(pre_norm="none", generator="mean", post_norm="none", inf_norm="none",
-                   aggregation="mnn", m=1, metric="euclidean", vote="distance"),
+    "janson": dict(
+        pre_norm="none",
+        generator="mean",
+        post_norm="none",
+        inf_norm="none",
+        aggregation="mnn",
+        m=1,
+        metric="euclidean",
+        vote="distance",
+    ),
     # The paper's best: L2/k-means k=20/L2/L2/max
-    "imprint": dict(pre_norm="l2", generator="kmeans", k=20, post_norm="l2", inf_norm="l2",
-                    aggregation="max"),
+    "imprint": dict(pre_norm="l2", generator="kmeans", k=20, post_norm="l2", inf_norm="l2", aggregation="max"),
     # k and max-or-blend chosen from the training data by cross-validation (the default)
-    "auto": dict(pre_norm="l2", generator=AUTO, k=None, post_norm="l2", inf_norm="l2", aggregation=AUTO,
-                 alpha=None),
+    "auto": dict(pre_norm="l2", generator=AUTO, k=None, post_norm="l2", inf_norm="l2", aggregation=AUTO, alpha=None),
 }
 
 
 def _unknown(name: str, known: dict[str, Param]) -> InvalidParameterError:
     if name in _ESTIMATOR:
-        return InvalidParameterError(f"setting {name!r} is ImprintClassifier's only: a collection grows one class "
-                                     f"at a time and does not take it (settings: {', '.join(known)})")
+        return InvalidParameterError(
+            f"setting {name!r} is ImprintClassifier's only: a collection grows one class "
+            f"at a time and does not take it (settings: {', '.join(known)})"
+        )
     close = difflib.get_close_matches(name, list(known), n=1)
-    return InvalidParameterError(f"unknown setting {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                                 + f" (settings: {', '.join(known)})")
+    return InvalidParameterError(
+        f"unknown setting {name!r}"
+        + (f"; did you mean {close[0]!r}?" if close else "")
+        + f" (settings: {', '.join(known)})"
+    )
 
 
 def preset(name: str | None) -> dict[str, Any]:
@@ -236,8 +327,9 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
     if aggregation in ("max", "mnn") and out.get("alpha") is not None:
         raise InvalidParameterError(f"alpha={out['alpha']!r} is only used with aggregation='blend' or 'auto'")
     if aggregation == "mnn" and out.get("generator") == AUTO and out.get("k") is None:
-        raise InvalidParameterError("generator='auto' chooses k for aggregation max or blend; with "
-                                    "aggregation='mnn' give k (or a generator)")
+        raise InvalidParameterError(
+            "generator='auto' chooses k for aggregation max or blend; with aggregation='mnn' give k (or a generator)"
+        )
     return out
 
 
@@ -260,13 +352,17 @@ def resolve(given: dict[str, Any], scope: dict[str, Param], preset_name: str | N
 def check_collection(s: dict[str, Any]) -> dict[str, Any]:
     """What a collection needs of its resolved settings ``s`` beyond each one's own check."""
     if s["generator"] != AUTO and not GENERATORS[s["generator"]].per_class:
-        raise InvalidParameterError(f"generator={s['generator']!r} needs every class at once (it is not imprinting), "
-                                    "so it cannot grow a collection one class at a time; use ImprintClassifier for it")
+        raise InvalidParameterError(
+            f"generator={s['generator']!r} needs every class at once (it is not imprinting), "
+            "so it cannot grow a collection one class at a time; use ImprintClassifier for it"
+        )
     if not isinstance(s["random_state"], int):
         raise InvalidParameterError(f"random_state={s['random_state']!r} is not valid; a collection needs an int seed")
     if s["aggregation"] == "blend" and s["index"] != "Flat":
-        raise InvalidParameterError("aggregation='blend' needs index='Flat': its exact search scores the class means "
-                                    "beside the proxies (with an IVF index, auto chooses k under max)")
+        raise InvalidParameterError(
+            "aggregation='blend' needs index='Flat': its exact search scores the class means "
+            "beside the proxies (with an IVF index, auto chooses k under max)"
+        )
     if s["index"] == "auto" and s["memory_budget"] is None:
         raise InvalidParameterError("index='auto' chooses from a memory budget: give memory_budget, e.g. '8GB'")
     return s

@@ -37,7 +37,14 @@ def bar(*, total: int, desc: str, unit: str, enabled: bool) -> tqdm:
     err = sys.stderr
     if not enabled or err.isatty():
         return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=err)
-    return tqdm(total=total, desc=desc, unit=unit, file=_Lines(err), mininterval=LOG_INTERVAL, delay=LOG_INTERVAL,
-                ascii=True,
-                dynamic_ncols=False, ncols=80)
-
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=_Lines(err),
+        mininterval=LOG_INTERVAL,
+        delay=LOG_INTERVAL,
+        ascii=True,
+        dynamic_ncols=False,
+        ncols=80,
+    )

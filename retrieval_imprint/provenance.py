@@ -25,7 +25,6 @@ from .segments import class_of
 from .snapshot import Snapshot
 
 
-
 def _need_samples(s: Snapshot, path: Path) -> None:
     if not s.config["keep_samples"]:
         raise CollectionStateError(f"collection {path} keeps no samples (keep_samples=False): it has no examples")
@@ -38,12 +37,15 @@ def examples(engine: Engine, s: Snapshot, path: Path, class_id: int) -> list[dic
     ids = s.table.sample_ids(np.array([class_id], np.int64))
     with engine.connect() as conn:
         found = store.texts_of(conn, ids.tolist())
-    return [{"sample": j, "text": found.get(i, (None, None))[0], "ref": found.get(i, (None, None))[1]}
-            for j, i in enumerate(ids.tolist())]
+    return [
+        {"sample": j, "text": found.get(i, (None, None))[0], "ref": found.get(i, (None, None))[1]}
+        for j, i in enumerate(ids.tolist())
+    ]
 
 
-def explain(engine: Engine, s: Snapshot, path: Path, Q: np.ndarray, owner: np.ndarray, n: int
-            ) -> list[list[dict[str, Any]]]:
+def explain(
+    engine: Engine, s: Snapshot, path: Path, Q: np.ndarray, owner: np.ndarray, n: int
+) -> list[list[dict[str, Any]]]:
     """For each query (after NORMinf) and its answer's class id ``owner`` (-1: none), the ``n``
     kept samples of that class most similar to it, best first, with text, ref and score."""
     _need_samples(s, path)
@@ -58,8 +60,17 @@ def explain(engine: Engine, s: Snapshot, path: Path, Q: np.ndarray, owner: np.nd
             sim = s.proxies.pair_similarity(q[None], X[None])[0]
             best = np.argsort(-sim, kind="stable")[:n]
             found = store.texts_of(conn, ids[best].tolist())
-            out.append([{"sample": int(j), "score": float(sim[j]), "text": found.get(int(ids[j]), (None, None))[0],
-                         "ref": found.get(int(ids[j]), (None, None))[1]} for j in best])
+            out.append(
+                [
+                    {
+                        "sample": int(j),
+                        "score": float(sim[j]),
+                        "text": found.get(int(ids[j]), (None, None))[0],
+                        "ref": found.get(int(ids[j]), (None, None))[1],
+                    }
+                    for j in best
+                ]
+            )
     return out
 
 
@@ -81,17 +92,23 @@ def export(engine: Engine, s: Snapshot, path: Path) -> Any:
     def per_class(values: np.ndarray) -> Any:
         return pa.array(values[at], pa.float64(), mask=np.isnan(values[at]))
 
-    return pa.table({
-        "label": pa.array([lab.value(*lab.entry(v)) for v in labels], pa.int64() if kinds == {"int"} else pa.string()),
-        "text": pa.array([found.get(i, (None, None))[0] for i in ids.tolist()], pa.string()),
-        "ref": pa.array([found.get(i, (None, None))[1] for i in ids.tolist()], pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel(), pa.float32()), X.shape[1]),
-        "class_threshold": per_class(s.table.threshold), "class_shift": per_class(s.table.shift),
-    })
+    return pa.table(
+        {
+            "label": pa.array(
+                [lab.value(*lab.entry(v)) for v in labels], pa.int64() if kinds == {"int"} else pa.string()
+            ),
+            "text": pa.array([found.get(i, (None, None))[0] for i in ids.tolist()], pa.string()),
+            "ref": pa.array([found.get(i, (None, None))[1] for i in ids.tolist()], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel(), pa.float32()), X.shape[1]),
+            "class_threshold": per_class(s.table.threshold),
+            "class_shift": per_class(s.table.shift),
+        }
+    )
 
 
-def write_export(tables: list[Any], out: Path, model: str | None, settings: dict[str, Any],
-                 state: dict[str, Any]) -> int:
+def write_export(
+    tables: list[Any], out: Path, model: str | None, settings: dict[str, Any], state: dict[str, Any]
+) -> int:
     """Write the ``export`` tables (one per collection, or per shard) to the Parquet file ``out``,
     with the model, the ``settings`` a collection is created with and the ``state`` it reached
     (its threshold, what auto chose) in its metadata; returns the rows."""

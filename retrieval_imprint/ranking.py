@@ -9,17 +9,17 @@ means and the proxies, exactly.
 
 from __future__ import annotations
 
-import numpy as np
-
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Callable, Sequence
+
+import numpy as np
 
 from . import labels as lab
 from .aggregate import BLEND_DEPTH, BLEND_DEPTH_BATCH, blend_rank, rank_classes, vote_weights
-from .index import SMALL_BATCH
-from .segments import CLASS_SHIFT, class_of
 from .errors import DataError
+from .index import SMALL_BATCH
 from .openset import filled
+from .segments import CLASS_SHIFT, class_of
 from .snapshot import Snapshot
 
 BLOCK = 256  # query rows whose candidate classes' proxies are gathered at a time
@@ -48,8 +48,9 @@ def neighbours(s: Snapshot, Q: np.ndarray, params: dict[str, int] | None) -> tup
     return s.proxies.search(Q, min(s.params["m"], s.proxies.ntotal), params)
 
 
-def _blend(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None, alpha: float
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _blend(
+    s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
     table, proxies, means = s.table, s.proxies, s.means
 
     def positions(ids: np.ndarray) -> np.ndarray:
@@ -77,15 +78,20 @@ def _blend(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None, 
         for r in range(0, len(rows), BLOCK):  # bounded memory: BLOCK rows of gathered proxies at a time
             block = ids[r : r + BLOCK]
             vectors = proxies.reconstruct(block.ravel()).reshape(*block.shape, -1)
-            out[r : r + BLOCK] = proxies.pair_similarity(
-                np.repeat(Q[rows[r : r + BLOCK]], block.shape[1], axis=0), vectors.reshape(-1, block.shape[2],
-                                                                                          vectors.shape[-1])
-            ).max(1).reshape(block.shape[:2])
+            out[r : r + BLOCK] = (
+                proxies.pair_similarity(
+                    np.repeat(Q[rows[r : r + BLOCK]], block.shape[1], axis=0),
+                    vectors.reshape(-1, block.shape[2], vectors.shape[-1]),
+                )
+                .max(1)
+                .reshape(block.shape[:2])
+            )
         return out
 
     depth = top + (BLEND_DEPTH if len(Q) < SMALL_BATCH else BLEND_DEPTH_BATCH)
-    best, scores = blend_rank(len(Q), search_means, mean_similarity, search_proxies, best_proxy, alpha, top,
-                              len(table), proxies.ntotal, depth)
+    best, scores = blend_rank(
+        len(Q), search_means, mean_similarity, search_proxies, best_proxy, alpha, top, len(table), proxies.ntotal, depth
+    )
     return np.where(best >= 0, table.ids[np.maximum(best, 0)], -1), scores
 
 
@@ -105,39 +111,66 @@ class QueryResult:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def rows(self, start: int, stop: int) -> "QueryResult":
+    def rows(self, start: int, stop: int) -> QueryResult:
         """The answers to queries ``start`` to ``stop`` (a batch's share of one request)."""
         return QueryResult(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
     def records(self, names: Sequence[object] | None = None) -> list[dict[str, object]]:
         """One plain record per query (``query``: its name, default its row number), as the CLI's
         ``--json`` and the HTTP API give them: lists of labels and numbers, None for NaN."""
+
         def floats(row: np.ndarray) -> list[float | None]:
             return [float(v) if np.isfinite(v) else None for v in row]
 
-        return [{"query": name, "labels": list(labels), "scores": floats(scores), "candidates": list(candidates),
-                 "rejection_scores": floats(why), "thresholds": floats(limits), "rejected": rejected.tolist()}
-                for name, labels, scores, candidates, why, limits, rejected in zip(
-                    range(len(self)) if names is None else names, self.labels, self.scores, self.candidates,
-                    self.rejection_scores, self.thresholds, self.rejected)]
+        return [
+            {
+                "query": name,
+                "labels": list(labels),
+                "scores": floats(scores),
+                "candidates": list(candidates),
+                "rejection_scores": floats(why),
+                "thresholds": floats(limits),
+                "rejected": rejected.tolist(),
+            }
+            for name, labels, scores, candidates, why, limits, rejected in zip(
+                range(len(self)) if names is None else names,
+                self.labels,
+                self.scores,
+                self.candidates,
+                self.rejection_scores,
+                self.thresholds,
+                self.rejected,
+            )
+        ]
 
     @classmethod
-    def from_records(cls, records: Sequence[dict[str, object]]) -> "QueryResult":
+    def from_records(cls, records: Sequence[dict[str, object]]) -> QueryResult:
         """The result ``records`` describe (NaN for None): what an HTTP client gets back."""
+
         def table(name: str, dtype: object) -> np.ndarray:
             rows = [[np.nan if v is None and dtype is not object else v for v in r[name]] for r in records]
             out = np.empty((len(rows), len(rows[0]) if rows else 0), dtype)
             out[...] = rows if rows else out
             return out
 
-        return cls(table("labels", object), table("scores", np.float32), table("candidates", object),
-                   table("rejection_scores", np.float64), table("thresholds", np.float64))
+        return cls(
+            table("labels", object),
+            table("scores", np.float32),
+            table("candidates", object),
+            table("rejection_scores", np.float64),
+            table("thresholds", np.float64),
+        )
 
     @property
     def rejected(self) -> np.ndarray:
         """``(n_q, top)``: True where a class was found and rejected."""
-        return np.array([[c is not None and label is None for c, label in zip(cs, ls)]
-                         for cs, ls in zip(self.candidates, self.labels)], bool).reshape(self.labels.shape)
+        return np.array(
+            [
+                [c is not None and label is None for c, label in zip(cs, ls)]
+                for cs, ls in zip(self.candidates, self.labels)
+            ],
+            bool,
+        ).reshape(self.labels.shape)
 
 
 def _shift_of(s: Snapshot, owner: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -154,8 +187,7 @@ def answer(s: Snapshot, owner: np.ndarray, scores: np.ndarray, threshold: float 
     return judge(scores, *class_terms(s, owner, threshold))
 
 
-def class_terms(s: Snapshot, owner: np.ndarray, threshold: float | None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def class_terms(s: Snapshot, owner: np.ndarray, threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What ``judge`` needs of each class id in ``owner`` (-1: none), whatever its score: its label
     (None for -1), the shift its rejection score subtracts (0 under rule max) and its threshold
     (``threshold`` if given, else the class's own, else the collection's; NaN: none)."""
@@ -178,13 +210,21 @@ def judge(scores: np.ndarray, candidates: np.ndarray, shift: np.ndarray, limit: 
     found = candidates != None  # noqa: E711 (elementwise)
     reject = np.where(found, scores - shift, np.nan)
     accepted = found & ~(reject < limit)
-    return QueryResult(np.where(accepted, candidates, None), np.where(accepted, scores, np.nan).astype(np.float32),
-                       candidates, reject, limit)
+    return QueryResult(
+        np.where(accepted, candidates, None),
+        np.where(accepted, scores, np.nan).astype(np.float32),
+        candidates,
+        reject,
+        limit,
+    )
 
 
-def rejection_inputs(found: QueryResult, labels: Sequence[object], oos: QueryResult | None,
-                     shift_of: Callable[[np.ndarray], np.ndarray] | None
-                     ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+def rejection_inputs(
+    found: QueryResult,
+    labels: Sequence[object],
+    oos: QueryResult | None,
+    shift_of: Callable[[np.ndarray], np.ndarray] | None,
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """For ``openset.calibrate``: per rule the collection can use, shift (the stronger prior) first
     where classes have shifts (``shift_of``: each label's shift, or None), the rejection scores of
     in-scope queries ``found`` (unthresholded top-1), whether their class is ``labels``, and the
@@ -198,8 +238,10 @@ def rejection_inputs(found: QueryResult, labels: Sequence[object], oos: QueryRes
         top = result.scores[:, 0].astype(np.float64)
         return top - shift_of(result.candidates[:, 0]) if rule == "shift" else top
 
-    return {rule: (scores(found, rule), correct, None if oos is None else scores(oos, rule))
-            for rule in (["shift", "max"] if shift_of is not None else ["max"])}
+    return {
+        rule: (scores(found, rule), correct, None if oos is None else scores(oos, rule))
+        for rule in (["shift", "max"] if shift_of is not None else ["max"])
+    }
 
 
 def label_shifts(s: Snapshot, labels: np.ndarray, shift: np.ndarray) -> np.ndarray:

@@ -11,21 +11,30 @@ import csv
 import json
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .errors import DataError
 from . import labels as lab
+from .errors import DataError
 
 TEXT_COLUMNS = ("text", "sentence", "utterance", "query")
 REF_COLUMNS = ("ref",)  # an exported collection's row references; others are named with --id-column
 LABEL_COLUMNS = ("label", "category", "intent", "class")
 VECTOR_COLUMNS = ("vector", "embedding")
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
-           ".pq": "parquet", ".npz": "npz", ".npy": "npy"}
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".npz": "npz",
+    ".npy": "npy",
+}
 _CHECK_ROWS = 65536  # rows of vectors checked at a time
 EXPORT_KEY = b"retrieval_imprint"  # Parquet schema metadata of `imprint export`: model and settings
 
@@ -51,31 +60,43 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.vectors) if self.vectors is not None else len(self.texts)  # type: ignore[arg-type]
 
-    def part(self, lo: int, hi: int) -> "Dataset":
+    def part(self, lo: int, hi: int) -> Dataset:
         """Rows ``lo:hi``."""
         return self.take(slice(lo, hi))
 
-    def take(self, rows: slice | np.ndarray) -> "Dataset":
+    def take(self, rows: slice | np.ndarray) -> Dataset:
         """The rows ``rows`` (a slice, or row numbers in the order wanted)."""
+
         def cut(v: Any) -> Any:
             if v is None or isinstance(v, np.ndarray) or isinstance(rows, slice):
                 return None if v is None else v[rows]
             return [v[i] for i in rows]
 
-        return Dataset(self.source, cut(self.texts), cut(self.vectors), cut(self.labels), cut(self.refs), self.model,
-                       self.settings, self.state)
+        return Dataset(
+            self.source,
+            cut(self.texts),
+            cut(self.vectors),
+            cut(self.labels),
+            cut(self.refs),
+            self.model,
+            self.settings,
+            self.state,
+        )
 
 
-def _pick(columns: list[str], asked: str | None, defaults: tuple[str, ...], role: str, file: Path,
-          required: bool) -> str | None:
+def _pick(
+    columns: list[str], asked: str | None, defaults: tuple[str, ...], role: str, file: Path, required: bool
+) -> str | None:
     if asked is not None:
         if asked not in columns:
             raise DataError(f"{file}: no {role} column {asked!r}; columns found: {', '.join(columns)}")
         return asked
     found = next((c for c in defaults if c in columns), None)
     if found is None and required:
-        raise DataError(f"{file}: no {role} column (looked for {', '.join(defaults)}; use --{role}-column); "
-                        f"columns found: {', '.join(columns)}")
+        raise DataError(
+            f"{file}: no {role} column (looked for {', '.join(defaults)}; use --{role}-column); "
+            f"columns found: {', '.join(columns)}"
+        )
     return found
 
 
@@ -124,15 +145,16 @@ class _Rows:
     distinct: Callable[[str], tuple[list[Any], np.ndarray]]
 
     @classmethod
-    def of_records(cls, records: list[tuple[str, dict]], columns: list[str]) -> "_Rows":
+    def of_records(cls, records: list[tuple[str, dict]], columns: list[str]) -> _Rows:
         """Rows parsed one by one (CSV, JSONL): ``(name, record)`` pairs."""
+
         def values(name: str) -> list[Any]:
             return [rec.get(name) for _, rec in records]
 
         return cls(columns, len(records), values, lambda i: records[i][0], lambda name: lab.distinct(values(name)))
 
     @classmethod
-    def of_arrow(cls, table: Any, first_row: int) -> "_Rows":
+    def of_arrow(cls, table: Any, first_row: int) -> _Rows:
         """An Arrow table's columns; distinct values by Arrow's dictionary encoding (one type per
         column), or in Python for types it cannot encode (lists, structs: refused as labels)."""
         import pyarrow as pa
@@ -144,11 +166,16 @@ class _Rows:
                 return lab.distinct(table.column(name).to_pylist())
             return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
-        return cls(table.column_names, len(table), lambda name: table.column(name).to_pylist(),
-                   lambda i: f"row {i + first_row}", distinct)
+        return cls(
+            table.column_names,
+            len(table),
+            lambda name: table.column(name).to_pylist(),
+            lambda i: f"row {i + first_row}",
+            distinct,
+        )
 
     @classmethod
-    def of_list(cls, name: str, values: list[Any]) -> "_Rows":
+    def of_list(cls, name: str, values: list[Any]) -> _Rows:
         """One column of values (the labels of an .npz file); rows named from 1."""
         return cls([name], len(values), lambda _: values, lambda i: f"row {i + 1}", lambda _: lab.distinct(values))
 
@@ -181,21 +208,37 @@ def _arrow_vectors(table: Any) -> dict[str, np.ndarray]:
             continue
         lengths = pc.list_value_length(column)
         values = column.flatten()
-        if column.null_count or values.null_count or not len(column) or pc.min(lengths).as_py() == 0 or \
-                pc.min(lengths).as_py() != pc.max(lengths).as_py():
+        if (
+            column.null_count
+            or values.null_count
+            or not len(column)
+            or pc.min(lengths).as_py() == 0
+            or pc.min(lengths).as_py() != pc.max(lengths).as_py()
+        ):
             continue
         out[name] = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), -1)
     return out
 
 
-def _from_rows(rows: _Rows, file: Path, *, text_column: str | None, label_column: str | None,
-               vector_column: str | None, id_column: str | None, need_labels: bool,
-               column_vectors: dict[str, np.ndarray] | None = None) -> Dataset:
+def _from_rows(
+    rows: _Rows,
+    file: Path,
+    *,
+    text_column: str | None,
+    label_column: str | None,
+    vector_column: str | None,
+    id_column: str | None,
+    need_labels: bool,
+    column_vectors: dict[str, np.ndarray] | None = None,
+) -> Dataset:
     if not rows.n:
         raise DataError(f"{file}: no rows")
     columns = rows.columns
-    vcol = _pick(columns, vector_column, VECTOR_COLUMNS, "vector", file, False) if (
-        vector_column or text_column is None) else None
+    vcol = (
+        _pick(columns, vector_column, VECTOR_COLUMNS, "vector", file, False)
+        if (vector_column or text_column is None)
+        else None
+    )
     tcol = _pick(columns, text_column, TEXT_COLUMNS, "text", file, not vcol)
     lcol = _pick(columns, label_column, LABEL_COLUMNS, "label", file, need_labels)
     rcol = _pick(columns, id_column, REF_COLUMNS, "id", file, False)
@@ -208,8 +251,10 @@ def _from_rows(rows: _Rows, file: Path, *, text_column: str | None, label_column
         vectors = _each(rows.values(vcol), lambda v: _vector(v, vcol), rows, file)
         lengths = np.array([len(v) for v in vectors])
         if (lengths != lengths[0]).any():
-            raise DataError(f"{file}: {rows.where(int(np.argmax(lengths != lengths[0])))}: column {vcol!r} has "
-                            f"{len(set(lengths.tolist()))} different vector lengths")
+            raise DataError(
+                f"{file}: {rows.where(int(np.argmax(lengths != lengths[0])))}: column {vcol!r} has "
+                f"{len(set(lengths.tolist()))} different vector lengths"
+            )
         out.vectors = np.stack(vectors)
     if vcol and tcol:  # texts beside vectors: provenance, kept as they are (None where missing)
         out.texts = [None if v is None else str(v) for v in rows.values(tcol)]
@@ -249,9 +294,16 @@ def _labels(rows: _Rows, file: Path, column: str) -> list[Any]:
     return checked[index].tolist()
 
 
-def read(path: str | Path, *, text_column: str | None = None, label_column: str | None = None,
-         vector_column: str | None = None, id_column: str | None = None, split: str | None = None,
-         need_labels: bool = True) -> Dataset:
+def read(
+    path: str | Path,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    vector_column: str | None = None,
+    id_column: str | None = None,
+    split: str | None = None,
+    need_labels: bool = True,
+) -> Dataset:
     """Read a data file by its extension (``FORMATS``)."""
     file = Path(path)
     if not file.is_file():
@@ -261,8 +313,13 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
         raise DataError(f"{file}: unknown format {file.suffix!r}; expected one of {', '.join(FORMATS)}")
     if file.stat().st_size == 0:
         raise DataError(f"{file}: the file is empty")
-    options = dict(text_column=text_column, label_column=label_column, vector_column=vector_column,
-                   id_column=id_column, need_labels=need_labels)
+    options = dict(
+        text_column=text_column,
+        label_column=label_column,
+        vector_column=vector_column,
+        id_column=id_column,
+        need_labels=need_labels,
+    )
     if fmt in ("csv", "tsv", "jsonl"):
         _check_utf8(file)
     if fmt in ("csv", "tsv"):
@@ -276,8 +333,9 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
                 end = reader.line_num
                 for i, rec in enumerate(reader, 1):  # a quoted field may span lines: name where its row starts
                     start, end = end + 1, reader.line_num
-                    records.append((f"row {i} (line {start})" if start == end else f"row {i} (lines {start}-{end})",
-                                    rec))
+                    records.append(
+                        (f"row {i} (line {start})" if start == end else f"row {i} (lines {start}-{end})", rec)
+                    )
             except csv.Error as exc:
                 raise DataError(f"{file}: line {end + 1}: {_csv_problem(exc, fmt)}") from None
         return _from_rows(_Rows.of_records(records, columns), file, **options)
@@ -307,15 +365,30 @@ def read(path: str | Path, *, text_column: str | None = None, label_column: str 
     return _read_numpy(file, fmt, split, need_labels)
 
 
-def from_arrow(table: Any, file: str | Path, *, text_column: str | None = None, label_column: str | None = None,
-               vector_column: str | None = None, id_column: str | None = None, need_labels: bool = True,
-               first_row: int = 1) -> Dataset:
+def from_arrow(
+    table: Any,
+    file: str | Path,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    vector_column: str | None = None,
+    id_column: str | None = None,
+    need_labels: bool = True,
+    first_row: int = 1,
+) -> Dataset:
     """The rows of an Arrow table (a Parquet file, or a block of one that Ray Data read), checked as
     ``read`` checks a file; errors name ``file`` and the row (counted from ``first_row``)."""
     file = Path(file)
-    out = _from_rows(_Rows.of_arrow(table, first_row), file, column_vectors=_arrow_vectors(table),
-                     text_column=text_column, label_column=label_column, vector_column=vector_column,
-                     id_column=id_column, need_labels=need_labels)
+    out = _from_rows(
+        _Rows.of_arrow(table, first_row),
+        file,
+        column_vectors=_arrow_vectors(table),
+        text_column=text_column,
+        label_column=label_column,
+        vector_column=vector_column,
+        id_column=id_column,
+        need_labels=need_labels,
+    )
     exported = json.loads((table.schema.metadata or {}).get(EXPORT_KEY, b"{}"))
     if out.vectors is not None:
         out.model, out.settings = exported.get("model"), exported.get("settings")
@@ -326,8 +399,10 @@ def from_arrow(table: Any, file: str | Path, *, text_column: str | None = None, 
 
 def _class_state(table: Any, labels: list[Any]) -> dict[Any, tuple[float | None, float | None]]:
     """By label, the ``(threshold, shift)`` an export's rows carry for their class, where either is set."""
-    columns = [table.column(name).to_pylist() if name in table.column_names else [None] * len(labels)
-               for name in ("class_threshold", "class_shift")]
+    columns = [
+        table.column(name).to_pylist() if name in table.column_names else [None] * len(labels)
+        for name in ("class_threshold", "class_shift")
+    ]
     return {label: (th, sh) for label, th, sh in zip(labels, *columns) if th is not None or sh is not None}
 
 
@@ -344,12 +419,13 @@ def _check_utf8(file: Path) -> None:
                 tail = b""
             except UnicodeDecodeError as exc:
                 if exc.end >= len(data) - 3 and exc.reason == "unexpected end of data":  # a character split
-                    tail = data[exc.start:]
+                    tail = data[exc.start :]
                     line += data[: exc.start].count(b"\n")
                     continue
                 line += data[: exc.start].count(b"\n")
-                raise DataError(f"{file}: line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text (save the "
-                                "file as UTF-8)") from None
+                raise DataError(
+                    f"{file}: line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text (save the file as UTF-8)"
+                ) from None
             line += data.count(b"\n")
 
 
@@ -362,8 +438,10 @@ def _read_numpy(file: Path, fmt: str, split: str | None, need_labels: bool) -> D
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{file}: unreadable {fmt.upper()} file ({exc})") from None
     if (fmt == "npz") != hasattr(loaded, "files"):
-        raise DataError(f"{file}: the file holds {'an .npz archive' if hasattr(loaded, 'files') else 'one .npy array'}"
-                        f", not what its name ({file.suffix}) says")
+        raise DataError(
+            f"{file}: the file holds {'an .npz archive' if hasattr(loaded, 'files') else 'one .npy array'}"
+            f", not what its name ({file.suffix}) says"
+        )
     if fmt == "npy":
         if need_labels:
             raise DataError(f"{file}: an .npy file holds vectors only; labels need an .npz (X and y) or a table")
@@ -434,5 +512,6 @@ def load_demo(split: str = "train") -> Dataset:
 
     if split not in ("train", "test", "oos"):
         raise DataError(f"split={split!r} is not valid; expected train, test or oos")
-    return read(Path(str(resources.files("retrieval_imprint") / "data" / f"demo_{split}.csv")),
-                need_labels=split != "oos")
+    return read(
+        Path(str(resources.files("retrieval_imprint") / "data" / f"demo_{split}.csv")), need_labels=split != "oos"
+    )

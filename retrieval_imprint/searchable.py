@@ -44,6 +44,13 @@ class Searchable(Protocol):
     def embedder(self, *, progress: bool = False) -> Embedder:
         """The model the classes were embedded with (an error where none is recorded)."""
 
-    def query(self, Q: Any, top: int = 1, *, threshold: float | None = None, model: str | None = None,
-              search_params: dict[str, int] | None = None) -> QueryResult:
+    def query(
+        self,
+        Q: Any,
+        top: int = 1,
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        search_params: dict[str, int] | None = None,
+    ) -> QueryResult:
         """The ``top`` best classes for each row of ``Q``, best first (``Collection.query``)."""

@@ -20,9 +20,10 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import BinaryIO, Iterator, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import faiss
 import numpy as np
@@ -73,8 +74,9 @@ def _open_regular(path: Path, flags: int) -> int:
         fd = os.open(path, flags | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise CollectionDamagedError(f"{path} is a symbolic link; a collection's files must be plain files "
-                                         "inside it") from None
+            raise CollectionDamagedError(
+                f"{path} is a symbolic link; a collection's files must be plain files inside it"
+            ) from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -118,8 +120,10 @@ def writer_lock(directory: Path, timeout: float = 0.0) -> Iterator[int]:
         fd = _open_regular(directory / WRITER_LOCK, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise CollectionIOError(f"collection {directory} is read-only here (cannot open {WRITER_LOCK} for "
-                                    "writing): it can be queried, not changed") from None
+            raise CollectionIOError(
+                f"collection {directory} is read-only here (cannot open {WRITER_LOCK} for "
+                "writing): it can be queried, not changed"
+            ) from None
         raise
     try:
         deadline = time.monotonic() + timeout
@@ -129,8 +133,10 @@ def writer_lock(directory: Path, timeout: float = 0.0) -> Iterator[int]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise CollectionLockedError(f"collection {directory} is locked by pid {lock_holder(directory)} "
-                                                "(another process is writing to it)") from None
+                    raise CollectionLockedError(
+                        f"collection {directory} is locked by pid {lock_holder(directory)} "
+                        "(another process is writing to it)"
+                    ) from None
                 time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -167,8 +173,9 @@ def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) 
     except (OSError, RuntimeError) as exc:  # a full disk, a read-only folder: FAISS raises RuntimeError
         tmp.unlink(missing_ok=True)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
-        raise CollectionIOError(f"collection {directory}: could not write {name} ({reason}); nothing was "
-                                "changed") from None
+        raise CollectionIOError(
+            f"collection {directory}: could not write {name} ({reason}); nothing was changed"
+        ) from None
     return Segment(name, checksum, lists)
 
 
@@ -195,8 +202,10 @@ def share_quantizer(directory: Path, name: str, index: faiss.Index, template: fa
     if ivf is None or ivf.quantizer.ntotal or not ivf.nlist:
         return index
     if not same_kind(index, template):
-        raise CollectionDamagedError(f"collection {directory}: index file {name} does not hold proxies of the kind "
-                                     "of the collection's trained template")
+        raise CollectionDamagedError(
+            f"collection {directory}: index file {name} does not hold proxies of the kind "
+            "of the collection's trained template"
+        )
     out = faiss.clone_index(template)
     out_ivf = faiss.extract_index_ivf(out)
     out_ivf.replace_invlists(ivf.invlists, True)
@@ -208,8 +217,12 @@ def share_quantizer(directory: Path, name: str, index: faiss.Index, template: fa
 def same_kind(index: faiss.Index, like: faiss.Index) -> bool:
     """Whether FAISS ``index`` is of the kind (class, dimension, metric, lists, code size) of ``like``."""
     a, b = faiss.downcast_index(index), faiss.downcast_index(like)
-    return (type(a) is type(b) and a.d == b.d and a.metric_type == b.metric_type
-            and all(getattr(a, key, None) == getattr(b, key, None) for key in ("nlist", "code_size")))
+    return (
+        type(a) is type(b)
+        and a.d == b.d
+        and a.metric_type == b.metric_type
+        and all(getattr(a, key, None) == getattr(b, key, None) for key in ("nlist", "code_size"))
+    )
 
 
 def _checksum(file: BinaryIO) -> str:
@@ -231,8 +244,10 @@ def _fsync(path: Path) -> None:
 def check_name(directory: Path, name: str) -> str:
     """``name`` if it is a segment file name this code writes; a damaged database may say anything."""
     if not SEGMENT_NAME.fullmatch(name):
-        raise CollectionDamagedError(f"collection {directory}: the database names a segment file {name[:80]!r}, "
-                                     "which is not a segment name (kind-00000000.faiss)")
+        raise CollectionDamagedError(
+            f"collection {directory}: the database names a segment file {name[:80]!r}, "
+            "which is not a segment name (kind-00000000.faiss)"
+        )
     return name
 
 
@@ -247,16 +262,19 @@ def open_segment(directory: Path, name: str) -> Iterator[BinaryIO]:
         yield file
 
 
-def read_segment(directory: Path, name: str, file: BinaryIO, dimension: int, checksum: str | None = None
-                 ) -> faiss.Index:
+def read_segment(
+    directory: Path, name: str, file: BinaryIO, dimension: int, checksum: str | None = None
+) -> faiss.Index:
     """The FAISS index in segment file ``name``, read from its open ``file``, whose bytes must first
     hash to ``checksum`` (the one recorded when it was written; None for segments written before
     0.1.0 recorded them). Hashing comes first because FAISS trusts the sizes in a file: a damaged
     one can make it allocate without bound. The second pass reads from the page cache."""
     if checksum is not None:
         if _checksum(file) != checksum:
-            raise CollectionDamagedError(f"collection {directory}: index file {name} does not match the checksum "
-                                         "recorded when it was written (it was changed or damaged)")
+            raise CollectionDamagedError(
+                f"collection {directory}: index file {name} does not match the checksum "
+                "recorded when it was written (it was changed or damaged)"
+            )
         file.seek(0)
     try:
         with _limit_lock:  # not while map_segment has lowered the limit to a smaller file's size
@@ -292,8 +310,9 @@ def map_segment(directory: Path, name: str, file: BinaryIO, dimension: int, n_ve
         finally:
             faiss.set_deserialization_vector_byte_limit(limit)
     if index.ntotal != n_vectors:
-        raise CollectionDamagedError(f"collection {directory}: index file {name} holds {index.ntotal} vectors; "
-                                     f"{n_vectors} were written to it")
+        raise CollectionDamagedError(
+            f"collection {directory}: index file {name} holds {index.ntotal} vectors; {n_vectors} were written to it"
+        )
     return _checked(directory, name, index, dimension)
 
 
@@ -304,8 +323,9 @@ def _unreadable(directory: Path, name: str, exc: Exception) -> CollectionDamaged
 
 def _checked(directory: Path, name: str, index: faiss.Index, dimension: int) -> faiss.Index:
     if index.d != dimension:
-        raise CollectionDamagedError(f"collection {directory}: index file {name} holds {index.d}-d vectors, "
-                                     f"expected {dimension}")
+        raise CollectionDamagedError(
+            f"collection {directory}: index file {name} holds {index.d}-d vectors, expected {dimension}"
+        )
     return index
 
 

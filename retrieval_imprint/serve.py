@@ -27,8 +27,9 @@ import hmac
 import logging
 import socket
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -48,7 +49,7 @@ from .service import Limits, Query, Service, one_line
 DEFAULT_PORT = 8000
 ROUTES = ("/health", "/ready", "/info", "/query", "/metrics", "/openapi.json", "/docs")
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 422: "invalid_request"}
-LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 log = logging.getLogger("retrieval_imprint.serve")
 
@@ -66,16 +67,34 @@ def request_model(limits: Limits) -> Any:
         return model
 
     return create_model(
-        "QueryRequest", __config__=ConfigDict(extra="forbid", strict=True),
+        "QueryRequest",
+        __config__=ConfigDict(extra="forbid", strict=True),
         __validators__={"one_of": model_validator(mode="after")(one_of)},
-        texts=(list[text] | None, Field(None, min_length=1, max_length=limits.max_queries,
-                                        description="Texts to embed with the collection's model and classify.")),
-        vectors=(list[row] | None, Field(None, min_length=1, max_length=limits.max_queries,
-                                         description="Embeddings to classify, all of the collection's dimension.")),
-        top=(int, Field(1, ge=1, le=limits.max_top, description="Best classes per query (at most the classes "
-                                                                 "there are).")),
+        texts=(
+            list[text] | None,
+            Field(
+                None,
+                min_length=1,
+                max_length=limits.max_queries,
+                description="Texts to embed with the collection's model and classify.",
+            ),
+        ),
+        vectors=(
+            list[row] | None,
+            Field(
+                None,
+                min_length=1,
+                max_length=limits.max_queries,
+                description="Embeddings to classify, all of the collection's dimension.",
+            ),
+        ),
+        top=(
+            int,
+            Field(1, ge=1, le=limits.max_top, description="Best classes per query (at most the classes there are)."),
+        ),
         threshold=(finite | None, Field(None, description="Rejection threshold (default: the stored ones).")),
-        nprobe=(int | None, Field(None, ge=1, description="IVF lists searched (default: the stored tuning).")))
+        nprobe=(int | None, Field(None, ge=1, description="IVF lists searched (default: the stored tuning).")),
+    )
 
 
 def parse_query(body: bytes, model: Any) -> Query:
@@ -87,14 +106,16 @@ def parse_query(body: bytes, model: Any) -> Query:
     vectors = None
     if data.vectors is not None:
         if len({len(r) for r in data.vectors}) > 1:
-            raise RequestError("vectors must be rows of one length; got lengths "
-                               f"{sorted({len(r) for r in data.vectors})}")
+            raise RequestError(
+                f"vectors must be rows of one length; got lengths {sorted({len(r) for r in data.vectors})}"
+            )
         vectors = np.asarray(data.vectors)
         if np.abs(vectors).max() > np.finfo(np.float32).max:  # finite as JSON's float64, not as float32
             raise RequestError("vectors hold a number beyond float32's range")
         vectors = vectors.astype(np.float32)
-    return Query(data.texts, vectors, data.top, data.threshold,
-                 None if data.nprobe is None else {"nprobe": data.nprobe})
+    return Query(
+        data.texts, vectors, data.top, data.threshold, None if data.nprobe is None else {"nprobe": data.nprobe}
+    )
 
 
 def _describe(exc: Any) -> str:
@@ -118,21 +139,41 @@ class Metrics:
 
     def __init__(self, service: Service) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("imprint_requests", "HTTP requests answered, by route and status code.",
-                                ["route", "status"], registry=self.registry)
+        self.requests = Counter(
+            "imprint_requests",
+            "HTTP requests answered, by route and status code.",
+            ["route", "status"],
+            registry=self.registry,
+        )
         self.errors = Counter("imprint_errors", "Error answers, by error code.", ["code"], registry=self.registry)
-        self.latency = Histogram("imprint_request_duration_seconds", "Time from request to answer, by route.",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_queries = Histogram("imprint_batch_queries", "Queries answered together in one micro-batch.",
-                                       buckets=BATCH_BUCKETS, registry=self.registry)
-        self.batch_requests = Histogram("imprint_batch_requests", "Requests answered together in one micro-batch.",
-                                        buckets=BATCH_BUCKETS, registry=self.registry)
+        self.latency = Histogram(
+            "imprint_request_duration_seconds",
+            "Time from request to answer, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_queries = Histogram(
+            "imprint_batch_queries",
+            "Queries answered together in one micro-batch.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_requests = Histogram(
+            "imprint_batch_requests",
+            "Requests answered together in one micro-batch.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
         Gauge("imprint_classes", "Classes in the served collection.", registry=self.registry).set_function(
-            lambda: len(service.col) if service.col is not None else 0)
+            lambda: len(service.col) if service.col is not None else 0
+        )
         Gauge("imprint_ready", "1 when the server is ready to answer.", registry=self.registry).set_function(
-            lambda: float(service.ready and not service.problems))
+            lambda: float(service.ready and not service.problems)
+        )
         Gauge("imprint_waiting_queries", "Queries waiting for a micro-batch.", registry=self.registry).set_function(
-            lambda: service.batcher.waiting_rows)
+            lambda: service.batcher.waiting_rows
+        )
         service.batcher.on_batch = self.batch
 
     def batch(self, queries: int, requests: int) -> None:
@@ -179,12 +220,14 @@ class _Limited:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = RequestError(f"the request body is over this server's limit of {self.max_body} bytes", 413,
-                                 "body_too_large")
+        too_large = RequestError(
+            f"the request body is over this server's limit of {self.max_body} bytes", 413, "body_too_large"
+        )
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body:
-            response = JSONResponse({"error": str(too_large), "code": too_large.code}, status_code=413,
-                                    headers={"Connection": "close"})
+            response = JSONResponse(
+                {"error": str(too_large), "code": too_large.code}, status_code=413, headers={"Connection": "close"}
+            )
             return await response(scope, receive, send)
         seen = 0
 
@@ -210,9 +253,15 @@ def create_app(service: Service, *, api_key: str | None = None, title: str = "re
         yield
         await service.close()
 
-    app = FastAPI(title=title, version=__version__, lifespan=lifespan, docs_url=None, openapi_url=None,
-                  redoc_url=None,
-                  description="Few-shot classification by weight imprinting: POST /query with texts or vectors.")
+    app = FastAPI(
+        title=title,
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        openapi_url=None,
+        redoc_url=None,
+        description="Few-shot classification by weight imprinting: POST /query with texts or vectors.",
+    )
     bearer = HTTPBearer(auto_error=False, description="The server's IMPRINT_API_KEY")
 
     async def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -234,11 +283,11 @@ def create_app(service: Service, *, api_key: str | None = None, title: str = "re
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Any:
-        message = {404: f"no route {request.url.path}; routes: {', '.join(ROUTES)}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
-                                                                                     str(exc.detail))
-        return error(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), message,
-                     dict(exc.headers or {}))
+        message = {
+            404: f"no route {request.url.path}; routes: {', '.join(ROUTES)}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
+        return error(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), message, dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Any:
@@ -258,17 +307,26 @@ def create_app(service: Service, *, api_key: str | None = None, title: str = "re
     async def ready() -> Any:
         healthy, body = await service.health()
         ok = healthy and service.ready
-        return JSONResponse({"ready": ok, **({} if ok else {"status": body["status"],
-                                                            "problems": body.get("problems", {})})},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {"ready": ok, **({} if ok else {"status": body["status"], "problems": body.get("problems", {})})},
+            status_code=200 if ok else 503,
+        )
 
     @app.get("/info", dependencies=guarded, summary="The collection's sizes and settings")
     async def info() -> Any:
         return JSONResponse(await service.info())
 
-    @app.post("/query", dependencies=guarded, summary="Classify texts or vectors",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": {"$ref": "#/components/schemas/QueryRequest"}}}}})
+    @app.post(
+        "/query",
+        dependencies=guarded,
+        summary="Classify texts or vectors",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/QueryRequest"}}},
+            }
+        },
+    )
     async def query(request: Request) -> Any:
         return JSONResponse({"results": await service.query(parse_query(await request.body(), body_model))})
 
@@ -279,10 +337,10 @@ def create_app(service: Service, *, api_key: str | None = None, title: str = "re
 
     def openapi_schema() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
-            schema.setdefault("components", {}).setdefault("schemas", {})["QueryRequest"] = \
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})["QueryRequest"] = (
                 body_model.model_json_schema(ref_template="#/components/schemas/{model}")
+            )
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -302,14 +360,22 @@ def create_app(service: Service, *, api_key: str | None = None, title: str = "re
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (port 0: any free one), bound before the server starts
     so its address can be printed and no other process can take it in between."""
-    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                reuse_port=False, backlog=1024)
+    sock = socket.create_server(
+        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, reuse_port=False, backlog=1024
+    )
     sock.set_inheritable(True)
     return sock
 
 
-def run(app: Any, sock: socket.socket, service: Service, *, listening: Callable[[], None],
-        ready: Callable[[bool], None], drain: float = 30.0) -> None:
+def run(
+    app: Any,
+    sock: socket.socket,
+    service: Service,
+    *,
+    listening: Callable[[], None],
+    ready: Callable[[bool], None],
+    drain: float = 30.0,
+) -> None:
     """Serve ``app`` on ``sock`` with uvicorn until SIGINT or SIGTERM: then it stops taking
     connections, answers the requests in flight (for at most ``drain`` seconds) and returns.
     ``listening()`` is called once connections are taken, ``ready(ok)`` once the service has
@@ -322,11 +388,12 @@ def run(app: Any, sock: socket.socket, service: Service, *, listening: Callable[
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
             listening()
-            asyncio.ensure_future(self._announce())
+            self.announcing = asyncio.ensure_future(self._announce())  # held: a task no one holds may vanish
 
         async def _announce(self) -> None:
             ready(await service.started())
 
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=drain,
-                            timeout_keep_alive=5, backlog=1024)
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="on", timeout_graceful_shutdown=drain, timeout_keep_alive=5, backlog=1024
+    )
     Server(config).run(sockets=[sock])

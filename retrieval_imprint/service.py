@@ -19,8 +19,9 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -61,22 +62,33 @@ def is_clients(exc: BaseException) -> bool:
 
 
 def one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split()) if not isinstance(exc, ImprintError) else \
-        " ".join(str(exc).split())
+    return (
+        " ".join(f"{type(exc).__name__}: {exc}".split())
+        if not isinstance(exc, ImprintError)
+        else " ".join(str(exc).split())
+    )
 
 
 class Service:
     """Answers ``Query``s from the ``Searchable`` that ``open()`` returns (called once, on the
     engine thread), through a micro-batcher (``window`` seconds, ``max_batch`` queries)."""
 
-    def __init__(self, open: Callable[[], Searchable], *, refresh: float = 1.0, window: float = 0.0,
-                 max_batch: int = 256, limits: Limits = Limits(),
-                 on_batch: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        open: Callable[[], Searchable],
+        *,
+        refresh: float = 1.0,
+        window: float = 0.0,
+        max_batch: int = 256,
+        limits: Limits = Limits(),
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
         self._open = open
         self.refresh_every = refresh
         self.limits = limits
         self.batcher: MicroBatcher[Query, list[dict[str, Any]]] = MicroBatcher(
-            self._answer, window=window, max_rows=max_batch, on_batch=on_batch)
+            self._answer, window=window, max_rows=max_batch, on_batch=on_batch
+        )
         self.col: Searchable | None = None
         self.ready = False
         self.problems: dict[str, str] = {}
@@ -137,10 +149,13 @@ class Service:
             except asyncio.TimeoutError:
                 pass
         col = self.col
-        body: dict[str, Any] = {"status": "error" if self.problems else "ok", "ready": self.ready,
-                                "classes": len(col) if col is not None else None,
-                                "shards": col.n_shards if col is not None else None,
-                                "model": col.model if col is not None else None}
+        body: dict[str, Any] = {
+            "status": "error" if self.problems else "ok",
+            "ready": self.ready,
+            "classes": len(col) if col is not None else None,
+            "shards": col.n_shards if col is not None else None,
+            "model": col.model if col is not None else None,
+        }
         if self.problems:
             body["problems"] = dict(self.problems)
         return not self.problems, body
@@ -148,8 +163,11 @@ class Service:
     def _check_ready(self) -> None:
         if not self.ready:
             why = self.problems.get("startup")
-            raise NotReadyError(f"the server could not start: {why}" if why else
-                                "the server is starting: loading the model and the collection")
+            raise NotReadyError(
+                f"the server could not start: {why}"
+                if why
+                else "the server is starting: loading the model and the collection"
+            )
 
     def _fresh(self) -> Searchable:
         """The collection, with other processes' commits picked up once ``refresh`` seconds have
@@ -174,8 +192,9 @@ class Service:
     def _failed(self, dependency: str, exc: BaseException) -> None:
         if not is_clients(exc):
             self.problems[dependency] = one_line(exc)
-            log.error("%s failed: %s", dependency, self.problems[dependency],
-                      exc_info=not isinstance(exc, ImprintError))
+            log.error(
+                "%s failed: %s", dependency, self.problems[dependency], exc_info=not isinstance(exc, ImprintError)
+            )
 
     def _answer(self, queries: list[Query]) -> list[list[dict[str, Any]] | BaseException]:
         """A batch's answers, one per query (or the error that query alone would get): engine thread."""
@@ -184,8 +203,9 @@ class Service:
         except Exception as exc:
             return [exc] * len(queries)
         out: list[Any] = [self._unanswerable(col, q) for q in queries]
-        vectors: dict[int, np.ndarray] = {i: q.vectors for i, q in enumerate(queries)
-                                          if out[i] is None and q.vectors is not None}
+        vectors: dict[int, np.ndarray] = {
+            i: q.vectors for i, q in enumerate(queries) if out[i] is None and q.vectors is not None
+        }
         texts = [i for i, q in enumerate(queries) if out[i] is None and q.texts is not None]
         if texts:
             try:
@@ -215,17 +235,28 @@ class Service:
         if q.texts is not None and col.model is None:
             return DataError("this collection holds precomputed vectors (no model): send vectors, not texts")
         if q.vectors is not None and q.vectors.shape[1] != col.dimension:
-            return DataError(f"vectors have dimension {q.vectors.shape[1]}, but this collection holds "
-                             f"{col.dimension}-d vectors")
+            return DataError(
+                f"vectors have dimension {q.vectors.shape[1]}, but this collection holds {col.dimension}-d vectors"
+            )
         return None
 
-    def _search(self, col: Searchable, queries: list[Query], vectors: dict[int, np.ndarray], members: list[int],
-                top: int, threshold: float | None, params: dict[str, int] | None, out: list[Any]) -> None:
+    def _search(
+        self,
+        col: Searchable,
+        queries: list[Query],
+        vectors: dict[int, np.ndarray],
+        members: list[int],
+        top: int,
+        threshold: float | None,
+        params: dict[str, int] | None,
+        out: list[Any],
+    ) -> None:
         """One search for the queries ``members`` (same top, threshold and parameters); each gets
         its rows. Where the search fails, each is searched alone, so an error reaches only its own."""
         try:
-            result = col.query(np.concatenate([vectors[i] for i in members]), top, threshold=threshold,
-                               search_params=params)
+            result = col.query(
+                np.concatenate([vectors[i] for i in members]), top, threshold=threshold, search_params=params
+            )
         except Exception as exc:
             if len(members) == 1:
                 self._failed("collection", exc)

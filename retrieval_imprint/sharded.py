@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,8 +37,16 @@ from . import provenance, ranking, segments, snapshot, writes
 from .aggregate import rank_classes, vote_weights
 from .collection import Collection, calibrate_over, check_tunable, check_vectors, text_rows, writing_all
 from .embed import Embedder
-from .errors import (CollectionDamagedError, CollectionExistsError, CollectionNotFoundError, CollectionStateError,
-                     DataError, InvalidParameterError, NotACollectionError, SettingsClashError)
+from .errors import (
+    CollectionDamagedError,
+    CollectionExistsError,
+    CollectionNotFoundError,
+    CollectionStateError,
+    DataError,
+    InvalidParameterError,
+    NotACollectionError,
+    SettingsClashError,
+)
 from .integrity import CheckReport
 from .normalize import normalize
 from .openset import MARGIN, Calibration
@@ -59,13 +68,13 @@ def exists(path: str | os.PathLike) -> bool:
     return is_sharded(path) or (Path(path) / DB_NAME).exists()
 
 
-def kind_of(path: str | os.PathLike) -> "type[Collection] | type[ShardedCollection]":
+def kind_of(path: str | os.PathLike) -> type[Collection] | type[ShardedCollection]:
     """``ShardedCollection`` where ``path`` holds a manifest, else ``Collection``: the class whose
     ``open``, ``verify`` and ``upgrade`` apply."""
     return ShardedCollection if is_sharded(path) else Collection
 
 
-def open_any(path: str | os.PathLike, **options: Any) -> "Collection | ShardedCollection":
+def open_any(path: str | os.PathLike, **options: Any) -> Collection | ShardedCollection:
     """``open`` of the collection at ``path``, sharded or not."""
     return kind_of(path).open(path, **options)
 
@@ -96,8 +105,16 @@ class ShardedCollection:
 
     # ----------------------------------------------------------------- create, open
     @classmethod
-    def create(cls, path: str | os.PathLike, *, shards: int, preset: str | None = None, lock_timeout: float = 0.0,
-               auto_choice: dict[str, Any] | None = None, **settings: Any) -> "ShardedCollection":
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        shards: int,
+        preset: str | None = None,
+        lock_timeout: float = 0.0,
+        auto_choice: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> ShardedCollection:
         """Create an empty collection of ``shards`` shards at ``path`` (a new or empty directory);
         ``settings``, ``preset`` and ``auto_choice`` as ``Collection.create``, the same for every shard."""
         n = spec.check_int("shards", shards, 1)
@@ -111,8 +128,15 @@ class ShardedCollection:
         try:
             for i in range(n):
                 Collection.create(staging / shard_name(i), preset=preset, auto_choice=auto_choice, **settings).close()
-            _write_manifest(staging, {"format": FORMAT, "shards": n, "label_hash": LABEL_HASH,
-                                      "auto_choice": None if auto_choice is None else json.dumps(auto_choice)})
+            _write_manifest(
+                staging,
+                {
+                    "format": FORMAT,
+                    "shards": n,
+                    "label_hash": LABEL_HASH,
+                    "auto_choice": None if auto_choice is None else json.dumps(auto_choice),
+                },
+            )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -120,8 +144,7 @@ class ShardedCollection:
         return cls.open(path, lock_timeout=lock_timeout)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, upgrade: bool = False, lock_timeout: float = 0.0
-             ) -> "ShardedCollection":
+    def open(cls, path: str | os.PathLike, *, upgrade: bool = False, lock_timeout: float = 0.0) -> ShardedCollection:
         """Open a sharded collection (every shard; ``upgrade`` migrates each one's schema)."""
         path = Path(path)
         if not path.exists():
@@ -133,7 +156,7 @@ class ShardedCollection:
     @classmethod
     def upgrade(cls, path: str | os.PathLike) -> tuple[str | None, str]:
         """``Collection.upgrade`` of every shard; returns the first shard's ``(before, after)``."""
-        return [Collection.upgrade(d) for d in directories(path)][0]
+        return next(Collection.upgrade(d) for d in directories(path))
 
     @classmethod
     def verify(cls, path: str | os.PathLike) -> CheckReport:
@@ -142,16 +165,27 @@ class ShardedCollection:
             manifest = _read_manifest(Path(path))
         except CollectionDamagedError as exc:
             return CheckReport(False, [str(exc)])
-        reports = [Collection.verify(Path(path) / shard_name(i)) if (Path(path) / shard_name(i)).is_dir()
-                   else CheckReport(False, ["the shard's directory is missing"]) for i in range(manifest["shards"])]
+        reports = [
+            Collection.verify(Path(path) / shard_name(i))
+            if (Path(path) / shard_name(i)).is_dir()
+            else CheckReport(False, ["the shard's directory is missing"])
+            for i in range(manifest["shards"])
+        ]
         if not all(r.ok for r in reports):
             return CheckReport(False, [f"{shard_name(i)}: {p}" for i, r in enumerate(reports) for p in r.problems])
         with cls.open(path) as col:
             return col.check()
 
     @classmethod
-    def open_or_create(cls, path: str | os.PathLike, *, shards: int, preset: str | None = None,
-                       lock_timeout: float = 0.0, **settings: Any) -> "ShardedCollection":
+    def open_or_create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        shards: int,
+        preset: str | None = None,
+        lock_timeout: float = 0.0,
+        **settings: Any,
+    ) -> ShardedCollection:
         """Open the sharded collection at ``path`` (its shard count and settings must be these) or
         create it."""
         if not Path(path).exists() or not any(Path(path).iterdir()):
@@ -163,8 +197,9 @@ class ShardedCollection:
     def check_settings(self, *, shards: int | None = None, preset: str | None = None, **settings: Any) -> None:
         """Raise ``SettingsClashError`` if the shard count or any setting given differs from the stored."""
         if shards is not None and shards != self.n_shards:
-            raise SettingsClashError(f"{self.path} already exists with other settings: shards={shards} "
-                                     f"(collection: {self.n_shards})")
+            raise SettingsClashError(
+                f"{self.path} already exists with other settings: shards={shards} (collection: {self.n_shards})"
+            )
         self.shards[0].check_settings(preset=preset, **settings)
 
     def refresh(self) -> bool:
@@ -177,7 +212,7 @@ class ShardedCollection:
         for col in self.shards:
             col.close()
 
-    def __enter__(self) -> "ShardedCollection":
+    def __enter__(self) -> ShardedCollection:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -250,8 +285,15 @@ class ShardedCollection:
         """The embedding model every shard was made with (``Collection.embedder``)."""
         return self.shards[0].embedder(progress=progress)
 
-    def query(self, Q: Any, top: int = 1, *, threshold: float | None = None, model: str | None = None,
-              search_params: dict[str, int] | None = None) -> QueryResult:
+    def query(
+        self,
+        Q: Any,
+        top: int = 1,
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        search_params: dict[str, int] | None = None,
+    ) -> QueryResult:
         """``Collection.query`` over every shard: the same answer one collection of all the classes
         gives (equal scores in any order of equal classes)."""
         live = [(i, col) for i, col in enumerate(self.shards) if len(col)]
@@ -264,8 +306,14 @@ class ShardedCollection:
         parts = [part(col, i, self.n_shards, Q, top, threshold, search_params) for i, col in live]
         return merge(parts, top, first.params)
 
-    def predict(self, Q: Any, *, threshold: float | None = None, model: str | None = None,
-                search_params: dict[str, int] | None = None) -> np.ndarray:
+    def predict(
+        self,
+        Q: Any,
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        search_params: dict[str, int] | None = None,
+    ) -> np.ndarray:
         """The best class of each query (None where rejected by the threshold)."""
         return self.query(Q, 1, threshold=threshold, model=model, search_params=search_params).labels[:, 0]
 
@@ -283,29 +331,47 @@ class ShardedCollection:
             if report.ok and len(col):
                 wrong = np.flatnonzero(shard_of(col.classes, self.n_shards) != i)
                 if len(wrong):
-                    problems.append(f"{shard_name(i)}: class {col.classes[wrong[0]]!r} belongs in shard "
-                                    f"{int(shard_of([col.classes[wrong[0]]], self.n_shards)[0])} "
-                                    f"({len(wrong)} misplaced classes)")
+                    problems.append(
+                        f"{shard_name(i)}: class {col.classes[wrong[0]]!r} belongs in shard "
+                        f"{int(shard_of([col.classes[wrong[0]]], self.n_shards)[0])} "
+                        f"({len(wrong)} misplaced classes)"
+                    )
         return CheckReport(not problems, problems)
 
     # ----------------------------------------------------------------- writing
-    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None,
-            replace: bool = False) -> "ShardedCollection":
+    def add(
+        self, X: Any, labels: Sequence[object], *, model: str | None = None, replace: bool = False
+    ) -> ShardedCollection:
         """``Collection.add``: each class's rows go to its shard (atomic per shard)."""
         self._add_checked(X, labels, model=model, replace=replace)
         return self
 
-    def add_texts(self, texts: Sequence[str], labels: Sequence[object], *, replace: bool = False,
-                  refs: Sequence[str] | None = None) -> "ShardedCollection":
+    def add_texts(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[object],
+        *,
+        replace: bool = False,
+        refs: Sequence[str] | None = None,
+    ) -> ShardedCollection:
         """``add`` on texts embedded with the collection's model; the texts (and ``refs``) kept."""
         texts, labels, refs = text_rows(texts, labels, refs)
-        self._add_checked(self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts,
-                          refs=refs)
+        self._add_checked(
+            self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts, refs=refs
+        )
         return self
 
-    def _add_checked(self, X: Any, labels: Sequence[object], *, model: str | None = None,
-                     replace: bool | set = False, checkpoints: Sequence[tuple[str, int]] = (),
-                     texts: Sequence[str] | None = None, refs: Sequence[str] | None = None) -> None:
+    def _add_checked(
+        self,
+        X: Any,
+        labels: Sequence[object],
+        *,
+        model: str | None = None,
+        replace: bool | set = False,
+        checkpoints: Sequence[tuple[str, int]] = (),
+        texts: Sequence[str] | None = None,
+        refs: Sequence[str] | None = None,
+    ) -> None:
         """``Collection._add_checked`` split by shard. Everything that can be checked before a
         write is checked for all the rows first, so bad input changes no shard."""
         first = self.shards[0]
@@ -323,9 +389,11 @@ class ShardedCollection:
             for i, col in enumerate(self.shards):
                 found = col._existing([e for e, j in zip(entries, owner) if j == i and e not in (replace or ())])
                 if found:
-                    raise DataError(f"class {next(iter(found))[1]!r} already exists and this collection keeps no "
-                                    "samples, so it cannot be re-imprinted from old and new samples together; remove "
-                                    "it and add all its samples, or create the collection with keep_samples=True")
+                    raise DataError(
+                        f"class {next(iter(found))[1]!r} already exists and this collection keeps no "
+                        "samples, so it cannot be re-imprinted from old and new samples together; remove "
+                        "it and add all its samples, or create the collection with keep_samples=True"
+                    )
         choice = self._choose(X, codes, entries)
         for i, col in enumerate(self.shards):
             if checkpoints and all(col._rows_done(source) >= done for source, done in checkpoints):
@@ -335,10 +403,16 @@ class ShardedCollection:
                 if checkpoints:
                     col._record_progress(checkpoints)
                 continue
-            col._add_checked(X[mine], [labels[r] for r in mine], model=model,
-                             replace=replace if isinstance(replace, bool) else set(replace),
-                             checkpoints=checkpoints, texts=None if texts is None else [texts[r] for r in mine],
-                             refs=None if refs is None else [refs[r] for r in mine], auto_choice=choice)
+            col._add_checked(
+                X[mine],
+                [labels[r] for r in mine],
+                model=model,
+                replace=replace if isinstance(replace, bool) else set(replace),
+                checkpoints=checkpoints,
+                texts=None if texts is None else [texts[r] for r in mine],
+                refs=None if refs is None else [refs[r] for r in mine],
+                auto_choice=choice,
+            )
 
     def _choose(self, X: np.ndarray, codes: np.ndarray, entries: list) -> str:
         """What auto chose for every shard; at the first add, chosen on its rows and recorded."""
@@ -356,7 +430,7 @@ class ShardedCollection:
         """Rows of ``source`` every shard has committed (an ingestion resumes from here)."""
         return min(col._rows_done(source) for col in self.shards)
 
-    def remove(self, labels: Sequence[object]) -> "ShardedCollection":
+    def remove(self, labels: Sequence[object]) -> ShardedCollection:
         """Remove the classes with these labels (all must exist; otherwise nothing is removed)."""
         values = lab.as_sequence(labels)
         if not values:
@@ -372,7 +446,7 @@ class ShardedCollection:
             self.shards[i].remove([v for v, j in zip(values, owner) if j == i])
         return self
 
-    def set_threshold(self, threshold: float | None, *, label: object = None) -> "ShardedCollection":
+    def set_threshold(self, threshold: float | None, *, label: object = None) -> ShardedCollection:
         """``Collection.set_threshold``: the collection's threshold in every shard, a class's in its own."""
         if label is not None:
             self.shards[int(shard_of([label], self.n_shards)[0])].set_threshold(threshold, label=label)
@@ -381,45 +455,70 @@ class ShardedCollection:
             col.set_threshold(threshold)
         return self
 
-    def restore_rejection(self, threshold: float | None, classes: dict[Any, tuple[float | None, float | None]]
-                          ) -> "ShardedCollection":
+    def restore_rejection(
+        self, threshold: float | None, classes: dict[Any, tuple[float | None, float | None]]
+    ) -> ShardedCollection:
         """``Collection.restore_rejection``: the threshold in every shard, each class's values in its own."""
         owner = shard_of(list(classes), self.n_shards) if classes else np.zeros(0, np.int64)
         for i, col in enumerate(self.shards):
             col.restore_rejection(threshold, {label: v for (label, v), j in zip(classes.items(), owner) if j == i})
         return self
 
-    def set_search_params(self, **params: int) -> "ShardedCollection":
+    def set_search_params(self, **params: int) -> ShardedCollection:
         """``Collection.set_search_params`` in every shard."""
         for col in self.shards:
             col.set_search_params(**params)
         return self
 
-    def compact(self, *, retrain: bool | None = None) -> "ShardedCollection":
+    def compact(self, *, retrain: bool | None = None) -> ShardedCollection:
         """``Collection.compact`` of every shard (``retrain=None``: each shard that has outgrown its lists)."""
         for col in self.shards:
             col.compact(retrain=retrain)
         return self
 
-    def calibrate(self, X: Any = None, labels: Sequence[object] | None = None, X_oos: Any = None, *,
-                  target_accuracy: float | None = None, target_oos_recall: float | None = None,
-                  target_false_rejection: float | None = None, rule: str | None = None,
-                  margin: float = MARGIN) -> Calibration:
+    def calibrate(
+        self,
+        X: Any = None,
+        labels: Sequence[object] | None = None,
+        X_oos: Any = None,
+        *,
+        target_accuracy: float | None = None,
+        target_oos_recall: float | None = None,
+        target_false_rejection: float | None = None,
+        rule: str | None = None,
+        margin: float = MARGIN,
+    ) -> Calibration:
         """``Collection.calibrate`` of the whole: validation queries answered by every shard
         together, each class's shift from its own shard, one rule and threshold stored in every
         shard (shard by shard, every shard's writer lock held)."""
-        return calibrate_over(self.shards, self.query, lambda found: shard_of(found, self.n_shards), X, labels, X_oos,
-                              target_accuracy=target_accuracy, target_oos_recall=target_oos_recall,
-                              target_false_rejection=target_false_rejection, rule=rule, margin=margin)
+        return calibrate_over(
+            self.shards,
+            self.query,
+            lambda found: shard_of(found, self.n_shards),
+            X,
+            labels,
+            X_oos,
+            target_accuracy=target_accuracy,
+            target_oos_recall=target_oos_recall,
+            target_false_rejection=target_false_rejection,
+            rule=rule,
+            margin=margin,
+        )
 
     def export(self, out: str | os.PathLike) -> int:
         """``Collection.export`` of every shard's samples into one Parquet file (shard by shard);
         ``ingest`` (``imprint index``, with or without ``--shards``) reads it back."""
         live = [col for col in self.shards if len(col)] or self.shards[:1]
-        tables = [provenance.export(col._engine, snapshot.read(col.path, col._engine, samples=True), col.path)
-                  for col in live]
-        return provenance.write_export(tables, Path(out), self.model, self.shards[0]._export_settings(),
-                                       {**self.shards[0]._export_state(), "auto_choice": self.auto_choice})
+        tables = [
+            provenance.export(col._engine, snapshot.read(col.path, col._engine, samples=True), col.path) for col in live
+        ]
+        return provenance.write_export(
+            tables,
+            Path(out),
+            self.model,
+            self.shards[0]._export_settings(),
+            {**self.shards[0]._export_state(), "auto_choice": self.auto_choice},
+        )
 
     def tune(self) -> dict[str, Any]:
         """``Collection.tune`` of the whole: one choice, cross-validated on every shard's kept
@@ -430,9 +529,12 @@ class ShardedCollection:
             live = [col for col in self.shards if len(col)]
             kept = [writes.kept_samples(col.path, col._s) for col in live]
             offsets = np.cumsum([0] + [len(keys) for _, _, keys in kept])
-            choice = writes.auto_choice(self.config, np.concatenate([X for X, _, _ in kept]),
-                                        np.concatenate([codes + o for (_, codes, _), o in zip(kept, offsets)]),
-                                        np.concatenate([keys for _, _, keys in kept]))
+            choice = writes.auto_choice(
+                self.config,
+                np.concatenate([X for X, _, _ in kept]),
+                np.concatenate([codes + o for (_, codes, _), o in zip(kept, offsets)]),
+                np.concatenate([keys for _, _, keys in kept]),
+            )
             for col, samples in zip(live, kept):
                 writes.retune(col.path, col._engine, col._s, choice, samples)
             with segments.writer_lock(self.path, self.lock_timeout):
@@ -455,8 +557,15 @@ class Part:
     limit: np.ndarray  # and threshold
 
 
-def part(col: Collection, shard: int, n_shards: int, Q: np.ndarray, top: int, threshold: float | None,
-         search_params: dict[str, int] | None) -> Part:
+def part(
+    col: Collection,
+    shard: int,
+    n_shards: int,
+    Q: np.ndarray,
+    top: int,
+    threshold: float | None,
+    search_params: dict[str, int] | None,
+) -> Part:
     """Shard ``shard``'s ``Part`` of the answers to queries ``Q`` (after NORMinf)."""
     s = col._s  # one snapshot for the whole part, whatever a concurrent refresh() does
     params = col._search_params(search_params, s)
@@ -468,14 +577,19 @@ def part(col: Collection, shard: int, n_shards: int, Q: np.ndarray, top: int, th
         return Part(gid, np.where(found, sim, -np.inf), dist, *ranking.class_terms(s, owner, threshold))
     owner, scores = ranking.rank(s, Q, top, params)
     found = owner >= 0
-    return Part(np.where(found, owner * n_shards + shard, -1), np.where(found, scores, -np.inf), None,
-                *ranking.class_terms(s, owner, threshold))
+    return Part(
+        np.where(found, owner * n_shards + shard, -1),
+        np.where(found, scores, -np.inf),
+        None,
+        *ranking.class_terms(s, owner, threshold),
+    )
 
 
 def merge(parts: Sequence[Part], top: int, params: dict[str, Any]) -> QueryResult:
     """The answers of one collection holding every shard's classes, from the shards' ``Part``s
     (``params``: the concrete GEN/NORM/AGG settings). max, blend: the ``top`` best entries by
     score; mnn: the m nearest proxies, then the vote. Equal values go to the lower global number."""
+
     def cat(name: str) -> np.ndarray:
         return np.hstack([getattr(p, name) for p in parts])
 
@@ -484,26 +598,40 @@ def merge(parts: Sequence[Part], top: int, params: dict[str, Any]) -> QueryResul
     if params["aggregation"] == "mnn":
         near = order[:, : params["m"]]
         owner = np.where(np.take_along_axis(ids, near, 1) >= 0, class_of(np.take_along_axis(ids, near, 1)), -1)
-        classes, scores = rank_classes(owner, vote_weights(np.take_along_axis(cat("distances"), near, 1),
-                                                           params["vote"]), top, vote=True, ties="nearest")
+        classes, scores = rank_classes(
+            owner,
+            vote_weights(np.take_along_axis(cat("distances"), near, 1), params["vote"]),
+            top,
+            vote=True,
+            ties="nearest",
+        )
         pick = np.take_along_axis(near, np.argmax(owner[:, None, :] == classes[:, :, None], axis=2), 1)
     else:
         pick = order[:, :top]
         classes = np.take_along_axis(ids, pick, 1)
         scores = np.where(classes >= 0, np.take_along_axis(values, pick, 1), np.nan)
     found = classes >= 0
-    terms = [np.where(found, np.take_along_axis(cat(name), pick, 1), fill)
-             for name, fill in (("candidates", None), ("shift", 0.0), ("limit", np.nan))]
+    terms = [
+        np.where(found, np.take_along_axis(cat(name), pick, 1), fill)
+        for name, fill in (("candidates", None), ("shift", 0.0), ("limit", np.nan))
+    ]
     short = top - classes.shape[1]  # fewer entries than top in all: pad
     if short:
         pad = np.full((len(classes), short), np.nan)
-        scores, terms = np.hstack([scores, pad]), [np.hstack([terms[0], np.full(pad.shape, None, object)]),
-                                                   np.hstack([terms[1], pad]), np.hstack([terms[2], pad])]
+        scores, terms = (
+            np.hstack([scores, pad]),
+            [
+                np.hstack([terms[0], np.full(pad.shape, None, object)]),
+                np.hstack([terms[1], pad]),
+                np.hstack([terms[2], pad]),
+            ],
+        )
     return ranking.judge(scores, *terms)
 
 
-def combined_info(path: str | os.PathLike, parts: Sequence[dict[str, Any]], auto_choice: dict[str, Any] | None
-                  ) -> dict[str, Any]:
+def combined_info(
+    path: str | os.PathLike, parts: Sequence[dict[str, Any]], auto_choice: dict[str, Any] | None
+) -> dict[str, Any]:
     """A sharded collection's ``info()`` from its shards' own (``parts``, in shard order): what
     ``ShardedCollection.info`` and the Ray engine's ``/info`` give."""
     return {
@@ -517,9 +645,14 @@ def combined_info(path: str | os.PathLike, parts: Sequence[dict[str, Any]], auto
         "auto_choice": auto_choice,
         "embedder": parts[0]["embedder"],
         "bytes_on_disk": sum(p["bytes_on_disk"] for p in parts) + (Path(path) / MANIFEST).stat().st_size,
-        "shard_info": [{"shard": i, **{key: p[key] for key in ("classes", "proxies", "samples", "version",
-                                                               "trained_on", "index_tuning")},
-                        "search_params": p["config"]["search_params"]} for i, p in enumerate(parts)],
+        "shard_info": [
+            {
+                "shard": i,
+                **{key: p[key] for key in ("classes", "proxies", "samples", "version", "trained_on", "index_tuning")},
+                "search_params": p["config"]["search_params"],
+            }
+            for i, p in enumerate(parts)
+        ],
     }
 
 
@@ -540,11 +673,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CollectionDamagedError(f"{where} cannot be read as a shard manifest: {exc}") from None
     n = manifest.get("shards") if isinstance(manifest, dict) else None
     if not isinstance(n, int) or n < 1 or manifest.get("format") != FORMAT:
-        raise CollectionDamagedError(f"{where} is not a shard manifest this version reads (format {FORMAT}, "
-                                     "shards >= 1)")
+        raise CollectionDamagedError(
+            f"{where} is not a shard manifest this version reads (format {FORMAT}, shards >= 1)"
+        )
     if manifest.get("label_hash") != LABEL_HASH:
-        raise InvalidParameterError(f"{where} assigns labels by {manifest.get('label_hash')!r}; this version "
-                                    f"knows only {LABEL_HASH!r}")
+        raise InvalidParameterError(
+            f"{where} assigns labels by {manifest.get('label_hash')!r}; this version knows only {LABEL_HASH!r}"
+        )
     return manifest
 
 

@@ -79,15 +79,21 @@ class Snapshot:
             out.search_params = self.search_params
             return out
         if kind == "proxies":
-            return ProxyIndex(self.dimension, self.config["metric"], self.fixed.transform, with_ids=True,
-                              search_params=self.search_params, index=index)
+            return ProxyIndex(
+                self.dimension,
+                self.config["metric"],
+                self.fixed.transform,
+                with_ids=True,
+                search_params=self.search_params,
+                index=index,
+            )
         if kind == "means":
-            return ProxyIndex(self.dimension, self.config["metric"], self.fixed.transform, with_ids=True,
-                              index=index)
+            return ProxyIndex(self.dimension, self.config["metric"], self.fixed.transform, with_ids=True, index=index)
         return ProxyIndex(self.dimension, "euclidean", None, with_ids=True, index=index)
 
-    def merge(self, directory: Path, kind: str, files: list[str],
-              opened: dict[str, BinaryIO] | None = None) -> ProxyIndex:
+    def merge(
+        self, directory: Path, kind: str, files: list[str], opened: dict[str, BinaryIO] | None = None
+    ) -> ProxyIndex:
         """The live vectors (by the class table) of these ``kind`` segment files, in one index.
         Files not in ``opened`` are opened here: only the writer may, as no one else deletes them.
         One file is used as read (no copy: a compacted collection opens faster)."""
@@ -107,8 +113,11 @@ class Snapshot:
                     continue
                 add_kept()
                 read = True
-                file = opened[name] if opened and name in opened else stack.enter_context(
-                    segments.open_segment(directory, name))
+                file = (
+                    opened[name]
+                    if opened and name in opened
+                    else stack.enter_context(segments.open_segment(directory, name))
+                )
                 index = segments.read_segment(directory, name, file, self.dimension, self.checksums.get(name))
                 if kind == "proxies" and self.template is not None:
                     index = segments.share_quantizer(directory, name, index, self.template.index)
@@ -118,9 +127,10 @@ class Snapshot:
                 try:
                     merged.merge(index)
                 except RuntimeError as exc:  # FAISS refuses to merge indexes of different kinds
-                    raise CollectionDamagedError(f"collection {directory}: index file {name} does not hold a "
-                                                 f"{kind} index like the others ({str(exc).strip().splitlines()[-1]})"
-                                                 ) from None
+                    raise CollectionDamagedError(
+                        f"collection {directory}: index file {name} does not hold a "
+                        f"{kind} index like the others ({str(exc).strip().splitlines()[-1]})"
+                    ) from None
         add_kept()
         if not read:  # every vector came from memory, the dead left out already
             return merged
@@ -136,19 +146,28 @@ class Snapshot:
         files = self.files["proxies"]
         sizes = {name: os.fstat(opened[name].fileno()).st_size for name in files}
         largest = max(files, key=sizes.__getitem__, default=None)
-        if (self.template is None or largest is None or sizes[largest] < segments.MAP_MIN
-                or not segments.can_map()):
+        if self.template is None or largest is None or sizes[largest] < segments.MAP_MIN or not segments.can_map():
             return self.merge(directory, "proxies", files, opened)
-        mapped = segments.share_quantizer(directory, largest, segments.map_segment(
-            directory, largest, opened[largest], self.dimension, self.n_vectors[largest]), self.template.index)
+        mapped = segments.share_quantizer(
+            directory,
+            largest,
+            segments.map_segment(directory, largest, opened[largest], self.dimension, self.n_vectors[largest]),
+            self.template.index,
+        )
         if not segments.same_kind(mapped, self.template.index):
-            raise CollectionDamagedError(f"collection {directory}: index file {largest} does not hold a proxies "
-                                         "index like the collection's trained template")
+            raise CollectionDamagedError(
+                f"collection {directory}: index file {largest} does not hold a proxies "
+                "index like the collection's trained template"
+            )
         lists = self.list_sums.get(largest)
-        verifier = (ListVerifier(directory, largest, mapped, lists) if lists is not None else
-                    FileVerifier(directory, largest, opened[largest], self.checksums.get(largest)))
-        out = MappedProxyIndex(self.merge(directory, "proxies", [f for f in files if f != largest], opened), mapped,
-                               verifier)
+        verifier = (
+            ListVerifier(directory, largest, mapped, lists)
+            if lists is not None
+            else FileVerifier(directory, largest, opened[largest], self.checksums.get(largest))
+        )
+        out = MappedProxyIndex(
+            self.merge(directory, "proxies", [f for f in files if f != largest], opened), mapped, verifier
+        )
         if sum(self.n_vectors[f] for f in files) != int(self.table.n_proxies.sum()):  # removals since compaction
             ids = out.mapped_ids()
             out.mark_dead(ids[~self.table.live("proxies", ids)])
@@ -164,17 +183,29 @@ def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows:
                 cfg, emb, classes, segs = store.read_state(conn)
                 ids = store.vector_rows(conn) if vector_rows else None
             kinds = KINDS if samples else ("template", "proxies", "means")
-            opened = {name: stack.enter_context(segments.open_segment(directory, name))
-                      for kind, name, *_ in segs if kind in kinds}
+            opened = {
+                name: stack.enter_context(segments.open_segment(directory, name))
+                for kind, name, *_ in segs
+                if kind in kinds
+            }
         d = cfg["dimension"]
-        snap = Snapshot(cfg, emb, ClassTable.from_columns(classes), {kind: [f for k, f, *_ in segs if k == kind]
-                                                                     for kind in KINDS},
-                        {f: checksum for _, f, checksum, *_ in segs}, {f: n for _, f, _, n, _ in segs},
-                        {f: lists for _, f, _, _, lists in segs}, classes["kinds"], vector_rows=ids)
+        snap = Snapshot(
+            cfg,
+            emb,
+            ClassTable.from_columns(classes),
+            {kind: [f for k, f, *_ in segs if k == kind] for kind in KINDS},
+            {f: checksum for _, f, checksum, *_ in segs},
+            {f: n for _, f, _, n, _ in segs},
+            {f: lists for _, f, _, _, lists in segs},
+            classes["kinds"],
+            vector_rows=ids,
+        )
         snap.fixed = Fixed(
             np.frombuffer(cfg["quantile_targets"], np.float32).copy() if cfg["quantile_targets"] else None,
-            np.frombuffer(cfg["metric_transform"], np.float32).reshape(d, d).copy() if cfg["metric_transform"]
-            else None)
+            np.frombuffer(cfg["metric_transform"], np.float32).reshape(d, d).copy()
+            if cfg["metric_transform"]
+            else None,
+        )
         template = snap.files["template"]
         if template:
             index = segments.read_segment(directory, template[0], opened[template[0]], d, snap.checksums[template[0]])

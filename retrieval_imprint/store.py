@@ -18,25 +18,47 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-import numpy as np
-
+from typing import Any
 from urllib.parse import quote
 
+import numpy as np
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import (BigInteger, Boolean, Column, Connection, Engine, Float, ForeignKey, Index, Integer,
-                        LargeBinary, MetaData, String, Table, UniqueConstraint, create_engine, delete, distinct, event,
-                        func, insert, inspect, or_, select, update)
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    distinct,
+    event,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    update,
+)
 
-from .errors import CollectionDamagedError, CollectionIOError, CollectionLockedError
 from . import labels as lab
+from .errors import CollectionDamagedError, CollectionIOError, CollectionLockedError
 
 BUSY_TIMEOUT_MS = 10_000
 SQL_CHUNK = 400  # values per IN (...) list: SQLite caps bound parameters
@@ -44,7 +66,8 @@ SQL_CHUNK = 400  # values per IN (...) list: SQLite caps bound parameters
 metadata = MetaData()
 
 collection = Table(
-    "collection", metadata,
+    "collection",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("generator", String, nullable=False),
     Column("k", Integer),  # None: chosen by generator auto (see auto_choice)
@@ -74,7 +97,8 @@ collection = Table(
 )
 
 embedder = Table(
-    "embedder", metadata,
+    "embedder",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String, nullable=False),
     Column("path", String, nullable=False),
@@ -83,7 +107,8 @@ embedder = Table(
 )
 
 classes = Table(
-    "classes", metadata,
+    "classes",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("label", String, nullable=False),
     Column("label_kind", String, nullable=False),
@@ -97,7 +122,8 @@ classes = Table(
 )
 
 segments = Table(
-    "segments", metadata,
+    "segments",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("kind", String, nullable=False),
     Column("file", String, nullable=False, unique=True),
@@ -108,13 +134,15 @@ segments = Table(
 
 
 ingest = Table(
-    "ingest", metadata,
+    "ingest",
+    metadata,
     Column("source", String, primary_key=True),  # a hash of the source's rows (ingestion.fingerprint)
     Column("rows_done", Integer, nullable=False),
 )
 
 texts = Table(
-    "texts", metadata,
+    "texts",
+    metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=False),  # the kept sample's vector id
     Column("class_id", Integer, nullable=False),
     Column("text", String),  # what the sample was embedded from (None: added as a vector)
@@ -125,7 +153,8 @@ texts = Table(
 
 def _vectors_table(name: str) -> Table:
     return Table(
-        name, metadata,
+        name,
+        metadata,
         Column("id", Integer, primary_key=True, autoincrement=False),
         Column("class_id", Integer, ForeignKey("classes.id"), nullable=False),
         Column("segment_id", Integer, ForeignKey("segments.id"), nullable=False),
@@ -146,8 +175,10 @@ def connect(db_path: Path, *, read_only: bool = False) -> Engine:
     if read_only:
         wal = db_path.with_name(db_path.name + "-wal")
         if wal.exists() and wal.stat().st_size:
-            raise CollectionIOError(f"{db_path} is read-only here and its last writes are still in {wal.name} (its "
-                                    "writer stopped before closing): open it once where it is writable")
+            raise CollectionIOError(
+                f"{db_path} is read-only here and its last writes are still in {wal.name} (its "
+                "writer stopped before closing): open it once where it is writable"
+            )
         engine = create_engine(f"sqlite:///file:{quote(str(db_path.resolve()))}?mode=ro&immutable=1&uri=true")
     else:
         engine = create_engine(f"sqlite:///{db_path}")
@@ -184,13 +215,24 @@ def sqlite_error(db_path: Path, exc: BaseException) -> Exception | None:
         return None
     name, reason = getattr(exc, "sqlite_errorname", "") or "", str(exc).strip() or type(exc).__name__
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return CollectionLockedError(f"{db_path} is locked by another process ({reason}); try again, or wait "
-                                     "longer with imprint --wait")
-    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_PERM",
-                        "SQLITE_AUTH", "SQLITE_NOMEM")):
+        return CollectionLockedError(
+            f"{db_path} is locked by another process ({reason}); try again, or wait longer with imprint --wait"
+        )
+    if name.startswith(
+        (
+            "SQLITE_READONLY",
+            "SQLITE_CANTOPEN",
+            "SQLITE_IOERR",
+            "SQLITE_FULL",
+            "SQLITE_PERM",
+            "SQLITE_AUTH",
+            "SQLITE_NOMEM",
+        )
+    ):
         return CollectionIOError(f"could not use the collection's database {db_path} ({reason}); nothing was changed")
-    return CollectionDamagedError(f"{db_path} is damaged or is not a collection's database ({reason}): restore it "
-                                  "from a copy, or re-index")
+    return CollectionDamagedError(
+        f"{db_path} is damaged or is not a collection's database ({reason}): restore it from a copy, or re-index"
+    )
 
 
 @contextmanager
@@ -218,8 +260,9 @@ def schema_revision_of(engine: Engine, db_path: Path) -> tuple[str | None, str, 
     with engine.connect() as conn:  # SQLite's own errors are typed by sqlite_error
         current, head, known = schema_revision(conn)
         if current is None and not inspect(conn).has_table("collection"):
-            raise CollectionDamagedError(f"{db_path} holds no collection (no tables): not made by "
-                                         "retrieval-imprint, or emptied")
+            raise CollectionDamagedError(
+                f"{db_path} holds no collection (no tables): not made by retrieval-imprint, or emptied"
+            )
     return current, head, known
 
 
@@ -240,17 +283,31 @@ def migrate(engine: Engine, revision: str = "head", *, down: bool = False) -> No
 
 
 # ----------------------------------------------------------------- reads and writes of one version
-def initialize(engine: Engine, stored: dict[str, Any], settings: dict[str, Any],
-               embedder_row: dict[str, Any] | None, auto_choice: str | None = None) -> None:
+def initialize(
+    engine: Engine,
+    stored: dict[str, Any],
+    settings: dict[str, Any],
+    embedder_row: dict[str, Any] | None,
+    auto_choice: str | None = None,
+) -> None:
     """Write a new collection's settings row (GEN/NORM/AGG ``stored`` plus the collection
     ``settings``, and what auto chose where that is known already) and its embedder's row, at
     version 0 with no classes."""
     with writing(engine) as conn:
-        conn.execute(insert(collection).values(
-            id=1, **stored, index_factory=settings["index"], memory_budget=settings["memory_budget"],
-            keep_samples=settings["keep_samples"], dimension=settings["dimension"],
-            search_params=json.dumps(settings["search_params"]) if settings["search_params"] else None,
-            auto_choice=auto_choice, version=0, next_class_id=0))
+        conn.execute(
+            insert(collection).values(
+                id=1,
+                **stored,
+                index_factory=settings["index"],
+                memory_budget=settings["memory_budget"],
+                keep_samples=settings["keep_samples"],
+                dimension=settings["dimension"],
+                search_params=json.dumps(settings["search_params"]) if settings["search_params"] else None,
+                auto_choice=auto_choice,
+                version=0,
+                next_class_id=0,
+            )
+        )
         if embedder_row is not None:
             conn.execute(insert(embedder).values(id=1, **embedder_row))
 
@@ -261,8 +318,11 @@ def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None,
     cfg = dict(conn.execute(select(collection)).mappings().one())
     emb = conn.execute(select(embedder)).mappings().first()
     rows = class_columns(conn)
-    segs = conn.execute(select(segments.c.kind, segments.c.file, segments.c.checksum, segments.c.n_vectors,
-                               segments.c.lists).order_by(segments.c.id)).all()
+    segs = conn.execute(
+        select(segments.c.kind, segments.c.file, segments.c.checksum, segments.c.n_vectors, segments.c.lists).order_by(
+            segments.c.id
+        )
+    ).all()
     return cfg, dict(emb) if emb is not None else None, rows, segs
 
 
@@ -280,11 +340,16 @@ def class_columns(conn: Connection) -> dict[str, Any]:
     c = classes.c
     kinds_text = conn.execute(select(func.group_concat(distinct(c.label_kind)))).scalar_one()
     kinds = set(kinds_text.split(",")) if kinds_text else set()
-    labels_sql = ([func.group_concat(c.label)] if kinds == {"int"} else
-                  [func.json_group_array(c.label)] + ([func.json_group_array(c.label_kind)] if kinds - {"str"} else []))
+    labels_sql = (
+        [func.group_concat(c.label)]
+        if kinds == {"int"}
+        else [func.json_group_array(c.label)] + ([func.json_group_array(c.label_kind)] if kinds - {"str"} else [])
+    )
     row = conn.execute(select(*(func.group_concat(c[name]) for name in INT_COLUMNS), *labels_sql)).one()
-    out: dict[str, Any] = {name: np.fromstring(text, np.int64, sep=",") if text else np.zeros(0, np.int64)
-                           for name, text in zip(INT_COLUMNS, row)}
+    out: dict[str, Any] = {
+        name: np.fromstring(text, np.int64, sep=",") if text else np.zeros(0, np.int64)
+        for name, text in zip(INT_COLUMNS, row)
+    }
     labels = json.loads(f"[{row[len(INT_COLUMNS)] or ''}]" if kinds == {"int"} else row[len(INT_COLUMNS)])
     if len(row) > len(INT_COLUMNS) + 1:  # mixed kinds: a collection made before 0.2
         labels = [lab.value(kind, text) for kind, text in zip(json.loads(row[-1]), labels)]
@@ -298,8 +363,9 @@ def class_columns(conn: Connection) -> dict[str, Any]:
         ids = out["id"]
     out["label"], out["kinds"] = labels, kinds
     out["shift"], out["threshold"] = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
-    found = conn.execute(select(c.id, c.shift, c.threshold).where(or_(c.shift.is_not(None),
-                                                                       c.threshold.is_not(None)))).all()
+    found = conn.execute(
+        select(c.id, c.shift, c.threshold).where(or_(c.shift.is_not(None), c.threshold.is_not(None)))
+    ).all()
     if found:
         at = np.searchsorted(ids, [r[0] for r in found])
         for k, name in ((1, "shift"), (2, "threshold")):
@@ -325,8 +391,11 @@ def find_classes(conn: Connection, entries: Sequence[tuple[str, str]]) -> dict[t
     found = {}
     for kind, texts in by_kind.items():
         for i in range(0, len(texts), SQL_CHUNK):
-            for row in conn.execute(select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_hi, c.sample_hi)
-                                    .where(c.label_kind == kind, c.label.in_(texts[i : i + SQL_CHUNK]))):
+            for row in conn.execute(
+                select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_hi, c.sample_hi).where(
+                    c.label_kind == kind, c.label.in_(texts[i : i + SQL_CHUNK])
+                )
+            ):
                 found[(row.label_kind, row.label)] = row
     return found
 
@@ -338,16 +407,26 @@ def _id_rows(kind: str) -> Table | None:
 
 def insert_segment(conn: Connection, kind: str, segment: Any, ids: np.ndarray, owners: np.ndarray) -> None:
     """Record a segment file (``segments.Segment``) and one id row per vector it holds."""
-    seg_id = conn.execute(insert(segments).values(kind=kind, file=segment.name, checksum=segment.checksum,
-                                                  n_vectors=len(ids), lists=segment.lists)).inserted_primary_key[0]
+    seg_id = conn.execute(
+        insert(segments).values(
+            kind=kind, file=segment.name, checksum=segment.checksum, n_vectors=len(ids), lists=segment.lists
+        )
+    ).inserted_primary_key[0]
     table = _id_rows(kind)
     if table is not None and len(ids):
-        conn.execute(insert(table), [{"id": a, "class_id": b, "segment_id": seg_id}
-                                     for a, b in zip(ids.tolist(), owners.tolist())])
+        conn.execute(
+            insert(table),
+            [{"id": a, "class_id": b, "segment_id": seg_id} for a, b in zip(ids.tolist(), owners.tolist())],
+        )
 
 
-def delete_vectors(conn: Connection, class_ids: np.ndarray, *, kinds: Sequence[str] = ("proxies", "samples"),
-                   drop_classes: bool = False) -> None:
+def delete_vectors(
+    conn: Connection,
+    class_ids: np.ndarray,
+    *,
+    kinds: Sequence[str] = ("proxies", "samples"),
+    drop_classes: bool = False,
+) -> None:
     """Delete the id rows of ``kinds`` of these classes (and the class rows with ``drop_classes``)."""
     tables = [proxies if kind == "proxies" else samples for kind in kinds]
     for i in range(0, len(class_ids), SQL_CHUNK):
@@ -359,12 +438,18 @@ def delete_vectors(conn: Connection, class_ids: np.ndarray, *, kinds: Sequence[s
             conn.execute(delete(classes).where(classes.c.id.in_(chunk)))
 
 
-def insert_texts(conn: Connection, ids: np.ndarray, owners: np.ndarray, rows: Sequence[str | None],
-                 refs: Sequence[str | None] | None) -> None:
+def insert_texts(
+    conn: Connection, ids: np.ndarray, owners: np.ndarray, rows: Sequence[str | None], refs: Sequence[str | None] | None
+) -> None:
     """Record the text (and reference) of each new kept sample ``ids`` of classes ``owners``."""
     refs = refs if refs is not None else [None] * len(rows)
-    conn.execute(insert(texts), [{"id": int(i), "class_id": int(c), "text": t, "ref": r}
-                                 for i, c, t, r in zip(ids.tolist(), owners.tolist(), rows, refs)])
+    conn.execute(
+        insert(texts),
+        [
+            {"id": int(i), "class_id": int(c), "text": t, "ref": r}
+            for i, c, t, r in zip(ids.tolist(), owners.tolist(), rows, refs)
+        ],
+    )
 
 
 def texts_of(conn: Connection, ids: Sequence[int]) -> dict[int, tuple[str | None, str | None]]:
@@ -372,15 +457,22 @@ def texts_of(conn: Connection, ids: Sequence[int]) -> dict[int, tuple[str | None
     out = {}
     for i in range(0, len(ids), SQL_CHUNK):
         chunk = [int(v) for v in ids[i : i + SQL_CHUNK]]
-        out.update({row.id: (row.text, row.ref) for row in conn.execute(
-            select(texts.c.id, texts.c.text, texts.c.ref).where(texts.c.id.in_(chunk)))})
+        out.update(
+            {
+                row.id: (row.text, row.ref)
+                for row in conn.execute(select(texts.c.id, texts.c.text, texts.c.ref).where(texts.c.id.in_(chunk)))
+            }
+        )
     return out
 
 
 def replace_segments(conn: Connection, kind: str, old: Sequence[str], segment: Any, n_vectors: int) -> None:
     """Point the id rows of segments ``old`` at the new ``segment``, which replaces them."""
-    seg_id = conn.execute(insert(segments).values(kind=kind, file=segment.name, checksum=segment.checksum,
-                                                  n_vectors=n_vectors, lists=segment.lists)).inserted_primary_key[0]
+    seg_id = conn.execute(
+        insert(segments).values(
+            kind=kind, file=segment.name, checksum=segment.checksum, n_vectors=n_vectors, lists=segment.lists
+        )
+    ).inserted_primary_key[0]
     table = _id_rows(kind)
     old_ids = select(segments.c.id).where(segments.c.file.in_(old))
     if table is not None:
@@ -406,11 +498,15 @@ def set_rows_done(conn: Connection, source: str, done: int) -> None:
 
 def vector_rows(conn: Connection) -> dict[str, np.ndarray]:
     """``(id, class_id)`` rows ``(n, 2)`` of the proxies and samples tables."""
-    return {kind: np.array(conn.execute(select(table.c.id, table.c.class_id)).all(), np.int64).reshape(-1, 2)
-            for kind, table in (("proxies", proxies), ("samples", samples))}
+    return {
+        kind: np.array(conn.execute(select(table.c.id, table.c.class_id)).all(), np.int64).reshape(-1, 2)
+        for kind, table in (("proxies", proxies), ("samples", samples))
+    }
 
 
 def orphan_rows(conn: Connection) -> bool:
     """True if an id row names a segment the segments table lacks."""
-    return any(conn.execute(select(table.c.id).where(table.c.segment_id.not_in(select(segments.c.id)))).first()
-               is not None for table in (proxies, samples))
+    return any(
+        conn.execute(select(table.c.id).where(table.c.segment_id.not_in(select(segments.c.id)))).first() is not None
+        for table in (proxies, samples)
+    )

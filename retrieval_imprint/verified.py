@@ -65,8 +65,10 @@ class ListVerifier:
         self.invlists = faiss.extract_index_ivf(index).invlists
         self.expected = np.frombuffer(expected, DTYPE)
         if len(self.expected) != self.invlists.nlist:
-            raise CollectionDamagedError(f"collection {directory}: index file {name} has {self.invlists.nlist} "
-                                         f"inverted lists; {len(self.expected)} were recorded")
+            raise CollectionDamagedError(
+                f"collection {directory}: index file {name} has {self.invlists.nlist} "
+                f"inverted lists; {len(self.expected)} were recorded"
+            )
         self.verified = np.zeros(len(self.expected), bool)
         self._lock = threading.Lock()
 
@@ -94,10 +96,12 @@ class ListVerifier:
 
     def damaged(self, lists: list[int]) -> CollectionDamagedError:
         shown = ", ".join(map(str, lists[:5])) + (f" and {len(lists) - 5} more" if len(lists) > 5 else "")
-        return CollectionDamagedError(f"collection {self.directory}: index file {self.name} is damaged: inverted "
-                                      f"list{'s' if len(lists) > 1 else ''} {shown} "
-                                      f"do{'' if len(lists) > 1 else 'es'} not match the checksum recorded when "
-                                      "it was written; restore the file or re-index")
+        return CollectionDamagedError(
+            f"collection {self.directory}: index file {self.name} is damaged: inverted "
+            f"list{'s' if len(lists) > 1 else ''} {shown} "
+            f"do{'' if len(lists) > 1 else 'es'} not match the checksum recorded when "
+            "it was written; restore the file or re-index"
+        )
 
 
 class FileVerifier:
@@ -116,7 +120,9 @@ class FileVerifier:
             if self.map is None:
                 return
             if hashlib.blake2b(self.map, digest_size=16).hexdigest() != self.checksum:
-                raise CollectionDamagedError(f"collection {self.directory}: index file {self.name} does not match "
-                                             "the checksum recorded when it was written (it was changed or damaged)")
+                raise CollectionDamagedError(
+                    f"collection {self.directory}: index file {self.name} does not match "
+                    "the checksum recorded when it was written (it was changed or damaged)"
+                )
             self.map.close()
             self.map = None

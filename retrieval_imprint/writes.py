@@ -10,9 +10,10 @@ steps where crash tests kill the process.
 from __future__ import annotations
 
 import json
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Container, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -21,8 +22,8 @@ from sqlalchemy import Engine, bindparam, delete, insert, update
 from . import labels as lab
 from . import segments, store
 from ._groups import Grouped
-from .errors import CollectionStateError, DataError
 from .auto import AUTO, choose, folds
+from .errors import CollectionStateError, DataError
 from .imprint import imprint, seed_of
 from .imprint import means as class_means
 from .index import ProxyIndex
@@ -62,8 +63,9 @@ def set_class_threshold(engine: Engine, s: Snapshot, class_id: int, threshold: f
     s.config["version"] = version
 
 
-def restore_rejection(engine: Engine, s: Snapshot, threshold: float | None,
-                      classes: dict[int, tuple[float | None, float | None]]) -> None:
+def restore_rejection(
+    engine: Engine, s: Snapshot, threshold: float | None, classes: dict[int, tuple[float | None, float | None]]
+) -> None:
     """In one transaction: the collection's threshold, and by class id each class's own threshold
     and shift (None: none); bumps the version."""
     version = s.version + 1
@@ -71,9 +73,12 @@ def restore_rejection(engine: Engine, s: Snapshot, threshold: float | None,
     with store.writing(engine) as conn:
         conn.execute(update(store.collection).values(version=version, threshold=threshold))
         if classes:
-            conn.execute(update(store.classes).where(c.id == bindparam("cid")).values(
-                threshold=bindparam("th"), shift=bindparam("sh")),
-                [{"cid": i, "th": th, "sh": sh} for i, (th, sh) in classes.items()])
+            conn.execute(
+                update(store.classes)
+                .where(c.id == bindparam("cid"))
+                .values(threshold=bindparam("th"), shift=bindparam("sh")),
+                [{"cid": i, "th": th, "sh": sh} for i, (th, sh) in classes.items()],
+            )
     at = s.table.positions(np.array(list(classes), np.int64))
     s.table.threshold[at] = [np.nan if th is None else th for th, _ in classes.values()]
     s.table.shift[at] = [np.nan if sh is None else sh for _, sh in classes.values()]
@@ -107,8 +112,11 @@ def _batch(s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list, found: 
         else:
             class_id[i], old_samples[i], old_proxy_hi[i] = row.id, row.sample_hi, row.proxy_hi
     existing = np.array([e in found for e in entries], bool)
-    kept = (s.samples.reconstruct(s.table.sample_ids(class_id[existing])) if existing.any()
-            else np.zeros((0, d), np.float32))
+    kept = (
+        s.samples.reconstruct(s.table.sample_ids(class_id[existing]))
+        if existing.any()
+        else np.zeros((0, d), np.float32)
+    )
     new_rows = np.argsort(codes, kind="stable")
     new_counts = np.bincount(codes, minlength=B)
     new_starts = np.concatenate([[0], np.cumsum(new_counts)])
@@ -118,9 +126,11 @@ def _batch(s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list, found: 
         parts.append(kept[kept_starts[i] : kept_starts[i + 1]])
         parts.append(X[new_rows[new_starts[i] : new_starts[i + 1]]])
     sizes = old_samples + new_counts
-    groups = Grouped(np.concatenate(parts),
-                     np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-                     lab.label_keys([lab.value(*e) for e in entries]))
+    groups = Grouped(
+        np.concatenate(parts),
+        np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        lab.label_keys([lab.value(*e) for e in entries]),
+    )
     return _Batch(class_id, existing, old_samples, old_proxy_hi, groups, new_rows, new_counts, next_id)
 
 
@@ -145,9 +155,18 @@ def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> s
     return template
 
 
-def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list,
-        checkpoints: Sequence[tuple[str, int]] = (), replace: Container[tuple[str, str]] = (),
-        texts: Sequence[str | None] | None = None, refs: Sequence[str | None] | None = None) -> None:
+def add(
+    directory: Path,
+    engine: Engine,
+    s: Snapshot,
+    X: np.ndarray,
+    codes: np.ndarray,
+    entries: list,
+    checkpoints: Sequence[tuple[str, int]] = (),
+    replace: Container[tuple[str, str]] = (),
+    texts: Sequence[str | None] | None = None,
+    refs: Sequence[str | None] | None = None,
+) -> None:
     """Imprint samples ``X`` with class ``codes`` into ``entries`` (label entries; new or existing).
     An existing class among ``replace`` is imprinted from these samples alone: it is dropped and
     made again under a new id, in the same transaction. ``checkpoints``: ``(source, rows_done)``
@@ -162,9 +181,11 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
         found = store.find_classes(conn, entries)
     replaced = np.array(sorted(found.pop(e).id for e in list(found) if e in replace), np.int64)
     if found and not cfg["keep_samples"]:
-        raise DataError(f"class {next(iter(found))[1]!r} already exists and this collection keeps no samples, so it "
-                        "cannot be re-imprinted from old and new samples together; remove it and add all its "
-                        "samples, or create the collection with keep_samples=True")
+        raise DataError(
+            f"class {next(iter(found))[1]!r} already exists and this collection keeps no samples, so it "
+            "cannot be re-imprinted from old and new samples together; remove it and add all its "
+            "samples, or create the collection with keep_samples=True"
+        )
     d = X.shape[1]
     if cfg["dimension"] is None:
         emb_dim = s.embedder["dimension"] if s.embedder else None
@@ -190,24 +211,30 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
     segment.add(W, proxy_ids)
     if cfg["index_tuning"] == "pending":
         _tune(s, segment)
-    written = {"proxies": (segments.write_segment(directory, "proxies", version, segment.index), proxy_ids,
-                           b.class_id[owner])}
+    written = {
+        "proxies": (segments.write_segment(directory, "proxies", version, segment.index), proxy_ids, b.class_id[owner])
+    }
     samples = X[b.new_rows]
     if cfg["keep_samples"]:
         s_owner = np.repeat(np.arange(len(entries)), b.new_counts)
-        sample_ids = (b.class_id[s_owner] << CLASS_SHIFT) + b.old_samples[s_owner] + (
-            np.arange(len(X)) - np.concatenate([[0], np.cumsum(b.new_counts)])[s_owner])
+        sample_ids = (
+            (b.class_id[s_owner] << CLASS_SHIFT)
+            + b.old_samples[s_owner]
+            + (np.arange(len(X)) - np.concatenate([[0], np.cumsum(b.new_counts)])[s_owner])
+        )
         sample_index = s.new_index("samples")
         sample_index.add(samples, sample_ids)
-        written["samples"] = (segments.write_segment(directory, "samples", version, sample_index.index),
-                              sample_ids, b.class_id[s_owner])
+        written["samples"] = (
+            segments.write_segment(directory, "samples", version, sample_index.index),
+            sample_ids,
+            b.class_id[s_owner],
+        )
     if params["aggregation"] == "blend":  # the class means beside the proxies, one per class
         mean_ids = (b.class_id << CLASS_SHIFT) + proxy_lo
         M = class_means(b.groups, params, s.fixed)
         mean_index = s.new_index("means")
         mean_index.add(M, mean_ids)
-        written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids,
-                            b.class_id)
+        written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids, b.class_id)
     segments.crash_point("add: segments written")
 
     c = store.classes.c
@@ -216,30 +243,61 @@ def add(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np.n
             store.delete_vectors(conn, replaced, drop_classes=True)
         store.delete_vectors(conn, b.class_id[b.existing], kinds=("proxies",))
         shifts = [None if np.isnan(v) else float(v) for v in shift]
-        new = [dict(id=int(b.class_id[i]), label=e[1], label_kind=e[0], n_samples=int(sizes[i]),
-                    proxy_lo=int(proxy_lo[i]), proxy_hi=int(proxy_hi[i]), sample_hi=int(sizes[i]), shift=shifts[i])
-               for i, e in enumerate(entries) if not b.existing[i]]
+        new = [
+            dict(
+                id=int(b.class_id[i]),
+                label=e[1],
+                label_kind=e[0],
+                n_samples=int(sizes[i]),
+                proxy_lo=int(proxy_lo[i]),
+                proxy_hi=int(proxy_hi[i]),
+                sample_hi=int(sizes[i]),
+                shift=shifts[i],
+            )
+            for i, e in enumerate(entries)
+            if not b.existing[i]
+        ]
         if new:
             conn.execute(insert(store.classes), new)
         for i in np.flatnonzero(b.existing):
-            conn.execute(update(store.classes).where(c.id == int(b.class_id[i])).values(
-                n_samples=int(sizes[i]), proxy_lo=int(proxy_lo[i]), proxy_hi=int(proxy_hi[i]),
-                sample_hi=int(sizes[i]), shift=shifts[i]))
+            conn.execute(
+                update(store.classes)
+                .where(c.id == int(b.class_id[i]))
+                .values(
+                    n_samples=int(sizes[i]),
+                    proxy_lo=int(proxy_lo[i]),
+                    proxy_hi=int(proxy_hi[i]),
+                    sample_hi=int(sizes[i]),
+                    shift=shifts[i],
+                )
+            )
         for kind, (segment, ids, owners) in written.items():
             store.insert_segment(conn, kind, segment, ids, owners)
         if "samples" in written and (texts is not None or refs is not None):
             order = b.new_rows.tolist()
-            store.insert_texts(conn, written["samples"][1], written["samples"][2],
-                               [texts[i] for i in order] if texts is not None else [None] * len(order),
-                               [refs[i] for i in order] if refs is not None else None)
+            store.insert_texts(
+                conn,
+                written["samples"][1],
+                written["samples"][2],
+                [texts[i] for i in order] if texts is not None else [None] * len(order),
+                [refs[i] for i in order] if refs is not None else None,
+            )
         if template is not None:
             store.set_template(conn, template)
-        conn.execute(update(store.collection).values(
-            version=version, next_class_id=b.next_class_id, dimension=d, index_factory=cfg["index_factory"],
-            search_params=cfg["search_params"], trained_on=cfg["trained_on"],
-            quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
-            metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes(),
-            auto_choice=cfg["auto_choice"], index_tuning=cfg["index_tuning"]))
+        conn.execute(
+            update(store.collection).values(
+                version=version,
+                next_class_id=b.next_class_id,
+                dimension=d,
+                index_factory=cfg["index_factory"],
+                search_params=cfg["search_params"],
+                trained_on=cfg["trained_on"],
+                quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
+                metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes(),
+                auto_choice=cfg["auto_choice"],
+                index_tuning=cfg["index_tuning"],
+            )
+        )
         conn.execute(update(store.embedder).values(dimension=d))
         for source, done in checkpoints:
             store.set_rows_done(conn, source, done)
@@ -289,14 +347,18 @@ def left_out_scores(directory: Path, s: Snapshot) -> tuple[np.ndarray, np.ndarra
     position) of each, and each class's shift: what calibration without out-of-scope data, and the
     rule shift, rest on."""
     if not s.config["keep_samples"]:
-        raise CollectionStateError(f"collection {directory} keeps no samples, so it cannot score them left out; "
-                                   "calibrate it on validation queries instead")
+        raise CollectionStateError(
+            f"collection {directory} keeps no samples, so it cannot score them left out; "
+            "calibrate it on validation queries instead"
+        )
     if s.samples is None:
         s.samples = s.merge(directory, "samples", s.files["samples"])
     table = s.table
-    groups = Grouped(s.samples.reconstruct(table.sample_ids(table.ids)),
-                     np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64),
-                     lab.label_keys(table.labels.tolist()))
+    groups = Grouped(
+        s.samples.reconstruct(table.sample_ids(table.ids)),
+        np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64),
+        lab.label_keys(table.labels.tolist()),
+    )
     own = own_scores_of(groups, s.params)
     return own, groups.owner, class_shift(groups.owner, own, len(table))
 
@@ -309,8 +371,10 @@ def set_rejection(engine: Engine, s: Snapshot, threshold: float, rule: str, shif
         conn.execute(update(store.collection).values(version=version, threshold=threshold, rejection=rule))
         if shift is not None and len(shift):
             c = store.classes.c
-            conn.execute(update(store.classes).where(c.id == bindparam("cid")).values(shift=bindparam("sh")),
-                         [{"cid": int(i), "sh": None if np.isnan(v) else float(v)} for i, v in zip(s.table.ids, shift)])
+            conn.execute(
+                update(store.classes).where(c.id == bindparam("cid")).values(shift=bindparam("sh")),
+                [{"cid": int(i), "sh": None if np.isnan(v) else float(v)} for i, v in zip(s.table.ids, shift)],
+            )
     s.config.update(version=version, threshold=threshold, rejection=rule)
     if shift is not None:
         s.table.shift = np.asarray(shift, np.float64)
@@ -348,12 +412,20 @@ def kept_samples(directory: Path, s: Snapshot) -> tuple[np.ndarray, np.ndarray, 
     if s.samples is None:
         s.samples = s.merge(directory, "samples", s.files["samples"])
     table = s.table
-    return (s.samples.reconstruct(table.sample_ids(table.ids)), np.repeat(np.arange(len(table)), table.n_samples),
-            lab.label_keys(table.labels.tolist()))
+    return (
+        s.samples.reconstruct(table.sample_ids(table.ids)),
+        np.repeat(np.arange(len(table)), table.n_samples),
+        lab.label_keys(table.labels.tolist()),
+    )
 
 
-def retune(directory: Path, engine: Engine, s: Snapshot, choice: str | None = None,
-           kept: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+def retune(
+    directory: Path,
+    engine: Engine,
+    s: Snapshot,
+    choice: str | None = None,
+    kept: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> None:
     """Choose again what the settings leave open, on every kept sample (or take ``choice``, an
     ``auto_choice`` made on more samples: a sharded collection's, with the ``kept_samples`` it
     read), and re-imprint every class with the choice in one atomic write: the new proxies (and
@@ -370,11 +442,17 @@ def retune(directory: Path, engine: Engine, s: Snapshot, choice: str | None = No
     if (table.proxy_hi + n_proxies).max() >= MAX_PER_CLASS:
         raise DataError(f"a class may hold at most {MAX_PER_CLASS - 1} proxies")
     lo, hi = table.proxy_hi.copy(), table.proxy_hi + n_proxies
-    proxy_ids = (table.ids[owner] << CLASS_SHIFT) + lo[owner] + (
-        np.arange(len(W)) - np.concatenate([[0], np.cumsum(n_proxies)])[owner])
+    proxy_ids = (
+        (table.ids[owner] << CLASS_SHIFT)
+        + lo[owner]
+        + (np.arange(len(W)) - np.concatenate([[0], np.cumsum(n_proxies)])[owner])
+    )
     version = s.version + 1
-    proxies = s.template.empty_like() if s.template is not None else ProxyIndex(
-        s.dimension, cfg["metric"], s.fixed.transform, with_ids=True)
+    proxies = (
+        s.template.empty_like()
+        if s.template is not None
+        else ProxyIndex(s.dimension, cfg["metric"], s.fixed.transform, with_ids=True)
+    )
     proxies.search_params = s.search_params
     proxies.add(W, proxy_ids)
     written = {"proxies": segments.write_segment(directory, "proxies", version, proxies.index)}
@@ -391,14 +469,23 @@ def retune(directory: Path, engine: Engine, s: Snapshot, choice: str | None = No
         if means is not None:
             store.insert_segment(conn, "means", written["means"], mean_ids, table.ids)
         c = store.classes.c
-        conn.execute(update(store.classes).where(c.id == bindparam("cid")).values(
-            proxy_lo=bindparam("lo"), proxy_hi=bindparam("hi"), shift=bindparam("sh")),
-            [{"cid": int(i), "lo": int(a), "hi": int(b), "sh": None if np.isnan(v) else float(v)}
-             for i, a, b, v in zip(table.ids, lo, hi, shift)])
-        conn.execute(update(store.collection).values(
-            version=version, auto_choice=cfg["auto_choice"],
-            quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
-            metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes()))
+        conn.execute(
+            update(store.classes)
+            .where(c.id == bindparam("cid"))
+            .values(proxy_lo=bindparam("lo"), proxy_hi=bindparam("hi"), shift=bindparam("sh")),
+            [
+                {"cid": int(i), "lo": int(a), "hi": int(b), "sh": None if np.isnan(v) else float(v)}
+                for i, a, b, v in zip(table.ids, lo, hi, shift)
+            ],
+        )
+        conn.execute(
+            update(store.collection).values(
+                version=version,
+                auto_choice=cfg["auto_choice"],
+                quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
+                metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes(),
+            )
+        )
     segments.crash_point("retune: committed")
     s.proxies, s.means = proxies, means
     s.files.update(proxies=[], means=[])
@@ -415,8 +502,9 @@ def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
         found = store.find_classes(conn, entries)
     missing = [e[1] for e in entries if e not in found]
     if missing:
-        raise DataError(f"no class {missing[0]!r} in collection {directory} ({len(missing)} unknown label(s)); "
-                        "nothing was removed")
+        raise DataError(
+            f"no class {missing[0]!r} in collection {directory} ({len(missing)} unknown label(s)); nothing was removed"
+        )
     ids = np.array(sorted(found[e].id for e in entries), np.int64)
     with store.writing(engine) as conn:
         store.delete_vectors(conn, ids, drop_classes=True)
@@ -481,8 +569,11 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         sizes = {f: (directory / f).stat().st_size for f in s.files[kind]}
         files = sorted(sizes, key=sizes.__getitem__)
         victims[kind] = files if full else [files[i] for i in tiered([sizes[f] for f in files])]
-    merged = {kind: s.merge(directory, kind, files) for kind, files in victims.items()
-              if (len(files) > 1 or full) and not (retrain and kind == "proxies")}
+    merged = {
+        kind: s.merge(directory, kind, files)
+        for kind, files in victims.items()
+        if (len(files) > 1 or full) and not (retrain and kind == "proxies")
+    }
     template = None
     if retrain:  # from the live proxies in memory, which the merged files would only repeat
         s.template, merged["proxies"] = s.proxies.retrained(s.config["index_factory"], s.config["random_state"])
@@ -500,8 +591,11 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
             store.set_template(conn, template)
             conn.execute(update(store.collection).values(trained_on=merged["proxies"].ntotal))
         if tuned:
-            conn.execute(update(store.collection).values(search_params=s.config["search_params"],
-                                                         index_tuning=s.config["index_tuning"]))
+            conn.execute(
+                update(store.collection).values(
+                    search_params=s.config["search_params"], index_tuning=s.config["index_tuning"]
+                )
+            )
         conn.execute(update(store.collection).values(version=version))
     segments.crash_point("compact: committed")
     s.config["version"] = version

@@ -64,8 +64,7 @@ def distances(Q, W, metric, covariance_of=None):
         VI = np.linalg.inv(np.cov(C.T) + 1e-6 * np.eye(W.shape[1]))
         dist = cdist(Q, W, "mahalanobis", VI=VI)
     else:
-        dist = cdist(Q, W, {"euclidean": "euclidean", "manhattan": "cityblock",
-                            "chebyshev": "chebyshev"}[metric])
+        dist = cdist(Q, W, {"euclidean": "euclidean", "manhattan": "cityblock", "chebyshev": "chebyshev"}[metric])
     return dist, -dist
 
 

@@ -6,9 +6,9 @@ import itertools
 
 import numpy as np
 import pytest
-
 import reference as ref
 from conftest import blobs
+
 from retrieval_imprint import ImprintClassifier
 
 METRICS = ["ip", "cosine", "euclidean", "manhattan", "chebyshev", "mahalanobis"]
@@ -28,8 +28,17 @@ def data():
 )
 def test_scores_and_predictions_match_brute_force(data, metric, aggregation, m, vote):
     X, y, Q = data
-    clf = ImprintClassifier(generator="kmeans", k=3, aggregation=aggregation, m=m, metric=metric, vote=vote,
-                            pre_norm="none", post_norm="none", inf_norm="none").fit(X, y)
+    clf = ImprintClassifier(
+        generator="kmeans",
+        k=3,
+        aggregation=aggregation,
+        m=m,
+        metric=metric,
+        vote=vote,
+        pre_norm="none",
+        post_norm="none",
+        inf_norm="none",
+    ).fit(X, y)
     expected, pred = ref.scores(Q, clf.proxies_, clf.proxy_class_index_, 5, metric, aggregation, m, vote)
     np.testing.assert_allclose(clf.decision_function(Q), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(clf.predict(Q), clf.classes_[pred])

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import reference as ref
 from conftest import blobs
-from retrieval_imprint import Collection, ImprintClassifier
-from retrieval_imprint import auto, generate
+
+from retrieval_imprint import Collection, ImprintClassifier, auto, generate
 from retrieval_imprint._groups import Grouped
 from retrieval_imprint.generate import RIDGE_GRID, Spectrum, loo_accuracy
 from retrieval_imprint.labels import label_keys
@@ -24,11 +23,14 @@ def test_candidates_are_whatever_the_settings_leave_open():
     assert len(everything) == 1 + 6 * 5  # the mean; k in 2..20 and all, each under max or 4 blends
     assert auto.Candidate("mean", 1, "max") in everything and auto.Candidate("all", -1, "blend", 0.5) in everything
     assert auto.candidates(params(k=5)) == [auto.Candidate("kmeans", 5, "max")] + [
-        auto.Candidate("kmeans", 5, "blend", a) for a in auto.ALPHA_GRID]
-    assert auto.candidates(params(aggregation="max")) == [auto.Candidate({1: "mean", -1: "all"}.get(k, "kmeans"), k,
-                                                                         "max") for k in auto.K_GRID]
+        auto.Candidate("kmeans", 5, "blend", a) for a in auto.ALPHA_GRID
+    ]
+    assert auto.candidates(params(aggregation="max")) == [
+        auto.Candidate({1: "mean", -1: "all"}.get(k, "kmeans"), k, "max") for k in auto.K_GRID
+    ]
     assert auto.candidates(params(generator="kmeans", aggregation="blend", alpha=0.3)) == [
-        auto.Candidate("kmeans", 20, "blend", 0.3)]  # nothing open: the paper's k
+        auto.Candidate("kmeans", 20, "blend", 0.3)
+    ]  # nothing open: the paper's k
     assert auto.candidates(params(generator="mean", aggregation="auto")) == [auto.Candidate("mean", 1, "max")]
     assert not auto.is_open(params(generator="kmeans", k=4, aggregation="max"))
 
@@ -58,7 +60,7 @@ def test_folds_are_stratified_and_keyed_by_the_label():
 
 @pytest.mark.parametrize("given", [dict(), dict(k=3), dict(generator="all", aggregation="auto", metric="euclidean")])
 def test_cross_validation_counts_what_a_refit_would_predict(given):
-    groups, X, y = grouped(seed=4)
+    groups, _X, _y = grouped(seed=4)
     p = params(**given)
     cands = auto.candidates(p)
     rows = auto.cross_validate(groups, p, cands)
@@ -118,7 +120,8 @@ def test_an_ivf_collection_chooses_k_under_max(tmp_path):
     col = Collection.create(tmp_path / "c", model=None, index="IVF16,Flat")
     col.add(X, y)
     assert col.auto_choice["aggregation"] == "max" and {r["aggregation"] for r in col.auto_choice["cv_results"]} == {
-        "max"}
+        "max"
+    }
 
 
 @pytest.mark.parametrize("block_bytes", [None, 1])  # the samples in float64 at once, or a row (column) at a time
@@ -130,8 +133,9 @@ def test_the_closed_form_leave_one_out_equals_refitting(dim, block_bytes, monkey
     X = ref.l2(X)
     classes, codes = np.unique(y, return_inverse=True)
     means = np.stack([X[codes == c].mean(0) for c in range(len(classes))])
-    ridges, accuracy = loo_accuracy(X, Spectrum.of(X), codes, means, np.arange(len(classes)), seed=0,
-                                    normalize_rows=True)
+    ridges, accuracy = loo_accuracy(
+        X, Spectrum.of(X), codes, means, np.arange(len(classes)), seed=0, normalize_rows=True
+    )
     assert len(ridges) == len(RIDGE_GRID)
     for reg, acc in zip(ridges, accuracy):
         assert round(acc * len(X)) == ref.ridge_loo_correct(X, y, reg), reg
@@ -162,9 +166,15 @@ def test_tune_chooses_again_on_every_kept_sample_in_one_write(tmp_path):
     for part in (early, rows[~np.isin(labels, ["c0", "c1"])], late):
         col.add(X[part], labels[part])
     choice = col.tune()
-    kept = np.concatenate([early[labels[early] == "c0"], late[labels[late] == "c0"],  # class by class,
-                           early[labels[early] == "c1"], late[labels[late] == "c1"],  # oldest first
-                           rows[~np.isin(labels, ["c0", "c1"])]])
+    kept = np.concatenate(
+        [
+            early[labels[early] == "c0"],
+            late[labels[late] == "c0"],  # class by class,
+            early[labels[early] == "c1"],
+            late[labels[late] == "c1"],  # oldest first
+            rows[~np.isin(labels, ["c0", "c1"])],
+        ]
+    )
     clf = ImprintClassifier(random_state=2).fit(X[kept], labels[kept])
     assert {k: choice[k] for k in clf.auto_choice_} == clf.auto_choice_
     assert choice["cv_results"] == clf.cv_results_

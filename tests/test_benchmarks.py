@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import shared_data
 
 pytestmark = pytest.mark.slow  # a subprocess on real data
@@ -19,11 +18,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_accuracy_benchmark_quick_mode(tmp_path):
     shared_data("banking77", "embeddings.npz")
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path)],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     rows = json.loads((tmp_path / "results.json").read_text())
-    fields = {"dataset", "shots", "generator", "k", "pre_norm", "post_norm", "inf_norm", "aggregation", "m",
-              "accuracy", "accuracy_std", "seeds", "fit_seconds"}
+    fields = {
+        "dataset",
+        "shots",
+        "generator",
+        "k",
+        "pre_norm",
+        "post_norm",
+        "inf_norm",
+        "aggregation",
+        "m",
+        "accuracy",
+        "accuracy_std",
+        "seeds",
+        "fit_seconds",
+    }
     assert rows and all(fields <= set(r) for r in rows)
     acc = {r["generator"]: r["accuracy"] for r in rows}
     assert acc["kmeans"] > acc["mean"], acc  # the paper's main finding, on full data
@@ -37,8 +54,13 @@ def test_accuracy_benchmark_quick_mode(tmp_path):
 def test_scale_benchmark_runs_small(tmp_path):
     """benchmarks/scale.py end to end on 3,000 classes: every column filled, the targets listed."""
     out = tmp_path / "scale.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--sizes", "3000", "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--sizes", "3000", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| 3,000"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -51,9 +73,26 @@ def test_gpu_benchmark_runs_small(tmp_path):
     column where a GPU is present), the run kept in the JSON beside the table."""
     shared_data("banking77", "embeddings.npz")
     out = tmp_path / "gpu.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--datasets", "banking77", "--fit-classes",
-                    "2000", "--search-proxies", "5000", "--repeat", "1", "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu.py"),
+            "--datasets",
+            "banking77",
+            "--fit-classes",
+            "2000",
+            "--search-proxies",
+            "5000",
+            "--repeat",
+            "1",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     runs = json.loads(out.with_suffix(".json").read_text())
     (run,) = runs.values()
     on_gpu = "cuda" in run["backends"]  # a GPU adds the k-means with rows on it and the copies alone
@@ -76,8 +115,13 @@ def test_gpu_table_is_rendered_from_the_kept_runs(tmp_path):
     a GPU machine's among them), so the table and its targets never drift from the kept figures."""
     runs = json.loads((ROOT / "docs" / "gpu.json").read_text())
     (tmp_path / "gpu.json").write_text(json.dumps(runs))
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--render", "--out", str(tmp_path / "gpu.md")],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--render", "--out", str(tmp_path / "gpu.md")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     text = (tmp_path / "gpu.md").read_text()
     assert text == (ROOT / "docs" / "gpu.md").read_text()
     if any("cuda" in run["backends"] for run in runs.values()):
@@ -89,11 +133,30 @@ def test_calibration_benchmark_runs_small(tmp_path):
     the fixed one's and the scikit-learn wrapper's, with the same accuracy as the fixed one."""
     shared_data("banking77", "embeddings.npz")
     out = tmp_path / "calibration.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibration.py"), "--datasets", "banking77", "--shots",
-                    "5", "--seeds", "0", "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "calibration.py"),
+            "--datasets",
+            "banking77",
+            "--shots",
+            "5",
+            "--seeds",
+            "0",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| banking77 |")]
-    assert [r[2] for r in rows] == ["temperature 0.05 (fixed)", "temperature auto (default)",
-                                    "CalibratedClassifierCV (sigmoid, 3 folds)"]
+    assert [r[2] for r in rows] == [
+        "temperature 0.05 (fixed)",
+        "temperature auto (default)",
+        "CalibratedClassifierCV (sigmoid, 3 folds)",
+    ]
     assert rows[0][3] == rows[1][3] and 0 < float(rows[1][7]) < 1  # one accuracy; a fitted T
 
 
@@ -102,8 +165,13 @@ def test_serving_benchmark_quick_mode(tmp_path):
     targets listed, the working folder gone."""
     shared_data("banking77", "embeddings.npz")
     out = tmp_path / "serving.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--quick", "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--quick", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| this") or line.startswith("| batching off")]
     assert len(rows) == 18 and all(line.split("|")[9].strip() == "0" for line in rows)  # no errors
@@ -111,9 +179,11 @@ def test_serving_benchmark_quick_mode(tmp_path):
 
 
 def test_a_benchmarks_scratch_folder_goes_even_on_sigterm(tmp_path):
-    script = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from _common import scratch\n"
-              "with scratch('ri-test-') as folder:\n"
-              "    (folder / 'big').write_bytes(b'x' * 1000); print(folder, flush=True); time.sleep(60)\n")
+    script = (
+        f"import sys, time; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from _common import scratch\n"
+        "with scratch('ri-test-') as folder:\n"
+        "    (folder / 'big').write_bytes(b'x' * 1000); print(folder, flush=True); time.sleep(60)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     folder = Path(proc.stdout.readline().strip())
     assert (folder / "big").is_file()
@@ -124,8 +194,13 @@ def test_a_benchmarks_scratch_folder_goes_even_on_sigterm(tmp_path):
 def test_fuzz_benchmark_runs_small(tmp_path):
     """benchmarks/fuzz.py end to end, small: no silent wrong answer, no traceback, every kill recovered."""
     out = tmp_path / "reliability.md"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuzz.py"), "--mutations", "30", "--kills", "1",
-                           "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fuzz.py"), "--mutations", "30", "--kills", "1", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     total = json.loads(done.stdout.strip().splitlines()[-1])
     assert total["silent wrong"] == 0 and total["traceback"] == 0 and total["refused"] + total["harmless"] == 30
     assert "| 1 |" in out.read_text() and "| NO |" not in out.read_text()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import reference as ref
 from conftest import blobs
+
 from retrieval_imprint import Collection, ImprintClassifier
 from retrieval_imprint.aggregate import blend_rank
 
@@ -18,8 +18,16 @@ METRICS = ["ip", "cosine", "euclidean", "manhattan", "chebyshev", "mahalanobis"]
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9, 1.0])
 def test_the_estimators_blend_matches_brute_force(metric, alpha):
     X, y = blobs(7, 20, 5, seed=11)
-    clf = ImprintClassifier(generator="kmeans", k=3, aggregation="blend", alpha=alpha, metric=metric,
-                            pre_norm="none", post_norm="none", inf_norm="none").fit(X, y)
+    clf = ImprintClassifier(
+        generator="kmeans",
+        k=3,
+        aggregation="blend",
+        alpha=alpha,
+        metric=metric,
+        pre_norm="none",
+        post_norm="none",
+        inf_norm="none",
+    ).fit(X, y)
     Q, _ = blobs(7, 6, 5, seed=12)
     expected = ref.blend(Q, clf.proxies_, clf.proxy_class_index_, clf.means_, alpha, metric)
     np.testing.assert_allclose(clf.decision_function(Q), expected, rtol=1e-4, atol=1e-4)
@@ -57,13 +65,22 @@ def test_blend_rank_is_exact_from_any_first_depth_with_ties(alpha, depth):
 
     b_best = np.stack([P[:, owner == c].max(1) for c in range(n_classes)], 1)
     for top in (1, 3, n_classes + 2):
-        got, scores = blend_rank(n_q, means, lambda rows, cls: A[rows[:, None], cls], proxies,
-                                 lambda rows, cls: b_best[rows[:, None], cls], alpha, top, n_classes, len(owner),
-                                 depth)
+        got, scores = blend_rank(
+            n_q,
+            means,
+            lambda rows, cls: A[rows[:, None], cls],
+            proxies,
+            lambda rows, cls: b_best[rows[:, None], cls],
+            alpha,
+            top,
+            n_classes,
+            len(owner),
+            depth,
+        )
         want, want_scores = brute_rank(A, b_best, alpha, min(top, n_classes))
         np.testing.assert_array_equal(got[:, : want.shape[1]], want)
         np.testing.assert_allclose(scores[:, : want.shape[1]], want_scores)
-        assert (got[:, want.shape[1]:] == -1).all() and np.isnan(scores[:, want.shape[1]:]).all()
+        assert (got[:, want.shape[1] :] == -1).all() and np.isnan(scores[:, want.shape[1] :]).all()
 
 
 @pytest.mark.parametrize("alpha", [0.25, 0.75])

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import blobs
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from conftest import blobs
 from retrieval_imprint import PRESETS, ImprintClassifier, temperature
 
-ZERO_ROW = ("int-valued test data truncates a row to all zeros, and L2 of a zero vector is an error "
-            "by design (docs/framework.md); test_every_input_dtype covers the dtypes on data without zero rows")
+ZERO_ROW = (
+    "int-valued test data truncates a row to all zeros, and L2 of a zero vector is an error "
+    "by design (docs/framework.md); test_every_input_dtype covers the dtypes on data without zero rows"
+)
 
 
-SUBSET = ("predict_proba divides float32 scores by the temperature (~0.05): BLAS sums a batch in another order "
-          "than a subset, which moves the last float32 bit, ~1e-6 after the softmax, over this check's 1e-7; "
-          "test_predict_proba_is_subset_invariant_at_float32_precision checks it at the precision computed in")
+SUBSET = (
+    "predict_proba divides float32 scores by the temperature (~0.05): BLAS sums a batch in another order "
+    "than a subset, which moves the last float32 bit, ~1e-6 after the softmax, over this check's 1e-7; "
+    "test_predict_proba_is_subset_invariant_at_float32_precision checks it at the precision computed in"
+)
 
 
 def _expected_failures(estimator):
@@ -28,10 +32,19 @@ def _expected_failures(estimator):
         ImprintClassifier(),
         ImprintClassifier(generator="mean"),
         ImprintClassifier(generator="all", aggregation="mnn", m=3, vote="distance", metric="euclidean"),
-        ImprintClassifier(generator="kmedoids", k=3, pre_norm="none", post_norm="none", inf_norm="none",
-                          aggregation="mnn", m=2, metric="manhattan"),
-        ImprintClassifier(generator="random", k=8, pre_norm="none", post_norm="none", inf_norm="none",
-                          metric="chebyshev"),
+        ImprintClassifier(
+            generator="kmedoids",
+            k=3,
+            pre_norm="none",
+            post_norm="none",
+            inf_norm="none",
+            aggregation="mnn",
+            m=2,
+            metric="manhattan",
+        ),
+        ImprintClassifier(
+            generator="random", k=8, pre_norm="none", post_norm="none", inf_norm="none", metric="chebyshev"
+        ),
         ImprintClassifier(generator="ls", aggregation="max", features=64),
     ],
     expected_failed_checks=_expected_failures,
@@ -68,10 +81,15 @@ def test_presets_set_the_published_settings(name):
 
 @pytest.mark.parametrize(
     "params",
-    [dict(), dict(generator="mean"), dict(generator="kmeans", aggregation="mnn", m=5, vote="distance"),
-     dict(generator="kmeans", k=3, aggregation="blend", alpha=0.6, metric="euclidean"),
-     dict(generator="all", aggregation="mnn", m=3, metric="mahalanobis"), dict(generator="kls", k=3),
-     dict(generator="cov_max", k=2, post_norm="quantile")],
+    [
+        dict(),
+        dict(generator="mean"),
+        dict(generator="kmeans", aggregation="mnn", m=5, vote="distance"),
+        dict(generator="kmeans", k=3, aggregation="blend", alpha=0.6, metric="euclidean"),
+        dict(generator="all", aggregation="mnn", m=3, metric="mahalanobis"),
+        dict(generator="kls", k=3),
+        dict(generator="cov_max", k=2, post_norm="quantile"),
+    ],
 )
 def test_predict_is_the_argmax_of_decision_function(params):
     X, y = blobs(6, 25, 5, seed=9)
@@ -150,7 +168,6 @@ def test_public_api_imports_from_the_package():
 
 def test_predict_proba_is_the_softmax_of_the_class_scores():
     from sklearn.calibration import CalibratedClassifierCV
-
 
     X, y = blobs(4, 20, 8, seed=3)
     clf = ImprintClassifier(generator="kmeans", k=2, aggregation="max", temperature=0.1).fit(X, y)

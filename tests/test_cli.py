@@ -9,11 +9,11 @@ import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import DEMO, blobs
-from retrieval_imprint.cli import main
+
 from retrieval_imprint import segments
 from retrieval_imprint.classifier import ImprintClassifier
+from retrieval_imprint.cli import main
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.embed import Embedder
 from retrieval_imprint.evaluate import evaluate
@@ -54,11 +54,25 @@ def demo(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "demo"
     out = json.loads(run("index", str(path), TRAIN, "--k", "4", "--quiet", "--json").output)
     choice = out.pop("auto_choice")
-    assert out == {"collection": str(path), "rows": 96, "resumed_after": 0, "new_classes": 8, "classes": 8,
-                   "proxies": 32, "retrained": False, "skipped": [], "created": True}
+    assert out == {
+        "collection": str(path),
+        "rows": 96,
+        "resumed_after": 0,
+        "new_classes": 8,
+        "classes": 8,
+        "proxies": 32,
+        "retrained": False,
+        "skipped": [],
+        "created": True,
+    }
     assert (choice["generator"], choice["k"]) == ("kmeans", 4)  # k given: auto chose max or blend only
     assert {(r["aggregation"], r["alpha"]) for r in choice["cv_results"]} == {
-        ("max", None), ("blend", 0.25), ("blend", 0.5), ("blend", 0.75), ("blend", 0.9)}
+        ("max", None),
+        ("blend", 0.25),
+        ("blend", 0.5),
+        ("blend", 0.75),
+        ("blend", 0.9),
+    }
     return path
 
 
@@ -70,8 +84,9 @@ def snapshot(path):
 def test_query_texts_json_and_file(demo, tmp_path):
     rows = json.loads(run("query", str(demo), "my card was stolen", "wake me at 7", "--top", "3", "--json").output)
     assert [r["labels"][0] for r in rows] == ["lost_card", "set_alarm"]
-    assert all(len(r["labels"]) == len(r["scores"]) == 3 and r["scores"] == sorted(r["scores"], reverse=True)
-               for r in rows)
+    assert all(
+        len(r["labels"]) == len(r["scores"]) == 3 and r["scores"] == sorted(r["scores"], reverse=True) for r in rows
+    )
     lines = tmp_path / "q.txt"
     lines.write_text("play some jazz\n\nbook a flight to Rome\n")
     out = run("query", str(demo), "--file", str(lines)).output
@@ -117,8 +132,9 @@ def test_info_classes_check_diagnose(demo):
 
     ds = read(TRAIN)
     auto = ImprintClassifier().fit(Embedder().encode(ds.texts), np.array(ds.labels))
-    assert {key: report["auto_choice"][key] for key in ("generator", "k", "aggregation", "alpha")} == \
-        {key: auto.auto_choice_[key] for key in ("generator", "k", "aggregation", "alpha")}  # what index would pick
+    assert {key: report["auto_choice"][key] for key in ("generator", "k", "aggregation", "alpha")} == {
+        key: auto.auto_choice_[key] for key in ("generator", "k", "aggregation", "alpha")
+    }  # what index would pick
     assert Collection.open(demo).auto_choice["cv_results"] and "auto chooses" in run("diagnose", TRAIN).output
     assert "NC1" in run("diagnose", TRAIN, "--paper-compatible").output
 
@@ -155,28 +171,67 @@ def test_sweep_on_vectors_with_plot(tmp_path):
     X, y = blobs(6, 30, 8, seed=1)
     Xt, yt = blobs(6, 10, 8, seed=1)
     np.savez(tmp_path / "d.npz", train_X=X, train_y=y, test_X=Xt, test_y=yt)
-    rows = json.loads(run("sweep", str(tmp_path / "d.npz"), str(tmp_path / "d.npz"), "--split", "train",
-                          "--k", "1,3", "--shots", "5,0", "--seeds", "2", "--plot", str(tmp_path / "k.png"),
-                          "--json").output)
+    rows = json.loads(
+        run(
+            "sweep",
+            str(tmp_path / "d.npz"),
+            str(tmp_path / "d.npz"),
+            "--split",
+            "train",
+            "--k",
+            "1,3",
+            "--shots",
+            "5,0",
+            "--seeds",
+            "2",
+            "--plot",
+            str(tmp_path / "k.png"),
+            "--json",
+        ).output
+    )
     assert (tmp_path / "k.png").stat().st_size > 1000
     assert {(r["shots"], r["generator"], r["k"]) for r in rows} == {
-        (s, g, k) for s in (5, 0) for g, k in (("mean", 1), ("kmeans", 1), ("kmeans", 3))}
+        (s, g, k) for s in (5, 0) for g, k in (("mean", 1), ("kmeans", 1), ("kmeans", 3))
+    }
     assert all(0 <= r["accuracy"] <= 1 and r["seeds"] == 2 for r in rows)
 
 
 def test_sweep_maps_to_random_features_when_asked(tmp_path):
     X, y = blobs(4, 20, 8, seed=2)
     np.savez(tmp_path / "d.npz", train_X=X, train_y=y)
-    args = ("sweep", str(tmp_path / "d.npz"), str(tmp_path / "d.npz"), "--split", "train", "--generator", "ls",
-            "--shots", "0", "--seeds", "1")
+    args = (
+        "sweep",
+        str(tmp_path / "d.npz"),
+        str(tmp_path / "d.npz"),
+        "--split",
+        "train",
+        "--generator",
+        "ls",
+        "--shots",
+        "0",
+        "--seeds",
+        "1",
+    )
     rows = json.loads(run(*args, "--features", "0,50", "--json").output)
     assert [(r["generator"], r["features"]) for r in rows] == [("ls", None), ("ls", 50)]
     direct = ImprintClassifier(generator="ls", aggregation="max", features=50, random_state=0).fit(X, y)
     assert rows[1]["accuracy"] == direct.score(X, y)
     text = run(*args, "--features", "50").output
     assert "features" in text.splitlines()[0] and text.splitlines()[1].split()[5] == "50"
-    plotted = run(*args[:6], "ls,all,kmeans", "--k", "2", "--features", "0,50", "--shots", "0", "--seeds", "1",
-                  "--plot", str(tmp_path / "k.png"))  # a line per generator and width
+    plotted = run(
+        *args[:6],
+        "ls,all,kmeans",
+        "--k",
+        "2",
+        "--features",
+        "0,50",
+        "--shots",
+        "0",
+        "--seeds",
+        "1",
+        "--plot",
+        str(tmp_path / "k.png"),
+    )  # a line per generator and width
     assert plotted.exit_code == 0 and (tmp_path / "k.png").stat().st_size > 1000
 
 
@@ -191,19 +246,32 @@ def write(tmp_path, name, text):
     "make_args,message",
     [
         (lambda d, t: ["index", d, str(t / "absent.csv")], "absent.csv: no such file"),
-        (lambda d, t: ["index", d, write(t, "cols.csv", "sentence,intent_name\nhi,x\n"), "--label-column", "lab"],
-         "no label column 'lab'; columns found: sentence, intent_name"),
-        (lambda d, t: ["index", d, write(t, "nolabel.csv", "text,other\nhi,x\n")],
-         "no label column (looked for label, category, intent, class; use --label-column); columns found: text, other"),
+        (
+            lambda d, t: ["index", d, write(t, "cols.csv", "sentence,intent_name\nhi,x\n"), "--label-column", "lab"],
+            "no label column 'lab'; columns found: sentence, intent_name",
+        ),
+        (
+            lambda d, t: ["index", d, write(t, "nolabel.csv", "text,other\nhi,x\n")],
+            "no label column (looked for label, category, intent, class; use --label-column); columns found: text, other",
+        ),
         (lambda d, t: ["index", d, write(t, "empty.csv", "")], "empty.csv: the file is empty"),
         (lambda d, t: ["index", d, write(t, "header.csv", "text,label\n")], "header.csv: no rows"),
-        (lambda d, t: ["index", d, write(t, "blank.csv", 'text,label\nhi,a\n"multi\nline",  \n')],
-         "blank.csv: row 2 (lines 3-4): label column 'label' is blank"),
-        (lambda d, t: ["index", d, write(t, "bad.parquet", "not parquet at all")], "bad.parquet: unreadable Parquet file"),
-        (lambda d, t: ["index", d, write(t, "bad.jsonl", '{"text": "a", "label": "b"}\n{oops\n')],
-         "bad.jsonl: line 2 is not valid JSON"),
-        (lambda d, t: ["index", d, str(vectors(t, 5)), "--vectors-model", "all-MiniLM-L6-v2"],
-         "X has dimension 5, but this collection holds 384-d vectors"),
+        (
+            lambda d, t: ["index", d, write(t, "blank.csv", 'text,label\nhi,a\n"multi\nline",  \n')],
+            "blank.csv: row 2 (lines 3-4): label column 'label' is blank",
+        ),
+        (
+            lambda d, t: ["index", d, write(t, "bad.parquet", "not parquet at all")],
+            "bad.parquet: unreadable Parquet file",
+        ),
+        (
+            lambda d, t: ["index", d, write(t, "bad.jsonl", '{"text": "a", "label": "b"}\n{oops\n')],
+            "bad.jsonl: line 2 is not valid JSON",
+        ),
+        (
+            lambda d, t: ["index", d, str(vectors(t, 5)), "--vectors-model", "all-MiniLM-L6-v2"],
+            "X has dimension 5, but this collection holds 384-d vectors",
+        ),
         (lambda d, t: ["index", d, str(vectors(t, 384))], "vectors of unknown origin for a collection of"),
         (lambda d, t: ["index", d, str(vectors(t, 384)), "--vectors-model", "other"], "vectors made by 'other'"),
         (lambda d, t: ["index", d, TRAIN, "--k", "7"], "already exists with other settings: k=7 (collection: 4)"),
@@ -234,8 +302,9 @@ def test_calibrate_stores_a_threshold(tmp_path):
     path = tmp_path / "c"
     run("index", str(path), TRAIN, "--k", "4", "--quiet")
     oos = write(tmp_path, "oos.txt.csv", "text\nwhat is the meaning of life\ntell me a joke\nwho won the game\n")
-    out = json.loads(run("calibrate", str(path), TEST, "--oos", oos, "--json", "--plot",
-                         str(tmp_path / "t.png")).output)
+    out = json.loads(
+        run("calibrate", str(path), TEST, "--oos", oos, "--json", "--plot", str(tmp_path / "t.png")).output
+    )
     assert set(out) == {"rule", "threshold", "in_scope_accuracy", "oos_recall", "criterion", "auroc", "curve"}
     assert 0 <= out["in_scope_accuracy"] <= 1 and 0 <= out["oos_recall"] <= 1 and (tmp_path / "t.png").stat().st_size
     assert set(out["auroc"]) == set(out["curve"]) == {"max", "shift"}
@@ -245,10 +314,15 @@ def test_calibrate_stores_a_threshold(tmp_path):
     kept = Collection.open(path).config["threshold"]
     assert "no threshold reaches" in run("calibrate", str(path), TEST, "--target-accuracy", "1.0", code=2).stderr
     assert kept is not None and Collection.open(path).config["threshold"] == kept  # the good one stays
-    assert "rejects 0.05 of the training samples" in run("calibrate", str(path), "--target-false-rejection",
-                                                         "0.05").output
-    mixed = write(tmp_path, "mixed.csv", "text,label\nwhere is my card,lost_card\nwhat is love,oos\n"
-                                          "play some jazz,play_music\nhow tall is everest,oos\n")
+    assert (
+        "rejects 0.05 of the training samples" in run("calibrate", str(path), "--target-false-rejection", "0.05").output
+    )
+    mixed = write(
+        tmp_path,
+        "mixed.csv",
+        "text,label\nwhere is my card,lost_card\nwhat is love,oos\n"
+        "play some jazz,play_music\nhow tall is everest,oos\n",
+    )
     report = json.loads(run("eval", str(path), mixed, "--oos-label", "oos", "--json").output)
     assert report["open_set"]["oos"] == 2 and 0 <= report["open_set"]["auroc"] <= 1
     assert report["threshold_used"]["source"] == "stored" and report["n"] == 2
@@ -261,8 +335,19 @@ def test_calibrate_stores_a_threshold(tmp_path):
 def test_chunked_index_resumes_after_an_interruption(tmp_path, monkeypatch):
     X, y = blobs(12, 10, 6, seed=4)
     np.savez(tmp_path / "v.npz", X=X, y=y)
-    args = ["index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model", "none", "--k", "3", "--chunk-size",
-            "25", "--quiet", "--json"]
+    args = [
+        "index",
+        str(tmp_path / "c"),
+        str(tmp_path / "v.npz"),
+        "--model",
+        "none",
+        "--k",
+        "3",
+        "--chunk-size",
+        "25",
+        "--quiet",
+        "--json",
+    ]
     writes = []
 
     def power_cut(name):  # the third chunk's files are written, its commit never happens
@@ -285,8 +370,23 @@ def test_chunked_index_resumes_after_an_interruption(tmp_path, monkeypatch):
 def test_a_chunked_ivf_index_retrains_its_lists_on_everything(tmp_path):
     X, y = blobs(200, 8, 16, seed=5)
     np.savez(tmp_path / "v.npz", X=X, y=y)
-    out = json.loads(run("index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model", "none", "--k", "2",
-                         "--index", "IVF16,Flat", "--chunk-size", "320", "--quiet", "--json").output)
+    out = json.loads(
+        run(
+            "index",
+            str(tmp_path / "c"),
+            str(tmp_path / "v.npz"),
+            "--model",
+            "none",
+            "--k",
+            "2",
+            "--index",
+            "IVF16,Flat",
+            "--chunk-size",
+            "320",
+            "--quiet",
+            "--json",
+        ).output
+    )
     assert out["retrained"] and out["proxies"] == 400  # lists first trained on the first chunk's 80 proxies
     col = Collection.open(tmp_path / "c")
     assert col.info()["trained_on"] == 400 and not col.outgrown and col.check().ok

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import shared_data
+
 from retrieval_imprint import ImprintClassifier
 from retrieval_imprint.embed import Embedder, EmbeddingCache
 

@@ -14,8 +14,8 @@ import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import DEMO
+
 from retrieval_imprint import ImprintClassifier, progress
 from retrieval_imprint.cli import main
 
@@ -46,8 +46,13 @@ def test_queries_from_stdin_are_answered_as_json_lines(demo):
 
 @pytest.mark.slow
 def test_a_piped_query_is_answered_before_the_input_ends_and_a_closed_pipe_is_not_an_error(demo):
-    proc = subprocess.Popen([*IMPRINT, "query", str(demo), "--file", "-"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*IMPRINT, "query", str(demo), "--file", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         proc.stdin.write("play some jazz\n")
         proc.stdin.flush()
@@ -61,15 +66,17 @@ def test_a_piped_query_is_answered_before_the_input_ends_and_a_closed_pipe_is_no
         proc.kill()
     lines = "\n".join(f"question number {i}" for i in range(3000))
     shell = f"{' '.join(map(repr, IMPRINT))} query {demo} --file - | head -1"
-    done = subprocess.run(["bash", "-o", "pipefail", "-c", shell], input=lines, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", shell], input=lines, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and "Traceback" not in done.stderr and done.stdout.startswith('{"query"')
 
 
 def test_version_names_what_answers_depend_on():
     out = run("--version").output
-    assert out.startswith("imprint 0.1.0") and all(name in out for name in ("faiss", "numpy", "torch",
-                                                                             "sentence-transformers"))
+    assert out.startswith("imprint 0.1.0") and all(
+        name in out for name in ("faiss", "numpy", "torch", "sentence-transformers")
+    )
 
 
 def test_an_unavailable_model_is_one_line_naming_what_is_available(tmp_path):
@@ -121,8 +128,10 @@ def test_json_of_the_maintenance_commands(demo, tmp_path):
     assert json.loads(run("threshold", str(col), "0.25", "--json").output) == {"threshold": 0.25, "label": None}
     out = json.loads(run("compact", str(col), "--json").output)
     assert out["retrained"] is False and len(out["after"]) <= len(out["before"])
-    assert json.loads(run("db", "upgrade", str(col), "--json").output)["before"] == \
-        json.loads(run("db", "upgrade", str(col), "--json").output)["after"]
+    assert (
+        json.loads(run("db", "upgrade", str(col), "--json").output)["before"]
+        == json.loads(run("db", "upgrade", str(col), "--json").output)["after"]
+    )
 
 
 def test_few_shot_data_raises_no_regression_warning():
@@ -146,7 +155,6 @@ def test_progress_off_a_terminal_is_plain_lines(capsys, monkeypatch):
     assert len(lines) >= 2 and all(line.startswith("slow:") for line in lines) and "4/4" in lines[-1]
 
 
-
 def test_indexing_the_same_file_twice_skips_it_and_says_so(tmp_path):
     import shutil
 
@@ -164,11 +172,14 @@ def test_indexing_the_same_file_twice_skips_it_and_says_so(tmp_path):
     assert set(counts.values()) == {12}
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--index", "IVF4,Flat", "--metric", "manhattan"], "needs index='Flat'"),
-    (["--index", "IVF400,Flat"], "needs at least 400 proxies"),
-    (["--index", "auto", "--memory-budget", "1KB"], "cannot hold"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--index", "IVF4,Flat", "--metric", "manhattan"], "needs index='Flat'"),
+        (["--index", "IVF400,Flat"], "needs at least 400 proxies"),
+        (["--index", "auto", "--memory-budget", "1KB"], "cannot hold"),
+    ],
+)
 def test_a_failed_first_index_leaves_no_folder_and_the_corrected_rerun_works(tmp_path, bad, message):
     assert message in run("index", str(tmp_path / "c"), TRAIN, "--quiet", *bad, code=2).stderr
     assert not (tmp_path / "c").exists()

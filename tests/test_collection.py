@@ -6,11 +6,10 @@ import sqlite3
 
 import numpy as np
 import pytest
-
 import reference as ref
 from conftest import blobs
-from retrieval_imprint import ImprintClassifier
-from retrieval_imprint import segments, writes
+
+from retrieval_imprint import ImprintClassifier, segments, writes
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionLockedError, SchemaVersionError
 from retrieval_imprint.segments import DB_NAME
@@ -54,11 +53,17 @@ def test_create_add_reopen_answers_like_the_estimator(tmp_path, data):
     assert again.check().ok
 
 
-@pytest.mark.parametrize("params", [dict(generator="kmeans", k=3, aggregation="max"), dict(generator="mean"),
-                                    dict(generator="all", aggregation="mnn", m=5, vote="distance"),
-                                    dict(generator="fps", k=4, metric="euclidean", aggregation="max"),
-                                    dict(generator="kmedoids", k=3, aggregation="mnn", m=3),
-                                    dict(generator="kmeans", k=3, aggregation="blend", alpha=0.6)])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(generator="kmeans", k=3, aggregation="max"),
+        dict(generator="mean"),
+        dict(generator="all", aggregation="mnn", m=5, vote="distance"),
+        dict(generator="fps", k=4, metric="euclidean", aggregation="max"),
+        dict(generator="kmedoids", k=3, aggregation="mnn", m=3),
+        dict(generator="kmeans", k=3, aggregation="blend", alpha=0.6),
+    ],
+)
 def test_any_sequence_of_adds_and_removes_equals_a_one_go_build(tmp_path, params):
     X, y = labelled(10, 24, 6, seed=3)
     rng = np.random.default_rng(0)
@@ -123,7 +128,9 @@ def test_threshold_rejects_and_is_stored(tmp_path, data, rejection):
     Q = np.vstack([X[:3], -X[:3]])
     found = col.query(Q)
     shift = {r["label"]: r["shift"] for r in col.class_table()}
-    expected = found.scores[:, 0] - (np.array([shift[c] for c in found.candidates[:, 0]]) if rejection == "shift" else 0)
+    expected = found.scores[:, 0] - (
+        np.array([shift[c] for c in found.candidates[:, 0]]) if rejection == "shift" else 0
+    )
     np.testing.assert_allclose(found.rejection_scores[:, 0], expected, rtol=1e-6)
     cut = float(np.median(expected))
     pred = col.predict(Q, threshold=cut)
@@ -136,7 +143,7 @@ def test_threshold_rejects_and_is_stored(tmp_path, data, rejection):
 
 
 def test_int_and_unicode_labels_round_trip(tmp_path):
-    X, y = blobs(3, 10, 4)
+    X, _y = blobs(3, 10, 4)
     col = make(tmp_path, generator="mean")
     col.add(X, [7] * 10 + [2**40] * 10 + [np.int64(-3)] * 10)
     assert Collection.open(tmp_path / "col").classes == [7, 2**40, -3]
@@ -219,11 +226,17 @@ def still_answers(col, Q, before):
     [
         (lambda c, Q: c.add(Q[:, :4], ["c0"] * len(Q)), ValueError, "X has dimension 4, but this collection holds 6-d"),
         (lambda c, Q: c.query(Q[:, :5]), ValueError, "Q has dimension 5"),
-        (lambda c, Q: c.add(Q, ["c0"] * len(Q), model="other-model"), ValueError,
-         "embedded with 'other-model', but this collection uses 'all-MiniLM-L6-v2'"),
+        (
+            lambda c, Q: c.add(Q, ["c0"] * len(Q), model="other-model"),
+            ValueError,
+            "embedded with 'other-model', but this collection uses 'all-MiniLM-L6-v2'",
+        ),
         (lambda c, Q: c.query(Q, model="other-model"), ValueError, "embedded with 'other-model'"),
-        (lambda c, Q: c.add(np.where(np.arange(Q.size).reshape(Q.shape) == 13, np.nan, Q), ["c1"] * len(Q)),
-         ValueError, "X row 2 holds NaN or infinity"),
+        (
+            lambda c, Q: c.add(np.where(np.arange(Q.size).reshape(Q.shape) == 13, np.nan, Q), ["c1"] * len(Q)),
+            ValueError,
+            "X row 2 holds NaN or infinity",
+        ),
         (lambda c, Q: c.query(np.full((2, 6), np.inf)), ValueError, "Q row 0 holds NaN or infinity"),
         (lambda c, Q: c.add(np.zeros((0, 6)), []), ValueError, "X is empty"),
         (lambda c, Q: c.query(np.zeros((0, 6))), ValueError, "Q is empty"),

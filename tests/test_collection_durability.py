@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-
 from conftest import blobs
+
 from retrieval_imprint import collection, store
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import SchemaVersionError
@@ -44,9 +44,18 @@ WRITER = textwrap.dedent("""
 """)
 
 # Every named step of a write, some more than once: (step, the how-many-th time it is reached)
-KILLS = [("segment: tmp written", 1), ("add: segments written", 2), ("add: committed", 3), ("remove: committed", 1),
-         ("compact: segments written", 1), ("compact: committed", 1), ("segment: tmp written", 5),
-         ("add: segments written", 7), ("compact: committed", 2), ("add: committed", 6)]
+KILLS = [
+    ("segment: tmp written", 1),
+    ("add: segments written", 2),
+    ("add: committed", 3),
+    ("remove: committed", 1),
+    ("compact: segments written", 1),
+    ("compact: committed", 1),
+    ("segment: tmp written", 5),
+    ("add: segments written", 7),
+    ("compact: committed", 2),
+    ("add: committed", 6),
+]
 
 
 def step(state: set[str], i: int, *, remove: bool = True) -> set[str]:
@@ -64,8 +73,12 @@ def test_writers_killed_at_every_named_step_leave_the_old_or_the_new_state(tmp_p
     state: set[str] = set()
     start = 0
     for point, nth in KILLS:
-        proc = subprocess.run([sys.executable, "-c", WRITER, str(path), str(start), point, str(nth)],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", WRITER, str(path), str(start), point, str(nth)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == -signal.SIGKILL, (point, nth, proc.stderr or "the writer never reached the step")
         for i in map(int, proc.stdout.split()):  # steps the writer finished
             state = step(state, i)
@@ -114,8 +127,12 @@ def test_readers_query_while_a_writer_adds_and_compacts(tmp_path, monkeypatch):
     path = tmp_path / "col"
     col = Collection.create(path, model=None, generator="mean")
     col.add(np.ones((2, 8), np.float32), ["first", "first"])
-    readers = [subprocess.Popen([sys.executable, "-c", READER, str(path), "4"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    readers = [
+        subprocess.Popen(
+            [sys.executable, "-c", READER, str(path), "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     time.sleep(1.0)
     rng = np.random.default_rng(0)
     deadline = time.time() + 3

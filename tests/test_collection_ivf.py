@@ -127,8 +127,9 @@ def imbalance(col: Collection) -> float:
 def test_compact_retrains_lists_the_collection_has_outgrown(tmp_path, codes):
     X, y = topics()
     exact = Collection.create(tmp_path / "exact", model=None, k=3, keep_samples=False)
-    col = Collection.create(tmp_path / "c", model=None, k=3, keep_samples=False, index=f"IVF32,{codes}",
-                            search_params={"nprobe": 1})
+    col = Collection.create(
+        tmp_path / "c", model=None, k=3, keep_samples=False, index=f"IVF32,{codes}", search_params={"nprobe": 1}
+    )
     for c in (exact, col):
         c.add(X[y < 200], y[y < 200])  # the lists are trained on topic 0 only
         c.add(X[y >= 200], y[y >= 200])
@@ -146,8 +147,9 @@ def test_compact_retrains_lists_the_collection_has_outgrown(tmp_path, codes):
     np.testing.assert_array_equal(reopened.predict(Q, search_params={"nprobe": 32}), truth)  # all lists: exact
     files = reopened.info()["segments"]
     reopened.compact()  # trained on everything now: not outgrown, the lists stay
-    assert [f for f in reopened.info()["segments"] if f.startswith("template")] == \
-        [f for f in files if f.startswith("template")]
+    assert [f for f in reopened.info()["segments"] if f.startswith("template")] == [
+        f for f in files if f.startswith("template")
+    ]
 
 
 def test_retrain_refuses_what_it_cannot_do(tmp_path):
@@ -170,8 +172,9 @@ def test_search_parameters_of_one_call_never_reach_the_shared_index(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     X, y = classes(600)
-    col = Collection.create(tmp_path / "c", model=None, k=3, keep_samples=False, index="IVF64,Flat",
-                            search_params={"nprobe": 2})
+    col = Collection.create(
+        tmp_path / "c", model=None, k=3, keep_samples=False, index="IVF64,Flat", search_params={"nprobe": 2}
+    )
     col.add(X, y)
     Q = X[::7] + 0.3 * np.random.default_rng(2).standard_normal(X[::7].shape).astype(np.float32)
     alone = {n: col.query(Q, 3, search_params={"nprobe": n}).labels for n in (1, 4, 64)}
@@ -237,7 +240,9 @@ def test_the_automatic_compaction_merges_small_adds_from_memory(tmp_path, monkey
         col.add(X[y < 300], y[y < 300])
     read = []
     real = segments.read_segment
-    monkeypatch.setattr(snapshot.segments, "read_segment", lambda *a, **k: read.append((a[0].name, a[1])) or real(*a, **k))
+    monkeypatch.setattr(
+        snapshot.segments, "read_segment", lambda *a, **k: read.append((a[0].name, a[1])) or real(*a, **k)
+    )
     for label in range(300, 312):
         for col in cols:
             col.add(X[y == label], y[y == label])

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import blobs, shared_data
+
 from retrieval_imprint import Collection, ImprintClassifier, device, torch_search
 from retrieval_imprint._groups import Grouped
 from retrieval_imprint.cli import main
@@ -158,7 +158,7 @@ def brute_top(Q: np.ndarray, X: np.ndarray, kind: str) -> np.ndarray:
     if kind == "ip":
         return Q @ X.T
     diff = np.abs(Q[:, None, :] - X[None])
-    return -{"l2": (diff ** 2).sum(-1), "l1": diff.sum(-1), "linf": diff.max(-1)}[kind]
+    return -{"l2": (diff**2).sum(-1), "l1": diff.sum(-1), "linf": diff.max(-1)}[kind]
 
 
 @pytest.mark.parametrize("dev", TORCH_DEVICES)
@@ -204,10 +204,13 @@ def test_proxy_index_searches_alike_on_the_torch_backend(metric, dev):
 def test_torch_backend_predicts_like_numpy_for_every_aggregation(dev):
     X, y = blobs(20, 30, 16, seed=4)
     Xq, _ = blobs(20, 10, 16, seed=5)
-    for params in (dict(generator="kmeans", k=4, aggregation="max"),
-                   dict(generator="kmeans", k=4, aggregation="mnn", m=5),
-                   dict(generator="kls", k=3, aggregation="max"),
-                   dict(generator="kmeans", k=3, aggregation="blend", alpha=0.5), dict()):
+    for params in (
+        dict(generator="kmeans", k=4, aggregation="max"),
+        dict(generator="kmeans", k=4, aggregation="mnn", m=5),
+        dict(generator="kls", k=3, aggregation="max"),
+        dict(generator="kmeans", k=3, aggregation="blend", alpha=0.5),
+        dict(),
+    ):
         ours = ImprintClassifier(**params).fit(X, y)
         theirs = ImprintClassifier(**params, device=dev).fit(X, y)
         assert theirs.auto_choice_ == ours.auto_choice_
@@ -233,8 +236,9 @@ def test_the_cli_takes_device(tmp_path):
     X, y = blobs(6, 12, 8)
     np.savez(tmp_path / "v.npz", X=X, y=y)
     runner = CliRunner()
-    result = runner.invoke(main, ["--device", "cpu", "index", str(tmp_path / "c"), str(tmp_path / "v.npz"),
-                                  "--model", "none", "--quiet"])
+    result = runner.invoke(
+        main, ["--device", "cpu", "index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model", "none", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     assert device.current() == "cpu"
     result = runner.invoke(main, ["--device", "tpu", "info", str(tmp_path / "c")])
@@ -252,9 +256,12 @@ def test_torch_backend_predicts_real_data_identically(name, dev):
     k-means (kmeans, kls, and auto's choice) under max and m-NN."""
     with np.load(shared_data(name, "embeddings.npz")) as z:
         X, y, Xq = z["train_X"], z["train_y"], z["test_X"]
-    for params in (dict(generator="kmeans", k=20, aggregation="max"),
-                   dict(generator="kmeans", k=5, aggregation="mnn", m=10),
-                   dict(generator="kls", k=2, aggregation="max"), dict()):
+    for params in (
+        dict(generator="kmeans", k=20, aggregation="max"),
+        dict(generator="kmeans", k=5, aggregation="mnn", m=10),
+        dict(generator="kls", k=2, aggregation="max"),
+        dict(),
+    ):
         ours = ImprintClassifier(**params).fit(X, y)
         theirs = ImprintClassifier(**params, device=dev).fit(X, y)
         assert theirs.auto_choice_ == ours.auto_choice_, params

@@ -11,7 +11,6 @@ import socket
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import DEMO, blobs
 from test_sharded import assert_same_answers
 
@@ -24,6 +23,7 @@ except ImportError:  # the dev extra installs Ray; CI must have it
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from test_serve import check_routes_and_errors, in_thread, wait_ready
 
 from retrieval_imprint import labels as lab
 from retrieval_imprint.cli import main
@@ -35,7 +35,6 @@ from retrieval_imprint.ingestion import ingest
 from retrieval_imprint.readers import load_demo
 from retrieval_imprint.service import Limits, Service
 from retrieval_imprint.sharded import ShardedCollection, open_any
-from test_serve import check_routes_and_errors, in_thread, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +66,9 @@ def documented_order(paths, X, y):
     keyed = []
     for j, path in enumerate(paths):
         for i in np.flatnonzero(np.arange(len(y)) % 3 == j):
-            digest = hashlib.blake2b(repr(lab.entry(str(y[i]))).encode() + b"\0" + X[i].astype("<f4").tobytes(),
-                                     digest_size=8).digest()
+            digest = hashlib.blake2b(
+                repr(lab.entry(str(y[i]))).encode() + b"\0" + X[i].astype("<f4").tobytes(), digest_size=8
+            ).digest()
             keyed.append((path, lab.label_key(str(y[i])), digest, i))
     return np.array([i for *_, i in sorted(keyed)])
 
@@ -89,17 +89,20 @@ def test_ray_build_equals_one_process_build(tmp_path, files):
 def test_the_writers_run_k_means_on_the_drivers_device(tmp_path, files):
     """The shards' writers are processes of their own: the driver's device reaches them, and the
     torch backend builds what numpy builds."""
-    paths, X, y = files
+    paths, _X, _y = files
     with use_device("cpu"):
         report = build(tmp_path / "torch", paths, shards=2, buckets_per_shard=2, model=None, generator="kmeans", k=2)
     numpy = build(tmp_path / "numpy", paths, shards=2, buckets_per_shard=2, model=None, generator="kmeans", k=2)
     assert report.device == "cpu" and numpy.device is None
-    assert_same_answers(ShardedCollection.open(tmp_path / "numpy"), ShardedCollection.open(tmp_path / "torch"),
-                        np.random.default_rng(2).standard_normal((30, 8)).astype(np.float32))
+    assert_same_answers(
+        ShardedCollection.open(tmp_path / "numpy"),
+        ShardedCollection.open(tmp_path / "torch"),
+        np.random.default_rng(2).standard_normal((30, 8)).astype(np.float32),
+    )
 
 
 def test_a_rerun_skips_what_is_in_and_more_files_extend(tmp_path, files):
-    paths, X, y = files
+    paths, _X, y = files
     build(tmp_path / "grown", paths[:2], shards=2, buckets_per_shard=3, model=None, generator="kmeans", k=2)
     report = build(tmp_path / "grown", paths, shards=2, buckets_per_shard=3, model=None, generator="kmeans", k=2)
     assert report.parts_skipped == 12 and report.parts == 6 and not report.created
@@ -133,7 +136,7 @@ def free_port():
 def test_ray_serve_is_the_one_process_app(tmp_path, files):
     """The Ray engine mounts the one-process app over its shard router: the same answers, /info,
     /health, routes and errors as ``imprint serve`` in one process."""
-    paths, X, y = files
+    paths, _X, _y = files
     build(tmp_path / "ray", paths, shards=3, buckets_per_shard=1, model=None, k=2)
     col = ShardedCollection.open(tmp_path / "ray")
     col.set_threshold(0.6)
@@ -164,12 +167,30 @@ def test_ray_serve_is_the_one_process_app(tmp_path, files):
 def test_cli_index_on_ray(tmp_path, files):
     paths, _, _ = files
     runner = CliRunner()
-    out = runner.invoke(main, ["index", str(tmp_path / "c"), *paths, "--engine", "ray", "--shards", "2",
-                               "--model", "none", "--k", "2"], catch_exceptions=False)
+    out = runner.invoke(
+        main,
+        ["index", str(tmp_path / "c"), *paths, "--engine", "ray", "--shards", "2", "--model", "none", "--k", "2"],
+        catch_exceptions=False,
+    )
     assert out.exit_code == 0, out.output
     assert "indexed 144 rows" in out.output and "24 classes" in out.output
-    out = runner.invoke(main, ["index", str(tmp_path / "c"), *paths, "--engine", "ray", "--shards", "2",
-                               "--model", "none", "--k", "2", "--json"])
+    out = runner.invoke(
+        main,
+        [
+            "index",
+            str(tmp_path / "c"),
+            *paths,
+            "--engine",
+            "ray",
+            "--shards",
+            "2",
+            "--model",
+            "none",
+            "--k",
+            "2",
+            "--json",
+        ],
+    )
     report = json.loads(out.stdout)
     assert report["rows"] == 0 and report["parts"] == 0 and report["parts_skipped"] > 0
     out = runner.invoke(main, ["index", str(tmp_path / "c"), *paths, "--engine", "ray", "--again"])

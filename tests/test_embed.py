@@ -6,8 +6,8 @@ import csv
 
 import numpy as np
 import pytest
-
 from conftest import shared_data
+
 from retrieval_imprint.embed import Embedder, EmbeddingCache
 
 
@@ -54,8 +54,14 @@ def test_the_cache_answers_without_the_model(tmp_path, embedder):
     assert cache.get(other_model.identity, texts) == {}
 
 
-PROBES = ["where is my card", "  Put on some QUEEN, please!  ", "Ünïcödé ßtraße 東京 ☕", "", "one",
-          " ".join(["a long text well past the model's window of 256 tokens"] * 60)]
+PROBES = [
+    "where is my card",
+    "  Put on some QUEEN, please!  ",
+    "Ünïcödé ßtraße 東京 ☕",
+    "",
+    "one",
+    " ".join(["a long text well past the model's window of 256 tokens"] * 60),
+]
 
 
 def cosine(A, B):
@@ -78,15 +84,19 @@ def test_a_cold_text_query_does_not_import_torch(tmp_path):
     import sys
 
     from conftest import DEMO
+
     from retrieval_imprint import ingest
 
     ingest(tmp_path / "c", [str(DEMO / "demo_train.csv")])  # exports the model (if this run has not yet)
-    script = ("import sys, json; from retrieval_imprint.cli import main\n"
-              "try:\n    main(['--no-cache', 'query', sys.argv[1], 'a text no cache holds', '--json'])\n"
-              "except SystemExit:\n    pass\n"
-              "print(json.dumps(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c")], capture_output=True, text=True,
-                         check=True).stdout
+    script = (
+        "import sys, json; from retrieval_imprint.cli import main\n"
+        "try:\n    main(['--no-cache', 'query', sys.argv[1], 'a text no cache holds', '--json'])\n"
+        "except SystemExit:\n    pass\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "c")], capture_output=True, text=True, check=True
+    ).stdout
     assert '"labels"' in out and out.strip().splitlines()[-1] == "[]"
 
 

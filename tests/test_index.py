@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import reference as ref
+
 from retrieval_imprint.index import SMALL_BATCH, ProxyIndex
 
 
@@ -27,8 +27,9 @@ def test_small_and_large_batches_agree_with_brute_force(with_ids, n_proxies, m):
     for sim, _, got in (small, large):
         assert got.shape == (len(sim), m)
         np.testing.assert_array_equal(got[:, :k], expected[: len(got)])
-        np.testing.assert_allclose(sim[:, :k], np.take_along_axis(S[: len(got)], np.argsort(-S[: len(got)], 1)[:, :k], 1),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            sim[:, :k], np.take_along_axis(S[: len(got)], np.argsort(-S[: len(got)], 1)[:, :k], 1), rtol=1e-4, atol=1e-4
+        )
         assert (got[:, k:] == -1).all()
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import blobs
+
 from retrieval_imprint import Collection, ingest, segments
 from retrieval_imprint.errors import InvalidParameterError, SettingsClashError
 from retrieval_imprint.ingestion import chunks, fingerprint
@@ -40,7 +40,9 @@ def test_an_interrupted_ingestion_resumes_from_python(tmp_path, monkeypatch, sou
     assert (report.resumed_after, report.rows, report.new_classes, report.classes) == (40, 80, 8, 12)
     one_go = ingest(tmp_path / "one", [data], model=None, k=3)
     assert one_go.rows == 120 and one_go.resumed_after == 0
-    np.testing.assert_array_equal(Collection.open(tmp_path / "c").predict(X), Collection.open(tmp_path / "one").predict(X))
+    np.testing.assert_array_equal(
+        Collection.open(tmp_path / "c").predict(X), Collection.open(tmp_path / "one").predict(X)
+    )
 
 
 def test_a_first_ingestion_that_fails_leaves_no_collection(tmp_path):
@@ -79,7 +81,7 @@ def test_fingerprints_change_with_the_data():
 
 @pytest.mark.parametrize("chunk_size", [1000, 25])
 def test_the_same_rows_are_not_ingested_twice_unless_asked(tmp_path, chunk_size):
-    path, X = grouped_data(tmp_path)
+    path, _X = grouped_data(tmp_path)
     ingest(tmp_path / "c", [path], chunk_size=chunk_size, model=None, k=2)
     np.savez(tmp_path / "renamed.npz", **np.load(path))  # the same rows under another name
     again = ingest(tmp_path / "c", [tmp_path / "renamed.npz"], chunk_size=chunk_size)
@@ -97,13 +99,16 @@ def test_upsert_replaces_the_samples_of_existing_classes(tmp_path):
     fresh_X = X[y == 1] + 3.0
     col = Collection.create(tmp_path / "c", model=None, generator="kmeans", k=2, aggregation="max")
     col.add(X, labels)
-    new_rows = Dataset("new", vectors=np.concatenate([fresh_X, X[y == 0][:3] * 0.5 + 1]),
-                       labels=["c1"] * 10 + ["c9"] * 3)
+    new_rows = Dataset(
+        "new", vectors=np.concatenate([fresh_X, X[y == 0][:3] * 0.5 + 1]), labels=["c1"] * 10 + ["c9"] * 3
+    )
     report = ingest(tmp_path / "c", [new_rows], upsert=True)
     assert report.new_classes == 1 and report.classes == 5
     reference = Collection.create(tmp_path / "ref", model=None, generator="kmeans", k=2, aggregation="max")
     keep = y != 1
-    reference.add(np.concatenate([X[keep], new_rows.vectors]), [l for l, k in zip(labels, keep) if k] + new_rows.labels)
+    reference.add(
+        np.concatenate([X[keep], new_rows.vectors]), [label for label, k in zip(labels, keep) if k] + new_rows.labels
+    )
     Q = np.random.default_rng(5).standard_normal((200, 6)).astype(np.float32) * 3
     got, want = Collection.open(tmp_path / "c").query(Q, 3), reference.query(Q, 3)
     np.testing.assert_array_equal(got.labels, want.labels)
@@ -147,6 +152,7 @@ def test_vectors_beyond_the_held_bytes_wait_in_an_unlinked_file(tmp_path, monkey
     report = ingest(tmp_path / "spilled", files, model=None, k=3, chunk_size=40)
     assert spilled == [tmp_path] * 3 and report.rows == len(X) == held.rows
     assert not list(tmp_path.glob(".imprint-spill-*"))
-    np.testing.assert_array_equal(Collection.open(tmp_path / "spilled").predict(X),
-                                  Collection.open(tmp_path / "held").predict(X))
+    np.testing.assert_array_equal(
+        Collection.open(tmp_path / "spilled").predict(X), Collection.open(tmp_path / "held").predict(X)
+    )
     assert ingestion._spill(X, tmp_path / "absent").shape == X.shape  # no such folder: the temp folder

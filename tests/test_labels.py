@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import blobs
+
 from retrieval_imprint import Collection, ImprintClassifier
 from retrieval_imprint.errors import DataError
 from retrieval_imprint.evaluate import evaluate
@@ -77,11 +77,13 @@ def test_class_ids_of_labels_match_a_scan_of_the_table(few, monkeypatch):
 
     monkeypatch.setattr(classtable, "FEW_LABELS", 100 if few else 0)
     stored = ["1", 1, "a", 2, "b", np.str_("c")]  # "1" and 1 are two classes
-    table = classtable.ClassTable(np.arange(10, 16), np.array(stored, object), *(np.zeros(6, np.int64),) * 3,
-                                  *(np.full(6, np.nan),) * 2)
+    table = classtable.ClassTable(
+        np.arange(10, 16), np.array(stored, object), *(np.zeros(6, np.int64),) * 3, *(np.full(6, np.nan),) * 2
+    )
     asked = [1, "1", np.int64(2), "c", None, "missing", 3, 1.0, True, "a", "1"]
-    want = [next((10 + i for i, v in enumerate(stored) if entry(v) == entry(a)), -1) if a is not None else -1
-            for a in asked]
+    want = [
+        next((10 + i for i, v in enumerate(stored) if entry(v) == entry(a)), -1) if a is not None else -1 for a in asked
+    ]
     np.testing.assert_array_equal(table.ids_of(asked), want)
     assert want[:4] == [11, 10, 13, 15] and want[8] == -1  # True is no int label
     assert table.find(np.int64(1)) == 11 and table.find("missing") is None

@@ -44,9 +44,11 @@ def test_the_package_modules_import_without_cycles():
 def test_the_command_line_starts_without_the_heavy_libraries():
     """`imprint --help`, `--version` and a typo answer at once: loading the CLI imports neither
     scikit-learn, SQLAlchemy, torch nor sentence-transformers (a command imports what it uses)."""
-    code = ("import sys, retrieval_imprint.cli\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'sqlalchemy', 'alembic', 'torch', "
-            "'sentence_transformers', 'scipy', 'pandas'}))")
+    code = (
+        "import sys, retrieval_imprint.cli\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'sqlalchemy', 'alembic', 'torch', "
+        "'sentence_transformers', 'scipy', 'pandas'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -64,8 +66,9 @@ def test_docs_cli_md_is_what_the_build_script_writes():
     spec = importlib.util.spec_from_file_location("build_cli_docs", ROOT / "docs" / "build_cli_docs.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    assert build.build() == (ROOT / "docs" / "cli.md").read_text(), \
+    assert build.build() == (ROOT / "docs" / "cli.md").read_text(), (
         "docs/cli.md is out of date: run .venv/bin/python docs/build_cli_docs.py"
+    )
 
 
 def test_the_design_page_lists_every_setting_with_its_default():

@@ -37,8 +37,9 @@ def test_a_collection_written_by_0_1_0_answers_as_it_did(legacy, name):
     col = Collection.open(root / name, upgrade=True)
     assert col.check().ok
     assert col.classes == want["classes"]
-    assert [{key: row[key] for key in ("label", "samples", "proxies")} for row in col.class_table()] == \
-        want["class_table"]
+    assert [{key: row[key] for key in ("label", "samples", "proxies")} for row in col.class_table()] == want[
+        "class_table"
+    ]
     assert {key: col.config[key] for key in want["config"]} == want["config"]
     assert col.auto_choice is None  # made before auto: its settings are the ones it was created with
     got = col.query(Q, 3, threshold=-np.inf)

@@ -104,8 +104,9 @@ def test_a_compaction_that_retrains_reads_every_live_proxy_of_the_mapped_file(gr
     np.testing.assert_array_equal(np.sort(got.ids), np.sort(expected.ids))
     mapped.compact(retrain=True)
     assert mapped.check().ok and not isinstance(mapped._s.proxies, MappedProxyIndex)
-    np.testing.assert_array_equal(mapped.query(Q, 2, search_params={"nprobe": NLIST}).labels,
-                                  brute_force_top(read, Q, 2))
+    np.testing.assert_array_equal(
+        mapped.query(Q, 2, search_params={"nprobe": NLIST}).labels, brute_force_top(read, Q, 2)
+    )
 
 
 def test_a_reader_keeps_its_mapping_after_a_writer_deletes_the_file(grown, monkeypatch):
@@ -150,8 +151,8 @@ def test_labels_of_any_text_and_kind_survive_the_bulk_read(tmp_path):
         assert col.classes == labels
         assert col.class_table()[0]["threshold"] == 0.123456789012345678
     with Collection.create(tmp_path / "i", model=None) as col:
-        col.add(X[:8], [3, -7, 2**70, -2**65, 3, -7, 2**70, -2**65])  # beyond int64 too
-    assert Collection.open(tmp_path / "i").classes == [3, -7, 2**70, -2**65]
+        col.add(X[:8], [3, -7, 2**70, -(2**65), 3, -7, 2**70, -(2**65)])  # beyond int64 too
+    assert Collection.open(tmp_path / "i").classes == [3, -7, 2**70, -(2**65)]
 
 
 def test_a_collection_of_mixed_label_kinds_made_before_0_2_still_reads(tmp_path):
@@ -203,8 +204,9 @@ def test_no_byte_flip_in_the_mapped_file_gives_a_wrong_answer(grown, monkeypatch
         outcomes["harmless"] += 1
     (grown / name).write_bytes(whole)
     assert outcomes["query"] >= 20, outcomes  # most of the file is list data
-    assert open_as(grown, monkeypatch, True).query(Q, 3, search_params=every_list).labels.tolist() == \
-        want.labels.tolist()
+    assert (
+        open_as(grown, monkeypatch, True).query(Q, 3, search_params=every_list).labels.tolist() == want.labels.tolist()
+    )
 
 
 def test_lists_are_verified_once_as_queries_first_touch_them(grown, monkeypatch):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import reference as ref
 from conftest import blobs
+
 from retrieval_imprint import ImprintClassifier
 from retrieval_imprint.normalize import l2_normalize, quantile_normalize, quantile_targets
 

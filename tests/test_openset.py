@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import blobs
+
 from retrieval_imprint import Collection, ImprintClassifier
 from retrieval_imprint.auto import folds
 from retrieval_imprint.openset import CalibrationError, auroc, calibrate, calibrate_without_oos
@@ -47,11 +47,16 @@ def test_calibrate_matches_exhaustive_search(target, target_recall, margin):
     best = brute(in_scores, correct, oos, target, target_recall, margin)
     if best is None:
         with pytest.raises(CalibrationError, match="no threshold reaches"):
-            calibrate({"max": (in_scores, correct, oos)}, target_accuracy=target, target_oos_recall=target_recall,
-                      margin=margin)
+            calibrate(
+                {"max": (in_scores, correct, oos)},
+                target_accuracy=target,
+                target_oos_recall=target_recall,
+                margin=margin,
+            )
         return
-    got = calibrate({"max": (in_scores, correct, oos)}, target_accuracy=target, target_oos_recall=target_recall,
-                    margin=margin)
+    got = calibrate(
+        {"max": (in_scores, correct, oos)}, target_accuracy=target, target_oos_recall=target_recall, margin=margin
+    )
     t, acc, rec = best
     assert got.threshold == t and got.in_scope_accuracy == pytest.approx(acc) and got.oos_recall == pytest.approx(rec)
     assert got.rule == "max" and got.curve["max"][0]["threshold"] == -np.inf
@@ -148,13 +153,14 @@ def test_a_class_added_to_a_calibrated_collection_is_scored_like_the_others(tmp_
     row = next(r for r in Collection.open(tmp_path / "c").class_table() if r["label"] == 99)
     assert row["shift"] is not None  # its statistics came with its imprint
     own = ImprintClassifier(generator="kmeans", k=3, aggregation="max", rejection="shift").fit(
-        np.concatenate([X[::2], extra]), np.concatenate([y[::2], [99] * 12]))
+        np.concatenate([X[::2], extra]), np.concatenate([y[::2], [99] * 12])
+    )
     late = list(own.classes_).index(99)
     assert row["shift"] == pytest.approx(own.class_shift_[late], abs=1e-5)
 
 
 def test_per_class_thresholds_and_calibration_without_out_of_scope_data(tmp_path):
-    col, X, y, oos = collection(tmp_path)
+    col, X, y, _oos = collection(tmp_path)
     result = col.calibrate(target_false_rejection=0.1)
     assert result.oos_recall is None and "0.1 of the training samples" in result.criterion
     assert result.rule == "shift" and col.config["rejection"] == "shift"

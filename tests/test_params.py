@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import blobs
+
 from retrieval_imprint import DEFAULTS, PRESETS, Collection, ImprintClassifier
 from retrieval_imprint.cli import main
 from retrieval_imprint.errors import InvalidParameterError
@@ -34,8 +34,9 @@ def test_a_collection_created_without_settings_stores_the_declared_defaults(tmp_
 def test_the_cli_creates_collections_with_the_declared_defaults(tmp_path):
     X, y = blobs(3, 25, 5)
     np.savez(tmp_path / "v.npz", X=X, y=y)
-    result = CliRunner().invoke(main, ["index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model", "none",
-                                       "--quiet"])
+    result = CliRunner().invoke(
+        main, ["index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model", "none", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     config = Collection.open(tmp_path / "c").config
     assert {name: config[name] for name in STORED} == {name: DEFAULTS[name] for name in STORED}
@@ -59,8 +60,9 @@ def test_presets_give_the_same_head_in_the_estimator_collections_and_the_cli(tmp
     col = Collection.create(tmp_path / "api", model=None, preset=name)
     col.add(X, labels)
     np.savez(tmp_path / "v.npz", X=X, y=np.array(labels))
-    result = CliRunner().invoke(main, ["index", str(tmp_path / "cli"), str(tmp_path / "v.npz"), "--model", "none",
-                                       "--preset", name, "--quiet"])
+    result = CliRunner().invoke(
+        main, ["index", str(tmp_path / "cli"), str(tmp_path / "v.npz"), "--model", "none", "--preset", name, "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     cli = Collection.open(tmp_path / "cli")
     for key, value in PRESETS[name].items():
@@ -105,15 +107,30 @@ def test_open_or_create_opens_and_lists_every_clash(tmp_path):
 def test_index_json_reports_every_field(tmp_path):
     X, y = blobs(3, 25, 5)
     np.savez(tmp_path / "v.npz", X=X, y=y)
-    out = json.loads(CliRunner().invoke(main, ["index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model",
-                                               "none", "--quiet", "--json"]).output)
+    out = json.loads(
+        CliRunner()
+        .invoke(main, ["index", str(tmp_path / "c"), str(tmp_path / "v.npz"), "--model", "none", "--quiet", "--json"])
+        .output
+    )
     choice = out.pop("auto_choice")
-    assert out == {"collection": str(tmp_path / "c"), "rows": 75, "resumed_after": 0, "new_classes": 3,
-                   "classes": 3, "proxies": out["proxies"], "retrained": False, "skipped": [], "created": True}
+    assert out == {
+        "collection": str(tmp_path / "c"),
+        "rows": 75,
+        "resumed_after": 0,
+        "new_classes": 3,
+        "classes": 3,
+        "proxies": out["proxies"],
+        "retrained": False,
+        "skipped": [],
+        "created": True,
+    }
     per_class = {"mean": 1, "all": 25}.get(choice["generator"], choice["k"])
     assert out["proxies"] == 3 * per_class
     assert len(choice["cv_results"]) == 1 + 6 * 5  # the mean; k in 2..20 and all, each under max or 4 blends
     best = max(r["correct"] for r in choice["cv_results"])
-    chosen = [r for r in choice["cv_results"] if all(r[key] == choice[key] for key in ("generator", "k", "aggregation",
-                                                                                       "alpha"))]
+    chosen = [
+        r
+        for r in choice["cv_results"]
+        if all(r[key] == choice[key] for key in ("generator", "k", "aggregation", "alpha"))
+    ]
     assert chosen[0]["correct"] == best

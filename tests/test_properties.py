@@ -21,8 +21,9 @@ def problems(draw):
     labels = draw(LABELS)
     d = draw(st.integers(1, 5))
     n_pool = draw(st.integers(1, 8))
-    pool = draw(st.lists(st.lists(st.floats(0.5, 4.0, width=32), min_size=d, max_size=d),
-                         min_size=n_pool, max_size=n_pool))
+    pool = draw(
+        st.lists(st.lists(st.floats(0.5, 4.0, width=32), min_size=d, max_size=d), min_size=n_pool, max_size=n_pool)
+    )
     sizes = draw(st.lists(st.integers(1, 7), min_size=len(labels), max_size=len(labels)))
     rows = draw(st.lists(st.integers(0, n_pool - 1), min_size=sum(sizes), max_size=sum(sizes)))
     X = np.asarray(pool, np.float32)[rows]  # rows drawn from a small pool: duplicates are common
@@ -43,8 +44,9 @@ def test_any_problem_fits_and_predicts_known_labels(problem, generator, k, aggre
     X, y = problem
     if post_norm == "l2" and generator in ("ls", "kls"):
         post_norm = "none"  # an ls row can be exactly zero on degenerate data; that error is tested elsewhere
-    clf = ImprintClassifier(generator=generator, k=k, aggregation=aggregation, post_norm=post_norm,
-                            m=3 if aggregation == "mnn" else 1).fit(X, y)
+    clf = ImprintClassifier(
+        generator=generator, k=k, aggregation=aggregation, post_norm=post_norm, m=3 if aggregation == "mnn" else 1
+    ).fit(X, y)
     classes = np.unique(y)
     sizes = {c: int((y == c).sum()) for c in classes}
     assert clf.proxies_.dtype == np.float32 and clf.proxies_.shape[1] == X.shape[1]

@@ -9,8 +9,8 @@ import sqlite3
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import DEMO, blobs
+
 from retrieval_imprint import Collection, Embedder, ingest
 from retrieval_imprint.cli import main
 from retrieval_imprint.errors import CollectionStateError, DataError
@@ -38,7 +38,7 @@ def texts_collection(tmp_path_factory):
 def test_a_class_shows_its_examples_in_order(texts_collection):
     path, ds = texts_collection
     got = Collection.open(path).examples("lost_card")
-    want = [(t, f"r{i}") for i, (t, l) in enumerate(zip(ds.texts, ds.labels)) if l == "lost_card"]
+    want = [(t, f"r{i}") for i, (t, y) in enumerate(zip(ds.texts, ds.labels)) if y == "lost_card"]
     assert [(r["text"], r["ref"]) for r in got] == want and [r["sample"] for r in got] == list(range(len(want)))
     with pytest.raises(DataError, match="no class 'nope'"):
         Collection.open(path).examples("nope")
@@ -55,7 +55,7 @@ def test_explain_returns_the_nearest_examples_of_the_answer(texts_collection):
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     q = Q / np.linalg.norm(Q, axis=1, keepdims=True)
     for i, label in enumerate(col.predict(Q)):
-        rows = [j for j, l in enumerate(ds.labels) if l == label]
+        rows = [j for j, y in enumerate(ds.labels) if y == label]
         sims = X[rows] @ q[i]
         order = np.argsort(-sims, kind="stable")[:3]
         assert [r["text"] for r in got[i]] == [ds.texts[rows[j]] for j in order]
@@ -108,8 +108,12 @@ def test_a_collection_without_samples_has_no_examples(tmp_path):
 
 def test_the_command_line_shows_examples_and_evidence_and_round_trips(tmp_path):
     csv = tmp_path / "train.csv"
-    csv.write_text("id,text,label\n" + "".join(f"q{i},{t},{l}\n" for i, (t, l) in enumerate(
-        zip(read(TRAIN).texts, read(TRAIN).labels)) if "," not in t))
+    csv.write_text(
+        "id,text,label\n"
+        + "".join(
+            f"q{i},{t},{y}\n" for i, (t, y) in enumerate(zip(read(TRAIN).texts, read(TRAIN).labels)) if "," not in t
+        )
+    )
     run("index", str(tmp_path / "c"), str(csv), "--id-column", "id", "--k", "2", "--quiet")
     rows = json.loads(run("examples", str(tmp_path / "c"), "lost_card", "--limit", "2", "--json").output)
     assert len(rows) == 2 and all(r["ref"].startswith("q") and r["text"] for r in rows)
@@ -121,8 +125,9 @@ def test_the_command_line_shows_examples_and_evidence_and_round_trips(tmp_path):
     assert not lines[4].startswith("      ") and not lines[5].startswith("      ")  # the examples sit under the answer
     run("export", str(tmp_path / "c"), str(tmp_path / "c.parquet"))
     run("index", str(tmp_path / "d"), str(tmp_path / "c.parquet"), "--quiet")
-    assert json.loads(run("classes", str(tmp_path / "d"), "--json").output) == \
-        json.loads(run("classes", str(tmp_path / "c"), "--json").output)
+    assert json.loads(run("classes", str(tmp_path / "d"), "--json").output) == json.loads(
+        run("classes", str(tmp_path / "c"), "--json").output
+    )
 
 
 @pytest.mark.parametrize("shards", [1, 2])
@@ -131,8 +136,15 @@ def test_an_export_indexed_again_answers_exactly_as_the_original(tmp_path, shard
     chose, the search parameters: all travel in the export, so `query --json` is the same."""
     test = read(DEMO / "demo_test.csv")
     original = tmp_path / "original"
-    run("index", str(original), str(TRAIN), "--quiet", "--shards", str(shards),
-        *(["--index", "IVF2,Flat"] if shards == 1 else []))
+    run(
+        "index",
+        str(original),
+        str(TRAIN),
+        "--quiet",
+        "--shards",
+        str(shards),
+        *(["--index", "IVF2,Flat"] if shards == 1 else []),
+    )
     col = open_any(original)
     if shards == 1:
         col.set_search_params(nprobe=1)  # one of two lists: approximate answers, the same in the copy
@@ -141,10 +153,17 @@ def test_an_export_indexed_again_answers_exactly_as_the_original(tmp_path, shard
     col.set_threshold(0.05, label="play_music")
     run("export", str(original), str(tmp_path / "c.parquet"))
     run("index", str(tmp_path / "again"), str(tmp_path / "c.parquet"), "--quiet")
-    queries = ["my card never showed up", "play some jazz", "what is the meaning of life", "book me a flight",
-               "is it going to rain tomorrow in paris"]
-    answers = [json.loads(run("query", str(path), *queries, "--top", "3", "--json").output)
-               for path in (original, tmp_path / "again")]
+    queries = [
+        "my card never showed up",
+        "play some jazz",
+        "what is the meaning of life",
+        "book me a flight",
+        "is it going to rain tomorrow in paris",
+    ]
+    answers = [
+        json.loads(run("query", str(path), *queries, "--top", "3", "--json").output)
+        for path in (original, tmp_path / "again")
+    ]
     assert answers[0] == answers[1]
     assert any(r["rejected"][0] for r in answers[0]) and any(not r["rejected"][0] for r in answers[0])
     info = [json.loads(run("info", str(path), "--json").output) for path in (original, tmp_path / "again")]

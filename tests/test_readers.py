@@ -56,14 +56,18 @@ def test_a_refused_label_names_the_first_row_that_holds_it(tmp_path, fmt):
         pq.write_table(pa.Table.from_pylist([{**r, "label": str(r["label"])} for r in rows]), path)
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match=rf"d.{fmt}: (row|line) 5: label 'a\\nb' holds a control character .* "
-                                        r"\(column 'label'\)"):
+    with pytest.raises(
+        DataError,
+        match=rf"d.{fmt}: (row|line) 5: label 'a\\nb' holds a control character .* "
+        r"\(column 'label'\)",
+    ):
         read(path)
     path.unlink()
     rows[4:] = [{"vector": [1.0, 2.0], "label": None}, {"vector": [3.0, 4.0], "label": "c"}]
     if fmt == "parquet":
-        pq.write_table(pa.Table.from_pylist([{**r, "label": None if r["label"] is None else str(r["label"])}
-                                             for r in rows]), path)
+        pq.write_table(
+            pa.Table.from_pylist([{**r, "label": None if r["label"] is None else str(r["label"])} for r in rows]), path
+        )
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=rf"d.{fmt}: (row|line) 5: label column 'label' is blank"):
@@ -95,8 +99,13 @@ def test_parquet_vector_columns_with_gaps_are_reported_by_row(tmp_path):
 
 
 def test_npz_splits_and_npy(tmp_path):
-    np.savez(tmp_path / "e.npz", train_X=np.ones((3, 4)), train_y=np.array(["a", "b", "a"]), test_X=np.ones((1, 4)),
-             test_y=np.array(["a"]))
+    np.savez(
+        tmp_path / "e.npz",
+        train_X=np.ones((3, 4)),
+        train_y=np.array(["a", "b", "a"]),
+        test_X=np.ones((1, 4)),
+        test_y=np.array(["a"]),
+    )
     assert read(tmp_path / "e.npz", split="train").labels == ["a", "b", "a"]
     with pytest.raises(DataError, match=r"choose a split with --split \(arrays found"):
         read(tmp_path / "e.npz")
@@ -139,11 +148,20 @@ def test_non_finite_vectors_are_found_block_by_block(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "name,content,options,match",
     [
-        ("v.jsonl", '{"vector": [1, 2], "label": "a"}\n{"vector": [1], "label": "b"}\n', {},
-         "line 2: column 'vector' has 2 different vector lengths"),
+        (
+            "v.jsonl",
+            '{"vector": [1, 2], "label": "a"}\n{"vector": [1], "label": "b"}\n',
+            {},
+            "line 2: column 'vector' has 2 different vector lengths",
+        ),
         ("v.jsonl", '{"vector": "nope", "label": "a"}\n', {}, "line 1: column 'vector' is not a JSON list"),
         ("t.csv", "text,label\nhi,a\n,b\n", {}, r"row 2 \(line 3\): text column 'text' is blank"),
-        ("l.jsonl", '{"text": "a", "label": 1.5}\n', {}, "line 1: label 1.5 in column 'label' must be text or an integer"),
+        (
+            "l.jsonl",
+            '{"text": "a", "label": 1.5}\n',
+            {},
+            "line 1: label 1.5 in column 'label' must be text or an integer",
+        ),
         # labels are checked once per distinct value: 1 before 1.0 or true does not let those through
         ("l.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 1.0}\n', {}, "line 2: label 1.0 in column"),
         ("l.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": true}\n', {}, "line 2: label True in column"),
@@ -165,23 +183,29 @@ def test_every_reader_refuses_a_label_over_the_limit(tmp_path, fmt):
     labels, texts = ["ok", long, "fine"], ["a", "b", "c"]
     path = tmp_path / f"data.{fmt}"
     if fmt == "csv":
-        path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in zip(texts, labels)), encoding="utf-8")
+        path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)), encoding="utf-8")
     elif fmt == "jsonl":
-        path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in zip(texts, labels)))
+        path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
     elif fmt == "parquet":
         pq.write_table(pa.table({"text": texts, "label": labels}), path)
     else:
         np.savez(path, X=np.ones((3, 4), np.float32), y=np.array(labels))
-    with pytest.raises(DataError, match=rf"(row|line) 2.*is {len(long.encode()):,} bytes long; a label may hold at most "
-                                        rf"{MAX_LABEL_BYTES:,} bytes"):
+    with pytest.raises(
+        DataError,
+        match=rf"(row|line) 2.*is {len(long.encode()):,} bytes long; a label may hold at most "
+        rf"{MAX_LABEL_BYTES:,} bytes",
+    ):
         read(path)
 
 
 def test_csv_errors_name_the_line_where_the_bad_row_starts_and_why(tmp_path):
     path = tmp_path / "open.csv"
     path.write_text('text,label\nhello,a\n"never closed,b\nmore,c\nstill more,d\n')
-    with pytest.raises(DataError, match=r"open.csv: line 3: not valid CSV: a quoted field that starts in this row is "
-                                        "never closed"):
+    with pytest.raises(
+        DataError,
+        match=r"open.csv: line 3: not valid CSV: a quoted field that starts in this row is "
+        "never closed",
+    ):
         read(path)
     path = tmp_path / "wide.csv"
     path.write_text("text,label\nhello,a\nhi,b\n" + "x" * 200_000 + ",c\n")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DEMO
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -37,8 +36,11 @@ def test_every_command_line_runs_as_written(tmp_path):
         shutil.copy(DEMO / f"demo_{split}.csv", tmp_path / name)
     (tmp_path / "more.csv").write_text("text,label\nmy card is gone,lost_card\nsomeone took my card,lost_card\n")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "vectors.npz", X=rng.standard_normal((300, 16)).astype(np.float32),
-             y=np.repeat([f"c{i}" for i in range(30)], 10))
+    np.savez(
+        tmp_path / "vectors.npz",
+        X=rng.standard_normal((300, 16)).astype(np.float32),
+        y=np.repeat([f"c{i}" for i in range(30)], 10),
+    )
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     lines = [line for line in block("bash", "## Command line").splitlines() if line and not line.startswith("#")]
     assert len(lines) >= 15

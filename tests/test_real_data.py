@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-
 import reference as ref
+
 from retrieval_imprint import ImprintClassifier, neural_collapse
 
 

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-
 from conftest import DEMO, blobs
+
 from retrieval_imprint.batching import MicroBatcher
 from retrieval_imprint.client import Client, ServerError
 from retrieval_imprint.collection import Collection
@@ -43,9 +43,21 @@ START_TIMEOUT = 120  # seconds for a server to say it is ready (a cold model exp
 def served(path, *options, env=None):
     """``imprint serve path --port 0`` in a subprocess on 127.0.0.1; yields ``(client, proc)``
     once it is ready; always stopped."""
-    proc = subprocess.Popen([sys.executable, "-c", "from retrieval_imprint.cli import main; main()", "serve", str(path),
-                             "--port", "0", *options], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from retrieval_imprint.cli import main; main()",
+            "serve",
+            str(path),
+            "--port",
+            "0",
+            *options,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
     lines: list[str] = []
     ready = threading.Event()
 
@@ -79,8 +91,11 @@ def in_thread(service, api_key=None):
     import uvicorn
 
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(service, api_key=api_key), log_level="warning",
-                                           lifespan="on", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(service, api_key=api_key), log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+        )
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -159,22 +174,41 @@ def check_routes_and_errors(url, n_classes, dimension, limits=Limits(), api_key=
         (json.dumps({"vectors": [[1e39]]}).encode(), "invalid_request", ["beyond float32"]),
         (json.dumps({"vectors": vec, "nprobe": 0}).encode(), "invalid_request", ["nprobe:", "1"]),
         (json.dumps({"vectors": vec, "k": 3}).encode(), "invalid_request", ["k:"]),
-        (json.dumps({"texts": ["x" * (limits.max_text_chars + 1)]}).encode(), "invalid_request",
-         ["texts.0:", str(limits.max_text_chars)]),
-        (json.dumps({"texts": ["x"] * (limits.max_queries + 1)}).encode(), "invalid_request",
-         ["texts:", str(limits.max_queries)]),
-        (json.dumps({"vectors": [[0.5] * (dimension + 1)]}).encode(), "invalid_data",
-         [f"vectors have dimension {dimension + 1}, but this collection holds {dimension}-d"]),
+        (
+            json.dumps({"texts": ["x" * (limits.max_text_chars + 1)]}).encode(),
+            "invalid_request",
+            ["texts.0:", str(limits.max_text_chars)],
+        ),
+        (
+            json.dumps({"texts": ["x"] * (limits.max_queries + 1)}).encode(),
+            "invalid_request",
+            ["texts:", str(limits.max_queries)],
+        ),
+        (
+            json.dumps({"vectors": [[0.5] * (dimension + 1)]}).encode(),
+            "invalid_data",
+            [f"vectors have dimension {dimension + 1}, but this collection holds {dimension}-d"],
+        ),
     ]
     for body, code, words in cases:
         status, _, answer = raw(url, "POST", "/query", body, key)
-        assert status == 400 and answer["code"] == code and all(w in answer["error"] for w in words), (body[:60], answer)
+        assert status == 400 and answer["code"] == code and all(w in answer["error"] for w in words), (
+            body[:60],
+            answer,
+        )
     status, _, answer = raw(url, "POST", "/query", json.dumps({"vectors": vec, "top": limits.max_top}).encode(), key)
     assert status == 200 and len(answer["results"][0]["labels"]) == min(n_classes, limits.max_top)  # capped
-    assert raw(url, "GET", "/nowhere", None, key)[0::2] == (404, {"error": "no route /nowhere; routes: /health, /ready, /info, "
-                                                       "/query, /metrics, /openapi.json, /docs", "code": "not_found"})
-    assert raw(url, "DELETE", "/query", None, key)[0::2] == (405, {"error": "DELETE is not allowed on /query",
-                                                        "code": "method_not_allowed"})
+    assert raw(url, "GET", "/nowhere", None, key)[0::2] == (
+        404,
+        {
+            "error": "no route /nowhere; routes: /health, /ready, /info, /query, /metrics, /openapi.json, /docs",
+            "code": "not_found",
+        },
+    )
+    assert raw(url, "DELETE", "/query", None, key)[0::2] == (
+        405,
+        {"error": "DELETE is not allowed on /query", "code": "method_not_allowed"},
+    )
     status, _, schema = raw(url, "GET", "/openapi.json", None, key)
     assert status == 200 and "/query" in schema["paths"]
     assert schema["components"]["schemas"]["QueryRequest"]["properties"]["top"]["maximum"] == limits.max_top
@@ -315,8 +349,7 @@ def test_limits_of_this_server(tmp_path, vectors):
         assert (response.status, json.loads(response.read())) == (413, too_large)
         conn.close()
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        conn.request("POST", "/query", body=iter([b'{"vectors": [' + b"[0.5]," * 500, b"[0.5]]}"]),
-                     encode_chunked=True)
+        conn.request("POST", "/query", body=iter([b'{"vectors": [' + b"[0.5]," * 500, b"[0.5]]}"]), encode_chunked=True)
         response = conn.getresponse()
         assert (response.status, json.loads(response.read())) == (413, too_large)
         assert Client(url).query(vectors=X[:2], top=2).labels.shape == (2, 2)  # and it answers after
@@ -330,8 +363,13 @@ def test_api_key_guards_every_route_but_health_and_ready(tmp_path, vectors):
         wait_ready(url)
         for route in ("/health", "/ready"):
             assert raw(url, "GET", route)[0] == 200
-        for method, route, body in (("POST", "/query", b'{"vectors": [[1]]}'), ("GET", "/info", None),
-                                    ("GET", "/metrics", None), ("GET", "/openapi.json", None), ("GET", "/docs", None)):
+        for method, route, body in (
+            ("POST", "/query", b'{"vectors": [[1]]}'),
+            ("GET", "/info", None),
+            ("GET", "/metrics", None),
+            ("GET", "/openapi.json", None),
+            ("GET", "/docs", None),
+        ):
             status, headers, answer = raw(url, method, route, body)
             assert status == 401 and answer["code"] == "unauthorized" and headers["www-authenticate"] == "Bearer"
             assert "needs an API key" in answer["error"]
@@ -357,8 +395,10 @@ def test_ready_only_once_loaded_and_health_reports_a_broken_collection(tmp_path,
     with in_thread(service) as url:
         status, _, answer = raw(url, "GET", "/ready")
         assert (status, answer["ready"]) == (503, False)
-        assert raw(url, "GET", "/health")[0::2] == (200, {"status": "ok", "ready": False, "classes": None,
-                                                          "shards": None, "model": None})
+        assert raw(url, "GET", "/health")[0::2] == (
+            200,
+            {"status": "ok", "ready": False, "classes": None, "shards": None, "model": None},
+        )
         status, _, answer = raw(url, "POST", "/query", b'{"vectors": [[1, 2, 3, 4, 5, 6, 7, 8]]}')
         assert (status, answer["code"]) == (503, "not_ready")
         opening.set()
@@ -379,8 +419,10 @@ def test_ready_only_once_loaded_and_health_reports_a_broken_collection(tmp_path,
         for f in moved:  # repaired: healthy again at the next look
             f.with_suffix(".away").rename(f)
         assert client.query(vectors=Q).labels.shape == (25, 1)
-        assert raw(url, "GET", "/health")[0::2] == (200, {"status": "ok", "ready": True, "classes": 10, "shards": 1,
-                                                          "model": None})
+        assert raw(url, "GET", "/health")[0::2] == (
+            200,
+            {"status": "ok", "ready": True, "classes": 10, "shards": 1, "model": None},
+        )
 
 
 def test_a_collection_that_cannot_open_is_not_ready_and_says_why(tmp_path):
@@ -454,7 +496,6 @@ def test_the_embedding_cache_is_shared_by_threads(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(work, range(32)))
     assert cache.info()["vectors"] == 32 * 50
-
 
 
 def test_every_engine_implements_the_searchable_protocol(tmp_path, vectors):

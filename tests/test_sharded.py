@@ -8,10 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
 import reference as ref
+from click.testing import CliRunner
 from conftest import DEMO, blobs
+
 from retrieval_imprint.cli import main
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionStateError, DataError, SettingsClashError
@@ -58,8 +58,9 @@ def reference_scores(X, y, Q, params):
     if params["aggregation"] == "blend":
         means = ref.l2(np.array([W[code == c].mean(0) for c in range(len(classes))]))
         return classes, ref.blend(Qn, W, code, means, params["alpha"]), np.zeros(len(Q), bool)
-    out, _ = ref.scores(Qn, W, code, len(classes), "ip", params["aggregation"], params.get("m", 1),
-                        params.get("vote", "uniform"))
+    out, _ = ref.scores(
+        Qn, W, code, len(classes), "ip", params["aggregation"], params.get("m", 1), params.get("vote", "uniform")
+    )
     sim = np.sort(Qn @ W.T, axis=1)[:, ::-1]
     m = params.get("m", 1)
     ambiguous = np.abs(sim[:, m - 1] - sim[:, m]) <= TOL if params["aggregation"] == "mnn" else np.zeros(len(Q), bool)
@@ -155,8 +156,9 @@ def test_an_empty_shard_answers_nothing_and_fills_later(tmp_path, name):
     col.add(X2, [late] * 5)
     assert col.shards[2].classes == [late]
     classes, expected, ambiguous = reference_scores(np.vstack([X, X2]), np.concatenate([y, [late] * 5]), Q, params)
-    assert_matches_reference(ShardedCollection.open(tmp_path / "s").query(Q, 3), classes, expected, ambiguous, 3,
-                             name.startswith("mnn"))
+    assert_matches_reference(
+        ShardedCollection.open(tmp_path / "s").query(Q, 3), classes, expected, ambiguous, 3, name.startswith("mnn")
+    )
 
 
 @pytest.mark.parametrize("rejection", ["max", "shift"])
@@ -214,7 +216,7 @@ def test_check_finds_a_class_in_the_wrong_shard(tmp_path, data):
 
 
 def test_bad_input_changes_no_shard(tmp_path, data):
-    X, y, Q = data
+    X, y, _Q = data
     col = ShardedCollection.create(tmp_path / "s", shards=3, model=None, k=2, keep_samples=False).add(X, y)
     versions = [s.info()["version"] for s in col.shards]
     bad = X[:4].copy()
@@ -239,8 +241,11 @@ def test_calibrate_chooses_and_stores_what_one_collection_would(tmp_path, data, 
     X_val, X_oos = X + 0.3 * rng.standard_normal(X.shape).astype(np.float32), 3 * Q[:30]
     one = Collection.create(tmp_path / "one", model=None, k=2, rejection=rejection).add(X, y)
     col = ShardedCollection.create(tmp_path / "s", shards=3, model=None, k=2, rejection=rejection).add(X, y)
-    for how in (dict(X=X_val, labels=y, X_oos=X_oos, target_oos_recall=0.8), dict(target_false_rejection=0.1),
-                dict(X=X_val, labels=y, X_oos=X_oos, rule="shift")):
+    for how in (
+        dict(X=X_val, labels=y, X_oos=X_oos, target_oos_recall=0.8),
+        dict(target_false_rejection=0.1),
+        dict(X=X_val, labels=y, X_oos=X_oos, rule="shift"),
+    ):
         a, b = one.calibrate(**how), col.calibrate(**how)
         assert a.rule == b.rule and a.threshold == pytest.approx(b.threshold, abs=TOL)
         again = ShardedCollection.open(tmp_path / "s")
@@ -294,15 +299,21 @@ def test_sharded_ingestion_resumes_exactly(tmp_path, data, monkeypatch):
 def test_cli_index_query_info_check_on_shards(tmp_path):
     runner = CliRunner()
     where = str(tmp_path / "col")
-    out = runner.invoke(main, ["index", where, str(DEMO / "demo_train.csv"), "--shards", "3", "--quiet",
-                               "--model", "none", "--k", "2"], catch_exceptions=False)
+    out = runner.invoke(
+        main,
+        ["index", where, str(DEMO / "demo_train.csv"), "--shards", "3", "--quiet", "--model", "none", "--k", "2"],
+        catch_exceptions=False,
+    )
     assert out.exit_code != 0 and "texts" in out.output  # a vector collection cannot take texts
     assert not (tmp_path / "col").exists()  # and no stub is left
     vectors = tmp_path / "v.npz"
     X, code = blobs(5, 6, 8, seed=4)
     np.savez(vectors, train_X=X, train_y=np.array([f"v{c}" for c in code]))
-    out = runner.invoke(main, ["index", where, str(vectors), "--shards", "3", "--model", "none", "--k", "2",
-                               "--quiet", "--json"], catch_exceptions=False)
+    out = runner.invoke(
+        main,
+        ["index", where, str(vectors), "--shards", "3", "--model", "none", "--k", "2", "--quiet", "--json"],
+        catch_exceptions=False,
+    )
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["classes"] == 5
     info = json.loads(runner.invoke(main, ["info", where, "--json"]).output)
@@ -319,7 +330,8 @@ def test_cli_index_query_info_check_on_shards(tmp_path):
     assert out.exit_code == 0, out.output
     after = json.loads(out.output)["after"]
     assert {k: v for k, v in ShardedCollection.open(where).auto_choice.items() if k != "cv_results"} == {
-        k: v for k, v in after.items() if k != "cv_results"}
+        k: v for k, v in after.items() if k != "cv_results"
+    }
     clash = runner.invoke(main, ["index", where, str(vectors), "--shards", "2", "--model", "none", "--k", "2"])
     assert clash.exit_code != 0 and "shards=2 (collection: 3)" in clash.output
     shutil.rmtree(tmp_path / "col" / shard_name(1))

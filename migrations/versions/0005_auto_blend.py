@@ -24,9 +24,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # 0004 knows no auto: keep what it chose where it chose (a blend, which 0004 cannot serve, is lost)
-    op.execute("UPDATE collection SET generator = json_extract(auto_choice, '$.generator'), "
-               "k = json_extract(auto_choice, '$.k'), aggregation = json_extract(auto_choice, '$.aggregation') "
-               "WHERE auto_choice IS NOT NULL")
+    op.execute(
+        "UPDATE collection SET generator = json_extract(auto_choice, '$.generator'), "
+        "k = json_extract(auto_choice, '$.k'), aggregation = json_extract(auto_choice, '$.aggregation') "
+        "WHERE auto_choice IS NOT NULL"
+    )
     op.execute("UPDATE collection SET k = 20 WHERE k IS NULL")  # not yet chosen: the paper's k
     with op.batch_alter_table("collection") as batch:
         batch.drop_column("auto_choice")
