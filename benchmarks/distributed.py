@@ -124,7 +124,7 @@ def exact_labels(sharded, Qn: np.ndarray) -> np.ndarray:
     best, label = np.full(len(Qn), -np.inf), np.empty(len(Qn), object)
     Q, rows = Qn.astype(np.float64), np.arange(len(Qn))
     for col in sharded.shards:
-        s = col._s
+        s = col.snapshot
         if not len(col):
             continue
         all_ids = s.proxies.ids

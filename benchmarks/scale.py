@@ -143,7 +143,7 @@ def run(n_classes: int, root: Path) -> tuple[list[str], dict[str, float]]:
         col.add(X, y.tolist())
         build += time.perf_counter() - t
         print(f"  {first + len(y) // TRAIN:,} classes, {build:.0f} s", flush=True)
-    _, _, first_lists = col._s.proxies.search(Qn, 1)
+    _, _, first_lists = col.snapshot.proxies.search(Qn, 1)
     t = time.perf_counter()
     col.compact()  # retrains the lists: the proxies outgrew the first add's 4x
     compact = time.perf_counter() - t
@@ -153,7 +153,7 @@ def run(n_classes: int, root: Path) -> tuple[list[str], dict[str, float]]:
     del col
     fresh = open_fresh(path, queries)
     col = Collection.open(path)
-    _, _, approx = col._s.proxies.search(Qn, 1)
+    _, _, approx = col.snapshot.proxies.search(Qn, 1)
     nprobe = col.search_params.get("nprobe")
     exact = exact_top1(Qn, n_classes)
     recall_first = float(np.mean(first_lists[:, 0] == exact))
@@ -174,7 +174,7 @@ def run(n_classes: int, root: Path) -> tuple[list[str], dict[str, float]]:
         col.add(X, y.tolist())
         adds.append(time.perf_counter() - t)
     ms = np.array(single) * 1e3
-    largest = max((path / name).stat().st_size for name in col._s.files["proxies"])  # the file mapped at open
+    largest = max((path / name).stat().st_size for name in col.snapshot.files["proxies"])  # the file mapped at open
     memory = {**fresh, "classes": n_classes, "index_gib": largest / 2**30}
     return [
         f"{n_classes:,}",

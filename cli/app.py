@@ -15,14 +15,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
 
 from retrieval_imprint import __version__
 from retrieval_imprint.errors import ImprintError
 from retrieval_imprint.params import RUNTIME, Param
+
+if TYPE_CHECKING:  # numpy is imported by the commands that use it: --help answers without it
+    import numpy as np
 
 
 class UserError(click.ClickException):
@@ -116,6 +118,8 @@ def main(wait: float, no_cache: bool, device: str) -> None:
 def plain(v: Any) -> Any:
     """``v`` as plain data: numpy scalars as numbers, NaN as None, floats to 6 decimals (scores are
     float32: further digits are noise that differs between CPUs)."""
+    import numpy as np
+
     if isinstance(v, dict):
         return {k: plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple, np.ndarray)):

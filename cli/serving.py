@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from retrieval_imprint.params import DEFAULT_PORT, parse_size
+
 from .app import UserError, collection_argument, engine_options, json_option, main, ray_connect
 
 API_KEY = "IMPRINT_API_KEY"  # the environment variable holding the server's key
@@ -25,7 +27,7 @@ API_KEY = "IMPRINT_API_KEY"  # the environment variable holding the server's key
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
-    default=8000,
+    default=DEFAULT_PORT,
     show_default=True,
     help="Port to listen on (0: any free one; the address is printed).",
 )
@@ -108,7 +110,6 @@ def serve(
         imprint serve intents/ --port 8000 &
         curl -s localhost:8000/query -d '{"texts": ["where is my card"], "top": 2}'
     """
-    from retrieval_imprint.ivf import parse_size
     from retrieval_imprint.service import Limits
     from retrieval_imprint.sharded import directories
 

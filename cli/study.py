@@ -5,12 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import click
-import numpy as np
 
-from retrieval_imprint.aggregate import AGGREGATIONS
-from retrieval_imprint.embed import DEFAULT_MODEL
-from retrieval_imprint.generate import GENERATORS
-from retrieval_imprint.readers import read
+from retrieval_imprint.params import AGGREGATIONS, DEFAULT_MODEL, GENERATOR_KINDS
 
 from .app import (
     UserError,
@@ -65,8 +61,11 @@ def diagnose(
     Example:
         imprint diagnose train.csv
     """
+    import numpy as np
+
     from retrieval_imprint.classifier import ImprintClassifier
     from retrieval_imprint.collapse import neural_collapse
+    from retrieval_imprint.readers import read
 
     ds = read(data, **read_options(text_column, label_column, vector_column, split))
     X = query_vectors([ds], model or DEFAULT_MODEL, quiet)
@@ -166,13 +165,16 @@ def sweep(
         imprint sweep train.csv test.csv --generator mean,kmeans --k 1,5,20 --shots 5,0 --plot k.png
         imprint sweep train.csv test.csv --generator ls --features 0,2000 --shots 0
     """
+    import numpy as np
+
     from retrieval_imprint.experiments import sweep as run_sweep
+    from retrieval_imprint.readers import read
 
     gens = [g.strip() for g in generators.split(",") if g.strip()]
     aggs = [a.strip() for a in aggregations.split(",") if a.strip()]
     for g in gens:
-        if g not in GENERATORS:
-            raise UserError(f"--generator {g!r} is not valid; expected one of {', '.join(GENERATORS)}")
+        if g not in GENERATOR_KINDS:
+            raise UserError(f"--generator {g!r} is not valid; expected one of {', '.join(GENERATOR_KINDS)}")
     for a in aggs:
         if a not in AGGREGATIONS:
             raise UserError(f"--aggregation {a!r} is not valid; expected one of {', '.join(AGGREGATIONS)}")
@@ -184,7 +186,8 @@ def sweep(
     y_test = np.array([str(v) for v in test_ds.labels])  # type: ignore[union-attr]
     configs = []
     for g in gens:
-        for k in _int_list(ks) if g not in ("mean", "ls", "all") else [1 if g != "all" else -1]:
+        kind = GENERATOR_KINDS[g]
+        for k in _int_list(ks) if kind.takes_k else [kind.fixed_k]:
             for a in aggs:
                 for m in _int_list(ms) if a == "mnn" else [1]:
                     configs += [

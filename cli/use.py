@@ -9,13 +9,14 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
-import numpy as np
 
 from retrieval_imprint.params import COLLECTION, DEFAULT_CHUNK, IMPRINT, PRESETS, STORED
-from retrieval_imprint.readers import FORMATS, Dataset, read
+
+if TYPE_CHECKING:  # numpy and the readers are imported by the commands that use them
+    pass
 
 from .app import (
     UserError,
@@ -125,6 +126,7 @@ def index(
         imprint index intents/ train.csv --generator kmeans --k 5
     """
     from retrieval_imprint.ingestion import ingest
+    from retrieval_imprint.readers import read
 
     settings = {name: value for name, value in given.items() if value is not None}
     if settings.get("model") == "none":
@@ -285,6 +287,8 @@ def query(
         imprint query intents/ "where is my card" "play some jazz" --top 3
         tail -f questions.txt | imprint query intents/ --file -
     """
+    from retrieval_imprint.readers import FORMATS, Dataset, read
+
     col = open_collection(collection)
     options = read_options(text_column, label_column, vector_column, split)
     search = {"nprobe": nprobe} if nprobe else None
@@ -409,7 +413,10 @@ def evaluate_cmd(
     Example:
         imprint eval intents/ test.csv --json
     """
+    import numpy as np
+
     from retrieval_imprint.evaluate import evaluate, open_set
+    from retrieval_imprint.readers import read
 
     col = open_collection(collection)
     ds = read(data, **read_options(text_column, label_column, vector_column, split))
@@ -526,6 +533,8 @@ def calibrate(
         imprint calibrate intents/ val.csv --oos out_of_scope.csv --target-accuracy 0.9
         imprint calibrate intents/ --target-false-rejection 0.05
     """
+    from retrieval_imprint.readers import read
+
     col = open_collection(collection)
     if data is None:
         if target_false_rejection is None:

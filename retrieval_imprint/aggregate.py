@@ -13,8 +13,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-AGGREGATIONS = ("max", "mnn", "blend")
-VOTES = ("uniform", "distance")
 # Class means and proxies a blend's first searches look at, beyond top: a few queries are answered by
 # a scan of every vector whatever the depth (index.SMALL_BATCH), so a deep first list costs nothing
 # there, while a batch's search keeps a heap per query, which a shallow list keeps cheap.

@@ -28,9 +28,8 @@ from .aggregate import max_scores
 from .imprint import imprint, seed_of
 from .index import ProxyIndex
 from .normalize import normalize
+from .params import AUTO, GENERATOR_KINDS, PAPER_K
 
-AUTO = "auto"
-PAPER_K = 20  # k of the k-means family when neither the user nor auto sets it (the paper's best)
 K_GRID = (1, 2, 3, 5, 10, 20, -1)  # 1: the class mean; -1: every sample
 ALPHA_GRID = (0.25, 0.5, 0.75, 0.9)
 FOLDS = 5
@@ -68,7 +67,8 @@ def candidates(params: dict[str, Any]) -> list[Candidate]:
     if gen == AUTO:
         gens = [({1: "mean", -1: "all"}.get(kk, "kmeans"), kk) for kk in (K_GRID if k is None else (k,))]
     else:
-        gens = [(gen, {"mean": 1, "ls": 1, "all": -1}.get(gen, PAPER_K if k is None else k))]  # ls: a row per class
+        kind = GENERATOR_KINDS[gen]
+        gens = [(gen, (PAPER_K if k is None else k) if kind.takes_k else kind.fixed_k)]
     alphas = ALPHA_GRID if alpha is None else (alpha,)
     aggs = {AUTO: [("max", None)] + [("blend", a) for a in alphas], "blend": [("blend", a) for a in alphas]}.get(
         agg, [(agg, None)]

@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from . import temperature
 from ._groups import Grouped
 from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
-from .auto import AUTO, choose, folds, scored_folds
+from .auto import choose, folds, scored_folds
 from .device import use_device
 from .features import feature_map, relu_features
 from .imprint import grouped, imprint, means, seed_of
@@ -25,7 +25,7 @@ from .index import ProxyIndex
 from .labels import check_targets, label_keys
 from .normalize import normalize
 from .openset import class_shift, filled, own_scores
-from .params import DEFAULTS, check_params, preset
+from .params import AUTO, DEFAULTS, check_params, preset
 
 BLOCK = 1024  # queries scored at a time by a blend's predict: (BLOCK, proxies) similarities in memory
 
@@ -160,7 +160,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         scores, truth = [], []
         for train, rows in scored_folds(raw, seed_of(self.random_state), max_scored):
             part = ImprintClassifier(**concrete).fit(raw.X[train], self.classes_[raw.owner[train]])
-            scores.append(part._class_scores(part._queries(raw.X[rows])))
+            scores.append(part._class_scores(part._queries(raw.X[rows])))  # noqa: SLF001 (its own class)
             truth.append(raw.owner[rows])
         return temperature.fit(np.concatenate(scores), np.concatenate(truth)) if scores else temperature.FALLBACK
 

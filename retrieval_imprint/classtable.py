@@ -28,11 +28,11 @@ class _Column:
         self.storage = "_" + name
 
     def __get__(self, table: ClassTable | None, owner: type | None = None) -> Any:
-        return self if table is None else getattr(table, self.storage)[: table._n]
+        return self if table is None else getattr(table, self.storage)[: len(table)]
 
     def __set__(self, table: ClassTable, values: np.ndarray) -> None:
-        if len(values) != table._n:
-            raise ValueError(f"a column of {table._n} classes cannot hold {len(values)} values")
+        if len(values) != len(table):
+            raise ValueError(f"a column of {len(table)} classes cannot hold {len(values)} values")
         setattr(table, self.storage, values)
 
 

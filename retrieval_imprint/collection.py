@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import Engine
 
 from . import labels as lab
 from . import params as spec
@@ -46,7 +47,8 @@ from .errors import (
 )
 from .integrity import CheckReport, check
 from .normalize import normalize
-from .openset import MARGIN, RULES, Calibration, calibrate, calibrate_without_oos, filled
+from .openset import Calibration, calibrate, calibrate_without_oos, filled
+from .params import MARGIN, RULES
 from .ranking import QueryResult
 from .segments import DB_NAME
 
@@ -93,6 +95,19 @@ class Collection:
         self._engine = engine
         self._embedder: Embedder | None = None
         self._s = snapshot.read(path, engine)
+
+    @property
+    def snapshot(self) -> snapshot.Snapshot:
+        """The committed version this object answers from (``snapshot.Snapshot``): take it once for
+        a whole answer, as ``refresh()`` may replace it meanwhile. For the modules that answer and
+        write over a collection's insides (``ranking``, ``writes``, ``merge``); not to be changed
+        outside a ``writing()`` block."""
+        return self._s
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine of the collection's database (``store.py``)."""
+        return self._engine
 
     # ----------------------------------------------------------------- create, open
     @classmethod
@@ -307,7 +322,7 @@ class Collection:
         """One row per class, in insertion order: label, samples, proxies."""
         return self._s.table.rows()
 
-    def _check_model(self, model: str | None, action: str) -> None:
+    def check_model(self, model: str | None, action: str) -> None:
         if model is not None and self.model is not None and model != self.model:
             raise DataError(f"{action} vectors embedded with {model!r}, but this collection uses {self.model!r}")
 
@@ -330,12 +345,12 @@ class Collection:
         if not len(s.table):
             raise CollectionStateError(f"collection {self.path} has no classes yet")
         top = spec.check_int("top", top, 1)
-        self._check_model(model, "query")
+        self.check_model(model, "query")
         Q = normalize(check_vectors(Q, "Q", s.dimension), s.config["inf_norm"], what="Q")
-        owner, scores = ranking.rank(s, Q, top, self._search_params(search_params, s))
+        owner, scores = ranking.rank(s, Q, top, self.checked_search_params(search_params, s))
         return ranking.answer(s, owner, scores, threshold)
 
-    def _search_params(self, params: dict[str, int] | None, s: Any = None) -> dict[str, int] | None:
+    def checked_search_params(self, params: dict[str, int] | None, s: Any = None) -> dict[str, int] | None:
         """``query``'s ``search_params``, checked against snapshot ``s`` (default: the current one):
         they apply to IVF indexes only."""
         s = self._s if s is None else s
@@ -392,11 +407,11 @@ class Collection:
             [provenance.export(self._engine, s, self.path)],
             Path(out),
             self.model,
-            self._export_settings(),
-            self._export_state(),
+            self.export_settings(),
+            self.export_state(),
         )
 
-    def _export_settings(self) -> dict[str, Any]:
+    def export_settings(self) -> dict[str, Any]:
         """The settings an exported file carries: what ``ingest`` creates a collection with."""
         return {
             **{k: self.config[k] for k in spec.STORED},
@@ -406,7 +421,7 @@ class Collection:
             "search_params": self.search_params or None,
         }
 
-    def _export_state(self) -> dict[str, Any]:
+    def export_state(self) -> dict[str, Any]:
         """What an exported file carries beside its rows: the threshold and what auto chose."""
         return {"threshold": self.config["threshold"], "auto_choice": self.auto_choice}
 
@@ -426,7 +441,7 @@ class Collection:
 
     # ----------------------------------------------------------------- writing
     @contextmanager
-    def _writing(self) -> Iterator[None]:
+    def writing(self) -> Iterator[None]:
         """Hold the writer lock, start from the latest committed state, and on any failure drop the
         in-memory changes by reloading what is on disk."""
         with segments.writer_lock(self.path, self.lock_timeout):
@@ -447,15 +462,7 @@ class Collection:
     def _delete_unlisted(self) -> None:
         segments.delete_unlisted(self.path, {f for files in self._s.files.values() for f in files})
 
-    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None, replace: bool = False) -> Collection:
-        """Imprint samples ``X`` ``(n, d)`` with their ``labels``: new labels become new classes; an
-        existing class is re-imprinted from its kept samples plus the new ones, or, with
-        ``replace``, from the new ones alone (an upsert; the class keeps no per-class threshold).
-        ``model``, if given, must be the collection's embedder. Atomic."""
-        self._add_checked(X, labels, model=model, replace=replace)
-        return self
-
-    def _add_checked(
+    def add(
         self,
         X: Any,
         labels: Sequence[object],
@@ -466,19 +473,25 @@ class Collection:
         texts: Sequence[str] | None = None,
         refs: Sequence[str] | None = None,
         auto_choice: str | None = None,
-    ) -> None:
-        """``add``; ``replace`` may name the label entries to replace; ``checkpoints``
-        ``(source, rows_done)`` record in the same transaction how far ingestions have come
-        (``ingestion.py``); ``texts`` and ``refs``: what each row was embedded from, kept;
-        ``auto_choice``: what auto chose elsewhere (a sharded collection's first add), taken
-        instead of choosing on these rows if this collection has not chosen yet."""
+    ) -> Collection:
+        """Imprint samples ``X`` ``(n, d)`` with their ``labels``: new labels become new classes; an
+        existing class is re-imprinted from its kept samples plus the new ones, or, with
+        ``replace``, from the new ones alone (an upsert; the class keeps no per-class threshold;
+        ``replace`` may also name the label entries to replace). ``model``, if given, must be the
+        collection's embedder. Atomic.
+
+        For ingestion (``ingestion.py``, ``sharded.py``): ``checkpoints`` ``(source, rows_done)``
+        record in the same transaction how far ingestions have come; ``texts`` and ``refs``: what
+        each row was embedded from, kept; ``auto_choice``: what auto chose elsewhere (a sharded
+        collection's first add), taken instead of choosing on these rows if this collection has
+        not chosen yet."""
         X = check_vectors(X, "X", self._s.dimension)
         labels = lab.as_sequence(labels)
         if len(labels) != len(X):
             raise DataError(f"X has {len(X)} rows but labels has {len(labels)}")
-        self._check_model(model, "add")
+        self.check_model(model, "add")
         codes, entries = lab.encode_stored(labels)
-        with self._writing():
+        with self.writing():
             if auto_choice is not None and self._s.config["auto_choice"] is None:
                 self._s.config["auto_choice"] = auto_choice
             kinds = self._s.label_kinds
@@ -498,6 +511,7 @@ class Collection:
             )
             if len(self._s.files["proxies"]) > COMPACT_SEGMENTS:
                 writes.compact(self.path, self._engine, self._s, full=False)
+        return self
 
     def add_texts(
         self,
@@ -510,7 +524,7 @@ class Collection:
         """``add`` on texts embedded with the collection's model; the texts (and ``refs``, e.g.
         row ids) are kept beside the samples (``examples``, ``explain``)."""
         texts, labels, refs = text_rows(texts, labels, refs)
-        self._add_checked(
+        self.add(
             self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts, refs=refs
         )
         return self
@@ -522,7 +536,7 @@ class Collection:
         )
         if not entries:
             raise DataError("no labels given: nothing to remove")
-        with self._writing():
+        with self.writing():
             writes.remove(self.path, self._engine, self._s, entries)
         return self
 
@@ -532,7 +546,7 @@ class Collection:
         """Set the collection's threshold and, by label, each class's own threshold and rejection
         shift (``(threshold, shift)``, None: none), in one write: what an export carries of a
         calibrated collection, restored by ``ingest`` when it makes the collection again."""
-        with self._writing():
+        with self.writing():
             ids = self._s.table.ids_of(list(classes))
             if (ids < 0).any():
                 raise DataError(f"no class {list(classes)[int(np.argmax(ids < 0))]!r} in collection {self.path}")
@@ -546,7 +560,7 @@ class Collection:
                 "search parameters apply to approximate (IVF) indexes; this collection's index is exact"
             )
         params = spec.check_search_params("search_params", params)
-        with self._writing():
+        with self.writing():
             merged = {**self.search_params, **params}  # the user's choice: no longer tuned (ivf.tune_nprobe)
             writes.set_values(self._engine, self._s, search_params=json.dumps(merged), index_tuning=None)
             if self._s.proxies is not None:
@@ -559,14 +573,14 @@ class Collection:
         if threshold is not None and (isinstance(threshold, bool) or not np.isfinite(threshold)):
             raise InvalidParameterError(f"threshold={threshold!r} is not valid; expected a finite number or None")
         value = None if threshold is None else float(threshold)
-        with self._writing():
+        with self.writing():
             if label is None:
                 writes.set_values(self._engine, self._s, threshold=value)
             else:
                 writes.set_class_threshold(self._engine, self._s, self._class_id(label), value)
         return self
 
-    def _existing(self, entries: Sequence[tuple[str, str]]) -> set:
+    def existing(self, entries: Sequence[tuple[str, str]]) -> set:
         """Which of these label entries are classes here (one SQL lookup, not a scan per label)."""
         with self._engine.connect() as conn:
             return set(store.find_classes(conn, list(entries)))
@@ -618,7 +632,7 @@ class Collection:
         first add's): classes added later crowd into the lists nearest them, so recall at a given
         nprobe falls and queries slow down. ``retrain=True`` retrains now, ``False`` never.
         """
-        with self._writing():
+        with self.writing():
             template = self._s.template
             if retrain and template is None:
                 raise CollectionStateError(f"collection {self.path} has an exact index; only IVF indexes are retrained")
@@ -636,7 +650,7 @@ class Collection:
         sample, and re-imprint every class with that choice in one atomic write; returns the new
         ``auto_choice``. Needs a collection that keeps its samples."""
         check_tunable(self)
-        with self._writing():
+        with self.writing():
             writes.retune(self.path, self._engine, self._s)
         return self.auto_choice
 
@@ -653,15 +667,15 @@ class Collection:
             and s.proxies.ntotal >= RETRAIN_GROWTH * trained_on
         )
 
-    def _rows_done(self, source: str) -> int:
+    def rows_done(self, source: str) -> int:
         """Rows of ``source`` already committed by an ingestion (``ingestion.py``)."""
         with self._engine.connect() as conn:
             return store.rows_done(conn, source)
 
-    def _record_progress(self, checkpoints: Sequence[tuple[str, int]]) -> None:
+    def record_progress(self, checkpoints: Sequence[tuple[str, int]]) -> None:
         """Record ``(source, rows_done)`` of ingestions whose rows held nothing for this collection
         (a shard that owns none of a chunk's classes)."""
-        with self._writing(), store.writing(self._engine) as conn:
+        with self.writing(), store.writing(self._engine) as conn:
             for source, done in checkpoints:
                 store.set_rows_done(conn, source, done)
 
@@ -695,13 +709,13 @@ def calibrate_over(
         fresh = target_false_rejection is not None or (
             rule != "max"
             and collections[0].config["keep_samples"]
-            and any(not np.isfinite(col._s.table.shift).all() for col in collections)
+            and any(not np.isfinite(col.snapshot.table.shift).all() for col in collections)
         )
         # the shift rule's statistics, computed now where they are missing
         parts = [
-            writes.left_out_scores(col.path, col._s)
+            writes.left_out_scores(col.path, col.snapshot)
             if fresh and len(col)
-            else (np.zeros(0), np.zeros(0, np.int64), col._s.table.shift)
+            else (np.zeros(0), np.zeros(0, np.int64), col.snapshot.table.shift)
             for col in collections
         ]
         shifts = [shift for _, _, shift in parts]
@@ -719,7 +733,7 @@ def calibrate_over(
                 where = owner_of(found[known].tolist())
                 for i in np.unique(where):
                     rows = known[where == i]
-                    out[rows] = ranking.label_shifts(collections[i]._s, found[rows], shifts[i])
+                    out[rows] = ranking.label_shifts(collections[i].snapshot, found[rows], shifts[i])
                 return out
 
             rules = ranking.rejection_inputs(
@@ -738,7 +752,7 @@ def calibrate_over(
                 rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall, margin=margin
             )
         for col, shift in zip(collections, shifts):
-            writes.set_rejection(col._engine, col._s, result.threshold, result.rule, shift if fresh else None)
+            writes.set_rejection(col.engine, col.snapshot, result.threshold, result.rule, shift if fresh else None)
     return result
 
 
@@ -752,8 +766,8 @@ def check_tunable(col: Any) -> None:
 
 @contextmanager
 def writing_all(collections: Sequence[Collection]) -> Iterator[None]:
-    """Hold every one of ``collections``' writer locks (``Collection._writing``), in order."""
+    """Hold every one of ``collections``' writer locks (``Collection.writing``), in order."""
     with ExitStack() as stack:
         for col in collections:
-            stack.enter_context(col._writing())
+            stack.enter_context(col.writing())
         yield

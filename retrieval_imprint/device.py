@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from .errors import DeviceError
+from .params import check_device
 
-DEVICES = (None, "cpu", "cuda", "auto")
 BLOCK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}  # padded class data per k-means block
 STAGE_BYTES = 64 << 20  # page-locked buffer a GPU result comes back through (copy_to_host)
 
@@ -41,13 +41,6 @@ _override: contextvars.ContextVar[tuple[str | None] | None] = contextvars.Contex
 
 class DeviceFallback(UserWarning):
     """``device="auto"`` found no GPU and runs today's numpy/FAISS path."""
-
-
-def check_device(name: str, device: Any) -> str | None:
-    """``device`` if it is one of ``DEVICES`` or ``"cuda:N"``, else a ``DeviceError`` naming it."""
-    if device in DEVICES or (isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit()):
-        return device
-    raise DeviceError(f"{name}={device!r} is not valid; expected one of None, 'cpu', 'cuda', 'cuda:N', 'auto'")
 
 
 def _torch():

@@ -43,7 +43,7 @@ from .embed import recorded_embedder
 from .errors import CollectionStateError, DataError, DeviceError
 from .ingestion import check_vectors_model, fingerprint
 from .normalize import normalize
-from .params import DEFAULT_CHUNK, check_int
+from .params import DEFAULT_CHUNK, DEFAULT_PORT, check_int
 from .readers import Dataset, from_arrow
 from .serve import create_app
 from .service import Limits, Service
@@ -104,14 +104,14 @@ class ShardWriter:
         self, X: np.ndarray, labels: list, texts: list | None, refs: list | None, parts: list[tuple[str, int, int]]
     ) -> list[bool]:
         """Add the rows of ``parts`` ``(source, lo, hi)`` not added before, in one write; which were."""
-        todo = [(source, lo, hi) for source, lo, hi in parts if self.col._rows_done(source) < hi - lo]
+        todo = [(source, lo, hi) for source, lo, hi in parts if self.col.rows_done(source) < hi - lo]
         if todo:
             rows = np.concatenate([np.arange(lo, hi) for _, lo, hi in todo])
 
             def pick(values: Sequence[Any] | None) -> list | None:
                 return None if values is None else [values[i] for i in rows]
 
-            self.col._add_checked(
+            self.col.add(
                 X[rows],
                 pick(labels),
                 texts=pick(texts),
@@ -229,10 +229,10 @@ def build(
         if col.auto_choice is None:
             X = first.vectors if first.vectors is not None else col.embedder().encode(first.texts)
             codes, entries = lab.encode_stored(first.labels)
-            col._choose(check_vectors(X, "X", None), codes, entries)
+            col.auto_choice_for(check_vectors(X, "X", None), codes, entries)
         device, resources = _actors_on(current(), shards, ray.cluster_resources().get("GPU", 0))
         Writer = ray.remote(ShardWriter).options(**resources)
-        writers = [Writer.remote(str(d), lock_timeout, col._manifest["auto_choice"], device) for d in directories(path)]
+        writers = [Writer.remote(str(d), lock_timeout, col.manifest["auto_choice"], device) for d in directories(path)]
         device = ray.get([w.device.remote() for w in writers])[0]  # every writer up on it, before any data
         ds = ray.data.read_parquet(files, include_paths=True)
         ds = ds.map_batches(
@@ -389,7 +389,7 @@ def serve(
     path: str | os.PathLike,
     *,
     host: str = "127.0.0.1",
-    port: int = 8000,
+    port: int = DEFAULT_PORT,
     refresh: float = 1.0,
     window: float = 0.0,
     max_batch: int = 256,

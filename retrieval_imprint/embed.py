@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from .errors import CollectionStateError, DataError
+from .params import DEFAULT_MODEL
 from .progress import bar
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 OFF = ("off", "0", "no", "false", "none")  # $RETRIEVAL_IMPRINT_CACHE (or _ONNX) values that turn it off
 BACKENDS = ("auto", "onnx", "torch")
 # texts per forward pass, longest first: short runs of like lengths pad least (dev probe, BANKING77

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .classifier import ImprintClassifier
+from .params import GENERATOR_KINDS
 
 
 def few_shot(y: Sequence[Any], shots: int, seed: int) -> np.ndarray:
@@ -67,11 +68,11 @@ def plot_accuracy_vs_k(rows: Sequence[dict[str, Any]], ax: Any) -> None:
     own style across the k range, its error bar just right of it, so that no series hides another. Integer k ticks on a log axis;
     the legend outside the axes."""
     rows = [r for r in rows if r["aggregation"] == "max"]
-    ks = sorted({r["k"] for r in rows if r["generator"] not in _NO_K and r["k"] > 0}) or [1]
+    ks = sorted({r["k"] for r in rows if GENERATOR_KINDS[r["generator"]].takes_k and r["k"] > 0}) or [1]
     colours = {shots: f"C{i}" for i, shots in enumerate(dict.fromkeys(r["shots"] for r in rows))}
     series = {_series(r): r["generator"] for r in rows}
     styles = iter(["--", ":", "-."])
-    style = {name: next(styles, "--") for name, gen in series.items() if gen in _NO_K}
+    style = {name: next(styles, "--") for name, gen in series.items() if not GENERATOR_KINDS[gen].takes_k}
     for shots, colour in colours.items():
         shot_name = "all data" if shots == 0 else f"{shots} shots"
         for name, gen in series.items():
@@ -82,7 +83,7 @@ def plot_accuracy_vs_k(rows: Sequence[dict[str, Any]], ax: Any) -> None:
             )
             if not pts:
                 continue
-            if gen in _NO_K:
+            if not GENERATOR_KINDS[gen].takes_k:
                 _, acc, std = pts[0]
                 ax.hlines(acc, ks[0], ks[-1], colors=colour, linestyles=style[name], label=f"{name}, {shot_name}")
                 nudge = 1.06 ** (1 + list(style).index(name))  # its error bar just right of the last k
@@ -97,9 +98,6 @@ def plot_accuracy_vs_k(rows: Sequence[dict[str, Any]], ax: Any) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
-
-
-_NO_K = ("mean", "all", "ls")  # generators whose proxies have no k: drawn as horizontal lines
 
 
 def _series(row: dict[str, Any]) -> str:

@@ -2,7 +2,7 @@
 
 Every generator is one function ``fn(groups, k, seed, **options) -> (W, owner)`` registered under
 its paper name: ``W`` is ``(P, d)`` float32, ``owner`` the class index of each row. Generators
-registered with ``shared_k_rule=True`` only ever see classes with more than ``k`` samples: the
+of a kind with ``shared_k_rule`` (``params.GENERATOR_KINDS``) only ever see classes with more than ``k`` samples: the
 shared rule (GEN ``all``, ``k = -1`` or ``n_c <= k`` keeps every sample) is applied once, here.
 All randomness is per class (``_groups.uniforms``), so adding a class never changes another's.
 """
@@ -16,6 +16,7 @@ import numpy as np
 
 from ._groups import Grouped, uniforms
 from .kmeans import Gram, batched_kmeans, kmeans_pp, space
+from .params import GENERATOR_KINDS, GeneratorKind
 
 GeneratorFn = Callable[..., "tuple[np.ndarray, np.ndarray]"]
 
@@ -27,18 +28,29 @@ _FPS_STREAM = (1 << 32) + 1
 @dataclass(frozen=True)
 class Generator:
     fn: GeneratorFn
-    shared_k_rule: bool  # classes with n_c <= k keep all their samples
-    per_class: bool  # False: a class's proxies depend on the other classes (ls, kls)
+    kind: GeneratorKind  # what the settings know of it: whether it takes k, the shared rule, per class
+
+    @property
+    def shared_k_rule(self) -> bool:
+        return self.kind.shared_k_rule
+
+    @property
+    def per_class(self) -> bool:
+        return self.kind.per_class
 
 
 GENERATORS: dict[str, Generator] = {}
 
 
-def register(name: str, *, shared_k_rule: bool = True, per_class: bool = True):
-    """Register ``fn(groups, k, seed, **options) -> (W, owner)`` as generator ``name``."""
+def register(name: str, kind: GeneratorKind | None = None) -> Callable[[GeneratorFn], GeneratorFn]:
+    """Register ``fn(groups, k, seed, **options) -> (W, owner)`` as generator ``name``, of ``kind``
+    (``params.GENERATOR_KINDS``: declared there for the built-in generators; a new one takes k,
+    follows the shared rule and is per class unless ``kind`` says otherwise)."""
+    kind = kind or GENERATOR_KINDS.get(name, GeneratorKind())
 
     def deco(fn: GeneratorFn) -> GeneratorFn:
-        GENERATORS[name] = Generator(fn, shared_k_rule, per_class)
+        GENERATOR_KINDS[name] = kind
+        GENERATORS[name] = Generator(fn, kind)
         return fn
 
     return deco
@@ -70,7 +82,7 @@ def _each_class(n_per_class: int, n_classes: int) -> np.ndarray:
     return np.repeat(np.arange(n_classes), n_per_class)
 
 
-@register("all", shared_k_rule=False)
+@register("all")
 def all_samples(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
     """Every sample is a proxy (max aggregation is then 1-NN over the training data)."""
     return groups.X.copy(), groups.owner
@@ -82,7 +94,7 @@ def class_means(groups: Grouped) -> np.ndarray:
     return sums / groups.sizes[:, None]
 
 
-@register("mean", shared_k_rule=False)
+@register("mean")
 def mean(groups: Grouped, k: int, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
     """One proxy per class, its mean (k is 1 whatever is passed)."""
     return class_means(groups).astype(np.float32), np.arange(groups.n_classes)
@@ -318,7 +330,7 @@ def _ridge(
     return loo_ridge(groups.X, spectrum, codes, means, owner, seed, post_norm == "l2")
 
 
-@register("ls", shared_k_rule=False, per_class=False)
+@register("ls")
 def ls(groups: Grouped, k: int, seed: int, *, ls_reg: float | str, **options) -> tuple[np.ndarray, np.ndarray]:
     """Oracle least-squares head over all classes at once (not imprinting: needs every class);
     ``ls_reg="auto"`` chooses the ridge by leave-one-out (``loo_ridge``)."""
@@ -327,7 +339,7 @@ def ls(groups: Grouped, k: int, seed: int, *, ls_reg: float | str, **options) ->
     return ls_head(spectrum, means, reg), classes
 
 
-@register("kls", shared_k_rule=False, per_class=False)
+@register("kls")
 def kls(groups: Grouped, k: int, seed: int, *, ls_reg: float | str, **options) -> tuple[np.ndarray, np.ndarray]:
     """k-means per class, each cluster a pseudo-class, then ``ls`` over all pseudo-classes (a
     sample belongs to the nearest centre of its class, for ``ls_reg="auto"``)."""

@@ -24,7 +24,6 @@ from . import ivf, torch_search
 from .device import current, faiss_gpu, to_device, to_gpu, to_numpy
 from .normalize import l2_normalize
 
-METRICS = ("ip", "cosine", "euclidean", "manhattan", "chebyshev", "mahalanobis")
 _FAISS_METRIC = {
     "ip": faiss.METRIC_INNER_PRODUCT,
     "cosine": faiss.METRIC_INNER_PRODUCT,

@@ -109,7 +109,7 @@ class _Target:
         return len(self.col) if self.col is not None else 0
 
     def rows_done(self, source: str) -> int:
-        return self.col._rows_done(source) if self.col is not None else 0
+        return self.col.rows_done(source) if self.col is not None else 0
 
     def add(self, X: Any, parts: list[Dataset], checkpoints: list[tuple[str, int]], replace: set) -> None:
         """Add rows ``X`` of ``parts`` (their labels, texts and refs) in one write."""
@@ -134,7 +134,7 @@ class _Target:
             self.created = True
         texts = [t for p in parts for t in (p.texts or [None] * len(p))] if any(p.texts for p in parts) else None
         refs = [r for p in parts for r in (p.refs or [None] * len(p))] if any(p.refs for p in parts) else None
-        self.col._add_checked(
+        self.col.add(
             X, [v for p in parts for v in p.labels], checkpoints=checkpoints, replace=replace, texts=texts, refs=refs
         )
 

@@ -100,35 +100,6 @@ def _other(found: np.ndarray, own: np.ndarray) -> np.ndarray:
     return np.where(found[:, 0] == own, found[:, 1], found[:, 0])
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes from ``"8GB"``, ``"512MiB"``, ``"1.5G"`` or an int."""
-    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
-        return int(text)
-    units = {
-        "": 1,
-        "B": 1,
-        "K": 1e3,
-        "KB": 1e3,
-        "KIB": 2**10,
-        "M": 1e6,
-        "MB": 1e6,
-        "MIB": 2**20,
-        "G": 1e9,
-        "GB": 1e9,
-        "GIB": 2**30,
-        "T": 1e12,
-        "TB": 1e12,
-        "TIB": 2**40,
-    }
-    value = str(text).strip().upper()
-    number = value.rstrip("KMGTIB ")
-    unit = value[len(number) :].strip()
-    try:
-        return int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise InvalidParameterError(f"memory budget {text!r} is not a size like 8GB or 512MiB") from None
-
-
 def choose_index(n_vectors: int, d: int, memory_budget: int) -> str:
     """The most accurate index whose vectors (and ids) fit ``memory_budget`` bytes: exact ``Flat``,
     then ``IVF{nlist},SQfp16`` (2 bytes per dimension), ``IVF{nlist},SQ8`` (1 byte), then

@@ -18,9 +18,6 @@ import numpy as np
 
 from .errors import DataError
 
-PRE_NORMS = ("none", "l2")
-POST_NORMS = ("none", "l2", "quantile")
-INF_NORMS = ("none", "l2")
 _PARALLEL_ELEMENTS = 1 << 23  # below this many entries one thread is faster than a pool
 
 

@@ -24,10 +24,9 @@ from ._groups import Grouped
 from .errors import DataError, InvalidParameterError
 from .imprint import imprint, means
 from .index import ProxyIndex
+from .params import MARGIN
 
-RULES = ("max", "shift")
 CURVE_POINTS = 200  # thresholds a reported trade-off curve keeps
-MARGIN = 1.0  # binomial standard errors a calibration target is cleared by on the validation queries
 
 
 class CalibrationError(DataError):

@@ -10,26 +10,95 @@ the paper (docs/design.md): NORMpre / GEN / NORMpost / NORMinf / AGG.
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from .errors import DeviceError, InvalidParameterError
 
-from .aggregate import AGGREGATIONS, VOTES
-from .auto import AUTO, PAPER_K
-from .device import check_device
-from .errors import InvalidParameterError
-from .generate import GENERATORS
-from .index import METRICS
-from .ivf import parse_size
-from .normalize import INF_NORMS, POST_NORMS, PRE_NORMS
-from .openset import RULES
+# The vocabulary of the settings, as plain data: the modules that implement each choice import it
+# from here, so this module imports nothing of the package but its errors (and nothing heavy:
+# ``imprint --help`` reads it without numpy or FAISS).
+AUTO = "auto"  # a setting left to cross-validation (auto.py)
+PAPER_K = 20  # k of the k-means family when neither the user nor auto sets it (the paper's best)
+PRE_NORMS = ("none", "l2")  # normalize.py
+POST_NORMS = ("none", "l2", "quantile")
+INF_NORMS = ("none", "l2")
+AGGREGATIONS = ("max", "mnn", "blend")  # aggregate.py
+VOTES = ("uniform", "distance")
+METRICS = ("ip", "cosine", "euclidean", "manhattan", "chebyshev", "mahalanobis")  # index.py
+RULES = ("max", "shift")  # openset.py: open-set rejection rules
+MARGIN = 1.0  # binomial standard errors a calibration target is cleared by on the validation queries
+DEVICES = (None, "cpu", "cuda", "auto")  # device.py; and "cuda:N"
+DEFAULT_MODEL = "all-MiniLM-L6-v2"  # the packaged sentence-transformers model (embed.py)
+DEFAULT_PORT = 8000  # imprint serve
+
+
+@dataclass(frozen=True)
+class GeneratorKind:
+    """What the settings need to know of a generator (GEN); its code is ``generate.GENERATORS``'s."""
+
+    fixed_k: int | None = None  # where k is not taken: the k its proxies amount to (mean, ls: 1; all: -1)
+    shared_k_rule: bool = True  # classes with n_c <= k keep all their samples (generate.generate applies it)
+    per_class: bool = True  # False: a class's proxies depend on the other classes, so no collection can grow it
+
+    @property
+    def takes_k(self) -> bool:
+        return self.fixed_k is None
+
+
+# The generators there are, by name; ``generate.register`` adds to it.
+GENERATOR_KINDS: dict[str, GeneratorKind] = {
+    "all": GeneratorKind(fixed_k=-1, shared_k_rule=False),
+    "mean": GeneratorKind(fixed_k=1, shared_k_rule=False),
+    "kmeans": GeneratorKind(),
+    "kmedoids": GeneratorKind(),
+    "random": GeneratorKind(),
+    "fps": GeneratorKind(),
+    "cov_max": GeneratorKind(),
+    "ls": GeneratorKind(fixed_k=1, shared_k_rule=False, per_class=False),
+    "kls": GeneratorKind(shared_k_rule=False, per_class=False),
+}
+
+
+def _is_int(value: object) -> bool:
+    """An int or numpy integer (numpy registers those as ``numbers.Integral``; not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A finite-or-not real number, not a bool (numpy's bool is not a ``numbers.Real``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"8GB"``, ``"512MiB"``, ``"1.5G"`` or an int."""
+    if _is_int(text):
+        return int(text)  # type: ignore[call-overload]
+    units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
+             "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}  # fmt: skip
+    value = str(text).strip().upper()
+    number = value.rstrip("KMGTIB ")
+    unit = value[len(number) :].strip()
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise InvalidParameterError(f"memory budget {text!r} is not a size like 8GB or 512MiB") from None
+
+
+def check_device(name: str, device: Any) -> str | None:
+    """``device`` if it is one of ``DEVICES`` or ``"cuda:N"``, else a ``DeviceError`` naming it."""
+    if device in DEVICES or (isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise DeviceError(f"{name}={device!r} is not valid; expected one of None, 'cpu', 'cuda', 'cuda:N', 'auto'")
 
 
 def check_int(name: str, value: object, low: int) -> int:
     """``value`` as an int >= ``low``, or an ``InvalidParameterError`` naming the argument."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+    if not _is_int(value) or value < low:  # type: ignore[operator]
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected an integer >= {low}")
     return int(value)
 
@@ -46,11 +115,7 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
 def check_k(name: str, value: object) -> int | None:
     if value is None:
         return None
-    if (
-        isinstance(value, (bool, np.bool_))
-        or not isinstance(value, (int, np.integer))
-        or not (value >= 1 or value == -1)
-    ):
+    if not _is_int(value) or not (value >= 1 or value == -1):  # type: ignore[operator]
         raise InvalidParameterError(
             f"{name}={value!r} is not valid; expected a positive integer, -1 for every sample, or None"
         )
@@ -60,14 +125,15 @@ def check_k(name: str, value: object) -> int | None:
 def check_alpha(name: str, value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 <= value <= 1:
+    if not _is_real(value) or not 0 <= value <= 1:  # type: ignore[operator]
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected a number in [0, 1], or None")
     return float(value)
 
 
 def check_seed(name: str, value: object) -> Any:
     """An int, None or a ``RandomState`` (the estimator; collections need an int, see ``resolve``)."""
-    if value is None or isinstance(value, np.random.RandomState):
+    np = sys.modules.get("numpy")  # a RandomState comes from numpy, so numpy is loaded if value is one
+    if value is None or (np is not None and isinstance(value, np.random.RandomState)):
         return value
     return check_int(name, value, 0)
 
@@ -75,7 +141,7 @@ def check_seed(name: str, value: object) -> Any:
 def check_ridge(name: str, value: object) -> float | str:
     if value == AUTO:
         return AUTO
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value < 0:
+    if not _is_real(value) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type, operator]
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number >= 0, or 'auto'")
     return float(value)
 
@@ -83,12 +149,7 @@ def check_ridge(name: str, value: object) -> float | str:
 def check_temperature(name: str, value: object) -> float | str:
     if value == AUTO:
         return AUTO
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.number))
-        or not np.isfinite(value)
-        or value <= 0
-    ):
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type, operator]
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number > 0, or 'auto'")
     return float(value)
 
@@ -100,7 +161,7 @@ def check_optional_str(name: str, value: object) -> str | None:
 
 
 def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
+    if not isinstance(value, bool) and type(value).__name__ not in ("bool", "bool_"):  # numpy's bool
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected True or False")
     return bool(value)
 
@@ -150,7 +211,7 @@ IMPRINT: dict[str, Param] = {
             "generator",
             AUTO,
             "GEN: how a class's samples become proxies; auto: chosen with k by cross-validation.",
-            lambda: (AUTO, *GENERATORS),
+            lambda: (AUTO, *GENERATOR_KINDS),
         ),
         Param(
             "k",
@@ -222,7 +283,7 @@ COLLECTION: dict[str, Param] = {
     for p in (
         Param(
             "model",
-            "all-MiniLM-L6-v2",
+            DEFAULT_MODEL,
             "Embedding model (name or path) recorded for texts; none (None in Python): "
             "a collection of precomputed vectors.",
             check=check_optional_str,
@@ -351,7 +412,7 @@ def resolve(given: dict[str, Any], scope: dict[str, Param], preset_name: str | N
 
 def check_collection(s: dict[str, Any]) -> dict[str, Any]:
     """What a collection needs of its resolved settings ``s`` beyond each one's own check."""
-    if s["generator"] != AUTO and not GENERATORS[s["generator"]].per_class:
+    if s["generator"] != AUTO and not GENERATOR_KINDS[s["generator"]].per_class:
         raise InvalidParameterError(
             f"generator={s['generator']!r} needs every class at once (it is not imprinting), "
             "so it cannot grow a collection one class at a time; use ImprintClassifier for it"

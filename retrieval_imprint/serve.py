@@ -46,7 +46,6 @@ from . import __version__
 from .errors import ImprintError, RequestError, UnauthorizedError
 from .service import Limits, Query, Service, one_line
 
-DEFAULT_PORT = 8000
 ROUTES = ("/health", "/ready", "/info", "/query", "/metrics", "/openapi.json", "/docs")
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 422: "invalid_request"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

@@ -49,7 +49,8 @@ from .errors import (
 )
 from .integrity import CheckReport
 from .normalize import normalize
-from .openset import MARGIN, Calibration
+from .openset import Calibration
+from .params import MARGIN
 from .ranking import QueryResult
 from .segments import CLASS_SHIFT, DB_NAME, class_of
 
@@ -220,6 +221,11 @@ class ShardedCollection:
 
     # ----------------------------------------------------------------- reading
     @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest (``shards.json``) as last read: shard count, label hash, what auto chose."""
+        return self._manifest
+
+    @property
     def n_shards(self) -> int:
         return len(self.shards)
 
@@ -301,7 +307,7 @@ class ShardedCollection:
             raise CollectionStateError(f"collection {self.path} has no classes yet")
         top = spec.check_int("top", top, 1)
         first = live[0][1]
-        first._check_model(model, "query")
+        first.check_model(model, "query")
         Q = normalize(check_vectors(Q, "Q", first.dimension), first.config["inf_norm"], what="Q")
         parts = [part(col, i, self.n_shards, Q, top, threshold, search_params) for i, col in live]
         return merge(parts, top, first.params)
@@ -339,13 +345,6 @@ class ShardedCollection:
         return CheckReport(not problems, problems)
 
     # ----------------------------------------------------------------- writing
-    def add(
-        self, X: Any, labels: Sequence[object], *, model: str | None = None, replace: bool = False
-    ) -> ShardedCollection:
-        """``Collection.add``: each class's rows go to its shard (atomic per shard)."""
-        self._add_checked(X, labels, model=model, replace=replace)
-        return self
-
     def add_texts(
         self,
         texts: Sequence[str],
@@ -356,12 +355,12 @@ class ShardedCollection:
     ) -> ShardedCollection:
         """``add`` on texts embedded with the collection's model; the texts (and ``refs``) kept."""
         texts, labels, refs = text_rows(texts, labels, refs)
-        self._add_checked(
+        self.add(
             self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts, refs=refs
         )
         return self
 
-    def _add_checked(
+    def add(
         self,
         X: Any,
         labels: Sequence[object],
@@ -371,39 +370,40 @@ class ShardedCollection:
         checkpoints: Sequence[tuple[str, int]] = (),
         texts: Sequence[str] | None = None,
         refs: Sequence[str] | None = None,
-    ) -> None:
-        """``Collection._add_checked`` split by shard. Everything that can be checked before a
-        write is checked for all the rows first, so bad input changes no shard."""
+    ) -> ShardedCollection:
+        """``Collection.add``: each class's rows go to its shard (atomic per shard). Everything
+        that can be checked before a write is checked for all the rows first, so bad input changes
+        no shard."""
         first = self.shards[0]
-        X = check_vectors(X, "X", next((col._s.dimension for col in self.shards if col._s.dimension), None))
+        X = check_vectors(X, "X", next((col.snapshot.dimension for col in self.shards if col.snapshot.dimension), None))
         labels = lab.as_sequence(labels)
         if len(labels) != len(X):
             raise DataError(f"X has {len(X)} rows but labels has {len(labels)}")
-        first._check_model(model, "add")
+        first.check_model(model, "add")
         codes, entries = lab.encode_stored(labels)
-        kinds = set().union(*(col._s.label_kinds for col in self.shards))
+        kinds = set().union(*(col.snapshot.label_kinds for col in self.shards))
         lab.check_kind(entries, next(iter(kinds), None) if len(kinds) == 1 else None)
         owner = shard_of([lab.value(*e) for e in entries], self.n_shards)
         rows = owner[codes]
         if not first.config["keep_samples"] and replace is not True:
             for i, col in enumerate(self.shards):
-                found = col._existing([e for e, j in zip(entries, owner) if j == i and e not in (replace or ())])
+                found = col.existing([e for e, j in zip(entries, owner) if j == i and e not in (replace or ())])
                 if found:
                     raise DataError(
                         f"class {next(iter(found))[1]!r} already exists and this collection keeps no "
                         "samples, so it cannot be re-imprinted from old and new samples together; remove "
                         "it and add all its samples, or create the collection with keep_samples=True"
                     )
-        choice = self._choose(X, codes, entries)
+        choice = self.auto_choice_for(X, codes, entries)
         for i, col in enumerate(self.shards):
-            if checkpoints and all(col._rows_done(source) >= done for source, done in checkpoints):
+            if checkpoints and all(col.rows_done(source) >= done for source, done in checkpoints):
                 continue  # committed by an interrupted run
             mine = np.flatnonzero(rows == i)
             if not len(mine):
                 if checkpoints:
-                    col._record_progress(checkpoints)
+                    col.record_progress(checkpoints)
                 continue
-            col._add_checked(
+            col.add(
                 X[mine],
                 [labels[r] for r in mine],
                 model=model,
@@ -413,22 +413,23 @@ class ShardedCollection:
                 refs=None if refs is None else [refs[r] for r in mine],
                 auto_choice=choice,
             )
+        return self
 
-    def _choose(self, X: np.ndarray, codes: np.ndarray, entries: list) -> str:
+    def auto_choice_for(self, X: np.ndarray, codes: np.ndarray, entries: list) -> str:
         """What auto chose for every shard; at the first add, chosen on its rows and recorded."""
         if self._manifest["auto_choice"] is None:
             with segments.writer_lock(self.path, self.lock_timeout):
                 self._manifest = _read_manifest(self.path)
                 if self._manifest["auto_choice"] is None:
-                    cfg = self.shards[0]._s.config
+                    cfg = self.shards[0].snapshot.config
                     choice = writes.auto_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
                     self._manifest = {**self._manifest, "auto_choice": choice}
                     _write_manifest(self.path, self._manifest)
         return self._manifest["auto_choice"]
 
-    def _rows_done(self, source: str) -> int:
+    def rows_done(self, source: str) -> int:
         """Rows of ``source`` every shard has committed (an ingestion resumes from here)."""
-        return min(col._rows_done(source) for col in self.shards)
+        return min(col.rows_done(source) for col in self.shards)
 
     def remove(self, labels: Sequence[object]) -> ShardedCollection:
         """Remove the classes with these labels (all must exist; otherwise nothing is removed)."""
@@ -439,7 +440,7 @@ class ShardedCollection:
         owner = shard_of([lab.value(*e) for e in entries], self.n_shards)
         for i, col in enumerate(self.shards):
             mine = [e for e, j in zip(entries, owner) if j == i]
-            missing = set(mine) - col._existing(mine)
+            missing = set(mine) - col.existing(mine)
             if missing:
                 raise DataError(f"no class {lab.value(*next(iter(missing)))!r} in collection {self.path}")
         for i in np.unique(owner):
@@ -510,14 +511,14 @@ class ShardedCollection:
         ``ingest`` (``imprint index``, with or without ``--shards``) reads it back."""
         live = [col for col in self.shards if len(col)] or self.shards[:1]
         tables = [
-            provenance.export(col._engine, snapshot.read(col.path, col._engine, samples=True), col.path) for col in live
+            provenance.export(col.engine, snapshot.read(col.path, col.engine, samples=True), col.path) for col in live
         ]
         return provenance.write_export(
             tables,
             Path(out),
             self.model,
-            self.shards[0]._export_settings(),
-            {**self.shards[0]._export_state(), "auto_choice": self.auto_choice},
+            self.shards[0].export_settings(),
+            {**self.shards[0].export_state(), "auto_choice": self.auto_choice},
         )
 
     def tune(self) -> dict[str, Any]:
@@ -527,7 +528,7 @@ class ShardedCollection:
         check_tunable(self)
         with writing_all(self.shards):
             live = [col for col in self.shards if len(col)]
-            kept = [writes.kept_samples(col.path, col._s) for col in live]
+            kept = [writes.kept_samples(col.path, col.snapshot) for col in live]
             offsets = np.cumsum([0] + [len(keys) for _, _, keys in kept])
             choice = writes.auto_choice(
                 self.config,
@@ -536,7 +537,7 @@ class ShardedCollection:
                 np.concatenate([keys for _, _, keys in kept]),
             )
             for col, samples in zip(live, kept):
-                writes.retune(col.path, col._engine, col._s, choice, samples)
+                writes.retune(col.path, col.engine, col.snapshot, choice, samples)
             with segments.writer_lock(self.path, self.lock_timeout):
                 self._manifest = {**_read_manifest(self.path), "auto_choice": choice}
                 _write_manifest(self.path, self._manifest)
@@ -567,8 +568,8 @@ def part(
     search_params: dict[str, int] | None,
 ) -> Part:
     """Shard ``shard``'s ``Part`` of the answers to queries ``Q`` (after NORMinf)."""
-    s = col._s  # one snapshot for the whole part, whatever a concurrent refresh() does
-    params = col._search_params(search_params, s)
+    s = col.snapshot  # one snapshot for the whole part, whatever a concurrent refresh() does
+    params = col.checked_search_params(search_params, s)
     if s.params["aggregation"] == "mnn":
         sim, dist, ids = ranking.neighbours(s, Q, params)
         found = ids >= 0

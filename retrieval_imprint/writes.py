@@ -1,7 +1,7 @@
 """How each write changes a collection: new segment files first, then one SQLite transaction, then
 the same change in memory.
 
-Every function here runs under the collection's writer lock (``Collection._writing``), on the
+Every function here runs under the collection's writer lock (``Collection.writing``), on the
 ``Snapshot`` of the latest committed version, and updates that snapshot in step with its commit;
 if anything fails, the caller reloads the snapshot from disk. ``segments.crash_point`` marks the
 steps where crash tests kill the process.
@@ -22,7 +22,7 @@ from sqlalchemy import Engine, bindparam, delete, insert, update
 from . import labels as lab
 from . import segments, store
 from ._groups import Grouped
-from .auto import AUTO, choose, folds
+from .auto import choose, folds
 from .errors import CollectionStateError, DataError
 from .imprint import imprint, seed_of
 from .imprint import means as class_means
@@ -30,7 +30,7 @@ from .index import ProxyIndex
 from .ivf import choose_index, default_nprobe, tune_nprobe
 from .normalize import normalize
 from .openset import class_shift, own_scores
-from .params import STORED
+from .params import AUTO, STORED
 from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
 

@@ -330,7 +330,7 @@ def test_a_second_writer_is_told_who_holds_the_lock(filled):
     other = Collection.open(col.path)
     import os
 
-    with col._writing():
+    with col.writing():
         with pytest.raises(CollectionLockedError, match=f"locked by pid {os.getpid()}"):
             other.add(Q[:1], ["x"])
     still_answers(col, Q, before)

@@ -10,7 +10,8 @@ import pytest
 
 from retrieval_imprint import segments
 from retrieval_imprint.collection import Collection
-from retrieval_imprint.ivf import choose_index, ivf_lists, parse_size
+from retrieval_imprint.ivf import choose_index, ivf_lists
+from retrieval_imprint.params import parse_size
 
 
 @pytest.fixture(autouse=True, params=["read", "mapped"])

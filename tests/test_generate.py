@@ -15,6 +15,7 @@ from retrieval_imprint._groups import Grouped
 from retrieval_imprint.features import BLOCK_ROWS, feature_map, relu_features
 from retrieval_imprint.generate import GENERATORS, generate
 from retrieval_imprint.labels import label_keys
+from retrieval_imprint.params import GENERATOR_KINDS
 
 RAW = dict(pre_norm="none", post_norm="none", inf_norm="none")
 
@@ -205,6 +206,7 @@ def test_registry_adds_a_generator_with_one_function(data):
             np.testing.assert_array_equal(per_class(clf, c)[0], X[y == c][0])
     finally:
         GENERATORS.pop("first_sample_test")
+        GENERATOR_KINDS.pop("first_sample_test")
 
 
 def test_generate_on_grouped_data_directly():

@@ -270,7 +270,7 @@ def test_sharded_ingestion_resumes_exactly(tmp_path, data, monkeypatch):
     X, y, Q = data
     np.savez(tmp_path / "train.npz", train_X=X, train_y=y)
     calls = {"n": 0}
-    real = Collection._add_checked
+    real = Collection.add
 
     def crash_on_the_fourth(self, *args, **kwargs):
         calls["n"] += 1
@@ -278,7 +278,7 @@ def test_sharded_ingestion_resumes_exactly(tmp_path, data, monkeypatch):
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Collection, "_add_checked", crash_on_the_fourth)
+    monkeypatch.setattr(Collection, "add", crash_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
         ingest(tmp_path / "s", [str(tmp_path / "train.npz")], chunk_size=20, shards=3, model=None, k=2)
     monkeypatch.undo()

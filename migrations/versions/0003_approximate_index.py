@@ -20,9 +20,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("search_params", sa.String))
         batch.add_column(sa.Column("memory_budget", sa.Integer))
     op.create_table(
-        "ingest",
-        sa.Column("source", sa.String, primary_key=True),
-        sa.Column("rows_done", sa.Integer, nullable=False),
+        "ingest", sa.Column("source", sa.String, primary_key=True), sa.Column("rows_done", sa.Integer, nullable=False)
     )
 
 
