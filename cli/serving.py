@@ -111,7 +111,7 @@ def serve(
         curl -s localhost:8000/query -d '{"texts": ["where is my card"], "top": 2}'
     """
     from retrieval_imprint.service import Limits
-    from retrieval_imprint.sharded import directories
+    from retrieval_imprint.shards import directories
 
     directories(collection)  # a damaged manifest is an error before anything starts
     limits = Limits(

@@ -34,7 +34,9 @@ class Client:
     ``api_key``: sent as ``Authorization: Bearer <key>`` (default: ``$IMPRINT_API_KEY``, if set).
     """
 
-    def __init__(self, url: str = f"http://127.0.0.1:{DEFAULT_PORT}", timeout: float = 60.0, api_key: str | None = None) -> None:
+    def __init__(
+        self, url: str = f"http://127.0.0.1:{DEFAULT_PORT}", timeout: float = 60.0, api_key: str | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.api_key = api_key if api_key is not None else os.environ.get("IMPRINT_API_KEY")

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,10 @@ from sqlalchemy import Engine
 from . import labels as lab
 from . import params as spec
 from . import provenance, ranking, segments, snapshot, store, writes
+from .calibration import calibrate_over
 from .embed import Embedder, model_fingerprint, recorded_embedder, resolve_model
 from .errors import (
     CollectionDamagedError,
-    CollectionExistsError,
     CollectionIOError,
     CollectionNotFoundError,
     CollectionStateError,
@@ -46,9 +45,10 @@ from .errors import (
     SettingsClashError,
 )
 from .integrity import CheckReport, check
+from .interface import Shared, check_tunable, check_vectors, staging
 from .normalize import normalize
-from .openset import Calibration, calibrate, calibrate_without_oos, filled
-from .params import MARGIN, RULES
+from .openset import Calibration
+from .params import MARGIN
 from .ranking import QueryResult
 from .segments import DB_NAME
 
@@ -56,37 +56,7 @@ COMPACT_SEGMENTS = 16
 RETRAIN_GROWTH = 4
 
 
-def check_vectors(X: object, what: str, dimension: int | None) -> np.ndarray:
-    """``X`` as a finite float32 ``(n, d)`` array of the collection's dimension, or a ``DataError``."""
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise DataError(f"{what} must be a 2-D array (n, d); got shape {X.shape}")
-    if not len(X):
-        raise DataError(f"{what} is empty: nothing to {'add' if what == 'X' else 'query'}")
-    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
-        raise DataError(f"{what} must hold real numbers; got dtype {X.dtype}")
-    X = np.asarray(X, np.float32)  # no copy for float32 input: nothing below writes to it
-    bad = np.flatnonzero(~np.isfinite(X).all(1))
-    if len(bad):
-        raise DataError(f"{what} row {bad[0]} holds NaN or infinity ({len(bad)} such rows)")
-    if dimension is not None and X.shape[1] != dimension:
-        raise DataError(f"{what} has dimension {X.shape[1]}, but this collection holds {dimension}-d vectors")
-    return X
-
-
-def text_rows(
-    texts: Sequence[str], labels: Sequence[object], refs: Sequence[object] | None
-) -> tuple[list, list, list[str] | None]:
-    """``add_texts``'s arguments as lists of one length (refs as strings), or a ``DataError``."""
-    texts, labels = lab.as_sequence(texts, "texts"), lab.as_sequence(labels)
-    if len(texts) != len(labels) or (refs is not None and len(refs) != len(texts)):
-        raise DataError(
-            f"{len(texts)} texts but {len(labels)} labels" + (f" and {len(refs)} refs" if refs is not None else "")
-        )
-    return texts, labels, None if refs is None else [str(r) for r in refs]
-
-
-class Collection:
+class Collection(Shared):
     """An imprinted head stored in a directory; see the module docstring for the layout."""
 
     def __init__(self, path: Path, engine, lock_timeout: float = 0.0) -> None:  # use create(), open()...
@@ -130,33 +100,19 @@ class Collection:
         """
         s = spec.check_collection(spec.resolve(settings, spec.collection_scope(), preset))
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise CollectionExistsError(f"{path} already exists and is not an empty directory")
-        staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        (staging / segments.READERS_LOCK).touch()
-        where = resolve_model(s["model"]) if s["model"] is not None else None
-        engine = store.connect(staging / DB_NAME)
-        try:
-            store.migrate(engine)
-            store.initialize(
-                engine,
-                {name: s[name] for name in spec.STORED},
-                s,
-                None
-                if where is None
-                else {
-                    "name": s["model"],
-                    "path": where,
-                    "dimension": s["dimension"],
-                    "revision": model_fingerprint(where),
-                },
-                None if auto_choice is None else json.dumps(auto_choice),
-            )
-        finally:
-            engine.dispose()
-        os.replace(staging, path)  # the collection appears whole or not at all
+        with staging(path) as staged:
+            (staged / segments.READERS_LOCK).touch()
+            where = resolve_model(s["model"]) if s["model"] is not None else None
+            embedder = None if where is None else {
+                "name": s["model"], "path": where, "dimension": s["dimension"], "revision": model_fingerprint(where)
+            }  # fmt: skip
+            engine = store.connect(staged / DB_NAME)
+            try:
+                store.migrate(engine)
+                stored = {name: s[name] for name in spec.STORED}
+                store.initialize(engine, stored, s, embedder, None if auto_choice is None else json.dumps(auto_choice))
+            finally:
+                engine.dispose()
         return cls.open(path, lock_timeout=lock_timeout)
 
     @classmethod
@@ -246,12 +202,6 @@ class Collection:
 
     def close(self) -> None:
         self._engine.dispose()
-
-    def __enter__(self) -> Collection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ----------------------------------------------------------------- reading
     @property
@@ -360,17 +310,6 @@ class Collection:
             )
         return spec.check_search_params("search_params", params)
 
-    def predict(
-        self,
-        Q: Any,
-        *,
-        threshold: float | None = None,
-        model: str | None = None,
-        search_params: dict[str, int] | None = None,
-    ) -> np.ndarray:
-        """The best class of each query (None where rejected by the threshold)."""
-        return self.query(Q, 1, threshold=threshold, model=model, search_params=search_params).labels[:, 0]
-
     def embedder(self, *, progress: bool = False) -> Embedder:
         """The collection's embedding model (loaded on first use; cached embeddings), checked to be
         the one the collection was made with: a model changed in place would embed differently."""
@@ -378,10 +317,6 @@ class Collection:
             self._embedder = recorded_embedder(self._s.embedder, self.path)
         self._embedder.progress = progress
         return self._embedder
-
-    def query_texts(self, texts: Sequence[str], top: int = 1, *, threshold: float | None = None) -> QueryResult:
-        """``query`` on texts embedded with the collection's model."""
-        return self.query(self.embedder().encode(texts), top, threshold=threshold, model=self.model)
 
     def examples(self, label: object) -> list[dict[str, Any]]:
         """The kept samples of class ``label``: ``sample`` (index in the class), ``text`` and ``ref``
@@ -511,22 +446,6 @@ class Collection:
             )
             if len(self._s.files["proxies"]) > COMPACT_SEGMENTS:
                 writes.compact(self.path, self._engine, self._s, full=False)
-        return self
-
-    def add_texts(
-        self,
-        texts: Sequence[str],
-        labels: Sequence[object],
-        *,
-        replace: bool = False,
-        refs: Sequence[str] | None = None,
-    ) -> Collection:
-        """``add`` on texts embedded with the collection's model; the texts (and ``refs``, e.g.
-        row ids) are kept beside the samples (``examples``, ``explain``)."""
-        texts, labels, refs = text_rows(texts, labels, refs)
-        self.add(
-            self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts, refs=refs
-        )
         return self
 
     def remove(self, labels: Sequence[object]) -> Collection:
@@ -678,96 +597,3 @@ class Collection:
         with self.writing(), store.writing(self._engine) as conn:
             for source, done in checkpoints:
                 store.set_rows_done(conn, source, done)
-
-
-def calibrate_over(
-    collections: Sequence[Collection],
-    query: Any,
-    owner_of: Any,
-    X: Any,
-    labels: Any,
-    X_oos: Any,
-    *,
-    target_accuracy: float | None,
-    target_oos_recall: float | None,
-    target_false_rejection: float | None,
-    rule: str | None,
-    margin: float,
-) -> Calibration:
-    """``Collection.calibrate`` of the classes of ``collections`` answered together by ``query``
-    (one collection, or a sharded one's shards; ``owner_of``: the index of the collection holding
-    each label). Every writer lock is held throughout; the result is stored in each, in order.
-    A class's shift and its samples' left-out scores are its own class's, so each collection
-    computes those of its classes; a threshold is one for all."""
-    if rule is not None:
-        spec.check_choice("rule", rule, RULES)
-    if target_false_rejection is not None and X is not None:
-        raise InvalidParameterError("target_false_rejection calibrates from the training samples: give no X")
-    if target_false_rejection is None and (X is None or labels is None):
-        raise InvalidParameterError("give validation queries X and their labels, or target_false_rejection")
-    with writing_all(collections):  # the shifts, the scores and the stored result belong to one version
-        fresh = target_false_rejection is not None or (
-            rule != "max"
-            and collections[0].config["keep_samples"]
-            and any(not np.isfinite(col.snapshot.table.shift).all() for col in collections)
-        )
-        # the shift rule's statistics, computed now where they are missing
-        parts = [
-            writes.left_out_scores(col.path, col.snapshot)
-            if fresh and len(col)
-            else (np.zeros(0), np.zeros(0, np.int64), col.snapshot.table.shift)
-            for col in collections
-        ]
-        shifts = [shift for _, _, shift in parts]
-        has_shift = any(np.isfinite(shift).any() for shift in shifts)
-        if target_false_rejection is not None:
-            rule = rule or ("shift" if has_shift else "max")
-            scores = np.concatenate(
-                [own - filled(shift)[owner] if rule == "shift" else own for own, owner, shift in parts]
-            )
-            result = calibrate_without_oos(rule, scores, target_false_rejection)
-        else:
-
-            def shift_of(found: np.ndarray) -> np.ndarray:
-                out, known = np.zeros(len(found)), np.flatnonzero(found != None)  # noqa: E711 (elementwise)
-                where = owner_of(found[known].tolist())
-                for i in np.unique(where):
-                    rows = known[where == i]
-                    out[rows] = ranking.label_shifts(collections[i].snapshot, found[rows], shifts[i])
-                return out
-
-            rules = ranking.rejection_inputs(
-                query(X, 1, threshold=-np.inf),
-                lab.as_sequence(labels),
-                None if X_oos is None else query(X_oos, 1, threshold=-np.inf),
-                shift_of if has_shift else None,
-            )
-            rules = {r: v for r, v in rules.items() if rule in (None, r)}
-            if not rules:
-                raise CollectionStateError(
-                    f"rule {rule!r} needs each class's shift, and collection "
-                    f"{collections[0].path} keeps no samples to compute it from"
-                )
-            result = calibrate(
-                rules, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall, margin=margin
-            )
-        for col, shift in zip(collections, shifts):
-            writes.set_rejection(col.engine, col.snapshot, result.threshold, result.rule, shift if fresh else None)
-    return result
-
-
-def check_tunable(col: Any) -> None:
-    """Raise ``CollectionStateError`` unless ``col`` (sharded or not) has classes and keeps samples."""
-    if not col.config["keep_samples"]:
-        raise CollectionStateError(f"collection {col.path} keeps no samples, so there is nothing to tune on")
-    if not len(col):
-        raise CollectionStateError(f"collection {col.path} has no classes yet")
-
-
-@contextmanager
-def writing_all(collections: Sequence[Collection]) -> Iterator[None]:
-    """Hold every one of ``collections``' writer locks (``Collection.writing``), in order."""
-    with ExitStack() as stack:
-        for col in collections:
-            stack.enter_context(col.writing())
-        yield

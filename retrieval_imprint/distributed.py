@@ -15,10 +15,10 @@ as ``imprint index`` does. Auto chooses before the buckets, on the first file's 
 and is retrained at the end once it has outgrown them.
 
 **Serve** (``serve``; ``imprint serve DIR --engine ray``): one Ray Serve deployment per shard holds
-that shard open and answers with its ``sharded.Part``; the ingress deployment mounts serve.py's
+that shard open and answers with its ``merge.Part``; the ingress deployment mounts serve.py's
 application (the one ``imprint serve`` runs in one process) over a ``ShardRouter``, the
 ``Searchable`` that fans a batch of queries out to the shards and merges their parts
-(``sharded.merge``: exact).
+(``merge.merge``: exact).
 """
 
 from __future__ import annotations
@@ -37,17 +37,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import labels as lab
-from .collection import Collection, check_vectors
+from .collection import Collection
 from .device import current, set_device
 from .embed import recorded_embedder
 from .errors import CollectionStateError, DataError, DeviceError
 from .ingestion import check_vectors_model, fingerprint
+from .interface import check_vectors
+from .merge import combined_info, merge, part
 from .normalize import normalize
 from .params import DEFAULT_CHUNK, DEFAULT_PORT, check_int
 from .readers import Dataset, from_arrow
 from .serve import create_app
 from .service import Limits, Service
-from .sharded import ShardedCollection, combined_info, directories, exists, is_sharded, merge, part, recorded_choice
+from .sharded import ShardedCollection
+from .shards import directories, exists, is_sharded, recorded_choice
 
 BUCKETS_PER_SHARD = 16
 BUCKET = "__imprint_bucket"  # the column Ray Data groups by
@@ -305,12 +308,13 @@ class ShardReplica:
     def part(self, Q: np.ndarray, top: int, threshold: float | None, search_params: dict[str, int] | None):
         if not len(self.col):
             return None
-        return part(self.col, self.shard, self.n_shards, Q, top, threshold, search_params)
+        s = self.col.snapshot  # one version for the whole part
+        return part(s, self.col.checked_search_params(search_params, s), self.shard, self.n_shards, Q, top, threshold)
 
 
 class ShardRouter:
     """The ``Searchable`` of a collection served by one Ray Serve deployment per shard: queries go
-    to every shard at once and their parts are merged (``sharded.merge``: exact). Blocking calls:
+    to every shard at once and their parts are merged (``merge.merge``: exact). Blocking calls:
     the service's engine thread makes them, never the event loop."""
 
     def __init__(self, path: str, replicas: Sequence[Any]) -> None:

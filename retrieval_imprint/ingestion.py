@@ -36,7 +36,8 @@ from .errors import DataError, SettingsClashError
 from .params import DEFAULT_CHUNK, check_int, collection_scope, resolve
 from .progress import bar
 from .readers import Dataset, read
-from .sharded import ShardedCollection, exists, is_sharded, open_any
+from .sharded import ShardedCollection, open_any
+from .shards import exists, is_sharded
 
 HELD_BYTES = 1 << 30  # vectors held in memory from the check to the write; beyond, in a temporary file
 

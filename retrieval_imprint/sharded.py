@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,40 +31,19 @@ import numpy as np
 
 from . import labels as lab
 from . import params as spec
-from . import provenance, ranking, segments, snapshot, writes
-from .aggregate import rank_classes, vote_weights
-from .collection import Collection, calibrate_over, check_tunable, check_vectors, text_rows, writing_all
+from . import provenance, segments, snapshot, writes
+from .calibration import calibrate_over
+from .collection import Collection
 from .embed import Embedder
-from .errors import (
-    CollectionDamagedError,
-    CollectionExistsError,
-    CollectionNotFoundError,
-    CollectionStateError,
-    DataError,
-    InvalidParameterError,
-    NotACollectionError,
-    SettingsClashError,
-)
+from .errors import CollectionDamagedError, CollectionNotFoundError, CollectionStateError, DataError, SettingsClashError
 from .integrity import CheckReport
+from .interface import Shared, check_tunable, check_vectors, staging, writing_all
+from .merge import combined_info, merge, part
 from .normalize import normalize
 from .openset import Calibration
 from .params import MARGIN
 from .ranking import QueryResult
-from .segments import CLASS_SHIFT, DB_NAME, class_of
-
-MANIFEST = "shards.json"
-FORMAT = 1
-LABEL_HASH = "labels.label_key % shards"
-
-
-def is_sharded(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a sharded collection (a manifest)."""
-    return (Path(path) / MANIFEST).is_file()
-
-
-def exists(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a collection, sharded or not."""
-    return is_sharded(path) or (Path(path) / DB_NAME).exists()
+from .shards import FORMAT, LABEL_HASH, directories, is_sharded, read_manifest, shard_name, shard_of, write_manifest
 
 
 def kind_of(path: str | os.PathLike) -> type[Collection] | type[ShardedCollection]:
@@ -80,22 +57,7 @@ def open_any(path: str | os.PathLike, **options: Any) -> Collection | ShardedCol
     return kind_of(path).open(path, **options)
 
 
-def directories(path: str | os.PathLike) -> list[Path]:
-    """The ordinary collections the collection at ``path`` consists of: its shards, or itself."""
-    path = Path(path)
-    return [path / shard_name(i) for i in range(_read_manifest(path)["shards"])] if is_sharded(path) else [path]
-
-
-def shard_of(labels: Sequence[object], n_shards: int) -> np.ndarray:
-    """The shard owning each label: its stable 64-bit key modulo ``n_shards``."""
-    return (lab.label_keys(labels) % np.uint64(n_shards)).astype(np.int64)
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:04d}"
-
-
-class ShardedCollection:
+class ShardedCollection(Shared):
     """``Collection``'s API over S shard collections; see the module docstring."""
 
     def __init__(self, path: Path, shards: list[Collection], manifest: dict[str, Any], lock_timeout: float) -> None:
@@ -121,27 +83,11 @@ class ShardedCollection:
         n = spec.check_int("shards", shards, 1)
         spec.check_collection(spec.resolve(settings, spec.collection_scope(), preset))  # before any file
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise CollectionExistsError(f"{path} already exists and is not an empty directory")
-        staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
+        with staging(path) as staged:
             for i in range(n):
-                Collection.create(staging / shard_name(i), preset=preset, auto_choice=auto_choice, **settings).close()
-            _write_manifest(
-                staging,
-                {
-                    "format": FORMAT,
-                    "shards": n,
-                    "label_hash": LABEL_HASH,
-                    "auto_choice": None if auto_choice is None else json.dumps(auto_choice),
-                },
-            )
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        os.replace(staging, path)  # the collection appears whole or not at all
+                Collection.create(staged / shard_name(i), preset=preset, auto_choice=auto_choice, **settings).close()
+            choice = None if auto_choice is None else json.dumps(auto_choice)
+            write_manifest(staged, {"format": FORMAT, "shards": n, "label_hash": LABEL_HASH, "auto_choice": choice})
         return cls.open(path, lock_timeout=lock_timeout)
 
     @classmethod
@@ -150,7 +96,7 @@ class ShardedCollection:
         path = Path(path)
         if not path.exists():
             raise CollectionNotFoundError(f"no collection at {path}")
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         shards = [Collection.open(d, upgrade=upgrade, lock_timeout=lock_timeout) for d in directories(path)]
         return cls(path, shards, manifest, lock_timeout)
 
@@ -163,7 +109,7 @@ class ShardedCollection:
     def verify(cls, path: str | os.PathLike) -> CheckReport:
         """``check`` a sharded collection that may be too damaged to open: damage is reported."""
         try:
-            manifest = _read_manifest(Path(path))
+            manifest = read_manifest(Path(path))
         except CollectionDamagedError as exc:
             return CheckReport(False, [str(exc)])
         reports = [
@@ -206,18 +152,12 @@ class ShardedCollection:
     def refresh(self) -> bool:
         """Pick up other processes' writes; True if any shard changed."""
         changed = [col.refresh() for col in self.shards]
-        self._manifest = _read_manifest(self.path)
+        self._manifest = read_manifest(self.path)
         return any(changed)
 
     def close(self) -> None:
         for col in self.shards:
             col.close()
-
-    def __enter__(self) -> ShardedCollection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ----------------------------------------------------------------- reading
     @property
@@ -309,23 +249,11 @@ class ShardedCollection:
         first = live[0][1]
         first.check_model(model, "query")
         Q = normalize(check_vectors(Q, "Q", first.dimension), first.config["inf_norm"], what="Q")
-        parts = [part(col, i, self.n_shards, Q, top, threshold, search_params) for i, col in live]
+        parts = []
+        for i, col in live:
+            s = col.snapshot  # one version for the shard's whole part
+            parts.append(part(s, col.checked_search_params(search_params, s), i, self.n_shards, Q, top, threshold))
         return merge(parts, top, first.params)
-
-    def predict(
-        self,
-        Q: Any,
-        *,
-        threshold: float | None = None,
-        model: str | None = None,
-        search_params: dict[str, int] | None = None,
-    ) -> np.ndarray:
-        """The best class of each query (None where rejected by the threshold)."""
-        return self.query(Q, 1, threshold=threshold, model=model, search_params=search_params).labels[:, 0]
-
-    def query_texts(self, texts: Sequence[str], top: int = 1, *, threshold: float | None = None) -> QueryResult:
-        """``query`` on texts embedded with the collection's model."""
-        return self.query(self.embedder().encode(texts), top, threshold=threshold, model=self.model)
 
     def check(self) -> CheckReport:
         """``Collection.check`` of every shard, and that each class lives in the shard its label
@@ -345,21 +273,6 @@ class ShardedCollection:
         return CheckReport(not problems, problems)
 
     # ----------------------------------------------------------------- writing
-    def add_texts(
-        self,
-        texts: Sequence[str],
-        labels: Sequence[object],
-        *,
-        replace: bool = False,
-        refs: Sequence[str] | None = None,
-    ) -> ShardedCollection:
-        """``add`` on texts embedded with the collection's model; the texts (and ``refs``) kept."""
-        texts, labels, refs = text_rows(texts, labels, refs)
-        self.add(
-            self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts, refs=refs
-        )
-        return self
-
     def add(
         self,
         X: Any,
@@ -419,12 +332,12 @@ class ShardedCollection:
         """What auto chose for every shard; at the first add, chosen on its rows and recorded."""
         if self._manifest["auto_choice"] is None:
             with segments.writer_lock(self.path, self.lock_timeout):
-                self._manifest = _read_manifest(self.path)
+                self._manifest = read_manifest(self.path)
                 if self._manifest["auto_choice"] is None:
                     cfg = self.shards[0].snapshot.config
                     choice = writes.auto_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
                     self._manifest = {**self._manifest, "auto_choice": choice}
-                    _write_manifest(self.path, self._manifest)
+                    write_manifest(self.path, self._manifest)
         return self._manifest["auto_choice"]
 
     def rows_done(self, source: str) -> int:
@@ -539,156 +452,6 @@ class ShardedCollection:
             for col, samples in zip(live, kept):
                 writes.retune(col.path, col.engine, col.snapshot, choice, samples)
             with segments.writer_lock(self.path, self.lock_timeout):
-                self._manifest = {**_read_manifest(self.path), "auto_choice": choice}
-                _write_manifest(self.path, self._manifest)
+                self._manifest = {**read_manifest(self.path), "auto_choice": choice}
+                write_manifest(self.path, self._manifest)
         return self.auto_choice
-
-
-@dataclass(frozen=True)
-class Part:
-    """One shard's share of the answers to a batch of queries: all a merge needs, so a shard held
-    by another process (a Ray actor) answers in one round trip. Rows are queries; columns the
-    shard's best classes (max, blend) or nearest proxies (mnn), best first."""
-
-    ids: np.ndarray  # global class numbers (max, blend) or proxy numbers (mnn); -1: none
-    values: np.ndarray  # class scores (max, blend) or proxy similarities (mnn); -inf: none
-    distances: np.ndarray | None  # mnn: proxy distances, for distance-weighted votes
-    candidates: np.ndarray  # ranking.class_terms of each entry's class: label,
-    shift: np.ndarray  # rejection shift
-    limit: np.ndarray  # and threshold
-
-
-def part(
-    col: Collection,
-    shard: int,
-    n_shards: int,
-    Q: np.ndarray,
-    top: int,
-    threshold: float | None,
-    search_params: dict[str, int] | None,
-) -> Part:
-    """Shard ``shard``'s ``Part`` of the answers to queries ``Q`` (after NORMinf)."""
-    s = col.snapshot  # one snapshot for the whole part, whatever a concurrent refresh() does
-    params = col.checked_search_params(search_params, s)
-    if s.params["aggregation"] == "mnn":
-        sim, dist, ids = ranking.neighbours(s, Q, params)
-        found = ids >= 0
-        owner = np.where(found, class_of(ids), -1)
-        gid = np.where(found, ((owner * n_shards + shard) << CLASS_SHIFT) + (ids & ((1 << CLASS_SHIFT) - 1)), -1)
-        return Part(gid, np.where(found, sim, -np.inf), dist, *ranking.class_terms(s, owner, threshold))
-    owner, scores = ranking.rank(s, Q, top, params)
-    found = owner >= 0
-    return Part(
-        np.where(found, owner * n_shards + shard, -1),
-        np.where(found, scores, -np.inf),
-        None,
-        *ranking.class_terms(s, owner, threshold),
-    )
-
-
-def merge(parts: Sequence[Part], top: int, params: dict[str, Any]) -> QueryResult:
-    """The answers of one collection holding every shard's classes, from the shards' ``Part``s
-    (``params``: the concrete GEN/NORM/AGG settings). max, blend: the ``top`` best entries by
-    score; mnn: the m nearest proxies, then the vote. Equal values go to the lower global number."""
-
-    def cat(name: str) -> np.ndarray:
-        return np.hstack([getattr(p, name) for p in parts])
-
-    ids, values = cat("ids"), cat("values")
-    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -values), axis=1)
-    if params["aggregation"] == "mnn":
-        near = order[:, : params["m"]]
-        owner = np.where(np.take_along_axis(ids, near, 1) >= 0, class_of(np.take_along_axis(ids, near, 1)), -1)
-        classes, scores = rank_classes(
-            owner,
-            vote_weights(np.take_along_axis(cat("distances"), near, 1), params["vote"]),
-            top,
-            vote=True,
-            ties="nearest",
-        )
-        pick = np.take_along_axis(near, np.argmax(owner[:, None, :] == classes[:, :, None], axis=2), 1)
-    else:
-        pick = order[:, :top]
-        classes = np.take_along_axis(ids, pick, 1)
-        scores = np.where(classes >= 0, np.take_along_axis(values, pick, 1), np.nan)
-    found = classes >= 0
-    terms = [
-        np.where(found, np.take_along_axis(cat(name), pick, 1), fill)
-        for name, fill in (("candidates", None), ("shift", 0.0), ("limit", np.nan))
-    ]
-    short = top - classes.shape[1]  # fewer entries than top in all: pad
-    if short:
-        pad = np.full((len(classes), short), np.nan)
-        scores, terms = (
-            np.hstack([scores, pad]),
-            [
-                np.hstack([terms[0], np.full(pad.shape, None, object)]),
-                np.hstack([terms[1], pad]),
-                np.hstack([terms[2], pad]),
-            ],
-        )
-    return ranking.judge(scores, *terms)
-
-
-def combined_info(
-    path: str | os.PathLike, parts: Sequence[dict[str, Any]], auto_choice: dict[str, Any] | None
-) -> dict[str, Any]:
-    """A sharded collection's ``info()`` from its shards' own (``parts``, in shard order): what
-    ``ShardedCollection.info`` and the Ray engine's ``/info`` give."""
-    return {
-        "path": str(path),
-        "shards": len(parts),
-        "classes": sum(p["classes"] for p in parts),
-        "proxies": sum(p["proxies"] for p in parts),
-        "samples": sum(p["samples"] for p in parts),
-        "version": sum(p["version"] for p in parts),
-        "config": parts[0]["config"],
-        "auto_choice": auto_choice,
-        "embedder": parts[0]["embedder"],
-        "bytes_on_disk": sum(p["bytes_on_disk"] for p in parts) + (Path(path) / MANIFEST).stat().st_size,
-        "shard_info": [
-            {
-                "shard": i,
-                **{key: p[key] for key in ("classes", "proxies", "samples", "version", "trained_on", "index_tuning")},
-                "search_params": p["config"]["search_params"],
-            }
-            for i, p in enumerate(parts)
-        ],
-    }
-
-
-def recorded_choice(path: str | os.PathLike) -> dict[str, Any] | None:
-    """What auto chose for every shard of the sharded collection at ``path`` (None before it)."""
-    chosen = _read_manifest(Path(path))["auto_choice"]
-    return json.loads(chosen) if chosen else None
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest, checked: a damaged one is an error naming the file."""
-    where = path / MANIFEST
-    if not where.exists():
-        raise NotACollectionError(f"{path} is not a sharded collection (no {MANIFEST} in it)")
-    try:
-        manifest = json.loads(where.read_text())
-    except (OSError, ValueError) as exc:
-        raise CollectionDamagedError(f"{where} cannot be read as a shard manifest: {exc}") from None
-    n = manifest.get("shards") if isinstance(manifest, dict) else None
-    if not isinstance(n, int) or n < 1 or manifest.get("format") != FORMAT:
-        raise CollectionDamagedError(
-            f"{where} is not a shard manifest this version reads (format {FORMAT}, shards >= 1)"
-        )
-    if manifest.get("label_hash") != LABEL_HASH:
-        raise InvalidParameterError(
-            f"{where} assigns labels by {manifest.get('label_hash')!r}; this version knows only {LABEL_HASH!r}"
-        )
-    return manifest
-
-
-def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """Replace the manifest atomically (written beside it, synced, renamed over it)."""
-    tmp = path / f".{MANIFEST}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)

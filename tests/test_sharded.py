@@ -16,7 +16,8 @@ from retrieval_imprint.cli import main
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionStateError, DataError, SettingsClashError
 from retrieval_imprint.ingestion import ingest
-from retrieval_imprint.sharded import MANIFEST, ShardedCollection, is_sharded, shard_name, shard_of
+from retrieval_imprint.sharded import ShardedCollection
+from retrieval_imprint.shards import MANIFEST, is_sharded, shard_name, shard_of
 
 AGGREGATIONS = {
     "max": dict(generator="all", aggregation="max"),

@@ -1,0 +1,181 @@
+"""What every collection offers, one directory or a sharded one: the typed interface, and the
+methods and input checks both kinds share, written once.
+
+``ImprintCollection`` is a ``Protocol``: ``Collection`` and ``ShardedCollection`` implement it (a
+type checker verifies both, see the end of sharded.py), and ``retrieval_imprint.open`` returns one.
+It extends ``searchable.Searchable``, what a server needs, which the Ray shard router implements too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import numpy as np
+
+from . import labels as lab
+from .errors import CollectionExistsError, CollectionStateError, DataError
+from .searchable import Searchable
+
+if TYPE_CHECKING:
+    from .integrity import CheckReport
+    from .openset import Calibration
+    from .ranking import QueryResult
+
+
+class ImprintCollection(Searchable, Protocol):
+    """A head on disk that grows and shrinks one class at a time (``Collection``'s API)."""
+
+    path: Path
+
+    @property
+    def classes(self) -> list: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def auto_choice(self) -> dict[str, Any] | None: ...
+    @property
+    def outgrown(self) -> bool: ...
+    def class_table(self) -> list[dict[str, Any]]: ...
+    def examples(self, label: object) -> list[dict[str, Any]]: ...
+    def explain(self, Q: Any, n: int = 3, *, threshold: float | None = None) -> list[list[dict[str, Any]]]: ...
+    def predict(
+        self, Q: Any, *, threshold: float | None = None, model: str | None = None,
+        search_params: dict[str, int] | None = None,
+    ) -> np.ndarray: ...  # fmt: skip
+    def query_texts(self, texts: Sequence[str], top: int = 1, *, threshold: float | None = None) -> QueryResult: ...
+    def check(self) -> CheckReport: ...
+    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None, replace: bool = False) -> Any: ...
+    def add_texts(
+        self, texts: Sequence[str], labels: Sequence[object], *, replace: bool = False,
+        refs: Sequence[str] | None = None,
+    ) -> Any: ...  # fmt: skip
+    def remove(self, labels: Sequence[object]) -> Any: ...
+    def set_threshold(self, threshold: float | None, *, label: object = None) -> Any: ...
+    def set_search_params(self, **params: int) -> Any: ...
+    def compact(self, *, retrain: bool | None = None) -> Any: ...
+    def calibrate(self, X: Any = None, labels: Sequence[object] | None = None, X_oos: Any = None, *,
+                  target_accuracy: float | None = None, target_oos_recall: float | None = None,
+                  target_false_rejection: float | None = None, rule: str | None = None,
+                  margin: float = ...) -> Calibration: ...  # fmt: skip
+    def export(self, out: Any) -> int: ...
+    def tune(self) -> dict[str, Any]: ...
+    def rows_done(self, source: str) -> int: ...
+    def close(self) -> None: ...
+
+
+Self = TypeVar("Self", bound="Shared")
+
+
+class Shared:
+    """The methods whose body is the same for a collection and a sharded one: each is written in
+    terms of ``query``, ``add``, ``embedder`` and ``model``, which each kind implements."""
+
+    model: Any
+    query: Any
+    add: Any
+    embedder: Any
+    close: Any
+
+    def __enter__(self: Self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def predict(
+        self,
+        Q: Any,
+        *,
+        threshold: float | None = None,
+        model: str | None = None,
+        search_params: dict[str, int] | None = None,
+    ) -> np.ndarray:
+        """The best class of each query (None where rejected by the threshold)."""
+        return self.query(Q, 1, threshold=threshold, model=model, search_params=search_params).labels[:, 0]
+
+    def query_texts(self, texts: Sequence[str], top: int = 1, *, threshold: float | None = None) -> QueryResult:
+        """``query`` on texts embedded with the collection's model."""
+        return self.query(self.embedder().encode(texts), top, threshold=threshold, model=self.model)
+
+    def add_texts(
+        self: Self,
+        texts: Sequence[str],
+        labels: Sequence[object],
+        *,
+        replace: bool = False,
+        refs: Sequence[str] | None = None,
+    ) -> Self:
+        """``add`` on texts embedded with the collection's model; the texts (and ``refs``, e.g.
+        row ids) are kept beside the samples (``examples``, ``explain``)."""
+        texts, labels, refs = text_rows(texts, labels, refs)
+        self.add(self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts, refs=refs)
+        return self
+
+
+@contextmanager
+def staging(path: Path) -> Iterator[Path]:
+    """A new collection built in a hidden directory beside ``path`` and renamed into place when the
+    block ends: it appears whole or not at all (the directory is removed if the block fails)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CollectionExistsError(f"{path} already exists and is not an empty directory")
+    staged = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    os.replace(staged, path)
+
+
+def check_vectors(X: object, what: str, dimension: int | None) -> np.ndarray:
+    """``X`` as a finite float32 ``(n, d)`` array of the collection's dimension, or a ``DataError``."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise DataError(f"{what} must be a 2-D array (n, d); got shape {X.shape}")
+    if not len(X):
+        raise DataError(f"{what} is empty: nothing to {'add' if what == 'X' else 'query'}")
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+        raise DataError(f"{what} must hold real numbers; got dtype {X.dtype}")
+    X = np.asarray(X, np.float32)  # no copy for float32 input: nothing below writes to it
+    bad = np.flatnonzero(~np.isfinite(X).all(1))
+    if len(bad):
+        raise DataError(f"{what} row {bad[0]} holds NaN or infinity ({len(bad)} such rows)")
+    if dimension is not None and X.shape[1] != dimension:
+        raise DataError(f"{what} has dimension {X.shape[1]}, but this collection holds {dimension}-d vectors")
+    return X
+
+
+def text_rows(
+    texts: Sequence[str], labels: Sequence[object], refs: Sequence[object] | None
+) -> tuple[list, list, list[str] | None]:
+    """``add_texts``'s arguments as lists of one length (refs as strings), or a ``DataError``."""
+    texts, labels = lab.as_sequence(texts, "texts"), lab.as_sequence(labels)
+    if len(texts) != len(labels) or (refs is not None and len(refs) != len(texts)):
+        raise DataError(
+            f"{len(texts)} texts but {len(labels)} labels" + (f" and {len(refs)} refs" if refs is not None else "")
+        )
+    return texts, labels, None if refs is None else [str(r) for r in refs]
+
+
+def check_tunable(col: Any) -> None:
+    """Raise ``CollectionStateError`` unless ``col`` (sharded or not) has classes and keeps samples."""
+    if not col.config["keep_samples"]:
+        raise CollectionStateError(f"collection {col.path} keeps no samples, so there is nothing to tune on")
+    if not len(col):
+        raise CollectionStateError(f"collection {col.path} has no classes yet")
+
+
+@contextmanager
+def writing_all(collections: Sequence[Any]) -> Iterator[None]:
+    """Hold every one of ``collections``' writer locks (``Collection.writing``), in order."""
+    with ExitStack() as stack:
+        for col in collections:
+            stack.enter_context(col.writing())
+        yield
