@@ -25,6 +25,7 @@ _HOME = {
     "PRESETS": "params",
     "load_demo": "readers",
     "ShardedCollection": "sharded",
+    "ImprintCollection": "interface",
     "set_device": "device",
     "use_device": "device",
 }
@@ -37,6 +38,7 @@ __all__ = [
     "Collection",
     "Embedder",
     "ImprintClassifier",
+    "ImprintCollection",
     "ImprintError",
     "IngestReport",
     "QueryResult",
@@ -45,6 +47,7 @@ __all__ = [
     "ingest",
     "load_demo",
     "neural_collapse",
+    "open",
     "register",
     "set_device",
     "use_device",
@@ -59,13 +62,19 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .errors import ImprintError
     from .generate import GENERATORS, register
     from .ingestion import IngestReport, ingest
+    from .interface import ImprintCollection
     from .params import DEFAULTS, PRESETS
     from .ranking import QueryResult
     from .readers import load_demo
     from .sharded import ShardedCollection
+    from .sharded import open_any as open
 
 
 def __getattr__(name: str) -> Any:
+    if name == "open":  # either kind of collection (sharded.open_any)
+        value = import_module(".sharded", __name__).open_any
+        globals()["open"] = value
+        return value
     if name not in _HOME:
         raise AttributeError(f"module 'retrieval_imprint' has no attribute {name!r}")
     value = getattr(import_module(f".{_HOME[name]}", __name__), name)

@@ -2,8 +2,9 @@
 methods and input checks both kinds share, written once.
 
 ``ImprintCollection`` is a ``Protocol``: ``Collection`` and ``ShardedCollection`` implement it (a
-type checker verifies both, see the end of sharded.py), and ``retrieval_imprint.open`` returns one.
-It extends ``searchable.Searchable``, what a server needs, which the Ray shard router implements too.
+type checker verifies both: ``sharded.open_any``, which is ``retrieval_imprint.open``, returns either
+as one; tests/test_layers.py runs it). It extends ``searchable.Searchable``, what a server needs,
+which the Ray shard router implements too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .ranking import QueryResult
 
 
+@runtime_checkable
 class ImprintCollection(Searchable, Protocol):
     """A head on disk that grows and shrinks one class at a time (``Collection``'s API)."""
 

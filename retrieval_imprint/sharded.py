@@ -37,7 +37,7 @@ from .collection import Collection
 from .embed import Embedder
 from .errors import CollectionDamagedError, CollectionNotFoundError, CollectionStateError, DataError, SettingsClashError
 from .integrity import CheckReport
-from .interface import Shared, check_tunable, check_vectors, staging, writing_all
+from .interface import ImprintCollection, Shared, check_tunable, check_vectors, staging, writing_all
 from .merge import combined_info, merge, part
 from .normalize import normalize
 from .openset import Calibration
@@ -52,8 +52,8 @@ def kind_of(path: str | os.PathLike) -> type[Collection] | type[ShardedCollectio
     return ShardedCollection if is_sharded(path) else Collection
 
 
-def open_any(path: str | os.PathLike, **options: Any) -> Collection | ShardedCollection:
-    """``open`` of the collection at ``path``, sharded or not."""
+def open_any(path: str | os.PathLike, **options: Any) -> ImprintCollection:
+    """``open`` of the collection at ``path``, sharded or not (``retrieval_imprint.open``)."""
     return kind_of(path).open(path, **options)
 
 
