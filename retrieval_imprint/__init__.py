@@ -26,6 +26,7 @@ _HOME = {
     "load_demo": "readers",
     "ShardedCollection": "sharded",
     "ImprintCollection": "interface",
+    "open": "sharded:open_any",  # either kind of collection
     "set_device": "device",
     "use_device": "device",
 }
@@ -71,13 +72,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
 
 
 def __getattr__(name: str) -> Any:
-    if name == "open":  # either kind of collection (sharded.open_any)
-        value = import_module(".sharded", __name__).open_any
-        globals()["open"] = value
-        return value
     if name not in _HOME:
         raise AttributeError(f"module 'retrieval_imprint' has no attribute {name!r}")
-    value = getattr(import_module(f".{_HOME[name]}", __name__), name)
+    module, _, attribute = _HOME[name].partition(":")
+    value = getattr(import_module(f".{module}", __name__), attribute or name)
     globals()[name] = value
     return value
 

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 
+from . import compaction, provenance, ranking, segments, snapshot, store, writes
 from . import labels as lab
 from . import params as spec
-from . import provenance, ranking, segments, snapshot, store, writes
 from .calibration import calibrate_over
 from .embed import Embedder, model_fingerprint, recorded_embedder, resolve_model
 from .errors import (
@@ -445,7 +445,7 @@ class Collection(Shared):
                 refs,
             )
             if len(self._s.files["proxies"]) > COMPACT_SEGMENTS:
-                writes.compact(self.path, self._engine, self._s, full=False)
+                compaction.compact(self.path, self._engine, self._s, full=False)
         return self
 
     def remove(self, labels: Sequence[object]) -> Collection:
@@ -561,7 +561,7 @@ class Collection(Shared):
                     "cannot be retrained; only IVF-Flat and IVF-SQfp16 codes re-encode "
                     "without loss"
                 )
-            writes.compact(self.path, self._engine, self._s, retrain=self.outgrown if retrain is None else retrain)
+            compaction.compact(self.path, self._engine, self._s, retrain=self.outgrown if retrain is None else retrain)
         return self
 
     def tune(self) -> dict[str, Any]:

@@ -35,11 +35,10 @@ from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
 
 RECENT_MAX = 4096  # vectors of a segment file this process writes that it keeps for the next compaction
-MERGE_FAN_IN = 4  # a file an automatic compaction writes is this many times larger than its inputs
 
 
-def _record(s: Snapshot, kind: str, segment: segments.Segment) -> None:
-    """The snapshot's note of a segment file just committed."""
+def record_segment(s: Snapshot, kind: str, segment: segments.Segment) -> None:
+    """The snapshot's note of a segment file just committed (here and in ``compaction``)."""
     s.files[kind].append(segment.name)
     s.checksums[segment.name] = segment.checksum
     s.list_sums[segment.name] = segment.lists
@@ -145,7 +144,7 @@ def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> s
     if factory != "Flat":
         s.template = ProxyIndex.trained(factory, W, cfg["metric"], s.fixed.transform, cfg["random_state"])
         nlist = faiss.extract_index_ivf(s.template.index).nlist
-        if not cfg["search_params"]:  # none given: tuned once the proxies are in (_tune), this meanwhile
+        if not cfg["search_params"]:  # none given: tuned once the proxies are in (tune_search), this meanwhile
             cfg["search_params"] = json.dumps({"nprobe": default_nprobe(nlist)})
             cfg["index_tuning"] = "pending"
         template = segments.write_segment(directory, "template", version, s.template.index)
@@ -210,7 +209,7 @@ def add(
     segment = s.new_index("proxies")
     segment.add(W, proxy_ids)
     if cfg["index_tuning"] == "pending":
-        _tune(s, segment)
+        tune_search(s, segment)
     written = {
         "proxies": (segments.write_segment(directory, "proxies", version, segment.index), proxy_ids, b.class_id[owner])
     }
@@ -318,12 +317,12 @@ def add(
         s.means.add(M, mean_ids)
     vectors = {"proxies": W, "samples": samples, "means": M if "means" in written else None}
     for kind, (segment, ids, _) in written.items():
-        _record(s, kind, segment)
+        record_segment(s, kind, segment)
         if len(ids) <= RECENT_MAX:
             s.recent[segment.name] = (ids.copy(), np.array(vectors[kind], np.float32))
     if template is not None:
         s.files["template"] = []
-        _record(s, "template", template)
+        record_segment(s, "template", template)
     s.table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi, shift)
     s.label_kinds.update(kind for kind, _ in entries)
     s.config.update(version=version, next_class_id=b.next_class_id)
@@ -385,17 +384,6 @@ def auto_choice(cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray, keys: np.
     ``codes`` (label ``keys``), as stored: the concrete parameters and the CV table."""
     choice, rows = choose(X, codes, keys, _choosable(cfg))
     return json.dumps({**choice.params(), "cv_results": rows})
-
-
-def _remember_merged(s: Snapshot, kind: str, name: str, parts: list) -> None:
-    """Keep the live vectors of a merged segment for the next compaction, if every file merged into
-    it was kept (``Snapshot.recent``) and they are few."""
-    if not parts or any(p is None for p in parts):
-        return
-    ids, vectors = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    live = s.table.live(kind, ids)
-    if live.sum() <= RECENT_MAX:
-        s.recent[name] = (ids[live], vectors[live])
 
 
 def _choosable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -490,7 +478,7 @@ def retune(
     s.proxies, s.means = proxies, means
     s.files.update(proxies=[], means=[])
     for kind, segment in written.items():
-        _record(s, kind, segment)
+        record_segment(s, kind, segment)
     table.proxy_lo, table.proxy_hi, table.shift = lo, hi, shift
     cfg["version"] = version
     segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})
@@ -524,7 +512,7 @@ def _forget(s: Snapshot, ids: np.ndarray) -> None:
     s.table.drop(ids)
 
 
-def _tune(s: Snapshot, proxies: ProxyIndex) -> None:
+def tune_search(s: Snapshot, proxies: ProxyIndex) -> None:
     """Set the snapshot's nprobe to the smallest reaching ``ivf.RECALL_TARGET`` on ``proxies``
     (``ivf.tune_nprobe``; the stored rule where it cannot be measured), in memory: the caller's
     transaction stores ``search_params`` and ``index_tuning``."""
@@ -535,77 +523,3 @@ def _tune(s: Snapshot, proxies: ProxyIndex) -> None:
     for index in (proxies, s.proxies):
         if index is not None:
             index.search_params = s.search_params
-
-
-def tiered(sizes: Sequence[int]) -> list[int]:
-    """Positions of the files an automatic compaction merges, given their sizes in ascending order:
-    the fewest smallest files (at least two) whose merged size is ``MERGE_FAN_IN`` times the
-    largest of them; where no such prefix exists, the prefix that grows most over its largest;
-    none of a single file.
-
-    As in a log-structured merge tree, each merge multiplies the size of the file holding its
-    vectors, so a vector is rewritten about a logarithmic number of times in all. Merging
-    everything but the largest file (the rule before) rewrote the growing second-largest at every
-    compaction: quadratic in the collection's size.
-    """
-    if len(sizes) < 2:
-        return []
-    merged = np.cumsum(sizes, dtype=np.float64)
-    growth = merged[1:] / np.maximum(np.asarray(sizes[1:], np.float64), 1.0)
-    enough = np.flatnonzero(growth >= MERGE_FAN_IN)
-    k = int(enough[0]) if len(enough) else int(np.argmax(growth))
-    return list(range(k + 2))
-
-
-def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, retrain: bool = False) -> None:
-    """Merge segment files into one per kind: all of them (``full``), or the smallest few
-    (``tiered``), so that the automatic compaction after many small adds rewrites each vector a
-    logarithmic number of times. ``retrain`` (full only): re-encode the proxies under IVF lists
-    retrained on them."""
-    version = s.version + 1
-    kinds = ["proxies"] + (["samples"] if s.config["keep_samples"] else []) + (["means"] if s.files["means"] else [])
-    victims = {}
-    for kind in kinds:
-        sizes = {f: (directory / f).stat().st_size for f in s.files[kind]}
-        files = sorted(sizes, key=sizes.__getitem__)
-        victims[kind] = files if full else [files[i] for i in tiered([sizes[f] for f in files])]
-    merged = {
-        kind: s.merge(directory, kind, files)
-        for kind, files in victims.items()
-        if (len(files) > 1 or full) and not (retrain and kind == "proxies")
-    }
-    template = None
-    if retrain:  # from the live proxies in memory, which the merged files would only repeat
-        s.template, merged["proxies"] = s.proxies.retrained(s.config["index_factory"], s.config["random_state"])
-        merged["proxies"].search_params = s.search_params
-        template = segments.write_segment(directory, "template", version, s.template.index)
-    tuned = full and s.config["index_tuning"] is not None and "proxies" in merged and merged["proxies"].is_ivf
-    if tuned:  # the collection has grown or its lists changed: the nprobe that reaches the target too
-        _tune(s, merged["proxies"])
-    written = {kind: segments.write_segment(directory, kind, version, index.index) for kind, index in merged.items()}
-    segments.crash_point("compact: segments written")
-    with store.writing(engine) as conn:
-        for kind, segment in written.items():
-            store.replace_segments(conn, kind, victims[kind], segment, merged[kind].ntotal)
-        if template is not None:
-            store.set_template(conn, template)
-            conn.execute(update(store.collection).values(trained_on=merged["proxies"].ntotal))
-        if tuned:
-            conn.execute(
-                update(store.collection).values(
-                    search_params=s.config["search_params"], index_tuning=s.config["index_tuning"]
-                )
-            )
-        conn.execute(update(store.collection).values(version=version))
-    segments.crash_point("compact: committed")
-    s.config["version"] = version
-    for kind, segment in written.items():
-        s.files[kind] = [f for f in s.files[kind] if f not in victims[kind]]
-        _record(s, kind, segment)
-        _remember_merged(s, kind, segment.name, [s.recent.pop(name, None) for name in victims[kind]])
-    if template is not None:
-        s.files["template"] = []
-        _record(s, "template", template)
-        s.config["trained_on"] = merged["proxies"].ntotal
-        s.proxies = merged["proxies"]
-    segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})

@@ -9,7 +9,7 @@ import pytest
 import reference as ref
 from conftest import blobs
 
-from retrieval_imprint import ImprintClassifier, segments, writes
+from retrieval_imprint import ImprintClassifier, compaction, segments
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionLockedError, SchemaVersionError
 from retrieval_imprint.segments import DB_NAME
@@ -175,10 +175,10 @@ def test_automatic_compaction_keeps_answers(tmp_path, data, monkeypatch):
 
 
 def test_tiered_merges_the_fewest_smallest_files_that_grow_enough():
-    assert writes.tiered([]) == [] and writes.tiered([7]) == []
-    assert writes.tiered([5] * 17) == [0, 1, 2, 3]  # four equal files make one 4x as large
-    assert writes.tiered([5, 5, 5, 20, 20, 20, 20]) == list(range(7))  # 95 >= 4 x 20 takes all seven
-    assert writes.tiered([1, 1, 1, 4, 4]) == [0, 1, 2]  # no prefix reaches 4x: the one that grows most (3x)
+    assert compaction.tiered([]) == [] and compaction.tiered([7]) == []
+    assert compaction.tiered([5] * 17) == [0, 1, 2, 3]  # four equal files make one 4x as large
+    assert compaction.tiered([5, 5, 5, 20, 20, 20, 20]) == list(range(7))  # 95 >= 4 x 20 takes all seven
+    assert compaction.tiered([1, 1, 1, 4, 4]) == [0, 1, 2]  # no prefix reaches 4x: the one that grows most (3x)
 
 
 def test_automatic_compaction_rewrites_each_vector_a_logarithmic_number_of_times(tmp_path, monkeypatch):
@@ -186,14 +186,14 @@ def test_automatic_compaction_rewrites_each_vector_a_logarithmic_number_of_times
     times (2.5 in a model of this stream), where merging all but the largest file rewrote the
     growing rest at every compaction (5.8 times the collection here, and growing with it)."""
     monkeypatch.setattr("retrieval_imprint.collection.COMPACT_SEGMENTS", 8)
-    merged, compact = [], writes.compact
+    merged, compact = [], compaction.compact
 
     def counted(directory, engine, s, **options):
         before = {f: (directory / f).stat().st_size for f in s.files["proxies"]}
         compact(directory, engine, s, **options)
         merged.append(sum(size for f, size in before.items() if f not in s.files["proxies"]))
 
-    monkeypatch.setattr(writes, "compact", counted)
+    monkeypatch.setattr(compaction, "compact", counted)
     X, y = blobs(150, 4, 256, seed=11)
     col = Collection.create(tmp_path / "c", model=None, generator="mean")
     for label in range(150):

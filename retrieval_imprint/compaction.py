@@ -1,0 +1,108 @@
+"""Compaction: merging a collection's segment files, so a query reads few files and removed
+vectors leave the disk.
+
+An automatic compaction after many small adds merges the smallest few files (``tiered``, as a
+log-structured merge tree does), a full one (``Collection.compact``) every file of each kind, and
+may retrain the IVF lists on all the live proxies. Like every write, it writes new segment files
+first and records them in one SQLite transaction; the files it replaced are deleted once no
+reader is opening segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine, update
+
+from . import segments, store
+from .snapshot import Snapshot
+from .writes import RECENT_MAX, record_segment, tune_search
+
+MERGE_FAN_IN = 4  # a file an automatic compaction writes is this many times larger than its inputs
+
+
+def _remember_merged(s: Snapshot, kind: str, name: str, parts: list) -> None:
+    """Keep the live vectors of a merged segment for the next compaction, if every file merged into
+    it was kept (``Snapshot.recent``) and they are few."""
+    if not parts or any(p is None for p in parts):
+        return
+    ids, vectors = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    live = s.table.live(kind, ids)
+    if live.sum() <= RECENT_MAX:
+        s.recent[name] = (ids[live], vectors[live])
+
+
+def tiered(sizes: Sequence[int]) -> list[int]:
+    """Positions of the files an automatic compaction merges, given their sizes in ascending order:
+    the fewest smallest files (at least two) whose merged size is ``MERGE_FAN_IN`` times the
+    largest of them; where no such prefix exists, the prefix that grows most over its largest;
+    none of a single file.
+
+    As in a log-structured merge tree, each merge multiplies the size of the file holding its
+    vectors, so a vector is rewritten about a logarithmic number of times in all. Merging
+    everything but the largest file (the rule before) rewrote the growing second-largest at every
+    compaction: quadratic in the collection's size.
+    """
+    if len(sizes) < 2:
+        return []
+    merged = np.cumsum(sizes, dtype=np.float64)
+    growth = merged[1:] / np.maximum(np.asarray(sizes[1:], np.float64), 1.0)
+    enough = np.flatnonzero(growth >= MERGE_FAN_IN)
+    k = int(enough[0]) if len(enough) else int(np.argmax(growth))
+    return list(range(k + 2))
+
+
+def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, retrain: bool = False) -> None:
+    """Merge segment files into one per kind: all of them (``full``), or the smallest few
+    (``tiered``), so that the automatic compaction after many small adds rewrites each vector a
+    logarithmic number of times. ``retrain`` (full only): re-encode the proxies under IVF lists
+    retrained on them."""
+    version = s.version + 1
+    kinds = ["proxies"] + (["samples"] if s.config["keep_samples"] else []) + (["means"] if s.files["means"] else [])
+    victims = {}
+    for kind in kinds:
+        sizes = {f: (directory / f).stat().st_size for f in s.files[kind]}
+        files = sorted(sizes, key=sizes.__getitem__)
+        victims[kind] = files if full else [files[i] for i in tiered([sizes[f] for f in files])]
+    merged = {
+        kind: s.merge(directory, kind, files)
+        for kind, files in victims.items()
+        if (len(files) > 1 or full) and not (retrain and kind == "proxies")
+    }
+    template = None
+    if retrain:  # from the live proxies in memory, which the merged files would only repeat
+        s.template, merged["proxies"] = s.proxies.retrained(s.config["index_factory"], s.config["random_state"])
+        merged["proxies"].search_params = s.search_params
+        template = segments.write_segment(directory, "template", version, s.template.index)
+    tuned = full and s.config["index_tuning"] is not None and "proxies" in merged and merged["proxies"].is_ivf
+    if tuned:  # the collection has grown or its lists changed: the nprobe that reaches the target too
+        tune_search(s, merged["proxies"])
+    written = {kind: segments.write_segment(directory, kind, version, index.index) for kind, index in merged.items()}
+    segments.crash_point("compact: segments written")
+    with store.writing(engine) as conn:
+        for kind, segment in written.items():
+            store.replace_segments(conn, kind, victims[kind], segment, merged[kind].ntotal)
+        if template is not None:
+            store.set_template(conn, template)
+            conn.execute(update(store.collection).values(trained_on=merged["proxies"].ntotal))
+        if tuned:
+            conn.execute(
+                update(store.collection).values(
+                    search_params=s.config["search_params"], index_tuning=s.config["index_tuning"]
+                )
+            )
+        conn.execute(update(store.collection).values(version=version))
+    segments.crash_point("compact: committed")
+    s.config["version"] = version
+    for kind, segment in written.items():
+        s.files[kind] = [f for f in s.files[kind] if f not in victims[kind]]
+        record_segment(s, kind, segment)
+        _remember_merged(s, kind, segment.name, [s.recent.pop(name, None) for name in victims[kind]])
+    if template is not None:
+        s.files["template"] = []
+        record_segment(s, "template", template)
+        s.config["trained_on"] = merged["proxies"].ntotal
+        s.proxies = merged["proxies"]
+    segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})
