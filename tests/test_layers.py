@@ -107,3 +107,13 @@ def test_both_kinds_of_collection_are_an_imprint_collection(tmp_path):
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_the_readme_layout_names_every_module_in_the_same_layers():
+    text = (ROOT / "README.md").read_text()
+    rows = [line for line in text[text.index("## Layout") :].splitlines() if line.startswith("| `retrieval_imprint/")]
+    readme = {}
+    for row, line in enumerate(rows):
+        for name in re.findall(r"`(?:retrieval_imprint/)?(\w+)\.py`", line.split("|")[1]):
+            readme[name] = row
+    assert readme == layers()
