@@ -39,8 +39,9 @@ from sklearn.model_selection import StratifiedKFold
 from retrieval_imprint import ImprintClassifier, neural_collapse
 from retrieval_imprint.auto import ALPHA_GRID
 from retrieval_imprint.collection import Collection
+from retrieval_imprint.errors import CalibrationError
 from retrieval_imprint.experiments import few_shot, plot_accuracy_vs_k
-from retrieval_imprint.openset import CalibrationError, auroc, calibrate
+from retrieval_imprint.openset import auroc, calibrate
 from retrieval_imprint.params import PRESETS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -12,20 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, ImprintError
+from .errors import DataError, ServerError
 from .params import DEFAULT_PORT
 from .ranking import QueryResult
-
-
-class ServerError(ImprintError):
-    """The server refused a request or could not be reached; the message says which, ``status``
-    is the HTTP status (None: no answer) and ``code`` the server's error code."""
-
-    code = "server_error"
-
-    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code or type(self).code
 
 
 class Client:

@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.utils import check_X_y
 
 from . import labels as lab
+from .errors import DataError
 from .normalize import l2_normalize
 
 FEW_SHOT = 20  # median samples per class at or below which the paper sees k = 1 win
@@ -61,7 +62,7 @@ def neural_collapse(X: np.ndarray, y: np.ndarray, *, paper_compatible: bool = Fa
     classes, codes = np.unique(y, return_inverse=True)
     C = len(classes)
     if C < 2:
-        raise ValueError(f"NC1 needs at least 2 classes; y has {C}")
+        raise DataError(f"NC1 needs at least 2 classes; y has {C}")
     sizes = np.bincount(codes)
     means = np.zeros((C, X.shape[1]))
     np.add.at(means, codes, X)

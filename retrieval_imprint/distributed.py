@@ -434,7 +434,8 @@ def serve(
 def _wait_ready(url: str, timeout: float) -> None:
     """Wait for ``url``'s ``/ready``: a ``CollectionStateError`` with the server's reason if it
     cannot start, or is not ready within ``timeout`` seconds."""
-    from .client import Client, ServerError
+    from .client import Client
+    from .errors import ServerError
 
     client, deadline = Client(url, timeout=10), time.monotonic() + timeout
     while True:

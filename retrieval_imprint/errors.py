@@ -107,6 +107,13 @@ class SchemaVersionError(ImprintError, RuntimeError):
     http_status = 500
 
 
+class CalibrationError(DataError):
+    """The calibration data cannot meet the target asked for (nothing stored was changed)."""
+
+    code = "calibration_unreachable"
+    http_status = 422
+
+
 class RequestError(DataError):
     """An HTTP request the server will not answer as sent: too large, too many queries, a
     ``top`` over the cap; ``http_status`` says which."""
@@ -132,3 +139,15 @@ class NotReadyError(ImprintError, RuntimeError):
 
     code = "not_ready"
     http_status = 503
+
+
+class ServerError(ImprintError):
+    """The server refused a request or could not be reached (``client.Client``); the message says
+    which, ``status`` is the HTTP status (None: no answer) and ``code`` the server's error code."""
+
+    code = "server_error"
+    http_status = 502
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code or type(self).code

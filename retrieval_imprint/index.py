@@ -22,6 +22,7 @@ import numpy as np
 
 from . import ivf, torch_search
 from .device import current, faiss_gpu, to_device, to_gpu, to_numpy
+from .errors import DataError
 from .normalize import l2_normalize
 
 _FAISS_METRIC = {
@@ -50,7 +51,7 @@ _FP16_MAX = 65504.0
 def mahalanobis_map(W: np.ndarray) -> np.ndarray:
     """``L`` ``(d, d)`` with ``L L^T = (cov(W) + 1e-6 I)^-1``, so ``|(x - y) L|`` is the Mahalanobis distance."""
     if len(W) < 2:
-        raise ValueError(
+        raise DataError(
             "metric='mahalanobis' needs at least 2 proxies to estimate their covariance; "
             "got 1 proxy (one class with one proxy, or 1 sample)"
         )

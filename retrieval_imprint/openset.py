@@ -21,16 +21,12 @@ from typing import Any
 import numpy as np
 
 from ._groups import Grouped
-from .errors import DataError, InvalidParameterError
+from .errors import CalibrationError, DataError, InvalidParameterError
 from .imprint import imprint, means
 from .index import ProxyIndex
 from .params import MARGIN
 
 CURVE_POINTS = 200  # thresholds a reported trade-off curve keeps
-
-
-class CalibrationError(DataError):
-    """The calibration data cannot meet the target asked for (nothing stored was changed)."""
 
 
 def own_scores(groups: Grouped, queries: np.ndarray, params: dict[str, Any], fold: np.ndarray) -> np.ndarray:

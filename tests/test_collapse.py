@@ -8,6 +8,7 @@ import reference as ref
 from conftest import blobs
 
 from retrieval_imprint import neural_collapse
+from retrieval_imprint.errors import DataError
 
 
 @pytest.mark.parametrize("paper_compatible", [False, True])
@@ -42,5 +43,5 @@ def test_collapsed_classes_get_k_1_and_spread_classes_get_more():
 
 
 def test_nc1_needs_two_classes():
-    with pytest.raises(ValueError, match="at least 2 classes"):
+    with pytest.raises(DataError, match="at least 2 classes"):
         neural_collapse(np.ones((4, 3)), [0, 0, 0, 0])

@@ -27,10 +27,11 @@ from test_serve import check_routes_and_errors, in_thread, wait_ready
 
 from retrieval_imprint import labels as lab
 from retrieval_imprint.cli import main
-from retrieval_imprint.client import Client, ServerError
+from retrieval_imprint.client import Client
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.device import use_device
 from retrieval_imprint.distributed import build, serve, serve_shutdown
+from retrieval_imprint.errors import ServerError
 from retrieval_imprint.ingestion import ingest
 from retrieval_imprint.readers import load_demo
 from retrieval_imprint.service import Limits, Service

@@ -117,3 +117,31 @@ def test_the_readme_layout_names_every_module_in_the_same_layers():
         for name in re.findall(r"`(?:retrieval_imprint/)?(\w+)\.py`", line.split("|")[1]):
             readme[name] = row
     assert readme == layers()
+
+
+def test_every_error_a_user_can_cause_is_typed_in_errors_py():
+    """Each error class lives in errors.py with its own code, HTTP status and exit code; the two
+    that were plain ValueErrors (NC1 of one class, a Mahalanobis map of one proxy) are typed now."""
+    import numpy as np
+
+    from retrieval_imprint import errors, neural_collapse
+    from retrieval_imprint.index import mahalanobis_map
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.ImprintError)]
+    codes = [c.code for c in classes]
+    assert len(codes) == len(set(codes)), "two error classes share a code"
+    assert all(400 <= c.http_status < 600 and c.exit_code for c in classes)
+    defined_elsewhere = [
+        f"{path.stem}: {node.name}"
+        for path in PACKAGE.glob("*.py")
+        if path.stem != "errors"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+        and not node.name.startswith("_")  # private: caught inside
+        and any("Error" in ast.unparse(b) for b in node.bases)
+    ]
+    assert defined_elsewhere == []
+    with pytest.raises(errors.DataError, match="at least 2 classes"):
+        neural_collapse(np.ones((3, 4), np.float32), np.zeros(3))
+    with pytest.raises(errors.DataError, match="at least 2 proxies"):
+        mahalanobis_map(np.ones((1, 4), np.float32))

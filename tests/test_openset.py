@@ -9,7 +9,8 @@ from conftest import blobs
 
 from retrieval_imprint import Collection, ImprintClassifier
 from retrieval_imprint.auto import folds
-from retrieval_imprint.openset import CalibrationError, auroc, calibrate, calibrate_without_oos
+from retrieval_imprint.errors import CalibrationError
+from retrieval_imprint.openset import auroc, calibrate, calibrate_without_oos
 
 
 def brute(in_scores, correct, oos, target=None, target_recall=None, margin=0.0):

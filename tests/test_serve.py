@@ -29,9 +29,9 @@ import pytest
 from conftest import DEMO, blobs
 
 from retrieval_imprint.batching import MicroBatcher
-from retrieval_imprint.client import Client, ServerError
+from retrieval_imprint.client import Client
 from retrieval_imprint.collection import Collection
-from retrieval_imprint.errors import DataError, RequestError
+from retrieval_imprint.errors import DataError, RequestError, ServerError
 from retrieval_imprint.serve import create_app, listen, parse_query, request_model
 from retrieval_imprint.service import Limits, Service
 from retrieval_imprint.sharded import ShardedCollection, open_any
