@@ -7,6 +7,8 @@ predict:  x -> [features] -> NORMinf -> AGG over the proxies (max = top-1 search
 from __future__ import annotations
 
 import functools
+import inspect
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +27,7 @@ from .index import ProxyIndex
 from .labels import check_targets, label_keys
 from .normalize import normalize
 from .openset import class_shift, filled, own_scores
-from .params import AUTO, DEFAULTS, check_params, preset
+from .params import AUTO, DEFAULTS, check_params, numpydoc_parameters, preset
 
 BLOCK = 1024  # queries scored at a time by a blend's predict: (BLOCK, proxies) similarities in memory
 
@@ -44,15 +46,16 @@ def _on_device(method: Callable) -> Callable:
 class ImprintClassifier(ClassifierMixin, BaseEstimator):
     """A classifier head imprinted from frozen embeddings: no gradient step, one pass over the data.
 
-    Parameters: the GEN/NORM/AGG settings of ``params.IMPRINT``, named as in the paper, where each
-    is declared with its default, its allowed values and its meaning (docs/design.md lists them).
-    By default ``generator`` and ``aggregation`` are ``auto``: k and max-or-blend are chosen by
+    The parameters are the GEN/NORM/AGG settings of ``params.IMPRINT``, named as in the paper, and
+    ``device``; the Parameters section below is written from their declarations there. By default ``generator`` and ``aggregation`` are ``auto``: k and max-or-blend are chosen by
     cross-validation on the training data (``auto.py``). ``from_preset`` starts from a published
     method. ``features`` (a width, e.g. 2000) maps the embeddings through fixed random ReLU features
     first (``features.py``): with ``generator="ls"`` the most accurate head on full data, at the
     cost of a wider index. ``device`` is where k-means and exact search run, not a setting of the
     head: None (numpy and FAISS, or the process's ``device.set_device``), ``"cpu"`` / ``"cuda"``
     (the torch backend) or ``"auto"`` (``device.py``); the fitted head is the same.
+
+    PARAMETERS
 
     Fitted attributes
     -----------------
@@ -230,3 +233,9 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         if choice["aggregation"] == "max":
             return self.classes_[owner_of[ids[:, 0]]]
         return self.classes_[rank_classes(owner_of[ids], vote_weights(dist, self.vote), 1, vote=True)[0][:, 0]]
+
+
+ImprintClassifier.__doc__ = (ImprintClassifier.__doc__ or "").replace(
+    "PARAMETERS",
+    textwrap.indent(numpydoc_parameters(list(inspect.signature(ImprintClassifier).parameters)), "    ")[4:],
+)

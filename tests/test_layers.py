@@ -145,3 +145,26 @@ def test_every_error_a_user_can_cause_is_typed_in_errors_py():
         neural_collapse(np.ones((3, 4), np.float32), np.zeros(3))
     with pytest.raises(errors.DataError, match="at least 2 proxies"):
         mahalanobis_map(np.ones((1, 4), np.float32))
+
+
+def test_the_estimator_docstring_lists_every_parameter_from_its_declaration():
+    """As scikit-learn checks its own estimators' docstrings: every parameter of the signature,
+    in order, with its default and the help text declared in params.py."""
+    import inspect
+    import textwrap
+
+    from retrieval_imprint import ImprintClassifier
+    from retrieval_imprint.params import DEFAULTS, IMPRINT, RUNTIME
+
+    doc = inspect.getdoc(ImprintClassifier)
+    section = doc[doc.index("Parameters\n----------\n") :].split("\n\n")[0].splitlines()[2:]
+    entries = [line for line in section if line and not line.startswith(" ")]
+    names = [line.split(" : ")[0] for line in entries]
+    assert names == list(inspect.signature(ImprintClassifier).parameters)
+    for line, name in zip(entries, names):
+        assert line.endswith(f"default={DEFAULTS[name]!r}")
+        declared = (IMPRINT | RUNTIME)[name]
+        body = " ".join(
+            text.strip() for text in section[section.index(line) + 1 :][: len(textwrap.wrap(declared.help, 92))]
+        )
+        assert body == " ".join(declared.help.split())
