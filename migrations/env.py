@@ -4,7 +4,7 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from retrieval_imprint.store import metadata
+from retrieval_imprint.schema import metadata
 
 
 def run_migrations(connection) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine
 
 from . import segments, store
 from .snapshot import Snapshot
@@ -86,14 +86,10 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
             store.replace_segments(conn, kind, victims[kind], segment, merged[kind].ntotal)
         if template is not None:
             store.set_template(conn, template)
-            conn.execute(update(store.collection).values(trained_on=merged["proxies"].ntotal))
+            store.set_collection(conn, trained_on=merged["proxies"].ntotal)
         if tuned:
-            conn.execute(
-                update(store.collection).values(
-                    search_params=s.config["search_params"], index_tuning=s.config["index_tuning"]
-                )
-            )
-        conn.execute(update(store.collection).values(version=version))
+            store.set_collection(conn, search_params=s.config["search_params"], index_tuning=s.config["index_tuning"])
+        store.set_collection(conn, version=version)
     segments.crash_point("compact: committed")
     s.config["version"] = version
     for kind, segment in written.items():

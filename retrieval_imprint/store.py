@@ -1,17 +1,8 @@
-"""The label map: a collection's SQLite database (SQLAlchemy Core), and its Alembic migrations.
+"""The label map: a collection's SQLite database (SQLAlchemy Core), its Alembic migrations, and
+every SQL statement the package runs (the tables are schema.py's).
 
-Tables: ``collection`` (one row: the GEN/NORM/AGG config, index type, dimension, current
-version, fixed quantile targets and Mahalanobis map, rejection threshold, search parameters), ``embedder`` (model identity),
-``classes`` (label and id ranges), ``segments`` (the FAISS files that hold proxies and samples),
-``proxies`` and ``samples`` (one row per stored vector: id, class, segment), ``ingest`` (rows of
-each source file committed by a chunked, resumable ingestion). A segment of kind ``template`` is an
-approximate index's trained, empty index that every proxy segment copies; segments of kind
-``means`` hold the class means of a blend (one per class, no id rows: see ``segments.py``).
-
-Schema changes happen only through Alembic revisions in ``migrations/`` (installed as
-``retrieval_imprint.migrations``); ``metadata`` below must equal the head revision's schema, which
-a test checks with Alembic's autogenerate comparison. Connections run SQLite in WAL mode with a
-busy timeout; writers open ``BEGIN IMMEDIATE`` transactions (``writing``), readers plain ones.
+Connections run SQLite in WAL mode with a busy timeout; writers open ``BEGIN IMMEDIATE``
+transactions (``writing``), readers plain ones.
 """
 
 from __future__ import annotations
@@ -31,20 +22,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Column,
     Connection,
     Engine,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
     Table,
-    UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     distinct,
@@ -59,112 +40,10 @@ from sqlalchemy import (
 
 from . import labels as lab
 from .errors import CollectionDamagedError, CollectionIOError, CollectionLockedError
+from .schema import classes, collection, embedder, ingest, proxies, samples, segments, texts
 
 BUSY_TIMEOUT_MS = 10_000
 SQL_CHUNK = 400  # values per IN (...) list: SQLite caps bound parameters
-
-metadata = MetaData()
-
-collection = Table(
-    "collection",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("generator", String, nullable=False),
-    Column("k", Integer),  # None: chosen by generator auto (see auto_choice)
-    Column("pre_norm", String, nullable=False),
-    Column("post_norm", String, nullable=False),
-    Column("inf_norm", String, nullable=False),
-    Column("aggregation", String, nullable=False),
-    Column("m", Integer, nullable=False),
-    Column("metric", String, nullable=False),
-    Column("vote", String, nullable=False),
-    Column("random_state", Integer, nullable=False),
-    Column("index_factory", String, nullable=False),
-    Column("keep_samples", Boolean, nullable=False),
-    Column("dimension", Integer),
-    Column("version", Integer, nullable=False),
-    Column("next_class_id", Integer, nullable=False),
-    Column("quantile_targets", LargeBinary),
-    Column("metric_transform", LargeBinary),
-    Column("threshold", Float),
-    Column("search_params", String),  # JSON, e.g. {"nprobe": 16}
-    Column("memory_budget", Integer),
-    Column("trained_on", Integer),  # proxies the IVF lists were trained on (None: exact, or unknown)
-    Column("alpha", Float),  # blend weight (None: chosen by auto)
-    Column("auto_choice", String),  # JSON: the concrete GEN/AGG setting fixed at the first add, and its CV table
-    Column("rejection", String),  # open-set rule, max or shift (None: max, a collection made before it)
-    Column("index_tuning", String),  # JSON: the nprobe tuned to a recall target, and the recall it reached
-)
-
-embedder = Table(
-    "embedder",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("name", String, nullable=False),
-    Column("path", String, nullable=False),
-    Column("dimension", Integer),
-    Column("revision", String),
-)
-
-classes = Table(
-    "classes",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("label", String, nullable=False),
-    Column("label_kind", String, nullable=False),
-    Column("n_samples", Integer, nullable=False),
-    Column("proxy_lo", Integer, nullable=False),
-    Column("proxy_hi", Integer, nullable=False),
-    Column("sample_hi", Integer, nullable=False),
-    Column("shift", Float),  # mean out-of-fold score of the class's own samples (rule shift; None: unknown)
-    Column("threshold", Float),  # the class's own rejection threshold (None: the collection's)
-    UniqueConstraint("label_kind", "label", name="uq_classes_label"),
-)
-
-segments = Table(
-    "segments",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("kind", String, nullable=False),
-    Column("file", String, nullable=False, unique=True),
-    Column("n_vectors", Integer, nullable=False),
-    Column("checksum", String),  # BLAKE2b-128 of the file's bytes, checked as it is read (None: not recorded)
-    Column("lists", LargeBinary),  # an IVF proxy file's per-list checksums (verified.py; None: not recorded)
-)
-
-
-ingest = Table(
-    "ingest",
-    metadata,
-    Column("source", String, primary_key=True),  # a hash of the source's rows (ingestion.fingerprint)
-    Column("rows_done", Integer, nullable=False),
-)
-
-texts = Table(
-    "texts",
-    metadata,
-    Column("id", BigInteger, primary_key=True, autoincrement=False),  # the kept sample's vector id
-    Column("class_id", Integer, nullable=False),
-    Column("text", String),  # what the sample was embedded from (None: added as a vector)
-    Column("ref", String),  # the user's reference of the row (an id column), if given
-    Index("ix_texts_class_id", "class_id"),
-)
-
-
-def _vectors_table(name: str) -> Table:
-    return Table(
-        name,
-        metadata,
-        Column("id", Integer, primary_key=True, autoincrement=False),
-        Column("class_id", Integer, ForeignKey("classes.id"), nullable=False),
-        Column("segment_id", Integer, ForeignKey("segments.id"), nullable=False),
-        Index(f"ix_{name}_class_id", "class_id"),
-        Index(f"ix_{name}_segment_id", "segment_id"),
-    )
-
-
-proxies = _vectors_table("proxies")
-samples = _vectors_table("samples")
 
 
 def connect(db_path: Path, *, read_only: bool = False) -> Engine:
@@ -389,11 +268,11 @@ def find_classes(conn: Connection, entries: Sequence[tuple[str, str]]) -> dict[t
     for kind, text in entries:
         by_kind.setdefault(kind, []).append(text)
     found = {}
-    for kind, texts in by_kind.items():
-        for i in range(0, len(texts), SQL_CHUNK):
+    for kind, values in by_kind.items():
+        for i in range(0, len(values), SQL_CHUNK):
             for row in conn.execute(
                 select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_hi, c.sample_hi).where(
-                    c.label_kind == kind, c.label.in_(texts[i : i + SQL_CHUNK])
+                    c.label_kind == kind, c.label.in_(values[i : i + SQL_CHUNK])
                 )
             ):
                 found[(row.label_kind, row.label)] = row
@@ -510,3 +389,33 @@ def orphan_rows(conn: Connection) -> bool:
         conn.execute(select(table.c.id).where(table.c.segment_id.not_in(select(segments.c.id)))).first() is not None
         for table in (proxies, samples)
     )
+
+
+def set_collection(conn: Connection, **values: Any) -> None:
+    """Set columns of the collection row (``version`` with every change a write commits)."""
+    conn.execute(update(collection).values(**values))
+
+
+def set_embedder(conn: Connection, **values: Any) -> None:
+    conn.execute(update(embedder).values(**values))
+
+
+def insert_classes(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """New class rows (dicts of ``classes``' columns)."""
+    if rows:
+        conn.execute(insert(classes), list(rows))
+
+
+def update_classes(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Set columns of existing classes: each row a dict of ``id`` and the same columns to set."""
+    if not rows:
+        return
+    columns = [name for name in rows[0] if name != "id"]
+    statement = update(classes).where(classes.c.id == bindparam("b_id"))
+    statement = statement.values({name: bindparam(f"b_{name}") for name in columns})
+    conn.execute(statement, [{f"b_{name}": value for name, value in row.items()} for row in rows])
+
+
+def delete_segments(conn: Connection, kinds: Sequence[str]) -> None:
+    """Forget every segment file of these kinds (their id rows are deleted by ``delete_vectors``)."""
+    conn.execute(delete(segments).where(segments.c.kind.in_(list(kinds))))

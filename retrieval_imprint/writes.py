@@ -17,7 +17,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-from sqlalchemy import Engine, bindparam, delete, insert, update
+from sqlalchemy import Engine
 
 from . import labels as lab
 from . import segments, store
@@ -48,7 +48,7 @@ def set_values(engine: Engine, s: Snapshot, **values: Any) -> None:
     """Set columns of the collection row and bump the version."""
     version = s.version + 1
     with store.writing(engine) as conn:
-        conn.execute(update(store.collection).values(version=version, **values))
+        store.set_collection(conn, version=version, **values)
     s.config.update(values, version=version)
 
 
@@ -56,8 +56,8 @@ def set_class_threshold(engine: Engine, s: Snapshot, class_id: int, threshold: f
     """Set (None: clear) one class's own rejection threshold and bump the version."""
     version = s.version + 1
     with store.writing(engine) as conn:
-        conn.execute(update(store.classes).where(store.classes.c.id == class_id).values(threshold=threshold))
-        conn.execute(update(store.collection).values(version=version))
+        store.update_classes(conn, [{"id": class_id, "threshold": threshold}])
+        store.set_collection(conn, version=version)
     s.table.threshold[s.table.positions(np.array([class_id]))] = np.nan if threshold is None else threshold
     s.config["version"] = version
 
@@ -68,16 +68,9 @@ def restore_rejection(
     """In one transaction: the collection's threshold, and by class id each class's own threshold
     and shift (None: none); bumps the version."""
     version = s.version + 1
-    c = store.classes.c
     with store.writing(engine) as conn:
-        conn.execute(update(store.collection).values(version=version, threshold=threshold))
-        if classes:
-            conn.execute(
-                update(store.classes)
-                .where(c.id == bindparam("cid"))
-                .values(threshold=bindparam("th"), shift=bindparam("sh")),
-                [{"cid": i, "th": th, "sh": sh} for i, (th, sh) in classes.items()],
-            )
+        store.set_collection(conn, version=version, threshold=threshold)
+        store.update_classes(conn, [{"id": i, "threshold": th, "shift": sh} for i, (th, sh) in classes.items()])
     at = s.table.positions(np.array(list(classes), np.int64))
     s.table.threshold[at] = [np.nan if th is None else th for th, _ in classes.values()]
     s.table.shift[at] = [np.nan if sh is None else sh for _, sh in classes.values()]
@@ -236,40 +229,19 @@ def add(
         written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids, b.class_id)
     segments.crash_point("add: segments written")
 
-    c = store.classes.c
     with store.writing(engine) as conn:
         if len(replaced):
             store.delete_vectors(conn, replaced, drop_classes=True)
         store.delete_vectors(conn, b.class_id[b.existing], kinds=("proxies",))
         shifts = [None if np.isnan(v) else float(v) for v in shift]
-        new = [
-            dict(
-                id=int(b.class_id[i]),
-                label=e[1],
-                label_kind=e[0],
-                n_samples=int(sizes[i]),
-                proxy_lo=int(proxy_lo[i]),
-                proxy_hi=int(proxy_hi[i]),
-                sample_hi=int(sizes[i]),
-                shift=shifts[i],
-            )
-            for i, e in enumerate(entries)
-            if not b.existing[i]
-        ]
-        if new:
-            conn.execute(insert(store.classes), new)
-        for i in np.flatnonzero(b.existing):
-            conn.execute(
-                update(store.classes)
-                .where(c.id == int(b.class_id[i]))
-                .values(
-                    n_samples=int(sizes[i]),
-                    proxy_lo=int(proxy_lo[i]),
-                    proxy_hi=int(proxy_hi[i]),
-                    sample_hi=int(sizes[i]),
-                    shift=shifts[i],
-                )
-            )
+        rows = [
+            {"id": int(b.class_id[i]), "n_samples": int(sizes[i]), "proxy_lo": int(proxy_lo[i]),
+             "proxy_hi": int(proxy_hi[i]), "sample_hi": int(sizes[i]), "shift": shifts[i]}
+            for i in range(len(entries))
+        ]  # fmt: skip
+        store.insert_classes(conn, [{**row, "label": e[1], "label_kind": e[0]}
+                                    for row, e, old in zip(rows, entries, b.existing) if not old])  # fmt: skip
+        store.update_classes(conn, [row for row, old in zip(rows, b.existing) if old])
         for kind, (segment, ids, owners) in written.items():
             store.insert_segment(conn, kind, segment, ids, owners)
         if "samples" in written and (texts is not None or refs is not None):
@@ -283,21 +255,19 @@ def add(
             )
         if template is not None:
             store.set_template(conn, template)
-        conn.execute(
-            update(store.collection).values(
-                version=version,
-                next_class_id=b.next_class_id,
-                dimension=d,
-                index_factory=cfg["index_factory"],
-                search_params=cfg["search_params"],
-                trained_on=cfg["trained_on"],
-                quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
-                metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes(),
-                auto_choice=cfg["auto_choice"],
-                index_tuning=cfg["index_tuning"],
-            )
+        store.set_collection(
+            conn,
+            version=version,
+            next_class_id=b.next_class_id,
+            dimension=d,
+            index_factory=cfg["index_factory"],
+            search_params=cfg["search_params"],
+            trained_on=cfg["trained_on"],
+            **_fixed_columns(s),
+            auto_choice=cfg["auto_choice"],
+            index_tuning=cfg["index_tuning"],
         )
-        conn.execute(update(store.embedder).values(dimension=d))
+        store.set_embedder(conn, dimension=d)
         for source, done in checkpoints:
             store.set_rows_done(conn, source, done)
     segments.crash_point("add: committed")
@@ -326,6 +296,12 @@ def add(
     s.table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi, shift)
     s.label_kinds.update(kind for kind, _ in entries)
     s.config.update(version=version, next_class_id=b.next_class_id)
+
+
+def _fixed_columns(s: Snapshot) -> dict[str, bytes | None]:
+    """The collection row's columns of what the first fit fixed: quantile targets, Mahalanobis map."""
+    return {"quantile_targets": None if s.fixed.targets is None else s.fixed.targets.tobytes(),
+            "metric_transform": None if s.fixed.transform is None else s.fixed.transform.tobytes()}  # fmt: skip
 
 
 def _shift(groups: Grouped, params: dict[str, Any]) -> np.ndarray:
@@ -367,13 +343,10 @@ def set_rejection(engine: Engine, s: Snapshot, threshold: float, rule: str, shif
     class's shift, in table order."""
     version = s.version + 1
     with store.writing(engine) as conn:
-        conn.execute(update(store.collection).values(version=version, threshold=threshold, rejection=rule))
-        if shift is not None and len(shift):
-            c = store.classes.c
-            conn.execute(
-                update(store.classes).where(c.id == bindparam("cid")).values(shift=bindparam("sh")),
-                [{"cid": int(i), "sh": None if np.isnan(v) else float(v)} for i, v in zip(s.table.ids, shift)],
-            )
+        store.set_collection(conn, version=version, threshold=threshold, rejection=rule)
+        if shift is not None:
+            rows = [{"id": int(i), "shift": None if np.isnan(v) else float(v)} for i, v in zip(s.table.ids, shift)]
+            store.update_classes(conn, rows)
     s.config.update(version=version, threshold=threshold, rejection=rule)
     if shift is not None:
         s.table.shift = np.asarray(shift, np.float64)
@@ -452,28 +425,15 @@ def retune(
     segments.crash_point("retune: segments written")
     with store.writing(engine) as conn:
         store.delete_vectors(conn, table.ids, kinds=("proxies",))
-        conn.execute(delete(store.segments).where(store.segments.c.kind.in_(["proxies", "means"])))
+        store.delete_segments(conn, ["proxies", "means"])
         store.insert_segment(conn, "proxies", written["proxies"], proxy_ids, table.ids[owner])
         if means is not None:
             store.insert_segment(conn, "means", written["means"], mean_ids, table.ids)
-        c = store.classes.c
-        conn.execute(
-            update(store.classes)
-            .where(c.id == bindparam("cid"))
-            .values(proxy_lo=bindparam("lo"), proxy_hi=bindparam("hi"), shift=bindparam("sh")),
-            [
-                {"cid": int(i), "lo": int(a), "hi": int(b), "sh": None if np.isnan(v) else float(v)}
-                for i, a, b, v in zip(table.ids, lo, hi, shift)
-            ],
-        )
-        conn.execute(
-            update(store.collection).values(
-                version=version,
-                auto_choice=cfg["auto_choice"],
-                quantile_targets=None if s.fixed.targets is None else s.fixed.targets.tobytes(),
-                metric_transform=None if s.fixed.transform is None else s.fixed.transform.tobytes(),
-            )
-        )
+        store.update_classes(conn, [
+            {"id": int(i), "proxy_lo": int(a), "proxy_hi": int(b), "shift": None if np.isnan(v) else float(v)}
+            for i, a, b, v in zip(table.ids, lo, hi, shift)
+        ])  # fmt: skip
+        store.set_collection(conn, version=version, auto_choice=cfg["auto_choice"], **_fixed_columns(s))
     segments.crash_point("retune: committed")
     s.proxies, s.means = proxies, means
     s.files.update(proxies=[], means=[])
@@ -496,7 +456,7 @@ def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
     ids = np.array(sorted(found[e].id for e in entries), np.int64)
     with store.writing(engine) as conn:
         store.delete_vectors(conn, ids, drop_classes=True)
-        conn.execute(update(store.collection).values(version=s.version + 1))
+        store.set_collection(conn, version=s.version + 1)
     segments.crash_point("remove: committed")
     _forget(s, ids)
     s.config["version"] += 1

@@ -15,7 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import blobs
 
-from retrieval_imprint import collection, store
+from retrieval_imprint import collection, schema, store
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import SchemaVersionError
 from retrieval_imprint.segments import DB_NAME
@@ -168,5 +168,5 @@ def test_upgrade_from_the_initial_revision_keeps_the_data(tmp_path):
 def test_the_models_match_the_head_revision(tmp_path):
     col = Collection.create(tmp_path / "col", model=None)
     with col._engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), store.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn), schema.metadata)
     assert diff == []

@@ -1,0 +1,136 @@
+"""The schema of a collection's SQLite database (SQLAlchemy Core tables).
+
+Tables: ``collection`` (one row: the GEN/NORM/AGG config, index type, dimension, current
+version, fixed quantile targets and Mahalanobis map, rejection threshold, search parameters),
+``embedder`` (model identity), ``classes`` (label and id ranges), ``segments`` (the FAISS files
+that hold proxies and samples), ``proxies`` and ``samples`` (one row per stored vector: id, class,
+segment), ``ingest`` (rows of each source file committed by a chunked, resumable ingestion),
+``texts`` (what each kept sample was embedded from). A segment of kind ``template`` is an
+approximate index's trained, empty index that every proxy segment copies; segments of kind
+``means`` hold the class means of a blend (one per class, no id rows: see ``segments.py``).
+
+Schema changes happen only through Alembic revisions in ``migrations/`` (installed as
+``retrieval_imprint.migrations``); ``metadata`` must equal the head revision's schema, which a
+test checks with Alembic's autogenerate comparison. The SQL that reads and writes these tables
+is store.py's.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)  # fmt: skip
+
+metadata = MetaData()
+
+collection = Table(
+    "collection",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("generator", String, nullable=False),
+    Column("k", Integer),  # None: chosen by generator auto (see auto_choice)
+    Column("pre_norm", String, nullable=False),
+    Column("post_norm", String, nullable=False),
+    Column("inf_norm", String, nullable=False),
+    Column("aggregation", String, nullable=False),
+    Column("m", Integer, nullable=False),
+    Column("metric", String, nullable=False),
+    Column("vote", String, nullable=False),
+    Column("random_state", Integer, nullable=False),
+    Column("index_factory", String, nullable=False),
+    Column("keep_samples", Boolean, nullable=False),
+    Column("dimension", Integer),
+    Column("version", Integer, nullable=False),
+    Column("next_class_id", Integer, nullable=False),
+    Column("quantile_targets", LargeBinary),
+    Column("metric_transform", LargeBinary),
+    Column("threshold", Float),
+    Column("search_params", String),  # JSON, e.g. {"nprobe": 16}
+    Column("memory_budget", Integer),
+    Column("trained_on", Integer),  # proxies the IVF lists were trained on (None: exact, or unknown)
+    Column("alpha", Float),  # blend weight (None: chosen by auto)
+    Column("auto_choice", String),  # JSON: the concrete GEN/AGG setting fixed at the first add, and its CV table
+    Column("rejection", String),  # open-set rule, max or shift (None: max, a collection made before it)
+    Column("index_tuning", String),  # JSON: the nprobe tuned to a recall target, and the recall it reached
+)
+
+embedder = Table(
+    "embedder",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String, nullable=False),
+    Column("path", String, nullable=False),
+    Column("dimension", Integer),
+    Column("revision", String),
+)
+
+classes = Table(
+    "classes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("label", String, nullable=False),
+    Column("label_kind", String, nullable=False),
+    Column("n_samples", Integer, nullable=False),
+    Column("proxy_lo", Integer, nullable=False),
+    Column("proxy_hi", Integer, nullable=False),
+    Column("sample_hi", Integer, nullable=False),
+    Column("shift", Float),  # mean out-of-fold score of the class's own samples (rule shift; None: unknown)
+    Column("threshold", Float),  # the class's own rejection threshold (None: the collection's)
+    UniqueConstraint("label_kind", "label", name="uq_classes_label"),
+)
+
+segments = Table(
+    "segments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String, nullable=False),
+    Column("file", String, nullable=False, unique=True),
+    Column("n_vectors", Integer, nullable=False),
+    Column("checksum", String),  # BLAKE2b-128 of the file's bytes, checked as it is read (None: not recorded)
+    Column("lists", LargeBinary),  # an IVF proxy file's per-list checksums (verified.py; None: not recorded)
+)
+
+
+ingest = Table(
+    "ingest",
+    metadata,
+    Column("source", String, primary_key=True),  # a hash of the source's rows (ingestion.fingerprint)
+    Column("rows_done", Integer, nullable=False),
+)
+
+texts = Table(
+    "texts",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),  # the kept sample's vector id
+    Column("class_id", Integer, nullable=False),
+    Column("text", String),  # what the sample was embedded from (None: added as a vector)
+    Column("ref", String),  # the user's reference of the row (an id column), if given
+    Index("ix_texts_class_id", "class_id"),
+)
+
+
+def _vectors_table(name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("class_id", Integer, ForeignKey("classes.id"), nullable=False),
+        Column("segment_id", Integer, ForeignKey("segments.id"), nullable=False),
+        Index(f"ix_{name}_class_id", "class_id"),
+        Index(f"ix_{name}_segment_id", "segment_id"),
+    )
+
+
+proxies = _vectors_table("proxies")
+samples = _vectors_table("samples")
