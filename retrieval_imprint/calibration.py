@@ -1,11 +1,12 @@
 """Open-set calibration over the classes of one collection or of a sharded one's shards: the
 threshold (and rule) that meets a target, chosen once for all and stored in each, every writer lock
-held throughout (``openset.py`` has the rules and the statistics).
+held throughout (``openset.py`` has the rules and the statistics). ``Calibrated`` is the
+``calibrate`` method both kinds of collection have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from . import ranking, writes
 from .errors import CollectionStateError, InvalidParameterError
 from .interface import writing_all
 from .openset import Calibration, calibrate, calibrate_without_oos, filled
-from .params import RULES
+from .params import MARGIN, RULES
 
 
 def calibrate_over(
@@ -93,3 +94,49 @@ def calibrate_over(
         for col, shift in zip(collections, shifts):
             writes.set_rejection(col.engine, col.snapshot, result.threshold, result.rule, shift if fresh else None)
     return result
+
+
+class Calibrated:
+    """``calibrate`` for a collection (its own classes) or a sharded one (its shards'): each kind
+    says which collections hold its classes and which of them holds a label."""
+
+    query: Any
+
+    def calibration_members(self) -> tuple[Sequence[Any], Callable[[list], np.ndarray]]:
+        """The collections holding the classes, and the position among them of each label's."""
+        raise NotImplementedError
+
+    def calibrate(
+        self,
+        X: Any = None,
+        labels: Sequence[object] | None = None,
+        X_oos: Any = None,
+        *,
+        target_accuracy: float | None = None,
+        target_oos_recall: float | None = None,
+        target_false_rejection: float | None = None,
+        rule: str | None = None,
+        margin: float = MARGIN,
+    ) -> Calibration:
+        """Choose and store the rejection rule and threshold (``openset.py``): from validation
+        queries ``X`` with their true ``labels`` and, optionally, out-of-scope queries ``X_oos``, for
+        a target in-scope accuracy or out-of-scope recall (or the balanced point) cleared by
+        ``margin`` standard errors, weighing every rule the collection can use (or only ``rule``);
+        or, with ``target_false_rejection`` and no queries, from the kept training samples scored
+        left out (the collection's rule, or ``rule``). A sharded collection answers the queries
+        with every shard together and stores the result in each. A target no threshold reaches
+        raises ``CalibrationError`` and changes nothing."""
+        members, owner_of = self.calibration_members()
+        return calibrate_over(
+            members,
+            self.query,
+            owner_of,
+            X,
+            labels,
+            X_oos,
+            target_accuracy=target_accuracy,
+            target_oos_recall=target_oos_recall,
+            target_false_rejection=target_false_rejection,
+            rule=rule,
+            margin=margin,
+        )

@@ -31,24 +31,20 @@ from sqlalchemy import Engine
 from . import compaction, provenance, ranking, segments, snapshot, store, writes
 from . import labels as lab
 from . import params as spec
-from .calibration import calibrate_over
+from .calibration import Calibrated
 from .embed import Embedder, model_fingerprint, recorded_embedder, resolve_model
 from .errors import (
     CollectionDamagedError,
     CollectionIOError,
-    CollectionNotFoundError,
     CollectionStateError,
     DataError,
     InvalidParameterError,
-    NotACollectionError,
     SchemaVersionError,
     SettingsClashError,
 )
 from .integrity import CheckReport, check
 from .interface import Shared, check_tunable, check_vectors, staging
 from .normalize import normalize
-from .openset import Calibration
-from .params import MARGIN
 from .ranking import QueryResult
 from .segments import DB_NAME
 
@@ -56,7 +52,7 @@ COMPACT_SEGMENTS = 16
 RETRAIN_GROWTH = 4
 
 
-class Collection(Shared):
+class Collection(Calibrated, Shared):
     """An imprinted head stored in a directory; see the module docstring for the layout."""
 
     def __init__(self, path: Path, engine, lock_timeout: float = 0.0) -> None:  # use create(), open()...
@@ -119,7 +115,7 @@ class Collection(Shared):
     def open(cls, path: str | os.PathLike, *, upgrade: bool = False, lock_timeout: float = 0.0) -> Collection:
         """Open an existing collection; ``upgrade=True`` migrates an older schema first; writes wait
         up to ``lock_timeout`` seconds for another process's write to finish."""
-        engine, current, head = cls._schema(Path(path))
+        engine, current, head = store.open_database(Path(path))
         if current != head:
             if not upgrade:
                 raise SchemaVersionError(
@@ -132,33 +128,11 @@ class Collection(Shared):
     @classmethod
     def upgrade(cls, path: str | os.PathLike) -> tuple[str | None, str]:
         """Migrate the database at ``path`` to this version's schema; returns ``(before, after)``."""
-        engine, current, head = cls._schema(Path(path))
+        engine, current, head = store.open_database(Path(path))
         if current != head:
             store.migrate(engine)
         engine.dispose()
         return current, head
-
-    @staticmethod
-    def _schema(path: Path):
-        """An engine on the collection's database, its schema revision and this code's head; an
-        error if there is no collection or its schema is newer than this code knows."""
-        if not path.exists():
-            raise CollectionNotFoundError(f"no collection at {path}")
-        if not (path / DB_NAME).is_file():
-            raise NotACollectionError(f"{path} is not a collection (no {DB_NAME} in it)")
-        if not (path / DB_NAME).stat().st_size:
-            raise CollectionDamagedError(
-                f"{path / DB_NAME} is empty (truncated, or never written): the "
-                "collection's database is lost; restore it from a copy or re-index"
-            )
-        engine = store.connect(path / DB_NAME, read_only=not os.access(path, os.W_OK))
-        current, head, known = store.schema_revision_of(engine, path / DB_NAME)
-        if not known:
-            raise SchemaVersionError(
-                f"{path} has schema revision {current}, newer than this retrieval-imprint "
-                f"knows (up to {head}): upgrade the package to open it"
-            )
-        return engine, current, head
 
     @classmethod
     def open_or_create(
@@ -369,7 +343,7 @@ class Collection(Shared):
         """``check`` a collection that may be too damaged to open: damage (and a database that
         cannot be read) is reported, not raised."""
         try:
-            engine, _, _ = cls._schema(Path(path))
+            engine, _, _ = store.open_database(Path(path))
             return check(Path(path), engine)
         except (CollectionDamagedError, CollectionIOError) as exc:
             return CheckReport(False, [str(exc)])
@@ -432,18 +406,8 @@ class Collection(Shared):
             kinds = self._s.label_kinds
             if len(kinds) <= 1:  # (a collection made before the rule may mix them: left as it is)
                 lab.check_kind(entries, next(iter(kinds), None))
-            writes.add(
-                self.path,
-                self._engine,
-                self._s,
-                X,
-                codes,
-                entries,
-                checkpoints,
-                set(entries) if replace is True else replace or (),
-                texts,
-                refs,
-            )
+            replaced = set(entries) if replace is True else replace or ()
+            writes.add(self.path, self._engine, self._s, X, codes, entries, checkpoints, replaced, texts, refs)
             if len(self._s.files["proxies"]) > COMPACT_SEGMENTS:
                 compaction.compact(self.path, self._engine, self._s, full=False)
         return self
@@ -510,38 +474,9 @@ class Collection(Shared):
             raise DataError(f"no class {label!r} in collection {self.path}")
         return found
 
-    def calibrate(
-        self,
-        X: Any = None,
-        labels: Sequence[object] | None = None,
-        X_oos: Any = None,
-        *,
-        target_accuracy: float | None = None,
-        target_oos_recall: float | None = None,
-        target_false_rejection: float | None = None,
-        rule: str | None = None,
-        margin: float = MARGIN,
-    ) -> Calibration:
-        """Choose and store the rejection rule and threshold (``openset.py``): from validation
-        queries ``X`` with their true ``labels`` and, optionally, out-of-scope queries ``X_oos``, for
-        a target in-scope accuracy or out-of-scope recall (or the balanced point) cleared by
-        ``margin`` standard errors, weighing every
-        rule the collection can use (or only ``rule``); or, with ``target_false_rejection`` and no
-        queries, from the kept training samples scored left out (the collection's rule, or ``rule``).
-        A target no threshold reaches raises ``CalibrationError`` and changes nothing."""
-        return calibrate_over(
-            [self],
-            self.query,
-            lambda found: np.zeros(len(found), np.int64),
-            X,
-            labels,
-            X_oos,
-            target_accuracy=target_accuracy,
-            target_oos_recall=target_oos_recall,
-            target_false_rejection=target_false_rejection,
-            rule=rule,
-            margin=margin,
-        )
+    def calibration_members(self) -> tuple[list[Collection], Any]:
+        """``calibrate``'s: this collection holds every class."""
+        return [self], lambda found: np.zeros(len(found), np.int64)
 
     def compact(self, *, retrain: bool | None = None) -> Collection:
         """Rewrite the live vectors into one segment per kind and delete the old files.

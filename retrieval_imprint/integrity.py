@@ -10,7 +10,7 @@ from typing import BinaryIO
 import numpy as np
 from sqlalchemy import Engine
 
-from . import segments, snapshot, store
+from . import schema, segments, snapshot, store
 from .errors import CollectionDamagedError
 from .segments import CLASS_SHIFT
 from .verified import ListVerifier
@@ -30,7 +30,7 @@ def check(directory: Path, engine: Engine) -> CheckReport:
     rows and files are read as one snapshot."""
     problems: list[str] = []
     with engine.connect() as conn:
-        current, head, _ = store.schema_revision(conn)
+        current, head, _ = schema.schema_revision(conn)
         if store.orphan_rows(conn):
             problems.append("proxy or sample rows name a segment that does not exist")
     if current != head:

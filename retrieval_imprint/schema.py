@@ -12,15 +12,24 @@ approximate index's trained, empty index that every proxy segment copies; segmen
 Schema changes happen only through Alembic revisions in ``migrations/`` (installed as
 ``retrieval_imprint.migrations``); ``metadata`` must equal the head revision's schema, which a
 test checks with Alembic's autogenerate comparison. The SQL that reads and writes these tables
-is store.py's.
+is store.py's; the Alembic steps that bring a database to this schema are here.
 """
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
+    Engine,
     Float,
     ForeignKey,
     Index,
@@ -30,7 +39,10 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    inspect,
 )  # fmt: skip
+
+from .errors import CollectionDamagedError
 
 metadata = MetaData()
 
@@ -134,3 +146,37 @@ def _vectors_table(name: str) -> Table:
 
 proxies = _vectors_table("proxies")
 samples = _vectors_table("samples")
+
+
+def alembic_config(conn: Connection) -> Config:
+    """Alembic configuration running the packaged migrations on ``conn``."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("retrieval_imprint.migrations")))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
+def schema_revision_of(engine: Engine, db_path: Path) -> tuple[str | None, str, bool]:
+    """``schema_revision`` on a fresh connection, with a file that is not a collection's SQLite
+    database (garbage, truncated, or empty of our tables) reported as damage, not a traceback."""
+    with engine.connect() as conn:  # SQLite's own errors are typed by sqlite_error
+        current, head, known = schema_revision(conn)
+        if current is None and not inspect(conn).has_table("collection"):
+            raise CollectionDamagedError(
+                f"{db_path} holds no collection (no tables): not made by retrieval-imprint, or emptied"
+            )
+    return current, head, known
+
+
+def schema_revision(conn: Connection) -> tuple[str | None, str, bool]:
+    """``(current, head, known)``: the database's revision, the code's head, and whether the code
+    knows the database's revision (False: the database is newer than this code)."""
+    script = ScriptDirectory.from_config(alembic_config(conn))
+    current = MigrationContext.configure(conn).get_current_revision()
+    known = current is None or any(rev.revision == current for rev in script.walk_revisions())
+    return current, script.get_current_head(), known
+
+
+def migrate(conn: Connection, revision: str = "head", *, down: bool = False) -> None:
+    """Upgrade (or downgrade) the database on ``conn`` to ``revision`` (the caller's transaction)."""
+    (command.downgrade if down else command.upgrade)(alembic_config(conn), revision)

@@ -32,7 +32,7 @@ import numpy as np
 from . import labels as lab
 from . import params as spec
 from . import provenance, segments, snapshot, writes
-from .calibration import calibrate_over
+from .calibration import Calibrated
 from .collection import Collection
 from .embed import Embedder
 from .errors import CollectionDamagedError, CollectionNotFoundError, CollectionStateError, DataError, SettingsClashError
@@ -40,8 +40,6 @@ from .integrity import CheckReport
 from .interface import ImprintCollection, Shared, check_tunable, check_vectors, staging, writing_all
 from .merge import combined_info, merge, part
 from .normalize import normalize
-from .openset import Calibration
-from .params import MARGIN
 from .ranking import QueryResult
 from .shards import FORMAT, LABEL_HASH, directories, is_sharded, read_manifest, shard_name, shard_of, write_manifest
 
@@ -57,7 +55,7 @@ def open_any(path: str | os.PathLike, **options: Any) -> ImprintCollection:
     return kind_of(path).open(path, **options)
 
 
-class ShardedCollection(Shared):
+class ShardedCollection(Calibrated, Shared):
     """``Collection``'s API over S shard collections; see the module docstring."""
 
     def __init__(self, path: Path, shards: list[Collection], manifest: dict[str, Any], lock_timeout: float) -> None:
@@ -390,34 +388,9 @@ class ShardedCollection(Shared):
             col.compact(retrain=retrain)
         return self
 
-    def calibrate(
-        self,
-        X: Any = None,
-        labels: Sequence[object] | None = None,
-        X_oos: Any = None,
-        *,
-        target_accuracy: float | None = None,
-        target_oos_recall: float | None = None,
-        target_false_rejection: float | None = None,
-        rule: str | None = None,
-        margin: float = MARGIN,
-    ) -> Calibration:
-        """``Collection.calibrate`` of the whole: validation queries answered by every shard
-        together, each class's shift from its own shard, one rule and threshold stored in every
-        shard (shard by shard, every shard's writer lock held)."""
-        return calibrate_over(
-            self.shards,
-            self.query,
-            lambda found: shard_of(found, self.n_shards),
-            X,
-            labels,
-            X_oos,
-            target_accuracy=target_accuracy,
-            target_oos_recall=target_oos_recall,
-            target_false_rejection=target_false_rejection,
-            rule=rule,
-            margin=margin,
-        )
+    def calibration_members(self) -> tuple[list[Collection], Any]:
+        """``calibrate``'s: the shards, and the shard of each label."""
+        return self.shards, lambda found: shard_of(found, self.n_shards)
 
     def export(self, out: str | os.PathLike) -> int:
         """``Collection.export`` of every shard's samples into one Parquet file (shard by shard);

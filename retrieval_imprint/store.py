@@ -8,19 +8,15 @@ transactions (``writing``), readers plain ones.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
     Engine,
@@ -32,15 +28,23 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     or_,
     select,
     update,
 )
 
 from . import labels as lab
-from .errors import CollectionDamagedError, CollectionIOError, CollectionLockedError
+from . import schema
+from .errors import (
+    CollectionDamagedError,
+    CollectionIOError,
+    CollectionLockedError,
+    CollectionNotFoundError,
+    NotACollectionError,
+    SchemaVersionError,
+)
 from .schema import classes, collection, embedder, ingest, proxies, samples, segments, texts
+from .segments import DB_NAME
 
 BUSY_TIMEOUT_MS = 10_000
 SQL_CHUNK = 400  # values per IN (...) list: SQLite caps bound parameters
@@ -125,40 +129,11 @@ def writing(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
-def alembic_config(conn: Connection) -> Config:
-    """Alembic configuration running the packaged migrations on ``conn``."""
-    cfg = Config()
-    cfg.set_main_option("script_location", str(resources.files("retrieval_imprint.migrations")))
-    cfg.attributes["connection"] = conn
-    return cfg
-
-
-def schema_revision_of(engine: Engine, db_path: Path) -> tuple[str | None, str, bool]:
-    """``schema_revision`` on a fresh connection, with a file that is not a collection's SQLite
-    database (garbage, truncated, or empty of our tables) reported as damage, not a traceback."""
-    with engine.connect() as conn:  # SQLite's own errors are typed by sqlite_error
-        current, head, known = schema_revision(conn)
-        if current is None and not inspect(conn).has_table("collection"):
-            raise CollectionDamagedError(
-                f"{db_path} holds no collection (no tables): not made by retrieval-imprint, or emptied"
-            )
-    return current, head, known
-
-
-def schema_revision(conn: Connection) -> tuple[str | None, str, bool]:
-    """``(current, head, known)``: the database's revision, the code's head, and whether the code
-    knows the database's revision (False: the database is newer than this code)."""
-    script = ScriptDirectory.from_config(alembic_config(conn))
-    current = MigrationContext.configure(conn).get_current_revision()
-    known = current is None or any(rev.revision == current for rev in script.walk_revisions())
-    return current, script.get_current_head(), known
-
-
 def migrate(engine: Engine, revision: str = "head", *, down: bool = False) -> None:
-    """Upgrade (or downgrade) the database to ``revision`` with the packaged Alembic scripts."""
+    """Upgrade (or downgrade) the database to ``revision`` with the packaged Alembic scripts, in
+    one writing transaction (``schema.migrate``)."""
     with writing(engine) as conn:
-        cfg = alembic_config(conn)
-        (command.downgrade if down else command.upgrade)(cfg, revision)
+        schema.migrate(conn, revision, down=down)
 
 
 # ----------------------------------------------------------------- reads and writes of one version
@@ -419,3 +394,26 @@ def update_classes(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
 def delete_segments(conn: Connection, kinds: Sequence[str]) -> None:
     """Forget every segment file of these kinds (their id rows are deleted by ``delete_vectors``)."""
     conn.execute(delete(segments).where(segments.c.kind.in_(list(kinds))))
+
+
+def open_database(path: Path) -> tuple[Engine, str | None, str]:
+    """An engine on the database of the collection at ``path``, its schema revision and this
+    code's head; an error if there is no collection or its schema is newer than this code knows."""
+    db = path / DB_NAME
+    if not path.exists():
+        raise CollectionNotFoundError(f"no collection at {path}")
+    if not db.is_file():
+        raise NotACollectionError(f"{path} is not a collection (no {DB_NAME} in it)")
+    if not db.stat().st_size:
+        raise CollectionDamagedError(
+            f"{db} is empty (truncated, or never written): the collection's database is lost; restore it from a "
+            "copy or re-index"
+        )
+    engine = connect(db, read_only=not os.access(path, os.W_OK))
+    current, head, known = schema.schema_revision_of(engine, db)
+    if not known:
+        raise SchemaVersionError(
+            f"{path} has schema revision {current}, newer than this retrieval-imprint knows (up to {head}): "
+            "upgrade the package to open it"
+        )
+    return engine, current, head

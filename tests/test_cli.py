@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import DEMO, blobs
 
-from retrieval_imprint import segments
+from retrieval_imprint import schema, segments
 from retrieval_imprint.classifier import ImprintClassifier
 from retrieval_imprint.cli import main
 from retrieval_imprint.collection import Collection
@@ -159,7 +159,7 @@ def test_db_upgrade(tmp_path):
     np.savez(tmp_path / "v.npz", train_X=X, train_y=y)
     run("index", str(path), str(tmp_path / "v.npz"), "--split", "train", "--model", "none", "--quiet")
     engine = store.connect(path / "imprint.db")
-    head = store.schema_revision_of(engine, path)[1]
+    head = schema.schema_revision_of(engine, path)[1]
     store.migrate(engine, "0001", down=True)
     assert f"older than {head}" in run("info", str(path), code=2).stderr
     assert f"schema 0001 -> {head}" in run("db", "upgrade", str(path)).output

@@ -156,7 +156,7 @@ def test_upgrade_from_the_initial_revision_keeps_the_data(tmp_path):
     col.add(X, y)
     before = col.query(X, 3)
     engine = store.connect(path / DB_NAME)
-    head = store.schema_revision_of(engine, path)[1]
+    head = schema.schema_revision_of(engine, path)[1]
     store.migrate(engine, "0001", down=True)
     with pytest.raises(SchemaVersionError, match=f"schema revision 0001, older than {head}: run `imprint db upgrade"):
         Collection.open(path)
