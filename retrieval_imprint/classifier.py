@@ -27,7 +27,7 @@ from .index import ProxyIndex
 from .labels import check_targets, label_keys
 from .normalize import normalize
 from .openset import class_shift, filled, own_scores
-from .params import AUTO, DEFAULTS, check_params, numpydoc_parameters, preset
+from .params import AUTO, DEFAULTS, IMPRINT, RUNTIME, check_params, preset
 
 BLOCK = 1024  # queries scored at a time by a blend's predict: (BLOCK, proxies) similarities in memory
 
@@ -235,7 +235,23 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[rank_classes(owner_of[ids], vote_weights(dist, self.vote), 1, vote=True)[0][:, 0]]
 
 
+def _numpydoc_parameters(names: list[str]) -> str:
+    """A numpydoc ``Parameters`` section for these estimator parameters, written from their
+    declarations (``ImprintClassifier``'s docstring is made with it, so the two cannot drift)."""
+    lines = ["Parameters", "----------"]
+    for name in names:
+        p = (IMPRINT | RUNTIME)[name]
+        kind = "{" + ", ".join(repr(c) for c in p.choices()) + "}" if p.choices else p.type.__name__
+        if not p.choices and p.default in (None, AUTO):
+            kind += f" or {p.default!r}"
+        if name == "random_state":
+            kind += ", RandomState or None"
+        lines += [f"{name} : {kind}, default={p.default!r}", *textwrap.wrap(p.help, 92, initial_indent="    ",
+                                                                            subsequent_indent="    ")]  # fmt: skip
+    return "\n".join(lines)
+
+
 ImprintClassifier.__doc__ = (ImprintClassifier.__doc__ or "").replace(
     "PARAMETERS",
-    textwrap.indent(numpydoc_parameters(list(inspect.signature(ImprintClassifier).parameters)), "    ")[4:],
+    textwrap.indent(_numpydoc_parameters(list(inspect.signature(ImprintClassifier).parameters)), "    ")[4:],
 )

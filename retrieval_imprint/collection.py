@@ -40,10 +40,9 @@ from .errors import (
     DataError,
     InvalidParameterError,
     SchemaVersionError,
-    SettingsClashError,
 )
 from .integrity import CheckReport, check
-from .interface import Shared, check_tunable, check_vectors, staging
+from .interface import Shared, check_tunable, check_unchanged, check_vectors, staging
 from .normalize import normalize
 from .ranking import QueryResult
 from .segments import DB_NAME
@@ -148,23 +147,10 @@ class Collection(Calibrated, Shared):
 
     def check_settings(self, *, preset: str | None = None, **settings: Any) -> None:
         """Raise ``SettingsClashError`` if any setting given here differs from the stored one."""
-        given = spec.preset(preset) | settings
-        checked = spec.resolve(given, spec.collection_scope())
-        stored = {
-            **self.config,
-            "model": self.model,
-            "index": self.config["index_factory"],
-            "search_params": self.search_params or None,
-        }
-        if given.get("index") == "auto" and stored["memory_budget"] is not None:
-            stored["index"] = "auto"  # auto chose the stored factory at the first add
-        clash = [
-            f"{name}={checked[name]!r} (collection: {stored[name]!r})"
-            for name in given
-            if checked[name] != stored[name]
-        ]
-        if clash:
-            raise SettingsClashError(f"{self.path} already exists with other settings: {'; '.join(clash)}")
+        stored = {**self.config, "model": self.model, "index": self.config["index_factory"]}
+        check_unchanged(
+            self.path, spec.preset(preset) | settings, {**stored, "search_params": self.search_params or None}
+        )
 
     def refresh(self) -> bool:
         """Pick up another process's writes; True if the collection changed."""
@@ -215,8 +201,7 @@ class Collection(Calibrated, Shared):
     def auto_choice(self) -> dict[str, Any] | None:
         """The concrete generator, k, aggregation and alpha fixed at the first add, with the held-out
         accuracy of each candidate auto weighed (``cv_results``); None before the first add."""
-        chosen = self._s.config["auto_choice"]
-        return json.loads(chosen) if chosen else None
+        return self._s.auto_choice
 
     @property
     def model(self) -> str | None:
@@ -225,22 +210,7 @@ class Collection(Calibrated, Shared):
 
     def info(self) -> dict[str, Any]:
         """Config, sizes and files, as plain data."""
-        s = self._s
-        files = [f for kind in s.files.values() for f in kind]
-        return {
-            "path": str(self.path),
-            "classes": len(self),
-            "proxies": int(s.table.n_proxies.sum()),
-            "samples": int(s.table.n_samples.sum()),
-            "version": s.version,
-            "config": self.config,
-            "trained_on": s.config["trained_on"],
-            "auto_choice": self.auto_choice,
-            "index_tuning": json.loads(s.config["index_tuning"]) if s.config.get("index_tuning") else None,
-            "embedder": dict(s.embedder) if s.embedder else None,
-            "segments": files,
-            "bytes_on_disk": sum(p.stat().st_size for p in map(self.path.joinpath, files + [DB_NAME]) if p.exists()),
-        }
+        return {"path": str(self.path), **self._s.info(self.path), "config": self.config}
 
     def class_table(self) -> list[dict[str, Any]]:
         """One row per class, in insertion order: label, samples, proxies."""
@@ -444,10 +414,7 @@ class Collection(Calibrated, Shared):
             )
         params = spec.check_search_params("search_params", params)
         with self.writing():
-            merged = {**self.search_params, **params}  # the user's choice: no longer tuned (ivf.tune_nprobe)
-            writes.set_values(self._engine, self._s, search_params=json.dumps(merged), index_tuning=None)
-            if self._s.proxies is not None:
-                self._s.proxies.search_params = merged
+            writes.set_search_params(self._engine, self._s, params)
         return self
 
     def set_threshold(self, threshold: float | None, *, label: object = None) -> Collection:
@@ -487,16 +454,8 @@ class Collection(Calibrated, Shared):
         nprobe falls and queries slow down. ``retrain=True`` retrains now, ``False`` never.
         """
         with self.writing():
-            template = self._s.template
-            if retrain and template is None:
-                raise CollectionStateError(f"collection {self.path} has an exact index; only IVF indexes are retrained")
-            if retrain and not template.retrainable():
-                raise CollectionStateError(
-                    f"collection {self.path}: index={self._s.config['index_factory']!r} "
-                    "cannot be retrained; only IVF-Flat and IVF-SQfp16 codes re-encode "
-                    "without loss"
-                )
-            compaction.compact(self.path, self._engine, self._s, retrain=self.outgrown if retrain is None else retrain)
+            retrain = self.outgrown if retrain is None else compaction.check_retrain(self.path, self._s, retrain)
+            compaction.compact(self.path, self._engine, self._s, retrain=retrain)
         return self
 
     def tune(self) -> dict[str, Any]:
@@ -512,14 +471,7 @@ class Collection(Calibrated, Shared):
     def outgrown(self) -> bool:
         """True when the IVF lists (Flat or SQfp16 codes) were trained on fewer than 1 /
         ``RETRAIN_GROWTH`` of the live proxies: ``compact()`` would retrain them."""
-        s = self._s
-        trained_on = s.config["trained_on"]
-        return (
-            s.template is not None
-            and s.template.retrainable()
-            and trained_on is not None
-            and s.proxies.ntotal >= RETRAIN_GROWTH * trained_on
-        )
+        return self._s.outgrown(RETRAIN_GROWTH)
 
     def rows_done(self, source: str) -> int:
         """Rows of ``source`` already committed by an ingestion (``ingestion.py``)."""

@@ -17,6 +17,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from . import segments, store
+from .errors import CollectionStateError
 from .snapshot import Snapshot
 from .writes import RECENT_MAX, record_segment, tune_search
 
@@ -52,6 +53,18 @@ def tiered(sizes: Sequence[int]) -> list[int]:
     enough = np.flatnonzero(growth >= MERGE_FAN_IN)
     k = int(enough[0]) if len(enough) else int(np.argmax(growth))
     return list(range(k + 2))
+
+
+def check_retrain(directory: Path, s: Snapshot, retrain: bool) -> bool:
+    """``retrain``, if the collection's index can be retrained; else a ``CollectionStateError``."""
+    if retrain and s.template is None:
+        raise CollectionStateError(f"collection {directory} has an exact index; only IVF indexes are retrained")
+    if retrain and not s.template.retrainable():
+        raise CollectionStateError(
+            f"collection {directory}: index={s.config['index_factory']!r} cannot be retrained; only IVF-Flat and "
+            "IVF-SQfp16 codes re-encode without loss"
+        )
+    return retrain
 
 
 def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, retrain: bool = False) -> None:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from . import labels as lab
-from .errors import CollectionExistsError, CollectionStateError, DataError
+from . import params as spec
+from .errors import CollectionExistsError, CollectionStateError, DataError, SettingsClashError
 from .searchable import Searchable
 
 if TYPE_CHECKING:
@@ -181,3 +182,16 @@ def writing_all(collections: Sequence[Any]) -> Iterator[None]:
         for col in collections:
             stack.enter_context(col.writing())
         yield
+
+
+def check_unchanged(path: object, given: dict[str, Any], stored: dict[str, Any]) -> None:
+    """A ``SettingsClashError`` listing every collection setting ``given`` (resolved) that differs
+    from the ``stored`` one of the collection at ``path``."""
+    checked = spec.resolve(given, spec.collection_scope())
+    if given.get("index") == "auto" and stored["memory_budget"] is not None:
+        stored = {**stored, "index": "auto"}  # auto chose the stored factory at the first add
+    clash = [
+        f"{name}={checked[name]!r} (collection: {stored[name]!r})" for name in given if checked[name] != stored[name]
+    ]
+    if clash:
+        raise SettingsClashError(f"{path} already exists with other settings: {'; '.join(clash)}")

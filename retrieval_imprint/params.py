@@ -13,8 +13,7 @@ import difflib
 import math
 import numbers
 import sys
-import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,22 +363,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # k and max-or-blend chosen from the training data by cross-validation (the default)
     "auto": dict(pre_norm="l2", generator=AUTO, k=None, post_norm="l2", inf_norm="l2", aggregation=AUTO, alpha=None),
 }
-
-
-def numpydoc_parameters(names: Sequence[str]) -> str:
-    """A numpydoc ``Parameters`` section for these estimator parameters, written from their
-    declarations (``ImprintClassifier``'s docstring is made with it, so the two cannot drift)."""
-    lines = ["Parameters", "----------"]
-    for name in names:
-        p = _ESTIMATOR[name]
-        kind = "{" + ", ".join(repr(c) for c in p.choices()) + "}" if p.choices else p.type.__name__
-        if not p.choices and p.default in (None, AUTO):
-            kind += f" or {p.default!r}"
-        if name == "random_state":
-            kind += ", RandomState or None"
-        lines += [f"{name} : {kind}, default={p.default!r}", *textwrap.wrap(p.help, 92, initial_indent="    ",
-                                                                            subsequent_indent="    ")]  # fmt: skip
-    return "\n".join(lines)
 
 
 def _unknown(name: str, known: dict[str, Param]) -> InvalidParameterError:

@@ -67,6 +67,38 @@ class Snapshot:
         return stored | {k: v for k, v in chosen.items() if k in STORED}
 
     @property
+    def auto_choice(self) -> dict[str, Any] | None:
+        """What auto chose at the first add, with its CV table (None before it)."""
+        chosen = self.config["auto_choice"]
+        return json.loads(chosen) if chosen else None
+
+    def outgrown(self, growth: float) -> bool:
+        """True when the IVF lists (Flat or SQfp16 codes) were trained on fewer than 1 / ``growth``
+        of the live proxies: a compaction would retrain them."""
+        trained_on = self.config["trained_on"]
+        return (self.template is not None and self.template.retrainable() and trained_on is not None
+                and self.proxies is not None and self.proxies.ntotal >= growth * trained_on)  # fmt: skip
+
+    def info(self, directory: Path) -> dict[str, Any]:
+        """Sizes, files and what was chosen, as plain data (``Collection.info``)."""
+        files = [f for kind in self.files.values() for f in kind]
+        tuning = self.config.get("index_tuning")
+        return {
+            "classes": len(self.table),
+            "proxies": int(self.table.n_proxies.sum()),
+            "samples": int(self.table.n_samples.sum()),
+            "version": self.version,
+            "trained_on": self.config["trained_on"],
+            "auto_choice": self.auto_choice,
+            "index_tuning": json.loads(tuning) if tuning else None,
+            "embedder": dict(self.embedder) if self.embedder else None,
+            "segments": files,
+            "bytes_on_disk": sum(
+                p.stat().st_size for p in map(directory.joinpath, [*files, segments.DB_NAME]) if p.exists()
+            ),
+        }
+
+    @property
     def search_params(self) -> dict[str, int]:
         """Stored search parameters of an approximate index (e.g. ``{"nprobe": 16}``)."""
         return json.loads(self.config["search_params"]) if self.config["search_params"] else {}

@@ -52,6 +52,15 @@ def set_values(engine: Engine, s: Snapshot, **values: Any) -> None:
     s.config.update(values, version=version)
 
 
+def set_search_params(engine: Engine, s: Snapshot, params: dict[str, int]) -> None:
+    """Store these search parameters over the stored ones: the user's choice, no longer tuned
+    (``ivf.tune_nprobe``)."""
+    merged = {**s.search_params, **params}
+    set_values(engine, s, search_params=json.dumps(merged), index_tuning=None)
+    if s.proxies is not None:
+        s.proxies.search_params = merged
+
+
 def set_class_threshold(engine: Engine, s: Snapshot, class_id: int, threshold: float | None) -> None:
     """Set (None: clear) one class's own rejection threshold and bump the version."""
     version = s.version + 1
