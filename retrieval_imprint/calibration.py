@@ -6,7 +6,7 @@ held throughout (``openset.py`` has the rules and the statistics). ``Calibrated`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -98,13 +98,12 @@ def calibrate_over(
 
 class Calibrated:
     """``calibrate`` for a collection (its own classes) or a sharded one (its shards'): each kind
-    says which collections hold its classes and which of them holds a label."""
+    says which collections hold its classes (``members``) and which of them holds a label
+    (``member_of``)."""
 
     query: Any
-
-    def calibration_members(self) -> tuple[Sequence[Any], Callable[[list], np.ndarray]]:
-        """The collections holding the classes, and the position among them of each label's."""
-        raise NotImplementedError
+    members: Any  # the plain collections holding the classes
+    member_of: Any  # the position among them of each label's class
 
     def calibrate(
         self,
@@ -126,11 +125,10 @@ class Calibrated:
         left out (the collection's rule, or ``rule``). A sharded collection answers the queries
         with every shard together and stores the result in each. A target no threshold reaches
         raises ``CalibrationError`` and changes nothing."""
-        members, owner_of = self.calibration_members()
         return calibrate_over(
-            members,
+            self.members,
             self.query,
-            owner_of,
+            self.member_of,
             X,
             labels,
             X_oos,

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import labels as lab
 from . import segments
+from .errors import DataError
 
 COLUMNS = ("ids", "labels", "n_samples", "proxy_lo", "proxy_hi", "shift", "threshold")
 FEW_LABELS = 16  # up to this many distinct labels, ids_of compares each with the label column
@@ -80,6 +81,14 @@ class ClassTable:
         lab.stored_entry(label)
         found = int(self.ids_of([label])[0])
         return None if found < 0 else found
+
+    def require(self, labels: Sequence[object], collection: object) -> np.ndarray:
+        """The class ids of ``labels`` (one lookup, ``ids_of``), or a ``DataError`` naming the first
+        that is no class of ``collection``."""
+        ids = self.ids_of(labels)
+        if (ids < 0).any():
+            raise DataError(f"no class {labels[int(np.argmax(ids < 0))]!r} in collection {collection}")
+        return ids
 
     def ids_of(self, labels: Sequence[object]) -> np.ndarray:
         """The class id of each label (-1 for None, or a label of no class). A few distinct labels

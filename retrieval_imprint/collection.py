@@ -101,13 +101,9 @@ class Collection(Calibrated, Shared):
             embedder = None if where is None else {
                 "name": s["model"], "path": where, "dimension": s["dimension"], "revision": model_fingerprint(where)
             }  # fmt: skip
-            engine = store.connect(staged / DB_NAME)
-            try:
-                store.migrate(engine)
-                stored = {name: s[name] for name in spec.STORED}
-                store.initialize(engine, stored, s, embedder, None if auto_choice is None else json.dumps(auto_choice))
-            finally:
-                engine.dispose()
+            store.create_database(
+                staged / DB_NAME, s, embedder, None if auto_choice is None else json.dumps(auto_choice)
+            )
         return cls.open(path, lock_timeout=lock_timeout)
 
     @classmethod
@@ -241,18 +237,8 @@ class Collection(Calibrated, Shared):
         top = spec.check_int("top", top, 1)
         self.check_model(model, "query")
         Q = normalize(check_vectors(Q, "Q", s.dimension), s.config["inf_norm"], what="Q")
-        owner, scores = ranking.rank(s, Q, top, self.checked_search_params(search_params, s))
+        owner, scores = ranking.rank(s, Q, top, ranking.search_params(s, search_params))
         return ranking.answer(s, owner, scores, threshold)
-
-    def checked_search_params(self, params: dict[str, int] | None, s: Any = None) -> dict[str, int] | None:
-        """``query``'s ``search_params``, checked against snapshot ``s`` (default: the current one):
-        they apply to IVF indexes only."""
-        s = self._s if s is None else s
-        if params and s.proxies is not None and not s.proxies.is_ivf:
-            raise InvalidParameterError(
-                "search_params apply to approximate (IVF) indexes; this collection's index is exact"
-            )
-        return spec.check_search_params("search_params", params)
 
     def embedder(self, *, progress: bool = False) -> Embedder:
         """The collection's embedding model (loaded on first use; cached embeddings), checked to be
@@ -265,7 +251,7 @@ class Collection(Calibrated, Shared):
     def examples(self, label: object) -> list[dict[str, Any]]:
         """The kept samples of class ``label``: ``sample`` (index in the class), ``text`` and ``ref``
         (None where it was added as a vector) (``provenance.py``)."""
-        return provenance.examples(self._engine, self._s, self.path, self._class_id(label))
+        return provenance.examples(self._engine, self._s, self.path, int(self._s.table.require([label], self.path)[0]))
 
     def explain(self, Q: Any, n: int = 3, *, threshold: float | None = None) -> list[list[dict[str, Any]]]:
         """For each query, the ``n`` kept samples of its answer most similar to it (text, ref,
@@ -277,18 +263,14 @@ class Collection(Calibrated, Shared):
         Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
         return provenance.explain(self._engine, s, self.path, Q, owner, n)
 
-    def export(self, out: str | os.PathLike) -> int:
-        """Write every kept sample with its label, text and ref, and the collection's settings, to
-        the Parquet file ``out``; ``ingest`` (``imprint index``) makes an equal collection from it.
-        Returns the rows written."""
-        s = snapshot.read(self.path, self._engine, samples=True)
-        return provenance.write_export(
-            [provenance.export(self._engine, s, self.path)],
-            Path(out),
-            self.model,
-            self.export_settings(),
-            self.export_state(),
-        )
+    @property
+    def members(self) -> list[Collection]:
+        """The plain collections holding the classes: this one."""
+        return [self]
+
+    def member_of(self, labels: Sequence[object]) -> np.ndarray:
+        """The position in ``members`` of each label's class: 0."""
+        return np.zeros(len(labels), np.int64)
 
     def export_settings(self) -> dict[str, Any]:
         """The settings an exported file carries: what ``ingest`` creates a collection with."""
@@ -325,21 +307,13 @@ class Collection(Calibrated, Shared):
         in-memory changes by reloading what is on disk."""
         with segments.writer_lock(self.path, self.lock_timeout):
             self.refresh()
-            missing = [f for files in self._s.files.values() for f in files if not (self.path / f).is_file()]
-            if missing:  # damage found before a write, not after it has committed
-                raise CollectionDamagedError(
-                    f"collection {self.path}: index file {missing[0]} is missing "
-                    f"({len(missing)} in all); nothing was changed: run `imprint check`"
-                )
-            self._delete_unlisted()
+            self._s.check_files(self.path)  # damage found before a write, not after it has committed
+            segments.delete_unlisted(self.path, self._s.listed())
             try:
                 yield
             except BaseException:
                 self._s = snapshot.read(self.path, self._engine)
                 raise
-
-    def _delete_unlisted(self) -> None:
-        segments.delete_unlisted(self.path, {f for files in self._s.files.values() for f in files})
 
     def add(
         self,
@@ -400,10 +374,8 @@ class Collection(Calibrated, Shared):
         shift (``(threshold, shift)``, None: none), in one write: what an export carries of a
         calibrated collection, restored by ``ingest`` when it makes the collection again."""
         with self.writing():
-            ids = self._s.table.ids_of(list(classes))
-            if (ids < 0).any():
-                raise DataError(f"no class {list(classes)[int(np.argmax(ids < 0))]!r} in collection {self.path}")
-            writes.restore_rejection(self._engine, self._s, threshold, dict(zip(ids.tolist(), classes.values())))
+            ids = self._s.table.require(list(classes), self.path).tolist()
+            writes.restore_rejection(self._engine, self._s, threshold, dict(zip(ids, classes.values())))
         return self
 
     def set_search_params(self, **params: int) -> Collection:
@@ -427,23 +399,15 @@ class Collection(Calibrated, Shared):
             if label is None:
                 writes.set_values(self._engine, self._s, threshold=value)
             else:
-                writes.set_class_threshold(self._engine, self._s, self._class_id(label), value)
+                writes.set_class_threshold(
+                    self._engine, self._s, int(self._s.table.require([label], self.path)[0]), value
+                )
         return self
 
     def existing(self, entries: Sequence[tuple[str, str]]) -> set:
         """Which of these label entries are classes here (one SQL lookup, not a scan per label)."""
         with self._engine.connect() as conn:
             return set(store.find_classes(conn, list(entries)))
-
-    def _class_id(self, label: object) -> int:
-        found = self._s.table.find(label)
-        if found is None:
-            raise DataError(f"no class {label!r} in collection {self.path}")
-        return found
-
-    def calibration_members(self) -> tuple[list[Collection], Any]:
-        """``calibrate``'s: this collection holds every class."""
-        return [self], lambda found: np.zeros(len(found), np.int64)
 
     def compact(self, *, retrain: bool | None = None) -> Collection:
         """Rewrite the live vectors into one segment per kind and delete the old files.

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import labels as lab
+from . import ranking
 from .collection import Collection
 from .device import current, set_device
 from .embed import recorded_embedder
@@ -309,7 +310,7 @@ class ShardReplica:
         if not len(self.col):
             return None
         s = self.col.snapshot  # one version for the whole part
-        return part(s, self.col.checked_search_params(search_params, s), self.shard, self.n_shards, Q, top, threshold)
+        return part(s, ranking.search_params(s, search_params), self.shard, self.n_shards, Q, top, threshold)
 
 
 class ShardRouter:

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import labels as lab
 from . import params as spec
+from . import provenance, snapshot
 from .errors import CollectionExistsError, CollectionStateError, DataError, SettingsClashError
 from .searchable import Searchable
 
@@ -83,6 +84,8 @@ class Shared:
     add: Any
     embedder: Any
     close: Any
+    members: Any  # the plain collections holding the classes (itself, or the shards)
+    auto_choice: Any
 
     def __enter__(self: Self) -> Self:
         return self
@@ -118,6 +121,17 @@ class Shared:
         texts, labels, refs = text_rows(texts, labels, refs)
         self.add(self.embedder().encode(texts), labels, model=self.model, replace=replace, texts=texts, refs=refs)
         return self
+
+    def export(self, out: str | os.PathLike) -> int:
+        """Write every kept sample with its label, text and ref, and the collection's settings, to
+        the Parquet file ``out`` (a sharded collection's shard by shard); ``ingest`` (``imprint
+        index``, with or without ``--shards``) makes an equal collection from it. Returns the
+        rows written."""
+        live = [col for col in self.members if len(col)] or self.members[:1]
+        tables = [provenance.export(c.engine, snapshot.read(c.path, c.engine, samples=True), c.path) for c in live]
+        first = self.members[0]
+        state = {**first.export_state(), "auto_choice": self.auto_choice}
+        return provenance.write_export(tables, Path(out), self.model, first.export_settings(), state)
 
 
 @contextmanager

@@ -50,7 +50,7 @@ def part(
 ) -> Part:
     """Shard ``shard``'s ``Part`` of the answers to queries ``Q`` (after NORMinf), from its
     snapshot ``s`` (one version for the whole part, whatever a concurrent refresh() does)."""
-    params = search_params  # checked by the caller (Collection.checked_search_params)
+    params = search_params  # checked by the caller (ranking.search_params)
     if s.params["aggregation"] == "mnn":
         sim, dist, ids = ranking.neighbours(s, Q, params)
         found = ids >= 0

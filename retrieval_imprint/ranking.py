@@ -15,8 +15,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from . import labels as lab
+from . import params as spec
 from .aggregate import BLEND_DEPTH, BLEND_DEPTH_BATCH, blend_rank, rank_classes, vote_weights
-from .errors import DataError
+from .errors import DataError, InvalidParameterError
 from .index import SMALL_BATCH
 from .openset import filled
 from .segments import CLASS_SHIFT, class_of
@@ -247,3 +248,12 @@ def rejection_inputs(
 def label_shifts(s: Snapshot, labels: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """The entry of ``shift`` (table order; NaN read as ``filled``) of each class label (None: 0)."""
     return _shift_of(s, s.table.ids_of(labels), shift)
+
+
+def search_params(s: Snapshot, params: dict[str, int] | None) -> dict[str, int] | None:
+    """A query's ``search_params``, checked: they apply to IVF indexes only."""
+    if params and s.proxies is not None and not s.proxies.is_ivf:
+        raise InvalidParameterError(
+            "search_params apply to approximate (IVF) indexes; this collection's index is exact"
+        )
+    return spec.check_search_params("search_params", params)

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import labels as lab
 from . import params as spec
-from . import provenance, segments, snapshot, writes
+from . import ranking, segments, writes
 from .calibration import Calibrated
 from .collection import Collection
 from .embed import Embedder
@@ -164,6 +164,15 @@ class ShardedCollection(Calibrated, Shared):
         return self._manifest
 
     @property
+    def members(self) -> list[Collection]:
+        """The plain collections holding the classes: the shards."""
+        return self.shards
+
+    def member_of(self, labels: Sequence[object]) -> np.ndarray:
+        """The shard of each label."""
+        return shard_of(labels, self.n_shards)
+
+    @property
     def n_shards(self) -> int:
         return len(self.shards)
 
@@ -250,7 +259,7 @@ class ShardedCollection(Calibrated, Shared):
         parts = []
         for i, col in live:
             s = col.snapshot  # one version for the shard's whole part
-            parts.append(part(s, col.checked_search_params(search_params, s), i, self.n_shards, Q, top, threshold))
+            parts.append(part(s, ranking.search_params(s, search_params), i, self.n_shards, Q, top, threshold))
         return merge(parts, top, first.params)
 
     def check(self) -> CheckReport:
@@ -387,25 +396,6 @@ class ShardedCollection(Calibrated, Shared):
         for col in self.shards:
             col.compact(retrain=retrain)
         return self
-
-    def calibration_members(self) -> tuple[list[Collection], Any]:
-        """``calibrate``'s: the shards, and the shard of each label."""
-        return self.shards, lambda found: shard_of(found, self.n_shards)
-
-    def export(self, out: str | os.PathLike) -> int:
-        """``Collection.export`` of every shard's samples into one Parquet file (shard by shard);
-        ``ingest`` (``imprint index``, with or without ``--shards``) reads it back."""
-        live = [col for col in self.shards if len(col)] or self.shards[:1]
-        tables = [
-            provenance.export(col.engine, snapshot.read(col.path, col.engine, samples=True), col.path) for col in live
-        ]
-        return provenance.write_export(
-            tables,
-            Path(out),
-            self.model,
-            self.shards[0].export_settings(),
-            {**self.shards[0].export_state(), "auto_choice": self.auto_choice},
-        )
 
     def tune(self) -> dict[str, Any]:
         """``Collection.tune`` of the whole: one choice, cross-validated on every shard's kept

@@ -79,6 +79,19 @@ class Snapshot:
         return (self.template is not None and self.template.retrainable() and trained_on is not None
                 and self.proxies is not None and self.proxies.ntotal >= growth * trained_on)  # fmt: skip
 
+    def listed(self) -> set[str]:
+        """Every segment file this version names."""
+        return {f for files in self.files.values() for f in files}
+
+    def check_files(self, directory: Path) -> None:
+        """A ``CollectionDamagedError`` if a segment file this version names is missing."""
+        missing = sorted(f for f in self.listed() if not (directory / f).is_file())
+        if missing:
+            raise CollectionDamagedError(
+                f"collection {directory}: index file {missing[0]} is missing ({len(missing)} in all); nothing was "
+                "changed: run `imprint check`"
+            )
+
     def info(self, directory: Path) -> dict[str, Any]:
         """Sizes, files and what was chosen, as plain data (``Collection.info``)."""
         files = [f for kind in self.files.values() for f in kind]

@@ -43,6 +43,7 @@ from .errors import (
     NotACollectionError,
     SchemaVersionError,
 )
+from .params import STORED
 from .schema import classes, collection, embedder, ingest, proxies, samples, segments, texts
 from .segments import DB_NAME
 
@@ -137,21 +138,28 @@ def migrate(engine: Engine, revision: str = "head", *, down: bool = False) -> No
 
 
 # ----------------------------------------------------------------- reads and writes of one version
-def initialize(
-    engine: Engine,
-    stored: dict[str, Any],
-    settings: dict[str, Any],
-    embedder_row: dict[str, Any] | None,
-    auto_choice: str | None = None,
+def create_database(
+    db_path: Path, settings: dict[str, Any], embedder_row: dict[str, Any] | None, auto_choice: str | None = None
 ) -> None:
-    """Write a new collection's settings row (GEN/NORM/AGG ``stored`` plus the collection
-    ``settings``, and what auto chose where that is known already) and its embedder's row, at
-    version 0 with no classes."""
+    """A new collection's database at ``db_path``, at the schema's head, with its settings row
+    (the resolved ``settings``, and what auto chose where that is known already) and its
+    embedder's row, at version 0 with no classes."""
+    engine = connect(db_path)
+    try:
+        migrate(engine)
+        _initialize(engine, settings, embedder_row, auto_choice)
+    finally:
+        engine.dispose()
+
+
+def _initialize(
+    engine: Engine, settings: dict[str, Any], embedder_row: dict[str, Any] | None, auto_choice: str | None
+) -> None:
     with writing(engine) as conn:
         conn.execute(
             insert(collection).values(
                 id=1,
-                **stored,
+                **{name: settings[name] for name in STORED},
                 index_factory=settings["index"],
                 memory_budget=settings["memory_budget"],
                 keep_samples=settings["keep_samples"],
