@@ -206,7 +206,7 @@ class Collection(Calibrated, Shared):
 
     def info(self) -> dict[str, Any]:
         """Config, sizes and files, as plain data."""
-        return {"path": str(self.path), **self._s.info(self.path), "config": self.config}
+        return {"path": str(self.path), **self._s.info(self.path, self.config)}
 
     def class_table(self) -> list[dict[str, Any]]:
         """One row per class, in insertion order: label, samples, proxies."""

@@ -92,8 +92,8 @@ class Snapshot:
                 "changed: run `imprint check`"
             )
 
-    def info(self, directory: Path) -> dict[str, Any]:
-        """Sizes, files and what was chosen, as plain data (``Collection.info``)."""
+    def info(self, directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+        """Sizes, the settings ``config``, files and what was chosen, as plain data (``Collection.info``)."""
         files = [f for kind in self.files.values() for f in kind]
         tuning = self.config.get("index_tuning")
         return {
@@ -101,6 +101,7 @@ class Snapshot:
             "proxies": int(self.table.n_proxies.sum()),
             "samples": int(self.table.n_samples.sum()),
             "version": self.version,
+            "config": config,
             "trained_on": self.config["trained_on"],
             "auto_choice": self.auto_choice,
             "index_tuning": json.loads(tuning) if tuning else None,
