@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import struct
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import files
 from . import labels as lab
 from .errors import DataError
 
@@ -191,35 +190,6 @@ def _each(values: list[Any], check: Callable[[Any], Any], rows: _Rows, file: Pat
     return out
 
 
-def _arrow_vectors(table: Any) -> dict[str, np.ndarray]:
-    """Parquet list columns of numbers, equal lengths and no nulls, as ``(n, d)`` arrays straight
-    from Arrow's buffers: a million 384-d rows as Python lists would take minutes and gigabytes.
-    Other list columns are left to the row-by-row reader, whose errors name the row."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    out = {}
-    for name in table.column_names:
-        column = table.column(name).combine_chunks()
-        kind = column.type
-        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
-            continue
-        if not (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
-            continue
-        lengths = pc.list_value_length(column)
-        values = column.flatten()
-        if (
-            column.null_count
-            or values.null_count
-            or not len(column)
-            or pc.min(lengths).as_py() == 0
-            or pc.min(lengths).as_py() != pc.max(lengths).as_py()
-        ):
-            continue
-        out[name] = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), -1)
-    return out
-
-
 def _from_rows(
     rows: _Rows,
     file: Path,
@@ -271,16 +241,6 @@ def _text(value: Any, column: str) -> str:
     return str(value).strip()
 
 
-def _csv_problem(exc: Exception, fmt: str) -> str:
-    """What a ``csv.Error`` met in the row starting on a line means, in words."""
-    reason = str(exc)
-    if "unexpected end of data" in reason:
-        return f"not valid {fmt.upper()}: a quoted field that starts in this row is never closed"
-    if "field larger than field limit" in reason:
-        return f"a field of this row is longer than {csv.field_size_limit():,} characters"
-    return f"not valid {fmt.upper()} ({reason})"
-
-
 def _labels(rows: _Rows, file: Path, column: str) -> list[Any]:
     """``_label`` of each row's label, checked once per distinct value (a class repeats its label
     on each of its rows); a refusal names the first row with that value."""
@@ -321,7 +281,7 @@ def read(
         need_labels=need_labels,
     )
     if fmt in ("csv", "tsv", "jsonl"):
-        _check_utf8(file)
+        files.check_utf8(file)
     if fmt in ("csv", "tsv"):
         with file.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             # strict: a quote left open is an error where it opens, not a row swallowing the rest of the file
@@ -337,7 +297,7 @@ def read(
                         (f"row {i} (line {start})" if start == end else f"row {i} (lines {start}-{end})", rec)
                     )
             except csv.Error as exc:
-                raise DataError(f"{file}: line {end + 1}: {_csv_problem(exc, fmt)}") from None
+                raise DataError(f"{file}: line {end + 1}: {files.csv_problem(exc, fmt)}") from None
         return _from_rows(_Rows.of_records(records, columns), file, **options)
     if fmt == "jsonl":
         records, columns = [], []
@@ -382,7 +342,7 @@ def from_arrow(
     out = _from_rows(
         _Rows.of_arrow(table, first_row),
         file,
-        column_vectors=_arrow_vectors(table),
+        column_vectors=files.arrow_vectors(table),
         text_column=text_column,
         label_column=label_column,
         vector_column=vector_column,
@@ -404,29 +364,6 @@ def _class_state(table: Any, labels: list[Any]) -> dict[Any, tuple[float | None,
         for name in ("class_threshold", "class_shift")
     ]
     return {label: (th, sh) for label, th, sh in zip(labels, *columns) if th is not None or sh is not None}
-
-
-def _check_utf8(file: Path) -> None:
-    """A ``DataError`` naming the line of the first byte that is not UTF-8 (``open`` would only
-    name a byte offset, and only once it got there)."""
-    with file.open("rb") as f:
-        line = 1
-        tail = b""
-        while block := f.read(1 << 20):
-            data = tail + block
-            try:
-                data.decode("utf-8")
-                tail = b""
-            except UnicodeDecodeError as exc:
-                if exc.end >= len(data) - 3 and exc.reason == "unexpected end of data":  # a character split
-                    tail = data[exc.start :]
-                    line += data[: exc.start].count(b"\n")
-                    continue
-                line += data[: exc.start].count(b"\n")
-                raise DataError(
-                    f"{file}: line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text (save the file as UTF-8)"
-                ) from None
-            line += data.count(b"\n")
 
 
 def _read_numpy(file: Path, fmt: str, split: str | None, need_labels: bool) -> Dataset:
@@ -460,7 +397,7 @@ def _read_numpy(file: Path, fmt: str, split: str | None, need_labels: bool) -> D
                 x_key, y_key = f"{found[0]}_X", f"{found[0]}_y"
             if x_key not in keys:
                 raise DataError(f"{file}: no array {x_key!r} (arrays found: {', '.join(keys)})")
-            X = _npz_member_mapped(file, x_key)
+            X = files.npz_member_mapped(file, x_key)
             X = loaded[x_key] if X is None else X
             y = loaded[y_key] if y_key in keys else None
             if y is None and need_labels:
@@ -480,29 +417,6 @@ def _read_numpy(file: Path, fmt: str, split: str | None, need_labels: bool) -> D
             raise DataError(f"{file}: {len(X)} vectors but {len(y)} labels")
         out.labels = _labels(_Rows.of_list("y", [v.item() if hasattr(v, "item") else v for v in y]), file, "y")
     return out
-
-
-def _npz_member_mapped(file: Path, key: str) -> np.ndarray | None:
-    """Array ``key`` of an .npz memory-mapped in place, or None where it is compressed
-    (``np.savez_compressed``) or its header needs NumPy's full reader. NumPy maps .npy files
-    but loads .npz members whole; an uncompressed member is an .npy file at an offset."""
-    with zipfile.ZipFile(file) as archive:
-        info = archive.getinfo(f"{key}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with file.open("rb") as f:
-        f.seek(info.header_offset + 26)  # the local header: name and extra-field lengths
-        name_len, extra_len = struct.unpack("<HH", f.read(4))
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            return None
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
-        offset = f.tell()
-    if dtype.hasobject or not np.prod(shape):
-        return None
-    return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
 
 
 def load_demo(split: str = "train") -> Dataset:
