@@ -18,6 +18,7 @@ most ``MIN_SCORED`` of those rows are scored, so the work stays bounded on large
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from .aggregate import max_scores
 from .imprint import imprint, seed_of
 from .index import ProxyIndex
 from .normalize import normalize
-from .params import AUTO, GENERATOR_KINDS, PAPER_K
+from .params import AUTO, GENERATOR_KINDS, PAPER_K, STORED
 
 K_GRID = (1, 2, 3, 5, 10, 20, -1)  # 1: the class mean; -1: every sample
 ALPHA_GRID = (0.25, 0.5, 0.75, 0.9)
@@ -165,3 +166,15 @@ def choose(
     rows = cross_validate(Grouped.from_codes(X, codes, keys), params, cands)
     ranked = sorted(range(len(cands)), key=lambda i: (-rows[i]["correct"], cands[i].cost()))
     return cands[ranked[0]], rows
+
+
+def stored_choice(cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> str:
+    """What auto chooses for a collection of stored settings ``cfg`` from samples ``X`` of classes
+    ``codes`` (label ``keys``), as a collection stores it: the concrete parameters and the CV table.
+    Only an exact index serves a blend: IVF collections (and ``index="auto"``, which may choose
+    IVF) choose k under max."""
+    params = {name: cfg[name] for name in STORED}
+    if cfg["index_factory"] != "Flat" and params["aggregation"] == AUTO:
+        params["aggregation"] = "max"
+    choice, rows = choose(X, codes, keys, params)
+    return json.dumps({**choice.params(), "cv_results": rows})

@@ -53,7 +53,7 @@ def calibrate_over(
         )
         # the shift rule's statistics, computed now where they are missing
         parts = [
-            writes.left_out_scores(col.path, col.snapshot)
+            col.snapshot.left_out_scores(col.path)
             if fresh and len(col)
             else (np.zeros(0), np.zeros(0, np.int64), col.snapshot.table.shift)
             for col in collections

@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 
 from ._groups import Grouped
+from .auto import folds
 from .errors import CalibrationError, DataError, InvalidParameterError
-from .imprint import imprint, means
+from .imprint import imprint, means, seed_of
 from .index import ProxyIndex
+from .normalize import normalize
 from .params import MARGIN
 
 CURVE_POINTS = 200  # thresholds a reported trade-off curve keeps
@@ -253,3 +255,16 @@ def _thin(candidates: np.ndarray, accuracy: np.ndarray, recall: np.ndarray | Non
         }
         for i in keep
     ]
+
+
+def class_shifts(groups: Grouped, params: dict[str, Any]) -> np.ndarray:
+    """Each class's rejection shift under rule shift (NaN otherwise, and for a single sample)."""
+    if params["rejection"] != "shift":
+        return np.full(groups.n_classes, np.nan)
+    return class_shift(groups.owner, own_scores_of(groups, params), groups.n_classes)
+
+
+def own_scores_of(groups: Grouped, params: dict[str, Any]) -> np.ndarray:
+    """``own_scores`` of NORMpre'd samples, on the folds ``auto`` uses."""
+    fold = folds(groups, seed_of(params["random_state"]))
+    return own_scores(groups, normalize(groups.X, params["inf_norm"], what="X"), params, fold)

@@ -32,6 +32,7 @@ import numpy as np
 from . import labels as lab
 from . import params as spec
 from . import ranking, segments, writes
+from .auto import stored_choice
 from .calibration import Calibrated
 from .collection import Collection
 from .embed import Embedder
@@ -342,7 +343,7 @@ class ShardedCollection(Calibrated, Shared):
                 self._manifest = read_manifest(self.path)
                 if self._manifest["auto_choice"] is None:
                     cfg = self.shards[0].snapshot.config
-                    choice = writes.auto_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
+                    choice = stored_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
                     self._manifest = {**self._manifest, "auto_choice": choice}
                     write_manifest(self.path, self._manifest)
         return self._manifest["auto_choice"]
@@ -404,9 +405,9 @@ class ShardedCollection(Calibrated, Shared):
         check_tunable(self)
         with writing_all(self.shards):
             live = [col for col in self.shards if len(col)]
-            kept = [writes.kept_samples(col.path, col.snapshot) for col in live]
+            kept = [col.snapshot.kept_samples(col.path) for col in live]
             offsets = np.cumsum([0] + [len(keys) for _, _, keys in kept])
-            choice = writes.auto_choice(
+            choice = stored_choice(
                 self.config,
                 np.concatenate([X for X, _, _ in kept]),
                 np.concatenate([codes + o for (_, codes, _), o in zip(kept, offsets)]),

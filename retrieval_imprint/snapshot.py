@@ -18,12 +18,15 @@ from typing import Any, BinaryIO
 import numpy as np
 from sqlalchemy import Engine
 
+from . import labels as lab
 from . import segments, store
+from ._groups import Grouped
 from .classtable import ClassTable
-from .errors import CollectionDamagedError
+from .errors import CollectionDamagedError, CollectionStateError
 from .imprint import Fixed
 from .index import ProxyIndex
 from .mapped import MappedProxyIndex
+from .openset import class_shift, own_scores_of
 from .params import STORED
 from .verified import FileVerifier, ListVerifier
 
@@ -78,6 +81,29 @@ class Snapshot:
         trained_on = self.config["trained_on"]
         return (self.template is not None and self.template.retrainable() and trained_on is not None
                 and self.proxies is not None and self.proxies.ntotal >= growth * trained_on)  # fmt: skip
+
+    def kept_samples(self, directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every kept sample (as stored: NORMpre'd), its class's table position and each class's
+        label key (the samples are read on first need)."""
+        if self.samples is None:
+            self.samples = self.merge(directory, "samples", self.files["samples"])
+        table = self.table
+        X = self.samples.reconstruct(table.sample_ids(table.ids))
+        return X, np.repeat(np.arange(len(table)), table.n_samples), lab.label_keys(table.labels.tolist())
+
+    def left_out_scores(self, directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each kept sample's own-class score when left out of its class's imprint, the class (table
+        position) of each, and each class's shift: what calibration without out-of-scope data, and
+        the rule shift, rest on."""
+        if not self.config["keep_samples"]:
+            raise CollectionStateError(
+                f"collection {directory} keeps no samples, so it cannot score them left out; calibrate it on "
+                "validation queries instead"
+            )
+        X, _, keys = self.kept_samples(directory)
+        groups = Grouped(X, np.concatenate([[0], np.cumsum(self.table.n_samples)]).astype(np.int64), keys)
+        own = own_scores_of(groups, self.params)
+        return own, groups.owner, class_shift(groups.owner, own, len(self.table))
 
     def listed(self) -> set[str]:
         """Every segment file this version names."""

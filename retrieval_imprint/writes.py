@@ -22,15 +22,14 @@ from sqlalchemy import Engine
 from . import labels as lab
 from . import segments, store
 from ._groups import Grouped
-from .auto import choose, folds
-from .errors import CollectionStateError, DataError
+from .auto import stored_choice
+from .errors import DataError
 from .imprint import imprint, seed_of
 from .imprint import means as class_means
 from .index import ProxyIndex
 from .ivf import choose_index, default_nprobe, tune_nprobe
 from .normalize import normalize
-from .openset import class_shift, own_scores
-from .params import AUTO, STORED
+from .openset import class_shifts
 from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
 
@@ -175,7 +174,7 @@ def add(
     are kept beside the kept samples, for ``Collection.examples`` and ``explain``."""
     cfg = s.config
     if cfg["auto_choice"] is None:  # the first add: auto chooses what the settings leave open, on this data
-        cfg["auto_choice"] = auto_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
+        cfg["auto_choice"] = stored_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
     params = s.params
     X = normalize(X, cfg["pre_norm"], what="X")
     with engine.connect() as conn:
@@ -197,7 +196,7 @@ def add(
         s.samples = s.merge(directory, "samples", s.files["samples"])
     b = _batch(s, X, codes, entries, found)
     W, owner, s.fixed = imprint(b.groups, params, s.fixed)
-    shift = _shift(b.groups, params)
+    shift = class_shifts(b.groups, params)
     version = s.version + 1
     template = _first_index(directory, s, W, version) if s.proxies is None else None
 
@@ -313,40 +312,6 @@ def _fixed_columns(s: Snapshot) -> dict[str, bytes | None]:
             "metric_transform": None if s.fixed.transform is None else s.fixed.transform.tobytes()}  # fmt: skip
 
 
-def _shift(groups: Grouped, params: dict[str, Any]) -> np.ndarray:
-    """Each class's rejection shift under rule shift (NaN otherwise, and for a single sample)."""
-    if params["rejection"] != "shift":
-        return np.full(groups.n_classes, np.nan)
-    return class_shift(groups.owner, own_scores_of(groups, params), groups.n_classes)
-
-
-def own_scores_of(groups: Grouped, params: dict[str, Any]) -> np.ndarray:
-    """``openset.own_scores`` of NORMpre'd samples, on the folds ``auto`` uses."""
-    fold = folds(groups, seed_of(params["random_state"]))
-    return own_scores(groups, normalize(groups.X, params["inf_norm"], what="X"), params, fold)
-
-
-def left_out_scores(directory: Path, s: Snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each kept sample's own-class score when left out of its class's imprint, the class (table
-    position) of each, and each class's shift: what calibration without out-of-scope data, and the
-    rule shift, rest on."""
-    if not s.config["keep_samples"]:
-        raise CollectionStateError(
-            f"collection {directory} keeps no samples, so it cannot score them left out; "
-            "calibrate it on validation queries instead"
-        )
-    if s.samples is None:
-        s.samples = s.merge(directory, "samples", s.files["samples"])
-    table = s.table
-    groups = Grouped(
-        s.samples.reconstruct(table.sample_ids(table.ids)),
-        np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64),
-        lab.label_keys(table.labels.tolist()),
-    )
-    own = own_scores_of(groups, s.params)
-    return own, groups.owner, class_shift(groups.owner, own, len(table))
-
-
 def set_rejection(engine: Engine, s: Snapshot, threshold: float, rule: str, shift: np.ndarray | None) -> None:
     """In one transaction: the collection's rejection threshold and rule, and (if given) every
     class's shift, in table order."""
@@ -361,34 +326,6 @@ def set_rejection(engine: Engine, s: Snapshot, threshold: float, rule: str, shif
         s.table.shift = np.asarray(shift, np.float64)
 
 
-def auto_choice(cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> str:
-    """What auto chooses for a collection of settings ``cfg`` from samples ``X`` of classes
-    ``codes`` (label ``keys``), as stored: the concrete parameters and the CV table."""
-    choice, rows = choose(X, codes, keys, _choosable(cfg))
-    return json.dumps({**choice.params(), "cv_results": rows})
-
-
-def _choosable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The stored settings as auto may resolve them: only an exact index serves a blend (IVF
-    collections, and ``index="auto"``, which may choose IVF, choose k under max)."""
-    params = {name: cfg[name] for name in STORED}
-    if cfg["index_factory"] != "Flat" and params["aggregation"] == AUTO:
-        params["aggregation"] = "max"
-    return params
-
-
-def kept_samples(directory: Path, s: Snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every kept sample (as stored: NORMpre'd), its class's table position and each class's label key."""
-    if s.samples is None:
-        s.samples = s.merge(directory, "samples", s.files["samples"])
-    table = s.table
-    return (
-        s.samples.reconstruct(table.sample_ids(table.ids)),
-        np.repeat(np.arange(len(table)), table.n_samples),
-        lab.label_keys(table.labels.tolist()),
-    )
-
-
 def retune(
     directory: Path,
     engine: Engine,
@@ -401,13 +338,13 @@ def retune(
     read), and re-imprint every class with the choice in one atomic write: the new proxies (and
     means) replace all the old."""
     table, cfg = s.table, s.config
-    X, codes, keys = kept if kept is not None else kept_samples(directory, s)
-    cfg["auto_choice"] = choice or auto_choice(cfg, X, codes, keys)
+    X, codes, keys = kept if kept is not None else s.kept_samples(directory)
+    cfg["auto_choice"] = choice or stored_choice(cfg, X, codes, keys)
     params = s.params
     groups = Grouped(X, np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64), keys)
     fixed = s.fixed if s.template is not None else None  # IVF lists live in the first fit's space
     W, owner, s.fixed = imprint(groups, params, fixed)
-    shift = _shift(groups, params)
+    shift = class_shifts(groups, params)
     n_proxies = np.bincount(owner, minlength=len(table))
     if (table.proxy_hi + n_proxies).max() >= MAX_PER_CLASS:
         raise DataError(f"a class may hold at most {MAX_PER_CLASS - 1} proxies")
