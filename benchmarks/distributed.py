@@ -279,11 +279,13 @@ def run(args: argparse.Namespace, root: Path, started: float) -> None:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     distributed.init(num_cpus=2)
-    client = Client(distributed.serve(root / "sharded", port=8765), timeout=300)
+    from retrieval_imprint import rayserving
+
+    client = Client(rayserving.serve(root / "sharded", port=8765), timeout=300)
     try:
         rows.append([f"{args.shards} shards, Ray Serve (HTTP)", *latencies(lambda Q: client.query(vectors=Q), queries)])
     finally:
-        distributed.serve_shutdown()
+        rayserving.serve_shutdown()
     base = rows[0][1]
     table = [[name, f"{p50:.2f}", f"{p99:.2f}", f"{p50 / base:.1f}x", f"{qps:,.0f}"] for name, p50, p99, qps in rows]
     proxies = info["proxies"]

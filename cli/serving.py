@@ -163,14 +163,14 @@ def _serve_on_ray(
     address: str | None,
     as_json: bool,
 ) -> None:
-    """``imprint serve --engine ray``: ``distributed.serve``, until interrupted."""
+    """``imprint serve --engine ray``: ``rayserving.serve``, until interrupted."""
     import signal
     import threading
 
     if port == 0:
         raise UserError("--engine ray needs a --port (Ray Serve's proxy cannot pick a free one and say which)")
     ray_connect(address)
-    from retrieval_imprint.distributed import serve, serve_shutdown
+    from retrieval_imprint.rayserving import serve, serve_shutdown
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,7 +1,7 @@
 """What answers queries, whatever holds the classes: the interface a server (service.py) needs.
 
 ``Collection`` (one directory), ``ShardedCollection`` (S of them, merged in process) and
-``distributed.ShardRouter`` (S Ray Serve deployments, merged in the ingress) all implement it, so
+``rayserving.ShardRouter`` (S Ray Serve deployments, merged in the ingress) all implement it, so
 one HTTP application serves each of them the same way; ``isinstance(x, Searchable)`` checks the
 members are there, a type checker checks their signatures.
 """

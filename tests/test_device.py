@@ -285,11 +285,11 @@ def test_faiss_without_a_gpu_keeps_ivf_on_the_cpu_with_a_notice():
 def test_ray_shard_actors_get_a_share_of_the_clusters_gpus_or_a_clear_error():
     """A Ray actor sees only the GPUs it asks for: on a GPU device each shard's writer (or Serve
     replica) asks for a share, numbered from 0 in its own process; a cluster without GPUs is an error."""
-    from retrieval_imprint.distributed import _actors_on
+    from retrieval_imprint.distributed import actors_on
 
-    assert _actors_on(None, 4, 0) == (None, {"num_cpus": 0})
-    assert _actors_on("cpu", 4, 2) == ("cpu", {"num_cpus": 0})
-    assert _actors_on("cuda:1", 4, 2) == ("cuda", {"num_cpus": 0, "num_gpus": 0.5})
-    assert _actors_on("cuda", 2, 8) == ("cuda", {"num_cpus": 0, "num_gpus": 1.0})
+    assert actors_on(None, 4, 0) == (None, {"num_cpus": 0})
+    assert actors_on("cpu", 4, 2) == ("cpu", {"num_cpus": 0})
+    assert actors_on("cuda:1", 4, 2) == ("cuda", {"num_cpus": 0, "num_gpus": 0.5})
+    assert actors_on("cuda", 2, 8) == ("cuda", {"num_cpus": 0, "num_gpus": 1.0})
     with pytest.raises(DeviceError, match="the Ray cluster has no GPU"):
-        _actors_on("cuda", 2, 0)
+        actors_on("cuda", 2, 0)

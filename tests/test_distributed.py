@@ -30,9 +30,10 @@ from retrieval_imprint.cli import main
 from retrieval_imprint.client import Client
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.device import use_device
-from retrieval_imprint.distributed import build, serve, serve_shutdown
+from retrieval_imprint.distributed import build
 from retrieval_imprint.errors import ServerError
 from retrieval_imprint.ingestion import ingest
+from retrieval_imprint.rayserving import serve, serve_shutdown
 from retrieval_imprint.readers import load_demo
 from retrieval_imprint.service import Limits, Service
 from retrieval_imprint.sharded import ShardedCollection, open_any

@@ -499,7 +499,7 @@ def test_the_embedding_cache_is_shared_by_threads(tmp_path):
 
 
 def test_every_engine_implements_the_searchable_protocol(tmp_path, vectors):
-    from retrieval_imprint.distributed import ShardRouter
+    from retrieval_imprint.rayserving import ShardRouter
     from retrieval_imprint.searchable import Searchable
 
     X, y, _ = vectors
