@@ -168,3 +168,10 @@ def test_the_estimator_docstring_lists_every_parameter_from_its_declaration():
             text.strip() for text in section[section.index(line) + 1 :][: len(textwrap.wrap(declared.help, 92))]
         )
         assert body == " ".join(declared.help.split())
+
+
+def test_no_module_is_over_450_lines():
+    """One job per module: a module that outgrows this has two."""
+    long = {p.name: n for p in [*PACKAGE.glob("*.py"), *(ROOT / "cli").glob("*.py")]
+            if (n := len(p.read_text().splitlines())) > 450}  # fmt: skip
+    assert long == {}
