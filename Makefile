@@ -40,10 +40,12 @@ demo: $(STAMP)
 	$(BIN)/imprint query .demo-collection "my card never showed up" "put on some Queen" --top 2
 	$(BIN)/imprint eval .demo-collection $(DEMO)/demo_test.csv
 
-# The tests, after the static checks: ruff's lint and its format check (configured in pyproject.toml).
+# The tests, after the static checks: ruff's lint and its format check, and mypy on the package and
+# its CLI (all configured in pyproject.toml).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

@@ -41,7 +41,7 @@ class ImprintGroup(click.Group):
             return super().invoke(ctx)
         except ImprintError as exc:
             error = UserError(" ".join(str(exc).split()))
-            error.exit_code = exc.exit_code
+            error.exit_code = exc.exit_code  # type: ignore[misc]  # click reads it from the instance
             raise error from exc
         except BrokenPipeError:  # the reader went away (`imprint ... | head`): done, not failed
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush into

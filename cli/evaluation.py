@@ -63,10 +63,11 @@ def evaluate_cmd(
     if ds.texts is not None and col.model is None:
         raise UserError(f"{collection} records no embedding model: evaluate it on vectors")
     found = col.query(collection_vectors(col, [ds], quiet), 1, threshold=threshold)
-    oos = np.array([str(label) == oos_label for label in ds.labels]) if oos_label else np.zeros(len(ds), bool)
+    truth = ds.need("labels")
+    oos = np.array([str(label) == oos_label for label in truth]) if oos_label else np.zeros(len(ds), bool)
     if oos.all():
         raise UserError(f"every row of {data} has the out-of-scope label {oos_label!r}: nothing in scope to score")
-    labels = [label for label, out in zip(ds.labels, oos) if not out]  # type: ignore[union-attr]
+    labels = [label for label, out in zip(truth, oos) if not out]
     result = evaluate(labels, found.labels[~oos, 0].tolist(), max_confusions=confusions)
     limit = found.thresholds[:, 0]
     used = {
@@ -193,12 +194,7 @@ def calibrate(
             else None
         )
         result = col.calibrate(
-            X,
-            ds.labels,
-            X_oos,
-            target_accuracy=target_accuracy,  # type: ignore[arg-type]
-            target_oos_recall=target_oos_recall,
-            margin=margin,
+            X, ds.labels, X_oos, target_accuracy=target_accuracy, target_oos_recall=target_oos_recall, margin=margin
         )
     if plot:
         _plot_tradeoff(result.curve, plot)

@@ -77,17 +77,13 @@ def examples(collection: Path, label: str, limit: int | None, as_json: bool) -> 
     """
     col = open_collection(collection)
     rows = col.examples({str(c): c for c in col.classes}.get(label, label))[:limit]
-    output(
-        rows,
-        as_json,
-        lambda rs: [
-            click.echo(
-                f"{r['sample']:5d}  {r['text'] if r['text'] is not None else '(vector)'}"
-                + (f"  [{r['ref']}]" if r["ref"] is not None else "")
-            )
-            for r in rs
-        ],
-    )
+
+    def human(rs: list[dict]) -> None:
+        for r in rs:
+            ref = f"  [{r['ref']}]" if r["ref"] is not None else ""
+            click.echo(f"{r['sample']:5d}  {r['text'] if r['text'] is not None else '(vector)'}{ref}")
+
+    output(rows, as_json, human)
 
 
 @main.command()

@@ -117,7 +117,12 @@ def serve(
     limits = Limits(
         max_queries=max_queries, max_text_chars=max_text_chars, max_top=max_top, max_body=parse_size(max_body)
     )
-    options = {"refresh": refresh, "window": batch_window / 1e3, "max_batch": max_batch, "limits": limits}
+    options: dict[str, Any] = {
+        "refresh": refresh,
+        "window": batch_window / 1e3,
+        "max_batch": max_batch,
+        "limits": limits,
+    }
     api_key = os.environ.get(API_KEY) or None
     if engine == "ray":
         _serve_on_ray(collection, host, port, options, api_key, ray_address, as_json)

@@ -142,7 +142,8 @@ def _fold_correct(
     out = np.zeros(len(cands), np.int64)
     for i, c in enumerate(cands):
         b = best[c.generator, c.k]
-        scores = b if c.aggregation == "max" else c.alpha * best["mean", 1] + (1 - c.alpha) * b
+        alpha = float(c.alpha or 0.0)  # set for every blend candidate
+        scores = b if c.aggregation == "max" else alpha * best["mean", 1] + (1 - alpha) * b
         out[i] = int(np.sum(scores.argmax(1) == truth))
     return out
 

@@ -67,14 +67,17 @@ class MicroBatcher(Generic[Item, Answer]):
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue.append((item, rows, future))
         self.waiting_rows += rows
+        assert self._wakeup is not None  # made with the task above
         self._wakeup.set()
         return await future
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
+        wakeup = self._wakeup
+        assert wakeup is not None  # made before this task
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            await wakeup.wait()
+            wakeup.clear()
             if not self._queue:
                 continue
             if self.window > 0 and self.waiting_rows < self.max_rows:
@@ -99,7 +102,8 @@ class MicroBatcher(Generic[Item, Answer]):
 
     def _take(self) -> list[tuple[Item, int, asyncio.Future]]:
         """The next batch: waiting requests in arrival order up to ``max_rows`` queries (at least one)."""
-        batch, rows = [], 0
+        batch: list[tuple[Item, int, asyncio.Future]] = []
+        rows = 0
         while self._queue and (not batch or rows + self._queue[0][1] <= self.max_rows):
             entry = self._queue.popleft()
             self.waiting_rows -= entry[1]

@@ -142,7 +142,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         shift, auto_t = params["rejection"] == "shift", params["temperature"] == AUTO
         # the samples (after the random features) in the order of ``groups``, not NORMpre'd
         raw = Grouped.from_codes(X, codes, keys) if shift or auto_t else None
-        if shift:
+        if raw is not None and shift:
             own = own_scores(
                 groups,
                 normalize(raw.X, params["inf_norm"], what="X"),
@@ -150,7 +150,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
                 folds(groups, seed_of(params["random_state"])),
             )
             self.class_shift_ = filled(class_shift(groups.owner, own, len(self.classes_)))
-        self.temperature_ = self._fitted_temperature(raw) if auto_t else params["temperature"]
+        self.temperature_ = self._fitted_temperature(raw) if raw is not None and auto_t else params["temperature"]
         return self
 
     def _fitted_temperature(self, raw: Grouped) -> float:

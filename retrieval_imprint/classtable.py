@@ -82,7 +82,7 @@ class ClassTable:
         found = int(self.ids_of([label])[0])
         return None if found < 0 else found
 
-    def require(self, labels: Sequence[object], collection: object) -> np.ndarray:
+    def require(self, labels: Sequence[object] | np.ndarray, collection: object) -> np.ndarray:
         """The class ids of ``labels`` (one lookup, ``ids_of``), or a ``DataError`` naming the first
         that is no class of ``collection``."""
         ids = self.ids_of(labels)
@@ -90,14 +90,14 @@ class ClassTable:
             raise DataError(f"no class {labels[int(np.argmax(ids < 0))]!r} in collection {collection}")
         return ids
 
-    def ids_of(self, labels: Sequence[object]) -> np.ndarray:
+    def ids_of(self, labels: Sequence[object] | np.ndarray) -> np.ndarray:
         """The class id of each label (-1 for None, or a label of no class). A few distinct labels
         are each compared with the whole label column at once (10 ms at 1M classes); more are
         looked up in a dict of the table made for the call (0.5 s at 1M classes)."""
         wanted = [None if v is None else lab.entry(v) for v in labels]
-        distinct = set(wanted) - {None}
+        distinct: set[tuple[str, str]] = {e for e in wanted if e is not None}
         if len(distinct) <= FEW_LABELS:
-            hits = {e: np.flatnonzero(self.labels == lab.value(*e)) if e[0] in ("str", "int") else () for e in distinct}
+            hits = {e: np.flatnonzero(self.labels == lab.value(*e)) for e in distinct if e[0] in ("str", "int")}
             found = {e: int(self.ids[hit[0]]) for e, hit in hits.items() if len(hit)}
         else:
             found = {lab.entry(v): int(i) for i, v in zip(self.ids, self.labels)}

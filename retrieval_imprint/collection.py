@@ -323,8 +323,8 @@ class Collection(Calibrated, Shared):
         model: str | None = None,
         replace: bool | set = False,
         checkpoints: Sequence[tuple[str, int]] = (),
-        texts: Sequence[str] | None = None,
-        refs: Sequence[str] | None = None,
+        texts: Sequence[str | None] | None = None,
+        refs: Sequence[str | None] | None = None,
         auto_choice: str | None = None,
     ) -> Collection:
         """Imprint samples ``X`` ``(n, d)`` with their ``labels``: new labels become new classes; an
@@ -384,9 +384,9 @@ class Collection(Calibrated, Shared):
             raise CollectionStateError(
                 "search parameters apply to approximate (IVF) indexes; this collection's index is exact"
             )
-        params = spec.check_search_params("search_params", params)
+        checked = spec.check_search_params("search_params", params) or {}
         with self.writing():
-            writes.set_search_params(self._engine, self._s, params)
+            writes.set_search_params(self._engine, self._s, checked)
         return self
 
     def set_threshold(self, threshold: float | None, *, label: object = None) -> Collection:
@@ -429,7 +429,7 @@ class Collection(Calibrated, Shared):
         check_tunable(self)
         with self.writing():
             writes.retune(self.path, self._engine, self._s)
-        return self.auto_choice
+        return self._s.auto_choice or {}
 
     @property
     def outgrown(self) -> bool:

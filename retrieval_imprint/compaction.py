@@ -59,7 +59,7 @@ def check_retrain(directory: Path, s: Snapshot, retrain: bool) -> bool:
     """``retrain``, if the collection's index can be retrained; else a ``CollectionStateError``."""
     if retrain and s.template is None:
         raise CollectionStateError(f"collection {directory} has an exact index; only IVF indexes are retrained")
-    if retrain and not s.template.retrainable():
+    if retrain and s.template is not None and not s.template.retrainable():
         raise CollectionStateError(
             f"collection {directory}: index={s.config['index_factory']!r} cannot be retrained; only IVF-Flat and "
             "IVF-SQfp16 codes re-encode without loss"
@@ -86,7 +86,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     }
     template = None
     if retrain:  # from the live proxies in memory, which the merged files would only repeat
-        s.template, merged["proxies"] = s.proxies.retrained(s.config["index_factory"], s.config["random_state"])
+        s.template, merged["proxies"] = s.searched.retrained(s.config["index_factory"], s.config["random_state"])
         merged["proxies"].search_params = s.search_params
         template = segments.write_segment(directory, "template", version, s.template.index)
     tuned = full and s.config["index_tuning"] is not None and "proxies" in merged and merged["proxies"].is_ivf

@@ -107,7 +107,7 @@ class ShardWriter:
 
             self.col.add(
                 X[rows],
-                pick(labels),
+                pick(labels) or [],
                 texts=pick(texts),
                 refs=pick(refs),
                 auto_choice=self.choice,
@@ -138,7 +138,7 @@ def _options(text_column, label_column, vector_column, id_column) -> dict[str, A
 def _tag(table: Any, n_buckets: int, options: dict[str, Any]) -> Any:
     """A Ray Data block with its rows checked and each row's label bucket added."""
     ds = from_arrow(table.drop_columns([PATH]), table.column(PATH)[0].as_py() if len(table) else "?", **options)
-    buckets = (lab.label_keys(ds.labels) % np.uint64(n_buckets)).astype(np.int64)
+    buckets = (lab.label_keys(ds.need("labels")) % np.uint64(n_buckets)).astype(np.int64)
     return table.append_column(BUCKET, pa.array(buckets))
 
 
@@ -153,7 +153,7 @@ def _write_bucket(table: Any, writers: list, n_shards: int, model: str | None, o
     content = np.frombuffer(
         b"".join(hashlib.blake2b(_row_bytes(rows, i), digest_size=8).digest() for i in range(len(rows))), ">u8"
     )  # big-endian: sorts as the bytes do
-    order = np.lexsort((content, lab.label_keys(rows.labels), np.unique(paths, return_inverse=True)[1]))
+    order = np.lexsort((content, lab.label_keys(rows.need("labels")), np.unique(paths, return_inverse=True)[1]))
     rows = rows.take(order)
     paths = [paths[i] for i in order]
     parts, lo = [], 0
@@ -163,11 +163,12 @@ def _write_bucket(table: Any, writers: list, n_shards: int, model: str | None, o
     if rows.vectors is not None:
         X = rows.vectors
     else:
-        if model not in _EMBEDDERS:
+        key = model or ""
+        if key not in _EMBEDDERS:
             from .embed import Embedder
 
-            _EMBEDDERS[model] = Embedder(model)
-        X = _EMBEDDERS[model].encode(rows.texts)
+            _EMBEDDERS[key] = Embedder(model)
+        X = _EMBEDDERS[key].encode(rows.need("texts"))
     ray = ray_module()
     added = ray.get(writers[bucket % n_shards].add.remote(X, rows.labels, rows.texts, rows.refs, parts))
     return pa.table({"bucket": [bucket] * len(parts), "rows": [hi - lo for _, lo, hi in parts], "added": added})
@@ -175,8 +176,8 @@ def _write_bucket(table: Any, writers: list, n_shards: int, model: str | None, o
 
 def _row_bytes(rows: Dataset, i: int) -> bytes:
     """What a row's content hash covers: its label and its vector or text."""
-    value = rows.vectors[i].tobytes() if rows.vectors is not None else rows.texts[i].encode()
-    return repr(lab.entry(rows.labels[i])).encode() + b"\0" + value
+    value = rows.vectors[i].tobytes() if rows.vectors is not None else rows.need("texts")[i].encode()
+    return repr(lab.entry(rows.need("labels")[i])).encode() + b"\0" + value
 
 
 def build(
@@ -221,8 +222,8 @@ def build(
             raise DataError(f"{path} holds precomputed vectors (no model recorded); index vectors, not texts")
         check_vectors_model(first, col.model, vectors_model)
         if col.auto_choice is None:
-            X = first.vectors if first.vectors is not None else col.embedder().encode(first.texts)
-            codes, entries = lab.encode_stored(first.labels)
+            X = first.vectors if first.vectors is not None else col.embedder().encode(first.need("texts"))
+            codes, entries = lab.encode_stored(first.need("labels"))
             col.auto_choice_for(check_vectors(X, "X", None), codes, entries)
         device, resources = actors_on(current(), shards, ray.cluster_resources().get("GPU", 0))
         Writer = ray.remote(ShardWriter).options(**resources)

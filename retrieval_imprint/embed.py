@@ -100,9 +100,9 @@ def available_models() -> list[dict[str, str]]:
     try:
         from huggingface_hub import scan_cache_dir
 
-        repos = scan_cache_dir().repos
+        repos: Any = scan_cache_dir().repos
     except Exception:  # no cache folder yet, or one the hub library cannot read: nothing cached
-        repos = []
+        repos = ()
     for repo in sorted(repos, key=lambda r: r.repo_id):
         for rev in repo.revisions:
             if repo.repo_type == "model" and any(f.file_name == "modules.json" for f in rev.files):
@@ -373,7 +373,7 @@ class Embedder:
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         model = self._model()
-        size = self.batch_size or BATCH_SIZE[self.backend_]
+        size = self.batch_size or BATCH_SIZE[self.backend_ or "torch"]  # backend_ is set by _model()
         if self._onnx is not None:
             return model.encode(texts, batch_size=size)
         return np.asarray(
@@ -388,7 +388,8 @@ class Embedder:
             raise DataError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str")
         if not texts:
             return np.zeros((0, self.dimension), np.float32)
-        known = self.cache.get(self.identity, texts) if self.cache is not None else {}
+        cache = self.cache if isinstance(self.cache, EmbeddingCache) else None  # a bool: resolved to None here
+        known = cache.get(self.identity, texts) if cache is not None else {}
         # longest first across all chunks, as encode() orders one call: batches of like lengths pad least
         todo = sorted((t for t in dict.fromkeys(texts) if t not in known), key=len, reverse=True)
         with bar(total=len(todo), unit="text", desc="embedding", enabled=self.progress and bool(todo)) as shown:
@@ -396,8 +397,8 @@ class Embedder:
                 chunk = todo[i : i + _CHUNK]
                 vectors = self._embed(chunk)
                 known.update(zip(chunk, vectors))
-                if self.cache is not None:
-                    self.cache.put(self.identity, chunk, vectors)
+                if cache is not None:
+                    cache.put(self.identity, chunk, vectors)
                 shown.update(len(chunk))
         return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
 
@@ -424,7 +425,7 @@ def embed_all(parts: Sequence[Any], embedder: Embedder | None) -> np.ndarray:
     texts = [t for part in parts if part.vectors is None for t in part.texts]
     if texts and embedder is None:
         raise DataError(f"{parts[0].source}: texts need an embedding model, and none is recorded; give vectors")
-    embedded = iter(embedder.encode(texts)) if texts else iter(())
+    embedded = iter(embedder.encode(texts)) if texts and embedder is not None else iter(())
     arrays = [
         np.stack([next(embedded) for _ in part.texts]) if part.vectors is None else part.vectors for part in parts
     ]

@@ -13,9 +13,9 @@ from .classifier import ImprintClassifier
 from .params import GENERATOR_KINDS
 
 
-def few_shot(y: Sequence[Any], shots: int, seed: int) -> np.ndarray:
+def few_shot(labels: Sequence[Any] | np.ndarray, shots: int, seed: int) -> np.ndarray:
     """Row indices keeping ``shots`` random samples per class (all of a smaller class; 0 = all rows)."""
-    y = np.asarray(y)
+    y = np.asarray(labels)
     if shots == 0:
         return np.arange(len(y))
     rng = np.random.default_rng(seed)
@@ -25,9 +25,9 @@ def few_shot(y: Sequence[Any], shots: int, seed: int) -> np.ndarray:
 
 def sweep(
     X_train: np.ndarray,
-    y_train: Sequence[Any],
+    labels_train: Sequence[Any] | np.ndarray,
     X_test: np.ndarray,
-    y_test: Sequence[Any],
+    labels_test: Sequence[Any] | np.ndarray,
     configs: Sequence[dict[str, Any]],
     shots: Sequence[int],
     seeds: Sequence[int],
@@ -36,7 +36,7 @@ def sweep(
 
     Seed s draws the few-shot subset and seeds the generator. One row per (shots, config).
     """
-    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    y_train, y_test = np.asarray(labels_train), np.asarray(labels_test)
     rows = []
     for n_shots in shots:
         subsets = {seed: few_shot(y_train, n_shots, seed) for seed in seeds}

@@ -291,10 +291,10 @@ def loo_accuracy(
     weight = n / (C * np.bincount(codes, minlength=C))[codes]  # the indicator target of each row
     targets = sparse.csc_array((weight, (codes, np.arange(n))), shape=(C, n))
     TX = np.zeros((C, X.shape[1]))
-    for rows, part in _f64_blocks(X):
-        TX += targets[:, rows] @ part
+    for block, part in _f64_blocks(X):
+        TX += targets[:, block] @ part
     ZY = (TX @ V).T  # (r, C): V^T X^T Y
-    rows = (
+    rows: np.ndarray = (
         np.arange(n)
         if n <= LOO_ROWS
         else np.sort(np.argsort(uniforms(np.uint64(0), seed, _LOO_STREAM, np.arange(n)))[:LOO_ROWS])

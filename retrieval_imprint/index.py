@@ -250,7 +250,8 @@ class ProxyIndex:
         if exact:
             return self.index.search(Q, m)
         gpu = faiss_gpu(device)
-        index = self._on_device(device, lambda: (to_gpu(self.index, gpu), None))[0] if gpu is not None else self.index
+        on_gpu = gpu is not None and device is not None
+        index = self._on_device(device, lambda: (to_gpu(self.index, gpu), None))[0] if on_gpu else self.index  # type: ignore[arg-type]
         return index.search(Q, m, params=ivf.search_parameters(self.index, params or self.search_params))
 
     @property

@@ -62,11 +62,11 @@ class IngestReport:
 def fingerprint(ds: Dataset) -> str:
     """What identifies a source across runs: a hash of its rows (labels and texts or vectors), so
     the same data is recognised under another name or format, and a changed file starts over."""
-    digest = hashlib.sha256(repr([lab.entry(v) for v in ds.labels]).encode())
+    digest = hashlib.sha256(repr([lab.entry(v) for v in ds.need("labels")]).encode())
     if ds.vectors is None:
-        digest.update("\0".join(ds.texts).encode())
+        digest.update("\0".join(ds.need("texts")).encode())
     else:
-        digest.update(memoryview(np.ascontiguousarray(ds.vectors, "<f4")).cast("B"))
+        digest.update(np.ascontiguousarray(ds.vectors, "<f4").tobytes())  # as bytes: little-endian float32
     return f"rows:{len(ds)}:{digest.hexdigest()[:32]}"
 
 
@@ -133,16 +133,23 @@ class _Target:
                     **self.settings,
                 )
             self.created = True
-        texts = [t for p in parts for t in (p.texts or [None] * len(p))] if any(p.texts for p in parts) else None
+        texts: list[str | None] | None = None
+        if any(p.texts for p in parts):
+            texts = [t for p in parts for t in (p.texts or [None] * len(p))]  # type: ignore[list-item]  # list invariance
         refs = [r for p in parts for r in (p.refs or [None] * len(p))] if any(p.refs for p in parts) else None
         self.col.add(
-            X, [v for p in parts for v in p.labels], checkpoints=checkpoints, replace=replace, texts=texts, refs=refs
+            X,
+            [v for p in parts for v in p.need("labels")],
+            checkpoints=checkpoints,
+            replace=replace,
+            texts=texts,
+            refs=refs,
         )
 
     def discard_if_unwritten(self) -> None:
         """Remove a collection this ingestion created and never wrote to: no stub is left with
         settings that failed."""
-        if self.created and not len(self.col) and self.col.info()["version"] == 0:
+        if self.created and self.col is not None and not len(self.col) and self.col.info()["version"] == 0:
             self.col.close()
             shutil.rmtree(self.path, ignore_errors=True)
 
@@ -180,7 +187,7 @@ def ingest(
     exported = [ds for ds in datasets if ds.settings]
     remade = not exists(Path(path)) and exported and not settings and preset is None
     if remade:  # an exported collection made again as it was: its settings, then its state
-        settings = dict(exported[0].settings)
+        settings = dict(exported[0].settings or {})
     state = exported[0].state if remade else None
     target = _Target(
         Path(path), preset, settings, lock_timeout, shards, state.get("auto_choice") if state is not None else None
@@ -215,7 +222,7 @@ def ingest(
                 embed_all(parts, embedder),
                 parts,
                 [(source, len(ds)) for ds, source, _ in todo],
-                upserting.take([v for part in parts for v in part.labels]),
+                upserting.take([v for part in parts for v in part.need("labels")]),
             )
         elif todo:
             _add_chunks(target, todo, embedder, chunk_size, progress, upserting)
@@ -223,6 +230,7 @@ def ingest(
         target.discard_if_unwritten()
         raise
     col = target.col
+    assert col is not None  # made by the first add, or opened
     if state is not None and target.created and (state.get("threshold") is not None or state["classes"]):
         col.restore_rejection(
             state.get("threshold"),
@@ -231,7 +239,7 @@ def ingest(
     retrained = col.outgrown
     if retrained:
         col.compact()
-    seen = {lab.entry(label) for ds, _, _ in todo for label in ds.labels}
+    seen = {lab.entry(label) for ds, _, _ in todo for label in ds.need("labels")}
     info = col.info()
     col.close()  # the caller gets a report, not the collection: its connections close now
     return IngestReport(
@@ -254,7 +262,7 @@ def _read_all(sources: Sequence[str | os.PathLike | Dataset], beside: Path) -> l
     unlinked at once (nothing is left behind; the OS pages them in as their chunks are added)."""
     out, held = [], 0
     for source in sources:
-        ds = source if isinstance(source, Dataset) else read(source)
+        ds = source if isinstance(source, Dataset) else read(Path(source))
         if ds.vectors is not None and not isinstance(source, Dataset) and not isinstance(ds.vectors, np.memmap):
             held += ds.vectors.nbytes
             if held > HELD_BYTES:

@@ -45,6 +45,7 @@ def check(directory: Path, engine: Engine) -> CheckReport:
     loaded = {"proxies": snap.proxies.ids if snap.proxies is not None else np.zeros(0, np.int64)}
     if snap.samples is not None:
         loaded["samples"] = snap.samples.ids
+    assert snap.vector_rows is not None  # read with vector_rows=True above
     for kind, ids in loaded.items():
         rows = snap.vector_rows[kind]
         if len(ids) != len(np.unique(ids)):

@@ -53,7 +53,15 @@ class ImprintCollection(Searchable, Protocol):
     ) -> np.ndarray: ...  # fmt: skip
     def query_texts(self, texts: Sequence[str], top: int = 1, *, threshold: float | None = None) -> QueryResult: ...
     def check(self) -> CheckReport: ...
-    def add(self, X: Any, labels: Sequence[object], *, model: str | None = None, replace: bool = False) -> Any: ...
+    def add(
+        self, X: Any, labels: Sequence[object], *, model: str | None = None, replace: bool | set = False,
+        checkpoints: Sequence[tuple[str, int]] = (), texts: Sequence[str | None] | None = None,
+        refs: Sequence[str | None] | None = None,
+    ) -> Any: ...  # fmt: skip
+    def check_settings(self, *, preset: str | None = None, **settings: Any) -> None: ...
+    def restore_rejection(
+        self, threshold: float | None, classes: dict[Any, tuple[float | None, float | None]]
+    ) -> Any: ...
     def add_texts(
         self, texts: Sequence[str], labels: Sequence[object], *, replace: bool = False,
         refs: Sequence[str] | None = None,

@@ -11,6 +11,7 @@ concurrent queries with different parameters cannot see each other's.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import faiss
 import numpy as np
@@ -255,7 +256,7 @@ def search_verified(
     if ivf.parallel_mode != 3:
         ivf.parallel_mode = 3
     nprobe = min(int((params or {}).get("nprobe", ivf.nprobe)), ivf.nlist)
-    searched = search_parameters(index, {**(params or {}), "nprobe": nprobe}, selector)  # nprobe: the lists below
+    searched: Any = search_parameters(index, {**(params or {}), "nprobe": nprobe}, selector)  # nprobe: the lists below
     Q = np.ascontiguousarray(Q, np.float32)
     Dq, Iq = ivf.quantizer.search(Q, nprobe, params=searched.quantizer_params)
     verify(Iq)

@@ -79,7 +79,7 @@ def label_key(label: object) -> int:
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 
-def distinct(values: Sequence[object]) -> tuple[list[object], np.ndarray]:
+def distinct(values: Sequence[object] | np.ndarray) -> tuple[list[object], np.ndarray]:
     """The distinct ``values`` in order of first appearance, and each one's index into them; keyed
     by type too, since True == 1 == 1.0 while their labels differ (an unhashable value is its own)."""
     slots: dict[tuple[type, object], int] = {}
@@ -96,7 +96,7 @@ def distinct(values: Sequence[object]) -> tuple[list[object], np.ndarray]:
     return uniq, index
 
 
-def label_keys(labels: Sequence[object]) -> np.ndarray:
+def label_keys(labels: Sequence[object] | np.ndarray) -> np.ndarray:
     """:func:`label_key` of every label, as a uint64 array; each distinct label is hashed once
     (rows of one class repeat its label)."""
     uniq, index = distinct(labels)

@@ -94,7 +94,7 @@ def merge(parts: Sequence[Part], top: int, params: dict[str, Any]) -> QueryResul
         scores = np.where(classes >= 0, np.take_along_axis(values, pick, 1), np.nan)
     found = classes >= 0
     terms = [
-        np.where(found, np.take_along_axis(cat(name), pick, 1), fill)
+        np.where(found, np.take_along_axis(cat(name), pick, 1), fill)  # type: ignore[arg-type]
         for name, fill in (("candidates", None), ("shift", 0.0), ("limit", np.nan))
     ]
     short = top - classes.shape[1]  # fewer entries than top in all: pad

@@ -166,15 +166,17 @@ def calibrate(
             i = ok[-1] if len(ok) else None  # the highest threshold that keeps the target
             value = recall[i] if i is not None and recall is not None else 0.0  # no OOS: the first rule
         elif target_oos_recall is not None:
+            assert recall is not None and oos is not None  # has_oos: checked above
             ok = np.flatnonzero(
                 recall >= target_oos_recall + margin * _binomial_se(target_oos_recall, len(oos)) - 1e-12
             )
             i = ok[0] if len(ok) else None  # the lowest threshold that reaches the target
             value = accuracy[i] if i is not None else 0
         else:
+            assert recall is not None  # the balanced point: has_oos, checked above
             i = int(np.argmax((accuracy + recall) / 2))
             value = (accuracy[i] + recall[i]) / 2
-        n = len(oos) if target_oos_recall is None and has_oos else len(scores)
+        n = len(oos) if target_oos_recall is None and has_oos and oos is not None else len(scores)
         if i is not None and (best is None or value > best[0] + _standard_error(value, best[0], n)):
             best = (value, rule, candidates[i], accuracy[i], None if recall is None else recall[i])
     if best is None:
@@ -191,7 +193,7 @@ def calibrate(
     def cleared(t: float, n: int) -> str:
         return f" + {margin:g} standard error ({margin * _binomial_se(t, n):.4f} on {n:,} queries)" if margin else ""
 
-    n_oos = next(len(oos) for _, _, oos in rules.values()) if has_oos else 0
+    n_oos = next(len(oos) for _, _, oos in rules.values() if oos is not None) if has_oos else 0
     criterion = (
         f"highest threshold keeping in-scope accuracy >= {target_accuracy:g}"
         + cleared(target_accuracy, len(next(iter(rules.values()))[0]))

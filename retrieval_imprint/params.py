@@ -15,7 +15,7 @@ import numbers
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import DeviceError, InvalidParameterError
 
@@ -64,12 +64,12 @@ GENERATOR_KINDS: dict[str, GeneratorKind] = {
 }
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[numbers.Integral]:
     """An int or numpy integer (numpy registers those as ``numbers.Integral``; not a bool)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[numbers.Real]:
     """A finite-or-not real number, not a bool (numpy's bool is not a ``numbers.Real``)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -77,7 +77,7 @@ def _is_real(value: object) -> bool:
 def parse_size(text: str | int) -> int:
     """Bytes from ``"8GB"``, ``"512MiB"``, ``"1.5G"`` or an int."""
     if _is_int(text):
-        return int(text)  # type: ignore[call-overload]
+        return int(text)
     units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
              "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}  # fmt: skip
     value = str(text).strip().upper()
@@ -98,7 +98,7 @@ def check_device(name: str, device: Any) -> str | None:
 
 def check_int(name: str, value: object, low: int) -> int:
     """``value`` as an int >= ``low``, or an ``InvalidParameterError`` naming the argument."""
-    if not _is_int(value) or value < low:  # type: ignore[operator]
+    if not _is_int(value) or value < low:
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected an integer >= {low}")
     return int(value)
 
@@ -115,7 +115,7 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
 def check_k(name: str, value: object) -> int | None:
     if value is None:
         return None
-    if not _is_int(value) or not (value >= 1 or value == -1):  # type: ignore[operator]
+    if not _is_int(value) or not (int(value) >= 1 or value == -1):
         raise InvalidParameterError(
             f"{name}={value!r} is not valid; expected a positive integer, -1 for every sample, or None"
         )
@@ -125,7 +125,7 @@ def check_k(name: str, value: object) -> int | None:
 def check_alpha(name: str, value: object) -> float | None:
     if value is None:
         return None
-    if not _is_real(value) or not 0 <= value <= 1:  # type: ignore[operator]
+    if not _is_real(value) or not 0 <= float(value) <= 1:
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected a number in [0, 1], or None")
     return float(value)
 
@@ -141,7 +141,7 @@ def check_seed(name: str, value: object) -> Any:
 def check_ridge(name: str, value: object) -> float | str:
     if value == AUTO:
         return AUTO
-    if not _is_real(value) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type, operator]
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number >= 0, or 'auto'")
     return float(value)
 
@@ -149,7 +149,7 @@ def check_ridge(name: str, value: object) -> float | str:
 def check_temperature(name: str, value: object) -> float | str:
     if value == AUTO:
         return AUTO
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type, operator]
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise InvalidParameterError(f"{name}={value!r} is not valid; expected a finite number > 0, or 'auto'")
     return float(value)
 
@@ -200,7 +200,10 @@ class Param:
     type: type = str  # what a command line parses the value as
 
     def validate(self, value: Any) -> Any:
-        return check_choice(self.name, value, self.choices()) if self.choices else self.check(self.name, value)
+        if self.choices is not None:
+            return check_choice(self.name, value, self.choices())
+        assert self.check is not None, f"setting {self.name} has neither choices nor a check"
+        return self.check(self.name, value)
 
 
 # GEN/NORM/AGG: the estimator's constructor parameters; collections store all but ls_reg, features and temperature.

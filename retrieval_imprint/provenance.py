@@ -56,8 +56,8 @@ def explain(
                 out.append([])
                 continue
             ids = s.table.sample_ids(np.array([cid], np.int64))
-            X = s.proxies.prepare(s.samples.reconstruct(ids), "samples")  # as proxies are scored
-            sim = s.proxies.pair_similarity(q[None], X[None])[0]
+            X = s.searched.prepare(s.sample_index(path).reconstruct(ids), "samples")  # as proxies are scored
+            sim = s.searched.pair_similarity(q[None], X[None])[0]
             best = np.argsort(-sim, kind="stable")[:n]
             found = store.texts_of(conn, ids[best].tolist())
             out.append(
@@ -82,7 +82,7 @@ def export(engine: Engine, s: Snapshot, path: Path) -> Any:
 
     _need_samples(s, path)
     ids = s.table.sample_ids(s.table.ids)
-    X = s.samples.reconstruct(ids) if len(ids) else np.zeros((0, s.dimension or 0), np.float32)
+    X = s.sample_index(path).reconstruct(ids) if len(ids) else np.zeros((0, s.dimension or 0), np.float32)
     with engine.connect() as conn:
         found = store.texts_of(conn, ids.tolist())
     labels = s.table.labels_of(class_of(ids)) if len(ids) else np.array([], object)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ BLOCK = 256  # query rows whose candidate classes' proxies are gathered at a tim
 def rank(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
     """Class ids ``(n_q, top)`` (-1: none) and their scores; ``Q`` after NORMinf, ``params`` the
     IVF search parameters of this call (None: the stored ones)."""
-    cfg, index = s.params, s.proxies
+    cfg, index = s.params, s.searched
     if cfg["aggregation"] == "blend":
         return _blend(s, Q, top, params, cfg["alpha"])
     if cfg["aggregation"] == "max":
@@ -46,13 +47,14 @@ def rank(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None) ->
 
 def neighbours(s: Snapshot, Q: np.ndarray, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``m`` proxies nearest each query that an ``mnn`` vote counts: similarity, distance, ids."""
-    return s.proxies.search(Q, min(s.params["m"], s.proxies.ntotal), params)
+    return s.searched.search(Q, min(s.params["m"], s.searched.ntotal), params)
 
 
 def _blend(
     s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None, alpha: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    table, proxies, means = s.table, s.proxies, s.means
+    table, proxies, means = s.table, s.searched, s.means
+    assert means is not None, "a blend's collection keeps its class means"
 
     def positions(ids: np.ndarray) -> np.ndarray:
         return np.where(ids >= 0, table.positions(class_of(np.maximum(ids, 0))), -1)
@@ -148,8 +150,8 @@ class QueryResult:
     def from_records(cls, records: Sequence[dict[str, object]]) -> QueryResult:
         """The result ``records`` describe (NaN for None): what an HTTP client gets back."""
 
-        def table(name: str, dtype: object) -> np.ndarray:
-            rows = [[np.nan if v is None and dtype is not object else v for v in r[name]] for r in records]
+        def table(name: str, dtype: Any) -> np.ndarray:
+            rows = [[np.nan if v is None and dtype is not object else v for v in r[name]] for r in records]  # type: ignore[attr-defined]
             out = np.empty((len(rows), len(rows[0]) if rows else 0), dtype)
             out[...] = rows if rows else out
             return out
@@ -212,7 +214,7 @@ def judge(scores: np.ndarray, candidates: np.ndarray, shift: np.ndarray, limit: 
     reject = np.where(found, scores - shift, np.nan)
     accepted = found & ~(reject < limit)
     return QueryResult(
-        np.where(accepted, candidates, None),
+        np.where(accepted, candidates, None),  # type: ignore[call-overload]
         np.where(accepted, scores, np.nan).astype(np.float32),
         candidates,
         reject,
@@ -237,7 +239,7 @@ def rejection_inputs(
 
     def scores(result: QueryResult, rule: str) -> np.ndarray:
         top = result.scores[:, 0].astype(np.float64)
-        return top - shift_of(result.candidates[:, 0]) if rule == "shift" else top
+        return top - shift_of(result.candidates[:, 0]) if rule == "shift" and shift_of is not None else top
 
     return {
         rule: (scores(found, rule), correct, None if oos is None else scores(oos, rule))
@@ -252,7 +254,7 @@ def label_shifts(s: Snapshot, labels: np.ndarray, shift: np.ndarray) -> np.ndarr
 
 def search_params(s: Snapshot, params: dict[str, int] | None) -> dict[str, int] | None:
     """A query's ``search_params``, checked: they apply to IVF indexes only."""
-    if params and s.proxies is not None and not s.proxies.is_ivf:
+    if params and s.proxies is not None and not s.searched.is_ivf:
         raise InvalidParameterError(
             "search_params apply to approximate (IVF) indexes; this collection's index is exact"
         )

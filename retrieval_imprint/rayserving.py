@@ -169,14 +169,14 @@ def serve(
     device, resources = actors_on(current(), len(shards), ray.cluster_resources().get("GPU", 0))
     options = {**resources, **(shard_options or {})}
     replicas = [
-        rs.deployment(ShardReplica, name=f"shard-{i}", ray_actor_options=options).bind(d, i, len(shards), device)
+        rs.deployment(ShardReplica, name=f"shard-{i}", ray_actor_options=options).bind(d, i, len(shards), device)  # type: ignore[attr-defined]
         for i, d in enumerate(shards)
     ]
     ingress = rs.deployment(
         rs.ingress()(Ingress), name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096
     )
     settings = {"refresh": refresh, "window": window, "max_batch": max_batch, "limits": limits}
-    rs.run(ingress.bind(str(path), settings, api_key, *replicas), name=name, route_prefix="/")
+    rs.run(ingress.bind(str(path), settings, api_key, *replicas), name=name, route_prefix="/")  # type: ignore[attr-defined]
     url = f"http://{host}:{port}"
     _wait_ready(url, timeout)
     return url
@@ -195,7 +195,7 @@ def _wait_ready(url: str, timeout: float) -> None:
                 return
             health = client.health()
         except ServerError as exc:
-            health = {"problems": {"server": str(exc)}} if exc.status not in (None, 503) else None
+            health = {"problems": {"server": str(exc)}} if exc.status not in (None, 503) else {}
         if health and "startup" in health.get("problems", {}):
             raise CollectionStateError(f"the Ray ingress could not start: {health['problems']['startup']}")
         if time.monotonic() > deadline:

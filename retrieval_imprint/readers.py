@@ -51,13 +51,21 @@ class Dataset:
     texts: list[str] | None = None
     vectors: np.ndarray | None = None
     labels: list[Any] | None = None
-    refs: list[str] | None = None
+    refs: list[str | None] | None = None
     model: str | None = None
     settings: dict[str, Any] | None = None
     state: dict[str, Any] | None = None
 
     def __len__(self) -> int:
-        return len(self.vectors) if self.vectors is not None else len(self.texts)  # type: ignore[arg-type]
+        return len(self.vectors) if self.vectors is not None else len(self.need("texts"))
+
+    def need(self, column: str) -> list[Any]:
+        """The ``texts``, ``labels`` or ``refs`` of the rows, or a ``DataError`` naming the file
+        that has none."""
+        values = getattr(self, column)
+        if values is None:
+            raise DataError(f"{self.source}: no {column} in this file")
+        return values
 
     def part(self, lo: int, hi: int) -> Dataset:
         """Rows ``lo:hi``."""
@@ -227,7 +235,7 @@ def _from_rows(
             )
         out.vectors = np.stack(vectors)
     if vcol and tcol:  # texts beside vectors: provenance, kept as they are (None where missing)
-        out.texts = [None if v is None else str(v) for v in rows.values(tcol)]
+        out.texts = [None if v is None else str(v) for v in rows.values(tcol)]  # type: ignore[misc]  # provenance only
     elif tcol:
         out.texts = _each(rows.values(tcol), lambda v: _text(v, tcol), rows, file)
     if lcol:
@@ -273,7 +281,7 @@ def read(
         raise DataError(f"{file}: unknown format {file.suffix!r}; expected one of {', '.join(FORMATS)}")
     if file.stat().st_size == 0:
         raise DataError(f"{file}: the file is empty")
-    options = dict(
+    options: dict[str, Any] = dict(
         text_column=text_column,
         label_column=label_column,
         vector_column=vector_column,

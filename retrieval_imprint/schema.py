@@ -174,7 +174,9 @@ def schema_revision(conn: Connection) -> tuple[str | None, str, bool]:
     script = ScriptDirectory.from_config(alembic_config(conn))
     current = MigrationContext.configure(conn).get_current_revision()
     known = current is None or any(rev.revision == current for rev in script.walk_revisions())
-    return current, script.get_current_head(), known
+    head = script.get_current_head()
+    assert head is not None, "the packaged migrations have one head"
+    return current, head, known
 
 
 def migrate(conn: Connection, revision: str = "head", *, down: bool = False) -> None:

@@ -68,7 +68,7 @@ def request_model(limits: Limits) -> Any:
     return create_model(
         "QueryRequest",
         __config__=ConfigDict(extra="forbid", strict=True),
-        __validators__={"one_of": model_validator(mode="after")(one_of)},
+        __validators__={"one_of": model_validator(mode="after")(one_of)},  # type: ignore[dict-item]
         texts=(
             list[text] | None,
             Field(
@@ -266,7 +266,7 @@ def create_app(service: Service, *, api_key: str | None = None, title: str = "re
     async def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if credentials is None:
             raise UnauthorizedError("this server needs an API key: send the header 'Authorization: Bearer <key>'")
-        if not hmac.compare_digest(credentials.credentials.encode(), api_key.encode()):
+        if not hmac.compare_digest(credentials.credentials.encode(), (api_key or "").encode()):
             raise UnauthorizedError("the API key sent is not this server's")
 
     guarded = [Depends(authorized)] if api_key else []
@@ -393,6 +393,9 @@ def run(
             ready(await service.started())
 
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", timeout_graceful_shutdown=drain, timeout_keep_alive=5, backlog=1024
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=drain,  # type: ignore[arg-type]  # uvicorn takes seconds as a float timeout_keep_alive=5, backlog=1024
     )
     Server(config).run(sockets=[sock])

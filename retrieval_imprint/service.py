@@ -53,7 +53,7 @@ class Query:
     search_params: dict[str, int] | None = None
 
     def __len__(self) -> int:
-        return len(self.texts) if self.texts is not None else len(self.vectors)
+        return len(self.texts) if self.texts is not None else len(self.vectors) if self.vectors is not None else 0
 
 
 def is_clients(exc: BaseException) -> bool:
@@ -173,6 +173,8 @@ class Service:
         """The collection, with other processes' commits picked up once ``refresh`` seconds have
         passed since the last look (engine thread only)."""
         col = self.col
+        if col is None:
+            raise NotReadyError("the collection is not open yet")
         if time.monotonic() - self._looked >= self.refresh_every:
             try:
                 col.refresh()
@@ -209,7 +211,7 @@ class Service:
         texts = [i for i, q in enumerate(queries) if out[i] is None and q.texts is not None]
         if texts:
             try:
-                embedded = col.embedder().encode([t for i in texts for t in queries[i].texts])
+                embedded = col.embedder().encode([t for i in texts for t in queries[i].texts or ()])
             except Exception as exc:
                 self._failed("embedder", exc)
                 for i in texts:

@@ -289,8 +289,8 @@ class ShardedCollection(Calibrated, Shared):
         model: str | None = None,
         replace: bool | set = False,
         checkpoints: Sequence[tuple[str, int]] = (),
-        texts: Sequence[str] | None = None,
-        refs: Sequence[str] | None = None,
+        texts: Sequence[str | None] | None = None,
+        refs: Sequence[str | None] | None = None,
     ) -> ShardedCollection:
         """``Collection.add``: each class's rows go to its shard (atomic per shard). Everything
         that can be checked before a write is checked for all the rows first, so bad input changes
@@ -326,12 +326,12 @@ class ShardedCollection(Calibrated, Shared):
                 continue
             col.add(
                 X[mine],
-                [labels[r] for r in mine],
+                [labels[int(r)] for r in mine],
                 model=model,
                 replace=replace if isinstance(replace, bool) else set(replace),
                 checkpoints=checkpoints,
-                texts=None if texts is None else [texts[r] for r in mine],
-                refs=None if refs is None else [refs[r] for r in mine],
+                texts=None if texts is None else [texts[int(r)] for r in mine],
+                refs=None if refs is None else [refs[int(r)] for r in mine],
                 auto_choice=choice,
             )
         return self
@@ -418,4 +418,4 @@ class ShardedCollection(Calibrated, Shared):
             with segments.writer_lock(self.path, self.lock_timeout):
                 self._manifest = {**read_manifest(self.path), "auto_choice": choice}
                 write_manifest(self.path, self._manifest)
-        return self.auto_choice
+        return self.auto_choice or {}

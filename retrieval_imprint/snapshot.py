@@ -70,6 +70,26 @@ class Snapshot:
         return stored | {k: v for k, v in chosen.items() if k in STORED}
 
     @property
+    def searched(self) -> ProxyIndex:
+        """The proxy index; a ``CollectionStateError`` before the first add made one."""
+        if self.proxies is None:
+            raise CollectionStateError("the collection has no classes yet")
+        return self.proxies
+
+    @property
+    def d(self) -> int:
+        """The vectors' dimension; a ``CollectionStateError`` before anything fixed it."""
+        if self.dimension is None:
+            raise CollectionStateError("the collection has no vectors yet, so no dimension")
+        return self.dimension
+
+    def sample_index(self, directory: Path) -> ProxyIndex:
+        """The kept samples' index, read on first need."""
+        if self.samples is None:
+            self.samples = self.merge(directory, "samples", self.files["samples"])
+        return self.samples
+
+    @property
     def auto_choice(self) -> dict[str, Any] | None:
         """What auto chose at the first add, with its CV table (None before it)."""
         chosen = self.config["auto_choice"]
@@ -152,7 +172,7 @@ class Snapshot:
             return out
         if kind == "proxies":
             return ProxyIndex(
-                self.dimension,
+                self.d,
                 self.config["metric"],
                 self.fixed.transform,
                 with_ids=True,
@@ -160,8 +180,8 @@ class Snapshot:
                 index=index,
             )
         if kind == "means":
-            return ProxyIndex(self.dimension, self.config["metric"], self.fixed.transform, with_ids=True, index=index)
-        return ProxyIndex(self.dimension, "euclidean", None, with_ids=True, index=index)
+            return ProxyIndex(self.d, self.config["metric"], self.fixed.transform, with_ids=True, index=index)
+        return ProxyIndex(self.d, "euclidean", None, with_ids=True, index=index)
 
     def merge(
         self, directory: Path, kind: str, files: list[str], opened: dict[str, BinaryIO] | None = None
@@ -169,7 +189,8 @@ class Snapshot:
         """The live vectors (by the class table) of these ``kind`` segment files, in one index.
         Files not in ``opened`` are opened here: only the writer may, as no one else deletes them.
         One file is used as read (no copy: a compacted collection opens faster)."""
-        merged, kept, read = self.new_index(kind), [], False
+        merged, read = self.new_index(kind), False
+        kept: list[tuple[np.ndarray, np.ndarray]] = []
 
         def add_kept() -> None:  # consecutive kept files in one add (one coarse assignment), dead left out
             if kept:
@@ -190,7 +211,7 @@ class Snapshot:
                     if opened and name in opened
                     else stack.enter_context(segments.open_segment(directory, name))
                 )
-                index = segments.read_segment(directory, name, file, self.dimension, self.checksums.get(name))
+                index = segments.read_segment(directory, name, file, self.d, self.checksums.get(name))
                 if kind == "proxies" and self.template is not None:
                     index = segments.share_quantizer(directory, name, index, self.template.index)
                 if len(files) == 1 and segments.same_kind(index, merged.index):
@@ -223,7 +244,7 @@ class Snapshot:
         mapped = segments.share_quantizer(
             directory,
             largest,
-            segments.map_segment(directory, largest, opened[largest], self.dimension, self.n_vectors[largest]),
+            segments.map_segment(directory, largest, opened[largest], self.d, self.n_vectors[largest]),
             self.template.index,
         )
         if not segments.same_kind(mapped, self.template.index):

@@ -174,10 +174,10 @@ def _initialize(
             conn.execute(insert(embedder).values(id=1, **embedder_row))
 
 
-def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None, list, list]:
+def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any], list[Any]]:
     """The collection row, the embedder row, the class table (``class_columns``) and ``(kind, file,
     checksum, n_vectors, lists)`` segment rows."""
-    cfg = dict(conn.execute(select(collection)).mappings().one())
+    cfg: dict[str, Any] = dict(conn.execute(select(collection)).mappings().one())
     emb = conn.execute(select(embedder)).mappings().first()
     rows = class_columns(conn)
     segs = conn.execute(
@@ -185,7 +185,7 @@ def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None,
             segments.c.id
         )
     ).all()
-    return cfg, dict(emb) if emb is not None else None, rows, segs
+    return cfg, dict(emb) if emb is not None else None, rows, list(segs)
 
 
 INT_COLUMNS = ("id", "n_samples", "proxy_lo", "proxy_hi")
@@ -273,7 +273,7 @@ def insert_segment(conn: Connection, kind: str, segment: Any, ids: np.ndarray, o
         insert(segments).values(
             kind=kind, file=segment.name, checksum=segment.checksum, n_vectors=len(ids), lists=segment.lists
         )
-    ).inserted_primary_key[0]
+    ).inserted_primary_key[0]  # type: ignore[index]  # an insert has its key
     table = _id_rows(kind)
     if table is not None and len(ids):
         conn.execute(
@@ -334,7 +334,7 @@ def replace_segments(conn: Connection, kind: str, old: Sequence[str], segment: A
         insert(segments).values(
             kind=kind, file=segment.name, checksum=segment.checksum, n_vectors=n_vectors, lists=segment.lists
         )
-    ).inserted_primary_key[0]
+    ).inserted_primary_key[0]  # type: ignore[index]  # an insert has its key
     table = _id_rows(kind)
     old_ids = select(segments.c.id).where(segments.c.file.in_(old))
     if table is not None:

@@ -46,6 +46,6 @@ def top_k(Q: Any, X: Any, k: int, kind: str, X_sq: Any = None) -> tuple[Any, Any
             s, j = torch.topk(
                 torch.cat([best_s, s], 1), min(k, best_s.shape[1] + s.shape[1]), dim=1, largest=largest, sorted=True
             )
-            i = torch.gather(torch.cat([best_i, i], 1), 1, j)
+            i = torch.gather(torch.cat([best_i, i], 1), 1, j)  # type: ignore[list-item]  # set with best_s
         best_s, best_i = s, i
     return best_s, best_i

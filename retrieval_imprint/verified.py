@@ -40,6 +40,7 @@ def _list_sum(invlists: Any, no: int) -> int:
     n = invlists.list_size(no) if no >= 0 else 0
     digest = xxhash.xxh3_64(np.int64(n).tobytes())
     if n:
+        # an ndarray is a buffer (typed as one from Python 3.12 on): hashed in place, not copied
         digest.update(faiss.rev_swig_ptr(invlists.get_ids(no), n))
         digest.update(faiss.rev_swig_ptr(invlists.get_codes(no), n * invlists.code_size))
     return digest.intdigest()
@@ -48,7 +49,7 @@ def _list_sum(invlists: Any, no: int) -> int:
 def list_checksums(index: faiss.Index) -> bytes:
     """The checksum of each inverted list of IVF ``index``, as stored (``DTYPE`` bytes); only the
     non-empty lists are hashed here (a small add's file has a few among thousands)."""
-    invlists = faiss.extract_index_ivf(index).invlists
+    invlists: Any = faiss.extract_index_ivf(index).invlists
     out = np.full(invlists.nlist, _list_sum(invlists, -1), DTYPE)  # list -1: the checksum of an empty list
     for no in np.flatnonzero(get_invlist_sizes(invlists)).tolist():
         out[no] = _list_sum(invlists, no)
@@ -62,7 +63,7 @@ class ListVerifier:
     def __init__(self, directory: Path, name: str, index: faiss.Index, expected: bytes) -> None:
         self.directory, self.name = directory, name
         self.index = index  # owns the lists: they live as long as it does
-        self.invlists = faiss.extract_index_ivf(index).invlists
+        self.invlists: Any = faiss.extract_index_ivf(index).invlists  # FAISS types it Optional
         self.expected = np.frombuffer(expected, DTYPE)
         if len(self.expected) != self.invlists.nlist:
             raise CollectionDamagedError(

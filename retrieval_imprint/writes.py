@@ -99,7 +99,7 @@ class _Batch:
     next_class_id: int
 
 
-def _batch(s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list, found: dict) -> _Batch:
+def _batch(directory: Path, s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list, found: dict) -> _Batch:
     d = X.shape[1]
     B = len(entries)
     class_id = np.empty(B, np.int64)
@@ -113,7 +113,7 @@ def _batch(s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list, found: 
             class_id[i], old_samples[i], old_proxy_hi[i] = row.id, row.sample_hi, row.proxy_hi
     existing = np.array([e in found for e in entries], bool)
     kept = (
-        s.samples.reconstruct(s.table.sample_ids(class_id[existing]))
+        s.sample_index(directory).reconstruct(s.table.sample_ids(class_id[existing]))
         if existing.any()
         else np.zeros((0, d), np.float32)
     )
@@ -134,7 +134,7 @@ def _batch(s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list, found: 
     return _Batch(class_id, existing, old_samples, old_proxy_hi, groups, new_rows, new_counts, next_id)
 
 
-def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> str | None:
+def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> segments.Segment | None:
     """The proxy index of the first add: exact, or an IVF index trained on ``W`` (``index`` given
     as a factory string, or ``auto`` chosen from the memory budget). Returns the template segment."""
     cfg = s.config
@@ -194,7 +194,7 @@ def add(
         cfg["dimension"] = d
     if found and s.samples is None:
         s.samples = s.merge(directory, "samples", s.files["samples"])
-    b = _batch(s, X, codes, entries, found)
+    b = _batch(directory, s, X, codes, entries, found)
     W, owner, s.fixed = imprint(b.groups, params, s.fixed)
     shift = class_shifts(b.groups, params)
     version = s.version + 1
@@ -250,8 +250,8 @@ def add(
         store.insert_classes(conn, [{**row, "label": e[1], "label_kind": e[0]}
                                     for row, e, old in zip(rows, entries, b.existing) if not old])  # fmt: skip
         store.update_classes(conn, [row for row, old in zip(rows, b.existing) if old])
-        for kind, (segment, ids, owners) in written.items():
-            store.insert_segment(conn, kind, segment, ids, owners)
+        for kind, (file, ids, owners) in written.items():
+            store.insert_segment(conn, kind, file, ids, owners)
         if "samples" in written and (texts is not None or refs is not None):
             order = b.new_rows.tolist()
             store.insert_texts(
@@ -284,8 +284,8 @@ def add(
     if len(replaced):
         _forget(s, replaced)
     if b.existing.any():
-        s.proxies.remove(s.table.proxy_ids(b.class_id[b.existing]))
-    s.proxies.add(W, proxy_ids)
+        s.searched.remove(s.table.proxy_ids(b.class_id[b.existing]))
+    s.searched.add(W, proxy_ids)
     if s.samples is not None and "samples" in written:
         s.samples.add(samples, written["samples"][1])
     if "means" in written:
@@ -294,10 +294,10 @@ def add(
             s.means.remove(s.table.mean_ids(b.class_id[b.existing]))
         s.means.add(M, mean_ids)
     vectors = {"proxies": W, "samples": samples, "means": M if "means" in written else None}
-    for kind, (segment, ids, _) in written.items():
-        record_segment(s, kind, segment)
+    for kind, (file, ids, _) in written.items():
+        record_segment(s, kind, file)
         if len(ids) <= RECENT_MAX:
-            s.recent[segment.name] = (ids.copy(), np.array(vectors[kind], np.float32))
+            s.recent[file.name] = (ids.copy(), np.array(vectors[kind], np.float32))
     if template is not None:
         s.files["template"] = []
         record_segment(s, "template", template)
@@ -358,14 +358,14 @@ def retune(
     proxies = (
         s.template.empty_like()
         if s.template is not None
-        else ProxyIndex(s.dimension, cfg["metric"], s.fixed.transform, with_ids=True)
+        else ProxyIndex(s.d, cfg["metric"], s.fixed.transform, with_ids=True)
     )
     proxies.search_params = s.search_params
     proxies.add(W, proxy_ids)
     written = {"proxies": segments.write_segment(directory, "proxies", version, proxies.index)}
     means, mean_ids = None, (table.ids << CLASS_SHIFT) + lo
     if params["aggregation"] == "blend":
-        means = ProxyIndex(s.dimension, cfg["metric"], s.fixed.transform, with_ids=True)
+        means = ProxyIndex(s.d, cfg["metric"], s.fixed.transform, with_ids=True)
         means.add(class_means(groups, params, s.fixed), mean_ids)
         written["means"] = segments.write_segment(directory, "means", version, means.index)
     segments.crash_point("retune: segments written")
@@ -410,7 +410,7 @@ def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
 
 def _forget(s: Snapshot, ids: np.ndarray) -> None:
     """Drop classes ``ids`` from the snapshot in memory (their rows are gone from the database)."""
-    s.proxies.remove(s.table.proxy_ids(ids))
+    s.searched.remove(s.table.proxy_ids(ids))
     if s.samples is not None:
         s.samples.remove(s.table.sample_ids(ids))
     if s.means is not None:
