@@ -170,7 +170,17 @@ def collection_argument(fn: Callable) -> Callable:
     return click.argument("collection", type=click.Path(file_okay=False, path_type=Path))(fn)
 
 
+READ_OPTIONS = ("text_column", "label_column", "vector_column", "split")
+
+
 def data_options(fn: Callable) -> Callable:
+    """The options saying how to read data files, handed to the command as one ``reading`` dict
+    of ``readers.read``'s keywords."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, reading={name: kwargs.pop(name) for name in READ_OPTIONS}, **kwargs)
+
     for option in reversed(
         [
             click.option("--text-column", help="Column holding the texts (default: text, sentence, utterance, query)."),
@@ -179,8 +189,8 @@ def data_options(fn: Callable) -> Callable:
             click.option("--split", help="NPZ files: read the arrays SPLIT_X and SPLIT_y."),
         ]
     ):
-        fn = option(fn)
-    return fn
+        command = option(command)
+    return command
 
 
 def id_option(fn: Callable) -> Callable:
@@ -188,22 +198,6 @@ def id_option(fn: Callable) -> Callable:
         "--id-column",
         help="Column of row ids kept beside each sample (default: ref), shown by imprint examples and query --explain.",
     )(fn)
-
-
-def read_options(
-    text_column: str | None,
-    label_column: str | None,
-    vector_column: str | None,
-    split: str | None,
-    id_column: str | None = None,
-) -> dict[str, Any]:
-    return dict(
-        text_column=text_column,
-        label_column=label_column,
-        vector_column=vector_column,
-        split=split,
-        id_column=id_column,
-    )
 
 
 def setting_options(params: list[Param], note: str = "") -> Callable[[Callable], Callable]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -18,7 +19,6 @@ from .app import (
     output,
     pyplot,
     quiet_option,
-    read_options,
 )
 
 
@@ -40,10 +40,7 @@ def evaluate_cmd(
     threshold: float | None,
     oos_label: str | None,
     confusions: int,
-    text_column,
-    label_column,
-    vector_column,
-    split,
+    reading: dict[str, Any],
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -59,7 +56,7 @@ def evaluate_cmd(
     from retrieval_imprint.readers import read
 
     col = open_collection(collection)
-    ds = read(data, **read_options(text_column, label_column, vector_column, split))
+    ds = read(data, **reading)
     if ds.texts is not None and col.model is None:
         raise UserError(f"{collection} records no embedding model: evaluate it on vectors")
     found = col.query(collection_vectors(col, [ds], quiet), 1, threshold=threshold)
@@ -154,10 +151,7 @@ def calibrate(
     margin: float,
     target_false_rejection: float | None,
     plot: str | None,
-    text_column,
-    label_column,
-    vector_column,
-    split,
+    reading: dict[str, Any],
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -185,7 +179,7 @@ def calibrate(
             )
         result = col.calibrate(target_false_rejection=target_false_rejection)
     else:
-        options = read_options(text_column, label_column, vector_column, split)
+        options = reading
         ds = read(data, **options)
         X = collection_vectors(col, [ds], quiet)
         X_oos = (

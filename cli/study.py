@@ -8,18 +8,7 @@ import click
 
 from retrieval_imprint.params import AGGREGATIONS, DEFAULT_MODEL, GENERATOR_KINDS
 
-from .app import (
-    UserError,
-    data_options,
-    describe,
-    emit,
-    json_option,
-    main,
-    pyplot,
-    query_vectors,
-    quiet_option,
-    read_options,
-)
+from .app import UserError, data_options, describe, emit, json_option, main, pyplot, query_vectors, quiet_option
 
 
 @main.command()
@@ -42,10 +31,7 @@ def diagnose(
     model: str | None,
     paper_compatible: bool,
     n_show: int,
-    text_column,
-    label_column,
-    vector_column,
-    split,
+    reading: dict[str, Any],
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -67,7 +53,7 @@ def diagnose(
     from retrieval_imprint.collapse import neural_collapse
     from retrieval_imprint.readers import read
 
-    ds = read(data, **read_options(text_column, label_column, vector_column, split))
+    ds = read(data, **reading)
     X = query_vectors([ds], model or DEFAULT_MODEL, quiet)
     labels = np.array([str(v) for v in ds.labels])  # type: ignore[union-attr]
     report = neural_collapse(X, labels, paper_compatible=paper_compatible)
@@ -151,10 +137,7 @@ def sweep(
     seeds: int,
     model: str | None,
     plot: str | None,
-    text_column,
-    label_column,
-    vector_column,
-    split,
+    reading: dict[str, Any],
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -178,7 +161,7 @@ def sweep(
     for a in aggs:
         if a not in AGGREGATIONS:
             raise UserError(f"--aggregation {a!r} is not valid; expected one of {', '.join(AGGREGATIONS)}")
-    options = read_options(text_column, label_column, vector_column, split)
+    options = reading
     train_ds, test_ds = read(train, **options), read(test, **options)
     model = model or DEFAULT_MODEL
     X_train, X_test = query_vectors([train_ds], model, quiet), query_vectors([test_ds], model, quiet)

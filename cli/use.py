@@ -31,7 +31,6 @@ from .app import (
     plain,
     quiet_option,
     ray_connect,
-    read_options,
     setting_options,
     show_progress,
 )
@@ -92,11 +91,8 @@ def index(
     again: bool,
     upsert: bool,
     vectors_model: str | None,
-    text_column,
-    label_column,
-    vector_column,
-    id_column,
-    split,
+    reading: dict[str, Any],
+    id_column: str | None,
     engine: str,
     ray_address: str | None,
     quiet: bool,
@@ -135,20 +131,18 @@ def index(
             preset,
             shards,
             chunk_size,
-            dict(
-                text_column=text_column,
-                label_column=label_column,
-                vector_column=vector_column,
-                id_column=id_column,
-                vectors_model=vectors_model,
-            ),
+            {
+                **{k: v for k, v in reading.items() if k != "split"},
+                "id_column": id_column,
+                "vectors_model": vectors_model,
+            },
             settings,
             ray_address,
             as_json,
-            unsupported={"--again": again, "--upsert": upsert, "--split": split},
+            unsupported={"--again": again, "--upsert": upsert, "--split": reading["split"]},
         )
         return
-    datasets = [read(p, **read_options(text_column, label_column, vector_column, split, id_column)) for p in data]
+    datasets = [read(p, **reading, id_column=id_column) for p in data]
     report = ingest(
         collection,
         datasets,
@@ -265,10 +259,7 @@ def query(
     threshold: float | None,
     nprobe: int | None,
     explain: int,
-    text_column,
-    label_column,
-    vector_column,
-    split,
+    reading: dict[str, Any],
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -285,7 +276,7 @@ def query(
     from retrieval_imprint.readers import FORMATS, Dataset, read
 
     col = open_collection(collection)
-    options = read_options(text_column, label_column, vector_column, split)
+    options = reading
     search = {"nprobe": nprobe} if nprobe else None
     if file_ in ("-", "/dev/stdin"):
         if text or vectors:
