@@ -57,11 +57,6 @@ class Candidate:
         return proxies, self.aggregation == "blend", self.alpha or 0.0
 
 
-def is_open(params: dict[str, Any]) -> bool:
-    """Whether ``params`` leave anything for cross-validation to choose."""
-    return len(candidates(params)) > 1
-
-
 def candidates(params: dict[str, Any]) -> list[Candidate]:
     """Every concrete setting ``params`` allow: unset choices from the grids, set ones as given."""
     gen, k, agg, alpha = params["generator"], params["k"], params["aggregation"], params.get("alpha")

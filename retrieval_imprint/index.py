@@ -201,10 +201,6 @@ class ProxyIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         return self._remove(faiss.IDSelectorBatch(ids), lambda stored: np.isin(stored, ids))
 
-    def remove_range(self, lo: int, hi: int) -> int:
-        """Remove every id in ``[lo, hi)``; returns how many were removed."""
-        return self._remove(faiss.IDSelectorRange(int(lo), int(hi)), lambda stored: (stored >= lo) & (stored < hi))
-
     def _remove(self, selector: faiss.IDSelector, chosen: Callable[[np.ndarray], np.ndarray]) -> int:
         """Remove the selected ids; the float16 copy drops the same rows (FAISS keeps the order)."""
         self._mirror = None

@@ -32,7 +32,7 @@ def test_candidates_are_whatever_the_settings_leave_open():
         auto.Candidate("kmeans", 20, "blend", 0.3)
     ]  # nothing open: the paper's k
     assert auto.candidates(params(generator="mean", aggregation="auto")) == [auto.Candidate("mean", 1, "max")]
-    assert not auto.is_open(params(generator="kmeans", k=4, aggregation="max"))
+    assert len(auto.candidates(params(generator="kmeans", k=4, aggregation="max"))) == 1
 
 
 def grouped(n_classes=6, n=12, seed=0):
