@@ -8,7 +8,7 @@ closer: the inner product, or minus the distance) and distances (``1 - ip`` for 
 metrics, used by distance-weighted votes).
 
 Without ids, row ``i`` has id ``i`` (the estimator); with ids (``IndexIDMap2``, or an IVF index
-from ``ivf.py``), ids are the caller's 64-bit numbers and can be removed by range (collections).
+from ``ivf.py``), ids are the caller's 64-bit numbers, removed by id (collections).
 Searches may run from several threads at once; adds and removals may not run beside them.
 """
 
