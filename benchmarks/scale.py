@@ -1,7 +1,8 @@
 """Scale benchmark: collections of 10k, 100k and 1M classes (k = 4, 384-d) on IVF-SQfp16 proxy indexes.
 
-Synthetic classes (seeded; grouped in topics; two modes each; 8 training samples and 1 held-out
-query per class) are
+Synthetic classes (seeded; ``--data topics``: grouped in topics, two modes each; ``--data
+realistic``: real sentence embeddings mixed and spread by real within-intent residuals, see
+``Realistic``; 8 training samples and 1 held-out query per class) are
 generated and added 50,000 classes at a time, so the raw embeddings are never all in memory.
 Reports build time (the adds plus a final compaction), peak RSS, on-disk size, open time, query
 latency (batch 1, p50/p90/p99/max) and throughput (batch 1000), recall@1 of the approximate index against
@@ -10,7 +11,7 @@ compaction retrained them), accuracy on held-out queries, and add-one-class late
 Writes docs/scale.md (or --out), headed by the CPU's SIMD and the one FAISS uses: run with
 FAISS_SIMD_LEVEL=AVX2 on an AVX-512 machine to see FAISS's AVX2 path.
 
-    .venv/bin/python benchmarks/scale.py [--sizes 10000 100000 1000000] [--out FILE]
+    .venv/bin/python benchmarks/scale.py [--sizes 10000 100000 1000000] [--data topics|realistic] [--out FILE]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,45 @@ def chunk(first: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return X[:, :TRAIN].reshape(-1, D), y, X[:, TRAIN]
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class Realistic:
+    """Classes whose geometry is real text's: each class centre is a mixture of two real sentence
+    embeddings (all-MiniLM-L6-v2, L2-normalised, of CLINC150 and BANKING77, every split), and each
+    sample is that centre plus a real within-intent residual (a sentence minus the mean of its own
+    intent), so the spread, anisotropy and hubness are those of real same-intent sentences.
+
+    Seeded per chunk, like ``chunk``: classes ``first .. first + n`` are the same whatever the sizes
+    run. The mixing weight is uniform in [0.3, 0.7]; the two sentences are drawn from the whole pool
+    (36,683 sentences of 227 intents), so distinct classes may share a sentence, as near-duplicate
+    entities and products do."""
+
+    def __init__(self) -> None:
+        vectors, residuals = [], []
+        for name in ("clinc150", "banking77"):
+            with np.load(SHARED / name / "embeddings.npz") as z:
+                for split in sorted({key[:-2] for key in z.files if key.endswith("_X")}):
+                    X, y = l2_normalize(z[f"{split}_X"]), z[f"{split}_y"]
+                    vectors.append(X)
+                    for label in np.unique(y):
+                        rows = X[y == label]
+                        residuals.append(rows - rows.mean(0))
+        self.pool = np.concatenate(vectors).astype(np.float32)
+        self.residuals = np.concatenate(residuals).astype(np.float32)
+
+    def __call__(self, first: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As ``chunk``: training samples ``(8n, D)``, labels, one held-out query per class."""
+        rng = np.random.default_rng([17, first])
+        a = rng.uniform(0.3, 0.7, (n, 1)).astype(np.float32)
+        pick = rng.integers(0, len(self.pool), (n, 2))
+        centre = l2_normalize(a * self.pool[pick[:, 0]] + (1 - a) * self.pool[pick[:, 1]])
+        spread = self.residuals[rng.integers(0, len(self.residuals), (n, TRAIN + 1))]
+        X = centre[:, None, :] + spread
+        y = np.repeat(np.arange(first, first + n), TRAIN)
+        return X[:, :TRAIN].reshape(-1, D), y, X[:, TRAIN]
+
+
 def reference_proxies(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The proxies the collection computes (L2 / kmeans k=4 / L2, per-class seeds), as float32."""
     classes, codes = np.unique(y, return_inverse=True)
@@ -104,12 +145,12 @@ def reference_proxies(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return l2_normalize(W, copy=False)
 
 
-def exact_top1(Qn: np.ndarray, n_classes: int) -> np.ndarray:
+def exact_top1(Qn: np.ndarray, n_classes: int, make: Callable = chunk) -> np.ndarray:
     """Ids (``class << 24 | j``) of the exact top-1 proxies, recomputed chunk by chunk after the build."""
     best_sim = np.full(len(Qn), -np.inf, np.float32)
     best_id = np.zeros(len(Qn), np.int64)
     for first in range(0, n_classes, CHUNK):
-        X, y, _ = chunk(first, min(CHUNK, n_classes - first))
+        X, y, _ = make(first, min(CHUNK, n_classes - first))
         S = Qn @ reference_proxies(X, y).T
         j = S.argmax(1)
         s = S[np.arange(len(Qn)), j]
@@ -119,12 +160,12 @@ def exact_top1(Qn: np.ndarray, n_classes: int) -> np.ndarray:
     return best_id
 
 
-def run(n_classes: int, root: Path) -> tuple[list[str], dict[str, float]]:
+def run(n_classes: int, root: Path, make: Callable = chunk) -> tuple[list[str], dict[str, float]]:
     rng = np.random.default_rng(n_classes)
     chosen = np.sort(rng.choice(n_classes, min(N_QUERIES, n_classes), replace=False))
     queries = np.concatenate(
         [
-            chunk(f, min(CHUNK, n_classes - f))[2][chosen[(chosen >= f) & (chosen < f + CHUNK)] - f]
+            make(f, min(CHUNK, n_classes - f))[2][chosen[(chosen >= f) & (chosen < f + CHUNK)] - f]
             for f in range(0, n_classes, CHUNK)
         ]
     )
@@ -138,7 +179,7 @@ def run(n_classes: int, root: Path) -> tuple[list[str], dict[str, float]]:
     )
     build = 0.0
     for first in range(0, n_classes, CHUNK):
-        X, y, _ = chunk(first, min(CHUNK, n_classes - first))
+        X, y, _ = make(first, min(CHUNK, n_classes - first))
         t = time.perf_counter()
         col.add(X, y.tolist())
         build += time.perf_counter() - t
@@ -155,7 +196,7 @@ def run(n_classes: int, root: Path) -> tuple[list[str], dict[str, float]]:
     col = Collection.open(path)
     _, _, approx = col.snapshot.proxies.search(Qn, 1)
     nprobe = col.search_params.get("nprobe")
-    exact = exact_top1(Qn, n_classes)
+    exact = exact_top1(Qn, n_classes, make)
     recall_first = float(np.mean(first_lists[:, 0] == exact))
     recall = float(np.mean(approx[:, 0] == exact))
     accuracy = float(np.mean(col.predict(queries) == chosen))
@@ -169,7 +210,7 @@ def run(n_classes: int, root: Path) -> tuple[list[str], dict[str, float]]:
     batch = time.perf_counter() - t
     adds = []
     for i in range(ADDS):
-        X, y, _ = chunk(n_classes + i, 1)
+        X, y, _ = make(n_classes + i, 1)
         t = time.perf_counter()
         col.add(X, y.tolist())
         adds.append(time.perf_counter() - t)
@@ -339,19 +380,34 @@ def memory_model(measured: list[dict[str, float]]) -> str:
     )
 
 
+DATA = {
+    "topics": "synthetic classes, 384-d, 1,000 per topic, two modes each",
+    "realistic": "realistic classes (``Realistic`` in benchmarks/scale.py: each centre a mixture of two real "
+    "all-MiniLM-L6-v2 sentence embeddings of CLINC150 and BANKING77, each sample the centre plus a real "
+    "within-intent residual, so the geometry is real text's)",
+}
+
+
 def write_doc(
-    rows: list[list[str]], measured: list[dict[str, float]], sizes: list[int], minutes: float, out: Path
+    rows: list[list[str]],
+    measured: list[dict[str, float]],
+    sizes: list[int],
+    minutes: float,
+    out: Path,
+    data: str = "topics",
 ) -> str:
     table = markdown_table(COLUMNS, rows)
     env = "".join(
         f"{name}={os.environ[name]} " for name in ("FAISS_SIMD_LEVEL", "OPENBLAS_CORETYPE") if name in os.environ
     )
+    default_out = DOCS / ("scale.md" if data == "topics" else f"scale-{data}.md")
     text = (
-        "# Scale\n\n"
-        f"Command: `{env}.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, sizes))}"
-        f"{' --out ' + str(out.relative_to(DOCS.parent)) if out.parent == DOCS and out.name != 'scale.md' else ''}` "
+        ("# Scale\n\n" if data == "topics" else f"# Scale, {data} classes\n\n")
+        + f"Command: `{env}.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, sizes))}"
+        f"{' --data ' + data if data != 'topics' else ''}"
+        f"{' --out ' + str(out.relative_to(DOCS.parent)) if out.parent == DOCS and out != default_out else ''}` "
         f"({minutes:.0f} min)  \nMachine: {machine()}  \n"
-        f"Setup: synthetic classes, 384-d, 1,000 per topic, two modes each, {TRAIN} training samples per class "
+        f"Setup: {DATA[data]}, {TRAIN} training samples per class "
         f"added {CHUNK:,} classes at a time, then one full compaction; GEN kmeans k = {K}, L2 norms, max "
         "aggregation, IVF-SQfp16 proxy index (nlist about 2 sqrt(proxies); nprobe tuned, at the first add and "
         "again at the compaction, to the smallest reaching recall@1 >= 0.99 on 500 held-out proxies against "
@@ -378,21 +434,24 @@ def write_doc(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--out", type=Path, default=DOCS / "scale.md", help="Where to write the table.")
+    parser.add_argument("--data", choices=list(DATA), default="topics", help="The classes' distribution.")
+    parser.add_argument("--out", type=Path, help="Where to write the table (docs/scale.md, docs/scale-DATA.md).")
     parser.add_argument("--open-only", nargs=2, metavar=("COLLECTION", "QUERY_NPY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.open_only:
         return open_only(*args.open_only)
     rows, measured = [], []
     started = time.perf_counter()
+    make = chunk if args.data == "topics" else Realistic()
+    out = args.out or DOCS / ("scale.md" if args.data == "topics" else f"scale-{args.data}.md")
     print(machine(), flush=True)
     with scratch("ri-scale-") as tmp:
         for n in args.sizes:
-            row, memory = run(n, Path(tmp))
+            row, memory = run(n, Path(tmp), make)
             rows.append(row)
             measured.append(memory)
             print(" | ".join(rows[-1]), flush=True)
-    print(write_doc(rows, measured, args.sizes, (time.perf_counter() - started) / 60, args.out))
+    print(write_doc(rows, measured, args.sizes, (time.perf_counter() - started) / 60, out, args.data))
 
 
 if __name__ == "__main__":

@@ -51,11 +51,16 @@ def test_accuracy_benchmark_quick_mode(tmp_path):
     assert (tmp_path / "accuracy_vs_k.png").stat().st_size > 1000
 
 
-def test_scale_benchmark_runs_small(tmp_path):
-    """benchmarks/scale.py end to end on 3,000 classes: every column filled, the targets listed."""
+@pytest.mark.parametrize("data", ["topics", "realistic"])
+def test_scale_benchmark_runs_small(tmp_path, data):
+    """benchmarks/scale.py end to end on 3,000 classes of either distribution: every column filled,
+    the targets listed (realistic classes mix real sentence embeddings, so they need the data)."""
+    if data == "realistic":
+        shared_data("clinc150", "embeddings.npz")
+        shared_data("banking77", "embeddings.npz")
     out = tmp_path / "scale.md"
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--sizes", "3000", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--sizes", "3000", "--data", data, "--out", str(out)],
         check=True,
         capture_output=True,
         text=True,
@@ -66,6 +71,7 @@ def test_scale_benchmark_runs_small(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 21 and all(cells) and float(cells[16]) >= 0.95  # recall@1 after the compaction
     assert "FAISS SIMD" in text and "## Targets at 3,000 classes" in text
+    assert ("realistic classes" in text) == (data == "realistic")
 
 
 def test_gpu_benchmark_runs_small(tmp_path):
