@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from retrieval_imprint.params import MARGIN
+
 from .app import (
     UserError,
     collection_argument,
@@ -123,7 +125,7 @@ def evaluate_cmd(
 @click.option(
     "--margin",
     type=float,
-    default=1.0,
+    default=MARGIN,
     show_default=True,
     help="Standard errors a target must be cleared by on DATA, so that it holds on new queries more often "
     "than not (0: just reach it).",
