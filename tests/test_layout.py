@@ -87,3 +87,12 @@ def test_nothing_cites_a_file_outside_the_repository():
         if name.endswith((".py", ".md", ".cfg", ".toml")):
             text = (ROOT / name).read_text(errors="replace")
             assert f"{design} §" not in text and f"{design}.md" not in text, name
+
+
+def test_the_design_page_lists_every_public_name():
+    import retrieval_imprint
+
+    page = (ROOT / "docs" / "design.md").read_text()
+    contract = page[page.index("## Public contract") : page.index("## Settings")]
+    missing = [n for n in retrieval_imprint.__all__ if n != "__version__" and f"`{n}" not in contract]
+    assert missing == []
