@@ -28,6 +28,12 @@ TRAIN_ITERATIONS = 10
 # (raised recall@1 in a one-off test on benchmarks/scale.py data; not part of any benchmark).
 SQ_RANGE_MARGIN = 0.25
 SEARCH_KEYS = ("nprobe", "max_codes", "quantizer_efSearch")
+# An HNSW coarse quantizer returns the nprobe nearest lists only if its beam (efSearch) is wider than
+# nprobe: without a quantizer_efSearch of their own, searches use this many candidates per list probed
+# (FAISS's guidance for IVF..._HNSW indexes: efSearch >= nprobe).
+QUANTIZER_EF_PER_PROBE = 2
+QUANTIZER_EF_MIN = 64
+HNSW_QUANTIZER_LISTS = 1 << 14  # from this many lists, choose_index finds them with an HNSW graph
 RECALL_TARGET = 0.99  # recall@1 against exact search that the tuned nprobe reaches (tune_nprobe)
 TUNE_QUERIES = 500  # held-out proxies it is measured on: +-0.0045 at 0.99 (one binomial s.e.)
 
@@ -75,9 +81,7 @@ def tune_nprobe(
     exact = _other(heap.I, own)
 
     def recall(nprobe: int) -> float:
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
-        _, found = index.search(Q, 2, params=params)
+        _, found = index.search(Q, 2, params=search_parameters(index, {"nprobe": nprobe}))
         return float(np.mean(_other(found, own) == exact))
 
     hi = 1
@@ -104,16 +108,19 @@ def _other(found: np.ndarray, own: np.ndarray) -> np.ndarray:
 def choose_index(n_vectors: int, d: int, memory_budget: int) -> str:
     """The most accurate index whose vectors (and ids) fit ``memory_budget`` bytes: exact ``Flat``,
     then ``IVF{nlist},SQfp16`` (2 bytes per dimension), ``IVF{nlist},SQ8`` (1 byte), then
-    ``IVF{nlist},PQ{M}`` (M bytes)."""
+    ``IVF{nlist},PQ{M}`` (M bytes); from ``HNSW_QUANTIZER_LISTS`` lists an HNSW graph finds a
+    vector's lists (``IVF{nlist}_HNSW32``, FAISS's advice for 10M vectors and more) instead of a
+    comparison with every centroid."""
     nlist = ivf_lists(n_vectors)
+    lists = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}"
     if n_vectors * (4 * d + 8) <= memory_budget:
         return "Flat"
     for code, width in (("SQfp16", 2), ("SQ8", 1)):
         if n_vectors * (width * d + 8) + nlist * d * 4 <= memory_budget:
-            return f"IVF{nlist},{code}"
+            return f"{lists},{code}"
     for m in (64, 48, 32, 24, 16, 8, 4):
         if d % m == 0 and n_vectors * (m + 8) + nlist * d * 4 + 256 * d * 4 <= memory_budget:
-            return f"IVF{nlist},PQ{m}"
+            return f"{lists},PQ{m}"
     raise InvalidParameterError(
         f"a memory budget of {memory_budget:,} bytes cannot hold {n_vectors:,} proxies of dimension {d}"
     )
@@ -275,6 +282,12 @@ def search_verified(
     return D, ids
 
 
+def hnsw_quantized(index: faiss.Index) -> bool:
+    """Whether the IVF ``index`` finds its lists with an HNSW graph (``IVF{nlist}_HNSW32,...``)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+
+
 def search_parameters(
     index: faiss.Index, params: dict[str, int] | None, selector: faiss.IDSelector | None = None
 ) -> faiss.SearchParameters | None:
@@ -292,9 +305,12 @@ def search_parameters(
     for key in ("nprobe", "max_codes"):
         if key in params:
             setattr(out, key, int(params[key]))
-    if "quantizer_efSearch" in params:
+    ef = params.get("quantizer_efSearch")
+    if ef is None and "nprobe" in params and hnsw_quantized(index):
+        ef = max(QUANTIZER_EF_MIN, QUANTIZER_EF_PER_PROBE * int(params["nprobe"]))
+    if ef is not None:
         hnsw = faiss.SearchParametersHNSW()
-        hnsw.efSearch = int(params["quantizer_efSearch"])
+        hnsw.efSearch = int(ef)
         out.quantizer_params, out.referenced = hnsw, hnsw  # FAISS holds a raw pointer: keep it alive
     if isinstance(index, faiss.IndexPreTransform):
         wrapped = faiss.SearchParametersPreTransform()

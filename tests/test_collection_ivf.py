@@ -28,10 +28,12 @@ def classes(n_classes=600, n=6, d=32, seed=0):
     return X, y
 
 
-def test_ivf_flat_with_every_list_probed_is_exact(tmp_path):
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64_HNSW32,Flat"])
+def test_ivf_flat_with_every_list_probed_is_exact(tmp_path, factory):
+    """With a flat or an HNSW coarse quantizer (the latter's beam widened with nprobe, ivf.py)."""
     X, y = classes()
     exact = Collection.create(tmp_path / "flat", model=None, k=3, keep_samples=False)
-    ivf = Collection.create(tmp_path / "ivf", model=None, k=3, keep_samples=False, index="IVF64,Flat")
+    ivf = Collection.create(tmp_path / "ivf", model=None, k=3, keep_samples=False, index=factory)
     for col in (exact, ivf):
         col.add(X[: len(X) // 2], y[: len(X) // 2])
         col.add(X[len(X) // 2 :], y[len(X) // 2 :])
@@ -69,6 +71,7 @@ def test_auto_chooses_by_memory_budget():
     assert choose_index(n, 384, 4 * 2**30) == "IVF4096,SQfp16"  # 4M x 776 B
     assert choose_index(n, 384, 2 * 2**30) == "IVF4096,SQ8"  # 4M x 392 B
     assert choose_index(n, 384, 400 * 2**20).startswith("IVF4096,PQ")
+    assert choose_index(40_000_000, 384, 40 * 2**30) == "IVF16384_HNSW32,SQfp16"  # 10M classes: a graph finds the lists
     with pytest.raises(ValueError, match="cannot hold 4,000,000 proxies"):
         choose_index(n, 384, 2**20)
     assert ivf_lists(1_000_000) == 2048 and parse_size("8GB") == 8 * 10**9 and parse_size("512MiB") == 2**29
