@@ -110,8 +110,8 @@ class Realistic:
 
     Seeded per chunk, like ``chunk``: classes ``first .. first + n`` are the same whatever the sizes
     run. The mixing weight is uniform in [0.3, 0.7]; the two sentences are drawn from the whole pool
-    (36,783 sentences of 228 intents, counting out-of-scope as one), so distinct classes may share a sentence, as near-duplicate
-    entities and products do."""
+    (36,783 sentences of 228 intents, counting out-of-scope as one), so distinct classes may share
+    a sentence, as near-duplicate entities and products do."""
 
     def __init__(self) -> None:
         vectors, residuals = [], []
