@@ -14,6 +14,7 @@ Searches may run from several threads at once; adds and removals may not run bes
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 
@@ -126,6 +127,11 @@ class ProxyIndex:
     @property
     def ntotal(self) -> int:
         return self.index.ntotal
+
+    @functools.cached_property
+    def hnsw_quantized(self) -> bool:
+        """An IVF index whose lists an HNSW graph finds (``ivf.hnsw_quantized``), looked up once."""
+        return ivf.hnsw_quantized(self.index)
 
     @property
     def is_ivf(self) -> bool:
@@ -248,7 +254,8 @@ class ProxyIndex:
         gpu = faiss_gpu(device)
         on_gpu = gpu is not None and device is not None
         index = self._on_device(device, lambda: (to_gpu(self.index, gpu), None))[0] if on_gpu else self.index  # type: ignore[arg-type]
-        return index.search(Q, m, params=ivf.search_parameters(self.index, params or self.search_params))
+        searched = ivf.with_quantizer_beam(params or self.search_params, self.hnsw_quantized)
+        return index.search(Q, m, params=ivf.search_parameters(self.index, searched))
 
     @property
     def _kind(self) -> str:

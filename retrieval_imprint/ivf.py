@@ -80,8 +80,11 @@ def tune_nprobe(
     heap.finalize()
     exact = _other(heap.I, own)
 
+    hnsw = hnsw_quantized(index)
+
     def recall(nprobe: int) -> float:
-        _, found = index.search(Q, 2, params=search_parameters(index, {"nprobe": nprobe}))
+        searched = search_parameters(index, with_quantizer_beam({"nprobe": nprobe}, hnsw))
+        _, found = index.search(Q, 2, params=searched)
         return float(np.mean(_other(found, own) == exact))
 
     hi = 1
@@ -288,6 +291,15 @@ def hnsw_quantized(index: faiss.Index) -> bool:
     return ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
 
 
+def with_quantizer_beam(params: dict[str, int] | None, hnsw: bool) -> dict[str, int] | None:
+    """``params`` with the beam of an HNSW coarse quantizer (``hnsw``: ``hnsw_quantized``, known once
+    per index, not looked up per query) widened to the lists probed, unless they set it; as they are
+    for a flat quantizer."""
+    if not hnsw or not params or "nprobe" not in params or "quantizer_efSearch" in params:
+        return params
+    return {**params, "quantizer_efSearch": max(QUANTIZER_EF_MIN, QUANTIZER_EF_PER_PROBE * int(params["nprobe"]))}
+
+
 def search_parameters(
     index: faiss.Index, params: dict[str, int] | None, selector: faiss.IDSelector | None = None
 ) -> faiss.SearchParameters | None:
@@ -305,12 +317,9 @@ def search_parameters(
     for key in ("nprobe", "max_codes"):
         if key in params:
             setattr(out, key, int(params[key]))
-    ef = params.get("quantizer_efSearch")
-    if ef is None and "nprobe" in params and hnsw_quantized(index):
-        ef = max(QUANTIZER_EF_MIN, QUANTIZER_EF_PER_PROBE * int(params["nprobe"]))
-    if ef is not None:
+    if "quantizer_efSearch" in params:
         hnsw = faiss.SearchParametersHNSW()
-        hnsw.efSearch = int(ef)
+        hnsw.efSearch = int(params["quantizer_efSearch"])
         out.quantizer_params, out.referenced = hnsw, hnsw  # FAISS holds a raw pointer: keep it alive
     if isinstance(index, faiss.IndexPreTransform):
         wrapped = faiss.SearchParametersPreTransform()

@@ -74,9 +74,8 @@ class MappedProxyIndex(ProxyIndex):
         return removed + len(newly)
 
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
-        D, ids = ivf.search_verified(
-            self._searched, Q, m, params or self.search_params, self._selector, self.verifier.ensure
-        )
+        searched = ivf.with_quantizer_beam(params or self.search_params, self.hnsw_quantized)
+        D, ids = ivf.search_verified(self._searched, Q, m, searched, self._selector, self.verifier.ensure)
         if not self.index.ntotal:
             return D, ids
         D2, ids2 = super()._nearest(Q, m, params)
