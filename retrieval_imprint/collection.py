@@ -42,7 +42,7 @@ from .errors import (
     SchemaVersionError,
 )
 from .integrity import CheckReport, check
-from .interface import Shared, check_tunable, check_unchanged, check_vectors, staging
+from .interface import Shared, check_model, check_tunable, check_unchanged, check_vectors, query_rows, staging
 from .normalize import normalize
 from .ranking import QueryResult
 from .segments import DB_NAME
@@ -212,10 +212,6 @@ class Collection(Calibrated, Shared):
         """One row per class, in insertion order: label, samples, proxies."""
         return self._s.table.rows()
 
-    def check_model(self, model: str | None, action: str) -> None:
-        if model is not None and self.model is not None and model != self.model:
-            raise DataError(f"{action} vectors embedded with {model!r}, but this collection uses {self.model!r}")
-
     def query(
         self,
         Q: Any,
@@ -234,9 +230,7 @@ class Collection(Calibrated, Shared):
         s = self._s  # one snapshot for the whole answer, whatever a concurrent refresh() does
         if not len(s.table):
             raise CollectionStateError(f"collection {self.path} has no classes yet")
-        top = spec.check_int("top", top, 1)
-        self.check_model(model, "query")
-        Q = normalize(check_vectors(Q, "Q", s.dimension), s.config["inf_norm"], what="Q")
+        Q, top = query_rows(Q, top, model, self.model, s.dimension, s.config["inf_norm"])
         owner, scores = ranking.rank(s, Q, top, ranking.search_params(s, search_params))
         return ranking.answer(s, owner, scores, threshold)
 
@@ -342,7 +336,7 @@ class Collection(Calibrated, Shared):
         labels = lab.as_sequence(labels)
         if len(labels) != len(X):
             raise DataError(f"X has {len(X)} rows but labels has {len(labels)}")
-        self.check_model(model, "add")
+        check_model(self.model, model, "add")
         codes, entries = lab.encode_stored(labels)
         with self.writing():
             if auto_choice is not None and self._s.config["auto_choice"] is None:

@@ -22,6 +22,7 @@ from . import labels as lab
 from . import params as spec
 from . import provenance, snapshot
 from .errors import CollectionExistsError, CollectionStateError, DataError, SettingsClashError
+from .normalize import normalize
 from .searchable import Searchable
 
 if TYPE_CHECKING:
@@ -175,6 +176,23 @@ def check_vectors(X: object, what: str, dimension: int | None) -> np.ndarray:
     if dimension is not None and X.shape[1] != dimension:
         raise DataError(f"{what} has dimension {X.shape[1]}, but this collection holds {dimension}-d vectors")
     return X
+
+
+def check_model(recorded: str | None, given: str | None, action: str) -> None:
+    """A ``DataError`` where vectors said to be embedded with model ``given`` meet a collection
+    recorded with another (``action``: "query", "add")."""
+    if given is not None and recorded is not None and given != recorded:
+        raise DataError(f"{action} vectors embedded with {given!r}, but this collection uses {recorded!r}")
+
+
+def query_rows(
+    Q: object, top: int, model: str | None, recorded: str | None, dimension: int | None, inf_norm: str
+) -> tuple[np.ndarray, int]:
+    """What every ``query`` checks first: ``top``, the model the vectors were embedded with, the
+    vectors themselves; returns them after NORMinf, and ``top``."""
+    top = spec.check_int("top", top, 1)
+    check_model(recorded, model, "query")
+    return normalize(check_vectors(Q, "Q", dimension), inf_norm, what="Q"), top
 
 
 def text_rows(

@@ -19,10 +19,9 @@ from .collection import Collection
 from .device import current, set_device
 from .distributed import actors_on, ray_module
 from .embed import recorded_embedder
-from .errors import CollectionStateError, DataError
-from .interface import check_vectors
+from .errors import CollectionStateError
+from .interface import query_rows
 from .merge import combined_info, merge, part
-from .normalize import normalize
 from .params import DEFAULT_PORT
 from .serve import create_app
 from .service import Limits, Service
@@ -120,9 +119,7 @@ class ShardRouter:
         if not live:
             raise CollectionStateError(f"collection {self.path} has no classes yet")
         first = live[0]
-        if model is not None and first["model"] is not None and model != first["model"]:
-            raise DataError(f"query vectors embedded with {model!r}, but this collection uses {first['model']!r}")
-        Q = normalize(check_vectors(Q, "Q", first["dimension"]), first["inf_norm"], what="Q")
+        Q, top = query_rows(Q, top, model, first["model"], first["dimension"], first["inf_norm"])
         pending = [r.part.remote(Q, top, threshold, search_params) for r in self.replicas]
         parts = [p.result() for p in pending]
         return merge([p for p in parts if p is not None], top, first["params"])

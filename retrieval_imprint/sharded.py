@@ -38,9 +38,17 @@ from .collection import Collection
 from .embed import Embedder
 from .errors import CollectionDamagedError, CollectionNotFoundError, CollectionStateError, DataError, SettingsClashError
 from .integrity import CheckReport
-from .interface import ImprintCollection, Shared, check_tunable, check_vectors, staging, writing_all
+from .interface import (
+    ImprintCollection,
+    Shared,
+    check_model,
+    check_tunable,
+    check_vectors,
+    query_rows,
+    staging,
+    writing_all,
+)
 from .merge import combined_info, merge, part
-from .normalize import normalize
 from .ranking import QueryResult
 from .shards import FORMAT, LABEL_HASH, directories, is_sharded, read_manifest, shard_name, shard_of, write_manifest
 
@@ -253,10 +261,8 @@ class ShardedCollection(Calibrated, Shared):
         live = [(i, col) for i, col in enumerate(self.shards) if len(col)]
         if not live:
             raise CollectionStateError(f"collection {self.path} has no classes yet")
-        top = spec.check_int("top", top, 1)
         first = live[0][1]
-        first.check_model(model, "query")
-        Q = normalize(check_vectors(Q, "Q", first.dimension), first.config["inf_norm"], what="Q")
+        Q, top = query_rows(Q, top, model, first.model, first.dimension, first.config["inf_norm"])
         parts = []
         for i, col in live:
             s = col.snapshot  # one version for the shard's whole part
@@ -300,7 +306,7 @@ class ShardedCollection(Calibrated, Shared):
         labels = lab.as_sequence(labels)
         if len(labels) != len(X):
             raise DataError(f"X has {len(X)} rows but labels has {len(labels)}")
-        first.check_model(model, "add")
+        check_model(first.model, model, "add")
         codes, entries = lab.encode_stored(labels)
         kinds = set().union(*(col.snapshot.label_kinds for col in self.shards))
         lab.check_kind(entries, next(iter(kinds), None) if len(kinds) == 1 else None)
