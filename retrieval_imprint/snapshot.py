@@ -105,10 +105,8 @@ class Snapshot:
     def kept_samples(self, directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every kept sample (as stored: NORMpre'd), its class's table position and each class's
         label key (the samples are read on first need)."""
-        if self.samples is None:
-            self.samples = self.merge(directory, "samples", self.files["samples"])
         table = self.table
-        X = self.samples.reconstruct(table.sample_ids(table.ids))
+        X = self.sample_index(directory).reconstruct(table.sample_ids(table.ids))
         return X, np.repeat(np.arange(len(table)), table.n_samples), lab.label_keys(table.labels.tolist())
 
     def left_out_scores(self, directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

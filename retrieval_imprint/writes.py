@@ -192,8 +192,6 @@ def add(
         if emb_dim is not None and emb_dim != d:
             raise DataError(f"X has dimension {d}, but the collection's model gives {emb_dim}-d vectors")
         cfg["dimension"] = d
-    if found and s.samples is None:
-        s.samples = s.merge(directory, "samples", s.files["samples"])
     b = _batch(directory, s, X, codes, entries, found)
     W, owner, s.fixed = imprint(b.groups, params, s.fixed)
     shift = class_shifts(b.groups, params)
