@@ -210,3 +210,20 @@ def test_fuzz_benchmark_runs_small(tmp_path):
     total = json.loads(done.stdout.strip().splitlines()[-1])
     assert total["silent wrong"] == 0 and total["traceback"] == 0 and total["refused"] + total["harmless"] == 30
     assert "| 1 |" in out.read_text() and "| NO |" not in out.read_text()
+
+
+def test_index_candidates_benchmark_runs_small(tmp_path):
+    """benchmarks/index_candidates.py end to end on 3,000 realistic classes: a row per candidate
+    and nprobe, recall within [0, 1]."""
+    shared_data("clinc150", "embeddings.npz")
+    shared_data("banking77", "embeddings.npz")
+    out = tmp_path / "candidates.md"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "index_candidates.py"), "--classes", "3000", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| IVF")]
+    assert len(rows) == 12 and all(0 <= float(r.split("|")[3]) <= 1 for r in rows)
