@@ -32,7 +32,7 @@ from _common import DOCS, machine, markdown_table, scratch
 from retrieval_imprint._groups import Grouped
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.generate import generate
-from retrieval_imprint.ivf import ivf_lists
+from retrieval_imprint.ivf import ivf_lists, refined
 from retrieval_imprint.labels import label_keys
 from retrieval_imprint.normalize import l2_normalize
 from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN
@@ -160,7 +160,9 @@ def exact_top1(Qn: np.ndarray, n_classes: int, make: Callable = chunk) -> np.nda
     return best_id
 
 
-def run(n_classes: int, root: Path, make: Callable = chunk) -> tuple[list[str], dict[str, float]]:
+def run(
+    n_classes: int, root: Path, make: Callable = chunk, index: str = "refined"
+) -> tuple[list[str], dict[str, float]]:
     rng = np.random.default_rng(n_classes)
     chosen = np.sort(rng.choice(n_classes, min(N_QUERIES, n_classes), replace=False))
     queries = np.concatenate(
@@ -170,8 +172,8 @@ def run(n_classes: int, root: Path, make: Callable = chunk) -> tuple[list[str], 
         ]
     )
     Qn = l2_normalize(queries)
-    factory = f"IVF{ivf_lists(K * n_classes)},SQfp16"
-    path = root / f"c{n_classes}"
+    factory = INDEXES[index](f"IVF{ivf_lists(K * n_classes)}")
+    path = root / f"c{n_classes}-{index}"
     base = status("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")
     col = Collection.create(
@@ -380,6 +382,10 @@ def memory_model(measured: list[dict[str, float]]) -> str:
     )
 
 
+INDEXES = {  # the proxy index on IVF lists ("IVF4096"): refined (fast-scan, re-ranked) or float16 codes alone
+    "refined": lambda lists: refined(lists, D),
+    "sqfp16": lambda lists: f"{lists},SQfp16",
+}
 DATA = {
     "topics": "synthetic classes, 384-d, 1,000 per topic, two modes each",
     "realistic": "realistic classes (``Realistic`` in benchmarks/scale.py: each centre a mixture of two real "
@@ -435,6 +441,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--data", choices=list(DATA), default="topics", help="The classes' distribution.")
+    parser.add_argument(
+        "--index", nargs="+", choices=list(INDEXES), default=["refined"], help="Proxy indexes to build, each size."
+    )
     parser.add_argument("--out", type=Path, help="Where to write the table (docs/scale.md, docs/scale-DATA.md).")
     parser.add_argument("--open-only", nargs=2, metavar=("COLLECTION", "QUERY_NPY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -447,10 +456,11 @@ def main() -> None:
     print(machine(), flush=True)
     with scratch("ri-scale-") as tmp:
         for n in args.sizes:
-            row, memory = run(n, Path(tmp), make)
-            rows.append(row)
-            measured.append(memory)
-            print(" | ".join(rows[-1]), flush=True)
+            for index in args.index:
+                row, memory = run(n, Path(tmp), make, index)
+                rows.append(row)
+                measured.append(memory)
+                print(" | ".join(rows[-1]), flush=True)
     print(write_doc(rows, measured, args.sizes, (time.perf_counter() - started) / 60, out, args.data))
 
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import faiss
 import numpy as np
 from sqlalchemy import Engine
 
-from . import segments, store
+from . import refine, segments, store
 from .errors import CollectionStateError
+from .imprint import seed_of
+from .index import ProxyIndex
 from .snapshot import Snapshot
 from .writes import RECENT_MAX, record_segment, tune_search
 
@@ -67,6 +70,18 @@ def check_retrain(directory: Path, s: Snapshot, retrain: bool) -> bool:
     return retrain
 
 
+def _candidates(s: Snapshot, proxies: ProxyIndex | None) -> faiss.Index | None:
+    """Fast-scan candidates (refine.py) for the merged ``proxies``, where the collection's index is
+    a refined one and their file will be memory-mapped at open (``segments.MAP_MIN``); else None."""
+    factory = refine.parse(s.config["index_factory"])[1]
+    if factory is None or proxies is None or not proxies.is_ivf:
+        return None
+    code_size = faiss.extract_index_ivf(proxies.index).code_size
+    if proxies.ntotal * (code_size + 8) < segments.MAP_MIN:
+        return None
+    return refine.build(proxies.index, factory, seed_of(s.config["random_state"]))
+
+
 def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, retrain: bool = False) -> None:
     """Merge segment files into one per kind: all of them (``full``), or the smallest few
     (``tiered``), so that the automatic compaction after many small adds rewrites each vector a
@@ -86,17 +101,30 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     }
     template = None
     if retrain:  # from the live proxies in memory, which the merged files would only repeat
-        s.template, merged["proxies"] = s.searched.retrained(s.config["index_factory"], s.config["random_state"])
+        exact = refine.parse(s.config["index_factory"])[0]
+        s.template, merged["proxies"] = s.searched.retrained(exact, s.config["random_state"])
         merged["proxies"].search_params = s.search_params
         template = segments.write_segment(directory, "template", version, s.template.index)
+    candidates = _candidates(s, merged.get("proxies"))
     tuned = full and s.config["index_tuning"] is not None and "proxies" in merged and merged["proxies"].is_ivf
     if tuned:  # the collection has grown or its lists changed: the nprobe that reaches the target too
-        tune_search(s, merged["proxies"])
+        tune_search(s, merged["proxies"], candidates)
     written = {kind: segments.write_segment(directory, kind, version, index.index) for kind, index in merged.items()}
+    # the candidates of the proxy files merged away go with them; the new file's (if any) replace them
+    victims["candidates"] = [
+        segments.candidates_of(f)
+        for f in victims.get("proxies", [])
+        if segments.candidates_of(f) in s.files["candidates"]
+    ]
+    if candidates is not None:
+        written["candidates"] = segments.write_segment(directory, "candidates", version, candidates)
     segments.crash_point("compact: segments written")
     with store.writing(engine) as conn:
         for kind, segment in written.items():
-            store.replace_segments(conn, kind, victims[kind], segment, merged[kind].ntotal)
+            n = candidates.ntotal if kind == "candidates" and candidates is not None else merged[kind].ntotal
+            store.replace_segments(conn, kind, victims[kind], segment, n)
+        if candidates is None:
+            store.forget_segments(conn, victims["candidates"])
         if template is not None:
             store.set_template(conn, template)
             store.set_collection(conn, trained_on=merged["proxies"].ntotal)
@@ -105,6 +133,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         store.set_collection(conn, version=version)
     segments.crash_point("compact: committed")
     s.config["version"] = version
+    s.files["candidates"] = [f for f in s.files["candidates"] if f not in victims["candidates"]]
     for kind, segment in written.items():
         s.files[kind] = [f for f in s.files[kind] if f not in victims[kind]]
         record_segment(s, kind, segment)

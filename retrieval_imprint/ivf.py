@@ -27,12 +27,13 @@ TRAIN_ITERATIONS = 10
 # outside it and clip. Widening the range by a quarter each side costs resolution but clips less
 # (raised recall@1 in a one-off test on benchmarks/scale.py data; not part of any benchmark).
 SQ_RANGE_MARGIN = 0.25
-SEARCH_KEYS = ("nprobe", "max_codes", "quantizer_efSearch")
+SEARCH_KEYS = ("nprobe", "max_codes", "quantizer_efSearch", "k_factor")  # k_factor: refine.py's
 # An HNSW coarse quantizer returns the nprobe nearest lists only if its beam (efSearch) is wider than
 # nprobe: without a quantizer_efSearch of their own, searches use this many candidates per list probed
 # (FAISS's guidance for IVF..._HNSW indexes: efSearch >= nprobe).
 QUANTIZER_EF_PER_PROBE = 2
 QUANTIZER_EF_MIN = 64
+FAST_SCAN_DIMS = 8  # dimensions per 4-bit code of a refined index's candidates (refined)
 HNSW_QUANTIZER_LISTS = 1 << 14  # from this many lists, choose_index finds them with an HNSW graph
 RECALL_TARGET = 0.99  # recall@1 against exact search that the tuned nprobe reaches (tune_nprobe)
 TUNE_QUERIES = 500  # held-out proxies it is measured on: +-0.0045 at 0.99 (one binomial s.e.)
@@ -49,8 +50,15 @@ def default_nprobe(nlist: int) -> int:
     return int(min(nlist, max(32, nlist // 64)))
 
 
+Searcher = Callable[[np.ndarray, int, dict[str, int]], np.ndarray]  # (queries, k, params) -> ids
+
+
 def tune_nprobe(
-    index: faiss.Index, target: float = RECALL_TARGET, n_queries: int = TUNE_QUERIES, seed: int = 0
+    index: faiss.Index,
+    target: float = RECALL_TARGET,
+    n_queries: int = TUNE_QUERIES,
+    seed: int = 0,
+    searcher: Searcher | None = None,
 ) -> dict[str, float | int] | None:
     """The smallest nprobe at which the approximate top-1 of held-out proxies equals the exact
     top-1, for at least ``target`` of them: ``{"nprobe", "recall", "target", "queries", "proxies"}``;
@@ -59,7 +67,8 @@ def tune_nprobe(
     Each query is a proxy of the index, decoded, with its own entry left out of both searches
     (leave-one-out): the other proxies are what it must find. Exact search runs over the decoded
     vectors list by list, so memory stays at one list. nprobe doubles until the target is met,
-    then bisects down to the smallest that meets it on the same queries.
+    then bisects down to the smallest that meets it on the same queries. ``searcher`` answers the
+    approximate searches where the index's own search is not what queries run (refine.py's).
     """
     if isinstance(index, faiss.IndexPreTransform) or index.ntotal < 2:
         return None
@@ -83,8 +92,11 @@ def tune_nprobe(
     hnsw = hnsw_quantized(index)
 
     def recall(nprobe: int) -> float:
-        searched = search_parameters(index, with_quantizer_beam({"nprobe": nprobe}, hnsw))
-        _, found = index.search(Q, 2, params=searched)
+        params = with_quantizer_beam({"nprobe": nprobe}, hnsw) or {}
+        if searcher is not None:
+            found = searcher(Q, 2, params)
+        else:
+            _, found = index.search(Q, 2, params=search_parameters(index, params))
         return float(np.mean(_other(found, own) == exact))
 
     hi = 1
@@ -108,19 +120,29 @@ def _other(found: np.ndarray, own: np.ndarray) -> np.ndarray:
     return np.where(found[:, 0] == own, found[:, 1], found[:, 0])
 
 
+def refined(lists: str, d: int) -> str:
+    """The refined index (refine.py) on ``lists`` (``IVF4096`` or ``IVF16384_HNSW32``) for ``d``-d
+    vectors: 4-bit fast-scan PQ codes of about 8 dimensions each, re-ranked from float16 codes."""
+    m = max(m for m in range(1, max(d // FAST_SCAN_DIMS, 1) + 1) if d % m == 0)
+    return f"{lists},PQ{m}x4fs,Refine(SQfp16)"
+
+
 def choose_index(n_vectors: int, d: int, memory_budget: int) -> str:
-    """The most accurate index whose vectors (and ids) fit ``memory_budget`` bytes: exact ``Flat``,
-    then ``IVF{nlist},SQfp16`` (2 bytes per dimension), ``IVF{nlist},SQ8`` (1 byte), then
-    ``IVF{nlist},PQ{M}`` (M bytes); from ``HNSW_QUANTIZER_LISTS`` lists an HNSW graph finds a
-    vector's lists (``IVF{nlist}_HNSW32``, FAISS's advice for 10M vectors and more) instead of a
-    comparison with every centroid."""
+    """The most accurate index whose resident memory fits ``memory_budget`` bytes: exact ``Flat``
+    (4 bytes per dimension and an id), else the refined index (``refined``: resident are its
+    fast-scan candidates, half a byte per code and an id, and the coarse quantizer; its float16
+    codes stay in a memory-mapped file and are read only for the candidates re-ranked, so it
+    answers as IVF-SQfp16 does, many times faster), else ``IVF{nlist},PQ{M}`` (M bytes). From
+    ``HNSW_QUANTIZER_LISTS`` lists an HNSW graph finds a vector's lists (``IVF{nlist}_HNSW32``,
+    FAISS's advice for 10M vectors and more) instead of a comparison with every centroid."""
     nlist = ivf_lists(n_vectors)
     lists = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}"
     if n_vectors * (4 * d + 8) <= memory_budget:
         return "Flat"
-    for code, width in (("SQfp16", 2), ("SQ8", 1)):
-        if n_vectors * (width * d + 8) + nlist * d * 4 <= memory_budget:
-            return f"{lists},{code}"
+    fast = refined(lists, d)
+    codes = int(fast.split(",")[1].removeprefix("PQ").split("x")[0])
+    if n_vectors * ((codes + 1) // 2 + 8) + nlist * d * 4 <= memory_budget:
+        return fast
     for m in (64, 48, 32, 24, 16, 8, 4):
         if d % m == 0 and n_vectors * (m + 8) + nlist * d * 4 + 256 * d * 4 <= memory_budget:
             return f"{lists},PQ{m}"
@@ -303,7 +325,7 @@ def with_quantizer_beam(params: dict[str, int] | None, hnsw: bool) -> dict[str, 
 def search_parameters(
     index: faiss.Index, params: dict[str, int] | None, selector: faiss.IDSelector | None = None
 ) -> faiss.SearchParameters | None:
-    """``params`` (``nprobe``, ``max_codes``, ``quantizer_efSearch``) as the object FAISS takes with
+    """``params`` (``nprobe``, ``max_codes``, ``quantizer_efSearch``; ``k_factor`` is refine.py's) as the object FAISS takes with
     one search call, searching only the ids ``selector`` accepts if given; None for neither."""
     if not params and selector is None:
         return None

@@ -9,7 +9,9 @@ on a write to a mapped list), so proxies removed from it — a removed or re-imp
 *dead*: left out of every search by an id selector, and rewritten away by the next compaction
 that merges the file. Each query searches both and keeps the best ``m`` (``faiss.merge_knn_results``).
 Every list of the mapped file a query scans is verified first (verified.py): no reads at open, and
-no answer from a damaged byte.
+no answer from a damaged byte. Where the file has fast-scan ``candidates`` (a refined index,
+refine.py), a query scans those instead and reads only its best candidates from the mapped lists
+(verified likewise), re-ranking them exactly.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from typing import Any
 import faiss
 import numpy as np
 
-from . import ivf
+from . import ivf, refine
 from .index import ProxyIndex
 
 
 class MappedProxyIndex(ProxyIndex):
     """``delta``'s settings and vectors plus the read-only ``mapped`` IVF index, less its dead ids."""
 
-    def __init__(self, delta: ProxyIndex, mapped: faiss.Index, verifier: Any) -> None:
+    def __init__(
+        self, delta: ProxyIndex, mapped: faiss.Index, verifier: Any, candidates: faiss.Index | None = None
+    ) -> None:
         super().__init__(
             delta.index.d, delta.metric, delta.transform, index=delta.index, search_params=delta.search_params
         )
@@ -34,6 +38,8 @@ class MappedProxyIndex(ProxyIndex):
         self._searched = faiss.downcast_index(mapped)  # what search_verified takes: the IVF index itself
         self._mapped_ids: np.ndarray | None = None  # sorted; read from the mapped lists on first need
         self._dead = np.zeros(0, np.int64)
+        self.candidates = candidates
+        self._reranker = refine.Reranker(mapped, verifier.ensure) if candidates is not None else None
         self._batch = self._selector = None
 
     def mark_dead(self, ids: np.ndarray) -> None:
@@ -75,7 +81,10 @@ class MappedProxyIndex(ProxyIndex):
 
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
         searched = ivf.with_quantizer_beam(params or self.search_params, self.hnsw_quantized)
-        D, ids = ivf.search_verified(self._searched, Q, m, searched, self._selector, self.verifier.ensure)
+        if self.candidates is not None and self._reranker is not None:
+            D, ids = refine.search(self.candidates, self._reranker, Q, m, searched, self._dead)
+        else:
+            D, ids = ivf.search_verified(self._searched, Q, m, searched, self._selector, self.verifier.ensure)
         if not self.index.ntotal:
             return D, ids
         D2, ids2 = super()._nearest(Q, m, params)

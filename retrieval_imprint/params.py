@@ -170,7 +170,7 @@ def check_index(name: str, value: object) -> str:
     if not isinstance(value, str) or not (value in ("Flat", "auto") or value.startswith("IVF")):
         raise InvalidParameterError(
             f"{name}={value!r} is not valid; expected 'Flat', 'auto' or a FAISS IVF "
-            "factory string such as 'IVF4096,SQ8'"
+            "factory string such as 'IVF4096,SQ8' or 'IVF4096,PQ48x4fs,Refine(SQfp16)'"
         )
     return value
 

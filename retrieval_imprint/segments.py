@@ -36,10 +36,15 @@ WRITER_LOCK = "writer.lock"
 READERS_LOCK = "readers.lock"
 CLASS_SHIFT = 24
 MAX_PER_CLASS = 1 << CLASS_SHIFT
-SEGMENT_NAME = re.compile(r"(proxies|samples|template|means)-\d{8}\.faiss")
+SEGMENT_NAME = re.compile(r"(proxies|samples|template|means|candidates)-\d{8}\.faiss")
 _CHUNK = 1 << 20
 MAP_MIN = 1 << 26  # bytes from which an IVF proxy segment is memory-mapped at open, not read and hashed
 _limit_lock = threading.Lock()  # FAISS's size limit for one array is a process-wide setting (map_segment)
+
+
+def candidates_of(proxies: str) -> str:
+    """The name of the fast-scan candidates file written beside proxy segment ``proxies`` (refine.py)."""
+    return "candidates-" + proxies.removeprefix("proxies-")
 
 
 def class_of(ids: np.ndarray) -> np.ndarray:

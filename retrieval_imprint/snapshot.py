@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import faiss
 import numpy as np
 from sqlalchemy import Engine
 
@@ -30,7 +31,7 @@ from .openset import class_shift, own_scores_of
 from .params import STORED
 from .verified import FileVerifier, ListVerifier
 
-KINDS = ("proxies", "samples", "template", "means")
+KINDS = ("proxies", "samples", "template", "means", "candidates")
 
 
 @dataclass
@@ -38,7 +39,8 @@ class Snapshot:
     config: dict[str, Any]  # the collection row (GEN/NORM/AGG settings, index, version...)
     embedder: dict[str, Any] | None  # the embedder row
     table: ClassTable
-    files: dict[str, list[str]]  # segment files by kind ("proxies", "samples", "template", "means"), oldest first
+    # segment files by kind ("proxies", "samples", "template", "means", "candidates"), oldest first
+    files: dict[str, list[str]]
     checksums: dict[str, str | None] = field(default_factory=dict)  # recorded per segment file
     n_vectors: dict[str, int] = field(default_factory=dict)  # written to each segment file
     list_sums: dict[str, bytes | None] = field(default_factory=dict)  # an IVF proxy file's per-list checksums
@@ -231,6 +233,20 @@ class Snapshot:
             merged.remove(dead)
         return merged
 
+    def candidates_of(self, directory: Path, name: str, opened: dict[str, BinaryIO]) -> faiss.Index | None:
+        """The fast-scan candidates of proxy file ``name`` (refine.py), read and checked whole; None
+        if it has none."""
+        pair = segments.candidates_of(name)
+        if pair not in self.files["candidates"]:
+            return None
+        index = segments.read_segment(directory, pair, opened[pair], self.d, self.checksums.get(pair))
+        if index.ntotal != self.n_vectors[name]:
+            raise CollectionDamagedError(
+                f"collection {directory}: index file {pair} holds {index.ntotal} candidates for the "
+                f"{self.n_vectors[name]} proxies of {name}"
+            )
+        return index
+
     def open_proxies(self, directory: Path, opened: dict[str, BinaryIO]) -> ProxyIndex:
         """The proxies of these segment files: the largest memory-mapped where it is an IVF file of at
         least ``segments.MAP_MIN`` bytes (``mapped.MappedProxyIndex``), the rest read and merged."""
@@ -257,7 +273,10 @@ class Snapshot:
             else FileVerifier(directory, largest, opened[largest], self.checksums.get(largest))
         )
         out = MappedProxyIndex(
-            self.merge(directory, "proxies", [f for f in files if f != largest], opened), mapped, verifier
+            self.merge(directory, "proxies", [f for f in files if f != largest], opened),
+            mapped,
+            verifier,
+            self.candidates_of(directory, largest, opened),
         )
         if sum(self.n_vectors[f] for f in files) != int(self.table.n_proxies.sum()):  # removals since compaction
             ids = out.mapped_ids()
@@ -273,7 +292,7 @@ def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows:
             with engine.connect() as conn, conn.begin():
                 cfg, emb, classes, segs = store.read_state(conn)
                 ids = store.vector_rows(conn) if vector_rows else None
-            kinds = KINDS if samples else ("template", "proxies", "means")
+            kinds = KINDS if samples else ("template", "proxies", "means", "candidates")
             opened = {
                 name: stack.enter_context(segments.open_segment(directory, name))
                 for kind, name, *_ in segs

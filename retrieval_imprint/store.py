@@ -342,6 +342,12 @@ def replace_segments(conn: Connection, kind: str, old: Sequence[str], segment: A
     conn.execute(delete(segments).where(segments.c.file.in_(old)))
 
 
+def forget_segments(conn: Connection, files: Sequence[str]) -> None:
+    """Drop the rows of segment files holding no vectors of their own (candidates) that went away."""
+    if files:
+        conn.execute(delete(segments).where(segments.c.file.in_(files)))
+
+
 def set_template(conn: Connection, segment: Any) -> None:
     """Make ``segment`` the one template segment (an IVF index's trained, empty index)."""
     conn.execute(delete(segments).where(segments.c.kind == "template"))

@@ -20,14 +20,14 @@ import numpy as np
 from sqlalchemy import Engine
 
 from . import labels as lab
-from . import segments, store
+from . import refine, segments, store
 from ._groups import Grouped
 from .auto import stored_choice
 from .errors import DataError
 from .imprint import imprint, seed_of
 from .imprint import means as class_means
 from .index import ProxyIndex
-from .ivf import choose_index, default_nprobe, tune_nprobe
+from .ivf import Searcher, choose_index, default_nprobe, tune_nprobe
 from .normalize import normalize
 from .openset import class_shifts
 from .segments import CLASS_SHIFT, MAX_PER_CLASS
@@ -143,7 +143,9 @@ def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> s
         factory = choose_index(len(W), W.shape[1], cfg["memory_budget"])
     template = None
     if factory != "Flat":
-        s.template = ProxyIndex.trained(factory, W, cfg["metric"], s.fixed.transform, cfg["random_state"])
+        s.template = ProxyIndex.trained(
+            refine.parse(factory)[0], W, cfg["metric"], s.fixed.transform, cfg["random_state"]
+        )
         nlist = faiss.extract_index_ivf(s.template.index).nlist
         if not cfg["search_params"]:  # none given: tuned once the proxies are in (tune_search), this meanwhile
             cfg["search_params"] = json.dumps({"nprobe": default_nprobe(nlist)})
@@ -369,7 +371,7 @@ def retune(
     segments.crash_point("retune: segments written")
     with store.writing(engine) as conn:
         store.delete_vectors(conn, table.ids, kinds=("proxies",))
-        store.delete_segments(conn, ["proxies", "means"])
+        store.delete_segments(conn, ["proxies", "means", "candidates"])
         store.insert_segment(conn, "proxies", written["proxies"], proxy_ids, table.ids[owner])
         if means is not None:
             store.insert_segment(conn, "means", written["means"], mean_ids, table.ids)
@@ -380,7 +382,7 @@ def retune(
         store.set_collection(conn, version=version, auto_choice=cfg["auto_choice"], **_fixed_columns(s))
     segments.crash_point("retune: committed")
     s.proxies, s.means = proxies, means
-    s.files.update(proxies=[], means=[])
+    s.files.update(proxies=[], means=[], candidates=[])
     for kind, segment in written.items():
         record_segment(s, kind, segment)
     table.proxy_lo, table.proxy_hi, table.shift = lo, hi, shift
@@ -416,11 +418,19 @@ def _forget(s: Snapshot, ids: np.ndarray) -> None:
     s.table.drop(ids)
 
 
-def tune_search(s: Snapshot, proxies: ProxyIndex) -> None:
+def tune_search(s: Snapshot, proxies: ProxyIndex, candidates: faiss.Index | None = None) -> None:
     """Set the snapshot's nprobe to the smallest reaching ``ivf.RECALL_TARGET`` on ``proxies``
     (``ivf.tune_nprobe``; the stored rule where it cannot be measured), in memory: the caller's
-    transaction stores ``search_params`` and ``index_tuning``."""
-    tuning = tune_nprobe(proxies.index, seed=seed_of(s.config["random_state"]))
+    transaction stores ``search_params`` and ``index_tuning``. With fast-scan ``candidates`` of
+    ``proxies`` (refine.py), the recall is that of their re-ranked search."""
+    searcher: Searcher | None = None
+    if candidates is not None:
+        reranker = refine.Reranker(proxies.index)
+
+        def searcher(Q: np.ndarray, k: int, params: dict[str, int]) -> np.ndarray:
+            return refine.search(candidates, reranker, Q, k, params)[1]
+
+    tuning = tune_nprobe(proxies.index, seed=seed_of(s.config["random_state"]), searcher=searcher)
     if tuning is not None:
         s.config["search_params"] = json.dumps({**s.search_params, "nprobe": tuning["nprobe"]})
     s.config["index_tuning"] = json.dumps(tuning) if tuning is not None else None

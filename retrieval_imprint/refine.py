@@ -1,0 +1,175 @@
+"""Fast-scan candidates re-ranked exactly: how an IVF search of millions of proxies stays within a
+few milliseconds and still returns the exact top-1 of what it probes.
+
+A collection index written in FAISS's refine notation, ``IVF4096,PQ48x4fs,Refine(SQfp16)`` (or
+``...,RFlat``), keeps two files of its large proxy segment. The *exact* one is an ordinary IVF
+index of the refine codes (``IVF4096,SQfp16``): the proxies as stored, memory-mapped, their lists
+verified as they are read (verified.py). The *candidates* one is a fast-scan IVF index (4-bit PQ
+codes scanned with SIMD lookup tables, FAISS's ``IndexIVFPQFastScan``) of the same vectors under
+the same coarse quantizer, whose ids are **positions** in the exact file, ``list << 32 | offset``.
+A query scans the candidates (tens of times faster than the float16 codes: docs/index-candidates.md),
+takes its ``k_factor * m`` best positions, reads those proxies' ids and codes from the exact file,
+decodes them and keeps the ``m`` best by exact distance. The candidates file is small (M / 2
+bytes a proxy plus its id) and read into memory; a position is checked against its list before
+it is read, so a wrong candidate costs recall, never a wrong score.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import faiss
+import numpy as np
+from faiss.contrib.inspect_tools import get_invlist_sizes
+
+from . import ivf
+from .errors import InvalidParameterError
+
+_REFINED = re.compile(r"(IVF\d+(?:_HNSW\d+)?),(PQ\d+x4fs),(?:Refine\((\w+)\)|RFlat)")
+
+
+def parse(factory: str) -> tuple[str, str | None]:
+    """``IVF4096,PQ48x4fs,Refine(SQfp16)`` → ``("IVF4096,SQfp16", "IVF4096,PQ48x4fs")``: the IVF
+    index stored and its fast-scan candidates (``RFlat``: ``IVF4096,Flat`` stored); any other
+    factory string: itself and None."""
+    found = _REFINED.fullmatch(factory)
+    if found is None:
+        if "Refine(" in factory or factory.endswith(",RFlat"):
+            raise InvalidParameterError(
+                f"index={factory!r}: a refined index is IVF{{nlist}}[_HNSW32],PQ{{M}}x4fs,Refine(SQfp16) "
+                "(or Refine(Flat), or RFlat): fast-scan candidates re-ranked from the codes stored"
+            )
+        return factory, None
+    stored = found[3] or "Flat"
+    if stored not in ("SQfp16", "Flat"):
+        raise InvalidParameterError(
+            f"index={factory!r}: the re-rank reads SQfp16 or Flat codes (exact to float16 or float32), not {stored}"
+        )
+    return f"{found[1]},{stored}", f"{found[1]},{found[2]}"
+
+
+K_FACTOR = 64  # candidates re-ranked per result asked for, unless a search says (``k_factor``)
+POSITION_SHIFT = 32  # a candidate's id: list number << 32 | offset in the list
+TRAIN_SAMPLE = 1 << 16  # proxies the 4-bit PQ codebooks are trained on (a seeded sample)
+
+
+def build(exact: faiss.Index, factory: str, seed: int = 0) -> faiss.Index:
+    """A fast-scan IVF index (``factory``, e.g. ``IVF4096,PQ48x4fs``) of every vector of the IVF
+    index ``exact``, under a copy of its coarse quantizer, with ids that are positions in ``exact``.
+    Its PQ codebooks are trained on a seeded sample of at most ``TRAIN_SAMPLE`` decoded vectors."""
+    source = faiss.extract_index_ivf(exact)
+    out = faiss.index_factory(exact.d, factory, exact.metric_type)
+    target = faiss.downcast_index(faiss.extract_index_ivf(out))
+    if target.nlist != source.nlist or not isinstance(target, faiss.IndexIVFFastScan):
+        raise InvalidParameterError(f"candidates {factory!r} must be a fast-scan IVF index of {source.nlist} lists")
+    quantizer = faiss.clone_index(source.quantizer)
+    quantizer.this.disown()  # FAISS frees it with the index (own_fields)
+    target.quantizer, target.own_fields = quantizer, True
+    rows = np.sort(np.random.default_rng(seed).permutation(exact.ntotal)[:TRAIN_SAMPLE])
+    out.train(np.ascontiguousarray(np.concatenate([X for _, X in ivf.decoded_lists(exact, rows)])))
+    for no, X in _decoded_by_list(exact):  # assigned by the same quantizer: nearly always list no again
+        out.add_with_ids(X, (np.int64(no) << POSITION_SHIFT) + np.arange(len(X), dtype=np.int64))
+    return out
+
+
+def _decoded_by_list(index: faiss.Index) -> Iterator[tuple[int, np.ndarray]]:
+    """``(list number, decoded vectors)`` of each non-empty list of IVF ``index``, in list order."""
+    filled = np.flatnonzero(get_invlist_sizes(faiss.extract_index_ivf(index).invlists)).tolist()
+    for no, (_, X) in zip(filled, ivf.decoded_lists(index), strict=True):
+        yield no, np.ascontiguousarray(X, np.float32)
+
+
+class Reranker:
+    """Reads proxies of the IVF index ``exact`` by position and scores them exactly. ``verify``
+    (``ListVerifier.ensure``, or None for an index in memory) is called with the lists about to be
+    read. Thread-safe: it only reads."""
+
+    def __init__(self, exact: faiss.Index, verify: Any = None) -> None:
+        self.exact = exact
+        self.ivf: Any = faiss.extract_index_ivf(exact)
+        self.invlists: Any = self.ivf.invlists
+        self.verify = verify
+        self.code_size = int(self.invlists.code_size)
+        self.listno_bytes = int(self.ivf.coarse_code_size())
+        self.larger_is_better = exact.metric_type == faiss.METRIC_INNER_PRODUCT
+
+    def _list(self, no: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self.invlists.list_size(no)
+        ids = faiss.rev_swig_ptr(self.invlists.get_ids(no), n)
+        codes = faiss.rev_swig_ptr(self.invlists.get_codes(no), n * self.code_size).reshape(n, self.code_size)
+        return ids, codes
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ok, ids, vectors)`` of ``positions`` (1-d): ``ok`` False where a position is -1 or
+        lies outside its list; their id is -1 and their vector zero."""
+        lists, offsets = positions >> POSITION_SHIFT, positions & ((1 << POSITION_SHIFT) - 1)
+        ok = (positions >= 0) & (lists < self.ivf.nlist)
+        ids = np.full(len(positions), -1, np.int64)
+        codes = np.zeros((len(positions), self.listno_bytes + self.code_size), np.uint8)
+        if self.verify is not None and ok.any():
+            self.verify(lists[ok])
+        for no in np.unique(lists[ok]).tolist():
+            at = np.flatnonzero(ok & (lists == no))
+            list_ids, list_codes = self._list(no)
+            inside = offsets[at] < len(list_ids)
+            ok[at[~inside]] = False
+            at = at[inside]
+            ids[at] = list_ids[offsets[at]]
+            codes[at, : self.listno_bytes] = np.frombuffer(
+                np.int64(no).astype("<i8").tobytes()[: self.listno_bytes], np.uint8
+            )
+            codes[at, self.listno_bytes :] = list_codes[offsets[at]]
+        return ok, ids, self.ivf.sa_decode(codes) if len(codes) else np.zeros((0, self.exact.d), np.float32)
+
+    def rerank(
+        self, Q: np.ndarray, positions: np.ndarray, m: int, dead: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``m`` best of each query's candidate ``positions`` ``(n, R)`` by exact distance (as
+        FAISS reports it: inner product, or squared L2), as ``(distances, ids)`` ``(n, m)``; ids in
+        the sorted array ``dead`` are left out; missing results have id -1."""
+        n, r = positions.shape
+        ok, ids, X = self.read(positions.ravel())
+        if dead is not None and len(dead):
+            at = np.minimum(np.searchsorted(dead, ids), len(dead) - 1)
+            ok &= dead[at] != ids
+        X = X.reshape(n, r, -1)
+        if self.larger_is_better:
+            D = np.einsum("nrd,nd->nr", X, Q)
+        else:
+            D = (
+                np.einsum("nrd,nrd->nr", X, X)
+                - 2 * np.einsum("nrd,nd->nr", X, Q)
+                + np.einsum("nd,nd->n", Q, Q)[:, None]
+            )
+        worst = -np.inf if self.larger_is_better else np.inf
+        D = np.where(ok.reshape(n, r), D, worst).astype(np.float32)
+        ids = np.where(ok, ids, -1).reshape(n, r)
+        order = np.argsort(-D if self.larger_is_better else D, axis=1, kind="stable")[:, :m]
+        D, ids = np.take_along_axis(D, order, 1), np.take_along_axis(ids, order, 1)
+        if r < m:
+            D = np.hstack([D, np.full((n, m - r), worst, np.float32)])
+            ids = np.hstack([ids, np.full((n, m - r), -1, np.int64)])
+        return D, ids
+
+
+def search(
+    candidates: faiss.Index,
+    reranker: Reranker,
+    Q: np.ndarray,
+    m: int,
+    params: dict[str, int] | None,
+    dead: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``m`` nearest proxies of prepared queries ``Q``: ``k_factor * m`` candidates from the
+    fast-scan index (``params``: ``nprobe``, ``quantizer_efSearch``, ``k_factor``), re-ranked exactly."""
+    params = dict(params or {})
+    k_factor = int(params.pop("k_factor", K_FACTOR))
+    if k_factor < 1:
+        raise InvalidParameterError(f"search parameter k_factor={k_factor} must be at least 1")
+    r = min(max(m, 1) * k_factor, max(candidates.ntotal, 1))
+    _, positions = candidates.search(
+        np.ascontiguousarray(Q, np.float32), r, params=ivf.search_parameters(candidates, params)
+    )
+    return reranker.rerank(Q, positions, m, dead)

@@ -1,0 +1,171 @@
+"""Refined indexes (refine.py): fast-scan candidates re-ranked exactly from the stored float16 codes."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from retrieval_imprint import ivf, refine, segments
+from retrieval_imprint.collection import Collection
+from retrieval_imprint.errors import CollectionDamagedError, InvalidParameterError
+from retrieval_imprint.mapped import MappedProxyIndex
+from retrieval_imprint.normalize import l2_normalize
+
+NLIST = 16
+FACTORY = f"IVF{NLIST},PQ8x4fs,Refine(SQfp16)"
+
+
+def classes(first, n_classes, n=6, d=32, seed=0):
+    rng = np.random.default_rng([seed, first])
+    modes = 2 * rng.standard_normal((n_classes, 2, d)).astype(np.float32)
+    y = np.repeat(np.arange(first, first + n_classes), n)
+    X = modes[y - first, rng.integers(0, 2, len(y))] + 0.5 * rng.standard_normal((len(y), d)).astype(np.float32)
+    return X, [f"c{v}" for v in y]
+
+
+def test_parse_splits_faiss_refine_notation_and_names_what_is_wrong(tmp_path):
+    assert refine.parse("IVF4096,PQ48x4fs,Refine(SQfp16)") == ("IVF4096,SQfp16", "IVF4096,PQ48x4fs")
+    assert refine.parse("IVF16384_HNSW32,PQ48x4fs,RFlat") == ("IVF16384_HNSW32,Flat", "IVF16384_HNSW32,PQ48x4fs")
+    assert refine.parse("IVF64,SQ8") == ("IVF64,SQ8", None)
+    with pytest.raises(InvalidParameterError, match="re-rank reads SQfp16 or Flat codes"):
+        refine.parse("IVF64,PQ8x4fs,Refine(SQ8)")
+    with pytest.raises(InvalidParameterError, match="a refined index is"):
+        refine.parse("IVF64,PQ8,Refine(SQfp16)")  # candidates must be fast-scan codes
+    col = Collection.create(
+        tmp_path / "c", model=None, k=2, index="IVF64,Flat,RFlat"
+    )  # checked where the lists are trained
+    with pytest.raises(InvalidParameterError, match="a refined index is"):
+        col.add(*classes(0, 100))
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2])
+def test_reranked_candidates_are_the_exact_top_m_of_the_stored_vectors(metric):
+    """With every list probed and every vector a candidate, the answer is the brute-force top-m
+    over the decoded float16 vectors (float64 numpy); with fewer, a subset ranked the same way."""
+    X = classes(0, 400)[0]
+    exact = faiss.index_factory(X.shape[1], f"IVF{NLIST},SQfp16", metric)
+    exact.train(X)
+    exact.add_with_ids(X, (np.arange(len(X), dtype=np.int64) << 24) | 5)
+    candidates = refine.build(exact, f"IVF{NLIST},PQ8x4fs")
+    assert candidates.ntotal == exact.ntotal
+    ids, W = map(np.concatenate, zip(*ivf.decoded_lists(exact)))
+    Q = X[::7] + 0.3 * np.random.default_rng(1).standard_normal(X[::7].shape).astype(np.float32)
+    every = {"nprobe": NLIST, "k_factor": len(X)}
+    D, found = refine.search(candidates, refine.Reranker(exact), Q, 5, every)
+    Q64, W64 = Q.astype(np.float64), W.astype(np.float64)
+    ref = Q64 @ W64.T if metric == faiss.METRIC_INNER_PRODUCT else -((Q64[:, None] - W64[None]) ** 2).sum(-1)
+    order = np.argsort(-ref, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(found, ids[order])
+    np.testing.assert_allclose(np.abs(D), np.abs(np.take_along_axis(ref, order, 1)), rtol=1e-5, atol=1e-4)
+    # fewer candidates: every answer is a stored id, best first by its exact distance
+    D, found = refine.search(candidates, refine.Reranker(exact), Q, 5, {"nprobe": 2, "k_factor": 2})
+    assert np.isin(found, ids).all()
+    assert (np.diff(D, axis=1) <= 0).all() if metric == faiss.METRIC_INNER_PRODUCT else (np.diff(D, axis=1) >= 0).all()
+
+
+def test_dead_ids_and_positions_outside_their_list_are_never_answered():
+    X = classes(0, 200)[0]
+    exact = faiss.index_factory(X.shape[1], f"IVF{NLIST},SQfp16", faiss.METRIC_INNER_PRODUCT)
+    exact.train(X)
+    exact.add_with_ids(X, np.arange(len(X), dtype=np.int64))
+    candidates = refine.build(exact, f"IVF{NLIST},PQ8x4fs")
+    Q, every = X[:20], {"nprobe": NLIST, "k_factor": len(X)}
+    _, best = refine.search(candidates, refine.Reranker(exact), Q, 1, every)
+    dead = np.sort(best[:, 0])
+    _, again = refine.search(candidates, refine.Reranker(exact), Q, 3, every, dead)
+    assert not np.isin(again, dead).any()
+    reranker = refine.Reranker(exact)
+    size = exact.invlists.list_size(0)
+    positions = np.array([[0, size, -1, (NLIST + 3) << refine.POSITION_SHIFT]], np.int64)  # in, past, none, no list
+    D, found = reranker.rerank(Q[:1], positions, 4)
+    assert found[0, 0] >= 0 and (found[0, 1:] == -1).all() and np.isneginf(D[0, 1:]).all()
+
+
+def test_ids_of_the_candidates_are_positions_in_the_exact_lists():
+    X = classes(0, 100)[0]
+    exact = faiss.index_factory(X.shape[1], f"IVF{NLIST},SQfp16", faiss.METRIC_INNER_PRODUCT)
+    exact.train(X)
+    exact.add_with_ids(X, 1000 + np.arange(len(X), dtype=np.int64))
+    positions = ivf.list_ids(refine.build(exact, f"IVF{NLIST},PQ8x4fs"))
+    ok, ids, _ = refine.Reranker(exact).read(positions)
+    assert ok.all()
+    np.testing.assert_array_equal(np.sort(ids), 1000 + np.arange(len(X)))
+
+
+@pytest.fixture
+def refined(tmp_path, monkeypatch):
+    """A refined collection whose proxy file is mapped and got candidates at its compaction."""
+    monkeypatch.setattr(segments, "MAP_MIN", 0)
+    col = Collection.create(tmp_path / "c", model=None, k=2, keep_samples=True, index=FACTORY)
+    col.add(*classes(0, 300))
+    col.add(*classes(300, 40))
+    col.compact()
+    return col
+
+
+def brute_force(col: Collection, Q: np.ndarray, top: int) -> np.ndarray:
+    """Labels of the ``top`` classes by best proxy over every stored (float16) proxy."""
+    ids, W = map(np.concatenate, zip(*ivf.decoded_lists(col._s.proxies.mapped)))
+    t = col._s.table
+    live = t.live("proxies", ids)
+    ids, W = ids[live], W[live]
+    S = l2_normalize(Q).astype(np.float64) @ W.T.astype(np.float64)
+    best = np.full((len(t), len(Q)), -np.inf)
+    np.maximum.at(best, t.positions(ids >> segments.CLASS_SHIFT), S.T)
+    return t.labels[np.argsort(-best.T, axis=1, kind="stable")[:, :top]]
+
+
+def test_a_compacted_refined_collection_answers_from_its_candidates_as_brute_force(refined, tmp_path):
+    s = refined._s
+    assert s.files["candidates"] == [segments.candidates_of(s.files["proxies"][0])]
+    assert isinstance(s.proxies, MappedProxyIndex) and s.proxies.candidates is not None
+    assert s.proxies.candidates.ntotal == s.proxies.mapped.ntotal
+    tuning = refined.info()["index_tuning"]
+    assert tuning["recall"] >= 0.99 and refined.search_params == {"nprobe": tuning["nprobe"]}
+    Q = classes(0, 340, n=1, seed=5)[0]
+    every = {"nprobe": NLIST, "k_factor": 10_000}
+    np.testing.assert_array_equal(refined.query(Q, 3, search_params=every).labels, brute_force(refined, Q, 3))
+    # the tuned nprobe and default k_factor find the brute-force top-1 nearly always
+    assert np.mean(refined.predict(Q) == brute_force(refined, Q, 1)[:, 0]) > 0.9
+    reopened = Collection.open(tmp_path / "c")
+    np.testing.assert_array_equal(reopened.query(Q, 3, search_params=every).labels, brute_force(refined, Q, 3))
+    assert reopened.check().ok
+
+
+def test_removed_and_reimprinted_classes_leave_the_answers_and_a_compaction_replaces_the_candidates(refined, tmp_path):
+    Q = classes(0, 340, n=1, seed=5)[0]
+    every = {"nprobe": NLIST, "k_factor": 10_000}
+    refined.remove(["c3", "c150"])
+    refined.add(*classes(5, 1, seed=9))  # re-imprints c5: its old proxies in the mapped file are dead
+    got = refined.query(Q, 3, search_params=every).labels
+    assert not {"c3", "c150"} & set(got.ravel())
+    reopened = Collection.open(tmp_path / "c")
+    assert len(reopened._s.proxies._dead) > 0
+    np.testing.assert_array_equal(reopened.query(Q, 3, search_params=every).labels, got)
+    old = set(reopened._s.files["candidates"])
+    reopened.compact()
+    assert reopened._s.files["candidates"] and not old & set(reopened._s.files["candidates"])
+    assert not old & {p.name for p in (tmp_path / "c").glob("*.faiss")}  # the replaced file was deleted
+    assert reopened.check().ok
+    np.testing.assert_array_equal(reopened.query(Q, 3, search_params=every).labels, got)
+    reopened.tune()  # re-imprints every class into a new proxy file: its candidates come at the next compaction
+    assert reopened._s.files["candidates"] == [] and reopened.check().ok
+
+
+def test_damaged_candidates_or_exact_lists_never_answer(refined, tmp_path):
+    path, s = tmp_path / "c", refined._s
+    name = s.files["candidates"][0]
+    whole = (path / name).read_bytes()
+    (path / name).write_bytes(whole[:-100] + bytes(100))
+    with pytest.raises(CollectionDamagedError, match=f"{name} does not match the checksum"):
+        Collection.open(path)
+    assert any(name in problem for problem in Collection.verify(path).problems)
+    (path / name).write_bytes(whole)
+    exact = s.files["proxies"][0]
+    data = bytearray((path / exact).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the lists
+    (path / exact).write_bytes(bytes(data))
+    col = Collection.open(path)
+    with pytest.raises(CollectionDamagedError, match=f"{exact} is damaged: inverted list"):
+        col.query(classes(0, 340, n=1, seed=5)[0], 1, search_params={"nprobe": NLIST, "k_factor": 10_000})
