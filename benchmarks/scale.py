@@ -1,4 +1,4 @@
-"""Scale benchmark: collections of 10k, 100k and 1M classes (k = 4, 384-d) on IVF-SQfp16 proxy indexes.
+"""Scale benchmark: collections of 10k, 100k and 1M classes (k = 4, 384-d) on IVF proxy indexes.
 
 Synthetic classes (seeded; ``--data topics``: grouped in topics, two modes each; ``--data
 realistic``: real sentence embeddings mixed and spread by real within-intent residuals, see
@@ -11,7 +11,8 @@ compaction retrained them), accuracy on held-out queries, and add-one-class late
 Writes docs/scale.md (or --out), headed by the CPU's SIMD and the one FAISS uses: run with
 FAISS_SIMD_LEVEL=AVX2 on an AVX-512 machine to see FAISS's AVX2 path.
 
-    .venv/bin/python benchmarks/scale.py [--sizes 10000 100000 1000000] [--data topics|realistic] [--out FILE]
+    .venv/bin/python benchmarks/scale.py [--sizes 10000 100000 1000000] [--data topics|realistic]
+        [--index refined sqfp16] [--out FILE]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from retrieval_imprint.generate import generate
 from retrieval_imprint.ivf import ivf_lists, refined
 from retrieval_imprint.labels import label_keys
 from retrieval_imprint.normalize import l2_normalize
-from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN
+from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN, candidates_of
 
 D, K, TRAIN, CHUNK, N_QUERIES, ADDS = 384, 4, 8, 50_000, 1000, 100
 
@@ -217,8 +218,14 @@ def run(
         col.add(X, y.tolist())
         adds.append(time.perf_counter() - t)
     ms = np.array(single) * 1e3
-    largest = max((path / name).stat().st_size for name in col.snapshot.files["proxies"])  # the file mapped at open
-    memory = {**fresh, "classes": n_classes, "index_gib": largest / 2**30}
+    largest = max(col.snapshot.files["proxies"], key=lambda name: (path / name).stat().st_size)  # mapped at open
+    candidates = path / candidates_of(largest)  # a refined index's fast-scan codes, read at open
+    memory = {
+        **fresh,
+        "classes": n_classes,
+        "index_gib": (path / largest).stat().st_size / 2**30,
+        "candidates_gib": candidates.stat().st_size / 2**30 if candidates.exists() else 0.0,
+    }
     return [
         f"{n_classes:,}",
         factory,
@@ -282,7 +289,7 @@ TARGETS = [
 
 
 def targets(row: list[str]) -> str:
-    """The 1M-class targets, each marked met or missed from a result row."""
+    """The 1M-class targets, each marked met or missed from a result row (one index at one size)."""
     lines = []
     for name, bound, unit, op in TARGETS:
         value = float(row[COLUMNS.index(name)].replace(",", ""))
@@ -291,24 +298,26 @@ def targets(row: list[str]) -> str:
             f"- {name.removesuffix(' ' + unit).removesuffix(' s')}: {value:g}{' ' + unit if unit else ''} "
             f"(target {op} {bound:g}{' ' + unit if unit else ''}): {'met' if ok else 'missed'}"
         )
-    return f"## Targets at {row[0]} classes\n\n" + "\n".join(lines) + "\n"
+    return f"## Targets at {row[0]} classes, {row[1]}\n\n" + "\n".join(lines) + "\n"
 
 
+FAST_SCAN = D // 16  # bytes of a refined index's 4-bit candidate codes per proxy (ivf.refined: D / 8 codes)
 CODES = [
-    ("Flat (exact, read into memory)", 4 * D + 8),
-    ("IVF-Flat", 4 * D),
-    ("IVF-SQfp16", 2 * D),
-    ("IVF-SQ8", D),
-    ("IVF-PQ48", 48),
-]  # code bytes per proxy (Flat: plus its id map's reverse table, about 8 B)
+    ("Flat (exact, read into memory)", 4 * D + 8, 4 * D + 16),
+    ("IVF-Flat", 4 * D, 0),
+    ("IVF-SQfp16", 2 * D, 0),
+    ("refined: IVF-SQfp16 + fast-scan PQ48x4fs candidates", 2 * D + FAST_SCAN + 8, FAST_SCAN + 8),
+    ("IVF-SQ8", D, 0),
+    ("IVF-PQ48", 48, 0),
+]  # code bytes per proxy on disk (each with an 8-byte id besides), and those read into memory at open
 
 
 def memory_model(measured: list[dict[str, float]]) -> str:
     """A memory model: resident bytes per class (the class table) fitted on the largest run and
     checked against every run, then projected to 10M and 100M classes for each index type."""
 
-    def read_in(m: dict[str, float]) -> float:  # GiB of index read into memory: files below MAP_MIN are
-        return m["index_gib"] if m["index_gib"] * 2**30 < MAP_MIN else 0.0
+    def read_in(m: dict[str, float]) -> float:  # GiB of index read into memory: files below MAP_MIN, candidates
+        return (m["index_gib"] if m["index_gib"] * 2**30 < MAP_MIN else 0.0) + m["candidates_gib"]
 
     big = measured[-1]
     per_class = (big["RssAnon_open"] - big["RssAnon_before"] - read_in(big)) * 2**30 / big["classes"]
@@ -320,6 +329,7 @@ def memory_model(measured: list[dict[str, float]]) -> str:
             f"{m['RssAnon_queried'] - m['RssAnon_before']:.3f}",
             f"{m['RssFile_queried'] - m['RssFile_before']:.3f}",
             f"{m['index_gib']:.2f}",
+            f"{m['candidates_gib']:.2f}",
             f"{m['open_s']:.2f}",
         ]
         for m in measured
@@ -328,10 +338,10 @@ def memory_model(measured: list[dict[str, float]]) -> str:
     for n in (10_000_000, 100_000_000):
         proxies = K * n
         quantizer = ivf_lists(proxies) * D * 4
-        for name, code in CODES:
+        for name, code, resident in CODES:
             index = proxies * (code + 8) + (0 if name.startswith("Flat") else quantizer)
             table = per_class * n
-            at_open = table + (index if name.startswith("Flat") else 0)
+            at_open = table + proxies * resident + (quantizer if name.startswith("refined") else 0)
             projected.append(
                 [
                     f"{n:,}",
@@ -350,6 +360,9 @@ def memory_model(measured: list[dict[str, float]]) -> str:
         f"index, nothing at open if its file has {MAP_MIN // 2**20} MiB or more (else the file is read into "
         "memory; the model adds it): that file is memory-mapped, and a query brings in the coarse "
         "quantizer and the lists it probes as file-backed pages, which the kernel can drop and read again. "
+        "A refined index also reads its fast-scan candidates file at open (the model adds it): half a byte "
+        "per code and an 8-byte id per proxy, and the coarse quantizer; a query then reads only the lists "
+        "holding its re-ranked candidates from the mapped file. "
         "Checked against each run (fresh process; GiB):\n\n"
         + markdown_table(
             [
@@ -359,12 +372,14 @@ def memory_model(measured: list[dict[str, float]]) -> str:
                 "anon after 1,000 queries",
                 "file-backed after 1,000 queries",
                 "largest proxy file",
+                "its candidates file",
                 "open s",
             ],
             check,
         )
         + "\n\nProjected (4 proxies per class, 384-d; index: proxies x (code + 8-byte id) + the coarse "
-        "quantizer, nlist = ivf_lists(proxies); open time scales with the class table; GiB):\n\n"
+        "quantizer, nlist = ivf_lists(proxies); RAM at open: the class table and what is read (Flat: all; "
+        "refined: the candidates and their quantizer); open time scales with the class table; GiB):\n\n"
         + markdown_table(
             [
                 "classes",
@@ -401,6 +416,7 @@ def write_doc(
     minutes: float,
     out: Path,
     data: str = "topics",
+    indexes: tuple[str, ...] = ("refined",),
 ) -> str:
     table = markdown_table(COLUMNS, rows)
     env = "".join(
@@ -411,13 +427,18 @@ def write_doc(
         ("# Scale\n\n" if data == "topics" else f"# Scale, {data} classes\n\n")
         + f"Command: `{env}.venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, sizes))}"
         f"{' --data ' + data if data != 'topics' else ''}"
+        f"{' --index ' + ' '.join(indexes) if list(indexes) != ['refined'] else ''}"
         f"{' --out ' + str(out.relative_to(DOCS.parent)) if out.parent == DOCS and out != default_out else ''}` "
         f"({minutes:.0f} min)  \nMachine: {machine()}  \n"
         f"Setup: {DATA[data]}, {TRAIN} training samples per class "
         f"added {CHUNK:,} classes at a time, then one full compaction; GEN kmeans k = {K}, L2 norms, max "
-        "aggregation, IVF-SQfp16 proxy index (nlist about 2 sqrt(proxies); nprobe tuned, at the first add and "
+        "aggregation, an IVF proxy index (nlist about 2 sqrt(proxies); nprobe tuned, at the first add and "
         "again at the compaction, to the smallest reaching recall@1 >= 0.99 on 500 held-out proxies against "
-        "exact search: the *nprobe* column), samples not kept. The IVF lists are trained on the first add's "
+        "exact search: the *nprobe* column), samples not kept. *Refined* (`IVF{nlist},PQ48x4fs,Refine(SQfp16)`, "
+        "what index=auto chooses): the proxies' float16 codes in the memory-mapped file, and fast-scan 4-bit PQ "
+        "candidates of them written by the compaction; a query scans the candidates and re-ranks its best 64 "
+        "exactly from the float16 codes (refine.py). *IVF-SQfp16* alone scans the float16 codes of every list "
+        "it probes. The IVF lists are trained on the first add's "
         "proxies; the final compaction retrains them on a sample of all live proxies and re-encodes every "
         "proxy (the proxies outgrew the first add's 4x; its time is the *compact* column, inside *build*). "
         f"Queries: one held-out sample of each of {N_QUERIES:,} random classes, timed one at a time "
@@ -429,7 +450,7 @@ def write_doc(
         f"add-one-class: {ADDS} adds of one new 8-sample class after the build.\n\n"
         + table
         + "\n\n"
-        + targets(rows[-1])
+        + "\n".join(targets(row) for row in rows if row[0] == f"{max(sizes):,}")
         + "\n"
         + memory_model(measured)
     )
@@ -461,7 +482,8 @@ def main() -> None:
                 rows.append(row)
                 measured.append(memory)
                 print(" | ".join(rows[-1]), flush=True)
-    print(write_doc(rows, measured, args.sizes, (time.perf_counter() - started) / 60, out, args.data))
+    minutes = (time.perf_counter() - started) / 60
+    print(write_doc(rows, measured, args.sizes, minutes, out, args.data, tuple(args.index)))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ reader is opening segments.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,12 +95,22 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         sizes = {f: (directory / f).stat().st_size for f in s.files[kind]}
         files = sorted(sizes, key=sizes.__getitem__)
         victims[kind] = files if full else [files[i] for i in tiered([sizes[f] for f in files])]
+    chosen = {kind: files for kind, files in victims.items() if len(files) > 1 or full}
+    # IVF proxies are merged list by list from their files into the new one (never all in memory),
+    # unless the lists are retrained, which reads every live proxy into memory anyway
+    streamed = "proxies" in chosen and s.template is not None and not retrain
     merged = {
         kind: s.merge(directory, kind, files)
-        for kind, files in victims.items()
-        if (len(files) > 1 or full) and not (retrain and kind == "proxies")
+        for kind, files in chosen.items()
+        if kind != "proxies" or not (retrain or streamed)
     }
+    written: dict[str, segments.Segment] = {}
     template = None
+    if streamed and s.template is not None:
+        sources = s.proxy_sources(directory, chosen["proxies"])
+        live = functools.partial(s.table.live, "proxies")
+        written["proxies"], n = segments.write_lists(directory, version, s.template.index, sources, live)
+        merged["proxies"] = s.written_proxies(directory, written["proxies"].name, n)
     if retrain:  # from the live proxies in memory, which the merged files would only repeat
         exact = refine.parse(s.config["index_factory"])[0]
         s.template, merged["proxies"] = s.searched.retrained(exact, s.config["random_state"])
@@ -109,7 +120,10 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     tuned = full and s.config["index_tuning"] is not None and "proxies" in merged and merged["proxies"].is_ivf
     if tuned:  # the collection has grown or its lists changed: the nprobe that reaches the target too
         tune_search(s, merged["proxies"], candidates)
-    written = {kind: segments.write_segment(directory, kind, version, index.index) for kind, index in merged.items()}
+    for kind, index in merged.items():
+        if kind not in written:
+            written[kind] = segments.write_segment(directory, kind, version, index.index)
+    counts = {kind: index.ntotal for kind, index in merged.items()}
     # the candidates of the proxy files merged away go with them; the new file's (if any) replace them
     victims["candidates"] = [
         segments.candidates_of(f)
@@ -118,11 +132,11 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     ]
     if candidates is not None:
         written["candidates"] = segments.write_segment(directory, "candidates", version, candidates)
+        counts["candidates"] = candidates.ntotal
     segments.crash_point("compact: segments written")
     with store.writing(engine) as conn:
         for kind, segment in written.items():
-            n = candidates.ntotal if kind == "candidates" and candidates is not None else merged[kind].ntotal
-            store.replace_segments(conn, kind, victims[kind], segment, n)
+            store.replace_segments(conn, kind, victims[kind], segment, counts[kind])
         if candidates is None:
             store.forget_segments(conn, victims["candidates"])
         if template is not None:
@@ -136,11 +150,13 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     s.files["candidates"] = [f for f in s.files["candidates"] if f not in victims["candidates"]]
     for kind, segment in written.items():
         s.files[kind] = [f for f in s.files[kind] if f not in victims[kind]]
-        record_segment(s, kind, segment)
+        record_segment(s, kind, segment, counts[kind])
         _remember_merged(s, kind, segment.name, [s.recent.pop(name, None) for name in victims[kind]])
     if template is not None:
         s.files["template"] = []
-        record_segment(s, "template", template)
+        record_segment(s, "template", template, 0)
         s.config["trained_on"] = merged["proxies"].ntotal
         s.proxies = merged["proxies"]
+    if streamed:  # searched as a reopened collection would be: the large file mapped, with its candidates
+        s.reopen_proxies(directory)
     segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})

@@ -225,6 +225,15 @@ def list_ids(index: faiss.Index) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
+def stored_list(invlists: Any, no: int) -> tuple[np.ndarray, np.ndarray]:
+    """List ``no``'s ids and codes ``(n, code_size)`` as views of where they lie (a mapped file's pages)."""
+    n = invlists.list_size(no)
+    if not n:
+        return np.zeros(0, np.int64), np.zeros((0, invlists.code_size), np.uint8)
+    codes = faiss.rev_swig_ptr(invlists.get_codes(no), n * invlists.code_size).reshape(n, invlists.code_size)
+    return faiss.rev_swig_ptr(invlists.get_ids(no), n), codes
+
+
 def decoded_lists(index: faiss.Index, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(ids, vectors)`` of each non-empty inverted list, decoded from its codes; only the sorted
     positions ``rows`` (counted across the lists in order) if given."""

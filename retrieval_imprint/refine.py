@@ -95,12 +95,6 @@ class Reranker:
         self.listno_bytes = int(self.ivf.coarse_code_size())
         self.larger_is_better = exact.metric_type == faiss.METRIC_INNER_PRODUCT
 
-    def _list(self, no: int) -> tuple[np.ndarray, np.ndarray]:
-        n = self.invlists.list_size(no)
-        ids = faiss.rev_swig_ptr(self.invlists.get_ids(no), n)
-        codes = faiss.rev_swig_ptr(self.invlists.get_codes(no), n * self.code_size).reshape(n, self.code_size)
-        return ids, codes
-
     def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(ok, ids, vectors)`` of ``positions`` (1-d): ``ok`` False where a position is -1 or
         lies outside its list; their id is -1 and their vector zero."""
@@ -112,7 +106,7 @@ class Reranker:
             self.verify(lists[ok])
         for no in np.unique(lists[ok]).tolist():
             at = np.flatnonzero(ok & (lists == no))
-            list_ids, list_codes = self._list(no)
+            list_ids, list_codes = ivf.stored_list(self.invlists, no)
             inside = offsets[at] < len(list_ids)
             ok[at[~inside]] = False
             at = at[inside]

@@ -233,6 +233,54 @@ class Snapshot:
             merged.remove(dead)
         return merged
 
+    def proxy_sources(self, directory: Path, files: list[str]) -> list[tuple[Any, Any]]:
+        """The IVF index of each proxy file (mapped where possible, or from ``recent``), each with the
+        check of its lists before they are read (None where it was checked whole on reading):
+        what ``segments.write_lists`` merges list by list. Only the writer may call it."""
+        out: list[tuple[Any, Any]] = []
+        for name in files:
+            if name in self.recent:
+                ids, vectors = self.recent[name]
+                index = self.new_index("proxies")
+                index.add(vectors, ids)
+                out.append((index.index, None))
+                continue
+            with segments.open_segment(directory, name) as file:
+                if not segments.can_map():
+                    out.append((segments.read_segment(directory, name, file, self.d, self.checksums.get(name)), None))
+                    continue
+                mapped = segments.map_segment(directory, name, file, self.d, self.n_vectors[name])
+                lists = self.list_sums.get(name)
+                verifier = (
+                    ListVerifier(directory, name, mapped, lists)
+                    if lists is not None
+                    else FileVerifier(directory, name, file, self.checksums.get(name))
+                )
+            out.append((mapped, verifier.ensure))
+        return out
+
+    def written_proxies(self, directory: Path, name: str, n_vectors: int) -> ProxyIndex:
+        """The proxy file ``name`` this writer just wrote (``n_vectors`` in it), mapped where possible,
+        as a searchable index with the template's quantizer: what a compaction tunes and builds
+        candidates on without holding the proxies in memory."""
+        with segments.open_segment(directory, name) as file:
+            if segments.can_map():
+                index = segments.map_segment(directory, name, file, self.d, n_vectors)
+            else:
+                index = segments.read_segment(directory, name, file, self.d, self.checksums.get(name))
+        assert self.template is not None  # only IVF proxies are written list by list
+        return self.new_index("proxies", segments.share_quantizer(directory, name, index, self.template.index))
+
+    def reopen_proxies(self, directory: Path) -> None:
+        """Open the proxies again from the files this version names (as ``read`` does: the largest
+        mapped, with its candidates), dropping what was held in memory. Only the writer may call it."""
+        with ExitStack() as stack:
+            opened = {
+                name: stack.enter_context(segments.open_segment(directory, name))
+                for name in [*self.files["proxies"], *self.files["candidates"]]
+            }
+            self.proxies = self.open_proxies(directory, opened)
+
     def candidates_of(self, directory: Path, name: str, opened: dict[str, BinaryIO]) -> faiss.Index | None:
         """The fast-scan candidates of proxy file ``name`` (refine.py), read and checked whole; None
         if it has none."""

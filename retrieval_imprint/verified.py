@@ -29,21 +29,25 @@ import numpy as np
 from faiss.contrib.inspect_tools import get_invlist_sizes
 
 from .errors import CollectionDamagedError
+from .ivf import stored_list
 
 DTYPE = np.dtype("<u8")  # one XXH3-64 per inverted list, as stored
 
 
-def _list_sum(invlists: Any, no: int) -> int:
-    """XXH3-64 of list ``no``'s size, ids and codes (the codes and ids are hashed where they lie)."""
+def list_sum(ids: np.ndarray, codes: np.ndarray) -> int:
+    """XXH3-64 of an inverted list's size, ids and codes (hashed where they lie, not copied)."""
     import xxhash
 
-    n = invlists.list_size(no) if no >= 0 else 0
-    digest = xxhash.xxh3_64(np.int64(n).tobytes())
-    if n:
-        # an ndarray is a buffer (typed as one from Python 3.12 on): hashed in place, not copied
-        digest.update(faiss.rev_swig_ptr(invlists.get_ids(no), n))
-        digest.update(faiss.rev_swig_ptr(invlists.get_codes(no), n * invlists.code_size))
+    digest = xxhash.xxh3_64(np.int64(len(ids)).tobytes())
+    if len(ids):
+        digest.update(np.ascontiguousarray(ids).data)
+        digest.update(np.ascontiguousarray(codes).data)
     return digest.intdigest()
+
+
+def _list_sum(invlists: Any, no: int) -> int:
+    """``list_sum`` of list ``no`` (-1: an empty list)."""
+    return list_sum(*stored_list(invlists, no)) if no >= 0 else list_sum(np.zeros(0, np.int64), np.zeros(0, np.uint8))
 
 
 def list_checksums(index: faiss.Index) -> bytes:

@@ -36,9 +36,10 @@ from .snapshot import Snapshot
 RECENT_MAX = 4096  # vectors of a segment file this process writes that it keeps for the next compaction
 
 
-def record_segment(s: Snapshot, kind: str, segment: segments.Segment) -> None:
+def record_segment(s: Snapshot, kind: str, segment: segments.Segment, n_vectors: int) -> None:
     """The snapshot's note of a segment file just committed (here and in ``compaction``)."""
     s.files[kind].append(segment.name)
+    s.n_vectors[segment.name] = n_vectors
     s.checksums[segment.name] = segment.checksum
     s.list_sums[segment.name] = segment.lists
 
@@ -295,12 +296,12 @@ def add(
         s.means.add(M, mean_ids)
     vectors = {"proxies": W, "samples": samples, "means": M if "means" in written else None}
     for kind, (file, ids, _) in written.items():
-        record_segment(s, kind, file)
+        record_segment(s, kind, file, len(ids))
         if len(ids) <= RECENT_MAX:
             s.recent[file.name] = (ids.copy(), np.array(vectors[kind], np.float32))
     if template is not None:
         s.files["template"] = []
-        record_segment(s, "template", template)
+        record_segment(s, "template", template, 0)
     s.table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi, shift)
     s.label_kinds.update(kind for kind, _ in entries)
     s.config.update(version=version, next_class_id=b.next_class_id)
@@ -384,7 +385,7 @@ def retune(
     s.proxies, s.means = proxies, means
     s.files.update(proxies=[], means=[], candidates=[])
     for kind, segment in written.items():
-        record_segment(s, kind, segment)
+        record_segment(s, kind, segment, len(proxy_ids) if kind == "proxies" else len(mean_ids))
     table.proxy_lo, table.proxy_hi, table.shift = lo, hi, shift
     cfg["version"] = version
     segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import pickle
 
+import faiss
 import numpy as np
 import pytest
 
-from retrieval_imprint import ivf, segments
+from retrieval_imprint import ivf, segments, verified
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionDamagedError
 from retrieval_imprint.mapped import MappedProxyIndex
@@ -230,3 +231,62 @@ def test_a_file_without_list_checksums_is_hashed_whole_before_its_first_answer(g
     col = open_as(grown, monkeypatch, True)  # opens: nothing is read yet
     with pytest.raises(CollectionDamagedError, match=f"index file {name} does not match the checksum"):
         col.query(classes(0, 1, n=1, seed=5)[0], 1, search_params={"nprobe": 1})
+
+
+def stored_by_id(index) -> dict[int, bytes]:
+    """Every vector of an IVF index: its id -> (its list, its code bytes)."""
+    out = {}
+    invlists = faiss.extract_index_ivf(index).invlists
+    for no in range(invlists.nlist):
+        ids, codes = ivf.stored_list(invlists, no)
+        out.update({int(i): (no, bytes(c)) for i, c in zip(ids, codes, strict=True)})
+    return out
+
+
+def test_a_streamed_merge_writes_what_faiss_would_list_by_list(tmp_path):
+    """segments.write_lists: the live vectors of several IVF indexes, each in its list with its
+    code, in a file FAISS reads and maps, whose recorded checksums are those of what it holds."""
+    X = classes(0, 300)[0]
+    template = faiss.index_factory(X.shape[1], f"IVF{NLIST},SQfp16", faiss.METRIC_INNER_PRODUCT)
+    template.train(X)
+    parts = [faiss.clone_index(template) for _ in range(3)]
+    for no, part in enumerate(parts):
+        part.add_with_ids(X[no::3], np.arange(len(X))[no::3].astype(np.int64))
+    keep = lambda ids: ids % 5 != 0  # noqa: E731
+    segment, n = segments.write_lists(tmp_path, 7, template, [(p, None) for p in parts], keep)
+    whole = faiss.clone_index(template)
+    whole.add_with_ids(X, np.arange(len(X), dtype=np.int64))
+    expected = {i: v for i, v in stored_by_id(whole).items() if i % 5}
+    read = faiss.read_index(str(tmp_path / segment.name))
+    assert n == read.ntotal == len(expected) and stored_by_id(read) == expected
+    assert verified.list_checksums(read) == segment.lists
+    with open(tmp_path / segment.name, "rb") as file:
+        mapped = segments.map_segment(tmp_path, segment.name, file, X.shape[1], n)
+        assert segments.read_segment(tmp_path, segment.name, file, X.shape[1], segment.checksum).ntotal == n
+    assert stored_by_id(mapped) == expected
+
+
+def test_a_compaction_streams_the_proxies_and_refuses_a_damaged_list(grown, monkeypatch):
+    """A full compaction of IVF proxies merges the files list by list (nothing read whole) and the
+    writer then searches the new file mapped; a damaged list of a file it merges stops it, and the
+    collection is left as it was."""
+    monkeypatch.setattr(segments, "MAP_MIN", 0)
+    Q = classes(0, 340, n=1, seed=5)[0]
+    every = {"nprobe": NLIST}
+    want = Collection.open(grown).query(Q, 3, search_params=every)
+    col = open_as(grown, monkeypatch, True)
+    read, real = [], segments.read_segment
+    monkeypatch.setattr(segments, "read_segment", lambda *a, **k: read.append(a[1]) or real(*a, **k))
+    col.compact()
+    name = col._s.files["proxies"][0]
+    assert not [f for f in read if f.startswith("proxies")]  # no proxy file was read into memory
+    assert isinstance(col._s.proxies, MappedProxyIndex) and col._s.proxies.index.ntotal == 0
+    np.testing.assert_array_equal(col.query(Q, 3, search_params=every).labels, want.labels)
+    col.add(*classes(400, 10))
+    data = bytearray((grown / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (grown / name).write_bytes(bytes(data))
+    before = sorted(p.name for p in grown.iterdir() if p.suffix != ".lock")
+    with pytest.raises(CollectionDamagedError, match=f"{name} is damaged: inverted list"):
+        Collection.open(grown).compact()
+    assert sorted(p.name for p in grown.iterdir() if p.suffix != ".lock") == before
