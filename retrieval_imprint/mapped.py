@@ -1,21 +1,23 @@
-"""A proxy index whose bulk is a memory-mapped segment file: how a large collection opens in
+"""A proxy index whose bulk is memory-mapped segment files: how a large collection opens in
 milliseconds with almost nothing resident.
 
-``MappedProxyIndex`` searches two FAISS indexes as one: ``mapped``, the largest proxy segment
-mapped read-only from its file (``segments.map_segment``), and ``index``, an ordinary in-memory
-index of the same trained kind holding every other proxy (the small segments of later adds, and
-what this process adds). Adds go to ``index``. A mapped index cannot remove vectors (FAISS aborts
-on a write to a mapped list), so proxies removed from it — a removed or re-imprinted class — are
-*dead*: left out of every search by an id selector, and rewritten away by the next compaction
-that merges the file. Each query searches both and keeps the best ``m`` (``faiss.merge_knn_results``).
-Every list of the mapped file a query scans is verified first (verified.py): no reads at open, and
-no answer from a damaged byte. Where the file has fast-scan ``candidates`` (a refined index,
-refine.py), a query scans those instead and reads only its best candidates from the mapped lists
-(verified likewise), re-ranking them exactly.
+``MappedProxyIndex`` searches several FAISS indexes as one: the ``parts``, each a proxy segment of
+at least ``segments.MAP_MIN`` bytes mapped read-only from its file (``segments.map_segment``), and
+``index``, an ordinary in-memory index of the same trained kind holding every other proxy (the
+small segments of later adds, and what this process adds). Adds go to ``index``. A mapped index
+cannot remove vectors (FAISS aborts on a write to a mapped list), so proxies removed from a part —
+a removed or re-imprinted class — are *dead*: left out of every search by an id selector, and
+rewritten away by the next compaction that merges the file. Each query searches every part and
+the in-memory index and keeps the best ``m`` (``faiss.merge_knn_results``). Every list of a mapped
+file a query scans is verified first (verified.py): no reads at open, and no answer from a damaged
+byte. Where a file has fast-scan ``candidates`` (a refined index, refine.py), a query scans those
+instead and reads only its best candidates from the mapped lists (verified likewise), re-ranking
+them exactly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -25,25 +27,41 @@ from . import ivf, refine
 from .index import ProxyIndex
 
 
-class MappedProxyIndex(ProxyIndex):
-    """``delta``'s settings and vectors plus the read-only ``mapped`` IVF index, less its dead ids."""
+@dataclass
+class Mapped:
+    """One mapped proxy file: its IVF index, the check of its lists (``verified.ListVerifier`` or
+    ``FileVerifier``) and, for a refined index, its fast-scan candidates."""
 
-    def __init__(
-        self, delta: ProxyIndex, mapped: faiss.Index, verifier: Any, candidates: faiss.Index | None = None
-    ) -> None:
+    index: faiss.Index
+    verifier: Any
+    candidates: faiss.Index | None = None
+
+    def __post_init__(self) -> None:
+        self.searched = faiss.downcast_index(self.index)  # what search_verified takes: the IVF index itself
+        self.reranker = refine.Reranker(self.index, self.verifier.ensure) if self.candidates is not None else None
+
+    def search(
+        self, Q: np.ndarray, m: int, params: dict[str, int] | None, dead: np.ndarray, selector: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.candidates is not None and self.reranker is not None:
+            return refine.search(self.candidates, self.reranker, Q, m, params, dead)
+        return ivf.search_verified(self.searched, Q, m, params, selector, self.verifier.ensure)
+
+
+class MappedProxyIndex(ProxyIndex):
+    """``delta``'s settings and vectors plus the read-only mapped ``parts``, less their dead ids."""
+
+    def __init__(self, delta: ProxyIndex, parts: list[Mapped]) -> None:
         super().__init__(
             delta.index.d, delta.metric, delta.transform, index=delta.index, search_params=delta.search_params
         )
-        self.mapped, self.verifier = mapped, verifier  # verified.ListVerifier or FileVerifier
-        self._searched = faiss.downcast_index(mapped)  # what search_verified takes: the IVF index itself
+        self.parts = parts
         self._mapped_ids: np.ndarray | None = None  # sorted; read from the mapped lists on first need
         self._dead = np.zeros(0, np.int64)
-        self.candidates = candidates
-        self._reranker = refine.Reranker(mapped, verifier.ensure) if candidates is not None else None
         self._batch = self._selector = None
 
     def mark_dead(self, ids: np.ndarray) -> None:
-        """Leave these ids of the mapped file out of every search from now on."""
+        """Leave these ids of the mapped files out of every search from now on."""
         self._dead = np.union1d(self._dead, np.asarray(ids, np.int64))
         # FAISS holds raw pointers to the selectors: keep both alive as long as they are used
         self._batch = faiss.IDSelectorBatch(self._dead) if len(self._dead) else None
@@ -51,12 +69,12 @@ class MappedProxyIndex(ProxyIndex):
 
     @property
     def ntotal(self) -> int:
-        return self.mapped.ntotal - len(self._dead) + self.index.ntotal
+        return sum(part.index.ntotal for part in self.parts) - len(self._dead) + self.index.ntotal
 
     def mapped_ids(self) -> np.ndarray:
-        """Every id in the mapped file, dead or not, sorted."""
+        """Every id in the mapped files, dead or not, sorted."""
         if self._mapped_ids is None:
-            self._mapped_ids = np.sort(ivf.list_ids(self.mapped))
+            self._mapped_ids = np.sort(np.concatenate([ivf.list_ids(part.index) for part in self.parts]))
         return self._mapped_ids
 
     def _in_mapped(self, ids: np.ndarray) -> np.ndarray:
@@ -71,7 +89,7 @@ class MappedProxyIndex(ProxyIndex):
         return np.concatenate([stored[~np.isin(stored, self._dead)], super().ids])
 
     def remove(self, ids: np.ndarray) -> int:
-        """Remove these ids from the in-memory part; mark those in the mapped file dead."""
+        """Remove these ids from the in-memory index; mark those in the mapped files dead."""
         ids = np.unique(np.asarray(ids, np.int64))
         removed = super().remove(ids) if self.index.ntotal else 0
         newly = ids[self._in_mapped(ids) & ~np.isin(ids, self._dead)]
@@ -81,23 +99,23 @@ class MappedProxyIndex(ProxyIndex):
 
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
         searched = ivf.with_quantizer_beam(params or self.search_params, self.hnsw_quantized)
-        if self.candidates is not None and self._reranker is not None:
-            D, ids = refine.search(self.candidates, self._reranker, Q, m, searched, self._dead)
-        else:
-            D, ids = ivf.search_verified(self._searched, Q, m, searched, self._selector, self.verifier.ensure)
-        if not self.index.ntotal:
-            return D, ids
-        D2, ids2 = super()._nearest(Q, m, params)
-        keep_max = self.mapped.metric_type == faiss.METRIC_INNER_PRODUCT
-        return faiss.merge_knn_results(np.stack([D, D2]), np.stack([ids, ids2]), keep_max=keep_max)
+        found = [part.search(Q, m, searched, self._dead, self._selector) for part in self.parts]
+        if self.index.ntotal:
+            found.append(super()._nearest(Q, m, params))
+        if len(found) == 1:
+            return found[0]
+        keep_max = self.index.metric_type == faiss.METRIC_INNER_PRODUCT
+        return faiss.merge_knn_results(
+            np.stack([D for D, _ in found]), np.stack([i for _, i in found]), keep_max=keep_max
+        )
 
     def retrained(self, factory: str, seed: int = 0) -> tuple[ProxyIndex, ProxyIndex]:
         """As ``ProxyIndex.retrained``, from an in-memory copy of every live vector (this is the
-        one step that brings the mapped file into memory: a compaction that retrains)."""
+        one step that brings the mapped files into memory: a compaction that retrains)."""
         if not self.retrainable():
             return super().retrained(factory, seed)  # refuses, naming the index
         full = self.empty_like()
-        for part, dead in ((self.mapped, self._dead), (self.index, None)):
+        for part, dead in [*((p.index, self._dead) for p in self.parts), (self.index, None)]:
             for ids, X in ivf.decoded_lists(part):
                 keep = ~np.isin(ids, dead) if dead is not None else slice(None)
                 full.index.add_with_ids(X[keep], ids[keep])  # decoded vectors are already prepared

@@ -26,7 +26,7 @@ from .classtable import ClassTable
 from .errors import CollectionDamagedError, CollectionStateError
 from .imprint import Fixed
 from .index import ProxyIndex
-from .mapped import MappedProxyIndex
+from .mapped import Mapped, MappedProxyIndex
 from .openset import class_shift, own_scores_of
 from .params import STORED
 from .verified import FileVerifier, ListVerifier
@@ -249,13 +249,7 @@ class Snapshot:
                 if not segments.can_map():
                     out.append((segments.read_segment(directory, name, file, self.d, self.checksums.get(name)), None))
                     continue
-                mapped = segments.map_segment(directory, name, file, self.d, self.n_vectors[name])
-                lists = self.list_sums.get(name)
-                verifier = (
-                    ListVerifier(directory, name, mapped, lists)
-                    if lists is not None
-                    else FileVerifier(directory, name, file, self.checksums.get(name))
-                )
+                mapped, verifier = self._mapped(directory, name, file)
             out.append((mapped, verifier.ensure))
         return out
 
@@ -272,8 +266,8 @@ class Snapshot:
         return self.new_index("proxies", segments.share_quantizer(directory, name, index, self.template.index))
 
     def reopen_proxies(self, directory: Path) -> None:
-        """Open the proxies again from the files this version names (as ``read`` does: the largest
-        mapped, with its candidates), dropping what was held in memory. Only the writer may call it."""
+        """Open the proxies again from the files this version names (as ``read`` does: the large ones
+        mapped, with their candidates), dropping what was held in memory. Only the writer may call it."""
         with ExitStack() as stack:
             opened = {
                 name: stack.enter_context(segments.open_segment(directory, name))
@@ -296,40 +290,37 @@ class Snapshot:
         return index
 
     def open_proxies(self, directory: Path, opened: dict[str, BinaryIO]) -> ProxyIndex:
-        """The proxies of these segment files: the largest memory-mapped where it is an IVF file of at
-        least ``segments.MAP_MIN`` bytes (``mapped.MappedProxyIndex``), the rest read and merged."""
+        """The proxies of these segment files: each IVF file of at least ``segments.MAP_MIN`` bytes
+        memory-mapped (``mapped.MappedProxyIndex``), the rest read and merged."""
         files = self.files["proxies"]
         sizes = {name: os.fstat(opened[name].fileno()).st_size for name in files}
-        largest = max(files, key=sizes.__getitem__, default=None)
-        if self.template is None or largest is None or sizes[largest] < segments.MAP_MIN or not segments.can_map():
+        large = [f for f in files if sizes[f] >= segments.MAP_MIN]
+        if self.template is None or not large or not segments.can_map():
             return self.merge(directory, "proxies", files, opened)
-        mapped = segments.share_quantizer(
-            directory,
-            largest,
-            segments.map_segment(directory, largest, opened[largest], self.d, self.n_vectors[largest]),
-            self.template.index,
-        )
-        if not segments.same_kind(mapped, self.template.index):
-            raise CollectionDamagedError(
-                f"collection {directory}: index file {largest} does not hold a proxies "
-                "index like the collection's trained template"
-            )
-        lists = self.list_sums.get(largest)
-        verifier = (
-            ListVerifier(directory, largest, mapped, lists)
-            if lists is not None
-            else FileVerifier(directory, largest, opened[largest], self.checksums.get(largest))
-        )
-        out = MappedProxyIndex(
-            self.merge(directory, "proxies", [f for f in files if f != largest], opened),
-            mapped,
-            verifier,
-            self.candidates_of(directory, largest, opened),
-        )
+        parts = []
+        for name in large:
+            index, verifier = self._mapped(directory, name, opened[name])
+            index = segments.share_quantizer(directory, name, index, self.template.index)
+            if not segments.same_kind(index, self.template.index):
+                raise CollectionDamagedError(
+                    f"collection {directory}: index file {name} does not hold a proxies "
+                    "index like the collection's trained template"
+                )
+            parts.append(Mapped(index, verifier, self.candidates_of(directory, name, opened)))
+        out = MappedProxyIndex(self.merge(directory, "proxies", [f for f in files if f not in large], opened), parts)
         if sum(self.n_vectors[f] for f in files) != int(self.table.n_proxies.sum()):  # removals since compaction
             ids = out.mapped_ids()
             out.mark_dead(ids[~self.table.live("proxies", ids)])
         return out
+
+    def _mapped(self, directory: Path, name: str, file: BinaryIO) -> tuple[faiss.Index, Any]:
+        """Proxy file ``name`` mapped (without its quantizer), and the check of its lists: per list
+        where their checksums were recorded, else of the whole file before its first answer."""
+        index = segments.map_segment(directory, name, file, self.d, self.n_vectors[name])
+        lists = self.list_sums.get(name)
+        if lists is not None:
+            return index, ListVerifier(directory, name, index, lists)
+        return index, FileVerifier(directory, name, file, self.checksums.get(name))
 
 
 def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows: bool = False) -> Snapshot:

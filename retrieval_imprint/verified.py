@@ -1,6 +1,6 @@
 """Verified memory-mapped segments: no answer from a damaged byte, and still no reads at open.
 
-A collection maps its largest IVF proxy file instead of reading it (mapped.py), so opening costs
+A collection maps its large IVF proxy files instead of reading them (mapped.py), so opening costs
 nothing whatever the file's size; hashing the file first would read all of it. Instead each
 inverted list's checksum is recorded when the file is written (``list_checksums``, stored in the
 database beside the file's own checksum), and before a search scans a list, the first time any

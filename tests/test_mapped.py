@@ -213,7 +213,7 @@ def test_no_byte_flip_in_the_mapped_file_gives_a_wrong_answer(grown, monkeypatch
 def test_lists_are_verified_once_as_queries_first_touch_them(grown, monkeypatch):
     compacted(grown)
     col = open_as(grown, monkeypatch, True)
-    verifier = col._s.proxies.verifier
+    verifier = col._s.proxies.parts[0].verifier
     assert not verifier.verified.any()  # opening read nothing
     col.query(classes(0, 1, n=1, seed=5)[0], 1, search_params={"nprobe": 2})
     assert verifier.verified.sum() <= 2

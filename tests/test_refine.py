@@ -106,7 +106,7 @@ def refined(tmp_path, monkeypatch):
 
 def brute_force(col: Collection, Q: np.ndarray, top: int) -> np.ndarray:
     """Labels of the ``top`` classes by best proxy over every stored (float16) proxy."""
-    ids, W = map(np.concatenate, zip(*ivf.decoded_lists(col._s.proxies.mapped)))
+    ids, W = map(np.concatenate, zip(*ivf.decoded_lists(col._s.proxies.parts[0].index)))
     t = col._s.table
     live = t.live("proxies", ids)
     ids, W = ids[live], W[live]
@@ -119,8 +119,9 @@ def brute_force(col: Collection, Q: np.ndarray, top: int) -> np.ndarray:
 def test_a_compacted_refined_collection_answers_from_its_candidates_as_brute_force(refined, tmp_path):
     s = refined._s
     assert s.files["candidates"] == [segments.candidates_of(s.files["proxies"][0])]
-    assert isinstance(s.proxies, MappedProxyIndex) and s.proxies.candidates is not None
-    assert s.proxies.candidates.ntotal == s.proxies.mapped.ntotal
+    assert isinstance(s.proxies, MappedProxyIndex) and len(s.proxies.parts) == 1
+    part = s.proxies.parts[0]
+    assert part.candidates is not None and part.candidates.ntotal == part.index.ntotal
     tuning = refined.info()["index_tuning"]
     assert tuning["recall"] >= 0.99 and refined.search_params == {"nprobe": tuning["nprobe"]}
     Q = classes(0, 340, n=1, seed=5)[0]
