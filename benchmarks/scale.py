@@ -33,12 +33,13 @@ from _common import DOCS, machine, markdown_table, scratch
 from retrieval_imprint._groups import Grouped
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.generate import generate
-from retrieval_imprint.ivf import ivf_lists, refined
+from retrieval_imprint.ivf import HNSW_QUANTIZER_LISTS, TRAIN_PER_LIST, ivf_lists, refined
 from retrieval_imprint.labels import label_keys
 from retrieval_imprint.normalize import l2_normalize
 from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN, candidates_of
 
 D, K, TRAIN, CHUNK, N_QUERIES, ADDS = 384, 4, 8, 50_000, 1000, 100
+BULK_BYTES = 8 * 2**30  # float16 proxies from which the lists are trained once, on a large first add
 
 
 def status(key: str) -> int:
@@ -173,7 +174,13 @@ def run(
         ]
     )
     Qn = l2_normalize(queries)
-    factory = INDEXES[index](f"IVF{ivf_lists(K * n_classes)}")
+    nlist = ivf_lists(K * n_classes)
+    factory = INDEXES[index](f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}")
+    # beyond BULK_BYTES of float16 proxies a retrain (which reads every proxy into memory) is avoided:
+    # the first add holds enough classes to train the lists on (TRAIN_PER_LIST proxies a list)
+    bulk = K * n_classes * 2 * D > BULK_BYTES
+    starts = list(range(0, n_classes, CHUNK))
+    head = [f for f in starts if f < -(-TRAIN_PER_LIST * nlist // K)] if bulk else starts[:1]
     path = root / f"c{n_classes}-{index}"
     base = status("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")
@@ -181,15 +188,16 @@ def run(
         path, model=None, generator="kmeans", k=K, aggregation="max", index=factory, keep_samples=False
     )
     build = 0.0
-    for first in range(0, n_classes, CHUNK):
-        X, y, _ = make(first, min(CHUNK, n_classes - first))
+    for batch in [head] + [[f] for f in starts[len(head) :]]:
+        parts = [make(f, min(CHUNK, n_classes - f)) for f in batch]  # chunk by chunk: the same classes
+        X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         t = time.perf_counter()
         col.add(X, y.tolist())
         build += time.perf_counter() - t
-        print(f"  {first + len(y) // TRAIN:,} classes, {build:.0f} s", flush=True)
+        print(f"  {batch[-1] + len(parts[-1][1]) // TRAIN:,} classes, {build:.0f} s", flush=True)
     _, _, first_lists = col.snapshot.proxies.search(Qn, 1)
     t = time.perf_counter()
-    col.compact()  # retrains the lists: the proxies outgrew the first add's 4x
+    col.compact(retrain=False if bulk else None)  # else retrains: the proxies outgrew the first add's 4x
     compact = time.perf_counter() - t
     build += compact
     peak = status("VmHWM:") - base
@@ -440,7 +448,10 @@ def write_doc(
         "exactly from the float16 codes (refine.py). *IVF-SQfp16* alone scans the float16 codes of every list "
         "it probes. The IVF lists are trained on the first add's "
         "proxies; the final compaction retrains them on a sample of all live proxies and re-encodes every "
-        "proxy (the proxies outgrew the first add's 4x; its time is the *compact* column, inside *build*). "
+        "proxy (the proxies outgrew the first add's 4x; its time is the *compact* column, inside *build*), "
+        f"except beyond {BULK_BYTES // 2**30} GiB of float16 proxies, where the first add holds enough classes to "
+        f"train the lists on ({TRAIN_PER_LIST} proxies a list) and the compaction does not retrain (a retrain "
+        "reads every proxy into memory); from 16,384 lists an HNSW graph finds the lists. "
         f"Queries: one held-out sample of each of {N_QUERIES:,} random classes, timed one at a time "
         "(*batch-1*) and together. recall@1: the approximate top-1 proxy equals the exact top-1 over the same "
         "float32 proxies, with the first add's lists (*first lists*, before the compaction) and after it. "

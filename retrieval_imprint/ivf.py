@@ -10,7 +10,7 @@ concurrent queries with different parameters cannot see each other's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import faiss
@@ -58,7 +58,8 @@ def tune_nprobe(
     target: float = RECALL_TARGET,
     n_queries: int = TUNE_QUERIES,
     seed: int = 0,
-    searcher: Searcher | None = None,
+    refined: Searcher | None = None,
+    k_factors: Sequence[int] = (),
 ) -> dict[str, float | int] | None:
     """The smallest nprobe at which the approximate top-1 of held-out proxies equals the exact
     top-1, for at least ``target`` of them: ``{"nprobe", "recall", "target", "queries", "proxies"}``;
@@ -67,8 +68,12 @@ def tune_nprobe(
     Each query is a proxy of the index, decoded, with its own entry left out of both searches
     (leave-one-out): the other proxies are what it must find. Exact search runs over the decoded
     vectors list by list, so memory stays at one list. nprobe doubles until the target is met,
-    then bisects down to the smallest that meets it on the same queries. ``searcher`` answers the
-    approximate searches where the index's own search is not what queries run (refine.py's).
+    then bisects down to the smallest that meets it on the same queries.
+
+    ``refined``: the search queries run instead (refine.py's candidates re-ranked), which also takes
+    a ``k_factor``. The nprobe at which the index itself meets the target comes first; then the
+    smallest of ``k_factors`` with which the refined search meets it there (their largest if none
+    does: ``"k_factor"`` in the result); then the smallest nprobe for that k_factor.
     """
     if isinstance(index, faiss.IndexPreTransform) or index.ntotal < 2:
         return None
@@ -91,24 +96,34 @@ def tune_nprobe(
 
     hnsw = hnsw_quantized(index)
 
-    def recall(nprobe: int) -> float:
+    def recall(nprobe: int, k_factor: int | None = None) -> float:
         params = with_quantizer_beam({"nprobe": nprobe}, hnsw) or {}
-        if searcher is not None:
-            found = searcher(Q, 2, params)
+        if refined is not None and k_factor is not None:
+            found = refined(Q, 2, {**params, "k_factor": k_factor})
         else:
             _, found = index.search(Q, 2, params=search_parameters(index, params))
         return float(np.mean(_other(found, own) == exact))
 
-    hi = 1
-    while recall(hi) < target and hi < ivf.nlist:
-        hi = min(ivf.nlist, hi * 2)
-    lo = hi // 2  # fails (or is 0)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if recall(mid) >= target else (mid, hi)
-    return {
-        "nprobe": hi,
-        "recall": round(recall(hi), 4),
+    def smallest(meets: Callable[[int], bool]) -> int:
+        hi = 1
+        while not meets(hi) and hi < ivf.nlist:
+            hi = min(ivf.nlist, hi * 2)
+        lo = hi // 2  # fails (or is 0)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+        return hi
+
+    nprobe = smallest(lambda n: recall(n) >= target)
+    out: dict[str, float | int] = {"nprobe": nprobe}
+    if refined is not None and k_factors:
+        at = nprobe
+        k_factor = next((k for k in k_factors if recall(at, k) >= target), k_factors[-1])
+        nprobe = smallest(lambda n: recall(n, k_factor) >= target)
+        out = {"nprobe": nprobe, "k_factor": k_factor}
+    chosen = out.get("k_factor")
+    return out | {
+        "recall": round(recall(nprobe, int(chosen) if chosen is not None else None), 4),
         "target": target,
         "queries": len(Q),
         "proxies": int(index.ntotal),

@@ -50,7 +50,10 @@ def parse(factory: str) -> tuple[str, str | None]:
     return f"{found[1]},{stored}", f"{found[1]},{found[2]}"
 
 
-K_FACTOR = 64  # candidates re-ranked per result asked for, unless a search says (``k_factor``)
+K_FACTOR = 64  # candidates re-ranked per result asked for, unless a search or the tuning says (``k_factor``)
+# k_factors the tuning tries (ivf.tune_nprobe), smallest first: the first with which the re-ranked search
+# reaches the recall target at the nprobe the float16 codes need
+K_FACTORS = (16, 32, 64, 128, 256, 512, 1024)
 POSITION_SHIFT = 32  # a candidate's id: list number << 32 | offset in the list
 TRAIN_SAMPLE = 1 << 16  # proxies the 4-bit PQ codebooks are trained on (a seeded sample)
 

@@ -423,17 +423,20 @@ def tune_search(s: Snapshot, proxies: ProxyIndex, candidates: faiss.Index | None
     """Set the snapshot's nprobe to the smallest reaching ``ivf.RECALL_TARGET`` on ``proxies``
     (``ivf.tune_nprobe``; the stored rule where it cannot be measured), in memory: the caller's
     transaction stores ``search_params`` and ``index_tuning``. With fast-scan ``candidates`` of
-    ``proxies`` (refine.py), the recall is that of their re-ranked search."""
-    searcher: Searcher | None = None
+    ``proxies`` (refine.py), the recall is that of their re-ranked search, and ``k_factor`` is
+    tuned with nprobe."""
+    refined: Searcher | None = None
     if candidates is not None:
         reranker = refine.Reranker(proxies.index)
 
-        def searcher(Q: np.ndarray, k: int, params: dict[str, int]) -> np.ndarray:
+        def refined(Q: np.ndarray, k: int, params: dict[str, int]) -> np.ndarray:
             return refine.search(candidates, reranker, Q, k, params)[1]
 
-    tuning = tune_nprobe(proxies.index, seed=seed_of(s.config["random_state"]), searcher=searcher)
+    seed = seed_of(s.config["random_state"])
+    tuning = tune_nprobe(proxies.index, seed=seed, refined=refined, k_factors=refine.K_FACTORS)
     if tuning is not None:
-        s.config["search_params"] = json.dumps({**s.search_params, "nprobe": tuning["nprobe"]})
+        tuned = {key: int(tuning[key]) for key in ("nprobe", "k_factor") if key in tuning}
+        s.config["search_params"] = json.dumps({**s.search_params, **tuned})
     s.config["index_tuning"] = json.dumps(tuning) if tuning is not None else None
     for index in (proxies, s.proxies):
         if index is not None:

@@ -53,24 +53,39 @@ def test_accuracy_benchmark_quick_mode(tmp_path):
 
 @pytest.mark.parametrize("data", ["topics", "realistic"])
 def test_scale_benchmark_runs_small(tmp_path, data):
-    """benchmarks/scale.py end to end on 3,000 classes of either distribution: every column filled,
-    the targets listed (realistic classes mix real sentence embeddings, so they need the data)."""
+    """benchmarks/scale.py end to end on 3,000 classes of either distribution, on both indexes:
+    every column filled, the targets listed (realistic classes mix real sentence embeddings, so
+    they need the data)."""
     if data == "realistic":
         shared_data("clinc150", "embeddings.npz")
         shared_data("banking77", "embeddings.npz")
     out = tmp_path / "scale.md"
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--sizes", "3000", "--data", data, "--out", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "scale.py"),
+            "--sizes",
+            "3000",
+            "--data",
+            data,
+            "--out",
+            str(out),
+            "--index",
+            "refined",
+            "sqfp16",
+        ],
         check=True,
         capture_output=True,
         text=True,
         timeout=600,
     )
     text = out.read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| 3,000"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 21 and all(cells) and float(cells[16]) >= 0.95  # recall@1 after the compaction
-    assert "FAISS SIMD" in text and "## Targets at 3,000 classes" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| 3,000")]
+    assert [cells[1] for cells in rows] == ["IVF128,PQ48x4fs,Refine(SQfp16)", "IVF128,SQfp16"]
+    for cells in rows:
+        assert len(cells) == 21 and all(cells) and float(cells[16]) >= 0.95  # recall@1 after the compaction
+        assert f"## Targets at 3,000 classes, {cells[1]}" in text
+    assert "FAISS SIMD" in text and "--index refined sqfp16" in text
     assert ("realistic classes" in text) == (data == "realistic")
 
 

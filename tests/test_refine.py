@@ -123,7 +123,8 @@ def test_a_compacted_refined_collection_answers_from_its_candidates_as_brute_for
     part = s.proxies.parts[0]
     assert part.candidates is not None and part.candidates.ntotal == part.index.ntotal
     tuning = refined.info()["index_tuning"]
-    assert tuning["recall"] >= 0.99 and refined.search_params == {"nprobe": tuning["nprobe"]}
+    assert tuning["recall"] >= 0.99 and tuning["k_factor"] in refine.K_FACTORS
+    assert refined.search_params == {"nprobe": tuning["nprobe"], "k_factor": tuning["k_factor"]}
     Q = classes(0, 340, n=1, seed=5)[0]
     every = {"nprobe": NLIST, "k_factor": 10_000}
     np.testing.assert_array_equal(refined.query(Q, 3, search_params=every).labels, brute_force(refined, Q, 3))
