@@ -300,14 +300,15 @@ COLLECTION: dict[str, Param] = {
         Param(
             "index",
             "Flat",
-            "Proxy index: Flat (exact), a FAISS IVF factory string such as IVF4096,SQ8, or auto "
+            "Proxy index: Flat (exact), a FAISS IVF factory string such as IVF4096,SQ8 or "
+            "IVF4096,PQ48x4fs,Refine(SQfp16) (fast-scan candidates re-ranked from float16 codes), or auto "
             "(chosen from memory_budget).",
             check=check_index,
         ),
         Param(
             "memory_budget",
             None,
-            "Bytes the proxies may take with index auto, e.g. 8GB.",
+            "Bytes the proxies may hold in memory with index auto, e.g. 8GB.",
             check=lambda name, v: None if v is None else parse_size(v),
         ),
         Param(

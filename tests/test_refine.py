@@ -5,6 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+from test_mapped import classes  # 2 modes a class, in both files' tests
 
 from retrieval_imprint import ivf, refine, segments
 from retrieval_imprint.collection import Collection
@@ -14,14 +15,6 @@ from retrieval_imprint.normalize import l2_normalize
 
 NLIST = 16
 FACTORY = f"IVF{NLIST},PQ8x4fs,Refine(SQfp16)"
-
-
-def classes(first, n_classes, n=6, d=32, seed=0):
-    rng = np.random.default_rng([seed, first])
-    modes = 2 * rng.standard_normal((n_classes, 2, d)).astype(np.float32)
-    y = np.repeat(np.arange(first, first + n_classes), n)
-    X = modes[y - first, rng.integers(0, 2, len(y))] + 0.5 * rng.standard_normal((len(y), d)).astype(np.float32)
-    return X, [f"c{v}" for v in y]
 
 
 def test_parse_splits_faiss_refine_notation_and_names_what_is_wrong(tmp_path):
