@@ -229,7 +229,7 @@ class ProxyIndex:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``m`` closest proxies of each query: ``(similarity, distance, ids)``, each ``(n_q, m)``.
 
-        ``params`` replace ``search_params`` for this call only (IVF indexes). Fewer than ``m``
+        ``params`` override ``search_params`` key by key for this call only (IVF indexes). Fewer than ``m``
         stored proxies: the missing columns have id -1.
         """
         D, ids = self._nearest(self.prepare(Q), m, params)
@@ -254,7 +254,7 @@ class ProxyIndex:
         gpu = faiss_gpu(device)
         on_gpu = gpu is not None and device is not None
         index = self._on_device(device, lambda: (to_gpu(self.index, gpu), None))[0] if on_gpu else self.index  # type: ignore[arg-type]
-        searched = ivf.with_quantizer_beam(params or self.search_params, self.hnsw_quantized)
+        searched = ivf.with_quantizer_beam({**self.search_params, **(params or {})}, self.hnsw_quantized)
         return index.search(Q, m, params=ivf.search_parameters(self.index, searched))
 
     @property

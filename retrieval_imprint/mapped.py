@@ -98,7 +98,7 @@ class MappedProxyIndex(ProxyIndex):
         return removed + len(newly)
 
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
-        searched = ivf.with_quantizer_beam(params or self.search_params, self.hnsw_quantized)
+        searched = ivf.with_quantizer_beam({**self.search_params, **(params or {})}, self.hnsw_quantized)
         found = [part.search(Q, m, searched, self._dead, self._selector) for part in self.parts]
         if self.index.ntotal:
             found.append(super()._nearest(Q, m, params))

@@ -109,7 +109,7 @@ def brute_force(col: Collection, Q: np.ndarray, top: int) -> np.ndarray:
     return t.labels[np.argsort(-best.T, axis=1, kind="stable")[:, :top]]
 
 
-def test_a_compacted_refined_collection_answers_from_its_candidates_as_brute_force(refined, tmp_path):
+def test_a_compacted_refined_collection_answers_from_its_candidates_as_brute_force(refined, tmp_path, monkeypatch):
     s = refined._s
     assert s.files["candidates"] == [segments.candidates_of(s.files["proxies"][0])]
     assert isinstance(s.proxies, MappedProxyIndex) and len(s.proxies.parts) == 1
@@ -126,6 +126,10 @@ def test_a_compacted_refined_collection_answers_from_its_candidates_as_brute_for
     reopened = Collection.open(tmp_path / "c")
     np.testing.assert_array_equal(reopened.query(Q, 3, search_params=every).labels, brute_force(refined, Q, 3))
     assert reopened.check().ok
+    seen, real = [], refine.search  # a search's parameters override the stored ones key by key
+    monkeypatch.setattr(refine, "search", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    reopened.query(Q[:1], 1, search_params={"nprobe": 3})
+    assert seen[-1]["nprobe"] == 3 and seen[-1]["k_factor"] == tuning["k_factor"]
 
 
 def test_removed_and_reimprinted_classes_leave_the_answers_and_a_compaction_replaces_the_candidates(refined, tmp_path):
