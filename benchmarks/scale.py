@@ -207,6 +207,7 @@ def run(
     col = Collection.open(path)
     _, _, approx = col.snapshot.proxies.search(Qn, 1)
     nprobe = col.search_params.get("nprobe")
+    k_factor = col.search_params.get("k_factor")  # a refined index's re-ranked candidates per result
     exact = exact_top1(Qn, n_classes, make)
     recall_first = float(np.mean(first_lists[:, 0] == exact))
     recall = float(np.mean(approx[:, 0] == exact))
@@ -237,7 +238,7 @@ def run(
     return [
         f"{n_classes:,}",
         factory,
-        str(nprobe),
+        f"{nprobe}" + (f", k_factor {k_factor}" if k_factor else ""),
         f"{build:.0f}",
         f"{compact:.0f}",
         f"{peak / 2**30:.2f}",
@@ -262,7 +263,7 @@ def run(
 COLUMNS = [
     "classes",
     "index",
-    "nprobe",
+    "nprobe (refined: and k_factor)",
     "build s",
     "of which compact s",
     "peak RSS GiB",
@@ -442,7 +443,7 @@ def write_doc(
         f"added {CHUNK:,} classes at a time, then one full compaction; GEN kmeans k = {K}, L2 norms, max "
         "aggregation, an IVF proxy index (nlist about 2 sqrt(proxies); nprobe tuned, at the first add and "
         "again at the compaction, to the smallest reaching recall@1 >= 0.99 on 500 held-out proxies against "
-        "exact search: the *nprobe* column), samples not kept. *Refined* (`IVF{nlist},PQ48x4fs,Refine(SQfp16)`, "
+        "exact search: the *nprobe* column, with a refined index's k_factor tuned beside it), samples not kept. *Refined* (`IVF{nlist},PQ48x4fs,Refine(SQfp16)`, "
         "what index=auto chooses): the proxies' float16 codes in the memory-mapped file, and fast-scan 4-bit PQ "
         "candidates of them written by the compaction; a query scans the candidates and re-ranks its best 64 "
         "exactly from the float16 codes (refine.py). *IVF-SQfp16* alone scans the float16 codes of every list "
