@@ -414,8 +414,6 @@ class Collection(Calibrated, Shared):
         with self.writing():
             retrain = self.outgrown if retrain is None else compaction.check_retrain(self.path, self._s, retrain)
             compaction.compact(self.path, self._engine, self._s, retrain=retrain)
-            if self._s.files["candidates"]:  # searched from now on as a reopened collection would
-                self._s = snapshot.read(self.path, self._engine)
         return self
 
     def tune(self) -> dict[str, Any]:

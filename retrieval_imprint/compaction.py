@@ -110,7 +110,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         sources = s.proxy_sources(directory, chosen["proxies"])
         live = functools.partial(s.table.live, "proxies")
         written["proxies"], n = segments.write_lists(directory, version, s.template.index, sources, live)
-        merged["proxies"] = s.written_proxies(directory, written["proxies"].name, n)
+        merged["proxies"] = s.written_proxies(directory, written["proxies"], n)
     if retrain:  # from the live proxies in memory, which the merged files would only repeat
         exact = refine.parse(s.config["index_factory"])[0]
         s.template, merged["proxies"] = s.searched.retrained(exact, s.config["random_state"])
@@ -157,6 +157,6 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         record_segment(s, "template", template, 0)
         s.config["trained_on"] = merged["proxies"].ntotal
         s.proxies = merged["proxies"]
-    if streamed:  # searched as a reopened collection would be: the large file mapped, with its candidates
-        s.reopen_proxies(directory)
+    if streamed or candidates is not None:  # searched as a reopened collection would be: large files mapped,
+        s.reopen_proxies(directory)  # with their candidates, and nothing held in memory twice
     segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})

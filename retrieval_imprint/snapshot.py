@@ -253,15 +253,16 @@ class Snapshot:
             out.append((mapped, verifier.ensure))
         return out
 
-    def written_proxies(self, directory: Path, name: str, n_vectors: int) -> ProxyIndex:
-        """The proxy file ``name`` this writer just wrote (``n_vectors`` in it), mapped where possible,
+    def written_proxies(self, directory: Path, segment: segments.Segment, n_vectors: int) -> ProxyIndex:
+        """The proxy file ``segment`` this writer just wrote (``n_vectors`` in it), mapped where possible,
         as a searchable index with the template's quantizer: what a compaction tunes and builds
         candidates on without holding the proxies in memory."""
+        name = segment.name
         with segments.open_segment(directory, name) as file:
             if segments.can_map():
                 index = segments.map_segment(directory, name, file, self.d, n_vectors)
             else:
-                index = segments.read_segment(directory, name, file, self.d, self.checksums.get(name))
+                index = segments.read_segment(directory, name, file, self.d, segment.checksum)
         assert self.template is not None  # only IVF proxies are written list by list
         return self.new_index("proxies", segments.share_quantizer(directory, name, index, self.template.index))
 
