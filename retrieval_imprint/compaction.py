@@ -96,9 +96,15 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         files = sorted(sizes, key=sizes.__getitem__)
         victims[kind] = files if full else [files[i] for i in tiered([sizes[f] for f in files])]
     chosen = {kind: files for kind, files in victims.items() if len(files) > 1 or full}
-    # IVF proxies are merged list by list from their files into the new one (never all in memory),
-    # unless the lists are retrained, which reads every live proxy into memory anyway
-    streamed = "proxies" in chosen and s.template is not None and not retrain
+    # IVF proxies that make a file open would map are merged list by list from their files into the
+    # new one (never all in memory), unless the lists are retrained, which reads them all anyway;
+    # smaller merges go through memory (faster than a walk over every list, and often from ``recent``)
+    streamed = (
+        "proxies" in chosen
+        and s.template is not None
+        and not retrain
+        and sum((directory / f).stat().st_size for f in chosen["proxies"]) >= segments.MAP_MIN
+    )
     merged = {
         kind: s.merge(directory, kind, files)
         for kind, files in chosen.items()
