@@ -71,9 +71,9 @@ def tune_nprobe(
     then bisects down to the smallest that meets it on the same queries.
 
     ``refined``: the search queries run instead (refine.py's candidates re-ranked), which also takes
-    a ``k_factor``. The nprobe at which the index itself meets the target comes first; then the
-    smallest of ``k_factors`` with which the refined search meets it there (their largest if none
-    does: ``"k_factor"`` in the result); then the smallest nprobe for that k_factor.
+    a ``k_factor``. The nprobe at which it meets the target with the largest of ``k_factors`` comes
+    first (about where the index's own codes would); then the smallest k_factor that meets it there
+    (``"k_factor"`` in the result); then the smallest nprobe for that k_factor.
     """
     if isinstance(index, faiss.IndexPreTransform) or index.ntotal < 2:
         return None
@@ -114,13 +114,14 @@ def tune_nprobe(
             lo, hi = (lo, mid) if meets(mid) else (mid, hi)
         return hi
 
-    nprobe = smallest(lambda n: recall(n) >= target)
-    out: dict[str, float | int] = {"nprobe": nprobe}
-    if refined is not None and k_factors:
-        at = nprobe
+    if refined is not None and k_factors:  # every search refined: scanning the codes themselves costs 10x
+        at = smallest(lambda n: recall(n, k_factors[-1]) >= target)
         k_factor = next((k for k in k_factors if recall(at, k) >= target), k_factors[-1])
         nprobe = smallest(lambda n: recall(n, k_factor) >= target)
-        out = {"nprobe": nprobe, "k_factor": k_factor}
+        out: dict[str, float | int] = {"nprobe": nprobe, "k_factor": k_factor}
+    else:
+        nprobe = smallest(lambda n: recall(n) >= target)
+        out = {"nprobe": nprobe}
     chosen = out.get("k_factor")
     return out | {
         "recall": round(recall(nprobe, int(chosen) if chosen is not None else None), 4),

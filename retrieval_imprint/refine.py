@@ -55,6 +55,8 @@ K_FACTOR = 64  # candidates re-ranked per result asked for, unless a search or t
 # reaches the recall target at the nprobe the float16 codes need
 K_FACTORS = (16, 32, 64, 128, 256, 512, 1024)
 POSITION_SHIFT = 32  # a candidate's id: list number << 32 | offset in the list
+RERANK_BATCH = 1 << 16  # candidates decoded at once by a batch of queries (100 MB of 384-d float32)
+ADD_BATCH = 1 << 16  # vectors encoded per call: one GEMM-sized coarse assignment, not one per list
 TRAIN_SAMPLE = 1 << 16  # proxies the 4-bit PQ codebooks are trained on (a seeded sample)
 
 
@@ -72,8 +74,14 @@ def build(exact: faiss.Index, factory: str, seed: int = 0) -> faiss.Index:
     target.quantizer, target.own_fields = quantizer, True
     rows = np.sort(np.random.default_rng(seed).permutation(exact.ntotal)[:TRAIN_SAMPLE])
     out.train(np.ascontiguousarray(np.concatenate([X for _, X in ivf.decoded_lists(exact, rows)])))
+    batch: list[tuple[np.ndarray, np.ndarray]] = []
     for no, X in _decoded_by_list(exact):  # assigned by the same quantizer: nearly always list no again
-        out.add_with_ids(X, (np.int64(no) << POSITION_SHIFT) + np.arange(len(X), dtype=np.int64))
+        batch.append((X, (np.int64(no) << POSITION_SHIFT) + np.arange(len(X), dtype=np.int64)))
+        if sum(len(x) for x, _ in batch) >= ADD_BATCH or no == target.nlist - 1:
+            out.add_with_ids(np.concatenate([x for x, _ in batch]), np.concatenate([i for _, i in batch]))
+            batch.clear()
+    if batch:
+        out.add_with_ids(np.concatenate([x for x, _ in batch]), np.concatenate([i for _, i in batch]))
     return out
 
 
@@ -107,8 +115,10 @@ class Reranker:
         codes = np.zeros((len(positions), self.listno_bytes + self.code_size), np.uint8)
         if self.verify is not None and ok.any():
             self.verify(lists[ok])
-        for no in np.unique(lists[ok]).tolist():
-            at = np.flatnonzero(ok & (lists == no))
+        valid = np.flatnonzero(ok)
+        by_list = valid[np.argsort(lists[valid], kind="stable")]
+        for at in np.split(by_list, np.flatnonzero(np.diff(lists[by_list])) + 1) if len(by_list) else []:
+            no = int(lists[at[0]])
             list_ids, list_codes = ivf.stored_list(self.invlists, no)
             inside = offsets[at] < len(list_ids)
             ok[at[~inside]] = False
@@ -166,7 +176,10 @@ def search(
     if k_factor < 1:
         raise InvalidParameterError(f"search parameter k_factor={k_factor} must be at least 1")
     r = min(max(m, 1) * k_factor, max(candidates.ntotal, 1))
-    _, positions = candidates.search(
-        np.ascontiguousarray(Q, np.float32), r, params=ivf.search_parameters(candidates, params)
-    )
-    return reranker.rerank(Q, positions, m, dead)
+    Q = np.ascontiguousarray(Q, np.float32)
+    _, positions = candidates.search(Q, r, params=ivf.search_parameters(candidates, params))
+    step = max(1, RERANK_BATCH // r)  # decoded candidates held at once
+    parts = [reranker.rerank(Q[i : i + step], positions[i : i + step], m, dead) for i in range(0, len(Q), step)]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([D for D, _ in parts]), np.concatenate([ids for _, ids in parts])
