@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import faiss
 import numpy as np
@@ -143,7 +143,13 @@ class ProxyIndex:
 
     def retrained(self, factory: str, seed: int = 0) -> tuple[ProxyIndex, ProxyIndex]:
         """``(template, filled)``: this IVF index's vectors under retrained lists (``ivf.retrain``)."""
-        template, filled = ivf.retrain(self.index, factory, self.metric, _FAISS_METRIC[self.metric], seed)
+        return self.retrained_from([(self.index, None)], factory, seed)
+
+    def retrained_from(
+        self, parts: Sequence[tuple[faiss.Index, np.ndarray | None]], factory: str, seed: int = 0
+    ) -> tuple[ProxyIndex, ProxyIndex]:
+        """``retrained`` for the vectors of ``parts`` (IVF indexes like this one, each less its dead ids)."""
+        template, filled = ivf.retrain(parts, factory, self.metric, _FAISS_METRIC[self.metric], seed)
         return (
             ProxyIndex(self.index.d, self.metric, self.transform, index=template),
             ProxyIndex(self.index.d, self.metric, self.transform, index=filled, search_params=self.search_params),

@@ -10,7 +10,8 @@ concurrent queries with different parameters cannot see each other's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import faiss
@@ -23,6 +24,7 @@ from .errors import InvalidParameterError
 APPROXIMATE_METRICS = ("ip", "cosine", "euclidean", "mahalanobis")
 TRAIN_PER_LIST = 40  # training points per inverted list (a seeded sample)
 TRAIN_ITERATIONS = 10
+ADD_BATCH = 1 << 16  # vectors added per call: one GEMM-sized coarse assignment, not one per list
 # SQ4/6/8 codes span each dimension's range in the first add's proxies; classes added later fall
 # outside it and clip. Widening the range by a quarter each side costs resolution but clips less
 # (raised recall@1 in a one-off test on benchmarks/scale.py data; not part of any benchmark).
@@ -268,28 +270,54 @@ def decoded_lists(index: faiss.Index, rows: np.ndarray | None = None) -> Iterato
 
 
 def retrain(
-    index: faiss.Index, factory: str, metric: str, faiss_metric: int, seed: int = 0
+    parts: Sequence[tuple[faiss.Index, np.ndarray | None]], factory: str, metric: str, faiss_metric: int, seed: int = 0
 ) -> tuple[faiss.Index, faiss.Index]:
-    """This IVF index's vectors under lists retrained on a sample of them: ``(template, filled)``,
-    the new trained empty index and a copy holding every vector (same ids), re-encoded.
+    """The vectors of these IVF indexes, less each one's sorted ``dead`` ids, under lists retrained on
+    a sample of them: ``(template, filled)``, the new trained empty index and one holding every live
+    vector (same ids), re-encoded.
 
     Lists trained on a collection's first add fit classes added later poorly: their vectors crowd
     into a few lists, so recall at a given nprobe falls and queries slow down. Vectors are decoded
-    list by list, never all at once.
+    list by list (no copy of the parts is made) and added ``ADD_BATCH`` at a time.
     """
-    if not retrainable(index):
+    if not all(retrainable(index) for index, _ in parts):
         raise InvalidParameterError(
             f"index={factory!r}: only IVF-Flat and IVF-SQfp16 proxy indexes can be "
             "retrained (other codes would be quantised twice)"
         )
-    nlist = faiss.extract_index_ivf(index).nlist
-    sample = np.sort(np.random.default_rng(seed).permutation(index.ntotal)[: TRAIN_PER_LIST * nlist])
-    sampled = np.concatenate([X for _, X in decoded_lists(index, sample)])  # decodes only the sample
-    template = train(factory, sampled, metric, faiss_metric, seed)
+    nlist = faiss.extract_index_ivf(parts[0][0]).nlist
+    total = sum(index.ntotal for index, _ in parts)
+    sample = np.sort(np.random.default_rng(seed).permutation(total)[: TRAIN_PER_LIST * nlist])
+    sampled, start = [], 0
+    for index, dead in parts:  # decodes only the sample
+        mine = sample[(sample >= start) & (sample < start + index.ntotal)] - start
+        sampled += [X[_alive(ids, dead)] for ids, X in decoded_lists(index, mine)]
+        start += index.ntotal
+    template = train(factory, np.concatenate(sampled), metric, faiss_metric, seed)
     filled = faiss.clone_index(template)
-    for ids, X in decoded_lists(index):  # a list at a time: ~2 sqrt(n) vectors, a GEMM-sized batch
-        filled.add_with_ids(X, ids)
+    pieces = ((X[live], ids[live]) for index, dead in parts for ids, X in decoded_lists(index)
+              for live in [_alive(ids, dead)])  # fmt: skip
+    add_batched(filled, pieces)
     return template, filled
+
+
+def add_batched(index: faiss.Index, pieces: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Add ``(vectors, ids)`` pieces (a list's worth each) to ``index`` ``ADD_BATCH`` vectors at a
+    time: one GEMM-sized coarse assignment per call instead of one small one per list."""
+    batch: list[tuple[np.ndarray, np.ndarray]] = []
+    for piece in itertools.chain(pieces, [None]):  # lazily: a piece is decoded when it is added
+        if piece is not None:
+            batch.append(piece)
+        if batch and (piece is None or sum(len(ids) for _, ids in batch) >= ADD_BATCH):
+            index.add_with_ids(np.concatenate([X for X, _ in batch]), np.concatenate([ids for _, ids in batch]))
+            batch.clear()
+
+
+def _alive(ids: np.ndarray, dead: np.ndarray | None) -> np.ndarray:
+    """Which ``ids`` are not in the sorted ``dead``."""
+    if dead is None or not len(dead):
+        return np.ones(len(ids), bool)
+    return dead[np.minimum(np.searchsorted(dead, ids), len(dead) - 1)] != ids
 
 
 def search_verified(

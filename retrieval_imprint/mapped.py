@@ -110,16 +110,13 @@ class MappedProxyIndex(ProxyIndex):
         )
 
     def retrained(self, factory: str, seed: int = 0) -> tuple[ProxyIndex, ProxyIndex]:
-        """As ``ProxyIndex.retrained``, from an in-memory copy of every live vector (this is the
-        one step that brings the mapped files into memory: a compaction that retrains)."""
-        if not self.retrainable():
-            return super().retrained(factory, seed)  # refuses, naming the index
-        full = self.empty_like()
-        for part, dead in [*((p.index, self._dead) for p in self.parts), (self.index, None)]:
-            for ids, X in ivf.decoded_lists(part):
-                keep = ~np.isin(ids, dead) if dead is not None else slice(None)
-                full.index.add_with_ids(X[keep], ids[keep])  # decoded vectors are already prepared
-        return full.retrained(factory, seed)
+        """As ``ProxyIndex.retrained``, from every live vector of the mapped files (each verified whole
+        first) and the in-memory index: the one step that reads all of the mapped files, a compaction
+        that retrains."""
+        for part in self.parts:
+            part.verifier.ensure(None)
+        parts = [(p.index, self._dead) for p in self.parts] + ([(self.index, None)] if self.index.ntotal else [])
+        return self.retrained_from(parts, factory, seed)
 
     def __getstate__(self) -> dict:
         raise TypeError(

@@ -56,7 +56,6 @@ K_FACTOR = 64  # candidates re-ranked per result asked for, unless a search or t
 K_FACTORS = (16, 32, 64, 128, 256, 512, 1024)
 POSITION_SHIFT = 32  # a candidate's id: list number << 32 | offset in the list
 RERANK_BATCH = 1 << 16  # candidates decoded at once by a batch of queries (100 MB of 384-d float32)
-ADD_BATCH = 1 << 16  # vectors encoded per call: one GEMM-sized coarse assignment, not one per list
 TRAIN_SAMPLE = 1 << 16  # proxies the 4-bit PQ codebooks are trained on (a seeded sample)
 
 
@@ -74,14 +73,13 @@ def build(exact: faiss.Index, factory: str, seed: int = 0) -> faiss.Index:
     target.quantizer, target.own_fields = quantizer, True
     rows = np.sort(np.random.default_rng(seed).permutation(exact.ntotal)[:TRAIN_SAMPLE])
     out.train(np.ascontiguousarray(np.concatenate([X for _, X in ivf.decoded_lists(exact, rows)])))
-    batch: list[tuple[np.ndarray, np.ndarray]] = []
-    for no, X in _decoded_by_list(exact):  # assigned by the same quantizer: nearly always list no again
-        batch.append((X, (np.int64(no) << POSITION_SHIFT) + np.arange(len(X), dtype=np.int64)))
-        if sum(len(x) for x, _ in batch) >= ADD_BATCH or no == target.nlist - 1:
-            out.add_with_ids(np.concatenate([x for x, _ in batch]), np.concatenate([i for _, i in batch]))
-            batch.clear()
-    if batch:
-        out.add_with_ids(np.concatenate([x for x, _ in batch]), np.concatenate([i for _, i in batch]))
+    ivf.add_batched(  # assigned by the same quantizer: nearly always list no again
+        out,
+        (
+            (X, (np.int64(no) << POSITION_SHIFT) + np.arange(len(X), dtype=np.int64))
+            for no, X in _decoded_by_list(exact)
+        ),
+    )
     return out
 
 
