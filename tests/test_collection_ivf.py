@@ -222,9 +222,12 @@ def test_nprobe_is_tuned_to_the_recall_target_and_retuned_as_the_collection_grow
         other = np.where(found[:, 0] == keys, found[:, 1], found[:, 0])
         return np.mean(other == exact)
 
-    assert recall(tuning["nprobe"]) >= 0.99 - 1 / 300  # the tuner's 500 queries were all 300 proxies here
+    def clears(r):  # the tuner's rule: 0.99 by one binomial standard error (its queries: all 300 proxies here)
+        return r - np.sqrt(r * (1 - r) / 300) >= 0.99 - 1e-9
+
+    assert clears(recall(tuning["nprobe"]))
     if tuning["nprobe"] > 1:
-        assert recall(tuning["nprobe"] - 1) < 0.99
+        assert not clears(recall(tuning["nprobe"] - 1))
     col.add(X[y >= 300], y[y >= 300])
     col.compact()
     assert col.info()["index_tuning"]["proxies"] == 600 and Collection.open(tmp_path / "c").info()["index_tuning"]
