@@ -310,12 +310,12 @@ def targets(row: list[str]) -> str:
     return f"## Targets at {row[0]} classes, {row[1]}\n\n" + "\n".join(lines) + "\n"
 
 
-FAST_SCAN = D // 16  # bytes of a refined index's 4-bit candidate codes per proxy (ivf.refined: D / 8 codes)
+FAST_SCAN = D // 8  # bytes of a refined index's 4-bit candidate codes per proxy (ivf.refined: D / 4 codes)
 CODES = [
     ("Flat (exact, read into memory)", 4 * D + 8, 4 * D + 16),
     ("IVF-Flat", 4 * D, 0),
     ("IVF-SQfp16", 2 * D, 0),
-    ("refined: IVF-SQfp16 + fast-scan PQ48x4fs candidates", 2 * D + FAST_SCAN + 8, FAST_SCAN + 8),
+    ("refined: IVF-SQfp16 + fast-scan PQ96x4fs candidates", 2 * D + FAST_SCAN + 8, FAST_SCAN + 8),
     ("IVF-SQ8", D, 0),
     ("IVF-PQ48", 48, 0),
 ]  # code bytes per proxy on disk (each with an 8-byte id besides), and those read into memory at open
@@ -443,9 +443,9 @@ def write_doc(
         f"added {CHUNK:,} classes at a time, then one full compaction; GEN kmeans k = {K}, L2 norms, max "
         "aggregation, an IVF proxy index (nlist about 2 sqrt(proxies); nprobe tuned, at the first add and "
         "again at the compaction, to the smallest reaching recall@1 >= 0.99 on 500 held-out proxies against "
-        "exact search: the *nprobe* column, with a refined index's k_factor tuned beside it), samples not kept. *Refined* (`IVF{nlist},PQ48x4fs,Refine(SQfp16)`, "
+        "exact search: the *nprobe* column, with a refined index's k_factor tuned beside it), samples not kept. *Refined* (`IVF{nlist},PQ96x4fs,Refine(SQfp16)`, "
         "what index=auto chooses): the proxies' float16 codes in the memory-mapped file, and fast-scan 4-bit PQ "
-        "candidates of them written by the compaction; a query scans the candidates and re-ranks its best 64 "
+        "candidates of them written by the compaction; a query scans the candidates and re-ranks its best k_factor "
         "exactly from the float16 codes (refine.py). *IVF-SQfp16* alone scans the float16 codes of every list "
         "it probes. The IVF lists are trained on the first add's "
         "proxies; the final compaction retrains them on a sample of all live proxies and re-encodes every "

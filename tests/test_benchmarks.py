@@ -81,7 +81,7 @@ def test_scale_benchmark_runs_small(tmp_path, data):
     )
     text = out.read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| 3,000")]
-    assert [cells[1] for cells in rows] == ["IVF128,PQ48x4fs,Refine(SQfp16)", "IVF128,SQfp16"]
+    assert [cells[1] for cells in rows] == ["IVF128,PQ96x4fs,Refine(SQfp16)", "IVF128,SQfp16"]
     for cells in rows:
         assert len(cells) == 21 and all(cells) and float(cells[16]) >= 0.95  # recall@1 after the compaction
         assert f"## Targets at 3,000 classes, {cells[1]}" in text

@@ -69,12 +69,12 @@ def test_auto_chooses_by_memory_budget():
     n = 4_000_000
     assert choose_index(n, 384, 8 * 2**30) == "Flat"  # 4M x 1,544 B fits
     # else fast-scan candidates in memory (24-byte codes + 8-byte ids), float16 codes mapped from disk
-    assert choose_index(n, 384, 4 * 2**30) == "IVF4096,PQ48x4fs,Refine(SQfp16)"
-    assert choose_index(n, 384, 130 * 2**20) == "IVF4096,PQ48x4fs,Refine(SQfp16)"  # 4M x 32 B + quantizer
+    assert choose_index(n, 384, 4 * 2**30) == "IVF4096,PQ96x4fs,Refine(SQfp16)"  # 4M x 56 B + quantizer
+    assert choose_index(n, 384, 200 * 2**20) == "IVF4096,PQ48x4fs,Refine(SQfp16)"  # 4M x 32 B: coarser codes
     assert choose_index(n, 384, 100 * 2**20).startswith("IVF4096,PQ")  # too little even for those: PQ codes
     assert choose_index(n, 384, 100 * 2**20).count(",") == 1
     # 10M classes: a graph finds the lists
-    assert choose_index(40_000_000, 384, 40 * 2**30) == "IVF16384_HNSW32,PQ48x4fs,Refine(SQfp16)"
+    assert choose_index(40_000_000, 384, 40 * 2**30) == "IVF16384_HNSW32,PQ96x4fs,Refine(SQfp16)"
     with pytest.raises(ValueError, match="cannot hold 4,000,000 proxies"):
         choose_index(n, 384, 2**20)
     assert ivf_lists(1_000_000) == 2048 and parse_size("8GB") == 8 * 10**9 and parse_size("512MiB") == 2**29
