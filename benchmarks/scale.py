@@ -442,7 +442,7 @@ def write_doc(
         f"Setup: {DATA[data]}, {TRAIN} training samples per class "
         f"added {CHUNK:,} classes at a time, then one full compaction; GEN kmeans k = {K}, L2 norms, max "
         "aggregation, an IVF proxy index (nlist about 2 sqrt(proxies); nprobe tuned, at the first add and "
-        "again at the compaction, to the smallest reaching recall@1 >= 0.99 on 500 held-out proxies against "
+        "again at the compaction, to the smallest clearing recall@1 0.99 by one standard error on 1,000 held-out proxies against "
         "exact search: the *nprobe* column, with a refined index's k_factor tuned beside it), samples not kept. *Refined* (`IVF{nlist},PQ96x4fs,Refine(SQfp16)`, "
         "what index=auto chooses): the proxies' float16 codes in the memory-mapped file, and fast-scan 4-bit PQ "
         "candidates of them written by the compaction; a query scans the candidates and re-ranks its best k_factor "
@@ -458,7 +458,7 @@ def write_doc(
         "float32 proxies, with the first add's lists (*first lists*, before the compaction) and after it. "
         "Peak RSS: the process's high-water mark during the build (generating and adding chunks, compaction) "
         "above its RSS before. Open: in a new process, after its imports: seconds to open, that process's whole "
-        "RSS after opening (the largest proxy segment is memory-mapped, not read), and its first batch-1 query. "
+        "RSS after opening (proxy segments of 64 MiB or more are memory-mapped, not read), and its first batch-1 query. "
         f"add-one-class: {ADDS} adds of one new 8-sample class after the build.\n\n"
         + table
         + "\n\n"
