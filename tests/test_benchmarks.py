@@ -80,8 +80,11 @@ def test_scale_benchmark_runs_small(tmp_path, data):
         timeout=600,
     )
     text = out.read_text()
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| 3,000")]
-    assert [cells[1] for cells in rows] == ["IVF128,PQ96x4fs,Refine(SQfp16)", "IVF128,SQfp16"]
+    lines = [
+        [c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| 3,000")
+    ]
+    rows = [cells for cells in lines if cells[1].startswith("IVF")]  # the results, not the memory check
+    assert [cells[1] for cells in rows] == ["IVF256,PQ96x4fs,Refine(SQfp16)", "IVF256,SQfp16"]
     for cells in rows:
         assert len(cells) == 21 and all(cells) and float(cells[16]) >= 0.95  # recall@1 after the compaction
         assert f"## Targets at 3,000 classes, {cells[1]}" in text
