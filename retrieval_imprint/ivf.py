@@ -150,8 +150,12 @@ def _other(found: np.ndarray, own: np.ndarray) -> np.ndarray:
 def refined(lists: str, d: int, dims: int = FAST_SCAN_DIMS[0]) -> str:
     """The refined index (refine.py) on ``lists`` (``IVF4096`` or ``IVF16384_HNSW32``) for ``d``-d
     vectors: 4-bit fast-scan PQ codes of about ``dims`` dimensions each, re-ranked from float16 codes."""
-    m = max(m for m in range(1, max(d // dims, 1) + 1) if d % m == 0)
-    return f"{lists},PQ{m}x4fs,Refine(SQfp16)"
+    return f"{lists},PQ{_fast_scan_codes(d, dims)}x4fs,Refine(SQfp16)"
+
+
+def _fast_scan_codes(d: int, dims: int) -> int:
+    """Codes per vector of about ``dims`` dimensions each: the largest divisor of ``d`` up to ``d / dims``."""
+    return max(m for m in range(1, max(d // dims, 1) + 1) if d % m == 0)
 
 
 def choose_index(n_vectors: int, d: int, memory_budget: int) -> str:
@@ -168,10 +172,8 @@ def choose_index(n_vectors: int, d: int, memory_budget: int) -> str:
     if n_vectors * (4 * d + 8) <= memory_budget:
         return "Flat"
     for dims in FAST_SCAN_DIMS:
-        fast = refined(lists, d, dims)
-        codes = int(fast.split(",")[1].removeprefix("PQ").split("x")[0])
-        if n_vectors * ((codes + 1) // 2 + 8) + nlist * d * 4 <= memory_budget:
-            return fast
+        if n_vectors * ((_fast_scan_codes(d, dims) + 1) // 2 + 8) + nlist * d * 4 <= memory_budget:
+            return refined(lists, d, dims)
     for m in (64, 48, 32, 24, 16, 8, 4):
         if d % m == 0 and n_vectors * (m + 8) + nlist * d * 4 + 256 * d * 4 <= memory_budget:
             return f"{lists},PQ{m}"
@@ -302,12 +304,12 @@ def retrain(
     sampled, start = [], 0
     for index, dead in parts:  # decodes only the sample
         mine = sample[(sample >= start) & (sample < start + index.ntotal)] - start
-        sampled += [X[_alive(ids, dead)] for ids, X in decoded_lists(index, mine)]
+        sampled += [X[alive(ids, dead)] for ids, X in decoded_lists(index, mine)]
         start += index.ntotal
     template = train(factory, np.concatenate(sampled), metric, faiss_metric, seed)
     filled = faiss.clone_index(template)
     pieces = ((X[live], ids[live]) for index, dead in parts for ids, X in decoded_lists(index)
-              for live in [_alive(ids, dead)])  # fmt: skip
+              for live in [alive(ids, dead)])  # fmt: skip
     add_batched(filled, pieces)
     return template, filled
 
@@ -324,7 +326,7 @@ def add_batched(index: faiss.Index, pieces: Iterable[tuple[np.ndarray, np.ndarra
             batch.clear()
 
 
-def _alive(ids: np.ndarray, dead: np.ndarray | None) -> np.ndarray:
+def alive(ids: np.ndarray, dead: np.ndarray | None) -> np.ndarray:
     """Which ``ids`` are not in the sorted ``dead``."""
     if dead is None or not len(dead):
         return np.ones(len(ids), bool)

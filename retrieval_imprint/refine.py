@@ -136,9 +136,7 @@ class Reranker:
         the sorted array ``dead`` are left out; missing results have id -1."""
         n, r = positions.shape
         ok, ids, X = self.read(positions.ravel())
-        if dead is not None and len(dead):
-            at = np.minimum(np.searchsorted(dead, ids), len(dead) - 1)
-            ok &= dead[at] != ids
+        ok &= ivf.alive(ids, dead)
         X = X.reshape(n, r, -1)
         if self.larger_is_better:
             D = np.einsum("nrd,nd->nr", X, Q)
