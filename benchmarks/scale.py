@@ -12,7 +12,7 @@ Writes docs/scale.md (or --out), headed by the CPU's SIMD and the one FAISS uses
 FAISS_SIMD_LEVEL=AVX2 on an AVX-512 machine to see FAISS's AVX2 path.
 
     .venv/bin/python benchmarks/scale.py [--sizes 10000 100000 1000000] [--data topics|realistic]
-        [--index refined sqfp16] [--out FILE]
+        [--index refined sqfp16] [--out FILE] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -478,6 +479,12 @@ def main() -> None:
         "--index", nargs="+", choices=list(INDEXES), default=["refined"], help="Proxy indexes to build, each size."
     )
     parser.add_argument("--out", type=Path, help="Where to write the table (docs/scale.md, docs/scale-DATA.md).")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="Build the collections in DIR and keep them, to measure them again (default: a temporary folder).",
+    )
     parser.add_argument("--open-only", nargs=2, metavar=("COLLECTION", "QUERY_NPY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.open_only:
@@ -487,7 +494,9 @@ def main() -> None:
     make = chunk if args.data == "topics" else Realistic()
     out = args.out or DOCS / ("scale.md" if args.data == "topics" else f"scale-{args.data}.md")
     print(machine(), flush=True)
-    with scratch("ri-scale-") as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with nullcontext(args.keep) if args.keep else scratch("ri-scale-") as tmp:
         for n in args.sizes:
             for index in args.index:
                 row, memory = run(n, Path(tmp), make, index)
