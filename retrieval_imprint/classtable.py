@@ -1,7 +1,8 @@
-"""The class table in memory: one row per class, as parallel arrays sorted by class id.
+"""The class table in memory: one row per class, as parallel arrays sorted by class id; the whole
+table (``Snapshot.table``) or the rows of a few classes (``Snapshot.rows_of``, ``subset``).
 
-Queries map a proxy id to its class by arithmetic (``segments.class_of``) and the class to its label
-by a binary search here: no SQL per query. Writers change the table through ``upsert`` and
+Queries map a proxy id to its class by arithmetic (``segments.class_of``) and the class to its row
+by a binary search here. Writers change the table through ``upsert`` and
 ``drop`` only, after their transaction commits, so it always mirrors one committed version.
 Columns keep room to grow (doubling), so adding a class appends in place: copying seven columns of
 a million classes on every add cost 12.8 ms.
@@ -62,7 +63,7 @@ class ClassTable:
 
     @classmethod
     def from_columns(cls, cols: dict[str, Any]) -> ClassTable:
-        """From ``store.class_columns``."""
+        """From ``classrows.class_columns``."""
         labels = np.empty(len(cols["id"]), object)
         labels[:] = cols["label"]
         return cls(
@@ -71,6 +72,12 @@ class ClassTable:
 
     def __len__(self) -> int:
         return self._n
+
+    def subset(self, class_ids: np.ndarray) -> ClassTable:
+        """The rows of these class ids (sorted, distinct) that the table holds, as a table of their own."""
+        pos = np.minimum(self.positions(class_ids), max(len(self) - 1, 0))
+        pos = pos[self.ids[pos] == class_ids] if len(self) else pos[:0]
+        return ClassTable(*(getattr(self, name)[pos] for name in COLUMNS))
 
     def positions(self, class_ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.ids, class_ids)

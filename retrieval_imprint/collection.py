@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import Engine
 
-from . import compaction, provenance, ranking, segments, snapshot, store, writes
+from . import classrows, compaction, provenance, ranking, segments, snapshot, store, writes
 from . import labels as lab
 from . import params as spec
 from .calibration import Calibrated
@@ -46,8 +46,10 @@ from .interface import Shared, check_model, check_tunable, check_unchanged, chec
 from .normalize import normalize
 from .ranking import QueryResult
 from .segments import DB_NAME
+from .snapshot import Snapshot
 
 COMPACT_SEGMENTS = 16
+T = TypeVar("T")
 RETRAIN_GROWTH = 4
 
 
@@ -160,13 +162,18 @@ class Collection(Calibrated, Shared):
         self._engine.dispose()
 
     # ----------------------------------------------------------------- reading
+    def _current(self, read: Callable[[Snapshot], T]) -> T:
+        """``read(snapshot)``, on a new snapshot where another process's write has committed since
+        this one was taken and its class rows are gone (``snapshot.retried``)."""
+        return snapshot.retried(lambda: read(self._s), self.refresh)
+
     @property
     def classes(self) -> list:
         """Labels, in the order their classes were added."""
-        return self._s.table.labels.tolist()
+        return self._current(lambda s: s.table.labels.tolist())
 
     def __len__(self) -> int:
-        return len(self._s.table)
+        return self._current(lambda s: s.n_classes)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -206,11 +213,11 @@ class Collection(Calibrated, Shared):
 
     def info(self) -> dict[str, Any]:
         """Config, sizes and files, as plain data."""
-        return {"path": str(self.path), **self._s.info(self.path, self.config)}
+        return {"path": str(self.path), **self._current(lambda s: s.info(self.path, self.config))}
 
     def class_table(self) -> list[dict[str, Any]]:
         """One row per class, in insertion order: label, samples, proxies."""
-        return self._s.table.rows()
+        return self._current(lambda s: s.table.rows())
 
     def query(
         self,
@@ -227,12 +234,15 @@ class Collection(Calibrated, Shared):
         class" (None). ``model``, if given, must be the collection's embedder. ``search_params``
         (e.g. ``{"nprobe": 64}``) replace the stored ones for this call (approximate indexes).
         """
-        s = self._s  # one snapshot for the whole answer, whatever a concurrent refresh() does
-        if not len(s.table):
-            raise CollectionStateError(f"collection {self.path} has no classes yet")
-        Q, top = query_rows(Q, top, model, self.model, s.dimension, s.config["inf_norm"])
-        owner, scores = ranking.rank(s, Q, top, ranking.search_params(s, search_params))
-        return ranking.answer(s, owner, scores, threshold)
+
+        def answer(s: Snapshot) -> QueryResult:  # one snapshot for the whole answer
+            if s.proxies is None or not s.proxies.ntotal:
+                raise CollectionStateError(f"collection {self.path} has no classes yet")
+            rows, k = query_rows(Q, top, model, self.model, s.dimension, s.config["inf_norm"])
+            owner, scores = ranking.rank(s, rows, k, ranking.search_params(s, search_params))
+            return ranking.answer(s, owner, scores, threshold)
+
+        return self._current(answer)
 
     def embedder(self, *, progress: bool = False) -> Embedder:
         """The collection's embedding model (loaded on first use; cached embeddings), checked to be
@@ -245,14 +255,15 @@ class Collection(Calibrated, Shared):
     def examples(self, label: object) -> list[dict[str, Any]]:
         """The kept samples of class ``label``: ``sample`` (index in the class), ``text`` and ``ref``
         (None where it was added as a vector) (``provenance.py``)."""
-        return provenance.examples(self._engine, self._s, self.path, int(self._s.table.require([label], self.path)[0]))
+        class_id = int(self._class_ids([label])[0])
+        return self._current(lambda s: provenance.examples(self._engine, s, self.path, class_id))
 
     def explain(self, Q: Any, n: int = 3, *, threshold: float | None = None) -> list[list[dict[str, Any]]]:
         """For each query, the ``n`` kept samples of its answer most similar to it (text, ref,
         score; none where the query is rejected): the training examples the answer rests on."""
         n = spec.check_int("n", n, 1)
         answer = self.query(Q, 1, threshold=threshold)
-        owner = self._s.table.ids_of(answer.labels[:, 0])
+        owner = self._current(lambda s: s.table.ids_of(answer.labels[:, 0]))
         s = snapshot.read(self.path, self._engine, samples=True)  # the samples, read as the answers were
         Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
         return provenance.explain(self._engine, s, self.path, Q, owner, n)
@@ -265,20 +276,6 @@ class Collection(Calibrated, Shared):
     def member_of(self, labels: Sequence[object]) -> np.ndarray:
         """The position in ``members`` of each label's class: 0."""
         return np.zeros(len(labels), np.int64)
-
-    def export_settings(self) -> dict[str, Any]:
-        """The settings an exported file carries: what ``ingest`` creates a collection with."""
-        return {
-            **{k: self.config[k] for k in spec.STORED},
-            "index": self.config["index_factory"],
-            "keep_samples": True,
-            "model": self.model,
-            "search_params": self.search_params or None,
-        }
-
-    def export_state(self) -> dict[str, Any]:
-        """What an exported file carries beside its rows: the threshold and what auto chose."""
-        return {"threshold": self.config["threshold"], "auto_choice": self.auto_choice}
 
     def check(self) -> CheckReport:
         """Verify from disk that the database and the index files agree (``integrity.check``)."""
@@ -368,7 +365,7 @@ class Collection(Calibrated, Shared):
         shift (``(threshold, shift)``, None: none), in one write: what an export carries of a
         calibrated collection, restored by ``ingest`` when it makes the collection again."""
         with self.writing():
-            ids = self._s.table.require(list(classes), self.path).tolist()
+            ids = self._class_ids(list(classes)).tolist()
             writes.restore_rejection(self._engine, self._s, threshold, dict(zip(ids, classes.values())))
         return self
 
@@ -393,15 +390,17 @@ class Collection(Calibrated, Shared):
             if label is None:
                 writes.set_values(self._engine, self._s, threshold=value)
             else:
-                writes.set_class_threshold(
-                    self._engine, self._s, int(self._s.table.require([label], self.path)[0]), value
-                )
+                writes.set_class_threshold(self._engine, self._s, int(self._class_ids([label])[0]), value)
         return self
+
+    def _class_ids(self, labels: Sequence[object]) -> np.ndarray:
+        with self._engine.connect() as conn:  # one lookup in the unique index, not the whole class table
+            return classrows.class_ids(conn, labels, self.path)
 
     def existing(self, entries: Sequence[tuple[str, str]]) -> set:
         """Which of these label entries are classes here (one SQL lookup, not a scan per label)."""
         with self._engine.connect() as conn:
-            return set(store.find_classes(conn, list(entries)))
+            return set(classrows.find_classes(conn, list(entries)))
 
     def compact(self, *, retrain: bool | None = None) -> Collection:
         """Rewrite the live vectors into one segment per kind and delete the old files.

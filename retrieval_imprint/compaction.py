@@ -34,7 +34,7 @@ def _remember_merged(s: Snapshot, kind: str, name: str, parts: list) -> None:
     if not parts or any(p is None for p in parts):
         return
     ids, vectors = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    live = s.table.live(kind, ids)
+    live = s.live(kind, ids)
     if live.sum() <= RECENT_MAX:
         s.recent[name] = (ids[live], vectors[live])
 
@@ -114,7 +114,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     template = None
     if streamed and s.template is not None:
         sources = s.proxy_sources(directory, chosen["proxies"])
-        live = functools.partial(s.table.live, "proxies")
+        live = functools.partial(s.live, "proxies")
         written["proxies"], n = segments.write_lists(directory, version, s.template.index, sources, live)
         merged["proxies"] = s.written_proxies(directory, written["proxies"], n)
     if retrain:  # from the live proxies in memory, which the merged files would only repeat

@@ -57,6 +57,13 @@ class CollectionStateError(ImprintError, ValueError):
     http_status = 409
 
 
+class CollectionChangedError(CollectionStateError):
+    """Other processes kept committing writes while one answer was being read: try again."""
+
+    code = "collection_changed"
+    http_status = 409
+
+
 class CollectionNotFoundError(ImprintError, FileNotFoundError):
     """Nothing at the path."""
 

@@ -67,6 +67,13 @@ def check(directory: Path, engine: Engine) -> CheckReport:
     expected = int(snap.table.n_proxies.sum())
     if expected != len(loaded["proxies"]):
         problems.append(f"proxies: the class ranges count {expected}, the index holds {len(loaded['proxies'])}")
+    counted = {
+        "live proxies": (snap.config["live_proxies"], expected),
+        "classes": (snap.config["n_classes"], len(snap.table)),
+    }
+    for what, (kept, actual) in counted.items():  # the counts open trusts (schema.py's triggers)
+        if kept != actual:
+            problems.append(f"the collection row counts {kept} {what}, the classes table {actual}")
     return CheckReport(not problems, problems)
 
 

@@ -139,8 +139,16 @@ class Shared:
         live = [col for col in self.members if len(col)] or self.members[:1]
         tables = [provenance.export(c.engine, snapshot.read(c.path, c.engine, samples=True), c.path) for c in live]
         first = self.members[0]
-        state = {**first.export_state(), "auto_choice": self.auto_choice}
-        return provenance.write_export(tables, Path(out), self.model, first.export_settings(), state)
+        cfg = first.config  # the settings ``ingest`` creates a collection with, and its state
+        settings = {
+            **{k: cfg[k] for k in spec.STORED},
+            "index": cfg["index_factory"],
+            "keep_samples": True,
+            "model": first.model,
+            "search_params": first.search_params or None,
+        }
+        state = {"threshold": cfg["threshold"], "auto_choice": self.auto_choice}
+        return provenance.write_export(tables, Path(out), self.model, settings, state)
 
 
 @contextmanager

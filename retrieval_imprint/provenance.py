@@ -34,7 +34,8 @@ def examples(engine: Engine, s: Snapshot, path: Path, class_id: int) -> list[dic
     """The kept samples of one class in the order they were added: ``sample`` (its index in the
     class), ``text`` and ``ref`` (None where the sample came as a vector)."""
     _need_samples(s, path)
-    ids = s.table.sample_ids(np.array([class_id], np.int64))
+    one = np.array([class_id], np.int64)
+    ids = s.rows_of(one).sample_ids(one)
     with engine.connect() as conn:
         found = store.texts_of(conn, ids.tolist())
     return [
@@ -55,7 +56,8 @@ def explain(
             if cid < 0:
                 out.append([])
                 continue
-            ids = s.table.sample_ids(np.array([cid], np.int64))
+            one = np.array([cid], np.int64)
+            ids = s.rows_of(one).sample_ids(one)
             X = s.searched.prepare(s.sample_index(path).reconstruct(ids), "samples")  # as proxies are scored
             sim = s.searched.pair_similarity(q[None], X[None])[0]
             best = np.argsort(-sim, kind="stable")[:n]

@@ -195,15 +195,20 @@ def class_terms(s: Snapshot, owner: np.ndarray, threshold: float | None) -> tupl
     (None for -1), the shift its rejection score subtracts (0 under rule max) and its threshold
     (``threshold`` if given, else the class's own, else the collection's; NaN: none)."""
     found = owner >= 0
-    pos = s.table.positions(np.where(found, owner, s.table.ids[0] if len(s.table) else 0))
+    rows = s.rows_of(owner[found])  # the rows of these classes only: no read of the whole table
+    at = rows.positions(owner[found])
     limit = np.full(owner.shape, np.nan if threshold is None else float(threshold))
     if threshold is None:
-        own = s.table.threshold[pos]
+        own = rows.threshold[at]
         stored = s.config["threshold"]
-        limit = np.where(np.isnan(own), np.nan if stored is None else stored, own)
+        limit[found] = np.where(np.isnan(own), np.nan if stored is None else stored, own)
     candidates = np.full(owner.shape, None, object)
-    candidates[found] = s.table.labels[pos[found]]
-    shift = _shift_of(s, owner, s.table.shift) if s.params["rejection"] == "shift" else np.zeros(owner.shape)
+    candidates[found] = rows.labels[at]
+    shift = np.zeros(owner.shape)
+    if s.params["rejection"] == "shift":
+        shift[found] = rows.shift[at]
+        if np.isnan(shift).any():  # a class without a shift takes the median of all (openset.filled)
+            shift = _shift_of(s, owner, s.table.shift)
     return candidates, shift, np.where(found, limit, np.nan)
 
 

@@ -8,6 +8,8 @@ segment), ``ingest`` (rows of each source file committed by a chunked, resumable
 ``texts`` (what each kept sample was embedded from). A segment of kind ``template`` is an
 approximate index's trained, empty index that every proxy segment copies; segments of kind
 ``means`` hold the class means of a blend (one per class, no id rows: see ``segments.py``).
+Triggers on ``classes`` keep ``collection.n_classes`` and ``live_proxies`` (the classes' proxy
+count) up to date (migration 0012), so a collection opens without reading its class table.
 
 Schema changes happen only through Alembic revisions in ``migrations/`` (installed as
 ``retrieval_imprint.migrations``); ``metadata`` must equal the head revision's schema, which a
@@ -75,6 +77,9 @@ collection = Table(
     Column("auto_choice", String),  # JSON: the concrete GEN/AGG setting fixed at the first add, and its CV table
     Column("rejection", String),  # open-set rule, max or shift (None: max, a collection made before it)
     Column("index_tuning", String),  # JSON: the nprobe tuned to a recall target, and the recall it reached
+    # the classes, and the sum of their proxy_hi - proxy_lo: kept by triggers on classes (migration 0012)
+    Column("n_classes", BigInteger),
+    Column("live_proxies", BigInteger),
 )
 
 embedder = Table(

@@ -148,11 +148,16 @@ class Service:
                 await asyncio.wait_for(self.batcher.run(self._try_fresh), timeout=2.0)
             except asyncio.TimeoutError:
                 pass
-        col = self.col
+        col, classes = self.col, None
+        if col is not None:
+            try:  # counted in the database where the class table is not read (collections.md)
+                classes = len(col)
+            except Exception as exc:
+                self._failed("collection", exc)
         body: dict[str, Any] = {
             "status": "error" if self.problems else "ok",
             "ready": self.ready,
-            "classes": len(col) if col is not None else None,
+            "classes": classes,
             "shards": col.n_shards if col is not None else None,
             "model": col.model if col is not None else None,
         }

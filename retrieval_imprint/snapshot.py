@@ -4,41 +4,64 @@
 ``readers.lock`` and inside one SQLite read transaction, so the rows and the files belong to the
 same version even while a writer commits and compacts beside it. The files are read after the
 lock is released (an open file outlives its deletion), so writers never wait on a slow reader.
+
+The class table is not read then (1.2 GB and seconds at ten million classes): an answer reads its
+classes' rows by key (``rows_of``), an operation over most classes the whole table (``table``).
+Both raise ``CollectionChangedError`` where a write has committed since this version: a reader then answers
+from a new snapshot (``retried``); a writer, holding the lock, always reads its own version.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import faiss
 import numpy as np
 from sqlalchemy import Engine
 
+from . import classrows, segments, store
 from . import labels as lab
-from . import segments, store
 from ._groups import Grouped
 from .classtable import ClassTable
-from .errors import CollectionDamagedError, CollectionStateError
+from .errors import CollectionChangedError, CollectionDamagedError, CollectionStateError
 from .imprint import Fixed
 from .index import ProxyIndex
 from .mapped import Mapped, MappedProxyIndex
 from .openset import class_shift, own_scores_of
 from .params import STORED
+from .segments import class_of
 from .verified import FileVerifier, ListVerifier
 
 KINDS = ("proxies", "samples", "template", "means", "candidates")
+STALE_READS = 8  # snapshots one answer may take while other processes keep committing writes
+ROWS_MAX = 100_000  # classes beyond which reading the whole table beats reading their rows by key
+
+
+T = TypeVar("T")
+
+
+def retried(read: Callable[[], T], again: Callable[[], Any] = lambda: None) -> T:
+    """``read()``; where a write committed under it (``CollectionChangedError``), ``again()`` and read again,
+    ``STALE_READS`` times in all."""
+    for _ in range(STALE_READS - 1):
+        try:
+            return read()
+        except CollectionChangedError:
+            again()
+    return read()
 
 
 @dataclass
 class Snapshot:
     config: dict[str, Any]  # the collection row (GEN/NORM/AGG settings, index, version...)
     embedder: dict[str, Any] | None  # the embedder row
-    table: ClassTable
+    engine: Engine  # the collection's database, where the class rows are read on demand
     # segment files by kind ("proxies", "samples", "template", "means", "candidates"), oldest first
     files: dict[str, list[str]]
     checksums: dict[str, str | None] = field(default_factory=dict)  # recorded per segment file
@@ -54,6 +77,42 @@ class Snapshot:
     # (ids, vectors as added) of small segment files this process wrote: merged from memory by the
     # automatic compaction instead of read back (which costs an IVF quantizer and list walk per file)
     recent: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    loaded_table: ClassTable | None = None  # the whole class table, once something needed it
+
+    @property
+    def table(self) -> ClassTable:
+        """The whole class table, read on first use (see the module's docstring); writers keep it
+        equal to the database once it is read."""
+        if self.loaded_table is None:
+            self.loaded_table = ClassTable.from_columns(self._read(classrows.class_columns))
+        return self.loaded_table
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.loaded_table) if self.loaded_table is not None else self._read(store.n_classes)
+
+    def rows_of(self, class_ids: np.ndarray) -> ClassTable:
+        """The class table's rows of these class ids (any order, repeats; those of no class absent):
+        from the whole table where it is read, else by key from the database."""
+        ids = np.unique(np.asarray(class_ids, np.int64))
+        if not len(ids):
+            return ClassTable.from_columns(classrows.class_rows(None, ids))
+        if self.loaded_table is not None or len(ids) > ROWS_MAX:
+            return self.table.subset(ids)
+        return ClassTable.from_columns(self._read(lambda conn: classrows.class_rows(conn, ids)))
+
+    def live(self, kind: str, ids: np.ndarray) -> np.ndarray:
+        """Which vector ids of ``kind`` belong to this version (``ClassTable.live``)."""
+        return self.rows_of(class_of(ids)).live(kind, ids)
+
+    def _read(self, read: Any) -> Any:
+        """``read(conn)`` in a transaction that sees this snapshot's version; else ``CollectionChangedError``."""
+        with self.engine.connect() as conn, conn.begin():
+            if store.version(conn) != self.version:
+                raise CollectionChangedError(
+                    f"the collection moved on to version {store.version(conn)} from {self.version} while it was read"
+                )
+            return read(conn)
 
     @property
     def version(self) -> int:
@@ -184,9 +243,16 @@ class Snapshot:
         return ProxyIndex(self.d, "euclidean", None, with_ids=True, index=index)
 
     def merge(
-        self, directory: Path, kind: str, files: list[str], opened: dict[str, BinaryIO] | None = None
+        self,
+        directory: Path,
+        kind: str,
+        files: list[str],
+        opened: dict[str, BinaryIO] | None = None,
+        *,
+        all_live: bool = False,
     ) -> ProxyIndex:
-        """The live vectors (by the class table) of these ``kind`` segment files, in one index.
+        """The live vectors (by the class table; ``all_live``: known to be all) of these ``kind``
+        segment files, in one index.
         Files not in ``opened`` are opened here: only the writer may, as no one else deletes them.
         One file is used as read (no copy: a compacted collection opens faster)."""
         merged, read = self.new_index(kind), False
@@ -195,7 +261,7 @@ class Snapshot:
         def add_kept() -> None:  # consecutive kept files in one add (one coarse assignment), dead left out
             if kept:
                 ids, vectors = np.concatenate([k[0] for k in kept]), np.concatenate([k[1] for k in kept])
-                live = self.table.live(kind, ids)
+                live = np.ones(len(ids), bool) if all_live else self.live(kind, ids)
                 merged.add(vectors[live], ids[live])
                 kept.clear()
 
@@ -225,10 +291,10 @@ class Snapshot:
                         f"{kind} index like the others ({str(exc).strip().splitlines()[-1]})"
                     ) from None
         add_kept()
-        if not read:  # every vector came from memory, the dead left out already
+        if not read or all_live:  # every vector came from memory, the dead left out already
             return merged
         ids = merged.ids
-        dead = ids[~self.table.live(kind, ids)]
+        dead = ids[~self.live(kind, ids)]
         if len(dead):
             merged.remove(dead)
         return merged
@@ -274,6 +340,7 @@ class Snapshot:
                 name: stack.enter_context(segments.open_segment(directory, name))
                 for name in [*self.files["proxies"], *self.files["candidates"]]
             }
+            self.config["live_proxies"] = self._read(store.live_proxies)  # this process's writes moved it
             self.proxies = self.open_proxies(directory, opened)
 
     def candidates_of(self, directory: Path, name: str, opened: dict[str, BinaryIO]) -> faiss.Index | None:
@@ -294,10 +361,12 @@ class Snapshot:
         """The proxies of these segment files: each IVF file of at least ``segments.MAP_MIN`` bytes
         memory-mapped (``mapped.MappedProxyIndex``), the rest read and merged."""
         files = self.files["proxies"]
+        live = self.config["live_proxies"]  # kept by triggers: no read of the class table (schema.py)
+        all_live = live is not None and sum(self.n_vectors[f] for f in files) == live  # no removals since written
         sizes = {name: os.fstat(opened[name].fileno()).st_size for name in files}
         large = [f for f in files if sizes[f] >= segments.MAP_MIN]
         if self.template is None or not large or not segments.can_map():
-            return self.merge(directory, "proxies", files, opened)
+            return self.merge(directory, "proxies", files, opened, all_live=all_live)
         parts = []
         for name in large:
             index, verifier = self._mapped(directory, name, opened[name])
@@ -308,10 +377,11 @@ class Snapshot:
                     "index like the collection's trained template"
                 )
             parts.append(Mapped(index, verifier, self.candidates_of(directory, name, opened)))
-        out = MappedProxyIndex(self.merge(directory, "proxies", [f for f in files if f not in large], opened), parts)
-        if sum(self.n_vectors[f] for f in files) != int(self.table.n_proxies.sum()):  # removals since compaction
+        small = [f for f in files if f not in large]
+        out = MappedProxyIndex(self.merge(directory, "proxies", small, opened, all_live=all_live), parts)
+        if not all_live:  # removals since the files were written: their proxies are dead
             ids = out.mapped_ids()
-            out.mark_dead(ids[~self.table.live("proxies", ids)])
+            out.mark_dead(ids[~self.live("proxies", ids)])
         return out
 
     def _mapped(self, directory: Path, name: str, file: BinaryIO) -> tuple[faiss.Index, Any]:
@@ -326,12 +396,19 @@ class Snapshot:
 
 def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows: bool = False) -> Snapshot:
     """The committed version now on disk: database rows and the segments they name (the samples'
-    too with ``samples``; the id rows with ``vector_rows``)."""
+    too with ``samples``; the id rows and the whole class table with ``vector_rows``). Read again
+    where a write committed before the class rows that the small segment files' removed vectors
+    are found by were read (``CollectionChangedError``)."""
+    return retried(lambda: _read(directory, engine, samples, vector_rows))
+
+
+def _read(directory: Path, engine: Engine, samples: bool, vector_rows: bool) -> Snapshot:
     with ExitStack() as stack:
         with segments.reading(directory):
             with engine.connect() as conn, conn.begin():
-                cfg, emb, classes, segs = store.read_state(conn)
+                cfg, emb, label_kinds, segs = store.read_state(conn)
                 ids = store.vector_rows(conn) if vector_rows else None
+                whole = ClassTable.from_columns(classrows.class_columns(conn)) if vector_rows else None
             kinds = KINDS if samples else ("template", "proxies", "means", "candidates")
             opened = {
                 name: stack.enter_context(segments.open_segment(directory, name))
@@ -342,13 +419,14 @@ def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows:
         snap = Snapshot(
             cfg,
             emb,
-            ClassTable.from_columns(classes),
+            engine,
             {kind: [f for k, f, *_ in segs if k == kind] for kind in KINDS},
             {f: checksum for _, f, checksum, *_ in segs},
             {f: n for _, f, _, n, _ in segs},
             {f: lists for _, f, _, _, lists in segs},
-            classes["kinds"],
+            label_kinds,
             vector_rows=ids,
+            loaded_table=whole,
         )
         snap.fixed = Fixed(
             np.frombuffer(cfg["quantile_targets"], np.float32).copy() if cfg["quantile_targets"] else None,

@@ -17,23 +17,8 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from sqlalchemy import (
-    Connection,
-    Engine,
-    Table,
-    bindparam,
-    create_engine,
-    delete,
-    distinct,
-    event,
-    func,
-    insert,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import Connection, Engine, Table, create_engine, delete, event, insert, select, update
 
-from . import labels as lab
 from . import schema
 from .errors import (
     CollectionDamagedError,
@@ -168,98 +153,45 @@ def _initialize(
                 auto_choice=auto_choice,
                 version=0,
                 next_class_id=0,
+                n_classes=0,
+                live_proxies=0,
             )
         )
         if embedder_row is not None:
             conn.execute(insert(embedder).values(id=1, **embedder_row))
 
 
-def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any], list[Any]]:
-    """The collection row, the embedder row, the class table (``class_columns``) and ``(kind, file,
-    checksum, n_vectors, lists)`` segment rows."""
+def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None, set[str], list[Any]]:
+    """The collection row, the embedder row, the kinds of its labels and ``(kind, file, checksum,
+    n_vectors, lists)`` segment rows: none of it grows with the classes (the class table is read by
+    ``class_columns`` or ``class_rows``)."""
     cfg: dict[str, Any] = dict(conn.execute(select(collection)).mappings().one())
     emb = conn.execute(select(embedder)).mappings().first()
-    rows = class_columns(conn)
+    kinds = {
+        kind
+        for kind in ("str", "int")  # an index seek each: SELECT DISTINCT would scan every class
+        if conn.execute(select(classes.c.id).where(classes.c.label_kind == kind).limit(1)).first() is not None
+    }
     segs = conn.execute(
         select(segments.c.kind, segments.c.file, segments.c.checksum, segments.c.n_vectors, segments.c.lists).order_by(
             segments.c.id
         )
     ).all()
-    return cfg, dict(emb) if emb is not None else None, rows, list(segs)
+    return cfg, dict(emb) if emb is not None else None, kinds, list(segs)
 
 
-INT_COLUMNS = ("id", "n_samples", "proxy_lo", "proxy_hi")
+def live_proxies(conn: Connection) -> int | None:
+    """The classes' proxy count, as the triggers keep it (``schema.py``)."""
+    return conn.execute(select(collection.c.live_proxies)).scalar_one()
 
 
-def class_columns(conn: Connection) -> dict[str, Any]:
-    """The class table as columns in id order: int64 arrays ``INT_COLUMNS``, float64 arrays ``shift``
-    and ``threshold`` (NaN for NULL), the list ``label`` (str or int) and the set ``kinds``.
-
-    Fetched as a few long strings that SQLite builds in C (``group_concat``; ``json_group_array``
-    for str labels, which may hold any character; int labels are JSON numbers as stored, of any
-    size), because a million row tuples cost seconds in Python. The floats, exact only as SQLite
-    values, come as rows of the classes that have one (set by ``calibrate``)."""
-    c = classes.c
-    kinds_text = conn.execute(select(func.group_concat(distinct(c.label_kind)))).scalar_one()
-    kinds = set(kinds_text.split(",")) if kinds_text else set()
-    labels_sql = (
-        [func.group_concat(c.label)]
-        if kinds == {"int"}
-        else [func.json_group_array(c.label)] + ([func.json_group_array(c.label_kind)] if kinds - {"str"} else [])
-    )
-    row = conn.execute(select(*(func.group_concat(c[name]) for name in INT_COLUMNS), *labels_sql)).one()
-    out: dict[str, Any] = {
-        name: np.fromstring(text, np.int64, sep=",") if text else np.zeros(0, np.int64)
-        for name, text in zip(INT_COLUMNS, row)
-    }
-    labels = json.loads(f"[{row[len(INT_COLUMNS)] or ''}]" if kinds == {"int"} else row[len(INT_COLUMNS)])
-    if len(row) > len(INT_COLUMNS) + 1:  # mixed kinds: a collection made before 0.2
-        labels = [lab.value(kind, text) for kind, text in zip(json.loads(row[-1]), labels)]
-    if {len(values) for values in out.values()} | {len(labels)} != {len(labels)}:
-        raise CollectionDamagedError("the classes table holds a value that is not an integer where one must be")
-    ids = out["id"]
-    if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():  # the aggregate's row order is SQLite's to choose
-        order = np.argsort(ids, kind="stable")
-        out = {name: values[order] for name, values in out.items()}
-        labels = [labels[i] for i in order]
-        ids = out["id"]
-    out["label"], out["kinds"] = labels, kinds
-    out["shift"], out["threshold"] = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
-    found = conn.execute(
-        select(c.id, c.shift, c.threshold).where(or_(c.shift.is_not(None), c.threshold.is_not(None)))
-    ).all()
-    if found:
-        at = np.searchsorted(ids, [r[0] for r in found])
-        for k, name in ((1, "shift"), (2, "threshold")):
-            out[name][at] = [np.nan if r[k] is None else r[k] for r in found]
-    return out
+def n_classes(conn: Connection) -> int:
+    """The classes, as the triggers count them (``schema.py``)."""
+    return conn.execute(select(collection.c.n_classes)).scalar_one()
 
 
 def version(conn: Connection) -> int:
     return conn.execute(select(collection.c.version)).scalar_one()
-
-
-def find_classes(conn: Connection, entries: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Any]:
-    """Existing class rows for ``(kind, text)`` label entries, keyed by entry.
-
-    One query per label kind, ``label_kind = ? AND label IN (...)``: SQLite looks each label up
-    in the unique index, where the row-value form ``(label_kind, label) IN (VALUES ...)`` scans the
-    whole index per query (each add then cost time in proportion to the collection's classes).
-    """
-    c = classes.c
-    by_kind: dict[str, list[str]] = {}
-    for kind, text in entries:
-        by_kind.setdefault(kind, []).append(text)
-    found = {}
-    for kind, values in by_kind.items():
-        for i in range(0, len(values), SQL_CHUNK):
-            for row in conn.execute(
-                select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_hi, c.sample_hi).where(
-                    c.label_kind == kind, c.label.in_(values[i : i + SQL_CHUNK])
-                )
-            ):
-                found[(row.label_kind, row.label)] = row
-    return found
 
 
 def _id_rows(kind: str) -> Table | None:
@@ -387,22 +319,6 @@ def set_collection(conn: Connection, **values: Any) -> None:
 
 def set_embedder(conn: Connection, **values: Any) -> None:
     conn.execute(update(embedder).values(**values))
-
-
-def insert_classes(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """New class rows (dicts of ``classes``' columns)."""
-    if rows:
-        conn.execute(insert(classes), list(rows))
-
-
-def update_classes(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Set columns of existing classes: each row a dict of ``id`` and the same columns to set."""
-    if not rows:
-        return
-    columns = [name for name in rows[0] if name != "id"]
-    statement = update(classes).where(classes.c.id == bindparam("b_id"))
-    statement = statement.values({name: bindparam(f"b_{name}") for name in columns})
-    conn.execute(statement, [{f"b_{name}": value for name, value in row.items()} for row in rows])
 
 
 def delete_segments(conn: Connection, kinds: Sequence[str]) -> None:

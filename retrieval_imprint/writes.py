@@ -19,10 +19,11 @@ import faiss
 import numpy as np
 from sqlalchemy import Engine
 
+from . import classrows, refine, segments, store
 from . import labels as lab
-from . import refine, segments, store
 from ._groups import Grouped
 from .auto import stored_choice
+from .classtable import ClassTable
 from .errors import DataError
 from .imprint import imprint, seed_of
 from .imprint import means as class_means
@@ -65,9 +66,10 @@ def set_class_threshold(engine: Engine, s: Snapshot, class_id: int, threshold: f
     """Set (None: clear) one class's own rejection threshold and bump the version."""
     version = s.version + 1
     with store.writing(engine) as conn:
-        store.update_classes(conn, [{"id": class_id, "threshold": threshold}])
+        classrows.update_classes(conn, [{"id": class_id, "threshold": threshold}])
         store.set_collection(conn, version=version)
-    s.table.threshold[s.table.positions(np.array([class_id]))] = np.nan if threshold is None else threshold
+    if (table := s.loaded_table) is not None:
+        table.threshold[table.positions(np.array([class_id]))] = np.nan if threshold is None else threshold
     s.config["version"] = version
 
 
@@ -79,10 +81,11 @@ def restore_rejection(
     version = s.version + 1
     with store.writing(engine) as conn:
         store.set_collection(conn, version=version, threshold=threshold)
-        store.update_classes(conn, [{"id": i, "threshold": th, "shift": sh} for i, (th, sh) in classes.items()])
-    at = s.table.positions(np.array(list(classes), np.int64))
-    s.table.threshold[at] = [np.nan if th is None else th for th, _ in classes.values()]
-    s.table.shift[at] = [np.nan if sh is None else sh for _, sh in classes.values()]
+        classrows.update_classes(conn, [{"id": i, "threshold": th, "shift": sh} for i, (th, sh) in classes.items()])
+    if s.loaded_table is not None:
+        at = s.loaded_table.positions(np.array(list(classes), np.int64))
+        s.loaded_table.threshold[at] = [np.nan if th is None else th for th, _ in classes.values()]
+        s.loaded_table.shift[at] = [np.nan if sh is None else sh for _, sh in classes.values()]
     s.config.update(threshold=threshold, version=version)
 
 
@@ -114,7 +117,7 @@ def _batch(directory: Path, s: Snapshot, X: np.ndarray, codes: np.ndarray, entri
             class_id[i], old_samples[i], old_proxy_hi[i] = row.id, row.sample_hi, row.proxy_hi
     existing = np.array([e in found for e in entries], bool)
     kept = (
-        s.sample_index(directory).reconstruct(s.table.sample_ids(class_id[existing]))
+        s.sample_index(directory).reconstruct(s.rows_of(class_id[existing]).sample_ids(class_id[existing]))
         if existing.any()
         else np.zeros((0, d), np.float32)
     )
@@ -181,7 +184,7 @@ def add(
     params = s.params
     X = normalize(X, cfg["pre_norm"], what="X")
     with engine.connect() as conn:
-        found = store.find_classes(conn, entries)
+        found = classrows.find_classes(conn, entries)
     replaced = np.array(sorted(found.pop(e).id for e in list(found) if e in replace), np.int64)
     if found and not cfg["keep_samples"]:
         raise DataError(
@@ -237,6 +240,7 @@ def add(
         mean_index.add(M, mean_ids)
         written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids, b.class_id)
     segments.crash_point("add: segments written")
+    gone, old = s.rows_of(replaced), s.rows_of(b.class_id[b.existing])  # read before the version moves on
 
     with store.writing(engine) as conn:
         if len(replaced):
@@ -248,9 +252,9 @@ def add(
              "proxy_hi": int(proxy_hi[i]), "sample_hi": int(sizes[i]), "shift": shifts[i]}
             for i in range(len(entries))
         ]  # fmt: skip
-        store.insert_classes(conn, [{**row, "label": e[1], "label_kind": e[0]}
+        classrows.insert_classes(conn, [{**row, "label": e[1], "label_kind": e[0]}
                                     for row, e, old in zip(rows, entries, b.existing) if not old])  # fmt: skip
-        store.update_classes(conn, [row for row, old in zip(rows, b.existing) if old])
+        classrows.update_classes(conn, [row for row, old in zip(rows, b.existing) if old])
         for kind, (file, ids, owners) in written.items():
             store.insert_segment(conn, kind, file, ids, owners)
         if "samples" in written and (texts is not None or refs is not None):
@@ -283,16 +287,16 @@ def add(
 
     # the same change in memory, without rereading the segments
     if len(replaced):
-        _forget(s, replaced)
+        _forget(s, gone)
     if b.existing.any():
-        s.searched.remove(s.table.proxy_ids(b.class_id[b.existing]))
+        s.searched.remove(old.proxy_ids(old.ids))
     s.searched.add(W, proxy_ids)
     if s.samples is not None and "samples" in written:
         s.samples.add(samples, written["samples"][1])
     if "means" in written:
         s.means = s.means if s.means is not None else s.new_index("means")
         if b.existing.any():
-            s.means.remove(s.table.mean_ids(b.class_id[b.existing]))
+            s.means.remove(old.mean_ids(old.ids))
         s.means.add(M, mean_ids)
     vectors = {"proxies": W, "samples": samples, "means": M if "means" in written else None}
     for kind, (file, ids, _) in written.items():
@@ -302,7 +306,8 @@ def add(
     if template is not None:
         s.files["template"] = []
         record_segment(s, "template", template, 0)
-    s.table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi, shift)
+    if s.loaded_table is not None:
+        s.loaded_table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi, shift)
     s.label_kinds.update(kind for kind, _ in entries)
     s.config.update(version=version, next_class_id=b.next_class_id)
 
@@ -321,7 +326,7 @@ def set_rejection(engine: Engine, s: Snapshot, threshold: float, rule: str, shif
         store.set_collection(conn, version=version, threshold=threshold, rejection=rule)
         if shift is not None:
             rows = [{"id": int(i), "shift": None if np.isnan(v) else float(v)} for i, v in zip(s.table.ids, shift)]
-            store.update_classes(conn, rows)
+            classrows.update_classes(conn, rows)
     s.config.update(version=version, threshold=threshold, rejection=rule)
     if shift is not None:
         s.table.shift = np.asarray(shift, np.float64)
@@ -376,7 +381,7 @@ def retune(
         store.insert_segment(conn, "proxies", written["proxies"], proxy_ids, table.ids[owner])
         if means is not None:
             store.insert_segment(conn, "means", written["means"], mean_ids, table.ids)
-        store.update_classes(conn, [
+        classrows.update_classes(conn, [
             {"id": int(i), "proxy_lo": int(a), "proxy_hi": int(b), "shift": None if np.isnan(v) else float(v)}
             for i, a, b, v in zip(table.ids, lo, hi, shift)
         ])  # fmt: skip
@@ -394,29 +399,31 @@ def retune(
 def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
     """Remove the classes of these label entries (all must exist)."""
     with engine.connect() as conn:
-        found = store.find_classes(conn, entries)
+        found = classrows.find_classes(conn, entries)
     missing = [e[1] for e in entries if e not in found]
     if missing:
         raise DataError(
             f"no class {missing[0]!r} in collection {directory} ({len(missing)} unknown label(s)); nothing was removed"
         )
     ids = np.array(sorted(found[e].id for e in entries), np.int64)
+    gone = s.rows_of(ids)  # read before the version moves on
     with store.writing(engine) as conn:
         store.delete_vectors(conn, ids, drop_classes=True)
         store.set_collection(conn, version=s.version + 1)
     segments.crash_point("remove: committed")
-    _forget(s, ids)
+    _forget(s, gone)
     s.config["version"] += 1
 
 
-def _forget(s: Snapshot, ids: np.ndarray) -> None:
-    """Drop classes ``ids`` from the snapshot in memory (their rows are gone from the database)."""
-    s.searched.remove(s.table.proxy_ids(ids))
+def _forget(s: Snapshot, gone: ClassTable) -> None:
+    """Drop the classes of rows ``gone`` from the snapshot in memory (their rows are gone)."""
+    s.searched.remove(gone.proxy_ids(gone.ids))
     if s.samples is not None:
-        s.samples.remove(s.table.sample_ids(ids))
+        s.samples.remove(gone.sample_ids(gone.ids))
     if s.means is not None:
-        s.means.remove(s.table.mean_ids(ids))
-    s.table.drop(ids)
+        s.means.remove(gone.mean_ids(gone.ids))
+    if s.loaded_table is not None:
+        s.loaded_table.drop(gone.ids)
 
 
 def tune_search(s: Snapshot, proxies: ProxyIndex, candidates: faiss.Index | None = None) -> None:

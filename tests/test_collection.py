@@ -9,7 +9,7 @@ import pytest
 import reference as ref
 from conftest import blobs
 
-from retrieval_imprint import ImprintClassifier, compaction, segments
+from retrieval_imprint import ImprintClassifier, compaction, segments, store
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionLockedError, SchemaVersionError
 from retrieval_imprint.segments import DB_NAME
@@ -343,3 +343,36 @@ def test_check_reports_a_database_that_disagrees_with_the_index(filled):
     report = col.check()
     assert not report.ok
     assert any("the index files hold 24 live vectors and the database 23 id rows" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("rejection", ["max", "shift"])
+def test_an_opened_collection_answers_from_its_classes_rows_alone(tmp_path, rejection):
+    """Opening and querying read only the rows of the classes an answer names (the whole class table
+    is 1.2 GB at ten million classes), and answer as the writer, which holds the whole table, does:
+    labels, scores, per-class thresholds and shifts, after adds, a re-imprint, a removal and a
+    single-sample class (whose shift is the median of all, under rule shift)."""
+    X, y = labelled(12, 10, 6, seed=4)
+    labels = np.where(y == "c3", 'çà, "3"', y)  # a label that is no identifier
+    col = make(tmp_path, k=2, rejection=rejection)
+    col.add(X[: len(X) // 2], labels[: len(X) // 2])
+    col.add(X[len(X) // 2 :], labels[len(X) // 2 :])  # grows some classes: re-imprinted
+    col.remove(["c5"])
+    col.add(X[:1] + 5, ["lonely"])
+    col.set_threshold(0.5, label="c1")
+    col.set_threshold(0.1)
+    writer = col.snapshot.table  # the writer holds the whole table
+    Q = np.vstack([X[::7], X[:1] + 5, -X[:3]])
+    reader = Collection.open(tmp_path / "col")
+    got, want = reader.query(Q, 3), col.query(Q, 3)
+    for field in ("labels", "candidates", "scores", "rejection_scores", "thresholds"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert len(reader) == len(writer) == 12
+    if rejection == "max":  # no class without a shift was asked about
+        assert reader.snapshot.loaded_table is None
+    with reader.engine.connect() as conn:  # the count open trusts, kept by the database's triggers
+        assert store.live_proxies(conn) == int(writer.n_proxies.sum()) and store.n_classes(conn) == len(writer)
+    assert reader.check().ok
+    with reader.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE collection SET live_proxies = live_proxies + 1")
+    live = int(writer.n_proxies.sum())
+    assert f"counts {live + 1} live proxies, the classes table {live}" in " ".join(reader.check().problems)
