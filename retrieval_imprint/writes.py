@@ -125,13 +125,13 @@ def _batch(directory: Path, s: Snapshot, X: np.ndarray, codes: np.ndarray, entri
     new_counts = np.bincount(codes, minlength=B)
     new_starts = np.concatenate([[0], np.cumsum(new_counts)])
     kept_starts = np.concatenate([[0], np.cumsum(old_samples)])
-    parts = []
-    for i in range(B):
-        parts.append(kept[kept_starts[i] : kept_starts[i + 1]])
-        parts.append(X[new_rows[new_starts[i] : new_starts[i + 1]]])
+    parts = [X[new_rows]]  # new classes only (a bulk add): one gather, not one per class
+    if existing.any():  # each class's kept samples, then its new ones
+        new = [X[new_rows[new_starts[i] : new_starts[i + 1]]] for i in range(B)]
+        parts = [rows for i in range(B) for rows in (kept[kept_starts[i] : kept_starts[i + 1]], new[i])]
     sizes = old_samples + new_counts
     groups = Grouped(
-        np.concatenate(parts),
+        np.concatenate(parts) if len(parts) > 1 else parts[0],
         np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
         lab.label_keys([lab.value(*e) for e in entries]),
     )
@@ -218,7 +218,7 @@ def add(
     written = {
         "proxies": (segments.write_segment(directory, "proxies", version, segment.index), proxy_ids, b.class_id[owner])
     }
-    samples = X[b.new_rows]
+    samples = X[b.new_rows] if cfg["keep_samples"] else X[:0]  # not a bulk add's 2.5 GB copy, where none are kept
     if cfg["keep_samples"]:
         s_owner = np.repeat(np.arange(len(entries)), b.new_counts)
         sample_ids = (
