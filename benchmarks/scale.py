@@ -39,7 +39,7 @@ from retrieval_imprint.labels import label_keys
 from retrieval_imprint.normalize import l2_normalize
 from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN, candidates_of
 
-D, K, TRAIN, CHUNK, N_QUERIES, ADDS = 384, 4, 8, 50_000, 1000, 100
+D, K, TRAIN, CHUNK, N_QUERIES, ADDS, COLD = 384, 4, 8, 50_000, 1000, 100, 100
 BULK_BYTES = 8 * 2**30  # float16 proxies from which the lists are trained once, on a large first add
 
 
@@ -77,13 +77,57 @@ def open_only(path: str, query_file: str) -> None:
     col = Collection.open(path)
     opened = time.perf_counter() - t
     resident("open")
-    t = time.perf_counter()
-    col.predict(queries[:1])
-    first = time.perf_counter() - t
-    for q in queries:
-        col.predict(q[None])
+    cold = batch1_ms(col, queries)  # the first queries after open bring in the lists they probe
     resident("queried")
-    print(json.dumps({"open_s": opened, "first_ms": first * 1e3, **memory}))
+    print(
+        json.dumps(
+            {
+                "open_s": opened,
+                "first_ms": cold[0],
+                "cold_p50_ms": float(np.percentile(cold[:COLD], 50)),
+                "cold_max_ms": float(cold[:COLD].max()),
+                **memory,
+            }
+        )
+    )
+
+
+def batch1_ms(col: Collection, queries: np.ndarray) -> np.ndarray:
+    """Milliseconds of each query answered alone, in order."""
+    out = []
+    for q in queries:
+        t = time.perf_counter()
+        col.predict(q[None])
+        out.append(time.perf_counter() - t)
+    return np.array(out) * 1e3
+
+
+def held_out(n_classes: int, make: Callable) -> tuple[np.ndarray, np.ndarray]:
+    """The classes queried (``N_QUERIES``, seeded by the size) and one held-out sample of each."""
+    chosen = np.sort(np.random.default_rng(n_classes).choice(n_classes, min(N_QUERIES, n_classes), replace=False))
+    queries = [
+        make(f, min(CHUNK, n_classes - f))[2][chosen[(chosen >= f) & (chosen < f + CHUNK)] - f]
+        for f in range(0, n_classes, CHUNK)
+    ]
+    return chosen, np.concatenate(queries)
+
+
+def reopen(path: Path, n_classes: int, make: Callable) -> str:
+    """A kept collection of ``n_classes`` measured again with this code (``--reopen``): its schema
+    upgraded first if older, then opened in a new process and queried cold, then warm here."""
+    t = time.perf_counter()
+    before, after = Collection.upgrade(path)
+    upgrade = time.perf_counter() - t
+    _, queries = held_out(n_classes, make)
+    fresh = open_fresh(path, queries)
+    warm = batch1_ms(Collection.open(path), queries)
+    names = ["classes", "upgrade s", "open s", "RSS after open GiB", "anon after open GiB", "first query ms"]
+    names += [f"cold first {COLD} p50 ms", f"cold first {COLD} max ms", "warm batch-1 p50 ms", "warm p99 ms"]
+    row = [f"{n_classes:,}", f"{upgrade:.1f} ({before} -> {after})" if before != after else "-"]
+    row += [f"{fresh['open_s']:.2f}", f"{fresh['VmRSS_open']:.2f}", f"{fresh['RssAnon_open']:.2f}"]
+    row += [f"{fresh['first_ms']:.1f}", f"{fresh['cold_p50_ms']:.2f}", f"{fresh['cold_max_ms']:.1f}"]
+    row += [f"{np.percentile(warm, 50):.2f}", f"{np.percentile(warm, 99):.2f}"]
+    return markdown_table(names, [row])
 
 
 def chunk(first: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,14 +210,7 @@ def exact_top1(Qn: np.ndarray, n_classes: int, make: Callable = chunk) -> np.nda
 def run(
     n_classes: int, root: Path, make: Callable = chunk, index: str = "refined"
 ) -> tuple[list[str], dict[str, float]]:
-    rng = np.random.default_rng(n_classes)
-    chosen = np.sort(rng.choice(n_classes, min(N_QUERIES, n_classes), replace=False))
-    queries = np.concatenate(
-        [
-            make(f, min(CHUNK, n_classes - f))[2][chosen[(chosen >= f) & (chosen < f + CHUNK)] - f]
-            for f in range(0, n_classes, CHUNK)
-        ]
-    )
+    chosen, queries = held_out(n_classes, make)
     Qn = l2_normalize(queries)
     nlist = ivf_lists(K * n_classes)
     factory = INDEXES[index](f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}")
@@ -214,11 +251,7 @@ def run(
     recall_first = float(np.mean(first_lists[:, 0] == exact))
     recall = float(np.mean(approx[:, 0] == exact))
     accuracy = float(np.mean(col.predict(queries) == chosen))
-    single = []
-    for q in queries:
-        t = time.perf_counter()
-        col.predict(q[None])
-        single.append(time.perf_counter() - t)
+    ms = batch1_ms(col, queries)
     t = time.perf_counter()
     col.predict(queries)
     batch = time.perf_counter() - t
@@ -228,7 +261,6 @@ def run(
         t = time.perf_counter()
         col.add(X, y.tolist())
         adds.append(time.perf_counter() - t)
-    ms = np.array(single) * 1e3
     largest = max(col.snapshot.files["proxies"], key=lambda name: (path / name).stat().st_size)  # mapped at open
     candidates = path / candidates_of(largest)  # a refined index's fast-scan codes, read at open
     memory = {
@@ -248,6 +280,7 @@ def run(
         f"{fresh['open_s']:.2f}",
         f"{fresh['VmRSS_open']:.2f}",
         f"{fresh['first_ms']:.1f}",
+        f"{fresh['cold_p50_ms']:.2f} / {fresh['cold_max_ms']:.0f}",
         f"{np.percentile(ms, 50):.2f}",
         f"{np.percentile(ms, 90):.2f}",
         f"{np.percentile(ms, 99):.2f}",
@@ -273,6 +306,7 @@ COLUMNS = [
     "open s",
     "RSS after open GiB",
     "first query ms",
+    f"cold first {COLD} p50 / max ms",
     "batch-1 p50 ms",
     "batch-1 p90 ms",
     "batch-1 p99 ms",
@@ -479,7 +513,9 @@ def write_doc(
         "float32 proxies, with the first add's lists (*first lists*, before the compaction) and after it. "
         "Peak RSS: the process's high-water mark during the build (generating and adding chunks, compaction) "
         "above its RSS before. Open: in a new process, after its imports: seconds to open, that process's whole "
-        "RSS after opening (proxy segments of 64 MiB or more are memory-mapped, not read), and its first batch-1 query. "
+        "RSS after opening (proxy segments of 64 MiB or more are memory-mapped, not read), its first batch-1 "
+        f"query, and the p50 and max of its first {COLD} (*cold*: the lists they probe come in from the page "
+        "cache or the disk as they touch them). "
         f"add-one-class: {ADDS} adds of one new 8-sample class after the build.\n\n"
         + table
         + "\n\n"
@@ -505,6 +541,12 @@ def main() -> None:
         metavar="DIR",
         help="Build the collections in DIR and keep them, to measure them again (default: a temporary folder).",
     )
+    parser.add_argument(
+        "--reopen",
+        type=Path,
+        metavar="COLLECTION",
+        help="Measure a collection kept by --keep (of the one size --sizes gives) again: open, cold and warm queries.",
+    )
     parser.add_argument("--open-only", nargs=2, metavar=("COLLECTION", "QUERY_NPY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.open_only:
@@ -512,6 +554,8 @@ def main() -> None:
     rows, measured = [], []
     started = time.perf_counter()
     make = chunk if args.data == "topics" else Realistic()
+    if args.reopen:
+        return print(reopen(args.reopen, args.sizes[0], make))
     out = args.out or DOCS / ("scale.md" if args.data == "topics" else f"scale-{args.data}.md")
     print(machine(), flush=True)
     if args.keep:

@@ -55,7 +55,7 @@ def test_accuracy_benchmark_quick_mode(tmp_path):
 def test_scale_benchmark_runs_small(tmp_path, data):
     """benchmarks/scale.py end to end on 3,000 classes of either distribution, on both indexes:
     every column filled, the targets listed (realistic classes mix real sentence embeddings, so
-    they need the data)."""
+    they need the data); a kept collection measured again by ``--reopen``."""
     if data == "realistic":
         shared_data("clinc150", "embeddings.npz")
         shared_data("banking77", "embeddings.npz")
@@ -73,6 +73,8 @@ def test_scale_benchmark_runs_small(tmp_path, data):
             "--index",
             "refined",
             "sqfp16",
+            "--keep",
+            str(tmp_path / "kept"),
         ],
         check=True,
         capture_output=True,
@@ -86,10 +88,22 @@ def test_scale_benchmark_runs_small(tmp_path, data):
     rows = [cells for cells in lines if cells[1].startswith("IVF")]  # the results, not the memory check
     assert [cells[1] for cells in rows] == ["IVF256,PQ96x4fs,Refine(SQfp16)", "IVF256,SQfp16"]
     for cells in rows:
-        assert len(cells) == 21 and all(cells) and float(cells[16]) >= 0.95  # recall@1 after the compaction
+        assert len(cells) == 22 and all(cells) and float(cells[17]) >= 0.95  # recall@1 after the compaction
         assert f"## Targets at 3,000 classes, {cells[1]}" in text
     assert "FAISS SIMD" in text and "--index refined sqfp16" in text
     assert ("realistic classes" in text) == (data == "realistic")
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--sizes", "3000", "--data", data, "--reopen"]
+        + [str(tmp_path / "kept" / "c3000-refined")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    header, _, row = [[c.strip() for c in line.strip("|").split("|")] for line in again.splitlines()[-3:]]
+    assert header[:3] == ["classes", "upgrade s", "open s"] and len(row) == len(header) == 10
+    assert row[:2] == ["3,000", "-"]  # written by this code: no schema upgrade
+    assert all(float(v) >= 0 for v in row[2:])
 
 
 def test_gpu_benchmark_runs_small(tmp_path):
