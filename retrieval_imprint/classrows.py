@@ -69,13 +69,14 @@ def class_columns(conn: Connection) -> dict[str, Any]:
 
 def class_rows(conn: Connection | None, ids: np.ndarray) -> dict[str, Any]:
     """The rows of the classes ``ids`` (sorted, distinct) that exist, as ``class_columns`` gives the
-    whole table: what one answer needs, read by primary key."""
+    whole table, and ``changed``, the version that last wrote each: what one answer needs, read by
+    primary key."""
     c = classes.c
     found: list[Any] = []
     for i in range(0, len(ids), SQL_CHUNK):
         assert conn is not None, "rows are read on a connection"
         found += conn.execute(
-            select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_lo, c.proxy_hi, c.shift, c.threshold)
+            select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_lo, c.proxy_hi, c.shift, c.threshold, c.changed)
             .where(c.id.in_(ids[i : i + SQL_CHUNK].tolist()))
             .order_by(c.id)
         ).mappings()
@@ -83,6 +84,7 @@ def class_rows(conn: Connection | None, ids: np.ndarray) -> dict[str, Any]:
     for name in ("shift", "threshold"):
         out[name] = np.array([np.nan if row[name] is None else row[name] for row in found], float)
     out["label"] = [lab.value(row["label_kind"], row["label"]) for row in found]
+    out["changed"] = np.array([row["changed"] or 0 for row in found], np.int64)  # 0: before migration 0012
     return out
 
 
@@ -109,16 +111,18 @@ def find_classes(conn: Connection, entries: Sequence[tuple[str, str]]) -> dict[t
     return found
 
 
-def insert_classes(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """New class rows (dicts of ``classes``' columns)."""
+def insert_classes(conn: Connection, rows: Sequence[dict[str, Any]], version: int) -> None:
+    """New class rows (dicts of ``classes``' columns), written by the write that makes ``version``."""
     if rows:
-        conn.execute(insert(classes), list(rows))
+        conn.execute(insert(classes), [{**row, "changed": version} for row in rows])
 
 
-def update_classes(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Set columns of existing classes: each row a dict of ``id`` and the same columns to set."""
+def update_classes(conn: Connection, rows: Sequence[dict[str, Any]], version: int) -> None:
+    """Set columns of existing classes (each row a dict of ``id`` and the same columns to set) in
+    the write that makes ``version``."""
     if not rows:
         return
+    rows = [{**row, "changed": version} for row in rows]
     columns = [name for name in rows[0] if name != "id"]
     statement = update(classes).where(classes.c.id == bindparam("b_id"))
     statement = statement.values({name: bindparam(f"b_{name}") for name in columns})

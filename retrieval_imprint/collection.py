@@ -34,6 +34,7 @@ from . import params as spec
 from .calibration import Calibrated
 from .embed import Embedder, model_fingerprint, recorded_embedder, resolve_model
 from .errors import (
+    CollectionChangedError,
     CollectionDamagedError,
     CollectionIOError,
     CollectionStateError,
@@ -163,9 +164,13 @@ class Collection(Calibrated, Shared):
 
     # ----------------------------------------------------------------- reading
     def _current(self, read: Callable[[Snapshot], T]) -> T:
-        """``read(snapshot)``, on a new snapshot where another process's write has committed since
-        this one was taken and its class rows are gone (``snapshot.retried``)."""
-        return snapshot.retried(lambda: read(self._s), self.refresh)
+        """``read(snapshot)``; where another process's write has changed the class rows it needs
+        since this snapshot was taken, on the version now committed, read with its class table."""
+        try:
+            return read(self._s)
+        except CollectionChangedError:
+            self._s = snapshot.read(self.path, self._engine, table=True)
+            return read(self._s)
 
     @property
     def classes(self) -> list:

@@ -58,7 +58,8 @@ class CollectionStateError(ImprintError, ValueError):
 
 
 class CollectionChangedError(CollectionStateError):
-    """Other processes kept committing writes while one answer was being read: try again."""
+    """A write committed since the version being read changed the class rows it needs (a reader
+    then reads the version now committed: ``Collection`` never lets it reach the caller)."""
 
     code = "collection_changed"
     http_status = 409

@@ -195,7 +195,7 @@ def class_terms(s: Snapshot, owner: np.ndarray, threshold: float | None) -> tupl
     (None for -1), the shift its rejection score subtracts (0 under rule max) and its threshold
     (``threshold`` if given, else the class's own, else the collection's; NaN: none)."""
     found = owner >= 0
-    rows = s.rows_of(owner[found])  # the rows of these classes only: no read of the whole table
+    rows = s.rows_of(owner[found], exist=True)  # the rows of these classes only: no read of the whole table
     at = rows.positions(owner[found])
     limit = np.full(owner.shape, np.nan if threshold is None else float(threshold))
     if threshold is None:

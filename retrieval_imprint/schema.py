@@ -104,6 +104,7 @@ classes = Table(
     Column("sample_hi", Integer, nullable=False),
     Column("shift", Float),  # mean out-of-fold score of the class's own samples (rule shift; None: unknown)
     Column("threshold", Float),  # the class's own rejection threshold (None: the collection's)
+    Column("changed", Integer),  # the version whose write last set this row (None: before migration 0012)
     UniqueConstraint("label_kind", "label", name="uq_classes_label"),
 )
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
@@ -39,22 +38,8 @@ from .segments import class_of
 from .verified import FileVerifier, ListVerifier
 
 KINDS = ("proxies", "samples", "template", "means", "candidates")
-STALE_READS = 8  # snapshots one answer may take while other processes keep committing writes
+STALE_READS = 4  # reads of a version before one reads the class table with it (it cannot then be stale)
 ROWS_MAX = 100_000  # classes beyond which reading the whole table beats reading their rows by key
-
-
-T = TypeVar("T")
-
-
-def retried(read: Callable[[], T], again: Callable[[], Any] = lambda: None) -> T:
-    """``read()``; where a write committed under it (``CollectionChangedError``), ``again()`` and read again,
-    ``STALE_READS`` times in all."""
-    for _ in range(STALE_READS - 1):
-        try:
-            return read()
-        except CollectionChangedError:
-            again()
-    return read()
 
 
 @dataclass
@@ -78,6 +63,7 @@ class Snapshot:
     # automatic compaction instead of read back (which costs an IVF quantizer and list walk per file)
     recent: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     loaded_table: ClassTable | None = None  # the whole class table, once something needed it
+    read_at: int = -1  # the version read from the database (writers move ``version`` on from it)
 
     @property
     def table(self) -> ClassTable:
@@ -89,17 +75,24 @@ class Snapshot:
 
     @property
     def n_classes(self) -> int:
-        return len(self.loaded_table) if self.loaded_table is not None else self._read(store.n_classes)
+        if self.loaded_table is not None:
+            return len(self.loaded_table)
+        return self.config["n_classes"] if self.version == self.read_at else self._read(store.n_classes)
 
-    def rows_of(self, class_ids: np.ndarray) -> ClassTable:
-        """The class table's rows of these class ids (any order, repeats; those of no class absent):
-        from the whole table where it is read, else by key from the database."""
+    def rows_of(self, class_ids: np.ndarray, *, exist: bool = False) -> ClassTable:
+        """The rows of these class ids (any order, repeats; those of no class absent): from the whole
+        table if read, else by key, each as this version has it: a ``CollectionChangedError`` if a
+        later write changed one (or, with ``exist``, removed one; else a class gone counts as gone)."""
         ids = np.unique(np.asarray(class_ids, np.int64))
         if not len(ids):
             return ClassTable.from_columns(classrows.class_rows(None, ids))
         if self.loaded_table is not None or len(ids) > ROWS_MAX:
             return self.table.subset(ids)
-        return ClassTable.from_columns(self._read(lambda conn: classrows.class_rows(conn, ids)))
+        with self.engine.connect() as conn:
+            rows = classrows.class_rows(conn, ids)
+        if (rows["changed"] > self.version).any() or (exist and len(rows["id"]) < len(ids)):
+            raise CollectionChangedError(f"classes were changed since version {self.version} while it was read")
+        return ClassTable.from_columns(rows)
 
     def live(self, kind: str, ids: np.ndarray) -> np.ndarray:
         """Which vector ids of ``kind`` belong to this version (``ClassTable.live``)."""
@@ -394,21 +387,29 @@ class Snapshot:
         return index, FileVerifier(directory, name, file, self.checksums.get(name))
 
 
-def read(directory: Path, engine: Engine, *, samples: bool = False, vector_rows: bool = False) -> Snapshot:
+def read(
+    directory: Path, engine: Engine, *, samples: bool = False, vector_rows: bool = False, table: bool = False
+) -> Snapshot:
     """The committed version now on disk: database rows and the segments they name (the samples'
-    too with ``samples``; the id rows and the whole class table with ``vector_rows``). Read again
-    where a write committed before the class rows that the small segment files' removed vectors
-    are found by were read (``CollectionChangedError``)."""
-    return retried(lambda: _read(directory, engine, samples, vector_rows))
+    too with ``samples``; the id rows with ``vector_rows``; the whole class table with either or
+    ``table``). Read again where a write changed the class rows of the small segment files' vectors
+    before they were read (``CollectionChangedError``), the last time with the whole table, in the
+    same transaction: a read never fails for other processes' writes."""
+    for _ in range(STALE_READS - 1):
+        try:
+            return _read(directory, engine, samples, vector_rows, table)
+        except CollectionChangedError:
+            pass
+    return _read(directory, engine, samples, vector_rows, True)
 
 
-def _read(directory: Path, engine: Engine, samples: bool, vector_rows: bool) -> Snapshot:
+def _read(directory: Path, engine: Engine, samples: bool, vector_rows: bool, table: bool) -> Snapshot:
     with ExitStack() as stack:
         with segments.reading(directory):
             with engine.connect() as conn, conn.begin():
                 cfg, emb, label_kinds, segs = store.read_state(conn)
                 ids = store.vector_rows(conn) if vector_rows else None
-                whole = ClassTable.from_columns(classrows.class_columns(conn)) if vector_rows else None
+                whole = ClassTable.from_columns(classrows.class_columns(conn)) if vector_rows or table else None
             kinds = KINDS if samples else ("template", "proxies", "means", "candidates")
             opened = {
                 name: stack.enter_context(segments.open_segment(directory, name))
@@ -427,6 +428,7 @@ def _read(directory: Path, engine: Engine, samples: bool, vector_rows: bool) -> 
             label_kinds,
             vector_rows=ids,
             loaded_table=whole,
+            read_at=cfg["version"],
         )
         snap.fixed = Fixed(
             np.frombuffer(cfg["quantile_targets"], np.float32).copy() if cfg["quantile_targets"] else None,

@@ -66,7 +66,7 @@ def set_class_threshold(engine: Engine, s: Snapshot, class_id: int, threshold: f
     """Set (None: clear) one class's own rejection threshold and bump the version."""
     version = s.version + 1
     with store.writing(engine) as conn:
-        classrows.update_classes(conn, [{"id": class_id, "threshold": threshold}])
+        classrows.update_classes(conn, [{"id": class_id, "threshold": threshold}], version)
         store.set_collection(conn, version=version)
     if (table := s.loaded_table) is not None:
         table.threshold[table.positions(np.array([class_id]))] = np.nan if threshold is None else threshold
@@ -81,11 +81,12 @@ def restore_rejection(
     version = s.version + 1
     with store.writing(engine) as conn:
         store.set_collection(conn, version=version, threshold=threshold)
-        classrows.update_classes(conn, [{"id": i, "threshold": th, "shift": sh} for i, (th, sh) in classes.items()])
-    if s.loaded_table is not None:
-        at = s.loaded_table.positions(np.array(list(classes), np.int64))
-        s.loaded_table.threshold[at] = [np.nan if th is None else th for th, _ in classes.values()]
-        s.loaded_table.shift[at] = [np.nan if sh is None else sh for _, sh in classes.values()]
+        rows = [{"id": i, "threshold": th, "shift": sh} for i, (th, sh) in classes.items()]
+        classrows.update_classes(conn, rows, version)
+    if (table := s.loaded_table) is not None:
+        at = table.positions(np.array(list(classes), np.int64))
+        table.threshold[at] = [np.nan if th is None else th for th, _ in classes.values()]
+        table.shift[at] = [np.nan if sh is None else sh for _, sh in classes.values()]
     s.config.update(threshold=threshold, version=version)
 
 
@@ -240,8 +241,7 @@ def add(
         mean_index.add(M, mean_ids)
         written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids, b.class_id)
     segments.crash_point("add: segments written")
-    gone, old = s.rows_of(replaced), s.rows_of(b.class_id[b.existing])  # read before the version moves on
-
+    gone, grown = s.rows_of(replaced), s.rows_of(b.class_id[b.existing])  # read before the version moves on
     with store.writing(engine) as conn:
         if len(replaced):
             store.delete_vectors(conn, replaced, drop_classes=True)
@@ -252,9 +252,9 @@ def add(
              "proxy_hi": int(proxy_hi[i]), "sample_hi": int(sizes[i]), "shift": shifts[i]}
             for i in range(len(entries))
         ]  # fmt: skip
-        classrows.insert_classes(conn, [{**row, "label": e[1], "label_kind": e[0]}
-                                    for row, e, old in zip(rows, entries, b.existing) if not old])  # fmt: skip
-        classrows.update_classes(conn, [row for row, old in zip(rows, b.existing) if old])
+        classrows.insert_classes(conn, [{**r, "label": e[1], "label_kind": e[0]} for r, e in zip(rows, entries)
+                                        if e not in found], version)  # fmt: skip
+        classrows.update_classes(conn, [row for row, old in zip(rows, b.existing) if old], version)
         for kind, (file, ids, owners) in written.items():
             store.insert_segment(conn, kind, file, ids, owners)
         if "samples" in written and (texts is not None or refs is not None):
@@ -289,14 +289,14 @@ def add(
     if len(replaced):
         _forget(s, gone)
     if b.existing.any():
-        s.searched.remove(old.proxy_ids(old.ids))
+        s.searched.remove(grown.proxy_ids(grown.ids))
     s.searched.add(W, proxy_ids)
     if s.samples is not None and "samples" in written:
         s.samples.add(samples, written["samples"][1])
     if "means" in written:
         s.means = s.means if s.means is not None else s.new_index("means")
         if b.existing.any():
-            s.means.remove(old.mean_ids(old.ids))
+            s.means.remove(grown.mean_ids(grown.ids))
         s.means.add(M, mean_ids)
     vectors = {"proxies": W, "samples": samples, "means": M if "means" in written else None}
     for kind, (file, ids, _) in written.items():
@@ -326,7 +326,7 @@ def set_rejection(engine: Engine, s: Snapshot, threshold: float, rule: str, shif
         store.set_collection(conn, version=version, threshold=threshold, rejection=rule)
         if shift is not None:
             rows = [{"id": int(i), "shift": None if np.isnan(v) else float(v)} for i, v in zip(s.table.ids, shift)]
-            classrows.update_classes(conn, rows)
+            classrows.update_classes(conn, rows, version)
     s.config.update(version=version, threshold=threshold, rejection=rule)
     if shift is not None:
         s.table.shift = np.asarray(shift, np.float64)
@@ -384,7 +384,7 @@ def retune(
         classrows.update_classes(conn, [
             {"id": int(i), "proxy_lo": int(a), "proxy_hi": int(b), "shift": None if np.isnan(v) else float(v)}
             for i, a, b, v in zip(table.ids, lo, hi, shift)
-        ])  # fmt: skip
+        ], version)  # fmt: skip
         store.set_collection(conn, version=version, auto_choice=cfg["auto_choice"], **_fixed_columns(s))
     segments.crash_point("retune: committed")
     s.proxies, s.means = proxies, means

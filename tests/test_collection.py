@@ -376,3 +376,23 @@ def test_an_opened_collection_answers_from_its_classes_rows_alone(tmp_path, reje
         conn.exec_driver_sql("UPDATE collection SET live_proxies = live_proxies + 1")
     live = int(writer.n_proxies.sum())
     assert f"counts {live + 1} live proxies, the classes table {live}" in " ".join(reader.check().problems)
+
+
+def test_a_reader_answers_from_its_version_until_a_write_changes_a_class_it_names(tmp_path):
+    """Class rows carry the version that last wrote them: a reader keeps answering from the version
+    it holds while other writes leave its answer's classes alone, and answers from the version now
+    committed once one of them has changed (never from a row newer than its version)."""
+    X, y = labelled(6, 10, 6, seed=5)
+    writer = make(tmp_path, k=2)
+    writer.add(X, y)
+    reader = Collection.open(tmp_path / "col")
+    held, Q = reader.snapshot, X[y == "c1"][:2]
+    before = reader.query(Q)
+    writer.add(X[:3] + 9, ["new"] * 3)  # a class the reader's answer does not name
+    writer.set_threshold(0.2, label="c4")
+    np.testing.assert_array_equal(reader.query(Q).labels, before.labels)
+    assert reader.snapshot is held and len(reader) == 6  # its own version's count, no refresh
+    writer.remove(["c1"])  # the class it answers is gone since
+    after = reader.query(Q)
+    assert "c1" not in after.labels.tolist() and reader.snapshot is not held
+    np.testing.assert_array_equal(after.labels, Collection.open(tmp_path / "col").query(Q).labels)

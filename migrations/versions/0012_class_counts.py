@@ -1,4 +1,6 @@
-"""Class counts kept by the database: ``collection.n_classes`` and ``collection.live_proxies`` (the
+"""Class rows readable one by one: ``classes.changed``, the version whose write last set a row (a
+reader of an older version can use a row written no later than its own), and class counts kept by
+the database: ``collection.n_classes`` and ``collection.live_proxies`` (the
 sum over classes of ``proxy_hi - proxy_lo``), maintained by SQLite triggers on every insert,
 update and delete of a class row. A collection opens, counts its classes and learns whether any
 vector of its files is dead (removed or re-imprinted since it was written: the files hold more
@@ -29,6 +31,7 @@ TRIGGERS = {
 
 
 def upgrade() -> None:
+    op.add_column("classes", sa.Column("changed", sa.Integer))
     op.add_column("collection", sa.Column("n_classes", sa.BigInteger))
     op.add_column("collection", sa.Column("live_proxies", sa.BigInteger))
     op.execute(
@@ -44,3 +47,4 @@ def downgrade() -> None:
         op.execute(f"DROP TRIGGER {name}")
     op.execute("ALTER TABLE collection DROP COLUMN live_proxies")
     op.execute("ALTER TABLE collection DROP COLUMN n_classes")
+    op.execute("ALTER TABLE classes DROP COLUMN changed")
