@@ -6,9 +6,11 @@ same version even while a writer commits and compacts beside it. The files are r
 lock is released (an open file outlives its deletion), so writers never wait on a slow reader.
 
 The class table is not read then (1.2 GB and seconds at ten million classes): an answer reads its
-classes' rows by key (``rows_of``), an operation over most classes the whole table (``table``).
-Both raise ``CollectionChangedError`` where a write has committed since this version: a reader then answers
-from a new snapshot (``retried``); a writer, holding the lock, always reads its own version.
+classes' rows by key (``rows_of``: each row says which version last wrote it, so one no later
+write changed serves an older version), an operation over most classes the whole table
+(``table``: only while the database is at this version). Where they cannot, they raise
+``CollectionChangedError``: a reader then reads the version now committed with its whole class
+table (``read(table=True)``), which cannot fail so; a writer, holding the lock, is never stale.
 """
 
 from __future__ import annotations
@@ -102,9 +104,7 @@ class Snapshot:
         """``read(conn)`` in a transaction that sees this snapshot's version; else ``CollectionChangedError``."""
         with self.engine.connect() as conn, conn.begin():
             if store.version(conn) != self.version:
-                raise CollectionChangedError(
-                    f"the collection moved on to version {store.version(conn)} from {self.version} while it was read"
-                )
+                raise CollectionChangedError(f"the collection moved on from version {self.version} as it was read")
             return read(conn)
 
     @property
@@ -245,8 +245,7 @@ class Snapshot:
         all_live: bool = False,
     ) -> ProxyIndex:
         """The live vectors (by the class table; ``all_live``: known to be all) of these ``kind``
-        segment files, in one index.
-        Files not in ``opened`` are opened here: only the writer may, as no one else deletes them.
+        segment files, in one index. Files not in ``opened`` are opened here: only the writer may.
         One file is used as read (no copy: a compacted collection opens faster)."""
         merged, read = self.new_index(kind), False
         kept: list[tuple[np.ndarray, np.ndarray]] = []
