@@ -163,7 +163,7 @@ class Collection(Calibrated, Shared):
         self._engine.dispose()
 
     # ----------------------------------------------------------------- reading
-    def _current(self, read: Callable[[Snapshot], T]) -> T:
+    def current(self, read: Callable[[Snapshot], T]) -> T:
         """``read(snapshot)``; where another process's write has changed the class rows it needs
         since this snapshot was taken, on the version now committed, read with its class table."""
         try:
@@ -175,10 +175,10 @@ class Collection(Calibrated, Shared):
     @property
     def classes(self) -> list:
         """Labels, in the order their classes were added."""
-        return self._current(lambda s: s.table.labels.tolist())
+        return self.current(lambda s: s.table.labels.tolist())
 
     def __len__(self) -> int:
-        return self._current(lambda s: s.n_classes)
+        return self.current(lambda s: s.n_classes)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -218,11 +218,11 @@ class Collection(Calibrated, Shared):
 
     def info(self) -> dict[str, Any]:
         """Config, sizes and files, as plain data."""
-        return {"path": str(self.path), **self._current(lambda s: s.info(self.path, self.config))}
+        return {"path": str(self.path), **self.current(lambda s: s.info(self.path, self.config))}
 
     def class_table(self) -> list[dict[str, Any]]:
         """One row per class, in insertion order: label, samples, proxies."""
-        return self._current(lambda s: s.table.rows())
+        return self.current(lambda s: s.table.rows())
 
     def query(
         self,
@@ -247,7 +247,7 @@ class Collection(Calibrated, Shared):
             owner, scores = ranking.rank(s, rows, k, ranking.search_params(s, search_params))
             return ranking.answer(s, owner, scores, threshold)
 
-        return self._current(answer)
+        return self.current(answer)
 
     def embedder(self, *, progress: bool = False) -> Embedder:
         """The collection's embedding model (loaded on first use; cached embeddings), checked to be
@@ -261,14 +261,14 @@ class Collection(Calibrated, Shared):
         """The kept samples of class ``label``: ``sample`` (index in the class), ``text`` and ``ref``
         (None where it was added as a vector) (``provenance.py``)."""
         class_id = int(self._class_ids([label])[0])
-        return self._current(lambda s: provenance.examples(self._engine, s, self.path, class_id))
+        return self.current(lambda s: provenance.examples(self._engine, s, self.path, class_id))
 
     def explain(self, Q: Any, n: int = 3, *, threshold: float | None = None) -> list[list[dict[str, Any]]]:
         """For each query, the ``n`` kept samples of its answer most similar to it (text, ref,
         score; none where the query is rejected): the training examples the answer rests on."""
         n = spec.check_int("n", n, 1)
         answer = self.query(Q, 1, threshold=threshold)
-        owner = self._current(lambda s: s.table.ids_of(answer.labels[:, 0]))
+        owner = self.current(lambda s: s.table.ids_of(answer.labels[:, 0]))
         s = snapshot.read(self.path, self._engine, samples=True)  # the samples, read as the answers were
         Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
         return provenance.explain(self._engine, s, self.path, Q, owner, n)

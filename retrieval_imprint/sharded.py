@@ -264,9 +264,12 @@ class ShardedCollection(Calibrated, Shared):
         first = live[0][1]
         Q, top = query_rows(Q, top, model, first.model, first.dimension, first.config["inf_norm"])
         parts = []
-        for i, col in live:
-            s = col.snapshot  # one version for the shard's whole part
-            parts.append(part(s, ranking.search_params(s, search_params), i, self.n_shards, Q, top, threshold))
+        for i, col in live:  # one version for the shard's whole part
+            parts.append(
+                col.current(
+                    lambda s: part(s, ranking.search_params(s, search_params), i, self.n_shards, Q, top, threshold)
+                )
+            )
         return merge(parts, top, first.params)
 
     def check(self) -> CheckReport:

@@ -348,3 +348,21 @@ def test_export_round_trips_into_any_shard_count(tmp_path, data):
     assert one.classes == two.classes == 13
     assert_same_answers(col, Collection.open(tmp_path / "one"), Q)
     assert_same_answers(col, ShardedCollection.open(tmp_path / "two"), Q)
+
+
+def test_a_sharded_reader_moves_on_when_a_class_it_answers_is_removed(tmp_path):
+    """Each shard answers from the version it holds while other writes leave the classes it names
+    alone, and from the committed version once one was removed (``Collection.current``)."""
+    X, y = blobs(8, 10, 6, seed=9)
+    labels = np.array([f"s{i}" for i in y])
+    ShardedCollection.create(tmp_path / "sh", shards=3, model=None, k=2).add(X, labels)
+    reader = ShardedCollection.open(tmp_path / "sh")
+    Q = X[labels == "s2"][:2]
+    assert (reader.predict(Q) == "s2").all()
+    writer = ShardedCollection.open(tmp_path / "sh")
+    writer.add(X[:3] + 9, ["new"] * 3)
+    assert (reader.predict(Q) == "s2").all()
+    writer.remove(["s2"])
+    after = reader.query(Q, 2)
+    assert "s2" not in after.labels.tolist()
+    np.testing.assert_array_equal(after.labels, ShardedCollection.open(tmp_path / "sh").query(Q, 2).labels)
