@@ -25,7 +25,7 @@ INT_COLUMNS = ("id", "n_samples", "proxy_lo", "proxy_hi")
 
 def class_columns(conn: Connection) -> dict[str, Any]:
     """The class table as columns in id order: int64 arrays ``INT_COLUMNS``, float64 arrays ``shift``
-    and ``threshold`` (NaN for NULL), the list ``label`` (str or int) and the set ``kinds``.
+    and ``threshold`` (NaN for NULL) and the list ``label`` (str or int).
 
     Fetched as a few long strings that SQLite builds in C (``group_concat``; ``json_group_array``
     for str labels, which may hold any character; int labels are JSON numbers as stored, of any
@@ -55,7 +55,7 @@ def class_columns(conn: Connection) -> dict[str, Any]:
         out = {name: values[order] for name, values in out.items()}
         labels = [labels[i] for i in order]
         ids = out["id"]
-    out["label"], out["kinds"] = labels, kinds
+    out["label"] = labels
     out["shift"], out["threshold"] = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
     found = conn.execute(
         select(c.id, c.shift, c.threshold).where(or_(c.shift.is_not(None), c.threshold.is_not(None)))
@@ -67,14 +67,13 @@ def class_columns(conn: Connection) -> dict[str, Any]:
     return out
 
 
-def class_rows(conn: Connection | None, ids: np.ndarray) -> dict[str, Any]:
+def class_rows(conn: Connection, ids: np.ndarray) -> dict[str, Any]:
     """The rows of the classes ``ids`` (sorted, distinct) that exist, as ``class_columns`` gives the
     whole table, and ``changed``, the version that last wrote each: what one answer needs, read by
     primary key."""
     c = classes.c
     found: list[Any] = []
     for i in range(0, len(ids), SQL_CHUNK):
-        assert conn is not None, "rows are read on a connection"
         found += conn.execute(
             select(c.id, c.label_kind, c.label, c.n_samples, c.proxy_lo, c.proxy_hi, c.shift, c.threshold, c.changed)
             .where(c.id.in_(ids[i : i + SQL_CHUNK].tolist()))

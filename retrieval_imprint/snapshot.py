@@ -86,8 +86,6 @@ class Snapshot:
         table if read, else by key, each as this version has it: a ``CollectionChangedError`` if a
         later write changed one (or, with ``exist``, removed one; else a class gone counts as gone)."""
         ids = np.unique(np.asarray(class_ids, np.int64))
-        if not len(ids):
-            return ClassTable.from_columns(classrows.class_rows(None, ids))
         if self.loaded_table is not None or len(ids) > ROWS_MAX:
             return self.table.subset(ids)
         with self.engine.connect() as conn:

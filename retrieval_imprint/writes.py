@@ -102,10 +102,10 @@ class _Batch:
     new_rows: np.ndarray  # rows of the new samples X, grouped by class
     new_counts: np.ndarray  # (B,) new samples per class
     next_class_id: int
+    grown: ClassTable  # the rows of the existing classes, as this version has them
 
 
 def _batch(directory: Path, s: Snapshot, X: np.ndarray, codes: np.ndarray, entries: list, found: dict) -> _Batch:
-    d = X.shape[1]
     B = len(entries)
     class_id = np.empty(B, np.int64)
     old_samples, old_proxy_hi = np.zeros(B, np.int64), np.zeros(B, np.int64)
@@ -117,17 +117,14 @@ def _batch(directory: Path, s: Snapshot, X: np.ndarray, codes: np.ndarray, entri
         else:
             class_id[i], old_samples[i], old_proxy_hi[i] = row.id, row.sample_hi, row.proxy_hi
     existing = np.array([e in found for e in entries], bool)
-    kept = (
-        s.sample_index(directory).reconstruct(s.rows_of(class_id[existing]).sample_ids(class_id[existing]))
-        if existing.any()
-        else np.zeros((0, d), np.float32)
-    )
+    grown = s.rows_of(class_id[existing])
     new_rows = np.argsort(codes, kind="stable")
     new_counts = np.bincount(codes, minlength=B)
     new_starts = np.concatenate([[0], np.cumsum(new_counts)])
     kept_starts = np.concatenate([[0], np.cumsum(old_samples)])
     parts = [X[new_rows]]  # new classes only (a bulk add): one gather, not one per class
     if existing.any():  # each class's kept samples, then its new ones
+        kept = s.sample_index(directory).reconstruct(grown.sample_ids(class_id[existing]))
         new = [X[new_rows[new_starts[i] : new_starts[i + 1]]] for i in range(B)]
         parts = [rows for i in range(B) for rows in (kept[kept_starts[i] : kept_starts[i + 1]], new[i])]
     sizes = old_samples + new_counts
@@ -136,7 +133,7 @@ def _batch(directory: Path, s: Snapshot, X: np.ndarray, codes: np.ndarray, entri
         np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
         lab.label_keys([lab.value(*e) for e in entries]),
     )
-    return _Batch(class_id, existing, old_samples, old_proxy_hi, groups, new_rows, new_counts, next_id)
+    return _Batch(class_id, existing, old_samples, old_proxy_hi, groups, new_rows, new_counts, next_id, grown)
 
 
 def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> segments.Segment | None:
@@ -241,7 +238,7 @@ def add(
         mean_index.add(M, mean_ids)
         written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids, b.class_id)
     segments.crash_point("add: segments written")
-    gone, grown = s.rows_of(replaced), s.rows_of(b.class_id[b.existing])  # read before the version moves on
+    gone = s.rows_of(replaced)  # read before the version moves on
     with store.writing(engine) as conn:
         if len(replaced):
             store.delete_vectors(conn, replaced, drop_classes=True)
@@ -289,14 +286,14 @@ def add(
     if len(replaced):
         _forget(s, gone)
     if b.existing.any():
-        s.searched.remove(grown.proxy_ids(grown.ids))
+        s.searched.remove(b.grown.proxy_ids(b.grown.ids))
     s.searched.add(W, proxy_ids)
     if s.samples is not None and "samples" in written:
         s.samples.add(samples, written["samples"][1])
     if "means" in written:
         s.means = s.means if s.means is not None else s.new_index("means")
         if b.existing.any():
-            s.means.remove(grown.mean_ids(grown.ids))
+            s.means.remove(b.grown.mean_ids(b.grown.ids))
         s.means.add(M, mean_ids)
     vectors = {"proxies": W, "samples": samples, "means": M if "means" in written else None}
     for kind, (file, ids, _) in written.items():
