@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 from sqlalchemy import Engine
 
-from . import refine, segments, store
+from . import listfiles, refine, segments, store
 from .errors import CollectionStateError
 from .imprint import seed_of
 from .index import ProxyIndex
@@ -115,7 +115,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     if streamed and s.template is not None:
         sources = s.proxy_sources(directory, chosen["proxies"])
         live = functools.partial(s.live, "proxies")
-        written["proxies"], n = segments.write_lists(directory, version, s.template.index, sources, live)
+        written["proxies"], n = listfiles.write_lists(directory, version, s.template.index, sources, live)
         merged["proxies"] = s.written_proxies(directory, written["proxies"], n)
     if retrain:  # from the live proxies in memory, which the merged files would only repeat
         exact = refine.parse(s.config["index_factory"])[0]
@@ -137,7 +137,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         if segments.candidates_of(f) in s.files["candidates"]
     ]
     if candidates is not None:
-        written["candidates"] = segments.write_segment(directory, "candidates", version, candidates)
+        written["candidates"] = listfiles.write_candidates(directory, version, candidates)
         counts["candidates"] = candidates.ntotal
     segments.crash_point("compact: segments written")
     with store.writing(engine) as conn:

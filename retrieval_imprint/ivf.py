@@ -333,31 +333,45 @@ def alive(ids: np.ndarray, dead: np.ndarray | None) -> np.ndarray:
     return dead[np.minimum(np.searchsorted(dead, ids), len(dead) - 1)] != ids
 
 
-def search_verified(
+Assignment = tuple[np.ndarray, np.ndarray]  # a coarse search's (distances, list numbers), each (n, nprobe)
+Verify = Callable[[np.ndarray | None], None]  # checks lists before they are read (verified.ListVerifier.ensure)
+
+
+def assign(index: faiss.Index, Q: np.ndarray, params: dict[str, int] | None) -> Assignment:
+    """The lists IVF ``index`` probes for prepared queries ``Q`` under ``params`` (``nprobe``, and an
+    HNSW quantizer's beam): one coarse search, which every index sharing the quantizer can reuse
+    (``search_assigned``; a collection's segment files share the template's)."""
+    ivf = _ivf(index)
+    nprobe = min(int((params or {}).get("nprobe", ivf.nprobe)), ivf.nlist)
+    searched: Any = search_parameters(index, {**(params or {}), "nprobe": nprobe})
+    return ivf.quantizer.search(np.ascontiguousarray(Q, np.float32), nprobe, params=searched.quantizer_params)
+
+
+def _ivf(index: faiss.Index) -> Any:
+    """``index`` if it is an IVF index (a mapped part's: downcast once), else the IVF inside it, downcast (10 us), or None."""
+    if isinstance(index, faiss.IndexIVF):
+        return index
+    inner = faiss.try_extract_index_ivf(index)
+    return faiss.downcast_index(inner) if inner is not None else None
+
+
+def search_assigned(
     index: faiss.Index,
     Q: np.ndarray,
     k: int,
+    assigned: Assignment,
     params: dict[str, int] | None,
-    selector: faiss.IDSelector | None,
-    verify: Callable[[np.ndarray | None], None],
+    selector: faiss.IDSelector | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search`` with ``verify(lists)`` called on the inverted lists it will scan before it
-    scans them: the coarse assignment is made here once and handed to FAISS. An index that is not
-    a plain IVF (wrapped in a transform) has ``verify(None)`` called instead: every list."""
-    ivf = index if isinstance(index, faiss.IndexIVF) else faiss.downcast_index(index)  # downcast: 10 us a call
-    if not isinstance(ivf, faiss.IndexIVF):
-        verify(None)
-        return index.search(Q, k, params=search_parameters(index, params, selector))
-    # FAISS's search splits a batch over threads itself and runs search_preassigned on each part one
-    # thread apiece (mode 0); called directly, search_preassigned must split the batch (mode 3), or a
-    # batch runs on one core (1,000 queries at 100k classes: 1.5 s instead of 0.9 s, dev probe)
+    """``index.search`` of the lists ``assigned`` (``assign``) only, with ``params``' other settings."""
+    ivf = _ivf(index)
+    # called directly, search_preassigned must split a batch over threads itself (mode 3), or it runs
+    # on one core (1,000 queries at 100k classes: 1.5 s instead of 0.9 s, dev probe)
     if ivf.parallel_mode != 3:
         ivf.parallel_mode = 3
-    nprobe = min(int((params or {}).get("nprobe", ivf.nprobe)), ivf.nlist)
-    searched: Any = search_parameters(index, {**(params or {}), "nprobe": nprobe}, selector)  # nprobe: the lists below
+    Dq, Iq = assigned
+    searched = search_parameters(index, {**(params or {}), "nprobe": Iq.shape[1]}, selector)
     Q = np.ascontiguousarray(Q, np.float32)
-    Dq, Iq = ivf.quantizer.search(Q, nprobe, params=searched.quantizer_params)
-    verify(Iq)
     D, ids = np.empty((len(Q), k), np.float32), np.empty((len(Q), k), np.int64)
     ivf.search_preassigned_c(
         len(Q),
@@ -371,6 +385,26 @@ def search_verified(
         searched,
     )  # the Python wrapper takes no parameters
     return D, ids
+
+
+def search_verified(
+    index: faiss.Index,
+    Q: np.ndarray,
+    k: int,
+    params: dict[str, int] | None,
+    selector: faiss.IDSelector | None,
+    verify: Verify,
+    assigned: Assignment | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` with ``verify(lists)`` called on the inverted lists it will scan before it
+    scans them (those ``assigned``, or of a coarse search made here). An index that is not a plain
+    IVF (wrapped in a transform) has ``verify(None)`` called instead: every list."""
+    if not isinstance(_ivf(index), faiss.IndexIVF):
+        verify(None)
+        return index.search(Q, k, params=search_parameters(index, params, selector))
+    assigned = assigned if assigned is not None else assign(index, Q, params)
+    verify(assigned[1])
+    return search_assigned(index, Q, k, assigned, params, selector)
 
 
 def hnsw_quantized(index: faiss.Index) -> bool:

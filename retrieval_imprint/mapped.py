@@ -7,12 +7,13 @@ at least ``segments.MAP_MIN`` bytes mapped read-only from its file (``segments.m
 small segments of later adds, and what this process adds). Adds go to ``index``. A mapped index
 cannot remove vectors (FAISS aborts on a write to a mapped list), so proxies removed from a part —
 a removed or re-imprinted class — are *dead*: left out of every search by an id selector, and
-rewritten away by the next compaction that merges the file. Each query searches every part and
-the in-memory index and keeps the best ``m`` (``faiss.merge_knn_results``). Every list of a mapped
+rewritten away by the next compaction that merges the file. Each query makes one coarse search
+(the parts share the template's quantizer), scans those lists in every part, searches the in-memory
+index and keeps the best ``m`` (``faiss.merge_knn_results``). Every list of a mapped
 file a query scans is verified first (verified.py): no reads at open, and no answer from a damaged
 byte. Where a file has fast-scan ``candidates`` (a refined index, refine.py), a query scans those
-instead and reads only its best candidates from the mapped lists (verified likewise), re-ranking
-them exactly.
+instead (mapped and verified likewise) and reads only its best candidates from the mapped lists,
+re-ranking them exactly.
 """
 
 from __future__ import annotations
@@ -30,22 +31,33 @@ from .index import ProxyIndex
 @dataclass
 class Mapped:
     """One mapped proxy file: its IVF index, the check of its lists (``verified.ListVerifier`` or
-    ``FileVerifier``) and, for a refined index, its fast-scan candidates."""
+    ``FileVerifier``) and, for a refined index, its fast-scan candidates and the check of their
+    lists (None: read and checked whole)."""
 
     index: faiss.Index
     verifier: Any
     candidates: faiss.Index | None = None
+    verify_candidates: ivf.Verify | None = None
 
     def __post_init__(self) -> None:
         self.searched = faiss.downcast_index(self.index)  # what search_verified takes: the IVF index itself
         self.reranker = refine.Reranker(self.index, self.verifier.ensure) if self.candidates is not None else None
+        self.quantizer = faiss.extract_index_ivf(self.index).quantizer  # shared with the template's (one coarse search)
 
     def search(
-        self, Q: np.ndarray, m: int, params: dict[str, int] | None, dead: np.ndarray, selector: Any
+        self,
+        Q: np.ndarray,
+        m: int,
+        params: dict[str, int] | None,
+        dead: np.ndarray,
+        selector: Any,
+        assigned: ivf.Assignment | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``m`` nearest live proxies of prepared queries ``Q`` in this file, in the lists
+        ``assigned`` by its quantizer (``ivf.assign``; else found here)."""
         if self.candidates is not None and self.reranker is not None:
-            return refine.search(self.candidates, self.reranker, Q, m, params, dead)
-        return ivf.search_verified(self.searched, Q, m, params, selector, self.verifier.ensure)
+            return refine.search(self.candidates, self.reranker, Q, m, params, dead, assigned, self.verify_candidates)
+        return ivf.search_verified(self.searched, Q, m, params, selector, self.verifier.ensure, assigned)
 
 
 class MappedProxyIndex(ProxyIndex):
@@ -99,7 +111,13 @@ class MappedProxyIndex(ProxyIndex):
 
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
         searched = ivf.with_quantizer_beam({**self.search_params, **(params or {})}, self.hnsw_quantized)
-        found = [part.search(Q, m, searched, self._dead, self._selector) for part in self.parts]
+        assigned: dict[Any, ivf.Assignment] = {}  # one coarse search per quantizer: every file shares the template's
+        found = []
+        for part in self.parts:
+            key = int(part.quantizer.this)
+            if key not in assigned:
+                assigned[key] = ivf.assign(part.searched, Q, searched)
+            found.append(part.search(Q, m, searched, self._dead, self._selector, assigned[key]))
         if self.index.ntotal:
             found.append(super()._nearest(Q, m, params))
         if len(found) == 1:

@@ -9,9 +9,9 @@ codes scanned with SIMD lookup tables, FAISS's ``IndexIVFPQFastScan``) of the sa
 the same coarse quantizer, whose ids are **positions** in the exact file, ``list << 32 | offset``.
 A query scans the candidates (tens of times faster than the float16 codes: docs/index-candidates.md),
 takes its ``k_factor * m`` best positions, reads those proxies' ids and codes from the exact file,
-decodes them and keeps the ``m`` best by exact distance. The candidates file is small (M / 2
-bytes a proxy plus its id) and read into memory; a position is checked against its list before
-it is read, so a wrong candidate costs recall, never a wrong score.
+decodes them and keeps the ``m`` best by exact distance. The candidates file (M / 2 bytes a proxy
+plus its id) is mapped like the proxies (written as padded array lists: listfiles.py); a position
+is checked against its list before it is read, so a wrong candidate costs recall, never a wrong score.
 """
 
 from __future__ import annotations
@@ -164,18 +164,29 @@ def search(
     m: int,
     params: dict[str, int] | None,
     dead: np.ndarray | None = None,
+    assigned: ivf.Assignment | None = None,
+    verify: ivf.Verify | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``m`` nearest proxies of prepared queries ``Q``: ``k_factor * m`` candidates from the
-    fast-scan index (``params``: ``nprobe``, ``quantizer_efSearch``, ``k_factor``), re-ranked exactly."""
+    fast-scan index (``params``: ``nprobe``, ``quantizer_efSearch``, ``k_factor``) in the lists
+    ``assigned`` (``ivf.assign``; else found here), each checked by ``verify`` first if given (a
+    mapped candidates file), re-ranked exactly."""
     params = dict(params or {})
     k_factor = int(params.pop("k_factor", K_FACTOR))
     if k_factor < 1:
         raise InvalidParameterError(f"search parameter k_factor={k_factor} must be at least 1")
     r = min(max(m, 1) * k_factor, max(candidates.ntotal, 1))
     Q = np.ascontiguousarray(Q, np.float32)
-    _, positions = candidates.search(Q, r, params=ivf.search_parameters(candidates, params))
+    if verify is None and assigned is None:
+        _, positions = candidates.search(Q, r, params=ivf.search_parameters(candidates, params))
+    else:
+        _, positions = ivf.search_verified(candidates, Q, r, params, None, verify or _unchecked, assigned)
     step = max(1, RERANK_BATCH // r)  # decoded candidates held at once
     parts = [reranker.rerank(Q[i : i + step], positions[i : i + step], m, dead) for i in range(0, len(Q), step)]
     if len(parts) == 1:
         return parts[0]
     return np.concatenate([D for D, _ in parts]), np.concatenate([ids for _, ids in parts])
+
+
+def _unchecked(lists: np.ndarray | None) -> None:
+    """No check: candidates read whole and hashed at open."""

@@ -18,21 +18,18 @@ import hashlib
 import os
 import re
 import stat
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import faiss
 import numpy as np
-from faiss.contrib.inspect_tools import get_invlist_sizes
 
 from .errors import CollectionDamagedError, CollectionIOError, CollectionLockedError
-from .ivf import stored_list
-from .verified import DTYPE, list_checksums, list_sum
+from .verified import list_checksums
 
 DB_NAME = "imprint.db"
 WRITER_LOCK = "writer.lock"
@@ -41,7 +38,6 @@ CLASS_SHIFT = 24
 MAX_PER_CLASS = 1 << CLASS_SHIFT
 SEGMENT_NAME = re.compile(r"(proxies|samples|template|means|candidates)-\d{8}\.faiss")
 _CHUNK = 1 << 20
-_EMPTY_LISTS = 32  # bytes FAISS writes for empty ArrayInvertedLists: ilar, nlist, code_size, sprs, 0 sizes
 MAP_MIN = 1 << 26  # bytes from which an IVF proxy segment is memory-mapped at open, not read and hashed
 _limit_lock = threading.Lock()  # FAISS's size limit for one array is a process-wide setting (map_segment)
 
@@ -165,87 +161,20 @@ class Segment(NamedTuple):
 
 def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) -> Segment:
     """Durably write ``index`` as a new segment file of ``kind`` (an IVF proxy index without its
-    coarse quantizer: ``_without_quantizer``)."""
+    coarse quantizer: ``without_quantizer``)."""
     ivf_proxies = kind == "proxies" and faiss.try_extract_index_ivf(index) is not None
     lists = list_checksums(index) if ivf_proxies else None  # what a mapped copy is verified against
 
     def write(tmp: Path) -> str:
-        with _without_quantizer(index) if ivf_proxies else nullcontext():
+        with without_quantizer(index) if ivf_proxies else nullcontext():
             faiss.write_index(index, str(tmp))
         with open(tmp, "rb") as written:
             return _checksum(written)
 
-    return Segment(*_durably(directory, f"{kind}-{version:08d}.faiss", write), lists)
+    return Segment(*durably(directory, f"{kind}-{version:08d}.faiss", write), lists)
 
 
-Verify = Callable[[np.ndarray | None], None]  # checks lists before they are read (verified.ListVerifier.ensure)
-
-
-def write_lists(
-    directory: Path,
-    version: int,
-    like: faiss.Index,
-    sources: Sequence[tuple[faiss.Index, Verify | None]],
-    keep: Callable,
-) -> tuple[Segment, int]:
-    """Durably write a new IVF proxy segment holding, list by list, the vectors of the IVF indexes
-    ``sources`` (lists and codes of the trained template ``like``; mapped files, typically, each
-    with the check of its lists, called on each list before it is copied) whose ids ``keep(ids)``
-    accepts, in source order; returns it and how many vectors it holds.
-
-    One list is in memory at a time whatever the total (a full compaction of 40M proxies would
-    otherwise hold 31 GB of float16 codes), so the file is written in FAISS's own format by hand:
-    ``like``'s header as FAISS writes it, then its ``ArrayInvertedLists`` (``ilar``: sizes, then
-    each list's codes and ids), which FAISS reads or maps as any file it wrote."""
-    nlist, code_size = faiss.extract_index_ivf(like).nlist, faiss.extract_index_ivf(like).code_size
-    lists = [faiss.extract_index_ivf(source).invlists for source, _ in sources]
-    sizes = np.zeros(nlist, np.uint64)
-    for invlists in lists:  # a first pass over the ids alone (1% of the bytes): the header holds the sizes
-        for no in np.flatnonzero(get_invlist_sizes(invlists)).tolist():
-            sizes[no] += int(keep(stored_list(invlists, no)[0]).sum())
-    header = faiss.clone_index(like)
-    header.ntotal = faiss.extract_index_ivf(header).ntotal = int(sizes.sum())
-    with _without_quantizer(header):
-        out = faiss.VectorIOWriter()
-        faiss.write_index(header, out)
-    head = faiss.vector_to_array(out.data).tobytes()
-    if head[-_EMPTY_LISTS : -_EMPTY_LISTS + 4] != b"ilar":
-        raise CollectionIOError(f"collection {directory}: FAISS wrote an IVF index in a layout this code does not know")
-    sums = np.zeros(nlist, DTYPE)
-
-    def write(tmp: Path) -> str:
-        digest = hashlib.blake2b(digest_size=16)  # of the bytes as written: no second read of the file
-        with open(tmp, "wb") as file:
-
-            def put(data: bytes) -> None:
-                digest.update(data)
-                file.write(data)
-
-            put(head[:-_EMPTY_LISTS])
-            put(b"ilar" + struct.pack("<QQ", nlist, code_size) + b"full" + struct.pack("<Q", nlist))
-            put(sizes.astype("<u8").tobytes())
-            for no in range(nlist):
-                for _, verify in sources:
-                    if verify is not None:
-                        verify(np.array([no]))
-                parts = [stored_list(invlists, no) for invlists in lists]
-                kept = [keep(ids) for ids, _ in parts]
-                ids = np.concatenate([ids[k] for (ids, _), k in zip(parts, kept, strict=True)]).astype("<i8")
-                codes = np.concatenate([codes[k] for (_, codes), k in zip(parts, kept, strict=True)])
-                if len(ids) != sizes[no]:
-                    raise CollectionDamagedError(
-                        f"collection {directory}: inverted list {no} changed while it was merged"
-                    )
-                sums[no] = list_sum(ids, codes)
-                put(codes.tobytes())
-                put(ids.tobytes())
-        return digest.hexdigest()
-
-    name, checksum = _durably(directory, f"proxies-{version:08d}.faiss", write)
-    return Segment(name, checksum, sums.tobytes()), int(sizes.sum())
-
-
-def _durably(directory: Path, name: str, write: Callable[[Path], str]) -> tuple[str, str]:
+def durably(directory: Path, name: str, write: Callable[[Path], str]) -> tuple[str, str]:
     """Write file ``name`` with ``write(tmp)`` (which returns the checksum of what it wrote) to
     ``name.tmp``, fsync it, rename it into place and fsync the directory: ``(name, checksum)``, or a
     ``CollectionIOError`` (and no file) if any step fails."""
@@ -269,7 +198,7 @@ def _durably(directory: Path, name: str, write: Callable[[Path], str]) -> tuple[
 
 
 @contextmanager
-def _without_quantizer(index: faiss.Index) -> Iterator[None]:
+def without_quantizer(index: faiss.Index) -> Iterator[None]:
     """An IVF ``index`` with an empty coarse quantizer while it is written: every proxy segment of a
     collection uses the template file's (``share_quantizer``), so a small add writes kilobytes,
     not the quantizer's megabytes (6 MiB at 4,096 lists of 384-d). Not to be searched meanwhile."""
@@ -283,24 +212,31 @@ def _without_quantizer(index: faiss.Index) -> Iterator[None]:
         ivf.quantizer = quantizer
 
 
-def share_quantizer(directory: Path, name: str, index: faiss.Index, template: faiss.Index) -> faiss.Index:
-    """A proxy segment read without its coarse quantizer (``write_segment``) as a copy of the
-    ``template`` holding the segment's inverted lists (handed over, not copied: a mapped file's
-    stay mapped); one written with its own (schema before 0010) as it is."""
+def share_quantizer(
+    directory: Path, name: str, index: faiss.Index, template: faiss.Index, *, same: bool = True
+) -> faiss.Index:
+    """A segment read without its coarse quantizer (``write_segment``, listfiles.py) given the
+    ``template``'s: the same object, not a copy, so one quantizer is in memory however many files
+    use it (29 MiB each at 16,384 lists of 384-d) and one coarse search serves them all
+    (mapped.py). ``same``: the segment must be an index of the template's kind (a proxy segment;
+    fast-scan candidates need only its lists). One written with its own quantizer (schema before
+    0010) keeps it. The index keeps the template alive."""
     ivf = faiss.try_extract_index_ivf(index)
+    shared = faiss.extract_index_ivf(template).quantizer
+    if (same and not same_kind(index, template)) or (
+        ivf is not None and (ivf.nlist, ivf.d, ivf.metric_type) != (shared.ntotal, shared.d, shared.metric_type)
+    ):
+        raise CollectionDamagedError(
+            f"collection {directory}: index file {name} does not hold lists of the collection's trained template"
+        )
     if ivf is None or ivf.quantizer.ntotal or not ivf.nlist:
         return index
-    if not same_kind(index, template):
-        raise CollectionDamagedError(
-            f"collection {directory}: index file {name} does not hold proxies of the kind "
-            "of the collection's trained template"
-        )
-    out = faiss.clone_index(template)
-    out_ivf = faiss.extract_index_ivf(out)
-    out_ivf.replace_invlists(ivf.invlists, True)
-    ivf.own_invlists = False  # now the copy's
-    out_ivf.ntotal = out.ntotal = index.ntotal
-    return out
+    empty = faiss.downcast_index(ivf.quantizer)
+    ivf.own_fields = False
+    ivf.quantizer = shared
+    type(empty).__swig_destroy__(empty)  # the file's empty quantizer: nothing else points to it
+    index.referenced_objects = [template]  # FAISS holds a raw pointer to its quantizer
+    return index
 
 
 def same_kind(index: faiss.Index, like: faiss.Index) -> bool:

@@ -292,7 +292,7 @@ class Snapshot:
     def proxy_sources(self, directory: Path, files: list[str]) -> list[tuple[Any, Any]]:
         """The IVF index of each proxy file (mapped where possible, or from ``recent``), each with the
         check of its lists before they are read (None where it was checked whole on reading):
-        what ``segments.write_lists`` merges list by list. Only the writer may call it."""
+        what ``listfiles.write_lists`` merges list by list. Only the writer may call it."""
         out: list[tuple[Any, Any]] = []
         for name in files:
             if name in self.recent:
@@ -333,19 +333,25 @@ class Snapshot:
             self.config["live_proxies"] = self._read(store.live_proxies)  # this process's writes moved it
             self.proxies = self.open_proxies(directory, opened)
 
-    def candidates_of(self, directory: Path, name: str, opened: dict[str, BinaryIO]) -> faiss.Index | None:
-        """The fast-scan candidates of proxy file ``name`` (refine.py), read and checked whole; None
-        if it has none."""
+    def candidates_of(self, directory: Path, name: str, opened: dict[str, BinaryIO]) -> tuple[faiss.Index, Any] | None:
+        """The fast-scan candidates of proxy file ``name`` (refine.py) and the check of their lists:
+        mapped, each list checked when first probed, where their checksums were recorded
+        (listfiles.py); else read and checked whole (no check left: None). None if it has none."""
         pair = segments.candidates_of(name)
         if pair not in self.files["candidates"]:
             return None
-        index = segments.read_segment(directory, pair, opened[pair], self.d, self.checksums.get(pair))
+        assert self.template is not None  # candidates are written for IVF proxies only
+        if (lists := self.list_sums.get(pair)) is not None and segments.can_map():
+            index = segments.map_segment(directory, pair, opened[pair], self.d, self.n_vectors[pair])
+            verify = ListVerifier(directory, pair, index, lists).ensure
+        else:
+            index, verify = segments.read_segment(directory, pair, opened[pair], self.d, self.checksums.get(pair)), None
         if index.ntotal != self.n_vectors[name]:
             raise CollectionDamagedError(
                 f"collection {directory}: index file {pair} holds {index.ntotal} candidates for the "
                 f"{self.n_vectors[name]} proxies of {name}"
             )
-        return index
+        return segments.share_quantizer(directory, pair, index, self.template.index, same=False), verify
 
     def open_proxies(self, directory: Path, opened: dict[str, BinaryIO]) -> ProxyIndex:
         """The proxies of these segment files: each IVF file of at least ``segments.MAP_MIN`` bytes
@@ -361,12 +367,7 @@ class Snapshot:
         for name in large:
             index, verifier = self._mapped(directory, name, opened[name])
             index = segments.share_quantizer(directory, name, index, self.template.index)
-            if not segments.same_kind(index, self.template.index):
-                raise CollectionDamagedError(
-                    f"collection {directory}: index file {name} does not hold a proxies "
-                    "index like the collection's trained template"
-                )
-            parts.append(Mapped(index, verifier, self.candidates_of(directory, name, opened)))
+            parts.append(Mapped(index, verifier, *(self.candidates_of(directory, name, opened) or ())))
         small = [f for f in files if f not in large]
         out = MappedProxyIndex(self.merge(directory, "proxies", small, opened, all_live=all_live), parts)
         if not all_live:  # removals since the files were written: their proxies are dead

@@ -277,7 +277,7 @@ def test_proxy_files_share_the_templates_quantizer_and_older_files_keep_their_ow
     X, y = classes(400)
     col = Collection.create(tmp_path / "c", model=None, k=3, keep_samples=False, index="IVF64,SQfp16")
     with monkeypatch.context() as old:  # as a writer before schema 0010 wrote them
-        old.setattr(segments, "_without_quantizer", lambda index: contextlib.nullcontext())
+        old.setattr(segments, "without_quantizer", lambda index: contextlib.nullcontext())
         col.add(X[y < 200], y[y < 200])
     col.add(X[(y >= 200) & (y < 201)], y[(y >= 200) & (y < 201)])  # one class: its file holds 3 proxies
     col.add(X[y >= 201], y[y >= 201])

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval_imprint import ivf, segments, verified
+from retrieval_imprint import ivf, listfiles, segments, verified
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionDamagedError
 from retrieval_imprint.mapped import MappedProxyIndex
@@ -243,7 +243,7 @@ def stored_by_id(index) -> dict[int, bytes]:
 
 
 def test_a_streamed_merge_writes_what_faiss_would_list_by_list(tmp_path):
-    """segments.write_lists: the live vectors of several IVF indexes, each in its list with its
+    """listfiles.write_lists: the live vectors of several IVF indexes, each in its list with its
     code, in a file FAISS reads and maps, whose recorded checksums are those of what it holds."""
     X = classes(0, 300)[0]
     template = faiss.index_factory(X.shape[1], f"IVF{NLIST},SQfp16", faiss.METRIC_INNER_PRODUCT)
@@ -252,7 +252,7 @@ def test_a_streamed_merge_writes_what_faiss_would_list_by_list(tmp_path):
     for no, part in enumerate(parts):
         part.add_with_ids(X[no::3], np.arange(len(X))[no::3].astype(np.int64))
     keep = lambda ids: ids % 5 != 0  # noqa: E731
-    segment, n = segments.write_lists(tmp_path, 7, template, [(p, None) for p in parts], keep)
+    segment, n = listfiles.write_lists(tmp_path, 7, template, [(p, None) for p in parts], keep)
     whole = faiss.clone_index(template)
     whole.add_with_ids(X, np.arange(len(X), dtype=np.int64))
     expected = {i: v for i, v in stored_by_id(whole).items() if i % 5}
@@ -289,3 +289,21 @@ def test_a_compaction_streams_the_proxies_and_refuses_a_damaged_list(grown, monk
     with pytest.raises(CollectionDamagedError, match=f"{name} is damaged: inverted list"):
         Collection.open(grown).compact()
     assert sorted(p.name for p in grown.iterdir() if p.suffix != ".lock") == before
+
+
+def test_every_mapped_file_shares_the_templates_quantizer_and_one_coarse_search(grown, monkeypatch):
+    """One quantizer in memory however many files (segments.share_quantizer), and one coarse search
+    a query, whose lists every file scans (ivf.assign)."""
+    col = open_as(grown, monkeypatch, True)
+    parts = col._s.proxies.parts
+    assert len(parts) > 1
+    template = int(faiss.extract_index_ivf(col._s.template.index).quantizer.this)
+    assert {int(part.quantizer.this) for part in parts} == {template}
+    calls, real = [], ivf.assign
+    monkeypatch.setattr(ivf, "assign", lambda *a: calls.append(1) or real(*a))
+    Q = classes(0, 340, n=1, seed=5)[0]
+    answer = col.query(Q[:1], 3, search_params={"nprobe": 4})
+    assert len(calls) == 1
+    np.testing.assert_array_equal(
+        answer.labels, open_as(grown, monkeypatch, False).query(Q[:1], 3, search_params={"nprobe": 4}).labels
+    )

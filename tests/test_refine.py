@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_mapped import classes  # 2 modes a class, in both files' tests
 
-from retrieval_imprint import ivf, refine, segments
+from retrieval_imprint import ivf, listfiles, refine, segments, verified
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionDamagedError, InvalidParameterError
 from retrieval_imprint.mapped import MappedProxyIndex
@@ -156,10 +156,12 @@ def test_damaged_candidates_or_exact_lists_never_answer(refined, tmp_path):
     path, s = tmp_path / "c", refined._s
     name = s.files["candidates"][0]
     whole = (path / name).read_bytes()
-    (path / name).write_bytes(whole[:-100] + bytes(100))
-    with pytest.raises(CollectionDamagedError, match=f"{name} does not match the checksum"):
-        Collection.open(path)
+    (path / name).write_bytes(whole[:-100] + bytes(100))  # the last list: mapped, so checked when first probed
+    col = Collection.open(path)
+    with pytest.raises(CollectionDamagedError, match=f"{name} is damaged: inverted list"):
+        col.query(classes(0, 340, n=1, seed=5)[0], 1, search_params={"nprobe": NLIST})
     assert any(name in problem for problem in Collection.verify(path).problems)
+    del col
     (path / name).write_bytes(whole)
     exact = s.files["proxies"][0]
     data = bytearray((path / exact).read_bytes())
@@ -168,3 +170,31 @@ def test_damaged_candidates_or_exact_lists_never_answer(refined, tmp_path):
     col = Collection.open(path)
     with pytest.raises(CollectionDamagedError, match=f"{exact} is damaged: inverted list"):
         col.query(classes(0, 340, n=1, seed=5)[0], 1, search_params={"nprobe": NLIST, "k_factor": 10_000})
+
+
+def test_written_candidates_map_and_answer_as_the_fast_scan_index_they_were_written_from(tmp_path):
+    """listfiles.write_candidates: array lists of whole 32-code blocks padded with id -1, mapped back,
+    give the in-memory fast-scan index's answers (a padding entry may take a slot, never a score)."""
+    X = classes(0, 300)[0]
+    exact = faiss.index_factory(X.shape[1], f"IVF{NLIST},SQfp16", faiss.METRIC_INNER_PRODUCT)
+    exact.train(X)
+    exact.add_with_ids(X, np.arange(len(X), dtype=np.int64))
+    candidates = refine.build(exact, f"IVF{NLIST},PQ8x4fs")
+    segment = listfiles.write_candidates(tmp_path, 3, candidates)
+    with segments.open_segment(tmp_path, segment.name) as file:
+        mapped = segments.map_segment(tmp_path, segment.name, file, X.shape[1], candidates.ntotal)
+    lists = faiss.extract_index_ivf(mapped).invlists
+    assert isinstance(faiss.downcast_InvertedLists(lists), faiss.ArrayInvertedLists)
+    assert all(lists.list_size(no) % 32 == 0 for no in range(NLIST))
+    verified.ListVerifier(tmp_path, segment.name, mapped, segment.lists).ensure(None)  # every list as recorded
+    mapped = segments.share_quantizer(tmp_path, segment.name, mapped, exact, same=False)
+    Q = X[::9] + 0.2
+    for nprobe in (1, 4, NLIST):
+        params = ivf.search_parameters(candidates, {"nprobe": nprobe})
+        D, ids = candidates.search(Q, 20, params=params)
+        Dm, Im = mapped.search(Q, 20, params=params)
+        for row in range(len(Q)):
+            real = Im[row] >= 0
+            n = int(real.sum())
+            np.testing.assert_array_equal(Im[row][real], ids[row][:n])
+            np.testing.assert_array_equal(Dm[row][real], D[row][:n])
