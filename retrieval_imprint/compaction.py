@@ -11,6 +11,7 @@ reader is opening segments.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .snapshot import Snapshot
 from .writes import RECENT_MAX, record_segment, tune_search
 
 MERGE_FAN_IN = 4  # a file an automatic compaction writes is this many times larger than its inputs
+RETUNE_GROWTH = 4  # an automatic compaction tunes nprobe again on a file this many times the last tuning's proxies
 
 
 def _remember_merged(s: Snapshot, kind: str, name: str, parts: list) -> None:
@@ -83,6 +85,18 @@ def _candidates(s: Snapshot, proxies: ProxyIndex | None) -> faiss.Index | None:
     return refine.build(proxies.index, factory, seed_of(s.config["random_state"]))
 
 
+def _tunes(s: Snapshot, proxies: ProxyIndex | None, full: bool) -> bool:
+    """Whether this compaction tunes the search parameters again on the ``proxies`` it writes: a full
+    one always (where they are tuned at all), an automatic one once its file holds ``RETUNE_GROWTH``
+    times the proxies the stored tuning was measured on, so that they follow a collection grown by
+    many adds (the first add's tuning is measured on its own proxies alone)."""
+    tuning = s.config["index_tuning"]
+    if tuning is None or proxies is None or not proxies.is_ivf:
+        return False
+    measured = json.loads(tuning) if tuning != "pending" else None
+    return full or (isinstance(measured, dict) and proxies.ntotal >= RETUNE_GROWTH * int(measured["proxies"]))
+
+
 def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, retrain: bool = False) -> None:
     """Merge segment files into one per kind: all of them (``full``), or the smallest few
     (``tiered``), so that the automatic compaction after many small adds rewrites each vector a
@@ -123,7 +137,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         merged["proxies"].search_params = s.search_params
         template = segments.write_segment(directory, "template", version, s.template.index)
     candidates = _candidates(s, merged.get("proxies"))
-    tuned = full and s.config["index_tuning"] is not None and "proxies" in merged and merged["proxies"].is_ivf
+    tuned = _tunes(s, merged.get("proxies"), full)
     if tuned:  # the collection has grown or its lists changed: the nprobe that reaches the target too
         tune_search(s, merged["proxies"], candidates)
     for kind, index in merged.items():

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval_imprint import segments
+from retrieval_imprint import compaction, segments
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.ivf import choose_index, ivf_lists
 from retrieval_imprint.params import parse_size
@@ -293,3 +293,23 @@ def test_proxy_files_share_the_templates_quantizer_and_older_files_keep_their_ow
         np.testing.assert_array_equal(opened.query(Q, 3, search_params=full).labels, before.labels)
     compacted = faiss.read_index(str(tmp_path / "c" / Collection.open(tmp_path / "c")._s.files["proxies"][0]))
     assert compacted.ntotal == 1200 and faiss.extract_index_ivf(compacted).quantizer.ntotal == 0
+
+
+def test_an_automatic_compaction_tunes_nprobe_again_once_its_file_outgrows_the_last_tuning(tmp_path, monkeypatch):
+    """The first add tunes nprobe on its own proxies; a tiered merge writing RETUNE_GROWTH times as
+    many tunes it again on the merged file, stored with the write; smaller merges leave it."""
+    monkeypatch.setattr("retrieval_imprint.collection.COMPACT_SEGMENTS", 4)
+    X, y = classes(400)
+    col = Collection.create(tmp_path / "c", model=None, k=2, index="IVF16,SQfp16")
+    col.add(X[y < 40], y[y < 40])
+    first = col.info()["index_tuning"]
+    assert first["proxies"] == 80
+    seen = [first["proxies"]]
+    for lo in range(40, 400, 40):
+        col.add(X[(y >= lo) & (y < lo + 40)], y[(y >= lo) & (y < lo + 40)])
+        seen.append(col.info()["index_tuning"]["proxies"])
+    assert max(seen) >= compaction.RETUNE_GROWTH * 80  # tuned again, on a merged file
+    assert all(b == a or b >= compaction.RETUNE_GROWTH * a for a, b in zip(seen, seen[1:]))
+    reopened = Collection.open(tmp_path / "c")
+    tuning = reopened.info()["index_tuning"]
+    assert tuning == col.info()["index_tuning"] and reopened.search_params["nprobe"] == tuning["nprobe"]
