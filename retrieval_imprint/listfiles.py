@@ -4,8 +4,8 @@ millions of proxies never holds a whole file in memory and opens every large fil
 Both writers put the index's header as FAISS writes it (without the coarse quantizer, which the
 template file holds: ``segments.share_quantizer``), then ``ArrayInvertedLists`` (``ilar``: the list
 sizes, then each list's codes and ids), which FAISS reads, or maps with ``IO_FLAG_MMAP_IFC``, as any
-file it wrote; and each list's checksum (verified.py), which a mapped reader checks before it
-first reads the list.
+file it wrote; and the checksums of each list's blocks (verified.py), which a mapped reader checks
+before it first reads them.
 
 - ``write_lists``: a proxy segment merged from other IVF files (compaction), one list in memory at
   a time (a full compaction of 40M proxies would otherwise hold 31 GB of float16 codes).
@@ -33,7 +33,7 @@ from faiss.contrib.inspect_tools import get_invlist_sizes
 from .errors import CollectionDamagedError, CollectionIOError
 from .ivf import Verify, stored_list
 from .segments import Segment, durably
-from .verified import DTYPE, list_sum
+from .verified import block_sums, recorded
 
 _EMPTY_LISTS = 32  # bytes FAISS writes for empty ArrayInvertedLists: ilar, nlist, code_size, sprs, 0 sizes
 
@@ -119,7 +119,7 @@ def _write(
     lists: Iterator[tuple[np.ndarray, np.ndarray]],
 ) -> Segment:
     """Write ``index``'s header, then the ``sizes`` and each list of ``lists`` (ids, codes) as
-    ``ilar`` array lists of ``code_size`` bytes a code; the segment with each list's checksum."""
+    ``ilar`` array lists of ``code_size`` bytes a code; the segment with its blocks' checksums."""
     with _bare(index, code_size):
         out = faiss.VectorIOWriter()
         faiss.write_index(index, out)
@@ -127,7 +127,7 @@ def _write(
     if head[-_EMPTY_LISTS : -_EMPTY_LISTS + 4] != b"ilar":
         raise CollectionIOError(f"collection {directory}: FAISS wrote an IVF index in a layout this code does not know")
     nlist = len(sizes)
-    sums = np.zeros(nlist, DTYPE)
+    sums: list[np.ndarray] = []
 
     def write(tmp: Path) -> str:
         digest = hashlib.blake2b(digest_size=16)  # of the bytes as written: no second read of the file
@@ -147,10 +147,10 @@ def _write(
                     )
                 ids = np.ascontiguousarray(ids, "<i8")
                 codes = np.ascontiguousarray(codes, np.uint8).reshape(len(ids), code_size)
-                sums[no] = list_sum(ids, codes)
+                sums.append(block_sums(ids, codes))
                 put(codes.tobytes())
                 put(ids.tobytes())
         return digest.hexdigest()
 
     written, checksum = durably(directory, name, write)
-    return Segment(written, checksum, sums.tobytes())
+    return Segment(written, checksum, recorded(sums))

@@ -41,7 +41,7 @@ class Mapped:
 
     def __post_init__(self) -> None:
         self.searched = faiss.downcast_index(self.index)  # what search_verified takes: the IVF index itself
-        self.reranker = refine.Reranker(self.index, self.verifier.ensure) if self.candidates is not None else None
+        self.reranker = refine.Reranker(self.index, self.verifier.ensure_at) if self.candidates is not None else None
         self.quantizer = faiss.extract_index_ivf(self.index).quantizer  # shared with the template's (one coarse search)
 
     def search(

@@ -92,8 +92,8 @@ def _decoded_by_list(index: faiss.Index) -> Iterator[tuple[int, np.ndarray]]:
 
 class Reranker:
     """Reads proxies of the IVF index ``exact`` by position and scores them exactly. ``verify``
-    (``ListVerifier.ensure``, or None for an index in memory) is called with the lists about to be
-    read. Thread-safe: it only reads."""
+    (``ListVerifier.ensure_at``, or None for an index in memory) is called with the lists and
+    offsets about to be read. Thread-safe: it only reads."""
 
     def __init__(self, exact: faiss.Index, verify: Any = None) -> None:
         self.exact = exact
@@ -112,7 +112,7 @@ class Reranker:
         ids = np.full(len(positions), -1, np.int64)
         codes = np.zeros((len(positions), self.listno_bytes + self.code_size), np.uint8)
         if self.verify is not None and ok.any():
-            self.verify(lists[ok])
+            self.verify(lists[ok], offsets[ok])
         valid = np.flatnonzero(ok)
         by_list = valid[np.argsort(lists[valid], kind="stable")]
         for at in np.split(by_list, np.flatnonzero(np.diff(lists[by_list])) + 1) if len(by_list) else []:

@@ -29,7 +29,7 @@ import faiss
 import numpy as np
 
 from .errors import CollectionDamagedError, CollectionIOError, CollectionLockedError
-from .verified import list_checksums
+from .verified import block_checksums
 
 DB_NAME = "imprint.db"
 WRITER_LOCK = "writer.lock"
@@ -152,7 +152,7 @@ def writer_lock(directory: Path, timeout: float = 0.0) -> Iterator[int]:
 
 class Segment(NamedTuple):
     """A segment file written: its name, the checksum of its bytes and, for an IVF proxy file, the
-    checksums of its inverted lists (``verified.list_checksums``)."""
+    checksums of its inverted lists' blocks (``verified.block_checksums``)."""
 
     name: str
     checksum: str
@@ -163,7 +163,7 @@ def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) 
     """Durably write ``index`` as a new segment file of ``kind`` (an IVF proxy index without its
     coarse quantizer: ``without_quantizer``)."""
     ivf_proxies = kind == "proxies" and faiss.try_extract_index_ivf(index) is not None
-    lists = list_checksums(index) if ivf_proxies else None  # what a mapped copy is verified against
+    lists = block_checksums(index) if ivf_proxies else None  # what a mapped copy is verified against
 
     def write(tmp: Path) -> str:
         with without_quantizer(index) if ivf_proxies else nullcontext():

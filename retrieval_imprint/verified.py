@@ -1,19 +1,24 @@
 """Verified memory-mapped segments: no answer from a damaged byte, and still no reads at open.
 
 A collection maps its large IVF proxy files instead of reading them (mapped.py), so opening costs
-nothing whatever the file's size; hashing the file first would read all of it. Instead each
-inverted list's checksum is recorded when the file is written (``list_checksums``, stored in the
-database beside the file's own checksum), and before a search scans a list, the first time any
-search touches it, the list is hashed and compared (``ListVerifier.ensure``): a list that does not
-match refuses the query with the collection's damage error naming the file and the list. A
-verified list is remembered, so each list is hashed once, when it is first read from disk anyway
-(XXH3-64 over its ids and codes, about 15 GB/s on one core: a few tens of microseconds a list).
-What the lists do not cover is checked at open as before: the header's sizes against the file
-(segments.map_segment) and the coarse quantizer, which is in the template file, hashed whole.
+nothing whatever the file's size; hashing the file first would read all of it. Instead checksums of
+each inverted list's *blocks* (``BLOCK`` consecutive entries: their count, ids and codes) are
+recorded when the file is written (``block_checksums``, stored in the database beside the file's
+own checksum), and before a search reads a block, the first time any search touches it, the block
+is hashed and compared (``ListVerifier``): one that does not match refuses the query with the
+collection's damage error naming the file and the list. A verified block is remembered, so each is
+hashed once, when it is first read from disk anyway (XXH3-64, about 15 GB/s on one core). A scan
+verifies every block of the lists it probes; a re-rank (refine.py), which reads a few vectors of
+many lists, only the blocks holding them: at ten million classes a list of float16 proxies is 1.9
+MB, and verifying whole lists made a fresh process read and hash a hundred megabytes a query.
+What the blocks do not cover is checked at open as before: the header's sizes against the file
+(segments.map_segment) and against the recorded blocks, and the coarse quantizer, which is in the
+template file, hashed whole.
 
-A file written before list checksums were recorded (or one that is not a plain IVF index) is
-hashed whole, once, before its first answer (``FileVerifier``, against the file's recorded
-checksum); ``imprint compact`` rewrites it with list checksums.
+Files written before block checksums have one checksum a list (``list_sum`` over the whole list),
+verified a list at a time. A file written before list checksums were recorded (or one that is not a
+plain IVF index) is hashed whole, once, before its first answer (``FileVerifier``, against the
+file's recorded checksum); ``imprint compact`` rewrites either with block checksums.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from faiss.contrib.inspect_tools import get_invlist_sizes
 from .errors import CollectionDamagedError
 from .ivf import stored_list
 
-DTYPE = np.dtype("<u8")  # one XXH3-64 per inverted list, as stored
+DTYPE = np.dtype("<u8")  # one XXH3-64 per block (or per list, before blocks), as stored
+BLOCK = 64  # entries a checksum covers: a re-rank reading one vector hashes 64 (50 KB of 384-d float16), not its list
+_HEADER = b"xxh3blk:"  # then the block size (<u8): block checksums; without it, one checksum a list
 
 
 def list_sum(ids: np.ndarray, codes: np.ndarray) -> int:
-    """XXH3-64 of an inverted list's size, ids and codes (hashed where they lie, not copied)."""
+    """XXH3-64 of a list's (or block's) size, ids and codes (hashed where they lie, not copied)."""
     import xxhash
 
     digest = xxhash.xxh3_64(np.int64(len(ids)).tobytes())
@@ -45,59 +52,95 @@ def list_sum(ids: np.ndarray, codes: np.ndarray) -> int:
     return digest.intdigest()
 
 
-def _list_sum(invlists: Any, no: int) -> int:
-    """``list_sum`` of list ``no`` (-1: an empty list)."""
-    return list_sum(*stored_list(invlists, no)) if no >= 0 else list_sum(np.zeros(0, np.int64), np.zeros(0, np.uint8))
+def block_sums(ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """``list_sum`` of each ``BLOCK`` consecutive entries of one list (none for an empty list)."""
+    return np.array([list_sum(ids[lo : lo + BLOCK], codes[lo : lo + BLOCK]) for lo in range(0, len(ids), BLOCK)], DTYPE)
 
 
-def list_checksums(index: faiss.Index) -> bytes:
-    """The checksum of each inverted list of IVF ``index``, as stored (``DTYPE`` bytes); only the
-    non-empty lists are hashed here (a small add's file has a few among thousands)."""
+def recorded(sums: list[np.ndarray]) -> bytes:
+    """What the database stores for a file whose lists have these ``block_sums``, in list order."""
+    return _HEADER + np.uint64(BLOCK).astype("<u8").tobytes() + np.concatenate([np.zeros(0, DTYPE), *sums]).tobytes()
+
+
+def block_checksums(index: faiss.Index) -> bytes:
+    """``recorded`` for every list of IVF ``index``, as stored."""
     invlists: Any = faiss.extract_index_ivf(index).invlists
-    out = np.full(invlists.nlist, _list_sum(invlists, -1), DTYPE)  # list -1: the checksum of an empty list
-    for no in np.flatnonzero(get_invlist_sizes(invlists)).tolist():
-        out[no] = _list_sum(invlists, no)
-    return out.tobytes()
+    return recorded([block_sums(*stored_list(invlists, no)) for no in range(invlists.nlist)])
 
 
 class ListVerifier:
-    """Checks the lists of one mapped IVF file against ``expected`` (``list_checksums``' bytes)
-    the first time each is touched. Thread-safe."""
+    """Checks the blocks of one mapped IVF file against ``expected`` (``block_checksums``' bytes, or
+    an older file's one checksum a list) the first time each is read. Thread-safe."""
 
     def __init__(self, directory: Path, name: str, index: faiss.Index, expected: bytes) -> None:
         self.directory, self.name = directory, name
         self.index = index  # owns the lists: they live as long as it does
         self.invlists: Any = faiss.extract_index_ivf(index).invlists  # FAISS types it Optional
-        self.expected = np.frombuffer(expected, DTYPE)
-        if len(self.expected) != self.invlists.nlist:
+        self.sizes = get_invlist_sizes(self.invlists).astype(np.int64)
+        self.block: int | None = None  # entries a checksum covers (None: a whole list)
+        if expected.startswith(_HEADER):
+            self.block = int(np.frombuffer(expected[8:16], "<u8")[0])
+            self.expected = np.frombuffer(expected[16:], DTYPE)
+            counts = -(-self.sizes // self.block)
+        else:  # one checksum a list, empty ones too
+            self.expected = np.frombuffer(expected, DTYPE)
+            counts = np.ones(len(self.sizes), np.int64)
+        self.first = np.concatenate([[0], np.cumsum(counts)])  # each list's first checksum
+        if self.first[-1] != len(self.expected):
             raise CollectionDamagedError(
-                f"collection {directory}: index file {name} has {self.invlists.nlist} "
-                f"inverted lists; {len(self.expected)} were recorded"
+                f"collection {directory}: index file {name}'s inverted lists hold "
+                f"{'blocks' if self.block else 'lists'} that do not match the {len(self.expected)} checksums recorded"
             )
         self.verified = np.zeros(len(self.expected), bool)
         self._lock = threading.Lock()
 
     def ensure(self, lists: np.ndarray | None) -> None:
-        """Verify the lists numbered in ``lists`` (any shape; -1 ignored; None: every list) not
-        verified yet; a ``CollectionDamagedError`` naming the first that does not match."""
-        if lists is not None:
-            flat = lists.ravel()
-            if flat.size and flat.min() >= 0 and self.verified[flat].all():  # after a warm-up, nearly always
-                return
-        todo = np.arange(len(self.expected)) if lists is None else np.unique(lists[lists >= 0])
-        todo = todo[~self.verified[todo]]
-        if not len(todo):
+        """Verify every block of the lists numbered in ``lists`` (any shape; -1 ignored; None: every
+        list) not verified yet; a ``CollectionDamagedError`` naming the first that does not match."""
+        if lists is None:
+            return self._check(np.arange(len(self.expected)))
+        flat = lists.ravel()
+        flat = np.unique(flat[flat >= 0])
+        spans = [np.arange(self.first[no], self.first[no + 1]) for no in flat.tolist()]
+        self._check(np.concatenate([np.zeros(0, np.int64), *spans]))
+
+    def ensure_at(self, lists: np.ndarray, offsets: np.ndarray) -> None:
+        """Verify the blocks holding entries ``offsets`` of lists ``lists`` (1-d, paired; offsets
+        past a list's end are clamped to its last entry, empty lists ignored)."""
+        inside = (lists >= 0) & (lists < len(self.sizes))
+        lists, offsets = lists[inside], offsets[inside]
+        size = self.sizes[lists]
+        lists, offsets, size = lists[size > 0], offsets[size > 0], size[size > 0]
+        within = np.minimum(offsets, size - 1) // self.block if self.block else 0
+        self._check(self.first[lists] + within)
+
+    def _check(self, blocks: np.ndarray) -> None:
+        if blocks.size and self.verified[blocks].all():  # after a warm-up, nearly always
             return
+        todo = np.unique(blocks[~self.verified[blocks]])
         with self._lock:
-            for no in todo.tolist():
-                if not self.verified[no]:
-                    if _list_sum(self.invlists, no) != int(self.expected[no]):
-                        raise self.damaged([no])
-                    self.verified[no] = True
+            for at in todo.tolist():
+                if not self.verified[at]:
+                    if self._sum(at) != int(self.expected[at]):
+                        raise self.damaged([self._list_of(at)])
+                    self.verified[at] = True
+
+    def _list_of(self, at: int) -> int:
+        return int(np.searchsorted(self.first, at, side="right") - 1)
+
+    def _sum(self, at: int) -> int:
+        no = self._list_of(at)
+        ids, codes = stored_list(self.invlists, no)
+        if self.block is None:
+            return list_sum(ids, codes)
+        lo = (at - int(self.first[no])) * self.block
+        return list_sum(ids[lo : lo + self.block], codes[lo : lo + self.block])
 
     def mismatches(self) -> list[int]:
-        """Every list that does not match (for ``check``; reads the whole file)."""
-        return [no for no in range(len(self.expected)) if _list_sum(self.invlists, no) != int(self.expected[no])]
+        """Every list with a block that does not match (for ``check``; reads the whole file)."""
+        return sorted(
+            {self._list_of(at) for at in range(len(self.expected)) if self._sum(at) != int(self.expected[at])}
+        )
 
     def damaged(self, lists: list[int]) -> CollectionDamagedError:
         shown = ", ".join(map(str, lists[:5])) + (f" and {len(lists) - 5} more" if len(lists) > 5 else "")
@@ -117,6 +160,9 @@ class FileVerifier:
         self.directory, self.name, self.checksum = directory, name, checksum
         self.map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if checksum is not None else None
         self._lock = threading.Lock()
+
+    def ensure_at(self, lists: np.ndarray, offsets: np.ndarray) -> None:
+        self.ensure(lists)
 
     def ensure(self, lists: np.ndarray | None) -> None:
         if self.map is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import faiss
 import numpy as np
@@ -309,7 +310,7 @@ def test_an_automatic_compaction_tunes_nprobe_again_once_its_file_outgrows_the_l
         col.add(X[(y >= lo) & (y < lo + 40)], y[(y >= lo) & (y < lo + 40)])
         seen.append(col.info()["index_tuning"]["proxies"])
     assert max(seen) >= compaction.RETUNE_GROWTH * 80  # tuned again, on a merged file
-    assert all(b == a or b >= compaction.RETUNE_GROWTH * a for a, b in zip(seen, seen[1:]))
+    assert all(b == a or b >= compaction.RETUNE_GROWTH * a for a, b in itertools.pairwise(seen))
     reopened = Collection.open(tmp_path / "c")
     tuning = reopened.info()["index_tuning"]
     assert tuning == col.info()["index_tuning"] and reopened.search_params["nprobe"] == tuning["nprobe"]

@@ -258,7 +258,7 @@ def test_a_streamed_merge_writes_what_faiss_would_list_by_list(tmp_path):
     expected = {i: v for i, v in stored_by_id(whole).items() if i % 5}
     read = faiss.read_index(str(tmp_path / segment.name))
     assert n == read.ntotal == len(expected) and stored_by_id(read) == expected
-    assert verified.list_checksums(read) == segment.lists
+    assert verified.block_checksums(read) == segment.lists
     with open(tmp_path / segment.name, "rb") as file:
         mapped = segments.map_segment(tmp_path, segment.name, file, X.shape[1], n)
         assert segments.read_segment(tmp_path, segment.name, file, X.shape[1], segment.checksum).ntotal == n
@@ -307,3 +307,47 @@ def test_every_mapped_file_shares_the_templates_quantizer_and_one_coarse_search(
     np.testing.assert_array_equal(
         answer.labels, open_as(grown, monkeypatch, False).query(Q[:1], 3, search_params={"nprobe": 4}).labels
     )
+
+
+def test_a_reread_of_a_few_entries_verifies_only_their_blocks(grown, monkeypatch):
+    """verified.ListVerifier.ensure_at (what a re-rank calls): the blocks holding the entries read,
+    not their lists; a damaged block elsewhere in the same list is found when it is read."""
+    monkeypatch.setattr(verified, "BLOCK", 8)
+    name = compacted(grown)
+    verifier = open_as(grown, monkeypatch, True)._s.proxies.parts[0].verifier
+    assert verifier.block == 8 and len(verifier.expected) > NLIST
+    no = int(np.argmax(verifier.sizes))
+    assert verifier.sizes[no] > 24
+    verifier.ensure_at(np.array([no, no]), np.array([0, 9]))
+    assert np.flatnonzero(verifier.verified).tolist() == [verifier.first[no], verifier.first[no] + 1]
+    ids, _ = ivf.stored_list(verifier.invlists, no)
+    data = bytearray((grown / name).read_bytes())
+    data[data.index(ids[20].tobytes())] ^= 0x01  # the id of entry 20: block 2 of the list
+    (grown / name).write_bytes(bytes(data))
+    verifier = open_as(grown, monkeypatch, True)._s.proxies.parts[0].verifier
+    verifier.ensure_at(np.array([no, no]), np.array([3, 12]))  # blocks 0 and 1: as written
+    with pytest.raises(CollectionDamagedError, match=f"{name} is damaged: inverted list {no} "):
+        verifier.ensure_at(np.array([no]), np.array([20]))
+
+
+def test_files_with_one_checksum_a_list_still_verify_and_recorded_blocks_must_match(grown, monkeypatch):
+    """A file recorded before block checksums (one list_sum a list) is checked a list at a time; a
+    file whose lists do not add up to the recorded blocks is refused at open."""
+    name = compacted(grown)
+    read = open_as(grown, monkeypatch, False)
+    invlists = faiss.extract_index_ivf(read._s.proxies.index).invlists
+    per_list = np.array([verified.list_sum(*ivf.stored_list(invlists, no)) for no in range(NLIST)], verified.DTYPE)
+    with read._engine.begin() as conn:
+        blocks = conn.exec_driver_sql("SELECT lists FROM segments WHERE file = ?", (name,)).scalar()
+        conn.exec_driver_sql("UPDATE segments SET lists = ? WHERE file = ?", (per_list.tobytes(), name))
+    col = open_as(grown, monkeypatch, True)
+    assert col._s.proxies.parts[0].verifier.block is None
+    Q, every = classes(0, 340, n=1, seed=5)[0], {"nprobe": NLIST}
+    np.testing.assert_array_equal(
+        col.query(Q, 3, search_params=every).labels, read.query(Q, 3, search_params=every).labels
+    )
+    assert col.check().ok
+    with read._engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE segments SET lists = ? WHERE file = ?", (blocks[:-8], name))
+    with pytest.raises(CollectionDamagedError, match="do not match the .* checksums recorded"):
+        open_as(grown, monkeypatch, True)
