@@ -262,7 +262,7 @@ def run(
         col.add(X, y.tolist())
         adds.append(time.perf_counter() - t)
     largest = max(col.snapshot.files["proxies"], key=lambda name: (path / name).stat().st_size)  # mapped at open
-    candidates = path / candidates_of(largest)  # a refined index's fast-scan codes, read at open
+    candidates = path / candidates_of(largest)  # a refined index's fast-scan codes, mapped at open
     memory = {
         **fresh,
         "classes": n_classes,
@@ -358,7 +358,7 @@ CODES = [
     ("Flat (exact, read into memory)", 4 * D + 8, 4 * D + 16),
     ("IVF-Flat", 4 * D, 0),
     ("IVF-SQfp16", 2 * D, 0),
-    ("refined: IVF-SQfp16 + fast-scan PQ96x4fs candidates", 2 * D + FAST_SCAN + 8, FAST_SCAN + 8),
+    ("refined: IVF-SQfp16 + fast-scan PQ96x4fs candidates", 2 * D + FAST_SCAN + 8, 0),
     ("IVF-SQ8", D, 0),
     ("IVF-PQ48", 48, 0),
 ]  # code bytes per proxy on disk (each with an 8-byte id besides), and those read into memory at open
@@ -369,8 +369,8 @@ def memory_model(measured: list[dict[str, float]]) -> str:
     not: collections.md) fitted on the largest run and checked against every run, then projected to
     10M and 100M classes for each index type."""
 
-    def read_in(m: dict[str, float]) -> float:  # GiB of index read into memory: files below MAP_MIN, candidates
-        return (m["index_gib"] if m["index_gib"] * 2**30 < MAP_MIN else 0.0) + m["candidates_gib"]
+    def read_in(m: dict[str, float]) -> float:  # GiB of index read into memory: files below MAP_MIN
+        return m["index_gib"] if m["index_gib"] * 2**30 < MAP_MIN else 0.0
 
     big = measured[-1]
     per_class = (big["RssAnon_open"] - big["RssAnon_before"] - read_in(big)) * 2**30 / big["classes"]
@@ -394,29 +394,20 @@ def memory_model(measured: list[dict[str, float]]) -> str:
         for name, code, resident in CODES:
             index = proxies * (code + 8) + (0 if name.startswith("Flat") else quantizer)
             table = per_class * n
-            at_open = table + proxies * resident + (quantizer if name.startswith("refined") else 0)
-            projected.append(
-                [
-                    f"{n:,}",
-                    name,
-                    f"{code + 8:,}",
-                    f"{index / 2**30:,.1f}",
-                    f"{at_open / 2**30:,.1f}",
-                    f"{(at_open + (0 if name.startswith('Flat') else quantizer)) / 2**30:,.1f}",
-                    f"{big['open_s'] * n / big['classes']:.0f}",
-                ]
-            )
+            at_open = table + proxies * resident + (0 if name.startswith("Flat") else quantizer)  # the template
+            projected.append([f"{n:,}", name, f"{code + 8:,}", f"{index / 2**30:,.1f}", f"{at_open / 2**30:,.1f}"])
     return (
         "## Memory model\n\n"
         f"Resident memory a collection adds to a process at open is {per_class:.0f} bytes per class (fitted on the "
         f"{big['classes']:,}-class run: anonymous RSS after opening minus before, less what is read; the class "
         "table is not read at open, only the rows of the classes an answer names), plus, for an IVF "
         f"index, nothing at open if its file has {MAP_MIN // 2**20} MiB or more (else the file is read into "
-        "memory; the model adds it): that file is memory-mapped, and a query brings in the coarse "
-        "quantizer and the lists it probes as file-backed pages, which the kernel can drop and read again. "
-        "A refined index also reads its fast-scan candidates file at open (the model adds it): half a byte "
-        "per code and an 8-byte id per proxy, and the coarse quantizer; a query then reads only the lists "
-        "holding its re-ranked candidates from the mapped file. "
+        "memory; the model adds it): that file is memory-mapped, and a query brings in the lists it probes "
+        "as file-backed pages, which the kernel can drop and read again. "
+        "The coarse quantizer (the template file) is read at open, one copy whatever the files. A refined index's "
+        "fast-scan candidates file (half a byte per code and an 8-byte id per proxy) is mapped too: a query "
+        "brings in the candidate lists it probes and the blocks of the proxy file holding its re-ranked "
+        "candidates. "
         "Checked against each run (fresh process; GiB):\n\n"
         + markdown_table(
             [
@@ -433,20 +424,8 @@ def memory_model(measured: list[dict[str, float]]) -> str:
         )
         + "\n\nProjected (4 proxies per class, 384-d; index: proxies x (code + 8-byte id) + the coarse "
         "quantizer, nlist = ivf_lists(proxies); RAM at open: the fitted bytes per class and what is read (Flat: "
-        "all; refined: the candidates and their quantizer); open time scaled from the largest run's by the "
-        "classes; GiB):\n\n"
-        + markdown_table(
-            [
-                "classes",
-                "index",
-                "bytes per proxy",
-                "index size",
-                "RAM at open",
-                "RAM while querying (anon + quantizer)",
-                "open s",
-            ],
-            projected,
-        )
+        "all; IVF: the coarse quantizer); a query adds file-backed pages the kernel can drop; GiB):\n\n"
+        + markdown_table(["classes", "index", "bytes per proxy", "index size", "RAM at open"], projected)
         + "\n\nBeyond one machine's RAM for what is read at open or disk for the index, shard the collection "
         "([distributed.md](distributed.md)).\n"
     )
