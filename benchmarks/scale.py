@@ -236,7 +236,8 @@ def run(
         print(f"  {batch[-1] + min(CHUNK, n_classes - batch[-1]):,} classes, {build:.0f} s", flush=True)
     _, _, first_lists = col.snapshot.proxies.search(Qn, 1)
     t = time.perf_counter()
-    col.compact(retrain=False if bulk else None)  # else retrains: the proxies outgrew the first add's 4x
+    if not bulk:  # retrains: the proxies outgrew the first add's 4x; a bulk build keeps its tiered files
+        col.compact()
     compact = time.perf_counter() - t
     build += compact
     peak = status("VmHWM:") - base
@@ -476,8 +477,11 @@ def write_doc(
         "proxies; the final compaction retrains them on a sample of all live proxies and re-encodes every "
         "proxy (the proxies outgrew the first add's 4x; its time is the *compact* column, inside *build*), "
         f"except beyond {BULK_BYTES // 2**30} GiB of float16 proxies, where the first add holds enough classes to "
-        f"train the lists on ({TRAIN_PER_LIST} proxies a list) and the compaction does not retrain (a retrain "
-        "reads every proxy into memory); from 16,384 lists an HNSW graph finds the lists. "
+        f"train the lists on ({TRAIN_PER_LIST} proxies a list) and no full compaction follows (it would retrain "
+        "from every proxy in memory, or without a retrain need twice the index's disk while it writes): the "
+        "automatic compactions' tiered files stay, each large one with its candidates, and nprobe is tuned "
+        "again whenever a merged file holds 4x the proxies of the last tuning; from 16,384 lists an HNSW graph "
+        "finds the lists. "
         f"Queries: one held-out sample of each of {N_QUERIES:,} random classes, timed one at a time "
         "(*batch-1*) and together. recall@1: the approximate top-1 proxy equals the exact top-1 over the same "
         "float32 proxies, with the first add's lists (*first lists*, before the compaction) and after it. "
