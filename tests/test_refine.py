@@ -80,10 +80,16 @@ def test_ids_of_the_candidates_are_positions_in_the_exact_lists():
     exact = faiss.index_factory(X.shape[1], f"IVF{NLIST},SQfp16", faiss.METRIC_INNER_PRODUCT)
     exact.train(X)
     exact.add_with_ids(X, 1000 + np.arange(len(X), dtype=np.int64))
-    positions = ivf.list_ids(refine.build(exact, f"IVF{NLIST},PQ8x4fs"))
+    candidates = refine.build(exact, f"IVF{NLIST},PQ8x4fs")
+    positions = ivf.list_ids(candidates)
     ok, ids, _ = refine.Reranker(exact).read(positions)
     assert ok.all()
     np.testing.assert_array_equal(np.sort(ids), 1000 + np.arange(len(X)))
+    lists = faiss.extract_index_ivf(candidates).invlists
+    for no in range(NLIST):  # each proxy's candidate lies in its own list, under the same quantizer
+        ids_in_list = faiss.rev_swig_ptr(lists.get_ids(no), lists.list_size(no))
+        assert (ids_in_list >> refine.POSITION_SHIFT == no).all()
+    assert faiss.extract_index_ivf(candidates).quantizer.this == faiss.extract_index_ivf(exact).quantizer.this
 
 
 @pytest.fixture
