@@ -338,9 +338,8 @@ Verify = Callable[[np.ndarray | None], None]  # checks lists before they are rea
 
 
 def assign(index: faiss.Index, Q: np.ndarray, params: dict[str, int] | None) -> Assignment:
-    """The lists IVF ``index`` probes for prepared queries ``Q`` under ``params`` (``nprobe``, and an
-    HNSW quantizer's beam): one coarse search, which every index sharing the quantizer can reuse
-    (``search_assigned``; a collection's segment files share the template's)."""
+    """The lists IVF ``index`` probes for queries ``Q`` under ``params`` (``nprobe``, an HNSW beam): one
+    coarse search, which every index sharing the quantizer reuses (``search_assigned``, ``use_quantizer``)."""
     ivf = _ivf(index)
     nprobe = min(int((params or {}).get("nprobe", ivf.nprobe)), ivf.nlist)
     searched: Any = search_parameters(index, {**(params or {}), "nprobe": nprobe})
@@ -365,26 +364,28 @@ def search_assigned(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``index.search`` of the lists ``assigned`` (``assign``) only, with ``params``' other settings."""
     ivf = _ivf(index)
-    # called directly, search_preassigned must split a batch over threads itself (mode 3), or it runs
-    # on one core (1,000 queries at 100k classes: 1.5 s instead of 0.9 s, dev probe)
+    # called directly, search_preassigned splits a batch over threads only in mode 3 (else 1.5 s, not 0.9 s, dev probe)
     if ivf.parallel_mode != 3:
         ivf.parallel_mode = 3
     Dq, Iq = assigned
     searched = search_parameters(index, {**(params or {}), "nprobe": Iq.shape[1]}, selector)
     Q = np.ascontiguousarray(Q, np.float32)
     D, ids = np.empty((len(Q), k), np.float32), np.empty((len(Q), k), np.int64)
-    ivf.search_preassigned_c(
-        len(Q),
-        faiss.swig_ptr(Q),
-        k,
-        faiss.swig_ptr(Iq),
-        faiss.swig_ptr(Dq),
-        faiss.swig_ptr(D),
-        faiss.swig_ptr(ids),
-        False,
-        searched,
-    )  # the Python wrapper takes no parameters
+    pointers = [faiss.swig_ptr(a) for a in (Q, Iq, Dq, D, ids)]  # the Python wrapper takes no parameters
+    ivf.search_preassigned_c(len(Q), pointers[0], k, *pointers[1:], False, searched)
     return D, ids
+
+
+def use_quantizer(index: faiss.Index, owner: faiss.Index) -> faiss.Index:
+    """IVF ``index`` finding its lists with ``owner``'s coarse quantizer: the same object, not a copy;
+    its own is freed and ``owner`` kept alive."""
+    ivf = faiss.extract_index_ivf(index)
+    own = faiss.downcast_index(ivf.quantizer)
+    ivf.own_fields = False
+    ivf.quantizer = faiss.extract_index_ivf(owner).quantizer
+    type(own).__swig_destroy__(own)  # nothing else points to it
+    index.referenced_objects = [owner]  # FAISS holds a raw pointer to its quantizer
+    return index
 
 
 def search_verified(
@@ -396,9 +397,8 @@ def search_verified(
     verify: Verify,
     assigned: Assignment | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search`` with ``verify(lists)`` called on the inverted lists it will scan before it
-    scans them (those ``assigned``, or of a coarse search made here). An index that is not a plain
-    IVF (wrapped in a transform) has ``verify(None)`` called instead: every list."""
+    """``index.search`` calling ``verify(lists)`` on the lists it will scan (those ``assigned``, or found
+    here) first; an index that is not a plain IVF (in a transform) calls ``verify(None)``: every list."""
     if not isinstance(_ivf(index), faiss.IndexIVF):
         verify(None)
         return index.search(Q, k, params=search_parameters(index, params, selector))

@@ -70,11 +70,7 @@ def build(exact: faiss.Index, factory: str, seed: int = 0) -> faiss.Index:
     target = faiss.downcast_index(faiss.extract_index_ivf(out))
     if target.nlist != source.nlist or not isinstance(target, faiss.IndexIVFFastScan):
         raise InvalidParameterError(f"candidates {factory!r} must be a fast-scan IVF index of {source.nlist} lists")
-    empty = target.quantizer
-    target.own_fields = False
-    target.quantizer = source.quantizer
-    type(empty).__swig_destroy__(empty)  # the factory's untrained quantizer
-    out.referenced_objects = [exact]  # FAISS holds a raw pointer to the quantizer
+    ivf.use_quantizer(out, exact)
     rows = np.sort(np.random.default_rng(seed).permutation(exact.ntotal)[:TRAIN_SAMPLE])
     out.train(np.ascontiguousarray(np.concatenate([X for _, X in ivf.decoded_lists(exact, rows)])))
     packer = target.get_CodePacker()
@@ -187,10 +183,7 @@ def search(
         raise InvalidParameterError(f"search parameter k_factor={k_factor} must be at least 1")
     r = min(max(m, 1) * k_factor, max(candidates.ntotal, 1))
     Q = np.ascontiguousarray(Q, np.float32)
-    if verify is None and assigned is None:
-        _, positions = candidates.search(Q, r, params=ivf.search_parameters(candidates, params))
-    else:
-        _, positions = ivf.search_verified(candidates, Q, r, params, None, verify or _unchecked, assigned)
+    _, positions = ivf.search_verified(candidates, Q, r, params, None, verify or _unchecked, assigned)
     step = max(1, RERANK_BATCH // r)  # decoded candidates held at once
     parts = [reranker.rerank(Q[i : i + step], positions[i : i + step], m, dead) for i in range(0, len(Q), step)]
     if len(parts) == 1:
@@ -199,4 +192,4 @@ def search(
 
 
 def _unchecked(lists: np.ndarray | None) -> None:
-    """No check: candidates read whole and hashed at open."""
+    """No check: candidates in memory, or read whole and hashed at open."""

@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 
 from .errors import CollectionDamagedError, CollectionIOError, CollectionLockedError
+from .ivf import use_quantizer
 from .verified import block_checksums
 
 DB_NAME = "imprint.db"
@@ -231,12 +232,7 @@ def share_quantizer(
         )
     if ivf is None or ivf.quantizer.ntotal or not ivf.nlist:
         return index
-    empty = faiss.downcast_index(ivf.quantizer)
-    ivf.own_fields = False
-    ivf.quantizer = shared
-    type(empty).__swig_destroy__(empty)  # the file's empty quantizer: nothing else points to it
-    index.referenced_objects = [template]  # FAISS holds a raw pointer to its quantizer
-    return index
+    return use_quantizer(index, template)
 
 
 def same_kind(index: faiss.Index, like: faiss.Index) -> bool:
