@@ -12,7 +12,7 @@ Writes docs/scale.md (or --out), headed by the CPU's SIMD and the one FAISS uses
 FAISS_SIMD_LEVEL=AVX2 on an AVX-512 machine to see FAISS's AVX2 path.
 
     .venv/bin/python benchmarks/scale.py [--sizes 10000 100000 1000000] [--data topics|realistic]
-        [--index refined sqfp16] [--out FILE] [--keep DIR]
+        [--index refined sqfp16] [--out FILE] [--keep DIR [--resume]]
 """
 
 from __future__ import annotations
@@ -207,8 +207,40 @@ def exact_top1(Qn: np.ndarray, n_classes: int, make: Callable = chunk) -> np.nda
     return best_id
 
 
+class Progress:
+    """A build's figures so far, kept in a file beside the collection after every add, so that a
+    killed build (``--resume``) goes on from the last add the collection committed and reports the
+    whole build: the adds of every run, plus the work the kill lost (from the last add recorded to
+    the resumed start: an upper bound)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.build, self.peak, self.at = 0.0, 0, time.time()
+        self.resumed: list[str] = []
+
+    def added(self, seconds: float, peak: int) -> None:
+        self.build, self.peak, self.at = self.build + seconds, max(self.peak, peak), time.time()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"build": self.build, "peak": self.peak, "at": self.at, "resumed": self.resumed}))
+        tmp.replace(self.path)
+
+    def resume(self, batches: list[list[int]], done: int, n_classes: int) -> list[list[int]]:
+        """The batches left once ``done`` classes are in; the figures read back."""
+        ends = [0] + [min(b[-1] + CHUNK, n_classes) for b in batches]
+        if done not in ends:
+            raise SystemExit(f"{self.path}: {done:,} classes is not where an add ends: not a build to resume")
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            self.build, self.peak, self.resumed = saved["build"], saved["peak"], saved["resumed"]
+            lost = time.time() - saved["at"]
+            self.build += lost
+            self.resumed.append(f"killed after {done:,} classes and resumed ({lost:.0f} s lost, counted)")
+        print(f"  resumed at {done:,} classes, {self.build:.0f} s", flush=True)
+        return batches[ends.index(done) :]
+
+
 def run(
-    n_classes: int, root: Path, make: Callable = chunk, index: str = "refined"
+    n_classes: int, root: Path, make: Callable = chunk, index: str = "refined", resume: bool = False
 ) -> tuple[list[str], dict[str, float]]:
     chosen, queries = held_out(n_classes, make)
     Qn = l2_normalize(queries)
@@ -222,25 +254,31 @@ def run(
     path = root / f"c{n_classes}-{index}"
     base = status("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")
-    col = Collection.create(
-        path, model=None, generator="kmeans", k=K, aggregation="max", index=factory, keep_samples=False
-    )
-    build = 0.0
-    for batch in [head] + [[f] for f in starts[len(head) :]]:
+    batches = [head] + [[f] for f in starts[len(head) :]]
+    progress = Progress(root / f"{path.name}.build.json")
+    if resume and path.exists():
+        col = Collection.open(path)
+        batches = progress.resume(batches, len(col), n_classes)
+    else:
+        col = Collection.create(
+            path, model=None, generator="kmeans", k=K, aggregation="max", index=factory, keep_samples=False
+        )
+    for batch in batches:
         parts = [make(f, min(CHUNK, n_classes - f)) for f in batch]  # chunk by chunk: the same classes
         X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         del parts  # the chunks once: a first add of 200,000 classes holds 2.5 GB of samples
         t = time.perf_counter()
         col.add(X, y.tolist())
-        build += time.perf_counter() - t
-        print(f"  {batch[-1] + min(CHUNK, n_classes - batch[-1]):,} classes, {build:.0f} s", flush=True)
+        progress.added(time.perf_counter() - t, status("VmHWM:") - base)
+        print(f"  {batch[-1] + min(CHUNK, n_classes - batch[-1]):,} classes, {progress.build:.0f} s", flush=True)
+    build = progress.build
     _, _, first_lists = col.snapshot.proxies.search(Qn, 1)
     t = time.perf_counter()
     if not bulk:  # retrains: the proxies outgrew the first add's 4x; a bulk build keeps its tiered files
         col.compact()
     compact = time.perf_counter() - t
     build += compact
-    peak = status("VmHWM:") - base
+    peak = max(status("VmHWM:") - base, progress.peak)
     disk = col.info()["bytes_on_disk"]
     del col
     fresh = open_fresh(path, queries)
@@ -269,6 +307,7 @@ def run(
         "classes": n_classes,
         "index_gib": (path / largest).stat().st_size / 2**30,
         "candidates_gib": candidates.stat().st_size / 2**30 if candidates.exists() else 0.0,
+        "resumed": [f"{n_classes:,} classes, {factory}: {note}" for note in progress.resumed],
     }
     return [
         f"{n_classes:,}",
@@ -490,7 +529,11 @@ def write_doc(
         "RSS after opening (proxy segments of 64 MiB or more are memory-mapped, not read), its first batch-1 "
         f"query, and the p50 and max of its first {COLD} (*cold*: the lists they probe come in from the page "
         "cache or the disk as they touch them). "
-        f"add-one-class: {ADDS} adds of one new 8-sample class after the build.\n\n"
+        f"add-one-class: {ADDS} adds of one new 8-sample class after the build."
+        + "".join(
+            f" Resumed build ({note}): *build s* sums every run's adds." for m in measured for note in m["resumed"]
+        )
+        + "\n\n"
         + table
         + "\n\n"
         + "\n".join(targets(row) for row in rows if row[0] == f"{max(sizes):,}")
@@ -521,6 +564,11 @@ def main() -> None:
         metavar="COLLECTION",
         help="Measure a collection kept by --keep (of the one size --sizes gives) again: open, cold and warm queries.",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="With --keep: go on with a killed build kept there, from the last add it committed.",
+    )
     parser.add_argument("--open-only", nargs=2, metavar=("COLLECTION", "QUERY_NPY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.open_only:
@@ -532,12 +580,14 @@ def main() -> None:
         return print(reopen(args.reopen, args.sizes[0], make))
     out = args.out or DOCS / ("scale.md" if args.data == "topics" else f"scale-{args.data}.md")
     print(machine(), flush=True)
+    if args.resume and not args.keep:
+        parser.error("--resume goes on with a build kept by --keep DIR")
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
     with nullcontext(args.keep) if args.keep else scratch("ri-scale-") as tmp:
         for n in args.sizes:
             for index in args.index:
-                row, memory = run(n, Path(tmp), make, index)
+                row, memory = run(n, Path(tmp), make, index, args.resume)
                 rows.append(row)
                 measured.append(memory)
                 print(" | ".join(rows[-1]), flush=True)

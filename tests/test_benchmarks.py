@@ -259,3 +259,23 @@ def test_index_candidates_benchmark_runs_small(tmp_path):
     )
     rows = [line for line in out.read_text().splitlines() if line.startswith("| IVF")]
     assert len(rows) == 12 and all(0 <= float(r.split("|")[3]) <= 1 for r in rows)
+
+
+def test_a_killed_scale_build_resumes_from_its_last_add(tmp_path, monkeypatch):
+    """``scale.py --resume``: the batches left after the classes a collection committed, and the
+    build's figures carried over (the adds of every run, plus the time the kill lost); a count of
+    classes that no add ends at is refused."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from scale import CHUNK, Progress
+
+    batches = [[0, CHUNK], [2 * CHUNK], [3 * CHUNK]]  # a first add of two chunks, then one at a time
+    first = Progress(tmp_path / "c.build.json")
+    first.added(10.0, 2**30)
+    first.added(5.0, 2**29)
+    again = Progress(tmp_path / "c.build.json")
+    assert again.resume(batches, 3 * CHUNK, 4 * CHUNK - 7) == [[3 * CHUNK]]
+    assert again.peak == 2**30 and 15.0 <= again.build < 15.0 + 60  # the lost time is counted
+    assert len(again.resumed) == 1 and "killed after 150,000 classes" in again.resumed[0]
+    assert Progress(tmp_path / "none.json").resume(batches, 0, 4 * CHUNK) == batches
+    with pytest.raises(SystemExit, match="not where an add ends"):
+        Progress(tmp_path / "c.build.json").resume(batches, CHUNK, 4 * CHUNK)
