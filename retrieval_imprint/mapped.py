@@ -26,6 +26,7 @@ import numpy as np
 
 from . import ivf, refine
 from .index import ProxyIndex
+from .verified import ListVerifier
 
 
 @dataclass
@@ -41,7 +42,12 @@ class Mapped:
 
     def __post_init__(self) -> None:
         self.searched = faiss.downcast_index(self.index)  # what search_verified takes: the IVF index itself
-        self.reranker = refine.Reranker(self.index, self.verifier.ensure_at) if self.candidates is not None else None
+        sizes = self.verifier.sizes if isinstance(self.verifier, ListVerifier) else None  # read once, shared
+        self.reranker = (
+            refine.Reranker(self.index, self.verifier.ensure_at, sizes, mapped=True)
+            if self.candidates is not None
+            else None
+        )
         self.quantizer = faiss.extract_index_ivf(self.index).quantizer  # shared with the template's (one coarse search)
 
     def search(

@@ -26,6 +26,7 @@ from faiss.contrib.inspect_tools import get_invlist_sizes
 
 from . import ivf
 from .errors import InvalidParameterError
+from .listfiles import ListBytes
 
 _REFINED = re.compile(r"(IVF\d+(?:_HNSW\d+)?),(PQ\d+x4fs),(?:Refine\((\w+)\)|RFlat)")
 
@@ -99,13 +100,19 @@ def _decoded_by_list(index: faiss.Index) -> Iterator[tuple[int, np.ndarray]]:
 class Reranker:
     """Reads proxies of the IVF index ``exact`` by position and scores them exactly. ``verify``
     (``ListVerifier.ensure_at``, or None for an index in memory) is called with the lists and
-    offsets about to be read. Thread-safe: it only reads."""
+    offsets about to be read; ``sizes``: its lists' sizes, if known. A memory-mapped ``exact``
+    (``mapped``) is read through one byte view of its lists (``listfiles.ListBytes``), else list by
+    list. Thread-safe: it only reads."""
 
-    def __init__(self, exact: faiss.Index, verify: Any = None) -> None:
+    def __init__(
+        self, exact: faiss.Index, verify: Any = None, sizes: np.ndarray | None = None, mapped: bool = False
+    ) -> None:
         self.exact = exact
         self.ivf: Any = faiss.extract_index_ivf(exact)
         self.invlists: Any = self.ivf.invlists
         self.verify = verify
+        self.sizes = get_invlist_sizes(self.invlists).astype(np.int64) if sizes is None else sizes
+        self.bytes = ListBytes(self.invlists, self.sizes) if mapped else None
         self.code_size = int(self.invlists.code_size)
         self.listno_bytes = int(self.ivf.coarse_code_size())
         self.larger_is_better = exact.metric_type == faiss.METRIC_INNER_PRODUCT
@@ -119,19 +126,19 @@ class Reranker:
         codes = np.zeros((len(positions), self.listno_bytes + self.code_size), np.uint8)
         if self.verify is not None and ok.any():
             self.verify(lists[ok], offsets[ok])
+        ok[ok] = offsets[ok] < self.sizes[lists[ok]]
         valid = np.flatnonzero(ok)
-        by_list = valid[np.argsort(lists[valid], kind="stable")]
-        for at in np.split(by_list, np.flatnonzero(np.diff(lists[by_list])) + 1) if len(by_list) else []:
-            no = int(lists[at[0]])
-            list_ids, list_codes = ivf.stored_list(self.invlists, no)
-            inside = offsets[at] < len(list_ids)
-            ok[at[~inside]] = False
-            at = at[inside]
-            ids[at] = list_ids[offsets[at]]
-            codes[at, : self.listno_bytes] = np.frombuffer(
-                np.int64(no).astype("<i8").tobytes()[: self.listno_bytes], np.uint8
-            )
-            codes[at, self.listno_bytes :] = list_codes[offsets[at]]
+        lists, offsets = lists[valid], offsets[valid]
+        gathered = self.bytes.gather(lists, offsets) if self.bytes is not None and len(valid) else None
+        if gathered is not None:
+            ids[valid], codes[valid, self.listno_bytes :] = gathered
+        else:
+            order = np.argsort(lists, kind="stable")
+            for at in np.split(order, np.flatnonzero(np.diff(lists[order])) + 1) if len(valid) else []:
+                list_ids, list_codes = ivf.stored_list(self.invlists, int(lists[at[0]]))
+                ids[valid[at]], codes[valid[at], self.listno_bytes :] = list_ids[offsets[at]], list_codes[offsets[at]]
+        listno = lists.astype("<i8").view(np.uint8).reshape(-1, 8)  # the list number's bytes, as sa_decode reads them
+        codes[valid, : self.listno_bytes] = listno[:, : self.listno_bytes]
         return ok, ids, self.ivf.sa_decode(codes) if len(codes) else np.zeros((0, self.exact.d), np.float32)
 
     def rerank(

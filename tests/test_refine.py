@@ -204,3 +204,38 @@ def test_written_candidates_map_and_answer_as_the_fast_scan_index_they_were_writ
             n = int(real.sum())
             np.testing.assert_array_equal(Im[row][real], ids[row][:n])
             np.testing.assert_array_equal(Dm[row][real], D[row][:n])
+
+
+@pytest.mark.parametrize("write", ["faiss", "listfiles"])
+def test_a_mapped_file_is_read_by_position_through_one_view_as_faiss_reads_it(tmp_path, write):
+    """listfiles.ListBytes: the ids and codes at any positions of a mapped file (written by FAISS,
+    or list by list) are those FAISS's own lists hold there, and the re-rank reads the same vectors
+    through it as list by list; an index in memory (lists apart) is read list by list."""
+    X = classes(0, 300)[0]
+    exact = faiss.index_factory(X.shape[1], f"IVF{NLIST},SQfp16", faiss.METRIC_INNER_PRODUCT)
+    exact.train(X)
+    exact.add_with_ids(X, 7000 + np.arange(len(X), dtype=np.int64))
+    if write == "faiss":
+        name = segments.write_segment(tmp_path, "proxies", 2, exact).name
+    else:
+        name = listfiles.write_lists(tmp_path, 2, exact, [(exact, None)], lambda ids: ids >= 0)[0].name
+    with segments.open_segment(tmp_path, name) as file:
+        mapped = segments.map_segment(tmp_path, name, file, X.shape[1], exact.ntotal)
+    mapped = segments.share_quantizer(tmp_path, name, mapped, exact, same=False)  # written without one
+    invlists = faiss.extract_index_ivf(mapped).invlists
+    sizes = np.array([invlists.list_size(no) for no in range(NLIST)], np.int64)
+    lists = np.repeat(np.arange(NLIST), sizes)
+    offsets = np.concatenate([np.arange(n) for n in sizes])
+    pick = np.random.default_rng(0).permutation(len(lists))  # any order, lists interleaved
+    ids, codes = listfiles.ListBytes(invlists, sizes).gather(lists[pick], offsets[pick])
+    for at, (no, off) in enumerate(zip(lists[pick], offsets[pick], strict=True)):
+        list_ids, list_codes = ivf.stored_list(invlists, int(no))
+        assert ids[at] == list_ids[off] and (codes[at] == list_codes[off]).all()
+    positions = (lists[pick] << refine.POSITION_SHIFT) + offsets[pick]
+    positions[::5] = -1
+    viewed = refine.Reranker(mapped, sizes=sizes, mapped=True).read(positions)
+    listed = refine.Reranker(mapped).read(positions)
+    for a, b in zip(viewed, listed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    in_memory = faiss.extract_index_ivf(exact).invlists
+    assert listfiles.ListBytes(in_memory, sizes).gather(lists[pick], offsets[pick]) is None
