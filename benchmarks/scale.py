@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -40,6 +41,7 @@ from retrieval_imprint.normalize import l2_normalize
 from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN, candidates_of
 
 D, K, TRAIN, CHUNK, N_QUERIES, ADDS, COLD = 384, 4, 8, 50_000, 1000, 100, 100
+HEARTBEAT = 5.0  # seconds between a build's marks that it runs: a resumed build knows when it was killed
 BULK_BYTES = 8 * 2**30  # float16 proxies from which the lists are trained once, on a large first add
 
 
@@ -211,18 +213,31 @@ class Progress:
     """A build's figures so far, kept in a file beside the collection after every add, so that a
     killed build (``--resume``) goes on from the last add the collection committed and reports the
     whole build: the adds of every run, plus the work the kill lost (from the last add recorded to
-    the resumed start: an upper bound)."""
+    the last of the killed run's marks, made every ``HEARTBEAT`` seconds)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path, self.alive = path, path.with_suffix(".alive")
         self.build, self.peak, self.at = 0.0, 0, time.time()
         self.resumed: list[str] = []
 
-    def added(self, seconds: float, peak: int) -> None:
-        self.build, self.peak, self.at = self.build + seconds, max(self.peak, peak), time.time()
+    def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"build": self.build, "peak": self.peak, "at": self.at, "resumed": self.resumed}))
         tmp.replace(self.path)
+
+    def beat(self) -> None:
+        """Mark the build as running, now and every ``HEARTBEAT`` seconds (a daemon thread)."""
+
+        def loop() -> None:
+            while True:
+                self.alive.write_text(repr(time.time()))
+                time.sleep(HEARTBEAT)
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def added(self, seconds: float, peak: int) -> None:
+        self.build, self.peak, self.at = self.build + seconds, max(self.peak, peak), time.time()
+        self.save()
 
     def resume(self, batches: list[list[int]], done: int, n_classes: int) -> list[list[int]]:
         """The batches left once ``done`` classes are in; the figures read back."""
@@ -232,9 +247,12 @@ class Progress:
         if self.path.exists():
             saved = json.loads(self.path.read_text())
             self.build, self.peak, self.resumed = saved["build"], saved["peak"], saved["resumed"]
-            lost = time.time() - saved["at"]
+            killed = float(self.alive.read_text()) if self.alive.exists() else time.time()
+            lost = max(0.0, killed - saved["at"])
             self.build += lost
             self.resumed.append(f"killed after {done:,} classes and resumed ({lost:.0f} s lost, counted)")
+        self.at = time.time()
+        self.save()
         print(f"  resumed at {done:,} classes, {self.build:.0f} s", flush=True)
         return batches[ends.index(done) :]
 
@@ -263,6 +281,8 @@ def run(
         col = Collection.create(
             path, model=None, generator="kmeans", k=K, aggregation="max", index=factory, keep_samples=False
         )
+        progress.save()
+    progress.beat()
     for batch in batches:
         parts = [make(f, min(CHUNK, n_classes - f)) for f in batch]  # chunk by chunk: the same classes
         X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

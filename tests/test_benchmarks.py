@@ -272,10 +272,12 @@ def test_a_killed_scale_build_resumes_from_its_last_add(tmp_path, monkeypatch):
     first = Progress(tmp_path / "c.build.json")
     first.added(10.0, 2**30)
     first.added(5.0, 2**29)
+    (tmp_path / "c.build.alive").write_text(repr(first.at + 7.0))  # the killed run's last mark: 7 s after its add
     again = Progress(tmp_path / "c.build.json")
     assert again.resume(batches, 3 * CHUNK, 4 * CHUNK - 7) == [[3 * CHUNK]]
-    assert again.peak == 2**30 and 15.0 <= again.build < 15.0 + 60  # the lost time is counted
-    assert len(again.resumed) == 1 and "killed after 150,000 classes" in again.resumed[0]
+    assert again.peak == 2**30 and again.build == pytest.approx(22.0)  # the adds, and the 7 s the kill lost
+    assert len(again.resumed) == 1 and "killed after 150,000 classes and resumed (7 s lost" in again.resumed[0]
+    assert Progress(tmp_path / "c.build.json").resume(batches, 3 * CHUNK, 4 * CHUNK)[0] == [3 * CHUNK]
     assert Progress(tmp_path / "none.json").resume(batches, 0, 4 * CHUNK) == batches
     with pytest.raises(SystemExit, match="not where an add ends"):
         Progress(tmp_path / "c.build.json").resume(batches, CHUNK, 4 * CHUNK)
