@@ -9,8 +9,6 @@ before it first reads them.
 
 - ``write_lists``: a proxy segment merged from other IVF files (compaction), one list in memory at
   a time (a full compaction of 40M proxies would otherwise hold 31 GB of float16 codes).
-- ``ListBytes``: the lists of a mapped file as one byte view, so that a re-rank (refine.py) gathers
-  the vectors at many positions in a few numpy operations instead of a call into FAISS a list.
 - ``write_candidates``: a refined index's fast-scan candidates (refine.py). FAISS keeps fast-scan
   codes in ``BlockInvertedLists`` (32 codes interleaved per block for SIMD lookups), which it can
   only read whole: 2.2 GB read and hashed at every open at 40M proxies. Written instead as array
@@ -27,7 +25,6 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
@@ -72,48 +69,6 @@ def write_lists(
     header = faiss.clone_index(like)  # a template: no lists to copy
     header.ntotal = faiss.extract_index_ivf(header).ntotal = int(sizes.sum())
     return _write(directory, f"proxies-{version:08d}.faiss", header, code_size, sizes, merged()), int(sizes.sum())
-
-
-class ListBytes:
-    """Entries of a memory-mapped IVF file read by (list, offset), many at once. FAISS maps the file
-    whole and an ``ilar`` file holds each non-empty list's codes, then its ids, back to back to its
-    end, so one view from the first list's codes covers them all at offsets known from the sizes.
-    Each list's offsets are checked against FAISS's own pointers the first time it is read (one call
-    a list, once); a file laid out otherwise makes ``gather`` return None (read list by list)."""
-
-    def __init__(self, invlists: Any, sizes: np.ndarray) -> None:
-        self.invlists, self.code_size = invlists, int(invlists.code_size)
-        span = sizes.astype(np.int64) * (self.code_size + 8)
-        self.codes_at = np.cumsum(span) - span
-        self.ids_at = self.codes_at + sizes.astype(np.int64) * self.code_size
-        self.checked = np.zeros(len(sizes), bool)
-        filled = np.flatnonzero(sizes)
-        self.data: np.ndarray | None = None
-        if len(filled) and int(span.sum()) >= self.code_size + 8:
-            self.base = int(invlists.get_codes(int(filled[0])))
-            self.data = faiss.rev_swig_ptr(invlists.get_codes(int(filled[0])), int(span.sum()))
-
-    def gather(self, lists: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(ids, codes)`` of entries ``offsets`` (each inside its list) of ``lists``; None where
-        the file is not laid out as one block."""
-        if self.data is None:
-            return None
-        new = np.unique(lists[~self.checked[lists]])
-        for no in new.tolist():
-            if (
-                int(self.invlists.get_codes(no)) != self.base + self.codes_at[no]
-                or int(self.invlists.get_ids(no)) != self.base + self.ids_at[no]
-            ):
-                self.data = None
-                return None
-        self.checked[new] = True
-        rows = np.lib.stride_tricks.as_strided(  # every code_size-byte window, rows picked by fancy indexing
-            self.data, (len(self.data) - self.code_size + 1, self.code_size), (1, 1), writeable=False
-        )
-        words = np.lib.stride_tricks.as_strided(self.data, (len(self.data) - 7, 8), (1, 1), writeable=False)
-        codes = rows[self.codes_at[lists] + offsets * self.code_size]
-        ids = words[self.ids_at[lists] + offsets * 8].view("<i8").ravel()
-        return ids, codes
 
 
 def write_candidates(directory: Path, version: int, candidates: faiss.Index) -> Segment:

@@ -26,7 +26,6 @@ from faiss.contrib.inspect_tools import get_invlist_sizes
 
 from . import ivf
 from .errors import InvalidParameterError
-from .listfiles import ListBytes
 
 _REFINED = re.compile(r"(IVF\d+(?:_HNSW\d+)?),(PQ\d+x4fs),(?:Refine\((\w+)\)|RFlat)")
 
@@ -97,11 +96,54 @@ def _decoded_by_list(index: faiss.Index) -> Iterator[tuple[int, np.ndarray]]:
         yield no, np.ascontiguousarray(X, np.float32)
 
 
+class ListBytes:
+    """Entries of a memory-mapped IVF file read by (list, offset), many at once. FAISS maps the file
+    whole, and array lists (``ilar``, as FAISS and listfiles.py write them) hold each non-empty
+    list's codes, then its ids, back to back to its end, so one view from the first list's codes
+    covers them all at offsets known from the sizes.
+    Each list's offsets are checked against FAISS's own pointers the first time it is read (one call
+    a list, once); a file laid out otherwise makes ``gather`` return None (read list by list)."""
+
+    def __init__(self, invlists: Any, sizes: np.ndarray) -> None:
+        self.invlists, self.code_size = invlists, int(invlists.code_size)
+        span = sizes.astype(np.int64) * (self.code_size + 8)
+        self.codes_at = np.cumsum(span) - span
+        self.ids_at = self.codes_at + sizes.astype(np.int64) * self.code_size
+        self.checked = np.zeros(len(sizes), bool)
+        filled = np.flatnonzero(sizes)
+        self.data: np.ndarray | None = None
+        if len(filled) and int(span.sum()) >= self.code_size + 8:
+            self.base = int(invlists.get_codes(int(filled[0])))
+            self.data = faiss.rev_swig_ptr(invlists.get_codes(int(filled[0])), int(span.sum()))
+
+    def gather(self, lists: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(ids, codes)`` of entries ``offsets`` (each inside its list) of ``lists``; None where
+        the file is not laid out as one block."""
+        if self.data is None:
+            return None
+        new = np.unique(lists[~self.checked[lists]])
+        for no in new.tolist():
+            if (
+                int(self.invlists.get_codes(no)) != self.base + self.codes_at[no]
+                or int(self.invlists.get_ids(no)) != self.base + self.ids_at[no]
+            ):
+                self.data = None
+                return None
+        self.checked[new] = True
+        rows = np.lib.stride_tricks.as_strided(  # every code_size-byte window, rows picked by fancy indexing
+            self.data, (len(self.data) - self.code_size + 1, self.code_size), (1, 1), writeable=False
+        )
+        words = np.lib.stride_tricks.as_strided(self.data, (len(self.data) - 7, 8), (1, 1), writeable=False)
+        codes = rows[self.codes_at[lists] + offsets * self.code_size]
+        ids = words[self.ids_at[lists] + offsets * 8].view("<i8").ravel()
+        return ids, codes
+
+
 class Reranker:
     """Reads proxies of the IVF index ``exact`` by position and scores them exactly. ``verify``
     (``ListVerifier.ensure_at``, or None for an index in memory) is called with the lists and
     offsets about to be read; ``sizes``: its lists' sizes, if known. A memory-mapped ``exact``
-    (``mapped``) is read through one byte view of its lists (``listfiles.ListBytes``), else list by
+    (``mapped``) is read through one byte view of its lists (``ListBytes``), else list by
     list. Thread-safe: it only reads."""
 
     def __init__(

@@ -208,7 +208,7 @@ def test_written_candidates_map_and_answer_as_the_fast_scan_index_they_were_writ
 
 @pytest.mark.parametrize("write", ["faiss", "listfiles"])
 def test_a_mapped_file_is_read_by_position_through_one_view_as_faiss_reads_it(tmp_path, write):
-    """listfiles.ListBytes: the ids and codes at any positions of a mapped file (written by FAISS,
+    """refine.ListBytes: the ids and codes at any positions of a mapped file (written by FAISS,
     or list by list) are those FAISS's own lists hold there, and the re-rank reads the same vectors
     through it as list by list; an index in memory (lists apart) is read list by list."""
     X = classes(0, 300)[0]
@@ -227,7 +227,7 @@ def test_a_mapped_file_is_read_by_position_through_one_view_as_faiss_reads_it(tm
     lists = np.repeat(np.arange(NLIST), sizes)
     offsets = np.concatenate([np.arange(n) for n in sizes])
     pick = np.random.default_rng(0).permutation(len(lists))  # any order, lists interleaved
-    ids, codes = listfiles.ListBytes(invlists, sizes).gather(lists[pick], offsets[pick])
+    ids, codes = refine.ListBytes(invlists, sizes).gather(lists[pick], offsets[pick])
     for at, (no, off) in enumerate(zip(lists[pick], offsets[pick], strict=True)):
         list_ids, list_codes = ivf.stored_list(invlists, int(no))
         assert ids[at] == list_ids[off] and (codes[at] == list_codes[off]).all()
@@ -238,4 +238,4 @@ def test_a_mapped_file_is_read_by_position_through_one_view_as_faiss_reads_it(tm
     for a, b in zip(viewed, listed, strict=True):
         np.testing.assert_array_equal(a, b)
     in_memory = faiss.extract_index_ivf(exact).invlists
-    assert listfiles.ListBytes(in_memory, sizes).gather(lists[pick], offsets[pick]) is None
+    assert refine.ListBytes(in_memory, sizes).gather(lists[pick], offsets[pick]) is None
