@@ -12,7 +12,6 @@ from sqlalchemy import Engine
 
 from . import schema, segments, snapshot, store
 from .errors import CollectionDamagedError
-from .segments import CLASS_SHIFT
 from .verified import ListVerifier
 
 
@@ -25,51 +24,41 @@ class CheckReport:
 def check(directory: Path, engine: Engine) -> CheckReport:
     """Verify, from disk, one committed version of the collection in ``directory``: every named
     file is a plain file inside it, matches its recorded checksum and loads with the right
-    dimension (each damaged one is listed), the live vector ids equal the database's id rows, and
-    each id row names the class its id encodes and a segment that exists. Safe beside a writer:
-    rows and files are read as one snapshot."""
+    dimension (each damaged one is listed), and the files hold, once each, every live vector id
+    the classes' ranges name (proxies; samples, where kept; a blend's class means). Safe beside a
+    writer: rows and files are read as one snapshot."""
     problems: list[str] = []
     with engine.connect() as conn:
         current, head, _ = schema.schema_revision(conn)
-        if store.orphan_rows(conn):
-            problems.append("proxy or sample rows name a segment that does not exist")
     if current != head:
         problems.append(f"schema revision {current} is not the head {head}")
     problems += damaged_files(directory, engine)
     if problems:
         return CheckReport(False, problems)
     try:
-        snap = snapshot.read(directory, engine, samples=True, vector_rows=True)
+        snap = snapshot.read(directory, engine, samples=True, table=True)
     except CollectionDamagedError as exc:
         return CheckReport(False, problems + [str(exc)])
+    table = snap.table
+    named = {"proxies": segments.range_ids(table.ids, table.proxy_lo, table.proxy_hi)}
     loaded = {"proxies": snap.proxies.ids if snap.proxies is not None else np.zeros(0, np.int64)}
     if snap.samples is not None:
+        named["samples"] = segments.range_ids(table.ids, np.zeros_like(table.ids), table.n_samples)
         loaded["samples"] = snap.samples.ids
-    assert snap.vector_rows is not None  # read with vector_rows=True above
+    if snap.means is not None or snap.params["aggregation"] == "blend":
+        named["means"] = table.mean_ids(table.ids) if len(table) else np.zeros(0, np.int64)
+        loaded["means"] = snap.means.ids if snap.means is not None else np.zeros(0, np.int64)
     for kind, ids in loaded.items():
-        rows = snap.vector_rows[kind]
         if len(ids) != len(np.unique(ids)):
             problems.append(f"{kind}: duplicate ids in the index files")
-        if not np.array_equal(np.sort(ids), np.sort(rows[:, 0])):
+        if not np.array_equal(np.sort(ids), np.sort(named[kind])):
             problems.append(
-                f"{kind}: the index files hold {len(ids)} live vectors and the database "
-                f"{len(rows)} id rows, and their ids differ"
+                f"{kind}: the index files hold {len(ids)} live vectors and the classes' ranges name "
+                f"{len(named[kind])}, and their ids differ"
             )
-        if (rows[:, 0] >> CLASS_SHIFT != rows[:, 1]).any():
-            problems.append(f"{kind}: an id row names another class than its id encodes")
-    if snap.means is not None or snap.params["aggregation"] == "blend":
-        means = snap.means.ids if snap.means is not None else np.zeros(0, np.int64)
-        if len(snap.table) and not np.array_equal(np.sort(means), np.sort(snap.table.mean_ids(snap.table.ids))):
-            problems.append(
-                f"means: the index files hold {len(means)} class means for {len(snap.table)} classes, "
-                "and their ids differ"
-            )
-    expected = int(snap.table.n_proxies.sum())
-    if expected != len(loaded["proxies"]):
-        problems.append(f"proxies: the class ranges count {expected}, the index holds {len(loaded['proxies'])}")
     counted = {
-        "live proxies": (snap.config["live_proxies"], expected),
-        "classes": (snap.config["n_classes"], len(snap.table)),
+        "live proxies": (snap.config["live_proxies"], len(named["proxies"])),
+        "classes": (snap.config["n_classes"], len(table)),
     }
     for what, (kept, actual) in counted.items():  # the counts open trusts (schema.py's triggers)
         if kept != actual:

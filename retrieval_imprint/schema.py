@@ -2,12 +2,12 @@
 
 Tables: ``collection`` (one row: the GEN/NORM/AGG config, index type, dimension, current
 version, fixed quantile targets and Mahalanobis map, rejection threshold, search parameters),
-``embedder`` (model identity), ``classes`` (label and id ranges), ``segments`` (the FAISS files
-that hold proxies and samples), ``proxies`` and ``samples`` (one row per stored vector: id, class,
-segment), ``ingest`` (rows of each source file committed by a chunked, resumable ingestion),
-``texts`` (what each kept sample was embedded from). A segment of kind ``template`` is an
-approximate index's trained, empty index that every proxy segment copies; segments of kind
-``means`` hold the class means of a blend (one per class, no id rows: see ``segments.py``).
+``embedder`` (model identity), ``classes`` (label and id ranges: the live vector ids of every
+segment file, ``segments.py``), ``segments`` (the FAISS files that hold proxies and samples),
+``ingest`` (rows of each source file committed by a chunked, resumable ingestion), ``texts`` (what
+each kept sample was embedded from). A segment of kind ``template`` is an approximate index's
+trained, empty index that every proxy segment copies; segments of kind ``means`` hold the class
+means of a blend (one per class). No table has a row per vector (migration 0013).
 Triggers on ``classes`` keep ``collection.n_classes`` and ``live_proxies`` (the classes' proxy
 count) up to date (migration 0012), so a collection opens without reading its class table.
 
@@ -33,7 +33,6 @@ from sqlalchemy import (
     Connection,
     Engine,
     Float,
-    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -136,22 +135,6 @@ texts = Table(
     Column("ref", String),  # the user's reference of the row (an id column), if given
     Index("ix_texts_class_id", "class_id"),
 )
-
-
-def _vectors_table(name: str) -> Table:
-    return Table(
-        name,
-        metadata,
-        Column("id", Integer, primary_key=True, autoincrement=False),
-        Column("class_id", Integer, ForeignKey("classes.id"), nullable=False),
-        Column("segment_id", Integer, ForeignKey("segments.id"), nullable=False),
-        Index(f"ix_{name}_class_id", "class_id"),
-        Index(f"ix_{name}_segment_id", "segment_id"),
-    )
-
-
-proxies = _vectors_table("proxies")
-samples = _vectors_table("samples")
 
 
 def alembic_config(conn: Connection) -> Config:

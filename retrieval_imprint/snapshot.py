@@ -60,7 +60,6 @@ class Snapshot:
     proxies: ProxyIndex | None = None  # None until the first add
     means: ProxyIndex | None = None  # class means of a blend
     samples: ProxyIndex | None = None  # loaded on first need (re-imprinting a class, check)
-    vector_rows: dict[str, np.ndarray] | None = None  # the id rows, for check
     # (ids, vectors as added) of small segment files this process wrote: merged from memory by the
     # automatic compaction instead of read back (which costs an IVF quantizer and list walk per file)
     recent: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -385,29 +384,25 @@ class Snapshot:
         return index, FileVerifier(directory, name, file, self.checksums.get(name))
 
 
-def read(
-    directory: Path, engine: Engine, *, samples: bool = False, vector_rows: bool = False, table: bool = False
-) -> Snapshot:
+def read(directory: Path, engine: Engine, *, samples: bool = False, table: bool = False) -> Snapshot:
     """The committed version now on disk: database rows and the segments they name (the samples'
-    too with ``samples``; the id rows with ``vector_rows``; the whole class table with either or
-    ``table``). Read again where a write changed the class rows of the small segment files' vectors
+    too with ``samples``; the whole class table with ``table``). Read again where a write changed the class rows of the small segment files' vectors
     before they were read (``CollectionChangedError``), the last time with the whole table, in the
     same transaction: a read never fails for other processes' writes."""
     for _ in range(STALE_READS - 1):
         try:
-            return _read(directory, engine, samples, vector_rows, table)
+            return _read(directory, engine, samples, table)
         except CollectionChangedError:
             pass
-    return _read(directory, engine, samples, vector_rows, True)
+    return _read(directory, engine, samples, True)
 
 
-def _read(directory: Path, engine: Engine, samples: bool, vector_rows: bool, table: bool) -> Snapshot:
+def _read(directory: Path, engine: Engine, samples: bool, table: bool) -> Snapshot:
     with ExitStack() as stack:
         with segments.reading(directory):
             with engine.connect() as conn, conn.begin():
                 cfg, emb, label_kinds, segs = store.read_state(conn)
-                ids = store.vector_rows(conn) if vector_rows else None
-                whole = ClassTable.from_columns(classrows.class_columns(conn)) if vector_rows or table else None
+                whole = ClassTable.from_columns(classrows.class_columns(conn)) if table else None
             kinds = KINDS if samples else ("template", "proxies", "means", "candidates")
             opened = {
                 name: stack.enter_context(segments.open_segment(directory, name))
@@ -424,7 +419,6 @@ def _read(directory: Path, engine: Engine, samples: bool, vector_rows: bool, tab
             {f: n for _, f, _, n, _ in segs},
             {f: lists for _, f, _, _, lists in segs},
             label_kinds,
-            vector_rows=ids,
             loaded_table=whole,
             read_at=cfg["version"],
         )

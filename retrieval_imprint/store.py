@@ -7,7 +7,6 @@ transactions (``writing``), readers plain ones.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sqlite3
@@ -18,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from sqlalchemy import Connection, Engine, Table, create_engine, delete, event, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, select, update
 
 from . import schema
 from .errors import (
@@ -30,7 +29,7 @@ from .errors import (
     SchemaVersionError,
 )
 from .params import STORED
-from .schema import classes, collection, embedder, ingest, proxies, samples, segments, texts
+from .schema import classes, collection, embedder, ingest, segments, texts
 from .segments import DB_NAME
 
 BUSY_TIMEOUT_MS = 10_000
@@ -195,45 +194,22 @@ def version(conn: Connection) -> int:
     return conn.execute(select(collection.c.version)).scalar_one()
 
 
-def _id_rows(kind: str) -> Table | None:
-    """The table of one row per vector of segments of ``kind`` (means have none)."""
-    return {"proxies": proxies, "samples": samples}.get(kind)
-
-
-def insert_segment(conn: Connection, kind: str, segment: Any, ids: np.ndarray, owners: np.ndarray) -> None:
-    """Record a segment file (``segments.Segment``) and one id row per vector it holds."""
-    seg_id = conn.execute(
+def insert_segment(conn: Connection, kind: str, segment: Any, n_vectors: int) -> None:
+    """Record a segment file (``segments.Segment``) holding ``n_vectors``."""
+    conn.execute(
         insert(segments).values(
-            kind=kind, file=segment.name, checksum=segment.checksum, n_vectors=len(ids), lists=segment.lists
+            kind=kind, file=segment.name, checksum=segment.checksum, n_vectors=n_vectors, lists=segment.lists
         )
-    ).inserted_primary_key[0]  # type: ignore[index]  # an insert has its key
-    table = _id_rows(kind)
-    if table is not None and len(ids):
-        # the driver's executemany over plain tuples: SQLAlchemy's insert() builds and compiles one
-        # parameter dict per row (200,000 rows: 7.9 s and 107 MiB against 1.1 s and 29 MiB, dev probe)
-        columns = ", ".join(column.name for column in (table.c.id, table.c.class_id, table.c.segment_id))
-        conn.exec_driver_sql(
-            f"INSERT INTO {table.name} ({columns}) VALUES (?, ?, ?)",
-            list(zip(ids.tolist(), owners.tolist(), itertools.repeat(seg_id))),
-        )
+    )
 
 
-def delete_vectors(
-    conn: Connection,
-    class_ids: np.ndarray,
-    *,
-    kinds: Sequence[str] = ("proxies", "samples"),
-    drop_classes: bool = False,
-) -> None:
-    """Delete the id rows of ``kinds`` of these classes (and the class rows with ``drop_classes``)."""
-    tables = [proxies if kind == "proxies" else samples for kind in kinds]
+def delete_classes(conn: Connection, class_ids: np.ndarray) -> None:
+    """Delete these classes' rows and their samples' texts: their vectors are no longer live (the
+    classes' ranges name the live ones), and leave the files at the next compaction."""
     for i in range(0, len(class_ids), SQL_CHUNK):
         chunk = class_ids[i : i + SQL_CHUNK].tolist()
-        for table in tables:
-            conn.execute(delete(table).where(table.c.class_id.in_(chunk)))
-        if drop_classes:
-            conn.execute(delete(texts).where(texts.c.class_id.in_(chunk)))
-            conn.execute(delete(classes).where(classes.c.id.in_(chunk)))
+        conn.execute(delete(texts).where(texts.c.class_id.in_(chunk)))
+        conn.execute(delete(classes).where(classes.c.id.in_(chunk)))
 
 
 def insert_texts(
@@ -265,16 +241,8 @@ def texts_of(conn: Connection, ids: Sequence[int]) -> dict[int, tuple[str | None
 
 
 def replace_segments(conn: Connection, kind: str, old: Sequence[str], segment: Any, n_vectors: int) -> None:
-    """Point the id rows of segments ``old`` at the new ``segment``, which replaces them."""
-    seg_id = conn.execute(
-        insert(segments).values(
-            kind=kind, file=segment.name, checksum=segment.checksum, n_vectors=n_vectors, lists=segment.lists
-        )
-    ).inserted_primary_key[0]  # type: ignore[index]  # an insert has its key
-    table = _id_rows(kind)
-    old_ids = select(segments.c.id).where(segments.c.file.in_(old))
-    if table is not None:
-        conn.execute(update(table).where(table.c.segment_id.in_(old_ids)).values(segment_id=seg_id))
+    """Record the new ``segment`` in place of segments ``old``, whose live vectors it holds."""
+    insert_segment(conn, kind, segment, n_vectors)
     conn.execute(delete(segments).where(segments.c.file.in_(old)))
 
 
@@ -300,22 +268,6 @@ def set_rows_done(conn: Connection, source: str, done: int) -> None:
     conn.execute(insert(ingest).values(source=source, rows_done=int(done)))
 
 
-def vector_rows(conn: Connection) -> dict[str, np.ndarray]:
-    """``(id, class_id)`` rows ``(n, 2)`` of the proxies and samples tables."""
-    return {
-        kind: np.array(conn.execute(select(table.c.id, table.c.class_id)).all(), np.int64).reshape(-1, 2)
-        for kind, table in (("proxies", proxies), ("samples", samples))
-    }
-
-
-def orphan_rows(conn: Connection) -> bool:
-    """True if an id row names a segment the segments table lacks."""
-    return any(
-        conn.execute(select(table.c.id).where(table.c.segment_id.not_in(select(segments.c.id)))).first() is not None
-        for table in (proxies, samples)
-    )
-
-
 def set_collection(conn: Connection, **values: Any) -> None:
     """Set columns of the collection row (``version`` with every change a write commits)."""
     conn.execute(update(collection).values(**values))
@@ -326,7 +278,7 @@ def set_embedder(conn: Connection, **values: Any) -> None:
 
 
 def delete_segments(conn: Connection, kinds: Sequence[str]) -> None:
-    """Forget every segment file of these kinds (their id rows are deleted by ``delete_vectors``)."""
+    """Forget every segment file of these kinds."""
     conn.execute(delete(segments).where(segments.c.kind.in_(list(kinds))))
 
 

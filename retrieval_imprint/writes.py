@@ -213,9 +213,7 @@ def add(
     segment.add(W, proxy_ids)
     if cfg["index_tuning"] == "pending":
         tune_search(s, segment)
-    written = {
-        "proxies": (segments.write_segment(directory, "proxies", version, segment.index), proxy_ids, b.class_id[owner])
-    }
+    written = {"proxies": (segments.write_segment(directory, "proxies", version, segment.index), proxy_ids)}
     samples = X[b.new_rows] if cfg["keep_samples"] else X[:0]  # not a bulk add's 2.5 GB copy, where none are kept
     if cfg["keep_samples"]:
         s_owner = np.repeat(np.arange(len(entries)), b.new_counts)
@@ -226,23 +224,18 @@ def add(
         )
         sample_index = s.new_index("samples")
         sample_index.add(samples, sample_ids)
-        written["samples"] = (
-            segments.write_segment(directory, "samples", version, sample_index.index),
-            sample_ids,
-            b.class_id[s_owner],
-        )
+        written["samples"] = (segments.write_segment(directory, "samples", version, sample_index.index), sample_ids)
     if params["aggregation"] == "blend":  # the class means beside the proxies, one per class
         mean_ids = (b.class_id << CLASS_SHIFT) + proxy_lo
         M = class_means(b.groups, params, s.fixed)
         mean_index = s.new_index("means")
         mean_index.add(M, mean_ids)
-        written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids, b.class_id)
+        written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids)
     segments.crash_point("add: segments written")
     gone = s.rows_of(replaced)  # read before the version moves on
     with store.writing(engine) as conn:
         if len(replaced):
-            store.delete_vectors(conn, replaced, drop_classes=True)
-        store.delete_vectors(conn, b.class_id[b.existing], kinds=("proxies",))
+            store.delete_classes(conn, replaced)
         shifts = [None if np.isnan(v) else float(v) for v in shift]
         rows = [
             {"id": int(b.class_id[i]), "n_samples": int(sizes[i]), "proxy_lo": int(proxy_lo[i]),
@@ -252,14 +245,14 @@ def add(
         classrows.insert_classes(conn, [{**r, "label": e[1], "label_kind": e[0]} for r, e in zip(rows, entries)
                                         if e not in found], version)  # fmt: skip
         classrows.update_classes(conn, [row for row, old in zip(rows, b.existing) if old], version)
-        for kind, (file, ids, owners) in written.items():
-            store.insert_segment(conn, kind, file, ids, owners)
+        for kind, (file, ids) in written.items():
+            store.insert_segment(conn, kind, file, len(ids))
         if "samples" in written and (texts is not None or refs is not None):
             order = b.new_rows.tolist()
             store.insert_texts(
                 conn,
                 written["samples"][1],
-                written["samples"][2],
+                written["samples"][1] >> CLASS_SHIFT,
                 [texts[i] for i in order] if texts is not None else [None] * len(order),
                 [refs[i] for i in order] if refs is not None else None,
             )
@@ -296,7 +289,7 @@ def add(
             s.means.remove(b.grown.mean_ids(b.grown.ids))
         s.means.add(M, mean_ids)
     vectors = {"proxies": W, "samples": samples, "means": M if "means" in written else None}
-    for kind, (file, ids, _) in written.items():
+    for kind, (file, ids) in written.items():
         record_segment(s, kind, file, len(ids))
         if len(ids) <= RECENT_MAX:
             s.recent[file.name] = (ids.copy(), np.array(vectors[kind], np.float32))
@@ -373,11 +366,10 @@ def retune(
         written["means"] = segments.write_segment(directory, "means", version, means.index)
     segments.crash_point("retune: segments written")
     with store.writing(engine) as conn:
-        store.delete_vectors(conn, table.ids, kinds=("proxies",))
         store.delete_segments(conn, ["proxies", "means", "candidates"])
-        store.insert_segment(conn, "proxies", written["proxies"], proxy_ids, table.ids[owner])
+        store.insert_segment(conn, "proxies", written["proxies"], len(proxy_ids))
         if means is not None:
-            store.insert_segment(conn, "means", written["means"], mean_ids, table.ids)
+            store.insert_segment(conn, "means", written["means"], len(mean_ids))
         classrows.update_classes(conn, [
             {"id": int(i), "proxy_lo": int(a), "proxy_hi": int(b), "shift": None if np.isnan(v) else float(v)}
             for i, a, b, v in zip(table.ids, lo, hi, shift)
@@ -405,7 +397,7 @@ def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
     ids = np.array(sorted(found[e].id for e in entries), np.int64)
     gone = s.rows_of(ids)  # read before the version moves on
     with store.writing(engine) as conn:
-        store.delete_vectors(conn, ids, drop_classes=True)
+        store.delete_classes(conn, ids)
         store.set_collection(conn, version=s.version + 1)
     segments.crash_point("remove: committed")
     _forget(s, gone)

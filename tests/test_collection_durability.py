@@ -165,6 +165,34 @@ def test_upgrade_from_the_initial_revision_keeps_the_data(tmp_path):
     assert upgraded.check().ok and upgraded.config["threshold"] is None
 
 
+def test_the_vector_rows_go_at_0013_and_come_back_from_the_class_ranges_on_downgrade(tmp_path):
+    """Migration 0013 drops the row per vector (the classes' ranges name the live ids); a downgrade
+    makes them again from those ranges, each naming the newest file of its kind, and the upgrade
+    after it leaves a collection that checks and answers as before."""
+    path = tmp_path / "col"
+    col = Collection.create(path, model=None, generator="kmeans", k=2, aggregation="max")
+    X, y = blobs(6, 8, 5)
+    col.add(X[:24], y[:24])
+    col.add(X[24:], y[24:])  # grows some classes: re-imprinted, their ranges move on
+    col.remove([y[0]])
+    before, table = col.query(X, 2), col.snapshot.table
+    engine = store.connect(path / DB_NAME)
+    store.migrate(engine, "0012", down=True)
+    with engine.connect() as conn:
+        for kind, lo, hi in (("proxies", table.proxy_lo, table.proxy_hi), ("samples", 0 * table.ids, table.n_samples)):
+            rows = conn.exec_driver_sql(f"SELECT id, class_id, segment_id FROM {kind} ORDER BY id").all()
+            want = np.sort(np.concatenate([(c << 24) + np.arange(a, b) for c, a, b in zip(table.ids, lo, hi)]))
+            np.testing.assert_array_equal([r[0] for r in rows], want)
+            assert all(r[0] >> 24 == r[1] for r in rows)
+            newest = conn.exec_driver_sql(f"SELECT MAX(id) FROM segments WHERE kind = '{kind}'").scalar()
+            assert {r[2] for r in rows} == {newest}
+    upgraded = Collection.open(path, upgrade=True)
+    with engine.connect() as conn:
+        assert not {"proxies", "samples"} & set(conn.exec_driver_sql("SELECT name FROM sqlite_master").scalars())
+    np.testing.assert_array_equal(upgraded.query(X, 2).labels, before.labels)
+    assert upgraded.check().ok
+
+
 def test_the_models_match_the_head_revision(tmp_path):
     col = Collection.create(tmp_path / "col", model=None)
     with col._engine.connect() as conn:
