@@ -12,8 +12,8 @@ rewritten away by the next compaction that merges the file. Each query makes one
 index and keeps the best ``m`` (``faiss.merge_knn_results``). Every list of a mapped
 file a query scans is verified first (verified.py): no reads at open, and no answer from a damaged
 byte. Where a file has fast-scan ``candidates`` (a refined index, refine.py), a query scans those
-instead (mapped and verified likewise) and reads only its best candidates from the mapped lists,
-re-ranking them exactly.
+instead (mapped and verified likewise) and reads only its best candidates from the mapped lists;
+the candidates of every file are decoded and re-ranked exactly together (refine.reranked).
 """
 
 from __future__ import annotations
@@ -55,15 +55,19 @@ class Mapped:
         Q: np.ndarray,
         m: int,
         params: dict[str, int] | None,
-        dead: np.ndarray,
         selector: Any,
         assigned: ivf.Assignment | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``m`` nearest live proxies of prepared queries ``Q`` in this file, in the lists
-        ``assigned`` by its quantizer (``ivf.assign``; else found here)."""
-        if self.candidates is not None and self.reranker is not None:
-            return refine.search(self.candidates, self.reranker, Q, m, params, dead, assigned, self.verify_candidates)
+        """The ``m`` nearest live proxies of prepared queries ``Q`` in this file (one without
+        candidates), in the lists ``assigned`` by its quantizer (``ivf.assign``; else found here)."""
         return ivf.search_verified(self.searched, Q, m, params, selector, self.verifier.ensure, assigned)
+
+    def candidates_of(
+        self, Q: np.ndarray, m: int, params: dict[str, int] | None, assigned: ivf.Assignment | None = None
+    ) -> tuple[refine.Reranker, np.ndarray]:
+        """A file with candidates: its re-ranker and the positions of its candidates for ``Q``."""
+        assert self.candidates is not None and self.reranker is not None
+        return self.reranker, refine.candidates_of(self.candidates, Q, m, params, assigned, self.verify_candidates)
 
 
 class MappedProxyIndex(ProxyIndex):
@@ -118,12 +122,17 @@ class MappedProxyIndex(ProxyIndex):
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
         searched = ivf.with_quantizer_beam({**self.search_params, **(params or {})}, self.hnsw_quantized)
         assigned: dict[Any, ivf.Assignment] = {}  # one coarse search per quantizer: every file shares the template's
-        found = []
+        found, refined = [], []
         for part in self.parts:
             key = int(part.quantizer.this)
             if key not in assigned:
                 assigned[key] = ivf.assign(part.searched, Q, searched)
-            found.append(part.search(Q, m, searched, self._dead, self._selector, assigned[key]))
+            if part.candidates is not None:
+                refined.append(part.candidates_of(Q, m, searched, assigned[key]))
+            else:
+                found.append(part.search(Q, m, searched, self._selector, assigned[key]))
+        if refined:  # every file's candidates re-ranked together: one decode and one top-m a query block
+            found.append(refine.reranked(Q, refined, m, self._dead))
         if self.index.ntotal:
             found.append(super()._nearest(Q, m, params))
         if len(found) == 1:

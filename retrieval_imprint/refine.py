@@ -111,31 +111,31 @@ class ListBytes:
         self.ids_at = self.codes_at + sizes.astype(np.int64) * self.code_size
         self.checked = np.zeros(len(sizes), bool)
         filled = np.flatnonzero(sizes)
-        self.data: np.ndarray | None = None
+        self.rows: np.ndarray | None = None  # every code_size-byte window of the lists, rows picked by fancy indexing
         if len(filled) and int(span.sum()) >= self.code_size + 8:
             self.base = int(invlists.get_codes(int(filled[0])))
-            self.data = faiss.rev_swig_ptr(invlists.get_codes(int(filled[0])), int(span.sum()))
+            data = faiss.rev_swig_ptr(invlists.get_codes(int(filled[0])), int(span.sum()))
+            strided = np.lib.stride_tricks.as_strided
+            self.rows = strided(data, (len(data) - self.code_size + 1, self.code_size), (1, 1), writeable=False)
+            self.words = strided(data, (len(data) - 7, 8), (1, 1), writeable=False)
 
     def gather(self, lists: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """``(ids, codes)`` of entries ``offsets`` (each inside its list) of ``lists``; None where
         the file is not laid out as one block."""
-        if self.data is None:
+        if self.rows is None:
             return None
-        new = np.unique(lists[~self.checked[lists]])
-        for no in new.tolist():
-            if (
-                int(self.invlists.get_codes(no)) != self.base + self.codes_at[no]
-                or int(self.invlists.get_ids(no)) != self.base + self.ids_at[no]
-            ):
-                self.data = None
-                return None
-        self.checked[new] = True
-        rows = np.lib.stride_tricks.as_strided(  # every code_size-byte window, rows picked by fancy indexing
-            self.data, (len(self.data) - self.code_size + 1, self.code_size), (1, 1), writeable=False
-        )
-        words = np.lib.stride_tricks.as_strided(self.data, (len(self.data) - 7, 8), (1, 1), writeable=False)
-        codes = rows[self.codes_at[lists] + offsets * self.code_size]
-        ids = words[self.ids_at[lists] + offsets * 8].view("<i8").ravel()
+        if not self.checked[lists].all():
+            new = np.unique(lists[~self.checked[lists]])
+            for no in new.tolist():
+                if (
+                    int(self.invlists.get_codes(no)) != self.base + self.codes_at[no]
+                    or int(self.invlists.get_ids(no)) != self.base + self.ids_at[no]
+                ):
+                    self.rows = None
+                    return None
+            self.checked[new] = True
+        codes = self.rows[self.codes_at[lists] + offsets * self.code_size]
+        ids = self.words[self.ids_at[lists] + offsets * 8].view("<i8").ravel()
         return ids, codes
 
 
@@ -159,9 +159,10 @@ class Reranker:
         self.listno_bytes = int(self.ivf.coarse_code_size())
         self.larger_is_better = exact.metric_type == faiss.METRIC_INNER_PRODUCT
 
-    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(ok, ids, vectors)`` of ``positions`` (1-d): ``ok`` False where a position is -1 or
-        lies outside its list; their id is -1 and their vector zero."""
+    def codes(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ok, ids, codes)`` of ``positions`` (1-d), each code prefixed by its list number as
+        ``sa_decode`` reads it: ``ok`` False where a position is -1 or lies outside its list; their
+        id is -1 and their code zero."""
         lists, offsets = positions >> POSITION_SHIFT, positions & ((1 << POSITION_SHIFT) - 1)
         ok = (positions >= 0) & (lists < self.ivf.nlist)
         ids = np.full(len(positions), -1, np.int64)
@@ -179,37 +180,85 @@ class Reranker:
             for at in np.split(order, np.flatnonzero(np.diff(lists[order])) + 1) if len(valid) else []:
                 list_ids, list_codes = ivf.stored_list(self.invlists, int(lists[at[0]]))
                 ids[valid[at]], codes[valid[at], self.listno_bytes :] = list_ids[offsets[at]], list_codes[offsets[at]]
-        listno = lists.astype("<i8").view(np.uint8).reshape(-1, 8)  # the list number's bytes, as sa_decode reads them
+        listno = lists.astype("<i8").view(np.uint8).reshape(-1, 8)  # the list number's bytes, little-endian
         codes[valid, : self.listno_bytes] = listno[:, : self.listno_bytes]
-        return ok, ids, self.ivf.sa_decode(codes) if len(codes) else np.zeros((0, self.exact.d), np.float32)
+        return ok, ids, codes
 
-    def rerank(
-        self, Q: np.ndarray, positions: np.ndarray, m: int, dead: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``m`` best of each query's candidate ``positions`` ``(n, R)`` by exact distance (as
-        FAISS reports it: inner product, or squared L2), as ``(distances, ids)`` ``(n, m)``; ids in
-        the sorted array ``dead`` are left out; missing results have id -1."""
-        n, r = positions.shape
-        ok, ids, X = self.read(positions.ravel())
-        ok &= ivf.alive(ids, dead)
-        X = X.reshape(n, r, -1)
-        if self.larger_is_better:
-            D = np.einsum("nrd,nd->nr", X, Q)
-        else:
-            D = (
-                np.einsum("nrd,nrd->nr", X, X)
-                - 2 * np.einsum("nrd,nd->nr", X, Q)
-                + np.einsum("nd,nd->n", Q, Q)[:, None]
-            )
-        worst = -np.inf if self.larger_is_better else np.inf
-        D = np.where(ok.reshape(n, r), D, worst).astype(np.float32)
-        ids = np.where(ok, ids, -1).reshape(n, r)
-        order = np.argsort(-D if self.larger_is_better else D, axis=1, kind="stable")[:, :m]
-        D, ids = np.take_along_axis(D, order, 1), np.take_along_axis(ids, order, 1)
-        if r < m:
-            D = np.hstack([D, np.full((n, m - r), worst, np.float32)])
-            ids = np.hstack([ids, np.full((n, m - r), -1, np.int64)])
-        return D, ids
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ok, ids, vectors)`` of ``positions`` (1-d), as ``codes`` gives them, decoded."""
+        ok, ids, codes = self.codes(positions)
+        return ok, ids, self.decode(codes)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return self.ivf.sa_decode(codes) if len(codes) else np.zeros((0, self.exact.d), np.float32)
+
+
+def rerank(
+    Q: np.ndarray, found: list[tuple[Reranker, np.ndarray]], m: int, dead: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``m`` best of each query's candidates by exact distance (as FAISS reports it: inner
+    product, or squared L2), as ``(distances, ids)`` ``(n, m)``: ``found`` pairs a ``Reranker`` with
+    candidate ``positions`` ``(n, R_i)`` in its file (files of one template, which decode alike:
+    every candidate is decoded and scored in one step). Ids in the sorted array ``dead`` are left
+    out; missing results have id -1."""
+    n = len(Q)
+    read = [reranker.codes(positions.ravel()) for reranker, positions in found]
+    r = sum(positions.shape[1] for _, positions in found)
+    ok = np.hstack([part_ok.reshape(n, -1) for part_ok, _, _ in read])
+    ids = np.hstack([part_ids.reshape(n, -1) for _, part_ids, _ in read])
+    codes = np.concatenate([part_codes.reshape(n, -1, part_codes.shape[1]) for _, _, part_codes in read], axis=1)
+    first = found[0][0]
+    X = first.decode(codes.reshape(n * r, -1)).reshape(n, r, -1)
+    ok &= ivf.alive(ids.ravel(), dead).reshape(n, r)
+    if first.larger_is_better:
+        D = np.einsum("nrd,nd->nr", X, Q)
+    else:
+        D = np.einsum("nrd,nrd->nr", X, X) - 2 * np.einsum("nrd,nd->nr", X, Q) + np.einsum("nd,nd->n", Q, Q)[:, None]
+    worst = -np.inf if first.larger_is_better else np.inf
+    D = np.where(ok, D, worst).astype(np.float32)
+    ids = np.where(ok, ids, -1)
+    order = np.argsort(-D if first.larger_is_better else D, axis=1, kind="stable")[:, :m]
+    D, ids = np.take_along_axis(D, order, 1), np.take_along_axis(ids, order, 1)
+    if r < m:
+        D = np.hstack([D, np.full((n, m - r), worst, np.float32)])
+        ids = np.hstack([ids, np.full((n, m - r), -1, np.int64)])
+    return D, ids
+
+
+def candidates_of(
+    candidates: faiss.Index,
+    Q: np.ndarray,
+    m: int,
+    params: dict[str, int] | None,
+    assigned: ivf.Assignment | None = None,
+    verify: ivf.Verify | None = None,
+) -> np.ndarray:
+    """Positions ``(n, k_factor * m)`` of the best candidates of prepared queries ``Q`` by the
+    fast-scan index (``params``: ``nprobe``, ``quantizer_efSearch``, ``k_factor``) in the lists
+    ``assigned`` (``ivf.assign``; else found here), each checked by ``verify`` first if given (a
+    mapped candidates file)."""
+    params = dict(params or {})
+    k_factor = int(params.pop("k_factor", K_FACTOR))
+    if k_factor < 1:
+        raise InvalidParameterError(f"search parameter k_factor={k_factor} must be at least 1")
+    r = min(max(m, 1) * k_factor, max(candidates.ntotal, 1))
+    Q = np.ascontiguousarray(Q, np.float32)
+    return ivf.search_verified(candidates, Q, r, params, None, verify or _unchecked, assigned)[1]
+
+
+def reranked(
+    Q: np.ndarray, found: list[tuple[Reranker, np.ndarray]], m: int, dead: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``rerank`` a block of queries at a time, so that at most ``RERANK_BATCH`` candidates are
+    decoded at once."""
+    step = max(1, RERANK_BATCH // max(1, sum(positions.shape[1] for _, positions in found)))
+    blocks = [
+        rerank(Q[i : i + step], [(reranker, positions[i : i + step]) for reranker, positions in found], m, dead)
+        for i in range(0, len(Q), step)
+    ]
+    if len(blocks) == 1:
+        return blocks[0]
+    return np.concatenate([D for D, _ in blocks]), np.concatenate([ids for _, ids in blocks])
 
 
 def search(
@@ -222,22 +271,10 @@ def search(
     assigned: ivf.Assignment | None = None,
     verify: ivf.Verify | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``m`` nearest proxies of prepared queries ``Q``: ``k_factor * m`` candidates from the
-    fast-scan index (``params``: ``nprobe``, ``quantizer_efSearch``, ``k_factor``) in the lists
-    ``assigned`` (``ivf.assign``; else found here), each checked by ``verify`` first if given (a
-    mapped candidates file), re-ranked exactly."""
-    params = dict(params or {})
-    k_factor = int(params.pop("k_factor", K_FACTOR))
-    if k_factor < 1:
-        raise InvalidParameterError(f"search parameter k_factor={k_factor} must be at least 1")
-    r = min(max(m, 1) * k_factor, max(candidates.ntotal, 1))
+    """The ``m`` nearest proxies of prepared queries ``Q``: their ``candidates_of`` the fast-scan
+    index, re-ranked exactly (``reranked``)."""
     Q = np.ascontiguousarray(Q, np.float32)
-    _, positions = ivf.search_verified(candidates, Q, r, params, None, verify or _unchecked, assigned)
-    step = max(1, RERANK_BATCH // r)  # decoded candidates held at once
-    parts = [reranker.rerank(Q[i : i + step], positions[i : i + step], m, dead) for i in range(0, len(Q), step)]
-    if len(parts) == 1:
-        return parts[0]
-    return np.concatenate([D for D, _ in parts]), np.concatenate([ids for _, ids in parts])
+    return reranked(Q, [(reranker, candidates_of(candidates, Q, m, params, assigned, verify))], m, dead)
 
 
 def _unchecked(lists: np.ndarray | None) -> None:

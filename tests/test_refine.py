@@ -71,7 +71,7 @@ def test_dead_ids_and_positions_outside_their_list_are_never_answered():
     reranker = refine.Reranker(exact)
     size = exact.invlists.list_size(0)
     positions = np.array([[0, size, -1, (NLIST + 3) << refine.POSITION_SHIFT]], np.int64)  # in, past, none, no list
-    D, found = reranker.rerank(Q[:1], positions, 4)
+    D, found = refine.rerank(Q[:1], [(reranker, positions)], 4)
     assert found[0, 0] >= 0 and (found[0, 1:] == -1).all() and np.isneginf(D[0, 1:]).all()
 
 
@@ -132,8 +132,8 @@ def test_a_compacted_refined_collection_answers_from_its_candidates_as_brute_for
     reopened = Collection.open(tmp_path / "c")
     np.testing.assert_array_equal(reopened.query(Q, 3, search_params=every).labels, brute_force(refined, Q, 3))
     assert reopened.check().ok
-    seen, real = [], refine.search  # a search's parameters override the stored ones key by key
-    monkeypatch.setattr(refine, "search", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    seen, real = [], refine.candidates_of  # a search's parameters override the stored ones key by key
+    monkeypatch.setattr(refine, "candidates_of", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
     reopened.query(Q[:1], 1, search_params={"nprobe": 3})
     assert seen[-1]["nprobe"] == 3 and seen[-1]["k_factor"] == tuning["k_factor"]
 
@@ -239,3 +239,29 @@ def test_a_mapped_file_is_read_by_position_through_one_view_as_faiss_reads_it(tm
         np.testing.assert_array_equal(a, b)
     in_memory = faiss.extract_index_ivf(exact).invlists
     assert refine.ListBytes(in_memory, sizes).gather(lists[pick], offsets[pick]) is None
+
+
+def test_candidates_of_several_files_are_reranked_together_as_brute_force_over_all():
+    """refine.rerank over two files of one template (a collection's tiered files): every candidate
+    of both decoded and scored in one step, the top-m of the union by exact inner product, dead ids
+    left out, as float64 brute force over both files' stored vectors."""
+    X = classes(0, 300)[0]
+    template = faiss.index_factory(X.shape[1], f"IVF{NLIST},SQfp16", faiss.METRIC_INNER_PRODUCT)
+    template.train(X)
+    files = []
+    for part, rows in enumerate(np.array_split(np.random.default_rng(3).permutation(len(X)), 2)):
+        exact = faiss.clone_index(template)
+        exact.add_with_ids(X[rows], (np.int64(part + 1) << 24) + rows.astype(np.int64))
+        files.append((exact, refine.build(exact, f"IVF{NLIST},PQ8x4fs")))
+    Q = X[::11] + 0.3 * np.random.default_rng(1).standard_normal(X[::11].shape).astype(np.float32)
+    every = {"nprobe": NLIST, "k_factor": len(X)}
+    found = [(refine.Reranker(exact), refine.candidates_of(cands, Q, 4, every)) for exact, cands in files]
+    ids, W = map(np.concatenate, zip(*(part for exact, _ in files for part in ivf.decoded_lists(exact))))
+    dead = np.sort(ids[::17])
+    D, got = refine.rerank(Q, found, 4, dead)
+    live = ~np.isin(ids, dead)
+    S = Q.astype(np.float64) @ W[live].T.astype(np.float64)
+    order = np.argsort(-S, axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(got, ids[live][order])
+    np.testing.assert_allclose(D, np.take_along_axis(S, order, 1), rtol=1e-5, atol=1e-4)
+    assert len(np.unique(got >> 24)) == 2  # both files answer
