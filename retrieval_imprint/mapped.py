@@ -122,17 +122,18 @@ class MappedProxyIndex(ProxyIndex):
     def _nearest(self, Q: np.ndarray, m: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
         searched = ivf.with_quantizer_beam({**self.search_params, **(params or {})}, self.hnsw_quantized)
         assigned: dict[Any, ivf.Assignment] = {}  # one coarse search per quantizer: every file shares the template's
-        found, refined = [], []
+        found = []
+        refined: dict[int, list] = {}  # candidates by quantizer: files that decode alike
         for part in self.parts:
             key = int(part.quantizer.this)
             if key not in assigned:
                 assigned[key] = ivf.assign(part.searched, Q, searched)
             if part.candidates is not None:
-                refined.append(part.candidates_of(Q, m, searched, assigned[key]))
+                refined.setdefault(key, []).append(part.candidates_of(Q, m, searched, assigned[key]))
             else:
                 found.append(part.search(Q, m, searched, self._selector, assigned[key]))
-        if refined:  # every file's candidates re-ranked together: one decode and one top-m a query block
-            found.append(refine.reranked(Q, refined, m, self._dead))
+        for candidates in refined.values():  # re-ranked together: one decode and one top-m a query block
+            found.append(refine.reranked(Q, candidates, m, self._dead))
         if self.index.ntotal:
             found.append(super()._nearest(Q, m, params))
         if len(found) == 1:
