@@ -113,8 +113,9 @@ class ListBytes:
         filled = np.flatnonzero(sizes)
         self.rows: np.ndarray | None = None  # every code_size-byte window of the lists, rows picked by fancy indexing
         if len(filled) and int(span.sum()) >= self.code_size + 8:
-            self.base = int(invlists.get_codes(int(filled[0])))
-            data = faiss.rev_swig_ptr(invlists.get_codes(int(filled[0])), int(span.sum()))
+            first = invlists.get_codes(int(filled[0]))
+            self.base = int(first)
+            data = faiss.rev_swig_ptr(first, int(span.sum()))
             strided = np.lib.stride_tricks.as_strided
             self.rows = strided(data, (len(data) - self.code_size + 1, self.code_size), (1, 1), writeable=False)
             self.words = strided(data, (len(data) - 7, 8), (1, 1), writeable=False)
@@ -183,11 +184,6 @@ class Reranker:
         listno = lists.astype("<i8").view(np.uint8).reshape(-1, 8)  # the list number's bytes, little-endian
         codes[valid, : self.listno_bytes] = listno[:, : self.listno_bytes]
         return ok, ids, codes
-
-    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(ok, ids, vectors)`` of ``positions`` (1-d), as ``codes`` gives them, decoded."""
-        ok, ids, codes = self.codes(positions)
-        return ok, ids, self.decode(codes)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         return self.ivf.sa_decode(codes) if len(codes) else np.zeros((0, self.exact.d), np.float32)

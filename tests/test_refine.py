@@ -82,7 +82,7 @@ def test_ids_of_the_candidates_are_positions_in_the_exact_lists():
     exact.add_with_ids(X, 1000 + np.arange(len(X), dtype=np.int64))
     candidates = refine.build(exact, f"IVF{NLIST},PQ8x4fs")
     positions = ivf.list_ids(candidates)
-    ok, ids, _ = refine.Reranker(exact).read(positions)
+    ok, ids, _ = refine.Reranker(exact).codes(positions)
     assert ok.all()
     np.testing.assert_array_equal(np.sort(ids), 1000 + np.arange(len(X)))
     lists = faiss.extract_index_ivf(candidates).invlists
@@ -209,7 +209,7 @@ def test_written_candidates_map_and_answer_as_the_fast_scan_index_they_were_writ
 @pytest.mark.parametrize("write", ["faiss", "listfiles"])
 def test_a_mapped_file_is_read_by_position_through_one_view_as_faiss_reads_it(tmp_path, write):
     """refine.ListBytes: the ids and codes at any positions of a mapped file (written by FAISS,
-    or list by list) are those FAISS's own lists hold there, and the re-rank reads the same vectors
+    or list by list) are those FAISS's own lists hold there, and the re-rank reads the same codes
     through it as list by list; an index in memory (lists apart) is read list by list."""
     X = classes(0, 300)[0]
     exact = faiss.index_factory(X.shape[1], f"IVF{NLIST},SQfp16", faiss.METRIC_INNER_PRODUCT)
@@ -233,8 +233,8 @@ def test_a_mapped_file_is_read_by_position_through_one_view_as_faiss_reads_it(tm
         assert ids[at] == list_ids[off] and (codes[at] == list_codes[off]).all()
     positions = (lists[pick] << refine.POSITION_SHIFT) + offsets[pick]
     positions[::5] = -1
-    viewed = refine.Reranker(mapped, sizes=sizes, mapped=True).read(positions)
-    listed = refine.Reranker(mapped).read(positions)
+    viewed = refine.Reranker(mapped, sizes=sizes, mapped=True).codes(positions)
+    listed = refine.Reranker(mapped).codes(positions)
     for a, b in zip(viewed, listed, strict=True):
         np.testing.assert_array_equal(a, b)
     in_memory = faiss.extract_index_ivf(exact).invlists
