@@ -213,7 +213,8 @@ class Progress:
     """A build's figures so far, kept in a file beside the collection after every add, so that a
     killed build (``--resume``) goes on from the last add the collection committed and reports the
     whole build: the adds of every run, plus the work the kill lost (from the last add recorded to
-    the last of the killed run's marks, made every ``HEARTBEAT`` seconds)."""
+    the last of the killed run's marks, made every ``HEARTBEAT`` seconds; none once every add was
+    in, as the kill then stopped a measurement)."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.alive = path, path.with_suffix(".alive")
@@ -248,7 +249,8 @@ class Progress:
             saved = json.loads(self.path.read_text())
             self.build, self.peak, self.resumed = saved["build"], saved["peak"], saved["resumed"]
             killed = float(self.alive.read_text()) if self.alive.exists() else time.time()
-            lost = max(0.0, killed - saved["at"])
+            # once every add is in, the kill lost a measurement, not part of the build
+            lost = max(0.0, killed - saved["at"]) if done < n_classes else 0.0
             self.build += lost
             self.resumed.append(f"killed after {done:,} classes and resumed ({lost:.0f} s lost, counted)")
         self.at = time.time()

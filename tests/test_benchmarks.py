@@ -263,8 +263,8 @@ def test_index_candidates_benchmark_runs_small(tmp_path):
 
 def test_a_killed_scale_build_resumes_from_its_last_add(tmp_path, monkeypatch):
     """``scale.py --resume``: the batches left after the classes a collection committed, and the
-    build's figures carried over (the adds of every run, plus the time the kill lost); a count of
-    classes that no add ends at is refused."""
+    build's figures carried over (the adds of every run, plus the time the kill lost, none when the
+    kill came after the last add); a count of classes that no add ends at is refused."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from scale import CHUNK, Progress
 
@@ -279,5 +279,7 @@ def test_a_killed_scale_build_resumes_from_its_last_add(tmp_path, monkeypatch):
     assert len(again.resumed) == 1 and "killed after 150,000 classes and resumed (7 s lost" in again.resumed[0]
     assert Progress(tmp_path / "c.build.json").resume(batches, 3 * CHUNK, 4 * CHUNK)[0] == [3 * CHUNK]
     assert Progress(tmp_path / "none.json").resume(batches, 0, 4 * CHUNK) == batches
+    built = Progress(tmp_path / "c.build.json")  # killed once every add was in: measuring, nothing lost
+    assert built.resume(batches, 4 * CHUNK - 7, 4 * CHUNK - 7) == [] and "(0 s lost" in built.resumed[-1]
     with pytest.raises(SystemExit, match="not where an add ends"):
         Progress(tmp_path / "c.build.json").resume(batches, CHUNK, 4 * CHUNK)
