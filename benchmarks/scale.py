@@ -278,6 +278,8 @@ def run(
     progress = Progress(root / f"{path.name}.build.json")
     if resume and path.exists():
         col = Collection.open(path)
+        if len(col) > n_classes:  # killed while it measured adds: the build is whole; those adds come again
+            col.remove(list(range(n_classes, len(col))))
         batches = progress.resume(batches, len(col), n_classes)
     else:
         col = Collection.create(
