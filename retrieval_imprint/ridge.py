@@ -1,0 +1,84 @@
+"""The least-squares head grown one class at a time: its ridge regression moved to the query side.
+
+GEN ``ls`` (``generate.ls_head``) is ridge regression onto class indicators, each row weighted
+``n / (C n_c)``; its head is ``W = (1/C) M^T (G/n + rho I)^-1`` with ``G = X^T X`` over all ``n``
+training rows (random features, NORMpre'd) and ``M`` the ``C`` class means. Every class's row of ``W``
+depends on every sample, so a class added there means a head rebuilt. Written as
+
+    score_c(q) = m_c . z(q),    z(q) = (n / C) A x_q,    A = (G + lambda I)^-1,    lambda = n rho
+
+the class side holds only its own mean ``m_c`` (what a collection's index stores, and top-1 inner
+product search ranks), and everything shared is the query transform ``z``: adding or removing a
+class of ``k`` rows changes ``G`` by ``+-U U^T`` (``U = X_c^T``) and ``A`` by a rank-``k`` update
+(Woodbury), ``O(M^2 k)`` instead of the ``O(M^3)`` of a new inverse. The scores are the estimator's
+(``post_norm="none"``) for the same ``lambda``: exact under any history of adds and removes, up to
+float64 rounding, which ``refactor`` (from ``G``, kept exactly as sums) clears.
+
+``lambda`` is absolute: the leave-one-out choice (``generate.loo_ridge``, relative to ``G / n``) is
+made into ``n rho`` once, when the head is created or tuned, and kept, so a later add regularises
+as a Bayesian ridge with a fixed prior would (less, relative to the data, as the data grows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WOODBURY_SHARE = 0.25  # rows of an update, as a share of the width, up to which A is updated, not refactored
+
+
+class RidgeHead:
+    """The shared state of a streaming least-squares head of ``width`` features: ``G`` (``gram_``),
+    ``n`` (``n_rows_``) and ``A`` (``inverse_``) in float64, for a ridge ``lam``."""
+
+    def __init__(self, width: int, lam: float) -> None:
+        if not lam > 0:
+            raise ValueError(f"ridge {lam!r} is not valid; expected a positive number")
+        self.width, self.lam = width, float(lam)
+        self.gram_ = np.zeros((width, width))
+        self.n_rows_ = 0
+        self.inverse_ = np.eye(width) / self.lam
+
+    @classmethod
+    def from_gram(cls, gram: np.ndarray, n_rows: int, lam: float) -> RidgeHead:
+        """The head of a stored ``G`` over ``n_rows`` rows (a checkpoint), factored anew."""
+        head = cls(len(gram), lam)
+        head.gram_, head.n_rows_ = np.array(gram, np.float64), int(n_rows)
+        return head.refactor()
+
+    def refactor(self) -> RidgeHead:
+        """``A`` computed anew from ``G``: drops the rounding that rank updates accumulate."""
+        system = self.gram_ + self.lam * np.eye(self.width)
+        lower = np.linalg.cholesky(system)
+        inv_lower = np.linalg.solve(lower, np.eye(self.width))
+        self.inverse_ = inv_lower.T @ inv_lower
+        return self
+
+    def add(self, X: np.ndarray) -> RidgeHead:
+        """Rows ``X`` ``(k, width)`` joined the training set."""
+        return self._update(X, 1.0)
+
+    def remove(self, X: np.ndarray) -> RidgeHead:
+        """Rows ``X`` ``(k, width)``, added before, left the training set."""
+        if len(X) > self.n_rows_:
+            raise ValueError(f"{len(X)} rows removed from a head of {self.n_rows_}")
+        return self._update(X, -1.0)
+
+    def _update(self, X: np.ndarray, sign: float) -> RidgeHead:
+        U = np.asarray(X, np.float64).T
+        if U.shape[0] != self.width:
+            raise ValueError(f"rows of {U.shape[0]} features for a head of {self.width}")
+        self.gram_ += sign * (U @ U.T)
+        self.n_rows_ += int(sign) * U.shape[1]
+        if U.shape[1] > WOODBURY_SHARE * self.width:
+            return self.refactor()
+        # (G +- U U^T + lam I)^-1 = A - A U (+-I + U^T A U)^-1 U^T A, A symmetric
+        AU = self.inverse_ @ U
+        core = U.T @ AU
+        core[np.diag_indices_from(core)] += sign
+        self.inverse_ -= AU @ np.linalg.solve(core, AU.T)
+        return self
+
+    def transform(self, X: np.ndarray, n_classes: int) -> np.ndarray:
+        """``z(x) = (n / C) A x`` of each row of ``X`` ``(q, width)`` float32: the query whose inner
+        product with a class mean is that class's score."""
+        return (np.asarray(X, np.float64) @ self.inverse_ * (self.n_rows_ / n_classes)).astype(np.float32)
