@@ -151,7 +151,9 @@ def describe(choice: dict[str, Any], cv: bool = True) -> str:
     rows = choice.get("cv_results") or []
     mine = [r for r in rows if all(r[key] == choice[key] for key in ("generator", "k", "aggregation", "alpha"))]
     held_out = (
-        f" (held-out accuracy {mine[0]['accuracy']:.4f} on {mine[0]['scored']} rows, best of {len(rows)})"
+        f" (held-out accuracy {mine[0]['accuracy']:.4f} on {mine[0]['scored']} rows"
+        + (f" of {mine[0]['classes']} classes" if "classes" in mine[0] else "")
+        + f", best of {len(rows)})"
         if cv and mine and mine[0]["accuracy"] is not None
         else ""
     )

@@ -13,7 +13,9 @@ data with no class of two samples gets the cheapest candidate.
 
 Cost: per fold, one batched k-means per k and one similarity GEMM per k over the held-out rows.
 Folds are added until ``MIN_SCORED`` held-out rows are scored (all ``FOLDS`` for less data), and at
-most ``MIN_SCORED`` of those rows are scored, so the work stays bounded on large data.
+most ``MIN_SCORED`` of those rows are scored. Beyond ``CV_CLASSES`` classes or ``CV_ROWS`` rows the
+folds are those of a seeded sample of whole classes (``cv_sample``): the fits of every candidate
+then stop growing with the data, while the head is still imprinted on every class.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ K_GRID = (1, 2, 3, 5, 10, 20, -1)  # 1: the class mean; -1: every sample
 ALPHA_GRID = (0.25, 0.5, 0.75, 0.9)
 FOLDS = 5
 MIN_SCORED = 4000
+CV_CLASSES = 2000  # classes the folds hold at most: beyond, a seeded sample of them (cv_sample)
+CV_ROWS = 200_000  # and rows, as far as whole classes allow
 _FOLD_STREAM = (1 << 32) + 2  # random streams of _groups.uniforms used here
 _SCORE_STREAM = (1 << 32) + 3
+_CLASS_STREAM = (1 << 32) + 5
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,24 @@ def scored_folds(groups: Grouped, seed: int, max_scored: int = MIN_SCORED) -> li
     return out
 
 
+def cv_sample(groups: Grouped, seed: int) -> Grouped:
+    """The classes cross-validation folds: all of ``groups`` up to ``CV_CLASSES`` classes and
+    ``CV_ROWS`` rows, else the first classes of a seeded order drawn from their label keys (the same
+    classes whatever the order they come in) while they fit both bounds, at least two of them."""
+    sizes = groups.sizes
+    if groups.n_classes <= CV_CLASSES and len(groups.X) <= CV_ROWS:
+        return groups
+    order = np.argsort(uniforms(groups.keys, seed, _CLASS_STREAM))
+    n = max(2, min(CV_CLASSES, int(np.sum(np.cumsum(sizes[order]) <= CV_ROWS))))
+    chosen = np.sort(order[:n])
+    offsets = np.concatenate([[0], np.cumsum(sizes[chosen])]).astype(np.int64)
+    rows = np.repeat(groups.offsets[chosen] - offsets[:-1], sizes[chosen]) + np.arange(offsets[-1])
+    return Grouped(groups.X[rows], offsets, groups.keys[chosen])
+
+
 def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidate]) -> list[dict[str, Any]]:
-    """Held-out accuracy of each candidate; ``groups`` hold the raw (not NORMpre'd) samples."""
+    """Held-out accuracy of each candidate on the classes of ``groups`` (raw, not NORMpre'd samples);
+    each row says how many rows were scored, of how many classes."""
     X_pre = normalize(groups.X, params["pre_norm"], what="X")
     queries = normalize(groups.X, params["inf_norm"], what="X")
     owner = groups.owner
@@ -120,7 +141,13 @@ def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidat
         correct += _fold_correct(part, queries[rows], owner[rows], params, cands)
         scored += len(rows)
     return [
-        {**c.params(), "accuracy": float(n / scored) if scored else None, "correct": int(n), "scored": scored}
+        {
+            **c.params(),
+            "accuracy": float(n / scored) if scored else None,
+            "correct": int(n),
+            "scored": scored,
+            "classes": groups.n_classes,
+        }
         for c, n in zip(cands, correct)
     ]
 
@@ -154,12 +181,13 @@ def choose(
     X: np.ndarray, codes: np.ndarray, keys: np.ndarray, params: dict[str, Any]
 ) -> tuple[Candidate, list[dict[str, Any]]]:
     """The candidate ``params`` leave open with the best held-out accuracy on raw samples ``X`` of
-    classes ``codes`` (label ``keys``), the cheapest among equals, and every candidate's row; a
-    single candidate is returned without cross-validating."""
+    classes ``codes`` (label ``keys``; folds of ``cv_sample``'s classes), the cheapest among equals,
+    and every candidate's row; a single candidate is returned without cross-validating."""
     cands = candidates(params)
     if len(cands) == 1:
         return cands[0], []
-    rows = cross_validate(Grouped.from_codes(X, codes, keys), params, cands)
+    groups = cv_sample(Grouped.from_codes(X, codes, keys), seed_of(params["random_state"]))
+    rows = cross_validate(groups, params, cands)
     ranked = sorted(range(len(cands)), key=lambda i: (-rows[i]["correct"], cands[i].cost()))
     return cands[ranked[0]], rows
 

@@ -58,6 +58,31 @@ def test_folds_are_stratified_and_keyed_by_the_label():
     np.testing.assert_array_equal(auto.folds(alone, seed=3), fold[offsets[1] : offsets[2]])  # others don't matter
 
 
+def test_large_data_is_cross_validated_on_a_sample_of_whole_classes(monkeypatch):
+    """Past CV_CLASSES classes (or CV_ROWS rows) the folds hold a seeded sample of whole classes,
+    the same classes in any class order; the rows say how many; the head still has every class."""
+    X, y = blobs(30, 8, 5, seed=3)
+    labels = np.array([f"c{v}" for v in y])
+    classes, codes = np.unique(labels, return_inverse=True)
+    groups = Grouped.from_codes(X, codes, label_keys(classes))
+    assert auto.cv_sample(groups, 0) is groups  # small data: every class
+    monkeypatch.setattr(auto, "CV_CLASSES", 7)
+    sample = auto.cv_sample(groups, 0)
+    assert sample.n_classes == 7 and len(sample.X) == 7 * 8
+    for c, key in enumerate(sample.keys):  # whole classes, rows as they were
+        mine = int(np.flatnonzero(groups.keys == key)[0])
+        np.testing.assert_array_equal(sample.X[sample.offsets[c] : sample.offsets[c + 1]], X[codes == mine])
+    order = np.random.default_rng(1).permutation(30)  # the classes renamed in another order: same sample
+    renamed = Grouped.from_codes(X, np.argsort(order)[codes], groups.keys[order])
+    assert set(auto.cv_sample(renamed, 0).keys) == set(sample.keys) != set(auto.cv_sample(groups, 1).keys)
+    monkeypatch.setattr(auto, "CV_CLASSES", 100)
+    monkeypatch.setattr(auto, "CV_ROWS", 20)
+    assert auto.cv_sample(groups, 0).n_classes == 2  # 20 rows hold two classes of 8
+    monkeypatch.setattr(auto, "CV_ROWS", 60)
+    clf = ImprintClassifier(aggregation="max").fit(X, labels)
+    assert {r["classes"] for r in clf.cv_results_} == {7} and len(clf.classes_) == 30
+
+
 @pytest.mark.parametrize("given", [dict(), dict(k=3), dict(generator="all", aggregation="auto", metric="euclidean")])
 def test_cross_validation_counts_what_a_refit_would_predict(given):
     groups, _X, _y = grouped(seed=4)
