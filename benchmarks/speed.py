@@ -8,6 +8,8 @@ writes docs/performance.md:
   `faiss.Kmeans` per class (FAISS's default threads, and one thread); BANKING77 train and
   synthetic 10k classes x 50 samples x 384-d. Plus k-means quality: summed within-class inertia
   relative to scikit-learn's.
+- What choosing costs: a fit with generator, k and aggregation fixed (the temperature fitted) vs the
+  same with a fixed temperature; the default, fully `auto` fit vs one k = 20 fit.
 - Query, max aggregation, batch 1 and 1000, 10k and 100k classes (k = 5): ours end to end
   (`ImprintClassifier.predict`, `Collection.predict`) vs raw `faiss.IndexFlatIP.search` on the
   same proxies, scikit-learn `KNeighborsClassifier(1, cosine)` and a per-class Python loop.
@@ -168,6 +170,36 @@ def build_rows() -> list[list[str]]:
     return rows
 
 
+AUTO_FITS = {  # what a fit leaves open, from nothing to everything
+    "fixed": dict(generator="kmeans", k=5, aggregation="max", **FIXED_T),
+    "fixed, temperature fitted": dict(generator="kmeans", k=5, aggregation="max"),
+    "k = 20": dict(generator="kmeans", k=20, aggregation="max", **FIXED_T),
+    "auto (the default)": dict(),
+}
+
+
+def auto_rows() -> list[list[str]]:
+    """What choosing costs: a fit that fixes generator, k and aggregation (only the temperature
+    fitted) against the same fit with a fixed temperature, and the default, fully ``auto`` fit
+    against one k = 20 fit; best of two, on BANKING77 and 10k synthetic classes."""
+    banking = np.load(SHARED / "banking77" / "embeddings.npz")
+    datasets = {"BANKING77": (banking["train_X"], banking["train_y"]), "synthetic 10k x 50": synthetic(10_000, 50)}
+    rows = []
+    for name, (X, y) in datasets.items():
+        seconds = interleaved_best(
+            {label: (lambda p=p: ImprintClassifier(**p).fit(X, y), 2) for label, p in AUTO_FITS.items()}
+        )
+        fixed, k20 = seconds["fixed"], seconds["k = 20"]
+        t_fit, auto = seconds["fixed, temperature fitted"], seconds["auto (the default)"]
+        chosen = ImprintClassifier().fit(X, y).auto_choice_
+        rows.append(
+            [name, *(f"{seconds[label]:.2f}" for label in AUTO_FITS), f"{t_fit / fixed:.2f}", f"{auto / k20:.2f}",
+             f"{chosen['generator']} k={chosen['k']}, {chosen['aggregation']}"]
+        )  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
 def _centres(Xn: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     """Our k-means centroids before post-norm (inertia is measured on the centroids themselves)."""
     from retrieval_imprint._groups import Grouped
@@ -287,7 +319,7 @@ def embed_rows() -> list[list[str]]:
     ]
 
 
-def targets(build: list[list[str]], query: list[list[str]], embed: list[list[str]]) -> str:
+def targets(build: list[list[str]], query: list[list[str]], embed: list[list[str]], auto: list[list[str]]) -> str:
     """The issue's targets, each marked met or missed from this run's numbers, and why for a miss."""
 
     def ratio(cell: str) -> float:
@@ -324,6 +356,12 @@ def targets(build: list[list[str]], query: list[list[str]], embed: list[list[str
                 1 / x >= 10,
                 "query",
             )
+    for r in auto:
+        x = float(r[5])
+        mark(f"- {r[0]}: generator, k, aggregation fixed: {x:.2f}x the fixed build (target <= 2)", x <= 2)
+        if r[0].startswith("synthetic"):
+            x = float(r[6])
+            mark(f"- {r[0]}: a fully auto fit: {x:.2f}x a k = 20 fit (target <= 3)", x <= 3)
     x = float(embed[1][2])
     mark(f"- Embedding pipeline: {x:.3f}x bare encode (target <= 1.05)", x <= 1.05, "embed")
     warm = 1 / float(embed[3][2].split()[0])
@@ -356,6 +394,7 @@ WHY = {
 def main() -> None:
     start = time.perf_counter()
     build = build_rows()
+    auto = auto_rows()
     with scratch("ri-speed-") as tmp:
         query, memory = query_rows(Path(tmp))
     embed = embed_rows()
@@ -377,6 +416,21 @@ def main() -> None:
                 "inertia / sklearn",
             ],
             build,
+        ),
+        "## What choosing costs (`auto`)\n\nBest-of-two fit seconds, the fits taking turns. *fixed*: kmeans "
+        'k = 5, max, temperature 0.05; *temperature fitted*: the same with `temperature="auto"` (the default), '
+        "one more fit without a held-out fold; *k = 20*: kmeans k = 20, max, temperature 0.05; *auto*: "
+        "`ImprintClassifier()`, everything chosen (cross-validation past 2,000 classes on a sample of them, "
+        "`auto.cv_sample`) and the temperature fitted.\n\n"
+        + markdown_table(
+            [
+                "data",
+                *(f"{label} s" for label in AUTO_FITS),
+                "temperature fitted / fixed",
+                "auto / k = 20",
+                "auto chose",
+            ],
+            auto,
         ),
         "## Query (max aggregation, k = 5 proxies per class)\n\nBest-of wall time in ms per call; ratios "
         "= ours / theirs. Queries are random unit vectors, except the class-like ones: a random proxy plus noise of "
@@ -410,7 +464,7 @@ def main() -> None:
         "copy that small batches scan first (kept until the index changes).\n\n"
         + markdown_table(["operation", "proxy bytes MiB", "peak RSS increase MiB", "ratio"], memory),
     ]
-    tables.insert(0, targets(build, query, embed))
+    tables.insert(0, targets(build, query, embed, auto))
     for t in tables:
         print(t + "\n")
     (DOCS / "performance.md").write_text(

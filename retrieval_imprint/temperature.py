@@ -6,7 +6,8 @@ with the data: under a fixed 0.05 the mean top probability was 6 and 12 points b
 on full CLINC150 and BANKING77 (docs/calibration.md). As in Guo et al. (2017), "On Calibration of
 Modern Neural Networks", one scalar is fitted by minimising the negative log-likelihood of
 held-out scores; here they are out-of-fold scores of the training data itself (``auto``'s folds),
-so no validation set is needed. The NLL is convex in 1/T: Newton's method finds its minimum.
+so no validation set is needed. The NLL is convex in 1/T: a safeguarded Newton's method finds its
+minimum, or the bound it lies beyond.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 FALLBACK = 0.05  # when no class has two samples to hold one out
 BOUNDS = (1e-3, 10.0)
+TOLERANCE = 1e-5  # the fitted temperature's relative precision
 SCORED = 1000  # out-of-fold rows the temperature is fitted on (one scalar: a fold's worth is plenty)
 MAX_CELLS = 16 << 20  # and at most this many scores (rows x classes)
 
@@ -31,31 +33,44 @@ def nll(S: np.ndarray, truth: np.ndarray, T: float) -> float:
     return float(-log_softmax(S, T)[np.arange(len(truth)), truth].mean())
 
 
-def fit(S: np.ndarray, truth: np.ndarray, iterations: int = 50) -> float:
-    """The temperature in ``BOUNDS`` minimising ``nll`` of held-out scores ``S`` ``(n, C)``.
+def _slope(S: np.ndarray, own: np.ndarray, b: float) -> tuple[float, float]:
+    """The NLL's slope and curvature in the inverse temperature ``b``: the mean of ``E_p[s] -
+    s_true`` and the mean variance of the scores under ``p``."""
+    P = np.exp(log_softmax(S, 1.0 / b))
+    mean = (P * S).sum(1)
+    return float((mean - own).mean()), float(((P * S * S).sum(1) - mean**2).mean())
 
-    Newton's method on the inverse temperature b, where the NLL is convex: its slope is the mean
-    of ``E_p[s] - s_true`` and its curvature the mean variance of the scores under ``p``; a step
-    that leaves the bracket of the slope's sign change bisects it instead.
+
+def fit(S: np.ndarray, truth: np.ndarray, iterations: int = 50) -> float:
+    """The temperature in ``BOUNDS`` minimising ``nll`` of held-out scores ``S`` ``(n, C)``, to a
+    relative ``TOLERANCE``.
+
+    The NLL is convex in the inverse temperature b, so its slope changes sign once: at a bound
+    whose slope points outward the minimum is that bound (scores that separate the classes
+    perfectly want T -> 0, where the slope fades exponentially and Newton's steps with it).
+    Inside, Newton's method, safeguarded as ``rtsafe`` is (Numerical Recipes 9.4): a step that
+    would leave the bracket of the sign change, or not halve the last step, bisects it instead.
     """
     if not len(S):
         return FALLBACK
     S = np.asarray(S, np.float64)
     own = S[np.arange(len(truth)), truth]
     lo, hi = 1.0 / BOUNDS[1], 1.0 / BOUNDS[0]
-    b = 1.0 / FALLBACK
+    if _slope(S, own, hi)[0] <= 0:
+        return BOUNDS[0]
+    if _slope(S, own, lo)[0] >= 0:
+        return BOUNDS[1]
+    b, last = 1.0 / FALLBACK, hi - lo
     for _ in range(iterations):
-        P = np.exp(log_softmax(S, 1.0 / b))
-        mean = (P * S).sum(1)
-        slope, curve = float((mean - own).mean()), float(((P * S * S).sum(1) - mean**2).mean())
+        slope, curve = _slope(S, own, b)
         if slope > 0:
             hi = b
         else:
             lo = b
-        step = b - slope / curve if curve > 0 else np.inf
-        b_next = step if lo < step < hi else 0.5 * (lo + hi)
-        if abs(b_next - b) <= 1e-6 * b:
-            b = b_next
+        step = slope / curve if curve > 0 else np.inf
+        if not lo < b - step < hi or abs(2 * step) > last:
+            step = b - 0.5 * (lo + hi)
+        b, last = b - step, abs(step)
+        if last <= TOLERANCE * b:
             break
-        b = b_next
-    return float(1.0 / np.clip(b, 1.0 / BOUNDS[1], 1.0 / BOUNDS[0]))
+    return float(1.0 / b)
