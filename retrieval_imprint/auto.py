@@ -93,15 +93,15 @@ def folds(groups: Grouped, seed: int) -> np.ndarray:
     return np.where(groups.sizes[owner] >= 2, rank % FOLDS, -1)
 
 
-def scored_folds(groups: Grouped, seed: int, max_scored: int = MIN_SCORED) -> list[tuple[np.ndarray, np.ndarray]]:
+def scored_folds(groups: Grouped, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(train, scored)`` row masks and indices of the folds that score a held-out row: folds are
-    taken until ``max_scored`` rows are held out (all ``FOLDS`` for less data), and at most
-    ``max_scored`` of those rows (a seeded sample) are scored."""
+    taken until ``MIN_SCORED`` rows are held out (all ``FOLDS`` for less data), and at most
+    ``MIN_SCORED`` of those rows (a seeded sample) are scored."""
     fold, owner = folds(groups, seed), groups.owner
     position = np.arange(len(owner)) - groups.offsets[owner]  # within its class: no dependence on class order
     held = [np.flatnonzero(fold == f) for f in range(FOLDS)]
-    n_folds = next((f + 1 for f in range(FOLDS) if sum(map(len, held[: f + 1])) >= max_scored), FOLDS)
-    per_fold = -(-max_scored // n_folds)
+    n_folds = next((f + 1 for f in range(FOLDS) if sum(map(len, held[: f + 1])) >= MIN_SCORED), FOLDS)
+    per_fold = -(-MIN_SCORED // n_folds)
     out = []
     for f, rows in enumerate(held[:n_folds]):
         if not len(rows):
@@ -126,6 +126,17 @@ def cv_sample(groups: Grouped, seed: int) -> Grouped:
     offsets = np.concatenate([[0], np.cumsum(sizes[chosen])]).astype(np.int64)
     rows = np.repeat(groups.offsets[chosen] - offsets[:-1], sizes[chosen]) + np.arange(offsets[-1])
     return Grouped(groups.X[rows], offsets, groups.keys[chosen])
+
+
+def class_fold(groups: Grouped, seed: int, max_rows: int) -> np.ndarray:
+    """Rows to hold out of a head whose other classes keep all theirs: the first fold (``folds``)
+    of whole classes taken in ``cv_sample``'s seeded order while they total at most ``max_rows``
+    rows (at least one class's)."""
+    first = folds(groups, seed) == 0
+    per_class = np.bincount(groups.owner[first], minlength=groups.n_classes)
+    order = np.argsort(uniforms(groups.keys, seed, _CLASS_STREAM))
+    taken = order[: max(1, int(np.sum(np.cumsum(per_class[order]) <= max_rows)))]
+    return np.flatnonzero(first & np.isin(groups.owner, taken))
 
 
 def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidate]) -> list[dict[str, Any]]:

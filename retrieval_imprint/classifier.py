@@ -6,6 +6,7 @@ predict:  x -> [features] -> NORMinf -> AGG over the proxies (max = top-1 search
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import textwrap
@@ -19,15 +20,15 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from . import temperature
 from ._groups import Grouped
 from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
-from .auto import choose, folds, scored_folds
+from .auto import choose, class_fold, folds
 from .device import use_device
 from .features import feature_map, relu_features
-from .imprint import grouped, imprint, means, seed_of
+from .imprint import Fixed, grouped, imprint, means, seed_of
 from .index import ProxyIndex
 from .labels import check_targets, label_keys
 from .normalize import normalize
 from .openset import class_shift, filled, own_scores
-from .params import AUTO, DEFAULTS, IMPRINT, RUNTIME, check_params, preset
+from .params import AUTO, DEFAULTS, GENERATOR_KINDS, IMPRINT, RUNTIME, check_params, preset
 
 BLOCK = 1024  # queries scored at a time by a blend's predict: (BLOCK, proxies) similarities in memory
 
@@ -154,18 +155,46 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _fitted_temperature(self, raw: Grouped) -> float:
-        """The temperature fitted to out-of-fold class scores of the training samples ``raw`` (after
-        the random features, if any: the folds' fits take them as given): the first folds of ``auto``
-        that hold ``temperature.SCORED`` rows out each fit this concrete setting without them (every
-        class keeps a sample) and score them."""
-        concrete = {**self.get_params(), **self.auto_choice_, "temperature": 1.0, "rejection": "max", "features": None}
+        """The temperature fitted to held-out class scores of training samples ``raw`` (after the
+        random features, if any): ``temperature.SCORED`` rows of a seeded sample of classes
+        (``auto.class_fold``), scored against every class by this head with those classes
+        imprinted again without them (``_without``)."""
         max_scored = max(1, min(temperature.SCORED, temperature.MAX_CELLS // len(self.classes_)))
-        scores, truth = [], []
-        for train, rows in scored_folds(raw, seed_of(self.random_state), max_scored):
-            part = ImprintClassifier(**concrete).fit(raw.X[train], self.classes_[raw.owner[train]])
-            scores.append(part._class_scores(part._queries(raw.X[rows])))  # noqa: SLF001 (its own class)
-            truth.append(raw.owner[rows])
-        return temperature.fit(np.concatenate(scores), np.concatenate(truth)) if scores else temperature.FALLBACK
+        rows = class_fold(raw, seed_of(self.random_state), max_scored)
+        if not len(rows):
+            return temperature.FALLBACK
+        held = np.zeros(len(raw.X), bool)
+        held[rows] = True
+        Q = normalize(raw.X[rows], self.inf_norm, what="X")
+        part = self._without(raw, held)
+        return temperature.fit(part._class_scores(Q), raw.owner[rows])  # noqa: SLF001 (its own class)
+
+    def _without(self, raw: Grouped, held: np.ndarray) -> ImprintClassifier:
+        """This head fitted without the ``held`` rows of ``raw``. A per-class generator's classes
+        without held rows keep their proxies (a class's proxies are its own samples' alone), so only
+        the others are imprinted again; a generator of all classes at once (ls, kls) fits anew."""
+        params = {**check_params(self.get_params()), **self.auto_choice_}
+        if not GENERATOR_KINDS[params["generator"]].per_class:
+            concrete = {**params, "temperature": 1.0, "rejection": "max", "features": None}
+            return ImprintClassifier(**concrete).fit(raw.X[~held], self.classes_[raw.owner[~held]])
+        touched = np.unique(raw.owner[held])
+        rest = np.isin(raw.owner, touched) & ~held
+        groups = grouped(raw.X[rest], np.searchsorted(touched, raw.owner[rest]), raw.keys[touched], self.pre_norm)
+        fixed = Fixed(self.quantile_targets_, self.index_.transform)
+        W, owner, _ = imprint(groups, params, fixed)
+        kept = ~np.isin(self.proxy_class_index_, touched)
+        owners = np.concatenate([self.proxy_class_index_[kept], touched[owner]])
+        order = np.argsort(owners, kind="stable")
+        part = copy.copy(self)
+        part.proxies_, part.proxy_class_index_ = np.concatenate([self.proxies_[kept], W])[order], owners[order]
+        part.index_ = ProxyIndex(W.shape[1], self.metric, fixed.transform)
+        part.index_.add(part.proxies_)
+        if self.means_ is not None:
+            class_means = self.means_.copy()
+            class_means[touched] = means(groups, params, fixed)
+            part.means_index_ = ProxyIndex(W.shape[1], self.metric, fixed.transform)
+            part.means_index_.add(class_means)
+        return part
 
     @_on_device
     def rejection_score(self, X: Any) -> np.ndarray:

@@ -17,8 +17,8 @@ import numpy as np
 FALLBACK = 0.05  # when no class has two samples to hold one out
 BOUNDS = (1e-3, 10.0)
 TOLERANCE = 1e-5  # the fitted temperature's relative precision
-SCORED = 1000  # out-of-fold rows the temperature is fitted on (one scalar: a fold's worth is plenty)
-MAX_CELLS = 16 << 20  # and at most this many scores (rows x classes)
+SCORED = 1000  # held-out rows the temperature is fitted on (one scalar: a fold's worth is plenty)
+MAX_CELLS = 2 << 20  # and at most this many scores (rows x classes): fewer rows past 2,000 classes
 
 
 def log_softmax(S: np.ndarray, T: float) -> np.ndarray:

@@ -8,6 +8,10 @@ from conftest import blobs
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from retrieval_imprint import PRESETS, ImprintClassifier, temperature
+from retrieval_imprint._groups import Grouped
+from retrieval_imprint.auto import class_fold
+from retrieval_imprint.labels import label_keys
+from retrieval_imprint.normalize import l2_normalize
 
 ZERO_ROW = (
     "int-valued test data truncates a row to all zeros, and L2 of a zero vector is an error "
@@ -193,6 +197,32 @@ def test_the_fitted_temperature_minimises_the_held_out_log_loss():
     brute = grid[np.argmin([temperature.nll(S, truth, T) for T in grid])]
     assert temperature.fit(S, truth) == pytest.approx(brute, rel=5e-3)
     assert temperature.fit(S[:0], truth[:0]) == temperature.FALLBACK
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(generator="kmeans", k=3, aggregation="max"),
+        dict(generator="kmeans", k=2, aggregation="blend", alpha=0.5),
+        dict(generator="all", aggregation="mnn", m=3),
+        dict(generator="ls", aggregation="max", ls_reg=0.1),  # all classes at once: fitted anew
+    ],
+)
+def test_the_temperature_scores_held_out_rows_as_a_fit_without_them_would(setting):
+    """The temperature's held-out rows (whole classes' first fold, a seeded sample of classes) are
+    scored by this head with those classes imprinted again without them: the scores a fit on the
+    other rows gives, though only the touched classes are imprinted again."""
+    X, y = blobs(12, 15, 6, seed=5, modes=2)
+    clf = ImprintClassifier(**setting, temperature=0.05).fit(X, y)
+    raw = Grouped.from_codes(X, np.searchsorted(clf.classes_, y), label_keys(clf.classes_))
+    rows = class_fold(raw, 0, 20)
+    assert 0 < len(rows) <= 20 and len(np.unique(raw.owner[rows])) < 12  # some classes, not all
+    held = np.zeros(len(X), bool)
+    held[rows] = True
+    Q = l2_normalize(raw.X[rows])
+    refit = ImprintClassifier(**setting, temperature=0.05).fit(raw.X[~held], clf.classes_[raw.owner[~held]])
+    got = clf._without(raw, held)._class_scores(Q)
+    np.testing.assert_allclose(got, refit._class_scores(Q), rtol=1e-5, atol=1e-6)
 
 
 def test_the_temperature_fit_is_few_steps_wherever_its_minimum_lies(monkeypatch):
