@@ -134,10 +134,10 @@ def main() -> None:
         "",
         markdown_table(header, rows),
         "",
-        '`temperature="auto"` fits one scalar to out-of-fold scores of the training rows (temperature.py): '
-        "a fit of the chosen setting per fold held out until 1,000 rows are (five at 5 shots here, "
-        "one on full data) is the difference in fit time (on full data lost in the timing noise of auto's "
-        "own cross-validation). "
+        '`temperature="auto"` fits one scalar to held-out scores of the training rows (temperature.py): '
+        "the first fold of a seeded sample of classes, up to 1,000 rows, scored by the fitted head with "
+        "those classes imprinted again without them; that and the Newton steps are the difference in "
+        "fit time. "
         "A temperature only rescales the scores, so both rank the classes alike and have one accuracy. "
         "CalibratedClassifierCV fits one sigmoid per class (one class against the rest) on each of 3 folds "
         "and averages the 3 fitted models.",

@@ -5,8 +5,8 @@ Class scores are similarities in [-1, 1], so the softmax needs a scale, and the 
 with the data: under a fixed 0.05 the mean top probability was 6 and 12 points below the accuracy
 on full CLINC150 and BANKING77 (docs/calibration.md). As in Guo et al. (2017), "On Calibration of
 Modern Neural Networks", one scalar is fitted by minimising the negative log-likelihood of
-held-out scores; here they are out-of-fold scores of the training data itself (``auto``'s folds),
-so no validation set is needed. The NLL is convex in 1/T: a safeguarded Newton's method finds its
+held-out scores; here they are scores of training rows held out of the head (the first fold of a
+seeded sample of classes, ``auto.class_fold``), so no validation set is needed. The NLL is convex in 1/T: a safeguarded Newton's method finds its
 minimum, or the bound it lies beyond.
 """
 
