@@ -27,6 +27,9 @@ from .snapshot import Snapshot
 from .writes import RECENT_MAX, record_segment, tune_search
 
 MERGE_FAN_IN = 4  # a file an automatic compaction writes is this many times larger than its inputs
+# bytes an automatic compaction writes in one file at most (Lucene's TieredMergePolicy caps its merged
+# segments at 5 GB too): larger files merge only in a full compact(), never inside an add
+MAX_MERGED = 5 << 30
 RETUNE_GROWTH = 4  # an automatic compaction tunes nprobe again on a file this many times the last tuning's proxies
 
 
@@ -41,17 +44,20 @@ def _remember_merged(s: Snapshot, kind: str, name: str, parts: list) -> None:
         s.recent[name] = (ids[live], vectors[live])
 
 
-def tiered(sizes: Sequence[int]) -> list[int]:
+def tiered(sizes: Sequence[int], max_merged: int = MAX_MERGED) -> list[int]:
     """Positions of the files an automatic compaction merges, given their sizes in ascending order:
     the fewest smallest files (at least two) whose merged size is ``MERGE_FAN_IN`` times the
     largest of them; where no such prefix exists, the prefix that grows most over its largest;
-    none of a single file.
+    none of a single file. Only the smallest files that merge into at most ``max_merged`` bytes
+    are candidates: a ten-million-class collection's dozen 3 GB files would otherwise reach the
+    fan-in together, and one class's add would rewrite 12 GB.
 
     As in a log-structured merge tree, each merge multiplies the size of the file holding its
     vectors, so a vector is rewritten about a logarithmic number of times in all. Merging
     everything but the largest file (the rule before) rewrote the growing second-largest at every
     compaction: quadratic in the collection's size.
     """
+    sizes = sizes[: int(np.sum(np.cumsum(sizes, dtype=np.float64) <= max_merged))]
     if len(sizes) < 2:
         return []
     merged = np.cumsum(sizes, dtype=np.float64)
@@ -110,6 +116,8 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         files = sorted(sizes, key=sizes.__getitem__)
         victims[kind] = files if full else [files[i] for i in tiered([sizes[f] for f in files])]
     chosen = {kind: files for kind, files in victims.items() if len(files) > 1 or full}
+    if not chosen:  # every file past what an automatic compaction merges
+        return
     # IVF proxies that make a file open would map are merged list by list from their files into the
     # new one (never all in memory), unless the lists are retrained, which reads them all anyway;
     # smaller merges go through memory (faster than a walk over every list, and often from ``recent``)

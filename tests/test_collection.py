@@ -179,6 +179,28 @@ def test_tiered_merges_the_fewest_smallest_files_that_grow_enough():
     assert compaction.tiered([5] * 17) == [0, 1, 2, 3]  # four equal files make one 4x as large
     assert compaction.tiered([5, 5, 5, 20, 20, 20, 20]) == list(range(7))  # 95 >= 4 x 20 takes all seven
     assert compaction.tiered([1, 1, 1, 4, 4]) == [0, 1, 2]  # no prefix reaches 4x: the one that grows most (3x)
+    # merged files stay within max_merged: a 10M collection's files (bytes) after a few one-class adds
+    big, tiny = [155 << 20, 155 << 20, 621 << 20, 621 << 20] + [2950 << 20] * 10, [3336, 3336, 3352, 3352]
+    assert compaction.tiered(tiny + big) == [0, 1, 2, 3]  # the adds' files, not 12 GB of big ones
+    assert compaction.tiered(tiny + big, 2**64) == list(range(12))  # uncapped: four 3 GB files reach the fan-in
+    assert compaction.tiered([5, 5, 40, 40], 60) == [0, 1]  # 90 would pass 60
+    assert compaction.tiered([50, 50], 60) == []
+
+
+def test_files_past_the_merge_cap_are_left_to_a_full_compaction(tmp_path, monkeypatch):
+    """Every file past MAX_MERGED: an add's automatic compaction merges nothing and writes no
+    version; compact() still merges them all."""
+    monkeypatch.setattr("retrieval_imprint.collection.COMPACT_SEGMENTS", 2)
+    monkeypatch.setattr(compaction.tiered, "__defaults__", (1,))
+    X, y = blobs(4, 4, 8, seed=2)
+    col = Collection.create(tmp_path / "c", model=None, generator="mean")
+    for label in range(4):
+        col.add(X[y == label], y[y == label])
+    assert len(col.snapshot.files["proxies"]) == 4 and col.snapshot.version == 4
+    before = col.predict(X)
+    col.compact()
+    assert len(col.snapshot.files["proxies"]) == 1
+    np.testing.assert_array_equal(col.predict(X), before)
 
 
 def test_automatic_compaction_rewrites_each_vector_a_logarithmic_number_of_times(tmp_path, monkeypatch):
