@@ -104,6 +104,17 @@ def batch1_ms(col: Collection, queries: np.ndarray) -> np.ndarray:
     return np.array(out) * 1e3
 
 
+def add_one(col: Collection, first: int, make: Callable) -> list[float]:
+    """Seconds of each of ``ADDS`` adds of one new class (classes ``first``, ``first + 1``, ...)."""
+    out = []
+    for i in range(ADDS):
+        X, y, _ = make(first + i, 1)
+        t = time.perf_counter()
+        col.add(X, y.tolist())
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def held_out(n_classes: int, make: Callable) -> tuple[np.ndarray, np.ndarray]:
     """The classes queried (``N_QUERIES``, seeded by the size) and one held-out sample of each."""
     chosen = np.sort(np.random.default_rng(n_classes).choice(n_classes, min(N_QUERIES, n_classes), replace=False))
@@ -116,19 +127,24 @@ def held_out(n_classes: int, make: Callable) -> tuple[np.ndarray, np.ndarray]:
 
 def reopen(path: Path, n_classes: int, make: Callable) -> str:
     """A kept collection of ``n_classes`` measured again with this code (``--reopen``): its schema
-    upgraded first if older, then opened in a new process and queried cold, then warm here."""
+    upgraded first if older, then opened in a new process and queried cold, then warm here, then
+    ``ADDS`` classes added one at a time (new ones, after every class it holds)."""
     t = time.perf_counter()
     before, after = Collection.upgrade(path)
     upgrade = time.perf_counter() - t
     _, queries = held_out(n_classes, make)
     fresh = open_fresh(path, queries)
-    warm = batch1_ms(Collection.open(path), queries)
+    col = Collection.open(path)
+    warm = batch1_ms(col, queries)
+    adds = np.array(add_one(col, len(col), make)) * 1e3
     names = ["classes", "upgrade s", "open s", "RSS after open GiB", "anon after open GiB", "first query ms"]
     names += [f"cold first {COLD} p50 ms", f"cold first {COLD} max ms", "warm batch-1 p50 ms", "warm p99 ms"]
+    names += ["add-one p50 ms", "add-one p99 ms"]
     row = [f"{n_classes:,}", f"{upgrade:.1f} ({before} -> {after})" if before != after else "-"]
     row += [f"{fresh['open_s']:.2f}", f"{fresh['VmRSS_open']:.2f}", f"{fresh['RssAnon_open']:.2f}"]
     row += [f"{fresh['first_ms']:.1f}", f"{fresh['cold_p50_ms']:.2f}", f"{fresh['cold_max_ms']:.1f}"]
     row += [f"{np.percentile(warm, 50):.2f}", f"{np.percentile(warm, 99):.2f}"]
+    row += [f"{np.percentile(adds, 50):.1f}", f"{np.percentile(adds, 99):.1f}"]
     return markdown_table(names, [row])
 
 
@@ -318,12 +334,7 @@ def run(
     t = time.perf_counter()
     col.predict(queries)
     batch = time.perf_counter() - t
-    adds = []
-    for i in range(ADDS):
-        X, y, _ = make(n_classes + i, 1)
-        t = time.perf_counter()
-        col.add(X, y.tolist())
-        adds.append(time.perf_counter() - t)
+    adds = add_one(col, n_classes, make)
     largest = max(col.snapshot.files["proxies"], key=lambda name: (path / name).stat().st_size)  # mapped at open
     candidates = path / candidates_of(largest)  # a refined index's fast-scan codes, mapped at open
     memory = {

@@ -55,7 +55,7 @@ def test_accuracy_benchmark_quick_mode(tmp_path):
 def test_scale_benchmark_runs_small(tmp_path, data):
     """benchmarks/scale.py end to end on 3,000 classes of either distribution, on both indexes:
     every column filled, the targets listed (realistic classes mix real sentence embeddings, so
-    they need the data); a kept collection measured again by ``--reopen``."""
+    they need the data); a kept collection measured again by ``--reopen``, adds included."""
     if data == "realistic":
         shared_data("clinc150", "embeddings.npz")
         shared_data("banking77", "embeddings.npz")
@@ -101,7 +101,8 @@ def test_scale_benchmark_runs_small(tmp_path, data):
         timeout=300,
     ).stdout
     header, _, row = [[c.strip() for c in line.strip("|").split("|")] for line in again.splitlines()[-3:]]
-    assert header[:3] == ["classes", "upgrade s", "open s"] and len(row) == len(header) == 10
+    assert header[:3] == ["classes", "upgrade s", "open s"] and len(row) == len(header) == 12
+    assert header[-2:] == ["add-one p50 ms", "add-one p99 ms"]
     assert row[:2] == ["3,000", "-"]  # written by this code: no schema upgrade
     assert all(float(v) >= 0 for v in row[2:])
 
