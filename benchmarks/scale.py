@@ -613,7 +613,7 @@ def main() -> None:
     make = chunk if args.data == "topics" else Realistic()
     if args.reopen:
         return print(reopen(args.reopen, args.sizes[0], make))
-    out = args.out or DOCS / ("scale.md" if args.data == "topics" else f"scale-{args.data}.md")
+    out = (args.out or DOCS / ("scale.md" if args.data == "topics" else f"scale-{args.data}.md")).resolve()
     print(machine(), flush=True)
     if args.resume and not args.keep:
         parser.error("--resume goes on with a build kept by --keep DIR")
