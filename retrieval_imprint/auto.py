@@ -117,15 +117,9 @@ def cv_sample(groups: Grouped, seed: int) -> Grouped:
     """The classes cross-validation folds: all of ``groups`` up to ``CV_CLASSES`` classes and
     ``CV_ROWS`` rows, else the first classes of a seeded order drawn from their label keys (the same
     classes whatever the order they come in) while they fit both bounds, at least two of them."""
-    sizes = groups.sizes
     if groups.n_classes <= CV_CLASSES and len(groups.X) <= CV_ROWS:
         return groups
-    order = np.argsort(uniforms(groups.keys, seed, _CLASS_STREAM))
-    n = max(2, min(CV_CLASSES, int(np.sum(np.cumsum(sizes[order]) <= CV_ROWS))))
-    chosen = np.sort(order[:n])
-    offsets = np.concatenate([[0], np.cumsum(sizes[chosen])]).astype(np.int64)
-    rows = np.repeat(groups.offsets[chosen] - offsets[:-1], sizes[chosen]) + np.arange(offsets[-1])
-    return Grouped(groups.X[rows], offsets, groups.keys[chosen])
+    return groups.take(np.sort(_seeded_classes(groups, seed, groups.sizes, CV_ROWS, 2)[:CV_CLASSES]))
 
 
 def class_fold(groups: Grouped, seed: int, max_rows: int) -> np.ndarray:
@@ -134,9 +128,15 @@ def class_fold(groups: Grouped, seed: int, max_rows: int) -> np.ndarray:
     rows (at least one class's)."""
     first = folds(groups, seed) == 0
     per_class = np.bincount(groups.owner[first], minlength=groups.n_classes)
+    return np.flatnonzero(first & np.isin(groups.owner, _seeded_classes(groups, seed, per_class, max_rows, 1)))
+
+
+def _seeded_classes(groups: Grouped, seed: int, rows: np.ndarray, max_rows: int, least: int) -> np.ndarray:
+    """Class indices in a seeded order drawn from their label keys (the same whatever order the
+    classes come in), the first of them whose ``rows`` (per class) total at most ``max_rows``, and
+    at least ``least`` of them."""
     order = np.argsort(uniforms(groups.keys, seed, _CLASS_STREAM))
-    taken = order[: max(1, int(np.sum(np.cumsum(per_class[order]) <= max_rows)))]
-    return np.flatnonzero(first & np.isin(groups.owner, taken))
+    return order[: max(least, int(np.sum(np.cumsum(rows[order]) <= max_rows)))]
 
 
 def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidate]) -> list[dict[str, Any]]:

@@ -177,13 +177,15 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         if not GENERATOR_KINDS[params["generator"]].per_class:
             concrete = {**params, "temperature": 1.0, "rejection": "max", "features": None}
             return ImprintClassifier(**concrete).fit(raw.X[~held], self.classes_[raw.owner[~held]])
-        touched = np.unique(raw.owner[held])
-        rest = np.isin(raw.owner, touched) & ~held
-        groups = grouped(raw.X[rest], np.searchsorted(touched, raw.owner[rest]), raw.keys[touched], self.pre_norm)
+        owner = raw.owner
+        touched = np.unique(owner[held])
+        rest = raw.rows(touched)
+        rest = rest[~held[rest]]
+        groups = grouped(raw.X[rest], np.searchsorted(touched, owner[rest]), raw.keys[touched], self.pre_norm)
         fixed = Fixed(self.quantile_targets_, self.index_.transform)
-        W, owner, _ = imprint(groups, params, fixed)
+        W, of, _ = imprint(groups, params, fixed)
         kept = ~np.isin(self.proxy_class_index_, touched)
-        owners = np.concatenate([self.proxy_class_index_[kept], touched[owner]])
+        owners = np.concatenate([self.proxy_class_index_[kept], touched[of]])
         order = np.argsort(owners, kind="stable")
         part = copy.copy(self)
         part.proxies_, part.proxy_class_index_ = np.concatenate([self.proxies_[kept], W])[order], owners[order]

@@ -57,10 +57,11 @@ def tiered(sizes: Sequence[int], max_merged: int = MAX_MERGED) -> list[int]:
     everything but the largest file (the rule before) rewrote the growing second-largest at every
     compaction: quadratic in the collection's size.
     """
-    sizes = sizes[: int(np.sum(np.cumsum(sizes, dtype=np.float64) <= max_merged))]
+    merged = np.cumsum(sizes, dtype=np.float64)
+    n = int(np.sum(merged <= max_merged))
+    sizes, merged = sizes[:n], merged[:n]
     if len(sizes) < 2:
         return []
-    merged = np.cumsum(sizes, dtype=np.float64)
     growth = merged[1:] / np.maximum(np.asarray(sizes[1:], np.float64), 1.0)
     enough = np.flatnonzero(growth >= MERGE_FAN_IN)
     k = int(enough[0]) if len(enough) else int(np.argmax(growth))
