@@ -42,7 +42,8 @@ from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN, candidates_of
 
 D, K, TRAIN, CHUNK, N_QUERIES, ADDS, COLD = 384, 4, 8, 50_000, 1000, 100, 100
 HEARTBEAT = 5.0  # seconds between a build's marks that it runs: a resumed build knows when it was killed
-BULK_BYTES = 8 * 2**30  # float16 proxies from which the lists are trained once, on a large first add
+BULK_BYTES = 8 * 2**30  # float16 proxies from which the lists are trained once, on a sample, before the adds
+SAMPLE_RUN = 16  # consecutive classes in each run of a bulk build's training sample (training_sample)
 
 
 def status(key: str) -> int:
@@ -203,6 +204,17 @@ class Realistic:
         return X[:, :TRAIN].reshape(-1, D), y, X[:, TRAIN]
 
 
+def training_sample(n_classes: int, make: Callable, n_sample: int) -> tuple[np.ndarray, list[str]]:
+    """Samples of about ``n_sample`` classes spread over all ``n_classes``: runs of ``SAMPLE_RUN``
+    consecutive classes at even steps, each drawn as ``make`` draws classes (seeded by where the run
+    starts: like the classes built, not the same ones), labelled apart from them. What a bulk build
+    trains its lists on before its first add (``Collection.train``)."""
+    runs = np.linspace(0, n_classes - SAMPLE_RUN, -(-n_sample // SAMPLE_RUN)).astype(int)
+    parts = [make(int(f), SAMPLE_RUN) for f in runs]
+    labels = [f"sample {i // TRAIN}" for i in range(sum(len(p[0]) for p in parts))]
+    return np.concatenate([p[0] for p in parts]), labels
+
+
 def reference_proxies(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The proxies the collection computes (L2 / kmeans k=4 / L2, per-class seeds), as float32."""
     classes, codes = np.unique(y, return_inverse=True)
@@ -283,14 +295,12 @@ def run(
     nlist = ivf_lists(K * n_classes)
     factory = INDEXES[index](f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}")
     # beyond BULK_BYTES of float16 proxies a retrain (which reads every proxy into memory) is avoided:
-    # the first add holds enough classes to train the lists on (TRAIN_PER_LIST proxies a list)
+    # the lists are trained before the first add on a sample across all classes (TRAIN_PER_LIST proxies a list)
     bulk = K * n_classes * 2 * D > BULK_BYTES
-    starts = list(range(0, n_classes, CHUNK))
-    head = [f for f in starts if f < -(-TRAIN_PER_LIST * nlist // K)] if bulk else starts[:1]
     path = root / f"c{n_classes}-{index}"
     base = status("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")
-    batches = [head] + [[f] for f in starts[len(head) :]]
+    batches = [[f] for f in range(0, n_classes, CHUNK)]
     progress = Progress(root / f"{path.name}.build.json")
     if resume and path.exists():
         col = Collection.open(path)
@@ -303,6 +313,13 @@ def run(
         )
         progress.save()
     progress.beat()
+    if bulk and not any(name.startswith("template") for name in col.info()["segments"]):
+        X, labels = training_sample(n_classes, make, -(-TRAIN_PER_LIST * nlist // K))
+        t = time.perf_counter()
+        col.train(X, labels, classes=n_classes)
+        progress.added(time.perf_counter() - t, status("VmHWM:") - base)
+        print(f"  trained on {len(labels) // TRAIN:,} classes, {progress.build:.0f} s", flush=True)
+        del X, labels
     for batch in batches:
         parts = [make(f, min(CHUNK, n_classes - f)) for f in batch]  # chunk by chunk: the same classes
         X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -550,8 +567,9 @@ def write_doc(
         "it probes. The IVF lists are trained on the first add's "
         "proxies; the final compaction retrains them on a sample of all live proxies and re-encodes every "
         "proxy (the proxies outgrew the first add's 4x; its time is the *compact* column, inside *build*), "
-        f"except beyond {BULK_BYTES // 2**30} GiB of float16 proxies, where the first add holds enough classes to "
-        f"train the lists on ({TRAIN_PER_LIST} proxies a list) and no full compaction follows (it would retrain "
+        f"except beyond {BULK_BYTES // 2**30} GiB of float16 proxies, where the lists are trained before the first add "
+        f"(`Collection.train`, its time inside *build*) on a sample of classes spread over all of them ({TRAIN_PER_LIST} "
+        f"proxies a list; runs of {SAMPLE_RUN} consecutive classes at even steps) and no full compaction follows (it would retrain "
         "from every proxy in memory, or without a retrain need twice the index's disk while it writes): the "
         "automatic compactions' tiered files stay, each large one with its candidates, and nprobe is tuned "
         "again whenever a merged file holds 4x the proxies of the last tuning; from 16,384 lists an HNSW graph "

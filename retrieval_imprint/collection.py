@@ -1,12 +1,8 @@
 """Collections: an imprinted head on disk that grows and shrinks one class at a time.
 
-A collection is a directory (docs/collections.md)::
-
-    imprint.db               SQLite label map (store.py): settings, embedder, classes, segments, ids
-    proxies-00000007.faiss   immutable FAISS segments (segments.py) of proxies and, with
-    samples-00000007.faiss   keep_samples, of the NORMpre'd samples
-    template-00000001.faiss  an IVF index's trained, empty index
-    writer.lock, readers.lock
+A collection is a directory (laid out in docs/collections.md): a SQLite label map, ``imprint.db``
+(store.py), and immutable FAISS segment files (segments.py) of proxies, kept samples and an IVF
+index's trained, empty template.
 
 **Writes are atomic.** A write only ever adds segment files, then one SQLite transaction records
 them and the new version. A crash before the commit leaves the previous state (the next writer
@@ -28,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 from sqlalchemy import Engine
 
-from . import classrows, compaction, provenance, ranking, segments, snapshot, store, writes
+from . import classrows, compaction, provenance, ranking, segments, snapshot, store, training, writes
 from . import labels as lab
 from . import params as spec
 from .calibration import Calibrated
@@ -43,7 +39,7 @@ from .errors import (
     SchemaVersionError,
 )
 from .integrity import CheckReport, check
-from .interface import Shared, check_model, check_tunable, check_unchanged, check_vectors, query_rows, staging
+from .interface import Shared, check_tunable, check_unchanged, check_vectors, labelled_rows, query_rows, staging
 from .normalize import normalize
 from .ranking import QueryResult
 from .segments import DB_NAME
@@ -334,12 +330,7 @@ class Collection(Calibrated, Shared):
         each row was embedded from, kept; ``auto_choice``: what auto chose elsewhere (a sharded
         collection's first add), taken instead of choosing on these rows if this collection has
         not chosen yet."""
-        X = check_vectors(X, "X", self._s.dimension)
-        labels = lab.as_sequence(labels)
-        if len(labels) != len(X):
-            raise DataError(f"X has {len(X)} rows but labels has {len(labels)}")
-        check_model(self.model, model, "add")
-        codes, entries = lab.encode_stored(labels)
+        X, codes, entries = labelled_rows(X, labels, self._s.dimension, self.model, model, "add")
         with self.writing():
             if auto_choice is not None and self._s.config["auto_choice"] is None:
                 self._s.config["auto_choice"] = auto_choice
@@ -350,6 +341,17 @@ class Collection(Calibrated, Shared):
             writes.add(self.path, self._engine, self._s, X, codes, entries, checkpoints, replaced, texts, refs)
             if len(self._s.files["proxies"]) > COMPACT_SEGMENTS:
                 compaction.compact(self.path, self._engine, self._s, full=False)
+        return self
+
+    def train(
+        self, X: Any, labels: Sequence[object], *, classes: int | None = None, model: str | None = None
+    ) -> Collection:
+        """Before the first add, train an IVF index's lists (and make auto's choice) on a sample
+        ``X`` with ``labels`` drawn across all the data to come, not the first add's classes alone;
+        adds no class. ``classes``: how many it will hold (sizes ``index="auto"``). Atomic."""
+        X, codes, entries = labelled_rows(X, labels, self._s.dimension, self.model, model, "train")
+        with self.writing():
+            training.train(self.path, self._engine, self._s, X, codes, entries, classes)
         return self
 
     def remove(self, labels: Sequence[object]) -> Collection:

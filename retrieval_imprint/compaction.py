@@ -24,7 +24,7 @@ from .errors import CollectionStateError
 from .imprint import seed_of
 from .index import ProxyIndex
 from .snapshot import Snapshot
-from .writes import RECENT_MAX, record_segment, tune_search
+from .writes import RECENT_MAX, tune_search
 
 MERGE_FAN_IN = 4  # a file an automatic compaction writes is this many times larger than its inputs
 # bytes an automatic compaction writes in one file at most (Lucene's TieredMergePolicy caps its merged
@@ -179,11 +179,11 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     s.files["candidates"] = [f for f in s.files["candidates"] if f not in victims["candidates"]]
     for kind, segment in written.items():
         s.files[kind] = [f for f in s.files[kind] if f not in victims[kind]]
-        record_segment(s, kind, segment, counts[kind])
+        s.record(kind, segment, counts[kind])
         _remember_merged(s, kind, segment.name, [s.recent.pop(name, None) for name in victims[kind]])
     if template is not None:
         s.files["template"] = []
-        record_segment(s, "template", template, 0)
+        s.record("template", template, 0)
         s.config["trained_on"] = merged["proxies"].ntotal
         s.proxies = merged["proxies"]
     if streamed or candidates is not None:  # searched as a reopened collection would be: large files mapped,

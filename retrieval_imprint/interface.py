@@ -193,6 +193,20 @@ def check_model(recorded: str | None, given: str | None, action: str) -> None:
         raise DataError(f"{action} vectors embedded with {given!r}, but this collection uses {recorded!r}")
 
 
+def labelled_rows(
+    X: object, labels: Sequence[object], dimension: int | None, recorded: str | None, model: str | None, action: str
+) -> tuple[np.ndarray, np.ndarray, list[lab.Entry]]:
+    """What every write of labelled vectors checks first (the vectors, one label per row, the model
+    they were embedded with); returns them with each row's class code and the label entries."""
+    X = check_vectors(X, "X", dimension)
+    labels = lab.as_sequence(labels)
+    if len(labels) != len(X):
+        raise DataError(f"X has {len(X)} rows but labels has {len(labels)}")
+    check_model(recorded, model, action)
+    codes, entries = lab.encode_stored(labels)
+    return X, codes, entries
+
+
 def query_rows(
     Q: object, top: int, model: str | None, recorded: str | None, dimension: int | None, inf_norm: str
 ) -> tuple[np.ndarray, int]:

@@ -217,7 +217,7 @@ def train(
     if len(W) < ivf.nlist:
         raise InvalidParameterError(
             f"index={factory!r} needs at least {ivf.nlist} proxies to train its lists; the "
-            f"first add made {len(W)}: add more classes at once, or use fewer lists"
+            f"first add (or train) made {len(W)}: give it more classes at once, or use fewer lists"
         )
     sample = np.sort(np.random.default_rng(seed).permutation(len(W))[: TRAIN_PER_LIST * ivf.nlist])
     ivf.cp.niter = TRAIN_ITERATIONS

@@ -38,16 +38,7 @@ from .collection import Collection
 from .embed import Embedder
 from .errors import CollectionDamagedError, CollectionNotFoundError, CollectionStateError, DataError, SettingsClashError
 from .integrity import CheckReport
-from .interface import (
-    ImprintCollection,
-    Shared,
-    check_model,
-    check_tunable,
-    check_vectors,
-    query_rows,
-    staging,
-    writing_all,
-)
+from .interface import ImprintCollection, Shared, check_tunable, labelled_rows, query_rows, staging, writing_all
 from .merge import combined_info, merge, part
 from .ranking import QueryResult
 from .shards import FORMAT, LABEL_HASH, directories, is_sharded, read_manifest, shard_name, shard_of, write_manifest
@@ -305,12 +296,8 @@ class ShardedCollection(Calibrated, Shared):
         that can be checked before a write is checked for all the rows first, so bad input changes
         no shard."""
         first = self.shards[0]
-        X = check_vectors(X, "X", next((col.snapshot.dimension for col in self.shards if col.snapshot.dimension), None))
-        labels = lab.as_sequence(labels)
-        if len(labels) != len(X):
-            raise DataError(f"X has {len(X)} rows but labels has {len(labels)}")
-        check_model(first.model, model, "add")
-        codes, entries = lab.encode_stored(labels)
+        dimension = next((col.snapshot.dimension for col in self.shards if col.snapshot.dimension), None)
+        X, codes, entries = labelled_rows(X, labels, dimension, first.model, model, "add")
         kinds = set().union(*(col.snapshot.label_kinds for col in self.shards))
         lab.check_kind(entries, next(iter(kinds), None) if len(kinds) == 1 else None)
         owner = shard_of([lab.value(*e) for e in entries], self.n_shards)

@@ -212,6 +212,13 @@ class Snapshot:
         """Stored search parameters of an approximate index (e.g. ``{"nprobe": 16}``)."""
         return json.loads(self.config["search_params"]) if self.config["search_params"] else {}
 
+    def record(self, kind: str, segment: segments.Segment, n_vectors: int) -> None:
+        """Note a segment file of ``kind`` just committed (by a write or a compaction)."""
+        self.files[kind].append(segment.name)
+        self.n_vectors[segment.name] = n_vectors
+        self.checksums[segment.name] = segment.checksum
+        self.list_sums[segment.name] = segment.lists
+
     def new_index(self, kind: str, index: Any = None) -> ProxyIndex:
         """An empty in-memory index for ``kind``: a copy of the trained template, or exact; or, given
         a FAISS ``index`` read from a segment of that kind, that one."""

@@ -28,21 +28,14 @@ from .errors import DataError
 from .imprint import imprint, seed_of
 from .imprint import means as class_means
 from .index import ProxyIndex
-from .ivf import Searcher, choose_index, default_nprobe, tune_nprobe
+from .ivf import Searcher, tune_nprobe
 from .normalize import normalize
 from .openset import class_shifts
 from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
+from .training import commit_fitted, first_index, fix_dimension, fixed_columns, record_template
 
 RECENT_MAX = 4096  # vectors of a segment file this process writes that it keeps for the next compaction
-
-
-def record_segment(s: Snapshot, kind: str, segment: segments.Segment, n_vectors: int) -> None:
-    """The snapshot's note of a segment file just committed (here and in ``compaction``)."""
-    s.files[kind].append(segment.name)
-    s.n_vectors[segment.name] = n_vectors
-    s.checksums[segment.name] = segment.checksum
-    s.list_sums[segment.name] = segment.lists
 
 
 def set_values(engine: Engine, s: Snapshot, **values: Any) -> None:
@@ -136,29 +129,6 @@ def _batch(directory: Path, s: Snapshot, X: np.ndarray, codes: np.ndarray, entri
     return _Batch(class_id, existing, old_samples, old_proxy_hi, groups, new_rows, new_counts, next_id, grown)
 
 
-def _first_index(directory: Path, s: Snapshot, W: np.ndarray, version: int) -> segments.Segment | None:
-    """The proxy index of the first add: exact, or an IVF index trained on ``W`` (``index`` given
-    as a factory string, or ``auto`` chosen from the memory budget). Returns the template segment."""
-    cfg = s.config
-    factory = cfg["index_factory"]
-    if factory == "auto":
-        factory = choose_index(len(W), W.shape[1], cfg["memory_budget"])
-    template = None
-    if factory != "Flat":
-        s.template = ProxyIndex.trained(
-            refine.parse(factory)[0], W, cfg["metric"], s.fixed.transform, cfg["random_state"]
-        )
-        nlist = faiss.extract_index_ivf(s.template.index).nlist
-        if not cfg["search_params"]:  # none given: tuned once the proxies are in (tune_search), this meanwhile
-            cfg["search_params"] = json.dumps({"nprobe": default_nprobe(nlist)})
-            cfg["index_tuning"] = "pending"
-        template = segments.write_segment(directory, "template", version, s.template.index)
-        cfg["trained_on"] = len(W)
-    cfg["index_factory"] = factory
-    s.proxies = s.new_index("proxies")
-    return template
-
-
 def add(
     directory: Path,
     engine: Engine,
@@ -190,17 +160,12 @@ def add(
             "cannot be re-imprinted from old and new samples together; remove it and add all its "
             "samples, or create the collection with keep_samples=True"
         )
-    d = X.shape[1]
-    if cfg["dimension"] is None:
-        emb_dim = s.embedder["dimension"] if s.embedder else None
-        if emb_dim is not None and emb_dim != d:
-            raise DataError(f"X has dimension {d}, but the collection's model gives {emb_dim}-d vectors")
-        cfg["dimension"] = d
+    fix_dimension(s, X)
     b = _batch(directory, s, X, codes, entries, found)
     W, owner, s.fixed = imprint(b.groups, params, s.fixed)
     shift = class_shifts(b.groups, params)
     version = s.version + 1
-    template = _first_index(directory, s, W, version) if s.proxies is None else None
+    template = first_index(directory, s, W, version) if s.proxies is None else None
 
     n_proxies = np.bincount(owner, minlength=len(entries))
     sizes = b.old_samples + b.new_counts
@@ -256,21 +221,7 @@ def add(
                 [texts[i] for i in order] if texts is not None else [None] * len(order),
                 [refs[i] for i in order] if refs is not None else None,
             )
-        if template is not None:
-            store.set_template(conn, template)
-        store.set_collection(
-            conn,
-            version=version,
-            next_class_id=b.next_class_id,
-            dimension=d,
-            index_factory=cfg["index_factory"],
-            search_params=cfg["search_params"],
-            trained_on=cfg["trained_on"],
-            **_fixed_columns(s),
-            auto_choice=cfg["auto_choice"],
-            index_tuning=cfg["index_tuning"],
-        )
-        store.set_embedder(conn, dimension=d)
+        commit_fitted(conn, s, version, template, next_class_id=b.next_class_id)
         for source, done in checkpoints:
             store.set_rows_done(conn, source, done)
     segments.crash_point("add: committed")
@@ -290,22 +241,15 @@ def add(
         s.means.add(M, mean_ids)
     vectors = {"proxies": W, "samples": samples, "means": M if "means" in written else None}
     for kind, (file, ids) in written.items():
-        record_segment(s, kind, file, len(ids))
+        s.record(kind, file, len(ids))
         if len(ids) <= RECENT_MAX:
             s.recent[file.name] = (ids.copy(), np.array(vectors[kind], np.float32))
     if template is not None:
-        s.files["template"] = []
-        record_segment(s, "template", template, 0)
+        record_template(s, template)
     if s.loaded_table is not None:
         s.loaded_table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi, shift)
     s.label_kinds.update(kind for kind, _ in entries)
     s.config.update(version=version, next_class_id=b.next_class_id)
-
-
-def _fixed_columns(s: Snapshot) -> dict[str, bytes | None]:
-    """The collection row's columns of what the first fit fixed: quantile targets, Mahalanobis map."""
-    return {"quantile_targets": None if s.fixed.targets is None else s.fixed.targets.tobytes(),
-            "metric_transform": None if s.fixed.transform is None else s.fixed.transform.tobytes()}  # fmt: skip
 
 
 def set_rejection(engine: Engine, s: Snapshot, threshold: float, rule: str, shift: np.ndarray | None) -> None:
@@ -374,12 +318,12 @@ def retune(
             {"id": int(i), "proxy_lo": int(a), "proxy_hi": int(b), "shift": None if np.isnan(v) else float(v)}
             for i, a, b, v in zip(table.ids, lo, hi, shift)
         ], version)  # fmt: skip
-        store.set_collection(conn, version=version, auto_choice=cfg["auto_choice"], **_fixed_columns(s))
+        store.set_collection(conn, version=version, auto_choice=cfg["auto_choice"], **fixed_columns(s))
     segments.crash_point("retune: committed")
     s.proxies, s.means = proxies, means
     s.files.update(proxies=[], means=[], candidates=[])
     for kind, segment in written.items():
-        record_segment(s, kind, segment, len(proxy_ids) if kind == "proxies" else len(mean_ids))
+        s.record(kind, segment, len(proxy_ids) if kind == "proxies" else len(mean_ids))
     table.proxy_lo, table.proxy_hi, table.shift = lo, hi, shift
     cfg["version"] = version
     segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import shared_data
 
+from retrieval_imprint.collection import Collection
+
 pytestmark = pytest.mark.slow  # a subprocess on real data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +262,25 @@ def test_index_candidates_benchmark_runs_small(tmp_path):
     )
     rows = [line for line in out.read_text().splitlines() if line.startswith("| IVF")]
     assert len(rows) == 12 and all(0 <= float(r.split("|")[3]) <= 1 for r in rows)
+
+
+def test_a_bulk_scale_build_trains_its_lists_on_a_sample_spread_over_every_class(tmp_path, monkeypatch):
+    """Past ``BULK_BYTES`` (made 0 here) ``scale.run`` trains the lists before its first add on runs of
+    classes at even steps over all of them (``Collection.train``), then adds chunk by chunk: the
+    template is the first version's and no add trains again; the sample's labels are no classes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import scale
+
+    X, labels = scale.training_sample(3000, scale.chunk, 100)
+    assert len(X) == len(labels) == 7 * scale.SAMPLE_RUN * scale.TRAIN and labels[-1] == "sample 111"
+    monkeypatch.setattr(scale, "BULK_BYTES", 0)
+    monkeypatch.setattr(scale, "CHUNK", 1000)
+    row, _ = scale.run(3000, tmp_path)
+    col = Collection.open(tmp_path / "c3000-refined")
+    assert [f for f in col.info()["segments"] if f.startswith("template")] == ["template-00000001.faiss"]
+    assert len(col) == 3000 + scale.ADDS and "sample 0" not in set(col.classes)
+    recall = row[scale.COLUMNS.index("recall@1")]
+    assert float(recall) >= 0.95 and row[scale.COLUMNS.index("of which compact s")] == "0"
 
 
 def test_a_killed_scale_build_resumes_from_its_last_add(tmp_path, monkeypatch):

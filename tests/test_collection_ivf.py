@@ -11,6 +11,7 @@ import pytest
 
 from retrieval_imprint import compaction, segments
 from retrieval_imprint.collection import Collection
+from retrieval_imprint.errors import CollectionStateError, InvalidParameterError
 from retrieval_imprint.ivf import choose_index, ivf_lists
 from retrieval_imprint.params import parse_size
 
@@ -158,6 +159,51 @@ def test_compact_retrains_lists_the_collection_has_outgrown(tmp_path, codes):
     assert [f for f in reopened.info()["segments"] if f.startswith("template")] == [
         f for f in files if f.startswith("template")
     ]
+
+
+def test_lists_trained_on_a_sample_of_every_topic_fit_every_topic(tmp_path):
+    """``train`` before the first add: the lists fit the classes to come, not the first add's topic."""
+    X, y = topics()
+    exact = Collection.create(tmp_path / "exact", model=None, k=3, keep_samples=False)
+    ivf = dict(model=None, k=3, keep_samples=False, index="IVF32,Flat", search_params={"nprobe": 1})
+    first, trained = Collection.create(tmp_path / "first", **ivf), Collection.create(tmp_path / "trained", **ivf)
+    sample = y % 2 == 0  # 500 classes across the five topics: 1,500 proxies, about TRAIN_PER_LIST a list
+    trained.train(X[sample], [f"sample {c}" for c in y[sample]])
+    reopened = Collection.open(tmp_path / "trained")
+    assert len(reopened) == 0 and reopened.check().ok and reopened.dimension == X.shape[1]
+    template = reopened.info()["segments"]
+    assert len(template) == 1 and template[0].startswith("template")
+    for c in (exact, first, trained):
+        c.add(X[y < 200], y[y < 200])  # first: its lists are trained here, on topic 0 only
+        c.add(X[y >= 200], y[y >= 200])
+    assert [f for f in trained.info()["segments"] if f.startswith("template")] == template  # not trained again
+    Q = X[::4] + 0.1 * np.random.default_rng(1).standard_normal(X[::4].shape).astype(np.float32)
+    truth = exact.predict(Q)
+    recall = {c: np.mean(c.predict(Q) == truth) for c in (first, trained)}
+    assert recall[trained] > recall[first] + 0.03 and imbalance(trained) < 0.95 * imbalance(first), recall
+    assert sorted(trained.classes) == sorted(exact.classes)  # the sample's labels are no classes
+    np.testing.assert_array_equal(Collection.open(tmp_path / "trained").predict(Q, search_params={"nprobe": 32}), truth)
+
+
+def test_train_refuses_what_it_cannot_do_and_changes_nothing(tmp_path):
+    X, y = classes(100)
+    col = Collection.create(tmp_path / "c", model=None, k=3, keep_samples=False, index="IVF64,Flat")
+    with pytest.raises(
+        InvalidParameterError, match=r"needs at least 64 proxies to train its lists; the first add \(or train\) made 30"
+    ):
+        col.train(X[y < 10], y[y < 10])
+    assert Collection.open(tmp_path / "c").info()["segments"] == [] and col.dimension is None
+    col.train(X, y)
+    with pytest.raises(CollectionStateError, match="trained already"):
+        col.train(X, y)
+    col.add(X[y < 10], y[y < 10])  # a first add smaller than the lists: trained already, it needs no more
+    assert len(Collection.open(tmp_path / "c")) == 10
+    flat = Collection.create(tmp_path / "flat", model=None, k=3)
+    with pytest.raises(InvalidParameterError, match="no lists to train"):
+        flat.train(X, y)
+    auto = Collection.create(tmp_path / "auto", model=None, k=3, index="auto", memory_budget="200KB")
+    auto.train(X, y, classes=3_000)  # sized for 9,000 proxies, not the sample's 300 (which fit as Flat)
+    assert auto.config["index_factory"].startswith(f"IVF{ivf_lists(9_000)},")
 
 
 def test_retrain_refuses_what_it_cannot_do(tmp_path):
