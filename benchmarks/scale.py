@@ -116,14 +116,29 @@ def add_one(col: Collection, first: int, make: Callable) -> list[float]:
     return out
 
 
-def held_out(n_classes: int, make: Callable) -> tuple[np.ndarray, np.ndarray]:
-    """The classes queried (``N_QUERIES``, seeded by the size) and one held-out sample of each."""
-    chosen = np.sort(np.random.default_rng(n_classes).choice(n_classes, min(N_QUERIES, n_classes), replace=False))
+def held_out(
+    n_classes: int, make: Callable, known: dict[int, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The classes queried (``N_QUERIES``, seeded by the size) and one held-out sample of each: those
+    of the chunks in ``known`` (by first class, kept as the build made them: ``queries_of``), the
+    others' made here."""
+    chosen = chosen_classes(n_classes)
+    known = known or {}
     queries = [
-        make(f, min(CHUNK, n_classes - f))[2][chosen[(chosen >= f) & (chosen < f + CHUNK)] - f]
+        known[f] if f in known else queries_of(chosen, f, make(f, min(CHUNK, n_classes - f))[2])
         for f in range(0, n_classes, CHUNK)
     ]
     return chosen, np.concatenate(queries)
+
+
+def chosen_classes(n_classes: int) -> np.ndarray:
+    """The classes queried, sorted: ``N_QUERIES`` of them, seeded by the size."""
+    return np.sort(np.random.default_rng(n_classes).choice(n_classes, min(N_QUERIES, n_classes), replace=False))
+
+
+def queries_of(chosen: np.ndarray, first: int, queries: np.ndarray) -> np.ndarray:
+    """The held-out samples of the ``chosen`` classes among the chunk starting at class ``first``."""
+    return queries[chosen[(chosen >= first) & (chosen < first + CHUNK)] - first]
 
 
 def reopen(path: Path, n_classes: int, make: Callable) -> str:
@@ -290,8 +305,7 @@ class Progress:
 def run(
     n_classes: int, root: Path, make: Callable = chunk, index: str = "refined", resume: bool = False
 ) -> tuple[list[str], dict[str, float]]:
-    chosen, queries = held_out(n_classes, make)
-    Qn = l2_normalize(queries)
+    chosen, known = chosen_classes(n_classes), {}  # each chunk's queries, taken as the build makes it
     nlist = ivf_lists(K * n_classes)
     factory = INDEXES[index](f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}")
     # beyond BULK_BYTES of float16 proxies a retrain (which reads every proxy into memory) is avoided:
@@ -322,6 +336,7 @@ def run(
         del X, labels
     for batch in batches:
         parts = [make(f, min(CHUNK, n_classes - f)) for f in batch]  # chunk by chunk: the same classes
+        known.update((f, queries_of(chosen, f, p[2])) for f, p in zip(batch, parts))
         X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         del parts  # the chunks once: a first add of 200,000 classes holds 2.5 GB of samples
         t = time.perf_counter()
@@ -329,6 +344,8 @@ def run(
         progress.added(time.perf_counter() - t, status("VmHWM:") - base)
         print(f"  {batch[-1] + min(CHUNK, n_classes - batch[-1]):,} classes, {progress.build:.0f} s", flush=True)
     build = progress.build
+    _, queries = held_out(n_classes, make, known)  # those of the chunks a killed run added made again
+    Qn = l2_normalize(queries)
     _, _, first_lists = col.snapshot.proxies.search(Qn, 1)
     t = time.perf_counter()
     if not bulk:  # retrains: the proxies outgrew the first add's 4x; a bulk build keeps its tiered files
@@ -343,15 +360,14 @@ def run(
     _, _, approx = col.snapshot.proxies.search(Qn, 1)
     nprobe = col.search_params.get("nprobe")
     k_factor = col.search_params.get("k_factor")  # a refined index's re-ranked candidates per result
+    ms = batch1_ms(col, queries)  # the timings first, while the build's chunks are not being made again
+    t = time.perf_counter()
+    accuracy = float(np.mean(col.predict(queries) == chosen))
+    batch = time.perf_counter() - t
+    adds = add_one(col, n_classes, make)
     exact = exact_top1(Qn, n_classes, make)
     recall_first = float(np.mean(first_lists[:, 0] == exact))
     recall = float(np.mean(approx[:, 0] == exact))
-    accuracy = float(np.mean(col.predict(queries) == chosen))
-    ms = batch1_ms(col, queries)
-    t = time.perf_counter()
-    col.predict(queries)
-    batch = time.perf_counter() - t
-    adds = add_one(col, n_classes, make)
     largest = max(col.snapshot.files["proxies"], key=lambda name: (path / name).stat().st_size)  # mapped at open
     candidates = path / candidates_of(largest)  # a refined index's fast-scan codes, mapped at open
     memory = {
