@@ -7,6 +7,7 @@ held throughout (``openset.py`` has the rules and the statistics). ``Calibrated`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,12 @@ import numpy as np
 from . import labels as lab
 from . import params as spec
 from . import ranking, writes
+from ._groups import Grouped
 from .errors import CollectionStateError, InvalidParameterError
 from .interface import writing_all
-from .openset import Calibration, calibrate, calibrate_without_oos, filled
+from .openset import Calibration, calibrate, calibrate_without_oos, class_shift, filled, own_scores_of
 from .params import MARGIN, RULES
+from .snapshot import Snapshot
 
 
 def calibrate_over(
@@ -53,7 +56,7 @@ def calibrate_over(
         )
         # the shift rule's statistics, computed now where they are missing
         parts = [
-            col.snapshot.left_out_scores(col.path)
+            left_out_scores(col.snapshot, col.path)
             if fresh and len(col)
             else (np.zeros(0), np.zeros(0, np.int64), col.snapshot.table.shift)
             for col in collections
@@ -138,3 +141,18 @@ class Calibrated:
             rule=rule,
             margin=margin,
         )
+
+
+def left_out_scores(s: Snapshot, directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each kept sample's own-class score when left out of its class's imprint, the class (table
+    position) of each, and each class's shift: what calibration without out-of-scope data, and
+    the rule shift, rest on."""
+    if not s.config["keep_samples"]:
+        raise CollectionStateError(
+            f"collection {directory} keeps no samples, so it cannot score them left out; calibrate it on "
+            "validation queries instead"
+        )
+    X, _, keys = s.kept_samples(directory)
+    groups = Grouped(X, np.concatenate([[0], np.cumsum(s.table.n_samples)]).astype(np.int64), keys)
+    own = own_scores_of(groups, s.params)
+    return own, groups.owner, class_shift(groups.owner, own, len(s.table))

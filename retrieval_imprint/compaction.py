@@ -10,7 +10,6 @@ reader is opening segments.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from .errors import CollectionStateError
 from .imprint import seed_of
 from .index import ProxyIndex
 from .snapshot import Snapshot
+from .training import record_template
 from .writes import RECENT_MAX, tune_search
 
 MERGE_FAN_IN = 4  # a file an automatic compaction writes is this many times larger than its inputs
@@ -128,8 +128,9 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         and not retrain
         and sum((directory / f).stat().st_size for f in chosen["proxies"]) >= segments.MAP_MIN
     )
+    dropped: list[np.ndarray] = []  # the dead proxies of the files merged: the database forgets them as they go
     merged = {
-        kind: s.merge(directory, kind, files)
+        kind: s.merge(directory, kind, files, dropped=dropped if kind == "proxies" else None)
         for kind, files in chosen.items()
         if kind != "proxies" or not (retrain or streamed)
     }
@@ -137,7 +138,12 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     template = None
     if streamed and s.template is not None:
         sources = s.proxy_sources(directory, chosen["proxies"])
-        live = functools.partial(s.live, "proxies")
+
+        def live(ids: np.ndarray) -> np.ndarray:
+            keep = s.live("proxies", ids)
+            dropped.append(ids[~keep])
+            return keep
+
         written["proxies"], n = listfiles.write_lists(directory, version, s.template.index, sources, live)
         merged["proxies"] = s.written_proxies(directory, written["proxies"], n)
     if retrain:  # from the live proxies in memory, which the merged files would only repeat
@@ -168,6 +174,8 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
             store.replace_segments(conn, kind, victims[kind], segment, counts[kind])
         if candidates is None:
             store.forget_segments(conn, victims["candidates"])
+        if "proxies" in chosen:  # every file merged (full): every dead range goes; else those of the files merged
+            store.forget_dead(conn, None if full else np.concatenate([np.zeros(0, np.int64), *dropped]))
         if template is not None:
             store.set_template(conn, template)
             store.set_collection(conn, trained_on=merged["proxies"].ntotal)
@@ -182,8 +190,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
         s.record(kind, segment, counts[kind])
         _remember_merged(s, kind, segment.name, [s.recent.pop(name, None) for name in victims[kind]])
     if template is not None:
-        s.files["template"] = []
-        s.record("template", template, 0)
+        record_template(s, template)
         s.config["trained_on"] = merged["proxies"].ntotal
         s.proxies = merged["proxies"]
     if streamed or candidates is not None:  # searched as a reopened collection would be: large files mapped,

@@ -99,22 +99,18 @@ class MappedProxyIndex(ProxyIndex):
             self._mapped_ids = np.sort(np.concatenate([ivf.list_ids(part.index) for part in self.parts]))
         return self._mapped_ids
 
-    def _in_mapped(self, ids: np.ndarray) -> np.ndarray:
-        stored = self.mapped_ids()
-        if not len(stored):
-            return np.zeros(len(ids), bool)
-        return stored[np.minimum(np.searchsorted(stored, ids), len(stored) - 1)] == ids
-
     @property
     def ids(self) -> np.ndarray:
         stored = self.mapped_ids()
         return np.concatenate([stored[~np.isin(stored, self._dead)], super().ids])
 
     def remove(self, ids: np.ndarray) -> int:
-        """Remove these ids from the in-memory index; mark those in the mapped files dead."""
+        """Remove these ids (live ones: in the in-memory index or the mapped files) from the in-memory
+        index; mark the others dead in the mapped files, which are not read for it (O(ids))."""
         ids = np.unique(np.asarray(ids, np.int64))
-        removed = super().remove(ids) if self.index.ntotal else 0
-        newly = ids[self._in_mapped(ids) & ~np.isin(ids, self._dead)]
+        in_memory = np.isin(ids, super().ids) if self.index.ntotal else np.zeros(len(ids), bool)
+        removed = super().remove(ids[in_memory]) if in_memory.any() else 0
+        newly = ids[~in_memory & ~np.isin(ids, self._dead)]
         if len(newly):
             self.mark_dead(newly)
         return removed + len(newly)

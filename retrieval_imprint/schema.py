@@ -9,7 +9,9 @@ each kept sample was embedded from). A segment of kind ``template`` is an approx
 trained, empty index that every proxy segment copies; segments of kind ``means`` hold the class
 means of a blend (one per class). No table has a row per vector (migration 0013).
 Triggers on ``classes`` keep ``collection.n_classes`` and ``live_proxies`` (the classes' proxy
-count) up to date (migration 0012), so a collection opens without reading its class table.
+count) up to date (migration 0012), and ``dead_proxies`` (the id ranges of proxies removed or
+re-imprinted but still in segment files, migration 0014), so a collection opens without reading
+its class table.
 
 Schema changes happen only through Alembic revisions in ``migrations/`` (installed as
 ``retrieval_imprint.migrations``); ``metadata`` must equal the head revision's schema, which a
@@ -118,6 +120,16 @@ segments = Table(
     Column("lists", LargeBinary),  # an IVF proxy file's per-list checksums (verified.py; None: not recorded)
 )
 
+# the proxy id ranges (class_id << 24 | lo .. hi) of classes removed or re-imprinted whose vectors
+# are still in segment files: written by triggers on classes, deleted as compactions drop them
+# (migration 0014); a collection opens its mapped files without reading the class table
+dead_proxies = Table(
+    "dead_proxies",
+    metadata,
+    Column("class_id", Integer, primary_key=True, autoincrement=False),
+    Column("lo", Integer, primary_key=True, autoincrement=False),
+    Column("hi", Integer, nullable=False),
+)
 
 ingest = Table(
     "ingest",

@@ -5,12 +5,11 @@
 same version even while a writer commits and compacts beside it. The files are read after the
 lock is released (an open file outlives its deletion), so writers never wait on a slow reader.
 
-The class table is not read then (1.2 GB and seconds at ten million classes): an answer reads its
-classes' rows by key (``rows_of``: each row says which version last wrote it, so one no later
-write changed serves an older version), an operation over most classes the whole table
-(``table``: only while the database is at this version). Where they cannot, they raise
-``CollectionChangedError``: a reader then reads the version now committed with its whole class
-table (``read(table=True)``), which cannot fail so; a writer, holding the lock, is never stale.
+The class table is not read then (1.2 GB and seconds at ten million classes): an answer reads its classes' rows
+by key (``rows_of``: each row says which version last wrote it, so one no later write changed serves an older
+version), an operation over most classes the whole table (``table``: only while the database is at this version).
+Where they cannot, they raise ``CollectionChangedError``: a reader then reads the version now committed with its
+whole class table (``read(table=True)``), which cannot fail so; a writer, holding the lock, is never stale.
 """
 
 from __future__ import annotations
@@ -28,13 +27,11 @@ from sqlalchemy import Engine
 
 from . import classrows, segments, store
 from . import labels as lab
-from ._groups import Grouped
 from .classtable import ClassTable
 from .errors import CollectionChangedError, CollectionDamagedError, CollectionStateError
 from .imprint import Fixed
 from .index import ProxyIndex
 from .mapped import Mapped, MappedProxyIndex
-from .openset import class_shift, own_scores_of
 from .params import STORED
 from .segments import class_of
 from .verified import FileVerifier, ListVerifier
@@ -65,6 +62,9 @@ class Snapshot:
     recent: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     loaded_table: ClassTable | None = None  # the whole class table, once something needed it
     read_at: int = -1  # the version read from the database (writers move ``version`` on from it)
+    # the dead proxy ids the database named (schema.dead_proxies) and the version they were read at
+    dead: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dead_at: int = -1
 
     @property
     def table(self) -> ClassTable:
@@ -94,8 +94,17 @@ class Snapshot:
         return ClassTable.from_columns(rows)
 
     def live(self, kind: str, ids: np.ndarray) -> np.ndarray:
-        """Which vector ids of ``kind`` belong to this version (``ClassTable.live``)."""
+        """Which vector ids of ``kind`` (ids in its files) belong to this version: for proxies, those
+        not ``dead`` where that names every dead one (``dead_known``), else by ``ClassTable.live``."""
+        if kind == "proxies" and self.dead_known():
+            return ~np.isin(ids, self.dead)
         return self.rows_of(class_of(ids)).live(kind, ids)
+
+    def dead_known(self) -> bool:
+        """``dead`` names every dead proxy in the files: read at this version, none died before schema 0014."""
+        live = self.config["live_proxies"]
+        total = sum(self.n_vectors[f] for f in self.files["proxies"])
+        return self.dead_at == self.version and live is not None and total == live + len(self.dead)
 
     def _read(self, read: Any) -> Any:
         """``read(conn)`` in a transaction that sees this snapshot's version; else ``CollectionChangedError``."""
@@ -136,8 +145,7 @@ class Snapshot:
 
     def sample_index(self, directory: Path) -> ProxyIndex:
         """The kept samples' index, read on first need."""
-        if self.samples is None:
-            self.samples = self.merge(directory, "samples", self.files["samples"])
+        self.samples = self.samples or self.merge(directory, "samples", self.files["samples"])
         return self.samples
 
     @property
@@ -159,20 +167,6 @@ class Snapshot:
         table = self.table
         X = self.sample_index(directory).reconstruct(table.sample_ids(table.ids))
         return X, np.repeat(np.arange(len(table)), table.n_samples), lab.label_keys(table.labels.tolist())
-
-    def left_out_scores(self, directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each kept sample's own-class score when left out of its class's imprint, the class (table
-        position) of each, and each class's shift: what calibration without out-of-scope data, and
-        the rule shift, rest on."""
-        if not self.config["keep_samples"]:
-            raise CollectionStateError(
-                f"collection {directory} keeps no samples, so it cannot score them left out; calibrate it on "
-                "validation queries instead"
-            )
-        X, _, keys = self.kept_samples(directory)
-        groups = Grouped(X, np.concatenate([[0], np.cumsum(self.table.n_samples)]).astype(np.int64), keys)
-        own = own_scores_of(groups, self.params)
-        return own, groups.owner, class_shift(groups.owner, own, len(self.table))
 
     def listed(self) -> set[str]:
         """Every segment file this version names."""
@@ -247,11 +241,12 @@ class Snapshot:
         opened: dict[str, BinaryIO] | None = None,
         *,
         all_live: bool = False,
+        dropped: list[np.ndarray] | None = None,
     ) -> ProxyIndex:
-        """The live vectors (by the class table; ``all_live``: known to be all) of these ``kind``
-        segment files, in one index. Files not in ``opened`` are opened here: only the writer may.
-        One file is used as read (no copy: a compacted collection opens faster)."""
-        merged, read = self.new_index(kind), False
+        """The live vectors (``live``; ``all_live``: known to be all) of these ``kind`` segment files, in one
+        index; the dead ones' ids appended to ``dropped``, if given. Files not in ``opened`` are opened here:
+        only the writer may. One file is used as read (no copy: a compacted collection opens faster)."""
+        merged, read, dropped = self.new_index(kind), False, [] if dropped is None else dropped
         kept: list[tuple[np.ndarray, np.ndarray]] = []
 
         def add_kept() -> None:  # consecutive kept files in one add (one coarse assignment), dead left out
@@ -259,6 +254,7 @@ class Snapshot:
                 ids, vectors = np.concatenate([k[0] for k in kept]), np.concatenate([k[1] for k in kept])
                 live = np.ones(len(ids), bool) if all_live else self.live(kind, ids)
                 merged.add(vectors[live], ids[live])
+                dropped.append(ids[~live])
                 kept.clear()
 
         with ExitStack() as stack:
@@ -291,6 +287,7 @@ class Snapshot:
             return merged
         ids = merged.ids
         dead = ids[~self.live(kind, ids)]
+        dropped.append(dead)
         if len(dead):
             merged.remove(dead)
         return merged
@@ -336,7 +333,8 @@ class Snapshot:
                 name: stack.enter_context(segments.open_segment(directory, name))
                 for name in [*self.files["proxies"], *self.files["candidates"]]
             }
-            self.config["live_proxies"] = self._read(store.live_proxies)  # this process's writes moved it
+            self.config["live_proxies"] = self._read(store.live_proxies)  # this process's writes moved both
+            self.dead, self.dead_at = self._read(store.dead_proxy_ids), self.version
             self.proxies = self.open_proxies(directory, opened)
 
     def candidates_of(self, directory: Path, name: str, opened: dict[str, BinaryIO]) -> tuple[faiss.Index, Any] | None:
@@ -376,8 +374,8 @@ class Snapshot:
             parts.append(Mapped(index, verifier, *(self.candidates_of(directory, name, opened) or ())))
         small = [f for f in files if f not in large]
         out = MappedProxyIndex(self.merge(directory, "proxies", small, opened, all_live=all_live), parts)
-        if not all_live:  # removals since the files were written: their proxies are dead
-            ids = out.mapped_ids()
+        if not all_live:  # dead proxies in the files: those the database names (Lucene's per-segment deletes:
+            ids = self.dead if self.dead_known() else out.mapped_ids()  # O(dead)), else every mapped id checked
             out.mark_dead(ids[~self.live("proxies", ids)])
         return out
 
@@ -409,6 +407,7 @@ def _read(directory: Path, engine: Engine, samples: bool, table: bool) -> Snapsh
         with segments.reading(directory):
             with engine.connect() as conn, conn.begin():
                 cfg, emb, label_kinds, segs = store.read_state(conn)
+                dead = store.dead_proxy_ids(conn)  # as the class rows: in the same transaction
                 whole = ClassTable.from_columns(classrows.class_columns(conn)) if table else None
             kinds = KINDS if samples else ("template", "proxies", "means", "candidates")
             opened = {
@@ -428,6 +427,8 @@ def _read(directory: Path, engine: Engine, samples: bool, table: bool) -> Snapsh
             label_kinds,
             loaded_table=whole,
             read_at=cfg["version"],
+            dead=dead,
+            dead_at=cfg["version"],
         )
         snap.fixed = Fixed(
             np.frombuffer(cfg["quantile_targets"], np.float32).copy() if cfg["quantile_targets"] else None,

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, insert, select, update
 
 from . import schema
 from .errors import (
@@ -29,8 +29,8 @@ from .errors import (
     SchemaVersionError,
 )
 from .params import STORED
-from .schema import classes, collection, embedder, ingest, segments, texts
-from .segments import DB_NAME
+from .schema import classes, collection, dead_proxies, embedder, ingest, segments, texts
+from .segments import CLASS_SHIFT, DB_NAME, range_ids
 
 BUSY_TIMEOUT_MS = 10_000
 SQL_CHUNK = 400  # values per IN (...) list: SQLite caps bound parameters
@@ -183,6 +183,32 @@ def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None,
 def live_proxies(conn: Connection) -> int | None:
     """The classes' proxy count, as the triggers keep it (``schema.py``)."""
     return conn.execute(select(collection.c.live_proxies)).scalar_one()
+
+
+def dead_proxy_ids(conn: Connection) -> np.ndarray:
+    """The ids of proxies removed or re-imprinted that segment files still hold, as the triggers
+    record them (``schema.py``), sorted."""
+    rows = np.array(conn.execute(select(dead_proxies.c.class_id, dead_proxies.c.lo, dead_proxies.c.hi)).all(), np.int64)
+    if not len(rows):
+        return np.zeros(0, np.int64)
+    return np.sort(range_ids(rows[:, 0], rows[:, 1], rows[:, 2]))
+
+
+def forget_dead(conn: Connection, ids: np.ndarray | None = None) -> None:
+    """Forget the dead ranges holding these ids (None: every range), dropped from the files by a compaction."""
+    if ids is None:
+        conn.execute(delete(dead_proxies))
+        return
+    pairs = [{"c": int(c), "j": int(j)} for c, j in zip(ids >> CLASS_SHIFT, ids & ((1 << CLASS_SHIFT) - 1))]
+    if pairs:
+        conn.execute(
+            delete(dead_proxies).where(
+                dead_proxies.c.class_id == bindparam("c"),
+                dead_proxies.c.lo <= bindparam("j"),
+                dead_proxies.c.hi > bindparam("j"),
+            ),
+            pairs,
+        )
 
 
 def n_classes(conn: Connection) -> int:

@@ -318,6 +318,7 @@ def retune(
             {"id": int(i), "proxy_lo": int(a), "proxy_hi": int(b), "shift": None if np.isnan(v) else float(v)}
             for i, a, b, v in zip(table.ids, lo, hi, shift)
         ], version)  # fmt: skip
+        store.forget_dead(conn)  # the old ranges the update made dead left with every old file
         store.set_collection(conn, version=version, auto_choice=cfg["auto_choice"], **fixed_columns(s))
     segments.crash_point("retune: committed")
     s.proxies, s.means = proxies, means

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval_imprint import ivf, listfiles, segments, verified
+from retrieval_imprint import classrows, ivf, listfiles, segments, store, verified
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionDamagedError
 from retrieval_imprint.mapped import MappedProxyIndex
@@ -95,6 +95,85 @@ def test_writes_to_a_mapped_collection_never_touch_the_mapped_file(grown, monkey
     again = open_as(grown, monkeypatch, True)
     assert len(again._s.proxies._dead) == 0 and again.check().ok
     np.testing.assert_array_equal(again.query(Q, 2, search_params=full).labels, answer)
+
+
+def dead_in_db(path) -> np.ndarray:
+    engine = store.connect(path / segments.DB_NAME)
+    with engine.connect() as conn:
+        return store.dead_proxy_ids(conn)
+
+
+def ids_of(classes_, proxies=(0, 1)):
+    return np.sort([(c << segments.CLASS_SHIFT) + j for c in classes_ for j in proxies])
+
+
+def refuse(*_):
+    raise AssertionError("read at open")
+
+
+def test_open_marks_the_dead_the_database_names_without_reading_mapped_ids_or_class_rows(grown, monkeypatch):
+    """Removed (c3, c150, c310) and re-imprinted (c5) classes' old proxies are named by the database
+    (schema 0014's triggers), so a mapped open marks them dead in O(dead): no mapped id, no class row
+    read; it answers as the collection read whole and as brute force."""
+    np.testing.assert_array_equal(dead_in_db(grown), ids_of([3, 5, 150, 310]))  # class ids in add order
+    with monkeypatch.context() as m:
+        m.setattr(MappedProxyIndex, "mapped_ids", refuse)
+        m.setattr(classrows, "class_rows", refuse)
+        m.setattr(classrows, "class_columns", refuse)
+        mapped = open_as(grown, monkeypatch, True)
+    np.testing.assert_array_equal(mapped._s.proxies._dead, ids_of([3, 5, 150, 310]))
+    read = open_as(grown, monkeypatch, False)
+    Q, full = classes(0, 340, n=1, seed=5)[0], {"nprobe": NLIST}
+    np.testing.assert_array_equal(mapped.query(Q, 3, search_params=full).labels, brute_force_top(read, Q, 3))
+    with monkeypatch.context() as m:  # a removal from the mapped file reads none of it either
+        m.setattr(MappedProxyIndex, "mapped_ids", refuse)
+        mapped.remove(["c8", "c320"])
+    assert not {"c8", "c320"} & set(mapped.query(Q, 3, search_params=full).labels.ravel())
+    np.testing.assert_array_equal(dead_in_db(grown), ids_of([3, 5, 8, 150, 310, 320]))
+    assert mapped.check().ok
+
+
+def test_dead_ranges_go_with_the_files_a_compaction_merges(grown, monkeypatch):
+    """A tiered compaction forgets the dead ranges of the files it merged and keeps the others'; a full
+    one forgets them all; an open after each trusts the database again (``dead_known``)."""
+    col = open_as(grown, monkeypatch, True)
+    for first in range(400, 460, 3):  # 20 small files: automatic compactions merge some of them
+        col.add(*classes(first, 3))
+        col.remove([f"c{first}"])
+    assert len([f for f in col.info()["segments"] if f.startswith("proxies")]) < 3 + 20
+    dead = dead_in_db(grown)
+    assert len(dead) < len(ids_of([3, 5, 150, 310])) + 2 * 20  # some removed classes' proxies went with their files
+    live = {int(i) for i in open_as(grown, monkeypatch, False)._s.proxies.ids}
+    assert not set(dead.tolist()) & live
+    reopened = open_as(grown, monkeypatch, True)
+    assert reopened._s.dead_known()  # the files hold just the live proxies and the named dead ones
+    assert set(ids_of([3, 5, 150, 310])) <= set(dead.tolist())  # the first, mapped file was not merged
+    reopened.compact()
+    assert len(dead_in_db(grown)) == 0 and open_as(grown, monkeypatch, True)._s.dead_known()
+
+
+def test_tune_rewrites_every_proxy_and_leaves_no_dead_range(tmp_path, monkeypatch):
+    path = grow(tmp_path / "c", generator="auto")
+    assert len(dead_in_db(path))
+    col = open_as(path, monkeypatch, True)
+    col.tune()  # every class re-imprinted into one new file: each old range died, and left with the old files
+    assert len(dead_in_db(path)) == 0 and open_as(path, monkeypatch, True)._s.dead_known() and col.check().ok
+
+
+def test_dead_proxies_from_before_schema_0014_are_found_the_old_way(grown, monkeypatch):
+    """Where the database does not name every dead proxy (they died before migration 0014), open
+    checks every mapped id against the class rows, as before, until a compaction merges them away."""
+    engine = store.connect(grown / segments.DB_NAME)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM dead_proxies")
+    col = open_as(grown, monkeypatch, True)
+    assert not col._s.dead_known()
+    np.testing.assert_array_equal(col._s.proxies._dead, ids_of([3, 5, 150, 310]))
+    Q, full = classes(0, 340, n=1, seed=5)[0], {"nprobe": NLIST}
+    read = open_as(grown, monkeypatch, False)
+    np.testing.assert_array_equal(col.query(Q, 3, search_params=full).labels, brute_force_top(read, Q, 3))
+    col.compact()
+    assert open_as(grown, monkeypatch, True)._s.dead_known()
 
 
 def test_a_compaction_that_retrains_reads_every_live_proxy_of_the_mapped_file(grown, monkeypatch):
