@@ -11,12 +11,14 @@ from all its samples at once). Each write also records, per source (identified b
 or ``imprint index``, continues after the last committed chunk, and a source ingested whole before
 is skipped (``again=True`` adds it anyway) rather than doubling its classes' samples.
 ``upsert=True`` gives classes that existed before the call the new data's samples instead of adding
-to theirs. At the end, IVF lists trained on the first chunk are retrained on everything when the
-collection has outgrown them.
+to theirs. A new IVF collection filled chunk by chunk has its lists trained first on a sample of
+whole classes drawn across every source (``training_sample``), not on the first chunk's classes
+alone; at the end, lists the collection has outgrown are retrained on everything.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -33,6 +35,7 @@ from . import labels as lab
 from .collection import Collection
 from .embed import Embedder, embed_all
 from .errors import DataError, SettingsClashError
+from .interface import ImprintCollection
 from .params import DEFAULT_CHUNK, check_int, collection_scope, resolve
 from .progress import bar
 from .readers import Dataset, read
@@ -86,7 +89,7 @@ def chunks(labels: Sequence[Any], start: int, size: int) -> Iterator[tuple[int, 
 
 
 class _Target:
-    """The collection being ingested into: opened, or created when the first chunk is ready."""
+    """The collection being ingested into: opened, or created when the first chunk (or the training sample) is ready."""
 
     def __init__(
         self,
@@ -112,32 +115,38 @@ class _Target:
     def rows_done(self, source: str) -> int:
         return self.col.rows_done(source) if self.col is not None else 0
 
+    def _create(self) -> ImprintCollection:
+        """The collection, created with the ingestion's settings where there is none yet."""
+        if self.col is None:
+            make = (
+                functools.partial(ShardedCollection.create, shards=self.shards)
+                if self.shards > 1
+                else Collection.create
+            )
+            self.col = make(
+                self.path,
+                preset=self.preset,
+                lock_timeout=self.lock_timeout,
+                auto_choice=self.auto_choice,
+                **self.settings,
+            )
+            self.created = True
+        return self.col
+
+    def train(self, X: Any, parts: list[Dataset], n_classes: int) -> None:
+        """Create the collection and train its IVF lists on rows ``X`` of ``parts`` (``Collection.train``)."""
+        col = self._create()
+        assert isinstance(col, Collection)  # sharded collections train at each shard's first add
+        col.train(X, [v for p in parts for v in p.need("labels")], classes=n_classes)
+
     def add(self, X: Any, parts: list[Dataset], checkpoints: list[tuple[str, int]], replace: set) -> None:
         """Add rows ``X`` of ``parts`` (their labels, texts and refs) in one write."""
-        if self.col is None:
-            if self.shards > 1:
-                self.col = ShardedCollection.create(
-                    self.path,
-                    shards=self.shards,
-                    preset=self.preset,
-                    lock_timeout=self.lock_timeout,
-                    auto_choice=self.auto_choice,
-                    **self.settings,
-                )
-            else:
-                self.col = Collection.create(
-                    self.path,
-                    preset=self.preset,
-                    lock_timeout=self.lock_timeout,
-                    auto_choice=self.auto_choice,
-                    **self.settings,
-                )
-            self.created = True
+        col = self._create()
         texts: list[str | None] | None = None
         if any(p.texts for p in parts):
             texts = [t for p in parts for t in (p.texts or [None] * len(p))]  # type: ignore[list-item]  # list invariance
         refs = [r for p in parts for r in (p.refs or [None] * len(p))] if any(p.refs for p in parts) else None
-        self.col.add(
+        col.add(
             X,
             [v for p in parts for v in p.need("labels")],
             checkpoints=checkpoints,
@@ -149,7 +158,7 @@ class _Target:
     def discard_if_unwritten(self) -> None:
         """Remove a collection this ingestion created and never wrote to: no stub is left with
         settings that failed."""
-        if self.created and self.col is not None and not len(self.col) and self.col.info()["version"] == 0:
+        if self.created and self.col is not None and not len(self.col):  # (trained at most)
             self.col.close()
             shutil.rmtree(self.path, ignore_errors=True)
 
@@ -225,6 +234,10 @@ def ingest(
                 upserting.take([v for part in parts for v in part.need("labels")]),
             )
         elif todo:
+            resolved = resolve(settings, collection_scope(), preset)
+            if target.col is None and shards == 1 and resolved["index"] != "Flat":  # lists to train: on all the data
+                sample, n_classes = training_sample(todo, chunk_size, resolved["random_state"])
+                target.train(embed_all(sample, embedder), sample, n_classes)
             _add_chunks(target, todo, embedder, chunk_size, progress, upserting)
     except BaseException:
         target.discard_if_unwritten()
@@ -254,6 +267,26 @@ def ingest(
         skipped,
         target.created,
     )
+
+
+def training_sample(todo: list, chunk_size: int, seed: int) -> tuple[list[Dataset], int]:
+    """Rows of whole classes drawn across every source, to train a new collection's IVF lists on
+    before the first chunk is added (else that chunk's classes alone train them, and classes of
+    later chunks fit them poorly): classes in a seeded order of their labels (the same in any row
+    order) while their rows total at most ``chunk_size``, at least one class; and how many classes
+    there are in all."""
+    rows: dict[lab.Entry, int] = {}
+    for ds, _, start in todo:
+        for label in ds.labels[start:]:
+            entry = lab.entry(label)
+            rows[entry] = rows.get(entry, 0) + 1
+    drawn = [entry for _, entry in sorted(zip(np.random.default_rng(seed).permutation(len(rows)), sorted(rows)))]
+    chosen = set(drawn[: max(1, int(np.sum(np.cumsum([rows[e] for e in drawn]) <= chunk_size)))])
+    sample = [
+        ds.take(start + np.flatnonzero([lab.entry(label) in chosen for label in ds.labels[start:]]))
+        for ds, _, start in todo
+    ]
+    return [part for part in sample if len(part)], len(rows)
 
 
 def _read_all(sources: Sequence[str | os.PathLike | Dataset], beside: Path) -> list[Dataset]:

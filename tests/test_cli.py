@@ -387,7 +387,7 @@ def test_a_chunked_ivf_index_retrains_its_lists_on_everything(tmp_path):
             "--json",
         ).output
     )
-    assert out["retrained"] and out["proxies"] == 400  # lists first trained on the first chunk's 80 proxies
+    assert out["retrained"] and out["proxies"] == 400  # lists first trained on a sample's 80 proxies (40 classes)
     col = Collection.open(tmp_path / "c")
     assert col.info()["trained_on"] == 400 and not col.outgrown and col.check().ok
     assert "IVF lists retrained" not in run("compact", str(tmp_path / "c")).output  # nothing outgrown now

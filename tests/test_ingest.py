@@ -8,7 +8,7 @@ from conftest import blobs
 
 from retrieval_imprint import Collection, ingest, segments
 from retrieval_imprint.errors import InvalidParameterError, SettingsClashError
-from retrieval_imprint.ingestion import chunks, fingerprint
+from retrieval_imprint.ingestion import chunks, fingerprint, training_sample
 from retrieval_imprint.readers import Dataset
 
 
@@ -52,6 +52,55 @@ def test_a_first_ingestion_that_fails_leaves_no_collection(tmp_path):
     assert not (tmp_path / "c").exists()
     report = ingest(tmp_path / "c", [path], model=None, k=2)  # the corrected run starts afresh
     assert report.classes == 3
+
+
+def topic_sources(tmp_path, n_topics=5, per_topic=100, n=6, d=32):
+    """Classes grouped in topics, so lists trained on one topic fit the others poorly: topic 0's in
+    one source file, the others' in a second."""
+    rng = np.random.default_rng(0)
+    centre = rng.standard_normal((n_topics, 1, 1, d)) + rng.standard_normal((n_topics, per_topic, 2, d))
+    modes = centre.reshape(-1, 2, d).astype(np.float32)
+    y = np.repeat(np.arange(len(modes)), n)
+    X = modes[y, rng.integers(0, 2, len(y))] + 0.3 * rng.standard_normal((len(y), d)).astype(np.float32)
+    first = y < per_topic
+    np.savez(tmp_path / "a.npz", X=X[first], y=y[first])
+    np.savez(tmp_path / "b.npz", X=X[~first], y=y[~first])
+    return [tmp_path / "a.npz", tmp_path / "b.npz"], X, y
+
+
+def test_a_chunked_ingestion_trains_its_lists_on_classes_of_every_source(tmp_path):
+    """A new IVF collection filled chunk by chunk trains its lists first on whole classes drawn
+    across both sources (``training_sample``), not on the first chunk (topic 0 alone): better
+    recall at one probed list than lists trained on that chunk, with no retrain at the end."""
+    sources, X, y = topic_sources(tmp_path)
+    ivf = dict(model=None, k=3, keep_samples=False, index="IVF32,Flat", search_params={"nprobe": 1})
+    report = ingest(tmp_path / "c", sources, chunk_size=1200, **ivf)
+    col = Collection.open(tmp_path / "c")
+    assert not report.retrained and col.info()["trained_on"] == 600  # 200 classes' proxies; 1,500 in all
+    assert [f for f in col.info()["segments"] if f.startswith("template")] == ["template-00000001.faiss"]
+    first_chunk = Collection.create(tmp_path / "first", **ivf)  # the lists trained on the first chunk
+    first_chunk.add(X[y < 100], y[y < 100])
+    first_chunk.add(X[y >= 100], y[y >= 100])
+    exact = Collection.create(tmp_path / "exact", model=None, k=3, keep_samples=False)
+    exact.add(X, y)
+    Q = X[::4] + 0.1 * np.random.default_rng(1).standard_normal(X[::4].shape).astype(np.float32)
+    truth = exact.predict(Q)
+    assert np.mean(col.predict(Q) == truth) > np.mean(first_chunk.predict(Q) == truth) + 0.03
+    assert sorted(col.classes) == sorted(exact.classes) and col.check().ok
+
+
+def test_the_training_sample_is_whole_classes_drawn_from_every_source_in_any_order(tmp_path):
+    _, X, y = topic_sources(tmp_path)
+    parts = [Dataset(f"s{i}", vectors=X[y % 2 == i], labels=y[y % 2 == i].tolist()) for i in (0, 1)]
+    todo = [(ds, f"s{i}", 0) for i, ds in enumerate(parts)]
+    sample, n_classes = training_sample(todo, 300, seed=0)
+    labels = [v for part in sample for v in part.labels]
+    counts = np.bincount(labels, minlength=500)
+    assert n_classes == 500 and len(labels) <= 300 and set(counts[counts > 0]) == {6}  # whole classes
+    assert {v % 2 for v in labels} == {0, 1} and len({v // 100 for v in labels}) > 1  # from both, many topics
+    backwards = [(ds, s, 0) for ds, s, _ in todo[::-1]]
+    assert sorted(v for part in training_sample(backwards, 300, seed=0)[0] for v in part.labels) == sorted(labels)
+    assert sorted(v for part in training_sample(todo, 300, seed=1)[0] for v in part.labels) != sorted(labels)
 
 
 def test_an_ingestion_into_an_existing_collection_checks_its_settings(tmp_path):
