@@ -419,8 +419,9 @@ def main() -> None:
         "## What choosing costs (`auto`)\n\nBest-of-two fit seconds, the fits taking turns. *fixed*: kmeans "
         'k = 5, max, temperature 0.05; *temperature fitted*: the same with `temperature="auto"` (the default), '
         "one more fit without a held-out fold; *k = 20*: kmeans k = 20, max, temperature 0.05; *auto*: "
-        "`ImprintClassifier()`, everything chosen (cross-validation past 2,000 classes on a sample of them, "
-        "`auto.cv_sample`) and the temperature fitted.\n\n"
+        "`ImprintClassifier()`, everything chosen (cross-validation past 1,000 classes on a sample of them, "
+        "`auto.cv_sample`, and on fewer held-out rows past 2^27 candidate scores, `auto.CV_CELLS`) and the "
+        "temperature fitted.\n\n"
         + markdown_table(
             [
                 "data",

@@ -13,9 +13,10 @@ data with no class of two samples gets the cheapest candidate.
 
 Cost: per fold, one batched k-means per k and one similarity GEMM per k over the held-out rows.
 Folds are added until ``MIN_SCORED`` held-out rows are scored (all ``FOLDS`` for less data), and at
-most ``MIN_SCORED`` of those rows are scored. Beyond ``CV_CLASSES`` classes or ``CV_ROWS`` rows the
-folds are those of a seeded sample of whole classes (``cv_sample``): the fits of every candidate
-then stop growing with the data, while the head is still imprinted on every class.
+most ``MIN_SCORED`` of those rows are scored, fewer where they would meet more than ``CV_CELLS``
+proxies in all (``cv_proxies``; not fewer than ``MIN_CELL_ROWS``). Beyond ``CV_CLASSES`` classes or
+``CV_ROWS`` rows the folds are those of a seeded sample of whole classes (``cv_sample``): the fits of
+every candidate then stop growing with the data, while the head is still imprinted on every class.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ K_GRID = (1, 2, 3, 5, 10, 20, -1)  # 1: the class mean; -1: every sample
 ALPHA_GRID = (0.25, 0.5, 0.75, 0.9)
 FOLDS = 5
 MIN_SCORED = 4000
-CV_CLASSES = 2000  # classes the folds hold at most: beyond, a seeded sample of them (cv_sample)
+# held-out row x proxy scores at most (about 100 GFLOP at 384-d, a few seconds on two cores): past it,
+# fewer rows are scored, not fewer than MIN_CELL_ROWS; data of a few hundred classes never reaches it
+CV_CELLS = 1 << 27
+MIN_CELL_ROWS = 1000
+CV_CLASSES = 1000  # classes the folds hold at most: beyond, a seeded sample of them (cv_sample)
 CV_ROWS = 200_000  # and rows, as far as whole classes allow
 _FOLD_STREAM = (1 << 32) + 2  # random streams of _groups.uniforms used here
 _SCORE_STREAM = (1 << 32) + 3
@@ -93,15 +98,15 @@ def folds(groups: Grouped, seed: int) -> np.ndarray:
     return np.where(groups.sizes[owner] >= 2, rank % FOLDS, -1)
 
 
-def scored_folds(groups: Grouped, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def scored_folds(groups: Grouped, seed: int, most: int = MIN_SCORED) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(train, scored)`` row masks and indices of the folds that score a held-out row: folds are
-    taken until ``MIN_SCORED`` rows are held out (all ``FOLDS`` for less data), and at most
-    ``MIN_SCORED`` of those rows (a seeded sample) are scored."""
+    taken until ``most`` rows are held out (all ``FOLDS`` for less data), and at most ``most`` of
+    those rows (a seeded sample) are scored."""
     fold, owner = folds(groups, seed), groups.owner
     position = np.arange(len(owner)) - groups.offsets[owner]  # within its class: no dependence on class order
     held = [np.flatnonzero(fold == f) for f in range(FOLDS)]
-    n_folds = next((f + 1 for f in range(FOLDS) if sum(map(len, held[: f + 1])) >= MIN_SCORED), FOLDS)
-    per_fold = -(-MIN_SCORED // n_folds)
+    n_folds = next((f + 1 for f in range(FOLDS) if sum(map(len, held[: f + 1])) >= most), FOLDS)
+    per_fold = -(-most // n_folds)
     out = []
     for f, rows in enumerate(held[:n_folds]):
         if not len(rows):
@@ -146,7 +151,8 @@ def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidat
     queries = normalize(groups.X, params["inf_norm"], what="X")
     owner = groups.owner
     correct, scored = np.zeros(len(cands), np.int64), 0
-    for train, rows in scored_folds(groups, seed_of(params["random_state"])):
+    most = min(MIN_SCORED, max(MIN_CELL_ROWS, CV_CELLS // cv_proxies(groups, cands)))
+    for train, rows in scored_folds(groups, seed_of(params["random_state"]), most):
         counts = np.bincount(owner[train], minlength=groups.n_classes)
         part = Grouped(X_pre[train], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), groups.keys)
         correct += _fold_correct(part, queries[rows], owner[rows], params, cands)
@@ -161,6 +167,15 @@ def cross_validate(groups: Grouped, params: dict[str, Any], cands: list[Candidat
         }
         for c, n in zip(cands, correct)
     ]
+
+
+def cv_proxies(groups: Grouped, cands: list[Candidate]) -> int:
+    """About how many proxies the candidates' heads hold in all on the classes of ``groups``, each
+    imprinted on the training part of a fold (``(FOLDS - 1) / FOLDS`` of its rows): what each scored
+    row is compared with. A blend adds the class means."""
+    train = np.maximum(1, groups.sizes * (FOLDS - 1) // FOLDS)
+    ks = {c.k for c in cands} | ({1} if any(c.aggregation == "blend" for c in cands) else set())
+    return max(1, sum(int(train.sum() if k == -1 else np.minimum(k, train).sum()) for k in ks))
 
 
 def _fold_correct(

@@ -83,6 +83,33 @@ def test_large_data_is_cross_validated_on_a_sample_of_whole_classes(monkeypatch)
     assert {r["classes"] for r in clf.cv_results_} == {7} and len(clf.classes_) == 30
 
 
+def test_cross_validation_scores_fewer_rows_past_its_cell_budget(monkeypatch):
+    """Where the held-out rows would meet more than CV_CELLS candidate proxies in all, fewer rows are
+    scored (not fewer than MIN_CELL_ROWS), and the similarities computed stay within the budget."""
+    X, y = blobs(30, 8, 5, seed=3)
+    groups = Grouped.from_codes(X, y, label_keys([f"c{v}" for v in range(30)]))
+    p = params()
+    cands = auto.candidates(p)
+    assert auto.cv_proxies(groups, cands) == 30 * (1 + 2 + 3 + 5 + 6 + 6 + 6)  # 6 training rows a class
+    cells = []
+    similarity = auto.ProxyIndex.similarity
+
+    def counted(index, Q):
+        cells.append(len(Q) * index.ntotal)
+        return similarity(index, Q)
+
+    monkeypatch.setattr(auto.ProxyIndex, "similarity", counted)
+    every = auto.cross_validate(groups, p, cands)
+    unbounded, cells[:] = sum(cells), []
+    monkeypatch.setattr(auto, "CV_CELLS", 100 * auto.cv_proxies(groups, cands))
+    monkeypatch.setattr(auto, "MIN_CELL_ROWS", 50)
+    bounded = auto.cross_validate(groups, p, cands)
+    assert every[0]["scored"] == 240 and 100 <= bounded[0]["scored"] <= 100 + auto.FOLDS
+    assert sum(cells) <= 1.1 * auto.CV_CELLS < unbounded
+    monkeypatch.setattr(auto, "MIN_CELL_ROWS", 150)
+    assert auto.cross_validate(groups, p, cands)[0]["scored"] >= 150
+
+
 @pytest.mark.parametrize("given", [dict(), dict(k=3), dict(generator="all", aggregation="auto", metric="euclidean")])
 def test_cross_validation_counts_what_a_refit_would_predict(given):
     groups, _X, _y = grouped(seed=4)
