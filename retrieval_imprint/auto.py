@@ -131,9 +131,9 @@ def class_fold(groups: Grouped, seed: int, max_rows: int) -> np.ndarray:
     """Rows to hold out of a head whose other classes keep all theirs: the first fold (``folds``)
     of whole classes taken in ``cv_sample``'s seeded order while they total at most ``max_rows``
     rows (at least one class's)."""
-    first = folds(groups, seed) == 0
-    per_class = np.bincount(groups.owner[first], minlength=groups.n_classes)
-    return np.flatnonzero(first & np.isin(groups.owner, _seeded_classes(groups, seed, per_class, max_rows, 1)))
+    per_class = np.where(groups.sizes >= 2, -(-groups.sizes // FOLDS), 0)  # the first fold's rows (dealt round-robin)
+    chosen = np.sort(_seeded_classes(groups, seed, per_class, max_rows, 1))
+    return groups.rows(chosen)[folds(groups.take(chosen), seed) == 0]  # a class's folds are its own alone
 
 
 def _seeded_classes(groups: Grouped, seed: int, rows: np.ndarray, max_rows: int, least: int) -> np.ndarray:

@@ -158,7 +158,7 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         """The temperature fitted to held-out class scores of training samples ``raw`` (after the
         random features, if any): ``temperature.SCORED`` rows of a seeded sample of classes
         (``auto.class_fold``), scored against every class by this head with those classes
-        imprinted again without them (``_without``)."""
+        imprinted again without them (``_scores_without``)."""
         max_scored = max(1, min(temperature.SCORED, temperature.MAX_CELLS // len(self.classes_)))
         rows = class_fold(raw, seed_of(self.random_state), max_scored)
         if not len(rows):
@@ -166,17 +166,18 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         held = np.zeros(len(raw.X), bool)
         held[rows] = True
         Q = normalize(raw.X[rows], self.inf_norm, what="X")
-        part = self._without(raw, held)
-        return temperature.fit(part._class_scores(Q), raw.owner[rows])  # noqa: SLF001 (its own class)
+        return temperature.fit(self._scores_without(raw, held, Q), raw.owner[rows])
 
-    def _without(self, raw: Grouped, held: np.ndarray) -> ImprintClassifier:
-        """This head fitted without the ``held`` rows of ``raw``. A per-class generator's classes
-        without held rows keep their proxies (a class's proxies are its own samples' alone), so only
-        the others are imprinted again; a generator of all classes at once (ls, kls) fits anew."""
+    def _scores_without(self, raw: Grouped, held: np.ndarray, Q: np.ndarray) -> np.ndarray:
+        """Class scores of ``Q`` by this head fitted without the ``held`` rows of ``raw``. A per-class
+        generator's classes without held rows keep their proxies (a class's proxies are its own
+        samples' alone) and so their scores; only the others are imprinted again and scored (max,
+        blend); an m-NN vote runs over them all. A generator of all classes at once (ls, kls) fits anew."""
         params = {**check_params(self.get_params()), **self.auto_choice_}
         if not GENERATOR_KINDS[params["generator"]].per_class:
             concrete = {**params, "temperature": 1.0, "rejection": "max", "features": None}
-            return ImprintClassifier(**concrete).fit(raw.X[~held], self.classes_[raw.owner[~held]])
+            refit = ImprintClassifier(**concrete).fit(raw.X[~held], self.classes_[raw.owner[~held]])
+            return refit._class_scores(Q)  # noqa: SLF001 (its own class)
         owner = raw.owner
         touched = np.unique(owner[held])
         rest = raw.rows(touched)
@@ -184,19 +185,26 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
         groups = grouped(raw.X[rest], np.searchsorted(touched, owner[rest]), raw.keys[touched], self.pre_norm)
         fixed = Fixed(self.quantile_targets_, self.index_.transform)
         W, of, _ = imprint(groups, params, fixed)
-        kept = ~np.isin(self.proxy_class_index_, touched)
-        owners = np.concatenate([self.proxy_class_index_[kept], touched[of]])
-        order = np.argsort(owners, kind="stable")
-        part = copy.copy(self)
-        part.proxies_, part.proxy_class_index_ = np.concatenate([self.proxies_[kept], W])[order], owners[order]
-        part.index_ = ProxyIndex(W.shape[1], self.metric, fixed.transform)
-        part.index_.add(part.proxies_)
-        if self.means_ is not None:
-            class_means = self.means_.copy()
-            class_means[touched] = means(groups, params, fixed)
-            part.means_index_ = ProxyIndex(W.shape[1], self.metric, fixed.transform)
-            part.means_index_.add(class_means)
-        return part
+        if params["aggregation"] == "mnn":  # the vote's neighbours come from every class's proxies
+            kept = ~np.isin(self.proxy_class_index_, touched)
+            owners = np.concatenate([self.proxy_class_index_[kept], touched[of]])
+            order = np.argsort(owners, kind="stable")
+            part = copy.copy(self)
+            part.proxies_, part.proxy_class_index_ = np.concatenate([self.proxies_[kept], W])[order], owners[order]
+            part.index_ = ProxyIndex(W.shape[1], self.metric, fixed.transform)
+            part.index_.add(part.proxies_)
+            return part._class_scores(Q)  # noqa: SLF001 (its own class)
+        order = np.argsort(of, kind="stable")
+        index = ProxyIndex(W.shape[1], self.metric, fixed.transform)
+        index.add(W[order])
+        best = max_scores(index.similarity(Q), np.searchsorted(of[order], np.arange(len(touched))))
+        if params["aggregation"] == "blend":
+            class_means = ProxyIndex(W.shape[1], self.metric, fixed.transform)
+            class_means.add(means(groups, params, fixed))
+            best = params["alpha"] * class_means.similarity(Q) + (1 - params["alpha"]) * best
+        scores = self._class_scores(Q)  # every other class scores as in this head
+        scores[:, touched] = best
+        return scores
 
     @_on_device
     def rejection_score(self, X: Any) -> np.ndarray:

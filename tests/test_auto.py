@@ -83,6 +83,21 @@ def test_large_data_is_cross_validated_on_a_sample_of_whole_classes(monkeypatch)
     assert {r["classes"] for r in clf.cv_results_} == {7} and len(clf.classes_) == 30
 
 
+def test_the_temperature_fold_is_the_first_fold_of_seeded_whole_classes():
+    """``class_fold``: every first-fold row (``folds`` over all the data) of classes taken in a seeded
+    order while their first-fold rows total at most ``max_rows`` (one class at least)."""
+    rng = np.random.default_rng(2)
+    sizes = rng.integers(1, 12, 40)
+    groups = Grouped(rng.standard_normal((sizes.sum(), 3)), np.concatenate([[0], np.cumsum(sizes)]), np.arange(40) * 7)
+    first = auto.folds(groups, 3) == 0
+    for max_rows in (1, 7, 30, 10**6):
+        rows = auto.class_fold(groups, 3, max_rows)
+        classes = np.unique(groups.owner[rows])
+        np.testing.assert_array_equal(rows, np.flatnonzero(first & np.isin(groups.owner, classes)))
+        assert len(rows) <= max_rows or len(classes) == 1
+    assert len(auto.class_fold(groups, 3, 10**6)) == first.sum()
+
+
 def test_cross_validation_scores_fewer_rows_past_its_cell_budget(monkeypatch):
     """Where the held-out rows would meet more than CV_CELLS candidate proxies in all, fewer rows are
     scored (not fewer than MIN_CELL_ROWS), and the similarities computed stay within the budget."""
