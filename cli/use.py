@@ -106,8 +106,9 @@ def index(
     --chunk-size rows are embedded and added in one atomic write; larger inputs go chunk by chunk
     (cut between classes when the rows are grouped by label), each chunk atomic and recorded, so
     rerunning an interrupted command continues after the last committed chunk, and a file whose rows
-    were all indexed before (under any name) is skipped. Settings apply when the collection is
-    created; given for an existing one, they must match.
+    were all indexed before (under any name) is skipped. A new IVF collection filled chunk by chunk
+    first trains its lists on whole classes sampled across every file (up to --chunk-size rows).
+    Settings apply when the collection is created; given for an existing one, they must match.
 
     With --engine ray, Ray Data reads Parquet DATA in parallel and the shards' writers imprint
     label buckets side by side (docs/distributed.md); a rerun skips the rows that are in already.
