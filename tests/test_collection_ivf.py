@@ -206,6 +206,25 @@ def test_train_refuses_what_it_cannot_do_and_changes_nothing(tmp_path):
     assert auto.config["index_factory"].startswith(f"IVF{ivf_lists(9_000)},")
 
 
+def test_a_train_that_fails_midway_leaves_the_collection_as_it_was(tmp_path, monkeypatch):
+    X, y = classes(100)
+    col = Collection.create(tmp_path / "c", model=None, k=3, keep_samples=False, index="IVF16,Flat")
+
+    def power_cut(name):
+        if name == "segment: tmp written":  # the template's file is written, nothing committed
+            raise OSError("power cut")
+
+    monkeypatch.setattr(segments, "crash_point", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        col.train(X, y)
+    monkeypatch.undo()
+    reopened = Collection.open(tmp_path / "c")
+    assert reopened.info()["segments"] == [] and reopened.dimension is None and reopened.check().ok
+    col.train(X, y).add(X, y)  # the same object goes on from the state on disk
+    files = sorted(p.name for p in (tmp_path / "c").iterdir() if p.suffix in (".faiss", ".tmp"))
+    assert files == sorted(col.info()["segments"]) and Collection.open(tmp_path / "c").check().ok
+
+
 def test_retrain_refuses_what_it_cannot_do(tmp_path):
     X, y = classes(300)
     sq8 = Collection.create(tmp_path / "sq8", model=None, k=3, keep_samples=False, index="IVF16,SQ8")
