@@ -41,6 +41,7 @@ from retrieval_imprint.normalize import l2_normalize
 from retrieval_imprint.segments import CLASS_SHIFT, MAP_MIN, candidates_of
 
 D, K, TRAIN, CHUNK, N_QUERIES, ADDS, COLD = 384, 4, 8, 50_000, 1000, 100, 100
+STATE_CHUNKS = 10  # chunks between the saves of an exact reference's progress
 HEARTBEAT = 5.0  # seconds between a build's marks that it runs: a resumed build knows when it was killed
 BULK_BYTES = 8 * 2**30  # float16 proxies from which the lists are trained once, on a sample, before the adds
 SAMPLE_RUN = 16  # consecutive classes in each run of a bulk build's training sample (training_sample)
@@ -148,7 +149,7 @@ def reopen(path: Path, n_classes: int, make: Callable) -> str:
     t = time.perf_counter()
     before, after = Collection.upgrade(path)
     upgrade = time.perf_counter() - t
-    _, queries = held_out(n_classes, make)
+    queries = cached(path.parent / f"{path.name}.queries.npy", lambda: held_out(n_classes, make)[1])
     fresh = open_fresh(path, queries)
     col = Collection.open(path)
     warm = batch1_ms(col, queries)
@@ -237,11 +238,16 @@ def reference_proxies(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return l2_normalize(W, copy=False)
 
 
-def exact_top1(Qn: np.ndarray, n_classes: int, make: Callable = chunk) -> np.ndarray:
-    """Ids (``class << 24 | j``) of the exact top-1 proxies, recomputed chunk by chunk after the build."""
-    best_sim = np.full(len(Qn), -np.inf, np.float32)
-    best_id = np.zeros(len(Qn), np.int64)
-    for first in range(0, n_classes, CHUNK):
+def exact_top1(Qn: np.ndarray, n_classes: int, make: Callable = chunk, state: Path | None = None) -> np.ndarray:
+    """Ids (``class << 24 | j``) of the exact top-1 proxies, recomputed chunk by chunk after the build;
+    with ``state``, the best so far kept there every ``STATE_CHUNKS`` chunks and taken up again (at
+    10M classes this pass makes every chunk again: half an hour)."""
+    best_sim, best_id, start = np.full(len(Qn), -np.inf, np.float32), np.zeros(len(Qn), np.int64), 0
+    if state is not None and state.exists():
+        with np.load(state) as saved:
+            if np.array_equal(saved["queries"], Qn):
+                best_sim, best_id, start = saved["best_sim"], saved["best_id"], int(saved["next"])
+    for first in range(start, n_classes, CHUNK):
         X, y, _ = make(first, min(CHUNK, n_classes - first))
         S = Qn @ reference_proxies(X, y).T
         j = S.argmax(1)
@@ -249,7 +255,19 @@ def exact_top1(Qn: np.ndarray, n_classes: int, make: Callable = chunk) -> np.nda
         better = s > best_sim
         best_sim[better] = s[better]
         best_id[better] = ((first + j[better] // K) << CLASS_SHIFT) + j[better] % K
+        done = min(first + CHUNK, n_classes)
+        if state is not None and ((first // CHUNK) % STATE_CHUNKS == STATE_CHUNKS - 1 or done == n_classes):
+            np.savez(state, queries=Qn, best_sim=best_sim, best_id=best_id, next=done)
     return best_id
+
+
+def cached(path: Path, make_it: Callable[[], np.ndarray]) -> np.ndarray:
+    """``make_it()``, kept in ``path``: what a resumed or repeated measurement of a kept collection reads back."""
+    if path.exists():
+        return np.load(path)
+    out = make_it()
+    np.save(path, out)
+    return out
 
 
 class Progress:
@@ -325,6 +343,8 @@ def run(
         col = Collection.create(
             path, model=None, generator="kmeans", k=K, aggregation="max", index=factory, keep_samples=False
         )
+        for stale in (".queries.npy", ".exact.npz"):  # a kept collection built anew: its measurement too
+            (root / f"{path.name}{stale}").unlink(missing_ok=True)
         progress.save()
     progress.beat()
     if bulk and not any(name.startswith("template") for name in col.info()["segments"]):
@@ -344,7 +364,8 @@ def run(
         progress.added(time.perf_counter() - t, status("VmHWM:") - base)
         print(f"  {batch[-1] + min(CHUNK, n_classes - batch[-1]):,} classes, {progress.build:.0f} s", flush=True)
     build = progress.build
-    _, queries = held_out(n_classes, make, known)  # those of the chunks a killed run added made again
+    # those of the chunks a killed run added made again; kept beside the collection for --resume and --reopen
+    queries = cached(root / f"{path.name}.queries.npy", lambda: held_out(n_classes, make, known)[1])
     Qn = l2_normalize(queries)
     _, _, first_lists = col.snapshot.proxies.search(Qn, 1)
     t = time.perf_counter()
@@ -365,7 +386,7 @@ def run(
     accuracy = float(np.mean(col.predict(queries) == chosen))
     batch = time.perf_counter() - t
     adds = add_one(col, n_classes, make)
-    exact = exact_top1(Qn, n_classes, make)
+    exact = exact_top1(Qn, n_classes, make, root / f"{path.name}.exact.npz")
     recall_first = float(np.mean(first_lists[:, 0] == exact))
     recall = float(np.mean(approx[:, 0] == exact))
     largest = max(col.snapshot.files["proxies"], key=lambda name: (path / name).stat().st_size)  # mapped at open

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import shared_data
 
@@ -276,11 +277,40 @@ def test_a_bulk_scale_build_trains_its_lists_on_a_sample_spread_over_every_class
     monkeypatch.setattr(scale, "BULK_BYTES", 0)
     monkeypatch.setattr(scale, "CHUNK", 1000)
     row, _ = scale.run(3000, tmp_path)
+    queries, exact = np.load(tmp_path / "c3000-refined.queries.npy"), np.load(tmp_path / "c3000-refined.exact.npz")
+    assert queries.shape == (scale.N_QUERIES, scale.D) and exact["next"] == 3000  # kept for --resume, --reopen
     col = Collection.open(tmp_path / "c3000-refined")
     assert [f for f in col.info()["segments"] if f.startswith("template")] == ["template-00000001.faiss"]
     assert len(col) == 3000 + scale.ADDS and "sample 0" not in set(col.classes)
     recall = row[scale.COLUMNS.index("recall@1")]
     assert float(recall) >= 0.95 and row[scale.COLUMNS.index("of which compact s")] == "0"
+
+
+def test_a_killed_exact_reference_goes_on_from_its_last_save(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import scale
+
+    monkeypatch.setattr(scale, "CHUNK", 500)
+    monkeypatch.setattr(scale, "STATE_CHUNKS", 1)
+    _, queries = scale.held_out(2000, scale.chunk)
+    Qn = scale.l2_normalize(queries)
+    whole = scale.exact_top1(Qn, 2000)
+    made = []
+
+    def killed(first, n):  # dies at the third chunk
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        made.append(first)
+        return scale.chunk(first, n)
+
+    with pytest.raises(KeyboardInterrupt):
+        scale.exact_top1(Qn, 2000, killed, tmp_path / "exact.npz")
+    again = []
+    resumed = scale.exact_top1(
+        Qn, 2000, lambda first, n: again.append(first) or scale.chunk(first, n), tmp_path / "exact.npz"
+    )
+    np.testing.assert_array_equal(resumed, whole)
+    assert again == [1000, 1500]  # the two chunks the kill left
 
 
 def test_a_killed_scale_build_resumes_from_its_last_add(tmp_path, monkeypatch):
