@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -201,10 +202,12 @@ def ingest(
     target = _Target(
         Path(path), preset, settings, lock_timeout, shards, state.get("auto_choice") if state is not None else None
     )
+    resolved = None  # a new collection's settings
     if target.col is not None:
         model = target.col.model
     else:
-        model = resolve(settings, collection_scope(), preset)["model"]
+        resolved = resolve(settings, collection_scope(), preset)
+        model = resolved["model"]
     if any(ds.vectors is None for ds in datasets) and model is None:
         raise DataError(f"{path} holds precomputed vectors (no model recorded); index vectors, not texts")
     for ds in datasets:
@@ -234,8 +237,7 @@ def ingest(
                 upserting.take([v for part in parts for v in part.need("labels")]),
             )
         elif todo:
-            resolved = resolve(settings, collection_scope(), preset)
-            if target.col is None and shards == 1 and resolved["index"] != "Flat":  # lists to train: on all the data
+            if resolved is not None and shards == 1 and resolved["index"] != "Flat":  # lists to train: on all the data
                 sample, n_classes = training_sample(todo, chunk_size, resolved["random_state"])
                 target.train(embed_all(sample, embedder), sample, n_classes)
             _add_chunks(target, todo, embedder, chunk_size, progress, upserting)
@@ -275,16 +277,13 @@ def training_sample(todo: list, chunk_size: int, seed: int) -> tuple[list[Datase
     later chunks fit them poorly): classes in a seeded order of their labels (the same in any row
     order) while their rows total at most ``chunk_size``, at least one class; and how many classes
     there are in all."""
-    rows: dict[lab.Entry, int] = {}
-    for ds, _, start in todo:
-        for label in ds.labels[start:]:
-            entry = lab.entry(label)
-            rows[entry] = rows.get(entry, 0) + 1
+    entries = [[lab.entry(label) for label in ds.labels[start:]] for ds, _, start in todo]  # once a row
+    rows = Counter(entry for part in entries for entry in part)
     drawn = [entry for _, entry in sorted(zip(np.random.default_rng(seed).permutation(len(rows)), sorted(rows)))]
     chosen = set(drawn[: max(1, int(np.sum(np.cumsum([rows[e] for e in drawn]) <= chunk_size)))])
     sample = [
-        ds.take(start + np.flatnonzero([lab.entry(label) in chosen for label in ds.labels[start:]]))
-        for ds, _, start in todo
+        ds.take(start + np.flatnonzero([entry in chosen for entry in part]))
+        for (ds, _, start), part in zip(todo, entries)
     ]
     return [part for part in sample if len(part)], len(rows)
 
