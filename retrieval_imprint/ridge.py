@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 WOODBURY_SHARE = 0.25  # rows of an update, as a share of the width, up to which A is updated, not refactored
+BLOCK_ROWS = 4096  # rows of a float64 block of the Gram matrix's sum
 
 
 class RidgeHead:
@@ -64,21 +65,32 @@ class RidgeHead:
         return self._update(X, -1.0)
 
     def _update(self, X: np.ndarray, sign: float) -> RidgeHead:
-        U = np.asarray(X, np.float64).T
-        if U.shape[0] != self.width:
-            raise ValueError(f"rows of {U.shape[0]} features for a head of {self.width}")
-        self.gram_ += sign * (U @ U.T)
-        self.n_rows_ += int(sign) * U.shape[1]
-        if U.shape[1] > WOODBURY_SHARE * self.width:
+        # new arrays, never changed in place: a shallow copy of the head taken before keeps its own
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.width:
+            raise ValueError(f"rows of {X.shape[-1]} features for a head of {self.width}")
+        self.gram_ = self.gram_ + sign * gram_of(X)
+        self.n_rows_ += int(sign) * len(X)
+        if len(X) > WOODBURY_SHARE * self.width:
             return self.refactor()
         # (G +- U U^T + lam I)^-1 = A - A U (+-I + U^T A U)^-1 U^T A, A symmetric
+        U = np.asarray(X, np.float64).T
         AU = self.inverse_ @ U
         core = U.T @ AU
         core[np.diag_indices_from(core)] += sign
-        self.inverse_ -= AU @ np.linalg.solve(core, AU.T)
+        self.inverse_ = self.inverse_ - AU @ np.linalg.solve(core, AU.T)
         return self
 
     def transform(self, X: np.ndarray, n_classes: int) -> np.ndarray:
         """``z(x) = (n / C) A x`` of each row of ``X`` ``(q, width)`` float32: the query whose inner
         product with a class mean is that class's score."""
         return (np.asarray(X, np.float64) @ self.inverse_ * (self.n_rows_ / n_classes)).astype(np.float32)
+
+
+def gram_of(X: np.ndarray) -> np.ndarray:
+    """``X^T X`` in float64, a block of ``BLOCK_ROWS`` rows at a time (no float64 copy of all of ``X``)."""
+    out = np.zeros((X.shape[1], X.shape[1]))
+    for lo in range(0, len(X), BLOCK_ROWS):
+        part = np.asarray(X[lo : lo + BLOCK_ROWS], np.float64)
+        out += part.T @ part
+    return out
