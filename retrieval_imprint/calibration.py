@@ -48,6 +48,13 @@ def calibrate_over(
         raise InvalidParameterError("target_false_rejection calibrates from the training samples: give no X")
     if target_false_rejection is None and (X is None or labels is None):
         raise InvalidParameterError("give validation queries X and their labels, or target_false_rejection")
+    if collections[0].params["generator"] == "ls":  # the streaming head scores no sample left out (lshead.py)
+        if target_false_rejection is not None or rule not in (None, "max"):
+            raise InvalidParameterError(
+                "a streaming ls collection calibrates rule max on validation queries (X and labels): it has no "
+                "left-out scores of its samples, which target_false_rejection and rule shift rest on"
+            )
+        rule = "max"
     with writing_all(collections):  # the shifts, the scores and the stored result belong to one version
         fresh = target_false_rejection is not None or (
             rule != "max"

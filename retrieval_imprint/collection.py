@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 from sqlalchemy import Engine
 
-from . import classrows, compaction, provenance, ranking, segments, snapshot, store, training, writes
+from . import classrows, compaction, interface, provenance, ranking, segments, snapshot, store, training, writes
 from . import labels as lab
 from . import params as spec
 from .calibration import Calibrated
@@ -214,7 +214,7 @@ class Collection(Calibrated, Shared):
 
     def info(self) -> dict[str, Any]:
         """Config, sizes and files, as plain data."""
-        return {"path": str(self.path), **self.current(lambda s: s.info(self.path, self.config))}
+        return {"path": str(self.path), **self.current(lambda s: interface.snapshot_info(s, self.path, self.config))}
 
     def class_table(self) -> list[dict[str, Any]]:
         """One row per class, in insertion order: label, samples, proxies."""

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from . import schema, segments, snapshot, store
 from .errors import CollectionDamagedError
+from .ridge import gram_of
 from .verified import ListVerifier
 
 
@@ -56,6 +57,8 @@ def check(directory: Path, engine: Engine) -> CheckReport:
                 f"{kind}: the index files hold {len(ids)} live vectors and the classes' ranges name "
                 f"{len(named[kind])}, and their ids differ"
             )
+    if snap.head is not None:
+        problems += _head_differs(directory, snap)
     counted = {
         "live proxies": (snap.config["live_proxies"], len(named["proxies"])),
         "classes": (snap.config["n_classes"], len(table)),
@@ -64,6 +67,19 @@ def check(directory: Path, engine: Engine) -> CheckReport:
         if kept != actual:
             problems.append(f"the collection row counts {kept} {what}, the classes table {actual}")
     return CheckReport(not problems, problems)
+
+
+def _head_differs(directory: Path, snap: snapshot.Snapshot) -> list[str]:
+    """Whether a streaming ls head's Gram matrix sums the features of exactly the kept samples (lshead.py)."""
+    X, _, _ = snap.kept_samples(directory)
+    head = snap.head
+    assert head is not None
+    if head.n_rows != len(X):
+        return [f"gram: the Gram matrix sums {head.n_rows} samples, the classes keep {len(X)}"]
+    expected = gram_of(head.features(X))
+    if not np.allclose(head.ridge.gram_, expected, rtol=1e-9, atol=1e-9 * max(1, len(X))):
+        return ["gram: the Gram matrix is not the sum of the kept samples' features"]
+    return []
 
 
 def damaged_files(directory: Path, engine: Engine) -> list[str]:
@@ -79,14 +95,16 @@ def damaged_files(directory: Path, engine: Engine) -> list[str]:
                     opened[name] = stack.enter_context(segments.open_segment(directory, name))
                 except CollectionDamagedError as exc:
                     problems.append(str(exc))
-        for _, name, checksum, n_vectors, lists in segs:
+        for kind, name, checksum, n_vectors, lists in segs:
             if name in opened and cfg["dimension"] is not None:
+                width = cfg["dimension"] if kind == "samples" else cfg["features"] or cfg["dimension"]
                 try:
-                    segments.read_segment(directory, name, opened[name], cfg["dimension"], checksum)
+                    if kind == "gram":
+                        segments.read_array(directory, name, opened[name], checksum)
+                    else:
+                        segments.read_segment(directory, name, opened[name], width, checksum)
                 except CollectionDamagedError as exc:
-                    problems.append(
-                        str(exc) + _lists_differing(directory, name, opened[name], cfg["dimension"], n_vectors, lists)
-                    )
+                    problems.append(str(exc) + _lists_differing(directory, name, opened[name], width, n_vectors, lists))
     return problems
 
 

@@ -9,6 +9,7 @@ which the Ray shard router implements too.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import labels as lab
 from . import params as spec
-from . import provenance, snapshot
+from . import provenance, segments, snapshot
 from .errors import CollectionExistsError, CollectionStateError, DataError, SettingsClashError
 from .normalize import normalize
 from .searchable import Searchable
@@ -235,6 +236,27 @@ def check_tunable(col: Any) -> None:
         raise CollectionStateError(f"collection {col.path} keeps no samples, so there is nothing to tune on")
     if not len(col):
         raise CollectionStateError(f"collection {col.path} has no classes yet")
+
+
+def snapshot_info(s: snapshot.Snapshot, directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Sizes, the settings ``config``, files and what was chosen of one version ``s``, as plain data (``Collection.info``)."""
+    files = [f for kind in s.files.values() for f in kind]
+    tuning = s.config.get("index_tuning")
+    return {
+        "classes": len(s.table),
+        "proxies": int(s.table.n_proxies.sum()),
+        "samples": int(s.table.n_samples.sum()),
+        "version": s.version,
+        "config": config,
+        "trained_on": s.config["trained_on"],
+        "auto_choice": s.auto_choice,
+        "index_tuning": json.loads(tuning) if tuning else None,
+        "embedder": dict(s.embedder) if s.embedder else None,
+        "segments": files,
+        "bytes_on_disk": sum(
+            p.stat().st_size for p in map(directory.joinpath, [*files, segments.DB_NAME]) if p.exists()
+        ),
+    }
 
 
 @contextmanager

@@ -189,8 +189,8 @@ def check_positive_or_none(name: str, value: object) -> int | None:
 
 @dataclass(frozen=True)
 class Param:
-    """One setting: its default, what it means, and either the choices it takes (a function, as
-    registries grow) or a ``check(name, value)`` that returns the value or raises."""
+    """One setting: its default, what it means, and the choices it takes (a function: registries grow) or a
+    ``check(name, value)`` that returns the value or raises."""
 
     name: str
     default: Any
@@ -282,9 +282,10 @@ IMPRINT: dict[str, Param] = {
         ),
     )
 }
-# ls / kls need every class at once, random features are for them, and probabilities are the estimator's:
-# none is a collection's
-STORED = tuple(name for name in IMPRINT if name not in ("ls_reg", "features", "temperature"))
+# Probabilities are the estimator's. A collection's ls is the streaming head (lshead.py), which fixes LS_FIXED:
+# scores are inner products with raw class means; a removal takes its samples out of G (a default is taken so)
+STORED = tuple(name for name in IMPRINT if name != "temperature")
+LS_FIXED = dict(aggregation="max", post_norm="none", metric="ip", index="Flat", keep_samples=True, rejection="max")
 
 # How a collection stores and serves its head: fixed when it is created.
 COLLECTION: dict[str, Param] = {
@@ -389,8 +390,7 @@ def preset(name: str | None) -> dict[str, Any]:
 
 
 def check_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The GEN/NORM/AGG (and ``RUNTIME``) parameters in ``params``, each checked, and their
-    combination; returns them."""
+    """The GEN/NORM/AGG (and ``RUNTIME``) parameters in ``params``, each checked, and their combination."""
     out = {name: _ESTIMATOR[name].validate(value) for name, value in params.items()}
     aggregation = out.get("aggregation", AUTO)
     if aggregation != "mnn" and out.get("m", 1) != 1:
@@ -410,8 +410,8 @@ def collection_scope() -> dict[str, Param]:
 
 
 def resolve(given: dict[str, Any], scope: dict[str, Param], preset_name: str | None = None) -> dict[str, Any]:
-    """Every setting of ``scope``: its default, overlaid by the preset, overlaid by ``given``; each
-    checked. A name outside ``scope`` is an error that suggests the closest one."""
+    """Every setting of ``scope``: its default, overlaid by the preset, then ``given``; each checked (a name
+    outside ``scope`` is an error suggesting the closest one)."""
     for name in given:
         if name not in scope:
             raise _unknown(name, scope)
@@ -422,6 +422,17 @@ def resolve(given: dict[str, Any], scope: dict[str, Param], preset_name: str | N
 
 def check_collection(s: dict[str, Any]) -> dict[str, Any]:
     """What a collection needs of its resolved settings ``s`` beyond each one's own check."""
+    if s["generator"] == "ls":  # the streaming least-squares head (lshead.py) fixes these
+        for name, value in LS_FIXED.items():
+            if s[name] not in (value, (IMPRINT | COLLECTION)[name].default):
+                raise InvalidParameterError(f"{name}={s[name]!r} is not valid with generator='ls': the streaming "
+                                            f"ls head takes {name}={value!r} (docs/collections.md)")  # fmt: skip
+        if s["k"] not in (None, 1):
+            raise InvalidParameterError(f"k={s['k']!r} is not valid with generator='ls': one vector a class")
+        return s | LS_FIXED
+    for name in ("ls_reg", "features"):
+        if s[name] != IMPRINT[name].default:
+            raise InvalidParameterError(f"{name}={s[name]!r} is a setting of generator='ls' (the streaming head)")
     if s["generator"] != AUTO and not GENERATOR_KINDS[s["generator"]].per_class:
         raise InvalidParameterError(
             f"generator={s['generator']!r} needs every class at once (it is not imprinting), "

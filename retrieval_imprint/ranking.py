@@ -31,6 +31,8 @@ def rank(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None) ->
     """Class ids ``(n_q, top)`` (-1: none) and their scores; ``Q`` after NORMinf, ``params`` the
     IVF search parameters of this call (None: the stored ones)."""
     cfg, index = s.params, s.searched
+    if s.head is not None:  # a streaming ls head: the query mapped to z(q) (lshead.py)
+        Q = s.head.queries(Q, s.n_classes)
     if cfg["aggregation"] == "blend":
         return _blend(s, Q, top, params, cfg["alpha"])
     if cfg["aggregation"] == "max":

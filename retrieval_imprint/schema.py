@@ -7,7 +7,8 @@ segment file, ``segments.py``), ``segments`` (the FAISS files that hold proxies 
 ``ingest`` (rows of each source file committed by a chunked, resumable ingestion), ``texts`` (what
 each kept sample was embedded from). A segment of kind ``template`` is an approximate index's
 trained, empty index that every proxy segment copies; segments of kind ``means`` hold the class
-means of a blend (one per class). No table has a row per vector (migration 0013).
+means of a blend (one per class); the one segment of kind ``gram`` holds a streaming
+least-squares head's Gram matrix (lshead.py). No table has a row per vector (migration 0013).
 Triggers on ``classes`` keep ``collection.n_classes`` and ``live_proxies`` (the classes' proxy
 count) up to date (migration 0012), and ``dead_proxies`` (the id ranges of proxies removed or
 re-imprinted but still in segment files, migration 0014), so a collection opens without reading
@@ -81,6 +82,10 @@ collection = Table(
     # the classes, and the sum of their proxy_hi - proxy_lo: kept by triggers on classes (migration 0012)
     Column("n_classes", BigInteger),
     Column("live_proxies", BigInteger),
+    # the streaming least-squares head (lshead.py, migration 0015): its settings and the ridge its first add fixed
+    Column("ls_reg", Float),  # None: chosen by leave-one-out
+    Column("features", Integer),  # width of the random ReLU features (None: the embeddings)
+    Column("ridge", Float),
 )
 
 embedder = Table(

@@ -37,7 +37,7 @@ WRITER_LOCK = "writer.lock"
 READERS_LOCK = "readers.lock"
 CLASS_SHIFT = 24
 MAX_PER_CLASS = 1 << CLASS_SHIFT
-SEGMENT_NAME = re.compile(r"(proxies|samples|template|means|candidates)-\d{8}\.faiss")
+SEGMENT_NAME = re.compile(r"(proxies|samples|template|means|candidates)-\d{8}\.faiss|gram-\d{8}\.npy")
 _CHUNK = 1 << 20
 MAP_MIN = 1 << 26  # bytes from which an IVF proxy segment is memory-mapped at open, not read and hashed
 _limit_lock = threading.Lock()  # FAISS's size limit for one array is a process-wide setting (map_segment)
@@ -173,6 +173,32 @@ def write_segment(directory: Path, kind: str, version: int, index: faiss.Index) 
             return _checksum(written)
 
     return Segment(*durably(directory, f"{kind}-{version:08d}.faiss", write), lists)
+
+
+def write_array(directory: Path, kind: str, version: int, array: np.ndarray) -> Segment:
+    """Durably write ``array`` as a new ``.npy`` segment file of ``kind`` (a streaming ls head's Gram matrix)."""
+
+    def write(tmp: Path) -> str:
+        with open(tmp, "wb") as out:
+            np.save(out, array, allow_pickle=False)
+        with open(tmp, "rb") as written:
+            return _checksum(written)
+
+    return Segment(*durably(directory, f"{kind}-{version:08d}.npy", write))
+
+
+def read_array(directory: Path, name: str, file: BinaryIO, checksum: str | None) -> np.ndarray:
+    """The array in ``.npy`` segment file ``name``, read from its open ``file`` once its bytes hash to ``checksum``."""
+    if _checksum(file) != checksum:
+        raise CollectionDamagedError(
+            f"collection {directory}: file {name} does not match the checksum recorded when it was written "
+            "(it was changed or damaged)"
+        )
+    file.seek(0)
+    try:
+        return np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise CollectionDamagedError(f"collection {directory}: file {name} cannot be read ({exc})") from None
 
 
 def durably(directory: Path, name: str, write: Callable[[Path], str]) -> tuple[str, str]:

@@ -36,7 +36,14 @@ from .auto import stored_choice
 from .calibration import Calibrated
 from .collection import Collection
 from .embed import Embedder
-from .errors import CollectionDamagedError, CollectionNotFoundError, CollectionStateError, DataError, SettingsClashError
+from .errors import (
+    CollectionDamagedError,
+    CollectionNotFoundError,
+    CollectionStateError,
+    DataError,
+    InvalidParameterError,
+    SettingsClashError,
+)
 from .integrity import CheckReport
 from .interface import ImprintCollection, Shared, check_tunable, labelled_rows, query_rows, staging, writing_all
 from .merge import combined_info, merge, part
@@ -79,7 +86,11 @@ class ShardedCollection(Calibrated, Shared):
         """Create an empty collection of ``shards`` shards at ``path`` (a new or empty directory);
         ``settings``, ``preset`` and ``auto_choice`` as ``Collection.create``, the same for every shard."""
         n = spec.check_int("shards", shards, 1)
-        spec.check_collection(spec.resolve(settings, spec.collection_scope(), preset))  # before any file
+        if spec.check_collection(spec.resolve(settings, spec.collection_scope(), preset))["generator"] == "ls":
+            raise InvalidParameterError(
+                "generator='ls' cannot be sharded yet: each shard's ridge would sum its own samples alone, and "
+                "their scores would not compare; use one collection (docs/collections.md)"
+            )
         path = Path(path)
         with staging(path) as staged:
             for i in range(n):

@@ -31,12 +31,13 @@ from .classtable import ClassTable
 from .errors import CollectionChangedError, CollectionDamagedError, CollectionStateError
 from .imprint import Fixed
 from .index import ProxyIndex
+from .lshead import LSHead
 from .mapped import Mapped, MappedProxyIndex
 from .params import STORED
 from .segments import class_of
 from .verified import FileVerifier, ListVerifier
 
-KINDS = ("proxies", "samples", "template", "means", "candidates")
+KINDS = ("proxies", "samples", "template", "means", "candidates", "gram")
 STALE_READS = 4  # reads of a version before one reads the class table with it (it cannot then be stale)
 ROWS_MAX = 100_000  # classes beyond which reading the whole table beats reading their rows by key
 
@@ -65,6 +66,7 @@ class Snapshot:
     # the dead proxy ids the database named (schema.dead_proxies) and the version they were read at
     dead: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     dead_at: int = -1
+    head: LSHead | None = None  # a streaming ls collection's feature map and ridge (lshead.py)
 
     @property
     def table(self) -> ClassTable:
@@ -81,9 +83,9 @@ class Snapshot:
         return self.config["n_classes"] if self.version == self.read_at else self._read(store.n_classes)
 
     def rows_of(self, class_ids: np.ndarray, *, exist: bool = False) -> ClassTable:
-        """The rows of these class ids (any order, repeats; those of no class absent): from the whole
-        table if read, else by key, each as this version has it: a ``CollectionChangedError`` if a
-        later write changed one (or, with ``exist``, removed one; else a class gone counts as gone)."""
+        """The rows of these class ids (any order, repeats; those of no class absent): from the whole table if read,
+        else by key, as this version has them; a ``CollectionChangedError`` if a later write changed one (or, with
+        ``exist``, removed one; else a class gone counts as gone)."""
         ids = np.unique(np.asarray(class_ids, np.int64))
         if self.loaded_table is not None or len(ids) > ROWS_MAX:
             return self.table.subset(ids)
@@ -129,6 +131,10 @@ class Snapshot:
         stored = {name: self.config[name] for name in STORED} | {"rejection": self.config["rejection"] or "max"}
         return stored | {k: v for k, v in chosen.items() if k in STORED}
 
+    def width(self, kind: str) -> int:
+        """The dimension of ``kind``'s vectors: a streaming ls head's proxies and means are its features."""
+        return self.config["features"] or self.d if kind != "samples" else self.d
+
     @property
     def searched(self) -> ProxyIndex:
         """The proxy index; a ``CollectionStateError`` before the first add made one."""
@@ -155,15 +161,13 @@ class Snapshot:
         return json.loads(chosen) if chosen else None
 
     def outgrown(self, growth: float) -> bool:
-        """True when the IVF lists (Flat or SQfp16 codes) were trained on fewer than 1 / ``growth``
-        of the live proxies: a compaction would retrain them."""
+        """Whether IVF lists (Flat or SQfp16 codes) were trained on under 1 / ``growth`` of the live proxies."""
         trained_on = self.config["trained_on"]
         return (self.template is not None and self.template.retrainable() and trained_on is not None
                 and self.proxies is not None and self.proxies.ntotal >= growth * trained_on)  # fmt: skip
 
     def kept_samples(self, directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every kept sample (as stored: NORMpre'd), its class's table position and each class's
-        label key (the samples are read on first need)."""
+        """Every kept sample (as stored: NORMpre'd), its class's table position and each class's label key."""
         table = self.table
         X = self.sample_index(directory).reconstruct(table.sample_ids(table.ids))
         return X, np.repeat(np.arange(len(table)), table.n_samples), lab.label_keys(table.labels.tolist())
@@ -180,26 +184,6 @@ class Snapshot:
                 f"collection {directory}: index file {missing[0]} is missing ({len(missing)} in all); nothing was "
                 "changed: run `imprint check`"
             )
-
-    def info(self, directory: Path, config: dict[str, Any]) -> dict[str, Any]:
-        """Sizes, the settings ``config``, files and what was chosen, as plain data (``Collection.info``)."""
-        files = [f for kind in self.files.values() for f in kind]
-        tuning = self.config.get("index_tuning")
-        return {
-            "classes": len(self.table),
-            "proxies": int(self.table.n_proxies.sum()),
-            "samples": int(self.table.n_samples.sum()),
-            "version": self.version,
-            "config": config,
-            "trained_on": self.config["trained_on"],
-            "auto_choice": self.auto_choice,
-            "index_tuning": json.loads(tuning) if tuning else None,
-            "embedder": dict(self.embedder) if self.embedder else None,
-            "segments": files,
-            "bytes_on_disk": sum(
-                p.stat().st_size for p in map(directory.joinpath, [*files, segments.DB_NAME]) if p.exists()
-            ),
-        }
 
     @property
     def search_params(self) -> dict[str, int]:
@@ -222,7 +206,7 @@ class Snapshot:
             return out
         if kind == "proxies":
             return ProxyIndex(
-                self.d,
+                self.width(kind),
                 self.config["metric"],
                 self.fixed.transform,
                 with_ids=True,
@@ -230,7 +214,7 @@ class Snapshot:
                 index=index,
             )
         if kind == "means":
-            return ProxyIndex(self.d, self.config["metric"], self.fixed.transform, with_ids=True, index=index)
+            return ProxyIndex(self.width(kind), self.config["metric"], self.fixed.transform, with_ids=True, index=index)
         return ProxyIndex(self.d, "euclidean", None, with_ids=True, index=index)
 
     def merge(
@@ -269,7 +253,7 @@ class Snapshot:
                     if opened and name in opened
                     else stack.enter_context(segments.open_segment(directory, name))
                 )
-                index = segments.read_segment(directory, name, file, self.d, self.checksums.get(name))
+                index = segments.read_segment(directory, name, file, self.width(kind), self.checksums.get(name))
                 if kind == "proxies" and self.template is not None:
                     index = segments.share_quantizer(directory, name, index, self.template.index)
                 if len(files) == 1 and segments.same_kind(index, merged.index):
@@ -390,10 +374,10 @@ class Snapshot:
 
 
 def read(directory: Path, engine: Engine, *, samples: bool = False, table: bool = False) -> Snapshot:
-    """The committed version now on disk: database rows and the segments they name (the samples'
-    too with ``samples``; the whole class table with ``table``). Read again where a write changed the class rows of the small segment files' vectors
-    before they were read (``CollectionChangedError``), the last time with the whole table, in the
-    same transaction: a read never fails for other processes' writes."""
+    """The committed version now on disk: database rows and the segments they name (the samples' too with
+    ``samples``; the whole class table with ``table``). Read again where a write changed the class rows of the small
+    segment files' vectors before they were read (``CollectionChangedError``), the last time with the whole table,
+    in the same transaction: a read never fails for other processes' writes."""
     for _ in range(STALE_READS - 1):
         try:
             return _read(directory, engine, samples, table)
@@ -409,7 +393,7 @@ def _read(directory: Path, engine: Engine, samples: bool, table: bool) -> Snapsh
                 cfg, emb, label_kinds, segs = store.read_state(conn)
                 dead = store.dead_proxy_ids(conn)  # as the class rows: in the same transaction
                 whole = ClassTable.from_columns(classrows.class_columns(conn)) if table else None
-            kinds = KINDS if samples else ("template", "proxies", "means", "candidates")
+            kinds = KINDS if samples else ("template", "proxies", "means", "candidates", "gram")
             opened = {
                 name: stack.enter_context(segments.open_segment(directory, name))
                 for kind, name, *_ in segs
@@ -436,6 +420,9 @@ def _read(directory: Path, engine: Engine, samples: bool, table: bool) -> Snapsh
             if cfg["metric_transform"]
             else None,
         )
+        if gram := snap.files["gram"]:  # a streaming ls head's Gram matrix
+            G = segments.read_array(directory, gram[0], opened[gram[0]], snap.checksums[gram[0]])
+            snap.head = LSHead.from_gram(cfg, G, snap.n_vectors[gram[0]])
         template = snap.files["template"]
         if template:
             index = segments.read_segment(directory, template[0], opened[template[0]], d, snap.checksums[template[0]])

@@ -28,7 +28,7 @@ from .errors import (
     NotACollectionError,
     SchemaVersionError,
 )
-from .params import STORED
+from .params import AUTO, STORED
 from .schema import classes, collection, dead_proxies, embedder, ingest, segments, texts
 from .segments import CLASS_SHIFT, DB_NAME, range_ids
 
@@ -144,7 +144,7 @@ def _initialize(
         conn.execute(
             insert(collection).values(
                 id=1,
-                **{name: settings[name] for name in STORED},
+                **{name: settings[name] for name in STORED} | {"ls_reg": _number(settings["ls_reg"])},
                 index_factory=settings["index"],
                 memory_budget=settings["memory_budget"],
                 keep_samples=settings["keep_samples"],
@@ -161,11 +161,17 @@ def _initialize(
             conn.execute(insert(embedder).values(id=1, **embedder_row))
 
 
+def _number(ls_reg: float | str) -> float | None:
+    """``ls_reg`` as its column holds it: a number, or NULL for auto."""
+    return None if ls_reg == AUTO else float(ls_reg)
+
+
 def read_state(conn: Connection) -> tuple[dict[str, Any], dict[str, Any] | None, set[str], list[Any]]:
     """The collection row, the embedder row, the kinds of its labels and ``(kind, file, checksum,
     n_vectors, lists)`` segment rows: none of it grows with the classes (the class table is read by
     ``class_columns`` or ``class_rows``)."""
     cfg: dict[str, Any] = dict(conn.execute(select(collection)).mappings().one())
+    cfg["ls_reg"] = AUTO if cfg["ls_reg"] is None else cfg["ls_reg"]
     emb = conn.execute(select(embedder)).mappings().first()
     kinds = {
         kind

@@ -29,6 +29,7 @@ from .imprint import imprint, seed_of
 from .imprint import means as class_means
 from .index import ProxyIndex
 from .ivf import Searcher, tune_nprobe
+from .lshead import LSHead
 from .normalize import normalize
 from .openset import class_shifts
 from .segments import CLASS_SHIFT, MAX_PER_CLASS
@@ -162,7 +163,13 @@ def add(
         )
     fix_dimension(s, X)
     b = _batch(directory, s, X, codes, entries, found)
-    W, owner, s.fixed = imprint(b.groups, params, s.fixed)
+    head = None
+    if params["generator"] == "ls":  # the streaming head: class means of features, the new rows into G
+        head = s.head or LSHead.first(cfg, X, codes)
+        W, owner = head.proxies(b.groups)
+        head = head.grown(X, _kept(directory, s, s.rows_of(replaced)))
+    else:
+        W, owner, s.fixed = imprint(b.groups, params, s.fixed)
     shift = class_shifts(b.groups, params)
     version = s.version + 1
     template = first_index(directory, s, W, version) if s.proxies is None else None
@@ -196,11 +203,13 @@ def add(
         mean_index = s.new_index("means")
         mean_index.add(M, mean_ids)
         written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids)
+    gram = None if head is None else segments.write_array(directory, "gram", version, head.ridge.gram_)
     segments.crash_point("add: segments written")
     gone = s.rows_of(replaced)  # read before the version moves on
     with store.writing(engine) as conn:
         if len(replaced):
             store.delete_classes(conn, replaced)
+        _commit_head(conn, gram, head)
         shifts = [None if np.isnan(v) else float(v) for v in shift]
         rows = [
             {"id": int(b.class_id[i]), "n_samples": int(sizes[i]), "proxy_lo": int(proxy_lo[i]),
@@ -246,6 +255,7 @@ def add(
             s.recent[file.name] = (ids.copy(), np.array(vectors[kind], np.float32))
     if template is not None:
         record_template(s, template)
+    _record_head(s, gram, head)
     if s.loaded_table is not None:
         s.loaded_table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi, shift)
     s.label_kinds.update(kind for kind, _ in entries)
@@ -283,7 +293,12 @@ def retune(
     params = s.params
     groups = Grouped(X, np.concatenate([[0], np.cumsum(table.n_samples)]).astype(np.int64), keys)
     fixed = s.fixed if s.template is not None else None  # IVF lists live in the first fit's space
-    W, owner, s.fixed = imprint(groups, params, fixed)
+    head = None
+    if params["generator"] == "ls":  # lambda chosen again on every kept sample, and G summed anew
+        head = LSHead.first(cfg, X, codes).grown(X)
+        W, owner = head.proxies(groups)
+    else:
+        W, owner, s.fixed = imprint(groups, params, fixed)
     shift = class_shifts(groups, params)
     n_proxies = np.bincount(owner, minlength=len(table))
     if (table.proxy_hi + n_proxies).max() >= MAX_PER_CLASS:
@@ -298,7 +313,7 @@ def retune(
     proxies = (
         s.template.empty_like()
         if s.template is not None
-        else ProxyIndex(s.d, cfg["metric"], s.fixed.transform, with_ids=True)
+        else ProxyIndex(s.width("proxies"), cfg["metric"], s.fixed.transform, with_ids=True)
     )
     proxies.search_params = s.search_params
     proxies.add(W, proxy_ids)
@@ -308,9 +323,11 @@ def retune(
         means = ProxyIndex(s.d, cfg["metric"], s.fixed.transform, with_ids=True)
         means.add(class_means(groups, params, s.fixed), mean_ids)
         written["means"] = segments.write_segment(directory, "means", version, means.index)
+    gram = None if head is None else segments.write_array(directory, "gram", version, head.ridge.gram_)
     segments.crash_point("retune: segments written")
     with store.writing(engine) as conn:
         store.delete_segments(conn, ["proxies", "means", "candidates"])
+        _commit_head(conn, gram, head)
         store.insert_segment(conn, "proxies", written["proxies"], len(proxy_ids))
         if means is not None:
             store.insert_segment(conn, "means", written["means"], len(mean_ids))
@@ -326,6 +343,7 @@ def retune(
     for kind, segment in written.items():
         s.record(kind, segment, len(proxy_ids) if kind == "proxies" else len(mean_ids))
     table.proxy_lo, table.proxy_hi, table.shift = lo, hi, shift
+    _record_head(s, gram, head)
     cfg["version"] = version
     segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})
 
@@ -341,12 +359,39 @@ def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
         )
     ids = np.array(sorted(found[e].id for e in entries), np.int64)
     gone = s.rows_of(ids)  # read before the version moves on
+    head = None if s.head is None else s.head.grown(np.zeros((0, s.d), np.float32), _kept(directory, s, gone))
+    gram = None if head is None else segments.write_array(directory, "gram", s.version + 1, head.ridge.gram_)
     with store.writing(engine) as conn:
         store.delete_classes(conn, ids)
+        _commit_head(conn, gram, head)
         store.set_collection(conn, version=s.version + 1)
     segments.crash_point("remove: committed")
     _forget(s, gone)
+    _record_head(s, gram, head)
     s.config["version"] += 1
+
+
+def _kept(directory: Path, s: Snapshot, rows: ClassTable) -> np.ndarray:
+    """The kept samples (NORMpre'd) of the classes of ``rows``: what a streaming ls head takes out of G."""
+    if not len(rows):
+        return np.zeros((0, s.d), np.float32)
+    return s.sample_index(directory).reconstruct(rows.sample_ids(rows.ids))
+
+
+def _commit_head(conn: Any, gram: segments.Segment | None, head: LSHead | None) -> None:
+    """Record a streaming ls head's new ``gram`` segment (its row count: the samples G sums) and ridge."""
+    if gram is not None and head is not None:
+        store.delete_segments(conn, ["gram"])
+        store.insert_segment(conn, "gram", gram, head.n_rows)
+        store.set_collection(conn, ridge=head.lam)
+
+
+def _record_head(s: Snapshot, gram: segments.Segment | None, head: LSHead | None) -> None:
+    """The same in memory, once committed: readers of this snapshot then take the new head."""
+    if gram is not None and head is not None:
+        s.files["gram"] = []
+        s.record("gram", gram, head.n_rows)
+        s.head, s.config["ridge"] = head, head.lam
 
 
 def _forget(s: Snapshot, gone: ClassTable) -> None:

@@ -317,8 +317,8 @@ def test_not_a_collection(tmp_path):
         Collection.open(tmp_path / "absent")
     with pytest.raises(FileExistsError, match="already exists and is not an empty directory"):
         Collection.create(tmp_path / "plain")
-    with pytest.raises(ValueError, match="generator='ls' needs every class at once"):
-        Collection.create(tmp_path / "ls", generator="ls")
+    with pytest.raises(ValueError, match="generator='kls' needs every class at once"):
+        Collection.create(tmp_path / "ls", generator="kls")
     with pytest.raises(ValueError, match="k=0 is not valid"):
         Collection.create(tmp_path / "k0", k=0)
     assert not (tmp_path / "ls").exists() and not (tmp_path / "k0").exists()

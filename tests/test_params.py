@@ -88,10 +88,9 @@ def test_settings_are_checked_once_with_a_message_that_names_them(tmp_path):
         resolve({}, collection_scope(), "nope")
     with pytest.raises(InvalidParameterError, match="memory budget '8 parsecs'"):
         resolve({"memory_budget": "8 parsecs"}, collection_scope())
-    with pytest.raises(InvalidParameterError, match="ls_reg"):
-        Collection.create(tmp_path / "ls", model=None, ls_reg=0.5)  # collections hold no ls head
-    with pytest.raises(InvalidParameterError, match="setting 'features' is ImprintClassifier's only"):
-        Collection.create(tmp_path / "rf", model=None, features=100)
+    for name, value in (("ls_reg", 0.5), ("features", 100)):  # the streaming ls head's settings (lshead.py)
+        with pytest.raises(InvalidParameterError, match=f"{name}={value} is a setting of generator='ls'"):
+            Collection.create(tmp_path / name, model=None, **{name: value})
 
 
 def test_open_or_create_opens_and_lists_every_clash(tmp_path):

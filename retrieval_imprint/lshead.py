@@ -1,0 +1,92 @@
+"""The streaming least-squares head of a collection (``generator="ls"``): RanPAC's ridge regression
+over random ReLU features, grown one class at a time.
+
+The estimator's GEN ``ls`` refits every class's weights from all the data (``generate.ls_head``).
+Here its ridge sits on the query side (``ridge.RidgeHead``): the index holds each class's mean
+feature vector (unnormalised), and a query is mapped to ``z = (n / C) A phi(q)`` before the top-1
+inner-product search, with ``A = (G + lambda I)^-1`` over every kept sample's features. An add
+updates ``G`` by its new rows (a rank-k update of ``A``), a removal or an upsert takes the old
+class's kept samples out again, and nothing else is rewritten. The scores are the estimator's ls
+with ``post_norm="none"`` for the same ``lambda``, under any history (tests/test_lshead.py).
+
+``lambda = n rho`` is fixed by the first add, with ``rho`` its ``ls_reg`` or chosen there by
+leave-one-out (``generate.loo_ridge``), and kept: later adds regularise as a ridge with a fixed
+prior. ``G`` (float64, ``width^2 x 8`` bytes) is written as a ``gram`` segment by every write, in
+the same atomic commit as the rest (``writes.py``), and read back by ``snapshot.read``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+
+from ._groups import Grouped
+from .features import feature_map, relu_features
+from .generate import Spectrum, class_means, loo_ridge
+from .imprint import seed_of
+from .normalize import normalize
+from .params import AUTO
+from .ridge import RidgeHead
+
+
+class LSHead:
+    """The feature map ``phi`` and the ridge of one committed version. Writes make changed copies
+    (``grown``): a reader holding this one keeps its answers."""
+
+    def __init__(self, cfg: dict[str, Any], ridge: RidgeHead) -> None:
+        width = cfg["features"]
+        self.map = None if width is None else feature_map(cfg["dimension"], width, seed_of(cfg["random_state"]))
+        self.pre_norm, self.inf_norm, self.ridge = cfg["pre_norm"], cfg["inf_norm"], ridge
+
+    @classmethod
+    def first(cls, cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray) -> LSHead:
+        """The head a first add of NORMpre'd ``X`` in classes ``codes`` starts from (none of its rows in
+        yet): ``lambda = n rho``, ``rho`` the ``ls_reg`` setting or chosen by leave-one-out on ``X``."""
+        head = cls(cfg, RidgeHead(cfg["features"] or X.shape[1], 1.0))
+        rho = cfg["ls_reg"]
+        if rho in (None, AUTO):
+            F = head.features(X)
+            C = int(codes.max()) + 1
+            means = class_means(Grouped.from_codes(F, codes, np.arange(C)))
+            rho = loo_ridge(F, Spectrum.of(F), codes, means, np.arange(C), seed_of(cfg["random_state"]), False)
+        head.ridge = RidgeHead(head.ridge.width, len(X) * float(rho))
+        return head
+
+    @classmethod
+    def from_gram(cls, cfg: dict[str, Any], gram: np.ndarray, n_rows: int) -> LSHead:
+        """The head of a stored ``G`` (a ``gram`` segment) over ``n_rows`` samples, factored anew."""
+        return cls(cfg, RidgeHead.from_gram(gram, n_rows, cfg["ridge"]))
+
+    @property
+    def lam(self) -> float:
+        return self.ridge.lam
+
+    @property
+    def n_rows(self) -> int:
+        return self.ridge.n_rows_
+
+    def features(self, X: np.ndarray) -> np.ndarray:
+        """``NORMpre(phi(x))`` of NORMpre'd samples: what ``G`` sums and the class means average."""
+        return X if self.map is None else normalize(relu_features(X, self.map), self.pre_norm, what="X", copy=False)
+
+    def queries(self, Q: np.ndarray, n_classes: int) -> np.ndarray:
+        """``z(q)`` of queries after NORMinf: whose inner product with a class mean is its score."""
+        F = Q if self.map is None else normalize(relu_features(Q, self.map), self.inf_norm, what="Q", copy=False)
+        return self.ridge.transform(F, n_classes)
+
+    def proxies(self, groups: Grouped) -> tuple[np.ndarray, np.ndarray]:
+        """Each class's mean feature vector ``(C, width)`` float32 and its class: the index's vectors."""
+        F = Grouped(self.features(groups.X), groups.offsets, groups.keys)
+        return class_means(F).astype(np.float32), np.arange(groups.n_classes)
+
+    def grown(self, added: np.ndarray, removed: np.ndarray | None = None) -> LSHead:
+        """A copy with NORMpre'd samples ``added`` in ``G`` and ``removed`` (added before) out."""
+        out = copy.copy(self)
+        out.ridge = copy.copy(self.ridge)
+        if removed is not None and len(removed):
+            out.ridge.remove(self.features(removed))
+        if len(added):
+            out.ridge.add(self.features(added))
+        return out

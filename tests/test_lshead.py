@@ -1,0 +1,151 @@
+"""lshead.py: a streaming least-squares collection answers as the closed form over the classes it
+holds, with the ridge its first add fixed, under any history of adds, removes, upserts and reopens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+
+from retrieval_imprint import Collection, ImprintClassifier, segments
+from retrieval_imprint.errors import InvalidParameterError
+from retrieval_imprint.features import feature_map
+
+D, WIDTH = 16, 64
+
+
+def pool(n_classes: int, seed: int) -> dict[int, np.ndarray]:
+    """Samples of each class (5 to 12), around a class centre."""
+    rng = np.random.default_rng(seed)
+    return {
+        c: rng.normal(rng.normal(size=D), 0.6, (int(rng.integers(5, 13)), D)).astype(np.float32)
+        for c in range(n_classes)
+    }
+
+
+def features(X: np.ndarray) -> np.ndarray:
+    """The head's features, computed here in float64: ``l2(relu(l2(x) R))``, R the seeded map."""
+    return ref.l2(np.maximum(ref.l2(X) @ feature_map(D, WIDTH, 0).astype(np.float64), 0.0))
+
+
+def closed_form(members: dict[int, np.ndarray], lam: float, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores of the best class per query: ``reference.ls`` over the members' features
+    (rho = lam / n), scored against the queries' features."""
+    labels = sorted(members)
+    X = np.concatenate([features(members[c]) for c in labels])
+    y = np.repeat(labels, [len(members[c]) for c in labels])
+    S = features(Q) @ ref.ls(X, y, lam / len(X), classes=labels).T
+    return np.array(labels)[S.argmax(1)], S.max(1)
+
+
+def add(col: Collection, members: dict[int, np.ndarray], classes: list[int], **kw) -> None:
+    col.add(np.concatenate([members[c] for c in classes]), [c for c in classes for _ in members[c]], **kw)
+
+
+def check_answers(col: Collection, members: dict[int, np.ndarray], Q: np.ndarray) -> None:
+    labels, scores = closed_form(members, col.config["ridge"] if "ridge" in col.config else col.snapshot.head.lam, Q)
+    got = col.query(Q)
+    np.testing.assert_array_equal(got.labels[:, 0].astype(int), labels)
+    np.testing.assert_allclose(got.scores[:, 0], scores, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def queries() -> np.ndarray:
+    return np.random.default_rng(5).normal(size=(40, D)).astype(np.float32)
+
+
+def test_any_history_answers_as_the_closed_form(tmp_path, queries):
+    """Batches of new classes, a class grown by a later add, removals, an upsert and a reopen: the
+    answers are the float64 closed form over the classes left, with the first add's lambda."""
+    data, extra = pool(12, seed=1), pool(2, seed=2)
+    col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH, ls_reg=0.01)
+    add(col, data, list(range(5)))
+    lam = col.snapshot.head.lam
+    assert lam == pytest.approx(0.01 * sum(len(data[c]) for c in range(5)))  # lambda = n rho of the first add
+    add(col, data, list(range(5, 12)))
+    members = dict(data)
+    check_answers(col, members, queries)
+    col.add(extra[0], [3] * len(extra[0]))  # class 3 grows: kept samples and new ones
+    members[3] = np.concatenate([data[3], extra[0]])
+    col.remove([7, 1])
+    del members[7], members[1]
+    col.add(extra[1], [9] * len(extra[1]), replace=True)  # an upsert: class 9 is these samples alone
+    members[9] = extra[1]
+    assert col.snapshot.head.lam == lam and col.snapshot.head.n_rows == sum(map(len, members.values()))
+    check_answers(col, members, queries)
+    again = Collection.open(tmp_path / "c")
+    check_answers(again, members, queries)
+    assert again.check().ok
+    # the ridge's inverse, updated rank by rank, agrees with the one an open factors anew
+    np.testing.assert_allclose(col.snapshot.head.ridge.inverse_, again.snapshot.head.ridge.inverse_, atol=1e-9)
+
+
+def test_a_one_add_collection_answers_as_the_estimator(tmp_path, queries):
+    """The estimator's ls on the same features, with post_norm none and the same rho."""
+    data = pool(8, seed=3)
+    X = np.concatenate(list(data.values()))
+    y = np.repeat(list(data), [len(v) for v in data.values()])
+    col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH)
+    col.add(X, y.tolist())
+    rho = col.snapshot.head.lam / len(X)  # chosen by leave-one-out (auto)
+    est = ImprintClassifier(generator="ls", features=WIDTH, post_norm="none", ls_reg=rho, temperature=1.0)
+    est.fit(X, y)
+    got = col.query(queries)
+    np.testing.assert_array_equal(got.labels[:, 0].astype(int), est.predict(queries))
+    np.testing.assert_allclose(got.scores[:, 0], est.decision_function(queries).max(1), rtol=1e-4, atol=1e-5)
+
+
+def test_tune_chooses_lambda_again_on_every_sample(tmp_path, queries):
+    data = pool(9, seed=4)
+    col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH, ls_reg=0.02)
+    add(col, data, [0, 1, 2])
+    add(col, data, list(range(3, 9)))
+    col.tune()
+    n = sum(map(len, data.values()))
+    assert col.snapshot.head.lam == pytest.approx(0.02 * n)
+    check_answers(col, data, queries)
+    check_answers(Collection.open(tmp_path / "c"), data, queries)
+
+
+def test_a_failed_write_leaves_the_head_as_it_was(tmp_path, queries, monkeypatch):
+    """A write that fails after its Gram file is written changes nothing, in memory or on disk."""
+    data = pool(6, seed=6)
+    col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH, ls_reg=0.01)
+    add(col, data, [0, 1, 2, 3])
+    before = col.query(queries)
+
+    def fail(name: str) -> None:
+        if name in ("add: segments written", "remove: committed"):
+            raise OSError(f"crash at {name}")
+
+    monkeypatch.setattr(segments, "crash_point", fail)
+    with pytest.raises(OSError):
+        add(col, data, [4, 5])
+    monkeypatch.undo()
+    members = {c: data[c] for c in range(4)}
+    for reader in (col, Collection.open(tmp_path / "c")):
+        np.testing.assert_array_equal(reader.query(queries).labels, before.labels)
+        check_answers(reader, members, queries)
+    assert Collection.open(tmp_path / "c").check().ok
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        (dict(aggregation="mnn"), "aggregation"),
+        (dict(post_norm="quantile"), "post_norm"),
+        (dict(index="IVF16,Flat"), "index"),
+        (dict(keep_samples=False), "keep_samples"),
+        (dict(metric="euclidean"), "metric"),
+        (dict(k=5), "k=5"),
+    ],
+)
+def test_settings_the_head_cannot_take_are_refused_by_name(tmp_path, settings, named):
+    with pytest.raises(InvalidParameterError, match=named):
+        Collection.create(tmp_path / "c", model=None, generator="ls", **settings)
+
+
+def test_features_and_ls_reg_belong_to_the_ls_head(tmp_path):
+    for settings in (dict(features=100), dict(ls_reg=0.1)):
+        with pytest.raises(InvalidParameterError, match="generator='ls'"):
+            Collection.create(tmp_path / "c", model=None, generator="kmeans", **settings)
