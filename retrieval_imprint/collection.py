@@ -179,7 +179,8 @@ class Collection(Calibrated, Shared):
     @property
     def config(self) -> dict[str, Any]:
         keys = (*spec.STORED, "index_factory", "memory_budget", "keep_samples", "dimension", "threshold")
-        return {**{key: self._s.config[key] for key in keys}, "search_params": self.search_params}
+        ridge = {"ridge": self._s.config["ridge"]} if self._s.config["generator"] == "ls" else {}  # lshead.py
+        return {**{key: self._s.config[key] for key in keys}, **ridge, "search_params": self.search_params}
 
     @property
     def dimension(self) -> int | None:
@@ -203,8 +204,8 @@ class Collection(Calibrated, Shared):
 
     @property
     def auto_choice(self) -> dict[str, Any] | None:
-        """The concrete generator, k, aggregation and alpha fixed at the first add, with the held-out
-        accuracy of each candidate auto weighed (``cv_results``); None before the first add."""
+        """The concrete generator, k, aggregation and alpha fixed at the first add, with each candidate's held-out
+        accuracy (``cv_results``); None before the first add."""
         return self._s.auto_choice
 
     @property
@@ -433,8 +434,7 @@ class Collection(Calibrated, Shared):
 
     @property
     def outgrown(self) -> bool:
-        """True when the IVF lists (Flat or SQfp16 codes) were trained on fewer than 1 /
-        ``RETRAIN_GROWTH`` of the live proxies: ``compact()`` would retrain them."""
+        """Whether the IVF lists were trained on under 1 / ``RETRAIN_GROWTH`` of the live proxies (compact retrains)."""
         return self._s.outgrown(RETRAIN_GROWTH)
 
     def rows_done(self, source: str) -> int:

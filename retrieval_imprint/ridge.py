@@ -38,6 +38,7 @@ class RidgeHead:
         self.gram_ = np.zeros((width, width))
         self.n_rows_ = 0
         self.inverse_ = np.eye(width) / self.lam
+        self._query: tuple[np.ndarray, np.ndarray] | None = None  # (the A it was made from, A in float32)
 
     @classmethod
     def from_gram(cls, gram: np.ndarray, n_rows: int, lam: float) -> RidgeHead:
@@ -83,8 +84,12 @@ class RidgeHead:
 
     def transform(self, X: np.ndarray, n_classes: int) -> np.ndarray:
         """``z(x) = (n / C) A x`` of each row of ``X`` ``(q, width)`` float32: the query whose inner
-        product with a class mean is that class's score."""
-        return (np.asarray(X, np.float64) @ self.inverse_ * (self.n_rows_ / n_classes)).astype(np.float32)
+        product with a class mean is that class's score. Computed with a float32 copy of ``A`` (half
+        the bytes a query reads), made on first use after each change."""
+        pair = self._query
+        if pair is None or pair[0] is not self.inverse_:  # A changed since (or a copy's A): made again once
+            pair = self._query = (self.inverse_, self.inverse_.astype(np.float32))
+        return np.asarray(X, np.float32) @ pair[1] * np.float32(self.n_rows_ / n_classes)
 
 
 def gram_of(X: np.ndarray) -> np.ndarray:

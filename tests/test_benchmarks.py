@@ -4,6 +4,7 @@ on a small size."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -336,3 +337,24 @@ def test_a_killed_scale_build_resumes_from_its_last_add(tmp_path, monkeypatch):
     assert built.resume(batches, 4 * CHUNK - 7, 4 * CHUNK - 7) == [] and "(0 s lost" in built.resumed[-1]
     with pytest.raises(SystemExit, match="not where an add ends"):
         Progress(tmp_path / "c.build.json").resume(batches, CHUNK, 4 * CHUNK)
+
+
+def test_lshead_benchmark_quick_mode(tmp_path):
+    """benchmarks/lshead.py --quick: the collection built in one add scores as the estimator's ls with
+    post_norm none (same rho), and the grown one as a one-add collection with its lambda."""
+    shared_data("banking77", "embeddings.npz")
+    out = tmp_path / "lshead.md"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lshead.py"), "--quick", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    text = out.read_text()
+    accuracy = dict(re.findall(r"\| banking77 \| ([^|]+?) \| ([\d.]+) ±", text))
+    # the same head up to float32 near-ties: a few of 3,080 test queries at most
+    assert abs(float(accuracy["collection, one add"]) - float(accuracy["estimator ls, post_norm none"])) <= 0.1
+    equal, difference = re.search(r"top-1 equal ([\d.]+), largest score difference ([\d.e+-]+)", text).groups()
+    assert float(equal) >= 0.999 and float(difference) <= 1e-4
+    assert re.search(r"\| 500 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", text)
