@@ -10,6 +10,7 @@ reader is opening segments.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from .imprint import seed_of
 from .index import ProxyIndex
 from .snapshot import Snapshot
 from .training import record_template
-from .writes import RECENT_MAX, tune_search
+from .writes import RECENT_MAX, commit_gram, record_head, tune_search, write_gram
 
 MERGE_FAN_IN = 4  # a file an automatic compaction writes is this many times larger than its inputs
 # bytes an automatic compaction writes in one file at most (Lucene's TieredMergePolicy caps its merged
@@ -168,8 +169,12 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     if candidates is not None:
         written["candidates"] = listfiles.write_candidates(directory, version, candidates)
         counts["candidates"] = candidates.ntotal
+    # the samples merged into a file of this version are summed in G as of it (``lshead.REPLAY_MAX``)
+    head = copy.copy(s.head) if s.head is not None and "samples" in chosen else None
+    gram = write_gram(directory, version, head, True)
     segments.crash_point("compact: segments written")
     with store.writing(engine) as conn:
+        commit_gram(conn, gram, head)
         for kind, segment in written.items():
             store.replace_segments(conn, kind, victims[kind], segment, counts[kind])
         if candidates is None:
@@ -183,6 +188,7 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
             store.set_collection(conn, search_params=s.config["search_params"], index_tuning=s.config["index_tuning"])
         store.set_collection(conn, version=version)
     segments.crash_point("compact: committed")
+    record_head(s, gram, head)
     s.config["version"] = version
     s.files["candidates"] = [f for f in s.files["candidates"] if f not in victims["candidates"]]
     for kind, segment in written.items():

@@ -11,8 +11,11 @@ with ``post_norm="none"`` for the same ``lambda``, under any history (tests/test
 
 ``lambda = n rho`` is fixed by the first add, with ``rho`` its ``ls_reg`` or chosen there by
 leave-one-out (``generate.loo_ridge``), and kept: later adds regularise as a ridge with a fixed
-prior. ``G`` (float64, ``width^2 x 8`` bytes) is written as a ``gram`` segment by every write, in
-the same atomic commit as the rest (``writes.py``), and read back by ``snapshot.read``.
+prior. ``G`` (float64, ``width^2 x 8`` bytes) is written as a ``gram`` segment, in a write's atomic
+commit (``writes.py``), by the first add, removals, upserts, ``tune``, compactions that merge sample
+files, and an add past ``REPLAY_MAX`` samples since the last; an open (``snapshot.read``) sums into it
+the kept samples of the sample files written since: a small add writes its samples and class means,
+not the 32 MB of ``G`` at 2,000 features.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from .generate import Spectrum, class_means, loo_ridge
 from .imprint import seed_of
 from .normalize import normalize
 from .params import AUTO
-from .ridge import RidgeHead
+from .ridge import RidgeHead, gram_of
+
+REPLAY_MAX = 4096  # samples added since G was last written beyond which an add writes it (an open sums them)
 
 
 class LSHead:
@@ -39,6 +44,7 @@ class LSHead:
         width = cfg["features"]
         self.map = None if width is None else feature_map(cfg["dimension"], width, seed_of(cfg["random_state"]))
         self.pre_norm, self.inf_norm, self.ridge = cfg["pre_norm"], cfg["inf_norm"], ridge
+        self.pending = 0  # samples in G since it was last written (``REPLAY_MAX``)
 
     @classmethod
     def first(cls, cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray) -> LSHead:
@@ -55,9 +61,13 @@ class LSHead:
         return head
 
     @classmethod
-    def from_gram(cls, cfg: dict[str, Any], gram: np.ndarray, n_rows: int) -> LSHead:
-        """The head of a stored ``G`` (a ``gram`` segment) over ``n_rows`` samples, factored anew."""
-        return cls(cfg, RidgeHead.from_gram(gram, n_rows, cfg["ridge"]))
+    def from_gram(cls, cfg: dict[str, Any], gram: np.ndarray, n_rows: int, replayed: np.ndarray) -> LSHead:
+        """The head of a stored ``G`` (a ``gram`` segment) over ``n_rows`` samples, with the NORMpre'd samples
+        ``replayed`` (those added since it was written) summed in, factored anew."""
+        head = cls(cfg, RidgeHead(len(gram), cfg["ridge"]))
+        head.ridge = RidgeHead.from_gram(gram + gram_of(head.features(replayed)), n_rows + len(replayed), head.lam)
+        head.pending = len(replayed)
+        return head
 
     @property
     def lam(self) -> float:
@@ -89,4 +99,13 @@ class LSHead:
             out.ridge.remove(self.features(removed))
         if len(added):
             out.ridge.add(self.features(added))
+        out.pending += len(added)
         return out
+
+    def checkpoint(self, due: bool) -> bool:
+        """Whether this version's write writes ``G`` (``due``: it must; or ``REPLAY_MAX`` samples since the
+        last); if so its samples count as written."""
+        if due or self.pending > REPLAY_MAX:
+            self.pending = 0
+            return True
+        return False

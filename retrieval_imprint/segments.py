@@ -48,6 +48,11 @@ def candidates_of(proxies: str) -> str:
     return "candidates-" + proxies.removeprefix("proxies-")
 
 
+def version_of(name: str) -> int:
+    """The version whose write made segment file ``name`` (``kind-VVVVVVVV.ext``)."""
+    return int(name.rpartition("-")[2].partition(".")[0])
+
+
 def class_of(ids: np.ndarray) -> np.ndarray:
     """The class id of each vector id."""
     return ids >> CLASS_SHIFT
@@ -189,6 +194,7 @@ def write_array(directory: Path, kind: str, version: int, array: np.ndarray) -> 
 
 def read_array(directory: Path, name: str, file: BinaryIO, checksum: str | None) -> np.ndarray:
     """The array in ``.npy`` segment file ``name``, read from its open ``file`` once its bytes hash to ``checksum``."""
+    file.seek(0)
     if _checksum(file) != checksum:
         raise CollectionDamagedError(
             f"collection {directory}: file {name} does not match the checksum recorded when it was written "
@@ -316,6 +322,7 @@ def read_segment(
     hash to ``checksum`` (the one recorded when it was written; None for segments written before
     0.1.0 recorded them). Hashing comes first because FAISS trusts the sizes in a file: a damaged
     one can make it allocate without bound. The second pass reads from the page cache."""
+    file.seek(0)  # a file read before in this snapshot (a streaming ls head's replayed samples) is read again
     if checksum is not None:
         if _checksum(file) != checksum:
             raise CollectionDamagedError(

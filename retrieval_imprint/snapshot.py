@@ -397,7 +397,7 @@ def _read(directory: Path, engine: Engine, samples: bool, table: bool) -> Snapsh
             opened = {
                 name: stack.enter_context(segments.open_segment(directory, name))
                 for kind, name, *_ in segs
-                if kind in kinds
+                if kind in kinds or (kind == "samples" and cfg["generator"] == "ls")  # a head's replay reads some
             }
         d = cfg["dimension"]
         snap = Snapshot(
@@ -420,9 +420,11 @@ def _read(directory: Path, engine: Engine, samples: bool, table: bool) -> Snapsh
             if cfg["metric_transform"]
             else None,
         )
-        if gram := snap.files["gram"]:  # a streaming ls head's Gram matrix
+        if gram := snap.files["gram"]:  # a streaming ls head's Gram matrix, and the samples written since
             G = segments.read_array(directory, gram[0], opened[gram[0]], snap.checksums[gram[0]])
-            snap.head = LSHead.from_gram(cfg, G, snap.n_vectors[gram[0]])
+            since = [f for f in snap.files["samples"] if segments.version_of(f) > segments.version_of(gram[0])]
+            replayed = snap.merge(directory, "samples", since, opened, all_live=True)
+            snap.head = LSHead.from_gram(cfg, G, snap.n_vectors[gram[0]], replayed.reconstruct(replayed.ids))
         template = snap.files["template"]
         if template:
             index = segments.read_segment(directory, template[0], opened[template[0]], d, snap.checksums[template[0]])

@@ -203,13 +203,13 @@ def add(
         mean_index = s.new_index("means")
         mean_index.add(M, mean_ids)
         written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids)
-    gram = None if head is None else segments.write_array(directory, "gram", version, head.ridge.gram_)
+    gram = write_gram(directory, version, head, s.head is None or len(replaced) > 0)
     segments.crash_point("add: segments written")
     gone = s.rows_of(replaced)  # read before the version moves on
     with store.writing(engine) as conn:
         if len(replaced):
             store.delete_classes(conn, replaced)
-        _commit_head(conn, gram, head)
+        commit_gram(conn, gram, head)
         shifts = [None if np.isnan(v) else float(v) for v in shift]
         rows = [
             {"id": int(b.class_id[i]), "n_samples": int(sizes[i]), "proxy_lo": int(proxy_lo[i]),
@@ -255,7 +255,7 @@ def add(
             s.recent[file.name] = (ids.copy(), np.array(vectors[kind], np.float32))
     if template is not None:
         record_template(s, template)
-    _record_head(s, gram, head)
+    record_head(s, gram, head)
     if s.loaded_table is not None:
         s.loaded_table.upsert(b.class_id, [lab.value(*e) for e in entries], sizes, proxy_lo, proxy_hi, shift)
     s.label_kinds.update(kind for kind, _ in entries)
@@ -323,11 +323,11 @@ def retune(
         means = ProxyIndex(s.d, cfg["metric"], s.fixed.transform, with_ids=True)
         means.add(class_means(groups, params, s.fixed), mean_ids)
         written["means"] = segments.write_segment(directory, "means", version, means.index)
-    gram = None if head is None else segments.write_array(directory, "gram", version, head.ridge.gram_)
+    gram = write_gram(directory, version, head, True)
     segments.crash_point("retune: segments written")
     with store.writing(engine) as conn:
         store.delete_segments(conn, ["proxies", "means", "candidates"])
-        _commit_head(conn, gram, head)
+        commit_gram(conn, gram, head)
         store.insert_segment(conn, "proxies", written["proxies"], len(proxy_ids))
         if means is not None:
             store.insert_segment(conn, "means", written["means"], len(mean_ids))
@@ -343,7 +343,7 @@ def retune(
     for kind, segment in written.items():
         s.record(kind, segment, len(proxy_ids) if kind == "proxies" else len(mean_ids))
     table.proxy_lo, table.proxy_hi, table.shift = lo, hi, shift
-    _record_head(s, gram, head)
+    record_head(s, gram, head)
     cfg["version"] = version
     segments.delete_unlisted(directory, {f for files in s.files.values() for f in files})
 
@@ -360,14 +360,14 @@ def remove(directory: Path, engine: Engine, s: Snapshot, entries: list) -> None:
     ids = np.array(sorted(found[e].id for e in entries), np.int64)
     gone = s.rows_of(ids)  # read before the version moves on
     head = None if s.head is None else s.head.grown(np.zeros((0, s.d), np.float32), _kept(directory, s, gone))
-    gram = None if head is None else segments.write_array(directory, "gram", s.version + 1, head.ridge.gram_)
+    gram = write_gram(directory, s.version + 1, head, True)
     with store.writing(engine) as conn:
         store.delete_classes(conn, ids)
-        _commit_head(conn, gram, head)
+        commit_gram(conn, gram, head)
         store.set_collection(conn, version=s.version + 1)
     segments.crash_point("remove: committed")
     _forget(s, gone)
-    _record_head(s, gram, head)
+    record_head(s, gram, head)
     s.config["version"] += 1
 
 
@@ -378,19 +378,27 @@ def _kept(directory: Path, s: Snapshot, rows: ClassTable) -> np.ndarray:
     return s.sample_index(directory).reconstruct(rows.sample_ids(rows.ids))
 
 
-def _commit_head(conn: Any, gram: segments.Segment | None, head: LSHead | None) -> None:
-    """Record a streaming ls head's new ``gram`` segment (its row count: the samples G sums) and ridge."""
+def write_gram(directory: Path, version: int, head: LSHead | None, due: bool) -> segments.Segment | None:
+    """A streaming ls head's ``G`` as a new ``gram`` segment, where this write writes it (``LSHead.checkpoint``)."""
+    if head is None or not head.checkpoint(due):
+        return None
+    return segments.write_array(directory, "gram", version, head.ridge.gram_)
+
+
+def commit_gram(conn: Any, gram: segments.Segment | None, head: LSHead | None) -> None:
+    """Record a new ``gram`` segment (its row count: the samples G sums) and the ridge, replacing the last."""
     if gram is not None and head is not None:
         store.delete_segments(conn, ["gram"])
         store.insert_segment(conn, "gram", gram, head.n_rows)
         store.set_collection(conn, ridge=head.lam)
 
 
-def _record_head(s: Snapshot, gram: segments.Segment | None, head: LSHead | None) -> None:
+def record_head(s: Snapshot, gram: segments.Segment | None, head: LSHead | None) -> None:
     """The same in memory, once committed: readers of this snapshot then take the new head."""
     if gram is not None and head is not None:
         s.files["gram"] = []
         s.record("gram", gram, head.n_rows)
+    if head is not None:
         s.head, s.config["ridge"] = head, head.lam
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import reference as ref
 
-from retrieval_imprint import Collection, ImprintClassifier, segments
+from retrieval_imprint import Collection, ImprintClassifier, lshead, segments
 from retrieval_imprint.errors import InvalidParameterError
 from retrieval_imprint.features import feature_map
 
@@ -127,6 +127,35 @@ def test_a_failed_write_leaves_the_head_as_it_was(tmp_path, queries, monkeypatch
         np.testing.assert_array_equal(reader.query(queries).labels, before.labels)
         check_answers(reader, members, queries)
     assert Collection.open(tmp_path / "c").check().ok
+
+
+def test_small_adds_leave_g_to_be_summed_at_open(tmp_path, queries, monkeypatch):
+    """Adds of few samples write no Gram file: an open sums the sample files written since the last
+    one. Past REPLAY_MAX samples an add writes it; a compaction that merges sample files does too."""
+    data = pool(10, seed=7)
+    col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH, ls_reg=0.01)
+
+    def gram() -> list[str]:
+        return [f for f in col.info()["segments"] if f.startswith("gram-")]
+
+    add(col, data, [0, 1, 2, 3])
+    written = gram()
+    for c in (4, 5, 6):
+        add(col, data, [c])
+    assert gram() == written
+    members = {c: data[c] for c in range(7)}
+    check_answers(col, members, queries)
+    check_answers(Collection.open(tmp_path / "c"), members, queries)
+    assert Collection.open(tmp_path / "c").check().ok
+    monkeypatch.setattr(lshead, "REPLAY_MAX", len(data[7]) + 1)  # the samples since the last G and class 7's
+    add(col, data, [7])
+    assert gram() != written and gram()[0] == f"gram-{col.info()['version']:08d}.npy"
+    add(col, data, [8, 9])
+    col.compact()
+    assert gram()[0] == f"gram-{col.info()['version']:08d}.npy"
+    again = Collection.open(tmp_path / "c")
+    check_answers(again, data, queries)
+    assert again.check().ok and again.snapshot.head.pending == 0
 
 
 @pytest.mark.parametrize(
