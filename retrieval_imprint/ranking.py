@@ -32,7 +32,7 @@ def rank(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None) ->
     IVF search parameters of this call (None: the stored ones)."""
     cfg, index = s.params, s.searched
     if s.head is not None:  # a streaming ls head: the query mapped to z(q) (lshead.py)
-        Q = s.head.queries(Q, s.n_classes)
+        Q = s.head.queries(Q, index.ntotal)  # one mean a class: C without reading the class count
     if cfg["aggregation"] == "blend":
         return _blend(s, Q, top, params, cfg["alpha"])
     if cfg["aggregation"] == "max":
