@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import reference as ref
 
-from retrieval_imprint import Collection, ImprintClassifier, lshead, segments
+from retrieval_imprint import Collection, ImprintClassifier, ShardedCollection, lshead, segments
 from retrieval_imprint.errors import InvalidParameterError
 from retrieval_imprint.features import feature_map
 
@@ -178,3 +178,19 @@ def test_features_and_ls_reg_belong_to_the_ls_head(tmp_path):
     for settings in (dict(features=100), dict(ls_reg=0.1)):
         with pytest.raises(InvalidParameterError, match="generator='ls'"):
             Collection.create(tmp_path / "c", model=None, generator="kmeans", **settings)
+
+
+def test_what_the_head_does_not_do_yet_is_refused_by_name(tmp_path, queries):
+    """Sharding (each shard's G would sum its own samples) and calibration from left-out training
+    scores (the head has none) are refused; calibration on validation queries takes rule max."""
+    with pytest.raises(InvalidParameterError, match="cannot be sharded yet"):
+        ShardedCollection.create(tmp_path / "s", shards=2, model=None, generator="ls")
+    data = pool(6, seed=8)
+    col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH)
+    add(col, data, list(range(6)))
+    with pytest.raises(InvalidParameterError, match="rule max on validation queries"):
+        col.calibrate(target_false_rejection=0.05)
+    with pytest.raises(InvalidParameterError, match="rule max on validation queries"):
+        col.calibrate(data[0], [0] * len(data[0]), queries, rule="shift")
+    result = col.calibrate(np.concatenate([data[0], data[1]]), [0] * len(data[0]) + [1] * len(data[1]), queries)
+    assert result.rule == "max" and col.config["rejection"] == "max"
