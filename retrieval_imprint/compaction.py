@@ -155,7 +155,9 @@ def compact(directory: Path, engine: Engine, s: Snapshot, *, full: bool = True, 
     candidates = _candidates(s, merged.get("proxies"))
     tuned = _tunes(s, merged.get("proxies"), full)
     if tuned:  # the collection has grown or its lists changed: the nprobe that reaches the target too
-        tune_search(s, merged["proxies"], candidates)
+        seed, n_means = seed_of(s.config["random_state"]), merged["proxies"].ntotal
+        queries = None if s.head is None else s.head.tuning_queries(s.kept_samples(directory)[0], n_means, seed)
+        tune_search(s, merged["proxies"], candidates, queries)
     for kind, index in merged.items():
         if kind not in written:
             written[kind] = segments.write_segment(directory, kind, version, index.index)

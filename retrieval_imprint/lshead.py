@@ -34,6 +34,7 @@ from .index import SMALL_BATCH
 from .normalize import normalize
 from .params import AUTO
 from .ridge import RidgeHead, gram_of
+from .tuning import TUNE_QUERIES
 
 REPLAY_MAX = 4096  # samples added since G was last written beyond which an add writes it (an open sums them)
 
@@ -90,6 +91,12 @@ class LSHead:
         with single_threaded_blas() if len(Q) < SMALL_BATCH else nullcontext():
             F = Q if self.map is None else normalize(relu_features(Q, self.map), self.inf_norm, what="Q", copy=False)
             return self.ridge.transform(F, n_classes)
+
+    def tuning_queries(self, X: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+        """``z`` of up to ``TUNE_QUERIES`` of the NORMpre'd samples ``X`` (a seeded choice): what an IVF index
+        of the class means is tuned on (``tuning.tune_nprobe``), its class means not being what it is asked."""
+        rows = np.sort(np.random.default_rng(seed).permutation(len(X))[:TUNE_QUERIES])
+        return self.queries(X[rows], n_classes)
 
     def proxies(self, groups: Grouped) -> tuple[np.ndarray, np.ndarray]:
         """Each class's mean feature vector ``(C, width)`` float32 and its class: the index's vectors."""

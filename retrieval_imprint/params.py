@@ -1,10 +1,10 @@
 """Settings, declared once: every GEN/NORM/AGG parameter and collection setting with its default,
 its check and its help text, and the presets that name published methods.
 
-``ImprintClassifier`` takes its defaults from ``DEFAULTS`` (``IMPRINT`` and ``RUNTIME``), ``Collection.create`` resolves its
-keyword arguments with ``resolve``, and the ``imprint`` command builds its options from ``IMPRINT``
-and ``COLLECTION``: one place to read what a parameter means and what it defaults to. Names follow
-the paper (docs/design.md): NORMpre / GEN / NORMpost / NORMinf / AGG.
+``ImprintClassifier`` takes its defaults from ``DEFAULTS`` (``IMPRINT``, ``RUNTIME``), ``Collection.create`` resolves
+its keyword arguments with ``resolve``, and ``imprint`` builds its options from ``IMPRINT`` and ``COLLECTION``: one
+place to read what a parameter means and defaults to. Names follow the paper (docs/design.md): NORMpre / GEN /
+NORMpost / NORMinf / AGG.
 """
 
 from __future__ import annotations
@@ -282,10 +282,9 @@ IMPRINT: dict[str, Param] = {
         ),
     )
 }
-# Probabilities are the estimator's. A collection's ls is the streaming head (lshead.py), which fixes LS_FIXED:
-# scores are inner products with raw class means; a removal takes its samples out of G (a default is taken so)
+# Probabilities are the estimator's. A collection's ls is the streaming head (lshead.py), which fixes LS_FIXED.
 STORED = tuple(name for name in IMPRINT if name != "temperature")
-LS_FIXED = dict(aggregation="max", post_norm="none", metric="ip", index="Flat", keep_samples=True, rejection="max")
+LS_FIXED = dict(aggregation="max", post_norm="none", metric="ip", keep_samples=True, rejection="max")
 
 # How a collection stores and serves its head: fixed when it is created.
 COLLECTION: dict[str, Param] = {
@@ -427,8 +426,9 @@ def check_collection(s: dict[str, Any]) -> dict[str, Any]:
             if s[name] not in (value, (IMPRINT | COLLECTION)[name].default):
                 raise InvalidParameterError(f"{name}={s[name]!r} is not valid with generator='ls': the streaming "
                                             f"ls head takes {name}={value!r} (docs/collections.md)")  # fmt: skip
-        if s["k"] not in (None, 1):
-            raise InvalidParameterError(f"k={s['k']!r} is not valid with generator='ls': one vector a class")
+        for name, bad in (("k", s["k"] not in (None, 1)), ("index", s["index"] == AUTO or "Refine" in s["index"])):
+            if bad:  # one mean a class; its index exact, or IVF lists of means (fast-scan candidates: not yet)
+                raise InvalidParameterError(f"{name}={s[name]!r} is not valid with generator='ls' (collections.md)")
         return s | LS_FIXED
     for name in ("ls_reg", "features"):
         if s[name] != IMPRINT[name].default:

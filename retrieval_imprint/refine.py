@@ -51,7 +51,7 @@ def parse(factory: str) -> tuple[str, str | None]:
 
 
 K_FACTOR = 64  # candidates re-ranked per result asked for, unless a search or the tuning says (``k_factor``)
-# k_factors the tuning tries (ivf.tune_nprobe), smallest first: the first with which the re-ranked search
+# k_factors the tuning tries (tuning.tune_nprobe), smallest first: the first with which the re-ranked search
 # reaches the recall target at the nprobe the float16 codes need
 K_FACTORS = (16, 32, 64, 128, 256, 512, 1024)
 POSITION_SHIFT = 32  # a candidate's id: list number << 32 | offset in the list

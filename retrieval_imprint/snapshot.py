@@ -277,9 +277,8 @@ class Snapshot:
         return merged
 
     def proxy_sources(self, directory: Path, files: list[str]) -> list[tuple[Any, Any]]:
-        """The IVF index of each proxy file (mapped where possible, or from ``recent``), each with the
-        check of its lists before they are read (None where it was checked whole on reading):
-        what ``listfiles.write_lists`` merges list by list. Only the writer may call it."""
+        """The IVF index of each proxy file (mapped where possible, or from ``recent``), each with the check of its
+        lists before they are read (None: checked whole on reading), for ``listfiles.write_lists``. Writer only."""
         out: list[tuple[Any, Any]] = []
         for name in files:
             if name in self.recent:
@@ -290,22 +289,28 @@ class Snapshot:
                 continue
             with segments.open_segment(directory, name) as file:
                 if not segments.can_map():
-                    out.append((segments.read_segment(directory, name, file, self.d, self.checksums.get(name)), None))
+                    out.append(
+                        (
+                            segments.read_segment(
+                                directory, name, file, self.width("proxies"), self.checksums.get(name)
+                            ),
+                            None,
+                        )
+                    )
                     continue
                 mapped, verifier = self._mapped(directory, name, file)
             out.append((mapped, verifier.ensure))
         return out
 
     def written_proxies(self, directory: Path, segment: segments.Segment, n_vectors: int) -> ProxyIndex:
-        """The proxy file ``segment`` this writer just wrote (``n_vectors`` in it), mapped where possible,
-        as a searchable index with the template's quantizer: what a compaction tunes and builds
-        candidates on without holding the proxies in memory."""
+        """The proxy file ``segment`` this writer just wrote (``n_vectors`` in it), mapped where possible, searchable
+        with the template's quantizer: what a compaction tunes and builds candidates on, not held in memory."""
         name = segment.name
         with segments.open_segment(directory, name) as file:
             if segments.can_map():
-                index = segments.map_segment(directory, name, file, self.d, n_vectors)
+                index = segments.map_segment(directory, name, file, self.width("proxies"), n_vectors)
             else:
-                index = segments.read_segment(directory, name, file, self.d, segment.checksum)
+                index = segments.read_segment(directory, name, file, self.width("proxies"), segment.checksum)
         assert self.template is not None  # only IVF proxies are written list by list
         return self.new_index("proxies", segments.share_quantizer(directory, name, index, self.template.index))
 
@@ -330,10 +335,13 @@ class Snapshot:
             return None
         assert self.template is not None  # candidates are written for IVF proxies only
         if (lists := self.list_sums.get(pair)) is not None and segments.can_map():
-            index = segments.map_segment(directory, pair, opened[pair], self.d, self.n_vectors[pair])
+            index = segments.map_segment(directory, pair, opened[pair], self.width("proxies"), self.n_vectors[pair])
             verify = ListVerifier(directory, pair, index, lists).ensure
         else:
-            index, verify = segments.read_segment(directory, pair, opened[pair], self.d, self.checksums.get(pair)), None
+            index, verify = (
+                segments.read_segment(directory, pair, opened[pair], self.width("proxies"), self.checksums.get(pair)),
+                None,
+            )
         if index.ntotal != self.n_vectors[name]:
             raise CollectionDamagedError(
                 f"collection {directory}: index file {pair} holds {index.ntotal} candidates for the "
@@ -366,7 +374,7 @@ class Snapshot:
     def _mapped(self, directory: Path, name: str, file: BinaryIO) -> tuple[faiss.Index, Any]:
         """Proxy file ``name`` mapped (without its quantizer), and the check of its lists: per list
         where their checksums were recorded, else of the whole file before its first answer."""
-        index = segments.map_segment(directory, name, file, self.d, self.n_vectors[name])
+        index = segments.map_segment(directory, name, file, self.width("proxies"), self.n_vectors[name])
         lists = self.list_sums.get(name)
         if lists is not None:
             return index, ListVerifier(directory, name, index, lists)
@@ -427,7 +435,9 @@ def _read(directory: Path, engine: Engine, samples: bool, table: bool) -> Snapsh
             snap.head = LSHead.from_gram(cfg, G, snap.n_vectors[gram[0]], replayed.reconstruct(replayed.ids))
         template = snap.files["template"]
         if template:
-            index = segments.read_segment(directory, template[0], opened[template[0]], d, snap.checksums[template[0]])
+            index = segments.read_segment(
+                directory, template[0], opened[template[0]], snap.width("template"), snap.checksums[template[0]]
+            )
             snap.template = ProxyIndex(d, cfg["metric"], snap.fixed.transform, index=index)
         ready = d is not None and (cfg["metric"] != "mahalanobis" or snap.fixed.transform is not None)
         if ready and (cfg["index_factory"] == "Flat" or template):

@@ -28,13 +28,13 @@ from .errors import DataError
 from .imprint import imprint, seed_of
 from .imprint import means as class_means
 from .index import ProxyIndex
-from .ivf import Searcher, tune_nprobe
 from .lshead import LSHead
 from .normalize import normalize
 from .openset import class_shifts
 from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
 from .training import commit_fitted, first_index, fix_dimension, fixed_columns, record_template
+from .tuning import Searcher, tune_nprobe
 
 RECENT_MAX = 4096  # vectors of a segment file this process writes that it keeps for the next compaction
 
@@ -49,7 +49,7 @@ def set_values(engine: Engine, s: Snapshot, **values: Any) -> None:
 
 def set_search_params(engine: Engine, s: Snapshot, params: dict[str, int]) -> None:
     """Store these search parameters over the stored ones: the user's choice, no longer tuned
-    (``ivf.tune_nprobe``)."""
+    (``tuning.tune_nprobe``)."""
     merged = {**s.search_params, **params}
     set_values(engine, s, search_params=json.dumps(merged), index_tuning=None)
     if s.proxies is not None:
@@ -183,8 +183,9 @@ def add(
     proxy_ids = (b.class_id[owner] << CLASS_SHIFT) + proxy_lo[owner] + j
     segment = s.new_index("proxies")
     segment.add(W, proxy_ids)
-    if cfg["index_tuning"] == "pending":
-        tune_search(s, segment)
+    if cfg["index_tuning"] == "pending":  # a streaming ls head's on its mapped samples: not what the means are
+        queries = None if head is None else head.tuning_queries(X, len(W), seed_of(cfg["random_state"]))
+        tune_search(s, segment, queries=queries)
     written = {"proxies": (segments.write_segment(directory, "proxies", version, segment.index), proxy_ids)}
     samples = X[b.new_rows] if cfg["keep_samples"] else X[:0]  # not a bulk add's 2.5 GB copy, where none are kept
     if cfg["keep_samples"]:
@@ -413,9 +414,12 @@ def _forget(s: Snapshot, gone: ClassTable) -> None:
         s.loaded_table.drop(gone.ids)
 
 
-def tune_search(s: Snapshot, proxies: ProxyIndex, candidates: faiss.Index | None = None) -> None:
-    """Set the snapshot's nprobe to the smallest reaching ``ivf.RECALL_TARGET`` on ``proxies``
-    (``ivf.tune_nprobe``; the stored rule where it cannot be measured), in memory: the caller's
+def tune_search(
+    s: Snapshot, proxies: ProxyIndex, candidates: faiss.Index | None = None, queries: np.ndarray | None = None
+) -> None:
+    """Set the snapshot's nprobe to the smallest reaching ``tuning.RECALL_TARGET`` on ``proxies``
+    (``tuning.tune_nprobe``, on ``queries`` if given; the stored rule where it cannot be measured), in
+    memory: the caller's
     transaction stores ``search_params`` and ``index_tuning``. With fast-scan ``candidates`` of
     ``proxies`` (refine.py), the recall is that of their re-ranked search, and ``k_factor`` is
     tuned with nprobe."""
@@ -427,7 +431,7 @@ def tune_search(s: Snapshot, proxies: ProxyIndex, candidates: faiss.Index | None
             return refine.search(candidates, reranker, Q, k, params)[1]
 
     seed = seed_of(s.config["random_state"])
-    tuning = tune_nprobe(proxies.index, seed=seed, refined=refined, k_factors=refine.K_FACTORS)
+    tuning = tune_nprobe(proxies.index, seed=seed, refined=refined, k_factors=refine.K_FACTORS, queries=queries)
     if tuning is not None:
         tuned = {key: int(tuning[key]) for key in ("nprobe", "k_factor") if key in tuning}
         s.config["search_params"] = json.dumps({**s.search_params, **tuned})

@@ -158,12 +158,31 @@ def test_small_adds_leave_g_to_be_summed_at_open(tmp_path, queries, monkeypatch)
     assert again.check().ok and again.snapshot.head.pending == 0
 
 
+def test_an_ivf_index_of_the_means_is_tuned_on_mapped_samples_and_exact_when_every_list_is_probed(tmp_path, queries):
+    data = pool(40, seed=9)
+    col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH, ls_reg=0.01, index="IVF4,Flat")
+    add(col, data, list(range(20)))
+    tuning = col.info()["index_tuning"]
+    assert tuning["queries"] == sum(len(data[c]) for c in range(20))  # every sample of the first add, mapped
+    add(col, data, list(range(20, 40)))
+    col.remove([5])
+    members = {c: v for c, v in data.items() if c != 5}
+    for reader in (col, Collection.open(tmp_path / "c")):
+        labels, scores = closed_form(members, reader.config["ridge"], queries)
+        got = reader.query(queries, search_params={"nprobe": 4})
+        np.testing.assert_array_equal(got.labels[:, 0].astype(int), labels)
+        np.testing.assert_allclose(got.scores[:, 0], scores, rtol=1e-4, atol=1e-5)
+    col.compact(retrain=True)
+    assert col.info()["index_tuning"]["queries"] == sum(map(len, members.values()))
+    assert Collection.open(tmp_path / "c").check().ok
+
+
 @pytest.mark.parametrize(
     "settings, named",
     [
         (dict(aggregation="mnn"), "aggregation"),
         (dict(post_norm="quantile"), "post_norm"),
-        (dict(index="IVF16,Flat"), "index"),
+        (dict(index="IVF16,PQ8x4fs,Refine(SQfp16)"), "index"),
         (dict(keep_samples=False), "keep_samples"),
         (dict(metric="euclidean"), "metric"),
         (dict(k=5), "k=5"),
