@@ -8,8 +8,9 @@ collection against one built in one add, and what an add and a query cost. Write
   in 10 batches (lambda fixed by the first batch), and that grown collection after ``tune``.
 - The grown collection against one built in one add with the same lambda: share of equal top-1
   answers and the largest score difference.
-- Cost at 10,000 synthetic classes (20 samples each, 384-d, 2,000 features): adding one class
-  (p50 / p99 over the adds), one query (p50 / p99), and the first add.
+- Cost at 10,000 synthetic classes (20 samples each, 384-d, 2,000 features), exact and with IVF
+  lists of the class means: adding one class (p50 / p99 over the adds), one held-out query (p50 / p99),
+  the first add, and how often the IVF answer is the exact one.
 
     .venv/bin/python benchmarks/lshead.py           # full run, a few minutes
     .venv/bin/python benchmarks/lshead.py --quick   # one seed, BANKING77, 500 features, 500 classes timed
@@ -25,6 +26,7 @@ import numpy as np
 from _common import DOCS, machine, markdown_table, scratch
 
 from retrieval_imprint import Collection, ImprintClassifier
+from retrieval_imprint.ivf import ivf_lists
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FEATURES = 2000
@@ -87,40 +89,51 @@ def real(name: str, seeds: list[int], root: Path, width: int) -> tuple[list[list
     return rows, checks
 
 
-def synthetic(n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n_classes`` classes of ``SAMPLES`` samples around random centres."""
+def synthetic(n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n_classes`` classes of ``SAMPLES`` samples around random centres, and one held-out sample each."""
     rng = np.random.default_rng(seed)
     centre = rng.standard_normal((n_classes, D), dtype=np.float32)
-    X = centre[:, None, :] + 0.8 * rng.standard_normal((n_classes, SAMPLES, D), dtype=np.float32)
-    return X.reshape(-1, D), np.repeat(np.arange(n_classes), SAMPLES)
+    X = centre[:, None, :] + 0.8 * rng.standard_normal((n_classes, SAMPLES + 1, D), dtype=np.float32)
+    return X[:, :SAMPLES].reshape(-1, D), np.repeat(np.arange(n_classes), SAMPLES), X[:, SAMPLES]
 
 
 def cost(n_classes: int, root: Path, width: int) -> list[list[str]]:
-    """The first add of ``n_classes`` classes, then one class at a time, then one query at a time."""
-    X, y = synthetic(n_classes + TIMED_ADDS)
+    """Per index (exact, and IVF lists of the means with nprobe tuned): the first add of ``n_classes``
+    classes, then one class at a time, then one held-out query at a time, and how often its answer
+    is the exact index's."""
+    X, y, held = synthetic(n_classes + TIMED_ADDS)
     first = y < n_classes
-    col = Collection.create(root / "timed", model=None, generator="ls", features=width)
-    t = time.perf_counter()
-    col.add(X[first], y[first].tolist())
-    bulk = time.perf_counter() - t
-    adds = []
-    for c in range(n_classes, n_classes + TIMED_ADDS):
-        rows = y == c
+    Q = held[np.random.default_rng(1).choice(len(held), TIMED_QUERIES)]
+    rows, exact = [], None
+    for index in ("Flat", f"IVF{ivf_lists(n_classes)},Flat"):
+        col = Collection.create(root / index, model=None, generator="ls", features=width, index=index)
         t = time.perf_counter()
-        col.add(X[rows], y[rows].tolist())
-        adds.append(time.perf_counter() - t)
-    Q = X[np.random.default_rng(1).choice(len(X), TIMED_QUERIES)]
-    col.query(Q[:1])  # warm
-    queries = []
-    for q in Q:
-        t = time.perf_counter()
-        col.query(q[None])
-        queries.append(time.perf_counter() - t)
-    ms = 1e3 * np.array(adds), 1e3 * np.array(queries)
-    return [
-        [f"{n_classes:,}", f"{bulk:.1f}", f"{np.percentile(ms[0], 50):.1f}", f"{np.percentile(ms[0], 99):.1f}",
-         f"{np.percentile(ms[1], 50):.2f}", f"{np.percentile(ms[1], 99):.2f}"]
-    ]  # fmt: skip
+        col.add(X[first], y[first].tolist())
+        bulk = time.perf_counter() - t
+        adds = []
+        for c in range(n_classes, n_classes + TIMED_ADDS):
+            t = time.perf_counter()
+            col.add(X[y == c], [c] * SAMPLES)
+            adds.append(time.perf_counter() - t)
+        col.query(Q[:1])  # warm
+        queries = []
+        for q in Q:
+            t = time.perf_counter()
+            col.query(q[None])
+            queries.append(time.perf_counter() - t)
+        answers = col.query(Q).labels[:, 0]
+        exact = answers if exact is None else exact
+        ms = 1e3 * np.array(adds), 1e3 * np.array(queries)
+        rows.append(
+            [f"{n_classes:,}", index, col.search_params.get("nprobe", "-"), f"{bulk:.1f}",
+             f"{np.percentile(ms[0], 50):.1f}", f"{np.percentile(ms[0], 99):.1f}", f"{np.percentile(ms[1], 50):.2f}",
+             f"{np.percentile(ms[1], 99):.2f}", f"{np.mean(answers == exact):.3f}"]
+        )  # fmt: skip
+        col.close()
+    return rows
+
+
+COST = ["classes", "index", "nprobe", "first add s", "add one p50 ms", "p99", "query p50 ms", "p99", "top-1 as exact"]
 
 
 def main() -> None:
@@ -139,7 +152,7 @@ def main() -> None:
             checks += c
             print(markdown_table(["dataset", "head", "accuracy %", "seeds"], r), *c, sep="\n", flush=True)
         timing = cost(timed, root, width)
-    print(markdown_table(["classes", "first add s", "add one p50 ms", "p99", "query p50 ms", "p99"], timing))
+    print(markdown_table(COST, timing))
     args.out.write_text(
         "# Streaming least-squares collections (benchmarks/lshead.py)\n\n"
         f"Command: `.venv/bin/python benchmarks/lshead.py{' --quick' if args.quick else ''}`  \n"
@@ -152,10 +165,10 @@ def main() -> None:
         + "\n\n## Grown against one add, with the same lambda\n\n"
         + "\n".join(f"- {c}" for c in checks)
         + f"\n\n## Cost ({SAMPLES} samples a class, {D}-d, {width:,} features)\n\n"
-        f"Adding one new class ({TIMED_ADDS} adds) and answering one query ({TIMED_QUERIES} queries), wall "
-        "time; the first add chooses the ridge by leave-one-out and sums G.\n\n"
-        + markdown_table(["classes", "first add s", "add one p50 ms", "p99", "query p50 ms", "p99"], timing)
-        + "\n"
+        f"Adding one new class ({TIMED_ADDS} adds) and answering one held-out query ({TIMED_QUERIES} queries), "
+        "wall time, with an exact index and with IVF lists of the class means (nprobe tuned by the first add "
+        "on its mapped samples); the first add chooses the ridge by leave-one-out and sums G. Top-1 as exact: "
+        "the share of the queries answered as the exact index answers them.\n\n" + markdown_table(COST, timing) + "\n"
     )
     print(f"wrote {args.out}")
 
