@@ -74,10 +74,12 @@ class LSHead:
 
     @property
     def lam(self) -> float:
+        """The absolute ridge ``lambda`` (``n rho`` of the first add or of ``tune``)."""
         return self.ridge.lam
 
     @property
     def n_rows(self) -> int:
+        """The samples ``G`` sums."""
         return self.ridge.n_rows_
 
     def features(self, X: np.ndarray) -> np.ndarray:

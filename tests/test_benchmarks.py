@@ -20,15 +20,20 @@ pytestmark = pytest.mark.slow  # a subprocess on real data
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_accuracy_benchmark_quick_mode(tmp_path):
-    shared_data("banking77", "embeddings.npz")
+def benchmark(script: str, *args: str) -> None:
+    """Run ``benchmarks/SCRIPT`` with ``args`` to its end (ten minutes at most); its failure fails the test."""
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         check=True,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_accuracy_benchmark_quick_mode(tmp_path):
+    shared_data("banking77", "embeddings.npz")
+    benchmark("accuracy.py", "--quick", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "results.json").read_text())
     fields = {
         "dataset",
@@ -158,13 +163,7 @@ def test_gpu_table_is_rendered_from_the_kept_runs(tmp_path):
     a GPU machine's among them), so the table and its targets never drift from the kept figures."""
     runs = json.loads((ROOT / "docs" / "gpu.json").read_text())
     (tmp_path / "gpu.json").write_text(json.dumps(runs))
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--render", "--out", str(tmp_path / "gpu.md")],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    benchmark("gpu.py", "--render", "--out", str(tmp_path / "gpu.md"))
     text = (tmp_path / "gpu.md").read_text()
     assert text == (ROOT / "docs" / "gpu.md").read_text()
     if any("cuda" in run["backends"] for run in runs.values()):
@@ -209,13 +208,7 @@ def test_serving_benchmark_quick_mode(tmp_path):
     targets listed, the working folder gone."""
     shared_data("banking77", "embeddings.npz")
     out = tmp_path / "serving.md"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--quick", "--out", str(out)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    benchmark("serving.py", "--quick", "--out", str(out))
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| this") or line.startswith("| batching off")]
     assert len(rows) == 18 and all(line.split("|")[9].strip() == "0" for line in rows)  # no errors
@@ -256,13 +249,7 @@ def test_index_candidates_benchmark_runs_small(tmp_path):
     shared_data("clinc150", "embeddings.npz")
     shared_data("banking77", "embeddings.npz")
     out = tmp_path / "candidates.md"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "index_candidates.py"), "--classes", "3000", "--out", str(out)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    benchmark("index_candidates.py", "--classes", "3000", "--out", str(out))
     rows = [line for line in out.read_text().splitlines() if line.startswith("| IVF")]
     assert len(rows) == 12 and all(0 <= float(r.split("|")[3]) <= 1 for r in rows)
 
@@ -344,13 +331,7 @@ def test_lshead_benchmark_quick_mode(tmp_path):
     post_norm none (same rho), and the grown one as a one-add collection with its lambda."""
     shared_data("banking77", "embeddings.npz")
     out = tmp_path / "lshead.md"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "lshead.py"), "--quick", "--out", str(out)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    benchmark("lshead.py", "--quick", "--out", str(out))
     text = out.read_text()
     accuracy = dict(re.findall(r"\| banking77 \| ([^|]+?) \| ([\d.]+) ±", text))
     # the same head up to float32 near-ties: a few of 3,080 test queries at most
