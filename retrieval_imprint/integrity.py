@@ -97,7 +97,7 @@ def damaged_files(directory: Path, engine: Engine) -> list[str]:
                     problems.append(str(exc))
         for kind, name, checksum, n_vectors, lists in segs:
             if name in opened and cfg["dimension"] is not None:
-                width = cfg["dimension"] if kind == "samples" else cfg["features"] or cfg["dimension"]
+                width = segments.width(cfg, kind)
                 try:
                     if kind == "gram":
                         segments.read_array(directory, name, opened[name], checksum)

@@ -239,7 +239,8 @@ def check_tunable(col: Any) -> None:
 
 
 def snapshot_info(s: snapshot.Snapshot, directory: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """Sizes, the settings ``config``, files and what was chosen of one version ``s``, as plain data (``Collection.info``)."""
+    """Sizes, the settings ``config``, files and what was chosen of one version ``s``, as plain data
+    (``Collection.info``)."""
     files = [f for kind in s.files.values() for f in kind]
     tuning = s.config.get("index_tuning")
     return {

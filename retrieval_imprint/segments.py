@@ -53,6 +53,12 @@ def version_of(name: str) -> int:
     return int(name.rpartition("-")[2].partition(".")[0])
 
 
+def width(cfg: dict, kind: str) -> int:
+    """The dimension of segment ``kind``'s vectors under the collection row ``cfg`` (with a dimension):
+    a streaming ls head's proxies, means and template are its features, its samples the embeddings."""
+    return cfg["features"] or cfg["dimension"] if kind != "samples" else cfg["dimension"]
+
+
 def class_of(ids: np.ndarray) -> np.ndarray:
     """The class id of each vector id."""
     return ids >> CLASS_SHIFT
@@ -194,13 +200,7 @@ def write_array(directory: Path, kind: str, version: int, array: np.ndarray) -> 
 
 def read_array(directory: Path, name: str, file: BinaryIO, checksum: str | None) -> np.ndarray:
     """The array in ``.npy`` segment file ``name``, read from its open ``file`` once its bytes hash to ``checksum``."""
-    file.seek(0)
-    if _checksum(file) != checksum:
-        raise CollectionDamagedError(
-            f"collection {directory}: file {name} does not match the checksum recorded when it was written "
-            "(it was changed or damaged)"
-        )
-    file.seek(0)
+    _verify(directory, name, file, checksum)
     try:
         return np.load(file, allow_pickle=False)
     except (ValueError, OSError) as exc:
@@ -322,14 +322,7 @@ def read_segment(
     hash to ``checksum`` (the one recorded when it was written; None for segments written before
     0.1.0 recorded them). Hashing comes first because FAISS trusts the sizes in a file: a damaged
     one can make it allocate without bound. The second pass reads from the page cache."""
-    file.seek(0)  # a file read before in this snapshot (a streaming ls head's replayed samples) is read again
-    if checksum is not None:
-        if _checksum(file) != checksum:
-            raise CollectionDamagedError(
-                f"collection {directory}: index file {name} does not match the checksum "
-                "recorded when it was written (it was changed or damaged)"
-            )
-        file.seek(0)
+    _verify(directory, name, file, checksum)
     try:
         with _limit_lock:  # not while map_segment has lowered the limit to a smaller file's size
             index = faiss.read_index(faiss.PyCallbackIOReader(file.read))
@@ -373,6 +366,20 @@ def map_segment(directory: Path, name: str, file: BinaryIO, dimension: int, n_ve
 def _unreadable(directory: Path, name: str, exc: Exception) -> CollectionDamagedError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return CollectionDamagedError(f"collection {directory}: index file {name} is unreadable or truncated ({reason})")
+
+
+def _verify(directory: Path, name: str, file: BinaryIO, checksum: str | None) -> None:
+    """Check that segment file ``name``'s bytes hash to ``checksum`` (None: none was recorded) and leave
+    ``file`` at its start; from the start, as a file may have been read before in this snapshot (a
+    streaming ls head's replayed samples)."""
+    file.seek(0)
+    if checksum is not None:
+        if _checksum(file) != checksum:
+            raise CollectionDamagedError(
+                f"collection {directory}: index file {name} does not match the checksum "
+                "recorded when it was written (it was changed or damaged)"
+            )
+        file.seek(0)
 
 
 def _checked(directory: Path, name: str, index: faiss.Index, dimension: int) -> faiss.Index:

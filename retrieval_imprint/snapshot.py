@@ -132,8 +132,8 @@ class Snapshot:
         return stored | {k: v for k, v in chosen.items() if k in STORED}
 
     def width(self, kind: str) -> int:
-        """The dimension of ``kind``'s vectors: a streaming ls head's proxies and means are its features."""
-        return self.config["features"] or self.d if kind != "samples" else self.d
+        """``segments.width`` of this version (a ``CollectionStateError`` before it has a dimension)."""
+        return segments.width(self.config | {"dimension": self.d}, kind)
 
     @property
     def searched(self) -> ProxyIndex:

@@ -163,11 +163,12 @@ def add(
         )
     fix_dimension(s, X)
     b = _batch(directory, s, X, codes, entries, found)
+    gone = s.rows_of(replaced)  # read before the version moves on
     head = None
     if params["generator"] == "ls":  # the streaming head: class means of features, the new rows into G
         head = s.head or LSHead.first(cfg, X, codes)
         W, owner = head.proxies(b.groups)
-        head = head.grown(X, _kept(directory, s, s.rows_of(replaced)))
+        head = head.grown(X, _kept(directory, s, gone))
     else:
         W, owner, s.fixed = imprint(b.groups, params, s.fixed)
     shift = class_shifts(b.groups, params)
@@ -206,7 +207,6 @@ def add(
         written["means"] = (segments.write_segment(directory, "means", version, mean_index.index), mean_ids)
     gram = write_gram(directory, version, head, s.head is None or len(replaced) > 0)
     segments.crash_point("add: segments written")
-    gone = s.rows_of(replaced)  # read before the version moves on
     with store.writing(engine) as conn:
         if len(replaced):
             store.delete_classes(conn, replaced)
@@ -419,8 +419,7 @@ def tune_search(
 ) -> None:
     """Set the snapshot's nprobe to the smallest reaching ``tuning.RECALL_TARGET`` on ``proxies``
     (``tuning.tune_nprobe``, on ``queries`` if given; the stored rule where it cannot be measured), in
-    memory: the caller's
-    transaction stores ``search_params`` and ``index_tuning``. With fast-scan ``candidates`` of
+    memory: the caller's transaction stores ``search_params`` and ``index_tuning``. With fast-scan ``candidates`` of
     ``proxies`` (refine.py), the recall is that of their re-ranked search, and ``k_factor`` is
     tuned with nprobe."""
     refined: Searcher | None = None
