@@ -88,8 +88,8 @@ class LSHead:
 
     def queries(self, Q: np.ndarray, n_classes: int) -> np.ndarray:
         """``z(q)`` of queries after NORMinf: whose inner product with a class mean is its score. A few
-        queries' products run on one BLAS thread: BLAS's threads, still spinning after them, slowed the
-        FAISS search that follows (a probe at 10k classes, 2,000 features: 8.0 ms a query, 3.9 on one)."""
+        queries' products run on one BLAS thread: in a throwaway probe, BLAS's threads, still spinning
+        after them, about doubled the time of the FAISS search that follows."""
         with single_threaded_blas() if len(Q) < SMALL_BATCH else nullcontext():
             F = Q if self.map is None else normalize(relu_features(Q, self.map), self.inf_norm, what="Q", copy=False)
             return self.ridge.transform(F, n_classes)
