@@ -5,7 +5,8 @@ collection against one built in one add, and what an add and a query cost. Write
   ../shared/data/*/embeddings.npz), ls on 2,000 random ReLU features, mean +- std over seeds (the
   random features' seed): the estimator's ls (ridge by leave-one-out, L2 NORMpost: docs/results.md's
   row), the estimator with post_norm none, and collections: built in one add, grown class by class
-  in 10 batches (lambda fixed by the first batch), and that grown collection after ``tune``.
+  in 10 batches (lambda set by the first batch, chosen again whenever the samples double), and that
+  grown collection after ``tune``.
 - The grown collection against one built in one add with the same lambda: share of equal top-1
   answers and the largest score difference.
 - Cost at 10,000 synthetic classes (20 samples each, 384-d, 2,000 features), exact and with IVF
@@ -159,8 +160,8 @@ def main() -> None:
         f"Machine: {machine()}  \nWhole run: {(time.perf_counter() - started) / 60:.1f} min.\n\n"
         f"## Accuracy, full training sets, ls on {width:,} random ReLU features\n\n"
         "Test accuracy in %, mean ± std over the random features' seeds. The estimator chooses its ridge by "
-        "leave-one-out on all the data; a collection on its first add (lambda = n rho, then kept), and "
-        "`tune` chooses it again on every kept sample.\n\n"
+        "leave-one-out on all the data; a collection on its first add (lambda = n rho), again whenever its "
+        "samples have doubled since, and `tune` chooses it again on every kept sample.\n\n"
         + markdown_table(["dataset", "head", "accuracy %", "seeds"], rows)
         + "\n\n## Grown against one add, with the same lambda\n\n"
         + "\n".join(f"- {c}" for c in checks)

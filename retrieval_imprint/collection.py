@@ -285,8 +285,7 @@ class Collection(Calibrated, Shared):
 
     @classmethod
     def verify(cls, path: str | os.PathLike) -> CheckReport:
-        """``check`` a collection that may be too damaged to open: damage (and a database that
-        cannot be read) is reported, not raised."""
+        """``check`` a collection that may be too damaged to open: damage (and an unreadable database) is reported."""
         try:
             engine, _, _ = store.open_database(Path(path))
             return check(Path(path), engine)
@@ -296,14 +295,15 @@ class Collection(Calibrated, Shared):
     # ----------------------------------------------------------------- writing
     @contextmanager
     def writing(self) -> Iterator[None]:
-        """Hold the writer lock, start from the latest committed state, and on any failure drop the
-        in-memory changes by reloading what is on disk."""
+        """Hold the writer lock, start from the latest committed state, and on any failure drop the in-memory
+        changes by reloading what is on disk. A streaming ls head grown past its ridge chooses it again after."""
         with segments.writer_lock(self.path, self.lock_timeout):
             self.refresh()
             self._s.check_files(self.path)  # damage found before a write, not after it has committed
             segments.delete_unlisted(self.path, self._s.listed())
             try:
                 yield
+                writes.rechoose_ridge(self.path, self._engine, self._s)
             except BaseException:
                 self._s = snapshot.read(self.path, self._engine)
                 raise

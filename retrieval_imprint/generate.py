@@ -224,22 +224,32 @@ class Spectrum:
     @classmethod
     def of(cls, X: np.ndarray) -> Spectrum:
         """From the smaller Gram matrix: ``X^T X``, or ``X X^T`` when ``X`` has fewer rows than
-        columns (a few shots, or wide random features), whose eigenvectors ``U`` give ``V = X^T U / sqrt(s)``.
-        Directions with no variance are dropped: every head below lives in the span of the rows."""
+        columns (a few shots, or wide random features), whose eigenvectors ``U`` give ``V = X^T U / sqrt(s)``."""
         n, d = X.shape
         wide = n < d
         G = np.zeros((n, n) if wide else (d, d))
         for _, part in _f64_blocks(X, axis=int(wide)):  # the Gram matrix, a block of X at a time
             G += part @ part.T if wide else part.T @ part
-        s, E = np.linalg.eigh(G)
-        keep = s > s.max(initial=0.0) * max(n, d) * np.finfo(np.float64).eps
-        s, E = s[keep], E[:, keep]
         if not wide:
-            return cls(s, E, n)
+            return cls.of_gram(G, n)
+        s, E = _eigenpairs(G, max(n, d))
         V = np.empty((d, len(s)))
         for cols, part in _f64_blocks(X, axis=1):
             V[cols] = part.T @ E / np.sqrt(s)
         return cls(s, V, n)
+
+    @classmethod
+    def of_gram(cls, gram: np.ndarray, n: int) -> Spectrum:
+        """From ``X^T X`` itself (float64, ``d x d``, of ``n`` rows): a streaming head's ``G``, summed already."""
+        return cls(*_eigenpairs(gram, max(n, len(gram))), n)
+
+
+def _eigenpairs(G: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The eigenpairs of a Gram matrix of rank at most ``min`` of its shape, less those with no variance
+    (below rounding at ``size``): every head lives in the span of the rows."""
+    s, E = np.linalg.eigh(G)
+    keep = s > s.max(initial=0.0) * size * np.finfo(np.float64).eps
+    return s[keep], E[:, keep]
 
 
 def ls_head(spectrum: Spectrum, means: np.ndarray, reg: float) -> np.ndarray:

@@ -10,8 +10,12 @@ class's kept samples out again, and nothing else is rewritten. The scores are th
 with ``post_norm="none"`` for the same ``lambda``, under any history (tests/test_lshead.py).
 
 ``lambda = n rho`` is fixed by the first add, with ``rho`` its ``ls_reg`` or chosen there by
-leave-one-out (``generate.loo_ridge``), and kept: later adds regularise as a ridge with a fixed
-prior. ``G`` (float64, ``width^2 x 8`` bytes) is written as a ``gram`` segment, in a write's atomic
+leave-one-out (``generate.loo_ridge``), and kept while the samples in ``G`` stay within a factor
+``RECHOOSE`` of those it was chosen on (``ridge_rows``): between, an add regularises as a ridge with
+a fixed prior and changes ``A`` by a rank update; past it (``outgrown``), the next write chooses
+``lambda`` again on every kept sample (``rechosen``; ``G`` and the class means stay as they are), so
+a collection grown from a tenth of its data ends near the ridge a build from all of it chooses, at
+an amortised cost of a few choices over all the samples. ``G`` (float64, ``width^2 x 8`` bytes) is written as a ``gram`` segment, in a write's atomic
 commit (``writes.py``), by the first add, removals, upserts, ``tune``, compactions that merge sample
 files, and an add past ``REPLAY_MAX`` samples since the last; an open (``snapshot.read``) sums into it
 the kept samples of the sample files written since: a small add writes its samples and class means,
@@ -37,6 +41,7 @@ from .ridge import RidgeHead, gram_of
 from .tuning import TUNE_QUERIES
 
 REPLAY_MAX = 4096  # samples added since G was last written beyond which an add writes it (an open sums them)
+RECHOOSE = 2  # lambda is chosen again once G's samples are this factor more, or fewer, than it was chosen on
 
 
 class LSHead:
@@ -48,20 +53,47 @@ class LSHead:
         self.map = None if width is None else feature_map(cfg["dimension"], width, seed_of(cfg["random_state"]))
         self.pre_norm, self.inf_norm, self.ridge = cfg["pre_norm"], cfg["inf_norm"], ridge
         self.pending = 0  # samples in G since it was last written (``REPLAY_MAX``)
+        self.chosen_on = cfg["ridge_rows"] or 0  # the samples lambda was chosen on (0: unknown, made before 0016)
+        self.seed = seed_of(cfg["random_state"])
 
     @classmethod
     def first(cls, cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray) -> LSHead:
         """The head a first add of NORMpre'd ``X`` in classes ``codes`` starts from (none of its rows in
         yet): ``lambda = n rho``, ``rho`` the ``ls_reg`` setting or chosen by leave-one-out on ``X``."""
         head = cls(cfg, RidgeHead(cfg["features"] or X.shape[1], 1.0))
-        rho = cfg["ls_reg"]
-        if rho in (None, AUTO):
-            F = head.features(X)
-            C = int(codes.max()) + 1
-            means = class_means(Grouped.from_codes(F, codes, np.arange(C)))
-            rho = loo_ridge(F, Spectrum.of(F), codes, means, np.arange(C), seed_of(cfg["random_state"]), False)
-        head.ridge = RidgeHead(head.ridge.width, len(X) * float(rho))
+        F = head.features(X) if cfg["ls_reg"] in (None, AUTO) else None
+        head.ridge = RidgeHead(head.ridge.width, len(X) * head._rho(cfg["ls_reg"], F, codes, None))
+        head.chosen_on = len(X)
         return head
+
+    @property
+    def outgrown(self) -> bool:
+        """Whether ``G`` sums ``RECHOOSE`` times more, or fewer, samples than ``lambda`` was chosen on."""
+        return self.n_rows > 0 and not self.chosen_on / RECHOOSE < self.n_rows < self.chosen_on * RECHOOSE
+
+    def rechosen(self, ls_reg: float | str, kept: tuple[np.ndarray, np.ndarray] | None) -> LSHead:
+        """A copy with ``lambda = n rho`` chosen again on all ``n`` samples in ``G``: ``rho`` the setting
+        ``ls_reg``, or by leave-one-out on ``kept`` (the NORMpre'd samples ``G`` sums and their classes),
+        its spectrum taken from ``G`` itself."""
+        out = copy.copy(self)
+        F, codes = (None, None) if kept is None else (self.features(kept[0]), kept[1])
+        rho = self._rho(ls_reg, F, codes, self.ridge.gram_)
+        out.ridge = RidgeHead.from_gram(self.ridge.gram_, self.n_rows, self.n_rows * rho)
+        out.chosen_on = self.n_rows
+        return out
+
+    def _rho(
+        self, ls_reg: float | str, F: np.ndarray | None, codes: np.ndarray | None, gram: np.ndarray | None
+    ) -> float:
+        """``rho``: the setting, or the leave-one-out choice on features ``F`` of classes ``codes``
+        (``gram``: their ``F^T F``, where summed already)."""
+        if ls_reg not in (None, AUTO):
+            return float(ls_reg)
+        assert F is not None and codes is not None
+        C = int(codes.max()) + 1
+        means = class_means(Grouped.from_codes(F, codes, np.arange(C)))
+        spectrum = Spectrum.of(F) if gram is None else Spectrum.of_gram(gram, len(F))
+        return loo_ridge(F, spectrum, codes, means, np.arange(C), self.seed, False)
 
     @classmethod
     def from_gram(cls, cfg: dict[str, Any], gram: np.ndarray, n_rows: int, replayed: np.ndarray) -> LSHead:
@@ -74,7 +106,7 @@ class LSHead:
 
     @property
     def lam(self) -> float:
-        """The absolute ridge ``lambda`` (``n rho`` of the first add or of ``tune``)."""
+        """The absolute ridge ``lambda`` (``n rho``, ``n`` the ``chosen_on`` samples)."""
         return self.ridge.lam
 
     @property

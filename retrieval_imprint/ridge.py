@@ -15,8 +15,8 @@ class of ``k`` rows changes ``G`` by ``+-U U^T`` (``U = X_c^T``) and ``A`` by a 
 float64 rounding, which ``refactor`` (from ``G``, kept exactly as sums) clears.
 
 ``lambda`` is absolute: the leave-one-out choice (``generate.loo_ridge``, relative to ``G / n``) is
-made into ``n rho`` once, when the head is created or tuned, and kept, so a later add regularises
-as a Bayesian ridge with a fixed prior would (less, relative to the data, as the data grows).
+made into ``n rho`` when the head is created, tuned or has outgrown it (lshead.py), and kept
+between, so an add regularises as a Bayesian ridge with a fixed prior would.
 """
 
 from __future__ import annotations

@@ -82,10 +82,11 @@ collection = Table(
     # the classes, and the sum of their proxy_hi - proxy_lo: kept by triggers on classes (migration 0012)
     Column("n_classes", BigInteger),
     Column("live_proxies", BigInteger),
-    # the streaming least-squares head (lshead.py, migration 0015): its settings and the ridge its first add fixed
+    # the streaming least-squares head (lshead.py, migration 0015): its settings and its ridge lambda
     Column("ls_reg", Float),  # None: chosen by leave-one-out
     Column("features", Integer),  # width of the random ReLU features (None: the embeddings)
     Column("ridge", Float),
+    Column("ridge_rows", BigInteger),  # the samples the ridge was chosen on (migration 0016)
 )
 
 embedder = Table(

@@ -31,6 +31,7 @@ from .index import ProxyIndex
 from .lshead import LSHead
 from .normalize import normalize
 from .openset import class_shifts
+from .params import AUTO
 from .segments import CLASS_SHIFT, MAX_PER_CLASS
 from .snapshot import Snapshot
 from .training import commit_fitted, first_index, fix_dimension, fixed_columns, record_template
@@ -236,8 +237,7 @@ def add(
             store.set_rows_done(conn, source, done)
     segments.crash_point("add: committed")
 
-    # the same change in memory, without rereading the segments
-    if len(replaced):
+    if len(replaced):  # the same change in memory, without rereading the segments
         _forget(s, gone)
     if b.existing.any():
         s.searched.remove(b.grown.proxy_ids(b.grown.ids))
@@ -391,7 +391,7 @@ def commit_gram(conn: Any, gram: segments.Segment | None, head: LSHead | None) -
     if gram is not None and head is not None:
         store.delete_segments(conn, ["gram"])
         store.insert_segment(conn, "gram", gram, head.n_rows)
-        store.set_collection(conn, ridge=head.lam)
+        store.set_collection(conn, ridge=head.lam, ridge_rows=head.chosen_on)
 
 
 def record_head(s: Snapshot, gram: segments.Segment | None, head: LSHead | None) -> None:
@@ -400,7 +400,16 @@ def record_head(s: Snapshot, gram: segments.Segment | None, head: LSHead | None)
         s.files["gram"] = []
         s.record("gram", gram, head.n_rows)
     if head is not None:
-        s.head, s.config["ridge"] = head, head.lam
+        s.head, s.config["ridge"], s.config["ridge_rows"] = head, head.lam, head.chosen_on
+
+
+def rechoose_ridge(directory: Path, engine: Engine, s: Snapshot) -> None:
+    """A streaming ls head ``outgrown`` has its ``lambda`` chosen again (lshead.py) in a write of its own: only the
+    ridge changes, not ``G``, the class means or the index; a crash before it commits leaves it to the next."""
+    if s.head is not None and s.head.outgrown:
+        kept = s.kept_samples(directory)[:2] if s.config["ls_reg"] == AUTO else None
+        s.head = s.head.rechosen(s.config["ls_reg"], kept)
+        set_values(engine, s, ridge=s.head.lam, ridge_rows=s.head.chosen_on)
 
 
 def _forget(s: Snapshot, gone: ClassTable) -> None:

@@ -1,5 +1,6 @@
 """lshead.py: a streaming least-squares collection answers as the closed form over the classes it
-holds, with the ridge its first add fixed, under any history of adds, removes, upserts and reopens."""
+holds, with the ridge it stores, under any history of adds, removes, upserts and reopens; the ridge is
+chosen again, as a build of all the samples at once would choose it, whenever they double or halve."""
 
 from __future__ import annotations
 
@@ -56,13 +57,16 @@ def queries() -> np.ndarray:
 
 def test_any_history_answers_as_the_closed_form(tmp_path, queries):
     """Batches of new classes, a class grown by a later add, removals, an upsert and a reopen: the
-    answers are the float64 closed form over the classes left, with the first add's lambda."""
+    answers are the float64 closed form over the classes left, with the stored lambda."""
     data, extra = pool(12, seed=1), pool(2, seed=2)
     col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH, ls_reg=0.01)
     add(col, data, list(range(5)))
     lam = col.snapshot.head.lam
     assert lam == pytest.approx(0.01 * sum(len(data[c]) for c in range(5)))  # lambda = n rho of the first add
-    add(col, data, list(range(5, 12)))
+    add(col, data, list(range(5, 12)))  # more than doubles the samples: lambda = n rho again
+    n = sum(map(len, data.values()))
+    assert col.snapshot.head.lam == pytest.approx(0.01 * n) and col.config["ridge"] == col.snapshot.head.lam
+    lam = col.snapshot.head.lam
     members = dict(data)
     check_answers(col, members, queries)
     col.add(extra[0], [3] * len(extra[0]))  # class 3 grows: kept samples and new ones
@@ -93,6 +97,41 @@ def test_a_one_add_collection_answers_as_the_estimator(tmp_path, queries):
     got = col.query(queries)
     np.testing.assert_array_equal(got.labels[:, 0].astype(int), est.predict(queries))
     np.testing.assert_allclose(got.scores[:, 0], est.decision_function(queries).max(1), rtol=1e-4, atol=1e-5)
+
+
+def test_lambda_is_chosen_again_as_a_one_add_build_chooses_it_when_the_samples_double_or_halve(tmp_path, queries):
+    """With ls_reg auto, each add that leaves twice the samples lambda was chosen on (and a removal
+    that leaves half) chooses it by leave-one-out on every kept sample, from G: the rho a collection
+    built from the same classes in one add chooses. Between, lambda stays; a reopen knows where."""
+    data = pool(24, seed=11)
+    col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH)
+
+    def scratch(classes: list[int]) -> float:
+        """rho of a collection of these classes, built in one add."""
+        other = Collection.create(tmp_path / f"s{len(classes)}", model=None, generator="ls", features=WIDTH)
+        add(other, data, classes)
+        return other.snapshot.head.lam / other.snapshot.head.n_rows
+
+    def rho() -> float:
+        head = col.snapshot.head
+        assert head.chosen_on == head.n_rows  # chosen on every sample it sums
+        return head.lam / head.n_rows
+
+    add(col, data, [0, 1, 2])
+    first = col.snapshot.head.lam
+    add(col, data, [3])  # fewer than twice the samples: kept
+    assert col.snapshot.head.lam == first and col.snapshot.head.chosen_on < col.snapshot.head.n_rows
+    add(col, data, list(range(4, 24)))
+    assert rho() == pytest.approx(scratch(list(range(24))), rel=1e-9)
+    check_answers(col, data, queries)
+    again = Collection.open(tmp_path / "c")
+    assert again.snapshot.head.chosen_on == col.snapshot.head.chosen_on and again.config["ridge"] == col.config["ridge"]
+    check_answers(again, data, queries)
+    col.remove(list(range(6, 24)))
+    members = {c: data[c] for c in range(6)}
+    assert rho() == pytest.approx(scratch(list(range(6))), rel=1e-9)
+    check_answers(col, members, queries)
+    assert Collection.open(tmp_path / "c").check().ok
 
 
 def test_tune_chooses_lambda_again_on_every_sample(tmp_path, queries):
