@@ -62,10 +62,9 @@ class Collection(Calibrated, Shared):
 
     @property
     def snapshot(self) -> snapshot.Snapshot:
-        """The committed version this object answers from (``snapshot.Snapshot``): take it once for
-        a whole answer, as ``refresh()`` may replace it meanwhile. For the modules that answer and
-        write over a collection's insides (``ranking``, ``writes``, ``merge``); not to be changed
-        outside a ``writing()`` block."""
+        """The committed version this object answers from (``snapshot.Snapshot``): take it once for a whole
+        answer, as ``refresh()`` may replace it meanwhile. For the modules that answer and write over a collection's
+        insides (``ranking``, ``writes``, ``merge``, ``shardhead``); not to be changed outside a ``writing()`` block."""
         return self._s
 
     @property
@@ -143,9 +142,8 @@ class Collection(Calibrated, Shared):
     def check_settings(self, *, preset: str | None = None, **settings: Any) -> None:
         """Raise ``SettingsClashError`` if any setting given here differs from the stored one."""
         stored = {**self.config, "model": self.model, "index": self.config["index_factory"]}
-        check_unchanged(
-            self.path, spec.preset(preset) | settings, {**stored, "search_params": self.search_params or None}
-        )
+        stored["search_params"] = self.search_params or None
+        check_unchanged(self.path, spec.preset(preset) | settings, stored)
 
     def refresh(self) -> bool:
         """Pick up another process's writes; True if the collection changed."""
@@ -260,12 +258,14 @@ class Collection(Calibrated, Shared):
         class_id = int(self._class_ids([label])[0])
         return self.current(lambda s: provenance.examples(self._engine, s, self.path, class_id))
 
-    def explain(self, Q: Any, n: int = 3, *, threshold: float | None = None) -> list[list[dict[str, Any]]]:
-        """For each query, the ``n`` kept samples of its answer most similar to it (text, ref,
-        score; none where the query is rejected): the training examples the answer rests on."""
+    def explain(
+        self, Q: Any, n: int = 3, *, threshold: float | None = None, answers: Sequence[object] | None = None
+    ) -> list[list[dict[str, Any]]]:
+        """Each query's ``n`` kept samples of its answer (of ``answers``, if given: a sharded collection's) most
+        similar to it (text, ref, score; none where it is rejected): the training examples the answer rests on."""
         n = spec.check_int("n", n, 1)
-        answer = self.query(Q, 1, threshold=threshold)
-        owner = self.current(lambda s: s.table.ids_of(answer.labels[:, 0]))
+        labels = self.query(Q, 1, threshold=threshold).labels[:, 0] if answers is None else answers
+        owner = self.current(lambda s: s.table.ids_of(labels))
         s = snapshot.read(self.path, self._engine, samples=True)  # the samples, read as the answers were
         Q = normalize(check_vectors(Q, "Q", self._s.dimension), self._s.config["inf_norm"], what="Q")
         return provenance.explain(self._engine, s, self.path, Q, owner, n)

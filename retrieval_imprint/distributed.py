@@ -221,7 +221,7 @@ def build(
         if first.vectors is None and col.model is None:
             raise DataError(f"{path} holds precomputed vectors (no model recorded); index vectors, not texts")
         check_vectors_model(first, col.model, vectors_model)
-        if col.auto_choice is None:
+        if not col.chosen:  # auto's choice (and a streaming ls head's ridge) on the first chunk, for every shard
             X = first.vectors if first.vectors is not None else col.embedder().encode(first.need("texts"))
             codes, entries = lab.encode_stored(first.need("labels"))
             col.auto_choice_for(check_vectors(X, "X", None), codes, entries)
@@ -251,6 +251,7 @@ def build(
         for writer in writers:
             ray.kill(writer)  # each held its shard open
     col.refresh()
+    col.rechoose_ridge()  # the writers' adds grew the shards past the first chunk the ridge was chosen on
     retrained = col.outgrown
     if retrained:
         col.compact()

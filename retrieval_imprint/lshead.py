@@ -25,6 +25,7 @@ not the 32 MB of ``G`` at 2,000 features.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -69,7 +70,12 @@ class LSHead:
     @property
     def outgrown(self) -> bool:
         """Whether ``G`` sums ``RECHOOSE`` times more, or fewer, samples than ``lambda`` was chosen on."""
-        return self.n_rows > 0 and not self.chosen_on / RECHOOSE < self.n_rows < self.chosen_on * RECHOOSE
+        return self.outgrows(self.chosen_on, self.n_rows)
+
+    @staticmethod
+    def outgrows(chosen_on: int, n_rows: int) -> bool:
+        """Whether ``n_rows`` samples (some) are ``RECHOOSE`` times more, or fewer, than ``chosen_on``."""
+        return n_rows > 0 and not chosen_on / RECHOOSE < n_rows < chosen_on * RECHOOSE
 
     def rechosen(self, ls_reg: float | str, kept: tuple[np.ndarray, np.ndarray] | None) -> LSHead:
         """A copy with ``lambda = n rho`` chosen again on all ``n`` samples in ``G``: ``rho`` the setting
@@ -102,6 +108,15 @@ class LSHead:
         head = cls(cfg, RidgeHead(len(gram), cfg["ridge"]))
         head.ridge = RidgeHead.from_gram(gram + gram_of(head.features(replayed)), n_rows + len(replayed), head.lam)
         head.pending = len(replayed)
+        return head
+
+    @classmethod
+    def combined(cls, cfg: dict[str, Any], heads: Sequence[LSHead], lam: float, chosen_on: int) -> LSHead:
+        """The head of all of ``heads``' samples (a sharded collection's, each shard's ``G`` its own):
+        ``G`` and ``n`` summed, ``A`` factored anew for ``lambda = lam``, chosen on ``chosen_on`` samples."""
+        gram = np.sum([head.ridge.gram_ for head in heads], axis=0)
+        head = cls(cfg, RidgeHead.from_gram(gram, sum(head.n_rows for head in heads), lam))
+        head.chosen_on = chosen_on
         return head
 
     @property

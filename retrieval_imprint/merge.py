@@ -47,9 +47,11 @@ def part(
     Q: np.ndarray,
     top: int,
     threshold: float | None,
+    mapped: bool = False,
 ) -> Part:
-    """Shard ``shard``'s ``Part`` of the answers to queries ``Q`` (after NORMinf), from its
-    snapshot ``s`` (one version for the whole part, whatever a concurrent refresh() does)."""
+    """Shard ``shard``'s ``Part`` of the answers to queries ``Q`` (after NORMinf; ``mapped``: the
+    whole's ``z(q)``, shardhead.py), from its snapshot ``s`` (one version for the whole part,
+    whatever a concurrent refresh() does)."""
     params = search_params  # checked by the caller (ranking.search_params)
     if s.params["aggregation"] == "mnn":
         sim, dist, ids = ranking.neighbours(s, Q, params)
@@ -57,7 +59,7 @@ def part(
         owner = np.where(found, class_of(ids), -1)
         gid = np.where(found, ((owner * n_shards + shard) << CLASS_SHIFT) + (ids & ((1 << CLASS_SHIFT) - 1)), -1)
         return Part(gid, np.where(found, sim, -np.inf), dist, *ranking.class_terms(s, owner, threshold))
-    owner, scores = ranking.rank(s, Q, top, params)
+    owner, scores = ranking.rank(s, Q, top, params, mapped)
     found = owner >= 0
     return Part(
         np.where(found, owner * n_shards + shard, -1),

@@ -27,11 +27,14 @@ from .snapshot import Snapshot
 BLOCK = 256  # query rows whose candidate classes' proxies are gathered at a time
 
 
-def rank(s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray]:
+def rank(
+    s: Snapshot, Q: np.ndarray, top: int, params: dict[str, int] | None, mapped: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Class ids ``(n_q, top)`` (-1: none) and their scores; ``Q`` after NORMinf, ``params`` the
-    IVF search parameters of this call (None: the stored ones)."""
+    IVF search parameters of this call (None: the stored ones); ``mapped``: ``Q`` is ``z(q)`` already,
+    a sharded collection's (shardhead.py)."""
     cfg, index = s.params, s.searched
-    if s.head is not None:  # a streaming ls head: the query mapped to z(q) (lshead.py)
+    if s.head is not None and not mapped:  # a streaming ls head: the query mapped to z(q) (lshead.py)
         Q = s.head.queries(Q, index.ntotal)  # one mean a class: C without reading the class count
     if cfg["aggregation"] == "blend":
         return _blend(s, Q, top, params, cfg["alpha"])

@@ -19,7 +19,7 @@ from .collection import Collection
 from .device import current, set_device
 from .distributed import actors_on, ray_module
 from .embed import recorded_embedder
-from .errors import CollectionStateError
+from .errors import CollectionStateError, InvalidParameterError
 from .interface import query_rows
 from .merge import combined_info, merge, part
 from .params import DEFAULT_PORT
@@ -162,6 +162,12 @@ def serve(
     from ray import serve as rs
 
     shards = [str(d) for d in directories(path)]
+    if is_sharded(path) and Collection.open(shards[0]).config["generator"] == "ls":
+        raise InvalidParameterError(
+            f"{path}: a sharded streaming least-squares collection (generator='ls') is not served on Ray yet: a "
+            "query is mapped by the ridge of every shard's samples together (shardhead.py); serve it in one "
+            "process (imprint serve DIR)"
+        )
     rs.start(http_options={"host": host, "port": port})
     device, resources = actors_on(current(), len(shards), ray.cluster_resources().get("GPU", 0))
     options = {**resources, **(shard_options or {})}

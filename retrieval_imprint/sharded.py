@@ -31,24 +31,17 @@ import numpy as np
 
 from . import labels as lab
 from . import params as spec
-from . import ranking, segments, writes
+from . import ranking, segments, shardhead, writes
 from .auto import stored_choice
 from .calibration import Calibrated
 from .collection import Collection
 from .embed import Embedder
-from .errors import (
-    CollectionDamagedError,
-    CollectionNotFoundError,
-    CollectionStateError,
-    DataError,
-    InvalidParameterError,
-    SettingsClashError,
-)
+from .errors import CollectionDamagedError, CollectionNotFoundError, CollectionStateError, DataError, SettingsClashError
 from .integrity import CheckReport
 from .interface import ImprintCollection, Shared, check_tunable, labelled_rows, query_rows, staging, writing_all
 from .merge import combined_info, merge, part
 from .ranking import QueryResult
-from .shards import FORMAT, LABEL_HASH, directories, is_sharded, read_manifest, shard_name, shard_of, write_manifest
+from .shards import directories, is_sharded, new_manifest, pooled, read_manifest, shard_name, shard_of, write_manifest
 
 
 def kind_of(path: str | os.PathLike) -> type[Collection] | type[ShardedCollection]:
@@ -70,6 +63,7 @@ class ShardedCollection(Calibrated, Shared):
         self.shards = shards
         self.lock_timeout = lock_timeout
         self._manifest = manifest
+        self._whole = shardhead.WholeHead()  # a streaming ls collection's head of every shard
 
     # ----------------------------------------------------------------- create, open
     @classmethod
@@ -86,17 +80,12 @@ class ShardedCollection(Calibrated, Shared):
         """Create an empty collection of ``shards`` shards at ``path`` (a new or empty directory);
         ``settings``, ``preset`` and ``auto_choice`` as ``Collection.create``, the same for every shard."""
         n = spec.check_int("shards", shards, 1)
-        if spec.check_collection(spec.resolve(settings, spec.collection_scope(), preset))["generator"] == "ls":
-            raise InvalidParameterError(
-                "generator='ls' cannot be sharded yet: each shard's ridge would sum its own samples alone, and "
-                "their scores would not compare; use one collection (docs/collections.md)"
-            )
         path = Path(path)
         with staging(path) as staged:
             for i in range(n):
                 Collection.create(staged / shard_name(i), preset=preset, auto_choice=auto_choice, **settings).close()
             choice = None if auto_choice is None else json.dumps(auto_choice)
-            write_manifest(staged, {"format": FORMAT, "shards": n, "label_hash": LABEL_HASH, "auto_choice": choice})
+            write_manifest(staged, new_manifest(n, choice))
         return cls.open(path, lock_timeout=lock_timeout)
 
     @classmethod
@@ -197,8 +186,10 @@ class ShardedCollection(Calibrated, Shared):
 
     @property
     def config(self) -> dict[str, Any]:
-        """The settings every shard shares (search parameters may differ: see ``info()["shards"]``)."""
-        return self.shards[0].config
+        """The settings every shard shares (search parameters may differ: see ``info()["shards"]``); a
+        streaming ls collection's ``ridge`` is the whole's (shardhead.py), not a shard's."""
+        ridge = self._manifest.get("ridge")
+        return self.shards[0].config | ({} if ridge is None else {"ridge": ridge["lam"]})
 
     @property
     def model(self) -> str | None:
@@ -220,8 +211,9 @@ class ShardedCollection(Calibrated, Shared):
         return any(col.outgrown for col in self.shards)
 
     def info(self) -> dict[str, Any]:
-        """The whole collection's sizes and settings, and each shard's own ``info()``."""
-        return combined_info(self.path, [col.info() for col in self.shards], self.auto_choice)
+        """The whole collection's sizes and settings (``config``), and each shard's own ``info()``."""
+        parts = [col.info() for col in self.shards]
+        return {**combined_info(self.path, parts, self.auto_choice), "config": self.config}
 
     def class_table(self) -> list[dict[str, Any]]:
         """One row per class (label, samples, proxies, shard), shard by shard."""
@@ -241,7 +233,7 @@ class ShardedCollection(Calibrated, Shared):
         Q = np.asarray(Q)
         for i in np.unique(owner):
             rows = found[owner == i]
-            for r, rows_out in zip(rows, self.shards[i].explain(Q[rows], n, threshold=threshold)):
+            for r, rows_out in zip(rows, self.shards[i].explain(Q[rows], n, threshold=threshold, answers=answer[rows])):
                 out[r] = rows_out
         return out
 
@@ -265,11 +257,17 @@ class ShardedCollection(Calibrated, Shared):
             raise CollectionStateError(f"collection {self.path} has no classes yet")
         first = live[0][1]
         Q, top = query_rows(Q, top, model, first.model, first.dimension, first.config["inf_norm"])
+        mapped = self._manifest.get("ridge") is not None  # a streaming ls head: z(q) of the whole (shardhead.py)
+        if mapped:
+            snaps = [col.snapshot for col in self.shards]
+            Q = self._whole.of(snaps, self._manifest["ridge"]).queries(Q, sum(s.searched.ntotal for s in snaps))
         parts = []
         for i, col in live:  # one version for the shard's whole part
             parts.append(
                 col.current(
-                    lambda s: part(s, ranking.search_params(s, search_params), i, self.n_shards, Q, top, threshold)
+                    lambda s: part(
+                        s, ranking.search_params(s, search_params), i, self.n_shards, Q, top, threshold, mapped
+                    )
                 )
             )
         return merge(parts, top, first.params)
@@ -341,19 +339,40 @@ class ShardedCollection(Calibrated, Shared):
                 refs=None if refs is None else [refs[int(r)] for r in mine],
                 auto_choice=choice,
             )
+        self.rechoose_ridge()
         return self
 
+    @property
+    def chosen(self) -> bool:
+        """Whether the first add has chosen what it chooses for every shard (``auto_choice_for``)."""
+        ls = self.shards[0].snapshot.config["generator"] == "ls"
+        return self._manifest["auto_choice"] is not None and not (ls and self._manifest.get("ridge") is None)
+
     def auto_choice_for(self, X: np.ndarray, codes: np.ndarray, entries: list) -> str:
-        """What auto chose for every shard; at the first add, chosen on its rows and recorded."""
-        if self._manifest["auto_choice"] is None:
+        """What auto chose for every shard (and a streaming ls collection's ridge of the whole,
+        shardhead.py); at the first add, chosen on its rows and recorded."""
+        if not self.chosen:
             with segments.writer_lock(self.path, self.lock_timeout):
                 self._manifest = read_manifest(self.path)
+                cfg, made = self.shards[0].snapshot.config, dict[str, Any]()
                 if self._manifest["auto_choice"] is None:
-                    cfg = self.shards[0].snapshot.config
-                    choice = stored_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
-                    self._manifest = {**self._manifest, "auto_choice": choice}
+                    made["auto_choice"] = stored_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
+                if cfg["generator"] == "ls" and self._manifest.get("ridge") is None:
+                    made["ridge"] = shardhead.first(cfg, X, codes)
+                if made:
+                    self._manifest = {**self._manifest, **made}
                     write_manifest(self.path, self._manifest)
         return self._manifest["auto_choice"]
+
+    def rechoose_ridge(self, force: bool = False) -> None:
+        """A streaming ls collection whose samples doubled or halved since the whole's ridge was chosen
+        (or ``force``: ``tune``) has it chosen again on every shard's kept samples (shardhead.py)."""
+        ridge, snaps = self._manifest.get("ridge"), [col.snapshot for col in self.shards]
+        if ridge is not None and (force or shardhead.outgrown(snaps, ridge)):
+            with segments.writer_lock(self.path, self.lock_timeout):
+                ridge = shardhead.rechosen(snaps, [col.path for col in self.shards], ridge)
+                self._manifest = {**read_manifest(self.path), "ridge": ridge}
+                write_manifest(self.path, self._manifest)
 
     def rows_done(self, source: str) -> int:
         """Rows of ``source`` every shard has committed (an ingestion resumes from here)."""
@@ -373,6 +392,7 @@ class ShardedCollection(Calibrated, Shared):
                 raise DataError(f"no class {lab.value(*next(iter(missing)))!r} in collection {self.path}")
         for i in np.unique(owner):
             self.shards[i].remove([v for v, j in zip(values, owner) if j == i])
+        self.rechoose_ridge()
         return self
 
     def set_threshold(self, threshold: float | None, *, label: object = None) -> ShardedCollection:
@@ -413,16 +433,11 @@ class ShardedCollection(Calibrated, Shared):
         with writing_all(self.shards):
             live = [col for col in self.shards if len(col)]
             kept = [col.snapshot.kept_samples(col.path) for col in live]
-            offsets = np.cumsum([0] + [len(keys) for _, _, keys in kept])
-            choice = stored_choice(
-                self.config,
-                np.concatenate([X for X, _, _ in kept]),
-                np.concatenate([codes + o for (_, codes, _), o in zip(kept, offsets)]),
-                np.concatenate([keys for _, _, keys in kept]),
-            )
+            choice = stored_choice(self.config, *pooled(kept))
             for col, samples in zip(live, kept):
                 writes.retune(col.path, col.engine, col.snapshot, choice, samples)
             with segments.writer_lock(self.path, self.lock_timeout):
                 self._manifest = {**read_manifest(self.path), "auto_choice": choice}
                 write_manifest(self.path, self._manifest)
+            self.rechoose_ridge(force=True)
         return self.auto_choice or {}

@@ -78,6 +78,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def new_manifest(shards: int, auto_choice: str | None) -> dict[str, Any]:
+    """A new collection's manifest: no ridge of the whole yet (a streaming ls collection's, shardhead.py)."""
+    return {"format": FORMAT, "shards": shards, "label_hash": LABEL_HASH, "auto_choice": auto_choice, "ridge": None}
+
+
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     """Replace the manifest atomically (written beside it, synced, renamed over it)."""
     tmp = path / f".{MANIFEST}.{os.getpid()}"
@@ -86,3 +91,14 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path / MANIFEST)
+
+
+def pooled(kept: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shards' ``kept_samples`` as one collection's: the samples, their classes numbered across the
+    shards in shard order, and the classes' label keys."""
+    offsets = np.cumsum([0] + [len(keys) for _, _, keys in kept])
+    return (
+        np.concatenate([X for X, _, _ in kept]),
+        np.concatenate([codes + o for (_, codes, _), o in zip(kept, offsets)]),
+        np.concatenate([keys for _, _, keys in kept]),
+    )

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import DEMO, blobs
+from test_lshead import WIDTH, check_answers
 from test_sharded import assert_same_answers
 
 try:
@@ -31,7 +32,7 @@ from retrieval_imprint.client import Client
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.device import use_device
 from retrieval_imprint.distributed import build
-from retrieval_imprint.errors import ServerError
+from retrieval_imprint.errors import InvalidParameterError, ServerError
 from retrieval_imprint.ingestion import ingest
 from retrieval_imprint.rayserving import serve, serve_shutdown
 from retrieval_imprint.readers import load_demo
@@ -133,6 +134,23 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_streaming_ls_collection_builds_on_ray_and_ray_serve_refuses_it(tmp_path, files):
+    """The ridge of the whole is set on the first chunk and chosen again once the writers' adds have
+    doubled its samples; the answers are the closed form over every class (test_lshead.py). Ray
+    Serve, whose shards would each map a query by their own ridge, refuses it by name."""
+    paths, X, y = files
+    build(
+        tmp_path / "ray", paths, shards=3, buckets_per_shard=1, model=None, generator="ls", features=WIDTH, ls_reg=0.01
+    )
+    col = ShardedCollection.open(tmp_path / "ray")
+    assert col.manifest["ridge"]["rows"] == len(y) and col.config["ridge"] == pytest.approx(0.01 * len(y))
+    Q = np.random.default_rng(1).standard_normal((40, X.shape[1])).astype(np.float32)
+    check_answers(col, {label: X[y == label] for label in np.unique(y)}, Q)
+    assert col.check().ok
+    with pytest.raises(InvalidParameterError, match="not served on Ray yet"):
+        serve(tmp_path / "ray", port=free_port())
 
 
 def test_ray_serve_is_the_one_process_app(tmp_path, files):

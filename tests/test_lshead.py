@@ -26,7 +26,7 @@ def pool(n_classes: int, seed: int) -> dict[int, np.ndarray]:
 
 def features(X: np.ndarray) -> np.ndarray:
     """The head's features, computed here in float64: ``l2(relu(l2(x) R))``, R the seeded map."""
-    return ref.l2(np.maximum(ref.l2(X) @ feature_map(D, WIDTH, 0).astype(np.float64), 0.0))
+    return ref.l2(np.maximum(ref.l2(X) @ feature_map(X.shape[1], WIDTH, 0).astype(np.float64), 0.0))
 
 
 def closed_form(members: dict[int, np.ndarray], lam: float, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,14 +39,14 @@ def closed_form(members: dict[int, np.ndarray], lam: float, Q: np.ndarray) -> tu
     return np.array(labels)[S.argmax(1)], S.max(1)
 
 
-def add(col: Collection, members: dict[int, np.ndarray], classes: list[int], **kw) -> None:
+def add(col: Collection | ShardedCollection, members: dict[int, np.ndarray], classes: list[int], **kw) -> None:
     col.add(np.concatenate([members[c] for c in classes]), [c for c in classes for _ in members[c]], **kw)
 
 
-def check_answers(col: Collection, members: dict[int, np.ndarray], Q: np.ndarray) -> None:
-    labels, scores = closed_form(members, col.config["ridge"] if "ridge" in col.config else col.snapshot.head.lam, Q)
+def check_answers(col: Collection | ShardedCollection, members: dict, Q: np.ndarray) -> None:
+    labels, scores = closed_form(members, col.config["ridge"], Q)
     got = col.query(Q)
-    np.testing.assert_array_equal(got.labels[:, 0].astype(int), labels)
+    np.testing.assert_array_equal(got.labels[:, 0].astype(str), labels.astype(str))
     np.testing.assert_allclose(got.scores[:, 0], scores, rtol=1e-4, atol=1e-5)
 
 
@@ -238,11 +238,43 @@ def test_features_and_ls_reg_belong_to_the_ls_head(tmp_path):
             Collection.create(tmp_path / "c", model=None, generator="kmeans", **settings)
 
 
+def test_a_sharded_collection_answers_as_one_collection_of_all_its_classes(tmp_path, queries):
+    """Each shard's G sums its own samples; a query is mapped once by the ridge of them all (the
+    manifest's lambda, set and chosen again as one collection's is) and that z searched in every
+    shard: the answers are the closed form over every class, after adds, a grown class, removals,
+    a reopen and tune, and explain explains those answers."""
+    data, extra = pool(30, seed=12), pool(1, seed=13)
+    sharded = ShardedCollection.create(tmp_path / "s", shards=3, model=None, generator="ls", features=WIDTH)
+    one = Collection.create(tmp_path / "one", model=None, generator="ls", features=WIDTH)
+    for classes in ([0, 1, 2, 3], list(range(4, 12)), list(range(12, 30))):
+        for col in (sharded, one):
+            add(col, data, classes)
+    assert sharded.manifest["ridge"]["rows"] == one.snapshot.head.chosen_on == one.snapshot.head.n_rows
+    assert sharded.config["ridge"] == pytest.approx(one.config["ridge"], rel=1e-9)
+    assert sharded.config["ridge"] != sharded.shards[0].config["ridge"]  # each shard keeps its own, for itself
+    assert sharded.info()["config"]["ridge"] == sharded.config["ridge"]
+    check_answers(sharded, data, queries)
+    sharded.add(extra[0], [3] * len(extra[0]))
+    members = {**data, 3: np.concatenate([data[3], extra[0]])}
+    sharded.remove(list(range(14, 30)))
+    members = {c: v for c, v in members.items() if c < 14}
+    for reader in (sharded, ShardedCollection.open(tmp_path / "s")):
+        check_answers(reader, members, queries)
+    assert sharded.check().ok
+    answers = sharded.predict(queries[:6])
+    for label, rows in zip(answers, sharded.explain(queries[:6], n=100)):  # every sample of the whole's answer
+        assert sorted(row["sample"] for row in rows) == list(range(len(members[int(label)])))
+    one.remove(list(range(14, 30)))
+    one.add(extra[0], [3] * len(extra[0]))
+    sharded.tune()
+    one.tune()
+    assert sharded.config["ridge"] == pytest.approx(one.config["ridge"], rel=1e-9)
+    check_answers(sharded, members, queries)
+
+
 def test_what_the_head_does_not_do_yet_is_refused_by_name(tmp_path, queries):
-    """Sharding (each shard's G would sum its own samples) and calibration from left-out training
-    scores (the head has none) are refused; calibration on validation queries takes rule max."""
-    with pytest.raises(InvalidParameterError, match="cannot be sharded yet"):
-        ShardedCollection.create(tmp_path / "s", shards=2, model=None, generator="ls")
+    """Calibration from left-out training scores (the head has none) is refused; calibration on
+    validation queries takes rule max."""
     data = pool(6, seed=8)
     col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH)
     add(col, data, list(range(6)))
