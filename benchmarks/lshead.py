@@ -7,7 +7,8 @@ collection against one built in one add, and what an add and a query cost. Write
   row), the estimator with post_norm none, and collections: built in one add, grown class by class
   in 10 batches (lambda set by the first batch, chosen again whenever the samples double), and that
   grown collection after ``tune``.
-- The grown collection against one built in one add with the same lambda: share of equal top-1
+- The grown collection against one built in one add with the same lambda, and against a
+  collection of 4 shards grown alike (its ridge the whole's, shardhead.py): share of equal top-1
   answers and the largest score difference.
 - Cost at 10,000 synthetic classes (20 samples each, 384-d, 2,000 features), exact and with IVF
   lists of the class means: adding one class (p50 / p99 over the adds), one held-out query (p50 / p99),
@@ -26,12 +27,13 @@ from pathlib import Path
 import numpy as np
 from _common import DOCS, machine, markdown_table, scratch
 
-from retrieval_imprint import Collection, ImprintClassifier
+from retrieval_imprint import Collection, ImprintClassifier, ShardedCollection
 from retrieval_imprint.ivf import ivf_lists
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FEATURES = 2000
 BATCHES = 10  # the grown collection's adds, each a tenth of the classes
+SHARDS = 4  # the sharded collection grown beside it
 SAMPLES, D = 20, 384  # the timed collection's samples per class and dimension
 TIMED_ADDS, TIMED_QUERIES = 40, 300
 
@@ -41,16 +43,20 @@ def load(name: str) -> dict[str, np.ndarray]:
         return {key: z[key] for key in z.files}
 
 
-def collection(path: Path, X: np.ndarray, y: np.ndarray, batches: int, seed: int, width: int, **settings) -> Collection:
-    """A streaming ls collection of ``X``, its classes added in ``batches`` adds of whole classes."""
-    col = Collection.create(path, model=None, generator="ls", features=width, random_state=seed, **settings)
+def collection(
+    path: Path, X: np.ndarray, y: np.ndarray, batches: int, seed: int, width: int, shards: int = 0, **settings
+) -> Collection | ShardedCollection:
+    """A streaming ls collection of ``X`` (of ``shards`` shards, if any), its classes added in
+    ``batches`` adds of whole classes."""
+    settings = dict(model=None, generator="ls", features=width, random_state=seed, **settings)
+    col = ShardedCollection.create(path, shards=shards, **settings) if shards else Collection.create(path, **settings)
     for part in np.array_split(np.unique(y), batches):
         rows = np.isin(y, part)
         col.add(X[rows], y[rows].tolist())
     return col
 
 
-def accuracy(col: Collection | ImprintClassifier, X: np.ndarray, y: np.ndarray) -> float:
+def accuracy(col: Collection | ShardedCollection | ImprintClassifier, X: np.ndarray, y: np.ndarray) -> float:
     pred = col.predict(X) if isinstance(col, ImprintClassifier) else col.query(X).labels[:, 0].astype(y.dtype)
     return 100 * float(np.mean(pred == y))
 
@@ -76,15 +82,18 @@ def real(name: str, seeds: list[int], root: Path, width: int) -> tuple[list[list
         acc.setdefault(f"collection grown in {BATCHES} adds", []).append(accuracy(grown, Xt, yt))
         lam = grown.config["ridge"]
         same = collection(root / f"{name}-{seed}-same", X, y, 1, seed, width, ls_reg=lam / len(X))
-        a, b = grown.query(Xt), same.query(Xt)
-        checks.append(
-            f"{name}, seed {seed}: grown in {BATCHES} adds vs one add with its lambda ({lam:.4g}): top-1 equal "
-            f"{np.mean(a.labels[:, 0] == b.labels[:, 0]):.4f}, largest score difference "
-            f"{np.abs(a.scores[:, 0] - b.scores[:, 0]).max():.2e}"
-        )
+        sharded = collection(root / f"{name}-{seed}-sharded", X, y, BATCHES, seed, width, shards=SHARDS)
+        a = grown.query(Xt)
+        for what, other in (("one add with its lambda", same), (f"{SHARDS} shards grown alike", sharded)):
+            b = other.query(Xt)
+            checks.append(
+                f"{name}, seed {seed}: grown in {BATCHES} adds (lambda {lam:.4g}) vs {what} (lambda "
+                f"{other.config['ridge']:.4g}): top-1 equal {np.mean(a.labels[:, 0] == b.labels[:, 0]):.4f}, "
+                f"largest score difference {np.abs(a.scores[:, 0] - b.scores[:, 0]).max():.2e}"
+            )
         grown.tune()
         acc.setdefault(f"grown, then tune ({BATCHES} adds)", []).append(accuracy(grown, Xt, yt))
-        for col in (one, grown, same):
+        for col in (one, grown, same, sharded):
             col.close()
     rows = [[name, label, f"{np.mean(v):.2f} ± {np.std(v):.2f}", len(v)] for label, v in acc.items()]
     return rows, checks
@@ -163,7 +172,7 @@ def main() -> None:
         "leave-one-out on all the data; a collection on its first add (lambda = n rho), again whenever its "
         "samples have doubled since, and `tune` chooses it again on every kept sample.\n\n"
         + markdown_table(["dataset", "head", "accuracy %", "seeds"], rows)
-        + "\n\n## Grown against one add, with the same lambda\n\n"
+        + "\n\n## Grown against one add with the same lambda, and against 4 shards grown alike\n\n"
         + "\n".join(f"- {c}" for c in checks)
         + f"\n\n## Cost ({SAMPLES} samples a class, {D}-d, {width:,} features)\n\n"
         f"Adding one new class ({TIMED_ADDS} adds) and answering one held-out query ({TIMED_QUERIES} queries), "

@@ -9,17 +9,18 @@ updates ``G`` by its new rows (a rank-k update of ``A``), a removal or an upsert
 class's kept samples out again, and nothing else is rewritten. The scores are the estimator's ls
 with ``post_norm="none"`` for the same ``lambda``, under any history (tests/test_lshead.py).
 
-``lambda = n rho`` is fixed by the first add, with ``rho`` its ``ls_reg`` or chosen there by
+``lambda = n rho`` is set by the first add, with ``rho`` its ``ls_reg`` or chosen there by
 leave-one-out (``generate.loo_ridge``), and kept while the samples in ``G`` stay within a factor
 ``RECHOOSE`` of those it was chosen on (``ridge_rows``): between, an add regularises as a ridge with
 a fixed prior and changes ``A`` by a rank update; past it (``outgrown``), the next write chooses
 ``lambda`` again on every kept sample (``rechosen``; ``G`` and the class means stay as they are), so
 a collection grown from a tenth of its data ends near the ridge a build from all of it chooses, at
-an amortised cost of a few choices over all the samples. ``G`` (float64, ``width^2 x 8`` bytes) is written as a ``gram`` segment, in a write's atomic
-commit (``writes.py``), by the first add, removals, upserts, ``tune``, compactions that merge sample
-files, and an add past ``REPLAY_MAX`` samples since the last; an open (``snapshot.read``) sums into it
-the kept samples of the sample files written since: a small add writes its samples and class means,
-not the 32 MB of ``G`` at 2,000 features.
+an amortised cost of a few choices over all the samples. ``G`` (float64, ``width^2 x 8`` bytes) is
+written as a ``gram`` segment, in a write's atomic commit (``writes.py``), by the first add,
+removals, upserts, ``tune``, compactions that merge sample files, and an add past ``REPLAY_MAX``
+samples since the last; an open (``snapshot.read``) sums into it the kept samples of the sample
+files written since: a small add writes its samples and class means, not the 32 MB of ``G`` at 2,000
+features.
 """
 
 from __future__ import annotations
