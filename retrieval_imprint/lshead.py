@@ -60,12 +60,15 @@ class LSHead:
 
     @classmethod
     def first(cls, cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray) -> LSHead:
-        """The head a first add of NORMpre'd ``X`` in classes ``codes`` starts from (none of its rows in
-        yet): ``lambda = n rho``, ``rho`` the ``ls_reg`` setting or chosen by leave-one-out on ``X``."""
+        """The head of a first add (or ``tune``) of NORMpre'd ``X`` in classes ``codes``, its rows in:
+        ``lambda = n rho``, ``rho`` the ``ls_reg`` setting or chosen by leave-one-out on ``X``, whose
+        spectrum comes from the same ``G`` (one sum over the rows, not two)."""
         head = cls(cfg, RidgeHead(cfg["features"] or X.shape[1], 1.0))
-        F = head.features(X) if cfg["ls_reg"] in (None, AUTO) else None
-        head.ridge = RidgeHead(head.ridge.width, len(X) * head._rho(cfg["ls_reg"], F, codes, None))
-        head.chosen_on = len(X)
+        F = head.features(X)
+        gram = gram_of(F)
+        rho = head._rho(cfg["ls_reg"], F, codes, gram if len(F) >= len(gram) else None)  # few rows: X X^T's
+        head.ridge = RidgeHead.from_gram(gram, len(X), len(X) * rho)
+        head.chosen_on = head.pending = len(X)
         return head
 
     @property

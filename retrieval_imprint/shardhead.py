@@ -30,6 +30,8 @@ from .snapshot import Snapshot
 def first(cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray) -> dict[str, Any]:
     """The manifest's ``ridge`` from a first add's rows ``X`` (before NORMpre) in classes ``codes``, as a
     collection's first add sets it."""
+    if cfg["ls_reg"] != AUTO:
+        return {"lam": len(X) * float(cfg["ls_reg"]), "rows": len(X)}
     head = LSHead.first({**cfg, "dimension": X.shape[1]}, normalize(X, cfg["pre_norm"], what="X"), codes)
     return {"lam": head.lam, "rows": head.chosen_on}
 

@@ -167,9 +167,8 @@ def add(
     gone = s.rows_of(replaced)  # read before the version moves on
     head = None
     if params["generator"] == "ls":  # the streaming head: class means of features, the new rows into G
-        head = s.head or LSHead.first(cfg, X, codes)
+        head = s.head.grown(X, _kept(directory, s, gone)) if s.head else LSHead.first(cfg, X, codes)
         W, owner = head.proxies(b.groups)
-        head = head.grown(X, _kept(directory, s, gone))
     else:
         W, owner, s.fixed = imprint(b.groups, params, s.fixed)
     shift = class_shifts(b.groups, params)
@@ -296,7 +295,7 @@ def retune(
     fixed = s.fixed if s.template is not None else None  # IVF lists live in the first fit's space
     head = None
     if params["generator"] == "ls":  # lambda chosen again on every kept sample, and G summed anew
-        head = LSHead.first(cfg, X, codes).grown(X)
+        head = LSHead.first(cfg, X, codes)
         W, owner = head.proxies(groups)
     else:
         W, owner, s.fixed = imprint(groups, params, fixed)
