@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference as ref
+from sqlalchemy import text
 
 from retrieval_imprint import Collection, ImprintClassifier, ShardedCollection, lshead, segments
 from retrieval_imprint.errors import InvalidParameterError
@@ -132,6 +133,23 @@ def test_lambda_is_chosen_again_as_a_one_add_build_chooses_it_when_the_samples_d
     assert rho() == pytest.approx(scratch(list(range(6))), rel=1e-9)
     check_answers(col, members, queries)
     assert Collection.open(tmp_path / "c").check().ok
+
+
+def test_a_collection_from_before_ridge_rows_chooses_its_ridge_again_on_its_next_write(tmp_path, queries):
+    """Schema 0016 added the count lambda was chosen on; where it is empty (a collection written
+    before), the next write sets lambda = n rho on every sample."""
+    data = pool(6, seed=14)
+    col = Collection.create(tmp_path / "c", model=None, generator="ls", features=WIDTH, ls_reg=0.01)
+    add(col, data, [0, 1, 2, 3, 4])
+    with col.engine.begin() as conn:
+        conn.execute(text("UPDATE collection SET ridge_rows = NULL"))
+    old = Collection.open(tmp_path / "c")
+    assert old.snapshot.head.chosen_on == 0 and old.snapshot.head.outgrown
+    add(old, data, [5])
+    n = sum(map(len, data.values()))
+    assert old.snapshot.head.chosen_on == n and old.config["ridge"] == pytest.approx(0.01 * n)
+    check_answers(old, data, queries)
+    assert Collection.open(tmp_path / "c").snapshot.head.chosen_on == n
 
 
 def test_tune_chooses_lambda_again_on_every_sample(tmp_path, queries):
