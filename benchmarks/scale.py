@@ -145,7 +145,8 @@ def queries_of(chosen: np.ndarray, first: int, queries: np.ndarray) -> np.ndarra
 def reopen(path: Path, n_classes: int, make: Callable) -> str:
     """A kept collection of ``n_classes`` measured again with this code (``--reopen``): its schema
     upgraded first if older, then opened in a new process and queried cold, then warm here, then
-    ``ADDS`` classes added one at a time (new ones, after every class it holds)."""
+    ``ADDS`` classes added one at a time (new ones, numbered after every class it holds: a collection
+    with removed classes holds fewer than its largest label)."""
     t = time.perf_counter()
     before, after = Collection.upgrade(path)
     upgrade = time.perf_counter() - t
@@ -153,7 +154,7 @@ def reopen(path: Path, n_classes: int, make: Callable) -> str:
     fresh = open_fresh(path, queries)
     col = Collection.open(path)
     warm = batch1_ms(col, queries)
-    adds = np.array(add_one(col, len(col), make)) * 1e3
+    adds = np.array(add_one(col, max(col.classes) + 1, make)) * 1e3  # new classes past every label, removed ones too
     names = ["classes", "upgrade s", "open s", "RSS after open GiB", "anon after open GiB", "first query ms"]
     names += [f"cold first {COLD} p50 ms", f"cold first {COLD} max ms", "warm batch-1 p50 ms", "warm p99 ms"]
     names += ["add-one p50 ms", "add-one p99 ms"]
