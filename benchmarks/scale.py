@@ -368,13 +368,14 @@ def run(
     # those of the chunks a killed run added made again; kept beside the collection for --resume and --reopen
     queries = cached(root / f"{path.name}.queries.npy", lambda: held_out(n_classes, make, known)[1])
     Qn = l2_normalize(queries)
+    peak = max(status("VmHWM:") - base, progress.peak)  # the adds': before the search below maps lists in
     _, _, first_lists = col.snapshot.proxies.search(Qn, 1)
     t = time.perf_counter()
     if not bulk:  # retrains: the proxies outgrew the first add's 4x; a bulk build keeps its tiered files
         col.compact()
+        peak = max(peak, status("VmHWM:") - base)
     compact = time.perf_counter() - t
     build += compact
-    peak = max(status("VmHWM:") - base, progress.peak)
     disk = col.info()["bytes_on_disk"]
     del col
     fresh = open_fresh(path, queries)
@@ -615,7 +616,8 @@ def write_doc(
         f"Queries: one held-out sample of each of {N_QUERIES:,} random classes, timed one at a time "
         "(*batch-1*) and together. recall@1: the approximate top-1 proxy equals the exact top-1 over the same "
         "float32 proxies, with the first add's lists (*first lists*, before the compaction) and after it. "
-        "Peak RSS: the process's high-water mark during the build (generating and adding chunks, compaction) "
+        "Peak RSS: the process's high-water mark during the build (generating and adding chunks, compaction; "
+        "a compaction's counts the mapped files' pages that the first-lists search before it read) "
         "above its RSS before. Open: in a new process, after its imports: seconds to open, that process's whole "
         "RSS after opening (proxy segments of 64 MiB or more are memory-mapped, not read), its first batch-1 "
         f"query, and the p50 and max of its first {COLD} (*cold*: the lists they probe come in from the page "
