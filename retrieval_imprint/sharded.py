@@ -260,7 +260,8 @@ class ShardedCollection(Calibrated, Shared):
         mapped = self._manifest.get("ridge") is not None  # a streaming ls head: z(q) of the whole (shardhead.py)
         if mapped:
             snaps = [col.snapshot for col in self.shards]
-            Q = self._whole.of(snaps, self._manifest["ridge"]).queries(Q, sum(s.searched.ntotal for s in snaps))
+            n_classes = sum(col.snapshot.searched.ntotal for _, col in live)  # shards with no class have no index
+            Q = self._whole.of(snaps, self._manifest["ridge"]).queries(Q, n_classes)
         parts = []
         for i, col in live:  # one version for the shard's whole part
             parts.append(

@@ -290,6 +290,16 @@ def test_a_sharded_collection_answers_as_one_collection_of_all_its_classes(tmp_p
     check_answers(sharded, members, queries)
 
 
+def test_a_sharded_collection_with_empty_shards_answers_as_the_closed_form(tmp_path, queries):
+    """Shards that hold no class yet (two classes over six shards) have no head and no index: the whole's
+    head and class count come from the others."""
+    data = pool(2, seed=15)
+    sharded = ShardedCollection.create(tmp_path / "s", shards=6, model=None, generator="ls", features=WIDTH)
+    add(sharded, data, [0, 1])
+    assert sum(len(col) == 0 for col in sharded.shards) >= 4
+    check_answers(sharded, data, queries)
+
+
 def test_what_the_head_does_not_do_yet_is_refused_by_name(tmp_path, queries):
     """Calibration from left-out training scores (the head has none) is refused; calibration on
     validation queries takes rule max."""
