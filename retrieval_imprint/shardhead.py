@@ -9,7 +9,7 @@ shard, so the answers are those of one collection of all the classes. ``lambda``
 kept in the manifest (``ridge``: ``lam`` and the ``rows`` it was chosen on): set by the first add
 on its rows, as one collection's first add sets it, and again on every shard's kept samples
 whenever they double or halve since, and by ``tune``. The whole's ``A`` is factored anew
-(``O(M^3)``: about a second at 2,000 features) when a query first meets a changed shard, then kept.
+(``O(M^3)`` for ``M`` features) when a query first meets a changed shard, then kept.
 """
 
 from __future__ import annotations
