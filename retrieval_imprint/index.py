@@ -165,6 +165,8 @@ class ProxyIndex:
             search_params=self.search_params,
         )
         out.index.reset()
+        if self.is_ivf:  # this one's coarse quantizer, not a copy: one coarse search serves both (mapped.py)
+            ivf.use_quantizer(out.index, self.index)
         return out
 
     @property

@@ -272,6 +272,10 @@ def search_assigned(
     # called directly, search_preassigned splits a batch over threads only in mode 3 (else 1.5 s, not 0.9 s, dev probe)
     if ivf.parallel_mode != 3:
         ivf.parallel_mode = 3
+    if isinstance(ivf, faiss.IndexIVFFastScan):  # fewer queries than threads: split the lists probed over them
+        # (FAISS's implem 14; 0 lets it choose, which scans one query's lists on one thread). A setting of the
+        # index: a concurrent search of another size may run with this one's, which changes speed, not answers
+        ivf.implem = 14 if len(Q) < faiss.omp_get_max_threads() else 0
     Dq, Iq = assigned
     searched = search_parameters(index, {**(params or {}), "nprobe": Iq.shape[1]}, selector)
     Q = np.ascontiguousarray(Q, np.float32)

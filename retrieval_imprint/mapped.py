@@ -8,8 +8,8 @@ small segments of later adds, and what this process adds). Adds go to ``index``.
 cannot remove vectors (FAISS aborts on a write to a mapped list), so proxies removed from a part —
 a removed or re-imprinted class — are *dead*: left out of every search by an id selector, and
 rewritten away by the next compaction that merges the file. Each query makes one coarse search
-(the parts share the template's quantizer), scans those lists in every part, searches the in-memory
-index and keeps the best ``m`` (``faiss.merge_knn_results``). Every list of a mapped
+(the parts share the template's quantizer, and so does the in-memory index), scans those lists in
+every part and in the in-memory index, and keeps the best ``m`` (``faiss.merge_knn_results``). Every list of a mapped
 file a query scans is verified first (verified.py): no reads at open, and no answer from a damaged
 byte. Where a file has fast-scan ``candidates`` (a refined index, refine.py), a query scans those
 instead (mapped and verified likewise) and reads only its best candidates from the mapped lists;
@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from . import ivf, refine
+from .device import current, faiss_gpu
 from .index import ProxyIndex
 from .verified import ListVerifier
 
@@ -131,13 +132,29 @@ class MappedProxyIndex(ProxyIndex):
         for candidates in refined.values():  # re-ranked together: one decode and one top-m a query block
             found.append(refine.reranked(Q, candidates, m, self._dead))
         if self.index.ntotal:
-            found.append(super()._nearest(Q, m, params))
+            found.append(self._nearest_in_memory(Q, m, params, searched, assigned))
         if len(found) == 1:
             return found[0]
         keep_max = self.index.metric_type == faiss.METRIC_INNER_PRODUCT
         return faiss.merge_knn_results(
             np.stack([D for D, _ in found]), np.stack([i for _, i in found]), keep_max=keep_max
         )
+
+    def _nearest_in_memory(
+        self,
+        Q: np.ndarray,
+        m: int,
+        params: dict[str, int] | None,
+        searched: dict[str, int] | None,
+        assigned: dict[Any, ivf.Assignment],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The in-memory index's answer: in the lists already found for the files where it shares their
+        quantizer (``ProxyIndex.empty_like``: a second coarse search cost as much as the scan of every file)."""
+        key = int(faiss.extract_index_ivf(self.index).quantizer.this) if self.is_ivf else None
+        on_cpu = faiss_gpu(current()) is None  # where ProxyIndex._nearest searches an IVF index
+        if key in assigned and isinstance(self.index, faiss.IndexIVF) and on_cpu:
+            return ivf.search_assigned(self.index, Q, m, assigned[key], searched)
+        return super()._nearest(Q, m, params)
 
     def retrained(self, factory: str, seed: int = 0) -> tuple[ProxyIndex, ProxyIndex]:
         """As ``ProxyIndex.retrained``, from every live vector of the mapped files (each verified whole

@@ -12,6 +12,7 @@ import pytest
 from retrieval_imprint import classrows, ivf, listfiles, segments, store, verified
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CollectionDamagedError
+from retrieval_imprint.index import ProxyIndex
 from retrieval_imprint.mapped import MappedProxyIndex
 from retrieval_imprint.normalize import l2_normalize
 
@@ -378,11 +379,17 @@ def test_every_mapped_file_shares_the_templates_quantizer_and_one_coarse_search(
     assert len(parts) > 1
     template = int(faiss.extract_index_ivf(col._s.template.index).quantizer.this)
     assert {int(part.quantizer.this) for part in parts} == {template}
+    col.add(*classes(400, 3))  # this process's adds: in memory, searched in the lists found for the files
+    in_memory = col._s.proxies.index
+    assert in_memory.ntotal and int(faiss.extract_index_ivf(in_memory).quantizer.this) == template
     calls, real = [], ivf.assign
     monkeypatch.setattr(ivf, "assign", lambda *a: calls.append(1) or real(*a))
-    Q = classes(0, 340, n=1, seed=5)[0]
+    searched_alone = []  # ProxyIndex._nearest would make a second coarse search for it
+    monkeypatch.setattr(ProxyIndex, "_nearest", lambda *a: searched_alone.append(1))
+    Q = classes(400, 3)[0]  # a sample of c400
     answer = col.query(Q[:1], 3, search_params={"nprobe": 4})
-    assert len(calls) == 1
+    assert len(calls) == 1 and not searched_alone and answer.labels[0, 0] == "c400"
+    monkeypatch.undo()
     np.testing.assert_array_equal(
         answer.labels, open_as(grown, monkeypatch, False).query(Q[:1], 3, search_params={"nprobe": 4}).labels
     )

@@ -131,6 +131,11 @@ def test_a_compacted_refined_collection_answers_from_its_candidates_as_brute_for
     assert np.mean(refined.predict(Q) == brute_force(refined, Q, 1)[:, 0]) > 0.9
     reopened = Collection.open(tmp_path / "c")
     np.testing.assert_array_equal(reopened.query(Q, 3, search_params=every).labels, brute_force(refined, Q, 3))
+    # one query at a time: fewer queries than threads split the lists they probe over the threads
+    one_by_one = np.concatenate([refined.query(q[None], 3, search_params=every).labels for q in Q[:40]])
+    np.testing.assert_array_equal(one_by_one, brute_force(refined, Q[:40], 3))
+    split = faiss.downcast_index(part.candidates).implem
+    assert split == (14 if faiss.omp_get_max_threads() > 1 else 0)
     assert reopened.check().ok
     seen, real = [], refine.candidates_of  # a search's parameters override the stored ones key by key
     monkeypatch.setattr(refine, "candidates_of", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
