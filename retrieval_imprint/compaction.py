@@ -31,6 +31,9 @@ MERGE_FAN_IN = 4  # a file an automatic compaction writes is this many times lar
 # bytes an automatic compaction writes in one file at most (Lucene's TieredMergePolicy caps its merged
 # segments at 5 GB too): larger files merge only in a full compact(), never inside an add
 MAX_MERGED = 5 << 30
+# an automatic merge grows its largest input at least this much, or waits: a one-class add beside a 10M
+# collection's 2.5 GB file merged the two (a 1.00x growth), which took that add 1.8 s
+MIN_GROWTH = 1.5
 RETUNE_GROWTH = 4  # an automatic compaction tunes nprobe again on a file this many times the last tuning's proxies
 
 
@@ -48,8 +51,10 @@ def _remember_merged(s: Snapshot, kind: str, name: str, parts: list) -> None:
 def tiered(sizes: Sequence[int], max_merged: int = MAX_MERGED) -> list[int]:
     """Positions of the files an automatic compaction merges, given their sizes in ascending order:
     the fewest smallest files (at least two) whose merged size is ``MERGE_FAN_IN`` times the
-    largest of them; where no such prefix exists, the prefix that grows most over its largest;
-    none of a single file. Only the smallest files that merge into at most ``max_merged`` bytes
+    largest of them; where no such prefix exists, the prefix that grows most over its largest, if
+    that is ``MIN_GROWTH`` (else none: rewriting a large file to take in a small one costs the add
+    the whole file and gains nothing; the next adds' files merge among themselves first); none of a
+    single file. Only the smallest files that merge into at most ``max_merged`` bytes
     are candidates: a ten-million-class collection's dozen 3 GB files would otherwise reach the
     fan-in together, and one class's add would rewrite 12 GB.
 
@@ -66,7 +71,7 @@ def tiered(sizes: Sequence[int], max_merged: int = MAX_MERGED) -> list[int]:
     growth = merged[1:] / np.maximum(np.asarray(sizes[1:], np.float64), 1.0)
     enough = np.flatnonzero(growth >= MERGE_FAN_IN)
     k = int(enough[0]) if len(enough) else int(np.argmax(growth))
-    return list(range(k + 2))
+    return list(range(k + 2)) if growth[k] >= MIN_GROWTH else []
 
 
 def check_retrain(directory: Path, s: Snapshot, retrain: bool) -> bool:

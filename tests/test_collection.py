@@ -185,6 +185,10 @@ def test_tiered_merges_the_fewest_smallest_files_that_grow_enough():
     assert compaction.tiered(tiny + big, 2**64) == list(range(12))  # uncapped: four 3 GB files reach the fan-in
     assert compaction.tiered([5, 5, 40, 40], 60) == [0, 1]  # 90 would pass 60
     assert compaction.tiered([50, 50], 60) == []
+    # a one-class add's file beside a 10M collection's (bytes): no merge that rewrites 2.5 GB to grow it 1.00x
+    assert compaction.tiered([3352, 2483331256, 2948931256]) == []
+    assert compaction.tiered([3336, 3352, 2483331256]) == [0, 1]  # the adds' files merge among themselves
+    assert compaction.tiered([1, 3, 10]) == []  # no prefix grows its largest 1.5x (4 / 3, 14 / 10)
 
 
 def test_files_past_the_merge_cap_are_left_to_a_full_compaction(tmp_path, monkeypatch):
