@@ -46,6 +46,15 @@ REPLAY_MAX = 4096  # samples added since G was last written beyond which an add 
 RECHOOSE = 2  # lambda is chosen again once G's samples are this factor more, or fewer, than it was chosen on
 
 
+def in_key_order(X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``X`` and its rows' classes ``codes``, the rows ordered by their class's label key (``keys``, per
+    class), each class's as they were: the leave-one-out scores a sample of rows drawn by position
+    (``generate.LOO_ROWS``), and the order samples are stored in is the layout's (a sharded collection
+    pools its shards'), so the ridge is chosen on them in this order: the same however they are stored."""
+    order = np.argsort(keys[codes], kind="stable")
+    return X[order], codes[order]
+
+
 class LSHead:
     """The feature map ``phi`` and the ridge of one committed version. Writes make changed copies
     (``grown``): a reader holding this one keeps its answers."""
@@ -59,10 +68,12 @@ class LSHead:
         self.seed = seed_of(cfg["random_state"])
 
     @classmethod
-    def first(cls, cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray) -> LSHead:
-        """The head of a first add (or ``tune``) of NORMpre'd ``X`` in classes ``codes``, its rows in:
-        ``lambda = n rho``, ``rho`` the ``ls_reg`` setting or chosen by leave-one-out on ``X``, whose
-        spectrum comes from the same ``G`` (one sum over the rows, not two)."""
+    def first(cls, cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> LSHead:
+        """The head of a first add (or ``tune``) of NORMpre'd ``X`` in classes ``codes`` (label ``keys``
+        per class), its rows in: ``lambda = n rho``, ``rho`` the ``ls_reg`` setting or chosen by
+        leave-one-out on ``X`` (``in_key_order``), whose spectrum comes from the same ``G`` (one sum
+        over the rows, not two)."""
+        X, codes = in_key_order(X, codes, keys)
         head = cls(cfg, RidgeHead(cfg["features"] or X.shape[1], 1.0))
         F = head.features(X)
         gram = gram_of(F)
@@ -81,12 +92,14 @@ class LSHead:
         """Whether ``n_rows`` samples (some) are ``RECHOOSE`` times more, or fewer, than ``chosen_on``."""
         return n_rows > 0 and not chosen_on / RECHOOSE < n_rows < chosen_on * RECHOOSE
 
-    def rechosen(self, ls_reg: float | str, kept: tuple[np.ndarray, np.ndarray] | None) -> LSHead:
+    def rechosen(self, ls_reg: float | str, kept: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> LSHead:
         """A copy with ``lambda = n rho`` chosen again on all ``n`` samples in ``G``: ``rho`` the setting
-        ``ls_reg``, or by leave-one-out on ``kept`` (the NORMpre'd samples ``G`` sums and their classes),
-        its spectrum taken from ``G`` itself."""
+        ``ls_reg``, or by leave-one-out on ``kept`` (the NORMpre'd samples ``G`` sums, their classes and
+        the classes' label keys: ``Snapshot.kept_samples``; ``in_key_order``), its spectrum taken from
+        ``G`` itself."""
         out = copy.copy(self)
-        F, codes = (None, None) if kept is None else (self.features(kept[0]), kept[1])
+        X, codes = (None, None) if kept is None else in_key_order(*kept)
+        F = None if X is None else self.features(X)
         rho = self._rho(ls_reg, F, codes, self.ridge.gram_)
         out.ridge = RidgeHead.from_gram(self.ridge.gram_, self.n_rows, self.n_rows * rho)
         out.chosen_on = self.n_rows

@@ -356,10 +356,11 @@ class ShardedCollection(Calibrated, Shared):
             with segments.writer_lock(self.path, self.lock_timeout):
                 self._manifest = read_manifest(self.path)
                 cfg, made = self.shards[0].snapshot.config, dict[str, Any]()
+                keys = lab.label_keys([lab.value(*e) for e in entries])
                 if self._manifest["auto_choice"] is None:
-                    made["auto_choice"] = stored_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
+                    made["auto_choice"] = stored_choice(cfg, X, codes, keys)
                 if cfg["generator"] == "ls" and self._manifest.get("ridge") is None:
-                    made["ridge"] = shardhead.first(cfg, X, codes)
+                    made["ridge"] = shardhead.first(cfg, X, codes, keys)
                 if made:
                     self._manifest = {**self._manifest, **made}
                     write_manifest(self.path, self._manifest)

@@ -27,12 +27,12 @@ from .shards import pooled
 from .snapshot import Snapshot
 
 
-def first(cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray) -> dict[str, Any]:
-    """The manifest's ``ridge`` from a first add's rows ``X`` (before NORMpre) in classes ``codes``, as a
-    collection's first add sets it."""
+def first(cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> dict[str, Any]:
+    """The manifest's ``ridge`` from a first add's rows ``X`` (before NORMpre) in classes ``codes`` (label
+    ``keys`` per class), as a collection's first add sets it."""
     if cfg["ls_reg"] != AUTO:
         return {"lam": len(X) * float(cfg["ls_reg"]), "rows": len(X)}
-    head = LSHead.first({**cfg, "dimension": X.shape[1]}, normalize(X, cfg["pre_norm"], what="X"), codes)
+    head = LSHead.first({**cfg, "dimension": X.shape[1]}, normalize(X, cfg["pre_norm"], what="X"), codes, keys)
     return {"lam": head.lam, "rows": head.chosen_on}
 
 
@@ -41,7 +41,7 @@ def rechosen(snaps: Sequence[Snapshot], paths: Sequence[Path], ridge: dict[str, 
     directories): ``n rho``, ``rho`` the setting ``ls_reg`` or by leave-one-out on every kept sample."""
     live = [(s, path) for s, path in zip(snaps, paths) if s.head is not None]
     cfg = live[0][0].config
-    kept = pooled([s.kept_samples(path) for s, path in live])[:2] if cfg["ls_reg"] == AUTO else None
+    kept = pooled([s.kept_samples(path) for s, path in live]) if cfg["ls_reg"] == AUTO else None
     whole = LSHead.combined(cfg, heads(snaps), ridge["lam"], ridge["rows"])
     head = whole.rechosen(cfg["ls_reg"], kept)
     return {"lam": head.lam, "rows": head.chosen_on}

@@ -149,8 +149,10 @@ def add(
     of ingestions, recorded in that transaction too. ``texts`` and ``refs`` (per row of ``X``)
     are kept beside the kept samples, for ``Collection.examples`` and ``explain``."""
     cfg = s.config
+    first_ls = cfg["generator"] == "ls" and s.head is None
+    keys = lab.label_keys([lab.value(*e) for e in entries]) if cfg["auto_choice"] is None or first_ls else None
     if cfg["auto_choice"] is None:  # the first add: auto chooses what the settings leave open, on this data
-        cfg["auto_choice"] = stored_choice(cfg, X, codes, lab.label_keys([lab.value(*e) for e in entries]))
+        cfg["auto_choice"] = stored_choice(cfg, X, codes, keys)
     params = s.params
     X = normalize(X, cfg["pre_norm"], what="X")
     with engine.connect() as conn:
@@ -167,7 +169,7 @@ def add(
     gone = s.rows_of(replaced)  # read before the version moves on
     head = None
     if params["generator"] == "ls":  # the streaming head: class means of features, the new rows into G
-        head = s.head.grown(X, _kept(directory, s, gone)) if s.head else LSHead.first(cfg, X, codes)
+        head = s.head.grown(X, _kept(directory, s, gone)) if s.head else LSHead.first(cfg, X, codes, keys)
         W, owner = head.proxies(b.groups)
     else:
         W, owner, s.fixed = imprint(b.groups, params, s.fixed)
@@ -295,7 +297,7 @@ def retune(
     fixed = s.fixed if s.template is not None else None  # IVF lists live in the first fit's space
     head = None
     if params["generator"] == "ls":  # lambda chosen again on every kept sample, and G summed anew
-        head = LSHead.first(cfg, X, codes)
+        head = LSHead.first(cfg, X, codes, keys)
         W, owner = head.proxies(groups)
     else:
         W, owner, s.fixed = imprint(groups, params, fixed)
@@ -406,7 +408,7 @@ def rechoose_ridge(directory: Path, engine: Engine, s: Snapshot) -> None:
     """A streaming ls head ``outgrown`` has its ``lambda`` chosen again (lshead.py) in a write of its own: only the
     ridge changes, not ``G``, the class means or the index; a crash before it commits leaves it to the next."""
     if s.head is not None and s.head.outgrown:
-        kept = s.kept_samples(directory)[:2] if s.config["ls_reg"] == AUTO else None
+        kept = s.kept_samples(directory) if s.config["ls_reg"] == AUTO else None
         s.head = s.head.rechosen(s.config["ls_reg"], kept)
         set_values(engine, s, ridge=s.head.lam, ridge_rows=s.head.chosen_on)
 

@@ -9,7 +9,7 @@ import pytest
 import reference as ref
 from sqlalchemy import text
 
-from retrieval_imprint import Collection, ImprintClassifier, ShardedCollection, lshead, segments
+from retrieval_imprint import Collection, ImprintClassifier, ShardedCollection, generate, lshead, segments
 from retrieval_imprint.errors import InvalidParameterError
 from retrieval_imprint.features import feature_map
 
@@ -256,11 +256,15 @@ def test_features_and_ls_reg_belong_to_the_ls_head(tmp_path):
             Collection.create(tmp_path / "c", model=None, generator="kmeans", **settings)
 
 
-def test_a_sharded_collection_answers_as_one_collection_of_all_its_classes(tmp_path, queries):
+@pytest.mark.parametrize("loo_rows", [None, 40])
+def test_a_sharded_collection_answers_as_one_collection_of_all_its_classes(tmp_path, queries, monkeypatch, loo_rows):
     """Each shard's G sums its own samples; a query is mapped once by the ridge of them all (the
     manifest's lambda, set and chosen again as one collection's is) and that z searched in every
     shard: the answers are the closed form over every class, after adds, a grown class, removals,
-    a reopen and tune, and explain explains those answers."""
+    a reopen and tune, and explain explains those answers. With more kept samples than the
+    leave-one-out scores (``loo_rows``: a sample of them), both score the same ones."""
+    if loo_rows is not None:
+        monkeypatch.setattr(generate, "LOO_ROWS", loo_rows)
     data, extra = pool(30, seed=12), pool(1, seed=13)
     sharded = ShardedCollection.create(tmp_path / "s", shards=3, model=None, generator="ls", features=WIDTH)
     one = Collection.create(tmp_path / "one", model=None, generator="ls", features=WIDTH)
