@@ -60,12 +60,11 @@ class LSHead:
     (``grown``): a reader holding this one keeps its answers."""
 
     def __init__(self, cfg: dict[str, Any], ridge: RidgeHead) -> None:
-        width = cfg["features"]
-        self.map = None if width is None else feature_map(cfg["dimension"], width, seed_of(cfg["random_state"]))
+        width, self.seed = cfg["features"], seed_of(cfg["random_state"])
+        self.map = None if width is None else feature_map(cfg["dimension"], width, self.seed)
         self.pre_norm, self.inf_norm, self.ridge = cfg["pre_norm"], cfg["inf_norm"], ridge
         self.pending = 0  # samples in G since it was last written (``REPLAY_MAX``)
         self.chosen_on = cfg["ridge_rows"] or 0  # the samples lambda was chosen on (0: unknown, made before 0016)
-        self.seed = seed_of(cfg["random_state"])
 
     @classmethod
     def first(cls, cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> LSHead:
