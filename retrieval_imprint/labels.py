@@ -103,6 +103,11 @@ def label_keys(labels: Sequence[object] | np.ndarray) -> np.ndarray:
     return np.fromiter((label_key(u) for u in uniq), dtype=np.uint64, count=len(uniq))[index]
 
 
+def entry_keys(entries: Sequence[tuple[str, str]]) -> np.ndarray:
+    """``label_keys`` of stored label entries ``(kind, text)``."""
+    return label_keys([value(*e) for e in entries])
+
+
 def as_sequence(labels: Any, what: str = "labels") -> list:
     """``labels`` as a list, refusing a bare string (it would be read as one label per character)."""
     if isinstance(labels, (str, bytes, np.str_)):

@@ -9,9 +9,9 @@ cannot remove vectors (FAISS aborts on a write to a mapped list), so proxies rem
 a removed or re-imprinted class — are *dead*: left out of every search by an id selector, and
 rewritten away by the next compaction that merges the file. Each query makes one coarse search
 (the parts share the template's quantizer, and so does the in-memory index), scans those lists in
-every part and in the in-memory index, and keeps the best ``m`` (``faiss.merge_knn_results``). Every list of a mapped
-file a query scans is verified first (verified.py): no reads at open, and no answer from a damaged
-byte. Where a file has fast-scan ``candidates`` (a refined index, refine.py), a query scans those
+every part and in the in-memory index, and keeps the best ``m`` (``faiss.merge_knn_results``).
+Every list of a mapped file a query scans is verified first (verified.py): no reads at open, and no
+answer from a damaged byte. Where a file has fast-scan ``candidates`` (a refined index, refine.py), a query scans those
 instead (mapped and verified likewise) and reads only its best candidates from the mapped lists;
 the candidates of every file are decoded and re-ranked exactly together (refine.reranked).
 """

@@ -356,7 +356,7 @@ class ShardedCollection(Calibrated, Shared):
             with segments.writer_lock(self.path, self.lock_timeout):
                 self._manifest = read_manifest(self.path)
                 cfg, made = self.shards[0].snapshot.config, dict[str, Any]()
-                keys = lab.label_keys([lab.value(*e) for e in entries])
+                keys = lab.entry_keys(entries)
                 if self._manifest["auto_choice"] is None:
                     made["auto_choice"] = stored_choice(cfg, X, codes, keys)
                 if cfg["generator"] == "ls" and self._manifest.get("ridge") is None:

@@ -92,7 +92,7 @@ def train(directory: Path, engine: Engine, s: Snapshot, X: np.ndarray, codes: np
         )
     if cfg["index_factory"] == "Flat":
         raise InvalidParameterError("index='Flat' has no lists to train: train is for IVF indexes")
-    keys = lab.label_keys([lab.value(*e) for e in entries])
+    keys = lab.entry_keys(entries)
     if cfg["auto_choice"] is None:
         cfg["auto_choice"] = stored_choice(cfg, X, codes, keys)
     X = normalize(X, cfg["pre_norm"], what="X")

@@ -126,7 +126,7 @@ def _batch(directory: Path, s: Snapshot, X: np.ndarray, codes: np.ndarray, entri
     groups = Grouped(
         np.concatenate(parts) if len(parts) > 1 else parts[0],
         np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-        lab.label_keys([lab.value(*e) for e in entries]),
+        lab.entry_keys(entries),
     )
     return _Batch(class_id, existing, old_samples, old_proxy_hi, groups, new_rows, new_counts, next_id, grown)
 
@@ -149,10 +149,8 @@ def add(
     of ingestions, recorded in that transaction too. ``texts`` and ``refs`` (per row of ``X``)
     are kept beside the kept samples, for ``Collection.examples`` and ``explain``."""
     cfg = s.config
-    first_ls = cfg["generator"] == "ls" and s.head is None
-    keys = lab.label_keys([lab.value(*e) for e in entries]) if cfg["auto_choice"] is None or first_ls else None
     if cfg["auto_choice"] is None:  # the first add: auto chooses what the settings leave open, on this data
-        cfg["auto_choice"] = stored_choice(cfg, X, codes, keys)
+        cfg["auto_choice"] = stored_choice(cfg, X, codes, lab.entry_keys(entries))
     params = s.params
     X = normalize(X, cfg["pre_norm"], what="X")
     with engine.connect() as conn:
@@ -169,7 +167,7 @@ def add(
     gone = s.rows_of(replaced)  # read before the version moves on
     head = None
     if params["generator"] == "ls":  # the streaming head: class means of features, the new rows into G
-        head = s.head.grown(X, _kept(directory, s, gone)) if s.head else LSHead.first(cfg, X, codes, keys)
+        head = s.head.grown(X, _kept(directory, s, gone)) if s.head else LSHead.first(cfg, X, codes, b.groups.keys)
         W, owner = head.proxies(b.groups)
     else:
         W, owner, s.fixed = imprint(b.groups, params, s.fixed)
