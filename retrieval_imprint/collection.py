@@ -177,7 +177,7 @@ class Collection(Calibrated, Shared):
     @property
     def config(self) -> dict[str, Any]:
         keys = (*spec.STORED, "index_factory", "memory_budget", "keep_samples", "dimension", "threshold")
-        ridge = {"ridge": self._s.config["ridge"]} if self._s.config["generator"] == "ls" else {}  # lshead.py
+        ridge = {k: self._s.config[k] for k in ("ridge", "ridge_rows")} if self._s.config["generator"] == "ls" else {}
         return {**{key: self._s.config[key] for key in keys}, **ridge, "search_params": self.search_params}
 
     @property
@@ -366,15 +366,14 @@ class Collection(Calibrated, Shared):
             writes.remove(self.path, self._engine, self._s, entries)
         return self
 
-    def restore_rejection(
-        self, threshold: float | None, classes: dict[Any, tuple[float | None, float | None]]
-    ) -> Collection:
-        """Set the collection's threshold and, by label, each class's own threshold and rejection
-        shift (``(threshold, shift)``, None: none), in one write: what an export carries of a
-        calibrated collection, restored by ``ingest`` when it makes the collection again."""
+    def restore(self, threshold: float | None, classes: dict[Any, tuple], ridge: tuple | None = None) -> Collection:
+        """Set the collection's threshold, by label each class's own threshold and rejection shift
+        (``(threshold, shift)``, None: none) and a streaming ls head's ``ridge`` (``(lambda, samples it
+        was chosen on)``, None: as chosen here), in one write: what an export carries of a collection's
+        state, restored by ``ingest`` when it makes the collection again."""
         with self.writing():
             ids = self._class_ids(list(classes)).tolist()
-            writes.restore_rejection(self._engine, self._s, threshold, dict(zip(ids, classes.values())))
+            writes.restore(self._engine, self._s, threshold, dict(zip(ids, classes.values())), ridge)
         return self
 
     def set_search_params(self, **params: int) -> Collection:

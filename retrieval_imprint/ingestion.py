@@ -246,10 +246,15 @@ def ingest(
         raise
     col = target.col
     assert col is not None  # made by the first add, or opened
-    if state is not None and target.created and (state.get("threshold") is not None or state["classes"]):
-        col.restore_rejection(
+    if (
+        state is not None
+        and target.created
+        and (state.get("threshold") is not None or state["classes"] or state.get("ridge"))
+    ):
+        col.restore(
             state.get("threshold"),
             {label: v for ds in exported if ds.state for label, v in ds.state["classes"].items()},
+            state.get("ridge"),
         )
     retrained = col.outgrown
     if retrained:

@@ -61,9 +61,7 @@ class ImprintCollection(Searchable, Protocol):
         refs: Sequence[str | None] | None = None,
     ) -> Any: ...  # fmt: skip
     def check_settings(self, *, preset: str | None = None, **settings: Any) -> None: ...
-    def restore_rejection(
-        self, threshold: float | None, classes: dict[Any, tuple[float | None, float | None]]
-    ) -> Any: ...
+    def restore(self, threshold: float | None, classes: dict[Any, tuple], ridge: tuple | None = None) -> Any: ...
     def add_texts(
         self, texts: Sequence[str], labels: Sequence[object], *, replace: bool = False,
         refs: Sequence[str] | None = None,
@@ -96,6 +94,7 @@ class Shared:
     close: Any
     members: Any  # the plain collections holding the classes (itself, or the shards)
     auto_choice: Any
+    config: Any
 
     def __enter__(self: Self) -> Self:
         return self
@@ -148,7 +147,9 @@ class Shared:
             "model": first.model,
             "search_params": first.search_params or None,
         }
-        state = {"threshold": cfg["threshold"], "auto_choice": self.auto_choice}
+        whole = self.config  # a sharded streaming ls collection's ridge is the whole's, not shard 0's
+        ridge = [whole["ridge"], whole["ridge_rows"]] if whole.get("ridge") is not None else None
+        state = {"threshold": cfg["threshold"], "auto_choice": self.auto_choice, "ridge": ridge}
         return provenance.write_export(tables, Path(out), self.model, settings, state)
 
 

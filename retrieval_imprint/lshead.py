@@ -96,12 +96,15 @@ class LSHead:
         ``ls_reg``, or by leave-one-out on ``kept`` (the NORMpre'd samples ``G`` sums, their classes and
         the classes' label keys: ``Snapshot.kept_samples``; ``in_key_order``), its spectrum taken from
         ``G`` itself."""
-        out = copy.copy(self)
         X, codes = (None, None) if kept is None else in_key_order(*kept)
         F = None if X is None else self.features(X)
-        rho = self._rho(ls_reg, F, codes, self.ridge.gram_)
-        out.ridge = RidgeHead.from_gram(self.ridge.gram_, self.n_rows, self.n_rows * rho)
-        out.chosen_on = self.n_rows
+        return self.with_ridge(self.n_rows * self._rho(ls_reg, F, codes, self.ridge.gram_), self.n_rows)
+
+    def with_ridge(self, lam: float, chosen_on: int) -> LSHead:
+        """A copy whose ``lambda`` is ``lam``, as chosen on ``chosen_on`` samples (``G`` as it is)."""
+        out = copy.copy(self)
+        out.ridge = RidgeHead.from_gram(self.ridge.gram_, self.n_rows, lam)
+        out.chosen_on = chosen_on
         return out
 
     def _rho(

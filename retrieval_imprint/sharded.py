@@ -189,7 +189,7 @@ class ShardedCollection(Calibrated, Shared):
         """The settings every shard shares (search parameters may differ: see ``info()["shards"]``); a
         streaming ls collection's ``ridge`` is the whole's (shardhead.py), not a shard's."""
         ridge = self._manifest.get("ridge")
-        return self.shards[0].config | ({} if ridge is None else {"ridge": ridge["lam"]})
+        return self.shards[0].config | ({} if ridge is None else {"ridge": ridge["lam"], "ridge_rows": ridge["rows"]})
 
     @property
     def model(self) -> str | None:
@@ -406,13 +406,18 @@ class ShardedCollection(Calibrated, Shared):
             col.set_threshold(threshold)
         return self
 
-    def restore_rejection(
-        self, threshold: float | None, classes: dict[Any, tuple[float | None, float | None]]
+    def restore(
+        self, threshold: float | None, classes: dict[Any, tuple], ridge: tuple | None = None
     ) -> ShardedCollection:
-        """``Collection.restore_rejection``: the threshold in every shard, each class's values in its own."""
+        """``Collection.restore``: the threshold in every shard, each class's values in its own, the
+        ridge the whole's (each shard keeps its own, for itself: shardhead.py)."""
         owner = shard_of(list(classes), self.n_shards) if classes else np.zeros(0, np.int64)
         for i, col in enumerate(self.shards):
-            col.restore_rejection(threshold, {label: v for (label, v), j in zip(classes.items(), owner) if j == i})
+            col.restore(threshold, {label: v for (label, v), j in zip(classes.items(), owner) if j == i})
+        if ridge is not None and self._manifest.get("ridge") is not None:
+            with segments.writer_lock(self.path, self.lock_timeout):
+                self._manifest = {**read_manifest(self.path), "ridge": {"lam": float(ridge[0]), "rows": int(ridge[1])}}
+                write_manifest(self.path, self._manifest)
         return self
 
     def set_search_params(self, **params: int) -> ShardedCollection:

@@ -68,21 +68,24 @@ def set_class_threshold(engine: Engine, s: Snapshot, class_id: int, threshold: f
     s.config["version"] = version
 
 
-def restore_rejection(
-    engine: Engine, s: Snapshot, threshold: float | None, classes: dict[int, tuple[float | None, float | None]]
+def restore(
+    engine: Engine, s: Snapshot, threshold: float | None, classes: dict[int, tuple], ridge: tuple | None
 ) -> None:
-    """In one transaction: the collection's threshold, and by class id each class's own threshold
-    and shift (None: none); bumps the version."""
-    version = s.version + 1
+    """One transaction: the threshold, by class id each class's own threshold and shift (None: none), and a
+    streaming ls head's ``ridge``, ``(lambda, samples it was chosen on)`` (None: as it is); bumps the version."""
+    version, values = s.version + 1, {"threshold": threshold}
+    if ridge is not None and s.head is not None:
+        s.head = s.head.with_ridge(*ridge)
+        values |= {"ridge": s.head.lam, "ridge_rows": s.head.chosen_on}
     with store.writing(engine) as conn:
-        store.set_collection(conn, version=version, threshold=threshold)
+        store.set_collection(conn, version=version, **values)
         rows = [{"id": i, "threshold": th, "shift": sh} for i, (th, sh) in classes.items()]
         classrows.update_classes(conn, rows, version)
     if (table := s.loaded_table) is not None:
         at = table.positions(np.array(list(classes), np.int64))
         table.threshold[at] = [np.nan if th is None else th for th, _ in classes.values()]
         table.shift[at] = [np.nan if sh is None else sh for _, sh in classes.values()]
-    s.config.update(threshold=threshold, version=version)
+    s.config.update(values, version=version)
 
 
 @dataclass
@@ -406,8 +409,7 @@ def rechoose_ridge(directory: Path, engine: Engine, s: Snapshot) -> None:
     """A streaming ls head ``outgrown`` has its ``lambda`` chosen again (lshead.py) in a write of its own: only the
     ridge changes, not ``G``, the class means or the index; a crash before it commits leaves it to the next."""
     if s.head is not None and s.head.outgrown:
-        kept = s.kept_samples(directory) if s.config["ls_reg"] == AUTO else None
-        s.head = s.head.rechosen(s.config["ls_reg"], kept)
+        s.head = s.head.rechosen(s.config["ls_reg"], s.kept_samples(directory) if s.config["ls_reg"] == AUTO else None)
         set_values(engine, s, ridge=s.head.lam, ridge_rows=s.head.chosen_on)
 
 

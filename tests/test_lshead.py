@@ -12,6 +12,7 @@ from sqlalchemy import text
 from retrieval_imprint import Collection, ImprintClassifier, ShardedCollection, generate, lshead, segments
 from retrieval_imprint.errors import InvalidParameterError
 from retrieval_imprint.features import feature_map
+from retrieval_imprint.ingestion import ingest
 
 D, WIDTH = 16, 64
 
@@ -316,3 +317,30 @@ def test_what_the_head_does_not_do_yet_is_refused_by_name(tmp_path, queries):
         col.calibrate(data[0], [0] * len(data[0]), queries, rule="shift")
     result = col.calibrate(np.concatenate([data[0], data[1]]), [0] * len(data[0]) + [1] * len(data[1]), queries)
     assert result.rule == "max" and col.config["rejection"] == "max"
+
+
+def test_an_export_is_indexed_again_with_the_ridge_it_had(tmp_path, queries):
+    """``export`` carries the ridge a collection had chosen as it grew (and the samples it was chosen
+    on); ``ingest`` makes the collection again with it, so the answers are the same, one collection
+    or sharded, into one collection or shards."""
+    data = pool(30, seed=14)
+    one = Collection.create(tmp_path / "one", model=None, generator="ls", features=WIDTH)
+    sharded = ShardedCollection.create(tmp_path / "s", shards=3, model=None, generator="ls", features=WIDTH)
+    for classes in (list(range(20)), list(range(20, 30))):  # the second add does not double the samples
+        for col in (one, sharded):
+            add(col, data, classes)
+    scratch = Collection.create(tmp_path / "scratch", model=None, generator="ls", features=WIDTH)
+    add(scratch, data, list(range(30)))
+    assert one.config["ridge"] != scratch.config["ridge"]  # a build of the samples alone chooses another
+    for original, shards in ((one, 1), (sharded, 1), (one, 2), (sharded, 3)):
+        name = f"{original.path.name}-{shards}"
+        original.export(tmp_path / f"{name}.parquet")
+        ingest(tmp_path / name, [tmp_path / f"{name}.parquet"], shards=shards)
+        again = ShardedCollection.open(tmp_path / name) if shards > 1 else Collection.open(tmp_path / name)
+        assert (again.config["ridge"], again.config["ridge_rows"]) == (
+            original.config["ridge"],
+            original.config["ridge_rows"],
+        )
+        a, b = original.query(queries, 3), again.query(queries, 3)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-6)
