@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import faiss
 import numpy as np
@@ -73,6 +74,17 @@ def _half_bound(X: np.ndarray) -> float:
     """How far float16 storage can move ``x . q`` per unit ``|q|``, for the rows of ``X``: relative
     rounding 2^-11 per entry, plus float32 summation over d terms done twice."""
     return float(np.sqrt(np.einsum("ij,ij->i", X, X).max())) * (2.0**-11 + 2 * X.shape[1] * 2.0**-24)
+
+
+@contextmanager
+def one_faiss_thread() -> Iterator[None]:
+    """FAISS's calls from this thread run on one OpenMP thread inside the block (the setting is per thread)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 class ProxyIndex:
@@ -188,10 +200,7 @@ class ProxyIndex:
         """Add proxies ``W`` ``(P, d)`` (with 64-bit ``ids`` when the index has them)."""
         W = self.prepare(W, "proxies")
         self._mirror = None
-        threads = faiss.omp_get_max_threads()
-        if len(W) < SMALL_ADD:
-            faiss.omp_set_num_threads(1)
-        try:
+        with one_faiss_thread() if len(W) < SMALL_ADD else nullcontext():
             if ids is None:
                 self.index.add(W)
             else:
@@ -202,8 +211,6 @@ class ProxyIndex:
                     self._half = (self._half[0], max(self._half[1], _half_bound(W)))
                 else:
                     self._half = (None, 0.0)
-        finally:
-            faiss.omp_set_num_threads(threads)
 
     def merge(self, other: faiss.Index) -> None:
         """Move every vector of ``other`` (a FAISS index of the same kind) into this one."""
@@ -355,7 +362,10 @@ class ProxyIndex:
         n_q = len(Q)
         if half is None:  # entries beyond float16's range: every row takes the float32 scan
             return np.zeros((n_q, k), np.int64), np.zeros((n_q, k), np.float32), np.zeros(n_q, bool)
-        approx, cand = half.search(Q, min(k + HALF_EXTRA, len(xb)))
+        # FAISS splits this scan over queries: one query leaves the other threads of its team spinning, and they
+        # take a core from the BLAS scan a blend makes next (benchmarks/speed.py's blend rows)
+        with one_faiss_thread() if n_q == 1 else nullcontext():
+            approx, cand = half.search(Q, min(k + HALF_EXTRA, len(xb)))
         exact = np.einsum("qcd,qd->qc", xb[cand], Q)
         order = np.lexsort((cand, -exact), axis=1)[:, :k]  # best first; equal scores: lowest row first
         top, D = np.take_along_axis(cand, order, 1), np.take_along_axis(exact, order, 1)
