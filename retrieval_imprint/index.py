@@ -168,7 +168,8 @@ class ProxyIndex:
         )
 
     def empty_like(self) -> ProxyIndex:
-        """An empty index of the same kind (and training, and search parameters)."""
+        """An empty index of the same kind (and training, and search parameters). An IVF one shares this
+        one's coarse quantizer (not a copy): never train it, make a new template (``retrained``)."""
         out = ProxyIndex(
             self.index.d,
             self.metric,
