@@ -7,9 +7,11 @@ writes docs/results.md, docs/results.json and docs/accuracy_vs_k.png:
   (ridge chosen by leave-one-out, and the old fixed 1e-3) and ls on 2000 random ReLU features, each
   L2/GEN/L2/L2/max, at 1, 5, 8, 10, 20 shots per class and full data, mean +- std over seeds;
 - ls on random features of each width in FEATURE_WIDTHS (full data), with fit and predict times;
-- auto (the default: k and max-or-blend chosen by cross-validation on the training rows), with what
-  it chose per seed, and blend at each alpha of the grid with k chosen; auto against the best fixed
-  k of each cell; auto's fit time beside one k = 20 fit (full data, one run);
+- auto (the default: k and max-or-blend chosen by cross-validation on the training rows, or the ls
+  head on auto.LS_FEATURES random features where its leave-one-out accuracy beats them all), with
+  what it chose per seed, and blend at each alpha of the grid with k chosen; auto against the best
+  fixed k of each cell and against auto among the imprinted heads alone (the ls head not weighed);
+  auto's fit time beside one k = 20 fit (full data, one run);
 - the published presets (Qi, Hosoda, Janson, paper's best);
 - NORM ablation on the raw embeddings; AGG ablation (max vs m-NN, uniform/distance);
 - a logistic-regression probe as the trained-head reference;
@@ -28,6 +30,8 @@ import argparse
 import json
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,7 @@ from _common import DOCS, machine, markdown_table, scratch
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 
-from retrieval_imprint import ImprintClassifier, neural_collapse
+from retrieval_imprint import ImprintClassifier, auto, neural_collapse
 from retrieval_imprint.auto import ALPHA_GRID
 from retrieval_imprint.collection import Collection
 from retrieval_imprint.errors import CalibrationError
@@ -106,15 +110,29 @@ def row(
     }
 
 
+@contextmanager
+def imprinted_only() -> Iterator[None]:
+    """auto among the imprinted heads alone: the ls head is not weighed (no data is within ``LS_ROWS``)."""
+    kept = auto.LS_ROWS
+    auto.LS_ROWS = -1
+    try:
+        yield
+    finally:
+        auto.LS_ROWS = kept
+
+
 def run_setting(
     data: dict, dataset: str, shots: int, setting: dict[str, Any], seeds: list[int], experiment: str
 ) -> dict[str, Any]:
     accs, fit_s, predict_s, chose = [], [], [], []
+    setting = dict(setting)
+    weigh_ls = setting.pop("weigh_ls", True)
     for seed in seeds:
         idx = few_shot(data["train_y"], shots, seed)
         clf = ImprintClassifier(**{**DEFAULTS, **setting, "random_state": seed})
         t = time.perf_counter()
-        clf.fit(data["train_X"][idx], data["train_y"][idx])
+        with nullcontext() if weigh_ls else imprinted_only():
+            clf.fit(data["train_X"][idx], data["train_y"][idx])
         fit_s.append(time.perf_counter() - t)
         t = time.perf_counter()
         pred = clf.predict(data["test_X"])
@@ -281,7 +299,8 @@ def experiments(quick: bool) -> tuple[list[tuple], list[int], list[int]]:
         ("generators", dict(generator="ls", ls_reg=1e-3)),
         ("generators", dict(generator="ls", features=FEATURES)),
     ]
-    gens += [("auto", AUTO)] + [("blend", {**AUTO, "aggregation": "blend", "alpha": a}) for a in ALPHA_GRID]
+    gens += [("auto", AUTO), ("auto_imprinted", {**AUTO, "weigh_ls": False})]
+    gens += [("blend", {**AUTO, "aggregation": "blend", "alpha": a}) for a in ALPHA_GRID]
     gens += [("presets", {**PRESETS[name], "preset": name}) for name in PRESETS]
     return gens, [1, 5, 8, 10, 20, 0], [0, 1, 2, 3, 4]
 
@@ -358,7 +377,9 @@ def setting_name(r: dict[str, Any]) -> str:
     if r["generator"] == "logistic_regression":
         return "logistic-regression probe (C by CV)"
     if r["generator"] == "auto":
-        return "**auto** (k, max or blend by CV)" if r["aggregation"] == "auto" else f"blend α={r['alpha']}, k by CV"
+        if r["aggregation"] == "auto":
+            return f"**auto** (k, max or blend by CV; ls on {auto.LS_FEATURES} features by LOO)"
+        return f"blend α={r['alpha']}, k by CV"
     if r["generator"] == "ls":
         ridge = "ridge by LOO" if r["ls_reg"] in (None, "auto") else f"ridge {r['ls_reg']:g}"
         return f"ls on {r['features']} random features ({ridge})" if r.get("features") else f"ls (oracle, {ridge})"
@@ -368,6 +389,8 @@ def setting_name(r: dict[str, Any]) -> str:
 
 
 def describe_choice(c: dict[str, Any]) -> str:
+    if c["generator"] == "ls":
+        return f"ls {c.get('features', '')}".strip()
     gen = {"mean": "mean", "all": "all"}.get(c["generator"], f"k={c['k']}")
     return gen + (f" blend {c['alpha']}" if c["aggregation"] == "blend" else "")
 
@@ -422,7 +445,8 @@ def open_set_section(rows: list[dict]) -> str:
 
 
 def auto_section(rows: list[dict], ds: str, shots: list[int]) -> str:
-    """auto against the best fixed k of each cell, what it chose, and its fit time beside k = 20."""
+    """auto against the best fixed k of each cell and against auto among the imprinted heads alone,
+    what it chose, and its fit time beside k = 20 and beside auto among the imprinted heads."""
     fixed = [
         r
         for r in rows
@@ -432,6 +456,7 @@ def auto_section(rows: list[dict], ds: str, shots: list[int]) -> str:
         and (r["generator"] in ("mean", "all") or (r["generator"] == "kmeans"))
     ]
     autos = {r["shots"]: r for r in rows if r["dataset"] == ds and r["experiment"] == "auto"}
+    imprinted = {r["shots"]: r for r in rows if r["dataset"] == ds and r["experiment"] == "auto_imprinted"}
     table, diffs = [], []
     for s in shots:
         if s not in autos:
@@ -452,6 +477,7 @@ def auto_section(rows: list[dict], ds: str, shots: list[int]) -> str:
                 f"{100 * best['accuracy']:.2f} ({setting_name(best)})",
                 f"{diff:+.2f}",
                 f"{100 * (autos[s]['accuracy'] - k20['accuracy']):+.2f}",
+                f"{100 * (autos[s]['accuracy'] - imprinted[s]['accuracy']):+.2f}" if s in imprinted else "",
                 ", ".join(f"{name} ×{n}" for name, n in counts.items()) or "(nothing to choose)",
             ]
         )
@@ -463,16 +489,31 @@ def auto_section(rows: list[dict], ds: str, shots: list[int]) -> str:
         f" Fit on the full training set: auto {1e3 * full_auto['fit_seconds']:.0f} ms, one k-means k = 20 fit "
         f"{1e3 * full_k20['fit_seconds']:.0f} ms ({full_auto['fit_seconds'] / full_k20['fit_seconds']:.1f}×; "
         "means over the same seeds, this run)."
+        + (
+            f" auto among the imprinted heads alone: {1e3 * imprinted[0]['fit_seconds']:.0f} ms."
+            if 0 in imprinted
+            else ""
+        )
         if full_auto and full_k20
         else ""
     )
     return (
         f"### {ds}: auto against the best fixed k\n\nBest fixed k: the most accurate of mean, k-means k in "
         "{1, 2, 5, 10, 20} and all samples (1-NN) under max, per cell, chosen on the test split (an "
-        "oracle auto does not have). Mean of auto − best fixed over the 5/10/20-shot and full cells: "
+        "oracle auto does not have). auto − imprinted: against auto among the imprinted heads alone (the ls "
+        "head not weighed; same seeds and folds). Mean of auto − best fixed over the 5/10/20-shot and full cells: "
         f"{np.mean(diffs):+.2f} points.{timing}\n\n"
         + markdown_table(
-            ["shots", "auto", "best fixed k", "auto − best", "auto − k=20", "auto chose (per seed)"], table
+            [
+                "shots",
+                "auto",
+                "best fixed k",
+                "auto − best",
+                "auto − k=20",
+                "auto − imprinted",
+                "auto chose (per seed)",
+            ],
+            table,
         )
         + "\n"
     )

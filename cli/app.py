@@ -147,11 +147,14 @@ def output(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
 def describe(choice: dict[str, Any], cv: bool = True) -> str:
     """A setting auto chose, in words: ``kmeans k=5, blend alpha=0.5 (held-out accuracy 0.912 ...)``."""
     gen = {"mean": "mean", "all": "all samples"}.get(choice["generator"], f"{choice['generator']} k={choice['k']}")
+    if choice["generator"] == "ls":  # one row a class: no k
+        gen = f"ls on {choice['features']} features" if choice.get("features") else "ls"
     agg = f"blend alpha={choice['alpha']:g}" if choice["aggregation"] == "blend" else choice["aggregation"]
     rows = choice.get("cv_results") or []
     mine = [r for r in rows if all(r[key] == choice[key] for key in ("generator", "k", "aggregation", "alpha"))]
     held_out = (
-        f" (held-out accuracy {mine[0]['accuracy']:.4f} on {mine[0]['scored']} rows"
+        f" ({'leave-one-out' if mine[0].get('held_out') == 'leave-one-out' else 'held-out'} accuracy"
+        f" {mine[0]['accuracy']:.4f} on {mine[0]['scored']} rows"
         + (f" of {mine[0]['classes']} classes" if "classes" in mine[0] else "")
         + f", best of {len(rows)})"
         if cv and mine and mine[0]["accuracy"] is not None

@@ -17,20 +17,33 @@ most ``MIN_SCORED`` of those rows are scored, fewer where they would meet more t
 proxies in all (``cv_proxies``; not fewer than ``MIN_CELL_ROWS``). Beyond ``CV_CLASSES`` classes or
 ``CV_ROWS`` rows the folds are those of a seeded sample of whole classes (``cv_sample``): the fits of
 every candidate then stop growing with the data, while the head is still imprinted on every class.
+
+The estimator (``choose_head``) also weighs the ls head (RanPAC's ridge regression) on
+``LS_FEATURES`` random ReLU features where generator, k and the aggregation are all left open and
+the data is small enough to fit it whole (``LS_ROWS`` rows, ``CV_CLASSES`` classes): the most
+accurate head on full data, and behind the class mean at a few shots a class. It is scored by the
+closed-form leave-one-out accuracy its own fit computes to choose its ridge (``lsfit.py``), so
+weighing it costs one ls fit, which is kept if it wins: it must beat the best cross-validated
+accuracy above. A collection's head is fixed when it is created, so collections choose among the
+imprinted heads alone (``stored_choice``); ``generator="ls"`` makes a streaming one (``lshead.py``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from . import lsfit
 from ._groups import Grouped, uniforms
 from .aggregate import max_scores
+from .features import feature_map, relu_features
+from .generate import LOO_ROWS
 from .imprint import imprint, seed_of
 from .index import ProxyIndex
+from .lsfit import LSFit
 from .normalize import normalize
 from .params import AUTO, GENERATOR_KINDS, PAPER_K, STORED
 
@@ -44,6 +57,11 @@ CV_CELLS = 1 << 27
 MIN_CELL_ROWS = 1000
 CV_CLASSES = 1000  # classes the folds hold at most: beyond, a seeded sample of them (cv_sample)
 CV_ROWS = 200_000  # and rows, as far as whole classes allow
+# the estimator's ls rival: RanPAC's head on this many random ReLU features (wider is more accurate and
+# slower: docs/results.md's width tables), weighed up to LS_ROWS samples (its fit costs rows x width^2:
+# about 12 s at 15,000 rows on two cores)
+LS_FEATURES = 4000
+LS_ROWS = 25_000
 _FOLD_STREAM = (1 << 32) + 2  # random streams of _groups.uniforms used here
 _SCORE_STREAM = (1 << 32) + 3
 _CLASS_STREAM = (1 << 32) + 5
@@ -51,15 +69,20 @@ _CLASS_STREAM = (1 << 32) + 5
 
 @dataclass(frozen=True)
 class Candidate:
-    """One concrete GEN/AGG setting."""
+    """One concrete GEN/AGG setting; ``features``: the width of the random ReLU features the ls rival
+    maps the embeddings through first (``LS_FEATURES``), None for the estimator's own."""
 
     generator: str
     k: int
     aggregation: str
     alpha: float | None = None
+    features: int | None = None
 
     def params(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.features is None:  # the estimator's own setting stands
+            del out["features"]
+        return out
 
     def cost(self) -> tuple:
         """Cheaper first: fewer proxies per class, then plain max, then a smaller alpha."""
@@ -228,3 +251,35 @@ def stored_choice(cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray, keys: n
         params["aggregation"] = "max"
     choice, rows = choose(X, codes, keys, params)
     return json.dumps({**choice.params(), "cv_results": rows})
+
+
+def choose_head(
+    X: np.ndarray, codes: np.ndarray, keys: np.ndarray, params: dict[str, Any]
+) -> tuple[Candidate, list[dict[str, Any]], LSFit | None]:
+    """The estimator's choice: ``choose``'s, unless the ls head on ``LS_FEATURES`` random features
+    (the embeddings as they are where ``params`` map to features already), weighed where generator,
+    k and the aggregation are all open and the data is at most ``LS_ROWS`` rows of ``CV_CLASSES``
+    classes, is more accurate left out (``lsfit.fit``) than every candidate held out; then its fit too."""
+    choice, rows = choose(X, codes, keys, params)
+    open_ = params["generator"] == AUTO and params["k"] is None and params["aggregation"] == AUTO
+    if not open_ or len(X) > LS_ROWS or int(codes.max(initial=0)) >= CV_CLASSES or rows[0]["accuracy"] is None:
+        return choice, rows, None
+    fmap = (
+        None
+        if params["features"] is not None
+        else feature_map(X.shape[1], LS_FEATURES, seed_of(params["random_state"]))
+    )
+    ls = lsfit.fit(X if fmap is None else relu_features(X, fmap), codes, keys, params)
+    ls_choice = Candidate("ls", 1, "max", features=None if fmap is None else LS_FEATURES)
+    scored = min(len(X), LOO_ROWS)
+    row = {
+        **Candidate("ls", 1, "max", features=ls.X.shape[1]).params(),
+        "accuracy": ls.accuracy,
+        "correct": round(ls.accuracy * scored),
+        "scored": scored,
+        "classes": ls.groups.n_classes,
+        "held_out": "leave-one-out",
+    }
+    if ls.accuracy > max(r["accuracy"] for r in rows):
+        return ls_choice, [*rows, row], replace(ls, map=fmap)
+    return choice, [*rows, row], None

@@ -17,13 +17,13 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import temperature
+from . import lsfit, temperature
 from ._groups import Grouped
 from .aggregate import max_scores, rank_classes, vote_scores, vote_weights
-from .auto import choose, class_fold, folds
+from .auto import choose_head, class_fold, folds
 from .device import use_device
 from .features import feature_map, relu_features
-from .imprint import Fixed, grouped, imprint, means, seed_of
+from .imprint import Fixed, finished, grouped, imprint, means, seed_of
 from .index import ProxyIndex
 from .labels import check_targets, label_keys
 from .normalize import normalize
@@ -49,7 +49,9 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
 
     The parameters are the GEN/NORM/AGG settings of ``params.IMPRINT``, named as in the paper, and
     ``device``; the Parameters section below is written from their declarations there. By default ``generator`` and ``aggregation`` are ``auto``: k and max-or-blend are chosen by
-    cross-validation on the training data (``auto.py``). ``from_preset`` starts from a published
+    cross-validation on the training data (``auto.py``), and on data of up to ``auto.LS_ROWS`` rows
+    so is the ls head on ``auto.LS_FEATURES`` random features (scored by its leave-one-out accuracy,
+    ``auto.choose_head``). ``from_preset`` starts from a published
     method. ``features`` (a width, e.g. 2000) maps the embeddings through fixed random ReLU features
     first (``features.py``): with ``generator="ls"`` the most accurate head on full data, at the
     cost of a wider index. ``device`` is where k-means and exact search run, not a setting of the
@@ -62,8 +64,9 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
     -----------------
     classes_ : sorted class labels. proxies_ : ``(P, d)`` proxies after NORMpost, grouped by class.
     proxy_labels_ : ``(P,)`` class label of each proxy. quantile_targets_ : ``(d,)`` or None.
-    auto_choice_ : the concrete generator, k, aggregation and alpha used. cv_results_ : the held-out
-    accuracy of each candidate (empty when nothing was left to choose). means_ : ``(C, d)`` class
+    auto_choice_ : the concrete generator, k, aggregation and alpha used (and ``features`` where
+    auto chose the ls head on random features). cv_results_ : the held-out accuracy of each candidate
+    (empty when nothing was left to choose; the ls head's row is a leave-one-out one). means_ : ``(C, d)`` class
     means of a blend, else None. index_ : the ``ProxyIndex`` searched at prediction time.
     feature_map_ : ``(d, features)`` matrix of the random features, or None; proxies then live in
     the feature space.
@@ -125,11 +128,18 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
             else feature_map(X.shape[1], params["features"], seed_of(params["random_state"]))
         )
         X = self._mapped(X)
-        choice, self.cv_results_ = choose(X, codes, keys, params)
+        choice, self.cv_results_, ls = choose_head(X, codes, keys, params)
         self.auto_choice_ = choice.params()
         params.update(self.auto_choice_)
-        groups = grouped(X, codes, keys, params["pre_norm"])
-        self.proxies_, owner, fixed = imprint(groups, params)
+        if ls is None and params["generator"] == "ls":
+            ls = lsfit.fit(X, codes, keys, params)
+        if ls is None:
+            groups = grouped(X, codes, keys, params["pre_norm"])
+            self.proxies_, owner, fixed = imprint(groups, params)
+        else:  # an ls head (auto's, if it chose one: then also the features it maps to)
+            self.feature_map_ = ls.map if ls.map is not None else self.feature_map_
+            X, groups = ls.X, ls.groups
+            self.proxies_, owner, fixed = finished(ls.W, np.arange(len(ls.W)), params)
         self.quantile_targets_ = fixed.targets
         self.proxy_labels_ = self.classes_[owner]
         self.proxy_class_index_ = owner
@@ -141,8 +151,9 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
             self.means_index_.add(self.means_)
         self.class_shift_ = None
         shift, auto_t = params["rejection"] == "shift", params["temperature"] == AUTO
+        ls_t = ls.temperature() if auto_t and ls is not None else None  # from the ls fit's own held-out scores
         # the samples (after the random features) in the order of ``groups``, not NORMpre'd
-        raw = Grouped.from_codes(X, codes, keys) if shift or auto_t else None
+        raw = Grouped.from_codes(X, codes, keys) if shift or (auto_t and ls_t is None) else None
         if raw is not None and shift:
             own = own_scores(
                 groups,
@@ -151,7 +162,10 @@ class ImprintClassifier(ClassifierMixin, BaseEstimator):
                 folds(groups, seed_of(params["random_state"])),
             )
             self.class_shift_ = filled(class_shift(groups.owner, own, len(self.classes_)))
-        self.temperature_ = self._fitted_temperature(raw) if raw is not None and auto_t else params["temperature"]
+        if ls_t is not None:
+            self.temperature_ = ls_t
+        else:
+            self.temperature_ = self._fitted_temperature(raw) if raw is not None and auto_t else params["temperature"]
         return self
 
     def _fitted_temperature(self, raw: Grouped) -> float:

@@ -275,9 +275,14 @@ def loo_ridge(
     normalize_rows: bool,
 ) -> float:
     """The ridge of ``RIDGE_GRID`` (scaled by the mean eigenvalue of ``X^T X / n``) whose head
-    classifies best with each training sample left out (``loo_accuracy``); ties go to the larger."""
-    ridges, accuracy = loo_accuracy(X, spectrum, codes, means, owner, seed, normalize_rows)
-    return float(ridges[len(accuracy) - 1 - np.argmax(accuracy[::-1])])
+    classifies best with each training sample left out (``loo_accuracy``, ``best_ridge``)."""
+    return best_ridge(*loo_accuracy(X, spectrum, codes, means, owner, seed, normalize_rows))[0]
+
+
+def best_ridge(ridges: np.ndarray, accuracy: np.ndarray) -> tuple[float, float]:
+    """The ridge of the best leave-one-out ``accuracy`` (ties go to the larger ridge) and that accuracy."""
+    i = len(accuracy) - 1 - int(np.argmax(accuracy[::-1]))
+    return float(ridges[i]), float(accuracy[i])
 
 
 def loo_accuracy(
@@ -289,40 +294,63 @@ def loo_accuracy(
     seed: int,
     normalize_rows: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each ridge of the grid and the leave-one-out accuracy of its head: closed-form leave-one-out
-    of the ridge regression behind ``ls_head``, from ``X``'s one eigendecomposition. ``codes``: the
-    column of ``means`` each row belongs to; ``owner``: the class of each column (a prediction is
-    right when its column's class is the row's); ``normalize_rows``: score as the head is used after
-    L2 NORMpost. At most ``LOO_ROWS`` rows (a seeded sample) are left out in turn."""
-    from scipy import sparse  # here: the command line starts without SciPy
+    """Each ridge of the grid and the leave-one-out accuracy of its head (``LeftOut``)."""
+    left = LeftOut(X, spectrum, codes, means, seed)
+    ridges = ridge_grid(spectrum)
+    return ridges, np.array([left.accuracy(reg, owner, normalize_rows) for reg in ridges])
 
-    n, C = len(X), len(means)
-    s, V = spectrum.s, spectrum.V
-    weight = n / (C * np.bincount(codes, minlength=C))[codes]  # the indicator target of each row
-    targets = sparse.csc_array((weight, (codes, np.arange(n))), shape=(C, n))
-    TX = np.zeros((C, X.shape[1]))
-    for block, part in _f64_blocks(X):
-        TX += targets[:, block] @ part
-    ZY = (TX @ V).T  # (r, C): V^T X^T Y
-    rows: np.ndarray = (
-        np.arange(n)
-        if n <= LOO_ROWS
-        else np.sort(np.argsort(uniforms(np.uint64(0), seed, _LOO_STREAM, np.arange(n)))[:LOO_ROWS])
-    )
-    Z = np.asarray(X[rows], np.float64) @ V
-    ridges = RIDGE_GRID * s.sum() / n / V.shape[0]
-    accuracy = np.zeros(len(ridges))
-    for i, reg in enumerate(ridges):
+
+def ridge_grid(spectrum: Spectrum) -> np.ndarray:
+    """``RIDGE_GRID`` as absolute ridges: scaled by the mean eigenvalue of the second moment ``X^T X / n``."""
+    return RIDGE_GRID * spectrum.s.sum() / spectrum.n / spectrum.V.shape[0]
+
+
+class LeftOut:
+    """Closed-form leave-one-out of the ridge regression behind ``ls_head``, from ``X``'s one
+    eigendecomposition (``spectrum``), at any ridge. ``codes``: the column of ``means`` each row
+    belongs to. At most ``LOO_ROWS`` rows (``rows``, a seeded sample) are left out in turn."""
+
+    def __init__(self, X: np.ndarray, spectrum: Spectrum, codes: np.ndarray, means: np.ndarray, seed: int) -> None:
+        from scipy import sparse  # here: the command line starts without SciPy
+
+        n, C = len(X), len(means)
+        self.spectrum, self.codes = spectrum, codes
+        self.weight = n / (C * np.bincount(codes, minlength=C))[codes]  # the indicator target of each row
+        targets = sparse.csc_array((self.weight, (codes, np.arange(n))), shape=(C, n))
+        TX = np.zeros((C, X.shape[1]))
+        for block, part in _f64_blocks(X):
+            TX += targets[:, block] @ part
+        self.ZY = (TX @ spectrum.V).T  # (r, C): V^T X^T Y
+        self.rows: np.ndarray = (
+            np.arange(n)
+            if n <= LOO_ROWS
+            else np.sort(np.argsort(uniforms(np.uint64(0), seed, _LOO_STREAM, np.arange(n)))[:LOO_ROWS])
+        )
+        self.Z = np.asarray(X[self.rows], np.float64) @ spectrum.V
+
+    def scores(self, reg: float, normalize_rows: bool) -> np.ndarray:
+        """``(rows, C)``: each left-out row's score for every column by the head fitted without it,
+        at ridge ``reg`` (absolute, as ``ls_head`` takes it); ``normalize_rows``: divided by the norm
+        of the head's column, as the head scores after L2 NORMpost."""
+        s, n, rows = self.spectrum.s, self.spectrum.n, self.rows
         inv = 1.0 / (s + n * reg)
-        Zr = Z * inv
-        h = np.einsum("nd,nd->n", Zr, Z)
-        loo = Zr @ ZY  # fitted values, then each row's own contribution taken out
-        loo[np.arange(len(rows)), codes[rows]] -= h * weight[rows]
-        loo /= (1.0 - h)[:, None]
+        Zr = self.Z * inv
+        h = np.einsum("nd,nd->n", Zr, self.Z)
+        loo = Zr @ self.ZY  # fitted values, then each row's own contribution taken out
+        loo[np.arange(len(rows)), self.codes[rows]] -= h * self.weight[rows]
+        with np.errstate(divide="ignore", invalid="ignore"):  # h = 1: a row the head interpolates (no ridge)
+            loo /= (1.0 - h)[:, None]
+        loo[h >= 1.0 - 1e-9] = np.nan  # its fit without it is not defined by this formula: no score
         if normalize_rows:
-            loo /= np.sqrt(((inv[:, None] * ZY) ** 2).sum(0))  # |w_c|, as V is orthonormal
-        accuracy[i] = np.mean(owner[loo.argmax(1)] == owner[codes[rows]])
-    return ridges, accuracy
+            loo /= np.sqrt(((inv[:, None] * self.ZY) ** 2).sum(0))  # |w_c|, as V is orthonormal
+        return loo
+
+    def accuracy(self, reg: float, owner: np.ndarray, normalize_rows: bool) -> float:
+        """The share of left-out rows whose best column's class (``owner``, per column) is theirs (a row
+        with no score counts as wrong)."""
+        loo = self.scores(reg, normalize_rows)
+        right = owner[np.nan_to_num(loo, nan=-np.inf).argmax(1)] == owner[self.codes[self.rows]]
+        return float(np.mean(right & ~np.isnan(loo[:, 0])))
 
 
 def _ridge(

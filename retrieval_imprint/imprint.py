@@ -52,9 +52,17 @@ def imprint(
     after ``auto.choose``); ``fixed`` what an earlier fit fixed (None: this is the first, so compute
     it from ``W``).
     """
-    fixed = fixed or Fixed()
     extra = {"ls_reg": params["ls_reg"], "post_norm": params["post_norm"]} if "ls_reg" in params else {}
     W, owner = generate(params["generator"], groups, params["k"], seed_of(params["random_state"]), **extra)
+    return finished(W, owner, params, fixed)
+
+
+def finished(
+    W: np.ndarray, owner: np.ndarray, params: dict[str, Any], fixed: Fixed | None = None
+) -> tuple[np.ndarray, np.ndarray, Fixed]:
+    """``imprint``'s last steps on generated proxies ``W`` of classes ``owner``: NORMpost, and what
+    the first fit fixes (for a head generated elsewhere: ``lsfit.py``'s)."""
+    fixed = fixed or Fixed()
     targets = fixed.targets
     if params["post_norm"] == "quantile" and targets is None:
         targets = quantile_targets(W)

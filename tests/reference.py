@@ -135,20 +135,24 @@ def blend(Q, W, proxy_class, means, alpha, metric="ip"):
     return out
 
 
-def ridge_loo_correct(X, y, reg):
-    """Leave-one-out correct predictions of the ls head's ridge regression, refitted n times: targets
-    n / (C n_c) on the row's class, penalty n * reg (n, n_c and C of the full data); scores divided
-    by the norms of the full-data head's rows (its L2 NORMpost) before the argmax."""
+def ridge_loo_scores(X, y, reg):
+    """``(n, C)``: each row's class scores by the ls head's ridge regression refitted without it (n
+    times): targets n / (C n_c) on the row's class, penalty n * reg (n, n_c and C of the full data);
+    scores divided by the norms of the full-data head's rows (its L2 NORMpost)."""
     X = np.asarray(X, np.float64)
     classes = np.unique(y)
     n, C = len(X), len(classes)
     counts = {c: np.sum(y == c) for c in classes}
     Y = np.array([[n / (C * counts[c]) if yi == c else 0.0 for c in classes] for yi in y])
     norms = np.linalg.norm(np.linalg.solve(X.T @ X + n * reg * np.eye(X.shape[1]), X.T @ Y), axis=0)
-    correct = 0
+    out = np.empty((n, C))
     for i in range(n):
         keep = np.arange(n) != i
         Wt = np.linalg.solve(X[keep].T @ X[keep] + n * reg * np.eye(X.shape[1]), X[keep].T @ Y[keep])
-        scores = X[i] @ Wt / norms
-        correct += classes[int(np.argmax(scores))] == y[i]
-    return correct
+        out[i] = X[i] @ Wt / norms
+    return out
+
+
+def ridge_loo_correct(X, y, reg):
+    """Leave-one-out correct predictions of the ls head's ridge regression (``ridge_loo_scores``)."""
+    return int(np.sum(np.unique(y)[ridge_loo_scores(X, y, reg).argmax(1)] == y))

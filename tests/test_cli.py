@@ -458,3 +458,14 @@ def test_tune_and_info_report_what_auto_chose(tmp_path):
     no_samples = tmp_path / "n"
     run("index", str(no_samples), TRAIN, "--no-keep-samples", "--quiet")
     assert "keeps no samples" in run("tune", str(no_samples), code=2).stderr
+
+
+def test_describe_names_the_ls_head_and_its_leave_one_out():
+    from retrieval_imprint.cli.app import describe
+
+    choice = {"generator": "ls", "k": 1, "aggregation": "max", "alpha": None, "features": 4000}
+    row = {**choice, "accuracy": 0.95, "correct": 3800, "scored": 4000, "classes": 150, "held_out": "leave-one-out"}
+    assert describe({**choice, "cv_results": [row]}) == (
+        "ls on 4000 features, max (leave-one-out accuracy 0.9500 on 4000 rows of 150 classes, best of 1)"
+    )
+    assert describe({**choice, "features": None}, cv=False) == "ls, max"

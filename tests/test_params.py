@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import blobs
 
-from retrieval_imprint import DEFAULTS, PRESETS, Collection, ImprintClassifier
+from retrieval_imprint import DEFAULTS, PRESETS, Collection, ImprintClassifier, auto
 from retrieval_imprint.cli import main
 from retrieval_imprint.errors import InvalidParameterError
 from retrieval_imprint.params import COLLECTION, IMPRINT, STORED, collection_scope, resolve
@@ -53,9 +53,13 @@ def test_the_cli_help_shows_every_setting_with_its_declared_default():
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_presets_give_the_same_head_in_the_estimator_collections_and_the_cli(tmp_path, name):
+def test_presets_give_the_same_head_in_the_estimator_collections_and_the_cli(tmp_path, name, monkeypatch):
     X, y = blobs(4, 12, 6, seed=3)
     labels = [f"c{v}" for v in y]
+    if name == "auto":  # a collection's auto chooses among the imprinted heads (its head's kind is fixed when made)
+        weighed = ImprintClassifier.from_preset(name).fit(X, labels).cv_results_
+        assert [r["generator"] for r in weighed].count("ls") == 1  # the estimator weighs the ls head too
+        monkeypatch.setattr(auto, "LS_ROWS", -1)
     clf = ImprintClassifier.from_preset(name).fit(X, labels)
     col = Collection.create(tmp_path / "api", model=None, preset=name)
     col.add(X, labels)
