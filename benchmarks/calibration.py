@@ -2,7 +2,8 @@
 ``temperature="auto"``) against the fixed 0.05 it replaced and against scikit-learn's
 ``CalibratedClassifierCV`` (sigmoid, 3 folds) around the fixed one. Writes docs/calibration.md.
 
-Every classifier is the default ``ImprintClassifier()`` (auto chooses k and AGG) fitted on the
+Every classifier is the default ``ImprintClassifier()`` (auto chooses k and AGG, or the ls head on
+random features: the head column) fitted on the
 training rows only, at 5, 10 and 20 shots per class (seeds 0-2) and on full data; figures are on
 the test split, means over seeds: accuracy, log loss (NLL), expected calibration error (ECE: 15
 equal-width bins of the top probability, the gap between confidence and accuracy weighted by the
@@ -77,6 +78,10 @@ def run(name: str, shots: int, seed: int) -> dict[str, dict[str, float]]:
         out[method] = scores_of(clf.predict_proba(Xq), np.searchsorted(clf.classes_, yq), seconds)
         if hasattr(clf, "temperature_"):
             out[method]["T"] = clf.temperature_
+            choice = clf.auto_choice_
+            out[method]["head"] = (
+                f"ls on {choice['features']} features" if choice["generator"] == "ls" else "imprinted"
+            )  # fmt: skip
     return out
 
 
@@ -93,7 +98,8 @@ def main() -> None:
         for shots in args.shots:
             runs = [run(name, shots, seed) for seed in (args.seeds if shots else args.seeds[:1])]
             for method in runs[0]:
-                mean = {key: np.mean([r[method][key] for r in runs]) for key in runs[0][method]}
+                mean = {key: np.mean([r[method][key] for r in runs]) for key in runs[0][method] if key != "head"}
+                heads = sorted({r[method]["head"] for r in runs if "head" in r[method]})
                 rows.append(
                     [
                         name,
@@ -104,6 +110,7 @@ def main() -> None:
                         f"{mean['ece']:.3f}",
                         f"{mean['confidence']:.3f}",
                         f"{mean['T']:.4f}" if method.startswith("temperature auto") else "",
+                        " / ".join(heads),
                         f"{mean['fit s']:.2f}",
                     ]
                 )
@@ -117,6 +124,7 @@ def main() -> None:
         "ECE",
         "mean top probability",
         "fitted T",
+        "head",
         "fit s",
     ]
     command = "benchmarks/calibration.py" + "".join(
@@ -135,9 +143,10 @@ def main() -> None:
         markdown_table(header, rows),
         "",
         '`temperature="auto"` fits one scalar to held-out scores of the training rows (temperature.py): '
-        "the first fold of a seeded sample of classes, up to 1,000 rows, scored by the fitted head with "
-        "those classes imprinted again without them; that and the Newton steps are the difference in "
-        "fit time. "
+        "for an imprinted head, the first fold of a seeded sample of classes, up to 1,000 rows, scored by "
+        "the fitted head with those classes imprinted again without them; that and the Newton steps are "
+        "the difference in fit time. For the ls head (where auto chose it), the leave-one-out scores its "
+        "own fit computes to choose its ridge (up to 4,000 rows, lsfit.py): no second fit. "
         "A temperature only rescales the scores, so both rank the classes alike and have one accuracy. "
         "CalibratedClassifierCV fits one sigmoid per class (one class against the rest) on each of 3 folds "
         "and averages the 3 fitted models.",

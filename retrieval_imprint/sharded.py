@@ -416,7 +416,7 @@ class ShardedCollection(Calibrated, Shared):
             col.restore(threshold, {label: v for (label, v), j in zip(classes.items(), owner) if j == i})
         if ridge is not None and self._manifest.get("ridge") is not None:
             with segments.writer_lock(self.path, self.lock_timeout):
-                self._manifest = {**read_manifest(self.path), "ridge": {"lam": float(ridge[0]), "rows": int(ridge[1])}}
+                self._manifest = {**read_manifest(self.path), "ridge": shardhead.entry(*ridge)}
                 write_manifest(self.path, self._manifest)
         return self
 

@@ -27,13 +27,18 @@ from .shards import pooled
 from .snapshot import Snapshot
 
 
+def entry(lam: float, rows: int) -> dict[str, Any]:
+    """The manifest's ``ridge``: ``lambda`` and the samples it was chosen on."""
+    return {"lam": float(lam), "rows": int(rows)}
+
+
 def first(cfg: dict[str, Any], X: np.ndarray, codes: np.ndarray, keys: np.ndarray) -> dict[str, Any]:
     """The manifest's ``ridge`` from a first add's rows ``X`` (before NORMpre) in classes ``codes`` (label
     ``keys`` per class), as a collection's first add sets it."""
     if cfg["ls_reg"] != AUTO:
-        return {"lam": len(X) * float(cfg["ls_reg"]), "rows": len(X)}
+        return entry(len(X) * float(cfg["ls_reg"]), len(X))
     head = LSHead.first({**cfg, "dimension": X.shape[1]}, normalize(X, cfg["pre_norm"], what="X"), codes, keys)
-    return {"lam": head.lam, "rows": head.chosen_on}
+    return entry(head.lam, head.chosen_on)
 
 
 def rechosen(snaps: Sequence[Snapshot], paths: Sequence[Path], ridge: dict[str, Any]) -> dict[str, Any]:
@@ -44,7 +49,7 @@ def rechosen(snaps: Sequence[Snapshot], paths: Sequence[Path], ridge: dict[str, 
     kept = pooled([s.kept_samples(path) for s, path in live]) if cfg["ls_reg"] == AUTO else None
     whole = LSHead.combined(cfg, heads(snaps), ridge["lam"], ridge["rows"])
     head = whole.rechosen(cfg["ls_reg"], kept)
-    return {"lam": head.lam, "rows": head.chosen_on}
+    return entry(head.lam, head.chosen_on)
 
 
 def outgrown(snaps: Sequence[Snapshot], ridge: dict[str, Any]) -> bool:
