@@ -190,10 +190,14 @@ def auto_rows() -> list[list[str]]:
         seconds = interleaved_best({label: (lambda c=c: c.fit(X, y), 2) for label, c in fitted.items()})
         fixed, k20 = seconds["fixed"], seconds["k = 20"]
         t_fit, auto = seconds["fixed, temperature fitted"], seconds["auto (the default)"]
-        chosen = fitted["auto (the default)"].auto_choice_
+        c = fitted["auto (the default)"].auto_choice_
+        chosen = (
+            f"ls on {c['features']} features"
+            if c["generator"] == "ls"
+            else f"{c['generator']} k={c['k']}, {c['aggregation']}"
+        )
         rows.append(
-            [name, *(f"{seconds[label]:.2f}" for label in AUTO_FITS), f"{t_fit / fixed:.2f}", f"{auto / k20:.2f}",
-             f"{chosen['generator']} k={chosen['k']}, {chosen['aggregation']}"]
+            [name, *(f"{seconds[label]:.2f}" for label in AUTO_FITS), f"{t_fit / fixed:.2f}", f"{auto / k20:.2f}", chosen]
         )  # fmt: skip
         print(" | ".join(rows[-1]), flush=True)
     return rows
@@ -421,7 +425,9 @@ def main() -> None:
         "one more fit without a held-out fold; *k = 20*: kmeans k = 20, max, temperature 0.05; *auto*: "
         "`ImprintClassifier()`, everything chosen (cross-validation past 1,000 classes on a sample of them, "
         "`auto.cv_sample`, and on fewer held-out rows past 2^27 candidate scores, `auto.CV_CELLS`) and the "
-        "temperature fitted.\n\n"
+        "temperature fitted; on data of up to 25,000 rows and 1,000 classes (BANKING77 here, not the synthetic "
+        "set) it also weighs the ls head on 4,000 random features by its leave-one-out accuracy "
+        "(`auto.choose_head`), whose one fit is then most of the time.\n\n"
         + markdown_table(
             [
                 "data",

@@ -22,7 +22,7 @@ from contextlib import contextmanager, nullcontext
 import faiss
 import numpy as np
 
-from . import ivf, torch_search
+from . import gemm, ivf, torch_search
 from .device import current, faiss_gpu, to_device, to_gpu, to_numpy
 from .errors import DataError
 from .normalize import l2_normalize
@@ -42,8 +42,8 @@ _TORCH_KIND = {
     faiss.METRIC_Linf: "linf",
 }
 MAHALANOBIS_RIDGE = 1e-6
-SMALL_BATCH = 20  # below this many queries FAISS does not use BLAS; neither path for m > SMALL_M
-SMALL_M = 64
+SMALL_BATCH = 20  # below this many queries FAISS does not use BLAS (a float16 pre-scan may go first)
+SMALL_M = 64  # deeper exact inner-product searches are FAISS's own
 SMALL_ADD = 1000  # vectors below which an add runs on one thread (OpenMP start-up costs more)
 HALF_SCAN_MIN = 1 << 22  # stored floats (16 MiB) from which few queries scan a float16 copy first
 HALF_EXTRA = 16  # candidates beyond m that the float16 scan hands to the exact re-rank
@@ -263,7 +263,7 @@ class ProxyIndex:
             X, X_sq = self._tensors(device)
             D, top = torch_search.top_k(to_device(Q, device), X, min(m, len(X)), self._kind, X_sq)
             return self._finish(to_numpy(D), to_numpy(top), m)
-        if exact and self.metric in ("ip", "cosine") and len(Q) < SMALL_BATCH and m <= SMALL_M and self.index.ntotal:
+        if exact and self.metric in ("ip", "cosine") and m <= SMALL_M and self.index.ntotal:
             return self._gemv_search(Q, m)
         if exact:
             return self.index.search(Q, m)
@@ -308,37 +308,19 @@ class ProxyIndex:
         return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
     def _gemv_search(self, Q: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """Inner-product top-``m`` of a few queries with numpy over FAISS's own vector storage.
-
-        FAISS searches fewer than 20 queries with per-vector SIMD loops; one BLAS GEMV over the
-        same memory is about twice as fast here (benchmarks/speed.py), same results. From
-        ``HALF_SCAN_MIN`` stored floats a float16 scan goes first (``_half_scan``).
-        """
+        """Inner-product top-``m`` of queries over FAISS's own vector storage with numpy's BLAS
+        (``gemm.py``: faster than FAISS's search here). From ``HALF_SCAN_MIN`` stored floats a
+        float16 scan goes first for a few queries (``_half_scan``)."""
         xb = self._stored()
         k = min(m, len(xb))
-        if k < len(xb) and xb.size >= HALF_SCAN_MIN:
+        if len(Q) < SMALL_BATCH and k < len(xb) and xb.size >= HALF_SCAN_MIN:
             top, D, sure = self._half_scan(xb, Q, k)
             rows = np.flatnonzero(~sure)
             if len(rows):
-                top[rows], D[rows] = self._gemv_top(xb, Q[rows], k)
+                top[rows], D[rows] = gemm.top_k(xb, Q[rows], k)
         else:
-            top, D = self._gemv_top(xb, Q, k)
+            top, D = gemm.top_k(xb, Q, k)
         return self._finish(D, top, m)
-
-    @staticmethod
-    def _gemv_top(xb: np.ndarray, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and scores of the exact top-``k`` stored vectors of each query, best first."""
-        S = Q @ xb.T
-        if k == 1:  # argmax is a single pass; argpartition copies and selects
-            top = S.argmax(1)[:, None]
-        else:
-            top = (
-                np.argpartition(S, S.shape[1] - k, axis=1)[:, -k:]
-                if k < S.shape[1]
-                else np.tile(np.arange(k), (len(Q), 1))
-            )
-            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(S, top, 1), axis=1, kind="stable"), 1)
-        return top, np.take_along_axis(S, top, 1)
 
     def _half_scan(self, xb: np.ndarray, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Exact top-``k`` from a float16 scan (half the bytes of float32, and a single query is
@@ -392,6 +374,8 @@ class ProxyIndex:
         if device is not None and self.ntotal:
             X, X_sq = self._tensors(device)
             D = to_numpy(torch_search.scores(to_device(self.prepare(Q), device), X, self._kind, X_sq))
+        elif flat_metric == faiss.METRIC_INNER_PRODUCT:  # numpy's BLAS, as gemm.py says why
+            D = self.prepare(Q) @ self._stored().T
         else:
             D = faiss.pairwise_distances(self.prepare(Q), self._stored(), flat_metric)
         if flat_metric == faiss.METRIC_INNER_PRODUCT:

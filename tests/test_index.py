@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import reference as ref
 
+from retrieval_imprint import gemm
 from retrieval_imprint.index import SMALL_BATCH, ProxyIndex
 
 
@@ -46,6 +47,49 @@ def _reference_top(W: np.ndarray, Q: np.ndarray, m: int) -> np.ndarray:
     return np.argsort(-(Q.astype(np.float64) @ W.T.astype(np.float64)), axis=1, kind="stable")[:, :m]
 
 
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_blocked_gemm_search_is_exact_across_blocks(m, monkeypatch):
+    """Blocks of 64 queries and of 64 stored rows (so a top-k spans several), merged as they come:
+    the exact top-m. Small integers make every product exact in float32 whatever the summation
+    order, so ties are real: with m = 1 the lowest of equal rows answers, as FAISS's does."""
+    monkeypatch.setattr(gemm, "QUERY_BLOCK", 64)
+    monkeypatch.setattr(gemm, "BLOCK_SCORES", 64 * 64)
+    rng = np.random.default_rng(m)
+    W = rng.integers(-3, 4, (1000, 32)).astype(np.float32)
+    W[700:705] = W[3]  # ties with row 3, ten blocks later
+    Q = np.concatenate([W[[3, 500]], rng.integers(-3, 4, (198, 32)).astype(np.float32)])
+    S = Q.astype(np.float64) @ W.T.astype(np.float64)
+    top, D = gemm.top_k(W, Q, m)
+    assert top.shape == D.shape == (200, m)
+    ref.assert_top_inner_products(top, W, Q, m)
+    np.testing.assert_array_equal(D, np.take_along_axis(S, top, 1))
+    if m == 1:
+        np.testing.assert_array_equal(top[:, 0], S.argmax(1))  # the first of equal maxima
+    assert gemm.top_k(W[:3], Q, m)[0].shape == (200, min(m, 3))  # fewer rows than m: all of them
+
+
+def test_a_batch_search_of_an_exact_index_takes_the_blocked_gemm(monkeypatch):
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((2000, 64)).astype(np.float32)
+    ids = np.arange(len(W)) * 5 + 1
+    index = ProxyIndex(64, "ip", with_ids=True)
+    index.add(W, ids)
+    Q = rng.standard_normal((3 * SMALL_BATCH, 64)).astype(np.float32)
+    calls, full = [], gemm.top_k
+
+    def counted(xb, q, k):
+        calls.append(len(q))
+        return full(xb, q, k)
+
+    monkeypatch.setattr(gemm, "top_k", counted)
+    S, _, got = index.search(Q, 3)
+    assert calls == [len(Q)]
+    rows = (got - 1) // 5
+    ref.assert_top_inner_products(rows, W, Q, 3)
+    np.testing.assert_allclose(S, np.take_along_axis(Q @ W.T, rows, 1), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(index.similarity(Q), Q @ W.T, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("with_ids", [False, True])
 @pytest.mark.parametrize("m", [1, 7])
 def test_the_float16_prescan_returns_the_exact_neighbours(with_ids, m, monkeypatch):
@@ -58,13 +102,13 @@ def test_the_float16_prescan_returns_the_exact_neighbours(with_ids, m, monkeypat
     index = ProxyIndex(384, "ip", with_ids=with_ids)
     index.add(W, ids if with_ids else None)
     Q = np.concatenate([W[[5, 7, 3000]], rng.standard_normal((5, 384)).astype(np.float32)])
-    fallbacks, full = [], ProxyIndex._gemv_top
+    fallbacks, full = [], gemm.top_k
 
     def counted(xb, q, k):
         fallbacks.append(len(q))
         return full(xb, q, k)
 
-    monkeypatch.setattr(ProxyIndex, "_gemv_top", staticmethod(counted))
+    monkeypatch.setattr(gemm, "top_k", counted)
     _, _, got = index.search(Q, m)
     ref.assert_top_inner_products(_rows(got, ids, with_ids), W, Q, m)  # ties in float32: any member will do
     assert fallbacks == [1]  # only the query among the 60 near-ties needed the float32 scan
