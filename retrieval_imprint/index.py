@@ -43,7 +43,6 @@ _TORCH_KIND = {
 }
 MAHALANOBIS_RIDGE = 1e-6
 SMALL_BATCH = 20  # below this many queries FAISS does not use BLAS (a float16 pre-scan may go first)
-SMALL_M = 64  # deeper exact inner-product searches are FAISS's own
 SMALL_ADD = 1000  # vectors below which an add runs on one thread (OpenMP start-up costs more)
 HALF_SCAN_MIN = 1 << 22  # stored floats (16 MiB) from which few queries scan a float16 copy first
 HALF_EXTRA = 16  # candidates beyond m that the float16 scan hands to the exact re-rank
@@ -263,7 +262,7 @@ class ProxyIndex:
             X, X_sq = self._tensors(device)
             D, top = torch_search.top_k(to_device(Q, device), X, min(m, len(X)), self._kind, X_sq)
             return self._finish(to_numpy(D), to_numpy(top), m)
-        if exact and self.metric in ("ip", "cosine") and m <= SMALL_M and self.index.ntotal:
+        if exact and self.metric in ("ip", "cosine") and self.index.ntotal:
             return self._gemv_search(Q, m)
         if exact:
             return self.index.search(Q, m)

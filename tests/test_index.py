@@ -68,7 +68,8 @@ def test_blocked_gemm_search_is_exact_across_blocks(m, monkeypatch):
     assert gemm.top_k(W[:3], Q, m)[0].shape == (200, min(m, 3))  # fewer rows than m: all of them
 
 
-def test_a_batch_search_of_an_exact_index_takes_the_blocked_gemm(monkeypatch):
+@pytest.mark.parametrize("m", [3, 150])  # deep searches too (a blend's, searched 4x deeper)
+def test_a_batch_search_of_an_exact_index_takes_the_blocked_gemm(m, monkeypatch):
     rng = np.random.default_rng(0)
     W = rng.standard_normal((2000, 64)).astype(np.float32)
     ids = np.arange(len(W)) * 5 + 1
@@ -82,10 +83,10 @@ def test_a_batch_search_of_an_exact_index_takes_the_blocked_gemm(monkeypatch):
         return full(xb, q, k)
 
     monkeypatch.setattr(gemm, "top_k", counted)
-    S, _, got = index.search(Q, 3)
+    S, _, got = index.search(Q, m)
     assert calls == [len(Q)]
     rows = (got - 1) // 5
-    ref.assert_top_inner_products(rows, W, Q, 3)
+    ref.assert_top_inner_products(rows, W, Q, m)
     np.testing.assert_allclose(S, np.take_along_axis(Q @ W.T, rows, 1), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(index.similarity(Q), Q @ W.T, rtol=1e-5, atol=1e-4)
 
