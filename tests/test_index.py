@@ -65,6 +65,10 @@ def test_blocked_gemm_search_is_exact_across_blocks(m, monkeypatch):
     np.testing.assert_array_equal(D, np.take_along_axis(S, top, 1))
     if m == 1:
         np.testing.assert_array_equal(top[:, 0], S.argmax(1))  # the first of equal maxima
+    monkeypatch.setattr(gemm, "BLOCK_SCORES", 64 * 1000)  # one block: m = 5 takes the grouped candidates
+    whole, D = gemm.top_k(W, Q, m)
+    ref.assert_top_inner_products(whole, W, Q, m)
+    np.testing.assert_array_equal(D, np.take_along_axis(S, whole, 1))
     assert gemm.top_k(W[:3], Q, m)[0].shape == (200, min(m, 3))  # fewer rows than m: all of them
 
 
