@@ -351,6 +351,7 @@ def targets(build: list[list[str]], query: list[list[str]], embed: list[list[str
             f"- Blend query {r[0]} classes, batch {r[1]}, class-like queries: {x:.2f}x the max query (target <= "
             f"1.5; random queries, the worst case: {worst:.2f}x)",
             x <= 1.5,
+            "blend",
         )
         if r[1] == 1:
             x = float(r[14])
@@ -381,6 +382,11 @@ WHY = {
   k = 20 the seeding is about a third of it, while scikit-learn's cost per 50-point class grows
   little with k. Plain k-means++ seeding (one candidate per step) or a compiled seeding loop would
   close the gap (either must be checked against the 2% inertia bar).""",
+    "blend": """- **Blend against max.** A blend scans the proxies as max does, then the class means, and
+  looks up the other term of every class either list names (its mean's or its best proxy's
+  similarity). Where the scans are fast (numpy's BLAS in blocks, gemm.py, which on some CPUs is
+  several times FAISS's own) the second scan and the look-ups are the larger share; a blend of
+  many random queries also searches deeper where the bound settles late.""",
     "query": """- **One query against scikit-learn 1-NN.** An exact float32 search reads every proxy once:
   77 MB at 10k classes and 768 MB at 100k (k = 5). Ours runs at the machine's memory bandwidth
   (about 13-17 GB/s here); scikit-learn's brute cosine search also normalises a copy of the proxies
