@@ -47,6 +47,18 @@ def _reference_top(W: np.ndarray, Q: np.ndarray, m: int) -> np.ndarray:
     return np.argsort(-(Q.astype(np.float64) @ W.T.astype(np.float64)), axis=1, kind="stable")[:, :m]
 
 
+def _gemm_calls(monkeypatch) -> list[int]:
+    """The number of queries of each ``gemm.top_k`` call from now on, as they come."""
+    calls, full = [], gemm.top_k
+
+    def counted(xb, q, k):
+        calls.append(len(q))
+        return full(xb, q, k)
+
+    monkeypatch.setattr(gemm, "top_k", counted)
+    return calls
+
+
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_blocked_gemm_search_is_exact_across_blocks(m, monkeypatch):
     """Blocks of 64 queries and of 64 stored rows (so a top-k spans several), merged as they come:
@@ -80,13 +92,7 @@ def test_a_batch_search_of_an_exact_index_takes_the_blocked_gemm(m, monkeypatch)
     index = ProxyIndex(64, "ip", with_ids=True)
     index.add(W, ids)
     Q = rng.standard_normal((3 * SMALL_BATCH, 64)).astype(np.float32)
-    calls, full = [], gemm.top_k
-
-    def counted(xb, q, k):
-        calls.append(len(q))
-        return full(xb, q, k)
-
-    monkeypatch.setattr(gemm, "top_k", counted)
+    calls = _gemm_calls(monkeypatch)
     S, _, got = index.search(Q, m)
     assert calls == [len(Q)]
     rows = (got - 1) // 5
@@ -107,13 +113,7 @@ def test_the_float16_prescan_returns_the_exact_neighbours(with_ids, m, monkeypat
     index = ProxyIndex(384, "ip", with_ids=with_ids)
     index.add(W, ids if with_ids else None)
     Q = np.concatenate([W[[5, 7, 3000]], rng.standard_normal((5, 384)).astype(np.float32)])
-    fallbacks, full = [], gemm.top_k
-
-    def counted(xb, q, k):
-        fallbacks.append(len(q))
-        return full(xb, q, k)
-
-    monkeypatch.setattr(gemm, "top_k", counted)
+    fallbacks = _gemm_calls(monkeypatch)
     _, _, got = index.search(Q, m)
     ref.assert_top_inner_products(_rows(got, ids, with_ids), W, Q, m)  # ties in float32: any member will do
     assert fallbacks == [1]  # only the query among the 60 near-ties needed the float32 scan
