@@ -294,10 +294,8 @@ def loo_accuracy(
     seed: int,
     normalize_rows: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each ridge of the grid and the leave-one-out accuracy of its head (``LeftOut``)."""
-    left = LeftOut(X, spectrum, codes, means, seed)
-    ridges = ridge_grid(spectrum)
-    return ridges, np.array([left.accuracy(reg, owner, normalize_rows) for reg in ridges])
+    """Each ridge of the grid and the leave-one-out accuracy of its head (``LeftOut.grid``)."""
+    return LeftOut(X, spectrum, codes, means, seed).grid(owner, normalize_rows)
 
 
 def ridge_grid(spectrum: Spectrum) -> np.ndarray:
@@ -344,6 +342,11 @@ class LeftOut:
         if normalize_rows:
             loo /= np.sqrt(((inv[:, None] * self.ZY) ** 2).sum(0))  # |w_c|, as V is orthonormal
         return loo
+
+    def grid(self, owner: np.ndarray, normalize_rows: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Each ridge of ``ridge_grid`` and its ``accuracy``."""
+        ridges = ridge_grid(self.spectrum)
+        return ridges, np.array([self.accuracy(reg, owner, normalize_rows) for reg in ridges])
 
     def accuracy(self, reg: float, owner: np.ndarray, normalize_rows: bool) -> float:
         """The share of left-out rows whose best column's class (``owner``, per column) is theirs (a row

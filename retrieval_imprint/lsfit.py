@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ._groups import Grouped
-from .generate import LeftOut, Spectrum, best_ridge, class_means, ls_head, ridge_grid
+from .generate import LeftOut, Spectrum, best_ridge, class_means, ls_head
 from .imprint import grouped, seed_of
 from .params import AUTO
 from .temperature import FALLBACK
@@ -57,8 +57,7 @@ def fit(X: np.ndarray, codes: np.ndarray, keys: np.ndarray, params: dict[str, An
     left = LeftOut(groups.X, spectrum, groups.owner, M, seed_of(params["random_state"]))
     classes, l2 = np.arange(groups.n_classes), params["post_norm"] == "l2"
     if params["ls_reg"] == AUTO:
-        ridges = ridge_grid(spectrum)
-        ridge, accuracy = best_ridge(ridges, np.array([left.accuracy(r, classes, l2) for r in ridges]))
+        ridge, accuracy = best_ridge(*left.grid(classes, l2))
     else:
         ridge = float(params["ls_reg"])
         accuracy = left.accuracy(ridge, classes, l2)
